@@ -1,0 +1,120 @@
+"""Immutable values that cross the public API: Connection, Validation, Event."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+EVENT_KINDS = frozenset(
+    {
+        "connection_added",
+        "connection_renamed",
+        "connection_removed",
+        "setup_saved",
+        "connected",
+        "disconnected",
+        "validated",
+        "token_refreshed",
+        "refresh_failed",
+        "recovered",
+        "resync",
+    }
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """One stored connection. ``data`` is always masked: secrets never show here."""
+
+    uuid: str
+    provider: str
+    name: str
+    owner: str | None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return str(self.data.get("status", "disconnected"))
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """The outcome of a credential check; a provider-side failure is ``ok=False``."""
+
+    ok: bool
+    message: str
+    checked_at: datetime = field(default_factory=utcnow)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A change to a connection, delivered to subscribers in every process."""
+
+    kind: str
+    uuid: str | None
+    provider: str | None = None
+    name: str | None = None
+    owner: str | None = None
+    status: str | None = None
+    previous_status: str | None = None
+    actor: str | None = None
+    at: datetime = field(default_factory=utcnow)
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> str:
+        """The NOTIFY payload: compact JSON, never carrying secrets."""
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "uuid": self.uuid,
+                "provider": self.provider,
+                "name": self.name,
+                "owner": self.owner,
+                "status": self.status,
+                "previous_status": self.previous_status,
+                "actor": self.actor,
+                "at": self.at.isoformat(),
+                "detail": dict(self.detail),
+            },
+            separators=(",", ":"),
+            default=str,
+        )
+
+    @classmethod
+    def from_payload(cls, payload: str) -> Event:
+        """Parse a NOTIFY payload; raises ValueError on anything malformed."""
+        raw = json.loads(payload)
+        if not isinstance(raw, dict) or raw.get("kind") not in EVENT_KINDS:
+            raise ValueError("not an integrations event payload")
+        detail = raw.get("detail") or {}
+        if not isinstance(detail, dict):
+            raise ValueError("event detail must be an object")
+
+        def opt(key: str) -> str | None:
+            value = raw.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"event field {key!r} must be a string")
+            return value
+
+        return cls(
+            kind=raw["kind"],
+            uuid=opt("uuid"),
+            provider=opt("provider"),
+            name=opt("name"),
+            owner=opt("owner"),
+            status=opt("status"),
+            previous_status=opt("previous_status"),
+            actor=opt("actor"),
+            at=datetime.fromisoformat(raw["at"]),
+            detail=detail,
+        )
