@@ -1,0 +1,629 @@
+"""The ``Integrations`` facade: lifecycle, the connection API and the wiring of the parts."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import _names as names
+from ._errors import (
+    AlreadyExists,
+    ConfigurationError,
+    Deleted,
+    InvalidAttrs,
+    InvalidInput,
+    InvalidProviderKey,
+    LifecycleError,
+    NotConfigured,
+    NotFound,
+    SchemaOutdated,
+)
+from ._legacy import LegacyMigrator, LegacyMigrators
+from ._models import Connection, Event, Validation, utcnow
+from ._providers import Provider, ProviderRegistry
+from ._repository import Change, Repository, StoredRow
+from ._vault import Keyring, Vault, mask_data
+
+log = logging.getLogger("integrations")
+
+# Keys every row carries from birth; a row with nothing else has no saved data.
+_BOOKKEEPING = frozenset({"provider", "name", "auth_type", "status", "created_at", "owner"})
+# What disconnect drops for OAuth connections, beyond the secrets.
+_TOKEN_FIELDS = (
+    "access_token",
+    "refresh_token",
+    "token_type",
+    "expires_at",
+    "token_obtained_at",
+    "connected_at",
+    "granted_scopes",
+    "reauth_required",
+)
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Integrations:
+    """Stored integration credentials and authenticated calls, backed by PostgreSQL.
+
+    Use ``async with Integrations(dsn) as integ:``, or ``await integ.open()`` /
+    ``await integ.close()`` from a framework lifespan.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: Any | None = None,
+        http: Any | None = None,
+        keys: str | Sequence[str] | None = None,
+        providers: Iterable[Provider] | None = None,
+        override_providers: bool = False,
+        leeway: float = 60.0,
+        auto_migrate: bool = True,
+        schema: str = "integrations",
+        encryption: str = "on",
+        data_dir: str | os.PathLike[str] | None = None,
+        pool_max_size: int = 10,
+        check_timeout: float = 15.0,
+    ) -> None:
+        if encryption not in ("on", "off"):
+            raise ConfigurationError('encryption must be "on" or "off"')
+        if dsn is not None and pool is not None:
+            raise ConfigurationError("pass either dsn= or pool=, not both")
+        self._dsn = dsn
+        self._pool_arg = pool
+        self._http_arg = http
+        self._keys_arg = keys
+        self._encryption = encryption
+        self._leeway = float(leeway)
+        self._auto_migrate = auto_migrate
+        self._schema = names.check_identifier(schema, "schema")
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._pool_max_size = pool_max_size
+        self._check_timeout = check_timeout
+        self.providers = ProviderRegistry(providers or (), override=override_providers)
+        self._repo = Repository(self._schema, channel=f"{self._schema}_events")
+        self._vault = Vault(None, encryption=encryption)
+        self._legacy = LegacyMigrators()
+        self._state = _State.NEW
+        self.embedded_dsn: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Integrations schema={self._schema!r} state={self._state.value}>"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Integrations:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect, and migrate a schema that is behind (unless ``auto_migrate=False``)."""
+        if self._state is not _State.NEW:
+            raise LifecycleError(f"Integrations is already {self._state.value}; create a new one")
+        self._state = _State.OPEN
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
+        dsn = self._dsn
+        keys: str | Sequence[str] | None = self._keys_arg
+        if dsn is None and self._pool_arg is None:
+            dsn = os.environ.get("INTEGRATIONS_DSN") or None
+            if dsn is None:
+                from ._embedded import default_data_dir, ensure_key_file, start_embedded
+
+                data_dir = self._data_dir or default_data_dir()
+                dsn = await start_embedded(data_dir)
+                self.embedded_dsn = dsn
+                if keys is None and not os.environ.get("INTEGRATIONS_KEYS"):
+                    keys = ensure_key_file(data_dir)
+        keyring = Keyring.parse(keys) if keys is not None else Keyring.from_env()
+        self._vault = Vault(keyring, encryption=self._encryption)
+        await self._repo.open(dsn=dsn, pool=self._pool_arg, max_size=self._pool_max_size)
+        if await self._repo.schema_version() < self._repo.q.latest_version:
+            if not self._auto_migrate:
+                raise SchemaOutdated()
+            await self._repo.migrate()
+
+    async def close(self) -> None:
+        """Release what was opened, in reverse order; injected pool and session stay open."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        await self._repo.close()
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise LifecycleError(
+                "Integrations is not open: use 'async with Integrations(...)' or await open()"
+                if self._state is _State.NEW
+                else "Integrations is closed"
+            )
+
+    async def migrate(self) -> list[int]:
+        """Apply pending schema migrations under an advisory lock; returns versions applied."""
+        self._check_open()
+        return await self._repo.migrate()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _provider_of(self, row: StoredRow) -> Provider | None:
+        key = names.provider_of_key(row.key)
+        return self.providers.get(key) if key in self.providers else None
+
+    def _secret_fields(self, provider: Provider | None) -> frozenset[str]:
+        return provider.secret_field_keys if provider is not None else frozenset()
+
+    def _masked(self, row: StoredRow) -> dict[str, Any]:
+        return mask_data(row.data, self._secret_fields(self._provider_of(row)))
+
+    def _connection(self, row: StoredRow) -> Connection:
+        return Connection(
+            uuid=row.uuid,
+            provider=names.provider_of_key(row.key),
+            name=names.name_of_key(row.key),
+            owner=row.owner,
+            data=self._masked(row),
+        )
+
+    def _plain(self, row: StoredRow) -> dict[str, Any]:
+        return self._vault.unseal(row.uuid, row.data, self._secret_fields(self._provider_of(row)))
+
+    def _event(
+        self,
+        kind: str,
+        row: StoredRow,
+        *,
+        key: str | None = None,
+        status: str | None = None,
+        previous_status: str | None = None,
+        actor: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Event:
+        stored_key = key or row.key
+        return Event(
+            kind=kind,
+            uuid=row.uuid,
+            provider=names.provider_of_key(stored_key),
+            name=names.name_of_key(stored_key),
+            owner=row.owner,
+            status=status if status is not None else row.data.get("status"),
+            previous_status=previous_status,
+            actor=actor,
+            detail=dict(detail or {}),
+        )
+
+    async def _row_by_ref(self, ref: object, owner: str | None) -> tuple[StoredRow | None, bool]:
+        """Resolve a uuid or provider ref; the flag says whether the input was a uuid."""
+        as_uuid = names.parse_uuid(ref)
+        if as_uuid is not None:
+            return await self._repo.get(as_uuid), True
+        provider, name = names.parse_ref(ref)
+        return await self._repo.get_by_key(owner, names.storage_key(provider, name)), False
+
+    # -- connections --------------------------------------------------------------------
+
+    async def add_connection(
+        self, provider: str, name: str, *, actor: str | None = None, owner: str | None = None
+    ) -> Connection:
+        """Create a named connection; the only place a storage key is built."""
+        self._check_open()
+        definition = self.providers.get(provider)
+        clean = names.normalize_name(name)
+        owner = names.check_owner(owner)
+        actor = names.check_actor(actor)
+        uuid = names.uuid7()
+        data: dict[str, Any] = {
+            "provider": definition.key,
+            "name": clean,
+            "auth_type": definition.auth_type,
+            "status": "disconnected",
+        }
+        key = names.storage_key(definition.key, clean)
+        stub = StoredRow(uuid=uuid, owner=owner, key=key, data=data, version=1)
+        row = await self._repo.insert(
+            uuid, owner, key, data, [self._event("connection_added", stub, actor=actor)]
+        )
+        if row is None:
+            raise AlreadyExists(f"a {definition.key} connection named {clean!r} already exists")
+        return self._connection(row)
+
+    async def rename_connection(
+        self, uuid: str, new_name: str, *, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Rename in place: the key's name part is rewritten, the uuid never changes."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        clean = names.normalize_name(new_name)
+        actor = names.check_actor(actor)
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            if row is None:
+                raise NotConfigured()
+            if names.name_of_key(row.key) == clean:
+                return Change(), row
+            old_name = names.name_of_key(row.key)
+            new_key = names.renamed_key(row.key, clean)
+            data = {**row.data, "name": clean}
+            renamed = StoredRow(row.uuid, row.owner, new_key, data, row.version + 1)
+            event = self._event(
+                "connection_renamed",
+                renamed,
+                actor=actor,
+                detail={"old_name": old_name, "new_name": clean},
+            )
+            return Change(data=data, key=new_key, events=[event]), renamed
+
+        row = await self._repo.modify(uuid, decide)
+        return self._masked(row)
+
+    async def remove_connection(self, uuid: str, *, actor: str | None = None) -> None:
+        """Delete a connection; consumers pinned to its uuid then get ``deleted``."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+
+        def decide(row: StoredRow | None) -> tuple[Change, None]:
+            if row is None:
+                raise NotFound()
+            event = self._event("connection_removed", row, actor=actor)
+            return Change(delete=True, events=[event]), None
+
+        await self._repo.modify(uuid, decide)
+
+    async def list_connections(self, provider: str, *, owner: str | None = None) -> list[Connection]:
+        """A provider's connections: "default" first, then by name."""
+        self._check_open()
+        return (await self.load_all_connections([provider], owner=owner))[provider]
+
+    async def load_all_connections(
+        self, providers: Iterable[str], *, owner: str | None = None
+    ) -> dict[str, list[Connection]]:
+        """Connections of several providers in one SQL statement; every asked key is present."""
+        self._check_open()
+        if isinstance(providers, str) or not isinstance(providers, Iterable):
+            raise InvalidProviderKey("providers must be a list of provider keys")
+        keys = [self.providers.get(p).key for p in providers]
+        owner = names.check_owner(owner)
+        result: dict[str, list[Connection]] = {key: [] for key in keys}
+        if not keys:
+            return result
+        rows = await self._repo.list_by_prefixes(
+            owner, [names.storage_key(key, "") for key in dict.fromkeys(keys)]
+        )
+        for row in rows:
+            connection = self._connection(row)
+            if connection.provider in result:
+                result[connection.provider].append(connection)
+        for connections in result.values():
+            connections.sort(key=lambda c: (c.name != names.DEFAULT_NAME, c.name))
+        return result
+
+    async def list_integrations(self, *, owner: str | None = None) -> list[Connection]:
+        """Connections that have saved data (setup or credentials), by provider then name."""
+        self._check_open()
+        owner = names.check_owner(owner)
+        rows = await self._repo.list_by_prefixes(owner, [names.KEY_PREFIX])
+        found = [
+            self._connection(row) for row in rows if any(k not in _BOOKKEEPING for k in row.data)
+        ]
+        found.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
+        return found
+
+    def list_providers(self) -> list[Provider]:
+        """Every known provider, built-in and registered, by key."""
+        return self.providers.all()
+
+    def register_provider(self, provider: Provider, *, override: bool = False) -> None:
+        """Add a provider at run time (a clash with a built-in needs ``override=True``)."""
+        self.providers.register(provider, override=override)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    async def get_integration(self, ref: str, *, owner: str | None = None) -> dict[str, Any]:
+        """The whole decrypted data of a connection, by uuid or ``provider:name``."""
+        self._check_open()
+        owner = names.check_owner(owner)
+        try:
+            row, by_uuid = await self._row_by_ref(ref, owner)
+        except InvalidInput as exc:
+            raise InvalidProviderKey("malformed provider:name reference") from exc
+        if row is None:
+            raise Deleted() if by_uuid else NotConfigured()
+        return self._plain(row)
+
+    async def get_integration_by_uuid(self, uuid: str) -> Connection:
+        """The connection (masked) by its row uuid."""
+        self._check_open()
+        row = await self._repo.get(names.require_uuid(uuid))
+        if row is None:
+            raise NotConfigured()
+        return self._connection(row)
+
+    async def find_uuid_by_provider_name(self, ref: Any, *, owner: str | None = None) -> str:
+        """``"p:n"``, ``"p"`` (= ``"p:default"``) or ``("p", "n")`` → uuid; never guesses."""
+        self._check_open()
+        provider, name = names.parse_ref(ref)
+        owner = names.check_owner(owner)
+        found = await self._repo.uuid_by_key(owner, names.storage_key(provider, name))
+        if found is None:
+            raise NotFound()
+        return found
+
+    async def resolve_to_uuid(self, value: Any, *, owner: str | None = None) -> str:
+        """A uuid that exists → itself; a provider ref → its uuid."""
+        self._check_open()
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidInput("expected a uuid or a provider:name reference")
+        as_uuid = names.parse_uuid(value.strip())
+        if as_uuid is not None:
+            if await self._repo.get(as_uuid) is None:
+                raise NotFound()
+            return as_uuid
+        return await self.find_uuid_by_provider_name(value, owner=owner)
+
+    def settings_key(self, ref: str) -> str:
+        """The storage key for ``"google"`` or ``"google:personal"``."""
+        return names.settings_key(ref)
+
+    async def get_credentials(self, ref: str, *, owner: str | None = None) -> dict[str, Any]:
+        """Decrypted credentials for API calls, by uuid or ``provider:name``."""
+        self._check_open()
+        owner = names.check_owner(owner)
+        row, by_uuid = await self._row_by_ref(ref, owner)
+        if row is None:
+            raise Deleted() if by_uuid else NotConfigured()
+        provider = self._provider_of(row)
+        if not self._has_credentials(provider, row.data):
+            raise NotConfigured("the connection has no saved credentials")
+        return self._vault.unseal(row.uuid, row.data, self._secret_fields(provider))
+
+    def _has_credentials(self, provider: Provider | None, data: Mapping[str, Any]) -> bool:
+        if provider is not None and (
+            provider.has_runtime_credentials(data) or provider.is_configured(data)
+        ):
+            return True
+        return any(k not in _BOOKKEEPING and data.get(k) not in (None, "") for k in data)
+
+    async def is_connected(self, uuid: str) -> bool:
+        """True when the connection is connected and holds runtime credentials."""
+        self._check_open()
+        row = await self._repo.get(names.require_uuid(uuid))
+        if row is None or row.data.get("status") != "connected":
+            return False
+        provider = self._provider_of(row)
+        return provider is not None and provider.has_runtime_credentials(row.data)
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def save_setup(
+        self, uuid: str, attrs: Mapping[str, Any], *, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Merge setup attributes into the connection; tokens already obtained are kept."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        if not isinstance(attrs, Mapping):
+            raise InvalidAttrs("attrs must be a mapping of setup fields")
+        if any(not isinstance(k, str) for k in attrs):
+            raise InvalidAttrs("setup field names must be strings")
+        current = await self._repo.get(uuid)
+        if current is None:
+            raise NotConfigured()
+        provider = self.providers.get(names.provider_of_key(current.key))
+        patch = provider.normalize_attrs(attrs)
+        for reserved in ("provider", "name", "auth_type"):
+            patch.pop(reserved, None)
+        sealed = self._vault.seal(uuid, patch, provider.secret_field_keys)
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            if row is None:
+                raise NotConfigured()
+            data = dict(row.data)
+            for field, value in sealed.items():
+                old = data.get(field)
+                if field == "credentials" and isinstance(old, dict) and isinstance(value, dict):
+                    data[field] = {**old, **value}
+                else:
+                    data[field] = value
+            missing = provider.missing_required(data)
+            if missing:
+                from ._errors import MissingField
+
+                raise MissingField(f"required setup field missing: {', '.join(missing)}")
+            previous = row.data.get("status")
+            if not provider.has_runtime_credentials(data):
+                data["status"] = "disconnected"
+            elif provider.auth_type not in ("oauth2",) and previous != "error":
+                data["status"] = "connected"
+            updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
+            event = self._event(
+                "setup_saved",
+                updated,
+                status=data.get("status"),
+                previous_status=previous,
+                actor=actor,
+                detail={"fields": sorted(patch)},
+            )
+            return Change(data=data, events=[event]), updated
+
+        row = await self._repo.modify(uuid, decide)
+        return self._masked(row)
+
+    async def disconnect(self, uuid: str, *, actor: str | None = None) -> None:
+        """Drop runtime credentials (tokens, keys); OAuth client id/secret are kept."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+
+        def decide(row: StoredRow | None) -> tuple[Change, None]:
+            if row is None:
+                return Change(), None
+            provider = self._provider_of(row)
+            drop = set(_TOKEN_FIELDS)
+            if provider is not None and not provider.auth_type.startswith("oauth2"):
+                drop.update(provider.runtime_fields)
+            data = {k: v for k, v in row.data.items() if k not in drop}
+            previous = row.data.get("status")
+            data["status"] = "disconnected"
+            updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
+            event = self._event(
+                "disconnected", updated, previous_status=previous, actor=actor
+            )
+            return Change(data=data, events=[event]), None
+
+        await self._repo.modify(uuid, decide)
+
+    async def record_validation(self, uuid: str, result: Any) -> None:
+        """Store a check's outcome; an event only when status or validation_status changed."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        ok, message = _validation_outcome(result)
+        await self._record(uuid, ok, message, actor=None)
+
+    async def _record(self, uuid: str, ok: bool, message: str, *, actor: str | None) -> None:
+        now = utcnow().isoformat()
+
+        def decide(row: StoredRow | None) -> tuple[Change, None]:
+            if row is None:
+                raise NotConfigured()
+            previous = row.data.get("status")
+            previous_message = row.data.get("validation_status")
+            status = "connected" if ok else "error"
+            data = {
+                **row.data,
+                "status": status,
+                "validation_status": message,
+                "last_validated_at": now,
+            }
+            events = []
+            if status != previous or message != previous_message:
+                updated = StoredRow(row.uuid, row.owner, row.key, data, row.version)
+                events.append(
+                    self._event(
+                        "validated",
+                        updated,
+                        previous_status=previous,
+                        actor=actor,
+                        detail={"ok": ok, "validation_status": message},
+                    )
+                )
+            return Change(data=data, events=events), None
+
+        await self._repo.modify(uuid, decide)
+
+    # -- checks -------------------------------------------------------------------------
+
+    async def validate_credentials(self, provider: str, attrs: Mapping[str, Any]) -> Validation:
+        """Probe the provider with in-memory credentials; nothing is stored."""
+        self._check_open()
+        definition = self.providers.get(provider)
+        if not isinstance(attrs, Mapping):
+            raise InvalidAttrs("attrs must be a mapping of setup fields")
+        patch = definition.normalize_attrs(attrs)
+        return await self._check(definition, patch)
+
+    async def validate_connection(self, uuid: str, *, actor: str | None = None) -> Validation:
+        """Probe the stored credentials and record the outcome on the connection."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        row = await self._repo.get(uuid)
+        if row is None:
+            raise NotConfigured()
+        provider = self._provider_of(row)
+        if provider is None:
+            result = Validation(False, "Unknown provider")
+        else:
+            result = await self._check(provider, self._plain(row))
+        await self._record(uuid, result.ok, result.message, actor=actor)
+        return result
+
+    async def _check(self, provider: Provider, credentials: Mapping[str, Any]) -> Validation:
+        from ._checks import check_credentials
+
+        return await check_credentials(
+            provider, credentials, http=self._http(), timeout=self._check_timeout
+        )
+
+    def _http(self) -> Any:
+        raise NotImplementedError
+
+    # -- legacy -------------------------------------------------------------------------
+
+    def register_legacy_migrator(self, name: str, migrator: LegacyMigrator) -> None:
+        """Register an application's migrator of pre-uuid data (names must be unique)."""
+        self._legacy.register(name, migrator)
+
+    async def run_all_legacy_migrations(self) -> dict[str, bool]:
+        """Run every registered legacy migrator; best-effort, never raises."""
+        self._check_open()
+        return await self._legacy.run_all(self)
+
+    async def run_legacy_migrations(self) -> None:
+        """Deprecated: use ``run_all_legacy_migrations()``."""
+        warnings.warn(
+            "run_legacy_migrations() is deprecated; use run_all_legacy_migrations()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        await self.run_all_legacy_migrations()
+
+    async def legacy_upsert(
+        self, provider: str, name: str, data: Mapping[str, Any], *, owner: str | None = None
+    ) -> Connection:
+        """For legacy migrators: create or merge a connection from pre-uuid data."""
+        self._check_open()
+        try:
+            connection = await self.add_connection(provider, name, owner=owner)
+        except AlreadyExists:
+            uuid = await self.find_uuid_by_provider_name((provider, names.normalize_name(name)), owner=owner)
+        else:
+            uuid = connection.uuid
+        await self.save_setup(uuid, data)
+        return await self.get_integration_by_uuid(uuid)
+
+
+def _validation_outcome(result: Any) -> tuple[bool, str]:
+    """Accept a Validation, True/"ok", False, (False, message), an exception or a message."""
+    if isinstance(result, Validation):
+        return result.ok, result.message
+    if result is True or result == "ok":
+        return True, "ok"
+    if result is False or result is None:
+        return False, "Validation failed"
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], bool):
+        return result[0], str(result[1]) if result[1] else ("ok" if result[0] else "Failed")
+    if isinstance(result, BaseException):
+        return False, str(getattr(result, "message", None) or type(result).__name__)
+    if isinstance(result, str):
+        return False, result
+    raise InvalidInput("result must be a Validation, True/'ok', False, (ok, message) or an error")
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()

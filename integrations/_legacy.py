@@ -1,0 +1,49 @@
+"""Registry of application-supplied legacy-data migrators, run best-effort."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._errors import InvalidInput
+
+if TYPE_CHECKING:
+    from ._facade import Integrations
+
+log = logging.getLogger("integrations")
+
+LegacyMigrator = Callable[["Integrations"], Awaitable[Any]]
+
+
+class LegacyMigrators:
+    """Named migrators; a duplicate name is refused so two modules cannot shadow each other."""
+
+    def __init__(self) -> None:
+        self._migrators: dict[str, LegacyMigrator] = {}
+
+    def register(self, name: str, migrator: LegacyMigrator) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidInput("a legacy migrator needs a non-empty name")
+        if not callable(migrator):
+            raise TypeError("a legacy migrator must be an async callable")
+        if name in self._migrators:
+            raise InvalidInput(f"a legacy migrator named {name!r} is already registered")
+        self._migrators[name] = migrator
+
+    def names(self) -> list[str]:
+        return list(self._migrators)
+
+    async def run_all(self, integ: Integrations) -> dict[str, bool]:
+        """Run every migrator; a failure is logged and reported, never raised."""
+        outcome: dict[str, bool] = {}
+        for name, migrator in self._migrators.items():
+            try:
+                await migrator(integ)
+            except Exception as exc:
+                # The exception text may quote data, so only its type is logged.
+                log.warning("legacy migrator %r failed: %s", name, type(exc).__name__)
+                outcome[name] = False
+            else:
+                outcome[name] = True
+        return outcome

@@ -1,0 +1,151 @@
+"""Pure parsing of names, refs, uuids, owners and storage keys."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import uuid as _uuid
+
+from ._errors import EmptyName, InvalidInput, InvalidName, InvalidProviderKey, InvalidUUID
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+PROVIDER_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+IDENTIFIER_RE = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+KEY_PREFIX = "integration:"
+DEFAULT_NAME = "default"
+
+
+def normalize_name(name: object) -> str:
+    """Trim and validate a connection name (``empty_name`` / ``invalid_name``)."""
+    if not isinstance(name, str):
+        raise InvalidName(f"connection name must be a string, not {type(name).__name__}")
+    trimmed = name.strip()
+    if not trimmed:
+        raise EmptyName()
+    if NAME_RE.fullmatch(trimmed) is None:
+        raise InvalidName()
+    return trimmed
+
+
+def check_provider_key(provider: object) -> str:
+    """Check the shape of a provider key (registry membership is checked elsewhere)."""
+    if not isinstance(provider, str) or PROVIDER_KEY_RE.fullmatch(provider) is None:
+        raise InvalidProviderKey()
+    return provider
+
+
+def storage_key(provider: str, name: str) -> str:
+    """Build ``integration:{provider}:{name}``; only row birth and legacy migrators call this."""
+    return f"{KEY_PREFIX}{provider}:{name}"
+
+
+def renamed_key(stored_key: str, new_name: str) -> str:
+    """Rewrite the name part of a stored key, taking the provider from the key itself."""
+    prefix, sep, _old = stored_key.rpartition(":")
+    if not sep or not prefix.startswith(KEY_PREFIX):
+        raise InvalidInput("stored key is malformed")
+    return f"{prefix}:{new_name}"
+
+
+def provider_of_key(stored_key: str) -> str:
+    return stored_key[len(KEY_PREFIX) :].rpartition(":")[0]
+
+
+def name_of_key(stored_key: str) -> str:
+    return stored_key.rpartition(":")[2]
+
+
+def parse_ref(ref: object) -> tuple[str, str]:
+    """``"p:n"``, bare ``"p"`` (= ``"p:default"``) or ``("p", "n")`` → (provider, name).
+
+    Anything else raises ``invalid``.
+    """
+    if isinstance(ref, tuple):
+        if len(ref) != 2 or not all(isinstance(part, str) for part in ref):
+            raise InvalidInput("a ref tuple must be (provider, name)")
+        provider, name = ref
+    elif isinstance(ref, str):
+        provider, sep, name = ref.strip().partition(":")
+        if not sep:
+            name = DEFAULT_NAME
+    else:
+        raise InvalidInput("a ref must be 'provider:name', 'provider' or (provider, name)")
+    provider, name = provider.strip(), name.strip()
+    if PROVIDER_KEY_RE.fullmatch(provider) is None or NAME_RE.fullmatch(name) is None:
+        raise InvalidInput("malformed provider:name reference")
+    return provider, name
+
+
+def settings_key(ref: str) -> str:
+    """Storage key for ``"google"`` (default connection) or ``"google:personal"``."""
+    provider, name = parse_ref(ref)
+    return storage_key(provider, name)
+
+
+def parse_uuid(value: object) -> str | None:
+    """The canonical text of a uuid, or None when ``value`` is not one."""
+    if isinstance(value, _uuid.UUID):
+        return str(value)
+    if not isinstance(value, str) or len(value) not in (32, 36, 38):
+        return None
+    try:
+        return str(_uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def require_uuid(value: object) -> str:
+    parsed = parse_uuid(value)
+    if parsed is None:
+        raise InvalidUUID()
+    return parsed
+
+
+def check_owner(owner: object) -> str | None:
+    """``None`` is the system scope; an owner is any non-blank string."""
+    if owner is None:
+        return None
+    if not isinstance(owner, str) or not owner.strip() or len(owner) > 255:
+        raise InvalidInput("owner must be None or a non-empty string")
+    return owner
+
+
+def check_actor(actor: object) -> str | None:
+    if actor is None:
+        return None
+    if not isinstance(actor, str) or len(actor) > 255:
+        raise InvalidInput("actor must be None or a string")
+    return actor
+
+
+def check_identifier(value: str, what: str) -> str:
+    """Schema names are validated once, at configuration time."""
+    if not isinstance(value, str) or IDENTIFIER_RE.fullmatch(value) is None:
+        raise InvalidInput(f"{what} must be a lowercase SQL identifier")
+    return value
+
+
+_uuid7_lock = threading.Lock()
+_uuid7_last = 0
+_uuid7_seq = 0
+
+
+def uuid7() -> str:
+    """A time-ordered UUIDv7 (RFC 9562), monotonic within the process."""
+    global _uuid7_last, _uuid7_seq
+    with _uuid7_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _uuid7_last:
+            ms = _uuid7_last
+            _uuid7_seq = (_uuid7_seq + 1) & 0xFFF
+            if _uuid7_seq == 0:
+                ms += 1
+        else:
+            _uuid7_seq = int.from_bytes(os.urandom(2), "big") & 0x7FF
+        _uuid7_last = ms
+        seq = _uuid7_seq
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand
+    return str(_uuid.UUID(int=value))

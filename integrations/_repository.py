@@ -1,0 +1,284 @@
+"""PostgreSQL access through asyncpg: the only module that imports the driver."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import uuid as _uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncpg
+
+from ._errors import AlreadyExists, StorageError
+from ._models import Event
+from ._sql import Queries
+
+log = logging.getLogger("integrations")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """A connection row as stored: ``data`` may hold sealed secrets."""
+
+    uuid: str
+    owner: str | None
+    key: str
+    data: dict[str, Any]
+    version: int
+
+
+@dataclass(slots=True)
+class Change:
+    """What a read-modify-write decided: the new value (None = unchanged), events, a result."""
+
+    data: dict[str, Any] | None = None
+    key: str | None = None
+    events: list[Event] = field(default_factory=list)
+    delete: bool = False
+
+
+def _owner_to_db(owner: str | None) -> str:
+    return owner or ""
+
+
+def _row(record: asyncpg.Record) -> StoredRow:
+    data = json.loads(record["value_json"])
+    if not isinstance(data, dict):
+        data = {}
+    return StoredRow(
+        uuid=str(record["uuid"]),
+        owner=record["owner"] or None,
+        key=record["key"],
+        data=data,
+        version=record["version"],
+    )
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching ``prefix`` literally, then anything."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+@contextlib.contextmanager
+def _translate() -> Iterator[None]:
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        raise AlreadyExists() from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StorageError(f"database error: {type(exc).__name__}") from exc
+
+
+class PoolListener:
+    """A pooled connection held for LISTEN; released on close."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, conn: Any, channel: str, callback: Any, terminated: Any
+    ) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._channel = channel
+        self._callback = callback
+        self._terminated = terminated
+        self.backend_pid: int = conn.get_server_pid()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.remove_termination_listener(self._terminated)
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await conn.remove_listener(self._channel, self._callback)
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn)
+
+
+async def _init_connection(conn: Any) -> None:
+    """Nothing to set: jsonb travels as text, so no codec is needed on owned or injected pools."""
+
+
+class Repository:
+    """Connection rows, migrations and notifications in domain terms."""
+
+    def __init__(self, schema: str, *, channel: str) -> None:
+        self.schema = schema
+        self.channel = channel
+        self.q = Queries(schema)
+        self._pool: asyncpg.Pool | None = None
+        self._owns_pool = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self, *, dsn: str | None, pool: Any | None, max_size: int = 10) -> None:
+        if pool is not None:
+            self._pool = pool
+            self._owns_pool = False
+            return
+        with _translate():
+            self._pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=max_size, init=_init_connection
+            )
+        self._owns_pool = True
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None and self._owns_pool:
+            with _translate():
+                await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageError("repository is not open")
+        return self._pool
+
+    # -- migrations --------------------------------------------------------------------
+
+    def _lock_id(self) -> int:
+        digest = hashlib.sha256(f"integrations:migrate:{self.schema}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
+
+    async def schema_version(self) -> int:
+        with _translate():
+            version = await self.pool.fetchval(self.q.schema_version)
+        return int(version or 0)
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations in one transaction under an advisory lock."""
+        applied_now: list[int] = []
+        with _translate():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(self.q.migrate_lock, self._lock_id())
+                await conn.execute(self.q.migrations_table)
+                done = {r["version"] for r in await conn.fetch(self.q.applied_migrations)}
+                for migration in self.q.migrations:
+                    if migration.version in done:
+                        continue
+                    await conn.execute(migration.sql)
+                    await conn.execute(self.q.record_migration, migration.version, migration.name)
+                    applied_now.append(migration.version)
+        return applied_now
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def get(self, uuid: str) -> StoredRow | None:
+        with _translate():
+            record = await self.pool.fetchrow(self.q.get_by_uuid, _uuid.UUID(uuid))
+        return None if record is None else _row(record)
+
+    async def get_by_key(self, owner: str | None, key: str) -> StoredRow | None:
+        with _translate():
+            record = await self.pool.fetchrow(self.q.get_by_key, _owner_to_db(owner), key)
+        return None if record is None else _row(record)
+
+    async def uuid_by_key(self, owner: str | None, key: str) -> str | None:
+        with _translate():
+            value = await self.pool.fetchval(self.q.uuid_by_key, _owner_to_db(owner), key)
+        return None if value is None else str(value)
+
+    async def list_by_prefixes(self, owner: str | None, prefixes: Sequence[str]) -> list[StoredRow]:
+        """Every row whose key starts with one of ``prefixes``: one statement however many."""
+        patterns = [like_prefix(p) for p in prefixes]
+        with _translate():
+            records = await self.pool.fetch(self.q.list_by_prefixes, _owner_to_db(owner), patterns)
+        return [_row(r) for r in records]
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def insert(
+        self, uuid: str, owner: str | None, key: str, data: dict[str, Any], events: Iterable[Event]
+    ) -> StoredRow | None:
+        """Insert a new row and notify in one transaction; None when (owner, key) is taken."""
+        with _translate():
+            async with self.pool.acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(
+                    self.q.insert_connection,
+                    _uuid.UUID(uuid),
+                    _owner_to_db(owner),
+                    key,
+                    _dumps(data),
+                )
+                if record is None:
+                    return None
+                for event in events:
+                    await conn.execute(self.q.notify, self.channel, event.to_payload())
+        return _row(record)
+
+    async def modify(
+        self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]
+    ) -> T:
+        """Read-modify-write one row under its row lock, notifying in the same transaction.
+
+        ``decide`` is pure: it sees the locked row and returns what to write and emit.
+        Concurrent writers to the same row queue on the lock, so no update is lost.
+        """
+        with _translate():
+            async with self.pool.acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(self.q.lock_by_uuid, _uuid.UUID(uuid))
+                row = None if record is None else _row(record)
+                change, result = decide(row)
+                if row is not None:
+                    if change.delete:
+                        await conn.execute(self.q.delete_connection, _uuid.UUID(uuid))
+                    elif change.key is not None:
+                        await conn.execute(
+                            self.q.update_key_value,
+                            _uuid.UUID(uuid),
+                            change.key,
+                            _dumps(change.data if change.data is not None else row.data),
+                        )
+                    elif change.data is not None:
+                        await conn.execute(self.q.update_value, _uuid.UUID(uuid), _dumps(change.data))
+                for event in change.events:
+                    await conn.execute(self.q.notify, self.channel, event.to_payload())
+        return result
+
+    async def notify(self, event: Event) -> None:
+        with _translate():
+            await self.pool.execute(self.q.notify, self.channel, event.to_payload())
+
+    # -- listening ---------------------------------------------------------------------
+
+    async def listen(
+        self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> PoolListener:
+        """Hold one pooled connection that LISTENs on ``channel``."""
+
+        def callback(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            on_payload(payload)
+
+        def terminated(_conn: Any) -> None:
+            on_lost()
+
+        with _translate():
+            conn = await self.pool.acquire()
+            try:
+                conn.add_termination_listener(terminated)
+                await conn.add_listener(channel, callback)
+            except BaseException:
+                await self.pool.release(conn)
+                raise
+        return PoolListener(self.pool, conn, channel, callback, terminated)
+
+    # -- raw access for tests and benchmarks ---------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        with _translate():
+            async with self.pool.acquire() as conn:
+                yield conn
+
+
+ListenFn = Callable[[str, Callable[[str], None], Callable[[], None]], Awaitable[PoolListener]]

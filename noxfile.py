@@ -1,0 +1,34 @@
+"""Sessions: tests, lint, typecheck, benchmarks."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict", "integrations")
+
+
+@nox.session
+def benchmarks(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    for script in sorted(p for p in __import__("pathlib").Path("benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)

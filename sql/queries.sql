@@ -1,0 +1,83 @@
+-- Named query blocks, loaded once. {schema} is a validated identifier filled in at
+-- configuration time; everything else is an asyncpg $n parameter. value_json travels as
+-- text both ways so an injected pool's own jsonb codecs cannot change the result.
+
+-- name: migrations_table
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrate_lock
+-- $1 int8: advisory lock id derived from the schema name
+SELECT pg_advisory_xact_lock($1);
+
+-- name: applied_migrations
+SELECT version FROM {schema}.schema_migrations ORDER BY version;
+
+-- name: schema_version
+-- Returns NULL when the migrations table does not exist yet.
+SELECT CASE WHEN to_regclass('{schema}.schema_migrations') IS NULL THEN NULL
+            ELSE (SELECT coalesce(max(version), 0) FROM {schema}.schema_migrations) END;
+
+-- name: record_migration
+-- $1 int: version, $2 text: file name
+INSERT INTO {schema}.schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: insert_connection
+-- $1 uuid, $2 text owner ('' = system), $3 text key, $4 text value_json
+INSERT INTO {schema}.connections (uuid, owner, key, value_json)
+VALUES ($1, $2, $3, $4::text::jsonb)
+ON CONFLICT (owner, key) DO NOTHING
+RETURNING uuid, owner, key, value_json::text AS value_json, version;
+
+-- name: get_by_uuid
+-- $1 uuid
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections WHERE uuid = $1;
+
+-- name: lock_by_uuid
+-- $1 uuid; row lock held until the surrounding transaction ends
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections WHERE uuid = $1 FOR UPDATE;
+
+-- name: get_by_key
+-- $1 text owner, $2 text key
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections WHERE owner = $1 AND key = $2;
+
+-- name: uuid_by_key
+-- $1 text owner, $2 text key
+SELECT uuid FROM {schema}.connections WHERE owner = $1 AND key = $2;
+
+-- name: list_by_prefixes
+-- $1 text owner, $2 text[] LIKE patterns (escaped prefix followed by %)
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE owner = $1 AND key LIKE ANY ($2::text[])
+ORDER BY key;
+
+-- name: update_value
+-- $1 uuid, $2 text value_json
+UPDATE {schema}.connections
+SET value_json = $2::text::jsonb, version = version + 1, updated_at = now()
+WHERE uuid = $1
+RETURNING version;
+
+-- name: update_key_value
+-- $1 uuid, $2 text key, $3 text value_json
+UPDATE {schema}.connections
+SET key = $2, value_json = $3::text::jsonb, version = version + 1, updated_at = now()
+WHERE uuid = $1
+RETURNING version;
+
+-- name: delete_connection
+-- $1 uuid
+DELETE FROM {schema}.connections WHERE uuid = $1
+RETURNING uuid, owner, key, value_json::text AS value_json, version;
+
+-- name: notify
+-- $1 text channel, $2 text payload
+SELECT pg_notify($1, $2);

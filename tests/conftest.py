@@ -1,0 +1,106 @@
+"""Real-PostgreSQL harness: a migrated template database per run, a fresh clone per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import tempfile
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from integrations import Integrations, generate_key
+
+TEST_KEY = generate_key()
+
+
+def _local_server_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def _admin_dsn() -> str:
+    explicit = os.environ.get("INTEGRATIONS_TEST_DSN")
+    if explicit:
+        return explicit
+    if _local_server_up():
+        return "postgresql://postgres@127.0.0.1:5432/postgres"
+    import pgserver
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(Path(tempfile.gettempdir()) / "integrations-test-pg", cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+async def _admin(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> str:
+    return _admin_dsn()
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_dsn: str) -> Iterator[str]:
+    name = f"integrations_tpl_{os.getpid()}_{secrets.token_hex(3)}"
+    asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}"'))
+
+    async def migrate() -> None:
+        async with Integrations(_with_database(admin_dsn, name), keys=TEST_KEY):
+            pass
+
+    asyncio.run(migrate())
+    yield name
+    asyncio.run(_admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def fresh_db(admin_dsn: str, template_db: str) -> Iterator[str]:
+    name = f"integrations_t_{secrets.token_hex(6)}"
+    asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    yield _with_database(admin_dsn, name)
+    asyncio.run(_admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_db(admin_dsn: str) -> Iterator[str]:
+    """A database with no schema at all, for migration tests."""
+    name = f"integrations_e_{secrets.token_hex(6)}"
+    asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}"'))
+    yield _with_database(admin_dsn, name)
+    asyncio.run(_admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def integ(fresh_db: str) -> AsyncIterator[Integrations]:
+    async with Integrations(fresh_db, keys=TEST_KEY) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def db(fresh_db: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection to the test database, for corrupting rows and counting statements."""
+    conn = await asyncpg.connect(fresh_db)
+    yield conn
+    await conn.close()
