@@ -12,7 +12,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -138,6 +138,8 @@ class Keyring:
             raise ConfigurationError("the keyring needs at least one encryption key")
         ciphers: dict[str, AESGCM] = {}
         for kid, material in keys:
+            if len(material) != KEY_BYTES or _key_id(material) != kid:
+                raise ValueError("use Keyring.parse() to build a keyring from key strings")
             ciphers.setdefault(kid, _aead(material))
         self._ciphers = ciphers
         self._ids = tuple(ciphers)
@@ -189,7 +191,7 @@ class Keyring:
         return self._ciphers.get(kid)
 
 
-def is_envelope(value: object) -> bool:
+def is_envelope(value: object) -> TypeGuard[dict[str, Any]]:
     """True if ``value`` is an encrypted-secret envelope (a dict, never a string)."""
     if not isinstance(value, dict):
         return False
@@ -217,7 +219,6 @@ def mask_secret(value: object) -> str:
     """A display form of a secret: ``••••`` plus the last 4 characters of a string of at
     least 12, ``••••`` alone for anything else; envelopes show their stored hint."""
     if is_envelope(value):
-        assert isinstance(value, dict)
         hint = value.get("hint")
         if isinstance(hint, str) and 0 < len(hint) <= HINT_LENGTH:
             return MASK + hint
@@ -299,9 +300,6 @@ class Vault:
     def keyring(self) -> Keyring | None:
         return self._keyring
 
-    def _fields(self, secret_fields: Iterable[str]) -> frozenset[str]:
-        return SECRET_FIELDS.union(secret_fields)
-
     def _map(
         self,
         data: Mapping[str, Any],
@@ -309,9 +307,9 @@ class Vault:
         secret: Callable[[str, Any], Any],
         envelope: Callable[[str, Any], Any],
     ) -> dict[str, Any]:
-        # Applies `secret` to plaintext secrets and `envelope` to envelopes, each called
-        # with (field name, value); None and non-secret plaintext values are copied as is.
-        fields = self._fields(secret_fields)
+        """A copy of ``data`` with ``secret(field, value)`` applied to plaintext secrets and
+        ``envelope(field, value)`` to envelopes; None and other values are copied as is."""
+        fields = SECRET_FIELDS.union(secret_fields)
 
         def one(field: str, value: Any, is_secret: bool) -> Any:
             if value is None:
@@ -344,7 +342,8 @@ class Vault:
     def unseal(
         self, row_uuid: str, data: Mapping[str, Any], secret_fields: Iterable[str] = ()
     ) -> dict[str, Any]:
-        """A plaintext copy of ``data``: every envelope decrypted.
+        """A plaintext copy of ``data``: every envelope decrypted, whatever its field, so
+        ``secret_fields`` is accepted only for symmetry with :meth:`seal`.
 
         Raises UnknownKey when an envelope's key id is not in the keyring and
         DecryptionFailed when an envelope was tampered with or moved.
@@ -417,22 +416,21 @@ class Vault:
                 kid=kid,
                 field=field,
             )
-        failed = DecryptionFailed(
+        try:
+            nonce = _b64decode(value["n"])
+            ciphertext = _b64decode(value["ct"])
+            ad = _associated_data(kid, row, field, value.get("hint"))
+            # AESGCM accepts other nonce lengths; ours are always 96 bits.
+            if len(nonce) == NONCE_BYTES:
+                return json.loads(cipher.decrypt(nonce, ciphertext, ad))
+        except (InvalidTag, binascii.Error, ValueError):
+            pass
+        raise DecryptionFailed(
             f"secret field {field!r} could not be decrypted with key {kid!r} "
             "(tampered with, or moved from another row or field)",
             kid=kid,
             field=field,
         )
-        try:
-            nonce = _b64decode(value["n"])
-            ciphertext = _b64decode(value["ct"])
-            if len(nonce) != NONCE_BYTES:
-                raise failed
-            ad = _associated_data(kid, row, field, value.get("hint"))
-            plaintext = cipher.decrypt(nonce, ciphertext, ad)
-            return json.loads(plaintext)
-        except (InvalidTag, binascii.Error, ValueError, UnicodeError):
-            raise failed from None
 
     def needs_rotation(self, data: Mapping[str, Any], secret_fields: Iterable[str] = ()) -> bool:
         """True if :meth:`reseal` would change ``data``: an envelope not under the primary
