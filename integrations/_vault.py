@@ -1,0 +1,475 @@
+"""Secrets at rest: per-field AES-256-GCM envelopes, a keyring with key ids, and masking."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Final, TypeGuard
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ._errors import ConfigurationError, DecryptionFailed, EncryptionNotConfigured, UnknownKey
+
+__all__ = [
+    "SECRET_FIELDS",
+    "Keyring",
+    "Vault",
+    "generate_key",
+    "is_envelope",
+    "mask_data",
+    "mask_secret",
+]
+
+logger = logging.getLogger("integrations")
+
+SECRET_FIELDS: Final[frozenset[str]] = frozenset(
+    {
+        "client_secret",
+        "access_token",
+        "refresh_token",
+        "api_key",
+        "secret_key",
+        "bot_token",
+        "password",
+    }
+)
+
+CREDENTIALS: Final = "credentials"
+MASK: Final = "••••"
+# Secrets shorter than this show no characters at all when masked.
+HINT_MIN_LENGTH: Final = 12
+HINT_LENGTH: Final = 4
+
+KEY_PREFIX: Final = "ik1"
+KEY_BYTES: Final = 32
+KEY_FORMAT: Final = "ik1:<key id>:<base64url of 32 bytes>"
+ENV_KEYS: Final = "INTEGRATIONS_KEYS"
+ENVELOPE_VERSION: Final = 1
+NONCE_BYTES: Final = 12
+
+_KID_RE = re.compile(r"[0-9a-f]{8}")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]{43}=?")
+_ENVELOPE_KEYS = frozenset({"$enc", "kid", "n", "ct", "hint"})
+_ENVELOPE_REQUIRED = frozenset({"$enc", "kid", "n", "ct"})
+
+
+def _key_id(material: bytes) -> str:
+    # Derived rather than random so a mistyped id or body is caught at parse time.
+    return hashlib.sha256(b"integrations key id\x00" + material).hexdigest()[:8]
+
+
+def _aead(material: bytes) -> AESGCM:
+    # HKDF gives the cipher key its own domain, separate from the key id derivation.
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=b"integrations vault v1 aes-256-gcm",
+    )
+    return AESGCM(hkdf.derive(material))
+
+
+def generate_key() -> str:
+    """A new random key string, ``ik1:<key id>:<base64url of 32 bytes>``."""
+    material = secrets.token_bytes(KEY_BYTES)
+    body = base64.urlsafe_b64encode(material).rstrip(b"=").decode("ascii")
+    return f"{KEY_PREFIX}:{_key_id(material)}:{body}"
+
+
+def _parse_key(text: str, position: int) -> tuple[str, bytes]:
+    # Messages name the key only by position: any part of a malformed key may be secret.
+    def bad(reason: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"encryption key #{position} is malformed ({reason}); expected {KEY_FORMAT}, "
+            "as made by integrations.generate_key()"
+        )
+
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        raise bad("wrong layout")
+    _, kid, body = parts
+    if not _KID_RE.fullmatch(kid):
+        raise bad("the key id must be 8 lowercase hex digits")
+    if not _B64URL_RE.fullmatch(body):
+        raise bad(f"the key body must be {KEY_BYTES} bytes in base64url")
+    try:
+        material = base64.urlsafe_b64decode(body.rstrip("=") + "=")
+    except (binascii.Error, ValueError):
+        raise bad(f"the key body must be {KEY_BYTES} bytes in base64url") from None
+    if len(material) != KEY_BYTES:
+        raise bad(f"the key body must be {KEY_BYTES} bytes in base64url")
+    if _key_id(material) != kid:
+        raise bad("the key id does not match the key body")
+    return kid, material
+
+
+def _split_keys(keys: str | Sequence[str]) -> Iterator[str]:
+    items: Iterable[object] = [keys] if isinstance(keys, str) else keys
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"encryption keys must be strings, not {type(item).__name__}")
+        for part in item.split(","):
+            part = part.strip()
+            if part:
+                yield part
+
+
+class Keyring:
+    """Encryption keys by id: the primary (first) encrypts, every key decrypts.
+
+    Build one with :meth:`parse` or :meth:`from_env`. The repr shows key ids only.
+    """
+
+    __slots__ = ("_ciphers", "_ids")
+
+    def __init__(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        if not keys:
+            raise ConfigurationError("the keyring needs at least one encryption key")
+        ciphers: dict[str, AESGCM] = {}
+        for kid, material in keys:
+            if len(material) != KEY_BYTES or _key_id(material) != kid:
+                raise ValueError("use Keyring.parse() to build a keyring from key strings")
+            ciphers.setdefault(kid, _aead(material))
+        self._ciphers = ciphers
+        self._ids = tuple(ciphers)
+
+    @classmethod
+    def parse(cls, keys: str | Sequence[str]) -> Keyring:
+        """One key string or a sequence of them, primary first; a string may hold several
+        comma-separated keys. Raises ConfigurationError on a malformed key."""
+        if not isinstance(keys, str | Sequence):
+            raise TypeError(
+                f"keys must be a string or a sequence of strings, not {type(keys).__name__}"
+            )
+        parsed: dict[str, bytes] = {}
+        for position, text in enumerate(_split_keys(keys), start=1):
+            kid, material = _parse_key(text, position)
+            known = parsed.setdefault(kid, material)
+            if not secrets.compare_digest(known, material):
+                raise ConfigurationError(f"two different encryption keys share the id {kid!r}")
+        if not parsed:
+            raise ConfigurationError("no encryption key given")
+        return cls(list(parsed.items()))
+
+    @classmethod
+    def from_env(cls) -> Keyring | None:
+        """The keys in INTEGRATIONS_KEYS (comma-separated, primary first), or None if unset."""
+        value = os.environ.get(ENV_KEYS, "")
+        if not value.strip(" \t\r\n,"):
+            return None
+        return cls.parse(value)
+
+    @property
+    def primary_id(self) -> str:
+        return self._ids[0]
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self._ids
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._ciphers
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return f"Keyring(primary_id={self.primary_id!r}, ids={self._ids!r})"
+
+    def _cipher(self, kid: str) -> AESGCM | None:
+        return self._ciphers.get(kid)
+
+
+def is_envelope(value: object) -> TypeGuard[dict[str, Any]]:
+    """True if ``value`` is an encrypted-secret envelope (a dict, never a string)."""
+    if not isinstance(value, dict):
+        return False
+    keys = set(value)
+    if not (_ENVELOPE_REQUIRED <= keys <= _ENVELOPE_KEYS):
+        return False
+    version = value["$enc"]
+    # Any integer version counts, so an envelope from a newer release is refused, not
+    # mistaken for a plaintext dict.
+    if not isinstance(version, int) or isinstance(version, bool):
+        return False
+    hint = value.get("hint")
+    return all(isinstance(value[k], str) for k in ("kid", "n", "ct")) and (
+        hint is None or isinstance(hint, str)
+    )
+
+
+def _hint(value: object) -> str | None:
+    if isinstance(value, str) and len(value) >= HINT_MIN_LENGTH:
+        return value[-HINT_LENGTH:]
+    return None
+
+
+def mask_secret(value: object) -> str:
+    """A display form of a secret: ``••••`` plus the last 4 characters of a string of at
+    least 12, ``••••`` alone for anything else; envelopes show their stored hint."""
+    if is_envelope(value):
+        hint = value.get("hint")
+        if isinstance(hint, str) and 0 < len(hint) <= HINT_LENGTH:
+            return MASK + hint
+        return MASK
+    hint = _hint(value)
+    return MASK if hint is None else MASK + hint
+
+
+def _mask_or_none(value: object) -> str | None:
+    return None if value is None else mask_secret(value)
+
+
+def mask_data(data: Mapping[str, Any], secret_fields: Iterable[str] = ()) -> dict[str, Any]:
+    """A copy of ``data`` safe to show: secret fields, every value under ``credentials``
+    and every envelope masked. Works on plaintext and on sealed data."""
+    fields = SECRET_FIELDS.union(secret_fields)
+    masked: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == CREDENTIALS and isinstance(value, Mapping) and not is_envelope(value):
+            masked[key] = {k: _mask_or_none(v) for k, v in value.items()}
+        elif key in fields or key == CREDENTIALS or is_envelope(value):
+            masked[key] = _mask_or_none(value)
+        else:
+            masked[key] = value
+    return masked
+
+
+def _row_id(row_uuid: object) -> str:
+    # Canonical form, so "ABC…", "abc…" and uuid.UUID("abc…") bind the same row.
+    if isinstance(row_uuid, uuid.UUID):
+        return str(row_uuid)
+    if not isinstance(row_uuid, str):
+        raise TypeError(f"row_uuid must be a string, not {type(row_uuid).__name__}")
+    if not row_uuid:
+        raise ValueError("row_uuid must not be empty")
+    try:
+        return str(uuid.UUID(row_uuid))
+    except ValueError:
+        return row_uuid
+
+
+def _associated_data(kid: str, row: str, field: str, hint: str | None) -> bytes:
+    # JSON array: unambiguous whatever characters the row id or field name hold.
+    return json.dumps([ENVELOPE_VERSION, kid, row, field, hint]).encode()
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class Vault:
+    """Seals and unseals the secret fields of a connection's data.
+
+    ``encryption="on"`` (the default) encrypts with the keyring's primary key and refuses
+    to store a secret without a keyring; ``"off"`` stores secrets as plain text, still
+    decrypting existing envelopes when a keyring is given.
+    """
+
+    __slots__ = ("_encryption", "_keyring", "_warned")
+
+    def __init__(self, keyring: Keyring | None, *, encryption: str = "on") -> None:
+        if encryption not in ("on", "off"):
+            raise ValueError(f'encryption must be "on" or "off", not {encryption!r}')
+        if keyring is not None and not isinstance(keyring, Keyring):
+            raise TypeError(f"keyring must be a Keyring, not {type(keyring).__name__}")
+        self._keyring = keyring
+        self._encryption = encryption
+        self._warned = False
+
+    def __repr__(self) -> str:
+        return f"Vault(keyring={self._keyring!r}, encryption={self._encryption!r})"
+
+    @property
+    def enabled(self) -> bool:
+        """True when secrets are encrypted on write (``encryption="on"``)."""
+        return self._encryption == "on"
+
+    @property
+    def keyring(self) -> Keyring | None:
+        return self._keyring
+
+    def _map(
+        self,
+        data: Mapping[str, Any],
+        secret_fields: Iterable[str],
+        secret: Callable[[str, Any], Any],
+        envelope: Callable[[str, Any], Any],
+    ) -> dict[str, Any]:
+        """A copy of ``data`` with ``secret(field, value)`` applied to plaintext secrets and
+        ``envelope(field, value)`` to envelopes; None and other values are copied as is."""
+        fields = SECRET_FIELDS.union(secret_fields)
+
+        def one(field: str, value: Any, is_secret: bool) -> Any:
+            if value is None:
+                return None
+            if is_envelope(value):
+                return envelope(field, value)
+            return secret(field, value) if is_secret else value
+
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == CREDENTIALS and isinstance(value, Mapping) and not is_envelope(value):
+                out[key] = {k: one(f"{CREDENTIALS}.{k}", v, True) for k, v in value.items()}
+            else:
+                out[key] = one(key, value, key in fields or key == CREDENTIALS)
+        return out
+
+    def seal(
+        self, row_uuid: str, data: Mapping[str, Any], secret_fields: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """A copy of ``data`` with every secret field and every value under ``credentials``
+        encrypted; envelopes pass through and None stays None."""
+        row = _row_id(row_uuid)
+        return self._map(
+            data,
+            secret_fields,
+            secret=lambda field, value: self.seal_value(row, field, value),
+            envelope=lambda field, value: value,
+        )
+
+    def unseal(
+        self, row_uuid: str, data: Mapping[str, Any], secret_fields: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """A plaintext copy of ``data``: every envelope decrypted, whatever its field, so
+        ``secret_fields`` is accepted only for symmetry with :meth:`seal`.
+
+        Raises UnknownKey when an envelope's key id is not in the keyring and
+        DecryptionFailed when an envelope was tampered with or moved.
+        """
+        row = _row_id(row_uuid)
+        return self._map(
+            data,
+            secret_fields,
+            secret=lambda field, value: value,
+            envelope=lambda field, value: self.unseal_value(row, field, value),
+        )
+
+    def seal_value(self, row_uuid: str, field: str, value: Any) -> Any:
+        """One secret value as an envelope bound to the row and field (None stays None)."""
+        if value is None or is_envelope(value):
+            return value
+        if self._encryption == "off":
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    'encryption="off": secrets are stored in plain text; pass keys= or set '
+                    "%s to encrypt them",
+                    ENV_KEYS,
+                )
+            return value
+        if self._keyring is None:
+            raise EncryptionNotConfigured()
+        return self._encrypt(self._keyring, _row_id(row_uuid), field, value)
+
+    def _encrypt(self, keyring: Keyring, row: str, field: str, value: Any) -> dict[str, Any]:
+        try:
+            plaintext = json.dumps(value, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"secret field {field!r} holds a {type(value).__name__}, which is not a JSON value"
+            ) from exc
+        kid = keyring.primary_id
+        cipher = keyring._cipher(kid)
+        assert cipher is not None
+        hint = _hint(value)
+        nonce = os.urandom(NONCE_BYTES)
+        ciphertext = cipher.encrypt(nonce, plaintext, _associated_data(kid, row, field, hint))
+        envelope: dict[str, Any] = {
+            "$enc": ENVELOPE_VERSION,
+            "kid": kid,
+            "n": base64.b64encode(nonce).decode("ascii"),
+            "ct": base64.b64encode(ciphertext).decode("ascii"),
+        }
+        if hint is not None:
+            envelope["hint"] = hint
+        return envelope
+
+    def unseal_value(self, row_uuid: str, field: str, value: Any) -> Any:
+        """The plaintext of one envelope; any other value is returned unchanged."""
+        if not is_envelope(value):
+            return value
+        row = _row_id(row_uuid)
+        kid: str = value["kid"]
+        if value["$enc"] != ENVELOPE_VERSION:
+            raise DecryptionFailed(
+                f"secret field {field!r} uses envelope version {value['$enc']!r}, "
+                "which this version of the library cannot read",
+                field=field,
+            )
+        cipher = None if self._keyring is None else self._keyring._cipher(kid)
+        if cipher is None:
+            ring = "no keys are configured" if self._keyring is None else "it is not in the keyring"
+            raise UnknownKey(
+                f"secret field {field!r} was encrypted with key {kid!r}, but {ring}",
+                kid=kid,
+                field=field,
+            )
+        try:
+            nonce = _b64decode(value["n"])
+            ciphertext = _b64decode(value["ct"])
+            ad = _associated_data(kid, row, field, value.get("hint"))
+            # AESGCM accepts other nonce lengths; ours are always 96 bits.
+            if len(nonce) == NONCE_BYTES:
+                return json.loads(cipher.decrypt(nonce, ciphertext, ad))
+        except (InvalidTag, binascii.Error, ValueError):
+            pass
+        raise DecryptionFailed(
+            f"secret field {field!r} could not be decrypted with key {kid!r} "
+            "(tampered with, or moved from another row or field)",
+            kid=kid,
+            field=field,
+        )
+
+    def needs_rotation(self, data: Mapping[str, Any], secret_fields: Iterable[str] = ()) -> bool:
+        """True if :meth:`reseal` would change ``data``: an envelope not under the primary
+        key, or a plaintext secret while encryption is on."""
+        primary = None if self._keyring is None else self._keyring.primary_id
+        found = False
+
+        def envelope(field: str, value: Any) -> Any:
+            nonlocal found
+            found = found or value["kid"] != primary
+            return value
+
+        def secret(field: str, value: Any) -> Any:
+            nonlocal found
+            found = found or self.enabled
+            return value
+
+        self._map(data, secret_fields, secret=secret, envelope=envelope)
+        return found
+
+    def reseal(
+        self, row_uuid: str, data: Mapping[str, Any], secret_fields: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """A copy of ``data`` with every envelope under the primary key: others are
+        re-encrypted, plaintext secrets sealed; envelopes already under it are untouched."""
+        row = _row_id(row_uuid)
+        keyring = self._keyring
+
+        def envelope(field: str, value: Any) -> Any:
+            if keyring is not None and value["kid"] == keyring.primary_id:
+                return value
+            # Raises UnknownKey for a key id not in the ring, so nothing is ever dropped.
+            plaintext = self.unseal_value(row, field, value)
+            assert keyring is not None
+            return self._encrypt(keyring, row, field, plaintext)
+
+        return self._map(
+            data,
+            secret_fields,
+            secret=lambda field, value: self.seal_value(row, field, value),
+            envelope=envelope,
+        )
