@@ -96,6 +96,8 @@ class Event:
         raw = json.loads(payload)
         if not isinstance(raw, dict) or raw.get("kind") not in EVENT_KINDS:
             raise ValueError("not an integrations event payload")
+        if not isinstance(raw.get("at"), str):
+            raise ValueError("event time must be an ISO 8601 string")
         detail = raw.get("detail") or {}
         if not isinstance(detail, dict):
             raise ValueError("event detail must be an object")

@@ -152,7 +152,10 @@ class Repository:
 
     async def schema_version(self) -> int:
         with _translate():
-            version = await self.pool.fetchval(self.q.schema_version)
+            async with self.pool.acquire() as conn:
+                if not await conn.fetchval(self.q.migrations_table_exists):
+                    return 0
+                version = await conn.fetchval(self.q.schema_version)
         return int(version or 0)
 
     async def migrate(self) -> list[int]:

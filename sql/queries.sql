@@ -17,10 +17,11 @@ SELECT pg_advisory_xact_lock($1);
 -- name: applied_migrations
 SELECT version FROM {schema}.schema_migrations ORDER BY version;
 
+-- name: migrations_table_exists
+SELECT to_regclass('{schema}.schema_migrations') IS NOT NULL;
+
 -- name: schema_version
--- Returns NULL when the migrations table does not exist yet.
-SELECT CASE WHEN to_regclass('{schema}.schema_migrations') IS NULL THEN NULL
-            ELSE (SELECT coalesce(max(version), 0) FROM {schema}.schema_migrations) END;
+SELECT coalesce(max(version), 0) FROM {schema}.schema_migrations;
 
 -- name: record_migration
 -- $1 int: version, $2 text: file name
