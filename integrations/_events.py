@@ -1,0 +1,447 @@
+"""Event hub: one LISTEN connection per process, fanned out to bounded, filtered subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Final, Literal, Protocol, TypeAlias
+
+from ._errors import LifecycleError
+from ._models import EVENT_KINDS, Event
+
+__all__ = [
+    "ALL_OWNERS",
+    "EventHub",
+    "HubStats",
+    "ListenFn",
+    "Listener",
+    "OwnerScope",
+    "Subscription",
+]
+
+logger = logging.getLogger("integrations.events")
+
+
+class Listener(Protocol):
+    """A live LISTEN connection, as handed back by a ``ListenFn``."""
+
+    async def close(self) -> None: ...
+
+
+ListenFn: TypeAlias = Callable[
+    [str, Callable[[str], None], Callable[[], None]], Awaitable[Listener]
+]
+"""``await listen(channel, on_payload, on_lost)``: open a dedicated connection and LISTEN.
+
+Both callbacks must be invoked on the event loop thread (asyncpg's listener and
+termination callbacks are). ``on_lost`` may also fire after ``close()``; the
+hub ignores calls from listeners it no longer holds.
+"""
+
+
+class _AllOwners(enum.Enum):
+    ALL_OWNERS = "ALL_OWNERS"
+
+    def __repr__(self) -> str:
+        return "ALL_OWNERS"
+
+
+ALL_OWNERS: Final = _AllOwners.ALL_OWNERS
+"""Pass as ``owner=`` to see every owner's connections, system ones included."""
+
+OwnerScope: TypeAlias = str | Literal[_AllOwners.ALL_OWNERS] | None
+
+RESYNC: Final = "resync"
+
+
+class _Closed:
+    """Wakes getters of a closed subscription; never queued."""
+
+
+_CLOSED: Final = _Closed()
+
+
+class Subscription:
+    """A filtered, bounded stream of events; iterate it or ``await get()``.
+
+    When the queue is full the oldest event is dropped and ``dropped`` counts
+    it, so a slow reader loses history rather than holding up anyone else.
+    ``resync`` events pass every filter: they mean "re-read what you care
+    about", because notifications sent while the listener was down are gone.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_dropped",
+        "_kinds",
+        "_owner",
+        "_provider",
+        "_queue",
+        "_ready",
+        "_uuid",
+        "maxsize",
+    )
+
+    def __init__(
+        self,
+        *,
+        provider: str | None,
+        uuid: str | None,
+        owner: OwnerScope,
+        kinds: frozenset[str] | None,
+        maxsize: int,
+    ) -> None:
+        self._provider = provider
+        self._uuid = uuid
+        self._owner = owner
+        self._kinds = kinds
+        self.maxsize = maxsize
+        self._dropped = 0
+        self._queue: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Subscription(provider={self._provider!r}, uuid={self._uuid!r}, "
+            f"owner={self._owner!r}, kinds={sorted(self._kinds) if self._kinds else None!r}, "
+            f"pending={len(self._queue)}, dropped={self._dropped}, closed={self._closed})"
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def dropped(self) -> int:
+        """How many events were dropped, oldest first, because the queue was full."""
+        return self._dropped
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet read."""
+        return len(self._queue)
+
+    def matches(self, event: Event) -> bool:
+        """Whether this subscription's filters let ``event`` through."""
+        if event.kind == RESYNC:
+            return True
+        if self._kinds is not None and event.kind not in self._kinds:
+            return False
+        if self._provider is not None and event.provider != self._provider:
+            return False
+        if self._uuid is not None and event.uuid != self._uuid:
+            return False
+        return self._owner is ALL_OWNERS or event.owner == self._owner
+
+    async def get(self) -> Event:
+        """The next event; raises LifecycleError once the subscription is closed."""
+        item = await self._next()
+        if isinstance(item, _Closed):
+            raise LifecycleError("The subscription is closed.")
+        return item
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        item = await self._next()
+        if isinstance(item, _Closed):
+            raise StopAsyncIteration
+        return item
+
+    async def _next(self) -> Event | _Closed:
+        while True:
+            if self._closed:
+                return _CLOSED
+            if self._queue:
+                return self._queue.popleft()
+            self._ready.clear()
+            await self._ready.wait()
+
+    def _put(self, event: Event) -> None:
+        if self._closed:
+            return
+        if len(self._queue) >= self.maxsize:
+            self._queue.popleft()
+            self._dropped += 1
+        self._queue.append(event)
+        self._ready.set()
+
+    def _close(self) -> None:
+        # Queued events are discarded: closing is for shutdown, and readers
+        # should stop promptly rather than drain a backlog nobody will act on.
+        self._closed = True
+        self._queue.clear()
+        self._ready.set()
+
+
+@dataclass(frozen=True, slots=True)
+class HubStats:
+    """Counters for monitoring and tests."""
+
+    received: int
+    malformed: int
+    reconnects: int
+    reconnect_attempts: int
+    subscriptions: int
+    listening: bool
+
+
+class EventHub:
+    """Fans one LISTEN connection out to every subscription in this process.
+
+    The connection is opened by the first ``subscribe()`` and kept until
+    ``close()``. When it is lost the hub reconnects with capped exponential
+    backoff and then sends ``resync`` to every subscription.
+    """
+
+    def __init__(
+        self,
+        listen: ListenFn,
+        channel: str,
+        *,
+        reconnect_initial: float = 0.1,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        if not isinstance(channel, str) or not channel:
+            raise ValueError("channel must be a non-empty string")
+        if not 0 < reconnect_initial <= reconnect_max:
+            raise ValueError("need 0 < reconnect_initial <= reconnect_max")
+        self._listen = listen
+        self._channel = channel
+        self._reconnect_initial = reconnect_initial
+        self._reconnect_max = reconnect_max
+        self._subscriptions: set[Subscription] = set()
+        self._listener: Listener | None = None
+        # Bumped whenever the held listener stops being the current one, so a
+        # late on_lost from an old or self-closed connection is ignored.
+        self._generation = 0
+        self._dead: list[Listener] = []
+        self._open_lock = asyncio.Lock()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._received = 0
+        self._malformed = 0
+        self._reconnects = 0
+        self._reconnect_attempts = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"EventHub(channel={self._channel!r}, listening={self.listening}, "
+            f"subscriptions={len(self._subscriptions)}, closed={self._closed})"
+        )
+
+    @property
+    def channel(self) -> str:
+        return self._channel
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stats(self) -> HubStats:
+        return HubStats(
+            received=self._received,
+            malformed=self._malformed,
+            reconnects=self._reconnects,
+            reconnect_attempts=self._reconnect_attempts,
+            subscriptions=len(self._subscriptions),
+            listening=self.listening,
+        )
+
+    def subscribe(
+        self,
+        *,
+        provider: str | None = None,
+        uuid: str | None = None,
+        owner: OwnerScope = None,
+        kinds: Iterable[str] | None = None,
+        maxsize: int = 1000,
+    ) -> AbstractAsyncContextManager[Subscription]:
+        """A subscription for the ``async with`` block; arguments are checked now.
+
+        ``owner=None`` sees system connections only, a string sees that owner's,
+        ``ALL_OWNERS`` sees everything.
+        """
+        for label, value in (("provider", provider), ("uuid", uuid)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{label} must be a str or None")
+        if owner is not None and owner is not ALL_OWNERS and not isinstance(owner, str):
+            raise TypeError("owner must be a str, None or ALL_OWNERS")
+        kind_set: frozenset[str] | None = None
+        if kinds is not None:
+            if isinstance(kinds, str):
+                raise TypeError("kinds must be an iterable of kind names, not a str")
+            kind_set = frozenset(kinds)
+            unknown = kind_set - EVENT_KINDS
+            if unknown:
+                raise ValueError(f"unknown event kinds: {', '.join(sorted(unknown))}")
+            if not kind_set:
+                raise ValueError("kinds must name at least one kind (or be None for all)")
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise TypeError("maxsize must be an int")
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        subscription = Subscription(
+            provider=provider, uuid=uuid, owner=owner, kinds=kind_set, maxsize=maxsize
+        )
+        return self._subscribed(subscription)
+
+    @asynccontextmanager
+    async def _subscribed(self, subscription: Subscription) -> AsyncIterator[Subscription]:
+        self._check_open()
+        await self._ensure_listening()
+        self._subscriptions.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscriptions.discard(subscription)
+            subscription._close()
+
+    def publish_local(self, event: Event) -> None:
+        """Deliver an already-parsed event to the matching subscriptions of this hub."""
+        if not isinstance(event, Event):
+            raise TypeError("publish_local() takes an Event")
+        self._check_open()
+        self._fan_out(event)
+
+    async def close(self) -> None:
+        """End every subscription and stop the listener; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._generation += 1
+        for subscription in self._subscriptions:
+            subscription._close()
+        self._subscriptions.clear()
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None:
+            task.cancel()
+            # wait() rather than await: the task's cancellation is not ours to re-raise.
+            await asyncio.wait([task])
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self._dead.append(listener)
+        await self._close_dead()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LifecycleError("The event hub is closed.")
+
+    def _fan_out(self, event: Event) -> None:
+        for subscription in self._subscriptions:
+            if subscription.matches(event):
+                subscription._put(event)
+
+    def _on_payload(self, payload: str) -> None:
+        # Runs inside the driver's callback: parse, enqueue, never raise.
+        if self._closed:
+            return
+        self._received += 1
+        try:
+            event = Event.from_payload(payload)
+        except Exception as exc:
+            self._malformed += 1
+            # The body is left out: it can be up to 8000 bytes of anything.
+            logger.warning(
+                "dropped a malformed event payload on channel %r (%d chars): %s",
+                self._channel,
+                len(payload) if isinstance(payload, str) else -1,
+                type(exc).__name__,
+            )
+            return
+        self._fan_out(event)
+
+    def _on_lost(self, generation: int) -> None:
+        if self._closed or generation != self._generation:
+            return
+        self._generation += 1
+        if self._listener is not None:
+            self._dead.append(self._listener)
+            self._listener = None
+        logger.warning("lost the LISTEN connection on channel %r; reconnecting", self._channel)
+        if self._reconnect_task is None:
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect(), name=f"integrations-events-reconnect:{self._channel}"
+            )
+
+    async def _ensure_listening(self) -> None:
+        async with self._open_lock:
+            if self._listener is not None or self._reconnect_task is not None:
+                return
+            generation = self._generation
+            # A failure here propagates: the caller learns the database is
+            # unreachable, and the next subscribe() tries again.
+            listener = await self._listen(
+                self._channel, self._on_payload, partial(self._on_lost, generation)
+            )
+            if self._closed:
+                self._dead.append(listener)
+                await self._close_dead()
+                self._check_open()
+            if generation != self._generation:
+                # Lost while opening; on_lost has already started the reconnect.
+                self._dead.append(listener)
+                await self._close_dead()
+                return
+            self._listener = listener
+
+    async def _reconnect(self) -> None:
+        delay = self._reconnect_initial
+        try:
+            await self._close_dead()
+            while not self._closed:
+                generation = self._generation
+                self._reconnect_attempts += 1
+                try:
+                    listener = await self._listen(
+                        self._channel, self._on_payload, partial(self._on_lost, generation)
+                    )
+                except Exception as exc:
+                    logger.warning(
+                        "reconnecting the LISTEN connection on channel %r failed (%s); "
+                        "retrying in about %.2fs",
+                        self._channel,
+                        type(exc).__name__,
+                        delay,
+                    )
+                else:
+                    if generation == self._generation and not self._closed:
+                        self._listener = listener
+                        self._reconnects += 1
+                        logger.info("LISTEN connection on channel %r restored", self._channel)
+                        self._fan_out(Event(kind=RESYNC, uuid=None))
+                        return
+                    # Lost again while connecting, or closed meanwhile.
+                    self._dead.append(listener)
+                    await self._close_dead()
+                    if self._closed:
+                        return
+                # Equal jitter: spreads out processes that lost the server together.
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self._reconnect_max)
+        finally:
+            if self._reconnect_task is asyncio.current_task():
+                self._reconnect_task = None
+
+    async def _close_dead(self) -> None:
+        while self._dead:
+            listener = self._dead.pop()
+            try:
+                await listener.close()
+            except Exception as exc:
+                # The connection is already gone or going; nothing to recover.
+                logger.debug("closing a LISTEN connection failed: %s", type(exc).__name__)

@@ -1,0 +1,764 @@
+"""Event hub: delivery, filters, back-pressure and self-healing over real LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from integrations._errors import LifecycleError
+from integrations._events import ALL_OWNERS, EventHub, Subscription
+from integrations._models import Event
+
+DSN = os.environ.get("INTEGRATIONS_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0
+
+
+class PgListener:
+    """A dedicated asyncpg connection LISTENing on one channel."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.pid: int = conn.get_server_pid()
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class PgListen:
+    """The ListenFn the repository provides, plus hooks to watch and break it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail_next = 0
+        self.listeners: list[PgListener] = []
+
+    async def __call__(
+        self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> PgListener:
+        self.calls += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("connection refused")
+        conn = await asyncpg.connect(DSN)
+
+        def payload_cb(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+            on_payload(cast(str, payload))
+
+        def lost_cb(_conn: Any) -> None:
+            on_lost()
+
+        conn.add_termination_listener(lost_cb)
+        await conn.add_listener(channel, payload_cb)
+        listener = PgListener(conn)
+        self.listeners.append(listener)
+        return listener
+
+
+class FakeListener:
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        self.on_payload = on_payload
+        self.on_lost = on_lost
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+        # asyncpg calls termination listeners on a deliberate close too.
+        self.on_lost()
+
+
+class FakeListen:
+    """A ListenFn with no database, for the hub's own state machine."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail_next = 0
+        self.listeners: list[FakeListener] = []
+        self.gate: asyncio.Event | None = None
+        self.lose_on_open = 0
+
+    async def __call__(
+        self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FakeListener:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("connection refused")
+        listener = FakeListener(on_payload, on_lost)
+        self.listeners.append(listener)
+        if self.lose_on_open:
+            self.lose_on_open -= 1
+            on_lost()
+        return listener
+
+
+def event(kind: str = "connected", **fields: Any) -> Event:
+    values: dict[str, Any] = {"uuid": str(uuid4()), "provider": "github", "owner": None}
+    values.update(fields)
+    return Event(kind=kind, **values)
+
+
+async def notify(conn: asyncpg.Connection, channel: str, payload: Event | str) -> None:
+    text = payload.to_payload() if isinstance(payload, Event) else payload
+    await conn.execute("SELECT pg_notify($1, $2)", channel, text)
+
+
+async def next_event(sub: Subscription, within: float = TIMEOUT) -> Event:
+    return await asyncio.wait_for(sub.get(), within)
+
+
+async def until_resync(sub: Subscription) -> list[Event]:
+    """Everything before the next resync, which passes every filter and so marks the end."""
+    seen = []
+    while (ev := await next_event(sub)).kind != "resync":
+        seen.append(ev)
+    return seen
+
+
+async def eventually(predicate: Callable[[], bool], within: float = TIMEOUT) -> None:
+    async with asyncio.timeout(within):
+        # Polling: the states checked here (listening, counters) have no event to await.
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def channel() -> str:
+    return f"integrations_test_{uuid4().hex}"
+
+
+@pytest.fixture
+async def pg() -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(DSN)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def listen() -> PgListen:
+    return PgListen()
+
+
+@pytest.fixture
+async def hub(listen: PgListen, channel: str) -> AsyncIterator[EventHub]:
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.2)
+    try:
+        yield hub
+    finally:
+        await hub.close()
+
+
+# Delivery
+
+
+async def test_notification_is_delivered_as_an_equal_event(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    sent = event("token_refreshed", name="work", status="connected", actor="worker-1")
+    async with hub.subscribe() as sub:
+        await notify(pg, channel, sent)
+        assert await next_event(sub) == sent
+
+
+async def test_first_subscription_opens_the_one_listener_lazily(
+    hub: EventHub, listen: PgListen
+) -> None:
+    assert not hub.listening
+    assert listen.calls == 0
+    async with hub.subscribe(), hub.subscribe(owner=ALL_OWNERS):
+        assert hub.listening
+        assert listen.calls == 1
+
+
+async def test_concurrent_first_subscriptions_share_one_listener(channel: str) -> None:
+    listen = FakeListen()
+    listen.gate = asyncio.Event()
+    hub = EventHub(listen, channel)
+
+    async def enter() -> None:
+        async with hub.subscribe():
+            pass
+
+    tasks = [asyncio.create_task(enter()) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    listen.gate.set()
+    await asyncio.gather(*tasks)
+    assert listen.calls == 1
+    await hub.close()
+
+
+async def test_listener_stays_open_after_the_last_subscription_ends(
+    hub: EventHub, listen: PgListen, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe():
+        pass
+    assert hub.listening
+    async with hub.subscribe() as sub:
+        await notify(pg, channel, sent := event())
+        assert await next_event(sub) == sent
+    assert listen.calls == 1
+
+
+async def test_two_hubs_on_one_channel_both_receive(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    other = EventHub(PgListen(), channel)
+    try:
+        async with hub.subscribe() as first, other.subscribe() as second:
+            await notify(pg, channel, sent := event())
+            assert await next_event(first) == sent
+            assert await next_event(second) == sent
+    finally:
+        await other.close()
+
+
+async def test_delivery_to_another_process(pg: asyncpg.Connection, channel: str) -> None:
+    child = textwrap.dedent(
+        """
+        import asyncio, sys
+        import asyncpg
+        from integrations._events import ALL_OWNERS, EventHub
+
+        DSN, CHANNEL = sys.argv[1], sys.argv[2]
+
+        class Listener:
+            def __init__(self, conn):
+                self.conn = conn
+
+            async def close(self):
+                await self.conn.close()
+
+        async def listen(channel, on_payload, on_lost):
+            conn = await asyncpg.connect(DSN)
+            conn.add_termination_listener(lambda _c: on_lost())
+            await conn.add_listener(channel, lambda _c, _p, _ch, payload: on_payload(payload))
+            return Listener(conn)
+
+        async def main():
+            hub = EventHub(listen, CHANNEL)
+            try:
+                async with hub.subscribe(owner=ALL_OWNERS) as sub:
+                    print("ready", flush=True)
+                    async for ev in sub:
+                        print(ev.kind, ev.owner, flush=True)
+                        if ev.kind == "connection_removed":
+                            break
+            finally:
+                await hub.close()
+
+        asyncio.run(main())
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-W",
+        "error",
+        "-c",
+        child,
+        DSN,
+        channel,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert ready == b"ready\n"
+        for kind, owner in [
+            ("connection_added", "alice"),
+            ("connected", None),
+            ("connection_removed", "bob"),
+        ]:
+            await notify(pg, channel, event(kind, owner=owner))
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert out.decode().splitlines() == [
+        "connection_added alice",
+        "connected None",
+        "connection_removed bob",
+    ]
+
+
+# Filters and scopes
+
+
+async def test_provider_uuid_and_kind_filters(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    target = str(uuid4())
+    sent = [
+        event("connected", provider="github", uuid=target),
+        event("connected", provider="slack"),
+        event("validated", provider="github"),
+        event("disconnected", provider="slack", uuid=target),
+    ]
+    async with (
+        hub.subscribe(provider="github") as by_provider,
+        hub.subscribe(uuid=target) as by_uuid,
+        hub.subscribe(kinds=["connected", "disconnected"]) as by_kind,
+        hub.subscribe(provider="slack", kinds={"disconnected"}) as combined,
+    ):
+        for ev in [*sent, event("resync", uuid=None)]:
+            await notify(pg, channel, ev)
+        assert await until_resync(by_provider) == [sent[0], sent[2]]
+        assert await until_resync(by_uuid) == [sent[0], sent[3]]
+        assert await until_resync(by_kind) == [sent[0], sent[1], sent[3]]
+        assert await until_resync(combined) == [sent[3]]
+
+
+async def test_owner_scopes_isolate_owners(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    system, alice, bob = event(owner=None), event(owner="alice"), event(owner="bob")
+    async with (
+        hub.subscribe() as default,
+        hub.subscribe(owner=None) as explicit_system,
+        hub.subscribe(owner="alice") as alice_only,
+        hub.subscribe(owner=ALL_OWNERS) as everything,
+    ):
+        for ev in [system, alice, bob, event("resync", uuid=None)]:
+            await notify(pg, channel, ev)
+        assert await until_resync(default) == [system]
+        assert await until_resync(explicit_system) == [system]
+        assert await until_resync(alice_only) == [alice]
+        assert await until_resync(everything) == [system, alice, bob]
+
+
+async def test_resync_passes_every_filter(hub: EventHub) -> None:
+    async with (
+        hub.subscribe(
+            provider="github", uuid=str(uuid4()), owner="alice", kinds=["connected"]
+        ) as a,
+        hub.subscribe(owner=None, kinds=["refresh_failed"]) as b,
+    ):
+        hub.publish_local(Event(kind="resync", uuid=None))
+        assert (await next_event(a)).kind == "resync"
+        assert (await next_event(b)).kind == "resync"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"kinds": ["connected", "exploded"]}, ValueError),
+        ({"kinds": []}, ValueError),
+        ({"kinds": "connected"}, TypeError),
+        ({"maxsize": 0}, ValueError),
+        ({"maxsize": -5}, ValueError),
+        ({"maxsize": 1.5}, TypeError),
+        ({"owner": 7}, TypeError),
+        ({"provider": 7}, TypeError),
+    ],
+)
+def test_subscribe_rejects_bad_arguments_at_call_time(
+    kwargs: dict[str, Any], error: type[Exception], channel: str
+) -> None:
+    hub = EventHub(FakeListen(), channel)
+    with pytest.raises(error):
+        hub.subscribe(**kwargs)
+
+
+# Ordering and back-pressure
+
+
+async def test_events_for_one_connection_keep_their_order(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    first, second = str(uuid4()), str(uuid4())
+    count = 200
+    other = await asyncpg.connect(DSN)
+    try:
+        async with hub.subscribe(uuid=first) as a, hub.subscribe(uuid=second) as b:
+
+            async def write(conn: asyncpg.Connection, uuid: str) -> None:
+                for seq in range(count):
+                    await notify(conn, channel, event(uuid=uuid, detail={"seq": seq}))
+
+            # Two writers at once interleave the uuids on the wire.
+            await asyncio.gather(write(pg, first), write(other, second))
+            for sub in (a, b):
+                got = [(await next_event(sub)).detail["seq"] for _ in range(count)]
+                assert got == list(range(count))
+    finally:
+        await other.close()
+
+
+async def test_overflow_drops_oldest_and_counts(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe(maxsize=3) as small, hub.subscribe() as witness:
+        for seq in range(10):
+            await notify(pg, channel, event(detail={"seq": seq}))
+        for _ in range(10):
+            await next_event(witness)
+        assert small.dropped == 7
+        assert small.pending == 3
+        assert [(await small.get()).detail["seq"] for _ in range(3)] == [7, 8, 9]
+        assert witness.dropped == 0
+
+
+async def test_slow_subscriber_does_not_block_a_fast_one(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe(maxsize=2) as slow, hub.subscribe() as fast:
+        for seq in range(50):
+            await notify(pg, channel, event(detail={"seq": seq}))
+            assert (await next_event(fast, within=2)).detail["seq"] == seq
+        assert slow.dropped == 48
+
+
+# Bad payloads
+
+
+async def test_malformed_payload_is_logged_without_its_body_and_dropped(
+    hub: EventHub, pg: asyncpg.Connection, channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = "SECRETISH" * 700
+    bad = [
+        "not json " + marker,
+        '{"kind": "exploded", "x": "' + marker + '"}',
+        '{"kind": "connected"}',
+        '{"kind": "connected", "uuid": 5, "at": "2024-01-01T00:00:00+00:00"}',
+        '{"kind": "connected", "uuid": null, "at": 12}',
+        "[1, 2]",
+    ]
+    caplog.set_level(logging.WARNING, logger="integrations.events")
+    async with hub.subscribe() as sub:
+        for payload in bad:
+            await notify(pg, channel, payload)
+        await notify(pg, channel, good := event())
+        assert await next_event(sub) == good
+        assert sub.pending == 0
+    assert hub.stats.malformed == len(bad)
+    records = [r for r in caplog.records if r.name == "integrations.events"]
+    assert len(records) == len(bad)
+    assert all(r.levelno == logging.WARNING for r in records)
+    assert "SECRETISH" not in caplog.text
+
+
+def test_payload_callback_never_raises(channel: str) -> None:
+    hub = EventHub(FakeListen(), channel)
+    for payload in ["", "{", "null", '{"kind": "connected", "at": []}', "\x00"]:
+        hub._on_payload(payload)
+    assert hub.stats.malformed == 5
+
+
+# Transactions
+
+
+async def test_rolled_back_notify_delivers_nothing(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe() as sub:
+        with pytest.raises(RuntimeError):
+            async with pg.transaction():
+                await notify(pg, channel, event("connection_added"))
+                raise RuntimeError("roll back")
+        await notify(pg, channel, after := event("connection_removed"))
+        assert await next_event(sub) == after
+        assert sub.pending == 0
+
+
+async def test_notify_in_a_transaction_arrives_only_after_commit(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe() as sub:
+        async with pg.transaction():
+            await notify(pg, channel, sent := event("setup_saved"))
+            await asyncio.sleep(0.3)
+            assert sub.pending == 0
+        assert await next_event(sub) == sent
+
+
+# Self-healing
+
+
+async def test_lost_listener_reconnects_and_every_subscriber_gets_resync(
+    hub: EventHub, listen: PgListen, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with (
+        hub.subscribe() as system,
+        hub.subscribe(owner="alice", provider="github", kinds=["connected"]) as narrow,
+        hub.subscribe(owner=ALL_OWNERS) as everything,
+    ):
+        old_pid = listen.listeners[0].pid
+        assert await pg.fetchval("SELECT pg_terminate_backend($1)", old_pid)
+        for sub in (system, narrow, everything):
+            resync = await next_event(sub)
+            assert resync.kind == "resync"
+            assert resync.uuid is None
+        assert hub.listening
+        assert hub.stats.reconnects == 1
+        assert listen.listeners[-1].pid != old_pid
+
+        await notify(pg, channel, later := event(owner="alice"))
+        assert await next_event(narrow) == later
+        assert await next_event(everything) == later
+        assert system.pending == 0
+
+
+async def test_reconnect_backs_off_until_listen_succeeds(
+    hub: EventHub, listen: PgListen, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe() as sub:
+        listen.fail_next = 3
+        await pg.fetchval("SELECT pg_terminate_backend($1)", listen.listeners[0].pid)
+        assert (await next_event(sub)).kind == "resync"
+        assert listen.calls == 1 + 4
+        assert hub.stats.reconnect_attempts == 4
+        assert hub.stats.reconnects == 1
+        await notify(pg, channel, sent := event())
+        assert await next_event(sub) == sent
+
+
+async def test_backoff_doubles_with_jitter_up_to_the_cap(
+    channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.1, reconnect_max=0.5)
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float) -> None:
+        delays.append(delay)
+        await real_sleep(0)
+
+    async with hub.subscribe() as sub:
+        monkeypatch.setattr(asyncio, "sleep", record)
+        monkeypatch.setattr("integrations._events.random.random", lambda: 1.0)
+        listen.fail_next = 5
+        listen.listeners[0].on_lost()
+        assert not hub.listening
+        assert (await next_event(sub)).kind == "resync"
+        monkeypatch.undo()
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    await hub.close()
+
+
+async def test_jitter_keeps_each_delay_between_half_and_full(
+    channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.1, reconnect_max=0.1)
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float) -> None:
+        delays.append(delay)
+        await real_sleep(0)
+
+    async with hub.subscribe() as sub:
+        monkeypatch.setattr(asyncio, "sleep", record)
+        listen.fail_next = 50
+        listen.listeners[0].on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        monkeypatch.undo()
+    assert len(delays) == 50
+    assert all(0.05 <= d <= 0.1 for d in delays)
+    assert len(set(delays)) > 1
+    await hub.close()
+
+
+async def test_listener_lost_while_opening_is_replaced(channel: str) -> None:
+    listen = FakeListen()
+    listen.lose_on_open = 1
+    hub = EventHub(listen, channel, reconnect_initial=0.01)
+    async with hub.subscribe():
+        await eventually(lambda: hub.listening)
+        assert len(listen.listeners) == 2
+        assert listen.listeners[0].closed
+        assert not listen.listeners[1].closed
+        assert hub.stats.reconnects == 1
+    await hub.close()
+    assert listen.listeners[1].closed
+
+
+async def test_callback_from_a_replaced_listener_is_ignored(channel: str) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.01)
+    async with hub.subscribe() as sub:
+        first = listen.listeners[0]
+        first.on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        assert first.closed
+        first.on_lost()
+        first.on_lost()
+        await asyncio.sleep(0.05)
+        assert hub.listening
+        assert hub.stats.reconnects == 1
+        assert listen.calls == 2
+        assert sub.pending == 0
+    await hub.close()
+    assert all(listener.closed for listener in listen.listeners)
+
+
+async def test_first_listen_failure_propagates_and_the_next_subscribe_retries(
+    channel: str,
+) -> None:
+    listen = FakeListen()
+    listen.fail_next = 1
+    hub = EventHub(listen, channel)
+    with pytest.raises(OSError):
+        async with hub.subscribe():
+            pass
+    assert not hub.listening
+    assert hub.stats.subscriptions == 0
+    async with hub.subscribe():
+        assert hub.listening
+    await hub.close()
+
+
+async def test_subscribing_during_a_reconnect_does_not_wait_for_it(channel: str) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.01)
+    async with hub.subscribe() as early:
+        listen.gate = asyncio.Event()
+        listen.listeners[0].on_lost()
+        async with asyncio.timeout(1):
+            late_cm = hub.subscribe()
+            late = await late_cm.__aenter__()
+        try:
+            assert not hub.listening
+            listen.gate.set()
+            assert (await next_event(early)).kind == "resync"
+            assert (await next_event(late)).kind == "resync"
+            assert hub.listening
+        finally:
+            await late_cm.__aexit__(None, None, None)
+    await hub.close()
+
+
+# Closing
+
+
+async def test_close_ends_async_for_loops(
+    hub: EventHub, listen: PgListen, pg: asyncpg.Connection, channel: str
+) -> None:
+    received: list[str] = []
+    entered = asyncio.Event()
+
+    async def consume() -> None:
+        async with hub.subscribe(owner=ALL_OWNERS) as sub:
+            entered.set()
+            async for ev in sub:
+                received.append(ev.kind)
+
+    consumers = [asyncio.create_task(consume()) for _ in range(3)]
+    async with hub.subscribe() as waiter:
+        await entered.wait()
+        await eventually(lambda: hub.stats.subscriptions == 4)
+        await notify(pg, channel, event("connected"))
+        await next_event(waiter)
+        await eventually(lambda: len(received) == 3)
+        await hub.close()
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*consumers)
+        assert waiter.closed
+        with pytest.raises(LifecycleError):
+            await waiter.get()
+    assert received == ["connected"] * 3
+    assert not hub.listening
+    assert listen.listeners[0].conn.is_closed()
+
+
+async def test_hub_refuses_use_after_close(hub: EventHub) -> None:
+    await hub.close()
+    await hub.close()
+    with pytest.raises(LifecycleError):
+        async with hub.subscribe():
+            pass
+    with pytest.raises(LifecycleError):
+        hub.publish_local(event())
+
+
+async def test_leaving_the_block_closes_only_that_subscription(hub: EventHub) -> None:
+    async with hub.subscribe() as kept:
+        async with hub.subscribe() as left:
+            pass
+        assert left.closed
+        with pytest.raises(LifecycleError):
+            await left.get()
+        assert [ev async for ev in left] == []
+        hub.publish_local(sent := event())
+        assert await next_event(kept) == sent
+        assert hub.stats.subscriptions == 1
+
+
+async def test_close_during_reconnect_stops_retrying(channel: str) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.02)
+    async with hub.subscribe() as sub:
+        listen.fail_next = 10**6
+        listen.listeners[0].on_lost()
+        await eventually(lambda: listen.calls > 3)
+        await hub.close()
+        calls = listen.calls
+        await asyncio.sleep(0.1)
+        assert listen.calls == calls
+        assert [ev async for ev in sub] == []
+    assert listen.listeners[0].closed
+
+
+async def test_close_while_the_first_listener_opens(channel: str) -> None:
+    listen = FakeListen()
+    listen.gate = asyncio.Event()
+    hub = EventHub(listen, channel)
+
+    async def enter() -> None:
+        async with hub.subscribe():
+            pass
+
+    task = asyncio.create_task(enter())
+    await asyncio.sleep(0.02)
+    await hub.close()
+    listen.gate.set()
+    with pytest.raises(LifecycleError):
+        await task
+    assert listen.listeners[0].closed
+    assert not hub.listening
+
+
+# Payload size
+
+
+def test_realistic_payload_stays_far_below_the_notify_limit() -> None:
+    realistic = Event(
+        kind="refresh_failed",
+        uuid=str(uuid4()),
+        provider="google_workspace",
+        name="finance-team-shared-mailbox",
+        owner="tenant-4f1c2a/user-8812",
+        status="error",
+        previous_status="connected",
+        actor="worker:refresh-scheduler@host-17",
+        at=datetime.now(UTC),
+        detail={
+            "error": "invalid_grant",
+            "message": "Token has been expired or revoked.",
+            "attempt": 3,
+            "scopes": ["openid", "email", "https://www.googleapis.com/auth/gmail.readonly"],
+        },
+    )
+    payload = realistic.to_payload()
+    assert len(payload.encode()) < 1000
+    assert Event.from_payload(payload) == realistic
