@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from . import oauth
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -37,7 +36,6 @@ from ._errors import (
     UnknownKey,
 )
 from ._facade import Integrations
-from ._http import Response
 from ._models import Connection, Event, Validation
 from ._names import settings_key
 from ._providers import AuthHeader, Provider, SetupField, ValidationRequest
@@ -76,7 +74,6 @@ __all__ = [
     "ProviderConflict",
     "ReauthRequired",
     "RequestFailed",
-    "Response",
     "SchemaOutdated",
     "SetupField",
     "StorageError",
@@ -85,6 +82,5 @@ __all__ = [
     "Validation",
     "ValidationRequest",
     "generate_key",
-    "oauth",
     "settings_key",
 ]
