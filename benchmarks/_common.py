@@ -12,7 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-ADMIN_DSN = os.environ.get("INTEGRATIONS_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_DSN = os.environ.get(
+    "INTEGRATIONS_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 @asynccontextmanager

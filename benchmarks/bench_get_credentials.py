@@ -9,9 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, scratch_database  # noqa: E402
+from _common import interleaved_medians, scratch_database
 
-from integrations import Integrations, generate_key  # noqa: E402
+from integrations import Integrations, generate_key
 
 
 async def main() -> None:

@@ -26,7 +26,9 @@ async def main() -> None:
         print("saved     api_key (encrypted at rest)")
 
         for listed in await integ.list_connections("openai"):
-            print(f"listed    {listed.name:<10} status={listed.status} key={listed.data['api_key']}")
+            print(
+                f"listed    {listed.name:<10} status={listed.status} key={listed.data['api_key']}"
+            )
 
         await integ.rename_connection(conn.uuid, "work")
         renamed = await integ.get_integration_by_uuid(conn.uuid)

@@ -106,9 +106,7 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
             url="https://api.github.com/user",
             headers={"Accept": "application/vnd.github+json"},
         ),
-        userinfo_map=UserinfoMap(
-            email=("email",), name=("name", "login"), picture=("avatar_url",)
-        ),
+        userinfo_map=UserinfoMap(email=("email",), name=("name", "login"), picture=("avatar_url",)),
         docs_url="https://docs.github.com/apps/oauth-apps/building-oauth-apps/authorizing-oauth-apps",
         description="GitHub's REST API through an OAuth app.",
     ),

@@ -36,7 +36,7 @@ def _start(pgdata: Path) -> str:
             with warnings.catch_warnings():
                 # pgserver asks platformdirs for a runtime dir, which warns on headless hosts.
                 warnings.simplefilter("ignore")
-                server = pgserver.get_server(pgdata, cleanup_mode="stop")
+                server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
             _servers[pgdata] = server
         return str(server.get_uri())
 

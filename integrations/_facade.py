@@ -295,7 +295,9 @@ class Integrations:
 
         await self._repo.modify(uuid, decide)
 
-    async def list_connections(self, provider: str, *, owner: str | None = None) -> list[Connection]:
+    async def list_connections(
+        self, provider: str, *, owner: str | None = None
+    ) -> list[Connection]:
         """A provider's connections: "default" first, then by name."""
         self._check_open()
         return (await self.load_all_connections([provider], owner=owner))[provider]
@@ -337,10 +339,6 @@ class Integrations:
     def list_providers(self) -> list[Provider]:
         """Every known provider, built-in and registered, by key."""
         return self.providers.all()
-
-    def register_provider(self, provider: Provider, *, override: bool = False) -> None:
-        """Add a provider at run time (a clash with a built-in needs ``override=True``)."""
-        self.providers.register(provider, override=override)
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -491,9 +489,7 @@ class Integrations:
             previous = row.data.get("status")
             data["status"] = "disconnected"
             updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
-            event = self._event(
-                "disconnected", updated, previous_status=previous, actor=actor
-            )
+            event = self._event("disconnected", updated, previous_status=previous, actor=actor)
             return Change(data=data, events=[event]), None
 
         await self._repo.modify(uuid, decide)
@@ -601,7 +597,9 @@ class Integrations:
         try:
             connection = await self.add_connection(provider, name, owner=owner)
         except AlreadyExists:
-            uuid = await self.find_uuid_by_provider_name((provider, names.normalize_name(name)), owner=owner)
+            uuid = await self.find_uuid_by_provider_name(
+                (provider, names.normalize_name(name)), owner=owner
+            )
         else:
             uuid = connection.uuid
         await self.save_setup(uuid, data)

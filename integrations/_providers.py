@@ -236,7 +236,11 @@ class UserinfoMap(_Frozen):
 
     def apply(self, payload: Mapping[str, Any]) -> dict[str, str]:
         out: dict[str, str] = {}
-        for target, paths in (("email", self.email), ("name", self.name), ("picture", self.picture)):
+        for target, paths in (
+            ("email", self.email),
+            ("name", self.name),
+            ("picture", self.picture),
+        ):
             for path in paths:
                 value: Any = payload
                 for part in path.split("."):
@@ -387,10 +391,14 @@ class Provider(_Frozen):
         if self.auth_type == "credentials" and "credentials" in attrs:
             given = attrs["credentials"]
             if given is not None and not isinstance(given, Mapping):
-                raise InvalidField("Setup field 'credentials' must be a mapping.", field="credentials")
+                raise InvalidField(
+                    "Setup field 'credentials' must be a mapping.", field="credentials"
+                )
             _check_keys(given or {}, " under 'credentials'")
             for key, value in (given or {}).items():
-                nested[key] = fields[key].coerce(value) if key in fields else _json_value(value, key)
+                nested[key] = (
+                    fields[key].coerce(value) if key in fields else _json_value(value, key)
+                )
         for key, value in attrs.items():
             if self.auth_type == "credentials" and key == "credentials":
                 continue
@@ -441,7 +449,9 @@ class Provider(_Frozen):
     def missing_required(self, data: Mapping[str, Any]) -> list[str]:
         """Required setup fields that are absent or blank (and have no default)."""
         values = self.template_values(data)
-        return [field.key for field in self.setup_fields if field.required and field.key not in values]
+        return [
+            field.key for field in self.setup_fields if field.required and field.key not in values
+        ]
 
     def is_configured(self, data: Mapping[str, Any]) -> bool:
         return not self.missing_required(data)

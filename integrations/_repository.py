@@ -219,9 +219,7 @@ class Repository:
                     await conn.execute(self.q.notify, self.channel, event.to_payload())
         return _row(record)
 
-    async def modify(
-        self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]
-    ) -> T:
+    async def modify(self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]) -> T:
         """Read-modify-write one row under its row lock, notifying in the same transaction.
 
         ``decide`` is pure: it sees the locked row and returns what to write and emit.
@@ -243,7 +241,9 @@ class Repository:
                             _dumps(change.data if change.data is not None else row.data),
                         )
                     elif change.data is not None:
-                        await conn.execute(self.q.update_value, _uuid.UUID(uuid), _dumps(change.data))
+                        await conn.execute(
+                            self.q.update_value, _uuid.UUID(uuid), _dumps(change.data)
+                        )
                 for event in change.events:
                     await conn.execute(self.q.notify, self.channel, event.to_payload())
         return result
@@ -259,8 +259,8 @@ class Repository:
     ) -> PoolListener:
         """Hold one pooled connection that LISTENs on ``channel``."""
 
-        def callback(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-            on_payload(payload)
+        def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            on_payload(str(payload))
 
         def terminated(_conn: Any) -> None:
             on_lost()

@@ -62,9 +62,12 @@ class Queries:
     """The query blocks with ``{schema}`` filled in; attribute access by block name."""
 
     def __init__(self, schema: str) -> None:
-        self._blocks = {name: sql.replace("{schema}", schema) for name, sql in _raw_queries().items()}
+        self._blocks = {
+            name: sql.replace("{schema}", schema) for name, sql in _raw_queries().items()
+        }
         self.migrations = tuple(
-            Migration(m.version, m.name, m.sql.replace("{schema}", schema)) for m in _raw_migrations()
+            Migration(m.version, m.name, m.sql.replace("{schema}", schema))
+            for m in _raw_migrations()
         )
 
     def __getattr__(self, name: str) -> str:

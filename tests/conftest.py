@@ -43,7 +43,9 @@ def _admin_dsn() -> str:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = pgserver.get_server(Path(tempfile.gettempdir()) / "integrations-test-pg", cleanup_mode="stop")
+        server = pgserver.get_server(
+            Path(tempfile.gettempdir()) / "integrations-test-pg", cleanup_mode="stop"
+        )
     return str(server.get_uri())
 
 

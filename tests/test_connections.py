@@ -365,7 +365,9 @@ async def test_save_setup_merges_and_keeps_tokens(
     integ: Integrations, db: asyncpg.Connection
 ) -> None:
     conn = await integ.add_connection("google", "default")
-    data = await integ.save_setup(conn.uuid, {"client_id": "cid", "client_secret": "csecret-123456"})
+    data = await integ.save_setup(
+        conn.uuid, {"client_id": "cid", "client_secret": "csecret-123456"}
+    )
     assert data["status"] == "disconnected"
     # Tokens obtained by an earlier OAuth flow must survive a later setup change.
     row = await db.fetchrow(
