@@ -36,7 +36,7 @@ from ._errors import (
     UnknownKey,
 )
 from ._facade import Integrations
-from ._models import Connection, Event, Validation
+from ._models import Connection, Event, RotationProgress, Validation
 from ._names import settings_key
 from ._providers import AuthHeader, Provider, SetupField, ValidationRequest
 from ._vault import generate_key
@@ -74,6 +74,7 @@ __all__ = [
     "ProviderConflict",
     "ReauthRequired",
     "RequestFailed",
+    "RotationProgress",
     "SchemaOutdated",
     "SetupField",
     "StorageError",

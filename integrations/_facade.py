@@ -29,6 +29,7 @@ from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import Connection, Event, Validation, utcnow
 from ._providers import Provider, ProviderRegistry
 from ._repository import Change, Repository, StoredRow
+from ._rotation import ProgressCallback, RotationProgress, rotate
 from ._vault import Keyring, Vault, mask_data
 
 log = logging.getLogger("integrations")
@@ -604,6 +605,32 @@ class Integrations:
             uuid = connection.uuid
         await self.save_setup(uuid, data)
         return await self.get_integration_by_uuid(uuid)
+
+    # -- key rotation -----------------------------------------------------------------
+
+    async def rotate_keys(
+        self, *, batch_size: int = 500, progress: ProgressCallback | None = None
+    ) -> RotationProgress:
+        """Re-encrypt every stored secret not yet under the primary key, online.
+
+        Connections (then the PKCE verifiers of pending authorizations) are taken in
+        batches of ``batch_size`` rows in uuid order, each batch in its own short
+        transaction with its rows locked, so the application keeps reading and writing
+        meanwhile. Rows already under the primary key are skipped: after a crash, run it
+        again to resume. ``progress`` (a function or a coroutine function) gets a
+        RotationProgress after each batch and once more at the end (``done=True``); the
+        final one is returned. A row sealed with a key that is not in the keyring raises
+        UnknownKey naming the key id and the row; the batch holding it is left as it was.
+        """
+        self._check_open()
+        return await rotate(
+            self._repo,
+            self._vault,
+            secret_fields_of=lambda row: self._secret_fields(self._provider_of(row)),
+            all_secret_fields=[f for p in self.providers.all() for f in p.secret_field_keys],
+            batch_size=batch_size,
+            progress=progress,
+        )
 
 
 def _validation_outcome(result: Any) -> tuple[bool, str]:

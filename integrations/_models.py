@@ -120,3 +120,31 @@ class Event:
             at=datetime.fromisoformat(raw["at"]),
             detail=detail,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RotationProgress:
+    """How far ``rotate_keys()`` has got; reported after each batch and returned at the end.
+
+    ``rotated`` rows were re-encrypted and ``scanned`` rows examined so far (a row can be
+    examined and left alone, e.g. when a concurrent write already moved it to the primary
+    key). ``total`` is the number of rows that needed it when the run started: connections
+    plus pending authorizations. Counts and key ids only, never secrets.
+    """
+
+    primary_kid: str
+    rotated: int = 0
+    scanned: int = 0
+    total: int = 0
+    batches: int = 0
+    elapsed: float = 0.0
+    done: bool = False
+
+    @property
+    def remaining(self) -> int:
+        """Rows still to examine, estimated from ``total``; 0 once ``done``."""
+        return 0 if self.done else max(self.total - self.scanned, 0)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rotated / self.elapsed if self.elapsed > 0 else 0.0

@@ -43,6 +43,16 @@ class Change:
     delete: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ResealBatch:
+    """One rotation batch: rows examined and rewritten, and the keyset cursor to go on
+    from (None when nothing was left)."""
+
+    scanned: int
+    rewritten: int
+    last: str | None
+
+
 def _owner_to_db(owner: str | None) -> str:
     return owner or ""
 
@@ -251,6 +261,86 @@ class Repository:
     async def notify(self, event: Event) -> None:
         with _translate():
             await self.pool.execute(self.q.notify, self.channel, event.to_payload())
+
+    # -- key rotation ------------------------------------------------------------------
+
+    async def count_to_reseal(
+        self, primary_kid: str, plaintext_fields: Sequence[str], plaintext_verifiers: bool
+    ) -> int:
+        """Connections plus pending authorizations that :meth:`reseal_connections` and
+        :meth:`reseal_pending` would examine now."""
+        with _translate():
+            async with self.pool.acquire() as conn:
+                connections = await conn.fetchval(
+                    self.q.count_connections_to_reseal, primary_kid, list(plaintext_fields)
+                )
+                pending = await conn.fetchval(
+                    self.q.count_pending_to_reseal, primary_kid, plaintext_verifiers
+                )
+        return int(connections or 0) + int(pending or 0)
+
+    async def reseal_connections(
+        self,
+        after: str,
+        limit: int,
+        primary_kid: str,
+        plaintext_fields: Sequence[str],
+        reseal: Callable[[StoredRow], dict[str, Any] | None],
+    ) -> ResealBatch:
+        """One rotation batch in its own transaction, keyset-paginated by uuid.
+
+        Locks up to ``limit`` rows after ``after`` that hold an envelope not under
+        ``primary_kid`` or plaintext in ``plaintext_fields``, and writes back what
+        ``reseal`` returns for each (None leaves the row as it is). Writers going through
+        :meth:`modify` take the same row lock, so neither side loses the other's update.
+        """
+        written: list[tuple[_uuid.UUID, str]] = []
+        with _translate():
+            async with self.pool.acquire() as conn, conn.transaction():
+                records = await conn.fetch(
+                    self.q.connections_to_reseal,
+                    _uuid.UUID(after),
+                    limit,
+                    primary_kid,
+                    list(plaintext_fields),
+                )
+                for record in records:
+                    data = reseal(_row(record))
+                    if data is not None:
+                        written.append((record["uuid"], _dumps(data)))
+                if written:
+                    ids, values = zip(*written, strict=True)
+                    await conn.execute(self.q.reseal_connections, list(ids), list(values))
+        last = str(records[-1]["uuid"]) if records else None
+        return ResealBatch(scanned=len(records), rewritten=len(written), last=last)
+
+    async def reseal_pending(
+        self,
+        after: str,
+        limit: int,
+        primary_kid: str,
+        plaintext_verifiers: bool,
+        reseal: Callable[[str, Any], Any | None],
+    ) -> ResealBatch:
+        """Like :meth:`reseal_connections` for the PKCE verifiers of pending
+        authorizations, keyset-paginated by state hash; ``reseal(state_hash, verifier)``
+        returns the value to store, or None to leave the row as it is."""
+        written: list[tuple[str, str]] = []
+        with _translate():
+            async with self.pool.acquire() as conn, conn.transaction():
+                records = await conn.fetch(
+                    self.q.pending_to_reseal, after, limit, primary_kid, plaintext_verifiers
+                )
+                for record in records:
+                    verifier = json.loads(record["code_verifier"])
+                    resealed = reseal(record["state_hash"], verifier)
+                    if resealed is not None:
+                        written.append((record["state_hash"], json.dumps(resealed)))
+                if written:
+                    hashes, values = zip(*written, strict=True)
+                    await conn.execute(self.q.reseal_pending, list(hashes), list(values))
+        last = str(records[-1]["state_hash"]) if records else None
+        return ResealBatch(scanned=len(records), rewritten=len(written), last=last)
 
     # -- listening ---------------------------------------------------------------------
 

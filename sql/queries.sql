@@ -82,3 +82,99 @@ RETURNING uuid, owner, key, value_json::text AS value_json, version;
 -- name: notify
 -- $1 text channel, $2 text payload
 SELECT pg_notify($1, $2);
+
+-- name: connections_to_reseal
+-- A connection needs resealing when an envelope (an object with "$enc") at the top level
+-- or under "credentials" names another key id than the primary, or when one of the given
+-- secret fields still holds plaintext. The vault makes the final decision per row, so the
+-- predicate only needs to be a superset of it; count_connections_to_reseal repeats it.
+-- $1 uuid: keyset cursor, only rows after it (the nil uuid to start)
+-- $2 int: batch size
+-- $3 text: primary key id
+-- $4 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
+-- Row locks are held until the surrounding transaction ends.
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE uuid > $1
+  AND (
+    jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
+                      jsonb_build_object('kid', $3::text))
+    OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
+                         jsonb_build_object('kid', $3::text))
+    OR EXISTS (
+      SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
+      WHERE f.field = ANY ($4::text[])
+        AND f.value <> 'null'::jsonb
+        AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
+        AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
+          SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
+          WHERE c.value <> 'null'::jsonb
+            AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
+    )
+  )
+ORDER BY uuid
+LIMIT $2
+FOR UPDATE;
+
+-- name: count_connections_to_reseal
+-- $1 text: primary key id
+-- $2 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
+SELECT count(*)
+FROM {schema}.connections
+WHERE jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
+                        jsonb_build_object('kid', $1::text))
+  OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
+                       jsonb_build_object('kid', $1::text))
+  OR EXISTS (
+    SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
+    WHERE f.field = ANY ($2::text[])
+      AND f.value <> 'null'::jsonb
+      AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
+      AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
+        SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
+        WHERE c.value <> 'null'::jsonb
+          AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
+  );
+
+-- name: reseal_connections
+-- $1 uuid[], $2 text[] value_json, pairwise. The version moves on so that a writer
+-- comparing versions re-reads instead of writing back envelopes under the old key;
+-- updated_at is kept because the stored values did not change.
+UPDATE {schema}.connections AS c
+SET value_json = v.value_json::jsonb, version = c.version + 1
+FROM unnest($1::uuid[], $2::text[]) AS v (uuid, value_json)
+WHERE c.uuid = v.uuid;
+
+-- name: pending_to_reseal
+-- $1 text: keyset cursor, only state hashes after it ('' to start)
+-- $2 int: batch size
+-- $3 text: primary key id
+-- $4 bool: whether a plaintext verifier must be sealed (false when encryption is off)
+-- Same predicate as count_pending_to_reseal. Row locks are held until the transaction ends.
+SELECT state_hash, code_verifier::text AS code_verifier
+FROM {schema}.pending_authorizations
+WHERE state_hash > $1
+  AND code_verifier IS NOT NULL AND code_verifier <> 'null'::jsonb
+  AND CASE WHEN jsonb_typeof(code_verifier) = 'object' AND code_verifier ? '$enc'
+           THEN code_verifier ->> 'kid' IS DISTINCT FROM $3::text
+           ELSE $4::bool END
+ORDER BY state_hash
+LIMIT $2
+FOR UPDATE;
+
+-- name: count_pending_to_reseal
+-- $1 text: primary key id
+-- $2 bool: whether a plaintext verifier must be sealed (false when encryption is off)
+SELECT count(*)
+FROM {schema}.pending_authorizations
+WHERE code_verifier IS NOT NULL AND code_verifier <> 'null'::jsonb
+  AND CASE WHEN jsonb_typeof(code_verifier) = 'object' AND code_verifier ? '$enc'
+           THEN code_verifier ->> 'kid' IS DISTINCT FROM $1::text
+           ELSE $2::bool END;
+
+-- name: reseal_pending
+-- $1 text[] state_hash, $2 text[] code_verifier, pairwise
+UPDATE {schema}.pending_authorizations AS p
+SET code_verifier = v.code_verifier::jsonb
+FROM unnest($1::text[], $2::text[]) AS v (state_hash, code_verifier)
+WHERE p.state_hash = v.state_hash;

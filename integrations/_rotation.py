@@ -1,0 +1,139 @@
+"""Online key rotation: every stored secret re-encrypted under the primary key, in batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias
+
+from ._errors import CryptoError, EncryptionNotConfigured
+from ._models import RotationProgress
+from ._repository import Repository, ResealBatch, StoredRow
+from ._vault import CREDENTIALS, SECRET_FIELDS, Vault
+
+__all__ = ["PKCE_FIELD", "ProgressCallback", "RotationProgress", "rotate"]
+
+log = logging.getLogger("integrations")
+
+# The field name a pending authorization's PKCE verifier is sealed under (its row id is
+# the state hash).
+PKCE_FIELD = "pkce_verifier"
+
+ProgressCallback: TypeAlias = Callable[[RotationProgress], object]
+
+_FIRST_UUID = str(uuid.UUID(int=0))
+_FIRST_STATE_HASH = ""
+
+
+def _located(exc: CryptoError, where: str, **context: Any) -> CryptoError:
+    # Same class and key id, plus which row: the operator has to find it.
+    return type(exc)(f"{where}: {exc.message}", **{**exc.context, **context})
+
+
+async def rotate(
+    repo: Repository,
+    vault: Vault,
+    *,
+    secret_fields_of: Callable[[StoredRow], Iterable[str]],
+    all_secret_fields: Iterable[str],
+    batch_size: int = 500,
+    progress: ProgressCallback | None = None,
+) -> RotationProgress:
+    """Move every connection and pending PKCE verifier to the primary key; see
+    ``Integrations.rotate_keys``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError("batch_size must be a positive integer")
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be a callable taking a RotationProgress")
+    keyring = vault.keyring
+    if keyring is None:
+        raise EncryptionNotConfigured(
+            "rotate_keys() needs encryption keys: pass keys= (the new primary first, then "
+            "the old ones) or set INTEGRATIONS_KEYS"
+        )
+    primary = keyring.primary_id
+    # Plaintext secrets (stored while encryption was off) are sealed too, but only while
+    # encryption is on.
+    plaintext_fields = (
+        sorted({*SECRET_FIELDS, *all_secret_fields, CREDENTIALS}) if vault.enabled else []
+    )
+    started = time.monotonic()
+    total = await repo.count_to_reseal(primary, plaintext_fields, vault.enabled)
+    state = RotationProgress(primary_kid=primary, total=total)
+
+    def reseal_row(row: StoredRow) -> dict[str, Any] | None:
+        fields = frozenset(secret_fields_of(row))
+        if not vault.needs_rotation(row.data, fields):
+            return None
+        try:
+            return vault.reseal(row.uuid, row.data, fields)
+        except CryptoError as exc:
+            raise _located(exc, f"connection {row.uuid}", uuid=row.uuid) from exc
+
+    def reseal_verifier(state_hash: str, verifier: Any) -> Any | None:
+        data = {PKCE_FIELD: verifier}
+        if not vault.needs_rotation(data, (PKCE_FIELD,)):
+            return None
+        try:
+            return vault.reseal(state_hash, data, (PKCE_FIELD,))[PKCE_FIELD]
+        except CryptoError as exc:
+            where = f"pending authorization {state_hash}"
+            raise _located(exc, where, state_hash=state_hash) from exc
+
+    async def report(batch: ResealBatch | None) -> None:
+        nonlocal state
+        if batch is None:
+            state = dataclasses.replace(state, elapsed=time.monotonic() - started, done=True)
+        else:
+            state = dataclasses.replace(
+                state,
+                rotated=state.rotated + batch.rewritten,
+                scanned=state.scanned + batch.scanned,
+                batches=state.batches + 1,
+                elapsed=time.monotonic() - started,
+            )
+        log.debug(
+            "key rotation to %s: %d rotated, %d scanned of %d",
+            primary,
+            state.rotated,
+            state.scanned,
+            state.total,
+        )
+        if progress is not None:
+            result = progress(state)
+            if inspect.isawaitable(result):
+                await result
+
+    # Keyset pagination: rows already under the primary never match again, so a run
+    # that stopped half way resumes by starting over.
+    cursor = _FIRST_UUID
+    while True:
+        batch = await repo.reseal_connections(
+            cursor, batch_size, primary, plaintext_fields, reseal_row
+        )
+        if batch.last is None:
+            break
+        cursor = batch.last
+        await report(batch)
+    cursor = _FIRST_STATE_HASH
+    while True:
+        batch = await repo.reseal_pending(
+            cursor, batch_size, primary, vault.enabled, reseal_verifier
+        )
+        if batch.last is None:
+            break
+        cursor = batch.last
+        await report(batch)
+    await report(None)
+    log.info(
+        "key rotation to %s done: %d rows re-encrypted, %d examined in %.1f s",
+        primary,
+        state.rotated,
+        state.scanned,
+        state.elapsed,
+    )
+    return state

@@ -1,0 +1,471 @@
+"""rotate_keys(): online re-encryption under the primary key, on the real database."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+import uuid as uuid_mod
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from integrations import (
+    DecryptionFailed,
+    EncryptionNotConfigured,
+    Integrations,
+    RotationProgress,
+    UnknownKey,
+    generate_key,
+)
+from integrations._names import storage_key, uuid7
+from integrations._rotation import PKCE_FIELD
+from integrations._vault import Keyring, Vault
+
+OLD_KEY = generate_key()
+NEW_KEY = generate_key()
+OLD_KID = OLD_KEY.split(":")[1]
+NEW_KID = NEW_KEY.split(":")[1]
+
+# One connection per kind of secret: top-level fields, OAuth tokens, a credentials map.
+SETUPS: dict[str, dict[str, Any]] = {
+    "openai": {"api_key": "sk-rotate-0123456789abcdef"},
+    "google": {
+        "client_id": "cid.apps.example.com",
+        "client_secret": "GOCSPX-rotate-client-secret",
+        "access_token": "ya29.rotate-access-token",
+        "refresh_token": "1//rotate-refresh-token",
+    },
+    "telegram": {"bot_token": "123456:rotate-bot-token-ABCDEF"},
+    "smtp": {"host": "127.0.0.1", "port": 25, "username": "u", "password": "rotate-password-1"},
+    "aws": {"access_key": "AKIAROTATE", "secret_key": "rotate-secret-key-0123456789"},
+}
+
+
+@pytest.fixture
+async def old(fresh_db: str) -> AsyncIterator[Integrations]:
+    async with Integrations(fresh_db, keys=OLD_KEY) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def both(fresh_db: str) -> AsyncIterator[Integrations]:
+    async with Integrations(fresh_db, keys=[NEW_KEY, OLD_KEY], pool_max_size=12) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def new_only(fresh_db: str) -> AsyncIterator[Integrations]:
+    async with Integrations(fresh_db, keys=NEW_KEY) as instance:
+        yield instance
+
+
+async def add_all(integ: Integrations, name: str = "default") -> dict[str, str]:
+    """One connection per provider in SETUPS; returns uuid by provider."""
+    uuids = {}
+    for provider, attrs in SETUPS.items():
+        conn = await integ.add_connection(provider, name)
+        await integ.save_setup(conn.uuid, attrs)
+        uuids[provider] = conn.uuid
+    return uuids
+
+
+async def add_pending(
+    db: asyncpg.Connection, connection_uuid: str, verifier: Any, *, key: str = OLD_KEY
+) -> str:
+    state_hash = hashlib.sha256(uuid_mod.uuid4().bytes).hexdigest()
+    sealed = Vault(Keyring.parse(key)).seal_value(state_hash, PKCE_FIELD, verifier)
+    await db.execute(
+        """INSERT INTO integrations.pending_authorizations
+               (state_hash, connection_uuid, redirect_uri, code_verifier, expires_at)
+           VALUES ($1, $2, 'https://app.example.com/cb', $3::text::jsonb,
+                   now() + interval '10 minutes')""",
+        state_hash,
+        uuid_mod.UUID(connection_uuid),
+        json.dumps(sealed),
+    )
+    return state_hash
+
+
+async def stored_texts(db: asyncpg.Connection) -> list[str]:
+    rows = await db.fetch("SELECT value_json::text AS t FROM integrations.connections")
+    pending = await db.fetch(
+        "SELECT code_verifier::text AS t FROM integrations.pending_authorizations"
+    )
+    return [r["t"] for r in [*rows, *pending]]
+
+
+def expected_plain(provider: str) -> dict[str, Any]:
+    attrs = dict(SETUPS[provider])
+    if provider == "smtp":
+        return {"credentials": attrs}
+    return attrs
+
+
+def assert_contains(creds: dict[str, Any], expected: dict[str, Any]) -> None:
+    for field, value in expected.items():
+        if isinstance(value, dict):
+            assert_contains(creds[field], value)
+        else:
+            assert creds[field] == value, field
+
+
+# -- the happy path ----------------------------------------------------------------------
+
+
+async def test_rotate_keys_moves_every_secret_to_the_new_primary(
+    old: Integrations, both: Integrations, new_only: Integrations, db: asyncpg.Connection
+) -> None:
+    uuids = await add_all(old)
+    state_hash = await add_pending(db, uuids["google"], "pkce-verifier-0123456789abcdef")
+    assert all(OLD_KID in text for text in await stored_texts(db))
+
+    result = await both.rotate_keys()
+
+    assert result.done and result.remaining == 0
+    assert (result.rotated, result.scanned, result.total) == (6, 6, 6)
+    assert result.primary_kid == NEW_KID
+    for text in await stored_texts(db):
+        assert OLD_KID not in text
+    for provider, row_uuid in uuids.items():
+        assert_contains(await new_only.get_credentials(row_uuid), expected_plain(provider))
+    stored = await db.fetchval(
+        "SELECT code_verifier::text FROM integrations.pending_authorizations WHERE state_hash = $1",
+        state_hash,
+    )
+    verifier = Vault(Keyring.parse(NEW_KEY)).unseal_value(
+        state_hash, PKCE_FIELD, json.loads(stored)
+    )
+    assert verifier == "pkce-verifier-0123456789abcdef"
+
+
+async def test_rotate_keys_keeps_the_rest_of_the_row(
+    old: Integrations, both: Integrations, db: asyncpg.Connection
+) -> None:
+    uuids = await add_all(old)
+    before = await both.get_credentials(uuids["google"])
+    query = "SELECT uuid::text, version, updated_at FROM integrations.connections"
+    before_rows = {row["uuid"]: row for row in await db.fetch(query)}
+    await both.rotate_keys()
+    assert await both.get_credentials(uuids["google"]) == before
+    # The version moves on (writers comparing versions re-read); updated_at does not,
+    # since the stored values are the same.
+    for row in await db.fetch(query):
+        assert row["version"] == before_rows[row["uuid"]]["version"] + 1
+        assert row["updated_at"] == before_rows[row["uuid"]]["updated_at"]
+
+
+async def test_rotate_keys_with_nothing_to_do(both: Integrations) -> None:
+    await add_all(both)
+    result = await both.rotate_keys()
+    assert (result.rotated, result.scanned, result.total, result.batches) == (0, 0, 0, 0)
+    assert result.done
+
+
+async def test_rotate_keys_sends_no_events(
+    old: Integrations, both: Integrations, db: asyncpg.Connection
+) -> None:
+    await add_all(old)
+    received: list[str] = []
+    await db.add_listener("integrations_events", lambda *args: received.append(args[3]))
+    await both.rotate_keys()
+    await asyncio.sleep(0.2)
+    assert received == []
+
+
+# -- progress and resuming ----------------------------------------------------------------
+
+
+async def test_rotate_keys_reports_progress_after_each_batch(
+    old: Integrations, both: Integrations
+) -> None:
+    for i in range(7):
+        conn = await old.add_connection("openai", f"c{i}")
+        await old.save_setup(conn.uuid, {"api_key": f"sk-progress-{i:04d}-abcdefgh"})
+    reports: list[RotationProgress] = []
+    result = await both.rotate_keys(batch_size=3, progress=reports.append)
+    assert [(r.rotated, r.scanned, r.batches, r.done) for r in reports] == [
+        (3, 3, 1, False),
+        (6, 6, 2, False),
+        (7, 7, 3, False),
+        (7, 7, 3, True),
+    ]
+    assert [r.remaining for r in reports] == [4, 1, 0, 0]
+    assert all(r.total == 7 for r in reports)
+    assert result == reports[-1]
+    assert result.elapsed > 0 and result.rows_per_second > 0
+
+
+async def test_rotate_keys_awaits_an_async_progress_callback(
+    old: Integrations, both: Integrations
+) -> None:
+    await add_all(old)
+    seen: list[int] = []
+
+    async def progress(report: RotationProgress) -> None:
+        await asyncio.sleep(0)
+        seen.append(report.rotated)
+
+    await both.rotate_keys(batch_size=2, progress=progress)
+    assert seen == [2, 4, 5, 5]
+
+
+async def test_rotate_keys_resumes_after_a_crash(
+    old: Integrations, both: Integrations, new_only: Integrations
+) -> None:
+    uuids = []
+    for i in range(10):
+        conn = await old.add_connection("openai", f"c{i}")
+        await old.save_setup(conn.uuid, {"api_key": f"sk-resume-{i:04d}-abcdefgh"})
+        uuids.append(conn.uuid)
+
+    class Crash(Exception):
+        pass
+
+    def crash(report: RotationProgress) -> None:
+        if report.batches == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        await both.rotate_keys(batch_size=4, progress=crash)
+    # The batches that committed before the crash are not done again.
+    result = await both.rotate_keys(batch_size=4)
+    assert (result.total, result.rotated) == (2, 2)
+    for i, row_uuid in enumerate(uuids):
+        assert (await new_only.get_credentials(row_uuid))["api_key"].startswith(
+            f"sk-resume-{i:04d}"
+        )
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, True, 2.5, "10"])
+async def test_rotate_keys_batch_size_must_be_a_positive_integer(
+    both: Integrations, batch_size: Any
+) -> None:
+    with pytest.raises(ValueError):
+        await both.rotate_keys(batch_size=batch_size)
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+async def test_rotate_keys_with_a_key_missing_from_the_ring_raises_unknown_key(
+    old: Integrations, new_only: Integrations, db: asyncpg.Connection
+) -> None:
+    uuids = await add_all(old)
+    before = await stored_texts(db)
+    with pytest.raises(UnknownKey) as info:
+        await new_only.rotate_keys()
+    assert info.value.code == "unknown_key"
+    assert OLD_KID in str(info.value)
+    assert info.value.context["kid"] == OLD_KID
+    assert info.value.context["uuid"] in uuids.values()
+    assert info.value.context["uuid"] in str(info.value)
+    # Nothing dropped: every row still decrypts with the old key.
+    assert await stored_texts(db) == before
+    for provider, row_uuid in uuids.items():
+        assert_contains(await old.get_credentials(row_uuid), expected_plain(provider))
+
+
+async def test_rotate_keys_with_an_unknown_pkce_verifier_key_raises_unknown_key(
+    both: Integrations, db: asyncpg.Connection
+) -> None:
+    conn = await both.add_connection("google", "default")
+    lost = generate_key()
+    state_hash = await add_pending(db, conn.uuid, "pkce-verifier-lost-key", key=lost)
+    with pytest.raises(UnknownKey) as info:
+        await both.rotate_keys()
+    assert lost.split(":")[1] in str(info.value)
+    assert info.value.context["state_hash"] == state_hash
+
+
+async def test_rotate_keys_refuses_a_tampered_envelope(
+    old: Integrations, both: Integrations, db: asyncpg.Connection
+) -> None:
+    conn = await old.add_connection("openai", "default")
+    await old.save_setup(conn.uuid, {"api_key": "sk-tamper-0123456789abcdef"})
+    other = await old.add_connection("openai", "other")
+    await old.save_setup(other.uuid, {"api_key": "sk-tamper-other-0123456789"})
+    # A ciphertext moved from another row must not decrypt, so it cannot be re-encrypted.
+    await db.execute(
+        """UPDATE integrations.connections
+           SET value_json = jsonb_set(value_json, '{api_key}',
+               (SELECT value_json -> 'api_key' FROM integrations.connections WHERE uuid = $2))
+           WHERE uuid = $1""",
+        uuid_mod.UUID(conn.uuid),
+        uuid_mod.UUID(other.uuid),
+    )
+    with pytest.raises(DecryptionFailed) as info:
+        await both.rotate_keys()
+    assert conn.uuid in str(info.value)
+
+
+async def test_rotate_keys_without_keys_is_encryption_not_configured(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("INTEGRATIONS_KEYS", raising=False)
+    async with Integrations(fresh_db) as integ:
+        with pytest.raises(EncryptionNotConfigured):
+            await integ.rotate_keys()
+
+
+async def test_rotate_keys_seals_plaintext_left_by_encryption_off(
+    fresh_db: str,
+    new_only: Integrations,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.delenv("INTEGRATIONS_KEYS", raising=False)
+    async with Integrations(fresh_db, encryption="off") as plain:
+        uuids = await add_all(plain)
+    assert any("sk-rotate-0123456789abcdef" in t for t in await stored_texts(db))
+    result = await new_only.rotate_keys()
+    assert result.rotated == len(SETUPS)
+    texts = await stored_texts(db)
+    for attrs in SETUPS.values():
+        for field, value in attrs.items():
+            if field in {"api_key", "client_secret", "access_token", "refresh_token"} | {
+                "bot_token",
+                "password",
+                "secret_key",
+            }:
+                assert all(str(value) not in t for t in texts), field
+    for provider, row_uuid in uuids.items():
+        assert_contains(await new_only.get_credentials(row_uuid), expected_plain(provider))
+    assert (await new_only.rotate_keys()).total == 0
+
+
+async def test_rotate_keys_with_encryption_off_still_moves_envelopes(
+    old: Integrations, fresh_db: str, db: asyncpg.Connection
+) -> None:
+    uuids = await add_all(old)
+    async with Integrations(fresh_db, keys=[NEW_KEY, OLD_KEY], encryption="off") as integ:
+        result = await integ.rotate_keys()
+    assert result.rotated == len(SETUPS)
+    assert all(OLD_KID not in t for t in await stored_texts(db))
+    async with Integrations(fresh_db, keys=NEW_KEY) as integ:
+        for provider, row_uuid in uuids.items():
+            assert_contains(await integ.get_credentials(row_uuid), expected_plain(provider))
+
+
+# -- online: 5,000 rows under concurrent writers -------------------------------------------
+
+ROWS = 5_000
+WRITERS = 4
+
+
+async def bulk_insert_sealed(db: asyncpg.Connection, rows: int, key: str) -> list[str]:
+    """Connections as save_setup would store them under ``key``, inserted in one COPY."""
+    vault = Vault(Keyring.parse(key))
+    records = []
+    uuids = []
+    for i in range(rows):
+        row_uuid = uuid7()
+        data = {
+            "provider": "aws",
+            "name": f"r{i}",
+            "auth_type": "key_secret",
+            "status": "connected",
+            "access_key": f"AKIA{i:08d}",
+            "region": "us-east-1",
+        }
+        secrets = {
+            "secret_key": f"secret-key-{i:06d}-initial",
+            "session_token": f"session-token-{i:06d}-static",
+        }
+        data.update(vault.seal(row_uuid, secrets, ["session_token"]))
+        records.append((uuid_mod.UUID(row_uuid), "", storage_key("aws", f"r{i}"), json.dumps(data)))
+        uuids.append(row_uuid)
+    await db.copy_records_to_table(
+        "connections",
+        schema_name="integrations",
+        columns=["uuid", "owner", "key", "value_json"],
+        records=records,
+    )
+    return uuids
+
+
+async def test_rotate_keys_under_concurrent_writers_loses_nothing(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    uuids = await bulk_insert_sealed(db, ROWS, OLD_KEY)
+    index = {row_uuid: i for i, row_uuid in enumerate(uuids)}
+    # Per row: the last secret_key its owning writer saved, and each writer's last note.
+    last_secret: dict[str, str] = {}
+    last_note: dict[tuple[str, int], int] = {}
+    stop = asyncio.Event()
+    warmed_up = asyncio.Event()
+    writes = 0
+    writes_during_rotation = 0
+    rotating = False
+
+    async with Integrations(fresh_db, keys=[NEW_KEY, OLD_KEY], pool_max_size=WRITERS + 2) as integ:
+
+        async def writer(k: int) -> None:
+            nonlocal writes, writes_during_rotation
+            order = list(uuids)
+            random.Random(k).shuffle(order)
+            seq = 0
+            while not stop.is_set():
+                for row_uuid in order:
+                    if stop.is_set():
+                        break
+                    seq += 1
+                    attrs: dict[str, Any] = {f"note_{k}": seq}
+                    # Each row's secret has one owning writer, so its final value is known;
+                    # every writer touches every row, so all of them race the rotation.
+                    if index[row_uuid] % WRITERS == k:
+                        attrs["secret_key"] = f"secret-key-{index[row_uuid]:06d}-w{k}-{seq}"
+                    await integ.save_setup(row_uuid, attrs)
+                    last_note[(row_uuid, k)] = seq
+                    if "secret_key" in attrs:
+                        last_secret[row_uuid] = attrs["secret_key"]
+                    writes += 1
+                    if writes >= 50:
+                        warmed_up.set()
+                    if rotating:
+                        writes_during_rotation += 1
+
+        tasks = [asyncio.create_task(writer(k)) for k in range(WRITERS)]
+        await warmed_up.wait()
+        rotating = True
+        started = time.monotonic()
+        result = await integ.rotate_keys(batch_size=500)
+        elapsed = time.monotonic() - started
+        rotating = False
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    assert writes_during_rotation > 100, writes_during_rotation
+    assert result.scanned >= result.rotated > ROWS * 0.9
+    assert elapsed < 45
+
+    # Every secret decrypts with the new key alone, and no write was lost.
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM integrations.connections WHERE value_json::text LIKE $1",
+            f"%{OLD_KID}%",
+        )
+        == 0
+    )
+    new_vault = Vault(Keyring.parse(NEW_KEY))
+    records = await db.fetch("SELECT uuid::text, value_json::text FROM integrations.connections")
+    assert len(records) == ROWS
+    for record in records:
+        row_uuid = record["uuid"]
+        i = index[row_uuid]
+        data = new_vault.unseal(row_uuid, json.loads(record["value_json"]))
+        assert data["session_token"] == f"session-token-{i:06d}-static"
+        assert data["secret_key"] == last_secret.get(row_uuid, f"secret-key-{i:06d}-initial")
+        for k in range(WRITERS):
+            assert data.get(f"note_{k}") == last_note.get((row_uuid, k))
+    async with Integrations(fresh_db, keys=NEW_KEY) as integ:
+        for row_uuid in random.Random(0).sample(uuids, 200):
+            creds = await integ.get_credentials(row_uuid)
+            assert creds["secret_key"] == last_secret.get(
+                row_uuid, f"secret-key-{index[row_uuid]:06d}-initial"
+            )
