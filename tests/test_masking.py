@@ -1,0 +1,267 @@
+"""Masking proof: marker secrets never show in logs, reprs, errors, events or stored rows."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import uuid as uuid_mod
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import asyncpg
+import pytest
+
+from integrations import (
+    Connection,
+    DecryptionFailed,
+    EncryptionNotConfigured,
+    Event,
+    Integrations,
+    IntegrationsError,
+    InvalidField,
+    NotConfigured,
+    StorageError,
+    UnknownKey,
+    generate_key,
+)
+
+from .conftest import TEST_KEY
+
+MASK = "••••"
+NEW_KEY = generate_key()
+
+# Each marker is at least 12 characters, so its masked form may show its last 4 and
+# nothing else; everything before those 4 must never appear anywhere.
+SETUPS: dict[str, dict[str, Any]] = {
+    "openai": {"api_key": "sk-MARKER-apikey-3Xq7Lm9Pz2"},
+    "google": {
+        "client_id": "cid.apps.example.com",
+        "client_secret": "GOCSPX-MARKER-csecret-8Rt5",
+        "access_token": "ya29.MARKER-access-6Wn2Kp",
+        "refresh_token": "1//MARKER-refresh-4Hs8Vd",
+    },
+    "telegram": {"bot_token": "123456:MARKER-bot-9Jf3Qc"},
+    "smtp": {"host": "mail.example.com", "username": "u", "password": "MARKER-smtp-pw-2Zb7"},
+    "aws": {"access_key": "AKIAEXAMPLE", "secret_key": "MARKER-aws-secret-5Ty1Nm"},
+    # A provider-declared secret that is not in the built-in list of secret fields.
+    "twilio": {"account_sid": "AC0123", "auth_token": "MARKER-twilio-token-7Ge4"},
+}
+SECRET_KEYS = {
+    "api_key",
+    "client_secret",
+    "access_token",
+    "refresh_token",
+    "bot_token",
+    "password",
+    "secret_key",
+    "auth_token",
+}
+MARKERS = [v for attrs in SETUPS.values() for k, v in attrs.items() if k in SECRET_KEYS]
+LEGACY_MARKER = "sk-MARKER-legacy-1Pw6Yu"
+BOOM_MARKER = "MARKER-in-an-app-error-0Aa1"
+ALL_MARKERS = [*MARKERS, LEGACY_MARKER]
+
+# validate_credentials / validate_connection probe the provider over HTTP, which this test
+# does not stand up; their secrets only travel in the outgoing request.
+NOT_EXERCISED = {"validate_credentials", "validate_connection"}
+
+
+def leaks(text: str) -> list[str]:
+    return [m for m in [*ALL_MARKERS, BOOM_MARKER] if m[:-4] in text]
+
+
+def exception_text(exc: BaseException) -> str:
+    """Everything an exception can show: message, repr, context, the chained causes and,
+    for driver errors, their detail fields."""
+    parts = ["".join(traceback.format_exception(exc))]
+    seen: BaseException | None = exc
+    while seen is not None:
+        parts += [str(seen), repr(seen), repr(getattr(seen, "context", None))]
+        as_dict = getattr(seen, "as_dict", None)
+        if callable(as_dict):
+            parts.append(repr(as_dict()))
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(parts)
+
+
+def assert_masked(data: Mapping[str, Any]) -> None:
+    """Secret values show as •••• plus at most the last 4 characters of the marker."""
+    for key, value in data.items():
+        if key == "credentials" and isinstance(value, Mapping):
+            assert_masked_values(value.values())
+        elif key in SECRET_KEYS:
+            assert_masked_values([value])
+
+
+def assert_masked_values(values: Iterable[Any]) -> None:
+    for value in values:
+        assert isinstance(value, str) and value.startswith(MASK), value
+        assert len(value) - len(MASK) in (0, 4), value
+
+
+async def stored_texts(db: asyncpg.Connection) -> list[str]:
+    rows = await db.fetch("SELECT value_json::text AS t FROM integrations.connections")
+    pending = await db.fetch(
+        "SELECT code_verifier::text AS t FROM integrations.pending_authorizations"
+    )
+    return [r["t"] for r in [*rows, *pending]]
+
+
+async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
+    fresh_db: str,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("INTEGRATIONS_KEYS", raising=False)
+    caplog.set_level(logging.DEBUG)
+    payloads: list[str] = []
+    await db.add_listener("integrations_events", lambda *args: payloads.append(args[3]))
+    shown: list[Any] = []  # every object a masked method returned
+    errors: list[BaseException] = []
+    stored: list[str] = []
+    exercised: set[str] = set()
+
+    def record(name: str, value: Any = None) -> Any:
+        exercised.add(name)
+        shown.append(value)
+        return value
+
+    async def expect(kind: type[IntegrationsError], call: Any) -> None:
+        with pytest.raises(kind) as info:
+            await call
+        errors.append(info.value)
+
+    integ = Integrations(fresh_db, keys=TEST_KEY)
+    await integ.open()
+    exercised.add("open")
+    record("migrate", await integ.migrate())
+    uuids: dict[str, str] = {}
+    for provider, attrs in SETUPS.items():
+        conn = record("add_connection", await integ.add_connection(provider, "default"))
+        uuids[provider] = conn.uuid
+        saved = record("save_setup", await integ.save_setup(conn.uuid, attrs, actor="admin"))
+        assert_masked(saved)
+
+    # Reads that mask.
+    record("list_providers", integ.list_providers())
+    for provider, row_uuid in uuids.items():
+        for connection in record("list_connections", await integ.list_connections(provider)):
+            assert_masked(connection.data)
+        by_uuid = await integ.get_integration_by_uuid(row_uuid)
+        assert_masked(record("get_integration_by_uuid", by_uuid).data)
+        record("find_uuid_by_provider_name", await integ.find_uuid_by_provider_name(provider))
+        record("resolve_to_uuid", await integ.resolve_to_uuid(f"{provider}:default"))
+        record("is_connected", await integ.is_connected(row_uuid))
+        record("settings_key", integ.settings_key(provider))
+    everything = record("load_all_connections", await integ.load_all_connections(list(SETUPS)))
+    listed = record("list_integrations", await integ.list_integrations())
+    assert len(listed) == len(SETUPS)
+    for connection in [*listed, *(c for cs in everything.values() for c in cs)]:
+        assert isinstance(connection, Connection)
+        assert_masked(connection.data)
+
+    # The plaintext accessors do see the secrets; their results are not shown anywhere.
+    exercised |= {"get_credentials", "get_integration"}
+    creds = await integ.get_credentials(uuids["openai"])
+    assert creds["api_key"] == SETUPS["openai"]["api_key"]
+    full = await integ.get_integration("smtp")
+    assert full["credentials"]["password"] == SETUPS["smtp"]["password"]
+    stored += await stored_texts(db)
+
+    # Writes.
+    renamed = record("rename_connection", await integ.rename_connection(uuids["google"], "work"))
+    assert_masked(renamed)
+    record("record_validation", await integ.record_validation(uuids["openai"], (False, "Nope")))
+
+    async def migrator(instance: Integrations) -> None:
+        await instance.legacy_upsert("openai", "legacy", {"api_key": LEGACY_MARKER})
+        raise RuntimeError(f"legacy data was odd: {BOOM_MARKER}")
+
+    record("register_legacy_migrator", integ.register_legacy_migrator("odd", migrator))
+    record("run_all_legacy_migrations", await integ.run_all_legacy_migrations())
+    with pytest.deprecated_call():
+        record("run_legacy_migrations", await integ.run_legacy_migrations())
+    upserted = record(
+        "legacy_upsert", await integ.legacy_upsert("openai", "legacy", {"organization": "o"})
+    )
+    assert_masked(upserted.data)
+
+    # Rotation, then the old-key-only instance meets rows it cannot read.
+    async with Integrations(fresh_db, keys=[NEW_KEY, TEST_KEY]) as rotating:
+        progress: list[Any] = []
+        result = record("rotate_keys", await rotating.rotate_keys(progress=progress.append))
+        shown.extend(progress)
+        assert result.rotated == len(SETUPS) + 1
+        stored += await stored_texts(db)
+
+        # Forced error paths, each with a marker in play.
+        await expect(UnknownKey, integ.get_credentials(uuids["openai"]))
+        await expect(
+            InvalidField,
+            rotating.save_setup(uuids["smtp"], {"password": MARKERS[0], "port": "not-a-port"}),
+        )
+        await expect(
+            NotConfigured, rotating.save_setup(str(uuid_mod.uuid4()), {"api_key": MARKERS[0]})
+        )
+        async with Integrations(fresh_db) as keyless:
+            await expect(
+                EncryptionNotConfigured,
+                keyless.save_setup(uuids["openai"], {"api_key": MARKERS[0]}),
+            )
+        # A ciphertext moved to another row does not decrypt there.
+        await db.execute(
+            """UPDATE integrations.connections
+               SET value_json = jsonb_set(value_json, '{api_key}',
+                   (SELECT value_json -> 'api_key' FROM integrations.connections WHERE uuid = $2))
+               WHERE uuid = $1""",
+            uuid_mod.UUID(await rotating.find_uuid_by_provider_name("openai:legacy")),
+            uuid_mod.UUID(uuids["openai"]),
+        )
+        await expect(DecryptionFailed, rotating.get_credentials("openai:legacy"))
+        await expect(UnknownKey, integ.rotate_keys())
+        # A database error while a secret is being written: the driver's detail quotes
+        # the failing row, which only ever holds sealed values.
+        await db.execute(
+            """ALTER TABLE integrations.connections
+               ADD CONSTRAINT no_trip CHECK (NOT value_json ? 'trip') NOT VALID"""
+        )
+        await expect(
+            StorageError,
+            rotating.save_setup(uuids["aws"], {"trip": 1, "secret_key": MARKERS[0]}),
+        )
+        await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_trip")
+        assert "Failing row contains" in exception_text(errors[-1])
+        for error in errors:
+            logging.getLogger("app").error("call failed", exc_info=error)
+
+        # Last, the calls that drop data.
+        record("disconnect", await rotating.disconnect(uuids["openai"]))
+        record("remove_connection", await rotating.remove_connection(uuids["telegram"]))
+    stored += await stored_texts(db)
+    shown.append(integ)
+    await integ.close()
+    exercised.add("close")
+
+    # Every public method ran (or is listed with the reason it cannot here).
+    public = {name for name in dir(Integrations) if not name.startswith("_")}
+    assert public - exercised - NOT_EXERCISED == set(), "add new public methods to this test"
+
+    assert len(errors) == 7
+    assert payloads, "no NOTIFY payload was received"
+    for payload in payloads:
+        assert leaks(payload) == [], payload
+        assert leaks(repr(Event.from_payload(payload))) == []
+    for value in shown:
+        assert leaks(repr(value)) == [], value
+    for error in errors:
+        assert leaks(exception_text(error)) == [], type(error).__name__
+    for text in stored:
+        assert leaks(text) == [], text
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)
+    for log_record in caplog.records:
+        assert leaks(formatter.format(log_record)) == [], log_record.getMessage()
+        assert leaks(repr(log_record.args)) == []
+    # The masked form is really there: the last 4 characters of a long secret, no more.
+    assert all(MASK + m[-4:] in repr(shown) for m in MARKERS)
