@@ -1,4 +1,4 @@
-"""Every wrong shape or type of name, uuid, ref, owner and attrs raises a typed error and writes nothing."""
+"""Wrong shapes or types of name, uuid, ref, owner and attrs: a typed error, nothing written."""
 
 from __future__ import annotations
 

@@ -87,8 +87,8 @@ def test_concurrent_migrations_from_several_processes(empty_db: str) -> None:
 
 def test_the_wheel_carries_the_sql_files(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+        + ["-q", "-w", str(tmp_path), str(ROOT)],  # noqa: RUF005
         check=True,
         timeout=300,
     )
