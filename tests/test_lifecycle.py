@@ -19,6 +19,7 @@ from integrations import Integrations, SchemaOutdated
 from .conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
+PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
 
 
 async def test_migrate_is_idempotent(empty_db: str) -> None:
@@ -87,8 +88,7 @@ def test_concurrent_migrations_from_several_processes(empty_db: str) -> None:
 
 def test_the_wheel_carries_the_sql_files(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
-        + ["-q", "-w", str(tmp_path), str(ROOT)],  # noqa: RUF005
+        [*PIP_WHEEL, "-w", str(tmp_path), str(ROOT)],
         check=True,
         timeout=300,
     )
