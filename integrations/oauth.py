@@ -66,7 +66,6 @@ _RESERVED_AUTHORIZE_PARAMS: Final = frozenset(
         "code_challenge_method",
     }
 )
-_RESERVED_BODY_PARAMS: Final = frozenset({"grant_type", "client_id", "client_secret"})
 _NO_PARAMS: Final[Mapping[str, str]] = MappingProxyType({})
 _FORM_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -180,7 +179,7 @@ def token_request(
     token_url: str,
     client_id: str,
     client_secret: str | None,
-    auth_method: AuthMethod = "client_secret_post",
+    auth_method: AuthMethod,
     scope_separator: str = " ",
     **params: str | Sequence[str] | None,
 ) -> tuple[str, dict[str, str], str]:
@@ -194,9 +193,6 @@ def token_request(
     _check_url(token_url)
     if grant_type not in _GRANT_REQUIRED:
         raise ValueError(f"unsupported grant_type {grant_type!r}")
-    clash = _RESERVED_BODY_PARAMS.intersection(params)
-    if clash:
-        raise ValueError(f"parameters may not set {', '.join(sorted(clash))}")
     missing = [name for name in _GRANT_REQUIRED[grant_type] if not params.get(name)]
     if missing:
         raise ValueError(f"{grant_type} needs {', '.join(missing)}")
@@ -221,7 +217,7 @@ def revoke_request(
     token_type_hint: Literal["access_token", "refresh_token"] | None = None,
     client_id: str,
     client_secret: str | None,
-    auth_method: AuthMethod = "client_secret_post",
+    auth_method: AuthMethod,
 ) -> tuple[str, dict[str, str], str]:
     """Build an RFC 7009 revocation request as ``(url, headers, form body)``."""
     _check_url(revoke_url)
