@@ -1,4 +1,4 @@
-"""Unit tests of the I/O-free OAuth helpers in ``integrations.oauth``."""
+"""Unit tests of the I/O-free OAuth functions in ``integrations.oauth``."""
 
 from __future__ import annotations
 

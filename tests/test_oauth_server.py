@@ -1,4 +1,4 @@
-"""The loopback authorization server, driven with plain aiohttp calls and the OAuth helpers."""
+"""The loopback authorization server, driven with plain aiohttp calls and ``integrations.oauth``."""
 
 from __future__ import annotations
 
