@@ -238,3 +238,10 @@ class TokenRequestFailed(OAuthError):
     """The token endpoint could not be reached or failed."""
 
     code = "token_request_failed"
+
+    def __init__(
+        self, message: str | None = None, *, transient: bool = False, **context: Any
+    ) -> None:
+        super().__init__(message, transient=transient, **context)
+        # Retry policy hinges on this: 5xx, 429 and network failures are worth retrying.
+        self.transient = transient
