@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import oauth
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -82,5 +83,6 @@ __all__ = [
     "Validation",
     "ValidationRequest",
     "generate_key",
+    "oauth",
     "settings_key",
 ]
