@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json as jsonlib
 import logging
@@ -211,7 +212,8 @@ def auth_for(
                 f"Setup field {header.username!r} must not contain ':'.", field=header.username
             )
         password = _header_value(values[header.password], header.password)
-        return {"Authorization": aiohttp.BasicAuth(user, password).encode()}, str(target)
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {token}"}, str(target)
     if header.kind == "path":
         prefix = render(header.template, {k: quote(str(v), safe=":") for k, v in values.items()})
         path = target.raw_path
