@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from integrations._catalogue import providers_markdown  # noqa: E402
+from integrations._catalogue import providers_markdown
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "providers.md"
 
