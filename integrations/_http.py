@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ipaddress
 import json as jsonlib
 import logging
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
@@ -17,7 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import _aws
@@ -90,6 +91,7 @@ class Response:
         return f"<Response {self.status} {self.url}>"
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
     host = host.lower().rstrip(".")
     if host == "localhost":
@@ -165,16 +167,16 @@ def retry_after_seconds(value: str, *, now: datetime | None = None) -> float | N
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def _missing(provider: Provider, field: str) -> Exception:
-    if provider.auth_type in ("oauth2", "oauth2_client_credentials") and field == "access_token":
+def _missing(provider: Provider, key: str) -> Exception:
+    if provider.auth_type in ("oauth2", "oauth2_client_credentials") and key == "access_token":
         return NotConnected()
-    return NotConfigured(f"The connection has no {field!r} saved.", field=field)
+    return NotConfigured(f"The connection has no {key!r} saved.", field=key)
 
 
-def _header_value(value: Any, field: str) -> str:
+def _header_value(value: Any, key: str) -> str:
     text = str(value)
     if any(c in text for c in "\r\n\x00"):
-        raise InvalidField(f"Setup field {field!r} contains a line break.", field=field)
+        raise InvalidField(f"Setup field {key!r} contains a line break.", field=key)
     return text
 
 
@@ -199,9 +201,9 @@ def auth_for(
     if header is None:
         return {}, str(target)
     values = provider.template_values(credentials)
-    for field in header.fields:
-        if field not in values:
-            raise _missing(provider, field)
+    for key in header.fields:
+        if key not in values:
+            raise _missing(provider, key)
     if header.kind == "header":
         rendered = {k: _header_value(v, k) for k, v in values.items()}
         return {header.name: render(header.template, rendered)}, str(target)
@@ -245,13 +247,14 @@ def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str
 
 
 def _secret_strings(provider: Provider, credentials: Mapping[str, Any]) -> tuple[str, ...]:
-    """The credential strings a request may carry, in every spelling that can reach a URL."""
-    if provider.auth_header is None:
+    """The credential strings a request URL may carry, in every spelling, longest first."""
+    # Only a path token is put in the URL; header credentials never reach one.
+    if provider.auth_header is None or provider.auth_header.kind != "path":
         return ()
     values = provider.template_values(credentials)
     out: set[str] = set()
-    for field in provider.auth_header.fields:
-        value = values.get(field)
+    for key in provider.auth_header.fields:
+        value = values.get(key)
         if value is not None and str(value):
             text = str(value)
             out.update({text, quote(text, safe=":"), quote(text, safe="")})
@@ -267,8 +270,8 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
 @dataclass(frozen=True, slots=True)
 class _Auth:
     provider: Provider
-    credentials: Mapping[str, Any]
-    secrets: tuple[str, ...]
+    credentials: Mapping[str, Any] = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)
 
 
 def _origin(url: URL) -> tuple[str, str, int | None]:
@@ -372,8 +375,9 @@ class HttpClient:
         them (or refused when the URL itself carries them).
 
         ``opts``: ``headers``, ``params``, ``json``, ``data``, ``timeout``
-        (seconds per attempt), ``allow_redirects`` (default True), and any
-        other ``aiohttp`` request option.
+        (seconds, or an ``aiohttp.ClientTimeout``, per attempt),
+        ``allow_redirects`` (default True), and any other ``aiohttp`` request
+        option except ``auth``.
         """
         target = self._target(url, opts.pop("params", None))
         if not allow_any_host and not host_allowed(target, provider.api_hosts):
@@ -499,12 +503,16 @@ class HttpClient:
         headers: CIMultiDict[str],
         body: Any,
         attempts: int,
-        attempt_timeout: float | None,
+        attempt_timeout: float | aiohttp.ClientTimeout | None,
         opts: Mapping[str, Any],
         secrets: tuple[str, ...],
     ) -> Response:
         retry = method in IDEMPOTENT_METHODS
-        client_timeout = aiohttp.ClientTimeout(total=attempt_timeout or self.timeout)
+        client_timeout = (
+            attempt_timeout
+            if isinstance(attempt_timeout, aiohttp.ClientTimeout)
+            else aiohttp.ClientTimeout(total=attempt_timeout or self.timeout)
+        )
         shown = _redact(str(url), secrets)
         for attempt in range(1, attempts + 1):
             try:
@@ -519,7 +527,7 @@ class HttpClient:
                 ) as raw:
                     response = Response(
                         status=raw.status,
-                        headers=CIMultiDictProxy(CIMultiDict(raw.headers)),
+                        headers=raw.headers,
                         body=await raw.read(),
                         url=shown,
                     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -57,6 +58,7 @@ _FALSE = frozenset({"false", "0", "no", "off"})
 _OAUTH = frozenset({"oauth2", "oauth2_client_credentials"})
 
 
+@functools.lru_cache(maxsize=1024)
 def template_fields(template: str) -> tuple[str, ...]:
     """Names of the ``{field}`` placeholders in a template; refuses anything but plain names."""
     names: list[str] = []
@@ -74,6 +76,7 @@ def render(template: str, values: Mapping[str, str]) -> str:
     return template.format_map({name: values[name] for name in template_fields(template)})
 
 
+@functools.lru_cache(maxsize=1024)
 def split_host_entry(entry: str) -> tuple[str, int | None]:
     """``"host"``, ``"host:port"``, ``"[::1]:8080"`` or ``"*.domain"`` as (lowercase host, port)."""
     entry = entry.strip().lower()
