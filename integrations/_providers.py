@@ -8,7 +8,7 @@ import math
 import re
 import string
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,15 +32,6 @@ __all__ = [
     "ValidationRequest",
 ]
 
-AUTH_TYPES = (
-    "oauth2",
-    "oauth2_client_credentials",
-    "api_key",
-    "key_secret",
-    "bot_token",
-    "credentials",
-)
-
 AuthType = Literal[
     "oauth2",
     "oauth2_client_credentials",
@@ -49,13 +40,13 @@ AuthType = Literal[
     "bot_token",
     "credentials",
 ]
+AUTH_TYPES: tuple[str, ...] = get_args(AuthType)
 FieldType = Literal["string", "integer", "boolean", "choice", "url"]
 
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _FIELD_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-_OAUTH = frozenset({"oauth2", "oauth2_client_credentials"})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -285,15 +276,13 @@ class UserinfoMap(_Frozen):
         return out
 
 
+_OAUTH_FIELDS = (
+    SetupField(key="client_id", label="Client ID", required=True),
+    SetupField(key="client_secret", label="Client secret", required=True, secret=True),
+)
 _DEFAULT_FIELDS: dict[str, tuple[SetupField, ...]] = {
-    "oauth2": (
-        SetupField(key="client_id", label="Client ID", required=True),
-        SetupField(key="client_secret", label="Client secret", required=True, secret=True),
-    ),
-    "oauth2_client_credentials": (
-        SetupField(key="client_id", label="Client ID", required=True),
-        SetupField(key="client_secret", label="Client secret", required=True, secret=True),
-    ),
+    "oauth2": _OAUTH_FIELDS,
+    "oauth2_client_credentials": _OAUTH_FIELDS,
     "api_key": (SetupField(key="api_key", label="API key", required=True, secret=True),),
     "key_secret": (
         SetupField(key="access_key", label="Access key", required=True),
@@ -382,6 +371,11 @@ class Provider(_Frozen):
         for url in (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url):
             if url is not None:
                 template_fields(url)
+        if self.auth_header is not None and self.auth_type != "credentials":
+            known = set(keys) | {"access_token"}
+            unknown = [name for name in self.auth_header.fields if name not in known]
+            if unknown:
+                raise ValueError(f"auth header uses {unknown[0]!r}, which is not a setup field")
         return self
 
     @property
@@ -391,19 +385,22 @@ class Provider(_Frozen):
 
     @property
     def runtime_fields(self) -> tuple[str, ...]:
-        """Data keys whose presence means the connection can make calls."""
+        """Data keys whose presence means the connection can make calls.
+
+        oauth2: the access token; client credentials: client_id + client_secret;
+        credentials: the ``credentials`` map; api_key, bot_token and key_secret:
+        the fields the auth header is built from (``api_key``, ``bot_token``,
+        ``access_key`` + ``secret_key``, Twilio's ``account_sid`` + ``auth_token``).
+        """
         if self.auth_type == "oauth2":
             return ("access_token",)
         if self.auth_type == "oauth2_client_credentials":
             return ("client_id", "client_secret")
-        if self.auth_type == "api_key":
-            return ("api_key",)
-        if self.auth_type == "bot_token":
-            return ("bot_token",)
         if self.auth_type == "credentials":
             return ("credentials",)
-        required = tuple(field.key for field in self.setup_fields if field.required)
-        return required or ("access_key", "secret_key")
+        if self.auth_header is not None:
+            return self.auth_header.fields
+        return tuple(field.key for field in self.setup_fields if field.required)
 
     def normalize_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """Validate setup attributes and return the patch to store.

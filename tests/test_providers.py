@@ -192,6 +192,17 @@ def test_choice_fields_need_choices():
         SetupField(key="mode", label="Mode", choices=("a",))
 
 
+def test_auth_header_must_use_declared_setup_fields():
+    with pytest.raises(ValidationError):
+        custom(setup_fields=(SetupField(key="token", label="Token", secret=True),))
+    named = custom(
+        setup_fields=(SetupField(key="token", label="Token", secret=True),),
+        auth_header=AuthHeader(name="X-Token", template="{token}"),
+    )
+    assert named.runtime_fields == ("token",)
+    assert named.has_runtime_credentials({"token": "t"})
+
+
 def test_duplicate_setup_field_keys_are_refused():
     field = SetupField(key="api_key", label="Key")
     with pytest.raises(ValidationError):
