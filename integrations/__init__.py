@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import oauth
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -22,6 +23,7 @@ from ._errors import (
     InvalidURL,
     InvalidUUID,
     LifecycleError,
+    MissingExtra,
     MissingField,
     NotConfigured,
     NotConnected,
@@ -36,12 +38,22 @@ from ._errors import (
     UnknownKey,
 )
 from ._facade import Integrations
+from ._http import Response, bot_url
 from ._models import Connection, Event, RotationProgress, Validation
 from ._names import settings_key
-from ._providers import AuthHeader, Provider, SetupField, ValidationRequest
+from ._providers import (
+    AUTH_TYPES,
+    AuthHeader,
+    Provider,
+    ProviderRegistry,
+    SetupField,
+    UserinfoMap,
+    ValidationRequest,
+)
 from ._vault import generate_key
 
 __all__ = [
+    "AUTH_TYPES",
     "AlreadyExists",
     "AuthHeader",
     "AuthorizationDenied",
@@ -65,6 +77,7 @@ __all__ = [
     "InvalidURL",
     "InvalidUUID",
     "LifecycleError",
+    "MissingExtra",
     "MissingField",
     "NotConfigured",
     "NotConnected",
@@ -72,16 +85,21 @@ __all__ = [
     "OAuthError",
     "Provider",
     "ProviderConflict",
+    "ProviderRegistry",
     "ReauthRequired",
     "RequestFailed",
+    "Response",
     "RotationProgress",
     "SchemaOutdated",
     "SetupField",
     "StorageError",
     "TokenRequestFailed",
     "UnknownKey",
+    "UserinfoMap",
     "Validation",
     "ValidationRequest",
+    "bot_url",
     "generate_key",
+    "oauth",
     "settings_key",
 ]

@@ -8,18 +8,22 @@ import uuid as uuid_mod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+from aioresponses import aioresponses
 
 from integrations import (
     Connection,
     DecryptionFailed,
     EncryptionNotConfigured,
     Event,
+    HostNotAllowed,
     Integrations,
     IntegrationsError,
     InvalidField,
     NotConfigured,
+    RequestFailed,
     StorageError,
     UnknownKey,
     generate_key,
@@ -44,7 +48,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "smtp": {"host": "mail.example.com", "username": "u", "password": "MARKER-smtp-pw-2Zb7"},
     "aws": {"access_key": "AKIAEXAMPLE", "secret_key": "MARKER-aws-secret-5Ty1Nm"},
     # A provider-declared secret that is not in the built-in list of secret fields.
-    "twilio": {"account_sid": "AC0123", "auth_token": "MARKER-twilio-token-7Ge4"},
+    "twilio": {"account_sid": "AC" + "0" * 32, "auth_token": "MARKER-twilio-token-7Ge4"},
 }
 SECRET_KEYS = {
     "api_key",
@@ -61,9 +65,7 @@ LEGACY_MARKER = "sk-MARKER-legacy-1Pw6Yu"
 BOOM_MARKER = "MARKER-in-an-app-error-0Aa1"
 ALL_MARKERS = [*MARKERS, LEGACY_MARKER]
 
-# validate_credentials / validate_connection probe the provider over HTTP, which this test
-# does not stand up; their secrets only travel in the outgoing request.
-NOT_EXERCISED = {"validate_credentials", "validate_connection"}
+OPENAI_MODELS = "https://api.openai.com/v1/models"
 
 
 def leaks(text: str) -> list[str]:
@@ -169,6 +171,28 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     assert full["credentials"]["password"] == SETUPS["smtp"]["password"]
     stored += await stored_texts(db)
 
+    # Outgoing requests carry the plaintext; nothing else about them does.
+    with aioresponses() as mock:
+        mock.get(OPENAI_MODELS, status=401, payload={"error": "invalid_api_key"})
+        attrs = {"api_key": SETUPS["openai"]["api_key"]}
+        record("validate_credentials", await integ.validate_credentials("openai", attrs))
+        mock.get(OPENAI_MODELS, status=200, payload={"data": []})
+        record("validate_connection", await integ.validate_connection(uuids["openai"]))
+        mock.get(OPENAI_MODELS, status=200, payload={"data": []})
+        response = await integ.authenticated_request(uuids["openai"], "GET", OPENAI_MODELS)
+        record("authenticated_request", response)
+        sent = [call.kwargs["headers"] for calls in mock.requests.values() for call in calls]
+        assert all(h["Authorization"] == "Bearer " + SETUPS["openai"]["api_key"] for h in sent)
+        await expect(
+            HostNotAllowed,
+            integ.authenticated_request(uuids["openai"], "GET", "https://collect.example.net/"),
+        )
+        mock.get(OPENAI_MODELS, exception=aiohttp.ClientConnectionError("connection reset"))
+        await expect(
+            RequestFailed,
+            integ.authenticated_request(uuids["openai"], "GET", OPENAI_MODELS, max_attempts=1),
+        )
+
     # Writes.
     renamed = record("rename_connection", await integ.rename_connection(uuids["google"], "work"))
     assert_masked(renamed)
@@ -243,11 +267,11 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     await integ.close()
     exercised.add("close")
 
-    # Every public method ran (or is listed with the reason it cannot here).
+    # Every public method ran.
     public = {name for name in dir(Integrations) if not name.startswith("_")}
-    assert public - exercised - NOT_EXERCISED == set(), "add new public methods to this test"
+    assert public - exercised == set(), "add new public methods to this test"
 
-    assert len(errors) == 7
+    assert len(errors) == 9
     assert payloads, "no NOTIFY payload was received"
     for payload in payloads:
         assert leaks(payload) == [], payload
