@@ -35,6 +35,7 @@ from ._errors import (
     TokenRequestFailed,
     UnknownKey,
 )
+from ._events import ALL_OWNERS, HubStats, Subscription
 from ._facade import Integrations
 from ._models import Connection, Event, Validation
 from ._names import settings_key
@@ -42,6 +43,7 @@ from ._providers import AuthHeader, Provider, SetupField, ValidationRequest
 from ._vault import generate_key
 
 __all__ = [
+    "ALL_OWNERS",
     "AlreadyExists",
     "AuthHeader",
     "AuthorizationDenied",
@@ -54,6 +56,7 @@ __all__ = [
     "EncryptionNotConfigured",
     "Event",
     "HostNotAllowed",
+    "HubStats",
     "Integrations",
     "IntegrationsError",
     "InvalidAttrs",
@@ -77,6 +80,7 @@ __all__ = [
     "SchemaOutdated",
     "SetupField",
     "StorageError",
+    "Subscription",
     "TokenRequestFailed",
     "UnknownKey",
     "Validation",
