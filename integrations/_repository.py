@@ -71,14 +71,15 @@ def like_prefix(prefix: str) -> str:
     return escaped + "%"
 
 
-# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more. The fixed fields are
-# bounded by the name, owner and actor checks, so only ``detail`` can overflow.
+# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more, and a refused NOTIFY
+# would fail the write it belongs to. Owner and actor are capped at 255 characters;
+# ``detail`` and, in theory, a very long connection name are what can overflow.
 PAYLOAD_BUDGET = 7000
 _DETAIL_VALUE_BUDGET = 200
 
 
 def event_payload(event: Event) -> str:
-    """The event's NOTIFY payload, its ``detail`` trimmed when it would exceed the budget."""
+    """The event's NOTIFY payload, trimmed (``detail`` first) to stay within the budget."""
     payload = event.to_payload()
     if len(payload.encode()) <= PAYLOAD_BUDGET:
         return payload
@@ -93,7 +94,11 @@ def event_payload(event: Event) -> str:
     payload = dataclasses.replace(event, detail=trimmed).to_payload()
     if len(payload.encode()) <= PAYLOAD_BUDGET:
         return payload
-    return dataclasses.replace(event, detail={"truncated": True}).to_payload()
+    # The uuid still identifies the connection; readers re-read it for the rest.
+    name = event.name
+    if name is not None and len(name) > _DETAIL_VALUE_BUDGET:
+        name = name[:_DETAIL_VALUE_BUDGET] + "…"
+    return dataclasses.replace(event, name=name, detail={"truncated": True}).to_payload()
 
 
 @contextlib.contextmanager
