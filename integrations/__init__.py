@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import oauth
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -22,6 +23,7 @@ from ._errors import (
     InvalidURL,
     InvalidUUID,
     LifecycleError,
+    MissingExtra,
     MissingField,
     NotConfigured,
     NotConnected,
@@ -37,13 +39,23 @@ from ._errors import (
 )
 from ._events import ALL_OWNERS, HubStats, Subscription
 from ._facade import Integrations
+from ._http import Response, bot_url
 from ._models import Connection, Event, Validation
 from ._names import settings_key
-from ._providers import AuthHeader, Provider, SetupField, ValidationRequest
+from ._providers import (
+    AUTH_TYPES,
+    AuthHeader,
+    Provider,
+    ProviderRegistry,
+    SetupField,
+    UserinfoMap,
+    ValidationRequest,
+)
 from ._vault import generate_key
 
 __all__ = [
     "ALL_OWNERS",
+    "AUTH_TYPES",
     "AlreadyExists",
     "AuthHeader",
     "AuthorizationDenied",
@@ -68,6 +80,7 @@ __all__ = [
     "InvalidURL",
     "InvalidUUID",
     "LifecycleError",
+    "MissingExtra",
     "MissingField",
     "NotConfigured",
     "NotConnected",
@@ -75,16 +88,21 @@ __all__ = [
     "OAuthError",
     "Provider",
     "ProviderConflict",
+    "ProviderRegistry",
     "ReauthRequired",
     "RequestFailed",
+    "Response",
     "SchemaOutdated",
     "SetupField",
     "StorageError",
     "Subscription",
     "TokenRequestFailed",
     "UnknownKey",
+    "UserinfoMap",
     "Validation",
     "ValidationRequest",
+    "bot_url",
     "generate_key",
+    "oauth",
     "settings_key",
 ]

@@ -64,6 +64,7 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
                 key="tenant_id",
                 label="Directory (tenant) ID",
                 default="common",
+                pattern=r"[A-Za-z0-9][A-Za-z0-9.-]*",
                 help="Blank means 'common' (any work, school or personal account).",
             ),
         ),
@@ -191,7 +192,9 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
         name="Twilio",
         auth_type="key_secret",
         setup_fields=(
-            SetupField(key="account_sid", label="Account SID", required=True),
+            SetupField(
+                key="account_sid", label="Account SID", required=True, pattern=r"AC[0-9a-fA-F]{32}"
+            ),
             SetupField(key="auth_token", label="Auth token", required=True, secret=True),
         ),
         api_hosts=("api.twilio.com", "*.twilio.com"),
@@ -215,7 +218,9 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
                 secret=True,
                 help="Only for temporary credentials.",
             ),
-            SetupField(key="region", label="Region", default="us-east-1"),
+            SetupField(
+                key="region", label="Region", default="us-east-1", pattern=r"[a-z]{2}(-[a-z]+)+-\d+"
+            ),
         ),
         api_hosts=("*.amazonaws.com",),
         auth_header=AuthHeader(kind="sigv4"),

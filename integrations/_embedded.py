@@ -23,7 +23,10 @@ def default_data_dir() -> Path:
 
 def _start(pgdata: Path) -> str:
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # pgserver asks platformdirs for a runtime dir at import, which warns on headless hosts.
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError as exc:
         raise ConfigurationError(
             "no database configured: pass dsn=, set INTEGRATIONS_DSN, "
@@ -34,7 +37,6 @@ def _start(pgdata: Path) -> str:
         if server is None:
             pgdata.mkdir(parents=True, exist_ok=True)
             with warnings.catch_warnings():
-                # pgserver asks platformdirs for a runtime dir, which warns on headless hosts.
                 warnings.simplefilter("ignore")
                 server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
             _servers[pgdata] = server

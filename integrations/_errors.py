@@ -5,7 +5,8 @@
     IntegrationsError
      ├─ ConfigurationError              configuration
      │   ├─ EncryptionNotConfigured     encryption_not_configured
-     │   └─ SchemaOutdated              schema_outdated
+     │   ├─ SchemaOutdated              schema_outdated
+     │   └─ MissingExtra                missing_extra
      ├─ LifecycleError                  lifecycle
      ├─ StorageError                    storage
      ├─ InvalidInput (also ValueError)  invalid
@@ -76,6 +77,12 @@ class SchemaOutdated(ConfigurationError):
     """The database schema is behind this version; run ``await integ.migrate()``."""
 
     code = "schema_outdated"
+
+
+class MissingExtra(ConfigurationError):
+    """An optional dependency is not installed; install the extra this message names."""
+
+    code = "missing_extra"
 
 
 class LifecycleError(IntegrationsError):
@@ -238,3 +245,10 @@ class TokenRequestFailed(OAuthError):
     """The token endpoint could not be reached or failed."""
 
     code = "token_request_failed"
+
+    def __init__(
+        self, message: str | None = None, *, transient: bool = False, **context: Any
+    ) -> None:
+        super().__init__(message, transient=transient, **context)
+        # Retry policy hinges on this: 5xx, 429 and network failures are worth retrying.
+        self.transient = transient

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _names as names
+from ._checks import check_credentials
 from ._errors import (
     AlreadyExists,
     ConfigurationError,
@@ -27,6 +28,7 @@ from ._errors import (
     SchemaOutdated,
 )
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
+from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import EVENT_KINDS, Connection, Event, Validation, utcnow
 from ._providers import Provider, ProviderRegistry
@@ -37,6 +39,13 @@ log = logging.getLogger("integrations")
 
 # Keys every row carries from birth; a row with nothing else has no saved data.
 _BOOKKEEPING = frozenset({"provider", "name", "auth_type", "status", "created_at", "owner"})
+# Fields only the library writes; save_setup refuses them.
+_RESERVED = _BOOKKEEPING | {
+    "validation_status",
+    "last_validated_at",
+    "reauth_required",
+    "connected_at",
+}
 # What disconnect drops for OAuth connections, beyond the secrets.
 _TOKEN_FIELDS = (
     "access_token",
@@ -99,6 +108,7 @@ class Integrations:
         self._repo = Repository(self._schema, channel=f"{self._schema}_events")
         self._vault = Vault(None, encryption=encryption)
         self._legacy = LegacyMigrators()
+        self._http_client = HttpClient(http)
         self._hub: EventHub | None = None
         self._state = _State.NEW
         self.embedded_dsn: str | None = None
@@ -163,6 +173,7 @@ class Integrations:
         # subscriptions first lets every ``async for`` finish cleanly.
         if self._hub is not None:
             await self._hub.close()
+        await self._http_client.close()
         await self._repo.close()
 
     def _check_open(self) -> None:
@@ -540,8 +551,9 @@ class Integrations:
             raise NotConfigured()
         provider = self.providers.get(names.provider_of_key(current.key))
         patch = provider.normalize_attrs(attrs)
-        for reserved in ("provider", "name", "auth_type"):
-            patch.pop(reserved, None)
+        reserved = sorted(set(patch) & _RESERVED)
+        if reserved:
+            raise InvalidAttrs(f"these fields are managed by the library: {', '.join(reserved)}")
         sealed = self._vault.seal(uuid, patch, provider.secret_field_keys)
 
         def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
@@ -666,14 +678,48 @@ class Integrations:
         return result
 
     async def _check(self, provider: Provider, credentials: Mapping[str, Any]) -> Validation:
-        from ._checks import check_credentials
-
         return await check_credentials(
-            provider, credentials, http=self._http(), timeout=self._check_timeout
+            provider, credentials, http=self._http_client, timeout=self._check_timeout
         )
 
-    def _http(self) -> Any:
-        raise NotImplementedError
+    # -- authenticated requests -----------------------------------------------------------
+
+    async def authenticated_request(
+        self,
+        uuid: str,
+        method: str,
+        url: str,
+        *,
+        allow_any_host: bool = False,
+        max_attempts: int | None = None,
+        **opts: Any,
+    ) -> Response:
+        """Send a request with the connection's credentials, only to the provider's API hosts.
+
+        ``uuid`` may also be a ``provider:name`` ref. ``allow_any_host=True`` sends the
+        credentials wherever ``url`` points: dangerous, only for URLs you fully control.
+        ``opts`` are ``headers``, ``params``, ``json``, ``data``, ``timeout`` and other
+        aiohttp request options.
+        """
+        self._check_open()
+        if not isinstance(method, str) or not method.isalpha():
+            raise InvalidInput("method must be an HTTP method name such as 'GET'")
+        row, by_uuid = await self._row_by_ref(uuid, None)
+        if row is None:
+            raise Deleted() if by_uuid else NotConfigured()
+        provider = self._provider_of(row)
+        if provider is None:
+            raise InvalidProviderKey("the connection's provider is not registered")
+        credentials = self._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        return await self._http_client.request(
+            method.upper(),
+            url,
+            provider=provider,
+            credentials=credentials,
+            allow_any_host=allow_any_host,
+            max_attempts=max_attempts,
+            **opts,
+        )
 
     # -- legacy -------------------------------------------------------------------------
 

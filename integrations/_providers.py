@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import string
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,15 +32,6 @@ __all__ = [
     "ValidationRequest",
 ]
 
-AUTH_TYPES = (
-    "oauth2",
-    "oauth2_client_credentials",
-    "api_key",
-    "key_secret",
-    "bot_token",
-    "credentials",
-)
-
 AuthType = Literal[
     "oauth2",
     "oauth2_client_credentials",
@@ -48,15 +40,16 @@ AuthType = Literal[
     "bot_token",
     "credentials",
 ]
+AUTH_TYPES: tuple[str, ...] = get_args(AuthType)
 FieldType = Literal["string", "integer", "boolean", "choice", "url"]
 
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _FIELD_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-_OAUTH = frozenset({"oauth2", "oauth2_client_credentials"})
 
 
+@functools.lru_cache(maxsize=1024)
 def template_fields(template: str) -> tuple[str, ...]:
     """Names of the ``{field}`` placeholders in a template; refuses anything but plain names."""
     names: list[str] = []
@@ -74,6 +67,31 @@ def render(template: str, values: Mapping[str, str]) -> str:
     return template.format_map({name: values[name] for name in template_fields(template)})
 
 
+@functools.lru_cache(maxsize=1024)
+def split_host_entry(entry: str) -> tuple[str, int | None]:
+    """``"host"``, ``"host:port"``, ``"[::1]:8080"`` or ``"*.domain"`` as (lowercase host, port)."""
+    entry = entry.strip().lower()
+    port: int | None = None
+    if entry.startswith("["):
+        host, sep, rest = entry[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"malformed api host {entry!r}")
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") == 1:
+        host, port_text = entry.split(":")
+    else:
+        host, port_text = entry, None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"malformed port in api host {entry!r}")
+        port = int(port_text)
+    host = host.rstrip(".")
+    pattern = host[2:] if host.startswith("*.") else host
+    if not pattern or any(c in pattern for c in "*/@?#[] "):
+        raise ValueError(f"api hosts are 'host', 'host:port' or '*.domain', not {entry!r}")
+    return host, port
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -83,7 +101,9 @@ class SetupField(_Frozen):
 
     ``default`` is used wherever the stored value is absent or blank (a blank
     Microsoft ``tenant_id`` means ``"common"``), so a required field with a
-    default is never missing.
+    default is never missing. ``pattern`` (a regular expression the whole
+    string must match) keeps values that land in URLs, such as an AWS region,
+    well formed.
     """
 
     key: str
@@ -94,6 +114,7 @@ class SetupField(_Frozen):
     help: str = ""
     choices: tuple[str, ...] = ()
     default: Any = None
+    pattern: str | None = None
 
     @field_validator("key")
     @classmethod
@@ -106,6 +127,8 @@ class SetupField(_Frozen):
     def _check_choices(self) -> SetupField:
         if (self.type == "choice") != bool(self.choices):
             raise ValueError("choices are required for, and only for, type 'choice'")
+        if self.pattern is not None:
+            re.compile(self.pattern)
         return self
 
     def coerce(self, value: Any) -> Any:
@@ -121,6 +144,8 @@ class SetupField(_Frozen):
                 raise self._invalid("must be a string")
             if "\x00" in value:
                 raise self._invalid("must not contain NUL characters")
+            if self.pattern is not None and value and not re.fullmatch(self.pattern, value):
+                raise self._invalid("has the wrong format")
             return value
         if self.type == "integer":
             if isinstance(value, bool):
@@ -251,15 +276,13 @@ class UserinfoMap(_Frozen):
         return out
 
 
+_OAUTH_FIELDS = (
+    SetupField(key="client_id", label="Client ID", required=True),
+    SetupField(key="client_secret", label="Client secret", required=True, secret=True),
+)
 _DEFAULT_FIELDS: dict[str, tuple[SetupField, ...]] = {
-    "oauth2": (
-        SetupField(key="client_id", label="Client ID", required=True),
-        SetupField(key="client_secret", label="Client secret", required=True, secret=True),
-    ),
-    "oauth2_client_credentials": (
-        SetupField(key="client_id", label="Client ID", required=True),
-        SetupField(key="client_secret", label="Client secret", required=True, secret=True),
-    ),
+    "oauth2": _OAUTH_FIELDS,
+    "oauth2_client_credentials": _OAUTH_FIELDS,
     "api_key": (SetupField(key="api_key", label="API key", required=True, secret=True),),
     "key_secret": (
         SetupField(key="access_key", label="Access key", required=True),
@@ -331,11 +354,9 @@ class Provider(_Frozen):
     @field_validator("api_hosts")
     @classmethod
     def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        hosts = tuple(host.strip().lower().rstrip(".") for host in value)
+        hosts = tuple(host.strip().lower() for host in value)
         for host in hosts:
-            pattern = host[2:] if host.startswith("*.") else host
-            if not pattern or "*" in pattern or "/" in pattern or "@" in pattern:
-                raise ValueError("api hosts are 'host', 'host:port' or '*.domain'")
+            split_host_entry(host)
         return hosts
 
     @model_validator(mode="after")
@@ -350,6 +371,11 @@ class Provider(_Frozen):
         for url in (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url):
             if url is not None:
                 template_fields(url)
+        if self.auth_header is not None and self.auth_type != "credentials":
+            known = set(keys) | {"access_token"}
+            unknown = [name for name in self.auth_header.fields if name not in known]
+            if unknown:
+                raise ValueError(f"auth header uses {unknown[0]!r}, which is not a setup field")
         return self
 
     @property
@@ -359,19 +385,22 @@ class Provider(_Frozen):
 
     @property
     def runtime_fields(self) -> tuple[str, ...]:
-        """Data keys whose presence means the connection can make calls."""
+        """Data keys whose presence means the connection can make calls.
+
+        oauth2: the access token; client credentials: client_id + client_secret;
+        credentials: the ``credentials`` map; api_key, bot_token and key_secret:
+        the fields the auth header is built from (``api_key``, ``bot_token``,
+        ``access_key`` + ``secret_key``, Twilio's ``account_sid`` + ``auth_token``).
+        """
         if self.auth_type == "oauth2":
             return ("access_token",)
         if self.auth_type == "oauth2_client_credentials":
             return ("client_id", "client_secret")
-        if self.auth_type == "api_key":
-            return ("api_key",)
-        if self.auth_type == "bot_token":
-            return ("bot_token",)
         if self.auth_type == "credentials":
             return ("credentials",)
-        required = tuple(field.key for field in self.setup_fields if field.required)
-        return required or ("access_key", "secret_key")
+        if self.auth_header is not None:
+            return self.auth_header.fields
+        return tuple(field.key for field in self.setup_fields if field.required)
 
     def normalize_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """Validate setup attributes and return the patch to store.
@@ -379,8 +408,10 @@ class Provider(_Frozen):
         Known setup fields are type-checked and coerced (surrounding whitespace
         removed; ``""`` for a non-string field means unset). Other keys are kept
         as given but must be JSON values PostgreSQL can store. For
-        ``credentials`` providers, setup fields given flat are moved under
-        ``"credentials"``. Errors name the field, never its value.
+        ``credentials`` providers every key given flat is moved under
+        ``"credentials"`` (the freeform credential map; a nested
+        ``"credentials"`` mapping is accepted too, flat keys win). Errors name
+        the field, never its value.
         """
         if not isinstance(attrs, Mapping):
             raise InvalidAttrs("Setup attributes must be a mapping.")
@@ -402,15 +433,12 @@ class Provider(_Frozen):
         for key, value in attrs.items():
             if self.auth_type == "credentials" and key == "credentials":
                 continue
-            if key in fields:
-                coerced = fields[key].coerce(value)
-                if self.auth_type == "credentials":
-                    nested[key] = coerced
-                else:
-                    patch[key] = coerced
+            coerced = fields[key].coerce(value) if key in fields else _json_value(value, key)
+            if self.auth_type == "credentials":
+                nested[key] = coerced
             else:
-                patch[key] = _json_value(value, key)
-        if nested or (self.auth_type == "credentials" and "credentials" in attrs):
+                patch[key] = coerced
+        if self.auth_type == "credentials" and (nested or "credentials" in attrs):
             patch["credentials"] = nested
         return patch
 

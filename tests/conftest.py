@@ -39,10 +39,10 @@ def _admin_dsn() -> str:
         return explicit
     if _local_server_up():
         return "postgresql://postgres@127.0.0.1:5432/postgres"
-    import pgserver
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        import pgserver
+
         server = pgserver.get_server(
             Path(tempfile.gettempdir()) / "integrations-test-pg", cleanup_mode="stop"
         )

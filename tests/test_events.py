@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aioresponses import aioresponses
 
 import integrations
 from integrations import (
@@ -306,6 +307,16 @@ async def test_subscribe_checks_its_arguments_before_async_with(integ: Integrati
         integ.subscribe(kinds="validated")
     with pytest.raises(ValueError):
         integ.subscribe(maxsize=0)
+    for bad_uuid in (123, "", "0" * 35):
+        with pytest.raises(InvalidUUID):
+            integ.subscribe(uuid=bad_uuid)  # type: ignore[arg-type]
+    for bad_owner in (7, "", "x" * 256):
+        with pytest.raises(InvalidInput):
+            integ.subscribe(owner=bad_owner)  # type: ignore[arg-type]
+    with pytest.raises(InvalidProviderKey):
+        integ.subscribe(provider=7)  # type: ignore[arg-type]
+    assert integ.event_stats.subscriptions == 0
+    assert not integ.event_stats.listening
 
 
 async def test_subscribe_needs_an_open_instance(fresh_db: str) -> None:
@@ -338,6 +349,25 @@ async def test_validated_only_when_status_or_message_changed(integ: Integrations
         ("error", "error", "Invalid credentials"),
         ("connected", "error", "ok"),
     ]
+
+
+async def test_validate_connection_sends_validated_with_its_actor(integ: Integrations) -> None:
+    conn = await integ.add_connection("openai", "default")
+    await integ.save_setup(conn.uuid, {"api_key": API_KEY})
+    probe = "https://api.openai.com/v1/models"
+    async with integ.subscribe(kinds=["validated"]) as sub:
+        with aioresponses() as mock:
+            mock.get(probe, status=401, payload={"error": "bad key"}, repeat=True)
+            first = await integ.validate_connection(conn.uuid, actor="ui:check")
+            again = await integ.validate_connection(conn.uuid, actor="ui:check")
+        event = await next_event(sub)
+        end = await marker(integ)
+        await integ.record_validation(end, True)
+        assert (await next_event(sub)).uuid == end
+    assert not first.ok and not again.ok
+    assert (event.uuid, event.actor) == (conn.uuid, "ui:check")
+    assert (event.previous_status, event.status) == ("connected", "error")
+    assert event.detail == {"ok": False, "validation_status": first.message}
 
 
 async def test_repeated_refresh_failures_are_sent_once(integ: Integrations) -> None:

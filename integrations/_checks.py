@@ -1,0 +1,199 @@
+"""Credential checks: probe a provider and report a Validation instead of raising for its answer."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ._errors import (
+    InvalidAttrs,
+    MissingExtra,
+    MissingField,
+    NotConfigured,
+    NotConnected,
+    RequestFailed,
+)
+from ._http import HttpClient, Response
+from ._models import Validation
+from ._providers import Provider, ValidationRequest
+
+__all__ = [
+    "ACCESS_DENIED",
+    "CONNECTED",
+    "INVALID_CREDENTIALS",
+    "NO_ACCESS_TOKEN",
+    "NO_CHECK",
+    "UNREACHABLE",
+    "check_credentials",
+]
+
+CONNECTED = "Connected"
+INVALID_CREDENTIALS = "Invalid credentials"
+ACCESS_DENIED = "Access denied"
+UNREACHABLE = "Could not reach the service"
+NO_ACCESS_TOKEN = "No access token"
+NO_CHECK = "Saved; this provider has no credential check"
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _not_configured(fields: list[str]) -> Validation:
+    return Validation(False, f"Not configured (missing: {', '.join(fields)})")
+
+
+async def check_credentials(
+    provider: Provider,
+    credentials: Mapping[str, Any],
+    *,
+    http: HttpClient,
+    timeout: float = 15.0,  # noqa: ASYNC109  (the deadline is part of the public contract)
+) -> Validation:
+    """Probe the provider with ``credentials`` (stored data or setup attrs) within ``timeout`` s.
+
+    Never raises for what the provider answers: a 2xx (or a successful login)
+    is ``ok``; 401 (and the provider's other "invalid" statuses) is "Invalid
+    credentials"; 403 "Access denied"; another status "Service error N"; no
+    answer within the deadline, or a network error, "Could not reach the
+    service". Missing required fields give "Not configured (...)" and an OAuth
+    connection without an access token "No access token"; nothing is sent then.
+    Malformed input (a field of the wrong type) raises InvalidField.
+    """
+    if not isinstance(credentials, Mapping):
+        raise InvalidAttrs("Credentials must be a mapping.")
+    values = provider.template_values(credentials)
+    for field in provider.setup_fields:
+        if field.key in values:
+            values[field.key] = field.coerce(values[field.key])
+    if provider.auth_type in ("oauth2", "oauth2_client_credentials"):
+        if "access_token" not in values:
+            return Validation(False, NO_ACCESS_TOKEN)
+    elif missing := provider.missing_required(values):
+        return _not_configured(missing)
+    check = provider.validation
+    if check is None:
+        return Validation(True, NO_CHECK)
+    try:
+        async with asyncio.timeout(timeout):
+            if check.hook == "smtp":
+                return await _check_smtp(values, timeout)
+            if check.hook == "postgres":
+                return await _check_postgres(values, timeout)
+            return await _check_http(provider, check, values, http)
+    except TimeoutError:
+        return Validation(False, UNREACHABLE)
+
+
+async def _check_http(
+    provider: Provider, check: ValidationRequest, values: dict[str, Any], http: HttpClient
+) -> Validation:
+    try:
+        url = provider.render_url(check.url, values)
+        response = await http.request(
+            check.method, url, provider=provider, credentials=values, headers=check.headers
+        )
+    except MissingField as exc:
+        return _not_configured([str(exc.context.get("field"))])
+    except NotConnected:
+        return Validation(False, NO_ACCESS_TOKEN)
+    except NotConfigured as exc:
+        return _not_configured([str(exc.context.get("field"))])
+    except MissingExtra as exc:
+        return Validation(False, exc.message)
+    except RequestFailed:
+        return Validation(False, UNREACHABLE)
+    return _interpret(check, response)
+
+
+def _interpret(check: ValidationRequest, response: Response) -> Validation:
+    status = response.status
+    if check.is_success(status):
+        if check.json_ok_key is None:
+            return Validation(True, CONNECTED)
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and payload.get(check.json_ok_key):
+            return Validation(True, CONNECTED)
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
+            return Validation(False, f"{INVALID_CREDENTIALS} ({error})")
+        return Validation(False, INVALID_CREDENTIALS)
+    if status in check.invalid_statuses:
+        return Validation(False, INVALID_CREDENTIALS)
+    if status == 403:
+        return Validation(False, ACCESS_DENIED)
+    return Validation(False, f"Service error {status}")
+
+
+async def _check_smtp(values: Mapping[str, Any], timeout: float) -> Validation:  # noqa: ASYNC109
+    try:
+        import aiosmtplib
+    except ImportError:
+        return Validation(
+            False, "SMTP checks need aiosmtplib: install the smtp extra ('integrations[smtp]')."
+        )
+    security = values.get("security", "starttls")
+    client = aiosmtplib.SMTP(
+        hostname=str(values["host"]),
+        port=int(values.get("port", 587)),
+        use_tls=security == "tls",
+        start_tls=security == "starttls",
+        timeout=timeout,
+    )
+    try:
+        await client.connect()
+        username = values.get("username")
+        if username:
+            await client.login(str(username), str(values.get("password", "")))
+    except aiosmtplib.SMTPAuthenticationError:
+        return Validation(False, INVALID_CREDENTIALS)
+    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError):
+        return Validation(False, UNREACHABLE)
+    except aiosmtplib.SMTPResponseException as exc:
+        return Validation(False, f"Service error {exc.code}")
+    except aiosmtplib.SMTPException:
+        return Validation(False, "Service error (the server refused the login)")
+    finally:
+        if client.is_connected:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+    return Validation(True, CONNECTED)
+
+
+async def _check_postgres(values: Mapping[str, Any], timeout: float) -> Validation:  # noqa: ASYNC109
+    # The repository module owns the driver; this check dials a different, user-given
+    # server, so it imports asyncpg only when a postgres check actually runs.
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(
+            host=str(values["host"]),
+            port=int(values.get("port", 5432)),
+            user=str(values["username"]),
+            # Always explicit: with None, asyncpg would fall back to this process's
+            # PGPASSWORD or ~/.pgpass and send it to the user-given host.
+            password=str(values.get("password", "")),
+            database=str(values["database"]),
+            timeout=timeout,
+        )
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        return Validation(False, INVALID_CREDENTIALS)
+    except asyncpg.InvalidCatalogNameError:
+        return Validation(False, "Database not found")
+    except asyncpg.InsufficientPrivilegeError:
+        return Validation(False, ACCESS_DENIED)
+    except (OSError, TimeoutError, asyncpg.CannotConnectNowError):
+        return Validation(False, UNREACHABLE)
+    except asyncpg.PostgresError as exc:
+        return Validation(False, f"Service error {exc.sqlstate}")
+    except asyncpg.InterfaceError:
+        return Validation(False, "Service error (connection refused by the driver)")
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close(timeout=timeout)
+    return Validation(True, CONNECTED)

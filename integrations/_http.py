@@ -1,0 +1,571 @@
+"""HTTP client: authenticated requests bound to a provider's hosts, with redirects and retries."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import ipaddress
+import json as jsonlib
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import Message
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import _aws
+from ._errors import (
+    HostNotAllowed,
+    InvalidField,
+    InvalidURL,
+    LifecycleError,
+    NotConfigured,
+    NotConnected,
+    RequestFailed,
+)
+from ._providers import Provider, render, split_host_entry
+
+__all__ = [
+    "HttpClient",
+    "Response",
+    "auth_for",
+    "bot_url",
+    "check_url",
+    "host_allowed",
+    "retry_after_seconds",
+]
+
+logger = logging.getLogger("integrations.http")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+# Headers that carry credentials and must not follow a redirect to another origin.
+_SENSITIVE_HEADERS = ("Authorization", "Proxy-Authorization", "Cookie")
+_REDACTED = "***"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Response:
+    """A finished HTTP response with its body read.
+
+    ``url`` is the final URL after redirects, with any credential that
+    travelled in it (a Telegram token) replaced by ``***``.
+    """
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+
+    @property
+    def ok(self) -> bool:
+        """True for a 2xx status."""
+        return 200 <= self.status < 300
+
+    @property
+    def text(self) -> str:
+        """The body decoded with the charset from Content-Type (UTF-8 when none)."""
+        message = Message()
+        message["content-type"] = self.headers.get("Content-Type", "")
+        charset = message.get_content_charset() or "utf-8"
+        try:
+            return self.body.decode(charset, errors="replace")
+        except LookupError:
+            return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body parsed as JSON; ValueError when it is not JSON."""
+        return jsonlib.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.url}>"
+
+
+@functools.lru_cache(maxsize=256)
+def is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse(url: str | URL) -> URL:
+    if isinstance(url, URL):
+        return url
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, not {type(url).__name__}")
+    try:
+        return URL(url)
+    except (TypeError, ValueError):
+        raise InvalidURL() from None
+
+
+def check_url(url: str | URL) -> URL:
+    """The URL parsed, if it is absolute http(s); plain ``http://`` only for loopback hosts.
+
+    Refuses user:password in the URL (credentials come from the provider). The
+    fragment is dropped. The message never echoes the URL, which may carry secrets.
+    """
+    parsed = _parse(url)
+    if not parsed.absolute or parsed.scheme not in ("http", "https") or not parsed.raw_host:
+        raise InvalidURL()
+    if parsed.raw_user is not None or parsed.raw_password is not None:
+        raise InvalidURL("The URL must not carry a user name or password.")
+    if parsed.scheme == "http" and not is_loopback(parsed.raw_host):
+        raise InvalidURL("Plain http:// is only allowed for loopback hosts; use https://.")
+    return parsed.with_fragment(None)
+
+
+def host_allowed(url: str | URL, api_hosts: Iterable[str]) -> bool:
+    """Whether the URL's host is one of ``api_hosts``.
+
+    ``"host"`` matches that host on any port, ``"host:port"`` only that port,
+    ``"*.example.com"`` any subdomain of example.com (not example.com itself).
+    Nothing else is a wildcard.
+    """
+    parsed = _parse(url)
+    host = (parsed.raw_host or "").lower().rstrip(".")
+    if not host:
+        return False
+    port = parsed.port
+    for entry in api_hosts:
+        allowed, allowed_port = split_host_entry(entry)
+        if allowed_port is not None and allowed_port != port:
+            continue
+        if allowed.startswith("*."):
+            if host.endswith(allowed[1:]):
+                return True
+        elif host == allowed:
+            return True
+    return False
+
+
+def retry_after_seconds(value: str, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait for a Retry-After value (seconds or an HTTP date); None if unreadable."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _missing(provider: Provider, key: str) -> Exception:
+    if provider.auth_type in ("oauth2", "oauth2_client_credentials") and key == "access_token":
+        return NotConnected()
+    return NotConfigured(f"The connection has no {key!r} saved.", field=key)
+
+
+def _header_value(value: Any, key: str) -> str:
+    text = str(value)
+    if any(c in text for c in "\r\n\x00"):
+        raise InvalidField(f"Setup field {key!r} contains a line break.", field=key)
+    return text
+
+
+def auth_for(
+    provider: Provider,
+    credentials: Mapping[str, Any],
+    url: str | URL,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> tuple[dict[str, str], str]:
+    """The headers to add and the final URL for a request made with these credentials.
+
+    Built from ``provider.auth_header``: a templated header (``Bearer``,
+    ``Bot``, ``xi-api-key``, ...), HTTP Basic, the token put in front of the
+    URL path, or an AWS SigV4 signature (which covers ``method`` and ``body``).
+    A missing credential raises NotConnected (no OAuth access token) or
+    NotConfigured.
+    """
+    target = _parse(url)
+    header = provider.auth_header
+    if header is None:
+        return {}, str(target)
+    values = provider.template_values(credentials)
+    for key in header.fields:
+        if key not in values:
+            raise _missing(provider, key)
+    if header.kind == "header":
+        rendered = {k: _header_value(v, k) for k, v in values.items()}
+        return {header.name: render(header.template, rendered)}, str(target)
+    if header.kind == "basic":
+        user = _header_value(values[header.username], header.username)
+        if ":" in user:
+            raise InvalidField(
+                f"Setup field {header.username!r} must not contain ':'.", field=header.username
+            )
+        password = _header_value(values[header.password], header.password)
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {token}"}, str(target)
+    if header.kind == "path":
+        prefix = render(header.template, {k: quote(str(v), safe=":") for k, v in values.items()})
+        path = target.raw_path
+        if path != prefix and not path.startswith(prefix + "/"):
+            target = target.with_path(prefix + path, encoded=True, keep_query=True)
+        return {}, str(target)
+    # sigv4
+    service, region = _aws.service_and_region(
+        target.raw_host or "", str(values.get("region") or "us-east-1")
+    )
+    signed = _aws.sign(method, str(target), {}, body, values, service=service, region=region)
+    return signed, str(target)
+
+
+def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str) -> str:
+    """The Bot API URL for a method, token included.
+
+    ``bot_url(telegram, creds, "sendMessage")`` →
+    ``https://api.telegram.org/bot<TOKEN>/sendMessage``, built on the
+    provider's first API host. The result carries the secret: do not log it.
+    """
+    if provider.auth_header is None or provider.auth_header.kind != "path":
+        raise ValueError(f"provider {provider.key!r} does not carry its token in the URL path")
+    hosts = [h for h in provider.api_hosts if not h.startswith("*.")]
+    if not hosts:
+        raise ValueError(f"provider {provider.key!r} has no plain API host to build a URL on")
+    _, url = auth_for(provider, credentials, f"https://{hosts[0]}/{method_path.lstrip('/')}")
+    return url
+
+
+def _secret_strings(provider: Provider, credentials: Mapping[str, Any]) -> tuple[str, ...]:
+    """The credential strings a request URL may carry, in every spelling, longest first."""
+    # Only a path token is put in the URL; header credentials never reach one.
+    if provider.auth_header is None or provider.auth_header.kind != "path":
+        return ()
+    values = provider.template_values(credentials)
+    out: set[str] = set()
+    for key in provider.auth_header.fields:
+        value = values.get(key)
+        if value is not None and str(value):
+            text = str(value)
+            out.update({text, quote(text, safe=":"), quote(text, safe="")})
+    return tuple(sorted(out, key=len, reverse=True))
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, _REDACTED)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Auth:
+    provider: Provider
+    credentials: Mapping[str, Any] = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return (url.scheme, (url.raw_host or "").lower().rstrip("."), url.port)
+
+
+def _encode_body(headers: CIMultiDict[str], json: Any, data: Any) -> tuple[Any, bool]:
+    """The body to send and whether it can be sent again (retries, 307/308 redirects)."""
+    if json is not None:
+        if data is not None:
+            raise TypeError("pass json= or data=, not both")
+        headers.setdefault("Content-Type", "application/json")
+        return jsonlib.dumps(json).encode(), True
+    if data is None:
+        return None, True
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data), True
+    if isinstance(data, str):
+        headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+        return data.encode(), True
+    if isinstance(data, Mapping) or (
+        isinstance(data, list | tuple) and all(isinstance(i, tuple) for i in data)
+    ):
+        headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        items = data.items() if isinstance(data, Mapping) else data
+        return urlencode(list(items), doseq=True).encode(), True
+    return data, False
+
+
+class HttpClient:
+    """One aiohttp session for every call, with the host allow-list, redirects and retries.
+
+    Creates its own session on first use unless one is injected; an injected
+    session is never closed. Idempotent methods (GET HEAD OPTIONS PUT DELETE)
+    are retried on 429/502/503/504 and connection errors, up to
+    ``max_attempts`` attempts in all, with exponential backoff and jitter or
+    the server's Retry-After, never waiting more than ``max_backoff`` seconds.
+    ``timeout`` bounds each attempt.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        max_attempts: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        timeout: float = 30.0,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if backoff < 0 or max_backoff < 0 or timeout <= 0:
+            raise ValueError("backoff and max_backoff must be >= 0 and timeout > 0")
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeout = timeout
+
+    async def __aenter__(self) -> HttpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise LifecycleError("The HTTP client is closed.")
+        if self._session is None:
+            # No cookie jar: one session serves every connection and owner.
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session if this client created it; later calls raise LifecycleError."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    async def request(
+        self,
+        method: str,
+        url: str | URL,
+        *,
+        provider: Provider,
+        credentials: Mapping[str, Any],
+        allow_any_host: bool = False,
+        max_attempts: int | None = None,
+        **opts: Any,
+    ) -> Response:
+        """Send a request authenticated with ``credentials`` as ``provider`` defines.
+
+        Refuses, before anything is sent, a URL whose host is not in
+        ``provider.api_hosts`` (HostNotAllowed). ``allow_any_host=True`` lifts
+        that check and sends the credentials wherever the URL points:
+        dangerous, use only for URLs you fully control. Credentials are sent
+        only to the original origin; a redirect elsewhere is followed without
+        them (or refused when the URL itself carries them).
+
+        ``opts``: ``headers``, ``params``, ``json``, ``data``, ``timeout``
+        (seconds, or an ``aiohttp.ClientTimeout``, per attempt),
+        ``allow_redirects`` (default True), and any other ``aiohttp`` request
+        option except ``auth``.
+        """
+        target = self._target(url, opts.pop("params", None))
+        if not allow_any_host and not host_allowed(target, provider.api_hosts):
+            raise HostNotAllowed(
+                f"{target.raw_host} is not an API host of provider {provider.key!r}; "
+                "nothing was sent.",
+                provider=provider.key,
+                host=target.raw_host,
+            )
+        auth = _Auth(provider, credentials, _secret_strings(provider, credentials))
+        return await self._send(method, target, auth, max_attempts, opts)
+
+    async def send(
+        self,
+        method: str,
+        url: str | URL,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+        **opts: Any,
+    ) -> Response:
+        """An unauthenticated request with the same URL rules, redirects and retries.
+
+        Headers that carry credentials (Authorization, Cookie) are dropped on a
+        redirect to another origin.
+        """
+        target = self._target(url, opts.pop("params", None))
+        return await self._send(method, target, None, max_attempts, {**opts, "headers": headers})
+
+    @staticmethod
+    def _target(url: str | URL, params: Any) -> URL:
+        target = check_url(url)
+        if params:
+            target = target.extend_query(params)
+        return target
+
+    async def _send(
+        self,
+        method: str,
+        target: URL,
+        auth: _Auth | None,
+        max_attempts: int | None,
+        opts: dict[str, Any],
+    ) -> Response:
+        if not isinstance(method, str) or not method.isalpha():
+            raise ValueError("method must be an HTTP method name such as 'GET'")
+        method = method.upper()
+        if "auth" in opts:
+            raise TypeError("auth= is not accepted: credentials come from the provider")
+        attempts = self.max_attempts if max_attempts is None else max_attempts
+        if attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        follow = bool(opts.pop("allow_redirects", True))
+        timeout = opts.pop("timeout", None)
+        headers: CIMultiDict[str] = CIMultiDict(opts.pop("headers", None) or {})
+        body, replayable = _encode_body(headers, opts.pop("json", None), opts.pop("data", None))
+        if not replayable:
+            attempts = 1
+        secrets = auth.secrets if auth else ()
+        origin = _origin(target)
+        on_origin = True
+        session = self._get_session()
+
+        for _ in range(MAX_REDIRECTS + 1):
+            hop_headers = CIMultiDict(headers)
+            url = target
+            if auth is not None and on_origin:
+                if (
+                    auth.provider.auth_header is not None
+                    and auth.provider.auth_header.kind == "sigv4"
+                    and not replayable
+                ):
+                    raise TypeError(
+                        "SigV4 requests need a body given as bytes, str, json or form data"
+                    )
+                added, signed_url = auth_for(
+                    auth.provider, auth.credentials, url, method=method, body=body
+                )
+                for name, value in added.items():
+                    hop_headers[name] = value
+                url = URL(signed_url, encoded=True)
+            response = await self._attempts(
+                session, method, url, hop_headers, body, attempts, timeout, opts, secrets
+            )
+            location = response.headers.get("Location")
+            if not (follow and response.status in REDIRECT_STATUSES and location):
+                return response
+            try:
+                next_url = check_url(url.join(URL(location)))
+            except ValueError:
+                raise RequestFailed(
+                    f"{method} {_redact(str(url), secrets)} redirected to a URL that is "
+                    "not https (or loopback http); not followed."
+                ) from None
+            if (response.status == 303 and method != "HEAD") or (
+                response.status in (301, 302) and method == "POST"
+            ):
+                method, body = "GET", None
+                for name in ("Content-Type", "Content-Length"):
+                    headers.popall(name, None)
+            elif response.status in (307, 308) and not replayable:
+                return response
+            if on_origin and _origin(next_url) != origin:
+                on_origin = False
+                names = list(_SENSITIVE_HEADERS)
+                if auth is not None and auth.provider.auth_header is not None:
+                    names.append(auth.provider.auth_header.name)
+                for name in names:
+                    headers.popall(name, None)
+                if any(secret in str(next_url) for secret in secrets):
+                    raise RequestFailed(
+                        "Refused to follow a redirect to another host: the URL would carry "
+                        "the credentials."
+                    )
+            target = next_url
+        raise RequestFailed(f"More than {MAX_REDIRECTS} redirects; gave up.")
+
+    async def _attempts(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: Any,
+        attempts: int,
+        attempt_timeout: float | aiohttp.ClientTimeout | None,
+        opts: Mapping[str, Any],
+        secrets: tuple[str, ...],
+    ) -> Response:
+        retry = method in IDEMPOTENT_METHODS
+        client_timeout = (
+            attempt_timeout
+            if isinstance(attempt_timeout, aiohttp.ClientTimeout)
+            else aiohttp.ClientTimeout(total=attempt_timeout or self.timeout)
+        )
+        shown = _redact(str(url), secrets)
+        for attempt in range(1, attempts + 1):
+            try:
+                async with session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=client_timeout,
+                    **opts,
+                ) as raw:
+                    response = Response(
+                        status=raw.status,
+                        headers=raw.headers,
+                        body=await raw.read(),
+                        url=shown,
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                transient = isinstance(
+                    exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError
+                )
+                reason = (
+                    "timed out"
+                    if isinstance(exc, TimeoutError)
+                    else (_redact(str(exc), secrets) or type(exc).__name__)
+                )
+                if retry and transient and attempt < attempts:
+                    delay = self._delay(attempt, None)
+                    logger.debug(
+                        "%s %s: %s; retrying in %.2fs", method, shown, type(exc).__name__, delay
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                leaked = any(secret in repr(exc.args) for secret in secrets)
+                raise RequestFailed(
+                    f"{method} {shown} failed after {attempt} attempt(s): {reason}",
+                    attempts=attempt,
+                ) from (None if leaked else exc)
+            if retry and response.status in RETRY_STATUSES and attempt < attempts:
+                delay = self._delay(attempt, response.headers.get("Retry-After"))
+                logger.debug(
+                    "%s %s: status %d; retrying in %.2fs", method, shown, response.status, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            seconds = retry_after_seconds(retry_after)
+            if seconds is not None:
+                return min(seconds, self.max_backoff)
+        base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
+        return base / 2 + random.uniform(0, base / 2)

@@ -1,0 +1,628 @@
+"""OAuth 2.0 client logic without I/O: state, PKCE, request building, token parsing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+import aiohttp
+from authlib.common.security import generate_token
+from authlib.common.urls import url_decode
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
+from authlib.oauth2.rfc7009 import prepare_revoke_token_request
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
+from ._errors import InvalidURL, OAuthError, ReauthRequired, RequestFailed, TokenRequestFailed
+
+__all__ = [
+    "TERMINAL_ERROR_CODES",
+    "TRANSIENT_ERROR_CODES",
+    "AuthMethod",
+    "GrantType",
+    "TokenSet",
+    "authorization_url",
+    "backoff_delays",
+    "code_challenge",
+    "expires_within",
+    "generate_code_verifier",
+    "generate_state",
+    "hash_state",
+    "is_terminal_error",
+    "is_transient_error",
+    "map_userinfo",
+    "parse_token_response",
+    "revoke_request",
+    "token_request",
+]
+
+AuthMethod = Literal["client_secret_post", "client_secret_basic", "none"]
+GrantType = Literal["authorization_code", "refresh_token", "client_credentials"]
+
+_AUTH_METHODS: Final = frozenset({"client_secret_post", "client_secret_basic", "none"})
+_GRANT_REQUIRED: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "authorization_code": ("code", "redirect_uri"),
+        "refresh_token": ("refresh_token",),
+        "client_credentials": (),
+    }
+)
+_RESERVED_AUTHORIZE_PARAMS: Final = frozenset(
+    {
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+    }
+)
+_NO_PARAMS: Final[Mapping[str, str]] = MappingProxyType({})
+_FORM_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        # GitHub answers form-encoded unless JSON is asked for.
+        "Accept": "application/json",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+)
+
+_VERIFIER_RE: Final = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
+_ERROR_CODE_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_SCOPE_SPLIT_RE: Final = re.compile(r"[\s,]+")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_MAX_DESCRIPTION: Final = 300
+
+#: Error codes after which retrying cannot help: the user must authorize again.
+#: RFC 6749 codes plus the equivalents GitHub and Slack use on 200 responses.
+TERMINAL_ERROR_CODES: Final = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "bad_verification_code",
+        "bad_refresh_token",
+        "incorrect_client_credentials",
+        "invalid_refresh_token",
+        "invalid_code",
+        "code_already_used",
+        "bad_client_secret",
+        "invalid_client_id",
+        "token_revoked",
+        "token_expired",
+    }
+)
+
+#: Error codes that describe a provider-side hiccup, worth retrying with backoff.
+TRANSIENT_ERROR_CODES: Final = frozenset(
+    {"temporarily_unavailable", "server_error", "internal_error", "ratelimited"}
+)
+
+_TRANSIENT_STATUSES: Final = frozenset({408, 425, 429})
+_PARSED_FIELDS: Final = frozenset(
+    {"access_token", "refresh_token", "id_token", "token_type", "expires_in", "expires_at", "scope"}
+)
+
+
+def generate_state() -> str:
+    """Return a fresh, unguessable OAuth ``state`` (48 url-safe characters, ~285 bits)."""
+    return str(generate_token(48))
+
+
+def generate_code_verifier() -> str:
+    """Return a fresh PKCE code verifier (RFC 7636: 64 unreserved characters)."""
+    return str(generate_token(64))
+
+
+def code_challenge(verifier: str) -> str:
+    """Return the S256 code challenge for ``verifier``."""
+    if not isinstance(verifier, str) or not _VERIFIER_RE.fullmatch(verifier):
+        raise ValueError("a PKCE code verifier is 43-128 characters of A-Z a-z 0-9 - . _ ~")
+    return str(create_s256_code_challenge(verifier))
+
+
+def hash_state(state: str) -> str:
+    """Return the SHA-256 hex digest of ``state``: what is stored server-side instead of it."""
+    if not isinstance(state, str):
+        raise TypeError("state must be a str")
+    return hashlib.sha256(state.encode("utf-8")).hexdigest()
+
+
+def authorization_url(
+    authorize_url: str,
+    *,
+    client_id: str,
+    redirect_uri: str,
+    scopes: Sequence[str],
+    scope_separator: str = " ",
+    state: str | None,
+    code_challenge: str | None,
+    extra_params: Mapping[str, str] = _NO_PARAMS,
+) -> str:
+    """Build the authorization-code request URL (PKCE S256 when ``code_challenge`` is given)."""
+    _check_url(authorize_url)
+    _check_url(redirect_uri)
+    if not client_id:
+        raise ValueError("client_id is required")
+    clash = _RESERVED_AUTHORIZE_PARAMS.intersection(extra_params)
+    if clash:
+        raise ValueError(f"extra_params may not set {', '.join(sorted(clash))}")
+    params: dict[str, str] = {}
+    if code_challenge is not None:
+        params["code_challenge"] = code_challenge
+        params["code_challenge_method"] = "S256"
+    params.update(extra_params)
+    return str(
+        prepare_grant_uri(
+            authorize_url,
+            client_id,
+            "code",
+            redirect_uri=redirect_uri,
+            scope=_join_scopes(scopes, scope_separator),
+            state=state,
+            **params,
+        )
+    )
+
+
+def token_request(
+    grant_type: GrantType,
+    *,
+    token_url: str,
+    client_id: str,
+    client_secret: str | None,
+    auth_method: AuthMethod,
+    scope_separator: str = " ",
+    **params: str | Sequence[str] | None,
+) -> tuple[str, dict[str, str], str]:
+    """Build a token endpoint request as ``(url, headers, form body)``.
+
+    ``authorization_code`` takes ``code``, ``redirect_uri`` and ``code_verifier``;
+    ``refresh_token`` takes ``refresh_token`` and an optional ``scope``;
+    ``client_credentials`` takes an optional ``scope``. ``None`` values are left out,
+    a ``scope`` sequence is joined with ``scope_separator``.
+    """
+    _check_url(token_url)
+    if grant_type not in _GRANT_REQUIRED:
+        raise ValueError(f"unsupported grant_type {grant_type!r}")
+    missing = [name for name in _GRANT_REQUIRED[grant_type] if not params.get(name)]
+    if missing:
+        raise ValueError(f"{grant_type} needs {', '.join(missing)}")
+    fields: dict[str, str] = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "scope" and not isinstance(value, str):
+            fields[name] = _join_scopes(value, scope_separator) or ""
+        elif isinstance(value, str):
+            fields[name] = value
+        else:
+            raise TypeError(f"parameter {name!r} must be a str")
+    body = str(prepare_token_request(grant_type, **fields))
+    return _authenticate(token_url, body, client_id, client_secret, auth_method)
+
+
+def revoke_request(
+    revoke_url: str,
+    *,
+    token: str,
+    token_type_hint: Literal["access_token", "refresh_token"] | None = None,
+    client_id: str,
+    client_secret: str | None,
+    auth_method: AuthMethod,
+) -> tuple[str, dict[str, str], str]:
+    """Build an RFC 7009 revocation request as ``(url, headers, form body)``."""
+    _check_url(revoke_url)
+    if not token:
+        raise ValueError("token is required")
+    body, _ = prepare_revoke_token_request(token, token_type_hint)
+    return _authenticate(revoke_url, str(body), client_id, client_secret, auth_method)
+
+
+def _authenticate(
+    url: str, body: str, client_id: str, client_secret: str | None, auth_method: str
+) -> tuple[str, dict[str, str], str]:
+    if auth_method not in _AUTH_METHODS:
+        raise ValueError(f"unsupported token endpoint auth method {auth_method!r}")
+    if not client_id:
+        raise ValueError("client_id is required")
+    if auth_method != "none" and not client_secret:
+        raise ValueError(f"{auth_method} needs a client_secret")
+    auth = ClientAuth(client_id, client_secret, auth_method)
+    url, headers, body = auth.prepare("POST", url, dict(_FORM_HEADERS), body)
+    return str(url), {str(k): str(v) for k, v in headers.items()}, str(body)
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class TokenSet:
+    """Tokens from a token endpoint response, with an absolute UTC expiry.
+
+    ``extras`` holds the rest of the response with every token-like field removed
+    (for example Slack's ``team`` or Microsoft's ``ext_expires_in``).
+    """
+
+    access_token: str
+    refresh_token: str | None = None
+    token_type: str = "Bearer"
+    expires_at: datetime | None = None
+    scope: tuple[str, ...] = ()
+    obtained_at: datetime
+    id_token: str | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def expires_within(self, leeway: float, now: datetime) -> bool:
+        """Whether the access token expires within ``leeway`` seconds of ``now``."""
+        return expires_within(self.expires_at, leeway, now)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenSet(token_type={self.token_type!r}, access_token=<masked>, "
+            f"refresh_token={_mask(self.refresh_token)}, id_token={_mask(self.id_token)}, "
+            f"expires_at={self.expires_at!r}, scope={self.scope!r}, "
+            f"obtained_at={self.obtained_at!r}, extras={sorted(self.extras)!r})"
+        )
+
+
+def parse_token_response(
+    status: int,
+    body: bytes | str | Mapping[str, Any],
+    *,
+    now: datetime,
+    requested_scopes: Sequence[str],
+    previous_refresh_token: str | None,
+    redact: Iterable[str] = (),
+) -> TokenSet:
+    """Turn a token endpoint response into a ``TokenSet`` or raise a classified error.
+
+    Accepts JSON and, for providers such as GitHub, form-encoded bodies. Without a
+    refresh token in the response ``previous_refresh_token`` is kept; without a
+    ``scope`` the ``requested_scopes`` are assumed granted.
+
+    Raises ``ReauthRequired`` for terminal errors (``invalid_grant``, ``invalid_client``,
+    ``unauthorized_client`` and vendor equivalents), ``TokenRequestFailed`` with
+    ``transient=True`` for 5xx, 408, 429 and "try later" codes, else
+    ``TokenRequestFailed`` with ``transient=False``. Messages carry the OAuth error
+    code and description, with ``previous_refresh_token`` and ``redact`` values masked.
+    """
+    now = _aware(now, "now")
+    payload = _decode_body(body)
+    secrets = [s for s in (previous_refresh_token, *redact) if s]
+    error = _error_code(payload)
+    description = _description(payload, secrets)
+
+    if status >= 500 or status in _TRANSIENT_STATUSES or error in TRANSIENT_ERROR_CODES:
+        raise TokenRequestFailed(
+            _message("is temporarily unavailable", status, error, description),
+            transient=True,
+            status=status,
+            error=error,
+            description=description,
+        )
+    if error is not None or not 200 <= status < 300:
+        if error in TERMINAL_ERROR_CODES:
+            raise ReauthRequired(
+                _message("rejected the grant", status, error, description)
+                + "; the connection must be authorized again",
+                status=status,
+                error=error,
+                description=description,
+            )
+        raise TokenRequestFailed(
+            _message("refused the request", status, error, description),
+            transient=False,
+            status=status,
+            error=error,
+            description=description,
+        )
+    if payload is None:
+        raise TokenRequestFailed(
+            f"The token endpoint answered HTTP {status} with a body that is not a token response",
+            transient=False,
+            status=status,
+        )
+    access_token = payload.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise TokenRequestFailed(
+            f"The token endpoint answered HTTP {status} without an access_token",
+            transient=False,
+            status=status,
+        )
+
+    refresh_token = payload.get("refresh_token")
+    if not isinstance(refresh_token, str) or not refresh_token:
+        refresh_token = previous_refresh_token
+    id_token = payload.get("id_token")
+    return TokenSet(
+        access_token=access_token,
+        refresh_token=refresh_token,
+        token_type=_token_type(payload.get("token_type")),
+        expires_at=_expires_at(payload, now),
+        scope=_granted_scopes(payload, requested_scopes),
+        obtained_at=now,
+        id_token=id_token if isinstance(id_token, str) and id_token else None,
+        extras=_strip_tokens({k: v for k, v in payload.items() if k not in _PARSED_FIELDS}),
+    )
+
+
+def _decode_body(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any] | None:
+    if isinstance(body, Mapping):
+        return body
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    text = body.strip()
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        return data
+    if data is not None or text.startswith(("{", "[", "<")):
+        return None
+    try:
+        pairs = url_decode(text)
+    except ValueError:
+        return None
+    form = {str(k): str(v) for k, v in pairs}
+    # A stray word parses as {"word": ""}; only real key=value bodies count as forms.
+    return form if "=" in text else None
+
+
+def _error_code(payload: Mapping[str, Any] | None) -> str | None:
+    if payload is None:
+        return None
+    error = payload.get("error")
+    if error is None and payload.get("ok") is False:
+        error = "unknown_error"
+    if error is None:
+        return None
+    if isinstance(error, str) and _ERROR_CODE_RE.fullmatch(error):
+        return error
+    return "unknown_error"
+
+
+def _description(payload: Mapping[str, Any] | None, secrets: Sequence[str]) -> str | None:
+    if payload is None:
+        return None
+    text = payload.get("error_description")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = _CONTROL_RE.sub(" ", text).strip()
+    for secret in secrets:
+        text = text.replace(secret, "<masked>")
+    if len(text) > _MAX_DESCRIPTION:
+        text = text[: _MAX_DESCRIPTION - 1] + "…"
+    return text
+
+
+def _message(what: str, status: int, error: str | None, description: str | None) -> str:
+    detail = error or "no error code"
+    if description:
+        detail = f"{detail}: {description}"
+    return f"The token endpoint {what} (HTTP {status}, {detail})"
+
+
+def _token_type(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        return "Bearer"
+    # Providers answer "bearer" too; the Authorization header wants the canonical case.
+    return "Bearer" if value.lower() == "bearer" else value
+
+
+def _expires_at(payload: Mapping[str, Any], now: datetime) -> datetime | None:
+    seconds = _number(payload.get("expires_in"))
+    if seconds is not None:
+        return now + timedelta(seconds=max(seconds, 0.0))
+    epoch = _number(payload.get("expires_at"))
+    if epoch is not None:
+        try:
+            return datetime.fromtimestamp(epoch, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    # Beyond ~10**10 s a timedelta overflows; such an expiry means "never" anyway.
+    return number if math.isfinite(number) and abs(number) < 1e10 else None
+
+
+def _granted_scopes(payload: Mapping[str, Any], requested: Sequence[str]) -> tuple[str, ...]:
+    scope = payload.get("scope")
+    if isinstance(scope, str):
+        return tuple(s for s in _SCOPE_SPLIT_RE.split(scope) if s)
+    if isinstance(scope, list | tuple):
+        return tuple(str(s) for s in scope if s)
+    return tuple(requested)
+
+
+def _strip_tokens(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            str(k): _strip_tokens(v)
+            for k, v in value.items()
+            if not str(k).lower().endswith(("token", "secret"))
+        }
+    if isinstance(value, list | tuple):
+        return [_strip_tokens(v) for v in value]
+    return value
+
+
+def _mask(value: str | None) -> str:
+    return "None" if value is None else "<masked>"
+
+
+def is_terminal_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the grant is dead and only a new authorization helps."""
+    return isinstance(exc, ReauthRequired)
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Whether retrying the token request later may succeed (5xx, 429, timeouts, network)."""
+    if isinstance(exc, TokenRequestFailed):
+        return exc.transient
+    if isinstance(exc, OAuthError):
+        return False
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.status >= 500 or exc.status in _TRANSIENT_STATUSES
+    return isinstance(exc, TimeoutError | ConnectionError | aiohttp.ClientError | RequestFailed)
+
+
+def expires_within(expires_at: datetime | None, leeway: float, now: datetime) -> bool:
+    """Whether a token expiring at ``expires_at`` is expired ``leeway`` seconds ahead of ``now``.
+
+    An unknown expiry (``None``) is never considered due: such tokens are refreshed
+    only after the API rejects them.
+    """
+    if expires_at is None:
+        return False
+    expires_at = _aware(expires_at, "expires_at")
+    now = _aware(now, "now")
+    return expires_at - timedelta(seconds=leeway) <= now
+
+
+def map_userinfo(provider_key: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Map a provider's userinfo response to ``{"email", "name", "picture", "account_id"}``.
+
+    Missing values are ``None``; ``account_id`` is always a string when present.
+    """
+    style = _userinfo_style(provider_key, info)
+    if style == "slack" and isinstance(info.get("user"), Mapping):
+        # Legacy users.identity nests the user; OpenID Connect userInfo is flat.
+        user = info["user"]
+        return _userinfo(
+            user,
+            email=("email",),
+            name=("real_name", "name"),
+            picture=("image_512", "image_192", "image_72", "image_48"),
+            account_id=("id",),
+        )
+    if style == "microsoft":
+        return _userinfo(
+            info,
+            email=("mail", "userPrincipalName", "email"),
+            name=("displayName", "name"),
+            picture=("picture",),
+            account_id=("id", "sub", "oid"),
+        )
+    if style == "github":
+        return _userinfo(
+            info,
+            email=("email",),
+            name=("name", "login"),
+            picture=("avatar_url",),
+            account_id=("id",),
+        )
+    return _userinfo(
+        info,
+        email=("email", "mail", "userPrincipalName"),
+        name=("name", "displayName", "login", "username"),
+        picture=("picture", "avatar_url"),
+        account_id=("sub", "id", "https://slack.com/user_id"),
+    )
+
+
+_USERINFO_STYLES: Final = frozenset({"google", "microsoft", "github", "slack"})
+
+
+def _userinfo_style(provider_key: str, info: Mapping[str, Any]) -> str:
+    key = provider_key.lower()
+    if key in _USERINFO_STYLES:
+        return key
+    # Built-in variants such as "google_drive" or "microsoft-365" share their family's shape.
+    family = re.split(r"[_\-:.]", key, maxsplit=1)[0]
+    if family in _USERINFO_STYLES:
+        return family
+    if "userPrincipalName" in info:
+        return "microsoft"
+    return "generic"
+
+
+def _userinfo(
+    info: Mapping[str, Any],
+    *,
+    email: Sequence[str],
+    name: Sequence[str],
+    picture: Sequence[str],
+    account_id: Sequence[str],
+) -> dict[str, Any]:
+    return {
+        "email": _first_text(info, email),
+        "name": _first_text(info, name),
+        "picture": _first_text(info, picture),
+        "account_id": _first_id(info, account_id),
+    }
+
+
+def _first_text(info: Mapping[str, Any], keys: Sequence[str]) -> str | None:
+    for key in keys:
+        value = info.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _first_id(info: Mapping[str, Any], keys: Sequence[str]) -> str | None:
+    for key in keys:
+        value = info.get(key)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) or (isinstance(value, str) and value.strip()):
+            return str(value).strip()
+    return None
+
+
+def backoff_delays(
+    attempts: int, base: float, cap: float, *, rng: random.Random | None = None
+) -> list[float]:
+    """Return ``attempts`` jittered exponential delays in seconds.
+
+    Delay ``i`` lies in ``[c/2, c]`` with ``c = min(cap, base * 2**i)`` ("equal jitter"):
+    callers spread out instead of retrying in lockstep, yet each still waits.
+    """
+    if attempts < 0:
+        raise ValueError("attempts must be >= 0")
+    if base < 0 or cap < 0:
+        raise ValueError("base and cap must be >= 0")
+    rng = rng or random.SystemRandom()
+    delays = []
+    for i in range(attempts):
+        ceiling = min(cap, base * 2.0 ** min(i, 64))
+        delays.append(ceiling / 2 + rng.uniform(0, ceiling / 2))
+    return delays
+
+
+def _join_scopes(scopes: Sequence[str] | str, separator: str) -> str | None:
+    if isinstance(scopes, str):
+        raise TypeError("scopes must be a sequence of str, not a str")
+    cleaned = [s for s in scopes if s]
+    return separator.join(cleaned) if cleaned else None
+
+
+def _check_url(url: str) -> None:
+    if not isinstance(url, str) or not re.match(r"^https?://[^/?#\s]+", url):
+        raise InvalidURL(f"not an absolute http(s) URL: {url!r}")
+
+
+def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware")
+    return value.astimezone(UTC)
