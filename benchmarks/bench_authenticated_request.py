@@ -8,12 +8,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, scratch_database  # noqa: E402
+import aiohttp
+from _common import interleaved_medians, scratch_database
+from aiohttp import web
 
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
-
-from integrations import Integrations, Provider, generate_key  # noqa: E402
+from integrations import Integrations, Provider, generate_key
 
 
 async def main() -> None:
