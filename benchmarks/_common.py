@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import secrets
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+# Benchmarks run from a checkout too, without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ADMIN_DSN = os.environ.get(
     "INTEGRATIONS_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -37,6 +37,7 @@ from ._errors import (
     TokenRequestFailed,
     UnknownKey,
 )
+from ._events import ALL_OWNERS, HubStats, Subscription
 from ._facade import Integrations
 from ._http import Response, bot_url
 from ._models import Connection, Event, RotationProgress, Validation
@@ -53,6 +54,7 @@ from ._providers import (
 from ._vault import generate_key
 
 __all__ = [
+    "ALL_OWNERS",
     "AUTH_TYPES",
     "AlreadyExists",
     "AuthHeader",
@@ -66,6 +68,7 @@ __all__ = [
     "EncryptionNotConfigured",
     "Event",
     "HostNotAllowed",
+    "HubStats",
     "Integrations",
     "IntegrationsError",
     "InvalidAttrs",
@@ -93,6 +96,7 @@ __all__ = [
     "SchemaOutdated",
     "SetupField",
     "StorageError",
+    "Subscription",
     "TokenRequestFailed",
     "UnknownKey",
     "UserinfoMap",

@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -26,9 +27,10 @@ from ._errors import (
     NotFound,
     SchemaOutdated,
 )
+from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import Connection, Event, Validation, utcnow
+from ._models import EVENT_KINDS, Connection, Event, Validation, utcnow
 from ._providers import Provider, ProviderRegistry
 from ._repository import Change, Repository, StoredRow
 from ._rotation import ProgressCallback, RotationProgress, rotate
@@ -108,6 +110,7 @@ class Integrations:
         self._vault = Vault(None, encryption=encryption)
         self._legacy = LegacyMigrators()
         self._http_client = HttpClient(http)
+        self._hub: EventHub | None = None
         self._state = _State.NEW
         self.embedded_dsn: str | None = None
 
@@ -159,12 +162,18 @@ class Integrations:
             if not self._auto_migrate:
                 raise SchemaOutdated()
             await self._repo.migrate()
+        # Opens no connection: the LISTEN connection waits for the first subscribe().
+        self._hub = EventHub(self._repo.listen, self._repo.channel)
 
     async def close(self) -> None:
         """Release what was opened, in reverse order; injected pool and session stay open."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        # Before the pool: the hub's listener is a pooled connection, and ending the
+        # subscriptions first lets every ``async for`` finish cleanly.
+        if self._hub is not None:
+            await self._hub.close()
         await self._http_client.close()
         await self._repo.close()
 
@@ -180,6 +189,100 @@ class Integrations:
         """Apply pending schema migrations under an advisory lock; returns versions applied."""
         self._check_open()
         return await self._repo.migrate()
+
+    # -- events -------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        *,
+        provider: str | None = None,
+        uuid: str | None = None,
+        owner: OwnerScope = None,
+        kinds: Iterable[str] | None = None,
+        maxsize: int = 1000,
+    ) -> AbstractAsyncContextManager[Subscription]:
+        """Committed changes from every process on this database: ``async with integ.subscribe()``.
+
+        Filters combine: ``provider`` and ``uuid`` narrow to one provider or connection,
+        ``kinds`` to some event kinds. ``owner=None`` sees system connections only, an
+        owner string sees that owner's, ``ALL_OWNERS`` sees all. When more than
+        ``maxsize`` events wait unread the oldest are dropped and counted in
+        ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+        """
+        hub = self._event_hub()
+        if provider is not None:
+            provider = self.providers.get(provider).key
+        if uuid is not None:
+            uuid = names.require_uuid(uuid)
+        if owner is not ALL_OWNERS:
+            owner = names.check_owner(owner)
+        return hub.subscribe(
+            provider=provider, uuid=uuid, owner=owner, kinds=kinds, maxsize=maxsize
+        )
+
+    @property
+    def event_stats(self) -> HubStats:
+        """Counters of this instance's event listener: received, malformed, reconnects."""
+        return self._event_hub().stats
+
+    def _event_hub(self) -> EventHub:
+        self._check_open()
+        if self._hub is None:
+            raise LifecycleError("Integrations is still opening")
+        return self._hub
+
+    async def _record_status(
+        self,
+        uuid: str,
+        *,
+        kind: str,
+        status: str,
+        message: str | None = None,
+        actor: str | None = None,
+        extra_data: Mapping[str, Any] | None = None,
+        detail: Mapping[str, Any] | None = None,
+        always: bool = False,
+    ) -> bool:
+        """Store a status outcome (a token refresh, a connect) and emit ``kind`` for it.
+
+        ``message`` becomes ``validation_status``. Unless ``always``, the event is sent
+        only when ``status`` or ``validation_status`` changed, so a failure repeated
+        every refresh cycle reaches subscribers once. ``extra_data`` (tokens, expiry)
+        is merged into the row with its secret fields sealed and never goes into the
+        event; ``detail`` must hold no secrets. Returns whether an event was sent.
+        """
+        if kind not in EVENT_KINDS or kind == "resync":
+            raise ValueError(f"not a connection event kind: {kind!r}")
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+
+        def decide(row: StoredRow | None) -> tuple[Change, bool]:
+            if row is None:
+                raise NotConfigured()
+            previous = row.data.get("status")
+            previous_message = row.data.get("validation_status")
+            sealed = self._vault.seal(
+                row.uuid, dict(extra_data or {}), self._secret_fields(self._provider_of(row))
+            )
+            data = {**row.data, **sealed, "status": status}
+            if message is not None:
+                data["validation_status"] = message
+            current_message = data.get("validation_status")
+            events = []
+            if always or status != previous or current_message != previous_message:
+                updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
+                events.append(
+                    self._event(
+                        kind,
+                        updated,
+                        previous_status=previous,
+                        actor=actor,
+                        detail={**(detail or {}), "validation_status": current_message},
+                    )
+                )
+            return Change(data=data, events=events), bool(events)
+
+        return await self._repo.modify(uuid, decide)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -285,6 +388,7 @@ class Integrations:
             event = self._event(
                 "connection_renamed",
                 renamed,
+                previous_status=row.data.get("status"),
                 actor=actor,
                 detail={"old_name": old_name, "new_name": clean},
             )
@@ -302,7 +406,9 @@ class Integrations:
         def decide(row: StoredRow | None) -> tuple[Change, None]:
             if row is None:
                 raise NotFound()
-            event = self._event("connection_removed", row, actor=actor)
+            event = self._event(
+                "connection_removed", row, previous_status=row.data.get("status"), actor=actor
+            )
             return Change(delete=True, events=[event]), None
 
         await self._repo.modify(uuid, decide)

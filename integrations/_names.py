@@ -11,6 +11,7 @@ import uuid as _uuid
 from ._errors import EmptyName, InvalidInput, InvalidName, InvalidProviderKey, InvalidUUID
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+MAX_NAME_LENGTH = 100
 PROVIDER_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 IDENTIFIER_RE = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 KEY_PREFIX = "integration:"
@@ -26,6 +27,8 @@ def normalize_name(name: object) -> str:
         raise EmptyName()
     if NAME_RE.fullmatch(trimmed) is None:
         raise InvalidName()
+    if len(trimmed) > MAX_NAME_LENGTH:
+        raise InvalidName(f"connection names are at most {MAX_NAME_LENGTH} characters")
     return trimmed
 
 

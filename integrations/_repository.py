@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,6 +79,36 @@ def like_prefix(prefix: str) -> str:
     """A LIKE pattern matching ``prefix`` literally, then anything."""
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped + "%"
+
+
+# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more, and a refused NOTIFY
+# would fail the write it belongs to. Owner and actor are capped at 255 characters;
+# ``detail`` and, in theory, a very long connection name are what can overflow.
+PAYLOAD_BUDGET = 7000
+_DETAIL_VALUE_BUDGET = 200
+
+
+def event_payload(event: Event) -> str:
+    """The event's NOTIFY payload, trimmed (``detail`` first) to stay within the budget."""
+    payload = event.to_payload()
+    if len(payload.encode()) <= PAYLOAD_BUDGET:
+        return payload
+    # Short values (error codes, field names) are the useful part; long ones get cut.
+    trimmed: dict[str, Any] = {}
+    for key, value in event.detail.items():
+        if isinstance(value, str) and len(value) > _DETAIL_VALUE_BUDGET:
+            trimmed[key] = value[:_DETAIL_VALUE_BUDGET] + "…"
+        elif len(json.dumps(value, default=str)) <= _DETAIL_VALUE_BUDGET:
+            trimmed[key] = value
+    trimmed["truncated"] = True
+    payload = dataclasses.replace(event, detail=trimmed).to_payload()
+    if len(payload.encode()) <= PAYLOAD_BUDGET:
+        return payload
+    # The uuid still identifies the connection; readers re-read it for the rest.
+    name = event.name
+    if name is not None and len(name) > _DETAIL_VALUE_BUDGET:
+        name = name[:_DETAIL_VALUE_BUDGET] + "…"
+    return dataclasses.replace(event, name=name, detail={"truncated": True}).to_payload()
 
 
 @contextlib.contextmanager
@@ -226,7 +257,7 @@ class Repository:
                 if record is None:
                     return None
                 for event in events:
-                    await conn.execute(self.q.notify, self.channel, event.to_payload())
+                    await conn.execute(self.q.notify, self.channel, event_payload(event))
         return _row(record)
 
     async def modify(self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]) -> T:
@@ -255,12 +286,12 @@ class Repository:
                             self.q.update_value, _uuid.UUID(uuid), _dumps(change.data)
                         )
                 for event in change.events:
-                    await conn.execute(self.q.notify, self.channel, event.to_payload())
+                    await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
 
     async def notify(self, event: Event) -> None:
         with _translate():
-            await self.pool.execute(self.q.notify, self.channel, event.to_payload())
+            await self.pool.execute(self.q.notify, self.channel, event_payload(event))
 
     # -- key rotation ------------------------------------------------------------------
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
 import uuid as uuid_mod
 from collections.abc import Iterable, Mapping
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
@@ -14,6 +16,7 @@ import pytest
 from aioresponses import aioresponses
 
 from integrations import (
+    ALL_OWNERS,
     Connection,
     DecryptionFailed,
     EncryptionNotConfigured,
@@ -137,6 +140,9 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     integ = Integrations(fresh_db, keys=TEST_KEY)
     await integ.open()
     exercised.add("open")
+    subscriptions = AsyncExitStack()
+    subscription = await subscriptions.enter_async_context(integ.subscribe(owner=ALL_OWNERS))
+    record("subscribe", subscription)
     record("migrate", await integ.migrate())
     uuids: dict[str, str] = {}
     for provider, attrs in SETUPS.items():
@@ -263,6 +269,12 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         record("disconnect", await rotating.disconnect(uuids["openai"]))
         record("remove_connection", await rotating.remove_connection(uuids["telegram"]))
     stored += await stored_texts(db)
+    await asyncio.sleep(0.3)
+    delivered = [await subscription.get() for _ in range(subscription.pending)]
+    assert delivered, "the subscription received no event"
+    shown.extend(delivered)
+    record("event_stats", integ.event_stats)
+    await subscriptions.aclose()
     shown.append(integ)
     await integ.close()
     exercised.add("close")
