@@ -330,6 +330,8 @@ class Provider(_Frozen):
     userinfo_map: UserinfoMap = Field(default_factory=UserinfoMap)
     description: str = ""
     docs_url: str | None = None
+    # An application provider with this set replaces the built-in of the same key.
+    override: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -536,7 +538,8 @@ class ProviderRegistry:
     """The built-in providers plus the application's own, looked up by key.
 
     A provider whose key is already a built-in replaces it only when
-    ``override=True`` is passed; otherwise ProviderConflict. Two application
+    ``override=True`` is passed here or set on the provider itself
+    (``Provider(..., override=True)``); otherwise ProviderConflict. Two application
     providers with the same key are always a ProviderConflict.
     """
 
@@ -553,7 +556,7 @@ class ProviderRegistry:
                 raise ProviderConflict(
                     f"Provider {provider.key!r} is given twice.", provider=provider.key
                 )
-            if provider.key in self._providers and not override:
+            if provider.key in self._providers and not (override or provider.override):
                 raise ProviderConflict(
                     f"Provider {provider.key!r} is a built-in; pass override=True to replace it.",
                     provider=provider.key,

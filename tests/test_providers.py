@@ -442,3 +442,20 @@ def test_duplicate_application_providers_always_conflict():
 def test_registry_refuses_non_providers():
     with pytest.raises(TypeError):
         ProviderRegistry([{"key": "acme"}])  # type: ignore[list-item]
+
+
+def test_a_provider_can_ask_to_override_a_builtin_itself():
+    mine = custom(key="openai", name="My OpenAI", api_hosts=("llm.internal.test",), override=True)
+    assert ProviderRegistry([mine]).get("openai").name == "My OpenAI"
+
+
+async def test_integrations_takes_overrides_through_either_switch(fresh_db):
+    from integrations import Integrations
+
+    from .conftest import TEST_KEY
+
+    mine = custom(key="openai", name="My OpenAI", api_hosts=("llm.internal.test",))
+    with pytest.raises(ProviderConflict):
+        Integrations(fresh_db, keys=TEST_KEY, providers=[mine])
+    integ = Integrations(fresh_db, keys=TEST_KEY, providers=[mine], override_providers=True)
+    assert {p.key: p.name for p in integ.list_providers()}["openai"] == "My OpenAI"
