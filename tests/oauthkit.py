@@ -1,4 +1,4 @@
-"""Shared pieces of the OAuth tests: the loopback provider, driving the authorize step, connecting."""
+"""Shared pieces of the OAuth tests: the loopback provider, the consent step, connecting."""
 
 from __future__ import annotations
 
@@ -49,9 +49,7 @@ def client_credentials_provider(base_url: str, **overrides: Any) -> Provider:
 
 
 @asynccontextmanager
-async def open_integrations(
-    dsn: str, base_url: str, **options: Any
-) -> AsyncIterator[Integrations]:
+async def open_integrations(dsn: str, base_url: str, **options: Any) -> AsyncIterator[Integrations]:
     providers = options.pop("providers", None) or [
         loopback_provider(base_url),
         client_credentials_provider(base_url),
@@ -89,9 +87,9 @@ async def connect(integ: Integrations, name: str = "default") -> str:
     return uuid
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
     """Wait until ``check()`` is truthy (awaiting it when it returns an awaitable)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         result = check()
         if asyncio.iscoroutine(result):
