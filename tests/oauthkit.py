@@ -12,7 +12,6 @@ import aiohttp
 
 from integrations import Integrations, Provider
 
-from .conftest import TEST_KEY
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 REDIRECT_URI = "http://127.0.0.1:9/callback"
@@ -54,6 +53,8 @@ async def open_integrations(dsn: str, base_url: str, **options: Any) -> AsyncIte
         loopback_provider(base_url),
         client_credentials_provider(base_url),
     ]
+    from .conftest import TEST_KEY
+
     options.setdefault("token_backoff", 0.01)
     async with Integrations(dsn, keys=TEST_KEY, providers=providers, **options) as integ:
         yield integ
