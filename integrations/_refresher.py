@@ -308,6 +308,13 @@ class Refresher:
         _check_oauth(provider)
         plain = self._plain(row, provider)
         current = _text(plain.get("access_token"))
+        if (
+            provider.auth_type == "oauth2"
+            and current is None
+            and _text(plain.get("refresh_token")) is None
+        ):
+            # Disconnected while this caller waited: nothing to refresh, nothing to record.
+            raise NotConnected()
         # Check again after the lock: another process may have refreshed, or failed, meanwhile.
         if current is not None and current != seen.token:
             return current

@@ -462,3 +462,29 @@ async def test_connect_interactive_times_out_cleanly(
             pass
     assert await _pending(db) == []
     assert (await integ.get_integration_by_uuid(uuid)).status == "disconnected"
+
+
+@pytest.mark.parametrize("bad", [None, 42, "", "not-a-uuid", ["x"]])
+async def test_oauth_methods_refuse_bad_uuids(
+    integ: Integrations, db: asyncpg.Connection, bad: Any
+) -> None:
+    before = await _rows(db)
+    for call in (
+        lambda: integ.begin_authorization(bad, REDIRECT_URI),
+        lambda: integ.authorization_url(bad, REDIRECT_URI),
+        lambda: integ.exchange_code(bad, "code", REDIRECT_URI),
+        lambda: integ.access_token(bad),
+        lambda: integ.refresh_access_token(bad),
+        lambda: integ.connect_interactive(bad, timeout=1),
+    ):
+        with pytest.raises(InvalidInput):
+            await call()
+    assert await _rows(db) == before
+
+
+@pytest.mark.parametrize("bad", [None, 42, b"state", ""])
+async def test_complete_authorization_refuses_malformed_states(
+    integ: Integrations, bad: Any
+) -> None:
+    with pytest.raises(InvalidState):
+        await integ.complete_authorization(bad, code="code")

@@ -638,3 +638,47 @@ async def test_client_credentials_provider_needs_its_setup(
         with pytest.raises(Exception) as info:
             await integ.access_token(conn.uuid)
         assert getattr(info.value, "code", None) == "not_configured"
+
+
+async def test_a_refresh_after_disconnect_records_nothing(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    row = await integ._repo.get(uuid)
+    assert row is not None
+    token = (await integ.get_integration(uuid))["access_token"]
+    await integ.disconnect(uuid)
+    # A 401 handled after the disconnect committed: the row has no tokens any more.
+    with pytest.raises(NotConnected):
+        await integ._refresher.after_rejection(row, token)
+    data = await integ.get_integration(uuid)
+    assert data["status"] == "disconnected"
+    assert "reauth_required" not in data
+    assert _refreshes(server) == 0
+
+
+async def test_tokens_never_reach_logs_or_errors(
+    integ: Integrations, server: OAuthTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    uuid = await connect(integ)
+    secrets = await integ.get_integration(uuid)
+    await integ.refresh_access_token(uuid)
+    fresh = await integ.get_integration(uuid)
+    server.config.fail_next = 3
+    with pytest.raises(TokenRequestFailed) as transient:
+        await integ.refresh_access_token(uuid)
+    server.config.force_invalid_client = True
+    with pytest.raises(ReauthRequired) as terminal:
+        await integ.refresh_access_token(uuid)
+    connection = await integ.get_integration_by_uuid(uuid)
+    errors = (transient.value, terminal.value)
+    shown = " ".join([caplog.text, repr(connection), *map(repr, errors), *map(str, errors)])
+    for value in (
+        secrets["access_token"],
+        secrets["refresh_token"],
+        fresh["access_token"],
+        fresh["refresh_token"],
+        DEFAULT_CLIENT_SECRET,
+    ):
+        assert value not in shown
