@@ -83,7 +83,6 @@ class AuthFlow:
         scopes: Sequence[str] | None,
         actor: str | None,
         state: str | None = None,
-        store: bool = True,
     ) -> tuple[str, str]:
         """The authorization URL and its state; a pending authorization is stored for it."""
         if not isinstance(redirect_uri, str) or not redirect_uri:
@@ -106,21 +105,20 @@ class AuthFlow:
             code_challenge=None if verifier is None else oauth.code_challenge(verifier),
             extra_params=provider.authorize_params,
         )
-        if store:
-            state_hash = oauth.hash_state(state)
-            sealed = (
-                None
-                if verifier is None
-                else self._host._vault.seal_value(state_hash, VERIFIER_FIELD, verifier)
-            )
-            repo = self._host._repo
-            # Opportunistic cleanup: every begin sweeps what expired (an indexed delete).
-            await repo.delete_expired_pending()
-            stored = await repo.insert_pending(
-                state_hash, row.uuid, row.owner, redirect_uri, requested, sealed, actor, self.ttl
-            )
-            if not stored:
-                raise InvalidState("This state is already pending; use a fresh one.")
+        state_hash = oauth.hash_state(state)
+        sealed = (
+            None
+            if verifier is None
+            else self._host._vault.seal_value(state_hash, VERIFIER_FIELD, verifier)
+        )
+        repo = self._host._repo
+        # Opportunistic cleanup: every begin sweeps what expired (an indexed delete).
+        await repo.delete_expired_pending()
+        stored = await repo.insert_pending(
+            state_hash, row.uuid, row.owner, redirect_uri, requested, sealed, actor, self.ttl
+        )
+        if not stored:
+            raise InvalidState("This state is already pending; use a fresh one.")
         return url, state
 
     async def discard(self, state: str) -> None:

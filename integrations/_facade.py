@@ -704,19 +704,14 @@ class Integrations:
     ) -> str:
         """The seed's authorization URL; PKCE included when the provider uses it.
 
-        With PKCE, or with a ``state``, a pending authorization is stored so that
-        ``exchange_code`` (or ``complete_authorization`` with that state) finds it.
+        A pending authorization is stored (a fresh state is made when none is given)
+        so that ``exchange_code``, or ``complete_authorization`` with the state, finds
+        the PKCE verifier.
         """
         self._check_open()
         uuid = names.require_uuid(uuid)
-        provider = self.providers.get(names.provider_of_key((await self._require_row(uuid)).key))
         url, _ = await self._authflow.begin(
-            uuid,
-            redirect_uri,
-            scopes=scopes,
-            actor=None,
-            state=state,
-            store=provider.pkce or state is not None,
+            uuid, redirect_uri, scopes=scopes, actor=None, state=state
         )
         return url
 
