@@ -169,7 +169,7 @@ async def test_four_failing_processes_do_not_stampede(
 ) -> None:
     uuid = await connect(integ)
     await _expire_locally(db, uuid)
-    server.configure(force_invalid_client=True, token_delay=0.3)
+    server.configure(force_invalid_client=True, token_delay=1.0)
     results = await _storm(fresh_db, server, uuid, "access_token")
     assert {r.get("error") for r in results} == {"reauth_required"}
     assert server.stats()["token_calls"].get("refresh_token") == 1
