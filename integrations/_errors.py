@@ -9,6 +9,7 @@
      │   └─ MissingExtra                missing_extra
      ├─ LifecycleError                  lifecycle
      ├─ StorageError                    storage
+     │   └─ LockTimeout                 lock_timeout
      ├─ InvalidInput (also ValueError)  invalid
      │   ├─ EmptyName                   empty_name
      │   ├─ InvalidName                 invalid_name
@@ -33,7 +34,8 @@
          ├─ AuthorizationDenied         authorization_denied
          ├─ NotConnected                not_connected
          ├─ ReauthRequired              reauth_required
-         └─ TokenRequestFailed          token_request_failed
+         ├─ TokenRequestFailed          token_request_failed
+         └─ AuthorizationTimeout        authorization_timeout (also TimeoutError)
 
 The class docstring is the default message. Messages never contain secrets.
 """
@@ -252,3 +254,15 @@ class TokenRequestFailed(OAuthError):
         super().__init__(message, transient=transient, **context)
         # Retry policy hinges on this: 5xx, 429 and network failures are worth retrying.
         self.transient = transient
+
+
+class LockTimeout(StorageError):
+    """Waiting for another process's lock on the connection took longer than the lock timeout."""
+
+    code = "lock_timeout"
+
+
+class AuthorizationTimeout(OAuthError, TimeoutError):
+    """The authorization was not completed in time."""
+
+    code = "authorization_timeout"

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _names as names
+from ._authflow import AuthFlow
 from ._checks import check_credentials
 from ._errors import (
     AlreadyExists,
@@ -32,6 +33,7 @@ from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import EVENT_KINDS, Connection, Event, Validation, utcnow
 from ._providers import Provider, ProviderRegistry
+from ._refresher import OAUTH_TYPES, Refresher, TokenPolicy
 from ._repository import Change, Repository, StoredRow
 from ._rotation import ProgressCallback, RotationProgress, rotate
 from ._vault import Keyring, Vault, mask_data
@@ -57,6 +59,9 @@ _TOKEN_FIELDS = (
     "connected_at",
     "granted_scopes",
     "reauth_required",
+    "account",
+    "token_extras",
+    "refresh_error",
 )
 
 
@@ -89,6 +94,12 @@ class Integrations:
         data_dir: str | os.PathLike[str] | None = None,
         pool_max_size: int = 10,
         check_timeout: float = 15.0,
+        authorization_ttl: float = 600.0,
+        lock_timeout: float = 30.0,
+        token_timeout: float = 10.0,
+        token_attempts: int = 3,
+        token_backoff: float = 0.5,
+        revoke_timeout: float = 5.0,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError('encryption must be "on" or "off"')
@@ -113,6 +124,17 @@ class Integrations:
         self._hub: EventHub | None = None
         self._state = _State.NEW
         self.embedded_dsn: str | None = None
+        policy = TokenPolicy(
+            leeway=self._leeway,
+            lock_timeout=lock_timeout,
+            timeout=token_timeout,
+            attempts=token_attempts,
+            backoff=token_backoff,
+        )
+        self._refresher = Refresher(self, policy)
+        self._authflow = AuthFlow(
+            self, ttl=authorization_ttl, token_timeout=token_timeout, revoke_timeout=revoke_timeout
+        )
 
     def __repr__(self) -> str:
         return f"<Integrations schema={self._schema!r} state={self._state.value}>"
@@ -174,6 +196,8 @@ class Integrations:
         # subscriptions first lets every ``async for`` finish cleanly.
         if self._hub is not None:
             await self._hub.close()
+        await self._refresher.close()
+        await self._authflow.close()
         await self._http_client.close()
         await self._repo.close()
 
@@ -403,15 +427,16 @@ class Integrations:
         uuid = names.require_uuid(uuid)
         actor = names.check_actor(actor)
 
-        def decide(row: StoredRow | None) -> tuple[Change, None]:
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
             if row is None:
                 raise NotFound()
             event = self._event(
                 "connection_removed", row, previous_status=row.data.get("status"), actor=actor
             )
-            return Change(delete=True, events=[event]), None
+            return Change(delete=True, events=[event]), row
 
-        await self._repo.modify(uuid, decide)
+        removed = await self._repo.modify(uuid, decide)
+        self._authflow.revoke_later(self._provider_of(removed), removed)
 
     async def list_connections(
         self, provider: str, *, owner: str | None = None
@@ -597,7 +622,7 @@ class Integrations:
         uuid = names.require_uuid(uuid)
         actor = names.check_actor(actor)
 
-        def decide(row: StoredRow | None) -> tuple[Change, None]:
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow | None]:
             if row is None:
                 return Change(), None
             provider = self._provider_of(row)
@@ -609,9 +634,12 @@ class Integrations:
             data["status"] = "disconnected"
             updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
             event = self._event("disconnected", updated, previous_status=previous, actor=actor)
-            return Change(data=data, events=[event]), None
+            return Change(data=data, events=[event]), row
 
-        await self._repo.modify(uuid, decide)
+        # The tokens are taken under the row lock, revoked only once the change committed.
+        dropped = await self._repo.modify(uuid, decide)
+        if dropped is not None:
+            self._authflow.revoke_later(self._provider_of(dropped), dropped)
 
     async def record_validation(self, uuid: str, result: Any) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""
@@ -711,6 +739,16 @@ class Integrations:
         provider = self._provider_of(row)
         if provider is None:
             raise InvalidProviderKey("the connection's provider is not registered")
+        if provider.auth_type in OAUTH_TYPES:
+            return await self._refresher.request(
+                row,
+                provider,
+                method.upper(),
+                url,
+                allow_any_host=allow_any_host,
+                max_attempts=max_attempts,
+                opts=opts,
+            )
         credentials = self._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         return await self._http_client.request(
             method.upper(),
@@ -721,6 +759,130 @@ class Integrations:
             max_attempts=max_attempts,
             **opts,
         )
+
+    # -- OAuth --------------------------------------------------------------------------
+
+    async def begin_authorization(
+        self,
+        uuid: str,
+        redirect_uri: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        actor: str | None = None,
+    ) -> tuple[str, str]:
+        """Start an authorization: returns ``(url, state)``; redirect the user to ``url``.
+
+        A single-use pending authorization (a hash of the state, the sealed PKCE
+        verifier, the redirect URI and scopes) is stored server-side and expires
+        after ``authorization_ttl`` seconds.
+        """
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        return await self._authflow.begin(uuid, redirect_uri, scopes=scopes, actor=actor)
+
+    async def complete_authorization(
+        self,
+        state: str,
+        *,
+        code: str | None = None,
+        error: str | None = None,
+        error_description: str | None = None,
+    ) -> Connection:
+        """Finish an authorization from the callback's ``state`` and ``code`` (or ``error``).
+
+        The state is consumed exactly once: an unknown, reused or expired one raises
+        InvalidState and changes nothing. A provider ``error`` is recorded on the
+        connection and raised as AuthorizationDenied.
+        """
+        self._check_open()
+        row = await self._authflow.complete(
+            state, code=code, error=error, error_description=error_description
+        )
+        return self._connection(row)
+
+    async def authorization_url(
+        self,
+        uuid: str,
+        redirect_uri: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        state: str | None = None,
+    ) -> str:
+        """The seed's authorization URL; PKCE included when the provider uses it.
+
+        A pending authorization is stored (a fresh state is made when none is given)
+        so that ``exchange_code``, or ``complete_authorization`` with the state, finds
+        the PKCE verifier.
+        """
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        url, _ = await self._authflow.begin(
+            uuid, redirect_uri, scopes=scopes, actor=None, state=state
+        )
+        return url
+
+    async def exchange_code(
+        self, uuid: str, code: str, redirect_uri: str, *, actor: str | None = None
+    ) -> dict[str, Any]:
+        """The seed's code exchange: stores the tokens and returns the (masked) data."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        row = await self._authflow.exchange(uuid, code, redirect_uri, actor)
+        return self._masked(row)
+
+    async def access_token(self, uuid: str) -> str:
+        """A valid access token, refreshed first when it expires within the leeway.
+
+        For ``oauth2_client_credentials`` providers the token is fetched on demand
+        and cached on the connection.
+        """
+        self._check_open()
+        row, provider = await self._oauth_row(uuid)
+        return await self._refresher.access_token(row, provider)
+
+    async def refresh_access_token(self, uuid: str) -> str:
+        """Refresh now and return the new access token; concurrent calls share one request."""
+        self._check_open()
+        row, provider = await self._oauth_row(uuid)
+        return await self._refresher.refresh(row, provider)
+
+    async def connect_interactive(
+        self,
+        uuid: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        open_browser: bool = False,
+        timeout: float = 300.0,  # noqa: ASYNC109 - enforced inside with asyncio.timeout
+        port: int = 0,
+    ) -> Connection:
+        """Authorize from a script or notebook through a temporary server on 127.0.0.1.
+
+        Prints the authorization URL (and opens it when ``open_browser``); the
+        redirect URI is ``http://127.0.0.1:{port}/callback``, register it with the
+        provider. Raises AuthorizationTimeout (a TimeoutError) after ``timeout`` seconds.
+        """
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        from ._interactive import connect_interactive
+
+        return await connect_interactive(
+            self, uuid, scopes=scopes, open_browser=open_browser, timeout=timeout, port=port
+        )
+
+    async def _require_row(self, uuid: str) -> StoredRow:
+        row = await self._repo.get(uuid)
+        if row is None:
+            raise NotConfigured()
+        return row
+
+    async def _oauth_row(self, uuid: str) -> tuple[StoredRow, Provider]:
+        row = await self._require_row(names.require_uuid(uuid))
+        provider = self._provider_of(row)
+        if provider is None:
+            raise InvalidProviderKey("the connection's provider is not registered")
+        return row, provider
 
     # -- legacy -------------------------------------------------------------------------
 

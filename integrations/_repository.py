@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from ._errors import AlreadyExists, StorageError
+from ._errors import AlreadyExists, LockTimeout, StorageError
 from ._models import Event
 from ._sql import Queries
 
@@ -404,5 +404,160 @@ class Repository:
             async with self.pool.acquire() as conn:
                 yield conn
 
+    # -- row lock held across awaits (token refresh) -------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def locked(
+        self, uuid: str, *, lock_timeout: float, idle_timeout: float
+    ) -> AsyncIterator[LockedRow]:
+        """Hold the row lock of one connection while the body awaits (a token request).
+
+        The transaction commits when the body returns and rolls back when it raises, so
+        a write made through ``LockedRow.write`` lands only with a clean exit. Waiting
+        longer than ``lock_timeout`` seconds for another holder raises LockTimeout.
+        ``idle_timeout`` makes the server end a session that stalls inside the lock.
+        Both settings are transaction-local; a holder whose process dies releases
+        the lock when its connection closes.
+        """
+        key = _uuid.UUID(uuid)
+        with _translate():
+            conn = await self.pool.acquire()
+        try:
+            with _translate():
+                transaction = conn.transaction()
+                await transaction.start()
+            try:
+                try:
+                    await conn.execute(
+                        self.q.set_refresh_timeouts, _millis(lock_timeout), _millis(idle_timeout)
+                    )
+                    record = await conn.fetchrow(self.q.lock_by_uuid, key)
+                except asyncpg.LockNotAvailableError as exc:
+                    raise LockTimeout(
+                        f"another process held the connection's lock for over {lock_timeout:g}s"
+                    ) from exc
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    raise StorageError(f"database error: {type(exc).__name__}") from exc
+                yield LockedRow(
+                    row=None if record is None else _row(record),
+                    _conn=conn,
+                    _repo=self,
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            with _translate():
+                await transaction.commit()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
+
+    # -- pending authorizations ----------------------------------------------------------
+
+    async def insert_pending(
+        self,
+        state_hash: str,
+        connection_uuid: str,
+        owner: str | None,
+        redirect_uri: str,
+        scopes: Sequence[str],
+        code_verifier: Any,
+        actor: str | None,
+        ttl: float,
+    ) -> bool:
+        """Store a pending authorization; False when the state hash is already pending."""
+        with _translate():
+            found = await self.pool.fetchval(
+                self.q.insert_pending_authorization,
+                state_hash,
+                _uuid.UUID(connection_uuid),
+                _owner_to_db(owner),
+                redirect_uri,
+                list(scopes),
+                json.dumps(code_verifier),
+                actor,
+                float(ttl),
+            )
+        return found is not None
+
+    async def take_pending(self, state_hash: str) -> PendingAuthorization | None:
+        """Consume the pending authorization of a state (live or expired): one use at most."""
+        with _translate():
+            record = await self.pool.fetchrow(self.q.take_pending_authorization, state_hash)
+        return None if record is None else _pending(record)
+
+    async def take_latest_pending(
+        self, connection_uuid: str, redirect_uri: str
+    ) -> PendingAuthorization | None:
+        """Consume the newest live pending authorization of a connection and redirect URI."""
+        with _translate():
+            record = await self.pool.fetchrow(
+                self.q.take_latest_pending_authorization,
+                _uuid.UUID(connection_uuid),
+                redirect_uri,
+            )
+        return None if record is None else _pending(record)
+
+    async def delete_expired_pending(self) -> int:
+        """Drop expired pending authorizations; returns how many."""
+        with _translate():
+            status = await self.pool.execute(self.q.delete_expired_pending_authorizations)
+        return int(status.split()[-1]) if status.startswith("DELETE") else 0
+
 
 ListenFn = Callable[[str, Callable[[str], None], Callable[[], None]], Awaitable[PoolListener]]
+
+
+@dataclass(slots=True)
+class LockedRow:
+    """A connection row under its lock; ``write`` stores new data in the same transaction."""
+
+    row: StoredRow | None
+    _conn: Any = field(repr=False)
+    _repo: Repository = field(repr=False)
+
+    async def write(self, data: dict[str, Any], events: Iterable[Event] = ()) -> StoredRow:
+        """Replace the row's data and queue notifications; both land when the lock is released."""
+        if self.row is None:
+            raise StorageError("the locked connection no longer exists")
+        q = self._repo.q
+        key = _uuid.UUID(self.row.uuid)
+        with _translate():
+            version = await self._conn.fetchval(q.update_value, key, _dumps(data))
+            for event in events:
+                await self._conn.execute(q.notify, self._repo.channel, event.to_payload())
+        self.row = StoredRow(self.row.uuid, self.row.owner, self.row.key, data, int(version))
+        return self.row
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAuthorization:
+    """A consumed pending authorization; ``code_verifier`` is as stored (sealed)."""
+
+    state_hash: str
+    connection_uuid: str
+    owner: str | None
+    redirect_uri: str
+    scopes: tuple[str, ...]
+    code_verifier: Any = field(repr=False)
+    actor: str | None
+    live: bool
+
+
+def _pending(record: asyncpg.Record) -> PendingAuthorization:
+    raw = record["code_verifier"]
+    return PendingAuthorization(
+        state_hash=record["state_hash"],
+        connection_uuid=str(record["connection_uuid"]),
+        owner=record["owner"] or None,
+        redirect_uri=record["redirect_uri"],
+        scopes=tuple(record["scopes"] or ()),
+        code_verifier=None if raw is None else json.loads(raw),
+        actor=record["actor"],
+        live=bool(record["live"]),
+    )
+
+
+def _millis(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"

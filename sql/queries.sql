@@ -178,3 +178,42 @@ UPDATE {schema}.pending_authorizations AS p
 SET code_verifier = v.code_verifier::jsonb
 FROM unnest($1::text[], $2::text[]) AS v (state_hash, code_verifier)
 WHERE p.state_hash = v.state_hash;
+
+-- name: set_refresh_timeouts
+-- $1 text lock_timeout, $2 text idle_in_transaction_session_timeout (e.g. '30000ms');
+-- both end with the surrounding transaction, so they are safe behind PgBouncer
+SELECT set_config('lock_timeout', $1, true),
+       set_config('idle_in_transaction_session_timeout', $2, true);
+
+-- name: insert_pending_authorization
+-- $1 text state_hash, $2 uuid connection, $3 text owner ('' = system), $4 text redirect_uri,
+-- $5 text[] scopes, $6 text code_verifier (JSON: sealed envelope, or null), $7 text actor,
+-- $8 float8 seconds until it expires
+INSERT INTO {schema}.pending_authorizations
+    (state_hash, connection_uuid, owner, redirect_uri, scopes, code_verifier, actor, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, now() + make_interval(secs => $8))
+ON CONFLICT (state_hash) DO NOTHING
+RETURNING state_hash;
+
+-- name: take_pending_authorization
+-- $1 text state_hash; deleted whether live or expired, so a state is good for one use at most
+DELETE FROM {schema}.pending_authorizations WHERE state_hash = $1
+RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+
+-- name: take_latest_pending_authorization
+-- $1 uuid connection, $2 text redirect_uri; the newest live one, consumed
+DELETE FROM {schema}.pending_authorizations
+WHERE state_hash = (
+    SELECT state_hash FROM {schema}.pending_authorizations
+    WHERE connection_uuid = $1 AND redirect_uri = $2 AND expires_at > now()
+    ORDER BY created_at DESC
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+
+-- name: delete_expired_pending_authorizations
+-- no parameters
+DELETE FROM {schema}.pending_authorizations WHERE expires_at <= now();

@@ -279,7 +279,8 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     await integ.close()
     exercised.add("close")
 
-    # Every public method ran.
+    # Every public method ran, here or (the OAuth ones) in the test below.
+    exercised |= OAUTH_METHODS
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 
@@ -301,3 +302,129 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         assert leaks(repr(log_record.args)) == []
     # The masked form is really there: the last 4 characters of a long secret, no more.
     assert all(MASK + m[-4:] in repr(shown) for m in MARKERS)
+
+
+OAUTH_METHODS = {
+    "access_token",
+    "authorization_url",
+    "begin_authorization",
+    "complete_authorization",
+    "connect_interactive",
+    "exchange_code",
+    "refresh_access_token",
+}
+OAUTH_CLIENT_SECRET = "MARKER-oauth-client-secret-3Kd9"
+
+
+async def test_oauth_secrets_never_show_outside_the_token_accessors(
+    fresh_db: str,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from .oauth_server import DEFAULT_CLIENT_ID, OAuthTestServer
+    from .oauthkit import REDIRECT_URI, approve, open_integrations
+
+    caplog.set_level(logging.DEBUG)
+    payloads: list[str] = []
+    await db.add_listener("integrations_events", lambda *args: payloads.append(args[3]))
+    secrets: set[str] = {OAUTH_CLIENT_SECRET}
+    shown: list[Any] = []
+    errors: list[BaseException] = []
+    stored: list[str] = []
+    exercised: set[str] = set()
+
+    async def collect_tokens(integ: Integrations, uuid: str) -> None:
+        creds = await integ.get_credentials(uuid)
+        secrets.update(creds[k] for k in ("access_token", "refresh_token") if creds.get(k))
+
+    async with (
+        OAuthTestServer(clients={DEFAULT_CLIENT_ID: OAUTH_CLIENT_SECRET}) as server,
+        open_integrations(fresh_db, server.base_url) as integ,
+        integ.subscribe(owner=ALL_OWNERS) as subscription,
+    ):
+        conn = await integ.add_connection("loopback", "default")
+        setup = {"client_id": DEFAULT_CLIENT_ID, "client_secret": OAUTH_CLIENT_SECRET}
+        assert_masked(await integ.save_setup(conn.uuid, setup))
+
+        url, state = await integ.begin_authorization(conn.uuid, REDIRECT_URI)
+        exercised.add("begin_authorization")
+        shown += [url, state]
+        query = await approve(url)
+        secrets.add(query["code"])
+        connected = await integ.complete_authorization(query["state"], code=query["code"])
+        exercised.add("complete_authorization")
+        shown.append(connected)
+        assert_masked(connected.data)
+        await collect_tokens(integ, conn.uuid)
+
+        # The seed's pair: a URL, then the code exchanged by uuid.
+        url = await integ.authorization_url(conn.uuid, REDIRECT_URI)
+        exercised.add("authorization_url")
+        shown.append(url)
+        query = await approve(url)
+        secrets.add(query["code"])
+        exchanged = await integ.exchange_code(conn.uuid, query["code"], REDIRECT_URI)
+        exercised.add("exchange_code")
+        shown.append(exchanged)
+        assert_masked(exchanged)
+        await collect_tokens(integ, conn.uuid)
+
+        # Token accessors hand out plaintext; nothing else about them does.
+        exercised |= {"access_token", "refresh_access_token"}
+        secrets.add(await integ.access_token(conn.uuid))
+        secrets.add(await integ.refresh_access_token(conn.uuid))
+        await collect_tokens(integ, conn.uuid)
+        server.expire_access_tokens()
+        shown.append(await integ.authenticated_request(conn.uuid, "GET", server.api_url + "/me"))
+        await collect_tokens(integ, conn.uuid)
+        stored += await stored_texts(db)
+
+        # The loopback flow for scripts prints its URL; that output is checked too.
+        other = await integ.add_connection("loopback", "script")
+        await integ.save_setup(other.uuid, setup)
+        task = asyncio.create_task(integ.connect_interactive(other.uuid, timeout=30))
+        exercised.add("connect_interactive")
+        printed = ""
+        while "/authorize?" not in printed:
+            await asyncio.sleep(0.02)
+            printed += capsys.readouterr().out
+        interactive_url = printed[printed.index("http://") :].split()[0]
+        async with aiohttp.ClientSession() as http, http.get(interactive_url) as resp:
+            assert resp.status == 200
+        shown.append(await task)
+        shown.append(printed)
+        await collect_tokens(integ, other.uuid)
+
+        # Failure paths with secrets in play.
+        with pytest.raises(IntegrationsError) as forged:
+            await integ.complete_authorization("forged-state", code="some-code-value")
+        errors.append(forged.value)
+        server.config.force_invalid_client = True
+        with pytest.raises(IntegrationsError) as refused:
+            await integ.refresh_access_token(conn.uuid)
+        errors.append(refused.value)
+        server.config.force_invalid_client = False
+        stored += await stored_texts(db)
+        await integ.disconnect(conn.uuid)
+        await asyncio.sleep(0.3)
+        shown += [await subscription.get() for _ in range(subscription.pending)]
+
+    assert OAUTH_METHODS - exercised == set()
+    assert len(secrets) > 6
+    assert payloads
+
+    def leaked(text: str) -> list[str]:
+        return [s for s in secrets if len(s) >= 12 and s[:-4] in text]
+
+    for payload in payloads:
+        assert leaked(payload) == [], payload
+    for value in shown:
+        assert leaked(repr(value)) == [], value
+    for error in errors:
+        assert leaked(exception_text(error)) == [], type(error).__name__
+    for text in stored:
+        assert leaked(text) == [], text
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    for log_record in caplog.records:
+        assert leaked(formatter.format(log_record)) == [], log_record.getMessage()

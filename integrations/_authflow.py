@@ -1,0 +1,387 @@
+"""The authorization-code flow: pending states with PKCE, code exchange, userinfo, revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import oauth
+from ._errors import (
+    AuthorizationDenied,
+    CryptoError,
+    Deleted,
+    IntegrationsError,
+    InvalidInput,
+    InvalidProviderKey,
+    InvalidState,
+    NotConfigured,
+)
+from ._models import utcnow
+from ._providers import Provider
+from ._refresher import iso, post_token_request
+from ._repository import Change, PendingAuthorization, StoredRow
+
+if TYPE_CHECKING:
+    from ._facade import Integrations
+
+__all__ = ["AuthFlow"]
+
+log = logging.getLogger("integrations.oauth")
+
+# The pending verifier is sealed with the state hash as its row id, under this field name.
+VERIFIER_FIELD = "pkce_verifier"
+_ERROR_CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class AuthFlow:
+    """Begins and completes authorizations, stores the tokens, revokes on disconnect."""
+
+    def __init__(
+        self,
+        host: Integrations,
+        *,
+        ttl: float,
+        token_timeout: float,
+        revoke_timeout: float,
+    ) -> None:
+        if ttl <= 0 or revoke_timeout <= 0:
+            raise ValueError("authorization_ttl and revoke_timeout must be > 0")
+        self._host = host
+        self.ttl = ttl
+        self._token_timeout = token_timeout
+        self._revoke_timeout = revoke_timeout
+        self._revocations: set[asyncio.Task[None]] = set()
+
+    # -- begin ----------------------------------------------------------------------------
+
+    async def _oauth_row(self, uuid: str) -> tuple[StoredRow, Provider, dict[str, Any]]:
+        row = await self._host._repo.get(uuid)
+        if row is None:
+            raise NotConfigured()
+        provider = self._host._provider_of(row)
+        if provider is None or provider.auth_type != "oauth2" or provider.authorize_url is None:
+            raise InvalidProviderKey(
+                "The connection's provider does not use the OAuth authorization-code flow."
+            )
+        plain = self._host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        if not isinstance(plain.get("client_id"), str) or not plain["client_id"]:
+            raise NotConfigured(
+                "The connection has no 'client_id' saved; call save_setup first.",
+                field="client_id",
+            )
+        return row, provider, plain
+
+    async def begin(
+        self,
+        uuid: str,
+        redirect_uri: str,
+        *,
+        scopes: Sequence[str] | None,
+        actor: str | None,
+        state: str | None = None,
+    ) -> tuple[str, str]:
+        """The authorization URL and its state; a pending authorization is stored for it."""
+        if not isinstance(redirect_uri, str) or not redirect_uri:
+            raise InvalidInput("redirect_uri must be an absolute http(s) URL")
+        wanted = _scopes(scopes)
+        if state is not None and (not isinstance(state, str) or not state):
+            raise InvalidInput("state must be a non-empty string")
+        row, provider, plain = await self._oauth_row(uuid)
+        requested = list(provider.scopes if wanted is None else wanted)
+        state = state or oauth.generate_state()
+        verifier = oauth.generate_code_verifier() if provider.pkce else None
+        assert provider.authorize_url is not None
+        url = oauth.authorization_url(
+            provider.render_url(provider.authorize_url, plain),
+            client_id=plain["client_id"],
+            redirect_uri=redirect_uri,
+            scopes=requested,
+            scope_separator=provider.scope_separator,
+            state=state,
+            code_challenge=None if verifier is None else oauth.code_challenge(verifier),
+            extra_params=provider.authorize_params,
+        )
+        state_hash = oauth.hash_state(state)
+        sealed = (
+            None
+            if verifier is None
+            else self._host._vault.seal_value(state_hash, VERIFIER_FIELD, verifier)
+        )
+        repo = self._host._repo
+        # Opportunistic cleanup: every begin sweeps what expired (an indexed delete).
+        await repo.delete_expired_pending()
+        stored = await repo.insert_pending(
+            state_hash, row.uuid, row.owner, redirect_uri, requested, sealed, actor, self.ttl
+        )
+        if not stored:
+            raise InvalidState("This state is already pending; use a fresh one.")
+        return url, state
+
+    async def discard(self, state: str) -> None:
+        """Drop a pending authorization that will never complete."""
+        await self._host._repo.take_pending(oauth.hash_state(state))
+
+    # -- complete -------------------------------------------------------------------------
+
+    async def complete(
+        self, state: str, *, code: str | None, error: str | None, error_description: str | None
+    ) -> StoredRow:
+        """Consume the state once, then record a refusal or exchange the code."""
+        if not isinstance(state, str) or not state:
+            raise InvalidState()
+        if code is not None and not isinstance(code, str):
+            raise InvalidInput("code must be a string")
+        if error is not None and not isinstance(error, str):
+            raise InvalidInput("error must be a string")
+        if not code and not error:
+            raise InvalidInput("the callback carries neither a code nor an error")
+        pending = await self._host._repo.take_pending(oauth.hash_state(state))
+        if pending is None or not pending.live:
+            raise InvalidState()
+        row = await self._host._repo.get(pending.connection_uuid)
+        if row is None or row.owner != pending.owner:
+            raise InvalidState()
+        if error:
+            message = _denial_message(error, error_description)
+            await self._host._record(row.uuid, False, message, actor=pending.actor)
+            raise AuthorizationDenied(message, error=_error_code(error))
+        assert code is not None
+        return await self._exchange(row, pending, code, pending.redirect_uri, pending.actor)
+
+    async def exchange(
+        self, uuid: str, code: str, redirect_uri: str, actor: str | None
+    ) -> StoredRow:
+        """The seed's exchange: the newest pending authorization supplies the PKCE verifier."""
+        if not isinstance(code, str) or not code:
+            raise InvalidInput("code must be a non-empty string")
+        if not isinstance(redirect_uri, str) or not redirect_uri:
+            raise InvalidInput("redirect_uri must be an absolute http(s) URL")
+        row, _, _ = await self._oauth_row(uuid)
+        pending = await self._host._repo.take_latest_pending(row.uuid, redirect_uri)
+        return await self._exchange(
+            row, pending, code, redirect_uri, actor or (pending.actor if pending else None)
+        )
+
+    async def _exchange(
+        self,
+        row: StoredRow,
+        pending: PendingAuthorization | None,
+        code: str,
+        redirect_uri: str,
+        actor: str | None,
+    ) -> StoredRow:
+        host = self._host
+        provider = host._provider_of(row)
+        if provider is None or provider.token_url is None:
+            raise InvalidProviderKey("the connection's provider is not registered")
+        plain = host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        client_id = plain.get("client_id")
+        if not isinstance(client_id, str) or not client_id:
+            raise NotConfigured("The connection has no 'client_id' saved.", field="client_id")
+        secret = plain.get("client_secret") or None
+        verifier = None
+        if pending is not None and pending.code_verifier is not None:
+            verifier = host._vault.unseal_value(
+                pending.state_hash, VERIFIER_FIELD, pending.code_verifier
+            )
+        requested = list(pending.scopes) if pending is not None else list(provider.scopes)
+        request = oauth.token_request(
+            "authorization_code",
+            token_url=provider.render_url(provider.token_url, plain),
+            client_id=client_id,
+            client_secret=secret,
+            auth_method=provider.token_auth if secret else "none",
+            code=code,
+            redirect_uri=redirect_uri,
+            code_verifier=verifier,
+        )
+        # One attempt: a code is single-use, so a retry after a lost answer would fail anyway.
+        tokens = await post_token_request(
+            host._http_client,
+            request,
+            request_timeout=self._token_timeout,
+            requested_scopes=requested,
+            previous_refresh_token=None,
+            redact=[secret, code, verifier],
+        )
+        account = await self._userinfo(provider, plain, tokens)
+        return await self._store(row.uuid, tokens, account, actor)
+
+    async def _userinfo(
+        self, provider: Provider, plain: Mapping[str, Any], tokens: oauth.TokenSet
+    ) -> dict[str, Any] | None:
+        if provider.userinfo_url is None:
+            return None
+        try:
+            url = provider.render_url(provider.userinfo_url, plain)
+            # The provider's own declared URL, not caller input; Bearer is what userinfo takes.
+            response = await self._host._http_client.send(
+                "GET",
+                url,
+                headers={
+                    "Authorization": f"Bearer {tokens.access_token}",
+                    "Accept": "application/json",
+                },
+                timeout=self._token_timeout,
+                max_attempts=2,
+            )
+            if not response.ok:
+                log.info("userinfo answered HTTP %d; no account details stored", response.status)
+                return None
+            info = response.json()
+        except (IntegrationsError, ValueError) as exc:
+            log.info("userinfo failed (%s); no account details stored", type(exc).__name__)
+            return None
+        if not isinstance(info, Mapping):
+            return None
+        account = oauth.map_userinfo(provider.key, info)
+        account.update(provider.map_userinfo(info))
+        return account
+
+    async def _store(
+        self,
+        uuid: str,
+        tokens: oauth.TokenSet,
+        account: dict[str, Any] | None,
+        actor: str | None,
+    ) -> StoredRow:
+        host = self._host
+        vault = host._vault
+        now = iso(utcnow())
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            if row is None:
+                raise Deleted()
+            data = dict(row.data)
+            data["access_token"] = vault.seal_value(row.uuid, "access_token", tokens.access_token)
+            if tokens.refresh_token is not None:
+                data["refresh_token"] = vault.seal_value(
+                    row.uuid, "refresh_token", tokens.refresh_token
+                )
+            else:
+                # A new grant without a refresh token: the previous grant's is not ours to reuse.
+                data.pop("refresh_token", None)
+            data["token_type"] = tokens.token_type
+            if tokens.expires_at is None:
+                data.pop("expires_at", None)
+            else:
+                data["expires_at"] = iso(tokens.expires_at)
+            data["token_obtained_at"] = iso(tokens.obtained_at)
+            data["granted_scopes"] = list(tokens.scope)
+            data["connected_at"] = now
+            if account is not None:
+                data["account"] = account
+            if tokens.extras:
+                data["token_extras"] = dict(tokens.extras)
+            previous = row.data.get("status")
+            data["status"] = "connected"
+            data["reauth_required"] = False
+            data.pop("validation_status", None)
+            data.pop("refresh_error", None)
+            updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
+            event = host._event(
+                "connected",
+                updated,
+                previous_status=previous,
+                actor=actor,
+                detail={"scopes": list(tokens.scope)},
+            )
+            return Change(data=data, events=[event]), updated
+
+        return await host._repo.modify(uuid, decide)
+
+    # -- revocation -----------------------------------------------------------------------
+
+    def revoke_later(self, provider: Provider | None, row: StoredRow | None) -> None:
+        """Revoke the row's grant (RFC 7009) in the background; best-effort, never raises."""
+        if provider is None or row is None or provider.revoke_url is None:
+            return
+        if provider.auth_type not in ("oauth2", "oauth2_client_credentials"):
+            return
+        try:
+            plain = self._host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        except CryptoError:
+            log.info("connection %s: tokens unreadable, nothing revoked", row.uuid)
+            return
+        token = plain.get("refresh_token")
+        hint = "refresh_token"
+        if not isinstance(token, str) or not token:
+            token, hint = plain.get("access_token"), "access_token"
+        client_id = plain.get("client_id")
+        if not isinstance(token, str) or not token or not isinstance(client_id, str):
+            return
+        secret = plain.get("client_secret") or None
+        try:
+            request = oauth.revoke_request(
+                provider.render_url(provider.revoke_url, plain),
+                token=token,
+                token_type_hint=hint,  # type: ignore[arg-type]
+                client_id=client_id,
+                client_secret=secret,
+                auth_method=provider.token_auth if secret else "none",
+            )
+        except (IntegrationsError, ValueError) as exc:
+            log.info("connection %s: revocation not possible (%s)", row.uuid, type(exc).__name__)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._revoke(row.uuid, request), name=f"integrations-revoke-{row.uuid}"
+        )
+        self._revocations.add(task)
+        task.add_done_callback(self._revocations.discard)
+
+    async def _revoke(self, uuid: str, request: tuple[str, dict[str, str], str]) -> None:
+        url, headers, body = request
+        try:
+            async with asyncio.timeout(self._revoke_timeout):
+                response = await self._host._http_client.send(
+                    "POST",
+                    url,
+                    headers=headers,
+                    data=body,
+                    max_attempts=1,
+                    timeout=self._revoke_timeout,
+                    allow_redirects=False,
+                )
+        except (IntegrationsError, TimeoutError) as exc:
+            log.info("connection %s: revocation failed (%s)", uuid, type(exc).__name__)
+            return
+        if response.ok:
+            log.debug("connection %s: grant revoked", uuid)
+        else:
+            log.info("connection %s: revocation answered HTTP %d", uuid, response.status)
+
+    async def close(self) -> None:
+        """Give revocations in flight their short timeout, then drop them."""
+        tasks = list(self._revocations)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self._revoke_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
+    if scopes is None:
+        return None
+    if isinstance(scopes, str | bytes) or not isinstance(scopes, Sequence):
+        raise InvalidInput("scopes must be a list of strings")
+    if not all(isinstance(s, str) and s and not any(c.isspace() for c in s) for s in scopes):
+        raise InvalidInput("each scope must be a non-empty string without spaces")
+    return list(scopes)
+
+
+def _error_code(error: str) -> str:
+    return error if _ERROR_CODE_RE.fullmatch(error) else "unknown_error"
+
+
+def _denial_message(error: str, description: str | None) -> str:
+    text = f"Authorization refused by the provider ({_error_code(error)}"
+    if isinstance(description, str) and description.strip():
+        clean = _CONTROL_RE.sub(" ", description).strip()[:200]
+        text += f": {clean}"
+    return text + ")"

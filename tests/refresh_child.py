@@ -1,0 +1,70 @@
+"""A worker process for the multi-process refresh tests: its own Integrations on the shared DSN.
+
+Prints ``ready`` once open, waits for a line on stdin (the start signal shared by every
+worker), makes ``--count`` concurrent calls and prints one JSON line with the outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from integrations import Integrations, IntegrationsError
+from tests.oauthkit import loopback_provider
+
+
+async def main(args: argparse.Namespace) -> None:
+    provider = loopback_provider(args.base_url)
+    async with Integrations(
+        args.dsn,
+        keys=args.key,
+        providers=[provider],
+        lock_timeout=args.lock_timeout,
+        token_backoff=0.01,
+    ) as integ:
+        # Warm the pool and the HTTP session so the start signal releases real work only.
+        await integ.get_integration_by_uuid(args.uuid)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        started = time.monotonic()
+
+        async def one() -> dict[str, Any]:
+            try:
+                if args.mode == "request":
+                    response = await integ.authenticated_request(
+                        args.uuid, "GET", f"{args.base_url}/api/resource"
+                    )
+                    body = response.json() if response.ok else {}
+                    return {"status": response.status, "token_id": body.get("token_id")}
+                if args.mode == "refresh":
+                    await integ.refresh_access_token(args.uuid)
+                else:
+                    await integ.access_token(args.uuid)
+                return {"status": 200}
+            except IntegrationsError as exc:
+                return {"status": None, "error": exc.code}
+
+        results = await asyncio.gather(*(one() for _ in range(args.count)))
+        print(
+            json.dumps({"results": results, "elapsed": time.monotonic() - started}),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dsn", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--uuid", required=True)
+    parser.add_argument("--mode", choices=["request", "access_token", "refresh"], default="request")
+    parser.add_argument("--count", type=int, default=25)
+    parser.add_argument("--lock-timeout", type=float, default=30.0)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,684 @@
+"""Refresh, authenticated requests, failures, revocation and client credentials in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid as uuid_mod
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from integrations import (
+    HostNotAllowed,
+    Integrations,
+    InvalidProviderKey,
+    NotConnected,
+    ReauthRequired,
+    TokenRequestFailed,
+    oauth,
+)
+
+from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer, token_id
+from .oauthkit import (
+    client_credentials_provider,
+    connect,
+    eventually,
+    loopback_provider,
+    open_integrations,
+)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[OAuthTestServer]:
+    async with OAuthTestServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def integ(fresh_db: str, server: OAuthTestServer) -> AsyncIterator[Integrations]:
+    async with open_integrations(fresh_db, server.base_url) as instance:
+        yield instance
+
+
+@pytest.fixture
+async def events(db: asyncpg.Connection) -> AsyncIterator[list[dict[str, Any]]]:
+    received: list[dict[str, Any]] = []
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        received.append(json.loads(payload))
+
+    await db.add_listener("integrations_events", on_notify)
+    yield received
+    await db.remove_listener("integrations_events", on_notify)
+
+
+async def _expire_locally(db: asyncpg.Connection, uuid: str) -> None:
+    """Make the stored token look expired (the server still accepts it)."""
+    past = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    await db.execute(
+        "UPDATE integrations.connections "
+        "SET value_json = jsonb_set(value_json, '{expires_at}', to_jsonb($2::text)) "
+        "WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+        past,
+    )
+
+
+def _refreshes(server: OAuthTestServer) -> int:
+    return server.stats.token_calls["refresh_token"]
+
+
+async def _spend_refresh_token_elsewhere(integ: Integrations, server: OAuthTestServer, uuid: str):
+    """Use the stored refresh token behind the library's back, as a leaked copy would."""
+    refresh_token = (await integ.get_integration(uuid))["refresh_token"]
+    url, headers, body = oauth.token_request(
+        "refresh_token",
+        token_url=server.token_url,
+        client_id=DEFAULT_CLIENT_ID,
+        client_secret=DEFAULT_CLIENT_SECRET,
+        auth_method="client_secret_post",
+        refresh_token=refresh_token,
+    )
+    response = await integ._http_client.send("POST", url, headers=headers, data=body)
+    assert response.status == 200
+
+
+# -- access_token / refresh_access_token ------------------------------------------------
+
+
+async def test_access_token_returns_a_fresh_token_without_a_token_request(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    stored = (await integ.get_integration(uuid))["access_token"]
+    assert await integ.access_token(uuid) == stored
+    assert _refreshes(server) == 0
+
+
+async def test_access_token_refreshes_ahead_of_expiry_within_the_leeway(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    server.config.expires_in = 30  # inside the default 60 s leeway
+    uuid = await connect(integ)
+    old = await integ.get_integration(uuid)
+    server.config.expires_in = 3600
+    token = await integ.access_token(uuid)
+    new = await integ.get_integration(uuid)
+    assert token == new["access_token"] != old["access_token"]
+    assert _refreshes(server) == 1
+    assert server.token_status(old["refresh_token"]) == "spent"
+    assert server.token_status(new["refresh_token"]) == "active"
+    assert datetime.fromisoformat(new["expires_at"]) > datetime.now(UTC) + timedelta(minutes=59)
+    assert await integ.access_token(uuid) == token
+    assert _refreshes(server) == 1
+
+
+async def test_the_leeway_is_configurable(fresh_db: str, server: OAuthTestServer) -> None:
+    server.config.expires_in = 30
+    async with open_integrations(fresh_db, server.base_url, leeway=5) as integ:
+        uuid = await connect(integ)
+        await integ.access_token(uuid)
+        assert _refreshes(server) == 0
+
+
+async def test_refresh_access_token_returns_a_new_token_and_emits_token_refreshed(
+    integ: Integrations, server: OAuthTestServer, events: list[dict[str, Any]]
+) -> None:
+    uuid = await connect(integ)
+    old = (await integ.get_integration(uuid))["access_token"]
+    token = await integ.refresh_access_token(uuid)
+    assert token != old
+    assert server.token_status(token) == "active"
+    await eventually(lambda: any(e["kind"] == "token_refreshed" for e in events))
+    assert all(token not in json.dumps(e) for e in events)
+
+
+async def test_fifty_concurrent_refreshes_make_one_token_request(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    await _expire_locally(db, uuid)
+    server.config.token_delay = 0.1
+    tokens = await asyncio.gather(*(integ.access_token(uuid) for _ in range(50)))
+    assert len(set(tokens)) == 1
+    assert _refreshes(server) == 1
+    assert server.stats.grants_revoked == 0
+    tokens = await asyncio.gather(*(integ.refresh_access_token(uuid) for _ in range(50)))
+    assert len(set(tokens)) == 1
+    assert _refreshes(server) == 2
+
+
+async def test_two_instances_on_one_database_coalesce_through_the_row_lock(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    async with (
+        open_integrations(fresh_db, server.base_url) as first,
+        open_integrations(fresh_db, server.base_url) as second,
+    ):
+        uuid = await connect(first)
+        await _expire_locally(db, uuid)
+        server.config.token_delay = 0.2
+        tokens = await asyncio.gather(
+            *(first.access_token(uuid) for _ in range(25)),
+            *(second.access_token(uuid) for _ in range(25)),
+        )
+        assert len(set(tokens)) == 1
+        assert _refreshes(server) == 1
+        assert server.stats.grants_revoked == 0
+
+
+async def test_a_refresh_response_without_a_refresh_token_keeps_the_old_one(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    server.config.rotate_refresh_tokens = False
+    uuid = await connect(integ)
+    before = (await integ.get_integration(uuid))["refresh_token"]
+    await integ.refresh_access_token(uuid)
+    after = await integ.get_integration(uuid)
+    assert after["refresh_token"] == before
+    assert server.token_status(before) == "active"
+
+
+async def test_access_token_needs_a_connected_oauth_connection(integ: Integrations) -> None:
+    api = await integ.add_connection("openai", "default")
+    with pytest.raises(InvalidProviderKey):
+        await integ.access_token(api.uuid)
+    bare = await integ.add_connection("loopback", "bare")
+    with pytest.raises(NotConnected):
+        await integ.access_token(bare.uuid)
+    with pytest.raises(NotConnected):
+        await integ.refresh_access_token(bare.uuid)
+
+
+async def test_a_cancelled_caller_does_not_abandon_the_refresh(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    old = await integ.get_integration(uuid)
+    server.config.token_delay = 0.3
+    caller = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await eventually(lambda: _stored_token_differs(integ, uuid, old["access_token"]), within=5)
+    new = await integ.get_integration(uuid)
+    assert server.token_status(new["refresh_token"]) == "active"
+    assert server.token_status(old["refresh_token"]) == "spent"
+    assert await integ.access_token(uuid) == new["access_token"]
+    assert _refreshes(server) == 1
+
+
+async def _stored_token_differs(integ: Integrations, uuid: str, old: str) -> bool:
+    return bool((await integ.get_integration(uuid))["access_token"] != old)
+
+
+async def test_close_waits_for_a_refresh_in_flight(fresh_db: str, server: OAuthTestServer) -> None:
+    async with open_integrations(fresh_db, server.base_url) as integ:
+        uuid = await connect(integ)
+        old = await integ.get_integration(uuid)
+        server.config.token_delay = 0.3
+        caller = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        caller.cancel()
+    async with open_integrations(fresh_db, server.base_url) as integ:
+        new = await integ.get_integration(uuid)
+        assert new["refresh_token"] != old["refresh_token"]
+        assert server.token_status(new["refresh_token"]) == "active"
+
+
+async def test_a_refresh_waits_no_longer_than_the_lock_timeout(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    async with open_integrations(fresh_db, server.base_url, lock_timeout=0.3) as integ:
+        uuid = await connect(integ)
+        async with db.transaction():
+            await db.execute(
+                "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+                uuid_mod.UUID(uuid),
+            )
+            started = time.monotonic()
+            with pytest.raises(TokenRequestFailed) as info:
+                await integ.refresh_access_token(uuid)
+            assert time.monotonic() - started < 3
+        assert info.value.transient
+        assert "lock" in info.value.message
+        assert _refreshes(server) == 0
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+# -- authenticated_request --------------------------------------------------------------
+
+
+async def test_authenticated_request_refreshes_an_expiring_token_first(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    await _expire_locally(db, uuid)
+    response = await integ.authenticated_request(uuid, "GET", server.api_url)
+    assert response.status == 200
+    stored = (await integ.get_integration(uuid))["access_token"]
+    assert response.json()["token_id"] == token_id(stored)
+    assert _refreshes(server) == 1
+    assert server.stats.api_rejected == 0
+
+
+async def test_authenticated_request_refreshes_once_on_401_and_retries(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    server.expire_access_tokens()
+    response = await integ.authenticated_request(uuid, "GET", server.api_url)
+    assert response.status == 200
+    assert _refreshes(server) == 1
+    assert server.stats.api_rejected == 1
+
+
+async def test_fifty_concurrent_requests_on_the_401_path_make_one_token_request(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    server.expire_access_tokens()
+    server.config.token_delay = 0.1
+    responses = await asyncio.gather(
+        *(integ.authenticated_request(uuid, "GET", server.api_url) for _ in range(50))
+    )
+    assert [r.status for r in responses] == [200] * 50
+    assert _refreshes(server) == 1
+    assert server.stats.grants_revoked == 0
+
+
+async def test_a_401_for_a_token_that_is_no_longer_stored_does_not_refresh(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    stale_row = await integ._repo.get(uuid)
+    assert stale_row is not None
+    stale = (await integ.get_integration(uuid))["access_token"]
+    fresh = await integ.refresh_access_token(uuid)
+    assert _refreshes(server) == 1
+    assert await integ._refresher.after_rejection(stale_row, stale) == fresh
+    assert _refreshes(server) == 1
+
+
+async def test_a_401_without_a_new_token_returns_the_response(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    server.config.rotate_refresh_tokens = False
+    server.config.expires_in = 0
+    server.expire_access_tokens()
+    # Every token the server hands out is already expired: one refresh, one retry, then 401.
+    response = await integ.authenticated_request(uuid, "GET", server.api_url)
+    assert response.status == 401
+    assert _refreshes(server) == 1
+
+
+async def test_tokens_are_never_sent_to_a_host_outside_api_hosts(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    await _expire_locally(db, uuid)
+    elsewhere = server.api_url.replace("127.0.0.1", "localhost")
+    with pytest.raises(HostNotAllowed) as info:
+        await integ.authenticated_request(uuid, "GET", elsewhere)
+    assert info.value.code == "host_not_allowed"
+    assert server.stats.api_calls == 0
+    assert _refreshes(server) == 0, "no token is even refreshed for a refused host"
+
+
+async def test_a_connection_ref_works_for_oauth_requests(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    await connect(integ)
+    response = await integ.authenticated_request("loopback:default", "GET", server.api_url)
+    assert response.status == 200
+
+
+# -- failures -------------------------------------------------------------------------
+
+
+async def test_invalid_grant_marks_the_connection_for_reauthorization(
+    integ: Integrations, server: OAuthTestServer, events: list[dict[str, Any]]
+) -> None:
+    uuid = await connect(integ)
+    await _spend_refresh_token_elsewhere(integ, server, uuid)
+    with pytest.raises(ReauthRequired) as info:
+        await integ.refresh_access_token(uuid)
+    assert info.value.code == "reauth_required"
+    connection = await integ.get_integration_by_uuid(uuid)
+    assert connection.status == "error"
+    assert connection.data["reauth_required"] is True
+    assert "invalid_grant" in connection.data["validation_status"]
+    await eventually(lambda: any(e["kind"] == "refresh_failed" for e in events))
+    [failed] = [e for e in events if e["kind"] == "refresh_failed"]
+    assert failed["uuid"] == uuid
+    assert failed["status"] == "error"
+    assert failed["previous_status"] == "connected"
+    assert failed["detail"]["reauth_required"] is True
+
+    for _ in range(3):
+        with pytest.raises(ReauthRequired):
+            await integ.refresh_access_token(uuid)
+    await asyncio.sleep(0.2)
+    # The second failure reads differently (the grant is now revoked); later ones repeat it.
+    assert [e["kind"] for e in events].count("refresh_failed") == 2, "no event flood"
+
+
+async def test_invalid_client_is_terminal_too(integ: Integrations, server: OAuthTestServer) -> None:
+    uuid = await connect(integ)
+    server.config.force_invalid_client = True
+    with pytest.raises(ReauthRequired):
+        await integ.refresh_access_token(uuid)
+    data = await integ.get_integration(uuid)
+    assert (data["status"], data["reauth_required"]) == ("error", True)
+    assert "invalid_client" in data["validation_status"]
+    assert DEFAULT_CLIENT_SECRET not in data["validation_status"]
+
+
+async def test_concurrent_failing_callers_make_one_token_request(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    await _expire_locally(db, uuid)
+    server.config.force_invalid_client = True
+    server.config.token_delay = 0.1
+    results = await asyncio.gather(
+        *(integ.access_token(uuid) for _ in range(50)), return_exceptions=True
+    )
+    assert all(isinstance(r, ReauthRequired) for r in results)
+    assert _refreshes(server) == 1
+
+
+async def test_failing_callers_of_two_instances_do_not_stampede(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    async with (
+        open_integrations(fresh_db, server.base_url) as first,
+        open_integrations(fresh_db, server.base_url) as second,
+    ):
+        uuid = await connect(first)
+        await _expire_locally(db, uuid)
+        server.config.force_invalid_client = True
+        server.config.token_delay = 0.2
+        results = await asyncio.gather(
+            *(first.access_token(uuid) for _ in range(20)),
+            *(second.access_token(uuid) for _ in range(20)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, ReauthRequired) for r in results)
+        assert _refreshes(server) == 1
+
+
+async def test_transient_failures_are_retried_then_recorded_then_recovered(
+    integ: Integrations, server: OAuthTestServer, events: list[dict[str, Any]]
+) -> None:
+    uuid = await connect(integ)
+    server.config.fail_next = 3
+    server.config.fail_status = 503
+    with pytest.raises(TokenRequestFailed) as info:
+        await integ.refresh_access_token(uuid)
+    assert info.value.transient
+    assert info.value.code == "token_request_failed"
+    assert _refreshes(server) == 3, "three attempts with backoff"
+    data = await integ.get_integration(uuid)
+    assert (data["status"], data["reauth_required"]) == ("error", False)
+    assert "503" in data["validation_status"]
+
+    token = await integ.refresh_access_token(uuid)
+    data = await integ.get_integration(uuid)
+    assert data["access_token"] == token
+    assert (data["status"], data["reauth_required"]) == ("connected", False)
+    assert "validation_status" not in data
+    await eventually(lambda: any(e["kind"] == "recovered" for e in events))
+    kinds = [e["kind"] for e in events if e["uuid"] == uuid]
+    assert kinds.index("refresh_failed") < kinds.index("recovered")
+    assert kinds.index("recovered") < len(kinds) - 1 - kinds[::-1].index("token_refreshed") + 1
+
+
+async def test_a_transient_failure_within_the_retries_is_invisible(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    server.config.fail_next = 2
+    server.config.fail_status = 429
+    await integ.refresh_access_token(uuid)
+    assert _refreshes(server) == 3
+    assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+async def test_an_unreachable_token_endpoint_is_transient(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with open_integrations(fresh_db, server.base_url) as integ:
+        uuid = await connect(integ)
+    unreachable = loopback_provider(server.base_url, token_url="http://127.0.0.1:9/token")
+    async with open_integrations(fresh_db, server.base_url, providers=[unreachable]) as integ:
+        with pytest.raises(TokenRequestFailed) as info:
+            await integ.refresh_access_token(uuid)
+        assert info.value.transient
+        data = await integ.get_integration(uuid)
+        assert (data["status"], data["reauth_required"]) == ("error", False)
+        assert server.token_status(data["refresh_token"]) == "active"
+
+
+async def test_without_a_refresh_token_a_forced_refresh_needs_reauthorization(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    server.config.issue_refresh_tokens = False
+    server.config.expires_in = 0
+    uuid = await connect(integ)
+    stored = (await integ.get_integration(uuid))["access_token"]
+    assert await integ.access_token(uuid) == stored, "nothing to refresh with; the API will tell"
+    with pytest.raises(ReauthRequired):
+        await integ.refresh_access_token(uuid)
+    assert _refreshes(server) == 0
+    assert (await integ.get_integration(uuid))["reauth_required"] is True
+
+
+# -- revocation -----------------------------------------------------------------------
+
+
+async def test_disconnect_revokes_the_grant_in_the_background(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    data = await integ.get_integration(uuid)
+    await integ.disconnect(uuid)
+    after = await integ.get_integration(uuid)
+    assert "access_token" not in after and "refresh_token" not in after
+    assert after["client_id"] == DEFAULT_CLIENT_ID
+    await eventually(lambda: server.stats.revocations == 1)
+    assert server.token_status(data["refresh_token"]) == "revoked"
+    assert server.token_status(data["access_token"]) == "revoked"
+
+
+async def test_remove_connection_revokes_the_grant(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    data = await integ.get_integration(uuid)
+    await integ.remove_connection(uuid)
+    await eventually(lambda: server.stats.revocations == 1)
+    assert server.token_status(data["refresh_token"]) == "revoked"
+
+
+async def test_revocation_never_blocks_or_fails_the_local_change(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    hanging = web.Application()
+    release = asyncio.Event()
+
+    async def never(_request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response()
+
+    hanging.router.add_post("/revoke", never)
+    runner = web.AppRunner(hanging)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    provider = loopback_provider(server.base_url, revoke_url=f"http://127.0.0.1:{port}/revoke")
+    try:
+        async with open_integrations(
+            fresh_db, server.base_url, providers=[provider], revoke_timeout=0.3
+        ) as integ:
+            first = await connect(integ, "first")
+            second = await connect(integ, "second")
+            started = time.monotonic()
+            await integ.disconnect(first)
+            await integ.remove_connection(second)
+            assert time.monotonic() - started < 0.25
+            assert (await integ.get_integration_by_uuid(first)).status == "disconnected"
+        assert time.monotonic() - started < 3, "close() bounds the revocations too"
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def test_an_unreachable_revocation_endpoint_is_ignored(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    provider = loopback_provider(server.base_url, revoke_url="http://127.0.0.1:9/revoke")
+    async with open_integrations(fresh_db, server.base_url, providers=[provider]) as integ:
+        uuid = await connect(integ)
+        await integ.disconnect(uuid)
+        assert (await integ.get_integration_by_uuid(uuid)).status == "disconnected"
+
+
+async def test_no_revocation_without_a_revoke_url(fresh_db: str, server: OAuthTestServer) -> None:
+    provider = loopback_provider(server.base_url, revoke_url=None)
+    async with open_integrations(fresh_db, server.base_url, providers=[provider]) as integ:
+        uuid = await connect(integ)
+        await integ.disconnect(uuid)
+    assert server.stats.revocations == 0
+
+
+# -- client credentials ---------------------------------------------------------------
+
+
+async def _machine(integ: Integrations) -> str:
+    conn = await integ.add_connection("machine", "default")
+    await integ.save_setup(
+        conn.uuid, {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
+    )
+    return conn.uuid
+
+
+async def test_client_credentials_tokens_are_fetched_on_demand_and_cached(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await _machine(integ)
+    token = await integ.access_token(uuid)
+    assert server.token_status(token) == "active"
+    assert await integ.access_token(uuid) == token
+    assert server.stats.token_calls["client_credentials"] == 1
+    data = await integ.get_integration(uuid)
+    assert data["access_token"] == token
+    assert datetime.fromisoformat(data["expires_at"]) > datetime.now(UTC)
+    response = await integ.authenticated_request(uuid, "GET", server.api_url)
+    assert response.status == 200
+    assert response.json()["client_id"] == DEFAULT_CLIENT_ID
+    assert server.stats.token_calls["client_credentials"] == 1
+
+
+async def test_client_credentials_fetches_coalesce(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await _machine(integ)
+    server.config.token_delay = 0.1
+    tokens = await asyncio.gather(*(integ.access_token(uuid) for _ in range(50)))
+    assert len(set(tokens)) == 1
+    assert server.stats.token_calls["client_credentials"] == 1
+
+
+async def test_client_credentials_refetch_when_expiring_or_rejected(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    server.config.expires_in = 30
+    uuid = await _machine(integ)
+    first = await integ.access_token(uuid)
+    second = await integ.access_token(uuid)
+    assert first != second
+    assert server.stats.token_calls["client_credentials"] == 2
+    server.config.expires_in = 3600
+    await integ.access_token(uuid)
+    server.expire_access_tokens()
+    response = await integ.authenticated_request(uuid, "GET", server.api_url)
+    assert response.status == 200
+    assert server.stats.token_calls["client_credentials"] == 4
+
+
+async def test_client_credentials_failures_are_recorded(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await _machine(integ)
+    server.config.force_invalid_client = True
+    with pytest.raises(ReauthRequired):
+        await integ.access_token(uuid)
+    data = await integ.get_integration(uuid)
+    assert (data["status"], data["reauth_required"]) == ("error", True)
+    server.config.force_invalid_client = False
+    await integ.access_token(uuid)
+    assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+async def test_client_credentials_provider_needs_its_setup(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    provider = client_credentials_provider(server.base_url)
+    async with open_integrations(fresh_db, server.base_url, providers=[provider]) as integ:
+        conn = await integ.add_connection("machine", "default")
+        with pytest.raises(Exception) as info:
+            await integ.access_token(conn.uuid)
+        assert getattr(info.value, "code", None) == "not_configured"
+
+
+async def test_a_refresh_after_disconnect_records_nothing(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    row = await integ._repo.get(uuid)
+    assert row is not None
+    token = (await integ.get_integration(uuid))["access_token"]
+    await integ.disconnect(uuid)
+    # A 401 handled after the disconnect committed: the row has no tokens any more.
+    with pytest.raises(NotConnected):
+        await integ._refresher.after_rejection(row, token)
+    data = await integ.get_integration(uuid)
+    assert data["status"] == "disconnected"
+    assert "reauth_required" not in data
+    assert _refreshes(server) == 0
+
+
+async def test_tokens_never_reach_logs_or_errors(
+    integ: Integrations, server: OAuthTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    uuid = await connect(integ)
+    secrets = await integ.get_integration(uuid)
+    await integ.refresh_access_token(uuid)
+    fresh = await integ.get_integration(uuid)
+    server.config.fail_next = 3
+    with pytest.raises(TokenRequestFailed) as transient:
+        await integ.refresh_access_token(uuid)
+    server.config.force_invalid_client = True
+    with pytest.raises(ReauthRequired) as terminal:
+        await integ.refresh_access_token(uuid)
+    connection = await integ.get_integration_by_uuid(uuid)
+    errors = (transient.value, terminal.value)
+    shown = " ".join([caplog.text, repr(connection), *map(repr, errors), *map(str, errors)])
+    for value in (
+        secrets["access_token"],
+        secrets["refresh_token"],
+        fresh["access_token"],
+        fresh["refresh_token"],
+        DEFAULT_CLIENT_SECRET,
+    ):
+        assert value not in shown
