@@ -23,6 +23,7 @@ from ._models import utcnow
 from ._providers import Provider
 from ._refresher import iso, post_token_request
 from ._repository import Change, PendingAuthorization, StoredRow
+from ._rotation import PKCE_FIELD
 
 if TYPE_CHECKING:
     from ._facade import Integrations
@@ -31,8 +32,9 @@ __all__ = ["AuthFlow"]
 
 log = logging.getLogger("integrations.oauth")
 
-# The pending verifier is sealed with the state hash as its row id, under this field name.
-VERIFIER_FIELD = "pkce_verifier"
+# The pending verifier is sealed with the state hash as its row id, under the field name
+# that key rotation reseals.
+VERIFIER_FIELD = PKCE_FIELD
 _ERROR_CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 

@@ -20,6 +20,7 @@ from ._errors import (
     AlreadyExists,
     ConfigurationError,
     Deleted,
+    IntegrationsError,
     InvalidAttrs,
     InvalidInput,
     InvalidProviderKey,
@@ -702,7 +703,18 @@ class Integrations:
         if provider is None:
             result = Validation(False, "Unknown provider")
         else:
-            result = await self._check(provider, self._plain(row))
+            credentials = self._plain(row)
+            if provider.auth_type.startswith("oauth2") and (
+                credentials.get("refresh_token") or provider.auth_type != "oauth2"
+            ):
+                # An expiring token would make a healthy connection look broken: renew first.
+                try:
+                    credentials["access_token"] = await self._refresher.access_token(row, provider)
+                except IntegrationsError as exc:
+                    result = Validation(False, exc.message)
+                    await self._record(uuid, result.ok, result.message, actor=actor)
+                    return result
+            result = await self._check(provider, credentials)
         await self._record(uuid, result.ok, result.message, actor=actor)
         return result
 

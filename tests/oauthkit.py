@@ -56,7 +56,8 @@ async def open_integrations(dsn: str, base_url: str, **options: Any) -> AsyncIte
     from .conftest import TEST_KEY
 
     options.setdefault("token_backoff", 0.01)
-    async with Integrations(dsn, keys=TEST_KEY, providers=providers, **options) as integ:
+    options.setdefault("keys", TEST_KEY)
+    async with Integrations(dsn, providers=providers, **options) as integ:
         yield integ
 
 

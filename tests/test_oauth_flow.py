@@ -488,3 +488,22 @@ async def test_complete_authorization_refuses_malformed_states(
 ) -> None:
     with pytest.raises(InvalidState):
         await integ.complete_authorization(bad, code="code")
+
+
+async def test_a_pending_authorization_survives_key_rotation(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    from integrations import generate_key
+
+    from .conftest import TEST_KEY
+
+    new_key = generate_key()
+    async with open_integrations(fresh_db, server.base_url) as old:
+        uuid = await new_connection(old)
+        url, _state = await old.begin_authorization(uuid, REDIRECT_URI)
+    async with open_integrations(fresh_db, server.base_url, keys=[new_key, TEST_KEY]) as both:
+        assert (await both.rotate_keys()).rotated >= 2
+    query = await approve(url)
+    async with open_integrations(fresh_db, server.base_url, keys=new_key) as only_new:
+        connection = await only_new.complete_authorization(query["state"], code=query["code"])
+        assert connection.status == "connected"

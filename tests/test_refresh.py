@@ -682,3 +682,22 @@ async def test_tokens_never_reach_logs_or_errors(
         DEFAULT_CLIENT_SECRET,
     ):
         assert value not in shown
+
+
+async def test_validate_connection_renews_an_expired_token_before_checking(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    from integrations import ValidationRequest
+
+    provider = loopback_provider(
+        server.base_url, validation=ValidationRequest(url=server.userinfo_url)
+    )
+    async with open_integrations(fresh_db, server.base_url, providers=[provider]) as integ:
+        server.config.expires_in = 0
+        uuid = await connect(integ)
+        server.config.expires_in = 3600
+        before = sum(server.stats.token_calls.values())
+        result = await integ.validate_connection(uuid)
+        assert result.ok, result.message
+        assert sum(server.stats.token_calls.values()) == before + 1
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
