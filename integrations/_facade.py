@@ -967,6 +967,9 @@ def _validation_outcome(result: Any) -> tuple[bool, str]:
         return True, "ok"
     if result is False or result is None:
         return False, "Validation failed"
+    if isinstance(result, tuple) and len(result) == 2 and result[0] in ("ok", "error"):
+        # The seed's {:ok, _} / {:error, reason} shapes.
+        return (True, "ok") if result[0] == "ok" else (False, str(result[1] or "Failed"))
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], bool):
         return result[0], str(result[1]) if result[1] else ("ok" if result[0] else "Failed")
     if isinstance(result, BaseException):

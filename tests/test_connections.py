@@ -446,6 +446,11 @@ async def test_record_validation_always_rewrites_last_validated_at(integ: Integr
     assert data["validation_status"] == "Invalid credentials"
     await integ.record_validation(conn.uuid, True)
     assert (await integ.get_integration(conn.uuid))["status"] == "connected"
+    await integ.record_validation(conn.uuid, ("error", "Access denied"))
+    data = await integ.get_integration(conn.uuid)
+    assert (data["status"], data["validation_status"]) == ("error", "Access denied")
+    await integ.record_validation(conn.uuid, ("ok", None))
+    assert (await integ.get_integration(conn.uuid))["status"] == "connected"
 
 
 async def test_record_validation_notifies_only_on_change(
