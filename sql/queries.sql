@@ -84,10 +84,6 @@ RETURNING uuid, owner, key, value_json::text AS value_json, version;
 SELECT pg_notify($1, $2);
 
 -- name: connections_to_reseal
--- A connection needs resealing when an envelope (an object with "$enc") at the top level
--- or under "credentials" names another key id than the primary, or when one of the given
--- secret fields still holds plaintext. The vault makes the final decision per row, so the
--- predicate only needs to be a superset of it; count_connections_to_reseal repeats it.
 -- $1 uuid: keyset cursor, only rows after it (the nil uuid to start)
 -- $2 int: batch size
 -- $3 text: primary key id
@@ -95,23 +91,7 @@ SELECT pg_notify($1, $2);
 -- Row locks are held until the surrounding transaction ends.
 SELECT uuid, owner, key, value_json::text AS value_json, version
 FROM {schema}.connections
-WHERE uuid > $1
-  AND (
-    jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
-                      jsonb_build_object('kid', $3::text))
-    OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
-                         jsonb_build_object('kid', $3::text))
-    OR EXISTS (
-      SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
-      WHERE f.field = ANY ($4::text[])
-        AND f.value <> 'null'::jsonb
-        AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
-        AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
-          SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
-          WHERE c.value <> 'null'::jsonb
-            AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
-    )
-  )
+WHERE uuid > $1 AND {schema}.needs_reseal(value_json, $3, $4::text[])
 ORDER BY uuid
 LIMIT $2
 FOR UPDATE;
@@ -121,20 +101,7 @@ FOR UPDATE;
 -- $2 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
 SELECT count(*)
 FROM {schema}.connections
-WHERE jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
-                        jsonb_build_object('kid', $1::text))
-  OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
-                       jsonb_build_object('kid', $1::text))
-  OR EXISTS (
-    SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
-    WHERE f.field = ANY ($2::text[])
-      AND f.value <> 'null'::jsonb
-      AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
-      AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
-        SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
-        WHERE c.value <> 'null'::jsonb
-          AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
-  );
+WHERE {schema}.needs_reseal(value_json, $1, $2::text[]);
 
 -- name: reseal_connections
 -- $1 uuid[], $2 text[] value_json, pairwise. The version moves on so that a writer
