@@ -32,7 +32,7 @@ from ._errors import (
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import EVENT_KINDS, Connection, Event, Validation, utcnow
+from ._models import Connection, Event, Validation, utcnow
 from ._providers import Provider, ProviderRegistry
 from ._refresher import OAUTH_TYPES, Refresher, TokenPolicy
 from ._repository import Change, Repository, StoredRow
@@ -255,59 +255,6 @@ class Integrations:
         if self._hub is None:
             raise LifecycleError("Integrations is still opening")
         return self._hub
-
-    async def _record_status(
-        self,
-        uuid: str,
-        *,
-        kind: str,
-        status: str,
-        message: str | None = None,
-        actor: str | None = None,
-        extra_data: Mapping[str, Any] | None = None,
-        detail: Mapping[str, Any] | None = None,
-        always: bool = False,
-    ) -> bool:
-        """Store a status outcome (a token refresh, a connect) and emit ``kind`` for it.
-
-        ``message`` becomes ``validation_status``. Unless ``always``, the event is sent
-        only when ``status`` or ``validation_status`` changed, so a failure repeated
-        every refresh cycle reaches subscribers once. ``extra_data`` (tokens, expiry)
-        is merged into the row with its secret fields sealed and never goes into the
-        event; ``detail`` must hold no secrets. Returns whether an event was sent.
-        """
-        if kind not in EVENT_KINDS or kind == "resync":
-            raise ValueError(f"not a connection event kind: {kind!r}")
-        uuid = names.require_uuid(uuid)
-        actor = names.check_actor(actor)
-
-        def decide(row: StoredRow | None) -> tuple[Change, bool]:
-            if row is None:
-                raise NotConfigured()
-            previous = row.data.get("status")
-            previous_message = row.data.get("validation_status")
-            sealed = self._vault.seal(
-                row.uuid, dict(extra_data or {}), self._secret_fields(self._provider_of(row))
-            )
-            data = {**row.data, **sealed, "status": status}
-            if message is not None:
-                data["validation_status"] = message
-            current_message = data.get("validation_status")
-            events = []
-            if always or status != previous or current_message != previous_message:
-                updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
-                events.append(
-                    self._event(
-                        kind,
-                        updated,
-                        previous_status=previous,
-                        actor=actor,
-                        detail={**(detail or {}), "validation_status": current_message},
-                    )
-                )
-            return Change(data=data, events=events), bool(events)
-
-        return await self._repo.modify(uuid, decide)
 
     # -- helpers ----------------------------------------------------------------------
 

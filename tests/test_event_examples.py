@@ -10,13 +10,14 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 import uvicorn
 
-from integrations import Event, Integrations
+from integrations import Event, Integrations, ReauthRequired
 
 from .conftest import TEST_KEY
 
@@ -122,11 +123,31 @@ def test_sse_filter_keeps_status_changes_removals_and_resync() -> None:
 
 
 async def test_worker_reacts_once_per_refresh_failure(
-    integ: Integrations, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+    fresh_db: str, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from .oauth_server import OAuthTestServer
+    from .oauthkit import open_integrations
+
     caplog.set_level(logging.INFO, logger="refresh_worker")
-    conn = await integ.add_connection("google", "default", owner="dana")
-    await integ.save_setup(conn.uuid, {"client_id": "cid", "client_secret": "csecret-w"})
+    async with (
+        OAuthTestServer() as server,
+        open_integrations(fresh_db, server.base_url) as integ,
+    ):
+        await _watch_real_refresh_failures(integ, server, db, caplog)
+
+
+async def _watch_real_refresh_failures(
+    integ: Integrations, server: Any, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+    from .oauthkit import REDIRECT_URI, approve
+
+    conn = await integ.add_connection("loopback", "default", owner="dana")
+    setup = {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
+    await integ.save_setup(conn.uuid, setup)
+    url, _ = await integ.begin_authorization(conn.uuid, REDIRECT_URI)
+    query = await approve(url)
+    await integ.complete_authorization(query["state"], code=query["code"])
     failures: list[Event] = []
     resyncs: list[bool] = []
     second_failure = asyncio.Event()
@@ -147,14 +168,16 @@ async def test_worker_reacts_once_per_refresh_failure(
     async with asyncio.timeout(TIMEOUT):
         await ready.wait()
 
-        async def refresh(kind: str, status: str, message: str) -> None:
-            await integ._record_status(
-                conn.uuid, kind=kind, status=status, message=message, actor="refresher"
-            )
+        async def refresh(fail: bool) -> None:
+            server.config.force_invalid_client = fail
+            try:
+                await integ.refresh_access_token(conn.uuid)
+            except ReauthRequired:
+                assert fail
 
         for _ in range(3):
-            await refresh("refresh_failed", "error", "invalid_grant")
-        await refresh("recovered", "connected", "ok")
+            await refresh(fail=True)
+        await refresh(fail=False)
         [listener] = await db.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
             " AND pid <> pg_backend_pid() AND query LIKE 'LISTEN %'"
@@ -162,17 +185,17 @@ async def test_worker_reacts_once_per_refresh_failure(
         await db.execute("SELECT pg_terminate_backend($1)", listener["pid"])
         while not resyncs:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        await refresh("refresh_failed", "error", "invalid_grant")
+        await refresh(fail=True)
         await second_failure.wait()
         await integ.close()
         await task
 
-    assert [(e.uuid, e.owner, e.detail["validation_status"]) for e in failures] == [
-        (conn.uuid, "dana", "invalid_grant"),
-        (conn.uuid, "dana", "invalid_grant"),
+    assert [(e.uuid, e.owner, e.detail["reauth_required"]) for e in failures] == [
+        (conn.uuid, "dana", True),
+        (conn.uuid, "dana", True),
     ]
     assert resyncs == [True]
     messages = [r.getMessage() for r in caplog.records if r.name == "refresh_worker"]
-    assert sum("token refresh failed for google:default" in m for m in messages) == 2
+    assert sum("token refresh failed for loopback:default" in m for m in messages) == 2
     assert any("recovered" in m for m in messages)
     assert any("handler raised" in m for m in messages)
