@@ -50,6 +50,7 @@ _RESERVED = _BOOKKEEPING | {
     "reauth_required",
     "connected_at",
 }
+_SECRETS = frozenset({"access_token", "refresh_token"})
 # What disconnect drops for OAuth connections, beyond the secrets.
 _TOKEN_FIELDS = (
     "access_token",
@@ -64,6 +65,21 @@ _TOKEN_FIELDS = (
     "token_extras",
     "refresh_error",
 )
+
+
+# Everything the library writes on its own; what remains is what someone saved.
+_LIBRARY_WRITTEN = (
+    _RESERVED | {"refresh_error", "token_extras", "account"} | (set(_TOKEN_FIELDS) - _SECRETS)
+)
+
+
+class _Unset(enum.Enum):
+    """The type of ``_UNSET``: an argument that was left out (``None`` means the system)."""
+
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
 
 
 class _State(enum.Enum):
@@ -161,11 +177,17 @@ class Integrations:
         self._state = _State.OPEN
         try:
             await self._open()
+        except SchemaOutdated:
+            # Left unopened so that ``await integ.migrate()`` then ``open()`` works.
+            await self._repo.close()
+            self._state = _State.NEW
+            raise
         except BaseException:
             await self.close()
             raise
 
-    async def _open(self) -> None:
+    async def _connect(self) -> None:
+        """Resolve the DSN and keys (starting the embedded server if need be) and connect."""
         dsn = self._dsn
         keys: str | Sequence[str] | None = self._keys_arg
         if dsn is None and self._pool_arg is None:
@@ -181,6 +203,9 @@ class Integrations:
         keyring = Keyring.parse(keys) if keys is not None else Keyring.from_env()
         self._vault = Vault(keyring, encryption=self._encryption)
         await self._repo.open(dsn=dsn, pool=self._pool_arg, max_size=self._pool_max_size)
+
+    async def _open(self) -> None:
+        await self._connect()
         if await self._repo.schema_version() < self._repo.q.latest_version:
             if not self._auto_migrate:
                 raise SchemaOutdated()
@@ -211,7 +236,17 @@ class Integrations:
             )
 
     async def migrate(self) -> list[int]:
-        """Apply pending schema migrations under an advisory lock; returns versions applied."""
+        """Apply pending schema migrations under an advisory lock; returns versions applied.
+
+        Also works before ``open()`` (for ``auto_migrate=False`` deployments that migrate
+        as a separate step): it then connects for the migration only.
+        """
+        if self._state is _State.NEW:
+            await self._connect()
+            try:
+                return await self._repo.migrate()
+            finally:
+                await self._repo.close()
         self._check_open()
         return await self._repo.migrate()
 
@@ -222,7 +257,7 @@ class Integrations:
         *,
         provider: str | None = None,
         uuid: str | None = None,
-        owner: OwnerScope = None,
+        owner: OwnerScope | _Unset = _UNSET,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
     ) -> AbstractAsyncContextManager[Subscription]:
@@ -230,7 +265,8 @@ class Integrations:
 
         Filters combine: ``provider`` and ``uuid`` narrow to one provider or connection,
         ``kinds`` to some event kinds. ``owner=None`` sees system connections only, an
-        owner string sees that owner's, ``ALL_OWNERS`` sees all. When more than
+        owner string sees that owner's, ``ALL_OWNERS`` sees all; left out, it is ``None``
+        unless ``uuid`` is given (a uuid names one connection, whoever owns it). When more than
         ``maxsize`` events wait unread the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
         """
@@ -239,7 +275,9 @@ class Integrations:
             provider = self.providers.get(provider).key
         if uuid is not None:
             uuid = names.require_uuid(uuid)
-        if owner is not ALL_OWNERS:
+        if isinstance(owner, _Unset):
+            owner = ALL_OWNERS if uuid is not None else None
+        elif owner is not ALL_OWNERS:
             owner = names.check_owner(owner)
         return hub.subscribe(
             provider=provider, uuid=uuid, owner=owner, kinds=kinds, maxsize=maxsize
@@ -304,13 +342,24 @@ class Integrations:
             detail=dict(detail or {}),
         )
 
-    async def _row_by_ref(self, ref: object, owner: str | None) -> tuple[StoredRow | None, bool]:
-        """Resolve a uuid or provider ref; the flag says whether the input was a uuid."""
+    async def _row_by_ref(
+        self, ref: object, owner: str | _Unset | None
+    ) -> tuple[StoredRow | None, bool]:
+        """Resolve a uuid or provider ref; the flag says whether the input was a uuid.
+
+        A provider ref is looked up in ``owner``'s scope (the system scope when left out).
+        A uuid names its row directly, unless an owner is given: then another owner's row
+        is as good as missing.
+        """
+        scope = None if isinstance(owner, _Unset) else names.check_owner(owner)
         as_uuid = names.parse_uuid(ref)
         if as_uuid is not None:
-            return await self._repo.get(as_uuid), True
+            row = await self._repo.get(as_uuid)
+            if row is not None and not isinstance(owner, _Unset) and row.owner != scope:
+                row = None
+            return row, True
         provider, name = names.parse_ref(ref)
-        return await self._repo.get_by_key(owner, names.storage_key(provider, name)), False
+        return await self._repo.get_by_key(scope, names.storage_key(provider, name)), False
 
     # -- connections --------------------------------------------------------------------
 
@@ -421,9 +470,7 @@ class Integrations:
         self._check_open()
         owner = names.check_owner(owner)
         rows = await self._repo.list_by_prefixes(owner, [names.KEY_PREFIX])
-        found = [
-            self._connection(row) for row in rows if any(k not in _BOOKKEEPING for k in row.data)
-        ]
+        found = [self._connection(row) for row in rows if _has_saved_data(row.data)]
         found.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
         return found
 
@@ -433,10 +480,16 @@ class Integrations:
 
     # -- lookups ------------------------------------------------------------------------
 
-    async def get_integration(self, ref: str, *, owner: str | None = None) -> dict[str, Any]:
-        """The whole decrypted data of a connection, by uuid or ``provider:name``."""
+    async def get_integration(
+        self, ref: str, *, owner: str | _Unset | None = _UNSET
+    ) -> dict[str, Any]:
+        """The whole decrypted data of a connection, by uuid or ``provider:name``.
+
+        ``owner`` scopes the lookup (see ``get_credentials``).
+        """
         self._check_open()
-        owner = names.check_owner(owner)
+        if not isinstance(owner, _Unset):
+            names.check_owner(owner)
         try:
             row, by_uuid = await self._row_by_ref(ref, owner)
         except InvalidInput as exc:
@@ -463,26 +516,33 @@ class Integrations:
             raise NotFound()
         return found
 
-    async def resolve_to_uuid(self, value: Any, *, owner: str | None = None) -> str:
-        """A uuid that exists → itself; a provider ref → its uuid."""
+    async def resolve_to_uuid(self, value: Any, *, owner: str | _Unset | None = _UNSET) -> str:
+        """A uuid that exists → itself; a provider ref → its uuid.
+
+        ``owner`` scopes the lookup (see ``get_credentials``).
+        """
         self._check_open()
         if not isinstance(value, str) or not value.strip():
             raise InvalidInput("expected a uuid or a provider:name reference")
-        as_uuid = names.parse_uuid(value.strip())
-        if as_uuid is not None:
-            if await self._repo.get(as_uuid) is None:
-                raise NotFound()
-            return as_uuid
-        return await self.find_uuid_by_provider_name(value, owner=owner)
+        row, _by_uuid = await self._row_by_ref(value.strip(), owner)
+        if row is None:
+            raise NotFound()
+        return row.uuid
 
     def settings_key(self, ref: str) -> str:
         """The storage key for ``"google"`` or ``"google:personal"``."""
         return names.settings_key(ref)
 
-    async def get_credentials(self, ref: str, *, owner: str | None = None) -> dict[str, Any]:
-        """Decrypted credentials for API calls, by uuid or ``provider:name``."""
+    async def get_credentials(
+        self, ref: str, *, owner: str | _Unset | None = _UNSET
+    ) -> dict[str, Any]:
+        """Decrypted credentials for API calls, by uuid or ``provider:name``.
+
+        A ``provider:name`` ref is looked up in ``owner``'s scope, the system scope when
+        ``owner`` is left out. A uuid names its row directly; with an explicit ``owner``
+        (``None`` included) a row of another owner counts as missing.
+        """
         self._check_open()
-        owner = names.check_owner(owner)
         row, by_uuid = await self._row_by_ref(ref, owner)
         if row is None:
             raise Deleted() if by_uuid else NotConfigured()
@@ -496,7 +556,7 @@ class Integrations:
             provider.has_runtime_credentials(data) or provider.is_configured(data)
         ):
             return True
-        return any(k not in _BOOKKEEPING and data.get(k) not in (None, "") for k in data)
+        return _has_saved_data(data)
 
     async def is_connected(self, uuid: str) -> bool:
         """True when the connection is connected and holds runtime credentials."""
@@ -601,7 +661,8 @@ class Integrations:
 
         def decide(row: StoredRow | None) -> tuple[Change, None]:
             if row is None:
-                raise NotConfigured()
+                # A check that raced a removal has nothing left to record on.
+                return Change(), None
             previous = row.data.get("status")
             previous_message = row.data.get("validation_status")
             status = "connected" if ok else "error"
@@ -645,7 +706,7 @@ class Integrations:
         actor = names.check_actor(actor)
         row = await self._repo.get(uuid)
         if row is None:
-            raise NotConfigured()
+            return Validation(False, "Not configured")
         provider = self._provider_of(row)
         if provider is None:
             result = Validation(False, "Unknown provider")
@@ -680,11 +741,13 @@ class Integrations:
         *,
         allow_any_host: bool = False,
         max_attempts: int | None = None,
+        owner: str | _Unset | None = _UNSET,
         **opts: Any,
     ) -> Response:
         """Send a request with the connection's credentials, only to the provider's API hosts.
 
-        ``uuid`` may also be a ``provider:name`` ref. ``allow_any_host=True`` sends the
+        ``uuid`` may also be a ``provider:name`` ref, looked up in ``owner``'s scope (see
+        ``get_credentials``). ``allow_any_host=True`` sends the
         credentials wherever ``url`` points: dangerous, only for URLs you fully control.
         ``opts`` are ``headers``, ``params``, ``json``, ``data``, ``timeout`` and other
         aiohttp request options.
@@ -692,7 +755,7 @@ class Integrations:
         self._check_open()
         if not isinstance(method, str) or not method.isalpha():
             raise InvalidInput("method must be an HTTP method name such as 'GET'")
-        row, by_uuid = await self._row_by_ref(uuid, None)
+        row, by_uuid = await self._row_by_ref(uuid, owner)
         if row is None:
             raise Deleted() if by_uuid else NotConfigured()
         provider = self._provider_of(row)
@@ -904,6 +967,11 @@ class Integrations:
             batch_size=batch_size,
             progress=progress,
         )
+
+
+def _has_saved_data(data: Mapping[str, Any]) -> bool:
+    """Whether anything but what the library itself writes (status, checks, token metadata)."""
+    return any(k not in _LIBRARY_WRITTEN and data.get(k) not in (None, "", {}) for k in data)
 
 
 def _validation_outcome(result: Any) -> tuple[bool, str]:

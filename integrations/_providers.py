@@ -280,6 +280,11 @@ _OAUTH_FIELDS = (
     SetupField(key="client_id", label="Client ID", required=True),
     SetupField(key="client_secret", label="Client secret", required=True, secret=True),
 )
+# A public client (PKCE, token_auth="none") has no secret to require.
+_PUBLIC_OAUTH_FIELDS = (
+    SetupField(key="client_id", label="Client ID", required=True),
+    SetupField(key="client_secret", label="Client secret", secret=True),
+)
 _DEFAULT_FIELDS: dict[str, tuple[SetupField, ...]] = {
     "oauth2": _OAUTH_FIELDS,
     "oauth2_client_credentials": _OAUTH_FIELDS,
@@ -321,7 +326,7 @@ class Provider(_Frozen):
     scopes: tuple[str, ...] = ()
     scope_separator: str = " "
     authorize_params: dict[str, str] = Field(default_factory=dict)
-    token_auth: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
+    token_auth: Literal["client_secret_post", "client_secret_basic", "none"] = "client_secret_post"
     pkce: bool = True
     setup_fields: tuple[SetupField, ...] = ()
     api_hosts: tuple[str, ...] = ()
@@ -341,7 +346,10 @@ class Provider(_Frozen):
             if isinstance(auth_type, str):
                 data = dict(data)
                 if "setup_fields" not in data and auth_type in _DEFAULT_FIELDS:
-                    data["setup_fields"] = _DEFAULT_FIELDS[auth_type]
+                    public = auth_type == "oauth2" and data.get("token_auth") == "none"
+                    data["setup_fields"] = (
+                        _PUBLIC_OAUTH_FIELDS if public else _DEFAULT_FIELDS[auth_type]
+                    )
                 if "auth_header" not in data and auth_type in _DEFAULT_AUTH:
                     data["auth_header"] = _DEFAULT_AUTH[auth_type]
         return data
