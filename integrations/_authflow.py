@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import oauth
@@ -57,6 +58,25 @@ class AuthFlow:
         self._token_timeout = token_timeout
         self._revoke_timeout = revoke_timeout
         self._revocations: set[asyncio.Task[None]] = set()
+        self._operations = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[None]:
+        """Mark a change that may revoke a grant as in flight: ``close()`` waits for it.
+
+        Entered right after the open check, with no await in between, so that every
+        operation the facade let in is counted before ``close()`` looks.
+        """
+        self._operations += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._operations -= 1
+            if not self._operations:
+                self._idle.set()
 
     # -- begin ----------------------------------------------------------------------------
 
@@ -141,6 +161,12 @@ class AuthFlow:
             raise InvalidInput("error must be a string")
         if not code and not error:
             raise InvalidInput("the callback carries neither a code nor an error")
+        with self.operation():
+            return await self._complete(state, code, error, error_description)
+
+    async def _complete(
+        self, state: str, code: str | None, error: str | None, error_description: str | None
+    ) -> StoredRow:
         pending = await self._host._repo.take_pending(oauth.hash_state(state))
         if pending is None or not pending.live:
             raise InvalidState()
@@ -162,11 +188,12 @@ class AuthFlow:
             raise InvalidInput("code must be a non-empty string")
         if not isinstance(redirect_uri, str) or not redirect_uri:
             raise InvalidInput("redirect_uri must be an absolute http(s) URL")
-        row, _, _ = await self._oauth_row(uuid)
-        pending = await self._host._repo.take_latest_pending(row.uuid, redirect_uri)
-        return await self._exchange(
-            row, pending, code, redirect_uri, actor or (pending.actor if pending else None)
-        )
+        with self.operation():
+            row, _, _ = await self._oauth_row(uuid)
+            pending = await self._host._repo.take_latest_pending(row.uuid, redirect_uri)
+            return await self._exchange(
+                row, pending, code, redirect_uri, actor or (pending.actor if pending else None)
+            )
 
     async def _exchange(
         self,
@@ -211,7 +238,17 @@ class AuthFlow:
             redact=[secret, code, verifier],
         )
         account = await self._userinfo(provider, plain, tokens)
-        return await self._store(row.uuid, tokens, account, actor)
+        try:
+            return await self._store(row.uuid, tokens, account, actor)
+        except Deleted:
+            # Removed during the exchange: the grant just issued is nobody's, so end it.
+            issued = {
+                **plain,
+                "access_token": tokens.access_token,
+                "refresh_token": tokens.refresh_token,
+            }
+            self._revoke_plain(provider, row.uuid, issued)
+            raise
 
     async def _userinfo(
         self, provider: Provider, plain: Mapping[str, Any], tokens: oauth.TokenSet
@@ -309,6 +346,11 @@ class AuthFlow:
         except CryptoError:
             log.info("connection %s: tokens unreadable, nothing revoked", row.uuid)
             return
+        self._revoke_plain(provider, row.uuid, plain)
+
+    def _revoke_plain(self, provider: Provider, uuid: str, plain: Mapping[str, Any]) -> None:
+        if provider.revoke_url is None:
+            return
         token = plain.get("refresh_token")
         hint = "refresh_token"
         if not isinstance(token, str) or not token:
@@ -327,10 +369,10 @@ class AuthFlow:
                 auth_method=provider.token_auth if secret else "none",
             )
         except (IntegrationsError, ValueError) as exc:
-            log.info("connection %s: revocation not possible (%s)", row.uuid, type(exc).__name__)
+            log.info("connection %s: revocation not possible (%s)", uuid, type(exc).__name__)
             return
         task = asyncio.get_running_loop().create_task(
-            self._revoke(row.uuid, request), name=f"integrations-revoke-{row.uuid}"
+            self._revoke(uuid, request), name=f"integrations-revoke-{uuid}"
         )
         self._revocations.add(task)
         task.add_done_callback(self._revocations.discard)
@@ -357,7 +399,9 @@ class AuthFlow:
             log.info("connection %s: revocation answered HTTP %d", uuid, response.status)
 
     async def close(self) -> None:
-        """Give revocations in flight their short timeout, then drop them."""
+        """Let operations in flight finish (they may still revoke), then give revocations
+        their short timeout and drop them."""
+        await self._idle.wait()
         tasks = list(self._revocations)
         if not tasks:
             return

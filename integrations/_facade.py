@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -85,6 +87,7 @@ _UNSET = _Unset.UNSET
 class _State(enum.Enum):
     NEW = "new"
     OPEN = "open"
+    CLOSING = "closing"
     CLOSED = "closed"
 
 
@@ -116,6 +119,7 @@ class Integrations:
         token_timeout: float = 10.0,
         token_attempts: int = 3,
         token_backoff: float = 0.5,
+        refresh_cooldown: float = 5.0,
         revoke_timeout: float = 5.0,
     ) -> None:
         if encryption not in ("on", "off"):
@@ -140,6 +144,7 @@ class Integrations:
         self._http_client = HttpClient(http)
         self._hub: EventHub | None = None
         self._state = _State.NEW
+        self._teardown: asyncio.Task[None] | None = None
         self.embedded_dsn: str | None = None
         policy = TokenPolicy(
             leeway=self._leeway,
@@ -147,6 +152,7 @@ class Integrations:
             timeout=token_timeout,
             attempts=token_attempts,
             backoff=token_backoff,
+            cooldown=refresh_cooldown,
         )
         self._refresher = Refresher(self, policy)
         self._authflow = AuthFlow(
@@ -214,25 +220,41 @@ class Integrations:
         self._hub = EventHub(self._repo.listen, self._repo.channel)
 
     async def close(self) -> None:
-        """Release what was opened, in reverse order; injected pool and session stay open."""
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
-        # Before the pool: the hub's listener is a pooled connection, and ending the
-        # subscriptions first lets every ``async for`` finish cleanly.
-        if self._hub is not None:
-            await self._hub.close()
-        await self._refresher.close()
-        await self._authflow.close()
-        await self._http_client.close()
-        await self._repo.close()
+        """Release what was opened, in reverse order; injected pool and session stay open.
+
+        Refreshes that have sent their token request, and disconnects, removals and code
+        exchanges in flight, are let finish first. A close() that is cancelled meanwhile
+        goes on in the background; calling close() again waits for it.
+        """
+        if self._teardown is None:
+            self._state = _State.CLOSING
+            self._teardown = asyncio.get_running_loop().create_task(
+                self._close_parts(), name="integrations-close"
+            )
+        await asyncio.shield(self._teardown)
+
+    async def _close_parts(self) -> None:
+        try:
+            # Each part is closed even when one before it fails; the pool last.
+            async with contextlib.AsyncExitStack() as stack:
+                stack.push_async_callback(self._repo.close)
+                stack.push_async_callback(self._http_client.close)
+                # Before the HTTP client: a disconnect in flight still revokes its grant.
+                stack.push_async_callback(self._authflow.close)
+                stack.push_async_callback(self._refresher.close)
+                # Before the pool: the hub's listener is a pooled connection, and ending the
+                # subscriptions first lets every ``async for`` finish cleanly.
+                if self._hub is not None:
+                    stack.push_async_callback(self._hub.close)
+        finally:
+            self._state = _State.CLOSED
 
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
             raise LifecycleError(
                 "Integrations is not open: use 'async with Integrations(...)' or await open()"
                 if self._state is _State.NEW
-                else "Integrations is closed"
+                else f"Integrations is {self._state.value}"
             )
 
     async def migrate(self) -> list[int]:
@@ -432,8 +454,9 @@ class Integrations:
             )
             return Change(delete=True, events=[event]), row
 
-        removed = await self._repo.modify(uuid, decide)
-        self._authflow.revoke_later(self._provider_of(removed), removed)
+        with self._authflow.operation():
+            removed = await self._repo.modify(uuid, decide)
+            self._authflow.revoke_later(self._provider_of(removed), removed)
 
     async def list_connections(
         self, provider: str, *, owner: str | None = None
@@ -605,6 +628,8 @@ class Integrations:
                 from ._errors import MissingField
 
                 raise MissingField(f"required setup field missing: {', '.join(missing)}")
+            # New setup (a corrected client secret, say) is worth another refresh at once.
+            data.pop("refresh_error", None)
             previous = row.data.get("status")
             if not provider.has_runtime_credentials(data):
                 data["status"] = "disconnected"
@@ -645,9 +670,10 @@ class Integrations:
             return Change(data=data, events=[event]), row
 
         # The tokens are taken under the row lock, revoked only once the change committed.
-        dropped = await self._repo.modify(uuid, decide)
-        if dropped is not None:
-            self._authflow.revoke_later(self._provider_of(dropped), dropped)
+        with self._authflow.operation():
+            dropped = await self._repo.modify(uuid, decide)
+            if dropped is not None:
+                self._authflow.revoke_later(self._provider_of(dropped), dropped)
 
     async def record_validation(self, uuid: str, result: Any) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""

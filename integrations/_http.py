@@ -439,7 +439,6 @@ class HttpClient:
         secrets = auth.secrets if auth else ()
         origin = _origin(target)
         on_origin = True
-        session = self._get_session()
 
         for _ in range(MAX_REDIRECTS + 1):
             hop_headers = CIMultiDict(headers)
@@ -460,7 +459,7 @@ class HttpClient:
                     hop_headers[name] = value
                 url = URL(signed_url, encoded=True)
             response = await self._attempts(
-                session, method, url, hop_headers, body, attempts, timeout, opts, secrets
+                method, url, hop_headers, body, attempts, timeout, opts, secrets
             )
             location = response.headers.get("Location")
             if not (follow and response.status in REDIRECT_STATUSES and location):
@@ -497,7 +496,6 @@ class HttpClient:
 
     async def _attempts(
         self,
-        session: aiohttp.ClientSession,
         method: str,
         url: URL,
         headers: CIMultiDict[str],
@@ -515,6 +513,8 @@ class HttpClient:
         )
         shown = _redact(str(url), secrets)
         for attempt in range(1, attempts + 1):
+            # Per attempt: close() may have run during the previous one or the backoff.
+            session = self._get_session()
             try:
                 async with session.request(
                     method,
@@ -531,6 +531,11 @@ class HttpClient:
                         body=await raw.read(),
                         url=shown,
                     )
+            except RuntimeError as exc:
+                # aiohttp's "Session is closed": an injected session its owner closed.
+                if not session.closed:
+                    raise
+                raise LifecycleError("The HTTP session is closed.") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 transient = isinstance(
                     exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError

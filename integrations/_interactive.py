@@ -55,14 +55,19 @@ async def connect_interactive(
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[Connection] = loop.create_future()
     expected: list[str] = []
+    claimed = False
 
     async def callback(request: web.Request) -> web.StreamResponse:
+        nonlocal claimed
         state = request.query.get("state", "")
         # Only the callback for our own state counts; anything else on the port is ignored.
         if not expected or not hmac.compare_digest(state.encode(), expected[0].encode()):
             return _page(400, "Unknown request", "This address only accepts the callback.")
-        if outcome.done():
-            return _page(409, "Already completed", "You can close this window.")
+        # Claimed before the first await: a reload or browser retry arriving while the
+        # code is being exchanged must not consume the state again and fail the flow.
+        if claimed:
+            return _page(409, "Already received", "You can close this window.")
+        claimed = True
         try:
             connection = await integ.complete_authorization(
                 state,

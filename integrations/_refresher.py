@@ -6,8 +6,8 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,7 +25,7 @@ from ._errors import (
     RequestFailed,
     TokenRequestFailed,
 )
-from ._http import HttpClient, Response, check_url, host_allowed
+from ._http import HttpClient, Response, check_url, host_allowed, retry_after_seconds
 from ._models import Event, utcnow
 from ._providers import Provider
 from ._repository import LockedRow, StoredRow
@@ -43,19 +43,35 @@ OAUTH_TYPES = frozenset({"oauth2", "oauth2_client_credentials"})
 Mode = Literal["expiring", "force", "rejected"]
 
 
+#: Statuses whose Retry-After the token endpoint means: wait that long before asking again.
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+#: Slack beyond the attempts and their waits, for the database round trips of a refresh.
+_BUDGET_MARGIN = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class TokenPolicy:
-    """Timing of token requests and of the row lock that serialises them."""
+    """Timing of token requests, of the row lock that serialises them, and of the
+    cool-down after a failed refresh."""
 
     leeway: float = 60.0
     lock_timeout: float = 30.0
     timeout: float = 10.0
     attempts: int = 3
     backoff: float = 0.5
+    cooldown: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.leeway < 0 or self.lock_timeout <= 0 or self.timeout <= 0 or self.backoff < 0:
-            raise ValueError("leeway and backoff must be >= 0; lock_timeout and timeout > 0")
+        if (
+            self.leeway < 0
+            or self.lock_timeout <= 0
+            or self.timeout <= 0
+            or self.backoff < 0
+            or self.cooldown < 0
+        ):
+            raise ValueError(
+                "leeway, backoff and refresh_cooldown must be >= 0; lock_timeout and timeout > 0"
+            )
         if self.attempts < 1:
             raise ValueError("token_attempts must be at least 1")
 
@@ -64,10 +80,22 @@ class TokenPolicy:
         return self.backoff * 8
 
     @property
+    def cooldown_cap(self) -> float:
+        return self.cooldown * 60
+
+    @property
     def budget(self) -> float:
-        """The longest one refresh may hold the lock: every attempt times out, every wait maxed."""
+        """The longest one refresh may take from its first token request: every attempt
+        times out, every wait maxed. The row lock's idle timeout is set to it."""
         waits = sum(min(self.backoff_cap, self.backoff * 2.0**i) for i in range(self.attempts - 1))
-        return self.attempts * self.timeout + waits + 5.0
+        return self.attempts * self.timeout + waits + _BUDGET_MARGIN
+
+    def cooldown_after(self, failures: int, retry_after: float | None) -> float:
+        """Seconds automatic refreshes wait after ``failures`` consecutive failed ones."""
+        wait = min(self.cooldown_cap, self.cooldown * 2.0 ** min(max(failures - 1, 0), 32))
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.cooldown_cap))
+        return wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +108,17 @@ class _Seen:
     @classmethod
     def of(cls, token: str | None, row: StoredRow) -> _Seen:
         return cls(token, _failure_id(row.data))
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """One refresh task in flight, what it was started for, and when it first asked the
+    token endpoint (None until then: only such a task may be cancelled without loss)."""
+
+    seen: _Seen
+    mode: Mode
+    task: asyncio.Task[str] = field(init=False, repr=False)
+    sent_at: float | None = None
 
 
 def _failure_id(data: Mapping[str, Any]) -> str | None:
@@ -133,14 +172,22 @@ async def post_token_request(
         raise TokenRequestFailed(
             f"Could not reach the token endpoint: {exc.message}", transient=True
         ) from exc
-    return oauth.parse_token_response(
-        response.status,
-        response.body,
-        now=utcnow(),
-        requested_scopes=requested_scopes,
-        previous_refresh_token=previous_refresh_token,
-        redact=[s for s in redact if s],
-    )
+    try:
+        return oauth.parse_token_response(
+            response.status,
+            response.body,
+            now=utcnow(),
+            requested_scopes=requested_scopes,
+            previous_refresh_token=previous_refresh_token,
+            redact=[s for s in redact if s],
+        )
+    except TokenRequestFailed as exc:
+        header = response.headers.get("Retry-After")
+        if exc.transient and response.status in _RETRY_AFTER_STATUSES and header:
+            wait = retry_after_seconds(header)
+            if wait is not None:
+                exc.context["retry_after"] = wait
+        raise
 
 
 class Refresher:
@@ -150,13 +197,15 @@ class Refresher:
     (awaited through ``asyncio.shield``, so a cancelled caller does not abandon a
     refresh whose new refresh token must be stored). Across processes the task
     takes the row lock, reads the row again and calls the token endpoint only
-    if no other process refreshed, or failed, while it waited.
+    if no other process refreshed, or failed, while it waited. After a failure,
+    automatic refreshes wait for a cool-down (a terminal failure: for a new
+    authorization, new setup or an explicit refresh) and get the recorded error.
     """
 
     def __init__(self, host: Integrations, policy: TokenPolicy) -> None:
         self._host = host
         self.policy = policy
-        self._inflight: dict[str, asyncio.Task[str]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._closed = False
 
     # -- entry points ---------------------------------------------------------------------
@@ -164,28 +213,41 @@ class Refresher:
     def _plain(self, row: StoredRow, provider: Provider) -> dict[str, Any]:
         return self._host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
 
-    def _due(self, plain: Mapping[str, Any]) -> bool:
-        return oauth.expires_within(
-            parse_time(plain.get("expires_at")), self.policy.leeway, utcnow()
+    def _due(self, plain: Mapping[str, Any], now: datetime) -> bool:
+        return oauth.refresh_due(
+            parse_time(plain.get("expires_at")),
+            parse_time(plain.get("token_obtained_at")),
+            self.policy.leeway,
+            now,
         )
 
     async def access_token(self, row: StoredRow, provider: Provider) -> str:
-        """A token valid for at least the leeway, refreshed (or fetched) first when needed."""
+        """A token that is not due, refreshed (or fetched) first when needed.
+
+        When the refresh fails, or a recent failure holds automatic refreshes back, a
+        token that has not expired yet is still handed out.
+        """
         _check_oauth(provider)
         plain = self._plain(row, provider)
         token = _text(plain.get("access_token"))
+        now = utcnow()
         if provider.auth_type == "oauth2":
             if token is None:
                 raise NotConnected()
             # Without a refresh token nothing can be done ahead of time; the API will tell.
-            if not self._due(plain) or _text(plain.get("refresh_token")) is None:
+            if not self._due(plain, now) or _text(plain.get("refresh_token")) is None:
                 return token
-        elif token is not None and not self._due(plain):
+        elif token is not None and not self._due(plain, now):
             return token
+        held = _held_back(row.data, now)
+        if held is not None:
+            if token is not None and _usable(token, plain, now):
+                return token
+            raise held
         return await self._coalesced(row.uuid, _Seen.of(token, row), "expiring")
 
     async def refresh(self, row: StoredRow, provider: Provider) -> str:
-        """A new access token, whatever the old one's expiry."""
+        """A new access token, whatever the old one's expiry or a recorded failure."""
         _check_oauth(provider)
         plain = self._plain(row, provider)
         token = _text(plain.get("access_token"))
@@ -199,6 +261,9 @@ class Refresher:
 
     async def after_rejection(self, row: StoredRow, rejected: str) -> str:
         """The token to retry with after the API answered 401 to ``rejected``."""
+        held = _held_back(row.data, utcnow())
+        if held is not None:
+            raise held
         return await self._coalesced(row.uuid, _Seen(rejected, _failure_id(row.data)), "rejected")
 
     async def request(
@@ -249,48 +314,84 @@ class Refresher:
     # -- single flight --------------------------------------------------------------------
 
     async def _coalesced(self, uuid: str, seen: _Seen, mode: Mode) -> str:
+        flight = self._join(uuid, seen, mode)
+        token = await self._outcome(flight)
+        if (
+            mode == "rejected"
+            and token == seen.token
+            and (flight.mode, flight.seen.token) != ("rejected", seen.token)
+        ):
+            # The shared task was started for another need (a caller that read an older
+            # token, or a refresh ahead of expiry) and handed back the token the API has
+            # just rejected: one more, for this caller's own.
+            flight = self._join(uuid, seen, mode)
+            token = await self._outcome(flight)
+        return token
+
+    def _join(self, uuid: str, seen: _Seen, mode: Mode) -> _Flight:
         if self._closed:
             raise LifecycleError("Integrations is closed")
-        task = self._inflight.get(uuid)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(
-                self._run(uuid, seen, mode), name=f"integrations-refresh-{uuid}"
+        flight = self._inflight.get(uuid)
+        if flight is None:
+            flight = _Flight(seen, mode)
+            flight.task = asyncio.get_running_loop().create_task(
+                self._run(uuid, flight), name=f"integrations-refresh-{uuid}"
             )
-            self._inflight[uuid] = task
-            task.add_done_callback(partial(self._finished, uuid))
-        return await asyncio.shield(task)
+            self._inflight[uuid] = flight
+            flight.task.add_done_callback(partial(self._finished, uuid, flight))
+        return flight
 
-    def _finished(self, uuid: str, task: asyncio.Task[str]) -> None:
-        if self._inflight.get(uuid) is task:
+    @staticmethod
+    async def _outcome(flight: _Flight) -> str:
+        try:
+            return await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.task.cancelled() and (current is None or not current.cancelling()):
+                # Cancelled by close(), not this caller: say so instead of a bare cancellation.
+                raise LifecycleError(
+                    "Integrations was closed before the token refresh finished"
+                ) from None
+            raise
+
+    def _finished(self, uuid: str, flight: _Flight, task: asyncio.Task[str]) -> None:
+        if self._inflight.get(uuid) is flight:
             del self._inflight[uuid]
         if not task.cancelled():
             # Marks the outcome retrieved: every caller may have been cancelled meanwhile.
             task.exception()
 
     async def close(self) -> None:
-        """Let refreshes in flight finish (their new refresh tokens must be stored), bounded."""
+        """Stop refreshing: cancel what has not asked the token endpoint yet, and let each
+        refresh that has finish (its new refresh token must be stored) within its budget
+        counted from its first request."""
         self._closed = True
-        tasks = list(self._inflight.values())
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=self.policy.budget)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        flights = list(self._inflight.values())
+        if flights:
+            await asyncio.gather(*(self._settle(f) for f in flights))
+
+    async def _settle(self, flight: _Flight) -> None:
+        if flight.sent_at is not None:
+            left = flight.sent_at + self.policy.budget - asyncio.get_running_loop().time()
+            if left > 0:
+                await asyncio.wait({flight.task}, timeout=left)
+        flight.task.cancel()
+        # The write of what a token request returned is not cancelled: wait for it.
+        await asyncio.wait({flight.task})
 
     # -- under the row lock ---------------------------------------------------------------
 
-    async def _run(self, uuid: str, seen: _Seen, mode: Mode) -> str:
+    async def _run(self, uuid: str, flight: _Flight) -> str:
         policy = self.policy
         try:
             async with self._host._repo.locked(
                 uuid, lock_timeout=policy.lock_timeout, idle_timeout=policy.budget
             ) as locked:
-                outcome = await self._under_lock(locked, seen, mode)
+                outcome = await self._under_lock(locked, flight)
         except LockTimeout as exc:
             raise TokenRequestFailed(
-                "Another process is refreshing this connection's token and did not finish "
-                f"within the lock timeout ({policy.lock_timeout:g}s)",
+                "The connection was locked by another transaction (a refresh, a write or a "
+                f"key rotation batch) for longer than the lock timeout ({policy.lock_timeout:g}s)",
                 transient=True,
             ) from exc
         # A failure is raised only now, after it was committed with the lock released.
@@ -298,7 +399,7 @@ class Refresher:
             raise outcome
         return outcome
 
-    async def _under_lock(self, locked: LockedRow, seen: _Seen, mode: Mode) -> str | OAuthError:
+    async def _under_lock(self, locked: LockedRow, flight: _Flight) -> str | OAuthError:
         row = locked.row
         if row is None:
             raise Deleted()
@@ -315,25 +416,34 @@ class Refresher:
         ):
             # Disconnected while this caller waited: nothing to refresh, nothing to record.
             raise NotConnected()
+        seen, mode = flight.seen, flight.mode
         # Check again after the lock: another process may have refreshed, or failed, meanwhile.
         if current is not None and current != seen.token:
             return current
-        failure = row.data.get("refresh_error")
-        if isinstance(failure, Mapping) and _failure_id(row.data) != seen.failure:
-            return _recorded_error(failure, row.data)
-        if mode == "expiring" and current is not None and not self._due(plain):
+        now = utcnow()
+        if mode == "expiring" and current is not None and not self._due(plain, now):
             return current
+        # Ahead of expiry, a failure does not take away a token that still works.
+        fallback = current if mode == "expiring" and _usable(current, plain, now) else None
+        failure = row.data.get("refresh_error")
+        if isinstance(failure, Mapping):
+            recorded = _recorded_error(failure, row.data)
+            fresh = _failure_id(row.data) != seen.failure
+            if fresh or (mode != "force" and _held_back(row.data, now) is not None):
+                return fallback or recorded
         try:
-            tokens = await self._token_call(provider, plain)
+            tokens = await self._token_call(provider, plain, flight)
         except (ReauthRequired, TokenRequestFailed) as exc:
             data, events = self._failed(row, exc)
             await locked.write(data, events)
-            return exc
+            return fallback or exc
         data, events = self._refreshed(row, plain, tokens)
         await locked.write(data, events)
         return tokens.access_token
 
-    async def _token_call(self, provider: Provider, plain: Mapping[str, Any]) -> oauth.TokenSet:
+    async def _token_call(
+        self, provider: Provider, plain: Mapping[str, Any], flight: _Flight
+    ) -> oauth.TokenSet:
         client_id = _text(plain.get("client_id"))
         if client_id is None:
             raise NotConfigured("The connection has no 'client_id' saved.", field="client_id")
@@ -373,7 +483,11 @@ class Refresher:
             )
             requested = provider.scopes
         policy = self.policy
+        loop = asyncio.get_running_loop()
         delays = oauth.backoff_delays(policy.attempts - 1, policy.backoff, policy.backoff_cap)
+        flight.sent_at = loop.time()
+        # Every attempt and wait must fit in the budget: it is the lock's idle timeout too.
+        deadline = flight.sent_at + policy.budget - _BUDGET_MARGIN
         for attempt in range(1, policy.attempts + 1):
             try:
                 return await post_token_request(
@@ -387,20 +501,36 @@ class Refresher:
             except TokenRequestFailed as exc:
                 if not exc.transient:
                     raise
-                if attempt == policy.attempts:
+                retry_after = exc.context.get("retry_after")
+                wait = delays[attempt - 1] if attempt < policy.attempts else None
+                if wait is not None and retry_after is not None:
+                    room = (
+                        deadline
+                        - loop.time()
+                        - (policy.attempts - attempt) * policy.timeout
+                        - sum(delays[attempt:])
+                    )
+                    # Asking again before the server's Retry-After only earns another 429.
+                    wait = max(wait, retry_after) if retry_after <= room else None
+                if wait is None:
+                    why = f"gave up after {attempt} attempt(s)"
+                    if retry_after is not None and attempt < policy.attempts:
+                        why += f": the server asked to wait {retry_after:g}s"
                     raise TokenRequestFailed(
-                        f"{exc.message}; gave up after {attempt} attempt(s)",
+                        f"{exc.message}; {why}",
                         transient=True,
                         status=exc.context.get("status"),
                         error=exc.context.get("error"),
                         attempts=attempt,
+                        retry_after=retry_after,
                     ) from exc
                 log.debug(
-                    "token request failed transiently (attempt %d of %d); retrying",
+                    "token request failed transiently (attempt %d of %d); retrying in %.2fs",
                     attempt,
                     policy.attempts,
+                    wait,
                 )
-                await asyncio.sleep(delays[attempt - 1])
+                await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- what gets written ----------------------------------------------------------------
@@ -455,16 +585,30 @@ class Refresher:
         data = dict(row.data)
         previous = row.data.get("status")
         previous_message = row.data.get("validation_status")
-        data["status"] = "error"
-        data["reauth_required"] = terminal
-        data["validation_status"] = exc.message
-        data["refresh_error"] = {
+        now = utcnow()
+        earlier = row.data.get("refresh_error")
+        failures = 1
+        if isinstance(earlier, Mapping) and isinstance(earlier.get("failures"), int):
+            failures = int(earlier["failures"]) + 1
+        record: dict[str, Any] = {
             "id": secrets.token_hex(8),
-            "at": iso(utcnow()),
+            "at": iso(now),
             "code": exc.code,
             "error": exc.context.get("error"),
             "transient": transient,
+            "message": exc.message,
+            "failures": failures,
         }
+        if not terminal:
+            retry_after = exc.context.get("retry_after")
+            cooldown = self.policy.cooldown_after(
+                failures, float(retry_after) if isinstance(retry_after, int | float) else None
+            )
+            record["retry_at"] = iso(now + timedelta(seconds=cooldown))
+        data["status"] = "error"
+        data["reauth_required"] = terminal
+        data["validation_status"] = exc.message
+        data["refresh_error"] = record
         events = []
         # Only a change is news: a dead connection polled in a loop stays quiet.
         if previous != "error" or previous_message != exc.message:
@@ -494,10 +638,33 @@ def _check_oauth(provider: Provider) -> None:
 
 
 def _recorded_error(failure: Mapping[str, Any], data: Mapping[str, Any]) -> OAuthError:
-    message = data.get("validation_status")
+    message = failure.get("message")
+    if not isinstance(message, str) or not message:
+        message = data.get("validation_status")
     text = message if isinstance(message, str) and message else "The token refresh failed"
     if failure.get("code") == ReauthRequired.code:
         return ReauthRequired(text, error=failure.get("error"))
     return TokenRequestFailed(
         text, transient=bool(failure.get("transient")), error=failure.get("error")
     )
+
+
+def _held_back(data: Mapping[str, Any], now: datetime) -> OAuthError | None:
+    """The recorded failure that keeps automatic refreshes from asking the token endpoint:
+    a terminal one until something changes, any other until its ``retry_at``."""
+    failure = data.get("refresh_error")
+    if not isinstance(failure, Mapping):
+        return None
+    if failure.get("code") != ReauthRequired.code:
+        retry_at = parse_time(failure.get("retry_at"))
+        if retry_at is None or retry_at <= now:
+            return None
+    return _recorded_error(failure, data)
+
+
+def _usable(token: str | None, plain: Mapping[str, Any], now: datetime) -> bool:
+    """Whether ``token`` has not expired yet (a token of unknown lifetime counts as usable)."""
+    if token is None:
+        return False
+    expires_at = parse_time(plain.get("expires_at"))
+    return expires_at is None or expires_at > now

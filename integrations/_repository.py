@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import uuid as _uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,12 +55,13 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class ResealBatch:
-    """One rotation batch: rows examined and rewritten, and the keyset cursor to go on
-    from (None when nothing was left)."""
+    """One rotation batch: rows examined and rewritten, the keyset cursor to go on from
+    (None when nothing was left), and the candidates another transaction held."""
 
     scanned: int
     rewritten: int
     last: str | None
+    skipped: tuple[str, ...] = ()
 
 
 def _owner_to_db(owner: str | None) -> str:
@@ -320,30 +330,83 @@ class Repository:
     ) -> ResealBatch:
         """One rotation batch in its own transaction, keyset-paginated by uuid.
 
-        Locks up to ``limit`` rows after ``after`` that hold an envelope not under
-        ``primary_kid`` or plaintext in ``plaintext_fields``, and writes back what
-        ``reseal`` returns for each (None leaves the row as it is). Writers going through
-        :meth:`modify` take the same row lock, so neither side loses the other's update.
+        Takes up to ``limit`` rows after ``after`` that hold an envelope not under
+        ``primary_kid`` or plaintext in ``plaintext_fields``, locks those no other
+        transaction holds, and writes back what ``reseal`` returns for each (None leaves
+        the row as it is). The rows it could not lock come back in ``skipped``, for
+        :meth:`reseal_listed`. Writers going through :meth:`modify` take the same row
+        lock, so neither side loses the other's update.
         """
-        written: list[tuple[_uuid.UUID, str]] = []
         with _translate():
             async with self.pool.acquire() as conn, conn.transaction():
-                records = await conn.fetch(
-                    self.q.connections_to_reseal,
-                    _uuid.UUID(after),
-                    limit,
-                    primary_kid,
-                    list(plaintext_fields),
-                )
-                for record in records:
-                    data = reseal(_row(record))
-                    if data is not None:
-                        written.append((record["uuid"], _dumps(data)))
-                if written:
-                    ids, values = zip(*written, strict=True)
-                    await conn.execute(self.q.reseal_connections, list(ids), list(values))
-        last = str(records[-1]["uuid"]) if records else None
-        return ResealBatch(scanned=len(records), rewritten=len(written), last=last)
+                candidates = [
+                    r["uuid"]
+                    for r in await conn.fetch(
+                        self.q.connections_to_reseal,
+                        _uuid.UUID(after),
+                        limit,
+                        primary_kid,
+                        list(plaintext_fields),
+                    )
+                ]
+                if not candidates:
+                    return ResealBatch(scanned=0, rewritten=0, last=None)
+                records = await conn.fetch(self.q.lock_connections_to_reseal, candidates)
+                rewritten = await self._reseal_locked(conn, records, reseal)
+        locked = {r["uuid"] for r in records}
+        return ResealBatch(
+            scanned=len(records),
+            rewritten=rewritten,
+            last=str(candidates[-1]),
+            skipped=tuple(str(u) for u in candidates if u not in locked),
+        )
+
+    async def reseal_listed(
+        self,
+        uuids: Sequence[str],
+        reseal: Callable[[StoredRow], dict[str, Any] | None],
+        *,
+        wait: bool,
+    ) -> ResealBatch:
+        """Like :meth:`reseal_connections` for rows skipped earlier, by uuid.
+
+        Without ``wait`` rows that are still held are skipped again; with it, the one
+        row given is waited for (so the transaction holds nothing else meanwhile). A row
+        deleted meanwhile is simply gone.
+        """
+        if wait and len(uuids) != 1:
+            raise ValueError("wait for one row at a time")
+        keys = [_uuid.UUID(u) for u in uuids]
+        with _translate():
+            async with self.pool.acquire() as conn, conn.transaction():
+                if wait:
+                    records = await conn.fetch(self.q.lock_connection_to_reseal, keys[0])
+                else:
+                    records = await conn.fetch(self.q.lock_connections_to_reseal, keys)
+                rewritten = await self._reseal_locked(conn, records, reseal)
+        locked = {r["uuid"] for r in records}
+        return ResealBatch(
+            scanned=len(records),
+            rewritten=rewritten,
+            last=None,
+            skipped=() if wait else tuple(str(u) for u in keys if u not in locked),
+        )
+
+    async def _reseal_locked(
+        self,
+        conn: Any,
+        records: Sequence[asyncpg.Record],
+        reseal: Callable[[StoredRow], dict[str, Any] | None],
+    ) -> int:
+        written: list[tuple[_uuid.UUID, str]] = []
+        for record in records:
+            data = reseal(_row(record))
+            if data is not None:
+                written.append((record["uuid"], _dumps(data)))
+        if written:
+            ids, values = zip(*written, strict=True)
+            await conn.execute(self.q.reseal_connections, list(ids), list(values))
+        return len(written)
 
     async def reseal_pending(
         self,
@@ -412,14 +475,16 @@ class Repository:
     ) -> AsyncIterator[LockedRow]:
         """Hold the row lock of one connection while the body awaits (a token request).
 
-        The transaction commits when the body returns and rolls back when it raises, so
-        a write made through ``LockedRow.write`` lands only with a clean exit. Waiting
-        longer than ``lock_timeout`` seconds for another holder raises LockTimeout.
+        ``LockedRow.write`` writes, notifies and commits at once, releasing the lock;
+        without a write the transaction ends when the body returns (or rolls back when
+        it raises). Waiting longer than ``lock_timeout`` seconds for another holder
+        (a refresh, a write, a key rotation batch) raises LockTimeout.
         ``idle_timeout`` makes the server end a session that stalls inside the lock.
         Both settings are transaction-local; a holder whose process dies releases
         the lock when its connection closes.
         """
         key = _uuid.UUID(uuid)
+        locked: LockedRow | None = None
         with _translate():
             conn = await self.pool.acquire()
         try:
@@ -434,21 +499,25 @@ class Repository:
                     record = await conn.fetchrow(self.q.lock_by_uuid, key)
                 except asyncpg.LockNotAvailableError as exc:
                     raise LockTimeout(
-                        f"another process held the connection's lock for over {lock_timeout:g}s"
+                        f"the connection's row lock was not granted within {lock_timeout:g}s"
                     ) from exc
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     raise StorageError(f"database error: {type(exc).__name__}") from exc
-                yield LockedRow(
+                locked = LockedRow(
                     row=None if record is None else _row(record),
                     _conn=conn,
                     _repo=self,
+                    _transaction=transaction,
                 )
+                yield locked
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await transaction.rollback()
+                if locked is None or not locked.committed:
+                    with contextlib.suppress(Exception):
+                        await transaction.rollback()
                 raise
-            with _translate():
-                await transaction.commit()
+            if not locked.committed:
+                with _translate():
+                    await transaction.commit()
         finally:
             with contextlib.suppress(Exception):
                 await self.pool.release(conn)
@@ -511,24 +580,55 @@ ListenFn = Callable[[str, Callable[[str], None], Callable[[], None]], Awaitable[
 
 @dataclass(slots=True)
 class LockedRow:
-    """A connection row under its lock; ``write`` stores new data in the same transaction."""
+    """A connection row under its lock; ``write`` stores new data and releases the lock."""
 
     row: StoredRow | None
     _conn: Any = field(repr=False)
     _repo: Repository = field(repr=False)
+    _transaction: Any = field(repr=False)
+    committed: bool = False
 
     async def write(self, data: dict[str, Any], events: Iterable[Event] = ()) -> StoredRow:
-        """Replace the row's data and queue notifications; both land when the lock is released."""
+        """Replace the row's data, notify and commit, which releases the lock.
+
+        Runs to the end even if the caller is cancelled meanwhile (the cancellation is
+        raised afterwards): what is written here may be tokens the provider already
+        issued, which exist nowhere else.
+        """
         if self.row is None:
             raise StorageError("the locked connection no longer exists")
+        if self.committed:
+            raise StorageError("the row lock was already released")
+        return await _uninterrupted(self._commit(self.row, data, list(events)))
+
+    async def _commit(self, row: StoredRow, data: dict[str, Any], events: list[Event]) -> StoredRow:
         q = self._repo.q
-        key = _uuid.UUID(self.row.uuid)
+        key = _uuid.UUID(row.uuid)
         with _translate():
             version = await self._conn.fetchval(q.update_value, key, _dumps(data))
             for event in events:
-                await self._conn.execute(q.notify, self._repo.channel, event.to_payload())
-        self.row = StoredRow(self.row.uuid, self.row.owner, self.row.key, data, int(version))
+                await self._conn.execute(q.notify, self._repo.channel, event_payload(event))
+            await self._transaction.commit()
+        self.committed = True
+        self.row = StoredRow(row.uuid, row.owner, row.key, data, int(version))
         return self.row
+
+
+async def _uninterrupted(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` to its end even when cancelled meanwhile; the cancellation follows."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
 
 @dataclass(frozen=True, slots=True)

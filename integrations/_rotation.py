@@ -109,8 +109,10 @@ async def rotate(
                 await result
 
     # Keyset pagination: rows already under the primary never match again, so a run
-    # that stopped half way resumes by starting over.
+    # that stopped half way resumes by starting over. The cursor moves past the rows a
+    # batch skipped because another transaction held them; those are retried below.
     cursor = _FIRST_UUID
+    skipped: list[str] = []
     while True:
         batch = await repo.reseal_connections(
             cursor, batch_size, primary, plaintext_fields, reseal_row
@@ -118,7 +120,25 @@ async def rotate(
         if batch.last is None:
             break
         cursor = batch.last
+        skipped.extend(batch.skipped)
         await report(batch)
+    while skipped:
+        held: list[str] = []
+        for start in range(0, len(skipped), batch_size):
+            batch = await repo.reseal_listed(
+                skipped[start : start + batch_size], reseal_row, wait=False
+            )
+            held.extend(batch.skipped)
+            if batch.scanned:
+                await report(batch)
+        if len(held) == len(skipped):
+            # Nothing moved: wait for each row in turn, holding no other row meanwhile.
+            for row_uuid in held:
+                batch = await repo.reseal_listed([row_uuid], reseal_row, wait=True)
+                if batch.scanned:
+                    await report(batch)
+            break
+        skipped = held
     cursor = _FIRST_STATE_HASH
     while True:
         batch = await repo.reseal_pending(

@@ -40,6 +40,7 @@ __all__ = [
     "is_transient_error",
     "map_userinfo",
     "parse_token_response",
+    "refresh_due",
     "revoke_request",
     "token_request",
 ]
@@ -497,6 +498,21 @@ def expires_within(expires_at: datetime | None, leeway: float, now: datetime) ->
     expires_at = _aware(expires_at, "expires_at")
     now = _aware(now, "now")
     return expires_at - timedelta(seconds=leeway) <= now
+
+
+def refresh_due(
+    expires_at: datetime | None, obtained_at: datetime | None, leeway: float, now: datetime
+) -> bool:
+    """Whether a token should be refreshed ahead of time: ``expires_within`` with a leeway
+    of at most half the token's lifetime (``expires_at - obtained_at``, when known).
+
+    A token that lives shorter than the leeway would otherwise be due the moment it is
+    issued, and refreshed on every use.
+    """
+    if expires_at is not None and obtained_at is not None:
+        lifetime = _aware(expires_at, "expires_at") - _aware(obtained_at, "obtained_at")
+        leeway = min(leeway, max(lifetime.total_seconds(), 0.0) / 2)
+    return expires_within(expires_at, leeway, now)
 
 
 def map_userinfo(provider_key: str, info: Mapping[str, Any]) -> dict[str, Any]:

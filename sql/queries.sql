@@ -40,9 +40,12 @@ SELECT uuid, owner, key, value_json::text AS value_json, version
 FROM {schema}.connections WHERE uuid = $1;
 
 -- name: lock_by_uuid
--- $1 uuid; row lock held until the surrounding transaction ends
+-- $1 uuid; row lock held until the surrounding transaction ends. NO KEY UPDATE still
+-- serialises every writer of the row, but not the FOR KEY SHARE lock that inserting a
+-- pending authorization takes through its foreign key. A rename or delete that changes
+-- the key upgrades the lock itself.
 SELECT uuid, owner, key, value_json::text AS value_json, version
-FROM {schema}.connections WHERE uuid = $1 FOR UPDATE;
+FROM {schema}.connections WHERE uuid = $1 FOR NO KEY UPDATE;
 
 -- name: get_by_key
 -- $1 text owner, $2 text key
@@ -88,13 +91,29 @@ SELECT pg_notify($1, $2);
 -- $2 int: batch size
 -- $3 text: primary key id
 -- $4 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
--- Row locks are held until the surrounding transaction ends.
-SELECT uuid, owner, key, value_json::text AS value_json, version
+-- The candidates of one batch, not locked: lock_connections_to_reseal takes those it can.
+SELECT uuid
 FROM {schema}.connections
 WHERE uuid > $1 AND {schema}.needs_reseal(value_json, $3, $4::text[])
 ORDER BY uuid
-LIMIT $2
-FOR UPDATE;
+LIMIT $2;
+
+-- name: lock_connections_to_reseal
+-- $1 uuid[]: candidates. Rows another transaction holds (a token request in flight) are
+-- skipped, not waited for: waiting would hold the rows locked so far for as long.
+-- Row locks are held until the surrounding transaction ends.
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE uuid = ANY ($1::uuid[])
+ORDER BY uuid
+FOR NO KEY UPDATE SKIP LOCKED;
+
+-- name: lock_connection_to_reseal
+-- $1 uuid: one row skipped earlier, now waited for (the transaction holds no other row)
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE uuid = $1
+FOR NO KEY UPDATE;
 
 -- name: count_connections_to_reseal
 -- $1 text: primary key id

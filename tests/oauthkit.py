@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
+import asyncpg
 
 from integrations import Integrations, Provider
 
@@ -101,3 +104,18 @@ async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def set_stored_expiry(db: asyncpg.Connection, uuid: str, seconds: float) -> None:
+    """Make the stored access token look like one obtained an hour ago that expires
+    ``seconds`` from now (negative: already expired); the server's view does not change."""
+    now = datetime.now(UTC)
+    await db.execute(
+        "UPDATE integrations.connections "
+        "SET value_json = value_json || jsonb_build_object("
+        "'expires_at', $2::text, 'token_obtained_at', $3::text) "
+        "WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+        (now + timedelta(seconds=seconds)).isoformat(),
+        (now - timedelta(hours=1)).isoformat(),
+    )

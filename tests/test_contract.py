@@ -30,6 +30,7 @@ from .oauthkit import (
     loopback_provider,
     new_connection,
     open_integrations,
+    set_stored_expiry,
 )
 
 # ----------------------------------------------------------------------------- helpers
@@ -741,10 +742,10 @@ async def test_disconnect_oauth_keeps_client_and_revokes(
 
 
 async def test_access_token_refreshes_inside_leeway(
-    ointeg: Integrations, oauth_server: OAuthTestServer
+    ointeg: Integrations, oauth_server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
-    oauth_server.config.expires_in = 30  # inside the 60 s default leeway
     uuid = await connect(ointeg)
+    await set_stored_expiry(db, uuid, 30)  # an hour-long token inside the 60 s leeway
     first = (await ointeg.get_credentials(uuid))["access_token"]
     token = await ointeg.access_token(uuid)
     assert token != first

@@ -703,6 +703,31 @@ def test_expires_within_refuses_naive_datetimes() -> None:
         oauth.expires_within(datetime(2025, 1, 1), 60, NOW)
 
 
+def test_refresh_due_uses_at_most_half_the_lifetime_as_leeway() -> None:
+    # A 45-second token with a 60-second leeway: due after half its life, not at once.
+    obtained = NOW
+    expires_at = NOW + timedelta(seconds=45)
+    assert not oauth.refresh_due(expires_at, obtained, 60, NOW)
+    assert not oauth.refresh_due(expires_at, obtained, 60, NOW + timedelta(seconds=22))
+    assert oauth.refresh_due(expires_at, obtained, 60, NOW + timedelta(seconds=23))
+
+
+def test_refresh_due_keeps_the_leeway_for_long_lived_tokens() -> None:
+    obtained = NOW - timedelta(hours=1)
+    assert oauth.refresh_due(NOW + timedelta(seconds=59), obtained, 60, NOW)
+    assert not oauth.refresh_due(NOW + timedelta(seconds=61), obtained, 60, NOW)
+
+
+def test_refresh_due_without_an_obtained_time_uses_the_leeway() -> None:
+    assert oauth.refresh_due(NOW + timedelta(seconds=30), None, 60, NOW)
+    assert not oauth.refresh_due(None, NOW, 60, NOW)
+
+
+def test_refresh_due_for_an_already_expired_token() -> None:
+    assert oauth.refresh_due(NOW, NOW, 60, NOW)
+    assert oauth.refresh_due(NOW - timedelta(seconds=1), NOW, 60, NOW)
+
+
 def test_token_set_expires_within_delegates() -> None:
     tokens = parse(200, {"access_token": "a", "expires_in": 30})
     assert tokens.expires_within(60, NOW)

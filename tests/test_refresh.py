@@ -31,6 +31,7 @@ from .oauthkit import (
     eventually,
     loopback_provider,
     open_integrations,
+    set_stored_expiry,
 )
 
 
@@ -102,12 +103,11 @@ async def test_access_token_returns_a_fresh_token_without_a_token_request(
 
 
 async def test_access_token_refreshes_ahead_of_expiry_within_the_leeway(
-    integ: Integrations, server: OAuthTestServer
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
-    server.config.expires_in = 30  # inside the default 60 s leeway
     uuid = await connect(integ)
+    await set_stored_expiry(db, uuid, 30)  # an hour-long token inside the 60 s leeway
     old = await integ.get_integration(uuid)
-    server.config.expires_in = 3600
     token = await integ.access_token(uuid)
     new = await integ.get_integration(uuid)
     assert token == new["access_token"] != old["access_token"]
@@ -601,7 +601,7 @@ async def test_client_credentials_fetches_coalesce(
 async def test_client_credentials_refetch_when_expiring_or_rejected(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
-    server.config.expires_in = 30
+    server.config.expires_in = 0
     uuid = await _machine(integ)
     first = await integ.access_token(uuid)
     second = await integ.access_token(uuid)
@@ -625,6 +625,11 @@ async def test_client_credentials_failures_are_recorded(
     data = await integ.get_integration(uuid)
     assert (data["status"], data["reauth_required"]) == ("error", True)
     server.config.force_invalid_client = False
+    # A terminal failure holds automatic fetches back until the setup changes.
+    with pytest.raises(ReauthRequired):
+        await integ.access_token(uuid)
+    assert server.stats.token_calls["client_credentials"] == 1
+    await integ.save_setup(uuid, {"client_secret": DEFAULT_CLIENT_SECRET})
     await integ.access_token(uuid)
     assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
 
