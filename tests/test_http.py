@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from integrations._errors import (
     HostNotAllowed,
+    IntegrationsError,
     InvalidField,
     InvalidURL,
     LifecycleError,
@@ -664,6 +665,30 @@ async def test_own_session_is_created_lazily_and_closed(server: Server):
     assert session is not None
     await http.close()
     assert session.closed
+    with pytest.raises(LifecycleError):
+        await http.send("GET", server.url("/echo"))
+
+
+async def test_a_request_in_flight_when_the_client_closes_raises_a_library_error(server: Server):
+    """close() ends the session under a request in flight; the retry that follows finds the
+    client closed and raises LifecycleError, never aiohttp's own RuntimeError."""
+    http = HttpClient(backoff=0.01, max_backoff=0.05, timeout=5)
+    calling = asyncio.create_task(
+        http.request("GET", server.url("/slow"), provider=LOOP, credentials=CREDS)
+    )
+    for _ in range(250):
+        if server.rec.count("/slow"):
+            break
+        await asyncio.sleep(0.02)
+    await http.close()
+    [outcome] = await asyncio.gather(calling, return_exceptions=True)
+    assert isinstance(outcome, IntegrationsError), f"raw {outcome!r} escaped the library"
+
+
+async def test_an_injected_session_closed_by_its_owner_raises_lifecycle_error(server: Server):
+    session = aiohttp.ClientSession()
+    http = HttpClient(session)
+    await session.close()
     with pytest.raises(LifecycleError):
         await http.send("GET", server.url("/echo"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from integrations import (
     AuthorizationTimeout,
     Connection,
     Integrations,
+    IntegrationsError,
     InvalidInput,
     InvalidProviderKey,
     InvalidState,
@@ -139,6 +141,22 @@ async def test_expired_pending_authorizations_are_swept_by_the_next_begin(
     )
     _, state = await integ.begin_authorization(uuid, REDIRECT_URI)
     assert [r["state_hash"] for r in await _pending(db)] == [oauth.hash_state(state)]
+
+
+async def test_begin_authorization_is_not_blocked_by_a_refresh_in_flight(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    """A refresh holds the row lock for its token request; the pending authorization's
+    foreign key check does not wait for it."""
+    uuid = await connect(integ)
+    server.config.token_delay = 1.0
+    refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: server.stats.token_calls["refresh_token"] == 1)
+    started = time.monotonic()
+    await integ.begin_authorization(uuid, REDIRECT_URI)
+    waited = time.monotonic() - started
+    await refreshing
+    assert waited < 0.3, f"begin_authorization waited {waited:.2f}s for a token request"
 
 
 # -- complete -------------------------------------------------------------------------
@@ -328,6 +346,28 @@ async def test_a_removed_connection_cannot_complete(
     assert server.stats.token_calls["authorization_code"] == 0
 
 
+async def test_removing_a_connection_during_the_code_exchange_revokes_the_new_grant(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    """The code is exchanged outside the row lock; when the connection is removed meanwhile
+    the tokens cannot be stored, and the grant just issued is revoked."""
+    uuid = await new_connection(integ)
+    url, _ = await integ.begin_authorization(uuid, REDIRECT_URI)
+    query = await approve(url)
+    server.config.token_delay = 0.5
+    completing = asyncio.create_task(
+        integ.complete_authorization(query["state"], code=query["code"])
+    )
+    await eventually(lambda: server.stats.token_calls["authorization_code"] == 1)
+    await integ.remove_connection(uuid)
+    with pytest.raises(IntegrationsError):
+        await completing
+    await asyncio.sleep(0.3)
+    live = [g for g in server._grants.values() if not g.revoked]
+    assert live == [], "a grant issued for a removed connection is left live"
+    assert server.stats.grants_revoked == 1
+
+
 # -- the seed's authorization_url / exchange_code ---------------------------------------
 
 
@@ -432,6 +472,38 @@ async def test_connect_interactive_ignores_callbacks_for_other_states(
         async with http.get(url) as resp:
             assert resp.status == 200
     assert (await task).status == "connected"
+
+
+async def test_a_repeated_callback_does_not_fail_connect_interactive(
+    integ: Integrations, server: OAuthTestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second hit of the callback URL (a reload, a browser retry) while the first is still
+    exchanging the code is answered 409 and leaves the flow alone."""
+    uuid = await new_connection(integ)
+    task = asyncio.create_task(integ.connect_interactive(uuid, timeout=30))
+    url = await _printed_url(capsys)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, allow_redirects=False) as resp:
+            callback = resp.headers["Location"]
+        assert parse_qs(urlsplit(callback).query)["code"]
+        server.config.token_delay = 0.5
+
+        async def hit() -> int:
+            async with http.get(callback) as resp:
+                return resp.status
+
+        first = asyncio.create_task(hit())
+        await eventually(lambda: server.stats.token_calls["authorization_code"] == 1)
+        statuses = await asyncio.gather(first, hit(), return_exceptions=True)
+    try:
+        connection = await task
+    except IntegrationsError as exc:
+        pytest.fail(
+            f"connect_interactive raised {exc.code} (callback statuses {statuses}); "
+            f"stored status: {(await integ.get_integration_by_uuid(uuid)).status}"
+        )
+    assert connection.status == "connected"
+    assert statuses == [200, 409]
 
 
 async def test_connect_interactive_raises_a_denial(

@@ -18,14 +18,18 @@ from integrations import (
     HostNotAllowed,
     Integrations,
     InvalidProviderKey,
+    LifecycleError,
     NotConnected,
     ReauthRequired,
     TokenRequestFailed,
     oauth,
 )
 
+from .conftest import TEST_KEY
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer, token_id
 from .oauthkit import (
+    REDIRECT_URI,
+    approve,
     client_credentials_provider,
     connect,
     eventually,
@@ -73,6 +77,23 @@ async def _expire_locally(db: asyncpg.Connection, uuid: str) -> None:
 
 def _refreshes(server: OAuthTestServer) -> int:
     return server.stats.token_calls["refresh_token"]
+
+
+async def _lock_row(db: asyncpg.Connection, uuid: str) -> None:
+    """Take the connection's row lock, as another process's refresh or a long write would."""
+    await db.execute(
+        "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE", uuid_mod.UUID(uuid)
+    )
+
+
+async def _refresh_error(integ: Integrations, uuid: str) -> dict[str, Any]:
+    record = (await integ.get_integration(uuid))["refresh_error"]
+    assert isinstance(record, dict)
+    return record
+
+
+def _seconds_between(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 async def _spend_refresh_token_elsewhere(integ: Integrations, server: OAuthTestServer, uuid: str):
@@ -125,6 +146,18 @@ async def test_the_leeway_is_configurable(fresh_db: str, server: OAuthTestServer
         uuid = await connect(integ)
         await integ.access_token(uuid)
         assert _refreshes(server) == 0
+
+
+async def test_a_token_shorter_lived_than_the_leeway_is_not_refreshed_on_every_call(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    """With 45-second tokens and the 60-second leeway, a token is due after half its life,
+    not the moment it is stored."""
+    server.config.expires_in = 45
+    uuid = await connect(integ)
+    for _ in range(5):
+        await integ.access_token(uuid)
+    assert _refreshes(server) <= 1, f"{_refreshes(server)} token requests for 5 calls"
 
 
 async def test_refresh_access_token_returns_a_new_token_and_emits_token_refreshed(
@@ -233,6 +266,82 @@ async def test_close_waits_for_a_refresh_in_flight(fresh_db: str, server: OAuthT
         assert server.token_status(new["refresh_token"]) == "active"
 
 
+async def test_close_waits_for_a_refresh_whose_token_request_was_sent(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """close() cancels at once a refresh still waiting for the row lock (nothing was asked,
+    nothing is lost) and lets one whose token request is out finish, within that refresh's
+    own budget counted from the request: the rotated refresh token is stored."""
+    async with open_integrations(
+        fresh_db, server.base_url, token_timeout=1.0, token_attempts=1
+    ) as integ:
+        waiting = await connect(integ, "waiting")
+        uuid = await connect(integ, "sent")
+        assert integ._refresher.policy.budget == pytest.approx(6.0)
+        unsent = (await integ.get_integration(waiting))["refresh_token"]
+        tx = db.transaction()
+        await tx.start()
+        await _lock_row(db, waiting)
+        blocked = asyncio.create_task(integ.refresh_access_token(waiting))
+        await eventually(lambda: waiting in integ._refresher._inflight)
+        server.config.token_delay = 0.9
+        caller = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        started = time.monotonic()
+        await integ.close()
+        closed_in = time.monotonic() - started
+        await tx.commit()
+        refreshed, cancelled = await asyncio.gather(caller, blocked, return_exceptions=True)
+    assert isinstance(refreshed, str)
+    assert isinstance(cancelled, LifecycleError)
+    assert closed_in < 3, "close() waited for the other lock holder"
+    async with open_integrations(fresh_db, server.base_url) as integ:
+        stored = (await integ.get_integration(uuid))["refresh_token"]
+        assert (await integ.get_integration(waiting))["refresh_token"] == unsent
+    assert _refreshes(server) == 1
+    assert server.token_status(stored) == "active", (
+        f"the stored refresh token is {server.token_status(stored)}: the rotated one was "
+        "lost when close() cancelled the refresh mid-request"
+    )
+    assert server.token_status(unsent) == "active"
+
+
+async def test_a_cancelled_close_is_completed_by_closing_again(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    """A close() cancelled while it waits for a refresh in flight (a lifespan shutdown
+    timeout, a second Ctrl-C) goes on in the background; close() again waits for it, and
+    the pool and the HTTP session end up closed."""
+    integ = Integrations(
+        fresh_db,
+        keys=TEST_KEY,
+        providers=[loopback_provider(server.base_url)],
+        token_backoff=0.01,
+    )
+    await integ.open()
+    uuid = await connect(integ)
+    server.config.token_delay = 1.5
+    refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    closing = asyncio.create_task(integ.close())
+    await asyncio.sleep(0.2)
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+    await integ.close()
+    pool_open = integ._repo._pool is not None
+    session = integ._http_client._session
+    await asyncio.gather(refreshing, return_exceptions=True)
+    leaked = []
+    if pool_open:
+        leaked.append("pool")
+        await integ._repo.close()
+    if session is not None and not session.closed:
+        leaked.append("HTTP session")
+        await session.close()
+    assert not leaked, f"still open after close(): {', '.join(leaked)}"
+    assert isinstance(refreshing.result(), str), "the refresh in flight was let finish"
+
+
 async def test_a_refresh_waits_no_longer_than_the_lock_timeout(
     fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
@@ -318,6 +427,35 @@ async def test_a_401_without_a_new_token_returns_the_response(
     response = await integ.authenticated_request(uuid, "GET", server.api_url)
     assert response.status == 401
     assert _refreshes(server) == 1
+
+
+async def test_a_401_that_joins_a_refresh_started_for_an_older_token_still_gets_a_new_token(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A refresh in flight for a caller that read an older token hands back the stored
+    token; a 401 for that very token that joined it refreshes once more."""
+    uuid = await connect(integ)
+    stale_row = await integ._repo.get(uuid)
+    assert stale_row is not None
+    await integ.refresh_access_token(uuid)  # another caller refreshed meanwhile
+    assert _refreshes(server) == 1
+    provider = integ._provider_of(stale_row)
+    assert provider is not None
+    async with db.transaction():
+        await _lock_row(db, uuid)  # a save_setup, rotation batch or other process holds it
+        early = asyncio.create_task(integ._refresher.refresh(stale_row, provider))
+        await eventually(lambda: bool(integ._refresher._inflight))
+        server.expire_access_tokens()  # the provider now rejects the stored token
+        request = asyncio.create_task(integ.authenticated_request(uuid, "GET", server.api_url))
+        await eventually(lambda: server.stats.api_rejected == 1)
+        await asyncio.sleep(0.1)
+    response = await request
+    await early
+    assert response.status == 200, (
+        f"got {response.status} after {_refreshes(server) - 1} refresh(es): the rejected "
+        "token was handed back by a task started for an older token"
+    )
+    assert _refreshes(server) == 2
 
 
 async def test_tokens_are_never_sent_to_a_host_outside_api_hosts(
@@ -468,6 +606,143 @@ async def test_an_unreachable_token_endpoint_is_transient(
         assert server.token_status(data["refresh_token"]) == "active"
 
 
+async def test_a_failed_refresh_ahead_of_expiry_keeps_using_the_still_valid_token(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """Inside the leeway the token still works: when the refresh ahead of time fails, the
+    failure is recorded and the request goes out with the current token."""
+    uuid = await connect(integ)
+    await set_stored_expiry(db, uuid, 30)  # valid for 30 s, inside the 60 s leeway
+    server.config.fail_next = 1000
+    server.config.fail_status = 500
+    try:
+        response = await integ.authenticated_request(uuid, "GET", server.api_url)
+    except TokenRequestFailed as exc:
+        pytest.fail(f"a valid token was not used: {exc.message}")
+    assert response.status == 200
+    assert _refreshes(server) == 3
+    data = await integ.get_integration(uuid)
+    assert (data["status"], data["reauth_required"]) == ("error", False)
+    # Within the cool-down the next call uses the token without asking again.
+    assert (await integ.authenticated_request(uuid, "GET", server.api_url)).status == 200
+    assert await integ.access_token(uuid) == data["access_token"]
+    assert _refreshes(server) == 3
+
+
+async def test_after_a_terminal_failure_automatic_refreshes_raise_it_without_a_token_request(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """Once invalid_grant is recorded, access_token and authenticated_request raise the
+    recorded ReauthRequired without sending the dead refresh token again; an explicit
+    refresh_access_token still asks, and a new authorization clears the failure."""
+    uuid = await connect(integ)
+    await _spend_refresh_token_elsewhere(integ, server, uuid)
+    await _expire_locally(db, uuid)
+    with pytest.raises(ReauthRequired):
+        await integ.access_token(uuid)
+    after_failure = _refreshes(server)
+    for _ in range(5):
+        with pytest.raises(ReauthRequired):
+            await integ.authenticated_request(uuid, "GET", server.api_url)
+    assert _refreshes(server) == after_failure, (
+        f"{_refreshes(server) - after_failure} more token requests for a connection already "
+        "marked reauth_required"
+    )
+    with pytest.raises(ReauthRequired):
+        await integ.refresh_access_token(uuid)
+    assert _refreshes(server) == after_failure + 1
+
+    url, _ = await integ.begin_authorization(uuid, REDIRECT_URI)
+    callback = await approve(url)
+    await integ.complete_authorization(callback["state"], code=callback["code"])
+    await _expire_locally(db, uuid)
+    await integ.access_token(uuid)
+    assert _refreshes(server) == after_failure + 2
+    assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+async def test_after_a_transient_failure_automatic_refreshes_wait_for_a_cool_down(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """Once a transient failure is recorded (retries exhausted), callers before its
+    ``retry_at`` get the recorded error instead of another round of token requests."""
+    uuid = await connect(integ)
+    await _expire_locally(db, uuid)
+    server.config.fail_next = 1000
+    server.config.fail_status = 503
+    with pytest.raises(TokenRequestFailed):
+        await integ.access_token(uuid)
+    after_failure = _refreshes(server)
+    assert after_failure == 3
+    for _ in range(5):
+        with pytest.raises(TokenRequestFailed):
+            await integ.access_token(uuid)
+    assert _refreshes(server) == after_failure, (
+        f"{_refreshes(server) - after_failure} token requests within a second of a recorded "
+        "transient failure"
+    )
+    record = await _refresh_error(integ, uuid)
+    assert record["failures"] == 1
+    assert _seconds_between(record["at"], record["retry_at"]) == pytest.approx(5, abs=0.1)
+
+
+async def test_the_cool_down_grows_with_consecutive_failures_and_then_lets_a_refresh_through(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    async with open_integrations(fresh_db, server.base_url, refresh_cooldown=0.2) as integ:
+        uuid = await connect(integ)
+        await _expire_locally(db, uuid)
+        server.config.fail_next = 1000
+        server.config.fail_status = 500
+        cool_downs = []
+        for failures in (1, 2, 3):
+            with pytest.raises(TokenRequestFailed):
+                await integ.access_token(uuid)
+            record = await _refresh_error(integ, uuid)
+            assert record["failures"] == failures
+            cool_downs.append(_seconds_between(record["at"], record["retry_at"]))
+            await asyncio.sleep(cool_downs[-1] + 0.05)
+        assert cool_downs == pytest.approx([0.2, 0.4, 0.8], abs=0.05)
+        assert _refreshes(server) == 9
+        server.config.fail_next = 0
+        token = await integ.access_token(uuid)
+        data = await integ.get_integration(uuid)
+        assert data["access_token"] == token
+        assert "refresh_error" not in data
+        assert data["status"] == "connected"
+
+
+async def test_the_token_endpoints_retry_after_is_honoured(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    """A 429 or 503 with Retry-After: 1 is retried after a second, not after
+    ``token_backoff``."""
+    uuid = await connect(integ)
+    server.config.fail_next = 1
+    server.config.fail_status = 429
+    started = time.monotonic()
+    await integ.refresh_access_token(uuid)
+    assert time.monotonic() - started >= 0.9, "retried before the server's Retry-After"
+    assert _refreshes(server) == 2
+
+
+async def test_a_retry_after_beyond_the_budget_ends_the_attempts_and_sets_the_cool_down(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with open_integrations(
+        fresh_db, server.base_url, token_timeout=0.3, refresh_cooldown=0.1
+    ) as integ:
+        uuid = await connect(integ)
+        server.config.fail_next = 1000
+        server.config.fail_status = 503
+        with pytest.raises(TokenRequestFailed) as info:
+            await integ.refresh_access_token(uuid)
+        assert _refreshes(server) == 1
+        assert "asked to wait 1s" in info.value.message
+        record = await _refresh_error(integ, uuid)
+        assert _seconds_between(record["at"], record["retry_at"]) == pytest.approx(1, abs=0.1)
+
+
 async def test_without_a_refresh_token_a_forced_refresh_needs_reauthorization(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
@@ -540,6 +815,28 @@ async def test_revocation_never_blocks_or_fails_the_local_change(
     finally:
         release.set()
         await runner.cleanup()
+
+
+async def test_a_disconnect_committing_during_close_still_revokes_the_grant(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A disconnect waiting for the row lock when close() starts commits during it; close()
+    lets it finish and revokes its grant before closing the HTTP client."""
+    async with open_integrations(fresh_db, server.base_url) as integ:
+        uuid = await connect(integ)
+        tx = db.transaction()
+        await tx.start()
+        await _lock_row(db, uuid)
+        disconnecting = asyncio.create_task(integ.disconnect(uuid))
+        await asyncio.sleep(0.2)
+        closing = asyncio.create_task(integ.close())
+        await asyncio.sleep(0.2)
+        await tx.commit()
+        await closing
+        await asyncio.gather(disconnecting, return_exceptions=True)
+    await asyncio.sleep(0.3)
+    assert disconnecting.exception() is None
+    assert server.stats.revocations == 1, "the disconnected grant was never revoked"
 
 
 async def test_an_unreachable_revocation_endpoint_is_ignored(

@@ -19,12 +19,16 @@ from integrations import (
     EncryptionNotConfigured,
     Integrations,
     RotationProgress,
+    TokenRequestFailed,
     UnknownKey,
     generate_key,
 )
 from integrations._names import storage_key, uuid7
 from integrations._rotation import PKCE_FIELD
 from integrations._vault import Keyring, Vault
+
+from .oauth_server import OAuthTestServer
+from .oauthkit import connect, eventually, open_integrations
 
 OLD_KEY = generate_key()
 NEW_KEY = generate_key()
@@ -247,6 +251,73 @@ async def test_rotate_keys_batch_size_must_be_a_positive_integer(
 ) -> None:
     with pytest.raises(ValueError):
         await both.rotate_keys(batch_size=batch_size)
+
+
+# -- rows held by other transactions ---------------------------------------------------------
+
+
+async def test_rotate_keys_skips_a_held_row_and_reseals_it_once_released(
+    old: Integrations, fresh_db: str, db: asyncpg.Connection
+) -> None:
+    uuids = []
+    for i in range(7):
+        conn = await old.add_connection("openai", f"c{i}")
+        await old.save_setup(conn.uuid, {"api_key": f"sk-held-{i:04d}-abcdefgh"})
+        uuids.append(conn.uuid)
+    held = sorted(uuids, key=uuid_mod.UUID)[1]
+    reports: list[RotationProgress] = []
+    async with Integrations(fresh_db, keys=[NEW_KEY, OLD_KEY]) as both:
+        tx = db.transaction()
+        await tx.start()
+        await db.execute(
+            "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+            uuid_mod.UUID(held),
+        )
+        rotating = asyncio.create_task(both.rotate_keys(batch_size=3, progress=reports.append))
+        # Every other row is done while the held one is waited for, alone.
+        await eventually(lambda: bool(reports) and reports[-1].rotated == 6)
+        assert not rotating.done()
+        await tx.commit()
+        result = await rotating
+    assert (result.total, result.scanned, result.rotated, result.done) == (7, 7, 7, True)
+    assert [r.scanned for r in reports] == sorted(r.scanned for r in reports)
+    async with Integrations(fresh_db, keys=NEW_KEY) as new_only:
+        for i, row_uuid in enumerate(uuids):
+            assert (await new_only.get_credentials(row_uuid))["api_key"] == (
+                f"sk-held-{i:04d}-abcdefgh"
+            )
+
+
+async def test_a_slow_refresh_does_not_make_key_rotation_cause_lock_timeouts(
+    fresh_db: str,
+) -> None:
+    """A rotation batch does not wait behind a row whose refresh waits on the token
+    endpoint while holding the rows it locked before it: a refresh of one of those
+    rows goes through within its lock timeout."""
+    async with OAuthTestServer() as server:
+        async with open_integrations(fresh_db, server.base_url, keys=OLD_KEY) as old:
+            first = await connect(old, "first")
+            second = await connect(old, "second")
+        assert uuid_mod.UUID(first) < uuid_mod.UUID(second)
+        async with open_integrations(
+            fresh_db, server.base_url, keys=[NEW_KEY, OLD_KEY], lock_timeout=1.0
+        ) as integ:
+            server.config.token_delay = 2.5
+            slow = asyncio.create_task(integ.refresh_access_token(second))
+            await eventually(lambda: server.stats.token_calls["refresh_token"] == 1)
+            rotating = asyncio.create_task(integ.rotate_keys())
+            await asyncio.sleep(0.3)
+            server.config.token_delay = 0.0
+            try:
+                await integ.refresh_access_token(first)
+            except TokenRequestFailed as exc:
+                pytest.fail(f"refresh of an idle connection failed during rotation: {exc.message}")
+            finally:
+                await asyncio.gather(slow, rotating, return_exceptions=True)
+            result = rotating.result()
+            assert result.rotated == result.total == 2
+        async with open_integrations(fresh_db, server.base_url, keys=NEW_KEY) as new_only:
+            assert (await new_only.get_integration(second))["refresh_token"]
 
 
 # -- refusals -------------------------------------------------------------------------------
