@@ -72,6 +72,11 @@ async def check_credentials(
     elif missing := provider.missing_required(values):
         return _not_configured(missing)
     check = provider.validation
+    # The provider's own userinfo endpoint is where its token is meant to go, whatever
+    # api_hosts says; it is the natural check of an OAuth connection.
+    userinfo = check is None and provider.auth_type == "oauth2" and bool(provider.userinfo_url)
+    if userinfo and provider.userinfo_url:
+        check = ValidationRequest(url=provider.userinfo_url)
     if check is None:
         return Validation(True, NO_CHECK)
     try:
@@ -80,18 +85,28 @@ async def check_credentials(
                 return await _check_smtp(values, timeout)
             if check.hook == "postgres":
                 return await _check_postgres(values, timeout)
-            return await _check_http(provider, check, values, http)
+            return await _check_http(provider, check, values, http, any_host=userinfo)
     except TimeoutError:
         return Validation(False, UNREACHABLE)
 
 
 async def _check_http(
-    provider: Provider, check: ValidationRequest, values: dict[str, Any], http: HttpClient
+    provider: Provider,
+    check: ValidationRequest,
+    values: dict[str, Any],
+    http: HttpClient,
+    *,
+    any_host: bool = False,
 ) -> Validation:
     try:
         url = provider.render_url(check.url, values)
         response = await http.request(
-            check.method, url, provider=provider, credentials=values, headers=check.headers
+            check.method,
+            url,
+            provider=provider,
+            credentials=values,
+            headers=check.headers,
+            allow_any_host=any_host,
         )
     except MissingField as exc:
         return _not_configured([str(exc.context.get("field"))])
