@@ -750,14 +750,23 @@ class Integrations:
             ):
                 # An expiring token would make a healthy connection look broken: renew first.
                 try:
-                    credentials["access_token"] = await self._refresher.access_token(row, provider)
+                    if provider.auth_type == "oauth2_client_credentials":
+                        # A fresh token is what proves the client credentials still work.
+                        token = await self._refresher.refresh(row, provider)
+                    else:
+                        token = await self._refresher.access_token(row, provider)
+                    credentials["access_token"] = token
                 except IntegrationsError as exc:
                     result = Validation(False, exc.message)
                     await self._record(
                         uuid, result.ok, result.message, actor=actor, checked=checked
                     )
                     return result
-            result = await self._check(provider, credentials)
+            if provider.auth_type == "oauth2_client_credentials" and provider.validation is None:
+                # Getting a token with the client credentials was the check.
+                result = Validation(True, "Connected")
+            else:
+                result = await self._check(provider, credentials)
         await self._record(uuid, result.ok, result.message, actor=actor, checked=checked)
         return result
 

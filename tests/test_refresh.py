@@ -588,6 +588,20 @@ async def test_client_credentials_tokens_are_fetched_on_demand_and_cached(
     assert server.stats.token_calls["client_credentials"] == 1
 
 
+async def test_validating_a_client_credentials_connection_fetches_a_token(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await _machine(integ)
+    result = await integ.validate_connection(uuid)
+    assert (result.ok, result.message) == (True, "Connected")
+    assert server.stats.token_calls["client_credentials"] == 1
+    server.config.force_invalid_client = True
+    await integ.save_setup(uuid, {"client_secret": "rotated-secret"})
+    failed = await integ.validate_connection(uuid)
+    assert not failed.ok
+    assert (await integ.get_integration_by_uuid(uuid)).status == "error"
+
+
 async def test_client_credentials_fetches_coalesce(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
