@@ -18,6 +18,7 @@ from ._errors import (
 from ._http import HttpClient, Response
 from ._models import Validation
 from ._providers import Provider, ValidationRequest
+from ._repository import probe_postgres
 
 __all__ = [
     "ACCESS_DENIED",
@@ -71,6 +72,11 @@ async def check_credentials(
     elif missing := provider.missing_required(values):
         return _not_configured(missing)
     check = provider.validation
+    # The provider's own userinfo endpoint is where its token is meant to go, whatever
+    # api_hosts says; it is the natural check of an OAuth connection.
+    userinfo = check is None and provider.auth_type == "oauth2" and bool(provider.userinfo_url)
+    if userinfo and provider.userinfo_url:
+        check = ValidationRequest(url=provider.userinfo_url)
     if check is None:
         return Validation(True, NO_CHECK)
     try:
@@ -79,18 +85,28 @@ async def check_credentials(
                 return await _check_smtp(values, timeout)
             if check.hook == "postgres":
                 return await _check_postgres(values, timeout)
-            return await _check_http(provider, check, values, http)
+            return await _check_http(provider, check, values, http, any_host=userinfo)
     except TimeoutError:
         return Validation(False, UNREACHABLE)
 
 
 async def _check_http(
-    provider: Provider, check: ValidationRequest, values: dict[str, Any], http: HttpClient
+    provider: Provider,
+    check: ValidationRequest,
+    values: dict[str, Any],
+    http: HttpClient,
+    *,
+    any_host: bool = False,
 ) -> Validation:
     try:
         url = provider.render_url(check.url, values)
         response = await http.request(
-            check.method, url, provider=provider, credentials=values, headers=check.headers
+            check.method,
+            url,
+            provider=provider,
+            credentials=values,
+            headers=check.headers,
+            allow_any_host=any_host,
         )
     except MissingField as exc:
         return _not_configured([str(exc.context.get("field"))])
@@ -165,35 +181,21 @@ async def _check_smtp(values: Mapping[str, Any], timeout: float) -> Validation: 
 
 
 async def _check_postgres(values: Mapping[str, Any], timeout: float) -> Validation:  # noqa: ASYNC109
-    # The repository module owns the driver; this check dials a different, user-given
-    # server, so it imports asyncpg only when a postgres check actually runs.
-    import asyncpg
-
-    try:
-        conn = await asyncpg.connect(
-            host=str(values["host"]),
-            port=int(values.get("port", 5432)),
-            user=str(values["username"]),
-            # Always explicit: with None, asyncpg would fall back to this process's
-            # PGPASSWORD or ~/.pgpass and send it to the user-given host.
-            password=str(values.get("password", "")),
-            database=str(values["database"]),
-            timeout=timeout,
-        )
-    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
-        return Validation(False, INVALID_CREDENTIALS)
-    except asyncpg.InvalidCatalogNameError:
-        return Validation(False, "Database not found")
-    except asyncpg.InsufficientPrivilegeError:
-        return Validation(False, ACCESS_DENIED)
-    except (OSError, TimeoutError, asyncpg.CannotConnectNowError):
-        return Validation(False, UNREACHABLE)
-    except asyncpg.PostgresError as exc:
-        return Validation(False, f"Service error {exc.sqlstate}")
-    except asyncpg.InterfaceError:
-        return Validation(False, "Service error (connection refused by the driver)")
-    try:
-        await conn.fetchval("SELECT 1")
-    finally:
-        await conn.close(timeout=timeout)
-    return Validation(True, CONNECTED)
+    outcome, detail = await probe_postgres(
+        host=str(values["host"]),
+        port=int(values.get("port", 5432)),
+        user=str(values["username"]),
+        password=str(values.get("password", "")),
+        database=str(values["database"]),
+        timeout=timeout,
+    )
+    messages = {
+        "ok": CONNECTED,
+        "invalid_credentials": INVALID_CREDENTIALS,
+        "database_not_found": "Database not found",
+        "access_denied": ACCESS_DENIED,
+        "unreachable": UNREACHABLE,
+    }
+    if outcome in messages:
+        return Validation(outcome == "ok", messages[outcome])
+    return Validation(False, f"Service error {detail}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import os
 import warnings
@@ -39,7 +40,7 @@ from ._providers import Provider, ProviderRegistry
 from ._refresher import OAUTH_TYPES, Refresher, TokenPolicy
 from ._repository import Change, Repository, StoredRow
 from ._rotation import ProgressCallback, RotationProgress, rotate
-from ._vault import Keyring, Vault, mask_data
+from ._vault import SECRET_FIELDS, Keyring, Vault, mask_data
 
 log = logging.getLogger("integrations")
 
@@ -126,6 +127,9 @@ class Integrations:
             raise ConfigurationError('encryption must be "on" or "off"')
         if dsn is not None and pool is not None:
             raise ConfigurationError("pass either dsn= or pool=, not both")
+        if not isinstance(pool_max_size, int) or pool_max_size < 2:
+            # The event listener holds one pooled connection for as long as it listens.
+            raise ConfigurationError("pool_max_size must be at least 2")
         self._dsn = dsn
         self._pool_arg = pool
         self._http_arg = http
@@ -682,13 +686,41 @@ class Integrations:
         ok, message = _validation_outcome(result)
         await self._record(uuid, ok, message, actor=None)
 
-    async def _record(self, uuid: str, ok: bool, message: str, *, actor: str | None) -> None:
+    def _fingerprint(self, row: StoredRow) -> str:
+        """What a check depends on: the sealed credentials (OAuth tokens: only their presence,
+        since a refresh during the check replaces them legitimately)."""
+        provider = self._provider_of(row)
+        fields = sorted(SECRET_FIELDS | self._secret_fields(provider) | {"credentials"})
+        return json.dumps(
+            {
+                field: bool(row.data.get(field))
+                if field in ("access_token", "refresh_token")
+                else row.data.get(field)
+                for field in fields
+            },
+            sort_keys=True,
+            default=str,
+        )
+
+    async def _record(
+        self,
+        uuid: str,
+        ok: bool,
+        message: str,
+        *,
+        actor: str | None,
+        checked: str | None = None,
+    ) -> None:
         now = utcnow().isoformat()
 
         def decide(row: StoredRow | None) -> tuple[Change, None]:
             if row is None:
                 # A check that raced a removal has nothing left to record on.
                 return Change(), None
+            if checked is not None and self._fingerprint(row) != checked:
+                # The credentials changed while they were checked (a disconnect, a new key):
+                # the outcome is about what is gone, so it must not set the status.
+                return Change(data={**row.data, "last_validated_at": now}), None
             previous = row.data.get("status")
             previous_message = row.data.get("validation_status")
             status = "connected" if ok else "error"
@@ -734,6 +766,7 @@ class Integrations:
         if row is None:
             return Validation(False, "Not configured")
         provider = self._provider_of(row)
+        checked = self._fingerprint(row)
         if provider is None:
             result = Validation(False, "Unknown provider")
         else:
@@ -743,13 +776,24 @@ class Integrations:
             ):
                 # An expiring token would make a healthy connection look broken: renew first.
                 try:
-                    credentials["access_token"] = await self._refresher.access_token(row, provider)
+                    if provider.auth_type == "oauth2_client_credentials":
+                        # A fresh token is what proves the client credentials still work.
+                        token = await self._refresher.refresh(row, provider)
+                    else:
+                        token = await self._refresher.access_token(row, provider)
+                    credentials["access_token"] = token
                 except IntegrationsError as exc:
                     result = Validation(False, exc.message)
-                    await self._record(uuid, result.ok, result.message, actor=actor)
+                    await self._record(
+                        uuid, result.ok, result.message, actor=actor, checked=checked
+                    )
                     return result
-            result = await self._check(provider, credentials)
-        await self._record(uuid, result.ok, result.message, actor=actor)
+            if provider.auth_type == "oauth2_client_credentials" and provider.validation is None:
+                # Getting a token with the client credentials was the check.
+                result = Validation(True, "Connected")
+            else:
+                result = await self._check(provider, credentials)
+        await self._record(uuid, result.ok, result.message, actor=actor, checked=checked)
         return result
 
     async def _check(self, provider: Provider, credentials: Mapping[str, Any]) -> Validation:

@@ -661,3 +661,47 @@ def _pending(record: asyncpg.Record) -> PendingAuthorization:
 
 def _millis(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
+
+
+async def probe_postgres(
+    *,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    database: str,
+    timeout: float,  # noqa: ASYNC109
+) -> tuple[str, str]:
+    """Log in to a user-given PostgreSQL server and run ``SELECT 1``.
+
+    Returns an outcome (``ok``, ``invalid_credentials``, ``database_not_found``,
+    ``access_denied``, ``unreachable`` or ``service_error``) and a detail (the SQLSTATE).
+    """
+    try:
+        conn = await asyncpg.connect(
+            host=host,
+            port=port,
+            user=user,
+            # Always explicit: with None, asyncpg would fall back to this process's
+            # PGPASSWORD or ~/.pgpass and send it to the user-given host.
+            password=password,
+            database=database,
+            timeout=timeout,
+        )
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        return "invalid_credentials", ""
+    except asyncpg.InvalidCatalogNameError:
+        return "database_not_found", ""
+    except asyncpg.InsufficientPrivilegeError:
+        return "access_denied", ""
+    except (OSError, TimeoutError, asyncpg.CannotConnectNowError):
+        return "unreachable", ""
+    except asyncpg.PostgresError as exc:
+        return "service_error", str(exc.sqlstate)
+    except asyncpg.InterfaceError:
+        return "service_error", "(connection refused by the driver)"
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close(timeout=timeout)
+    return "ok", ""

@@ -447,3 +447,26 @@ async def test_postgres_check_never_uses_this_process_password(
     await check_credentials(REGISTRY.get("postgres"), pg_creds(host="db.example.test"), http=http)
     assert seen["password"] == ""
     assert URL(f"https://{seen['host']}").host == "db.example.test"
+
+
+async def test_an_oauth_provider_without_a_check_is_checked_at_its_userinfo_endpoint(
+    http: HttpClient,
+) -> None:
+    provider = Provider(
+        key="idp",
+        name="IdP",
+        auth_type="oauth2",
+        authorize_url="https://id.example.test/authorize",
+        token_url="https://id.example.test/token",
+        userinfo_url="https://id.example.test/userinfo",
+        api_hosts=("api.example.test",),
+    )
+    creds = {"client_id": "c", "client_secret": "s", "access_token": "tok-0123456789abc"}
+    with aioresponses() as mock:
+        mock.get("https://id.example.test/userinfo", status=200, payload={"sub": "u"})
+        result = await check_credentials(provider, creds, http=http)
+        assert (result.ok, result.message) == (True, CONNECTED)
+        mock.get("https://id.example.test/userinfo", status=401)
+        result = await check_credentials(provider, creds, http=http)
+        assert (result.ok, result.message) == (False, INVALID_CREDENTIALS)
+        assert sent_headers(mock)["Authorization"] == "Bearer tok-0123456789abc"

@@ -167,3 +167,8 @@ async def test_the_embedded_default_works_without_a_server(
     # A second instance on the same data dir reads the same key and the same data.
     async with Integrations(data_dir=tmp_path) as again:
         assert (await again.get_credentials("openai"))["api_key"] == "sk-embedded-0123456789"
+
+
+def test_a_pool_too_small_for_the_listener_is_refused() -> None:
+    with pytest.raises(integrations.ConfigurationError):
+        Integrations("postgresql://unused", pool_max_size=1)

@@ -885,6 +885,20 @@ async def test_client_credentials_tokens_are_fetched_on_demand_and_cached(
     assert server.stats.token_calls["client_credentials"] == 1
 
 
+async def test_validating_a_client_credentials_connection_fetches_a_token(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await _machine(integ)
+    result = await integ.validate_connection(uuid)
+    assert (result.ok, result.message) == (True, "Connected")
+    assert server.stats.token_calls["client_credentials"] == 1
+    server.config.force_invalid_client = True
+    await integ.save_setup(uuid, {"client_secret": "rotated-secret"})
+    failed = await integ.validate_connection(uuid)
+    assert not failed.ok
+    assert (await integ.get_integration_by_uuid(uuid)).status == "error"
+
+
 async def test_client_credentials_fetches_coalesce(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
@@ -1003,3 +1017,50 @@ async def test_validate_connection_renews_an_expired_token_before_checking(
         assert result.ok, result.message
         assert sum(server.stats.token_calls.values()) == before + 1
         assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+class _SlowCheck:
+    """A loopback endpoint that answers 200 after ``delay`` seconds and counts hits."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.hits = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        await asyncio.sleep(self.delay)
+        return web.json_response({"ok": True})
+
+    async def __aenter__(self) -> _SlowCheck:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/check"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+async def test_a_check_does_not_undo_a_disconnect_made_while_it_ran(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    from integrations import ValidationRequest
+
+    async with _SlowCheck(delay=0.5) as slow:
+        provider = loopback_provider(server.base_url, validation=ValidationRequest(url=slow.url))
+        async with open_integrations(fresh_db, server.base_url, providers=[provider]) as integ:
+            uuid = await connect(integ)
+            validating = asyncio.create_task(integ.validate_connection(uuid))
+            await eventually(lambda: slow.hits == 1)
+            await integ.disconnect(uuid)
+            assert (await validating).ok
+            connection = await integ.get_integration_by_uuid(uuid)
+            assert "access_token" not in connection.data
+            assert connection.status == "disconnected"
+            assert "last_validated_at" in connection.data
