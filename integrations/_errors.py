@@ -257,7 +257,8 @@ class TokenRequestFailed(OAuthError):
 
 
 class LockTimeout(StorageError):
-    """Waiting for another process's lock on the connection took longer than the lock timeout."""
+    """The connection's row lock, held by another transaction, was not granted within the
+    lock timeout."""
 
     code = "lock_timeout"
 

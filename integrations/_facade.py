@@ -1021,7 +1021,8 @@ class Integrations:
 
         Connections (then the PKCE verifiers of pending authorizations) are taken in
         batches of ``batch_size`` rows in uuid order, each batch in its own short
-        transaction with its rows locked, so the application keeps reading and writing
+        transaction with its rows locked (rows another transaction holds are skipped and
+        retried once the rest is done), so the application keeps reading and writing
         meanwhile. Rows already under the primary key are skipped: after a crash, run it
         again to resume. ``progress`` (a function or a coroutine function) gets a
         RotationProgress after each batch and once more at the end (``done=True``); the
