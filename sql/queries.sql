@@ -94,7 +94,25 @@ SELECT pg_notify($1, $2);
 -- The candidates of one batch, not locked: lock_connections_to_reseal takes those it can.
 SELECT uuid
 FROM {schema}.connections
-WHERE uuid > $1 AND {schema}.needs_reseal(value_json, $3, $4::text[])
+WHERE uuid > $1
+  -- The same predicate as count_connections_to_reseal (kept inline so the planner sees
+  -- it): keep the two in step.
+  AND (
+    jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
+                      jsonb_build_object('kid', $3::text))
+    OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
+                         jsonb_build_object('kid', $3::text))
+    OR EXISTS (
+      SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
+      WHERE f.field = ANY ($4::text[])
+        AND f.value <> 'null'::jsonb
+        AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
+        AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
+          SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
+          WHERE c.value <> 'null'::jsonb
+            AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
+    )
+  )
 ORDER BY uuid
 LIMIT $2;
 
@@ -120,7 +138,20 @@ FOR NO KEY UPDATE;
 -- $2 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
 SELECT count(*)
 FROM {schema}.connections
-WHERE {schema}.needs_reseal(value_json, $1, $2::text[]);
+WHERE jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
+                     jsonb_build_object('kid', $1::text))
+   OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
+                        jsonb_build_object('kid', $1::text))
+   OR EXISTS (
+     SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
+     WHERE f.field = ANY ($2::text[])
+       AND f.value <> 'null'::jsonb
+       AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
+       AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
+         SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
+         WHERE c.value <> 'null'::jsonb
+           AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
+   );
 
 -- name: reseal_connections
 -- $1 uuid[], $2 text[] value_json, pairwise. The version moves on so that a writer
