@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from . import oauth
@@ -22,7 +23,7 @@ from ._errors import (
 )
 from ._models import utcnow
 from ._providers import Provider
-from ._refresher import iso, post_token_request
+from ._refresher import iso, post_token_request, store_tokens
 from ._repository import Change, PendingAuthorization, StoredRow
 from ._rotation import PKCE_FIELD
 
@@ -296,21 +297,13 @@ class AuthFlow:
             if row is None:
                 raise Deleted()
             data = dict(row.data)
-            data["access_token"] = vault.seal_value(row.uuid, "access_token", tokens.access_token)
-            if tokens.refresh_token is not None:
-                data["refresh_token"] = vault.seal_value(
-                    row.uuid, "refresh_token", tokens.refresh_token
-                )
-            else:
-                # A new grant without a refresh token: the previous grant's is not ours to reuse.
-                data.pop("refresh_token", None)
-            data["token_type"] = tokens.token_type
-            if tokens.expires_at is None:
-                data.pop("expires_at", None)
-            else:
-                data["expires_at"] = iso(tokens.expires_at)
-            data["token_obtained_at"] = iso(tokens.obtained_at)
-            data["granted_scopes"] = list(tokens.scope)
+            store_tokens(
+                data,
+                tokens,
+                seal=partial(vault.seal_value, row.uuid),
+                previous_refresh_token=None,
+                new_grant=True,
+            )
             data["connected_at"] = now
             if account is not None:
                 data["account"] = account

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -145,6 +145,35 @@ def parse_time(value: Any) -> datetime | None:
 
 def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+def store_tokens(
+    data: dict[str, Any],
+    tokens: oauth.TokenSet,
+    *,
+    seal: Callable[[str, Any], Any],
+    previous_refresh_token: str | None,
+    new_grant: bool,
+) -> None:
+    """Write a token response into ``data``: tokens sealed, expiry absolute, scopes granted.
+
+    A refresh response without a refresh token keeps the stored one; a new grant without
+    one drops it, since the previous grant's token is not ours to reuse.
+    """
+    data["access_token"] = seal("access_token", tokens.access_token)
+    if tokens.refresh_token is not None:
+        if tokens.refresh_token != previous_refresh_token or new_grant:
+            data["refresh_token"] = seal("refresh_token", tokens.refresh_token)
+    elif new_grant:
+        data.pop("refresh_token", None)
+    data["token_type"] = tokens.token_type
+    if tokens.expires_at is None:
+        data.pop("expires_at", None)
+    else:
+        data["expires_at"] = iso(tokens.expires_at)
+    data["token_obtained_at"] = iso(tokens.obtained_at)
+    if tokens.scope or new_grant:
+        data["granted_scopes"] = list(tokens.scope)
 
 
 async def post_token_request(
@@ -544,22 +573,15 @@ class Refresher:
     def _refreshed(
         self, row: StoredRow, plain: Mapping[str, Any], tokens: oauth.TokenSet
     ) -> tuple[dict[str, Any], list[Event]]:
-        vault = self._host._vault
         data = dict(row.data)
-        data["access_token"] = vault.seal_value(row.uuid, "access_token", tokens.access_token)
         # A rotated refresh token is stored in the same commit as the access token it came with.
-        if tokens.refresh_token is not None and tokens.refresh_token != plain.get("refresh_token"):
-            data["refresh_token"] = vault.seal_value(
-                row.uuid, "refresh_token", tokens.refresh_token
-            )
-        data["token_type"] = tokens.token_type
-        if tokens.expires_at is None:
-            data.pop("expires_at", None)
-        else:
-            data["expires_at"] = iso(tokens.expires_at)
-        data["token_obtained_at"] = iso(tokens.obtained_at)
-        if tokens.scope:
-            data["granted_scopes"] = list(tokens.scope)
+        store_tokens(
+            data,
+            tokens,
+            seal=partial(self._host._vault.seal_value, row.uuid),
+            previous_refresh_token=plain.get("refresh_token"),
+            new_grant=False,
+        )
         previous = row.data.get("status")
         data["status"] = "connected"
         data["reauth_required"] = False
