@@ -452,7 +452,8 @@ class Integrations:
 
         def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
             if row is None:
-                raise NotFound()
+                # As rename_connection: a uuid that resolves to nothing is not configured.
+                raise NotConfigured()
             event = self._event(
                 "connection_removed", row, previous_status=row.data.get("status"), actor=actor
             )

@@ -170,9 +170,12 @@ async def test_remove_connection_deletes_the_row(integ: Integrations) -> None:
         await integ.get_credentials(conn.uuid)
 
 
-async def test_remove_of_a_missing_connection_is_not_found(integ: Integrations) -> None:
-    with pytest.raises(NotFound):
+async def test_remove_of_a_missing_connection_is_not_configured(integ: Integrations) -> None:
+    with pytest.raises(NotConfigured) as info:
         await integ.remove_connection(str(uuid_mod.uuid4()))
+    # A NotFound too, for callers that catch the broader class.
+    assert isinstance(info.value, NotFound)
+    assert info.value.code == "not_configured"
 
 
 # -- listing ---------------------------------------------------------------------------
