@@ -280,11 +280,7 @@ class Refresher:
         _check_oauth(provider)
         plain = self._plain(row, provider)
         token = _text(plain.get("access_token"))
-        if (
-            provider.auth_type == "oauth2"
-            and token is None
-            and _text(plain.get("refresh_token")) is None
-        ):
+        if _nothing_to_refresh(provider, plain):
             raise NotConnected()
         return await self._coalesced(row.uuid, _Seen.of(token, row), "force")
 
@@ -438,11 +434,7 @@ class Refresher:
         _check_oauth(provider)
         plain = self._plain(row, provider)
         current = _text(plain.get("access_token"))
-        if (
-            provider.auth_type == "oauth2"
-            and current is None
-            and _text(plain.get("refresh_token")) is None
-        ):
+        if _nothing_to_refresh(provider, plain):
             # Disconnected while this caller waited: nothing to refresh, nothing to record.
             raise NotConnected()
         seen, mode = flight.seen, flight.mode
@@ -650,6 +642,16 @@ class Refresher:
             )
         log.info("token refresh failed for connection %s (%s): %s", row.uuid, exc.code, exc.message)
         return data, events
+
+
+def _nothing_to_refresh(provider: Provider, plain: Mapping[str, Any]) -> bool:
+    """An authorization-code connection with neither token has not been connected (or was
+    disconnected); client-credentials connections can always fetch a token."""
+    return (
+        provider.auth_type == "oauth2"
+        and _text(plain.get("access_token")) is None
+        and _text(plain.get("refresh_token")) is None
+    )
 
 
 def _check_oauth(provider: Provider) -> None:
