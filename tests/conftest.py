@@ -10,10 +10,10 @@ import tempfile
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from typing import Any
 import pytest
 
 from integrations import Integrations, generate_key

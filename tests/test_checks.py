@@ -19,6 +19,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from yarl import URL
 
 from integrations._catalogue import BUILTIN_PROVIDERS
+from integrations._errors import InvalidField
+from integrations._http import HttpClient, auth_for
+from integrations._models import Validation
 from integrations._probes import (
     ACCESS_DENIED,
     CONNECTED,
@@ -28,9 +31,6 @@ from integrations._probes import (
     UNREACHABLE,
     check_credentials,
 )
-from integrations._errors import InvalidField
-from integrations._http import HttpClient, auth_for
-from integrations._models import Validation
 from integrations._providers import Provider, ValidationRequest
 from integrations._registry import ProviderRegistry
 
