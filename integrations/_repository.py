@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from ._driver_errors import describe
 from ._errors import AlreadyExists, LockTimeout, StorageError
 from ._models import Event
 from ._sql import Queries
@@ -128,7 +129,7 @@ def _translate() -> Iterator[None]:
     except asyncpg.UniqueViolationError as exc:
         raise AlreadyExists() from exc
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise StorageError(f"database error: {type(exc).__name__}") from exc
+        raise StorageError(describe(exc)) from exc
 
 
 class PoolListener:
@@ -502,7 +503,7 @@ class Repository:
                         f"the connection's row lock was not granted within {lock_timeout:g}s"
                     ) from exc
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    raise StorageError(f"database error: {type(exc).__name__}") from exc
+                    raise StorageError(describe(exc)) from exc
                 locked = LockedRow(
                     row=None if record is None else _row(record),
                     _conn=conn,
