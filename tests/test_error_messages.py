@@ -9,8 +9,8 @@ import pytest
 import integrations
 from integrations import (
     EncryptionNotConfigured,
-    IntegrationsError,
     Integrations,
+    IntegrationsError,
     InvalidField,
     InvalidInput,
     InvalidName,
