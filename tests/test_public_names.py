@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import integrations
 
@@ -21,3 +23,9 @@ def test_a_fresh_import_exposes_no_stray_names() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "reference.md").read_text()
+    documented = set(re.findall(r"^::: integrations\.(\w+)$", reference, flags=re.MULTILINE))
+    assert documented == set(integrations.__all__)
