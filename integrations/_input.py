@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from ._errors import InvalidAttrs, InvalidInput
+from ._errors import InvalidAttrs, InvalidField, InvalidInput
 
 __all__ = [
     "EARLIEST_TIME",
@@ -74,7 +74,7 @@ def check_text(value: object, field: str, *, error: type[InvalidInput] = Invalid
 def check_secret_text(value: str, field: str) -> str:
     """A secret string without control characters, which would break a header at send time."""
     if has_bad_chars(value) or _CONTROL_RE.search(value) is not None:
-        raise InvalidAttrs(
+        raise InvalidField(
             f"Setup field {field!r} must not contain control characters.", field=field
         )
     return value
@@ -85,28 +85,29 @@ def _label(path: str) -> str:
 
 
 def _json(value: Any, path: str, depth: int) -> Any:
+    # ``path`` is the top-level key only: nested keys are data and may be secret.
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
         if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-            raise InvalidAttrs(f"{_label(path)} holds an integer outside ±(2**53-1).", field=path)
+            raise InvalidField(f"{_label(path)} holds an integer outside ±(2**53-1).", field=path)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise InvalidAttrs(f"{_label(path)} must not contain NaN or infinity.", field=path)
+            raise InvalidField(f"{_label(path)} must not contain NaN or infinity.", field=path)
         return value
     if isinstance(value, str):
         if has_bad_chars(value):
-            raise InvalidAttrs(
+            raise InvalidField(
                 f"{_label(path)} must not contain NUL or unpaired surrogate characters.",
                 field=path,
             )
         return value
     if depth >= MAX_DEPTH:
-        raise InvalidAttrs(f"{_label(path)} is nested deeper than {MAX_DEPTH} levels.", field=path)
+        raise InvalidField(f"{_label(path)} is nested deeper than {MAX_DEPTH} levels.", field=path)
     if isinstance(value, Mapping):
         if ENVELOPE_MARKER in value:
-            raise InvalidAttrs(
+            raise InvalidField(
                 f"{_label(path)} holds a mapping with a {ENVELOPE_MARKER!r} member, which "
                 "is reserved for encrypted values.",
                 field=path,
@@ -121,11 +122,11 @@ def _json(value: Any, path: str, depth: int) -> Any:
                     "surrogate character.",
                     field=path,
                 )
-            out[key] = _json(item, f"{path}.{key}", depth + 1)
+            out[key] = _json(item, path, depth + 1)
         return out
     if isinstance(value, list | tuple):
         return [_json(item, path, depth + 1) for item in value]
-    raise InvalidAttrs(f"{_label(path)} is not JSON-serializable.", field=path)
+    raise InvalidField(f"{_label(path)} is not JSON-serializable.", field=path)
 
 
 def check_attrs(attrs: object, *, max_bytes: int = MAX_ATTRS_BYTES) -> dict[str, Any]:
