@@ -8,7 +8,14 @@ import threading
 import time
 import uuid as _uuid
 
-from ._errors import EmptyName, InvalidInput, InvalidName, InvalidProviderKey, InvalidUUID
+from ._errors import (
+    ConfigurationError,
+    EmptyName,
+    InvalidInput,
+    InvalidName,
+    InvalidProviderKey,
+    InvalidUUID,
+)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MAX_NAME_LENGTH = 100
@@ -123,11 +130,24 @@ def check_actor(actor: object) -> str | None:
     return actor
 
 
+def check_not_system_schema(value: str, what: str) -> str:
+    """Refuse PostgreSQL's own schemas: ``information_schema``, ``pg_catalog`` and every
+    ``pg_*`` name (reserved for the system; pg_dump skips them, so data there has no
+    backup)."""
+    if value == "information_schema" or value.startswith("pg_"):
+        raise ConfigurationError(
+            f"{what} {value!r} is a PostgreSQL system schema (information_schema and pg_* "
+            "are reserved and left out of pg_dump backups); choose another name, such as "
+            "the default 'integrations'"
+        )
+    return value
+
+
 def check_identifier(value: str, what: str) -> str:
     """Schema names are validated once, at configuration time."""
     if not isinstance(value, str) or IDENTIFIER_RE.fullmatch(value) is None:
         raise InvalidInput(f"{what} must be a lowercase SQL identifier")
-    return value
+    return check_not_system_schema(value, what)
 
 
 _uuid7_lock = threading.Lock()
