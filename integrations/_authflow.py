@@ -21,6 +21,7 @@ from ._errors import (
     InvalidState,
     NotConfigured,
 )
+from ._input import check_text, scrub_text
 from ._models import utcnow
 from ._providers import Provider
 from ._refresher import iso, post_token_request, store_tokens
@@ -110,9 +111,12 @@ class AuthFlow:
         """The authorization URL and its state; a pending authorization is stored for it."""
         if not isinstance(redirect_uri, str) or not redirect_uri:
             raise InvalidInput("redirect_uri must be an absolute http(s) URL")
+        check_text(redirect_uri, "redirect_uri")
         wanted = _scopes(scopes)
         if state is not None and (not isinstance(state, str) or not state):
             raise InvalidInput("state must be a non-empty string")
+        if state is not None:
+            check_text(state, "state")
         row, provider, plain = await self._oauth_row(uuid)
         requested = list(provider.scopes if wanted is None else wanted)
         state = state or oauth.generate_state()
@@ -162,6 +166,9 @@ class AuthFlow:
             raise InvalidInput("error must be a string")
         if not code and not error:
             raise InvalidInput("the callback carries neither a code nor an error")
+        for name, value in (("state", state), ("code", code), ("error", error)):
+            if value is not None:
+                check_text(value, name)
         with self.operation():
             return await self._complete(state, code, error, error_description)
 
@@ -189,6 +196,8 @@ class AuthFlow:
             raise InvalidInput("code must be a non-empty string")
         if not isinstance(redirect_uri, str) or not redirect_uri:
             raise InvalidInput("redirect_uri must be an absolute http(s) URL")
+        check_text(code, "code")
+        check_text(redirect_uri, "redirect_uri")
         with self.operation():
             row, _, _ = await self._oauth_row(uuid)
             pending = await self._host._repo.take_latest_pending(row.uuid, redirect_uri)
@@ -411,7 +420,7 @@ def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
         raise InvalidInput("scopes must be a list of strings")
     if not all(isinstance(s, str) and s and not any(c.isspace() for c in s) for s in scopes):
         raise InvalidInput("each scope must be a non-empty string without spaces")
-    return list(scopes)
+    return [check_text(s, "scope") for s in scopes]
 
 
 def _error_code(error: str) -> str:
@@ -421,6 +430,6 @@ def _error_code(error: str) -> str:
 def _denial_message(error: str, description: str | None) -> str:
     text = f"Authorization refused by the provider ({_error_code(error)}"
     if isinstance(description, str) and description.strip():
-        clean = _CONTROL_RE.sub(" ", description).strip()[:200]
+        clean = scrub_text(_CONTROL_RE.sub(" ", description)).strip()[:200]
         text += f": {clean}"
     return text + ")"

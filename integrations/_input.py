@@ -26,6 +26,7 @@ __all__ = [
     "check_timestamp",
     "has_bad_chars",
     "parse_timestamp",
+    "scrub_text",
 ]
 
 # Deeper nesting is refused before any recursive code (json, asyncpg, PostgreSQL) sees it.
@@ -53,6 +54,12 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
 def has_bad_chars(text: str) -> bool:
     """True if ``text`` holds U+0000 or a lone surrogate."""
     return _BAD_CHARS_RE.search(text) is not None
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with each NUL and unpaired surrogate replaced by U+FFFD, for text from
+    elsewhere (a provider's message) that is worth keeping rather than refusing."""
+    return _BAD_CHARS_RE.sub("\ufffd", text)
 
 
 def _bad_chars_error(field: str, error: type[InvalidInput]) -> InvalidInput:

@@ -16,6 +16,7 @@ from ._errors import (
     InvalidProviderKey,
     InvalidUUID,
 )
+from ._input import check_text
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MAX_NAME_LENGTH = 100
@@ -29,6 +30,7 @@ def normalize_name(name: object) -> str:
     """Trim and validate a connection name (``empty_name`` / ``invalid_name``)."""
     if not isinstance(name, str):
         raise InvalidName(f"connection name must be a string, not {type(name).__name__}")
+    check_text(name, "connection name", error=InvalidName)
     trimmed = name.strip()
     if not trimmed:
         raise EmptyName()
@@ -119,7 +121,7 @@ def check_owner(owner: object) -> str | None:
         return None
     if not isinstance(owner, str) or not owner.strip() or len(owner) > 255:
         raise InvalidInput("owner must be None or a non-empty string")
-    return owner
+    return check_text(owner, "owner")
 
 
 def check_actor(actor: object) -> str | None:
@@ -127,7 +129,7 @@ def check_actor(actor: object) -> str | None:
         return None
     if not isinstance(actor, str) or len(actor) > 255:
         raise InvalidInput("actor must be None or a string")
-    return actor
+    return check_text(actor, "actor")
 
 
 def check_not_system_schema(value: str, what: str) -> str:
