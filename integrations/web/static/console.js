@@ -69,7 +69,13 @@
 
   var source = new EventSource(live.dataset.events);
   // Anything missed between rendering the page and subscribing is picked up here.
-  source.addEventListener("open", refresh);
+  source.addEventListener("open", function () {
+    live.dataset.stream = "open";
+    refresh();
+  });
+  source.addEventListener("error", function () {
+    live.dataset.stream = "closed";
+  });
   source.addEventListener("change", function (event) {
     var data = {};
     try {
