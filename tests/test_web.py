@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import io
 import re
 from collections.abc import AsyncIterator
@@ -303,6 +304,36 @@ async def test_oauth_connect_and_callback(
     replay = await http.get(back)
     assert replay.status_code == 400
     assert "already used" in replay.text
+
+
+async def test_a_callback_without_cookies_bounces_through_a_page_of_ours(
+    integ: Integrations, oauth_server: OAuthTestServer
+) -> None:
+    """Browsers withhold SameSite=Strict cookies on a redirect from the provider's site."""
+
+    def authorize(request: Request) -> Admin | None:
+        return Admin() if request.cookies.get("sid") == "signed-in" else None
+
+    uuid = await new_connection(integ, "web")
+    url, _state = await integ.begin_authorization(uuid, "http://console.test/callback")
+    async with httpx.AsyncClient() as browser:
+        back = (await browser.get(url)).headers["location"].replace("http://console.test", "")
+    async with client(console(integ, authorize=authorize)) as http:
+        first = await http.get(back)
+        assert first.status_code == 401
+        found = re.search(r'http-equiv="refresh" content="0;url=([^"]+)"', first.text)
+        assert found is not None
+        target = html.unescape(found.group(1))
+        assert target == back + "&bounced=1"
+        assert not await integ.is_connected(uuid)
+        refused = await http.get(target)  # still no session: refused, nothing consumed
+        assert refused.status_code == 401
+        assert "http-equiv" not in refused.text
+        http.cookies.set("sid", "signed-in")
+        done = await http.get(target)
+        assert done.status_code == 303
+        assert done.headers["location"] == f"/{uuid}?done=connected"
+    assert await integ.is_connected(uuid)
 
 
 async def test_bad_uuids_and_unknown_paths_render_a_404_page(http: httpx.AsyncClient) -> None:

@@ -107,7 +107,7 @@ class _Console:
             Route("/fragments/list", page(self.list_fragment), name="list_fragment"),
             Route("/connections", write(self.add), methods=["POST"], name="add"),
             Route("/events", page(self.events), name="events"),
-            Route("/callback", page(self.callback), name="callback"),
+            Route("/callback", self._callback_endpoint(self.callback), name="callback"),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
             Route("/{uuid}", page(self.connection), name="connection"),
             Route("/{uuid}/status", page(self.status_fragment), name="connection_status"),
@@ -163,9 +163,22 @@ class _Console:
 
         return endpoint
 
-    async def _run(self, request: Request, handler: Handler, *, write: bool) -> Response:
+    def _callback_endpoint(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self._run(request, handler, write=False, bounce=True)
+
+        return endpoint
+
+    async def _run(
+        self, request: Request, handler: Handler, *, write: bool, bounce: bool = False
+    ) -> Response:
         try:
-            viewer = await self._viewer(request)
+            try:
+                viewer = await self._viewer(request)
+            except _Refused as refused:
+                if bounce and refused.status == 401 and "bounced" not in request.query_params:
+                    return self._bounce(request)
+                raise
             if write:
                 form = await request.form(max_files=0, max_fields=200)
                 if not self.csrf.verify(request, form.get(CSRF_FIELD)):
@@ -183,6 +196,16 @@ class _Console:
         except Exception:
             log.exception("console request failed: %s %s", request.method, request.url.path)
             return self.error_page(request, 500, "Something went wrong. The error was logged.")
+
+    def _bounce(self, request: Request) -> Response:
+        """Reload a provider's redirect from our own page, so SameSite=Strict cookies come along.
+
+        A browser arriving from the provider's site withholds Strict cookies; the same URL
+        opened by a page of this site carries them. Nothing is consumed until then.
+        """
+        query = request.url.query
+        target = self.url(request, "callback") + "?" + (query + "&" if query else "") + "bounced=1"
+        return self.render(request, "bounce.html", {"target": target}, status=401)
 
     def render(
         self,
