@@ -431,6 +431,21 @@ async def test_an_owner_sees_and_changes_only_their_connections(integ: Integrati
     assert [c.name for c in await integ.list_connections("acme")] == ["site"]
 
 
+async def test_an_owner_sets_up_and_tests_their_own_connection(integ: Integrations) -> None:
+    uuid = (await integ.add_connection("acme", "mine", owner="user:1")).uuid
+    async with client(console(integ, authorize=lambda r: Owner("user:1", name="ann"))) as http:
+        page = await http.get(f"/{uuid}")
+        assert page.status_code == 200
+        assert "Owner user:1" in page.text
+        saved = await form_post(http, f"/{uuid}", f"/{uuid}/setup", {"api_key": GOOD_KEY})
+        assert saved.status_code == 303
+        tested = await form_post(http, f"/{uuid}", f"/{uuid}/test", {})
+        assert tested.status_code == 303
+        assert ">connected<" in (await http.get(f"/{uuid}/status")).text
+        assert (await http.get(f"/events?uuid={uuid}x")).status_code == 404
+    assert await integ.is_connected(uuid)
+
+
 async def test_the_administrator_sees_system_connections(integ: Integrations) -> None:
     await integ.add_connection("acme", "theirs", owner="user:2")
     site = (await integ.add_connection("acme", "site")).uuid
@@ -438,6 +453,35 @@ async def test_the_administrator_sees_system_connections(integ: Integrations) ->
         listing = (await http.get("/")).text
     assert f"/{site}" in listing
     assert "theirs" not in listing
+
+
+async def test_processes_sharing_a_secret_accept_each_others_forms(integ: Integrations) -> None:
+    one = console(integ, authorize=admin, secret="s" * 32)
+    two = console(integ, authorize=admin, secret="s" * 32)
+    other = console(integ, authorize=admin, secret="t" * 32)
+    async with client(one) as http:
+        token = csrf_of((await http.get("/")).text)
+        cookies = http.cookies
+    for app, expected in ((two, 303), (other, 403)):
+        async with client(app) as http:
+            http.cookies = cookies
+            response = await http.post(
+                "/connections",
+                data={"csrf_token": token, "provider": "acme", "name": f"n{expected}"},
+            )
+            assert response.status_code == expected
+    assert [c.name for c in await integ.list_connections("acme")] == ["n303"]
+
+
+def test_console_refuses_bad_arguments(integ: Integrations) -> None:
+    with pytest.raises(TypeError):
+        console(integ, authorize="admin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        console(integ, authorize=admin, page_size=0)
+    with pytest.raises(ValueError):
+        console(integ, authorize=admin, secret="short")
+    with pytest.raises(ValueError):
+        Owner("  ")
 
 
 # -- mounting -----------------------------------------------------------------------------------
