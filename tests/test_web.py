@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import io
+import json
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +27,15 @@ from integrations.web._present import ago, parse_scopes, status_text
 
 from .oauth_server import OAuthTestServer
 from .oauthkit import loopback_provider, new_connection
-from .webkit import GOOD_KEY, acme_provider, client, csrf_of, fake_api, open_integrations
+from .webkit import (
+    GOOD_KEY,
+    acme_provider,
+    client,
+    csrf_of,
+    fake_api,
+    open_integrations,
+    running,
+)
 
 UUID_RE = re.compile(r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
@@ -548,12 +559,44 @@ async def test_serve_prints_a_one_time_login_link(integ: Integrations) -> None:
             inside = await http.get("/")
             assert inside.status_code == 200
             assert "Administrator" in inside.text
-        async with httpx.AsyncClient() as other:
-            assert (await other.get(link)).status_code == 403  # used up
+            async with httpx.AsyncClient() as other:
+                assert (await other.get(link)).status_code == 403  # used up
+            # An open page's event stream does not hold the server up when it stops.
+            async with http.stream("GET", "/events") as stream:
+                assert stream.status_code == 200
+                task.cancel()
+                started = time.monotonic()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert time.monotonic() - started < 1.5
     finally:
         task.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_event_stream_tells_what_changed_and_ends_in_time(integ: Integrations) -> None:
+    uuid = (await integ.add_connection("acme", "main")).uuid
+    app = console(integ, authorize=admin, stream_lifetime=1.5)
+    async with running(app) as base, httpx.AsyncClient(base_url=base) as http:
+        started = time.monotonic()
+        async with http.stream("GET", f"/events?uuid={uuid}") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "retry: 1000"
+            await integ.save_setup(uuid, {"api_key": MARKERS["api_key"]})
+            received = []
+            async for line in lines:
+                received.append(line)
+                if line.startswith("data:"):
+                    break
+            rest = [line async for line in lines]
+        elapsed = time.monotonic() - started
+    assert received[-2] == "event: change"
+    data = json.loads(received[-1][len("data: ") :])
+    assert (data["kind"], data["uuid"], data["status"]) == ("setup_saved", uuid, "connected")
+    assert MARKERS["api_key"] not in "".join(received + rest)
+    assert 1.4 < elapsed < 4
 
 
 # -- display helpers --------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import math
 import secrets
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,7 @@ class _Console:
         page_size: int,
         callback_url: str | None,
         title: str,
+        stream_lifetime: float = 60.0,
     ) -> None:
         self.integ = integ
         self.authorize = authorize
@@ -99,6 +102,9 @@ class _Console:
         self.page_size = page_size
         self.callback_url = callback_url
         self.title = title
+        self.stream_lifetime = stream_lifetime
+        # Set by close(): live streams end so that the server can stop.
+        self.closing = asyncio.Event()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         page = self._endpoint
         write = self._write
@@ -126,6 +132,7 @@ class _Console:
             middleware=[Middleware(SecurityHeaders)],
             exception_handlers={HTTPException: self._http_error, Exception: self._crash},
         )
+        self.app.state.console = self
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -463,17 +470,31 @@ class _Console:
             subscription = ctx.handle.subscribe(maxsize=100)
 
         async def stream() -> AsyncIterator[str]:
-            async with subscription as events:
-                yield "retry: 1000\n\n"
-                while True:
-                    try:
-                        event = await asyncio.wait_for(events.get(), _KEEPALIVE_SECONDS)
-                    except TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    except LifecycleError:
-                        return
-                    yield _sse(event)
+            loop = asyncio.get_running_loop()
+            # A stream ends after a while (the browser reconnects and refetches), so a
+            # server shutting down never waits on it for long; close() ends them at once.
+            deadline = loop.time() + self.stream_lifetime
+            stop = asyncio.ensure_future(self.closing.wait())
+            try:
+                async with subscription as events:
+                    yield "retry: 1000\n\n"
+                    while not stop.done() and loop.time() < deadline:
+                        wait = min(_KEEPALIVE_SECONDS, deadline - loop.time())
+                        get = asyncio.ensure_future(events.get())
+                        await asyncio.wait({get, stop}, timeout=wait, return_when=FIRST_COMPLETED)
+                        if not get.done():
+                            get.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await get
+                            yield ": keep-alive\n\n"
+                            continue
+                        try:
+                            event = get.result()
+                        except LifecycleError:
+                            return
+                        yield _sse(event)
+            finally:
+                stop.cancel()
 
         return StreamingResponse(
             stream(),
@@ -531,6 +552,7 @@ def console(
     page_size: int = 25,
     callback_url: str | None = None,
     title: str = "Integrations",
+    stream_lifetime: float = 60.0,
 ) -> Starlette:
     """The admin console as an ASGI app, to mount anywhere or run with ``serve``.
 
@@ -538,12 +560,16 @@ def console(
     ``None`` (401); raising PermissionError refuses with 403. ``secret`` signs CSRF tokens:
     give the same value to every process behind one address (random per app otherwise).
     ``callback_url`` overrides the OAuth redirect URI built from the request (useful
-    behind a proxy that rewrites the host).
+    behind a proxy that rewrites the host). A live-update stream ends after
+    ``stream_lifetime`` seconds and the browser reconnects, so a server shutting down waits
+    for open pages at most that long.
     """
     if not callable(authorize):
         raise TypeError("authorize must be a callable taking the request")
     if not isinstance(page_size, int) or page_size < 1:
         raise ValueError("page_size must be a positive integer")
+    if not isinstance(stream_lifetime, int | float) or stream_lifetime <= 0:
+        raise ValueError("stream_lifetime must be a positive number of seconds")
     if secret is None:
         key = secrets.token_bytes(32)
     elif isinstance(secret, str):
@@ -559,4 +585,5 @@ def console(
         page_size=page_size,
         callback_url=callback_url,
         title=title,
+        stream_lifetime=float(stream_lifetime),
     ).app

@@ -8,7 +8,7 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -64,10 +64,12 @@ def standalone_app(
         set_cookie(response, request, SESSION_COOKIE, session, path="/")
         return response
 
-    return Starlette(
+    app = Starlette(
         routes=[Route("/login", login), Mount("/", app=inner)],
         middleware=[Middleware(SecurityHeaders)],
     )
+    app.state.closing = inner.state.console.closing
+    return app
 
 
 def _display_host(host: str, port: int) -> str:
@@ -115,7 +117,15 @@ async def serve(
         access_log=False,
         timeout_graceful_shutdown=2,
     )
-    server = uvicorn.Server(config)
+    closing: Any = app.state.closing
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Open pages hold event streams; end them so that shutting down is immediate.
+            closing.set()
+            await super().shutdown(sockets)
+
+    server = Server(config)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     stream = out if out is not None else sys.stdout
     print("Integrations console; open this link to sign in (it works once):", file=stream)
