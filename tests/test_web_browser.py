@@ -99,8 +99,16 @@ async def browser() -> AsyncIterator[Browser]:
 async def page(browser: Browser) -> AsyncIterator[Page]:
     context = await browser.new_context(viewport={"width": 1100, "height": 820})
     tab = await context.new_page()
+    violations: list[str] = []
+    tab.on(
+        "console",
+        lambda message: (
+            violations.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
     yield tab
     await context.close()
+    assert violations == []  # the pages need nothing the CSP forbids
 
 
 def status_of(page: Page) -> object:
