@@ -71,7 +71,7 @@ class Connections:
         """The row of ``uuid`` or NotConfigured; a malformed uuid is InvalidUUID."""
         row = await self.row(names.require_uuid(uuid), check_scope(owner))
         if row is None:
-            raise NotConfigured(f"No connection {names.require_uuid(uuid)} here.")
+            raise NotConfigured()
         return row
 
     async def require_ref(self, ref: object, owner: OwnerScope) -> StoredRow:
@@ -252,6 +252,11 @@ class Connections:
                 row,
                 sealed,
                 fields=patch,
+                credential_fields={
+                    *provider.runtime_fields,
+                    *provider.secret_field_keys,
+                    "credentials",
+                },
                 missing=provider.missing_required,
                 runtime=provider.has_runtime_credentials,
                 oauth_code_flow=provider.auth_type == "oauth2",
