@@ -40,7 +40,7 @@ from ._errors import (
     UnknownKey,
 )
 from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
-from ._http import Response, bot_url
+from ._http import AuthKind, Response, bot_url, register_auth_kind
 from ._integrations import Integrations
 from ._models import Connection, Event, RotationProgress, Validation
 from ._names import settings_key
@@ -63,6 +63,7 @@ __all__ = [
     "AllOwners",
     "AlreadyExists",
     "AuthHeader",
+    "AuthKind",
     "AuthorizationDenied",
     "AuthorizationTimeout",
     "ConfigurationError",
@@ -115,6 +116,7 @@ __all__ = [
     "generate_key",
     "load_providers",
     "oauth",
+    "register_auth_kind",
     "register_check",
     "settings_key",
 ]

@@ -196,9 +196,10 @@ class AuthHeader(_Frozen):
       ``https://api.telegram.org/bot<token>/getMe``.
     - ``kind="sigv4"``: AWS Signature Version 4 from ``access_key``,
       ``secret_key`` and optional ``session_token`` (needs the ``aws`` extra).
+    - any kind registered with ``integrations.register_auth_kind``.
     """
 
-    kind: Literal["header", "basic", "path", "sigv4"] = "header"
+    kind: str = "header"
     name: str = "Authorization"
     template: str = "Bearer {access_token}"
     username: str = "access_key"

@@ -32,7 +32,10 @@ from .oauthkit import loopback_provider  # noqa: E402
 from .webkit import GOOD_KEY, acme_provider, fake_api, open_integrations, running  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed"),
+]
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 CONNECTION_URL = re.compile(r"/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
