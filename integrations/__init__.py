@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import oauth
+from ._checkall import CheckItem, CheckReport
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -62,6 +63,8 @@ __all__ = [
     "AuthHeader",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "CheckItem",
+    "CheckReport",
     "ConfigurationError",
     "Connection",
     "CryptoError",

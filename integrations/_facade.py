@@ -18,7 +18,9 @@ from typing import Any
 
 from . import _names as names
 from ._authflow import AuthFlow
+from ._checkall import CheckReport, CheckTarget, run_checks
 from ._checks import check_credentials
+from ._doctor import Diagnosis, diagnose
 from ._errors import (
     AlreadyExists,
     ConfigurationError,
@@ -40,6 +42,7 @@ from ._providers import Provider, ProviderRegistry
 from ._refresher import OAUTH_TYPES, Refresher, TokenPolicy
 from ._repository import Change, Repository, StoredRow
 from ._rotation import ProgressCallback, RotationProgress, rotate
+from ._tokenimport import apply_tokens, parse_tokens
 from ._vault import SECRET_FIELDS, Keyring, Vault, mask_data
 
 log = logging.getLogger("integrations")
@@ -1039,6 +1042,97 @@ class Integrations:
             batch_size=batch_size,
             progress=progress,
         )
+
+    # -- operator tools -----------------------------------------------------------------
+
+    async def _rows_of(self, owner: OwnerScope, provider: str | None = None) -> list[StoredRow]:
+        prefix = names.storage_key(self.providers.get(provider).key, "") if provider else None
+        if owner is ALL_OWNERS:
+            return await self._repo.list_every_owner(prefix or names.KEY_PREFIX)
+        return await self._repo.list_by_prefixes(
+            names.check_owner(owner), [prefix or names.KEY_PREFIX]
+        )
+
+    async def check_all(
+        self,
+        *,
+        provider: str | None = None,
+        concurrency: int = 8,
+        record: bool = False,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> CheckReport:
+        """Check the credentials of every connection (of ``provider``, of ``owner``).
+
+        With ``record=True`` each outcome is recorded as ``validate_connection`` does;
+        otherwise nothing is written (OAuth tokens are checked as stored, not refreshed).
+        """
+        self._check_open()
+        rows = {row.uuid: row for row in await self._rows_of(owner, provider)}
+        targets = [
+            CheckTarget(
+                row.uuid, names.provider_of_key(row.key), names.name_of_key(row.key), row.owner
+            )
+            for row in rows.values()
+        ]
+
+        async def validate(target: CheckTarget) -> Validation:
+            if record:
+                return await self.validate_connection(target.uuid)
+            row = rows[target.uuid]
+            definition = self._provider_of(row)
+            if definition is None:
+                return Validation(False, "Unknown provider")
+            return await self._check(definition, self._plain(row))
+
+        return await run_checks(targets, validate, concurrency=concurrency)
+
+    async def diagnose(self) -> Diagnosis:
+        """Schema version, keys, rows the keys cannot decrypt, and a listener round trip."""
+        self._check_open()
+        keyring = self._vault.keyring
+        return await diagnose(
+            schema_version=self._repo.schema_version,
+            latest_version=self._repo.q.latest_version,
+            key_ids=keyring.ids if keyring is not None else None,
+            encryption=self._encryption == "on",
+            rows=lambda: self._rows_of(ALL_OWNERS),
+            unseal=self._plain,
+            listen=self._repo.listen,
+            send=self._repo.notify_channel,
+            probe_channel=f"{self._schema}_probe",
+        )
+
+    async def import_tokens(
+        self, uuid: str, tokens: Mapping[str, Any], *, actor: str | None = None
+    ) -> Connection:
+        """Store OAuth tokens obtained elsewhere (``access_token``, and optionally
+        ``refresh_token``, ``expires_at``, ``token_type``, ``scope``); status becomes
+        connected. Types are checked before anything is written."""
+        self._check_open()
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        parsed = parse_tokens(tokens)
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            if row is None:
+                raise NotConfigured()
+            provider = self._provider_of(row)
+            if provider is None or provider.auth_type not in OAUTH_TYPES:
+                raise InvalidAttrs("tokens can only be imported into an OAuth connection")
+            data = apply_tokens(
+                row.data, parsed, lambda field, value: self._vault.seal_value(uuid, field, value)
+            )
+            updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
+            event = self._event(
+                "connected",
+                updated,
+                previous_status=row.data.get("status"),
+                actor=actor,
+                detail={"scopes": list(parsed.scope), "imported": True},
+            )
+            return Change(data=data, events=[event]), updated
+
+        return self._connection(await self._repo.modify(uuid, decide))
 
 
 def _has_saved_data(data: Mapping[str, Any]) -> bool:
