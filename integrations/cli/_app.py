@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
 from .._errors import AlreadyExists, IntegrationsError
 from .._events import ALL_OWNERS
@@ -30,6 +28,8 @@ from ._support import (
     emit_json,
     env_of,
     json_option,
+    new_table,
+    print_table,
     provider_key,
     redact_dsn,
     ref_of,
@@ -117,12 +117,10 @@ def providers(ctx: click.Context) -> None:
             ]
         )
         return
-    table = Table(box=box.SIMPLE)
-    for column in ("key", "name", "auth type", "API hosts"):
-        table.add_column(column)
+    table = new_table("key", "name", "auth type", "API hosts")
     for p in found:
         table.add_row(p.key, p.name, p.auth_type, ", ".join(p.api_hosts))
-    console().print(table)
+    print_table(table)
 
 
 @cli.command("list")
@@ -147,9 +145,7 @@ def list_(ctx: click.Context, provider: str | None) -> None:
         if not connections:
             stderr("no connections")
             return
-        table = Table(box=box.SIMPLE)
-        for column in ("ref", "uuid", "status", "checked", "setup"):
-            table.add_column(column, no_wrap=column != "setup")
+        table = new_table("ref", "uuid", "status", "checked", "setup", wrap="setup")
         for c in connections:
             table.add_row(
                 ref_of(c),
@@ -158,7 +154,7 @@ def list_(ctx: click.Context, provider: str | None) -> None:
                 _ago(c.data.get("last_validated_at")),
                 setup_summary(c.data),
             )
-        console().print(table)
+        print_table(table)
 
     run(ctx, work)
 
@@ -221,12 +217,13 @@ def rename(ctx: click.Context, ref: str, new_name: str) -> None:
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
+            before = await integ.get_integration_by_uuid(uuid)
             await integ.rename_connection(uuid, new_name)
             connection = await integ.get_integration_by_uuid(uuid)
         if env.json:
             emit_json(connection_json(connection))
         else:
-            click.echo(f"renamed {ref} to {ref_of(connection)} ({uuid})")
+            click.echo(f"renamed {ref_of(before)} to {ref_of(connection)} ({uuid})")
 
     run(ctx, work)
 
@@ -445,9 +442,7 @@ def test(
                 }
             )
             return report.ok
-        table = Table(box=box.SIMPLE)
-        for column in ("ref", "owner", "outcome", "message", "time"):
-            table.add_column(column, no_wrap=column != "message")
+        table = new_table("ref", "owner", "outcome", "message", "time", wrap="message")
         for i in report.items:
             table.add_row(
                 f"{i.provider}:{i.name}",
@@ -456,7 +451,7 @@ def test(
                 i.message,
                 f"{i.duration:.2f}s",
             )
-        console().print(table)
+        print_table(table)
         click.echo(f"{len(report.items)} checked, {len(report.failed)} failed")
         return report.ok
 
@@ -549,7 +544,7 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("rows"),
-                console=console().__class__(stderr=True),
+                console=console(stderr=True),
             ) as bar:
                 task = bar.add_task("rotate", total=None)
 

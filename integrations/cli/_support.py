@@ -16,7 +16,9 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import click
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from .._errors import (
     Deleted,
@@ -30,7 +32,7 @@ from .._errors import (
 )
 from .._facade import Integrations
 from .._models import Connection
-from .._names import parse_uuid
+from .._names import PROVIDER_KEY_RE, parse_uuid
 from .._providers import Provider
 
 T = TypeVar("T")
@@ -133,9 +135,26 @@ def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
 
 
-def console() -> Console:
+def console(*, stderr: bool = False) -> Console:
     # Wide enough off a terminal that uuids are never cut.
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(width=None if stream.isatty() else 200, highlight=False, stderr=stderr)
+
+
+def new_table(*columns: str, wrap: str = "") -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=column != wrap)
+    return table
+
+
+def print_table(table: Table) -> None:
+    """The table on stdout, without the padding rich leaves at the end of each line."""
+    out = console()
+    with out.capture() as captured:
+        out.print(table)
+    for line in captured.get().splitlines():
+        click.echo(line.rstrip())
 
 
 def _error_code(exc: IntegrationsError) -> int:
@@ -183,7 +202,10 @@ def provider_key(integ: Integrations, key: str) -> str:
 async def resolve(integ: Integrations, env: Env, ref: str) -> str:
     """A REF (uuid, ``provider:name`` or bare ``provider``) → the connection's uuid."""
     if parse_uuid(ref) is None:
-        provider_key(integ, ref.partition(":")[0].strip())
+        provider = ref.partition(":")[0].strip()
+        if not PROVIDER_KEY_RE.fullmatch(provider):
+            raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE)
+        provider_key(integ, provider)
     try:
         if env.owner is None:
             return await integ.resolve_to_uuid(ref)
