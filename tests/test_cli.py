@@ -525,6 +525,9 @@ def test_watch_prints_one_line_per_event_until_interrupted(fresh_db: str) -> Non
         if child.poll() is None:
             child.kill()
             child.wait()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def test_serve_without_the_console_says_so(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -178,8 +178,7 @@ def run(ctx: click.Context, work: Callable[[Env], Awaitable[T]]) -> T:
     except IntegrationsError as exc:
         _fail(env, exc, f"{exc.message} ({exc.code})", _error_code(exc))
     except KeyboardInterrupt:
-        stderr("interrupted")
-        ctx.exit(130)
+        raise SystemExit(130) from None
 
 
 def _fail(env: Env, exc: BaseException, message: str, code: int) -> NoReturn:
