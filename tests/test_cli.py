@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -289,6 +290,59 @@ async def test_check_all_reports_each_connection(fresh_db: str, acme_port: int) 
         assert MARKER not in repr(report)
 
 
+def test_connect_runs_the_loopback_flow_then_token_and_test_work(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    from tests.oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ServerProcess
+    from tests.oauthkit import loopback_provider
+
+    with ServerProcess() as server:
+        providers = tmp_path / "oauth.json"
+        providers.write_text(
+            json.dumps([loopback_provider(server.base_url).model_dump(mode="json")])
+        )
+        secret = tmp_path / "client_secret"
+        secret.write_text(DEFAULT_CLIENT_SECRET)
+        base = ("--providers", str(providers))
+        sh(fresh_db, *base, "add", "loopback")
+        done = sh(
+            fresh_db,
+            *base,
+            "set",
+            "loopback",
+            f"client_id={DEFAULT_CLIENT_ID}",
+            f"client_secret=@{secret}",
+        )
+        assert done.returncode == 0, done.stderr
+        child = subprocess.Popen(
+            [SCRIPT, "--dsn", fresh_db, *base, "connect", "loopback", "--no-browser"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().startswith("Open this URL")
+            url = child.stdout.readline().strip()
+            assert "code_challenge_method=S256" in url and "127.0.0.1" in url
+            # The "browser": the server redirects it to the command's loopback callback.
+            with urllib.request.urlopen(url, timeout=20) as page:
+                assert b"Connected" in page.read()
+            out, err = child.communicate(timeout=30)
+            assert child.returncode == 0, err
+            assert out.startswith("connected loopback:default")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+        token = sh(fresh_db, *base, "token", "loopback", check_secret=False)
+        assert token.returncode == 0 and len(token.stdout.strip()) > 10
+        checked = sh(fresh_db, *base, "test", "loopback")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert token.stdout.strip() not in checked.stdout + checked.stderr
+
+
 # -- tokens ----------------------------------------------------------------------------------
 
 
@@ -389,8 +443,8 @@ def test_export_and_import_into_another_database(
     assert len(json.loads(again.stdout)["skipped"]) == 2
     over = sh(second_db, "import", str(bundle), "--overwrite", env=env)
     assert "0 created, 2 updated, 0 skipped" in over.stdout
-    check = sh(second_db, "test", "openai")
-    assert "openai:default" in check.stdout
+    shown = json.loads(sh(second_db, "show", "openai", "--json").stdout)
+    assert shown["status"] == "connected" and shown["data"]["api_key"].startswith("••••")
 
 
 def test_decrypted_export_warns_and_holds_the_secrets(fresh_db: str, tmp_path: Path) -> None:

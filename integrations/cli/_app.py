@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from datetime import UTC
@@ -174,13 +175,22 @@ def show(ctx: click.Context, ref: str) -> None:
             return
         shown = connection_json(connection)
         data = shown.pop("data")
+        width = max(len(k) for k in [*shown, *data]) + 4
         for key, value in shown.items():
-            click.echo(f"{key + ':':<19}{'-' if value is None else value}")
+            click.echo(f"{key + ':':<{width}}{_plain_value(value)}")
         click.echo("data:")
-        for key, value in data.items():
-            click.echo(f"  {key + ':':<17}{value}")
+        for key, value in sorted(data.items()):
+            click.echo(f"  {key + ':':<{width - 2}}{_plain_value(value)}")
 
     run(ctx, work)
+
+
+def _plain_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list | bool):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 @cli.command()
@@ -620,8 +630,6 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
     else:
         assert passphrase is not None
         bundle = _bundle.seal(doc, passphrase)
-    import json
-
     text = json.dumps(bundle, indent=2, ensure_ascii=False) + "\n"
     if out:
         path = Path(out)
@@ -751,7 +759,6 @@ def event_json(event: Event) -> dict[str, Any]:
 @click.pass_context
 def watch(ctx: click.Context, provider: str | None) -> None:
     """Print live events from every process, one line each, until Ctrl-C."""
-    import json
 
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
