@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import oauth
 from ._checkall import CheckItem, CheckReport
+from ._doctor import Diagnosis, Finding
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -70,9 +71,11 @@ __all__ = [
     "CryptoError",
     "DecryptionFailed",
     "Deleted",
+    "Diagnosis",
     "EmptyName",
     "EncryptionNotConfigured",
     "Event",
+    "Finding",
     "HostNotAllowed",
     "HubStats",
     "Integrations",
