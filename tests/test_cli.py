@@ -601,3 +601,78 @@ def test_python_dash_m_runs_the_command_line() -> None:
     assert done.returncode == 0, done.stderr
     keys = {p["key"] for p in json.loads(done.stdout)}
     assert {"openai", "github", "telegram"} <= keys
+
+
+# -- pure parts, through click's runner ----------------------------------------------------------
+
+
+def test_providers_json_shape_and_a_bad_providers_file(tmp_path: Path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(cli, ["providers", "--json"])
+    assert done.exit_code == 0
+    openai = next(p for p in json.loads(done.output) if p["key"] == "openai")
+    assert set(openai) == {"key", "name", "auth_type", "api_hosts", "setup_fields", "secret_fields"}
+    assert (openai["name"], openai["auth_type"]) == ("OpenAI", "api_key")
+    assert openai["api_hosts"] == ["api.openai.com"]
+    assert "api_key" in openai["setup_fields"] and openai["secret_fields"] == ["api_key"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"key": "Bad Key"}]')
+    refused = runner.invoke(cli, ["--providers", str(bad), "providers"])
+    assert refused.exit_code == 2
+    assert "cannot load providers" in refused.output
+
+
+def test_keys_generate_json() -> None:
+    done = CliRunner().invoke(cli, ["keys", "generate", "--json"])
+    assert done.exit_code == 0 and json.loads(done.output)["key"].startswith("ik1:")
+
+
+def test_set_rules_for_fields() -> None:
+    from integrations._catalogue import BUILTIN_PROVIDERS
+    from integrations.cli._app import parse_assignments
+    from integrations.cli._support import Fail
+
+    smtp = next(p for p in BUILTIN_PROVIDERS if p.key == "smtp")
+    assert parse_assignments(smtp, ("host=mail.example.test", "port=587")) == {
+        "host": "mail.example.test",
+        "port": "587",
+    }
+    with pytest.raises(Fail) as refused:
+        parse_assignments(smtp, ("password=" + MARKER,))
+    assert refused.value.code == 2 and MARKER not in refused.value.message
+    with pytest.raises(Fail, match="not secret"):
+        parse_assignments(smtp, ("host",))
+    with pytest.raises(Fail, match="cannot read"):
+        parse_assignments(smtp, ("password=@/nonexistent/file",))
+
+
+def test_a_sealed_bundle_refuses_a_wrong_passphrase_and_tampering() -> None:
+    from integrations.cli import _bundle
+
+    doc = _bundle.document(
+        [{"provider": "openai", "name": "x", "owner": None, "data": {"api_key": MARKER}}],
+        "2026-01-01T00:00:00+00:00",
+    )
+    sealed = _bundle.seal(doc, "passphrase")
+    assert MARKER not in json.dumps(sealed)
+    assert _bundle.unseal(sealed, "passphrase") == doc
+    with pytest.raises(_bundle.BundleError, match="wrong passphrase"):
+        _bundle.unseal(sealed, "other")
+    tampered = dict(sealed, ciphertext="A" + sealed["ciphertext"][1:])
+    with pytest.raises(_bundle.BundleError):
+        _bundle.unseal(tampered, "passphrase")
+    with pytest.raises(_bundle.BundleError, match="damaged"):
+        _bundle.unseal({"format": _bundle.SEALED_FORMAT}, "passphrase")
+
+
+def test_last_checked_reads_like_a_person_would_say_it() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from integrations.cli._support import ago
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert ago(None) == "never"
+    assert ago((now - timedelta(seconds=20)).isoformat(), now) == "just now"
+    assert ago((now - timedelta(minutes=3)).isoformat(), now) == "3 min ago"
+    assert ago((now - timedelta(hours=5)).isoformat(), now) == "5 h ago"
+    assert ago((now - timedelta(days=2)).isoformat(), now) == "2 d ago"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from .._errors import AlreadyExists, IntegrationsError
+from .._errors import AlreadyExists
 from .._events import ALL_OWNERS
 from .._facade import Integrations
 from .._models import Event, RotationProgress
@@ -28,6 +29,7 @@ from ._support import (
     console,
     emit_json,
     env_of,
+    guard,
     json_option,
     new_table,
     print_table,
@@ -96,13 +98,7 @@ def providers(ctx: click.Context) -> None:
     """The provider catalogue: key, name, auth type, API hosts."""
     env = env_of(ctx)
     # No database needed: the catalogue is data.
-    try:
-        found = Integrations(providers=env.provider_list()).list_providers()
-    except IntegrationsError as exc:
-        raise Fail(exc.message, USAGE) from exc
-    except Fail as exc:
-        stderr(f"error: {exc.message}")
-        raise SystemExit(exc.code) from None
+    found = guard(lambda: Integrations(providers=env.provider_list()).list_providers())
     if env.json:
         emit_json(
             [
@@ -490,13 +486,15 @@ def connect(
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
-            connection = await integ.connect_interactive(
-                uuid,
-                scopes=list(scopes) or None,
-                open_browser=not no_browser,
-                timeout=timeout,
-                port=port,
-            )
+            # With --json, standard output carries only the JSON: the URL goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr if env.json else sys.stdout):
+                connection = await integ.connect_interactive(
+                    uuid,
+                    scopes=list(scopes) or None,
+                    open_browser=not no_browser,
+                    timeout=timeout,
+                    port=port,
+                )
         if env.json:
             emit_json(connection_json(connection))
         else:
@@ -616,7 +614,7 @@ def _passphrase(confirm: bool) -> str:
 def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
     """Export connections (of --owner's scope) as a passphrase-encrypted bundle."""
     env = env_of(ctx)
-    passphrase = None if decrypted else _guard(env, lambda: _passphrase(confirm=True))
+    passphrase = None if decrypted else guard(lambda: _passphrase(confirm=True))
 
     async def work(env: Env) -> dict[str, Any]:
         async with env.integrations() as integ:
@@ -647,14 +645,6 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
         stderr(f"exported {count} connection(s)")
 
 
-def _guard(env: Env, make: Any) -> Any:
-    try:
-        return make()
-    except Fail as exc:
-        stderr(f"error: {exc.message}")
-        raise SystemExit(exc.code) from None
-
-
 @cli.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--overwrite", is_flag=True, help="Update connections that already exist.")
@@ -678,7 +668,7 @@ def import_(ctx: click.Context, file: str, overwrite: bool, dry_run: bool) -> No
         except _bundle.BundleError as exc:
             raise Fail(str(exc), FAILED) from None
 
-    entries = _guard(env, read)
+    entries = guard(read)
 
     async def work(env: Env) -> _transfer.ImportReport:
         async with env.integrations() as integ:

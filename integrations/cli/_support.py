@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,11 +161,11 @@ def _error_code(exc: IntegrationsError) -> int:
     return USAGE if isinstance(exc, InvalidInput) else FAILED
 
 
-def run(ctx: click.Context, work: Callable[[Env], Awaitable[T]]) -> T:
+def run(ctx: click.Context, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
     """Run a command's coroutine; library errors become one line on stderr and an exit code."""
     env = env_of(ctx)
     try:
-        return asyncio.run(work(env))  # type: ignore[arg-type]
+        return asyncio.run(work(env))
     except Fail as exc:
         _fail(env, exc, exc.message, exc.code)
     except SchemaOutdated as exc:
@@ -179,6 +179,18 @@ def run(ctx: click.Context, work: Callable[[Env], Awaitable[T]]) -> T:
         _fail(env, exc, f"{exc.message} ({exc.code})", _error_code(exc))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def guard(make: Callable[[], T]) -> T:
+    """For work outside ``run``: a Fail becomes its line on stderr and its exit code."""
+    try:
+        return make()
+    except Fail as exc:
+        stderr(f"error: {exc.message}")
+        raise SystemExit(exc.code) from None
+    except IntegrationsError as exc:
+        stderr(f"error: {exc.message} ({exc.code})")
+        raise SystemExit(_error_code(exc)) from None
 
 
 def _fail(env: Env, exc: BaseException, message: str, code: int) -> NoReturn:
