@@ -6,11 +6,18 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from . import _names as names
 from ._errors import IntegrationsError
+from ._events import ALL_OWNERS, OwnerScope
 from ._models import Validation
 
-__all__ = ["CheckItem", "CheckReport", "CheckTarget", "run_checks"]
+if TYPE_CHECKING:
+    from ._checks import Checks
+    from ._core import Core
+
+__all__ = ["CheckItem", "CheckReport", "CheckTarget", "check_all", "run_checks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +99,40 @@ async def run_checks(
 
     items = await asyncio.gather(*(one(target) for target in ordered))
     return CheckReport(items=tuple(items))
+
+
+async def check_all(
+    core: Core,
+    checks: Checks,
+    *,
+    provider: str | None,
+    concurrency: int,
+    record: bool,
+    owner: OwnerScope,
+) -> CheckReport:
+    """Every connection of ``provider`` (all when None) in ``owner``'s scope, checked.
+
+    With ``record`` each outcome is recorded as ``validate_connection`` does; otherwise
+    nothing about the check is written (an OAuth token may still be renewed first).
+    """
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError("concurrency must be a positive integer")
+    prefix = names.storage_key(core.providers.get(provider).key, "") if provider else None
+    if owner is ALL_OWNERS:
+        rows = await core.repo.list_every_owner(prefix or names.KEY_PREFIX)
+    else:
+        rows = await core.repo.list_by_prefixes(
+            names.check_owner(owner), [prefix or names.KEY_PREFIX]
+        )
+    by_uuid = {row.uuid: row for row in rows}
+
+    async def validate(target: CheckTarget) -> Validation:
+        if record:
+            return await checks.validate_connection(target.uuid, actor=None, owner=ALL_OWNERS)
+        return await checks.probe(by_uuid[target.uuid])
+
+    targets = [
+        CheckTarget(row.uuid, names.provider_of_key(row.key), names.name_of_key(row.key), row.owner)
+        for row in rows
+    ]
+    return await run_checks(targets, validate, concurrency=concurrency)

@@ -7,11 +7,15 @@ import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import _names as names
 from ._errors import CryptoError, IntegrationsError
 
-__all__ = ["Diagnosis", "Finding", "diagnose", "undecryptable_rows"]
+if TYPE_CHECKING:
+    from ._core import Core
+
+__all__ = ["Diagnosis", "Finding", "diagnose", "diagnose_core", "undecryptable_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +152,19 @@ async def diagnose(
     else:
         findings.append(Finding("listener", True, f"round trip {seconds * 1000:.0f} ms"))
     return Diagnosis(findings=tuple(findings), undecryptable=bad)
+
+
+async def diagnose_core(core: Core) -> Diagnosis:
+    """``diagnose`` on the parts of an open instance."""
+    repo, keyring = core.repo, core.vault.keyring
+    return await diagnose(
+        schema_version=repo.schema_version,
+        latest_version=repo.q.latest_version,
+        key_ids=keyring.ids if keyring is not None else None,
+        encryption=core.vault.enabled,
+        rows=lambda: repo.list_every_owner(names.KEY_PREFIX),
+        unseal=core.plain,
+        listen=repo.listen,
+        send=repo.notify_channel,
+        probe_channel=f"{repo.schema}_probe",
+    )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
 import re
 import string
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 from urllib.parse import quote
 
@@ -17,16 +18,13 @@ from yarl import URL
 from ._errors import (
     InvalidAttrs,
     InvalidField,
-    InvalidProviderKey,
     MissingField,
-    ProviderConflict,
 )
 
 __all__ = [
     "AUTH_TYPES",
     "AuthHeader",
     "Provider",
-    "ProviderRegistry",
     "SetupField",
     "UserinfoMap",
     "ValidationRequest",
@@ -103,7 +101,8 @@ class SetupField(_Frozen):
     Microsoft ``tenant_id`` means ``"common"``), so a required field with a
     default is never missing. ``pattern`` (a regular expression the whole
     string must match) keeps values that land in URLs, such as an AWS region,
-    well formed.
+    well formed; ``expected`` says in words what it accepts, for the error
+    message a mismatch gets.
     """
 
     key: str
@@ -115,6 +114,7 @@ class SetupField(_Frozen):
     choices: tuple[str, ...] = ()
     default: Any = None
     pattern: str | None = None
+    expected: str = ""
 
     @field_validator("key")
     @classmethod
@@ -145,7 +145,7 @@ class SetupField(_Frozen):
             if "\x00" in value:
                 raise self._invalid("must not contain NUL characters")
             if self.pattern is not None and value and not re.fullmatch(self.pattern, value):
-                raise self._invalid("has the wrong format")
+                raise self._invalid(self._wrong_format(value))
             return value
         if self.type == "integer":
             if isinstance(value, bool):
@@ -175,6 +175,12 @@ class SetupField(_Frozen):
         if url.scheme not in ("http", "https") or not url.host:
             raise self._invalid("must be an absolute http(s) URL")
         return value
+
+    def _wrong_format(self, value: str) -> str:
+        expected = self.expected or f"a value matching the regular expression {self.pattern}"
+        # A secret's value is never echoed, even cut short.
+        got = "" if self.secret else f", got {value[:40] + '…' if len(value) > 40 else value!r}"
+        return f"has the wrong format{got}: expected {expected}"
 
     def _invalid(self, why: str) -> InvalidField:
         return InvalidField(f"Setup field {self.key!r} {why}.", field=self.key)
@@ -226,7 +232,8 @@ class ValidationRequest(_Frozen):
     ``success`` (any 2xx when empty) and, if ``json_ok_key`` is set, the JSON
     body has that key truthy (Slack answers 200 with ``"ok": false``).
     ``invalid_statuses`` are read as "Invalid credentials". ``hook`` names a
-    non-HTTP check (``"smtp"``, ``"postgres"``) used instead of the request.
+    registered non-HTTP check (built in: ``"smtp"``, ``"postgres"``; see
+    ``integrations.register_check``) used instead of the request.
     """
 
     method: str = "GET"
@@ -235,7 +242,7 @@ class ValidationRequest(_Frozen):
     success: tuple[int, ...] = ()
     invalid_statuses: tuple[int, ...] = (401,)
     json_ok_key: str | None = None
-    hook: Literal["smtp", "postgres"] | None = None
+    hook: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ValidationRequest:
@@ -333,6 +340,8 @@ class Provider(_Frozen):
     auth_header: AuthHeader | None = None
     validation: ValidationRequest | None = None
     userinfo_map: UserinfoMap = Field(default_factory=UserinfoMap)
+    #: Statuses with which the API says "this token is rejected": refresh once and retry.
+    refresh_on: tuple[int, ...] = (401,)
     description: str = ""
     docs_url: str | None = None
     # An application provider with this set replaces the built-in of the same key.
@@ -388,7 +397,19 @@ class Provider(_Frozen):
                 raise ValueError(f"auth header uses {unknown[0]!r}, which is not a setup field")
         return self
 
+    @field_validator("refresh_on")
+    @classmethod
+    def _check_refresh_on(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 400 <= status <= 499 for status in value):
+            raise ValueError("refresh_on holds 4xx statuses, such as (401,) or (401, 403)")
+        return value
+
     @property
+    def is_oauth(self) -> bool:
+        """Whether calls carry an OAuth access token (authorization code or client credentials)."""
+        return self.auth_type in ("oauth2", "oauth2_client_credentials")
+
+    @functools.cached_property
     def secret_field_keys(self) -> frozenset[str]:
         """Setup fields declared ``secret=True``."""
         return frozenset(field.key for field in self.setup_fields if field.secret)
@@ -542,57 +563,20 @@ def _json_value(value: Any, key: str) -> Any:
     return out
 
 
-class ProviderRegistry:
-    """The built-in providers plus the application's own, looked up by key.
-
-    A provider whose key is already a built-in replaces it only when
-    ``override=True`` is passed here or set on the provider itself
-    (``Provider(..., override=True)``); otherwise ProviderConflict. Two application
-    providers with the same key are always a ProviderConflict.
-    """
-
-    def __init__(self, extra: Iterable[Provider] = (), *, override: bool = False) -> None:
-        # The catalogue module imports this one for the models.
-        from ._catalogue import BUILTIN_PROVIDERS
-
-        self._providers: dict[str, Provider] = {p.key: p for p in BUILTIN_PROVIDERS}
-        seen: set[str] = set()
-        for provider in extra:
-            if not isinstance(provider, Provider):
-                raise TypeError(f"expected a Provider, got {type(provider).__name__}")
-            if provider.key in seen:
-                raise ProviderConflict(
-                    f"Provider {provider.key!r} is given twice.", provider=provider.key
-                )
-            if provider.key in self._providers and not (override or provider.override):
-                raise ProviderConflict(
-                    f"Provider {provider.key!r} is a built-in; pass override=True to replace it.",
-                    provider=provider.key,
-                )
-            seen.add(provider.key)
-            self._providers[provider.key] = provider
-        self._sorted = sorted(self._providers.values(), key=lambda p: p.key)
-
-    def get(self, key: object) -> Provider:
-        if not isinstance(key, str):
-            raise InvalidProviderKey("The provider key must be a string.")
-        try:
-            return self._providers[key]
-        except KeyError:
-            raise InvalidProviderKey(f"Unknown provider {key[:64]!r}.", provider=key) from None
-
-    def all(self) -> list[Provider]:
-        """Every provider, sorted by key."""
-        return list(self._sorted)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._providers
-
-    def __iter__(self) -> Iterator[Provider]:
-        return iter(self._sorted)
-
-    def __len__(self) -> int:
-        return len(self._providers)
-
-    def __repr__(self) -> str:
-        return f"<ProviderRegistry {len(self)} providers>"
+def unknown_provider_message(key: str, known: Iterable[str]) -> str:
+    """Name the unknown key, suggest the closest registered ones and say where the list is."""
+    keys = list(known)
+    # Case is compared loosely so "OpenAI" finds "openai".
+    folded = {k.lower(): k for k in keys}
+    close = [folded[m] for m in difflib.get_close_matches(key.lower(), folded, n=3, cutoff=0.6)]
+    shown = key if len(key) <= 64 else key[:64] + "…"
+    hint = (
+        f"Did you mean {' or '.join(repr(k) for k in close)}?"
+        if close
+        else "Provider keys are lowercase, like 'openai' or 'google'."
+    )
+    return (
+        f"Unknown provider {shown!r}. {hint} "
+        "integ.list_providers() lists the registered ones; "
+        "Integrations(providers=[...]) adds your own."
+    )

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import uuid as _uuid
 from collections.abc import (
     AsyncIterator,
@@ -19,38 +20,18 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
 from ._errors import AlreadyExists, LockTimeout, StorageError
 from ._models import Event
+from ._record import Change, StoredRow
 from ._sql import Queries
 
 log = logging.getLogger("integrations")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRow:
-    """A connection row as stored: ``data`` may hold sealed secrets."""
-
-    uuid: str
-    owner: str | None
-    key: str
-    data: dict[str, Any]
-    version: int
-
-
-@dataclass(slots=True)
-class Change:
-    """What a read-modify-write decided: the new value (None = unchanged), events, a result."""
-
-    data: dict[str, Any] | None = None
-    key: str | None = None
-    events: list[Event] = field(default_factory=list)
-    delete: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +43,10 @@ class ResealBatch:
     rewritten: int
     last: str | None
     skipped: tuple[str, ...] = ()
+
+
+#: The asyncpg pool type, for the annotations of other modules (which never import asyncpg).
+Pool: TypeAlias = asyncpg.Pool
 
 
 def _owner_to_db(owner: str | None) -> str:
@@ -128,7 +113,7 @@ def _translate() -> Iterator[None]:
     except asyncpg.UniqueViolationError as exc:
         raise AlreadyExists() from exc
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise StorageError(f"database error: {type(exc).__name__}") from exc
+        raise StorageError(describe(exc)) from exc
 
 
 class PoolListener:
@@ -156,17 +141,13 @@ class PoolListener:
             await self._pool.release(conn)
 
 
-async def _init_connection(conn: Any) -> None:
-    """Nothing to set: jsonb travels as text, so no codec is needed on owned or injected pools."""
-
-
 class Repository:
     """Connection rows, migrations and notifications in domain terms."""
 
     def __init__(self, schema: str, *, channel: str) -> None:
         self.schema = schema
         self.channel = channel
-        self.q = Queries(schema)
+        self.q = Queries.load(schema)
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
 
@@ -178,9 +159,7 @@ class Repository:
             self._owns_pool = False
             return
         with _translate():
-            self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, init=_init_connection
-            )
+            self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
         self._owns_pool = True
 
     async def close(self) -> None:
@@ -304,10 +283,6 @@ class Repository:
                 for event in change.events:
                     await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
-
-    async def notify(self, event: Event) -> None:
-        with _translate():
-            await self.pool.execute(self.q.notify, self.channel, event_payload(event))
 
     async def notify_channel(self, channel: str, payload: str) -> None:
         """Send ``payload`` on another channel than the events' one (a listener probe)."""
@@ -513,7 +488,7 @@ class Repository:
                         f"the connection's row lock was not granted within {lock_timeout:g}s"
                     ) from exc
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    raise StorageError(f"database error: {type(exc).__name__}") from exc
+                    raise StorageError(describe(exc)) from exc
                 locked = LockedRow(
                     row=None if record is None else _row(record),
                     _conn=conn,
@@ -561,10 +536,17 @@ class Repository:
             )
         return found is not None
 
-    async def take_pending(self, state_hash: str) -> PendingAuthorization | None:
-        """Consume the pending authorization of a state (live or expired): one use at most."""
+    async def take_pending(
+        self, state_hash: str, *, owner: str | None = None, any_owner: bool = True
+    ) -> PendingAuthorization | None:
+        """Consume the pending authorization of a state (live or expired): one use at most.
+
+        Unless ``any_owner``, only one started for a connection of ``owner`` is consumed.
+        """
         with _translate():
-            record = await self.pool.fetchrow(self.q.take_pending_authorization, state_hash)
+            record = await self.pool.fetchrow(
+                self.q.take_pending_authorization, state_hash, any_owner, _owner_to_db(owner)
+            )
         return None if record is None else _pending(record)
 
     async def take_latest_pending(
@@ -716,3 +698,63 @@ async def probe_postgres(
     finally:
         await conn.close(timeout=timeout)
     return "ok", ""
+
+
+# -- driver failures in plain words ---------------------------------------------------
+
+_MAX_REASON = 300
+# user:password@ in any URL-shaped text, and password=... in keyword form.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+# A data error may quote the offending value; only the reason before it is kept.
+_QUOTING_SQLSTATE_CLASSES = ("22", "23")
+_SQLALCHEMY_SCHEME = re.compile(r"postgres(?:ql)?\+(?P<driver>[a-z0-9_]+)", re.IGNORECASE)
+
+
+def mask_dsn(text: str) -> str:
+    """``text`` with every password of a DSN or ``password=`` keyword replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    return _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused ({exc})"
+    if isinstance(exc, TimeoutError):
+        return "the connection timed out"
+    reason = str(exc).strip() or type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in _QUOTING_SQLSTATE_CLASSES:
+        reason = reason.split(": ", 1)[0]
+    reason = " ".join(mask_dsn(reason).split())
+    if len(reason) > _MAX_REASON:
+        reason = reason[:_MAX_REASON] + "…"
+    return reason.rstrip(".")
+
+
+def _next_step(exc: BaseException, reason: str) -> str:
+    sqlalchemy = _SQLALCHEMY_SCHEME.search(reason)
+    if sqlalchemy:
+        return (
+            f"This is a SQLAlchemy-style DSN: drop '+{sqlalchemy['driver']}' "
+            "so that it starts with postgresql://."
+        )
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return "Create the database or fix its name in the DSN."
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return "Check the user and password in the DSN."
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return "Check the DSN: it looks like postgresql://user:password@host:5432/database."
+    if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
+        return "Check that PostgreSQL is running and that the DSN's host and port are right."
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return "Grant the database user the privileges it needs, or use another user."
+    return "See the PostgreSQL server log for details."
+
+
+def describe(exc: BaseException) -> str:
+    """One plain sentence or two for a StorageError: what the driver said and what to do."""
+    reason = _reason(exc)
+    return f"Database error ({type(exc).__name__}): {reason}. {_next_step(exc, reason)}"

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .._errors import AlreadyExists
 from .._events import ALL_OWNERS
-from .._facade import Integrations
+from .._integrations import Integrations
 from .._models import Event, RotationProgress
 from .._vault import SECRET_FIELDS, generate_key
 from . import _bundle, _transfer

@@ -30,7 +30,7 @@ from .._errors import (
     SchemaOutdated,
     StorageError,
 )
-from .._facade import Integrations
+from .._integrations import Integrations
 from .._models import Connection
 from .._names import PROVIDER_KEY_RE, parse_uuid
 from .._providers import Provider

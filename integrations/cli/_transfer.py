@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .._errors import IntegrationsError, NotFound
-from .._facade import Integrations
+from .._integrations import Integrations
+from .._models import utcnow
 from .._names import check_owner, normalize_name
-from .._refresher import OAUTH_TYPES
-from .._tokenimport import parse_tokens
+from .._tokens import imported_token_set
 from . import _bundle
 from ._support import USAGE, Fail
 
@@ -91,9 +91,9 @@ def _validate(integ: Integrations, entry: _bundle.Entry, owner: str | None) -> N
         if missing:
             raise Fail(f"{where}: required setup field missing: {', '.join(missing)}", USAGE)
         if entry.tokens:
-            if provider.auth_type not in OAUTH_TYPES:
+            if not provider.is_oauth:
                 raise Fail(f"{where}: tokens given for a non-OAuth provider", USAGE)
-            parse_tokens(entry.tokens)
+            imported_token_set(entry.tokens, utcnow())
     except IntegrationsError as exc:
         raise Fail(f"{where}: {exc.message}", USAGE) from None
 
