@@ -361,6 +361,8 @@ async def _oauth_connection(dsn: str) -> str:
         )
         assert imported.status == "connected"
         assert MARKER not in repr(imported)
+        # A checked connection carries what the library wrote; an import must not resend it.
+        await integ.record_validation(c.uuid, True)
         return c.uuid
 
 

@@ -13,6 +13,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from .. import _record as record
+
 FORMAT = "integrations-export"
 SEALED_FORMAT = "integrations-export-sealed"
 VERSION = 1
@@ -23,26 +25,9 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 _AAD = b"integrations-export-sealed-v1"
 
-# Written by the library itself; an import recomputes them.
-LIBRARY_FIELDS = frozenset(
-    {
-        "provider",
-        "name",
-        "auth_type",
-        "status",
-        "created_at",
-        "owner",
-        "validation_status",
-        "last_validated_at",
-        "reauth_required",
-        "connected_at",
-        "refresh_error",
-        "token_extras",
-        "account",
-        "token_obtained_at",
-        "granted_scopes",
-    }
-)
+# Written by the library itself (status, checks, token metadata); an import recomputes them.
+LIBRARY_FIELDS = record.LIBRARY_FIELDS
+# What an import hands to ``import_tokens``.
 TOKEN_FIELDS = frozenset({"access_token", "refresh_token", "expires_at", "token_type"})
 
 
