@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from . import oauth
+from ._checkall import CheckItem, CheckReport
+from ._doctor import Diagnosis, Finding
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -66,14 +68,18 @@ __all__ = [
     "AuthKind",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "CheckItem",
+    "CheckReport",
     "ConfigurationError",
     "Connection",
     "CryptoError",
     "DecryptionFailed",
     "Deleted",
+    "Diagnosis",
     "EmptyName",
     "EncryptionNotConfigured",
     "Event",
+    "Finding",
     "HostNotAllowed",
     "HubStats",
     "Integrations",

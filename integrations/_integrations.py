@@ -15,7 +15,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
+from ._checkall import CheckReport, check_all
 from ._core import Core, connect
+from ._doctor import Diagnosis, diagnose_core
 from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
@@ -546,6 +548,26 @@ class Integrations:
         return await self._s.connections.legacy_upsert(provider, name, data, owner=owner)
 
     # -- keys -----------------------------------------------------------------------------
+
+    async def check_all(
+        self,
+        *,
+        provider: str | None = None,
+        concurrency: int = 8,
+        record: bool = False,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> CheckReport:
+        """Check the credentials of every connection (of ``provider``, in ``owner``'s scope),
+        ``concurrency`` at a time. With ``record=True`` each outcome is recorded as
+        ``validate_connection`` does; otherwise nothing about the checks is written."""
+        s = self._s
+        return await check_all(
+            s.core, s.checks, provider=provider, concurrency=concurrency, record=record, owner=owner
+        )
+
+    async def diagnose(self) -> Diagnosis:
+        """Schema version, keys, connections the keys cannot decrypt, listener round trip."""
+        return await diagnose_core(self._s.core)
 
     async def rotate_keys(
         self, *, batch_size: int = 500, progress: ProgressCallback | None = None

@@ -228,6 +228,12 @@ class Repository:
             records = await self.pool.fetch(self.q.list_by_prefixes, _owner_to_db(owner), patterns)
         return [_row(r) for r in records]
 
+    async def list_every_owner(self, prefix: str) -> list[StoredRow]:
+        """Every row whose key starts with ``prefix``, whoever owns it (operator tools)."""
+        with _translate():
+            records = await self.pool.fetch(self.q.list_every_owner, like_prefix(prefix))
+        return [_row(r) for r in records]
+
     # -- writes ------------------------------------------------------------------------
 
     async def insert(
@@ -277,6 +283,11 @@ class Repository:
                 for event in change.events:
                     await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
+
+    async def notify_channel(self, channel: str, payload: str) -> None:
+        """Send ``payload`` on another channel than the events' one (a listener probe)."""
+        with _translate():
+            await self.pool.execute(self.q.notify, channel, payload)
 
     # -- key rotation ------------------------------------------------------------------
 

@@ -230,6 +230,16 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         assert result.rotated == len(SETUPS) + 1
         stored += await stored_texts(db)
 
+        # The operator calls: tokens from elsewhere, a sweep of checks, a diagnosis.
+        google = SETUPS["google"]
+        tokens = {"access_token": google["access_token"], "refresh_token": google["refresh_token"]}
+        imported = await rotating.import_tokens(uuids["google"], tokens, actor="admin")
+        assert_masked(record("import_tokens", imported).data)
+        with aioresponses():
+            record("check_all", await rotating.check_all(provider="openai"))
+        record("diagnose", await integ.diagnose())
+        stored += await stored_texts(db)
+
         # Forced error paths, each with a marker in play.
         await expect(UnknownKey, integ.get_credentials(uuids["openai"]))
         await expect(

@@ -63,6 +63,13 @@ FROM {schema}.connections
 WHERE owner = $1 AND key LIKE ANY ($2::text[])
 ORDER BY key;
 
+-- name: list_every_owner
+-- $1 text LIKE pattern (escaped prefix followed by %); rows of every owner
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE key LIKE $1
+ORDER BY key, owner;
+
 -- name: update_value
 -- $1 uuid, $2 text value_json
 UPDATE {schema}.connections
