@@ -24,6 +24,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from . import _telemetry as telemetry
 from ._errors import AlreadyExists, LockTimeout, StorageError
 from ._models import Event
 from ._record import Change, StoredRow
@@ -460,7 +461,7 @@ class Repository:
         """
         key = _uuid.UUID(uuid)
         locked: LockedRow | None = None
-        with _translate():
+        with _translate(), telemetry.pool_wait():
             conn = await self.pool.acquire()
         try:
             with _translate():
