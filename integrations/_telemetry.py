@@ -16,17 +16,23 @@ from urllib.parse import parse_qs
 __all__ = [
     "ENABLED",
     "LOG_FIELDS",
+    "Row",
     "SpanLike",
     "annotate",
+    "check_span",
     "count_attempt",
     "count_event_dropped",
     "count_resync",
     "fields",
+    "grant_type_of",
+    "instruments",
     "log_scope",
     "pool_wait",
     "record_cache",
     "record_callers",
+    "request_span",
     "span",
+    "token_span",
 ]
 
 
@@ -156,55 +162,60 @@ def _otel() -> _Instruments:
     configured later)."""
     global _instruments
     if _instruments is None:
-        from opentelemetry import metrics, trace
-
-        meter = metrics.get_meter(SCOPE)
-        _instruments = _Instruments(
-            tracer=trace.get_tracer(SCOPE),
-            client_kind=trace.SpanKind.CLIENT,
-            internal_kind=trace.SpanKind.INTERNAL,
-            http_duration=meter.create_histogram(
-                "http.client.request.duration",
-                unit="s",
-                description="Duration of authenticated requests, retries included.",
-            ),
-            token_requests=meter.create_counter(
-                "integrations.token.requests",
-                unit="{request}",
-                description="Token endpoint calls by provider, grant type and outcome.",
-            ),
-            callers=meter.create_histogram(
-                "integrations.token.callers",
-                unit="{caller}",
-                description="Callers served by one token refresh that asked the endpoint.",
-            ),
-            checks=meter.create_counter(
-                "integrations.checks",
-                unit="{check}",
-                description="Credential checks by provider and outcome.",
-            ),
-            events_dropped=meter.create_counter(
-                "integrations.events.dropped",
-                unit="{event}",
-                description="Events dropped: a full subscription queue or a malformed payload.",
-            ),
-            resyncs=meter.create_counter(
-                "integrations.events.resyncs",
-                unit="{resync}",
-                description="LISTEN connections restored (each one sends a resync event).",
-            ),
-            pool_wait=meter.create_histogram(
-                "db.client.connection.wait_time",
-                unit="s",
-                description="Time to acquire a connection from the pool.",
-            ),
-            cache=meter.create_counter(
-                "integrations.cache.lookups",
-                unit="{lookup}",
-                description="Cache lookups by result (hit or miss).",
-            ),
-        )
+        _instruments = instruments()
     return _instruments
+
+
+def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Instruments:
+    """The tracer and instruments of the given providers (the global ones by default)."""
+    from opentelemetry import metrics, trace
+
+    meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
+    return _Instruments(
+        tracer=trace.get_tracer(SCOPE, tracer_provider=tracer_provider),
+        client_kind=trace.SpanKind.CLIENT,
+        internal_kind=trace.SpanKind.INTERNAL,
+        http_duration=meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of authenticated requests, retries included.",
+        ),
+        token_requests=meter.create_counter(
+            "integrations.token.requests",
+            unit="{request}",
+            description="Token endpoint calls by provider, grant type and outcome.",
+        ),
+        callers=meter.create_histogram(
+            "integrations.token.callers",
+            unit="{caller}",
+            description="Callers served by one token refresh that asked the endpoint.",
+        ),
+        checks=meter.create_counter(
+            "integrations.checks",
+            unit="{check}",
+            description="Credential checks by provider and outcome.",
+        ),
+        events_dropped=meter.create_counter(
+            "integrations.events.dropped",
+            unit="{event}",
+            description="Events dropped: a full subscription queue or a malformed payload.",
+        ),
+        resyncs=meter.create_counter(
+            "integrations.events.resyncs",
+            unit="{resync}",
+            description="LISTEN connections restored (each one sends a resync event).",
+        ),
+        pool_wait=meter.create_histogram(
+            "db.client.connection.wait_time",
+            unit="s",
+            description="Time to acquire a connection from the pool.",
+        ),
+        cache=meter.create_counter(
+            "integrations.cache.lookups",
+            unit="{lookup}",
+            description="Cache lookups by result (hit or miss).",
+        ),
+    )
 
 
 def span(
