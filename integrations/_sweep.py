@@ -278,6 +278,7 @@ class HealthSweep:
                     break
             for name, value in counts.items():
                 span.set_attribute(f"integrations.sweep.{name}", value)
+        telemetry.record_sweep(counts)
         return SweepReport(started_at=started, finished_at=utcnow(), **counts)
 
     def _due(self, row: StoredRow, now: datetime) -> Job | None:

@@ -30,6 +30,7 @@ __all__ = [
     "pool_wait",
     "record_cache",
     "record_callers",
+    "record_sweep",
     "request_span",
     "span",
     "token_span",
@@ -152,6 +153,8 @@ class _Instruments:
     resyncs: Any
     pool_wait: Any
     cache: Any
+    sweeps: Any
+    sweep_jobs: Any
 
 
 _instruments: _Instruments | None = None
@@ -214,6 +217,16 @@ def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Ins
             "integrations.cache.lookups",
             unit="{lookup}",
             description="Cache lookups by result (hit or miss).",
+        ),
+        sweeps=meter.create_counter(
+            "integrations.sweeps",
+            unit="{sweep}",
+            description="Health sweeps finished (by the process leading the fleet).",
+        ),
+        sweep_jobs=meter.create_counter(
+            "integrations.sweep.jobs",
+            unit="{job}",
+            description="Checks and token renewals of health sweeps, by job and outcome.",
         ),
     )
 
@@ -470,6 +483,25 @@ def _timed_pool_wait() -> Iterator[None]:
 def pool_wait() -> contextlib.AbstractContextManager[Any]:
     """Time the block as a wait for a pool connection."""
     return _timed_pool_wait() if ENABLED else _NO_CONTEXT
+
+
+def record_sweep(counts: Mapping[str, int]) -> None:
+    """One finished health sweep and its jobs' outcomes."""
+    if not ENABLED:
+        return
+    otel = _otel()
+    otel.sweeps.add(1)
+    outcomes = (
+        ("check", "ok", counts["checked"] - counts["check_failures"]),
+        ("check", "failed", counts["check_failures"]),
+        ("refresh", "ok", counts["refreshed"]),
+        ("refresh", "failed", counts["refresh_failures"]),
+    )
+    for job, outcome, value in outcomes:
+        if value:
+            otel.sweep_jobs.add(value, {"integrations.job": job, "integrations.outcome": outcome})
+    if counts["errors"]:
+        otel.sweep_jobs.add(counts["errors"], {"integrations.outcome": "error"})
 
 
 def record_cache(hit: bool) -> None:

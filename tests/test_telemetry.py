@@ -441,3 +441,47 @@ def test_importing_the_package_imports_no_opentelemetry_module_even_when_install
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "False"]
+
+
+async def test_a_health_sweep_is_a_span_with_its_checks_as_children_and_is_counted(
+    fresh_db: str, otel: Otel
+) -> None:
+    from .sweepkit import probe_provider, register_probe
+
+    register_probe()
+    sweeps = otel.total("integrations.sweeps")
+    failed = otel.total(
+        "integrations.sweep.jobs", integrations__job="check", integrations__outcome="failed"
+    )
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()]) as integ:
+        for name, key in (("a", API_KEY), ("b", "bad-" + API_KEY)):
+            conn = await integ.add_connection("probe", name)
+            await store_setup(integ, conn.uuid, {"api_key": key})
+        swept = asyncio.Event()
+        task = asyncio.create_task(
+            integ.run_health_sweeps(interval=30, stale_after=0, on_sweep=lambda _: swept.set())
+        )
+        await asyncio.wait_for(swept.wait(), 20)
+        task.cancel()
+        await asyncio.wait({task})
+    [sweep] = otel.finished("integrations.health_sweep")
+    assert dict(sweep.attributes or {}) == {
+        "integrations.sweep.examined": 2,
+        "integrations.sweep.checked": 2,
+        "integrations.sweep.check_failures": 1,
+        "integrations.sweep.refreshed": 0,
+        "integrations.sweep.refresh_failures": 0,
+        "integrations.sweep.errors": 0,
+    }
+    checks = otel.finished("integrations.check")
+    assert len(checks) == 2
+    assert all(c.parent is not None and c.parent.span_id == sweep.context.span_id for c in checks)
+    assert otel.total("integrations.sweeps") - sweeps == 1
+    assert (
+        otel.total(
+            "integrations.sweep.jobs", integrations__job="check", integrations__outcome="failed"
+        )
+        - failed
+        == 1
+    )
+    assert_no_secret(otel, [API_KEY])
