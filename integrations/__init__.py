@@ -57,6 +57,7 @@ from ._providers import (
     ValidationRequest,
 )
 from ._registry import ProviderRegistry, load_providers
+from ._sweep import SweepReport
 from ._vault import generate_key
 
 __all__ = [
@@ -113,6 +114,7 @@ __all__ = [
     "SetupField",
     "StorageError",
     "Subscription",
+    "SweepReport",
     "TokenRequestFailed",
     "UnknownKey",
     "UserinfoMap",

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 from . import _record as record
+from . import _telemetry as telemetry
 from . import oauth
 from ._core import Core
 from ._errors import (
@@ -275,6 +276,7 @@ class AuthFlow:
             requested_scopes=requested,
             previous_refresh_token=None,
             redact=[secret, code, verifier],
+            provider=provider.key,
         )
         account = await self._userinfo(provider, plain, tokens)
         try:
@@ -308,11 +310,19 @@ class AuthFlow:
                 max_attempts=2,
             )
             if not response.ok:
-                log.info("userinfo answered HTTP %d; no account details stored", response.status)
+                log.info(
+                    "userinfo answered HTTP %d; no account details stored",
+                    response.status,
+                    extra=telemetry.fields("userinfo_failed", provider=provider.key),
+                )
                 return None
             info = response.json()
         except (IntegrationsError, ValueError) as exc:
-            log.info("userinfo failed (%s); no account details stored", type(exc).__name__)
+            log.info(
+                "userinfo failed (%s); no account details stored",
+                type(exc).__name__,
+                extra=telemetry.fields("userinfo_failed", provider=provider.key),
+            )
             return None
         if not isinstance(info, Mapping):
             return None
@@ -356,7 +366,13 @@ class AuthFlow:
         try:
             plain = self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         except CryptoError:
-            log.info("connection %s: tokens unreadable, nothing revoked", row.uuid)
+            log.info(
+                "connection %s: tokens unreadable, nothing revoked",
+                row.uuid,
+                extra=telemetry.fields(
+                    "revoke_skipped", uuid=row.uuid, provider=row.provider, owner=row.owner
+                ),
+            )
             return
         self._revoke_plain(provider, row.uuid, plain)
 
@@ -381,16 +397,24 @@ class AuthFlow:
                 auth_method=provider.token_auth if secret else "none",
             )
         except (IntegrationsError, ValueError) as exc:
-            log.info("connection %s: revocation not possible (%s)", uuid, type(exc).__name__)
+            log.info(
+                "connection %s: revocation not possible (%s)",
+                uuid,
+                type(exc).__name__,
+                extra=telemetry.fields("revoke_skipped", uuid=uuid, provider=provider.key),
+            )
             return
         task = asyncio.get_running_loop().create_task(
-            self._revoke(uuid, request), name=f"integrations-revoke-{uuid}"
+            self._revoke(uuid, request, provider.key), name=f"integrations-revoke-{uuid}"
         )
         self._revocations.add(task)
         task.add_done_callback(self._revocations.discard)
 
-    async def _revoke(self, uuid: str, request: tuple[str, dict[str, str], str]) -> None:
+    async def _revoke(
+        self, uuid: str, request: tuple[str, dict[str, str], str], provider: str
+    ) -> None:
         url, headers, body = request
+        extra = telemetry.fields("revoke_failed", uuid=uuid, provider=provider)
         try:
             async with asyncio.timeout(self._revoke_timeout):
                 response = await self._core.http.send(
@@ -403,12 +427,18 @@ class AuthFlow:
                     allow_redirects=False,
                 )
         except (IntegrationsError, TimeoutError) as exc:
-            log.info("connection %s: revocation failed (%s)", uuid, type(exc).__name__)
+            log.info("connection %s: revocation failed (%s)", uuid, type(exc).__name__, extra=extra)
             return
         if response.ok:
-            log.debug("connection %s: grant revoked", uuid)
+            log.debug(
+                "connection %s: grant revoked",
+                uuid,
+                extra={**extra, "integrations_event_kind": "revoked"},
+            )
         else:
-            log.info("connection %s: revocation answered HTTP %d", uuid, response.status)
+            log.info(
+                "connection %s: revocation answered HTTP %d", uuid, response.status, extra=extra
+            )
 
     async def close(self) -> None:
         """Let operations in flight finish (they may still revoke), then give revocations

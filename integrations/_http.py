@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import _aws
+from . import _telemetry as telemetry
 from ._errors import (
     ConfigurationError,
     HostNotAllowed,
@@ -630,6 +631,7 @@ class HttpClient:
         )
         shown = _redact(str(url), secrets)
         for attempt in range(1, attempts + 1):
+            telemetry.count_attempt()
             # Per attempt: close() may have run during the previous one or the backoff.
             session = self._get_session()
             try:
@@ -665,7 +667,12 @@ class HttpClient:
                 if retry and transient and attempt < attempts:
                     delay = self._delay(attempt, None)
                     logger.debug(
-                        "%s %s: %s; retrying in %.2fs", method, shown, type(exc).__name__, delay
+                        "%s %s: %s; retrying in %.2fs",
+                        method,
+                        shown,
+                        type(exc).__name__,
+                        delay,
+                        extra=telemetry.fields("http_retry"),
                     )
                     await asyncio.sleep(delay)
                     continue
@@ -677,7 +684,12 @@ class HttpClient:
             if retry and response.status in RETRY_STATUSES and attempt < attempts:
                 delay = self._delay(attempt, response.headers.get("Retry-After"))
                 logger.debug(
-                    "%s %s: status %d; retrying in %.2fs", method, shown, response.status, delay
+                    "%s %s: status %d; retrying in %.2fs",
+                    method,
+                    shown,
+                    response.status,
+                    delay,
+                    extra=telemetry.fields("http_retry"),
                 )
                 await asyncio.sleep(delay)
                 continue

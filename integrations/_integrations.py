@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,6 +31,7 @@ from ._repository import Repository
 from ._rotation import ProgressCallback, RotationProgress
 from ._services import Services
 from ._settings import Settings, TokenPolicy
+from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 
 if TYPE_CHECKING:
@@ -121,6 +123,7 @@ class Integrations:
         self._services: Services | None = None
         self._state = _State.NEW
         self._teardown: asyncio.Task[None] | None = None
+        self._sweeps: set[HealthSweep] = set()
         self.embedded_dsn: str | None = None
 
     def __repr__(self) -> str:
@@ -207,8 +210,13 @@ class Integrations:
                     # Before the HTTP client and the pool: revocations, refreshes and the
                     # event listener (a pooled connection) finish first.
                     stack.push_async_callback(self._services.close)
+                # First of all: a sweep holds a pooled connection while it leads.
+                stack.push_async_callback(self._stop_sweeps)
         finally:
             self._state = _State.CLOSED
+
+    async def _stop_sweeps(self) -> None:
+        await asyncio.gather(*(sweep.stop() for sweep in list(self._sweeps)))
 
     def _check_open(self) -> None:
         self._s  # noqa: B018 - raises LifecycleError unless open
@@ -546,6 +554,63 @@ class Integrations:
     ) -> Connection:
         """For legacy migrators: create or merge a connection from pre-uuid data."""
         return await self._s.connections.legacy_upsert(provider, name, data, owner=owner)
+
+    # -- health sweeps --------------------------------------------------------------------
+
+    async def run_health_sweeps(
+        self,
+        *,
+        interval: float | timedelta,
+        stale_after: float | timedelta,
+        concurrency: int = 4,
+        per_provider_interval: float | timedelta = 0.0,
+        refresh_ahead: float | timedelta | None = None,
+        on_sweep: SweepCallback | None = None,
+    ) -> None:
+        """Keep the fleet's connections checked, from a worker; runs until this instance
+        closes (or the task running it is cancelled).
+
+        Every process may run it: one at a time sweeps, chosen by a PostgreSQL advisory
+        lock held on a pooled connection; the others try every ``interval`` seconds, so
+        when the sweeping process dies another takes over within one interval. Every
+        ``interval`` the leader checks each configured connection whose last check is
+        older than ``stale_after`` (recorded as ``validate_connection`` does, with actor
+        ``"health_sweep"``: an event only when the status changes) and renews OAuth
+        tokens that expire within ``refresh_ahead`` (default: ``interval`` plus the
+        refresh leeway) and that nobody used. At most ``concurrency`` jobs run at once,
+        and one provider's jobs start at least ``per_provider_interval`` apart.
+        Connections that need reauthorization are left for their user. ``on_sweep``
+        (a function or coroutine function) gets a SweepReport after each sweep.
+        """
+        options = check_sweep_options(
+            interval=interval,
+            stale_after=stale_after,
+            concurrency=concurrency,
+            per_provider_interval=per_provider_interval,
+            refresh_ahead=refresh_ahead,
+            on_sweep=on_sweep,
+        )
+        services = self._s
+        if self._repo.pool.get_max_size() < 3:
+            raise ConfigurationError(
+                "run_health_sweeps() holds one pooled connection while it leads and the "
+                "event listener another: use pool_max_size=3 or more."
+            )
+        every, stale, jobs, pace, ahead = options
+        sweep = HealthSweep(
+            services,
+            interval=every,
+            stale_after=stale,
+            concurrency=jobs,
+            per_provider_interval=pace,
+            refresh_ahead=ahead,
+            on_sweep=on_sweep,
+        )
+        self._sweeps.add(sweep)
+        try:
+            await sweep.run()
+        finally:
+            self._sweeps.discard(sweep)
 
     # -- keys -----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from . import _telemetry as telemetry
 from ._errors import AlreadyExists, LockTimeout, StorageError
 from ._models import Event
 from ._record import Change, StoredRow
@@ -445,6 +446,37 @@ class Repository:
                 raise
         return PoolListener(self.pool, conn, channel, callback, terminated)
 
+    # -- one health sweep per fleet ------------------------------------------------------
+
+    def advisory_lock_id(self, purpose: str) -> int:
+        """A 64-bit advisory lock id for ``purpose`` in this schema."""
+        digest = hashlib.sha256(f"integrations:{purpose}:{self.schema}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
+
+    async def try_lead(self, purpose: str) -> Leadership | None:
+        """Take the advisory lock of ``purpose`` on a pooled connection kept for it, or
+        None when another session holds it. The lock ends with ``release()`` or with the
+        session: a holder whose process dies lets the next one in at once."""
+        lock_id = self.advisory_lock_id(purpose)
+        with _translate():
+            conn = await self.pool.acquire()
+            try:
+                held = await conn.fetchval(self.q.try_advisory_lock, lock_id)
+            except BaseException:
+                await self.pool.release(conn)
+                raise
+            if not held:
+                await self.pool.release(conn)
+                return None
+        return Leadership(self.pool, conn, lock_id, self.q)
+
+    async def sweep_candidates(self, after: str, limit: int) -> list[StoredRow]:
+        """A page of configured connections in uuid order, starting after ``after``."""
+        with _translate():
+            async with self.pool.acquire() as conn:
+                records = await conn.fetch(self.q.sweep_candidates, _uuid.UUID(after), limit)
+        return [_row(r) for r in records]
+
     # -- raw access for tests and benchmarks ---------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -471,7 +503,7 @@ class Repository:
         """
         key = _uuid.UUID(uuid)
         locked: LockedRow | None = None
-        with _translate():
+        with _translate(), telemetry.pool_wait():
             conn = await self.pool.acquire()
         try:
             with _translate():
@@ -758,3 +790,43 @@ def describe(exc: BaseException) -> str:
     """One plain sentence or two for a StorageError: what the driver said and what to do."""
     reason = _reason(exc)
     return f"Database error ({type(exc).__name__}): {reason}. {_next_step(exc, reason)}"
+
+
+class Leadership:
+    """A session-level advisory lock held on a pooled connection kept for it."""
+
+    def __init__(self, pool: asyncpg.Pool, conn: Any, lock_id: int, q: Queries) -> None:
+        self._pool = pool
+        self._conn: Any = conn
+        self._lock_id = lock_id
+        self._q = q
+        self.lost = asyncio.Event()
+        conn.add_termination_listener(self._terminated)
+
+    def _terminated(self, _conn: Any) -> None:
+        self.lost.set()
+
+    async def confirm(self) -> bool:
+        """Whether the lock is still held: a round trip on its session."""
+        conn = self._conn
+        if conn is None or self.lost.is_set():
+            return False
+        try:
+            await conn.fetchval(self._q.advisory_lock_held)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            self.lost.set()
+            return False
+        return True
+
+    async def release(self) -> None:
+        """Unlock and hand the connection back; safe to call twice."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.remove_termination_listener(self._terminated)
+        self.lost.set()
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await conn.fetchval(self._q.advisory_unlock, self._lock_id)
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn)

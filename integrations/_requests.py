@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from . import _telemetry as telemetry
 from ._core import Core
 from ._http import Response
 from ._input import check_method
@@ -39,6 +40,28 @@ class Requests:
         opts: dict[str, Any],
     ) -> Response:
         method = check_method(method).upper()
+        with telemetry.request_span(row, method, url) as outcome:
+            response = await self._request(
+                row,
+                method,
+                url,
+                allow_any_host=allow_any_host,
+                max_attempts=max_attempts,
+                opts=opts,
+            )
+            outcome.status = response.status
+            return response
+
+    async def _request(
+        self,
+        row: StoredRow,
+        method: str,
+        url: str,
+        *,
+        allow_any_host: bool,
+        max_attempts: int | None,
+        opts: dict[str, Any],
+    ) -> Response:
         core = self._core
         provider = core.require_provider(row)
         target = core.http.target(

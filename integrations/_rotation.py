@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
+from . import _telemetry as telemetry
 from ._errors import CryptoError, EncryptionNotConfigured
 from ._models import RotationProgress
 from ._record import StoredRow
@@ -34,7 +35,16 @@ def _skip(found: dict[str, None], exc: CryptoError, kind: str, ident: str) -> No
     # The message names the key id and field, never a value: the operator has to find it.
     if ident not in found:
         found[ident] = None
-        log.warning("key rotation skipped %s %s: %s (%s)", kind, ident, exc.message, exc.code)
+        log.warning(
+            "key rotation skipped %s %s: %s (%s)",
+            kind,
+            ident,
+            exc.message,
+            exc.code,
+            extra=telemetry.fields(
+                "key_rotation_skipped", uuid=ident if kind == "connection" else None
+            ),
+        )
 
 
 async def rotate(
@@ -48,6 +58,30 @@ async def rotate(
 ) -> RotationProgress:
     """Move every connection and pending PKCE verifier to the primary key; see
     ``Integrations.rotate_keys``."""
+    with telemetry.span("integrations.rotate_keys") as span:
+        state = await _rotate(
+            repo,
+            vault,
+            secret_fields_of=secret_fields_of,
+            all_secret_fields=all_secret_fields,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        span.set_attribute("integrations.rotation.rows", state.rotated)
+        span.set_attribute("integrations.rotation.scanned", state.scanned)
+        span.set_attribute("integrations.rotation.batches", state.batches)
+        return state
+
+
+async def _rotate(
+    repo: Repository,
+    vault: Vault,
+    *,
+    secret_fields_of: Callable[[StoredRow], Iterable[str]],
+    all_secret_fields: Iterable[str],
+    batch_size: int,
+    progress: ProgressCallback | None,
+) -> RotationProgress:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError("batch_size must be a positive integer")
     if progress is not None and not callable(progress):
@@ -115,6 +149,7 @@ async def rotate(
             state.rotated,
             state.scanned,
             state.total,
+            extra=telemetry.fields("key_rotation_progress"),
         )
         if progress is not None:
             result = progress(state)
@@ -135,6 +170,7 @@ async def rotate(
         cursor = batch.last
         skipped.extend(batch.skipped)
         await report(batch)
+    telemetry.annotate("integrations.rotation.skipped", len(skipped))
     while skipped:
         held: list[str] = []
         for start in range(0, len(skipped), batch_size):
@@ -170,5 +206,6 @@ async def rotate(
         state.scanned,
         len(state.undecryptable) + len(state.undecryptable_pending),
         state.elapsed,
+        extra=telemetry.fields("key_rotation_done"),
     )
     return state

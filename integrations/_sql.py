@@ -97,6 +97,10 @@ class Queries:
     take_pending_authorization: LiteralString
     take_latest_pending_authorization: LiteralString
     delete_expired_pending_authorizations: LiteralString
+    sweep_candidates: LiteralString
+    try_advisory_lock: LiteralString
+    advisory_unlock: LiteralString
+    advisory_lock_held: LiteralString
     migrations: tuple[Migration, ...]
 
     @classmethod

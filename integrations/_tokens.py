@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, Literal
 
 from . import _record as record
+from . import _telemetry as telemetry
 from . import oauth
 from ._core import Core
 from ._errors import (
@@ -67,6 +68,7 @@ class _Flight:
     mode: Mode
     task: asyncio.Task[str] = field(init=False, repr=False)
     sent_at: float | None = None
+    callers: int = 1
 
 
 def _failure_id(data: Mapping[str, Any]) -> str | None:
@@ -97,8 +99,29 @@ async def post_token_request(
     requested_scopes: Sequence[str],
     previous_refresh_token: str | None,
     redact: Sequence[str | None] = (),
+    provider: str | None = None,
 ) -> oauth.TokenSet:
     """One token endpoint call, parsed: ReauthRequired or TokenRequestFailed on failure."""
+    with telemetry.token_span(provider, request[0], request[2]):
+        return await _post_token_request(
+            http,
+            request,
+            request_timeout=request_timeout,
+            requested_scopes=requested_scopes,
+            previous_refresh_token=previous_refresh_token,
+            redact=redact,
+        )
+
+
+async def _post_token_request(
+    http: HttpClient,
+    request: tuple[str, dict[str, str], str],
+    *,
+    request_timeout: float,
+    requested_scopes: Sequence[str],
+    previous_refresh_token: str | None,
+    redact: Sequence[str | None],
+) -> oauth.TokenSet:
     url, headers, body = request
     try:
         response = await http.send(
@@ -235,6 +258,8 @@ class Refresher:
             )
             self._inflight[uuid] = flight
             flight.task.add_done_callback(partial(self._finished, uuid, flight))
+        else:
+            flight.callers += 1
         return flight
 
     @staticmethod
@@ -253,6 +278,8 @@ class Refresher:
     def _finished(self, uuid: str, flight: _Flight, task: asyncio.Task[str]) -> None:
         if self._inflight.get(uuid) is flight:
             del self._inflight[uuid]
+        if flight.sent_at is not None:
+            telemetry.record_callers(flight.callers)
         if not task.cancelled():
             # Marks the outcome retrieved: every caller may have been cancelled meanwhile.
             task.exception()
@@ -328,7 +355,13 @@ class Refresher:
         except (ReauthRequired, TokenRequestFailed) as exc:
             failed = record.refresh_failed(row, exc, utcnow(), cooldown=self.policy.cooldown_after)
             log.info(
-                "token refresh failed for connection %s (%s): %s", row.uuid, exc.code, exc.message
+                "token refresh failed for connection %s (%s): %s",
+                row.uuid,
+                exc.code,
+                exc.message,
+                extra=telemetry.fields(
+                    "token_refresh_failed", uuid=row.uuid, provider=row.provider, owner=row.owner
+                ),
             )
             await locked.write(failed.change.data or {}, failed.change.events)
             return fallback or exc
@@ -397,6 +430,7 @@ class Refresher:
                     requested_scopes=requested,
                     previous_refresh_token=refresh_token,
                     redact=[secret],
+                    provider=provider.key,
                 )
             except TokenRequestFailed as exc:
                 if not exc.transient:
@@ -429,6 +463,7 @@ class Refresher:
                     attempt,
                     policy.attempts,
                     wait,
+                    extra=telemetry.fields("token_request_retry", provider=provider.key),
                 )
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import _telemetry as telemetry
 from ._errors import (
     ConfigurationError,
     DecryptionFailed,
@@ -447,6 +448,7 @@ class Vault:
                     'encryption="off": secrets are stored in plain text; pass keys= or set '
                     "%s to encrypt them",
                     ENV_KEYS,
+                    extra=telemetry.fields("plaintext_storage", uuid=row_uuid),
                 )
             return value
         if self._keyring is None:

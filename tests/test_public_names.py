@@ -9,8 +9,8 @@ from pathlib import Path
 
 import integrations
 
-# Subpackages loaded on demand (the command line): an attribute once something imports them.
-ON_DEMAND = {"cli"}
+# Subpackages loaded on demand (the command line, the console): attributes once imported.
+ON_DEMAND = {"cli", "web"}
 
 
 def test_public_names_are_exactly_all() -> None:

@@ -11,6 +11,7 @@ from .._errors import IntegrationsError, NotFound
 from .._integrations import Integrations
 from .._models import utcnow
 from .._names import check_owner, normalize_name
+from .._telemetry import fields
 from .._tokens import imported_token_set
 from . import _bundle
 from ._support import USAGE, Fail
@@ -184,4 +185,9 @@ async def _undo(integ: Integrations, undo: list[tuple[str, str, dict[str, Any] |
                 if tokens:
                     await integ.import_tokens(uuid, tokens, actor="import")
         except IntegrationsError as exc:
-            log.error("could not undo the import of %s: %s", uuid, exc.message)
+            log.error(
+                "could not undo the import of %s: %s",
+                uuid,
+                exc.message,
+                extra=fields("import_undo_failed", uuid=uuid),
+            )

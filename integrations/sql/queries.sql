@@ -243,3 +243,25 @@ RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
 -- name: delete_expired_pending_authorizations
 -- no parameters
 DELETE FROM {schema}.pending_authorizations WHERE expires_at <= now();
+
+-- name: sweep_candidates
+-- $1 uuid: the last one of the previous page (keyset pagination), $2 int page size.
+-- Connections a health sweep may check or refresh: configured ones; the sweep decides the rest.
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE uuid > $1 AND value_json ->> 'status' IN ('connected', 'error')
+ORDER BY uuid
+LIMIT $2;
+
+-- name: try_advisory_lock
+-- $1 bigint lock id; session-level: held until unlocked or the connection ends.
+SELECT pg_try_advisory_lock($1);
+
+-- name: advisory_unlock
+-- $1 bigint lock id
+SELECT pg_advisory_unlock($1);
+
+-- name: advisory_lock_held
+-- no parameters; a round trip on the session holding the lock: a session-level advisory
+-- lock lasts as long as its session, so an answer means it is still held.
+SELECT true;

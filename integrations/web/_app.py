@@ -39,6 +39,7 @@ from .._integrations import Integrations
 from .._models import Connection, Event
 from .._owner import OwnerHandle
 from .._providers import Provider
+from .._telemetry import fields
 from ._present import account_text, ago, field_views, parse_scopes, setup_patch, status_text
 from ._security import CSRF_FIELD, Csrf, SecurityHeaders, set_cookie
 from ._viewer import Admin, Owner, Viewer
@@ -201,7 +202,12 @@ class _Console:
         except HTTPException as exc:
             return self.error_page(request, exc.status_code, str(exc.detail))
         except Exception:
-            log.exception("console request failed: %s %s", request.method, request.url.path)
+            log.exception(
+                "console request failed: %s %s",
+                request.method,
+                request.url.path,
+                extra=fields("console_request_failed"),
+            )
             return self.error_page(request, 500, "Something went wrong. The error was logged.")
 
     def _bounce(self, request: Request) -> Response:
