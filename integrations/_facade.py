@@ -142,7 +142,9 @@ class Integrations:
         self._pool_max_size = pool_max_size
         self._check_timeout = check_timeout
         self.providers = ProviderRegistry(providers or (), override=override_providers)
-        self._repo = Repository(self._schema, channel=f"{self._schema}_events")
+        self._repo = Repository(
+            self._schema, channel=f"{self._schema}_events", lock_timeout=lock_timeout
+        )
         self._vault = Vault(None, encryption=encryption)
         self._legacy = LegacyMigrators()
         self._http_client = HttpClient(http)
