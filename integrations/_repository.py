@@ -273,7 +273,7 @@ class Repository:
                 await pool.release(conn)
             except Exception as exc:
                 if succeeded:
-                    log.warning(
+                    log.debug(
                         "a database connection failed on its way back to the pool and was "
                         "discarded: %s",
                         describe(exc),
