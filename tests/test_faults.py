@@ -79,28 +79,29 @@ class Ledger:
             self.outside.append(exc)
 
 
-async def writer(integ: Integrations, index: int, ledger: Ledger, stop: asyncio.Event) -> None:
-    """add_connection, save_setup and rename_connection in turn, each recorded."""
+async def writer(integ: Integrations, tag: str, ledger: Ledger, stop: asyncio.Event) -> None:
+    """add_connection, save_setup and rename_connection in turn, each recorded; ``tag``
+    makes the names this writer uses its own."""
     current: Tracked | None = None
     step = 0
     while not stop.is_set():
         step += 1
         try:
             if current is None or step % 3 == 0:
-                name = f"w{index}-a{step}"
+                name = f"{tag}-a{step}"
                 added = await integ.add_connection("openai", name)
                 ledger.acknowledged += 1
                 ledger.added.append(added.uuid)
                 current = Tracked(added.uuid, names=[(name, True)])
                 ledger.tracked.append(current)
             elif step % 3 == 1:
-                key = f"sk-w{index}-s{step}"
+                key = f"sk-{tag}-s{step}"
                 current.saves.append((key, False))
                 await integ.save_setup(current.uuid, {"api_key": key})
                 current.saves[-1] = (key, True)
                 ledger.acknowledged += 1
             else:
-                name = f"w{index}-r{step}"
+                name = f"{tag}-r{step}"
                 current.names.append((name, False))
                 await integ.rename_connection(current.uuid, name)
                 current.names[-1] = (name, True)
@@ -143,7 +144,10 @@ async def run_round(
     """WRITERS writers, ``faults`` faults injected while they run, then a quiet spell."""
     ledger = Ledger()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(writer(integ, i, ledger, stop)) for i in range(WRITERS)]
+    run = uuid_mod.uuid4().hex[:6]
+    tasks = [
+        asyncio.create_task(writer(integ, f"w{i}-{run}", ledger, stop)) for i in range(WRITERS)
+    ]
     try:
         for _ in range(faults):
             await asyncio.sleep(random.uniform(0.1, 0.4))
