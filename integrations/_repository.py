@@ -259,6 +259,10 @@ class Repository:
         A connection that fails to go back to the pool once the body has succeeded
         does not undo what was done (a commit, rows read): the pool discards it and
         opens another when needed, and the caller gets its result.
+
+        When the caller is cancelled the connection is dropped rather than cancelled
+        and reset: the server rolls back either way, and dropping takes no round trip,
+        so the cancellation is not held up by a stalled network.
         """
         pool = self.pool
         with _translate():
@@ -268,6 +272,10 @@ class Repository:
             with _translate(lock_timeout):
                 yield conn
             succeeded = True
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                conn.terminate()
+            raise
         finally:
             try:
                 await pool.release(conn)
@@ -288,12 +296,12 @@ class Repository:
             await conn.execute(self._begin_write)
             try:
                 yield conn
-            except BaseException:
-                # A connection broken meanwhile cannot roll back; the pool's reset on
-                # release rolls back or discards it.
-                with contextlib.suppress(Exception):
-                    if not conn.is_closed():
-                        await conn.execute("ROLLBACK")
+            except Exception:
+                try:
+                    await conn.execute("ROLLBACK")
+                except Exception:
+                    # Broken meanwhile: dropped, the server rolls back on its own.
+                    conn.terminate()
                 raise
             await conn.execute("COMMIT")
 
@@ -595,7 +603,7 @@ class Repository:
                     _transaction=transaction,
                 )
                 yield locked
-            except BaseException:
+            except Exception:
                 if locked is None or not locked.committed:
                     with contextlib.suppress(Exception):
                         await transaction.rollback()

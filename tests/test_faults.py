@@ -292,6 +292,25 @@ async def test_a_cut_while_idle_and_restored_goes_unnoticed(
     assert proxy.accepted > links
 
 
+async def test_a_call_cancelled_on_a_stalled_network_returns_at_once(
+    faulty: Integrations, proxy: FaultProxy
+) -> None:
+    conn = await faulty.add_connection("openai", "default")
+    proxy.pause()
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                faulty.save_setup(conn.uuid, {"api_key": "sk-stalled-0123456789"}), 0.3
+            )
+        # Not held up by cancelling the statement over the stalled network.
+        assert asyncio.get_running_loop().time() - started < 2.0
+    finally:
+        proxy.resume()
+    await faulty.save_setup(conn.uuid, {"api_key": "sk-resumed-0123456789"})
+    assert (await faulty.get_integration(conn.uuid))["api_key"] == "sk-resumed-0123456789"
+
+
 async def test_a_subscription_gets_resync_after_a_cut_and_events_after_it(
     faulty: Integrations, proxy: FaultProxy, direct: Integrations
 ) -> None:
