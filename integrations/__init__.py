@@ -39,25 +39,28 @@ from ._errors import (
     TokenRequestFailed,
     UnknownKey,
 )
-from ._events import ALL_OWNERS, HubStats, Subscription
-from ._facade import Integrations
+from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
 from ._http import Response, bot_url
+from ._integrations import Integrations
 from ._models import Connection, Event, RotationProgress, Validation
 from ._names import settings_key
+from ._owner import OwnerHandle
+from ._probes import register_check
 from ._providers import (
     AUTH_TYPES,
     AuthHeader,
     Provider,
-    ProviderRegistry,
     SetupField,
     UserinfoMap,
     ValidationRequest,
 )
+from ._registry import ProviderRegistry, load_providers
 from ._vault import generate_key
 
 __all__ = [
     "ALL_OWNERS",
     "AUTH_TYPES",
+    "AllOwners",
     "AlreadyExists",
     "AuthHeader",
     "AuthorizationDenied",
@@ -90,6 +93,8 @@ __all__ = [
     "NotConnected",
     "NotFound",
     "OAuthError",
+    "OwnerHandle",
+    "OwnerScope",
     "Provider",
     "ProviderConflict",
     "ProviderRegistry",
@@ -108,6 +113,8 @@ __all__ = [
     "ValidationRequest",
     "bot_url",
     "generate_key",
+    "load_providers",
     "oauth",
+    "register_check",
     "settings_key",
 ]

@@ -1,4 +1,4 @@
-"""The authorization-code flow: pending states with PKCE, code exchange, userinfo, revocation."""
+"""Authorization service: pending states with PKCE, code exchange, userinfo, revocation."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from . import _record as record
 from . import oauth
+from ._core import Core
 from ._errors import (
     AuthorizationDenied,
     CryptoError,
@@ -21,14 +23,13 @@ from ._errors import (
     InvalidState,
     NotConfigured,
 )
+from ._events import ALL_OWNERS, OwnerScope
 from ._models import utcnow
 from ._providers import Provider
-from ._refresher import iso, post_token_request, store_tokens
-from ._repository import Change, PendingAuthorization, StoredRow
+from ._record import Change, StoredRow
+from ._repository import PendingAuthorization
 from ._rotation import PKCE_FIELD
-
-if TYPE_CHECKING:
-    from ._facade import Integrations
+from ._tokens import post_token_request
 
 __all__ = ["AuthFlow"]
 
@@ -46,18 +47,15 @@ class AuthFlow:
 
     def __init__(
         self,
-        host: Integrations,
+        core: Core,
         *,
-        ttl: float,
-        token_timeout: float,
-        revoke_timeout: float,
+        record_failure: Callable[[str, str, str | None], Awaitable[None]],
     ) -> None:
-        if ttl <= 0 or revoke_timeout <= 0:
-            raise ValueError("authorization_ttl and revoke_timeout must be > 0")
-        self._host = host
-        self.ttl = ttl
-        self._token_timeout = token_timeout
-        self._revoke_timeout = revoke_timeout
+        self._core = core
+        self._record_failure = record_failure
+        self.ttl = core.settings.authorization_ttl
+        self._token_timeout = core.settings.token.timeout
+        self._revoke_timeout = core.settings.revoke_timeout
         self._revocations: set[asyncio.Task[None]] = set()
         self._operations = 0
         self._idle = asyncio.Event()
@@ -81,16 +79,18 @@ class AuthFlow:
 
     # -- begin ----------------------------------------------------------------------------
 
-    async def _oauth_row(self, uuid: str) -> tuple[StoredRow, Provider, dict[str, Any]]:
-        row = await self._host._repo.get(uuid)
-        if row is None:
+    async def _oauth_row(
+        self, uuid: str, owner: OwnerScope
+    ) -> tuple[StoredRow, Provider, dict[str, Any]]:
+        row = await self._core.repo.get(uuid)
+        if row is None or (owner is not ALL_OWNERS and row.owner != owner):
             raise NotConfigured()
-        provider = self._host._provider_of(row)
+        provider = self._core.provider_of(row)
         if provider is None or provider.auth_type != "oauth2" or provider.authorize_url is None:
             raise InvalidProviderKey(
                 "The connection's provider does not use the OAuth authorization-code flow."
             )
-        plain = self._host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        plain = self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         if not isinstance(plain.get("client_id"), str) or not plain["client_id"]:
             raise NotConfigured(
                 "The connection has no 'client_id' saved; call save_setup first.",
@@ -106,6 +106,7 @@ class AuthFlow:
         scopes: Sequence[str] | None,
         actor: str | None,
         state: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
     ) -> tuple[str, str]:
         """The authorization URL and its state; a pending authorization is stored for it."""
         if not isinstance(redirect_uri, str) or not redirect_uri:
@@ -113,7 +114,7 @@ class AuthFlow:
         wanted = _scopes(scopes)
         if state is not None and (not isinstance(state, str) or not state):
             raise InvalidInput("state must be a non-empty string")
-        row, provider, plain = await self._oauth_row(uuid)
+        row, provider, plain = await self._oauth_row(uuid, owner)
         requested = list(provider.scopes if wanted is None else wanted)
         state = state or oauth.generate_state()
         verifier = oauth.generate_code_verifier() if provider.pkce else None
@@ -132,9 +133,9 @@ class AuthFlow:
         sealed = (
             None
             if verifier is None
-            else self._host._vault.seal_value(state_hash, VERIFIER_FIELD, verifier)
+            else self._core.vault.seal_value(state_hash, VERIFIER_FIELD, verifier)
         )
-        repo = self._host._repo
+        repo = self._core.repo
         # Opportunistic cleanup: every begin sweeps what expired (an indexed delete).
         await repo.delete_expired_pending()
         stored = await repo.insert_pending(
@@ -146,12 +147,18 @@ class AuthFlow:
 
     async def discard(self, state: str) -> None:
         """Drop a pending authorization that will never complete."""
-        await self._host._repo.take_pending(oauth.hash_state(state))
+        await self._core.repo.take_pending(oauth.hash_state(state))
 
     # -- complete -------------------------------------------------------------------------
 
     async def complete(
-        self, state: str, *, code: str | None, error: str | None, error_description: str | None
+        self,
+        state: str,
+        *,
+        code: str | None,
+        error: str | None,
+        error_description: str | None,
+        owner: OwnerScope = ALL_OWNERS,
     ) -> StoredRow:
         """Consume the state once, then record a refusal or exchange the code."""
         if not isinstance(state, str) or not state:
@@ -163,26 +170,41 @@ class AuthFlow:
         if not code and not error:
             raise InvalidInput("the callback carries neither a code nor an error")
         with self.operation():
-            return await self._complete(state, code, error, error_description)
+            return await self._complete(state, code, error, error_description, owner)
 
     async def _complete(
-        self, state: str, code: str | None, error: str | None, error_description: str | None
+        self,
+        state: str,
+        code: str | None,
+        error: str | None,
+        error_description: str | None,
+        owner: OwnerScope,
     ) -> StoredRow:
-        pending = await self._host._repo.take_pending(oauth.hash_state(state))
+        scoped = owner is not ALL_OWNERS
+        pending = await self._core.repo.take_pending(
+            oauth.hash_state(state),
+            owner=owner if isinstance(owner, str) else None,
+            any_owner=not scoped,
+        )
         if pending is None or not pending.live:
             raise InvalidState()
-        row = await self._host._repo.get(pending.connection_uuid)
+        row = await self._core.repo.get(pending.connection_uuid)
         if row is None or row.owner != pending.owner:
             raise InvalidState()
         if error:
             message = _denial_message(error, error_description)
-            await self._host._record(row.uuid, False, message, actor=pending.actor)
+            await self._record_failure(row.uuid, message, pending.actor)
             raise AuthorizationDenied(message, error=_error_code(error))
         assert code is not None
         return await self._exchange(row, pending, code, pending.redirect_uri, pending.actor)
 
     async def exchange(
-        self, uuid: str, code: str, redirect_uri: str, actor: str | None
+        self,
+        uuid: str,
+        code: str,
+        redirect_uri: str,
+        actor: str | None,
+        owner: OwnerScope = ALL_OWNERS,
     ) -> StoredRow:
         """The seed's exchange: the newest pending authorization supplies the PKCE verifier."""
         if not isinstance(code, str) or not code:
@@ -190,8 +212,8 @@ class AuthFlow:
         if not isinstance(redirect_uri, str) or not redirect_uri:
             raise InvalidInput("redirect_uri must be an absolute http(s) URL")
         with self.operation():
-            row, _, _ = await self._oauth_row(uuid)
-            pending = await self._host._repo.take_latest_pending(row.uuid, redirect_uri)
+            row, _, _ = await self._oauth_row(uuid, owner)
+            pending = await self._core.repo.take_latest_pending(row.uuid, redirect_uri)
             return await self._exchange(
                 row, pending, code, redirect_uri, actor or (pending.actor if pending else None)
             )
@@ -204,18 +226,18 @@ class AuthFlow:
         redirect_uri: str,
         actor: str | None,
     ) -> StoredRow:
-        host = self._host
-        provider = host._provider_of(row)
+        core = self._core
+        provider = core.provider_of(row)
         if provider is None or provider.token_url is None:
             raise InvalidProviderKey("the connection's provider is not registered")
-        plain = host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         client_id = plain.get("client_id")
         if not isinstance(client_id, str) or not client_id:
             raise NotConfigured("The connection has no 'client_id' saved.", field="client_id")
         secret = plain.get("client_secret") or None
         verifier = None
         if pending is not None and pending.code_verifier is not None:
-            verifier = host._vault.unseal_value(
+            verifier = core.vault.unseal_value(
                 pending.state_hash, VERIFIER_FIELD, pending.code_verifier
             )
         requested = list(pending.scopes) if pending is not None else list(provider.scopes)
@@ -231,7 +253,7 @@ class AuthFlow:
         )
         # One attempt: a code is single-use, so a retry after a lost answer would fail anyway.
         tokens = await post_token_request(
-            host._http_client,
+            core.http,
             request,
             request_timeout=self._token_timeout,
             requested_scopes=requested,
@@ -259,7 +281,7 @@ class AuthFlow:
         try:
             url = provider.render_url(provider.userinfo_url, plain)
             # The provider's own declared URL, not caller input; Bearer is what userinfo takes.
-            response = await self._host._http_client.send(
+            response = await self._core.http.send(
                 "GET",
                 url,
                 headers={
@@ -289,42 +311,23 @@ class AuthFlow:
         account: dict[str, Any] | None,
         actor: str | None,
     ) -> StoredRow:
-        host = self._host
-        vault = host._vault
-        now = iso(utcnow())
+        core = self._core
+        now = utcnow()
 
         def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
             if row is None:
                 raise Deleted()
-            data = dict(row.data)
-            store_tokens(
-                data,
+            issued = record.tokens_issued(
+                row,
                 tokens,
-                seal=partial(vault.seal_value, row.uuid),
-                previous_refresh_token=None,
-                new_grant=True,
-            )
-            data["connected_at"] = now
-            if account is not None:
-                data["account"] = account
-            if tokens.extras:
-                data["token_extras"] = dict(tokens.extras)
-            previous = row.data.get("status")
-            data["status"] = "connected"
-            data["reauth_required"] = False
-            data.pop("validation_status", None)
-            data.pop("refresh_error", None)
-            updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
-            event = host._event(
-                "connected",
-                updated,
-                previous_status=previous,
+                seal=partial(core.vault.seal_value, row.uuid),
+                account=account,
+                now=now,
                 actor=actor,
-                detail={"scopes": list(tokens.scope)},
             )
-            return Change(data=data, events=[event]), updated
+            return issued.change, issued.row
 
-        return await host._repo.modify(uuid, decide)
+        return await core.repo.modify(uuid, decide)
 
     # -- revocation -----------------------------------------------------------------------
 
@@ -332,10 +335,10 @@ class AuthFlow:
         """Revoke the row's grant (RFC 7009) in the background; best-effort, never raises."""
         if provider is None or row is None or provider.revoke_url is None:
             return
-        if provider.auth_type not in ("oauth2", "oauth2_client_credentials"):
+        if not provider.is_oauth:
             return
         try:
-            plain = self._host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+            plain = self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         except CryptoError:
             log.info("connection %s: tokens unreadable, nothing revoked", row.uuid)
             return
@@ -374,7 +377,7 @@ class AuthFlow:
         url, headers, body = request
         try:
             async with asyncio.timeout(self._revoke_timeout):
-                response = await self._host._http_client.send(
+                response = await self._core.http.send(
                     "POST",
                     url,
                     headers=headers,

@@ -1,201 +1,82 @@
-"""Credential checks: probe a provider and report a Validation instead of raising for its answer."""
+"""Checks service: probe stored or in-memory credentials and record the outcome."""
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import (
-    InvalidAttrs,
-    MissingExtra,
-    MissingField,
-    NotConfigured,
-    NotConnected,
-    RequestFailed,
-)
-from ._http import HttpClient, Response
+from . import _names as names
+from ._connections import Connections, check_scope
+from ._core import Core
+from ._errors import IntegrationsError, InvalidAttrs
+from ._events import OwnerScope
 from ._models import Validation
-from ._providers import Provider, ValidationRequest
-from ._repository import probe_postgres
+from ._probes import CONNECTED, check_credentials
+from ._providers import Provider
+from ._record import StoredRow
+from ._tokens import Refresher
 
-__all__ = [
-    "ACCESS_DENIED",
-    "CONNECTED",
-    "INVALID_CREDENTIALS",
-    "NO_ACCESS_TOKEN",
-    "NO_CHECK",
-    "UNREACHABLE",
-    "check_credentials",
-]
-
-CONNECTED = "Connected"
-INVALID_CREDENTIALS = "Invalid credentials"
-ACCESS_DENIED = "Access denied"
-UNREACHABLE = "Could not reach the service"
-NO_ACCESS_TOKEN = "No access token"
-NO_CHECK = "Saved; this provider has no credential check"
-_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+__all__ = ["Checks"]
 
 
-def _not_configured(fields: list[str]) -> Validation:
-    return Validation(False, f"Not configured (missing: {', '.join(fields)})")
+class Checks:
+    """Checks service: probe stored or in-memory credentials and record the outcome."""
 
+    def __init__(self, core: Core, tokens: Refresher, connections: Connections) -> None:
+        self._core = core
+        self._tokens = tokens
+        self._connections = connections
 
-async def check_credentials(
-    provider: Provider,
-    credentials: Mapping[str, Any],
-    *,
-    http: HttpClient,
-    timeout: float = 15.0,  # noqa: ASYNC109  (the deadline is part of the public contract)
-) -> Validation:
-    """Probe the provider with ``credentials`` (stored data or setup attrs) within ``timeout`` s.
-
-    Never raises for what the provider answers: a 2xx (or a successful login)
-    is ``ok``; 401 (and the provider's other "invalid" statuses) is "Invalid
-    credentials"; 403 "Access denied"; another status "Service error N"; no
-    answer within the deadline, or a network error, "Could not reach the
-    service". Missing required fields give "Not configured (...)" and an OAuth
-    connection without an access token "No access token"; nothing is sent then.
-    Malformed input (a field of the wrong type) raises InvalidField.
-    """
-    if not isinstance(credentials, Mapping):
-        raise InvalidAttrs("Credentials must be a mapping.")
-    values = provider.template_values(credentials)
-    for field in provider.setup_fields:
-        if field.key in values:
-            values[field.key] = field.coerce(values[field.key])
-    if provider.auth_type in ("oauth2", "oauth2_client_credentials"):
-        if "access_token" not in values:
-            return Validation(False, NO_ACCESS_TOKEN)
-    elif missing := provider.missing_required(values):
-        return _not_configured(missing)
-    check = provider.validation
-    # The provider's own userinfo endpoint is where its token is meant to go, whatever
-    # api_hosts says; it is the natural check of an OAuth connection.
-    userinfo = check is None and provider.auth_type == "oauth2" and bool(provider.userinfo_url)
-    if userinfo and provider.userinfo_url:
-        check = ValidationRequest(url=provider.userinfo_url)
-    if check is None:
-        return Validation(True, NO_CHECK)
-    try:
-        async with asyncio.timeout(timeout):
-            if check.hook == "smtp":
-                return await _check_smtp(values, timeout)
-            if check.hook == "postgres":
-                return await _check_postgres(values, timeout)
-            return await _check_http(provider, check, values, http, any_host=userinfo)
-    except TimeoutError:
-        return Validation(False, UNREACHABLE)
-
-
-async def _check_http(
-    provider: Provider,
-    check: ValidationRequest,
-    values: dict[str, Any],
-    http: HttpClient,
-    *,
-    any_host: bool = False,
-) -> Validation:
-    try:
-        url = provider.render_url(check.url, values)
-        response = await http.request(
-            check.method,
-            url,
-            provider=provider,
-            credentials=values,
-            headers=check.headers,
-            allow_any_host=any_host,
+    async def check(self, provider: Provider, credentials: Mapping[str, Any]) -> Validation:
+        return await check_credentials(
+            provider, credentials, http=self._core.http, timeout=self._core.settings.check_timeout
         )
-    except MissingField as exc:
-        return _not_configured([str(exc.context.get("field"))])
-    except NotConnected:
-        return Validation(False, NO_ACCESS_TOKEN)
-    except NotConfigured as exc:
-        return _not_configured([str(exc.context.get("field"))])
-    except MissingExtra as exc:
-        return Validation(False, exc.message)
-    except RequestFailed:
-        return Validation(False, UNREACHABLE)
-    return _interpret(check, response)
 
+    async def validate_credentials(self, provider: str, attrs: Mapping[str, Any]) -> Validation:
+        """Probe the provider with in-memory credentials; nothing is stored."""
+        definition = self._core.providers.get(provider)
+        if not isinstance(attrs, Mapping):
+            raise InvalidAttrs(
+                f"attrs must be a mapping of setup fields, got {type(attrs).__name__}."
+            )
+        return await self.check(definition, definition.normalize_attrs(attrs))
 
-def _interpret(check: ValidationRequest, response: Response) -> Validation:
-    status = response.status
-    if check.is_success(status):
-        if check.json_ok_key is None:
-            return Validation(True, CONNECTED)
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = None
-        if isinstance(payload, dict) and payload.get(check.json_ok_key):
-            return Validation(True, CONNECTED)
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
-            return Validation(False, f"{INVALID_CREDENTIALS} ({error})")
-        return Validation(False, INVALID_CREDENTIALS)
-    if status in check.invalid_statuses:
-        return Validation(False, INVALID_CREDENTIALS)
-    if status == 403:
-        return Validation(False, ACCESS_DENIED)
-    return Validation(False, f"Service error {status}")
-
-
-async def _check_smtp(values: Mapping[str, Any], timeout: float) -> Validation:  # noqa: ASYNC109
-    try:
-        import aiosmtplib
-    except ImportError:
-        return Validation(
-            False, "SMTP checks need aiosmtplib: install the smtp extra ('integrations[smtp]')."
-        )
-    security = values.get("security", "starttls")
-    client = aiosmtplib.SMTP(
-        hostname=str(values["host"]),
-        port=int(values.get("port", 587)),
-        use_tls=security == "tls",
-        start_tls=security == "starttls",
-        timeout=timeout,
-    )
-    try:
-        await client.connect()
-        username = values.get("username")
-        if username:
-            await client.login(str(username), str(values.get("password", "")))
-    except aiosmtplib.SMTPAuthenticationError:
-        return Validation(False, INVALID_CREDENTIALS)
-    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError):
-        return Validation(False, UNREACHABLE)
-    except aiosmtplib.SMTPResponseException as exc:
-        return Validation(False, f"Service error {exc.code}")
-    except aiosmtplib.SMTPException:
-        return Validation(False, "Service error (the server refused the login)")
-    finally:
-        if client.is_connected:
+    async def probe(self, row: StoredRow) -> Validation:
+        """Check a stored connection without recording anything (tokens may be renewed)."""
+        provider = self._core.provider_of(row)
+        if provider is None:
+            return Validation(False, f"Unknown provider {row.provider!r}")
+        credentials = self._core.plain(row)
+        if provider.is_oauth and (
+            credentials.get("refresh_token") or provider.auth_type != "oauth2"
+        ):
+            # An expiring token would make a healthy connection look broken: renew first.
             try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                client.close()
-    return Validation(True, CONNECTED)
+                if provider.auth_type == "oauth2_client_credentials":
+                    # A fresh token is what proves the client credentials still work.
+                    token = await self._tokens.refresh(row, provider)
+                else:
+                    token = await self._tokens.access_token(row, provider)
+            except IntegrationsError as exc:
+                return Validation(False, exc.message)
+            credentials["access_token"] = token
+        if provider.auth_type == "oauth2_client_credentials" and provider.validation is None:
+            # Getting a token with the client credentials was the check.
+            return Validation(True, CONNECTED)
+        return await self.check(provider, credentials)
 
-
-async def _check_postgres(values: Mapping[str, Any], timeout: float) -> Validation:  # noqa: ASYNC109
-    outcome, detail = await probe_postgres(
-        host=str(values["host"]),
-        port=int(values.get("port", 5432)),
-        user=str(values["username"]),
-        password=str(values.get("password", "")),
-        database=str(values["database"]),
-        timeout=timeout,
-    )
-    messages = {
-        "ok": CONNECTED,
-        "invalid_credentials": INVALID_CREDENTIALS,
-        "database_not_found": "Database not found",
-        "access_denied": ACCESS_DENIED,
-        "unreachable": UNREACHABLE,
-    }
-    if outcome in messages:
-        return Validation(outcome == "ok", messages[outcome])
-    return Validation(False, f"Service error {detail}")
+    async def validate_connection(
+        self, uuid: object, *, actor: str | None, owner: OwnerScope
+    ) -> Validation:
+        """Probe the stored credentials and record the outcome on the connection."""
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        row = await self._connections.row(uuid, check_scope(owner))
+        if row is None:
+            return Validation(False, "Not configured")
+        checked = self._connections.fingerprint(row)
+        result = await self.probe(row)
+        await self._connections.record(
+            uuid, result.ok, result.message, actor=actor, checked=checked
+        )
+        return result

@@ -46,17 +46,19 @@ hub ignores calls from listeners it no longer holds.
 """
 
 
-class _AllOwners(enum.Enum):
+class AllOwners(enum.Enum):
+    """The type of ``ALL_OWNERS``: a scope that spans every owner."""
+
     ALL_OWNERS = "ALL_OWNERS"
 
     def __repr__(self) -> str:
         return "ALL_OWNERS"
 
 
-ALL_OWNERS: Final = _AllOwners.ALL_OWNERS
+ALL_OWNERS: Final = AllOwners.ALL_OWNERS
 """Pass as ``owner=`` to see every owner's connections, system ones included."""
 
-OwnerScope: TypeAlias = str | Literal[_AllOwners.ALL_OWNERS] | None
+OwnerScope: TypeAlias = str | Literal[AllOwners.ALL_OWNERS] | None
 
 RESYNC: Final = "resync"
 

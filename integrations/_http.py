@@ -168,7 +168,7 @@ def retry_after_seconds(value: str, *, now: datetime | None = None) -> float | N
 
 
 def _missing(provider: Provider, key: str) -> Exception:
-    if provider.auth_type in ("oauth2", "oauth2_client_credentials") and key == "access_token":
+    if provider.is_oauth and key == "access_token":
         return NotConnected()
     return NotConfigured(f"The connection has no {key!r} saved.", field=key)
 
@@ -379,16 +379,50 @@ class HttpClient:
         ``allow_redirects`` (default True), and any other ``aiohttp`` request
         option except ``auth``.
         """
-        target = self._target(url, opts.pop("params", None))
-        if not allow_any_host and not host_allowed(target, provider.api_hosts):
+        target = self.target(
+            url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
+        )
+        return await self.send_authenticated(
+            method, target, provider, credentials, max_attempts=max_attempts, opts=opts
+        )
+
+    def target(
+        self,
+        url: str | URL,
+        *,
+        params: Any = None,
+        provider: Provider | None = None,
+        allow_any_host: bool = False,
+    ) -> URL:
+        """The checked URL of a request (https, or http to loopback), ``params`` added;
+        HostNotAllowed when it is not one of ``provider``'s API hosts."""
+        target = self._target(url, params)
+        if (
+            provider is not None
+            and not allow_any_host
+            and not host_allowed(target, provider.api_hosts)
+        ):
             raise HostNotAllowed(
                 f"{target.raw_host} is not an API host of provider {provider.key!r}; "
                 "nothing was sent.",
                 provider=provider.key,
                 host=target.raw_host,
             )
+        return target
+
+    async def send_authenticated(
+        self,
+        method: str,
+        target: URL,
+        provider: Provider,
+        credentials: Mapping[str, Any],
+        *,
+        max_attempts: int | None,
+        opts: Mapping[str, Any],
+    ) -> Response:
+        """Send to a URL that ``target()`` checked, authenticated as ``provider`` defines."""
         auth = _Auth(provider, credentials, _secret_strings(provider, credentials))
-        return await self._send(method, target, auth, max_attempts, opts)
+        return await self._send(method, target, auth, max_attempts, dict(opts))
 
     async def send(
         self,

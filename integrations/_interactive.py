@@ -8,15 +8,14 @@ import hmac
 import html
 import webbrowser
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ._authflow import AuthFlow
+from ._core import Core
 from ._errors import AuthorizationTimeout, IntegrationsError, InvalidInput
+from ._events import OwnerScope
 from ._models import Connection
-
-if TYPE_CHECKING:
-    from ._facade import Integrations
 
 __all__ = ["connect_interactive"]
 
@@ -39,9 +38,11 @@ def _page(status: int, title: str, text: str) -> web.Response:
 
 
 async def connect_interactive(
-    integ: Integrations,
+    authflow: AuthFlow,
+    core: Core,
     uuid: str,
     *,
+    owner: OwnerScope,
     scopes: Sequence[str] | None,
     open_browser: bool,
     timeout: float,  # noqa: ASYNC109 - the public signature; enforced with asyncio.timeout
@@ -69,12 +70,14 @@ async def connect_interactive(
             return _page(409, "Already received", "You can close this window.")
         claimed = True
         try:
-            connection = await integ.complete_authorization(
+            row = await authflow.complete(
                 state,
                 code=request.query.get("code"),
                 error=request.query.get("error"),
                 error_description=request.query.get("error_description"),
+                owner=owner,
             )
+            connection = core.connection(row)
         except IntegrationsError as exc:
             if not outcome.done():
                 outcome.set_exception(exc)
@@ -94,7 +97,9 @@ async def connect_interactive(
         await site.start()
         bound_port = runner.addresses[0][1]
         redirect_uri = f"http://127.0.0.1:{bound_port}{CALLBACK_PATH}"
-        url, state = await integ.begin_authorization(uuid, redirect_uri, scopes=scopes)
+        url, state = await authflow.begin(
+            uuid, redirect_uri, scopes=scopes, actor=None, owner=owner
+        )
         expected.append(state)
         print(f"Open this URL in a browser to authorize the connection:\n{url}", flush=True)
         if open_browser:
@@ -111,5 +116,5 @@ async def connect_interactive(
             outcome.cancel()
             if state is not None:
                 with contextlib.suppress(IntegrationsError):
-                    await integ._authflow.discard(state)
+                    await authflow.discard(state)
         await runner.cleanup()

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._errors import InvalidInput
 
-if TYPE_CHECKING:
-    from ._facade import Integrations
-
 log = logging.getLogger("integrations")
 
-LegacyMigrator = Callable[["Integrations"], Awaitable[Any]]
+#: An application's migrator: called with the ``Integrations`` instance it was registered on.
+LegacyMigrator = Callable[[Any], Awaitable[Any]]
 
 
 class LegacyMigrators:
@@ -34,7 +32,7 @@ class LegacyMigrators:
     def names(self) -> list[str]:
         return list(self._migrators)
 
-    async def run_all(self, integ: Integrations) -> dict[str, bool]:
+    async def run_all(self, integ: object) -> dict[str, bool]:
         """Run every migrator; a failure is logged and reported, never raised."""
         outcome: dict[str, bool] = {}
         for name, migrator in self._migrators.items():

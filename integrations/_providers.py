@@ -7,7 +7,7 @@ import json
 import math
 import re
 import string
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 from urllib.parse import quote
 
@@ -17,16 +17,13 @@ from yarl import URL
 from ._errors import (
     InvalidAttrs,
     InvalidField,
-    InvalidProviderKey,
     MissingField,
-    ProviderConflict,
 )
 
 __all__ = [
     "AUTH_TYPES",
     "AuthHeader",
     "Provider",
-    "ProviderRegistry",
     "SetupField",
     "UserinfoMap",
     "ValidationRequest",
@@ -226,7 +223,8 @@ class ValidationRequest(_Frozen):
     ``success`` (any 2xx when empty) and, if ``json_ok_key`` is set, the JSON
     body has that key truthy (Slack answers 200 with ``"ok": false``).
     ``invalid_statuses`` are read as "Invalid credentials". ``hook`` names a
-    non-HTTP check (``"smtp"``, ``"postgres"``) used instead of the request.
+    registered non-HTTP check (built in: ``"smtp"``, ``"postgres"``; see
+    ``integrations.register_check``) used instead of the request.
     """
 
     method: str = "GET"
@@ -235,7 +233,7 @@ class ValidationRequest(_Frozen):
     success: tuple[int, ...] = ()
     invalid_statuses: tuple[int, ...] = (401,)
     json_ok_key: str | None = None
-    hook: Literal["smtp", "postgres"] | None = None
+    hook: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ValidationRequest:
@@ -333,6 +331,8 @@ class Provider(_Frozen):
     auth_header: AuthHeader | None = None
     validation: ValidationRequest | None = None
     userinfo_map: UserinfoMap = Field(default_factory=UserinfoMap)
+    #: Statuses with which the API says "this token is rejected": refresh once and retry.
+    refresh_on: tuple[int, ...] = (401,)
     description: str = ""
     docs_url: str | None = None
     # An application provider with this set replaces the built-in of the same key.
@@ -388,7 +388,19 @@ class Provider(_Frozen):
                 raise ValueError(f"auth header uses {unknown[0]!r}, which is not a setup field")
         return self
 
+    @field_validator("refresh_on")
+    @classmethod
+    def _check_refresh_on(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 400 <= status <= 499 for status in value):
+            raise ValueError("refresh_on holds 4xx statuses, such as (401,) or (401, 403)")
+        return value
+
     @property
+    def is_oauth(self) -> bool:
+        """Whether calls carry an OAuth access token (authorization code or client credentials)."""
+        return self.auth_type in ("oauth2", "oauth2_client_credentials")
+
+    @functools.cached_property
     def secret_field_keys(self) -> frozenset[str]:
         """Setup fields declared ``secret=True``."""
         return frozenset(field.key for field in self.setup_fields if field.secret)
@@ -540,59 +552,3 @@ def _json_value(value: Any, key: str) -> Any:
     out = walk(value)
     json.dumps(out, allow_nan=False)
     return out
-
-
-class ProviderRegistry:
-    """The built-in providers plus the application's own, looked up by key.
-
-    A provider whose key is already a built-in replaces it only when
-    ``override=True`` is passed here or set on the provider itself
-    (``Provider(..., override=True)``); otherwise ProviderConflict. Two application
-    providers with the same key are always a ProviderConflict.
-    """
-
-    def __init__(self, extra: Iterable[Provider] = (), *, override: bool = False) -> None:
-        # The catalogue module imports this one for the models.
-        from ._catalogue import BUILTIN_PROVIDERS
-
-        self._providers: dict[str, Provider] = {p.key: p for p in BUILTIN_PROVIDERS}
-        seen: set[str] = set()
-        for provider in extra:
-            if not isinstance(provider, Provider):
-                raise TypeError(f"expected a Provider, got {type(provider).__name__}")
-            if provider.key in seen:
-                raise ProviderConflict(
-                    f"Provider {provider.key!r} is given twice.", provider=provider.key
-                )
-            if provider.key in self._providers and not (override or provider.override):
-                raise ProviderConflict(
-                    f"Provider {provider.key!r} is a built-in; pass override=True to replace it.",
-                    provider=provider.key,
-                )
-            seen.add(provider.key)
-            self._providers[provider.key] = provider
-        self._sorted = sorted(self._providers.values(), key=lambda p: p.key)
-
-    def get(self, key: object) -> Provider:
-        if not isinstance(key, str):
-            raise InvalidProviderKey("The provider key must be a string.")
-        try:
-            return self._providers[key]
-        except KeyError:
-            raise InvalidProviderKey(f"Unknown provider {key[:64]!r}.", provider=key) from None
-
-    def all(self) -> list[Provider]:
-        """Every provider, sorted by key."""
-        return list(self._sorted)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._providers
-
-    def __iter__(self) -> Iterator[Provider]:
-        return iter(self._sorted)
-
-    def __len__(self) -> int:
-        return len(self._providers)
-
-    def __repr__(self) -> str:
-        return f"<ProviderRegistry {len(self)} providers>"

@@ -21,39 +21,19 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
 from ._driver_errors import describe
 from ._errors import AlreadyExists, ConfigurationError, IntegrationsError, LockTimeout, StorageError
 from ._models import Event
+from ._record import Change, StoredRow
 from ._sql import Queries
 
 log = logging.getLogger("integrations")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRow:
-    """A connection row as stored: ``data`` may hold sealed secrets."""
-
-    uuid: str
-    owner: str | None
-    key: str
-    data: dict[str, Any]
-    version: int
-
-
-@dataclass(slots=True)
-class Change:
-    """What a read-modify-write decided: the new value (None = unchanged), events, a result."""
-
-    data: dict[str, Any] | None = None
-    key: str | None = None
-    events: list[Event] = field(default_factory=list)
-    delete: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +45,10 @@ class ResealBatch:
     rewritten: int
     last: str | None
     skipped: tuple[str, ...] = ()
+
+
+#: The asyncpg pool type, for the annotations of other modules (which never import asyncpg).
+Pool: TypeAlias = asyncpg.Pool
 
 
 def _owner_to_db(owner: str | None) -> str:
@@ -199,10 +183,6 @@ class PoolListener:
             await self._pool.release(conn)
 
 
-async def _init_connection(conn: Any) -> None:
-    """Nothing to set: jsonb travels as text, so no codec is needed on owned or injected pools."""
-
-
 class Repository:
     """Connection rows, migrations and notifications in domain terms."""
 
@@ -217,7 +197,7 @@ class Repository:
         self.schema = schema
         self.channel = channel
         self.lock_timeout = float(lock_timeout)
-        self.q = Queries(schema)
+        self.q = Queries.load(schema)
         # One round trip opens the transaction and bounds its lock waits; the value is
         # a number formatted here, never input.
         self._begin_write = self.q.begin_write.replace("{lock_timeout}", _millis(self.lock_timeout))
@@ -232,9 +212,7 @@ class Repository:
             self._owns_pool = False
             return
         with _translate():
-            self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, init=_init_connection
-            )
+            self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
         self._owns_pool = True
 
     async def close(self) -> None:
@@ -403,10 +381,6 @@ class Repository:
             for event in change.events:
                 await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
-
-    async def notify(self, event: Event) -> None:
-        async with self._acquire() as conn:
-            await conn.execute(self.q.notify, self.channel, event_payload(event))
 
     # -- key rotation ------------------------------------------------------------------
 
@@ -639,10 +613,17 @@ class Repository:
             )
         return found is not None
 
-    async def take_pending(self, state_hash: str) -> PendingAuthorization | None:
-        """Consume the pending authorization of a state (live or expired): one use at most."""
+    async def take_pending(
+        self, state_hash: str, *, owner: str | None = None, any_owner: bool = True
+    ) -> PendingAuthorization | None:
+        """Consume the pending authorization of a state (live or expired): one use at most.
+
+        Unless ``any_owner``, only one started for a connection of ``owner`` is consumed.
+        """
         async with self._acquire() as conn:
-            record = await conn.fetchrow(self.q.take_pending_authorization, state_hash)
+            record = await conn.fetchrow(
+                self.q.take_pending_authorization, state_hash, any_owner, _owner_to_db(owner)
+            )
         return None if record is None else _pending(record)
 
     async def take_latest_pending(

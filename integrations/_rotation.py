@@ -12,7 +12,8 @@ from typing import Any, TypeAlias
 
 from ._errors import CryptoError, EncryptionNotConfigured
 from ._models import RotationProgress
-from ._repository import Repository, ResealBatch, StoredRow
+from ._record import StoredRow
+from ._repository import Repository, ResealBatch
 from ._vault import CREDENTIALS, SECRET_FIELDS, Vault
 
 __all__ = ["PKCE_FIELD", "ProgressCallback", "RotationProgress", "rotate"]

@@ -1,30 +1,23 @@
-"""Loads migrations and named query blocks from the ``sql/`` directory, once."""
+"""Loads the migrations and named query blocks of ``integrations/sql/``, once."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from importlib import resources
-from pathlib import Path
+from typing import LiteralString
 
 _NAME_LINE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-def sql_dir() -> Path:
-    """The wheel carries ``integrations/sql``; a source checkout has ``sql/`` beside the package."""
-    packaged = resources.files("integrations") / "sql"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "sql"
+_SQL = resources.files(__package__) / "sql"
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
     name: str
-    sql: str
+    sql: LiteralString
 
 
 def parse_blocks(text: str) -> dict[str, str]:
@@ -42,40 +35,87 @@ def parse_blocks(text: str) -> dict[str, str]:
 
 @cache
 def _raw_queries() -> dict[str, str]:
-    return parse_blocks((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+    return parse_blocks((_SQL / "queries.sql").read_text(encoding="utf-8"))
 
 
 @cache
 def _raw_migrations() -> tuple[Migration, ...]:
     found = []
-    for path in sorted((sql_dir() / "migrations").iterdir()):
+    for path in sorted((_SQL / "migrations").iterdir(), key=lambda p: p.name):
         match = _MIGRATION_FILE.match(path.name)
         if match:
-            found.append(Migration(int(match.group(1)), path.name, path.read_text("utf-8")))
+            # Files of the package, not input: literal as far as the query API is concerned.
+            text: LiteralString = path.read_text("utf-8")
+            found.append(Migration(int(match.group(1)), path.name, text))
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
         raise ValueError(f"migrations must be numbered 1..n without gaps, got {versions}")
     return tuple(found)
 
 
+def _fill(sql: str, schema: str) -> LiteralString:
+    # The schema is a validated identifier (checked when the configuration is built).
+    filled: LiteralString = sql.replace("{schema}", schema)
+    return filled
+
+
+@dataclass(frozen=True, slots=True)
 class Queries:
-    """The query blocks with ``{schema}`` filled in; attribute access by block name."""
+    """Every query block by name, ``{schema}`` filled in.
 
-    def __init__(self, schema: str) -> None:
-        self._blocks = {
-            name: sql.replace("{schema}", schema) for name, sql in _raw_queries().items()
-        }
-        self.migrations = tuple(
-            Migration(m.version, m.name, m.sql.replace("{schema}", schema))
-            for m in _raw_migrations()
+    The fields are the contract between the code and ``queries.sql``: mypy checks every
+    name the code uses, and building the object fails when a block is missing or unused.
+    """
+
+    migrations_table: LiteralString
+    migrate_lock: LiteralString
+    applied_migrations: LiteralString
+    migrations_table_exists: LiteralString
+    schema_version: LiteralString
+    record_migration: LiteralString
+    insert_connection: LiteralString
+    get_by_uuid: LiteralString
+    lock_by_uuid: LiteralString
+    get_by_key: LiteralString
+    uuid_by_key: LiteralString
+    list_by_prefixes: LiteralString
+    update_value: LiteralString
+    update_key_value: LiteralString
+    delete_connection: LiteralString
+    notify: LiteralString
+    connections_to_reseal: LiteralString
+    lock_connections_to_reseal: LiteralString
+    lock_connection_to_reseal: LiteralString
+    count_connections_to_reseal: LiteralString
+    reseal_connections: LiteralString
+    pending_to_reseal: LiteralString
+    count_pending_to_reseal: LiteralString
+    reseal_pending: LiteralString
+    begin_write: LiteralString
+    set_refresh_timeouts: LiteralString
+    insert_pending_authorization: LiteralString
+    take_pending_authorization: LiteralString
+    take_latest_pending_authorization: LiteralString
+    delete_expired_pending_authorizations: LiteralString
+    migrations: tuple[Migration, ...]
+
+    @classmethod
+    def load(cls, schema: str) -> Queries:
+        blocks = _raw_queries()
+        wanted = {f.name for f in fields(cls)} - {"migrations"}
+        missing, unused = sorted(wanted - blocks.keys()), sorted(blocks.keys() - wanted)
+        if missing or unused:
+            raise ValueError(f"queries.sql out of step: missing {missing}, unused {unused}")
+        filled = {name: _fill(blocks[name], schema) for name in wanted}
+        migrations = tuple(
+            Migration(m.version, m.name, _fill(m.sql, schema)) for m in _raw_migrations()
         )
-
-    def __getattr__(self, name: str) -> str:
-        try:
-            return self._blocks[name]
-        except KeyError:
-            raise AttributeError(name) from None
+        return cls(**filled, migrations=migrations)
 
     @property
     def latest_version(self) -> int:
         return self.migrations[-1].version if self.migrations else 0
+
+
+# Checked when the module loads: a block renamed in queries.sql fails the import.
+Queries.load("integrations")

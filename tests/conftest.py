@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -106,3 +107,18 @@ async def db(fresh_db: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(fresh_db)
     yield conn
     await conn.close()
+
+
+_TOKEN_FIELDS = ("access_token", "refresh_token", "token_type", "expires_at", "scope")
+
+
+async def store_setup(integ: Any, uuid: str, attrs: dict[str, Any], **kwargs: Any) -> Any:
+    """Save ``attrs`` as an application would: setup through ``save_setup``, OAuth tokens
+    (brought from elsewhere) through ``import_tokens``. Returns the masked data."""
+    setup = {k: v for k, v in attrs.items() if k not in _TOKEN_FIELDS}
+    tokens = {k: v for k, v in attrs.items() if k in _TOKEN_FIELDS}
+    data = await integ.save_setup(uuid, setup, **kwargs)
+    if tokens:
+        await integ.import_tokens(uuid, tokens, **kwargs)
+        data = (await integ.get_integration_by_uuid(uuid)).data
+    return data

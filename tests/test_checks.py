@@ -19,7 +19,10 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from yarl import URL
 
 from integrations._catalogue import BUILTIN_PROVIDERS
-from integrations._checks import (
+from integrations._errors import InvalidField
+from integrations._http import HttpClient, auth_for
+from integrations._models import Validation
+from integrations._probes import (
     ACCESS_DENIED,
     CONNECTED,
     INVALID_CREDENTIALS,
@@ -28,10 +31,8 @@ from integrations._checks import (
     UNREACHABLE,
     check_credentials,
 )
-from integrations._errors import InvalidField
-from integrations._http import HttpClient, auth_for
-from integrations._models import Validation
-from integrations._providers import Provider, ProviderRegistry, ValidationRequest
+from integrations._providers import Provider, ValidationRequest
+from integrations._registry import ProviderRegistry
 
 SECRET = "S3CR3T-credential-0123456789"
 TOKEN = "123456:AAE-S3CR3T_bot-token"

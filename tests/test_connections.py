@@ -273,7 +273,7 @@ async def test_get_integration_misses(integ: Integrations) -> None:
         await integ.get_integration(str(uuid_mod.uuid4()))
     with pytest.raises(NotConfigured):
         await integ.get_integration("openai:nothing")
-    with pytest.raises(InvalidProviderKey):
+    with pytest.raises(InvalidInput):
         await integ.get_integration("not a ref!")
 
 

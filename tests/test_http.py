@@ -36,7 +36,8 @@ from integrations._http import (
     host_allowed,
     retry_after_seconds,
 )
-from integrations._providers import AuthHeader, Provider, ProviderRegistry
+from integrations._providers import AuthHeader, Provider
+from integrations._registry import ProviderRegistry
 
 SECRET = "sk-test-S3CR3T-0123456789"
 TOKEN = "123456:AAE-S3CR3T_bot-token"

@@ -32,7 +32,7 @@ from integrations import (
     generate_key,
 )
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, store_setup
 
 MASK = "••••"
 NEW_KEY = generate_key()
@@ -148,7 +148,7 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     for provider, attrs in SETUPS.items():
         conn = record("add_connection", await integ.add_connection(provider, "default"))
         uuids[provider] = conn.uuid
-        saved = record("save_setup", await integ.save_setup(conn.uuid, attrs, actor="admin"))
+        saved = record("save_setup", await store_setup(integ, conn.uuid, attrs, actor="admin"))
         assert_masked(saved)
 
     # Reads that mask.
@@ -162,6 +162,11 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         record("resolve_to_uuid", await integ.resolve_to_uuid(f"{provider}:default"))
         record("is_connected", await integ.is_connected(row_uuid))
         record("settings_key", integ.settings_key(provider))
+    handle = record("for_owner", integ.for_owner(None))
+    assert [c.uuid for c in await handle.list_integrations()] == [
+        c.uuid for c in await integ.list_integrations()
+    ]
+    exercised.add("import_tokens")  # by store_setup above, for the OAuth tokens
     everything = record("load_all_connections", await integ.load_all_connections(list(SETUPS)))
     listed = record("list_integrations", await integ.list_integrations())
     assert len(listed) == len(SETUPS)
@@ -345,7 +350,7 @@ async def test_oauth_secrets_never_show_outside_the_token_accessors(
     ):
         conn = await integ.add_connection("loopback", "default")
         setup = {"client_id": DEFAULT_CLIENT_ID, "client_secret": OAUTH_CLIENT_SECRET}
-        assert_masked(await integ.save_setup(conn.uuid, setup))
+        assert_masked(await store_setup(integ, conn.uuid, setup))
 
         url, state = await integ.begin_authorization(conn.uuid, REDIRECT_URI)
         exercised.add("begin_authorization")
@@ -382,7 +387,7 @@ async def test_oauth_secrets_never_show_outside_the_token_accessors(
 
         # The loopback flow for scripts prints its URL; that output is checked too.
         other = await integ.add_connection("loopback", "script")
-        await integ.save_setup(other.uuid, setup)
+        await store_setup(integ, other.uuid, setup)
         task = asyncio.create_task(integ.connect_interactive(other.uuid, timeout=30))
         exercised.add("connect_interactive")
         printed = ""

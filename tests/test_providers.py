@@ -24,10 +24,10 @@ from integrations._providers import (
     AUTH_TYPES,
     AuthHeader,
     Provider,
-    ProviderRegistry,
     SetupField,
     ValidationRequest,
 )
+from integrations._registry import ProviderRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "S3CR3T-value-0123456789"

@@ -107,7 +107,7 @@ async def _spend_refresh_token_elsewhere(integ: Integrations, server: OAuthTestS
         auth_method="client_secret_post",
         refresh_token=refresh_token,
     )
-    response = await integ._http_client.send("POST", url, headers=headers, data=body)
+    response = await integ._s.core.http.send("POST", url, headers=headers, data=body)
     assert response.status == 200
 
 
@@ -277,13 +277,13 @@ async def test_close_waits_for_a_refresh_whose_token_request_was_sent(
     ) as integ:
         waiting = await connect(integ, "waiting")
         uuid = await connect(integ, "sent")
-        assert integ._refresher.policy.budget == pytest.approx(6.0)
+        assert integ._s.tokens.policy.budget == pytest.approx(6.0)
         unsent = (await integ.get_integration(waiting))["refresh_token"]
         tx = db.transaction()
         await tx.start()
         await _lock_row(db, waiting)
         blocked = asyncio.create_task(integ.refresh_access_token(waiting))
-        await eventually(lambda: waiting in integ._refresher._inflight)
+        await eventually(lambda: waiting in integ._s.tokens._inflight)
         server.config.token_delay = 0.9
         caller = asyncio.create_task(integ.refresh_access_token(uuid))
         await eventually(lambda: _refreshes(server) == 1)
@@ -329,7 +329,7 @@ async def test_a_cancelled_close_is_completed_by_closing_again(
     await asyncio.gather(closing, return_exceptions=True)
     await integ.close()
     pool_open = integ._repo._pool is not None
-    session = integ._http_client._session
+    session = integ._http._session
     await asyncio.gather(refreshing, return_exceptions=True)
     leaked = []
     if pool_open:
@@ -407,12 +407,12 @@ async def test_a_401_for_a_token_that_is_no_longer_stored_does_not_refresh(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
     uuid = await connect(integ)
-    stale_row = await integ._repo.get(uuid)
+    stale_row = await integ._s.core.repo.get(uuid)
     assert stale_row is not None
     stale = (await integ.get_integration(uuid))["access_token"]
     fresh = await integ.refresh_access_token(uuid)
     assert _refreshes(server) == 1
-    assert await integ._refresher.after_rejection(stale_row, stale) == fresh
+    assert await integ._s.tokens.after_rejection(stale_row, stale) == fresh
     assert _refreshes(server) == 1
 
 
@@ -435,16 +435,16 @@ async def test_a_401_that_joins_a_refresh_started_for_an_older_token_still_gets_
     """A refresh in flight for a caller that read an older token hands back the stored
     token; a 401 for that very token that joined it refreshes once more."""
     uuid = await connect(integ)
-    stale_row = await integ._repo.get(uuid)
+    stale_row = await integ._s.core.repo.get(uuid)
     assert stale_row is not None
     await integ.refresh_access_token(uuid)  # another caller refreshed meanwhile
     assert _refreshes(server) == 1
-    provider = integ._provider_of(stale_row)
+    provider = integ._s.core.provider_of(stale_row)
     assert provider is not None
     async with db.transaction():
         await _lock_row(db, uuid)  # a save_setup, rotation batch or other process holds it
-        early = asyncio.create_task(integ._refresher.refresh(stale_row, provider))
-        await eventually(lambda: bool(integ._refresher._inflight))
+        early = asyncio.create_task(integ._s.tokens.refresh(stale_row, provider))
+        await eventually(lambda: bool(integ._s.tokens._inflight))
         server.expire_access_tokens()  # the provider now rejects the stored token
         request = asyncio.create_task(integ.authenticated_request(uuid, "GET", server.api_url))
         await eventually(lambda: server.stats.api_rejected == 1)
@@ -960,13 +960,13 @@ async def test_a_refresh_after_disconnect_records_nothing(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
     uuid = await connect(integ)
-    row = await integ._repo.get(uuid)
+    row = await integ._s.core.repo.get(uuid)
     assert row is not None
     token = (await integ.get_integration(uuid))["access_token"]
     await integ.disconnect(uuid)
     # A 401 handled after the disconnect committed: the row has no tokens any more.
     with pytest.raises(NotConnected):
-        await integ._refresher.after_rejection(row, token)
+        await integ._s.tokens.after_rejection(row, token)
     data = await integ.get_integration(uuid)
     assert data["status"] == "disconnected"
     assert "reauth_required" not in data

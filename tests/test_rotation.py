@@ -27,6 +27,7 @@ from integrations._names import storage_key, uuid7
 from integrations._rotation import PKCE_FIELD
 from integrations._vault import Keyring, Vault
 
+from .conftest import store_setup
 from .oauth_server import OAuthTestServer
 from .oauthkit import connect, eventually, open_integrations
 
@@ -73,7 +74,7 @@ async def add_all(integ: Integrations, name: str = "default") -> dict[str, str]:
     uuids = {}
     for provider, attrs in SETUPS.items():
         conn = await integ.add_connection(provider, name)
-        await integ.save_setup(conn.uuid, attrs)
+        await store_setup(integ, conn.uuid, attrs)
         uuids[provider] = conn.uuid
     return uuids
 
@@ -491,7 +492,7 @@ async def test_rotate_keys_under_concurrent_writers_loses_nothing(
                     # every writer touches every row, so all of them race the rotation.
                     if index[row_uuid] % WRITERS == k:
                         attrs["secret_key"] = f"secret-key-{index[row_uuid]:06d}-w{k}-{seq}"
-                    await integ.save_setup(row_uuid, attrs)
+                    await store_setup(integ, row_uuid, attrs)
                     last_note[(row_uuid, k)] = seq
                     if "secret_key" in attrs:
                         last_secret[row_uuid] = attrs["secret_key"]

@@ -120,7 +120,10 @@ def _malformed_keys() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("key", _malformed_keys())
+_MALFORMED = _malformed_keys()
+
+
+@pytest.mark.parametrize("key", _MALFORMED, ids=[f"case{i}" for i in range(len(_MALFORMED))])
 def test_malformed_key_raises_configuration_error_without_echoing_it(key: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         Keyring.parse([OLD_KEY, key])

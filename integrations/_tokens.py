@@ -1,20 +1,21 @@
-"""Fresh access tokens: single-flight per connection in a process, a row lock across processes."""
+"""Tokens service: fresh access tokens, single-flight in a process, a row lock across processes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from . import _record as record
 from . import oauth
+from ._core import Core
 from ._errors import (
     Deleted,
-    HostNotAllowed,
+    InvalidAttrs,
     InvalidProviderKey,
     LifecycleError,
     LockTimeout,
@@ -25,77 +26,23 @@ from ._errors import (
     RequestFailed,
     TokenRequestFailed,
 )
-from ._http import HttpClient, Response, check_url, host_allowed, retry_after_seconds
-from ._models import Event, utcnow
+from ._http import HttpClient, retry_after_seconds
+from ._models import utcnow
 from ._providers import Provider
-from ._repository import LockedRow, StoredRow
+from ._record import StoredRow
+from ._repository import LockedRow
+from ._settings import BUDGET_MARGIN
 
-if TYPE_CHECKING:
-    from ._facade import Integrations
-
-__all__ = ["OAUTH_TYPES", "Refresher", "TokenPolicy", "parse_time", "post_token_request"]
+__all__ = ["Refresher", "imported_token_set", "parse_time", "post_token_request"]
 
 log = logging.getLogger("integrations.oauth")
-
-OAUTH_TYPES = frozenset({"oauth2", "oauth2_client_credentials"})
-
-#: Why a refresh is asked for: the token is due, a caller insists, or the API rejected it.
-Mode = Literal["expiring", "force", "rejected"]
 
 
 #: Statuses whose Retry-After the token endpoint means: wait that long before asking again.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
-#: Slack beyond the attempts and their waits, for the database round trips of a refresh.
-_BUDGET_MARGIN = 5.0
 
-
-@dataclass(frozen=True, slots=True)
-class TokenPolicy:
-    """Timing of token requests, of the row lock that serialises them, and of the
-    cool-down after a failed refresh."""
-
-    leeway: float = 60.0
-    lock_timeout: float = 30.0
-    timeout: float = 10.0
-    attempts: int = 3
-    backoff: float = 0.5
-    cooldown: float = 5.0
-
-    def __post_init__(self) -> None:
-        if (
-            self.leeway < 0
-            or self.lock_timeout <= 0
-            or self.timeout <= 0
-            or self.backoff < 0
-            or self.cooldown < 0
-        ):
-            raise ValueError(
-                "leeway, backoff and refresh_cooldown must be >= 0; lock_timeout and timeout > 0"
-            )
-        if self.attempts < 1:
-            raise ValueError("token_attempts must be at least 1")
-
-    @property
-    def backoff_cap(self) -> float:
-        return self.backoff * 8
-
-    @property
-    def cooldown_cap(self) -> float:
-        return self.cooldown * 60
-
-    @property
-    def budget(self) -> float:
-        """The longest one refresh may take from its first token request: every attempt
-        times out, every wait maxed. The row lock's idle timeout is set to it."""
-        waits = sum(min(self.backoff_cap, self.backoff * 2.0**i) for i in range(self.attempts - 1))
-        return self.attempts * self.timeout + waits + _BUDGET_MARGIN
-
-    def cooldown_after(self, failures: int, retry_after: float | None) -> float:
-        """Seconds automatic refreshes wait after ``failures`` consecutive failed ones."""
-        wait = min(self.cooldown_cap, self.cooldown * 2.0 ** min(max(failures - 1, 0), 32))
-        if retry_after is not None:
-            wait = max(wait, min(retry_after, self.cooldown_cap))
-        return wait
+#: Why a refresh is asked for: the token is due, a caller insists, or the API rejected it.
+Mode = Literal["expiring", "force", "rejected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,39 +88,6 @@ def parse_time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else None
-
-
-def iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def store_tokens(
-    data: dict[str, Any],
-    tokens: oauth.TokenSet,
-    *,
-    seal: Callable[[str, Any], Any],
-    previous_refresh_token: str | None,
-    new_grant: bool,
-) -> None:
-    """Write a token response into ``data``: tokens sealed, expiry absolute, scopes granted.
-
-    A refresh response without a refresh token keeps the stored one; a new grant without
-    one drops it, since the previous grant's token is not ours to reuse.
-    """
-    data["access_token"] = seal("access_token", tokens.access_token)
-    if tokens.refresh_token is not None:
-        if tokens.refresh_token != previous_refresh_token or new_grant:
-            data["refresh_token"] = seal("refresh_token", tokens.refresh_token)
-    elif new_grant:
-        data.pop("refresh_token", None)
-    data["token_type"] = tokens.token_type
-    if tokens.expires_at is None:
-        data.pop("expires_at", None)
-    else:
-        data["expires_at"] = iso(tokens.expires_at)
-    data["token_obtained_at"] = iso(tokens.obtained_at)
-    if tokens.scope or new_grant:
-        data["granted_scopes"] = list(tokens.scope)
 
 
 async def post_token_request(
@@ -231,16 +145,16 @@ class Refresher:
     authorization, new setup or an explicit refresh) and get the recorded error.
     """
 
-    def __init__(self, host: Integrations, policy: TokenPolicy) -> None:
-        self._host = host
-        self.policy = policy
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self.policy = core.settings.token
         self._inflight: dict[str, _Flight] = {}
         self._closed = False
 
     # -- entry points ---------------------------------------------------------------------
 
     def _plain(self, row: StoredRow, provider: Provider) -> dict[str, Any]:
-        return self._host._vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        return self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
 
     def _due(self, plain: Mapping[str, Any], now: datetime) -> bool:
         return oauth.refresh_due(
@@ -250,14 +164,17 @@ class Refresher:
             now,
         )
 
-    async def access_token(self, row: StoredRow, provider: Provider) -> str:
+    async def access_token(
+        self, row: StoredRow, provider: Provider, plain: Mapping[str, Any] | None = None
+    ) -> str:
         """A token that is not due, refreshed (or fetched) first when needed.
 
         When the refresh fails, or a recent failure holds automatic refreshes back, a
         token that has not expired yet is still handed out.
         """
         _check_oauth(provider)
-        plain = self._plain(row, provider)
+        if plain is None:
+            plain = self._plain(row, provider)
         token = _text(plain.get("access_token"))
         now = utcnow()
         if provider.auth_type == "oauth2":
@@ -290,51 +207,6 @@ class Refresher:
         if held is not None:
             raise held
         return await self._coalesced(row.uuid, _Seen(rejected, _failure_id(row.data)), "rejected")
-
-    async def request(
-        self,
-        row: StoredRow,
-        provider: Provider,
-        method: str,
-        url: str,
-        *,
-        allow_any_host: bool,
-        max_attempts: int | None,
-        opts: Mapping[str, Any],
-    ) -> Response:
-        """An API call with a fresh token; on 401 one refresh (if still current) and one retry."""
-        if not allow_any_host:
-            target = check_url(url)
-            # Checked before any refresh, so a stray URL cannot even cause a token request.
-            if not host_allowed(target, provider.api_hosts):
-                raise HostNotAllowed(
-                    f"{target.raw_host} is not an API host of provider {provider.key!r}; "
-                    "nothing was sent.",
-                    provider=provider.key,
-                    host=target.raw_host,
-                )
-        token = await self.access_token(row, provider)
-        plain = self._plain(row, provider)
-        http = self._host._http_client
-
-        async def send(access_token: str) -> Response:
-            return await http.request(
-                method,
-                url,
-                provider=provider,
-                credentials={**plain, "access_token": access_token},
-                allow_any_host=allow_any_host,
-                max_attempts=max_attempts,
-                **opts,
-            )
-
-        response = await send(token)
-        if response.status != 401:
-            return response
-        fresh = await self.after_rejection(row, token)
-        if fresh == token:
-            return response
-        return await send(fresh)
 
     # -- single flight --------------------------------------------------------------------
 
@@ -409,7 +281,7 @@ class Refresher:
     async def _run(self, uuid: str, flight: _Flight) -> str:
         policy = self.policy
         try:
-            async with self._host._repo.locked(
+            async with self._core.repo.locked(
                 uuid, lock_timeout=policy.lock_timeout, idle_timeout=policy.budget
             ) as locked:
                 outcome = await self._under_lock(locked, flight)
@@ -428,7 +300,7 @@ class Refresher:
         row = locked.row
         if row is None:
             raise Deleted()
-        provider = self._host._provider_of(row)
+        provider = self._core.provider_of(row)
         if provider is None:
             raise InvalidProviderKey("the connection's provider is not registered")
         _check_oauth(provider)
@@ -455,11 +327,19 @@ class Refresher:
         try:
             tokens = await self._token_call(provider, plain, flight)
         except (ReauthRequired, TokenRequestFailed) as exc:
-            data, events = self._failed(row, exc)
-            await locked.write(data, events)
+            failed = record.refresh_failed(row, exc, utcnow(), cooldown=self.policy.cooldown_after)
+            log.info(
+                "token refresh failed for connection %s (%s): %s", row.uuid, exc.code, exc.message
+            )
+            await locked.write(failed.change.data or {}, failed.change.events)
             return fallback or exc
-        data, events = self._refreshed(row, plain, tokens)
-        await locked.write(data, events)
+        done = record.refreshed(
+            row,
+            tokens,
+            seal=partial(self._core.vault.seal_value, row.uuid),
+            previous_refresh_token=plain.get("refresh_token"),
+        )
+        await locked.write(done.change.data or {}, done.change.events)
         return tokens.access_token
 
     async def _token_call(
@@ -508,11 +388,11 @@ class Refresher:
         delays = oauth.backoff_delays(policy.attempts - 1, policy.backoff, policy.backoff_cap)
         flight.sent_at = loop.time()
         # Every attempt and wait must fit in the budget: it is the lock's idle timeout too.
-        deadline = flight.sent_at + policy.budget - _BUDGET_MARGIN
+        deadline = flight.sent_at + policy.budget - BUDGET_MARGIN
         for attempt in range(1, policy.attempts + 1):
             try:
                 return await post_token_request(
-                    self._host._http_client,
+                    self._core.http,
                     request,
                     request_timeout=policy.timeout,
                     requested_scopes=requested,
@@ -554,95 +434,6 @@ class Refresher:
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    # -- what gets written ----------------------------------------------------------------
-
-    def _event(
-        self, kind: str, row: StoredRow, data: dict[str, Any], previous: Any, detail: Any
-    ) -> Event:
-        updated = StoredRow(row.uuid, row.owner, row.key, data, row.version + 1)
-        return self._host._event(kind, updated, previous_status=previous, detail=detail)
-
-    def _refreshed(
-        self, row: StoredRow, plain: Mapping[str, Any], tokens: oauth.TokenSet
-    ) -> tuple[dict[str, Any], list[Event]]:
-        data = dict(row.data)
-        # A rotated refresh token is stored in the same commit as the access token it came with.
-        store_tokens(
-            data,
-            tokens,
-            seal=partial(self._host._vault.seal_value, row.uuid),
-            previous_refresh_token=plain.get("refresh_token"),
-            new_grant=False,
-        )
-        previous = row.data.get("status")
-        data["status"] = "connected"
-        data["reauth_required"] = False
-        data.pop("refresh_error", None)
-        events = []
-        if previous == "error":
-            data.pop("validation_status", None)
-            events.append(self._event("recovered", row, data, previous, {}))
-        events.append(
-            self._event(
-                "token_refreshed",
-                row,
-                data,
-                previous,
-                {"expires_at": data.get("expires_at")},
-            )
-        )
-        return data, events
-
-    def _failed(self, row: StoredRow, exc: OAuthError) -> tuple[dict[str, Any], list[Event]]:
-        terminal = isinstance(exc, ReauthRequired)
-        transient = isinstance(exc, TokenRequestFailed) and exc.transient
-        data = dict(row.data)
-        previous = row.data.get("status")
-        previous_message = row.data.get("validation_status")
-        now = utcnow()
-        earlier = row.data.get("refresh_error")
-        failures = 1
-        if isinstance(earlier, Mapping) and isinstance(earlier.get("failures"), int):
-            failures = int(earlier["failures"]) + 1
-        record: dict[str, Any] = {
-            "id": secrets.token_hex(8),
-            "at": iso(now),
-            "code": exc.code,
-            "error": exc.context.get("error"),
-            "transient": transient,
-            "message": exc.message,
-            "failures": failures,
-        }
-        if not terminal:
-            retry_after = exc.context.get("retry_after")
-            cooldown = self.policy.cooldown_after(
-                failures, float(retry_after) if isinstance(retry_after, int | float) else None
-            )
-            record["retry_at"] = iso(now + timedelta(seconds=cooldown))
-        data["status"] = "error"
-        data["reauth_required"] = terminal
-        data["validation_status"] = exc.message
-        data["refresh_error"] = record
-        events = []
-        # Only a change is news: a dead connection polled in a loop stays quiet.
-        if previous != "error" or previous_message != exc.message:
-            events.append(
-                self._event(
-                    "refresh_failed",
-                    row,
-                    data,
-                    previous,
-                    {
-                        "reauth_required": terminal,
-                        "transient": transient,
-                        "error": exc.context.get("error"),
-                        "validation_status": exc.message,
-                    },
-                )
-            )
-        log.info("token refresh failed for connection %s (%s): %s", row.uuid, exc.code, exc.message)
-        return data, events
-
 
 def _nothing_to_refresh(provider: Provider, plain: Mapping[str, Any]) -> bool:
     """An authorization-code connection with neither token has not been connected (or was
@@ -655,7 +446,7 @@ def _nothing_to_refresh(provider: Provider, plain: Mapping[str, Any]) -> bool:
 
 
 def _check_oauth(provider: Provider) -> None:
-    if provider.auth_type not in OAUTH_TYPES:
+    if not provider.is_oauth:
         raise InvalidProviderKey(
             f"Provider {provider.key!r} does not use OAuth access tokens.", provider=provider.key
         )
@@ -692,3 +483,84 @@ def _usable(token: str | None, plain: Mapping[str, Any], now: datetime) -> bool:
         return False
     expires_at = parse_time(plain.get("expires_at"))
     return expires_at is None or expires_at > now
+
+
+_IMPORT_FIELDS = frozenset(
+    {"access_token", "refresh_token", "token_type", "expires_at", "expires_in", "scope"}
+)
+#: Far enough from both ends of ``datetime`` that leeway arithmetic cannot overflow.
+_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def imported_token_set(tokens: Mapping[str, Any], now: datetime) -> oauth.TokenSet:
+    """Tokens brought in from another system, checked: InvalidAttrs names the bad field.
+
+    ``access_token`` is required; ``refresh_token``, ``token_type`` (default Bearer),
+    ``scope`` (a space-separated string or a list) and one of ``expires_at`` (ISO 8601
+    with a timezone, or a datetime) or ``expires_in`` (seconds from now) are optional.
+    """
+    if not isinstance(tokens, Mapping):
+        raise InvalidAttrs(f"tokens must be a mapping, got {type(tokens).__name__}.")
+    unknown = sorted(str(k) for k in tokens if k not in _IMPORT_FIELDS)
+    if unknown:
+        raise InvalidAttrs(
+            f"Unknown token fields: {', '.join(unknown)[:200]}; expected some of "
+            f"{', '.join(sorted(_IMPORT_FIELDS))}.",
+            fields=unknown,
+        )
+
+    def text(name: str, required: bool = False) -> str | None:
+        value = tokens.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidAttrs(f"Token field {name!r} must be a non-empty string.", field=name)
+        if not value.isprintable() or not value.isascii():
+            raise InvalidAttrs(
+                f"Token field {name!r} holds characters a token cannot have "
+                "(control or non-ASCII characters).",
+                field=name,
+            )
+        return value.strip()
+
+    access = text("access_token", required=True)
+    assert access is not None
+    expires_at: datetime | None = None
+    if tokens.get("expires_at") is not None and tokens.get("expires_in") is not None:
+        raise InvalidAttrs("Give expires_at or expires_in, not both.", field="expires_at")
+    raw_at, raw_in = tokens.get("expires_at"), tokens.get("expires_in")
+    if raw_at is not None:
+        expires_at = raw_at if isinstance(raw_at, datetime) else parse_time(raw_at)
+        if expires_at is None or expires_at.tzinfo is None:
+            raise InvalidAttrs(
+                "expires_at must be an ISO 8601 time with a timezone, such as "
+                "'2030-01-01T00:00:00+00:00'.",
+                field="expires_at",
+            )
+    elif raw_in is not None:
+        if isinstance(raw_in, bool) or not isinstance(raw_in, int | float) or raw_in != raw_in:
+            raise InvalidAttrs("expires_in must be a number of seconds.", field="expires_in")
+        if not 0 <= raw_in <= 10 * 365 * 86400:
+            raise InvalidAttrs("expires_in must be between 0 and ten years.", field="expires_in")
+        expires_at = now + timedelta(seconds=float(raw_in))
+    if expires_at is not None and not _EARLIEST <= expires_at <= _LATEST:
+        raise InvalidAttrs("expires_at is out of range.", field="expires_at")
+    scope = tokens.get("scope")
+    if isinstance(scope, str):
+        scopes = tuple(scope.split())
+    elif scope is None:
+        scopes = ()
+    elif isinstance(scope, list | tuple) and all(isinstance(s, str) and s for s in scope):
+        scopes = tuple(scope)
+    else:
+        raise InvalidAttrs("scope must be a string or a list of strings.", field="scope")
+    if any(not s.isprintable() or any(c.isspace() for c in s) for s in scopes):
+        raise InvalidAttrs("Each scope must be printable and have no spaces.", field="scope")
+    return oauth.TokenSet(
+        access_token=access,
+        refresh_token=text("refresh_token"),
+        token_type=text("token_type") or "Bearer",
+        expires_at=expires_at,
+        scope=scopes,
+        obtained_at=now,
+    )

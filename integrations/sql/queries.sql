@@ -219,8 +219,10 @@ ON CONFLICT (state_hash) DO NOTHING
 RETURNING state_hash;
 
 -- name: take_pending_authorization
--- $1 text state_hash; deleted whether live or expired, so a state is good for one use at most
-DELETE FROM {schema}.pending_authorizations WHERE state_hash = $1
+-- $1 text state_hash, $2 bool any owner, $3 text owner ('' = system) unless $2;
+-- deleted whether live or expired, so a state is good for one use at most
+DELETE FROM {schema}.pending_authorizations
+WHERE state_hash = $1 AND ($2 OR owner = $3)
 RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
           code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
 

@@ -1,0 +1,363 @@
+"""Connections service: add, rename, remove, list, look up, save, disconnect, record checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import _names as names
+from . import _record as record
+from ._authflow import AuthFlow
+from ._core import Core
+from ._errors import (
+    AlreadyExists,
+    Deleted,
+    InvalidAttrs,
+    InvalidInput,
+    InvalidProviderKey,
+    NotConfigured,
+    NotFound,
+)
+from ._events import ALL_OWNERS, OwnerScope
+from ._models import Connection, utcnow
+from ._providers import Provider
+from ._record import Change, StoredRow
+from ._tokens import imported_token_set
+
+__all__ = ["Connections", "check_scope"]
+
+
+def check_scope(owner: OwnerScope) -> OwnerScope:
+    """``ALL_OWNERS`` (no owner check), ``None`` (the system) or an owner string."""
+    return owner if owner is ALL_OWNERS else names.check_owner(owner)
+
+
+def _ref_scope(owner: OwnerScope) -> str | None:
+    """The scope a ``provider:name`` ref is looked up in: the system unless an owner is given."""
+    return None if owner is ALL_OWNERS else owner
+
+
+def _visible(row: StoredRow | None, owner: OwnerScope) -> StoredRow | None:
+    """Another owner's row is as good as missing."""
+    if row is None or (owner is not ALL_OWNERS and row.owner != owner):
+        return None
+    return row
+
+
+class Connections:
+    """The connection API over the repository; every uuid method takes an owner scope."""
+
+    def __init__(self, core: Core, authflow: AuthFlow) -> None:
+        self._core = core
+        self._authflow = authflow
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def row(self, uuid: str, owner: OwnerScope) -> StoredRow | None:
+        """The row of a well-formed uuid within ``owner``'s scope, None when missing."""
+        return _visible(await self._core.repo.get(uuid), owner)
+
+    async def row_by_ref(self, ref: object, owner: OwnerScope) -> tuple[StoredRow | None, bool]:
+        """Resolve a uuid or provider ref; the flag says whether the input was a uuid."""
+        owner = check_scope(owner)
+        as_uuid = names.parse_uuid(ref)
+        if as_uuid is not None:
+            return await self.row(as_uuid, owner), True
+        provider, name = names.parse_ref(ref)
+        key = names.storage_key(provider, name)
+        return await self._core.repo.get_by_key(_ref_scope(owner), key), False
+
+    async def require(self, uuid: object, owner: OwnerScope) -> StoredRow:
+        """The row of ``uuid`` or NotConfigured; a malformed uuid is InvalidUUID."""
+        row = await self.row(names.require_uuid(uuid), check_scope(owner))
+        if row is None:
+            raise NotConfigured(f"No connection {names.require_uuid(uuid)} here.")
+        return row
+
+    async def require_ref(self, ref: object, owner: OwnerScope) -> StoredRow:
+        """``deleted`` for a uuid that resolves to nothing, ``not_configured`` for a ref."""
+        row, by_uuid = await self.row_by_ref(ref, owner)
+        if row is None:
+            raise Deleted() if by_uuid else NotConfigured()
+        return row
+
+    def _runtime(self, provider: Provider | None, data: Mapping[str, Any]) -> bool:
+        return provider is not None and provider.has_runtime_credentials(data)
+
+    def has_credentials(self, row: StoredRow) -> bool:
+        """Whether the row holds anything to call the provider with, or any saved setup."""
+        provider = self._core.provider_of(row)
+        if provider is not None and (
+            provider.has_runtime_credentials(row.data) or provider.is_configured(row.data)
+        ):
+            return True
+        return record.has_saved_data(row.data)
+
+    async def get_integration_by_uuid(self, uuid: object, owner: OwnerScope) -> Connection:
+        return self._core.connection(await self.require(uuid, owner))
+
+    async def get_integration(self, ref: object, owner: OwnerScope) -> dict[str, Any]:
+        return self._core.plain(await self.require_ref(ref, owner))
+
+    async def get_credentials(self, ref: object, owner: OwnerScope) -> dict[str, Any]:
+        row = await self.require_ref(ref, owner)
+        if not self.has_credentials(row):
+            raise NotConfigured(
+                f"The connection {row.provider}:{row.name} has no saved credentials; "
+                "save them with save_setup first."
+            )
+        return self._core.plain(row)
+
+    async def is_connected(self, uuid: object, owner: OwnerScope) -> bool:
+        row = await self.row(names.require_uuid(uuid), check_scope(owner))
+        if row is None or row.status != "connected":
+            return False
+        return self._runtime(self._core.provider_of(row), row.data)
+
+    async def find_uuid(self, ref: object, owner: str | None) -> str:
+        provider, name = names.parse_ref(ref)
+        owner = names.check_owner(owner)
+        found = await self._core.repo.uuid_by_key(owner, names.storage_key(provider, name))
+        if found is None:
+            raise NotFound(f"No {provider} connection named {name!r} here.")
+        return found
+
+    async def resolve(self, value: object, owner: OwnerScope) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidInput(
+                "Expected a uuid or a 'provider:name' reference, got "
+                f"{_describe(value)}; for example 'openai:default'."
+            )
+        row, _ = await self.row_by_ref(value.strip(), owner)
+        if row is None:
+            raise NotFound(f"Nothing matches {value.strip()[:80]!r}.")
+        return row.uuid
+
+    # -- listing ----------------------------------------------------------------------
+
+    async def load_all(
+        self, providers: Iterable[str], owner: str | None
+    ) -> dict[str, list[Connection]]:
+        if isinstance(providers, str) or not isinstance(providers, Iterable):
+            raise InvalidInput("providers must be a list of provider keys, such as ['openai'].")
+        keys = [names.check_provider_key(p) for p in providers]
+        owner = names.check_owner(owner)
+        result: dict[str, list[Connection]] = {key: [] for key in keys}
+        if not keys:
+            return result
+        rows = await self._core.repo.list_by_prefixes(
+            owner, [names.storage_key(key, "") for key in dict.fromkeys(keys)]
+        )
+        for row in rows:
+            connection = self._core.connection(row)
+            if connection.provider in result:
+                result[connection.provider].append(connection)
+        for connections in result.values():
+            connections.sort(key=lambda c: (c.name != names.DEFAULT_NAME, c.name))
+        return result
+
+    async def list_integrations(self, owner: str | None) -> list[Connection]:
+        owner = names.check_owner(owner)
+        rows = await self._core.repo.list_by_prefixes(owner, [names.KEY_PREFIX])
+        found = [self._core.connection(row) for row in rows if record.has_saved_data(row.data)]
+        found.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
+        return found
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def add(
+        self, provider: str, name: str, *, actor: str | None, owner: str | None
+    ) -> Connection:
+        definition = self._core.providers.get(provider)
+        clean = names.normalize_name(name)
+        owner = names.check_owner(owner)
+        actor = names.check_actor(actor)
+        uuid = names.uuid7()
+        new = record.added(uuid, owner, definition.key, definition.auth_type, clean, actor)
+        row = await self._core.repo.insert(
+            uuid, owner, new.row.key, new.row.data, new.change.events
+        )
+        if row is None:
+            raise AlreadyExists(
+                f"A {definition.key} connection named {clean!r} already exists; "
+                "choose another name or use the existing one."
+            )
+        return self._core.connection(row)
+
+    async def rename(
+        self, uuid: object, new_name: str, *, actor: str | None, owner: OwnerScope
+    ) -> dict[str, Any]:
+        uuid = names.require_uuid(uuid)
+        clean = names.normalize_name(new_name)
+        actor = names.check_actor(actor)
+        owner = check_scope(owner)
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            row = _visible(row, owner)
+            if row is None:
+                raise NotConfigured()
+            done = record.renamed(row, clean, actor)
+            return done.change, done.row
+
+        return self._core.masked(await self._core.repo.modify(uuid, decide))
+
+    async def remove(self, uuid: object, *, actor: str | None, owner: OwnerScope) -> None:
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        owner = check_scope(owner)
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            row = _visible(row, owner)
+            if row is None:
+                # As rename: a uuid that resolves to nothing is not configured.
+                raise NotConfigured()
+            done = record.removed(row, actor)
+            return done.change, done.row
+
+        with self._authflow.operation():
+            removed = await self._core.repo.modify(uuid, decide)
+            self._authflow.revoke_later(self._core.provider_of(removed), removed)
+
+    async def save_setup(
+        self, uuid: object, attrs: Mapping[str, Any], *, actor: str | None, owner: OwnerScope
+    ) -> dict[str, Any]:
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        owner = check_scope(owner)
+        if not isinstance(attrs, Mapping):
+            raise InvalidAttrs(
+                f"attrs must be a mapping of setup fields, got {type(attrs).__name__}."
+            )
+        if any(not isinstance(k, str) for k in attrs):
+            raise InvalidAttrs("Setup field names must be strings.")
+        current = await self.row(uuid, owner)
+        if current is None:
+            raise NotConfigured()
+        provider = self._core.providers.get(current.provider)
+        patch = provider.normalize_attrs(attrs)
+        managed = sorted(set(patch) & record.LIBRARY_FIELDS)
+        if managed:
+            raise InvalidAttrs(
+                f"These fields are managed by the library and cannot be saved: "
+                f"{', '.join(managed)}. Tokens from another system go through import_tokens().",
+                fields=managed,
+            )
+        sealed = self._core.seal(uuid, patch, provider)
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            row = _visible(row, owner)
+            if row is None:
+                raise NotConfigured()
+            done = record.setup_saved(
+                row,
+                sealed,
+                fields=patch,
+                missing=provider.missing_required,
+                runtime=provider.has_runtime_credentials,
+                oauth_code_flow=provider.auth_type == "oauth2",
+                actor=actor,
+            )
+            return done.change, done.row
+
+        return self._core.masked(await self._core.repo.modify(uuid, decide))
+
+    async def import_tokens(
+        self,
+        uuid: object,
+        tokens: Mapping[str, Any],
+        *,
+        actor: str | None,
+        owner: OwnerScope,
+    ) -> Connection:
+        """Store tokens obtained elsewhere as a new grant: connected, failures cleared."""
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        owner = check_scope(owner)
+        current = await self.row(uuid, owner)
+        if current is None:
+            raise NotConfigured()
+        provider = self._core.require_provider(current)
+        if not provider.is_oauth:
+            raise InvalidProviderKey(
+                f"Provider {provider.key!r} does not use OAuth tokens; save its credentials "
+                "with save_setup instead.",
+                provider=provider.key,
+            )
+        now = utcnow()
+        token_set = imported_token_set(tokens, now)
+        vault = self._core.vault
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
+            row = _visible(row, owner)
+            if row is None:
+                raise NotConfigured()
+            done = record.tokens_issued(
+                row,
+                token_set,
+                seal=lambda field, value: vault.seal_value(row.uuid, field, value),
+                account=None,
+                now=now,
+                actor=actor,
+            )
+            return done.change, done.row
+
+        return self._core.connection(await self._core.repo.modify(uuid, decide))
+
+    async def disconnect(self, uuid: object, *, actor: str | None, owner: OwnerScope) -> None:
+        uuid = names.require_uuid(uuid)
+        actor = names.check_actor(actor)
+        owner = check_scope(owner)
+
+        def decide(row: StoredRow | None) -> tuple[Change, StoredRow | None]:
+            row = _visible(row, owner)
+            if row is None:
+                return Change(), None
+            provider = self._core.provider_of(row)
+            keep_oauth_app = provider is None or provider.is_oauth
+            drop = () if keep_oauth_app else provider.runtime_fields  # type: ignore[union-attr]
+            done = record.disconnected(row, drop, actor)
+            return done.change, row
+
+        # The tokens are taken under the row lock, revoked only once the change committed.
+        with self._authflow.operation():
+            dropped = await self._core.repo.modify(uuid, decide)
+            if dropped is not None:
+                self._authflow.revoke_later(self._core.provider_of(dropped), dropped)
+
+    async def record(
+        self,
+        uuid: str,
+        ok: bool,
+        message: str,
+        *,
+        actor: str | None,
+        owner: OwnerScope = ALL_OWNERS,
+        checked: str | None = None,
+    ) -> None:
+        """Store a check's outcome (see ``record.validated``); a removed row is left alone.
+
+        ``checked`` is the fingerprint of the credentials that were checked: when they
+        changed meanwhile, only the check time is written.
+        """
+        now = utcnow()
+
+        def decide(row: StoredRow | None) -> tuple[Change, None]:
+            row = _visible(row, owner)
+            if row is None:
+                # A check that raced a removal has nothing left to record on.
+                return Change(), None
+            stale = checked is not None and self.fingerprint(row) != checked
+            return record.validated(row, ok, message, now, actor=actor, stale=stale).change, None
+
+        await self._core.repo.modify(uuid, decide)
+
+    def fingerprint(self, row: StoredRow) -> str:
+        from ._vault import SECRET_FIELDS
+
+        return record.fingerprint(row, SECRET_FIELDS | self._core.secret_fields(row))
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, str):
+        return repr(value[:80])
+    return type(value).__name__

@@ -1,0 +1,80 @@
+"""The core built at ``open()``: repository, vault, providers, HTTP client, event hub, settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from . import _names as names
+from ._errors import InvalidProviderKey
+from ._events import EventHub
+from ._http import HttpClient
+from ._models import Connection
+from ._providers import Provider
+from ._record import StoredRow
+from ._registry import ProviderRegistry
+from ._repository import Repository
+from ._settings import Settings
+from ._vault import Vault, mask_data
+
+__all__ = ["Core"]
+
+
+class Core:
+    """What every service stands on; services receive it and never see the facade."""
+
+    __slots__ = ("http", "hub", "providers", "repo", "settings", "vault")
+
+    def __init__(
+        self,
+        *,
+        repo: Repository,
+        vault: Vault,
+        providers: ProviderRegistry,
+        http: HttpClient,
+        hub: EventHub,
+        settings: Settings,
+    ) -> None:
+        self.repo = repo
+        self.vault = vault
+        self.providers = providers
+        self.http = http
+        self.hub = hub
+        self.settings = settings
+
+    def provider_of(self, row: StoredRow) -> Provider | None:
+        """The row's provider, None when it is no longer registered."""
+        return self.providers.find(row.provider)
+
+    def require_provider(self, row: StoredRow) -> Provider:
+        provider = self.provider_of(row)
+        if provider is None:
+            raise InvalidProviderKey(
+                f"The connection's provider {row.provider!r} is not registered; register it "
+                "with Integrations(providers=[...]) to use this connection.",
+                provider=row.provider,
+            )
+        return provider
+
+    def secret_fields(self, row: StoredRow) -> frozenset[str]:
+        provider = self.provider_of(row)
+        return provider.secret_field_keys if provider is not None else frozenset()
+
+    def masked(self, row: StoredRow) -> dict[str, Any]:
+        return mask_data(row.data, self.secret_fields(row))
+
+    def connection(self, row: StoredRow) -> Connection:
+        return Connection(
+            uuid=row.uuid,
+            provider=names.provider_of_key(row.key),
+            name=names.name_of_key(row.key),
+            owner=row.owner,
+            data=self.masked(row),
+        )
+
+    def plain(self, row: StoredRow) -> dict[str, Any]:
+        """The row's data with its secrets decrypted."""
+        return self.vault.unseal(row.uuid, row.data, self.secret_fields(row))
+
+    def seal(self, row_uuid: str, values: Mapping[str, Any], provider: Provider) -> dict[str, Any]:
+        return self.vault.seal(row_uuid, values, provider.secret_field_keys)

@@ -1,0 +1,669 @@
+"""The ``Integrations`` facade: lifecycle, and delegation to the services built at ``open()``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from . import _names as names
+from . import _record as record
+from ._authflow import AuthFlow
+from ._checks import Checks
+from ._connections import Connections, check_scope
+from ._core import Core
+from ._errors import AlreadyExists, ConfigurationError, LifecycleError, SchemaOutdated
+from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
+from ._http import HttpClient, Response
+from ._legacy import LegacyMigrator, LegacyMigrators
+from ._models import Connection, Validation
+from ._providers import Provider
+from ._registry import ProviderRegistry
+from ._repository import Repository
+from ._requests import Requests
+from ._rotation import ProgressCallback, RotationProgress, rotate
+from ._settings import Settings, TokenPolicy
+from ._tokens import Refresher
+from ._vault import Keyring, Vault
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from ._owner import OwnerHandle
+    from ._repository import Pool
+
+log = logging.getLogger("integrations")
+
+#: A connection reference: its uuid, ``"provider:name"``, bare ``"provider"`` (its
+#: default connection) or a ``("provider", "name")`` pair.
+Ref = str | tuple[str, str]
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Services:
+    """The core and the services that stand on it, built together at ``open()``."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.tokens = Refresher(core)
+        self.connections: Connections
+        self.authflow = AuthFlow(core, record_failure=self._record_failure)
+        self.connections = Connections(core, self.authflow)
+        self.checks = Checks(core, self.tokens, self.connections)
+        self.requests = Requests(core, self.tokens)
+
+    async def _record_failure(self, uuid: str, message: str, actor: str | None) -> None:
+        await self.connections.record(uuid, False, message, actor=actor)
+
+
+class Integrations:
+    """Stored integration credentials and authenticated calls, backed by PostgreSQL.
+
+    Use ``async with Integrations(dsn) as integ:``, or ``await integ.open()`` /
+    ``await integ.close()`` from a framework lifespan. This object is the system-wide
+    administrator: it sees every owner's connections. Hand request handlers
+    ``integ.for_owner(owner)`` instead.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: Pool | None = None,
+        http: aiohttp.ClientSession | None = None,
+        keys: str | Sequence[str] | None = None,
+        providers: Iterable[Provider] | None = None,
+        override_providers: bool = False,
+        leeway: float = 60.0,
+        auto_migrate: bool = True,
+        schema: str = "integrations",
+        encryption: Literal["on", "off"] = "on",
+        data_dir: str | os.PathLike[str] | None = None,
+        pool_max_size: int = 10,
+        check_timeout: float = 15.0,
+        authorization_ttl: float = 600.0,
+        lock_timeout: float = 30.0,
+        token_timeout: float = 10.0,
+        token_attempts: int = 3,
+        token_backoff: float = 0.5,
+        refresh_cooldown: float = 5.0,
+        revoke_timeout: float = 5.0,
+    ) -> None:
+        if encryption not in ("on", "off"):
+            raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
+        if dsn is not None and pool is not None:
+            raise ConfigurationError("Pass either dsn= or pool=, not both.")
+        if not isinstance(pool_max_size, int) or pool_max_size < 2:
+            # The event listener holds one pooled connection for as long as it listens.
+            raise ConfigurationError(f"pool_max_size must be at least 2, got {pool_max_size!r}.")
+        self._dsn = dsn
+        self._pool_arg = pool
+        self._keys_arg = keys
+        self._encryption = encryption
+        self._auto_migrate = auto_migrate
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._pool_max_size = pool_max_size
+        schema = names.check_identifier(schema, "schema")
+        try:
+            self.settings = Settings(
+                schema=schema,
+                check_timeout=check_timeout,
+                authorization_ttl=authorization_ttl,
+                revoke_timeout=revoke_timeout,
+                token=TokenPolicy(
+                    leeway=float(leeway),
+                    lock_timeout=lock_timeout,
+                    timeout=token_timeout,
+                    attempts=token_attempts,
+                    backoff=token_backoff,
+                    cooldown=refresh_cooldown,
+                ),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self.providers = ProviderRegistry(providers or (), override=override_providers)
+        self._repo = Repository(
+            schema, channel=f"{schema}_events", lock_timeout=self.settings.token.lock_timeout
+        )
+        self._http = HttpClient(http)
+        self._legacy = LegacyMigrators()
+        self._services: _Services | None = None
+        self._state = _State.NEW
+        self._teardown: asyncio.Task[None] | None = None
+        self.embedded_dsn: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Integrations schema={self.settings.schema!r} state={self._state.value}>"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Integrations:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect, and migrate a schema that is behind (unless ``auto_migrate=False``)."""
+        if self._state is not _State.NEW:
+            raise LifecycleError(f"Integrations is already {self._state.value}; create a new one.")
+        self._state = _State.OPEN
+        try:
+            vault = await self._connect()
+            if await self._repo.schema_version() < self._repo.q.latest_version:
+                if not self._auto_migrate:
+                    raise SchemaOutdated()
+                await self._repo.migrate()
+        except SchemaOutdated:
+            # Left unopened so that ``await integ.migrate()`` then ``open()`` works.
+            await self._repo.close()
+            self._state = _State.NEW
+            raise
+        except BaseException:
+            await self.close()
+            raise
+        # The hub opens no connection: the LISTEN connection waits for the first subscribe().
+        hub = EventHub(self._repo.listen, self._repo.channel)
+        core = Core(
+            repo=self._repo,
+            vault=vault,
+            providers=self.providers,
+            http=self._http,
+            hub=hub,
+            settings=self.settings,
+        )
+        self._services = _Services(core)
+
+    async def _connect(self) -> Vault:
+        """Resolve the DSN and keys (starting the embedded server if need be) and connect."""
+        dsn = self._dsn
+        keys: str | Sequence[str] | None = self._keys_arg
+        if dsn is None and self._pool_arg is None:
+            dsn = os.environ.get("INTEGRATIONS_DSN") or None
+            if dsn is None:
+                from ._embedded import default_data_dir, ensure_key_file, start_embedded
+
+                data_dir = self._data_dir or default_data_dir()
+                dsn = await start_embedded(data_dir)
+                self.embedded_dsn = dsn
+                if keys is None and not os.environ.get("INTEGRATIONS_KEYS"):
+                    keys = ensure_key_file(data_dir)
+        keyring = Keyring.parse(keys) if keys is not None else Keyring.from_env()
+        if keyring is None and self._encryption == "on":
+            log.warning(
+                "No encryption keys are configured (keys= or INTEGRATIONS_KEYS), so saving a "
+                "secret will fail; generate one with integrations.generate_key()."
+            )
+        await self._repo.open(dsn=dsn, pool=self._pool_arg, max_size=self._pool_max_size)
+        return Vault(keyring, encryption=self._encryption)
+
+    async def close(self) -> None:
+        """Release what was opened, in reverse order; an injected pool or session stays open.
+
+        Refreshes that have sent their token request, and disconnects, removals and code
+        exchanges in flight, are let finish first. A close() that is cancelled meanwhile
+        goes on in the background; calling close() again waits for it.
+        """
+        if self._teardown is None:
+            self._state = _State.CLOSING
+            self._teardown = asyncio.get_running_loop().create_task(
+                self._close_parts(), name="integrations-close"
+            )
+        await asyncio.shield(self._teardown)
+
+    async def _close_parts(self) -> None:
+        try:
+            # Each part is closed even when one before it fails; the pool last.
+            async with contextlib.AsyncExitStack() as stack:
+                stack.push_async_callback(self._repo.close)
+                stack.push_async_callback(self._http.close)
+                s = self._services
+                if s is not None:
+                    # Before the HTTP client: a disconnect in flight still revokes its grant.
+                    stack.push_async_callback(s.authflow.close)
+                    stack.push_async_callback(s.tokens.close)
+                    # Before the pool: the listener is a pooled connection, and ending the
+                    # subscriptions first lets every ``async for`` finish cleanly.
+                    stack.push_async_callback(s.core.hub.close)
+        finally:
+            self._state = _State.CLOSED
+
+    def _check_open(self) -> None:
+        self._s  # noqa: B018 - raises LifecycleError unless open
+
+    @property
+    def _s(self) -> _Services:
+        if self._state is not _State.OPEN or self._services is None:
+            raise LifecycleError(
+                "Integrations is not open: use 'async with Integrations(...)' or await open()."
+                if self._state is _State.NEW
+                else f"Integrations is {self._state.value}."
+            )
+        return self._services
+
+    async def migrate(self) -> list[int]:
+        """Apply pending schema migrations under an advisory lock; returns versions applied.
+
+        Also works before ``open()`` (for ``auto_migrate=False`` deployments that migrate
+        as a separate step): it then connects for the migration only.
+        """
+        if self._state is _State.NEW:
+            await self._connect()
+            try:
+                return await self._repo.migrate()
+            finally:
+                await self._repo.close()
+        self._check_open()
+        return await self._repo.migrate()
+
+    def for_owner(self, owner: str | None) -> OwnerHandle:
+        """A handle on one owner's connections: another owner's look missing through it."""
+        from ._owner import OwnerHandle
+
+        return OwnerHandle(self, names.check_owner(owner))
+
+    # -- events -------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        *,
+        provider: str | None = None,
+        uuid: str | None = None,
+        owner: OwnerScope | None = None,
+        kinds: Iterable[str] | None = None,
+        maxsize: int = 1000,
+    ) -> AbstractAsyncContextManager[Subscription]:
+        """Committed changes from every process on this database: ``async with integ.subscribe()``.
+
+        ``provider`` and ``uuid`` narrow to one provider or connection, ``kinds`` to some
+        event kinds. ``owner=None`` sees system connections only, an owner string that
+        owner's, ``ALL_OWNERS`` all; with a ``uuid`` and no owner, that connection whoever
+        owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
+        ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+        """
+        if uuid is not None and owner is None:
+            owner = ALL_OWNERS
+        return self._subscribe(provider, uuid, owner, kinds, maxsize)
+
+    def _subscribe(
+        self,
+        provider: str | None,
+        uuid: str | None,
+        owner: OwnerScope,
+        kinds: Iterable[str] | None,
+        maxsize: int,
+    ) -> AbstractAsyncContextManager[Subscription]:
+        """Subscribe with an exact owner scope (the owner handle's path)."""
+        hub = self._s.core.hub
+        if provider is not None:
+            provider = self.providers.get(provider).key
+        if uuid is not None:
+            uuid = names.require_uuid(uuid)
+        scope = check_scope(owner)
+        return hub.subscribe(
+            provider=provider, uuid=uuid, owner=scope, kinds=kinds, maxsize=maxsize
+        )
+
+    @property
+    def event_stats(self) -> HubStats:
+        """Counters of this instance's event listener: received, malformed, reconnects."""
+        return self._s.core.hub.stats
+
+    # -- connections --------------------------------------------------------------------
+
+    async def add_connection(
+        self, provider: str, name: str, *, actor: str | None = None, owner: str | None = None
+    ) -> Connection:
+        """Create a named connection; the only place a storage key is built."""
+        return await self._s.connections.add(provider, name, actor=actor, owner=owner)
+
+    async def rename_connection(
+        self, uuid: str, new_name: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
+    ) -> dict[str, Any]:
+        """Rename in place: the key's name part is rewritten, the uuid never changes."""
+        return await self._s.connections.rename(uuid, new_name, actor=actor, owner=owner)
+
+    async def remove_connection(
+        self, uuid: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
+    ) -> None:
+        """Delete a connection (its grant revoked); readers pinned to its uuid get ``deleted``."""
+        await self._s.connections.remove(uuid, actor=actor, owner=owner)
+
+    async def list_connections(
+        self, provider: str, *, owner: str | None = None
+    ) -> list[Connection]:
+        """A provider's connections: "default" first, then by name (masked)."""
+        return (await self._s.connections.load_all([provider], owner))[provider]
+
+    async def load_all_connections(
+        self, providers: Iterable[str], *, owner: str | None = None
+    ) -> dict[str, list[Connection]]:
+        """Connections of several providers in one SQL statement; every asked key is present."""
+        return await self._s.connections.load_all(providers, owner)
+
+    async def list_integrations(self, *, owner: str | None = None) -> list[Connection]:
+        """Connections that have saved data (setup or credentials), by provider then name."""
+        return await self._s.connections.list_integrations(owner)
+
+    def list_providers(self) -> list[Provider]:
+        """Every known provider, built-in and registered, by key."""
+        return self.providers.all()
+
+    async def get_integration(self, ref: Ref, *, owner: OwnerScope = ALL_OWNERS) -> dict[str, Any]:
+        """The whole decrypted data of a connection, by uuid or ref (see ``get_credentials``)."""
+        return await self._s.connections.get_integration(ref, owner)
+
+    async def get_integration_by_uuid(
+        self, uuid: str, *, owner: OwnerScope = ALL_OWNERS
+    ) -> Connection:
+        """The connection (masked) by its row uuid."""
+        return await self._s.connections.get_integration_by_uuid(uuid, owner)
+
+    async def find_uuid_by_provider_name(self, ref: Ref, *, owner: str | None = None) -> str:
+        """``"p:n"``, ``"p"`` (= ``"p:default"``) or ``("p", "n")`` → uuid; never guesses."""
+        return await self._s.connections.find_uuid(ref, owner)
+
+    async def resolve_to_uuid(self, value: Ref, *, owner: OwnerScope = ALL_OWNERS) -> str:
+        """A uuid that exists → itself; a provider ref → its uuid (see ``get_credentials``)."""
+        return await self._s.connections.resolve(value, owner)
+
+    def settings_key(self, ref: str) -> str:
+        """The storage key for ``"google"`` or ``"google:personal"``."""
+        return names.settings_key(ref)
+
+    async def get_credentials(self, ref: Ref, *, owner: OwnerScope = ALL_OWNERS) -> dict[str, Any]:
+        """Decrypted credentials for API calls, by uuid or ``provider:name``.
+
+        A ref is looked up in ``owner``'s scope (the system's when left out). A uuid names
+        its row whoever owns it, unless ``owner`` is given (``None`` included): then a row
+        of another owner counts as missing.
+        """
+        return await self._s.connections.get_credentials(ref, owner)
+
+    async def is_connected(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> bool:
+        """True when the connection is connected and holds runtime credentials."""
+        return await self._s.connections.is_connected(uuid, owner)
+
+    async def save_setup(
+        self,
+        uuid: str,
+        attrs: Mapping[str, Any],
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> dict[str, Any]:
+        """Merge setup attributes into the connection; tokens already obtained are kept."""
+        return await self._s.connections.save_setup(uuid, attrs, actor=actor, owner=owner)
+
+    async def import_tokens(
+        self,
+        uuid: str,
+        tokens: Mapping[str, Any],
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> Connection:
+        """Store OAuth tokens obtained elsewhere (moving from another system), validated.
+
+        ``tokens``: ``access_token`` (required), ``refresh_token``, ``token_type``,
+        ``scope``, and ``expires_at`` (ISO 8601) or ``expires_in`` (seconds). The
+        connection becomes ``connected`` as after an authorization; the only way to write
+        token fields from outside (``save_setup`` refuses them).
+        """
+        return await self._s.connections.import_tokens(uuid, tokens, actor=actor, owner=owner)
+
+    async def disconnect(
+        self, uuid: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
+    ) -> None:
+        """Drop runtime credentials (tokens, keys); OAuth client id/secret are kept."""
+        await self._s.connections.disconnect(uuid, actor=actor, owner=owner)
+
+    async def record_validation(
+        self, uuid: str, result: Any, *, owner: OwnerScope = ALL_OWNERS
+    ) -> None:
+        """Store a check's outcome; an event only when status or validation_status changed."""
+        s = self._s
+        row = await s.connections.require(uuid, owner) if owner is not ALL_OWNERS else None
+        ok, message = record.validation_outcome(result)
+        target = row.uuid if row is not None else names.require_uuid(uuid)
+        await s.connections.record(target, ok, message, actor=None, owner=owner)
+
+    # -- checks -------------------------------------------------------------------------
+
+    async def validate_credentials(self, provider: str, attrs: Mapping[str, Any]) -> Validation:
+        """Probe the provider with in-memory credentials; nothing is stored."""
+        return await self._s.checks.validate_credentials(provider, attrs)
+
+    async def validate_connection(
+        self, uuid: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
+    ) -> Validation:
+        """Probe the stored credentials and record the outcome on the connection."""
+        return await self._s.checks.validate_connection(uuid, actor=actor, owner=owner)
+
+    # -- requests and tokens ------------------------------------------------------------
+
+    async def authenticated_request(
+        self,
+        uuid: Ref,
+        method: str,
+        url: str,
+        *,
+        allow_any_host: bool = False,
+        max_attempts: int | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+        **opts: Any,
+    ) -> Response:
+        """Send a request with the connection's credentials, only to the provider's API hosts.
+
+        ``uuid`` may also be a ref, looked up in ``owner``'s scope (see ``get_credentials``).
+        ``allow_any_host=True`` sends the credentials wherever ``url`` points: only for URLs
+        you fully control. ``opts``: ``headers``, ``params``, ``json``, ``data``,
+        ``timeout`` and other aiohttp request options.
+        """
+        s = self._s
+        row = await s.connections.require_ref(uuid, owner)
+        return await s.requests.request(
+            row, method, url, allow_any_host=allow_any_host, max_attempts=max_attempts, opts=opts
+        )
+
+    async def access_token(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> str:
+        """A valid access token, refreshed first when it expires within the leeway."""
+        s = self._s
+        row = await s.connections.require(uuid, owner)
+        return await s.tokens.access_token(row, s.core.require_provider(row))
+
+    async def refresh_access_token(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> str:
+        """Refresh now and return the new access token; concurrent calls share one request."""
+        s = self._s
+        row = await s.connections.require(uuid, owner)
+        return await s.tokens.refresh(row, s.core.require_provider(row))
+
+    # -- OAuth authorization -------------------------------------------------------------
+
+    async def begin_authorization(
+        self,
+        uuid: str,
+        redirect_uri: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> tuple[str, str]:
+        """Start an authorization: returns ``(url, state)``; redirect the user to ``url``.
+
+        A single-use pending authorization (state hash, sealed PKCE verifier, redirect URI,
+        scopes) is stored server-side and expires after ``authorization_ttl`` seconds.
+        """
+        uuid, actor = names.require_uuid(uuid), names.check_actor(actor)
+        return await self._s.authflow.begin(
+            uuid, redirect_uri, scopes=scopes, actor=actor, owner=check_scope(owner)
+        )
+
+    async def complete_authorization(
+        self,
+        state: str,
+        *,
+        code: str | None = None,
+        error: str | None = None,
+        error_description: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> Connection:
+        """Finish an authorization from the callback's ``state`` and ``code`` (or ``error``).
+
+        The state is consumed exactly once: an unknown, reused or expired one raises
+        InvalidState and changes nothing. A provider ``error`` is recorded on the
+        connection and raised as AuthorizationDenied.
+        """
+        s = self._s
+        row = await s.authflow.complete(
+            state,
+            code=code,
+            error=error,
+            error_description=error_description,
+            owner=check_scope(owner),
+        )
+        return s.core.connection(row)
+
+    async def authorization_url(
+        self,
+        uuid: str,
+        redirect_uri: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        state: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> str:
+        """The seed's authorization URL (PKCE included); a pending authorization is stored."""
+        s = self._s
+        url, _ = await s.authflow.begin(
+            names.require_uuid(uuid),
+            redirect_uri,
+            scopes=scopes,
+            actor=None,
+            state=state,
+            owner=check_scope(owner),
+        )
+        return url
+
+    async def exchange_code(
+        self,
+        uuid: str,
+        code: str,
+        redirect_uri: str,
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> dict[str, Any]:
+        """The seed's code exchange: stores the tokens and returns the (masked) data."""
+        s = self._s
+        uuid, actor = names.require_uuid(uuid), names.check_actor(actor)
+        row = await s.authflow.exchange(uuid, code, redirect_uri, actor, check_scope(owner))
+        return s.core.masked(row)
+
+    async def connect_interactive(
+        self,
+        uuid: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        open_browser: bool = False,
+        timeout: float = 300.0,  # noqa: ASYNC109 - enforced inside with asyncio.timeout
+        port: int = 0,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> Connection:
+        """Authorize from a script or notebook through a temporary server on 127.0.0.1.
+
+        Prints the authorization URL (and opens it when ``open_browser``); the redirect
+        URI is ``http://127.0.0.1:{port}/callback``. Raises AuthorizationTimeout (a
+        TimeoutError) after ``timeout`` seconds.
+        """
+        from ._interactive import connect_interactive
+
+        s = self._s
+        return await connect_interactive(
+            s.authflow,
+            s.core,
+            names.require_uuid(uuid),
+            owner=check_scope(owner),
+            scopes=scopes,
+            open_browser=open_browser,
+            timeout=timeout,
+            port=port,
+        )
+
+    # -- legacy data ----------------------------------------------------------------------
+
+    def register_legacy_migrator(self, name: str, migrator: LegacyMigrator) -> None:
+        """Register an application's migrator of pre-uuid data (names must be unique)."""
+        self._legacy.register(name, migrator)
+
+    async def run_all_legacy_migrations(self) -> dict[str, bool]:
+        """Run every registered legacy migrator; best-effort, never raises."""
+        self._check_open()
+        return await self._legacy.run_all(self)
+
+    async def run_legacy_migrations(self) -> None:
+        """Deprecated: use ``run_all_legacy_migrations()``."""
+        warnings.warn(
+            "run_legacy_migrations() is deprecated; use run_all_legacy_migrations()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        await self.run_all_legacy_migrations()
+
+    async def legacy_upsert(
+        self, provider: str, name: str, data: Mapping[str, Any], *, owner: str | None = None
+    ) -> Connection:
+        """For legacy migrators: create or merge a connection from pre-uuid data."""
+        try:
+            connection = await self.add_connection(provider, name, owner=owner)
+        except AlreadyExists:
+            uuid = await self.find_uuid_by_provider_name(
+                (provider, names.normalize_name(name)), owner=owner
+            )
+        else:
+            uuid = connection.uuid
+        await self.save_setup(uuid, data)
+        return await self.get_integration_by_uuid(uuid)
+
+    # -- keys -----------------------------------------------------------------------------
+
+    async def rotate_keys(
+        self, *, batch_size: int = 500, progress: ProgressCallback | None = None
+    ) -> RotationProgress:
+        """Re-encrypt every stored secret not yet under the primary key, online.
+
+        Batches of ``batch_size`` rows in uuid order, each in its own short transaction
+        (rows another transaction holds are retried once the rest is done), so the
+        application keeps working. Rows already under the primary key are skipped: after
+        a crash, run it again to resume. ``progress`` (a function or coroutine function)
+        gets a RotationProgress after each batch and once more at the end.
+        """
+        core = self._s.core
+        return await rotate(
+            core.repo,
+            core.vault,
+            secret_fields_of=core.secret_fields,
+            all_secret_fields=[f for p in self.providers.all() for f in p.secret_field_keys],
+            batch_size=batch_size,
+            progress=progress,
+        )

@@ -1,0 +1,78 @@
+"""Request pipeline: resolve, decrypt once, check the host once, authenticate, send, retry."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ._core import Core
+from ._errors import InvalidInput
+from ._http import Response
+from ._record import StoredRow
+from ._tokens import Refresher
+
+__all__ = ["Requests", "check_method"]
+
+# RFC 9110 token characters: a method name is one token.
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
+
+
+def check_method(method: object) -> str:
+    """An HTTP method name, upper-cased; anything that is not a token is InvalidInput."""
+    if not isinstance(method, str) or not method.isascii() or not _METHOD.fullmatch(method):
+        shown = repr(method[:40]) if isinstance(method, str) else type(method).__name__
+        raise InvalidInput(f"method must be an HTTP method name such as 'GET', got {shown}.")
+    return method.upper()
+
+
+class Requests:
+    """Authenticated calls: one pass of the pipeline per call.
+
+    The row is decrypted once and the URL checked against the provider's API hosts once,
+    before any token request. For OAuth providers a token due for renewal is refreshed
+    first; an answer whose status is in ``provider.refresh_on`` (401 by default) means
+    the token was rejected: it is refreshed once (only if still the stored one) and the
+    request sent once more.
+    """
+
+    def __init__(self, core: Core, tokens: Refresher) -> None:
+        self._core = core
+        self._tokens = tokens
+
+    async def request(
+        self,
+        row: StoredRow,
+        method: str,
+        url: str,
+        *,
+        allow_any_host: bool,
+        max_attempts: int | None,
+        opts: dict[str, Any],
+    ) -> Response:
+        method = check_method(method)
+        core = self._core
+        provider = core.require_provider(row)
+        target = core.http.target(
+            url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
+        )
+        plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        if not provider.is_oauth:
+            return await core.http.send_authenticated(
+                method, target, provider, plain, max_attempts=max_attempts, opts=opts
+            )
+        token = await self._tokens.access_token(row, provider, plain)
+
+        async def send(access_token: str) -> Response:
+            credentials: Mapping[str, Any] = {**plain, "access_token": access_token}
+            return await core.http.send_authenticated(
+                method, target, provider, credentials, max_attempts=max_attempts, opts=opts
+            )
+
+        response = await send(token)
+        if response.status not in provider.refresh_on:
+            return response
+        fresh = await self._tokens.after_rejection(row, token)
+        if fresh == token:
+            return response
+        return await send(fresh)

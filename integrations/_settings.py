@@ -1,0 +1,74 @@
+"""Settings fixed at construction: timing of token requests, checks and authorizations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["BUDGET_MARGIN", "Settings", "TokenPolicy"]
+
+#: Slack beyond the attempts and their waits, for the database round trips of a refresh.
+BUDGET_MARGIN = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """Timing of token requests, of the row lock that serialises them, and of the
+    cool-down after a failed refresh."""
+
+    leeway: float = 60.0
+    lock_timeout: float = 30.0
+    timeout: float = 10.0
+    attempts: int = 3
+    backoff: float = 0.5
+    cooldown: float = 5.0
+
+    def __post_init__(self) -> None:
+        if (
+            self.leeway < 0
+            or self.lock_timeout <= 0
+            or self.timeout <= 0
+            or self.backoff < 0
+            or self.cooldown < 0
+        ):
+            raise ValueError(
+                "leeway, backoff and refresh_cooldown must be >= 0; lock_timeout and timeout > 0"
+            )
+        if self.attempts < 1:
+            raise ValueError("token_attempts must be at least 1")
+
+    @property
+    def backoff_cap(self) -> float:
+        return self.backoff * 8
+
+    @property
+    def cooldown_cap(self) -> float:
+        return self.cooldown * 60
+
+    @property
+    def budget(self) -> float:
+        """The longest one refresh may take from its first token request: every attempt
+        times out, every wait maxed. The row lock's idle timeout is set to it."""
+        waits = sum(min(self.backoff_cap, self.backoff * 2.0**i) for i in range(self.attempts - 1))
+        return self.attempts * self.timeout + waits + BUDGET_MARGIN
+
+    def cooldown_after(self, failures: int, retry_after: float | None) -> float:
+        """Seconds automatic refreshes wait after ``failures`` consecutive failed ones."""
+        wait = min(self.cooldown_cap, self.cooldown * 2.0 ** min(max(failures - 1, 0), 32))
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.cooldown_cap))
+        return wait
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything else a service reads: the schema, check and authorization timing."""
+
+    schema: str = "integrations"
+    check_timeout: float = 15.0
+    authorization_ttl: float = 600.0
+    revoke_timeout: float = 5.0
+    token: TokenPolicy = field(default_factory=TokenPolicy)
+
+    def __post_init__(self) -> None:
+        if self.authorization_ttl <= 0 or self.revoke_timeout <= 0 or self.check_timeout <= 0:
+            raise ValueError("authorization_ttl, revoke_timeout and check_timeout must be > 0")
