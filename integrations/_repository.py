@@ -768,10 +768,18 @@ async def probe_postgres(
         return "unreachable", ""
     except asyncpg.PostgresError as exc:
         return "service_error", str(exc.sqlstate)
-    except asyncpg.InterfaceError:
+    except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError):
         return "service_error", "(connection refused by the driver)"
     try:
-        await conn.fetchval("SELECT 1")
+        await conn.fetchval("SELECT 1", timeout=timeout)
+    except asyncpg.PostgresError as exc:
+        return "service_error", str(exc.sqlstate)
+    except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError):
+        # Dropped between the login and the query.
+        return "unreachable", ""
     finally:
-        await conn.close(timeout=timeout)
+        try:
+            await conn.close(timeout=timeout)
+        except Exception:
+            conn.terminate()
     return "ok", ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid as uuid_mod
 from collections import Counter
@@ -26,7 +27,8 @@ from .conftest import TEST_KEY
 from .faultproxy import FaultProxy
 
 WRITERS = 20
-ROUNDS = 5
+# More rounds for a longer soak: INTEGRATIONS_FAULT_ROUNDS=50 pytest tests/test_faults.py -s
+ROUNDS = int(os.environ.get("INTEGRATIONS_FAULT_ROUNDS", "5"))
 CUTS_PER_ROUND = 2
 TIMEOUT = 10.0
 
