@@ -579,8 +579,11 @@ class Repository:
                 yield locked
             except Exception:
                 if locked is None or not locked.committed:
-                    with contextlib.suppress(Exception):
+                    try:
                         await transaction.rollback()
+                    except Exception:
+                        # Broken meanwhile: dropped, the server rolls back on its own.
+                        conn.terminate()
                 raise
             if not locked.committed:
                 await transaction.commit()
