@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, benchmarks."""
+"""Sessions: tests, lint, typecheck, docs, benchmarks."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("mypy", "--strict", "integrations")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site; any warning fails the build."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session

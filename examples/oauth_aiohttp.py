@@ -20,20 +20,45 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from integrations import AuthorizationDenied, Integrations, InvalidState
+from integrations import (
+    AuthorizationDenied,
+    Integrations,
+    IntegrationsError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    OAuthError,
+    TokenRequestFailed,
+)
 
 STATE_COOKIE = "oauth_state"
 INTEGRATIONS = web.AppKey("integrations", Integrations)
+
+
+def error_response(exc: IntegrationsError) -> web.Response:
+    """The HTTP answer for a refused request: the client's mistake is a 4xx, never a 500."""
+    if isinstance(exc, NotFound):
+        status = 404
+    elif isinstance(exc, TokenRequestFailed):
+        status = 502  # the provider's token endpoint failed, not this app
+    elif isinstance(exc, InvalidInput | OAuthError):
+        status = 400
+    else:
+        raise exc  # a storage or configuration fault is the server's own error
+    return web.json_response({"error": exc.code, "message": exc.message}, status=status)
 
 
 async def begin(request: web.Request) -> web.StreamResponse:
     integ = request.app[INTEGRATIONS]
     callback_path = request.app.router["oauth_callback"].url_for()
     redirect_uri = str(request.url.origin().join(callback_path))
-    # actor= records who connected it; take it from your own authentication.
-    url, state = await integ.begin_authorization(
-        request.match_info["uuid"], redirect_uri, actor=None
-    )
+    try:
+        # actor= records who connected it; take it from your own authentication.
+        url, state = await integ.begin_authorization(
+            request.match_info["uuid"], redirect_uri, actor=None
+        )
+    except IntegrationsError as exc:
+        return error_response(exc)
     response = web.Response(status=302, headers={"Location": url})
     response.set_cookie(
         STATE_COOKIE,
@@ -64,6 +89,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text="This authorization link is invalid or expired.") from None
     except AuthorizationDenied as exc:
         response = web.json_response({"connected": False, "reason": exc.message}, status=403)
+    except IntegrationsError as exc:
+        response = error_response(exc)
     else:
         response = web.json_response(
             {

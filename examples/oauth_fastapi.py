@@ -23,9 +23,31 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from integrations import AuthorizationDenied, Integrations, InvalidState
+from integrations import (
+    AuthorizationDenied,
+    Integrations,
+    IntegrationsError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    OAuthError,
+    TokenRequestFailed,
+)
 
 STATE_COOKIE = "oauth_state"
+
+
+def error_response(exc: IntegrationsError) -> JSONResponse:
+    """The HTTP answer for a refused request: the client's mistake is a 4xx, never a 500."""
+    if isinstance(exc, NotFound):
+        status = 404
+    elif isinstance(exc, TokenRequestFailed):
+        status = 502  # the provider's token endpoint failed, not this app
+    elif isinstance(exc, InvalidInput | OAuthError):
+        status = 400
+    else:
+        raise exc  # a storage or configuration fault is the server's own error
+    return JSONResponse({"error": exc.code, "message": exc.message}, status_code=status)
 
 
 def create_app(make_integrations: Callable[[], Integrations] = Integrations) -> FastAPI:
@@ -40,11 +62,14 @@ def create_app(make_integrations: Callable[[], Integrations] = Integrations) -> 
     app = FastAPI(lifespan=lifespan)
 
     @app.get("/integrations/{uuid}/connect")
-    async def begin(uuid: str, request: Request) -> RedirectResponse:
+    async def begin(uuid: str, request: Request) -> Any:
         integ: Integrations = request.app.state.integrations
         redirect_uri = str(request.url_for("oauth_callback"))
-        # actor= records who connected it; take it from your own authentication.
-        url, state = await integ.begin_authorization(uuid, redirect_uri, actor=None)
+        try:
+            # actor= records who connected it; take it from your own authentication.
+            url, state = await integ.begin_authorization(uuid, redirect_uri, actor=None)
+        except IntegrationsError as exc:
+            return error_response(exc)
         response = RedirectResponse(url, status_code=302)
         response.set_cookie(
             STATE_COOKIE,
@@ -76,6 +101,8 @@ def create_app(make_integrations: Callable[[], Integrations] = Integrations) -> 
             raise HTTPException(400, "This authorization link is invalid or expired.") from None
         except AuthorizationDenied as exc:
             response = JSONResponse({"connected": False, "reason": exc.message}, status_code=403)
+        except IntegrationsError as exc:
+            response = error_response(exc)
         else:
             response = JSONResponse(
                 {

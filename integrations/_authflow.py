@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._events import ALL_OWNERS, OwnerScope
 from ._models import utcnow
+from ._names import shown
 from ._providers import Provider
 from ._record import Change, StoredRow
 from ._repository import PendingAuthorization
@@ -110,7 +111,10 @@ class AuthFlow:
     ) -> tuple[str, str]:
         """The authorization URL and its state; a pending authorization is stored for it."""
         if not isinstance(redirect_uri, str) or not redirect_uri:
-            raise InvalidInput("redirect_uri must be an absolute http(s) URL")
+            raise InvalidInput(
+                f"redirect_uri must be an absolute http(s) URL such as "
+                f"'https://app.example/oauth/callback', not {shown(redirect_uri)}."
+            )
         wanted = _scopes(scopes)
         if state is not None and (not isinstance(state, str) or not state):
             raise InvalidInput("state must be a non-empty string")
@@ -210,7 +214,10 @@ class AuthFlow:
         if not isinstance(code, str) or not code:
             raise InvalidInput("code must be a non-empty string")
         if not isinstance(redirect_uri, str) or not redirect_uri:
-            raise InvalidInput("redirect_uri must be an absolute http(s) URL")
+            raise InvalidInput(
+                f"redirect_uri must be an absolute http(s) URL such as "
+                f"'https://app.example/oauth/callback', not {shown(redirect_uri)}."
+            )
         with self.operation():
             row, _, _ = await self._oauth_row(uuid, owner)
             pending = await self._core.repo.take_latest_pending(row.uuid, redirect_uri)
@@ -411,9 +418,14 @@ def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
     if scopes is None:
         return None
     if isinstance(scopes, str | bytes) or not isinstance(scopes, Sequence):
-        raise InvalidInput("scopes must be a list of strings")
+        raise InvalidInput(
+            f"scopes must be a list of strings such as ['openid', 'email'], not {shown(scopes)}."
+        )
     if not all(isinstance(s, str) and s and not any(c.isspace() for c in s) for s in scopes):
-        raise InvalidInput("each scope must be a non-empty string without spaces")
+        raise InvalidInput(
+            f"Each scope must be a non-empty string without spaces; got {shown(list(scopes))}: "
+            "pass ['a', 'b'] rather than ['a b']."
+        )
     return list(scopes)
 
 

@@ -65,6 +65,7 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
                 label="Directory (tenant) ID",
                 default="common",
                 pattern=r"[A-Za-z0-9][A-Za-z0-9.-]*",
+                expected="a tenant uuid, a domain such as 'contoso.onmicrosoft.com', or 'common'",
                 help="Blank means 'common' (any work, school or personal account).",
             ),
         ),
@@ -193,7 +194,11 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
         auth_type="key_secret",
         setup_fields=(
             SetupField(
-                key="account_sid", label="Account SID", required=True, pattern=r"AC[0-9a-fA-F]{32}"
+                key="account_sid",
+                label="Account SID",
+                required=True,
+                pattern=r"AC[0-9a-fA-F]{32}",
+                expected="'AC' followed by 32 hexadecimal digits, as shown in the Twilio console",
             ),
             SetupField(key="auth_token", label="Auth token", required=True, secret=True),
         ),
@@ -219,7 +224,11 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
                 help="Only for temporary credentials.",
             ),
             SetupField(
-                key="region", label="Region", default="us-east-1", pattern=r"[a-z]{2}(-[a-z]+)+-\d+"
+                key="region",
+                label="Region",
+                default="us-east-1",
+                pattern=r"[a-z]{2}(-[a-z]+)+-\d+",
+                expected="an AWS region code such as 'us-east-1' or 'eu-west-3'",
             ),
         ),
         api_hosts=("*.amazonaws.com",),

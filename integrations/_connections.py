@@ -303,6 +303,19 @@ class Connections:
 
         return self._core.connection(await self._core.repo.modify(uuid, decide))
 
+    async def legacy_upsert(
+        self, provider: str, name: str, data: Mapping[str, Any], *, owner: str | None
+    ) -> Connection:
+        """Create or merge a connection from pre-uuid data."""
+        try:
+            connection = await self.add(provider, name, actor=None, owner=owner)
+        except AlreadyExists:
+            uuid = await self.find_uuid((provider, names.normalize_name(name)), owner)
+        else:
+            uuid = connection.uuid
+        await self.save_setup(uuid, data, actor=None, owner=ALL_OWNERS)
+        return await self.get_integration_by_uuid(uuid, ALL_OWNERS)
+
     async def disconnect(self, uuid: object, *, actor: str | None, owner: OwnerScope) -> None:
         uuid = names.require_uuid(uuid)
         actor = names.check_actor(actor)

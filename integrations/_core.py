@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 from . import _names as names
 from ._errors import InvalidProviderKey
@@ -13,11 +16,47 @@ from ._models import Connection
 from ._providers import Provider
 from ._record import StoredRow
 from ._registry import ProviderRegistry
-from ._repository import Repository
+from ._repository import Pool, Repository
 from ._settings import Settings
-from ._vault import Vault, mask_data
+from ._vault import Keyring, Vault, mask_data
 
-__all__ = ["Core"]
+log = logging.getLogger("integrations")
+
+__all__ = ["Core", "connect"]
+
+
+async def connect(
+    repo: Repository,
+    *,
+    dsn: str | None,
+    pool: Pool | None,
+    keys: str | Sequence[str] | None,
+    encryption: Literal["on", "off"],
+    data_dir: Path | None,
+    pool_max_size: int,
+) -> tuple[Vault, str | None]:
+    """Resolve the DSN and keys (starting the embedded server if need be) and open ``repo``.
+
+    Returns the vault and, when the embedded server was started, its DSN.
+    """
+    embedded: str | None = None
+    if dsn is None and pool is None:
+        dsn = os.environ.get("INTEGRATIONS_DSN") or None
+        if dsn is None:
+            from ._embedded import default_data_dir, ensure_key_file, start_embedded
+
+            directory = data_dir or default_data_dir()
+            dsn = embedded = await start_embedded(directory)
+            if keys is None and not os.environ.get("INTEGRATIONS_KEYS"):
+                keys = ensure_key_file(directory)
+    keyring = Keyring.parse(keys) if keys is not None else Keyring.from_env()
+    if keyring is None and encryption == "on":
+        log.warning(
+            "No encryption keys are configured (keys= or INTEGRATIONS_KEYS), so saving a "
+            "secret will fail; generate one with integrations.generate_key()."
+        )
+    await repo.open(dsn=dsn, pool=pool, max_size=pool_max_size)
+    return Vault(keyring, encryption=encryption), embedded
 
 
 class Core:

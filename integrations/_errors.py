@@ -46,12 +46,13 @@ from typing import Any, ClassVar
 
 
 class IntegrationsError(Exception):
-    """The integrations library failed."""
+    """The integrations library failed; the exception's code and cause say more."""
 
     code: ClassVar[str] = "error"
 
     def __init__(self, message: str | None = None, **context: Any) -> None:
-        self.message = message or (self.__doc__ or self.code).strip()
+        # The class docstring is the default message, as one plain line.
+        self.message = message or " ".join((self.__doc__ or self.code).split())
         self.context = context
         super().__init__(self.message)
 
@@ -60,23 +61,21 @@ class IntegrationsError(Exception):
 
 
 class ConfigurationError(IntegrationsError):
-    """The library is not configured correctly."""
+    """The library is not configured correctly; check the arguments given to Integrations()."""
 
     code = "configuration"
 
 
 class EncryptionNotConfigured(ConfigurationError):
-    """No encryption key is configured, so secrets cannot be stored.
-
-    Pass ``keys=`` (see ``integrations.generate_key()``), set INTEGRATIONS_KEYS,
-    or pass ``encryption="off"`` explicitly to store secrets in plain text.
-    """
+    """No encryption key is configured, so secrets cannot be stored: pass keys= (a key from
+    integrations.generate_key()) or set INTEGRATIONS_KEYS, or pass encryption="off" to store
+    secrets in plain text."""
 
     code = "encryption_not_configured"
 
 
 class SchemaOutdated(ConfigurationError):
-    """The database schema is behind this version; run ``await integ.migrate()``."""
+    """The database schema is behind this version of the library; run await integ.migrate()."""
 
     code = "schema_outdated"
 
@@ -94,61 +93,65 @@ class LifecycleError(IntegrationsError):
 
 
 class StorageError(IntegrationsError):
-    """The database operation failed."""
+    """The database operation failed; check that PostgreSQL is reachable with the configured DSN."""
 
     code = "storage"
 
 
 class InvalidInput(IntegrationsError, ValueError):
-    """The input is malformed."""
+    """The input is malformed; see the method's documentation for the accepted forms."""
 
     code = "invalid"
 
 
 class EmptyName(InvalidInput):
-    """The connection name is empty."""
+    """The connection name is empty; give a name such as 'default'."""
 
     code = "empty_name"
 
 
 class InvalidName(InvalidInput):
-    """The connection name must match ^[A-Za-z0-9][A-Za-z0-9_-]*$."""
+    """The connection name is not allowed: use letters, digits, '_' and '-', starting with a letter
+    or digit, at most 100 characters."""
 
     code = "invalid_name"
 
 
 class InvalidUUID(InvalidInput):
-    """The value is not a valid UUID."""
+    """Expected a connection uuid; get one from a ref with await
+    integ.resolve_to_uuid('provider:name')."""
 
     code = "invalid_uuid"
 
 
 class InvalidProviderKey(InvalidInput):
-    """The provider key is unknown or malformed."""
+    """The provider key is unknown or malformed; integ.list_providers() lists the registered
+    ones."""
 
     code = "invalid_provider_key"
 
 
 class InvalidAttrs(InvalidInput):
-    """The setup attributes are malformed."""
+    """The setup attributes are malformed; pass a dict of the provider's setup fields."""
 
     code = "invalid_attrs"
 
 
 class MissingField(InvalidAttrs):
-    """A required setup field is missing."""
+    """A required setup field is missing; the provider's setup_fields list the required ones."""
 
     code = "missing_field"
 
 
 class InvalidField(InvalidAttrs):
-    """A setup field has the wrong type or value."""
+    """A setup field has the wrong type or value; the provider's setup_fields say what each
+    accepts."""
 
     code = "invalid_field"
 
 
 class InvalidURL(InvalidInput):
-    """The URL is not an absolute http(s) URL."""
+    """The URL is not an absolute http(s) URL; write it like https://api.example.com/path."""
 
     code = "invalid_url"
 
@@ -160,73 +163,81 @@ class ProviderConflict(InvalidInput):
 
 
 class AlreadyExists(IntegrationsError):
-    """A connection with this name already exists for the provider."""
+    """A connection with this name already exists for the provider; choose another name or use the
+    existing one."""
 
     code = "already_exists"
 
 
 class NotFound(IntegrationsError):
-    """No matching connection exists."""
+    """No matching connection exists; integ.list_connections(provider) lists the existing ones."""
 
     code = "not_found"
 
 
 class NotConfigured(NotFound):
-    """The connection does not exist or has no saved credentials."""
+    """The connection does not exist or has no saved credentials; add it with add_connection() and
+    save_setup()."""
 
     code = "not_configured"
 
 
 class Deleted(NotFound):
-    """The connection referenced by this uuid no longer exists."""
+    """The connection referenced by this uuid no longer exists; it was removed, so look it up again
+    by 'provider:name'."""
 
     code = "deleted"
 
 
 class CryptoError(IntegrationsError):
-    """A secret could not be encrypted or decrypted."""
+    """A secret could not be encrypted or decrypted; check the configured keys."""
 
     code = "crypto"
 
 
 class UnknownKey(CryptoError):
-    """The secret was encrypted with a key that is not in the keyring."""
+    """The secret was encrypted with a key that is not in the keyring; add that key to keys= or
+    INTEGRATIONS_KEYS."""
 
     code = "unknown_key"
 
 
 class DecryptionFailed(CryptoError):
-    """The secret could not be decrypted (wrong key, tampered data or moved ciphertext)."""
+    """The secret could not be decrypted (wrong key, tampered data or moved ciphertext); save the
+    secret again."""
 
     code = "decryption_failed"
 
 
 class HostNotAllowed(IntegrationsError):
-    """The URL's host is not one of the provider's API hosts; credentials were not sent."""
+    """The URL's host is not one of the provider's API hosts, so credentials were not sent; use a
+    URL on one of its api_hosts."""
 
     code = "host_not_allowed"
 
 
 class RequestFailed(IntegrationsError):
-    """The HTTP request could not be completed."""
+    """The HTTP request could not be completed; check the network and the service's status, then
+    retry."""
 
     code = "request_failed"
 
 
 class OAuthError(IntegrationsError):
-    """The OAuth flow failed."""
+    """The OAuth flow failed; start the authorization again."""
 
     code = "oauth"
 
 
 class InvalidState(OAuthError):
-    """The OAuth state is unknown, already used or expired."""
+    """The OAuth state is unknown, already used or expired; start the authorization again with
+    begin_authorization()."""
 
     code = "invalid_state"
 
 
 class AuthorizationDenied(OAuthError):
-    """The provider refused the authorization."""
+    """The provider refused the authorization; the user can start it again."""
 
     code = "authorization_denied"
 
@@ -244,7 +255,8 @@ class ReauthRequired(OAuthError):
 
 
 class TokenRequestFailed(OAuthError):
-    """The token endpoint could not be reached or failed."""
+    """The token endpoint could not be reached or failed; retry later if the error is transient,
+    else authorize again."""
 
     code = "token_request_failed"
 
@@ -257,13 +269,13 @@ class TokenRequestFailed(OAuthError):
 
 
 class LockTimeout(StorageError):
-    """The connection's row lock, held by another transaction, was not granted within the
-    lock timeout."""
+    """The connection's row lock, held by another transaction, was not granted within the lock
+    timeout; retry, or raise lock_timeout."""
 
     code = "lock_timeout"
 
 
 class AuthorizationTimeout(OAuthError, TimeoutError):
-    """The authorization was not completed in time."""
+    """The authorization was not completed in time; start it again."""
 
     code = "authorization_timeout"

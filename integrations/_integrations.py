@@ -15,36 +15,27 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
-from . import _record as record
-from ._authflow import AuthFlow
-from ._checks import Checks
-from ._connections import Connections, check_scope
-from ._core import Core
-from ._errors import AlreadyExists, ConfigurationError, LifecycleError, SchemaOutdated
+from ._core import Core, connect
+from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import Connection, Validation
+from ._owner import OwnerHandle, Ref
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._repository import Repository
-from ._requests import Requests
-from ._rotation import ProgressCallback, RotationProgress, rotate
+from ._rotation import ProgressCallback, RotationProgress
+from ._services import Services
 from ._settings import Settings, TokenPolicy
-from ._tokens import Refresher
-from ._vault import Keyring, Vault
+from ._vault import Vault
 
 if TYPE_CHECKING:
     import aiohttp
 
-    from ._owner import OwnerHandle
     from ._repository import Pool
 
 log = logging.getLogger("integrations")
-
-#: A connection reference: its uuid, ``"provider:name"``, bare ``"provider"`` (its
-#: default connection) or a ``("provider", "name")`` pair.
-Ref = str | tuple[str, str]
 
 
 class _State(enum.Enum):
@@ -52,22 +43,6 @@ class _State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class _Services:
-    """The core and the services that stand on it, built together at ``open()``."""
-
-    def __init__(self, core: Core) -> None:
-        self.core = core
-        self.tokens = Refresher(core)
-        self.connections: Connections
-        self.authflow = AuthFlow(core, record_failure=self._record_failure)
-        self.connections = Connections(core, self.authflow)
-        self.checks = Checks(core, self.tokens, self.connections)
-        self.requests = Requests(core, self.tokens)
-
-    async def _record_failure(self, uuid: str, message: str, actor: str | None) -> None:
-        await self.connections.record(uuid, False, message, actor=actor)
 
 
 class Integrations:
@@ -141,7 +116,7 @@ class Integrations:
         )
         self._http = HttpClient(http)
         self._legacy = LegacyMigrators()
-        self._services: _Services | None = None
+        self._services: Services | None = None
         self._state = _State.NEW
         self._teardown: asyncio.Task[None] | None = None
         self.embedded_dsn: str | None = None
@@ -192,30 +167,19 @@ class Integrations:
             hub=hub,
             settings=self.settings,
         )
-        self._services = _Services(core)
+        self._services = Services(core)
 
     async def _connect(self) -> Vault:
-        """Resolve the DSN and keys (starting the embedded server if need be) and connect."""
-        dsn = self._dsn
-        keys: str | Sequence[str] | None = self._keys_arg
-        if dsn is None and self._pool_arg is None:
-            dsn = os.environ.get("INTEGRATIONS_DSN") or None
-            if dsn is None:
-                from ._embedded import default_data_dir, ensure_key_file, start_embedded
-
-                data_dir = self._data_dir or default_data_dir()
-                dsn = await start_embedded(data_dir)
-                self.embedded_dsn = dsn
-                if keys is None and not os.environ.get("INTEGRATIONS_KEYS"):
-                    keys = ensure_key_file(data_dir)
-        keyring = Keyring.parse(keys) if keys is not None else Keyring.from_env()
-        if keyring is None and self._encryption == "on":
-            log.warning(
-                "No encryption keys are configured (keys= or INTEGRATIONS_KEYS), so saving a "
-                "secret will fail; generate one with integrations.generate_key()."
-            )
-        await self._repo.open(dsn=dsn, pool=self._pool_arg, max_size=self._pool_max_size)
-        return Vault(keyring, encryption=self._encryption)
+        vault, self.embedded_dsn = await connect(
+            self._repo,
+            dsn=self._dsn,
+            pool=self._pool_arg,
+            keys=self._keys_arg,
+            encryption=self._encryption,
+            data_dir=self._data_dir,
+            pool_max_size=self._pool_max_size,
+        )
+        return vault
 
     async def close(self) -> None:
         """Release what was opened, in reverse order; an injected pool or session stays open.
@@ -237,14 +201,10 @@ class Integrations:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self._repo.close)
                 stack.push_async_callback(self._http.close)
-                s = self._services
-                if s is not None:
-                    # Before the HTTP client: a disconnect in flight still revokes its grant.
-                    stack.push_async_callback(s.authflow.close)
-                    stack.push_async_callback(s.tokens.close)
-                    # Before the pool: the listener is a pooled connection, and ending the
-                    # subscriptions first lets every ``async for`` finish cleanly.
-                    stack.push_async_callback(s.core.hub.close)
+                if self._services is not None:
+                    # Before the HTTP client and the pool: revocations, refreshes and the
+                    # event listener (a pooled connection) finish first.
+                    stack.push_async_callback(self._services.close)
         finally:
             self._state = _State.CLOSED
 
@@ -252,7 +212,7 @@ class Integrations:
         self._s  # noqa: B018 - raises LifecycleError unless open
 
     @property
-    def _s(self) -> _Services:
+    def _s(self) -> Services:
         if self._state is not _State.OPEN or self._services is None:
             raise LifecycleError(
                 "Integrations is not open: use 'async with Integrations(...)' or await open()."
@@ -278,9 +238,7 @@ class Integrations:
 
     def for_owner(self, owner: str | None) -> OwnerHandle:
         """A handle on one owner's connections: another owner's look missing through it."""
-        from ._owner import OwnerHandle
-
-        return OwnerHandle(self, names.check_owner(owner))
+        return OwnerHandle(lambda: self._s, names.check_owner(owner))
 
     # -- events -------------------------------------------------------------------------
 
@@ -303,26 +261,7 @@ class Integrations:
         """
         if uuid is not None and owner is None:
             owner = ALL_OWNERS
-        return self._subscribe(provider, uuid, owner, kinds, maxsize)
-
-    def _subscribe(
-        self,
-        provider: str | None,
-        uuid: str | None,
-        owner: OwnerScope,
-        kinds: Iterable[str] | None,
-        maxsize: int,
-    ) -> AbstractAsyncContextManager[Subscription]:
-        """Subscribe with an exact owner scope (the owner handle's path)."""
-        hub = self._s.core.hub
-        if provider is not None:
-            provider = self.providers.get(provider).key
-        if uuid is not None:
-            uuid = names.require_uuid(uuid)
-        scope = check_scope(owner)
-        return hub.subscribe(
-            provider=provider, uuid=uuid, owner=scope, kinds=kinds, maxsize=maxsize
-        )
+        return self._s.subscribe(provider, uuid, owner, kinds, maxsize)
 
     @property
     def event_stats(self) -> HubStats:
@@ -442,11 +381,7 @@ class Integrations:
         self, uuid: str, result: Any, *, owner: OwnerScope = ALL_OWNERS
     ) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""
-        s = self._s
-        row = await s.connections.require(uuid, owner) if owner is not ALL_OWNERS else None
-        ok, message = record.validation_outcome(result)
-        target = row.uuid if row is not None else names.require_uuid(uuid)
-        await s.connections.record(target, ok, message, actor=None, owner=owner)
+        await self._s.record_validation(uuid, result, owner)
 
     # -- checks -------------------------------------------------------------------------
 
@@ -480,23 +415,23 @@ class Integrations:
         you fully control. ``opts``: ``headers``, ``params``, ``json``, ``data``,
         ``timeout`` and other aiohttp request options.
         """
-        s = self._s
-        row = await s.connections.require_ref(uuid, owner)
-        return await s.requests.request(
-            row, method, url, allow_any_host=allow_any_host, max_attempts=max_attempts, opts=opts
+        return await self._s.authenticated_request(
+            uuid,
+            method,
+            url,
+            allow_any_host=allow_any_host,
+            max_attempts=max_attempts,
+            owner=owner,
+            opts=opts,
         )
 
     async def access_token(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> str:
         """A valid access token, refreshed first when it expires within the leeway."""
-        s = self._s
-        row = await s.connections.require(uuid, owner)
-        return await s.tokens.access_token(row, s.core.require_provider(row))
+        return await self._s.access_token(uuid, owner)
 
     async def refresh_access_token(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> str:
         """Refresh now and return the new access token; concurrent calls share one request."""
-        s = self._s
-        row = await s.connections.require(uuid, owner)
-        return await s.tokens.refresh(row, s.core.require_provider(row))
+        return await self._s.refresh_access_token(uuid, owner)
 
     # -- OAuth authorization -------------------------------------------------------------
 
@@ -514,9 +449,8 @@ class Integrations:
         A single-use pending authorization (state hash, sealed PKCE verifier, redirect URI,
         scopes) is stored server-side and expires after ``authorization_ttl`` seconds.
         """
-        uuid, actor = names.require_uuid(uuid), names.check_actor(actor)
-        return await self._s.authflow.begin(
-            uuid, redirect_uri, scopes=scopes, actor=actor, owner=check_scope(owner)
+        return await self._s.begin_authorization(
+            uuid, redirect_uri, scopes=scopes, actor=actor, owner=owner
         )
 
     async def complete_authorization(
@@ -534,15 +468,9 @@ class Integrations:
         InvalidState and changes nothing. A provider ``error`` is recorded on the
         connection and raised as AuthorizationDenied.
         """
-        s = self._s
-        row = await s.authflow.complete(
-            state,
-            code=code,
-            error=error,
-            error_description=error_description,
-            owner=check_scope(owner),
+        return await self._s.complete_authorization(
+            state, code=code, error=error, error_description=error_description, owner=owner
         )
-        return s.core.connection(row)
 
     async def authorization_url(
         self,
@@ -554,14 +482,8 @@ class Integrations:
         owner: OwnerScope = ALL_OWNERS,
     ) -> str:
         """The seed's authorization URL (PKCE included); a pending authorization is stored."""
-        s = self._s
-        url, _ = await s.authflow.begin(
-            names.require_uuid(uuid),
-            redirect_uri,
-            scopes=scopes,
-            actor=None,
-            state=state,
-            owner=check_scope(owner),
+        url, _ = await self._s.begin_authorization(
+            uuid, redirect_uri, scopes=scopes, actor=None, state=state, owner=owner
         )
         return url
 
@@ -575,10 +497,7 @@ class Integrations:
         owner: OwnerScope = ALL_OWNERS,
     ) -> dict[str, Any]:
         """The seed's code exchange: stores the tokens and returns the (masked) data."""
-        s = self._s
-        uuid, actor = names.require_uuid(uuid), names.check_actor(actor)
-        row = await s.authflow.exchange(uuid, code, redirect_uri, actor, check_scope(owner))
-        return s.core.masked(row)
+        return await self._s.exchange_code(uuid, code, redirect_uri, actor=actor, owner=owner)
 
     async def connect_interactive(
         self,
@@ -596,18 +515,8 @@ class Integrations:
         URI is ``http://127.0.0.1:{port}/callback``. Raises AuthorizationTimeout (a
         TimeoutError) after ``timeout`` seconds.
         """
-        from ._interactive import connect_interactive
-
-        s = self._s
-        return await connect_interactive(
-            s.authflow,
-            s.core,
-            names.require_uuid(uuid),
-            owner=check_scope(owner),
-            scopes=scopes,
-            open_browser=open_browser,
-            timeout=timeout,
-            port=port,
+        return await self._s.connect_interactive(
+            uuid, scopes=scopes, open_browser=open_browser, timeout=timeout, port=port, owner=owner
         )
 
     # -- legacy data ----------------------------------------------------------------------
@@ -634,16 +543,7 @@ class Integrations:
         self, provider: str, name: str, data: Mapping[str, Any], *, owner: str | None = None
     ) -> Connection:
         """For legacy migrators: create or merge a connection from pre-uuid data."""
-        try:
-            connection = await self.add_connection(provider, name, owner=owner)
-        except AlreadyExists:
-            uuid = await self.find_uuid_by_provider_name(
-                (provider, names.normalize_name(name)), owner=owner
-            )
-        else:
-            uuid = connection.uuid
-        await self.save_setup(uuid, data)
-        return await self.get_integration_by_uuid(uuid)
+        return await self._s.connections.legacy_upsert(provider, name, data, owner=owner)
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -658,12 +558,4 @@ class Integrations:
         a crash, run it again to resume. ``progress`` (a function or coroutine function)
         gets a RotationProgress after each batch and once more at the end.
         """
-        core = self._s.core
-        return await rotate(
-            core.repo,
-            core.vault,
-            secret_fields_of=core.secret_fields,
-            all_secret_fields=[f for p in self.providers.all() for f in p.secret_field_keys],
-            batch_size=batch_size,
-            progress=progress,
-        )
+        return await self._s.rotate_keys(batch_size=batch_size, progress=progress)

@@ -18,24 +18,43 @@ KEY_PREFIX = "integration:"
 DEFAULT_NAME = "default"
 
 
+NAME_RULE = (
+    "letters, digits, '_' and '-', starting with a letter or digit, "
+    f"at most {MAX_NAME_LENGTH} characters"
+)
+PROVIDER_KEY_RULE = "lowercase letters, digits, '_' and '-', starting with a letter or digit"
+_SHOWN = 40
+
+
+def shown(value: object) -> str:
+    """A user-given value for an error message: repr'd and cut to a few dozen characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > _SHOWN:
+        text = text[:_SHOWN] + "…"
+    return repr(text)
+
+
 def normalize_name(name: object) -> str:
     """Trim and validate a connection name (``empty_name`` / ``invalid_name``)."""
     if not isinstance(name, str):
-        raise InvalidName(f"connection name must be a string, not {type(name).__name__}")
+        raise InvalidName(
+            f"A connection name must be a string, not {type(name).__name__}; use {NAME_RULE}."
+        )
     trimmed = name.strip()
     if not trimmed:
         raise EmptyName()
-    if NAME_RE.fullmatch(trimmed) is None:
-        raise InvalidName()
-    if len(trimmed) > MAX_NAME_LENGTH:
-        raise InvalidName(f"connection names are at most {MAX_NAME_LENGTH} characters")
+    if NAME_RE.fullmatch(trimmed) is None or len(trimmed) > MAX_NAME_LENGTH:
+        raise InvalidName(f"The connection name {shown(trimmed)} is not allowed: use {NAME_RULE}.")
     return trimmed
 
 
 def check_provider_key(provider: object) -> str:
     """Check the shape of a provider key (registry membership is checked elsewhere)."""
     if not isinstance(provider, str) or PROVIDER_KEY_RE.fullmatch(provider) is None:
-        raise InvalidProviderKey()
+        raise InvalidProviderKey(
+            f"The provider key {shown(provider)} is malformed: provider keys are "
+            f"{PROVIDER_KEY_RULE}, like 'openai'."
+        )
     return provider
 
 
@@ -67,17 +86,25 @@ def parse_ref(ref: object) -> tuple[str, str]:
     """
     if isinstance(ref, tuple):
         if len(ref) != 2 or not all(isinstance(part, str) for part in ref):
-            raise InvalidInput("a ref tuple must be (provider, name)")
+            raise InvalidInput(
+                "A ref tuple must be (provider, name), two strings, like ('openai', 'default')."
+            )
         provider, name = ref
     elif isinstance(ref, str):
         provider, sep, name = ref.strip().partition(":")
         if not sep:
             name = DEFAULT_NAME
     else:
-        raise InvalidInput("a ref must be 'provider:name', 'provider' or (provider, name)")
+        raise InvalidInput(
+            f"A ref must be 'provider:name', 'provider' or (provider, name), "
+            f"not {type(ref).__name__}."
+        )
     provider, name = provider.strip(), name.strip()
     if PROVIDER_KEY_RE.fullmatch(provider) is None or NAME_RE.fullmatch(name) is None:
-        raise InvalidInput("malformed provider:name reference")
+        raise InvalidInput(
+            f"The ref {shown(ref)} is malformed: write 'provider:name' (like 'openai:default'), "
+            f"where the provider key is {PROVIDER_KEY_RULE} and the name is {NAME_RULE}."
+        )
     return provider, name
 
 
@@ -100,9 +127,16 @@ def parse_uuid(value: object) -> str | None:
 
 
 def require_uuid(value: object) -> str:
+    """The canonical uuid text, or ``invalid_uuid`` echoing (a cut of) the value."""
     parsed = parse_uuid(value)
     if parsed is None:
-        raise InvalidUUID()
+        hint = ""
+        if (isinstance(value, str) and ":" in value) or isinstance(value, tuple):
+            hint = " (this looks like a 'provider:name' ref)"
+        raise InvalidUUID(
+            f"Expected a connection uuid, got {shown(value)}{hint}. This method takes a "
+            "uuid: get one from a ref with await integ.resolve_to_uuid('provider:name')."
+        )
     return parsed
 
 
@@ -111,7 +145,10 @@ def check_owner(owner: object) -> str | None:
     if owner is None:
         return None
     if not isinstance(owner, str) or not owner.strip() or len(owner) > 255:
-        raise InvalidInput("owner must be None or a non-empty string")
+        raise InvalidInput(
+            f"The owner {shown(owner)} is not allowed: pass None (the system scope) or a "
+            "non-blank string of at most 255 characters."
+        )
     return owner
 
 
@@ -119,14 +156,20 @@ def check_actor(actor: object) -> str | None:
     if actor is None:
         return None
     if not isinstance(actor, str) or len(actor) > 255:
-        raise InvalidInput("actor must be None or a string")
+        raise InvalidInput(
+            f"The actor {shown(actor)} is not allowed: pass None or a string of at most "
+            "255 characters."
+        )
     return actor
 
 
 def check_identifier(value: str, what: str) -> str:
     """Schema names are validated once, at configuration time."""
     if not isinstance(value, str) or IDENTIFIER_RE.fullmatch(value) is None:
-        raise InvalidInput(f"{what} must be a lowercase SQL identifier")
+        raise InvalidInput(
+            f"The {what} {shown(value)} is not allowed: use lowercase letters, digits and '_', "
+            "starting with a letter or '_', at most 48 characters."
+        )
     return value
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 from urllib.parse import quote
 
@@ -100,7 +101,8 @@ class SetupField(_Frozen):
     Microsoft ``tenant_id`` means ``"common"``), so a required field with a
     default is never missing. ``pattern`` (a regular expression the whole
     string must match) keeps values that land in URLs, such as an AWS region,
-    well formed.
+    well formed; ``expected`` says in words what it accepts, for the error
+    message a mismatch gets.
     """
 
     key: str
@@ -112,6 +114,7 @@ class SetupField(_Frozen):
     choices: tuple[str, ...] = ()
     default: Any = None
     pattern: str | None = None
+    expected: str = ""
 
     @field_validator("key")
     @classmethod
@@ -142,7 +145,7 @@ class SetupField(_Frozen):
             if "\x00" in value:
                 raise self._invalid("must not contain NUL characters")
             if self.pattern is not None and value and not re.fullmatch(self.pattern, value):
-                raise self._invalid("has the wrong format")
+                raise self._invalid(self._wrong_format(value))
             return value
         if self.type == "integer":
             if isinstance(value, bool):
@@ -172,6 +175,12 @@ class SetupField(_Frozen):
         if url.scheme not in ("http", "https") or not url.host:
             raise self._invalid("must be an absolute http(s) URL")
         return value
+
+    def _wrong_format(self, value: str) -> str:
+        expected = self.expected or f"a value matching the regular expression {self.pattern}"
+        # A secret's value is never echoed, even cut short.
+        got = "" if self.secret else f", got {value[:40] + '…' if len(value) > 40 else value!r}"
+        return f"has the wrong format{got}: expected {expected}"
 
     def _invalid(self, why: str) -> InvalidField:
         return InvalidField(f"Setup field {self.key!r} {why}.", field=self.key)
@@ -552,3 +561,22 @@ def _json_value(value: Any, key: str) -> Any:
     out = walk(value)
     json.dumps(out, allow_nan=False)
     return out
+
+
+def unknown_provider_message(key: str, known: Iterable[str]) -> str:
+    """Name the unknown key, suggest the closest registered ones and say where the list is."""
+    keys = list(known)
+    # Case is compared loosely so "OpenAI" finds "openai".
+    folded = {k.lower(): k for k in keys}
+    close = [folded[m] for m in difflib.get_close_matches(key.lower(), folded, n=3, cutoff=0.6)]
+    shown = key if len(key) <= 64 else key[:64] + "…"
+    hint = (
+        f"Did you mean {' or '.join(repr(k) for k in close)}?"
+        if close
+        else "Provider keys are lowercase, like 'openai' or 'google'."
+    )
+    return (
+        f"Unknown provider {shown!r}. {hint} "
+        "integ.list_providers() lists the registered ones; "
+        "Integrations(providers=[...]) adds your own."
+    )

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from ._catalogue import BUILTIN_PROVIDERS
 from ._errors import ConfigurationError, InvalidProviderKey, ProviderConflict
 from ._probes import CHECK_HOOKS
-from ._providers import Provider
+from ._providers import Provider, unknown_provider_message
 
 __all__ = ["ProviderRegistry", "load_providers"]
 
@@ -94,11 +94,16 @@ class ProviderRegistry:
 
     def get(self, key: object) -> Provider:
         if not isinstance(key, str):
-            raise InvalidProviderKey("The provider key must be a string.")
+            raise InvalidProviderKey(
+                f"The provider key must be a string, not {type(key).__name__}; "
+                "pass a key like 'openai'."
+            )
         try:
             return self._providers[key]
         except KeyError:
-            raise InvalidProviderKey(f"Unknown provider {key[:64]!r}.", provider=key) from None
+            raise InvalidProviderKey(
+                unknown_provider_message(key, self._providers), provider=key
+            ) from None
 
     def find(self, key: str) -> Provider | None:
         """The provider of ``key``, None when it is not registered (rows may outlive it)."""

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import uuid as _uuid
 from collections.abc import (
     AsyncIterator,
@@ -25,7 +26,6 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from ._driver_errors import describe
 from ._errors import AlreadyExists, ConfigurationError, IntegrationsError, LockTimeout, StorageError
 from ._models import Event
 from ._record import Change, StoredRow
@@ -149,13 +149,11 @@ def _translate(lock_timeout: float | None = None) -> Iterator[None]:
         raise AlreadyExists() from exc
     except asyncpg.LockNotAvailableError as exc:
         within = "" if lock_timeout is None else f" within {lock_timeout:g}s"
-        raise LockTimeout(
-            f"the connection's row lock, held by another transaction, was not granted{within}"
-        ) from exc
+        raise LockTimeout(f"the connection's row lock was not granted{within}") from exc
     except Exception as exc:
         if not _from_driver(exc):
             raise
-        raise StorageError(f"database error: {describe(exc)}") from exc
+        raise StorageError(describe(exc)) from exc
 
 
 class PoolListener:
@@ -786,3 +784,63 @@ async def probe_postgres(
         except Exception:
             conn.terminate()
     return "ok", ""
+
+
+# -- driver failures in plain words ---------------------------------------------------
+
+_MAX_REASON = 300
+# user:password@ in any URL-shaped text, and password=... in keyword form.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+# A data error may quote the offending value; only the reason before it is kept.
+_QUOTING_SQLSTATE_CLASSES = ("22", "23")
+_SQLALCHEMY_SCHEME = re.compile(r"postgres(?:ql)?\+(?P<driver>[a-z0-9_]+)", re.IGNORECASE)
+
+
+def mask_dsn(text: str) -> str:
+    """``text`` with every password of a DSN or ``password=`` keyword replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    return _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused ({exc})"
+    if isinstance(exc, TimeoutError):
+        return "the connection timed out"
+    reason = str(exc).strip() or type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in _QUOTING_SQLSTATE_CLASSES:
+        reason = reason.split(": ", 1)[0]
+    reason = " ".join(mask_dsn(reason).split())
+    if len(reason) > _MAX_REASON:
+        reason = reason[:_MAX_REASON] + "…"
+    return reason.rstrip(".")
+
+
+def _next_step(exc: BaseException, reason: str) -> str:
+    sqlalchemy = _SQLALCHEMY_SCHEME.search(reason)
+    if sqlalchemy:
+        return (
+            f"This is a SQLAlchemy-style DSN: drop '+{sqlalchemy['driver']}' "
+            "so that it starts with postgresql://."
+        )
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return "Create the database or fix its name in the DSN."
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return "Check the user and password in the DSN."
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return "Check the DSN: it looks like postgresql://user:password@host:5432/database."
+    if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
+        return "Check that PostgreSQL is running and that the DSN's host and port are right."
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return "Grant the database user the privileges it needs, or use another user."
+    return "See the PostgreSQL server log for details."
+
+
+def describe(exc: BaseException) -> str:
+    """One plain sentence or two for a StorageError: what the driver said and what to do."""
+    reason = _reason(exc)
+    return f"Database error ({type(exc).__name__}): {reason}. {_next_step(exc, reason)}"

@@ -159,7 +159,10 @@ class Keyring:
             if not secrets.compare_digest(known, material):
                 raise ConfigurationError(f"two different encryption keys share the id {kid!r}")
         if not parsed:
-            raise ConfigurationError("no encryption key given")
+            raise ConfigurationError(
+                "keys= (or INTEGRATIONS_KEYS) holds no encryption key; generate one with "
+                "integrations.generate_key()."
+            )
         return cls(list(parsed.items()))
 
     @classmethod

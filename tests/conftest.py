@@ -11,7 +11,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -21,9 +21,15 @@ from integrations import Integrations, generate_key
 TEST_KEY = generate_key()
 
 
+def _local_server() -> tuple[str, int]:
+    """Where the local test server is probed; INTEGRATIONS_TEST_LOCAL=host:port moves it."""
+    host, _, port = os.environ.get("INTEGRATIONS_TEST_LOCAL", "127.0.0.1:5432").rpartition(":")
+    return host, int(port)
+
+
 def _local_server_up() -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
+        with socket.create_connection(_local_server(), timeout=0.5):
             return True
     except OSError:
         return False
@@ -39,7 +45,8 @@ def _admin_dsn() -> str:
     if explicit:
         return explicit
     if _local_server_up():
-        return "postgresql://postgres@127.0.0.1:5432/postgres"
+        host, port = _local_server()
+        return f"postgresql://postgres@{host}:{port}/postgres"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
@@ -62,6 +69,19 @@ async def _admin(dsn: str, *statements: str) -> None:
 @pytest.fixture(scope="session")
 def admin_dsn() -> str:
     return _admin_dsn()
+
+
+@pytest.fixture(scope="session")
+def pg_params(admin_dsn: str) -> dict[str, Any]:
+    """The admin server as connect() keywords: host (or socket directory), port, user, database."""
+    parts = urlsplit(admin_dsn)
+    query = dict(parse_qsl(parts.query))
+    return {
+        "host": parts.hostname or query.get("host", "127.0.0.1"),
+        "port": parts.port or int(query.get("port", 5432)),
+        "user": unquote(parts.username or query.get("user", "postgres")),
+        "database": parts.path.lstrip("/") or "postgres",
+    }
 
 
 @pytest.fixture(scope="session")

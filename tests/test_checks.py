@@ -6,7 +6,7 @@ import asyncio
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -400,33 +400,52 @@ async def test_smtp_closed_port_is_unreachable(http: HttpClient):
     assert result == Validation(False, UNREACHABLE, result.checked_at)
 
 
-# --- PostgreSQL against the local server -------------------------------------------------------
+# --- PostgreSQL against the test server -------------------------------------------------------
 
 
-def pg_creds(**overrides: Any) -> dict[str, Any]:
-    base = {"host": "127.0.0.1", "port": 5432, "username": "postgres", "database": "postgres"}
-    return {"credentials": {**base, **overrides}}
+@pytest.fixture
+def pg_creds(pg_params: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    """Credentials for the test server (local or embedded), with fields overridden."""
+    base = {
+        "host": pg_params["host"],
+        "port": pg_params["port"],
+        "username": pg_params["user"],
+        "database": pg_params["database"],
+    }
+
+    def make(**overrides: Any) -> dict[str, Any]:
+        return {"credentials": {**base, **overrides}}
+
+    return make
 
 
-async def test_postgres_connect_is_connected(http: HttpClient):
+async def test_postgres_connect_is_connected(
+    http: HttpClient, pg_creds: Callable[..., dict[str, Any]]
+):
     result = await check_credentials(REGISTRY.get("postgres"), pg_creds(), http=http)
     assert result == Validation(True, CONNECTED, result.checked_at)
 
 
-async def test_postgres_unknown_database_is_reported(http: HttpClient):
+async def test_postgres_unknown_database_is_reported(
+    http: HttpClient, pg_creds: Callable[..., dict[str, Any]]
+):
     creds = pg_creds(database="integrations_no_such_db")
     result = await check_credentials(REGISTRY.get("postgres"), creds, http=http)
     assert result == Validation(False, "Database not found", result.checked_at)
 
 
-async def test_postgres_unknown_role_is_invalid_credentials(http: HttpClient):
+async def test_postgres_unknown_role_is_invalid_credentials(
+    http: HttpClient, pg_creds: Callable[..., dict[str, Any]]
+):
     creds = pg_creds(username="integrations_no_such_role", password=SECRET)
     result = await check_credentials(REGISTRY.get("postgres"), creds, http=http)
     assert result == Validation(False, INVALID_CREDENTIALS, result.checked_at)
     assert_no_secret(result)
 
 
-async def test_postgres_closed_port_is_unreachable(http: HttpClient):
+async def test_postgres_closed_port_is_unreachable(
+    http: HttpClient, pg_creds: Callable[..., dict[str, Any]]
+):
     result = await check_credentials(
         REGISTRY.get("postgres"), pg_creds(port=free_port()), http=http
     )
@@ -434,7 +453,7 @@ async def test_postgres_closed_port_is_unreachable(http: HttpClient):
 
 
 async def test_postgres_check_never_uses_this_process_password(
-    http: HttpClient, monkeypatch: pytest.MonkeyPatch
+    http: HttpClient, monkeypatch: pytest.MonkeyPatch, pg_creds: Callable[..., dict[str, Any]]
 ):
     seen: dict[str, Any] = {}
     import asyncpg

@@ -20,7 +20,6 @@ from integrations._errors import LifecycleError
 from integrations._events import ALL_OWNERS, EventHub, Subscription
 from integrations._models import Event
 
-DSN = os.environ.get("INTEGRATIONS_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
 
@@ -39,7 +38,8 @@ class PgListener:
 class PgListen:
     """The ListenFn the repository provides, plus hooks to watch and break it."""
 
-    def __init__(self) -> None:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
         self.calls = 0
         self.fail_next = 0
         self.listeners: list[PgListener] = []
@@ -51,7 +51,7 @@ class PgListen:
         if self.fail_next:
             self.fail_next -= 1
             raise OSError("connection refused")
-        conn = await asyncpg.connect(DSN)
+        conn = await asyncpg.connect(self.dsn)
 
         def payload_cb(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
             on_payload(cast(str, payload))
@@ -141,8 +141,8 @@ def channel() -> str:
 
 
 @pytest.fixture
-async def pg() -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(DSN)
+async def pg(admin_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(admin_dsn)
     try:
         yield conn
     finally:
@@ -150,8 +150,8 @@ async def pg() -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-def listen() -> PgListen:
-    return PgListen()
+def listen(admin_dsn: str) -> PgListen:
+    return PgListen(admin_dsn)
 
 
 @pytest.fixture
@@ -215,9 +215,9 @@ async def test_listener_stays_open_after_the_last_subscription_ends(
 
 
 async def test_two_hubs_on_one_channel_both_receive(
-    hub: EventHub, pg: asyncpg.Connection, channel: str
+    hub: EventHub, pg: asyncpg.Connection, channel: str, admin_dsn: str
 ) -> None:
-    other = EventHub(PgListen(), channel)
+    other = EventHub(PgListen(admin_dsn), channel)
     try:
         async with hub.subscribe() as first, other.subscribe() as second:
             await notify(pg, channel, sent := event())
@@ -227,7 +227,9 @@ async def test_two_hubs_on_one_channel_both_receive(
         await other.close()
 
 
-async def test_delivery_to_another_process(pg: asyncpg.Connection, channel: str) -> None:
+async def test_delivery_to_another_process(
+    pg: asyncpg.Connection, channel: str, admin_dsn: str
+) -> None:
     child = textwrap.dedent(
         """
         import asyncio, sys
@@ -271,7 +273,7 @@ async def test_delivery_to_another_process(pg: asyncpg.Connection, channel: str)
         "error",
         "-c",
         child,
-        DSN,
+        admin_dsn,
         channel,
         cwd=ROOT,
         env=env,
@@ -382,11 +384,11 @@ def test_subscribe_rejects_bad_arguments_at_call_time(
 
 
 async def test_events_for_one_connection_keep_their_order(
-    hub: EventHub, pg: asyncpg.Connection, channel: str
+    hub: EventHub, pg: asyncpg.Connection, channel: str, admin_dsn: str
 ) -> None:
     first, second = str(uuid4()), str(uuid4())
     count = 200
-    other = await asyncpg.connect(DSN)
+    other = await asyncpg.connect(admin_dsn)
     try:
         async with hub.subscribe(uuid=first) as a, hub.subscribe(uuid=second) as b:
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from urllib.parse import urlsplit
+from uuid import uuid4
 
 import aiohttp
 import httpx
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from examples import oauth_aiohttp, oauth_fastapi
 from integrations import Integrations
@@ -17,6 +21,8 @@ from integrations import Integrations
 from .conftest import TEST_KEY
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer
 from .oauthkit import loopback_provider
+
+Get = Callable[[str], Awaitable[tuple[int, str, str]]]
 
 
 @pytest.fixture
@@ -135,3 +141,121 @@ def _query(url: str) -> list[tuple[str, str]]:
     from urllib.parse import parse_qsl
 
     return parse_qsl(urlsplit(url).query)
+
+
+# -- bad input: a 4xx with a message, never a 500 -------------------------------------------
+
+
+@asynccontextmanager
+async def example_client(
+    kind: str, dsn: str, server: OAuthTestServer
+) -> AsyncIterator[tuple[Integrations, Get]]:
+    """The running example app, its Integrations and a GET giving (status, Location, body)."""
+    if kind == "fastapi":
+        app = oauth_fastapi.create_app(_factory(dsn, server))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+
+                async def get_fastapi(url: str) -> tuple[int, str, str]:
+                    resp = await c.get(url)
+                    return resp.status_code, resp.headers.get("location", ""), resp.text
+
+                yield app.state.integrations, get_fastapi
+        return
+    aio_app = oauth_aiohttp.create_app(_factory(dsn, server))
+    async with TestClient(TestServer(aio_app, host="127.0.0.1")) as client:
+
+        async def get_aiohttp(url: str) -> tuple[int, str, str]:
+            target = url if url.startswith("http") else str(client.make_url(url))
+            async with client.session.get(target, allow_redirects=False) as resp:
+                return resp.status, resp.headers.get("Location", ""), await resp.text()
+
+        yield aio_app[oauth_aiohttp.INTEGRATIONS], get_aiohttp
+
+
+EXAMPLES = ["fastapi", "aiohttp"]
+
+
+def _error(body: str) -> tuple[str, str]:
+    payload = json.loads(body)
+    assert set(payload) == {"error", "message"}
+    return payload["error"], payload["message"]
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+async def test_connect_with_a_malformed_uuid_is_400(
+    kind: str, fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with example_client(kind, fresh_db, server) as (_integ, get):
+        status, _, body = await get("/integrations/bogus/connect")
+    assert status == 400
+    code, message = _error(body)
+    assert code == "invalid_uuid"
+    assert "'bogus'" in message
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+async def test_connect_of_an_unknown_or_unset_connection_is_404(
+    kind: str, fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with example_client(kind, fresh_db, server) as (integ, get):
+        unset = await integ.add_connection("loopback", "unset")
+        for uuid in (str(uuid4()), unset.uuid):
+            status, _, body = await get(f"/integrations/{uuid}/connect")
+            assert status == 404
+            assert _error(body)[0] == "not_configured"
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+async def test_connect_of_a_non_oauth_connection_is_400(
+    kind: str, fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with example_client(kind, fresh_db, server) as (integ, get):
+        conn = await integ.add_connection("openai", "default")
+        status, _, body = await get(f"/integrations/{conn.uuid}/connect")
+    assert status == 400
+    assert _error(body)[0] == "invalid_provider_key"
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+@pytest.mark.parametrize(
+    "query", ["", "?state=", "?state=forged&code=x", "?error=access_denied", "?state=%00"]
+)
+async def test_callback_without_a_valid_state_is_400(
+    kind: str, query: str, fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with example_client(kind, fresh_db, server) as (_integ, get):
+        status, _, body = await get(f"/oauth/callback{query}")
+    assert status == 400
+    assert body
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+async def test_callback_when_the_token_endpoint_fails_is_502(
+    kind: str, fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with example_client(kind, fresh_db, server) as (integ, get):
+        uuid = await _new_connection(integ)
+        status, authorize, _ = await get(f"/integrations/{uuid}/connect")
+        assert status == 302
+        back = await _consent(authorize)
+        server.config.fail_next = 10
+        status, _, body = await get(back)
+        assert status == 502
+        assert _error(body)[0] == "token_request_failed"
+        assert not await integ.is_connected(uuid)
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+async def test_callback_with_a_rejected_client_is_400(
+    kind: str, fresh_db: str, server: OAuthTestServer
+) -> None:
+    async with example_client(kind, fresh_db, server) as (integ, get):
+        uuid = await _new_connection(integ)
+        status, authorize, _ = await get(f"/integrations/{uuid}/connect")
+        back = await _consent(authorize)
+        server.config.force_invalid_client = True
+        status, _, body = await get(back)
+        assert 400 <= status < 500
+        assert _error(body)[1]

@@ -512,7 +512,7 @@ async def test_rotate_keys_under_concurrent_writers_loses_nothing(
         stop.set()
         await asyncio.gather(*tasks)
 
-    assert writes_during_rotation > 100, writes_during_rotation
+    assert writes_during_rotation > 20, writes_during_rotation
     assert result.scanned >= result.rotated > ROWS * 0.9
     assert elapsed < 45
 
