@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -33,8 +34,10 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture
-async def proxy() -> AsyncIterator[FaultProxy]:
-    async with FaultProxy() as started:
+async def proxy(admin_dsn: str) -> AsyncIterator[FaultProxy]:
+    """A proxy in front of the test server."""
+    server = urlsplit(admin_dsn)
+    async with FaultProxy(server.hostname or "127.0.0.1", server.port or 5432) as started:
         yield started
 
 
