@@ -24,6 +24,7 @@ from ._errors import (
     NotConfigured,
 )
 from ._events import ALL_OWNERS, OwnerScope
+from ._input import check_text, scrub_text
 from ._models import utcnow
 from ._names import shown
 from ._providers import Provider
@@ -115,9 +116,12 @@ class AuthFlow:
                 f"redirect_uri must be an absolute http(s) URL such as "
                 f"'https://app.example/oauth/callback', not {shown(redirect_uri)}."
             )
+        check_text(redirect_uri, "redirect_uri")
         wanted = _scopes(scopes)
         if state is not None and (not isinstance(state, str) or not state):
             raise InvalidInput("state must be a non-empty string")
+        if state is not None:
+            check_text(state, "state")
         row, provider, plain = await self._oauth_row(uuid, owner)
         requested = list(provider.scopes if wanted is None else wanted)
         state = state or oauth.generate_state()
@@ -173,6 +177,9 @@ class AuthFlow:
             raise InvalidInput("error must be a string")
         if not code and not error:
             raise InvalidInput("the callback carries neither a code nor an error")
+        for name, value in (("state", state), ("code", code), ("error", error)):
+            if value is not None:
+                check_text(value, name)
         with self.operation():
             return await self._complete(state, code, error, error_description, owner)
 
@@ -218,6 +225,8 @@ class AuthFlow:
                 f"redirect_uri must be an absolute http(s) URL such as "
                 f"'https://app.example/oauth/callback', not {shown(redirect_uri)}."
             )
+        check_text(code, "code")
+        check_text(redirect_uri, "redirect_uri")
         with self.operation():
             row, _, _ = await self._oauth_row(uuid, owner)
             pending = await self._core.repo.take_latest_pending(row.uuid, redirect_uri)
@@ -426,7 +435,7 @@ def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
             f"Each scope must be a non-empty string without spaces; got {shown(list(scopes))}: "
             "pass ['a', 'b'] rather than ['a b']."
         )
-    return list(scopes)
+    return [check_text(s, "scope") for s in scopes]
 
 
 def _error_code(error: str) -> str:
@@ -436,6 +445,6 @@ def _error_code(error: str) -> str:
 def _denial_message(error: str, description: str | None) -> str:
     text = f"Authorization refused by the provider ({_error_code(error)}"
     if isinstance(description, str) and description.strip():
-        clean = _CONTROL_RE.sub(" ", description).strip()[:200]
+        clean = scrub_text(_CONTROL_RE.sub(" ", description)).strip()[:200]
         text += f": {clean}"
     return text + ")"

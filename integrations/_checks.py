@@ -39,7 +39,8 @@ class Checks:
             raise InvalidAttrs(
                 f"attrs must be a mapping of setup fields, got {type(attrs).__name__}."
             )
-        return await self.check(definition, definition.normalize_attrs(attrs))
+        limit = self._core.settings.max_attrs_bytes
+        return await self.check(definition, definition.normalize_attrs(attrs, max_bytes=limit))
 
     async def probe(self, row: StoredRow) -> Validation:
         """Check a stored connection without recording anything (tokens may be renewed)."""

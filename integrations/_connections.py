@@ -234,7 +234,7 @@ class Connections:
         if current is None:
             raise NotConfigured()
         provider = self._core.providers.get(current.provider)
-        patch = provider.normalize_attrs(attrs)
+        patch = provider.normalize_attrs(attrs, max_bytes=self._core.settings.max_attrs_bytes)
         managed = sorted(set(patch) & record.LIBRARY_FIELDS)
         if managed:
             raise InvalidAttrs(

@@ -9,6 +9,7 @@ import ipaddress
 import json as jsonlib
 import logging
 import random
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,12 +26,14 @@ from . import _aws
 from ._errors import (
     HostNotAllowed,
     InvalidField,
+    InvalidInput,
     InvalidURL,
     LifecycleError,
     NotConfigured,
     NotConnected,
     RequestFailed,
 )
+from ._input import check_header_value, check_method
 from ._providers import Provider, render, split_host_entry
 
 __all__ = [
@@ -175,9 +178,25 @@ def _missing(provider: Provider, key: str) -> Exception:
 
 def _header_value(value: Any, key: str) -> str:
     text = str(value)
-    if any(c in text for c in "\r\n\x00"):
-        raise InvalidField(f"Setup field {key!r} contains a line break.", field=key)
-    return text
+    try:
+        return check_header_value(text, key)
+    except InvalidInput:
+        # Named as the setup field it came from; the value is a secret.
+        raise InvalidField(
+            f"Setup field {key!r} contains a control character.", field=key
+        ) from None
+
+
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
+
+
+def _check_headers(headers: CIMultiDict[str]) -> None:
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError("header names and values must be strings")
+        if _HEADER_NAME_RE.fullmatch(name) is None:
+            raise InvalidInput("a header name must be a token (RFC 9110)", field="headers")
+        check_header_value(value, name)
 
 
 def auth_for(
@@ -456,9 +475,7 @@ class HttpClient:
         max_attempts: int | None,
         opts: dict[str, Any],
     ) -> Response:
-        if not isinstance(method, str) or not method.isalpha():
-            raise ValueError("method must be an HTTP method name such as 'GET'")
-        method = method.upper()
+        method = check_method(method).upper()
         if "auth" in opts:
             raise TypeError("auth= is not accepted: credentials come from the provider")
         attempts = self.max_attempts if max_attempts is None else max_attempts
@@ -467,6 +484,7 @@ class HttpClient:
         follow = bool(opts.pop("allow_redirects", True))
         timeout = opts.pop("timeout", None)
         headers: CIMultiDict[str] = CIMultiDict(opts.pop("headers", None) or {})
+        _check_headers(headers)
         body, replayable = _encode_body(headers, opts.pop("json", None), opts.pop("data", None))
         if not replayable:
             attempts = 1

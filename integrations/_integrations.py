@@ -77,6 +77,7 @@ class Integrations:
         token_backoff: float = 0.5,
         refresh_cooldown: float = 5.0,
         revoke_timeout: float = 5.0,
+        max_attrs_bytes: int = 64 * 1024,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
@@ -99,6 +100,7 @@ class Integrations:
                 check_timeout=check_timeout,
                 authorization_ttl=authorization_ttl,
                 revoke_timeout=revoke_timeout,
+                max_attrs_bytes=max_attrs_bytes,
                 token=TokenPolicy(
                     leeway=float(leeway),
                     lock_timeout=lock_timeout,

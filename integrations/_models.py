@@ -129,7 +129,10 @@ class RotationProgress:
     ``rotated`` rows were re-encrypted and ``scanned`` rows examined so far (a row can be
     examined and left alone, e.g. when a concurrent write already moved it to the primary
     key). ``total`` is the number of rows that needed it when the run started: connections
-    plus pending authorizations. Counts and key ids only, never secrets.
+    plus pending authorizations. ``undecryptable`` holds the uuids of the connections
+    (``undecryptable_pending`` the state hashes of the pending authorizations) that could
+    not be decrypted, so were skipped and left as they are. Counts, ids and key ids only,
+    never secrets.
     """
 
     primary_kid: str
@@ -139,6 +142,8 @@ class RotationProgress:
     batches: int = 0
     elapsed: float = 0.0
     done: bool = False
+    undecryptable: tuple[str, ...] = ()
+    undecryptable_pending: tuple[str, ...] = ()
 
     @property
     def remaining(self) -> int:

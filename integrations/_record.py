@@ -18,6 +18,7 @@ from ._errors import (
     ReauthRequired,
     TokenRequestFailed,
 )
+from ._input import check_text
 from ._models import Event, Validation
 
 __all__ = [
@@ -324,7 +325,15 @@ def validated(
 
 
 def validation_outcome(result: Any) -> tuple[bool, str]:
-    """Accept a Validation, True/"ok", False, (ok, message), an exception or a message."""
+    """Accept a Validation, True/"ok", False, (ok, message), an exception or a message.
+
+    The message is checked (no NUL or lone surrogates) so that the write cannot be refused.
+    """
+    ok, message = _outcome(result)
+    return ok, check_text(message, "validation message")
+
+
+def _outcome(result: Any) -> tuple[bool, str]:
     if isinstance(result, Validation):
         return result.ok, result.message
     if result is True or result == "ok":

@@ -30,9 +30,11 @@ _FIRST_UUID = str(uuid.UUID(int=0))
 _FIRST_STATE_HASH = ""
 
 
-def _located(exc: CryptoError, where: str, **context: Any) -> CryptoError:
-    # Same class and key id, plus which row: the operator has to find it.
-    return type(exc)(f"{where}: {exc.message}", **{**exc.context, **context})
+def _skip(found: dict[str, None], exc: CryptoError, kind: str, ident: str) -> None:
+    # The message names the key id and field, never a value: the operator has to find it.
+    if ident not in found:
+        found[ident] = None
+        log.warning("key rotation skipped %s %s: %s (%s)", kind, ident, exc.message, exc.code)
 
 
 async def rotate(
@@ -65,6 +67,10 @@ async def rotate(
     started = time.monotonic()
     total = await repo.count_to_reseal(primary, plaintext_fields, vault.enabled)
     state = RotationProgress(primary_kid=primary, total=total)
+    # Rows that cannot be decrypted (a key missing from the ring, an edited envelope) are
+    # left as they are and reported; one of them must not hold up every other row.
+    undecryptable: dict[str, None] = {}
+    undecryptable_pending: dict[str, None] = {}
 
     def reseal_row(row: StoredRow) -> dict[str, Any] | None:
         fields = frozenset(secret_fields_of(row))
@@ -73,7 +79,8 @@ async def rotate(
         try:
             return vault.reseal(row.uuid, row.data, fields)
         except CryptoError as exc:
-            raise _located(exc, f"connection {row.uuid}", uuid=row.uuid) from exc
+            _skip(undecryptable, exc, "connection", row.uuid)
+            return None
 
     def reseal_verifier(state_hash: str, verifier: Any) -> Any | None:
         data = {PKCE_FIELD: verifier}
@@ -82,11 +89,16 @@ async def rotate(
         try:
             return vault.reseal(state_hash, data, (PKCE_FIELD,))[PKCE_FIELD]
         except CryptoError as exc:
-            where = f"pending authorization {state_hash}"
-            raise _located(exc, where, state_hash=state_hash) from exc
+            _skip(undecryptable_pending, exc, "pending authorization", state_hash)
+            return None
 
     async def report(batch: ResealBatch | None) -> None:
         nonlocal state
+        state = dataclasses.replace(
+            state,
+            undecryptable=tuple(undecryptable),
+            undecryptable_pending=tuple(undecryptable_pending),
+        )
         if batch is None:
             state = dataclasses.replace(state, elapsed=time.monotonic() - started, done=True)
         else:
@@ -151,10 +163,12 @@ async def rotate(
         await report(batch)
     await report(None)
     log.info(
-        "key rotation to %s done: %d rows re-encrypted, %d examined in %.1f s",
+        "key rotation to %s done: %d rows re-encrypted, %d examined, %d skipped as "
+        "undecryptable in %.1f s",
         primary,
         state.rotated,
         state.scanned,
+        len(state.undecryptable) + len(state.undecryptable_pending),
         state.elapsed,
     )
     return state

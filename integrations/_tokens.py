@@ -27,6 +27,7 @@ from ._errors import (
     TokenRequestFailed,
 )
 from ._http import HttpClient, retry_after_seconds
+from ._input import parse_timestamp
 from ._models import utcnow
 from ._providers import Provider
 from ._record import StoredRow
@@ -80,14 +81,12 @@ def _text(value: Any) -> str | None:
 
 
 def parse_time(value: Any) -> datetime | None:
-    """A stored ISO timestamp as an aware datetime; anything unreadable is None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
+    """A stored ISO timestamp as an aware UTC datetime; anything unreadable is None.
+
+    Far-past and far-future values are clamped (``_input.parse_timestamp``), so year 1
+    reads as long expired and no later arithmetic can overflow.
+    """
+    return parse_timestamp(value) if isinstance(value, str) else None
 
 
 async def post_token_request(
