@@ -117,7 +117,9 @@ class Integrations:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.providers = ProviderRegistry(providers or (), override=override_providers)
-        self._repo = Repository(schema, channel=f"{schema}_events")
+        self._repo = Repository(
+            schema, channel=f"{schema}_events", lock_timeout=self.settings.token.lock_timeout
+        )
         self._http = HttpClient(http)
         self._legacy = LegacyMigrators()
         self._services: Services | None = None

@@ -92,6 +92,7 @@ class Queries:
     pending_to_reseal: LiteralString
     count_pending_to_reseal: LiteralString
     reseal_pending: LiteralString
+    begin_write: LiteralString
     set_refresh_timeouts: LiteralString
     insert_pending_authorization: LiteralString
     take_pending_authorization: LiteralString

@@ -203,6 +203,12 @@ SET code_verifier = v.code_verifier::jsonb
 FROM unnest($1::text[], $2::text[]) AS v (state_hash, code_verifier)
 WHERE p.state_hash = v.state_hash;
 
+-- name: begin_write
+-- Opens an ordinary write transaction whose lock waits give up after {lock_timeout}
+-- (filled in by the repository with a number of milliseconds, never with input), in one
+-- round trip; transaction-local, so safe behind PgBouncer
+BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'
+
 -- name: set_refresh_timeouts
 -- $1 text lock_timeout, $2 text idle_in_transaction_session_timeout (e.g. '30000ms');
 -- both end with the surrounding transaction, so they are safe behind PgBouncer
