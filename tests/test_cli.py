@@ -658,3 +658,42 @@ def test_last_checked_reads_like_a_person_would_say_it() -> None:
     assert ago((now - timedelta(minutes=3)).isoformat(), now) == "3 min ago"
     assert ago((now - timedelta(hours=5)).isoformat(), now) == "5 h ago"
     assert ago((now - timedelta(days=2)).isoformat(), now) == "2 d ago"
+
+
+def test_serve_prints_a_one_time_login_link_that_signs_in(fresh_db: str) -> None:
+    import re
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [SCRIPT, "--dsn", fresh_db, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        link = None
+        while link is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            found = re.search(r"http://127\.0\.0\.1:\d+/login\?token=\S+", line)
+            link = found.group(0) if found else None
+        assert link is not None, "no login link printed"
+        with httpx.Client(follow_redirects=True) as browser:
+            page = browser.get(link)
+            assert page.status_code == 200 and "Add connection" in page.text
+            # The token works once: a second browser is refused.
+            with httpx.Client(follow_redirects=True) as other:
+                assert other.get(link).status_code in (401, 403)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode in (0, 130, -signal.SIGINT), err
+    assert "Traceback" not in err
