@@ -15,6 +15,7 @@ from ._errors import (
     InvalidAttrs,
     InvalidInput,
     InvalidProviderKey,
+    MissingField,
     NotConfigured,
     NotFound,
 )
@@ -311,13 +312,39 @@ class Connections:
     async def legacy_upsert(
         self, provider: str, name: str, data: Mapping[str, Any], *, owner: str | None
     ) -> Connection:
-        """Create or merge a connection from pre-uuid data."""
-        try:
-            connection = await self.add(provider, name, actor=None, owner=owner)
-        except AlreadyExists:
-            uuid = await self.find_uuid((provider, names.normalize_name(name)), owner)
-        else:
-            uuid = connection.uuid
+        """Create or merge a connection from pre-uuid data.
+
+        The data is checked before anything is written, so invalid data leaves no new,
+        empty connection behind (and sends no event).
+        """
+        definition = self._core.providers.get(provider)
+        clean = names.normalize_name(name)
+        owner = names.check_owner(owner)
+        if not isinstance(data, Mapping):
+            raise InvalidAttrs(
+                f"data must be a mapping of setup fields, got {type(data).__name__}."
+            )
+        patch = definition.normalize_attrs(data, max_bytes=self._core.settings.max_attrs_bytes)
+        managed = sorted(set(patch) & record.LIBRARY_FIELDS)
+        if managed:
+            raise InvalidAttrs(
+                f"These fields are managed by the library and cannot be saved: "
+                f"{', '.join(managed)}.",
+                fields=managed,
+            )
+        key = names.storage_key(definition.key, clean)
+        uuid = await self._core.repo.uuid_by_key(owner, key)
+        if uuid is None:
+            lacking = definition.missing_required(patch)
+            if lacking:
+                raise MissingField(
+                    f"Required setup field missing: {', '.join(lacking)}. Pass a value for it.",
+                    field=lacking[0],
+                )
+            try:
+                uuid = (await self.add(definition.key, clean, actor=None, owner=owner)).uuid
+            except AlreadyExists:
+                uuid = await self.find_uuid((definition.key, clean), owner)
         await self.save_setup(uuid, data, actor=None, owner=ALL_OWNERS)
         return await self.get_integration_by_uuid(uuid, ALL_OWNERS)
 

@@ -128,3 +128,21 @@ async def test_uuid_methods_of_the_root_enforce_an_explicit_owner(integ: Integra
     assert crossed == missing
     assert (await integ.get_credentials(bob.uuid, owner="user:bob"))["api_key"] == BOB_KEY
     assert (await integ.get_credentials(bob.uuid))["api_key"] == BOB_KEY
+
+
+async def test_legacy_upsert_with_invalid_data_leaves_nothing_behind(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    from integrations import MissingField
+
+    before = await _table(db)
+    async with integ.subscribe(owner=ALL_OWNERS) as events:
+        with pytest.raises(MissingField):
+            await integ.legacy_upsert("openai", "legacy", {"organization": "org-1"})
+        with pytest.raises(IntegrationsError):
+            await integ.legacy_upsert("openai", "legacy", {"api_key": "k", "access_token": "t"})
+        await asyncio.sleep(0.2)
+        assert events.pending == 0
+    assert await _table(db) == before
+    made = await integ.legacy_upsert("openai", "legacy", {"api_key": "sk-legacy-0123456789"})
+    assert made.status == "connected"

@@ -824,7 +824,13 @@ def _line(check: str, ok: bool, detail: str, hint: str = "") -> dict[str, Any]:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option(
+    "--port",
+    default=8765,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port.",
+)
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int) -> None:
     """Run the web console; prints a one-time login link."""
