@@ -53,30 +53,36 @@ class Connections:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def row(self, uuid: str, owner: OwnerScope) -> StoredRow | None:
-        """The row of a well-formed uuid within ``owner``'s scope, None when missing."""
-        return _visible(await self._core.repo.get(uuid), owner)
+    async def row(self, uuid: str, owner: OwnerScope, *, fresh: bool = False) -> StoredRow | None:
+        """The row of a well-formed uuid within ``owner``'s scope, None when missing.
 
-    async def row_by_ref(self, ref: object, owner: OwnerScope) -> tuple[StoredRow | None, bool]:
+        Served from the row cache unless ``fresh`` (see docs/cache.md)."""
+        return _visible(await self._core.repo.get(uuid, fresh=fresh), owner)
+
+    async def row_by_ref(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> tuple[StoredRow | None, bool]:
         """Resolve a uuid or provider ref; the flag says whether the input was a uuid."""
         owner = check_scope(owner)
         as_uuid = names.parse_uuid(ref)
         if as_uuid is not None:
-            return await self.row(as_uuid, owner), True
+            return await self.row(as_uuid, owner, fresh=fresh), True
         provider, name = names.parse_ref(ref)
         key = names.storage_key(provider, name)
-        return await self._core.repo.get_by_key(_ref_scope(owner), key), False
+        return await self._core.repo.get_by_key(_ref_scope(owner), key, fresh=fresh), False
 
-    async def require(self, uuid: object, owner: OwnerScope) -> StoredRow:
+    async def require(self, uuid: object, owner: OwnerScope, *, fresh: bool = False) -> StoredRow:
         """The row of ``uuid`` or NotConfigured; a malformed uuid is InvalidUUID."""
-        row = await self.row(names.require_uuid(uuid), check_scope(owner))
+        row = await self.row(names.require_uuid(uuid), check_scope(owner), fresh=fresh)
         if row is None:
             raise NotConfigured(f"No connection {names.require_uuid(uuid)} here.")
         return row
 
-    async def require_ref(self, ref: object, owner: OwnerScope) -> StoredRow:
+    async def require_ref(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> StoredRow:
         """``deleted`` for a uuid that resolves to nothing, ``not_configured`` for a ref."""
-        row, by_uuid = await self.row_by_ref(ref, owner)
+        row, by_uuid = await self.row_by_ref(ref, owner, fresh=fresh)
         if row is None:
             raise Deleted() if by_uuid else NotConfigured()
         return row
@@ -93,14 +99,20 @@ class Connections:
             return True
         return record.has_saved_data(row.data)
 
-    async def get_integration_by_uuid(self, uuid: object, owner: OwnerScope) -> Connection:
-        return self._core.connection(await self.require(uuid, owner))
+    async def get_integration_by_uuid(
+        self, uuid: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> Connection:
+        return self._core.connection(await self.require(uuid, owner, fresh=fresh))
 
-    async def get_integration(self, ref: object, owner: OwnerScope) -> dict[str, Any]:
-        return self._core.plain(await self.require_ref(ref, owner))
+    async def get_integration(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> dict[str, Any]:
+        return self._core.plain(await self.require_ref(ref, owner, fresh=fresh))
 
-    async def get_credentials(self, ref: object, owner: OwnerScope) -> dict[str, Any]:
-        row = await self.require_ref(ref, owner)
+    async def get_credentials(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> dict[str, Any]:
+        row = await self.require_ref(ref, owner, fresh=fresh)
         if not self.has_credentials(row):
             raise NotConfigured(
                 f"The connection {row.provider}:{row.name} has no saved credentials; "
@@ -108,8 +120,8 @@ class Connections:
             )
         return self._core.plain(row)
 
-    async def is_connected(self, uuid: object, owner: OwnerScope) -> bool:
-        row = await self.row(names.require_uuid(uuid), check_scope(owner))
+    async def is_connected(self, uuid: object, owner: OwnerScope, *, fresh: bool = False) -> bool:
+        row = await self.row(names.require_uuid(uuid), check_scope(owner), fresh=fresh)
         if row is None or row.status != "connected":
             return False
         return self._runtime(self._core.provider_of(row), row.data)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import _names as names
+from ._cache import CachedRepository
 from ._errors import InvalidProviderKey
 from ._events import EventHub
 from ._http import HttpClient
@@ -67,7 +68,7 @@ class Core:
     def __init__(
         self,
         *,
-        repo: Repository,
+        repo: CachedRepository,
         vault: Vault,
         providers: ProviderRegistry,
         http: HttpClient,

@@ -129,6 +129,12 @@ class PoolListener:
         self._terminated = terminated
         self.backend_pid: int = conn.get_server_pid()
 
+    async def sync(self) -> None:
+        """As :meth:`DirectListener.sync`."""
+        if self._conn is not None:
+            with _translate():
+                await self._conn.execute(_relisten(self._channel))
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
@@ -137,8 +143,78 @@ class PoolListener:
         with contextlib.suppress(Exception):
             if not conn.is_closed():
                 await conn.remove_listener(self._channel, self._callback)
+                await conn.remove_listener(rows_channel(self._channel), self._callback)
         with contextlib.suppress(Exception):
             await self._pool.release(conn)
+
+
+def rows_channel(channel: str) -> str:
+    """Where the database announces changed rows (``{"rows": [uuid, ...]}``, see the
+    ``connections_changed`` trigger); listened to alongside the event channel."""
+    return f"{channel}_rows"
+
+
+def _relisten(channel: str) -> str:
+    # LISTEN on a channel already listened to is a no-op round trip.
+    quoted = channel.replace('"', '""')
+    return f'LISTEN "{quoted}"'
+
+
+async def _keep_session(_conn: Any) -> None:
+    """The pool's reset hook: nothing to reset (see ``Repository.open``)."""
+
+
+class DirectListener:
+    """A connection outside the pool, opened for LISTEN and closed with it."""
+
+    def __init__(self, conn: Any, channel: str, callback: Any, terminated: Any) -> None:
+        self._conn = conn
+        self._channel = channel
+        self._callback = callback
+        self._terminated = terminated
+        self.backend_pid: int = conn.get_server_pid()
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        channel: str,
+        on_payload: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> DirectListener:
+        def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            on_payload(str(payload))
+
+        def terminated(_conn: Any) -> None:
+            on_lost()
+
+        with _translate():
+            conn = await asyncpg.connect(dsn)
+            try:
+                conn.add_termination_listener(terminated)
+                await conn.add_listener(channel, callback)
+                await conn.add_listener(rows_channel(channel), callback)
+            except BaseException:
+                conn.terminate()
+                raise
+        return cls(conn, channel, callback, terminated)
+
+    async def sync(self) -> None:
+        """Return once the notifications committed before the call have been dispatched:
+        the server sends pending ones before it answers a statement."""
+        if self._conn is not None:
+            with _translate():
+                await self._conn.execute(_relisten(self._channel))
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.remove_termination_listener(self._terminated)
+        with contextlib.suppress(Exception):
+            await conn.close(timeout=5)
+        if not conn.is_closed():
+            conn.terminate()
 
 
 class Repository:
@@ -150,6 +226,7 @@ class Repository:
         self.q = Queries.load(schema)
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
+        self._dsn: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -159,8 +236,15 @@ class Repository:
             self._owns_pool = False
             return
         with _translate():
-            self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+            # No reset query on release: the library leaves no session state behind (its
+            # settings are transaction-local, its locks transaction-scoped, and LISTEN has
+            # a connection of its own), and asyncpg still rolls back a transaction left
+            # open. That saves a round trip per pooled call.
+            self._pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=max_size, reset=_keep_session
+            )
         self._owns_pool = True
+        self._dsn = dsn
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -415,6 +499,15 @@ class Repository:
 
     async def listen(
         self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> PoolListener | DirectListener:
+        """LISTEN on ``channel``: on a connection of its own when the pool is ours (its
+        connections are released without a reset), else on one held from the pool."""
+        if self._owns_pool and self._dsn is not None:
+            return await DirectListener.open(self._dsn, channel, on_payload, on_lost)
+        return await self._listen_pooled(channel, on_payload, on_lost)
+
+    async def _listen_pooled(
+        self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> PoolListener:
         """Hold one pooled connection that LISTENs on ``channel``."""
 
@@ -429,6 +522,7 @@ class Repository:
             try:
                 conn.add_termination_listener(terminated)
                 await conn.add_listener(channel, callback)
+                await conn.add_listener(rows_channel(channel), callback)
             except BaseException:
                 await self.pool.release(conn)
                 raise

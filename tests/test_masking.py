@@ -32,7 +32,7 @@ from integrations import (
     generate_key,
 )
 
-from .conftest import TEST_KEY, store_setup
+from .conftest import TEST_KEY, settle, store_setup
 
 MASK = "••••"
 NEW_KEY = generate_key()
@@ -253,6 +253,7 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
             uuid_mod.UUID(await rotating.find_uuid_by_provider_name("openai:legacy")),
             uuid_mod.UUID(uuids["openai"]),
         )
+        await settle()
         await expect(DecryptionFailed, rotating.get_credentials("openai:legacy"))
         await expect(UnknownKey, integ.rotate_keys())
         # A database error while a secret is being written: the driver's detail quotes
@@ -279,6 +280,7 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     assert delivered, "the subscription received no event"
     shown.extend(delivered)
     record("event_stats", integ.event_stats)
+    record("cache_stats", integ.cache_stats)
     await subscriptions.aclose()
     shown.append(integ)
     await integ.close()
