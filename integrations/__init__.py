@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import oauth
+from ._cache import CacheStats
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -42,7 +43,7 @@ from ._errors import (
 from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
 from ._http import Response, bot_url
 from ._integrations import Integrations
-from ._models import Connection, Event, RotationProgress, Validation
+from ._models import Connection, Event, Page, RotationProgress, Validation
 from ._names import settings_key
 from ._owner import OwnerHandle
 from ._probes import register_check
@@ -65,6 +66,7 @@ __all__ = [
     "AuthHeader",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "CacheStats",
     "ConfigurationError",
     "Connection",
     "CryptoError",
@@ -95,6 +97,7 @@ __all__ = [
     "OAuthError",
     "OwnerHandle",
     "OwnerScope",
+    "Page",
     "Provider",
     "ProviderConflict",
     "ProviderRegistry",

@@ -19,12 +19,17 @@ from ._errors import (
     NotFound,
 )
 from ._events import ALL_OWNERS, OwnerScope
-from ._models import Connection, utcnow
+from ._models import Connection, Page, utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
 from ._tokens import imported_token_set
 
-__all__ = ["Connections", "check_scope"]
+__all__ = ["MAX_PAGE", "Connections", "check_scope"]
+
+#: The largest ``limit`` of one listing page.
+MAX_PAGE = 1000
+# Rows per keyset page when a listing reads everything.
+_SCAN_PAGE = 500
 
 
 def check_scope(owner: OwnerScope) -> OwnerScope:
@@ -170,10 +175,38 @@ class Connections:
 
     async def list_integrations(self, owner: str | None) -> list[Connection]:
         owner = names.check_owner(owner)
-        rows = await self._core.repo.list_by_prefixes(owner, [names.KEY_PREFIX])
-        found = [self._core.connection(row) for row in rows if record.has_saved_data(row.data)]
+        found: list[Connection] = []
+        after = ""
+        # Keyset pages in index order: the database never sorts, whatever the row count.
+        while True:
+            rows = await self._core.repo.list_page(owner, names.KEY_PREFIX, after, _SCAN_PAGE)
+            found.extend(self._core.connection(r) for r in rows if record.has_saved_data(r.data))
+            if len(rows) < _SCAN_PAGE:
+                break
+            after = rows[-1].key
         found.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
         return found
+
+    async def page(
+        self, *, owner: str | None, provider: str | None, limit: object, after: object
+    ) -> Page:
+        """Every connection of ``owner`` (of one provider if given) in key order, a page
+        at a time: ``after`` is the ``next_after`` of the page before."""
+        owner = names.check_owner(owner)
+        prefix = names.KEY_PREFIX
+        if provider is not None:
+            prefix = names.storage_key(names.check_provider_key(provider), "")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}.")
+        if after is not None and (not isinstance(after, str) or len(after) > 1000):
+            raise InvalidInput("after must be the next_after of an earlier page, or None.")
+        rows = await self._core.repo.list_page(owner, prefix, after or "", limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[self._core.connection(row) for row in rows],
+            next_after=rows[-1].key if more else None,
+        )
 
     # -- writes -----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import Connection, Validation
+from ._models import Connection, Page, Validation
 from ._owner import OwnerHandle, Ref
 from ._providers import Provider
 from ._registry import ProviderRegistry
@@ -323,6 +323,21 @@ class Integrations:
     async def list_integrations(self, *, owner: str | None = None) -> list[Connection]:
         """Connections that have saved data (setup or credentials), by provider then name."""
         return await self._s.connections.list_integrations(owner)
+
+    async def list_page(
+        self,
+        *,
+        owner: str | None = None,
+        provider: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page:
+        """One page of ``owner``'s connections (of ``provider`` if given), masked, in
+        storage-key order: pass the page's ``next_after`` as ``after`` for the next one.
+        Each page is one index range scan, however many rows the table holds."""
+        return await self._s.connections.page(
+            owner=owner, provider=provider, limit=limit, after=after
+        )
 
     def list_providers(self) -> list[Provider]:
         """Every known provider, built-in and registered, by key."""

@@ -1,4 +1,4 @@
-"""Immutable values that cross the public API: Connection, Validation, Event."""
+"""Immutable values that cross the public API: Connection, Page, Validation, Event."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ class Connection:
     @property
     def status(self) -> str:
         return str(self.data.get("status", "disconnected"))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing: ``items`` in order, and the ``after=`` to pass for the next
+    page (None when this is the last)."""
+
+    items: list[Connection]
+    next_after: str | None
 
 
 @dataclass(frozen=True, slots=True)

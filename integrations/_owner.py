@@ -8,7 +8,7 @@ from typing import Any
 
 from ._events import Subscription
 from ._http import Response
-from ._models import Connection, Validation
+from ._models import Connection, Page, Validation
 from ._providers import Provider
 from ._services import Services
 
@@ -61,6 +61,13 @@ class OwnerHandle:
 
     async def list_integrations(self) -> list[Connection]:
         return await self._services().connections.list_integrations(self.owner)
+
+    async def list_page(
+        self, *, provider: str | None = None, limit: int = 50, after: str | None = None
+    ) -> Page:
+        return await self._services().connections.page(
+            owner=self.owner, provider=provider, limit=limit, after=after
+        )
 
     def list_providers(self) -> list[Provider]:
         return self._services().core.providers.all()

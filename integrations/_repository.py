@@ -70,10 +70,12 @@ def _dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def like_prefix(prefix: str) -> str:
-    """A LIKE pattern matching ``prefix`` literally, then anything."""
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
+def prefix_end(prefix: str) -> str:
+    """The least string above every string that starts with ``prefix``, byte-wise (UTF-8
+    order is code point order). Our prefixes end in ':', so the last character bumps."""
+    if not prefix or prefix[-1] == "\U0010ffff":
+        raise ValueError("a prefix must end below U+10FFFF")
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more, and a refused NOTIFY
@@ -306,10 +308,24 @@ class Repository:
         return None if value is None else str(value)
 
     async def list_by_prefixes(self, owner: str | None, prefixes: Sequence[str]) -> list[StoredRow]:
-        """Every row whose key starts with one of ``prefixes``: one statement however many."""
-        patterns = [like_prefix(p) for p in prefixes]
+        """Every row whose key starts with one of ``prefixes`` (unordered): one statement
+        however many, an index range scan each."""
+        highs = [prefix_end(p) for p in prefixes]
         with _translate():
-            records = await self.pool.fetch(self.q.list_by_prefixes, _owner_to_db(owner), patterns)
+            records = await self.pool.fetch(
+                self.q.list_by_prefixes, _owner_to_db(owner), list(prefixes), highs
+            )
+        return [_row(r) for r in records]
+
+    async def list_page(
+        self, owner: str | None, prefix: str, after: str, limit: int
+    ) -> list[StoredRow]:
+        """Up to ``limit`` rows whose key starts with ``prefix`` and sorts after ``after``
+        (byte-wise), in key order, read in index order."""
+        with _translate():
+            records = await self.pool.fetch(
+                self.q.list_page, _owner_to_db(owner), prefix, prefix_end(prefix), after, limit
+            )
         return [_row(r) for r in records]
 
     # -- writes ------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class Queries:
     get_by_key: LiteralString
     uuid_by_key: LiteralString
     list_by_prefixes: LiteralString
+    list_page: LiteralString
     update_value: LiteralString
     update_key_value: LiteralString
     delete_connection: LiteralString

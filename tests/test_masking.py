@@ -170,7 +170,9 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     everything = record("load_all_connections", await integ.load_all_connections(list(SETUPS)))
     listed = record("list_integrations", await integ.list_integrations())
     assert len(listed) == len(SETUPS)
-    for connection in [*listed, *(c for cs in everything.values() for c in cs)]:
+    page = record("list_page", await integ.list_page(limit=1000))
+    assert {c.uuid for c in page.items} == {c.uuid for c in listed}
+    for connection in [*listed, *page.items, *(c for cs in everything.values() for c in cs)]:
         assert isinstance(connection, Connection)
         assert_masked(connection.data)
 

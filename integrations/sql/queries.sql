@@ -57,11 +57,24 @@ FROM {schema}.connections WHERE owner = $1 AND key = $2;
 SELECT uuid FROM {schema}.connections WHERE owner = $1 AND key = $2;
 
 -- name: list_by_prefixes
--- $1 text owner, $2 text[] LIKE patterns (escaped prefix followed by %)
+-- $1 text owner, $2 text[] lower bounds (the prefixes), $3 text[] upper bounds (exclusive),
+-- pairwise. One index range scan per prefix, however many: the byte-wise operators are
+-- those of the text_pattern_ops index (LIKE ANY could not use it). Unordered.
+SELECT c.uuid, c.owner, c.key, c.value_json::text AS value_json, c.version
+FROM unnest($2::text[], $3::text[]) AS p (lo, hi)
+CROSS JOIN LATERAL (
+    SELECT * FROM {schema}.connections
+    WHERE owner = $1 AND key ~>=~ p.lo AND key ~<~ p.hi
+) AS c;
+
+-- name: list_page
+-- $1 text owner, $2 text lower bound, $3 text upper bound (exclusive), $4 text keyset
+-- cursor (exclusive; '' from the start), $5 int page size. Index order, so no sort.
 SELECT uuid, owner, key, value_json::text AS value_json, version
 FROM {schema}.connections
-WHERE owner = $1 AND key LIKE ANY ($2::text[])
-ORDER BY key;
+WHERE owner = $1 AND key ~>=~ $2 AND key ~<~ $3 AND key ~>~ $4
+ORDER BY key USING ~<~
+LIMIT $5;
 
 -- name: update_value
 -- $1 uuid, $2 text value_json
