@@ -275,7 +275,9 @@ async def lag(dsn: str, key: str, count: int = 300) -> dict[str, float]:
     lags = [(seen[v] - committed[v]) / 1e6 for v in committed if v in seen]
     cuts = statistics.quantiles(lags, n=100, method="inclusive")
     p50, p99 = statistics.median(lags), cuts[98]
-    print(f"invalidation lag into another process, {count} writes: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    print(
+        f"invalidation lag into another process, {count} writes: p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+    )
     return {"lag_p50_ms": p50, "lag_p99_ms": p99, "lag_missed": float(count - len(lags))}
 
 

@@ -41,6 +41,7 @@ class RowCache:
 
     __slots__ = (
         "_epoch",
+        "_extras",
         "_live",
         "_refs",
         "_rows",
@@ -58,6 +59,8 @@ class RowCache:
         self.capacity = capacity
         self._rows: OrderedDict[str, StoredRow] = OrderedDict()
         self._refs: dict[tuple[str | None, str], str] = {}
+        # Values derived from a cached row (built auth headers), dropped with the row.
+        self._extras: dict[str, dict[str, Any]] = {}
         self._epoch = 0
         self._live = False
         self.hits = 0
@@ -96,6 +99,19 @@ class RowCache:
         uuid = self._refs.get((owner, key))
         return None if uuid is None else self.get(uuid)
 
+    def extra(self, row: StoredRow, name: str) -> Any:
+        """A value kept beside ``row`` under ``name``; None unless ``row`` is the very row
+        the cache holds (so it was built from this version and nothing changed since)."""
+        if self._rows.get(row.uuid) is not row:
+            return None
+        extras = self._extras.get(row.uuid)
+        return None if extras is None else extras.get(name)
+
+    def keep_extra(self, row: StoredRow, name: str, value: Any) -> None:
+        """Keep ``value`` beside ``row`` while the cache holds that very row."""
+        if self._rows.get(row.uuid) is row:
+            self._extras.setdefault(row.uuid, {})[name] = value
+
     def ticket(self) -> int | None:
         """Taken before a database read: the epoch to fill at, None when not serving."""
         if not (self.enabled and self._live):
@@ -107,14 +123,11 @@ class RowCache:
         """Keep ``row`` unless something changed since ``ticket`` was taken."""
         if ticket is None or ticket != self._epoch or not self._live:
             return
-        old = self._rows.pop(row.uuid, None)
-        if old is not None:
-            self._refs.pop((old.owner, old.key), None)
+        self._drop(row.uuid)
         self._rows[row.uuid] = row
         self._refs[(row.owner, row.key)] = row.uuid
         while len(self._rows) > self.capacity:
-            _, evicted = self._rows.popitem(last=False)
-            self._refs.pop((evicted.owner, evicted.key), None)
+            self._drop(next(iter(self._rows)))
 
     # -- invalidation (RowWatcher) --------------------------------------------------------
 
@@ -125,9 +138,7 @@ class RowCache:
             self._clear()
             return
         for uuid in uuids:
-            row = self._rows.pop(uuid, None)
-            if row is not None:
-                self._refs.pop((row.owner, row.key), None)
+            self._drop(uuid)
 
     def listening(self, up: bool) -> None:
         # Either way what is held may have missed a change: start again from empty.
@@ -135,9 +146,16 @@ class RowCache:
         self._live = up
         self._clear()
 
+    def _drop(self, uuid: str) -> None:
+        row = self._rows.pop(uuid, None)
+        if row is not None:
+            self._refs.pop((row.owner, row.key), None)
+            self._extras.pop(uuid, None)
+
     def _clear(self) -> None:
         self._rows.clear()
         self._refs.clear()
+        self._extras.clear()
 
 
 class CachedRepository(Repository):

@@ -8,11 +8,14 @@ from typing import Any
 
 from ._core import Core
 from ._errors import InvalidInput
-from ._http import Response
+from ._http import PREPARED_KINDS, Response, auth_for
 from ._record import StoredRow
 from ._tokens import Refresher
 
 __all__ = ["Requests", "check_method"]
+
+# The row cache's extra under which a row's built auth headers are kept.
+_HEADERS = "auth_headers"
 
 # RFC 9110 token characters: a method name is one token.
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
@@ -56,6 +59,18 @@ class Requests:
         target = core.http.target(
             url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
         )
+        header = provider.auth_header
+        if not provider.is_oauth and header is not None and header.kind in PREPARED_KINDS:
+            # Built once per cached row version: no decrypt or rendering on later calls.
+            cache = core.repo.cache
+            added: dict[str, str] | None = cache.extra(row, _HEADERS)
+            if added is None:
+                plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+                added, _ = auth_for(provider, plain, target)
+                cache.keep_extra(row, _HEADERS, added)
+            return await core.http.send_prepared(
+                method, target, provider, added, max_attempts=max_attempts, opts=opts
+            )
         plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         if not provider.is_oauth:
             return await core.http.send_authenticated(

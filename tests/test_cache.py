@@ -286,3 +286,48 @@ async def test_while_the_listener_is_down_reads_go_to_the_database(
     await until(lambda: hub.listening, "the listener to come back")
     assert (await integ.get_integration(saved))["note"] == 4
     assert integ.cache_stats.size == 1
+
+
+# -- built auth headers ---------------------------------------------------------------------
+
+
+async def test_built_auth_headers_follow_the_row(fresh_db: str) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from integrations import Provider
+
+    seen: list[str] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v1/echo", echo)
+    provider = Provider(key="echo", name="Echo", auth_type="api_key", api_hosts=("127.0.0.1",))
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        Integrations(fresh_db, keys=TEST_KEY, providers=[provider]) as integ,
+        Integrations(fresh_db, keys=TEST_KEY, providers=[provider], cache=False) as other,
+    ):
+        url = str(server.make_url("/v1/echo"))
+        conn = await integ.add_connection("echo", "default")
+        await integ.save_setup(conn.uuid, {"api_key": "sk-one"})
+        for _ in range(3):
+            await integ.authenticated_request(conn.uuid, "GET", url)
+        await other.save_setup(conn.uuid, {"api_key": "sk-two"})
+        await until(lambda: integ.cache_stats.size == 0, "the other instance's write")
+        await integ.authenticated_request("echo:default", "GET", url)
+        await other.authenticated_request(conn.uuid, "GET", url)
+        await integ.save_setup(conn.uuid, {"api_key": "sk-three"})
+        await integ.authenticated_request(conn.uuid, "GET", url)
+        await integ.disconnect(conn.uuid)
+        with pytest.raises(integrations_errors().NotConfigured):
+            await integ.authenticated_request(conn.uuid, "GET", url)
+    assert seen == [
+        *["Bearer sk-one"] * 3,
+        "Bearer sk-two",
+        "Bearer sk-two",
+        "Bearer sk-three",
+    ]
