@@ -31,7 +31,7 @@ def run_all() -> str:
     for script in SCRIPTS:
         print(f"running {script} ...", file=sys.stderr, flush=True)
         done = subprocess.run(
-            [sys.executable, str(HERE / script)], capture_output=True, text=True, check=True
+            [sys.executable, str(HERE / script)], stdout=subprocess.PIPE, text=True, check=True
         )
         sys.stderr.write(done.stdout)
         out.append(done.stdout)

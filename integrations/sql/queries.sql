@@ -60,11 +60,16 @@ SELECT uuid FROM {schema}.connections WHERE owner = $1 AND key = $2;
 -- $1 text owner, $2 text[] lower bounds (the prefixes), $3 text[] upper bounds (exclusive),
 -- pairwise. One index range scan per prefix, however many: the byte-wise operators are
 -- those of the text_pattern_ops index (LIKE ANY could not use it). Unordered.
+-- The owner travels with each range, and OFFSET 0 keeps the subquery from being
+-- flattened into a join, so that every plan (a generic one, which cannot tell a large
+-- owner from a small one, included) probes the index once per range.
 SELECT c.uuid, c.owner, c.key, c.value_json::text AS value_json, c.version
-FROM unnest($2::text[], $3::text[]) AS p (lo, hi)
+FROM unnest($2::text[], $3::text[], array_fill($1::text, ARRAY[cardinality($2::text[])]))
+    AS p (lo, hi, owner)
 CROSS JOIN LATERAL (
-    SELECT * FROM {schema}.connections
-    WHERE owner = $1 AND key ~>=~ p.lo AND key ~<~ p.hi
+    SELECT * FROM {schema}.connections AS r
+    WHERE r.owner = p.owner AND r.key ~>=~ p.lo AND r.key ~<~ p.hi
+    OFFSET 0
 ) AS c;
 
 -- name: list_page
