@@ -241,13 +241,14 @@ async def queries(dsn: str, key: str) -> dict[str, float]:
     return {"queries_per_1000": float(counted)}
 
 
-async def lag_reader(dsn: str, uuid_: str, count: int) -> None:
-    """Child process: read the credentials in a loop; print when each new value was seen."""
+async def lag_reader(dsn: str, uuid_: str) -> None:
+    """Child process: read the credentials in a loop until the value is ``v-end``; print
+    when each new value was seen (a value replaced before any read saw it is missed)."""
     seen: dict[str, int] = {}
     async with Integrations(dsn) as integ:
         last = (await integ.get_credentials(uuid_))["api_key"]
         print("ready", flush=True)
-        while len(seen) < count:
+        while last != "v-end":
             value = (await integ.get_credentials(uuid_))["api_key"]
             if value != last:
                 seen[value] = time.time_ns()
@@ -269,7 +270,6 @@ async def lag(dsn: str, key: str, count: int = 300) -> dict[str, float]:
             "--lag-reader",
             dsn,
             conn.uuid,
-            str(count),
             env={**os.environ, "INTEGRATIONS_KEYS": key, "PYTHONPATH": PACKAGE_PARENT},
             stdout=asyncio.subprocess.PIPE,
         )
@@ -282,6 +282,7 @@ async def lag(dsn: str, key: str, count: int = 300) -> dict[str, float]:
             await integ.save_setup(conn.uuid, {"api_key": value})
             committed[value] = time.time_ns()
             await asyncio.sleep(0.005)
+        await integ.save_setup(conn.uuid, {"api_key": "v-end"})
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
     seen = json.loads(out.decode().splitlines()[-1])
     lags = [(seen[v] - committed[v]) / 1e6 for v in committed if v in seen]
@@ -407,7 +408,7 @@ async def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--lag-reader":
-        asyncio.run(lag_reader(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    if len(sys.argv) == 4 and sys.argv[1] == "--lag-reader":
+        asyncio.run(lag_reader(sys.argv[2], sys.argv[3]))
     else:
         asyncio.run(main(sys.argv[1:]))
