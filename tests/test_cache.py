@@ -331,3 +331,21 @@ async def test_built_auth_headers_follow_the_row(fresh_db: str) -> None:
         "Bearer sk-two",
         "Bearer sk-three",
     ]
+
+
+async def test_an_uncached_read_is_one_statement_with_no_reset_after_it(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    async with Integrations(fresh_db, keys=TEST_KEY, cache=False, pool_max_size=2) as integ:
+        conn = await integ.add_connection("openai", "default")
+        await integ.save_setup(conn.uuid, {"api_key": "sk-1"})
+        assert await api_key(integ, conn.uuid) == "sk-1"
+        last = await db.fetch(
+            """SELECT query FROM pg_stat_activity
+               WHERE datname = current_database() AND pid <> pg_backend_pid()
+                 AND query NOT LIKE 'LISTEN %'"""
+        )
+    # The pool's connection last ran the read itself: no reset query on release.
+    [query] = [r["query"] for r in last]
+    assert "FROM integrations.connections WHERE uuid = $1" in query
+    assert "RESET" not in query and "UNLISTEN" not in query
