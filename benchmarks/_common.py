@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import statistics
@@ -62,3 +63,11 @@ async def interleaved_medians(
             await call()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def result(name: str, figures: dict[str, float]) -> None:
+    """The machine-readable line that ``benchmarks/report.py`` turns into docs/benchmarks.md."""
+    print(RESULT_PREFIX + json.dumps({"name": name, "figures": figures}), flush=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asyncpg
+from _common import result as report
 from _common import scratch_database
 
 import integrations
@@ -99,6 +100,11 @@ async def main(count: int) -> None:
     print(f"  from COMMIT acknowledged to the writer:   {percentiles(from_commit)}")
     print(f"  from event.at (before UPDATE and COMMIT): {percentiles(from_at)}")
     print(f"  dropped by the subscriber: {result['dropped']}")
+    figures = {"events": float(count), "dropped": float(result["dropped"])}
+    for tag, samples in (("commit", from_commit), ("at", from_at)):
+        figures[f"{tag}_p50_ms"] = statistics.median(samples)
+        figures[f"{tag}_p99_ms"] = statistics.quantiles(samples, n=100, method="inclusive")[98]
+    report("event_latency", figures)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, scratch_database
+from _common import interleaved_medians, result, scratch_database
 
 from integrations import Integrations, generate_key
 
@@ -59,6 +59,10 @@ async def main() -> None:
     print(
         f"  ratio {encrypted / unencrypted_time:5.2f}x"
         f"   (+{(encrypted - unencrypted_time) * 1e6:.1f} µs per call)"
+    )
+    result(
+        "encryption",
+        {"on_us": encrypted * 1e6, "off_us": unencrypted_time * 1e6, "bare_us": base * 1e6},
     )
 
 

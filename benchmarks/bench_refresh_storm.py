@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 import asyncpg
-from _common import scratch_database
+from _common import result, scratch_database
 
 from integrations import Integrations, Provider, generate_key
 from tests.oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ServerProcess
@@ -286,6 +286,15 @@ async def main() -> None:
             f"{change['grants_revoked']:>9}  {outcome}; grant survived: "
             f"{'yes' if survived else 'no'} ({elapsed:.2f}s)"
         )
+    figures: dict[str, float] = {}
+    for kind, change, outcome, survived, _ in rows:
+        tag = "ours" if kind == "ours" else "authlib"
+        figures[f"{tag}_token_calls"] = float(change["token_calls"])
+        figures[f"{tag}_revoked"] = float(change["grants_revoked"])
+        figures[f"{tag}_survived"] = 1.0 if survived else 0.0
+        figures[f"{tag}_ok"] = float(outcome.split()[0])
+        figures[f"{tag}_requests"] = float(PROCESSES * PER_PROCESS)
+    result("refresh_storm", figures)
 
 
 if __name__ == "__main__":

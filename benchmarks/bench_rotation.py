@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import scratch_database
+from _common import result, scratch_database
 
 from integrations import Integrations, generate_key
 from integrations._names import storage_key, uuid7
@@ -106,6 +106,7 @@ async def run(writers: int) -> Run:
 
 async def main() -> None:
     print(f"rotate_keys(): {ROWS} rows, batch_size={BATCH_SIZE}")
+    figures: dict[str, float] = {}
     for writers in (0, WRITERS):
         r = await run(writers)
         label = f"{writers} concurrent writers" if writers else "no concurrent writes"
@@ -118,6 +119,15 @@ async def main() -> None:
                 f"{r.writes_during:,.0f}/s during the rotation"
             )
         print(f"    a second pass with nothing left to do: {r.noop_seconds * 1e3:.0f} ms")
+        tag = "busy" if writers else "quiet"
+        figures[f"{tag}_rows_per_s"] = rate
+        figures[f"{tag}_noop_ms"] = r.noop_seconds * 1e3
+        if writers:
+            figures["writes_before"] = r.writes_before
+            figures["writes_during"] = r.writes_during
+    figures["rows"] = float(ROWS)
+    figures["writers"] = float(WRITERS)
+    result("rotation", figures)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import oauth
+from ._cache import CacheStats
 from ._checkall import CheckItem, CheckReport
 from ._doctor import Diagnosis, Finding
 from ._errors import (
@@ -44,7 +45,7 @@ from ._errors import (
 from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
 from ._http import AuthKind, Response, bot_url, register_auth_kind
 from ._integrations import Integrations
-from ._models import Connection, Event, RotationProgress, Validation
+from ._models import Connection, Event, Page, RotationProgress, Validation
 from ._names import settings_key
 from ._owner import OwnerHandle
 from ._probes import register_check
@@ -69,6 +70,7 @@ __all__ = [
     "AuthKind",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "CacheStats",
     "CheckItem",
     "CheckReport",
     "ConfigurationError",
@@ -103,6 +105,7 @@ __all__ = [
     "OAuthError",
     "OwnerHandle",
     "OwnerScope",
+    "Page",
     "Provider",
     "ProviderConflict",
     "ProviderRegistry",

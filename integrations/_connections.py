@@ -20,12 +20,17 @@ from ._errors import (
     NotFound,
 )
 from ._events import ALL_OWNERS, OwnerScope
-from ._models import Connection, utcnow
+from ._models import Connection, Page, utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
 from ._tokens import imported_token_set
 
-__all__ = ["Connections", "check_scope"]
+__all__ = ["MAX_PAGE", "Connections", "check_scope"]
+
+#: The largest ``limit`` of one listing page.
+MAX_PAGE = 1000
+# Rows per keyset page when a listing reads everything.
+_SCAN_PAGE = 500
 
 
 def check_scope(owner: OwnerScope) -> OwnerScope:
@@ -54,30 +59,36 @@ class Connections:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def row(self, uuid: str, owner: OwnerScope) -> StoredRow | None:
-        """The row of a well-formed uuid within ``owner``'s scope, None when missing."""
-        return _visible(await self._core.repo.get(uuid), owner)
+    async def row(self, uuid: str, owner: OwnerScope, *, fresh: bool = False) -> StoredRow | None:
+        """The row of a well-formed uuid within ``owner``'s scope, None when missing.
 
-    async def row_by_ref(self, ref: object, owner: OwnerScope) -> tuple[StoredRow | None, bool]:
+        Served from the row cache unless ``fresh`` (see docs/cache.md)."""
+        return _visible(await self._core.repo.get(uuid, fresh=fresh), owner)
+
+    async def row_by_ref(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> tuple[StoredRow | None, bool]:
         """Resolve a uuid or provider ref; the flag says whether the input was a uuid."""
         owner = check_scope(owner)
         as_uuid = names.parse_uuid(ref)
         if as_uuid is not None:
-            return await self.row(as_uuid, owner), True
+            return await self.row(as_uuid, owner, fresh=fresh), True
         provider, name = names.parse_ref(ref)
         key = names.storage_key(provider, name)
-        return await self._core.repo.get_by_key(_ref_scope(owner), key), False
+        return await self._core.repo.get_by_key(_ref_scope(owner), key, fresh=fresh), False
 
-    async def require(self, uuid: object, owner: OwnerScope) -> StoredRow:
+    async def require(self, uuid: object, owner: OwnerScope, *, fresh: bool = False) -> StoredRow:
         """The row of ``uuid`` or NotConfigured; a malformed uuid is InvalidUUID."""
-        row = await self.row(names.require_uuid(uuid), check_scope(owner))
+        row = await self.row(names.require_uuid(uuid), check_scope(owner), fresh=fresh)
         if row is None:
             raise NotConfigured()
         return row
 
-    async def require_ref(self, ref: object, owner: OwnerScope) -> StoredRow:
+    async def require_ref(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> StoredRow:
         """``deleted`` for a uuid that resolves to nothing, ``not_configured`` for a ref."""
-        row, by_uuid = await self.row_by_ref(ref, owner)
+        row, by_uuid = await self.row_by_ref(ref, owner, fresh=fresh)
         if row is None:
             raise Deleted() if by_uuid else NotConfigured()
         return row
@@ -94,14 +105,20 @@ class Connections:
             return True
         return record.has_saved_data(row.data)
 
-    async def get_integration_by_uuid(self, uuid: object, owner: OwnerScope) -> Connection:
-        return self._core.connection(await self.require(uuid, owner))
+    async def get_integration_by_uuid(
+        self, uuid: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> Connection:
+        return self._core.connection(await self.require(uuid, owner, fresh=fresh))
 
-    async def get_integration(self, ref: object, owner: OwnerScope) -> dict[str, Any]:
-        return self._core.plain(await self.require_ref(ref, owner))
+    async def get_integration(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> dict[str, Any]:
+        return self._core.plain(await self.require_ref(ref, owner, fresh=fresh))
 
-    async def get_credentials(self, ref: object, owner: OwnerScope) -> dict[str, Any]:
-        row = await self.require_ref(ref, owner)
+    async def get_credentials(
+        self, ref: object, owner: OwnerScope, *, fresh: bool = False
+    ) -> dict[str, Any]:
+        row = await self.require_ref(ref, owner, fresh=fresh)
         if not self.has_credentials(row):
             raise NotConfigured(
                 f"The connection {row.provider}:{row.name} has no saved credentials; "
@@ -109,8 +126,8 @@ class Connections:
             )
         return self._core.plain(row)
 
-    async def is_connected(self, uuid: object, owner: OwnerScope) -> bool:
-        row = await self.row(names.require_uuid(uuid), check_scope(owner))
+    async def is_connected(self, uuid: object, owner: OwnerScope, *, fresh: bool = False) -> bool:
+        row = await self.row(names.require_uuid(uuid), check_scope(owner), fresh=fresh)
         if row is None or row.status != "connected":
             return False
         return self._runtime(self._core.provider_of(row), row.data)
@@ -159,10 +176,38 @@ class Connections:
 
     async def list_integrations(self, owner: str | None) -> list[Connection]:
         owner = names.check_owner(owner)
-        rows = await self._core.repo.list_by_prefixes(owner, [names.KEY_PREFIX])
-        found = [self._core.connection(row) for row in rows if record.has_saved_data(row.data)]
+        found: list[Connection] = []
+        after = ""
+        # Keyset pages in index order: the database never sorts, whatever the row count.
+        while True:
+            rows = await self._core.repo.list_page(owner, names.KEY_PREFIX, after, _SCAN_PAGE)
+            found.extend(self._core.connection(r) for r in rows if record.has_saved_data(r.data))
+            if len(rows) < _SCAN_PAGE:
+                break
+            after = rows[-1].key
         found.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
         return found
+
+    async def page(
+        self, *, owner: str | None, provider: str | None, limit: object, after: object
+    ) -> Page:
+        """Every connection of ``owner`` (of one provider if given) in key order, a page
+        at a time: ``after`` is the ``next_after`` of the page before."""
+        owner = names.check_owner(owner)
+        prefix = names.KEY_PREFIX
+        if provider is not None:
+            prefix = names.storage_key(names.check_provider_key(provider), "")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}.")
+        if after is not None and (not isinstance(after, str) or len(after) > 1000):
+            raise InvalidInput("after must be the next_after of an earlier page, or None.")
+        rows = await self._core.repo.list_page(owner, prefix, after or "", limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[self._core.connection(row) for row in rows],
+            next_after=rows[-1].key if more else None,
+        )
 
     # -- writes -----------------------------------------------------------------------
 

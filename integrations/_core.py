@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from . import _names as names
 from . import _telemetry as telemetry
+from ._cache import CachedRepository
 from ._errors import InvalidProviderKey
 from ._events import EventHub
 from ._http import HttpClient
@@ -69,7 +70,7 @@ class Core:
     def __init__(
         self,
         *,
-        repo: Repository,
+        repo: CachedRepository,
         vault: Vault,
         providers: ProviderRegistry,
         http: HttpClient,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +25,7 @@ __all__ = [
     "ListenFn",
     "Listener",
     "OwnerScope",
+    "RowWatcher",
     "Subscription",
 ]
 
@@ -34,6 +36,16 @@ class Listener(Protocol):
     """A live LISTEN connection, as handed back by a ``ListenFn``."""
 
     async def close(self) -> None: ...
+
+
+class RowWatcher(Protocol):
+    """Told of changed rows and of the listener's state (the row cache)."""
+
+    def rows_changed(self, uuids: Sequence[str] | None) -> None:
+        """These rows changed; None: any row may have."""
+
+    def listening(self, up: bool) -> None:
+        """The LISTEN connection is up (changes are being received) or lost."""
 
 
 ListenFn: TypeAlias = Callable[
@@ -214,6 +226,7 @@ class EventHub:
         *,
         reconnect_initial: float = 0.1,
         reconnect_max: float = 5.0,
+        watcher: RowWatcher | None = None,
     ) -> None:
         if not isinstance(channel, str) or not channel:
             raise ValueError("channel must be a non-empty string")
@@ -236,6 +249,7 @@ class EventHub:
         self._malformed = 0
         self._reconnects = 0
         self._reconnect_attempts = 0
+        self._watcher = watcher
 
     def __repr__(self) -> str:
         return (
@@ -307,13 +321,19 @@ class EventHub:
     @asynccontextmanager
     async def _subscribed(self, subscription: Subscription) -> AsyncIterator[Subscription]:
         self._check_open()
-        await self._ensure_listening()
+        if not await self._ensure_listening():
+            await self._sync()
         self._subscriptions.add(subscription)
         try:
             yield subscription
         finally:
             self._subscriptions.discard(subscription)
             subscription._close()
+
+    async def start(self) -> None:
+        """Open the LISTEN connection now rather than at the first ``subscribe()``."""
+        self._check_open()
+        await self._ensure_listening()
 
     def publish_local(self, event: Event) -> None:
         """Deliver an already-parsed event to the matching subscriptions of this hub."""
@@ -328,6 +348,7 @@ class EventHub:
             return
         self._closed = True
         self._generation += 1
+        self._set_listening(False)
         for subscription in self._subscriptions:
             subscription._close()
         self._subscriptions.clear()
@@ -350,14 +371,34 @@ class EventHub:
             if subscription.matches(event):
                 subscription._put(event)
 
+    def _set_listening(self, up: bool) -> None:
+        if self._watcher is not None:
+            self._watcher.listening(up)
+
+    def _rows_changed(self, payload: str) -> bool:
+        """Feed a row-change notice to the watcher; False when ``payload`` is not one."""
+        try:
+            rows = json.loads(payload)["rows"]
+        except (ValueError, TypeError, KeyError):
+            return False
+        if self._watcher is not None:
+            ok = isinstance(rows, list) and all(isinstance(r, str) for r in rows)
+            self._watcher.rows_changed(rows if ok else None)
+        return True
+
     def _on_payload(self, payload: str) -> None:
         # Runs inside the driver's callback: parse, enqueue, never raise.
         if self._closed:
+            return
+        if payload.startswith('{"rows":') and self._rows_changed(payload):
             return
         self._received += 1
         try:
             event = Event.from_payload(payload)
         except Exception as exc:
+            if self._watcher is not None:
+                # Whatever it was about, a row may have changed.
+                self._watcher.rows_changed(None)
             self._malformed += 1
             # The body is left out: it can be up to 8000 bytes of anything.
             logger.warning(
@@ -369,12 +410,15 @@ class EventHub:
             )
             telemetry.count_event_dropped("malformed")
             return
+        if self._watcher is not None and event.uuid is not None:
+            self._watcher.rows_changed((event.uuid,))
         self._fan_out(event)
 
     def _on_lost(self, generation: int) -> None:
         if self._closed or generation != self._generation:
             return
         self._generation += 1
+        self._set_listening(False)
         if self._listener is not None:
             self._dead.append(self._listener)
             self._listener = None
@@ -388,10 +432,26 @@ class EventHub:
                 self._reconnect(), name=f"integrations-events-reconnect:{self._channel}"
             )
 
-    async def _ensure_listening(self) -> None:
+    async def _sync(self) -> None:
+        """Let the notifications of commits made so far arrive first, so that a new
+        subscription starts after them (when the listener can tell)."""
+        sync = getattr(self._listener, "sync", None)
+        if sync is not None:
+            try:
+                await sync()
+            except Exception as exc:
+                # A lost connection is the reconnect's business, not the subscriber's.
+                logger.debug(
+                    "syncing the LISTEN connection failed: %s",
+                    type(exc).__name__,
+                    extra=telemetry.fields("listener_sync_failed"),
+                )
+
+    async def _ensure_listening(self) -> bool:
+        """Open the listener unless it is open; True when this call opened it."""
         async with self._open_lock:
             if self._listener is not None or self._reconnect_task is not None:
-                return
+                return False
             generation = self._generation
             # A failure here propagates: the caller learns the database is
             # unreachable, and the next subscribe() tries again.
@@ -406,8 +466,10 @@ class EventHub:
                 # Lost while opening; on_lost has already started the reconnect.
                 self._dead.append(listener)
                 await self._close_dead()
-                return
+                return True
             self._listener = listener
+            self._set_listening(True)
+            return True
 
     async def _reconnect(self) -> None:
         delay = self._reconnect_initial
@@ -432,6 +494,7 @@ class EventHub:
                 else:
                     if generation == self._generation and not self._closed:
                         self._listener = listener
+                        self._set_listening(True)
                         self._reconnects += 1
                         logger.info(
                             "LISTEN connection on channel %r restored",

@@ -360,6 +360,12 @@ class _Auth:
     provider: Provider
     credentials: Mapping[str, Any] = field(repr=False)
     secrets: tuple[str, ...] = field(repr=False)
+    # Headers already built for a header or basic scheme, which do not depend on the URL.
+    headers: Mapping[str, str] | None = field(default=None, repr=False)
+
+
+#: Auth schemes whose headers depend on the credentials only, not on the request.
+PREPARED_KINDS = frozenset({"header", "basic"})
 
 
 def _origin(url: URL) -> tuple[str, str, int | None]:
@@ -512,6 +518,21 @@ class HttpClient:
         auth = _Auth(provider, credentials, _secret_strings(provider, credentials))
         return await self._send(method, target, auth, max_attempts, dict(opts))
 
+    async def send_prepared(
+        self,
+        method: str,
+        target: URL,
+        provider: Provider,
+        headers: Mapping[str, str],
+        *,
+        max_attempts: int | None,
+        opts: Mapping[str, Any],
+    ) -> Response:
+        """As :meth:`send_authenticated`, with the auth ``headers`` already built by
+        :func:`auth_for` (schemes in ``PREPARED_KINDS`` only)."""
+        auth = _Auth(provider, {}, (), headers)
+        return await self._send(method, target, auth, max_attempts, dict(opts))
+
     async def send(
         self,
         method: str,
@@ -570,12 +591,15 @@ class HttpClient:
                     raise TypeError(
                         f"{kind.name} requests need a body given as bytes, str, json or form data"
                     )
-                added, signed_url = auth_for(
-                    auth.provider, auth.credentials, url, method=method, body=body
-                )
-                for name, value in added.items():
-                    hop_headers[name] = value
-                url = URL(signed_url, encoded=True)
+                if auth.headers is not None:
+                    hop_headers.update(auth.headers)
+                else:
+                    added, signed_url = auth_for(
+                        auth.provider, auth.credentials, url, method=method, body=body
+                    )
+                    for name, value in added.items():
+                        hop_headers[name] = value
+                    url = URL(signed_url, encoded=True)
             response = await self._attempts(
                 method, url, hop_headers, body, attempts, timeout, opts, secrets
             )

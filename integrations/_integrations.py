@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
+from ._cache import CachedRepository, CacheStats, RowCache
 from ._checkall import CheckReport, check_all
 from ._core import Core, connect
 from ._doctor import Diagnosis, diagnose_core
@@ -23,11 +24,10 @@ from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import Connection, Validation
+from ._models import Connection, Page, Validation
 from ._owner import OwnerHandle, Ref
 from ._providers import Provider
 from ._registry import ProviderRegistry
-from ._repository import Repository
 from ._rotation import ProgressCallback, RotationProgress
 from ._services import Services
 from ._settings import Settings, TokenPolicy
@@ -82,6 +82,8 @@ class Integrations:
         refresh_cooldown: float = 5.0,
         revoke_timeout: float = 5.0,
         max_attrs_bytes: int = 64 * 1024,
+        cache: bool = True,
+        cache_size: int = 10_000,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
@@ -117,8 +119,17 @@ class Integrations:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.providers = ProviderRegistry(providers or (), override=override_providers)
-        self._repo = Repository(
-            schema, channel=f"{schema}_events", lock_timeout=self.settings.token.lock_timeout
+        if not isinstance(cache, bool):
+            raise ConfigurationError(f"cache must be True or False, got {cache!r}.")
+        try:
+            self._cache = RowCache(enabled=cache, capacity=cache_size)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self._repo = CachedRepository(
+            schema,
+            channel=f"{schema}_events",
+            cache=self._cache,
+            lock_timeout=self.settings.token.lock_timeout,
         )
         self._http = HttpClient(http)
         self._legacy = LegacyMigrators()
@@ -164,8 +175,16 @@ class Integrations:
         except BaseException:
             await self.close()
             raise
-        # The hub opens no connection: the LISTEN connection waits for the first subscribe().
-        hub = EventHub(self._repo.listen, self._repo.channel)
+        hub = EventHub(self._repo.listen, self._repo.channel, watcher=self._cache)
+        if self._cache.enabled:
+            # The cache serves only while changes are being received: listen from the start.
+            try:
+                await hub.start()
+            except BaseException:
+                await hub.close()
+                await self.close()
+                raise
+        # Without the cache the LISTEN connection waits for the first subscribe().
         core = Core(
             repo=self._repo,
             vault=vault,
@@ -276,6 +295,12 @@ class Integrations:
         return self._s.subscribe(provider, uuid, owner, kinds, maxsize)
 
     @property
+    def cache_stats(self) -> CacheStats:
+        """Counters of this instance's row cache: size, hits, misses, invalidations."""
+        self._check_open()
+        return self._cache.stats
+
+    @property
     def event_stats(self) -> HubStats:
         """Counters of this instance's event listener: received, malformed, reconnects."""
         return self._s.core.hub.stats
@@ -316,19 +341,36 @@ class Integrations:
         """Connections that have saved data (setup or credentials), by provider then name."""
         return await self._s.connections.list_integrations(owner)
 
+    async def list_page(
+        self,
+        *,
+        owner: str | None = None,
+        provider: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page:
+        """One page of ``owner``'s connections (of ``provider`` if given), masked, in
+        storage-key order: pass the page's ``next_after`` as ``after`` for the next one.
+        Each page is one index range scan, however many rows the table holds."""
+        return await self._s.connections.page(
+            owner=owner, provider=provider, limit=limit, after=after
+        )
+
     def list_providers(self) -> list[Provider]:
         """Every known provider, built-in and registered, by key."""
         return self.providers.all()
 
-    async def get_integration(self, ref: Ref, *, owner: OwnerScope = ALL_OWNERS) -> dict[str, Any]:
+    async def get_integration(
+        self, ref: Ref, *, owner: OwnerScope = ALL_OWNERS, fresh: bool = False
+    ) -> dict[str, Any]:
         """The whole decrypted data of a connection, by uuid or ref (see ``get_credentials``)."""
-        return await self._s.connections.get_integration(ref, owner)
+        return await self._s.connections.get_integration(ref, owner, fresh=fresh)
 
     async def get_integration_by_uuid(
-        self, uuid: str, *, owner: OwnerScope = ALL_OWNERS
+        self, uuid: str, *, owner: OwnerScope = ALL_OWNERS, fresh: bool = False
     ) -> Connection:
         """The connection (masked) by its row uuid."""
-        return await self._s.connections.get_integration_by_uuid(uuid, owner)
+        return await self._s.connections.get_integration_by_uuid(uuid, owner, fresh=fresh)
 
     async def find_uuid_by_provider_name(self, ref: Ref, *, owner: str | None = None) -> str:
         """``"p:n"``, ``"p"`` (= ``"p:default"``) or ``("p", "n")`` → uuid; never guesses."""
@@ -342,18 +384,23 @@ class Integrations:
         """The storage key for ``"google"`` or ``"google:personal"``."""
         return names.settings_key(ref)
 
-    async def get_credentials(self, ref: Ref, *, owner: OwnerScope = ALL_OWNERS) -> dict[str, Any]:
+    async def get_credentials(
+        self, ref: Ref, *, owner: OwnerScope = ALL_OWNERS, fresh: bool = False
+    ) -> dict[str, Any]:
         """Decrypted credentials for API calls, by uuid or ``provider:name``.
 
         A ref is looked up in ``owner``'s scope (the system's when left out). A uuid names
         its row whoever owns it, unless ``owner`` is given (``None`` included): then a row
-        of another owner counts as missing.
+        of another owner counts as missing. The row comes from this process's cache when
+        it holds it (see docs/cache.md); ``fresh=True`` reads the database.
         """
-        return await self._s.connections.get_credentials(ref, owner)
+        return await self._s.connections.get_credentials(ref, owner, fresh=fresh)
 
-    async def is_connected(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> bool:
+    async def is_connected(
+        self, uuid: str, *, owner: OwnerScope = ALL_OWNERS, fresh: bool = False
+    ) -> bool:
         """True when the connection is connected and holds runtime credentials."""
-        return await self._s.connections.is_connected(uuid, owner)
+        return await self._s.connections.is_connected(uuid, owner, fresh=fresh)
 
     async def save_setup(
         self,
@@ -418,6 +465,7 @@ class Integrations:
         allow_any_host: bool = False,
         max_attempts: int | None = None,
         owner: OwnerScope = ALL_OWNERS,
+        fresh: bool = False,
         **opts: Any,
     ) -> Response:
         """Send a request with the connection's credentials, only to the provider's API hosts.
@@ -435,6 +483,7 @@ class Integrations:
             max_attempts=max_attempts,
             owner=owner,
             opts=opts,
+            fresh=fresh,
         )
 
     async def access_token(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> str:

@@ -1,4 +1,4 @@
-"""Immutable values that cross the public API: Connection, Validation, Event."""
+"""Immutable values that cross the public API: Connection, Page, Validation, Event."""
 
 from __future__ import annotations
 
@@ -77,6 +77,15 @@ def _time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing: ``items`` in order, and the ``after=`` to pass for the next
+    page (None when this is the last)."""
+
+    items: list[Connection]
+    next_after: str | None
 
 
 @dataclass(frozen=True, slots=True)

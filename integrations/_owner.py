@@ -8,7 +8,7 @@ from typing import Any
 
 from ._events import Subscription
 from ._http import Response
-from ._models import Connection, Validation
+from ._models import Connection, Page, Validation
 from ._providers import Provider
 from ._services import Services
 
@@ -62,14 +62,23 @@ class OwnerHandle:
     async def list_integrations(self) -> list[Connection]:
         return await self._services().connections.list_integrations(self.owner)
 
+    async def list_page(
+        self, *, provider: str | None = None, limit: int = 50, after: str | None = None
+    ) -> Page:
+        return await self._services().connections.page(
+            owner=self.owner, provider=provider, limit=limit, after=after
+        )
+
     def list_providers(self) -> list[Provider]:
         return self._services().core.providers.all()
 
-    async def get_integration(self, ref: Ref) -> dict[str, Any]:
-        return await self._services().connections.get_integration(ref, self.owner)
+    async def get_integration(self, ref: Ref, *, fresh: bool = False) -> dict[str, Any]:
+        return await self._services().connections.get_integration(ref, self.owner, fresh=fresh)
 
-    async def get_integration_by_uuid(self, uuid: str) -> Connection:
-        return await self._services().connections.get_integration_by_uuid(uuid, self.owner)
+    async def get_integration_by_uuid(self, uuid: str, *, fresh: bool = False) -> Connection:
+        return await self._services().connections.get_integration_by_uuid(
+            uuid, self.owner, fresh=fresh
+        )
 
     async def find_uuid_by_provider_name(self, ref: Ref) -> str:
         return await self._services().connections.find_uuid(ref, self.owner)
@@ -77,11 +86,11 @@ class OwnerHandle:
     async def resolve_to_uuid(self, value: Ref) -> str:
         return await self._services().connections.resolve(value, self.owner)
 
-    async def get_credentials(self, ref: Ref) -> dict[str, Any]:
-        return await self._services().connections.get_credentials(ref, self.owner)
+    async def get_credentials(self, ref: Ref, *, fresh: bool = False) -> dict[str, Any]:
+        return await self._services().connections.get_credentials(ref, self.owner, fresh=fresh)
 
-    async def is_connected(self, uuid: str) -> bool:
-        return await self._services().connections.is_connected(uuid, self.owner)
+    async def is_connected(self, uuid: str, *, fresh: bool = False) -> bool:
+        return await self._services().connections.is_connected(uuid, self.owner, fresh=fresh)
 
     async def save_setup(
         self, uuid: str, attrs: Mapping[str, Any], *, actor: str | None = None
@@ -119,6 +128,7 @@ class OwnerHandle:
         *,
         allow_any_host: bool = False,
         max_attempts: int | None = None,
+        fresh: bool = False,
         **opts: Any,
     ) -> Response:
         return await self._services().authenticated_request(
@@ -129,6 +139,7 @@ class OwnerHandle:
             max_attempts=max_attempts,
             owner=self.owner,
             opts=opts,
+            fresh=fresh,
         )
 
     async def access_token(self, uuid: str) -> str:

@@ -73,10 +73,12 @@ def _dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def like_prefix(prefix: str) -> str:
-    """A LIKE pattern matching ``prefix`` literally, then anything."""
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
+def prefix_end(prefix: str) -> str:
+    """The least string above every string that starts with ``prefix``, byte-wise (UTF-8
+    order is code point order). Our prefixes end in ':', so the last character bumps."""
+    if not prefix or prefix[-1] == "\U0010ffff":
+        raise ValueError("a prefix must end below U+10FFFF")
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more, and a refused NOTIFY
@@ -170,6 +172,12 @@ class PoolListener:
         self._terminated = terminated
         self.backend_pid: int = conn.get_server_pid()
 
+    async def sync(self) -> None:
+        """As :meth:`DirectListener.sync`."""
+        if self._conn is not None:
+            with _translate():
+                await self._conn.execute(_relisten(self._channel))
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
@@ -178,8 +186,78 @@ class PoolListener:
         with contextlib.suppress(Exception):
             if not conn.is_closed():
                 await conn.remove_listener(self._channel, self._callback)
+                await conn.remove_listener(rows_channel(self._channel), self._callback)
         with contextlib.suppress(Exception):
             await self._pool.release(conn)
+
+
+def rows_channel(channel: str) -> str:
+    """Where the database announces changed rows (``{"rows": [uuid, ...]}``, see the
+    ``connections_changed`` trigger); listened to alongside the event channel."""
+    return f"{channel}_rows"
+
+
+def _relisten(channel: str) -> str:
+    # LISTEN on a channel already listened to is a no-op round trip.
+    quoted = channel.replace('"', '""')
+    return f'LISTEN "{quoted}"'
+
+
+async def _keep_session(_conn: Any) -> None:
+    """The pool's reset hook: nothing to reset (see ``Repository.open``)."""
+
+
+class DirectListener:
+    """A connection outside the pool, opened for LISTEN and closed with it."""
+
+    def __init__(self, conn: Any, channel: str, callback: Any, terminated: Any) -> None:
+        self._conn = conn
+        self._channel = channel
+        self._callback = callback
+        self._terminated = terminated
+        self.backend_pid: int = conn.get_server_pid()
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        channel: str,
+        on_payload: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> DirectListener:
+        def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            on_payload(str(payload))
+
+        def terminated(_conn: Any) -> None:
+            on_lost()
+
+        with _translate():
+            conn = await asyncpg.connect(dsn)
+            try:
+                conn.add_termination_listener(terminated)
+                await conn.add_listener(channel, callback)
+                await conn.add_listener(rows_channel(channel), callback)
+            except BaseException:
+                conn.terminate()
+                raise
+        return cls(conn, channel, callback, terminated)
+
+    async def sync(self) -> None:
+        """Return once the notifications committed before the call have been dispatched:
+        the server sends pending ones before it answers a statement."""
+        if self._conn is not None:
+            with _translate():
+                await self._conn.execute(_relisten(self._channel))
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.remove_termination_listener(self._terminated)
+        with contextlib.suppress(Exception):
+            await conn.close(timeout=5)
+        if not conn.is_closed():
+            conn.terminate()
 
 
 class Repository:
@@ -202,6 +280,7 @@ class Repository:
         self._begin_write = self.q.begin_write.replace("{lock_timeout}", _millis(self.lock_timeout))
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
+        self._dsn: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -211,8 +290,15 @@ class Repository:
             self._owns_pool = False
             return
         with _translate():
-            self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+            # No reset query on release: the library leaves no session state behind (its
+            # settings are transaction-local, its locks transaction-scoped, and LISTEN has
+            # a connection of its own), and asyncpg still rolls back a transaction left
+            # open. That saves a round trip per pooled call.
+            self._pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=max_size, reset=_keep_session
+            )
         self._owns_pool = True
+        self._dsn = dsn
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -329,16 +415,30 @@ class Repository:
         return None if value is None else str(value)
 
     async def list_by_prefixes(self, owner: str | None, prefixes: Sequence[str]) -> list[StoredRow]:
-        """Every row whose key starts with one of ``prefixes``: one statement however many."""
-        patterns = [like_prefix(p) for p in prefixes]
+        """Every row whose key starts with one of ``prefixes`` (unordered): one statement
+        however many, an index range scan each."""
+        highs = [prefix_end(p) for p in prefixes]
         async with self._acquire() as conn:
-            records = await conn.fetch(self.q.list_by_prefixes, _owner_to_db(owner), patterns)
+            records = await conn.fetch(
+                self.q.list_by_prefixes, _owner_to_db(owner), list(prefixes), highs
+            )
+        return [_row(r) for r in records]
+
+    async def list_page(
+        self, owner: str | None, prefix: str, after: str, limit: int
+    ) -> list[StoredRow]:
+        """Up to ``limit`` rows whose key starts with ``prefix`` and sorts after ``after``
+        (byte-wise), in key order, read in index order."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(
+                self.q.list_page, _owner_to_db(owner), prefix, prefix_end(prefix), after, limit
+            )
         return [_row(r) for r in records]
 
     async def list_every_owner(self, prefix: str) -> list[StoredRow]:
         """Every row whose key starts with ``prefix``, whoever owns it (operator tools)."""
-        with _translate():
-            records = await self.pool.fetch(self.q.list_every_owner, like_prefix(prefix))
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.list_every_owner, prefix, prefix_end(prefix))
         return [_row(r) for r in records]
 
     # -- writes ------------------------------------------------------------------------
@@ -526,6 +626,15 @@ class Repository:
 
     async def listen(
         self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> PoolListener | DirectListener:
+        """LISTEN on ``channel``: on a connection of its own when the pool is ours (its
+        connections are released without a reset), else on one held from the pool."""
+        if self._owns_pool and self._dsn is not None:
+            return await DirectListener.open(self._dsn, channel, on_payload, on_lost)
+        return await self._listen_pooled(channel, on_payload, on_lost)
+
+    async def _listen_pooled(
+        self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> PoolListener:
         """Hold one pooled connection that LISTENs on ``channel``, until its close()."""
 
@@ -542,6 +651,7 @@ class Repository:
             with _translate():
                 conn.add_termination_listener(terminated)
                 await conn.add_listener(channel, callback)
+                await conn.add_listener(rows_channel(channel), callback)
         except BaseException:
             with contextlib.suppress(Exception):
                 await pool.release(conn)

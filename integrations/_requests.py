@@ -7,12 +7,15 @@ from typing import Any
 
 from . import _telemetry as telemetry
 from ._core import Core
-from ._http import Response
+from ._http import PREPARED_KINDS, Response, auth_for
 from ._input import check_method
 from ._record import StoredRow
 from ._tokens import Refresher
 
 __all__ = ["Requests"]
+
+# The row cache's extra under which a row's built auth headers are kept.
+_HEADERS = "auth_headers"
 
 
 class Requests:
@@ -67,6 +70,18 @@ class Requests:
         target = core.http.target(
             url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
         )
+        header = provider.auth_header
+        if not provider.is_oauth and header is not None and header.kind in PREPARED_KINDS:
+            # Built once per cached row version: no decrypt or rendering on later calls.
+            cache = core.repo.cache
+            added: dict[str, str] | None = cache.extra(row, _HEADERS)
+            if added is None:
+                plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+                added, _ = auth_for(provider, plain, target)
+                cache.keep_extra(row, _HEADERS, added)
+            return await core.http.send_prepared(
+                method, target, provider, added, max_attempts=max_attempts, opts=opts
+            )
         plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         if not provider.is_oauth:
             return await core.http.send_authenticated(

@@ -95,8 +95,9 @@ class Services:
         max_attempts: int | None,
         owner: OwnerScope,
         opts: dict[str, Any],
+        fresh: bool = False,
     ) -> Response:
-        row = await self.connections.require_ref(ref, owner)
+        row = await self.connections.require_ref(ref, owner, fresh=fresh)
         return await self.requests.request(
             row, method, url, allow_any_host=allow_any_host, max_attempts=max_attempts, opts=opts
         )

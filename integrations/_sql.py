@@ -80,6 +80,7 @@ class Queries:
     uuid_by_key: LiteralString
     list_by_prefixes: LiteralString
     list_every_owner: LiteralString
+    list_page: LiteralString
     update_value: LiteralString
     update_key_value: LiteralString
     delete_connection: LiteralString

@@ -129,6 +129,16 @@ async def db(fresh_db: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+# A write made with raw SQL reaches an instance's row cache as a notification, which
+# arrives within a millisecond or so; tests that read right after such a write wait this.
+SETTLE = 0.2
+
+
+async def settle() -> None:
+    """Let the row-change notice of a raw SQL write reach the instances' row caches."""
+    await asyncio.sleep(SETTLE)
+
+
 _TOKEN_FIELDS = ("access_token", "refresh_token", "token_type", "expires_at", "scope")
 
 

@@ -119,3 +119,4 @@ async def set_stored_expiry(db: asyncpg.Connection, uuid: str, seconds: float) -
         (now + timedelta(seconds=seconds)).isoformat(),
         (now - timedelta(hours=1)).isoformat(),
     )
+    await asyncio.sleep(0.2)  # the row-change notice reaches the instances' row caches

@@ -64,8 +64,9 @@ async def until_marker(sub: Subscription, uuid: str) -> list[Event]:
 
 @pytest.fixture
 async def other(fresh_db: str) -> AsyncIterator[Integrations]:
-    """A second instance on the same database: its own pool and its own listener."""
-    async with Integrations(fresh_db, keys=TEST_KEY) as instance:
+    """A second instance on the same database: its own pool, and a listener (opened by its
+    first subscription, as no row cache needs it from the start)."""
+    async with Integrations(fresh_db, keys=TEST_KEY, cache=False) as instance:
         yield instance
 
 
@@ -213,10 +214,22 @@ async def test_delivery_to_another_process(integ: Integrations, fresh_db: str) -
     ]
 
 
-async def test_the_listener_opens_on_the_first_subscription_and_is_shared(
+async def test_without_the_cache_the_listener_opens_on_the_first_subscription(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    async with Integrations(fresh_db, keys=TEST_KEY, cache=False) as uncached:
+        assert await db.fetch(LISTENERS_SQL) == []
+        assert not uncached.event_stats.listening
+        async with uncached.subscribe():
+            assert len(await db.fetch(LISTENERS_SQL)) == 1
+
+
+async def test_the_listener_opens_at_open_and_is_shared(
     integ: Integrations, db: asyncpg.Connection
 ) -> None:
-    assert await db.fetch(LISTENERS_SQL) == []
+    # The row cache needs every change notice from the start.
+    assert len(await db.fetch(LISTENERS_SQL)) == 1
+    assert integ.event_stats.listening
     async with integ.subscribe() as first, integ.subscribe(owner=ALL_OWNERS) as second:
         assert len(await db.fetch(LISTENERS_SQL)) == 1
         assert integ.event_stats.listening
@@ -284,7 +297,8 @@ async def test_provider_uuid_and_kind_filters(integ: Integrations) -> None:
         assert by_provider.pending == by_uuid.pending == by_kind.pending == 0
 
 
-async def test_subscribe_checks_its_arguments_before_async_with(integ: Integrations) -> None:
+async def test_subscribe_checks_its_arguments_before_async_with(other: Integrations) -> None:
+    integ = other
     with pytest.raises(InvalidUUID):
         integ.subscribe(uuid="not-a-uuid")
     with pytest.raises(InvalidProviderKey):

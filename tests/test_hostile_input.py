@@ -27,7 +27,7 @@ from integrations import (
 )
 from integrations._vault import Keyring, Vault
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, settle
 
 EXAMPLES = 600
 SNAPSHOT = "SELECT uuid, key, value_json, version FROM integrations.connections ORDER BY uuid"
@@ -374,6 +374,7 @@ async def test_plaintext_in_place_of_an_envelope_is_decryption_failed(hostile: W
         uuid_mod.UUID(hostile.api),
         json.dumps({"api_key": "sk-planted-by-someone-else"}),
     )
+    await settle()
     with pytest.raises(DecryptionFailed) as info:
         await hostile.integ.get_credentials(hostile.api)
     assert "sk-planted" not in str(info.value)
@@ -388,6 +389,7 @@ async def test_an_edited_envelope_is_decryption_failed_not_plaintext(hostile: Wo
             uuid_mod.UUID(hostile.api),
             json.dumps({"api_key": {**sealed, **edit}}),
         )
+        await settle()
         with pytest.raises(DecryptionFailed):
             await hostile.integ.get_credentials(hostile.api)
 
@@ -408,6 +410,7 @@ async def test_stored_expiry_at_the_ends_of_time_does_not_break_access_token(
         uuid_mod.UUID(hostile.oauth),
         expires_at,
     )
+    await settle()
     # Year 1 reads as long expired (refreshed), year 9999 as far ahead (kept); no overflow.
     for _ in range(2):
         token = await hostile.integ.access_token(hostile.oauth)

@@ -32,7 +32,7 @@ from integrations import (
     generate_key,
 )
 
-from .conftest import TEST_KEY, store_setup
+from .conftest import TEST_KEY, settle, store_setup
 
 MASK = "••••"
 NEW_KEY = generate_key()
@@ -170,7 +170,9 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     everything = record("load_all_connections", await integ.load_all_connections(list(SETUPS)))
     listed = record("list_integrations", await integ.list_integrations())
     assert len(listed) == len(SETUPS)
-    for connection in [*listed, *(c for cs in everything.values() for c in cs)]:
+    page = record("list_page", await integ.list_page(limit=1000))
+    assert {c.uuid for c in page.items} == {c.uuid for c in listed}
+    for connection in [*listed, *page.items, *(c for cs in everything.values() for c in cs)]:
         assert isinstance(connection, Connection)
         assert_masked(connection.data)
 
@@ -263,6 +265,7 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
             uuid_mod.UUID(await rotating.find_uuid_by_provider_name("openai:legacy")),
             uuid_mod.UUID(uuids["openai"]),
         )
+        await settle()
         await expect(DecryptionFailed, rotating.get_credentials("openai:legacy"))
         # A forged envelope carrying a marker is refused without echoing it.
         await expect(
@@ -296,6 +299,7 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     assert delivered, "the subscription received no event"
     shown.extend(delivered)
     record("event_stats", integ.event_stats)
+    record("cache_stats", integ.cache_stats)
     await subscriptions.aclose()
     shown.append(integ)
     await integ.close()

@@ -25,7 +25,7 @@ from integrations import (
     oauth,
 )
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, settle
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer, token_id
 from .oauthkit import (
     REDIRECT_URI,
@@ -73,6 +73,7 @@ async def _expire_locally(db: asyncpg.Connection, uuid: str) -> None:
         uuid_mod.UUID(uuid),
         past,
     )
+    await settle()
 
 
 def _refreshes(server: OAuthTestServer) -> int:

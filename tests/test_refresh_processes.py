@@ -18,7 +18,7 @@ import pytest
 
 from integrations import Integrations
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, settle
 from .oauth_server import ServerProcess
 from .oauthkit import connect, open_integrations
 
@@ -118,6 +118,7 @@ async def _expire_locally(db: asyncpg.Connection, uuid: str) -> None:
         uuid_mod.UUID(uuid),
         past,
     )
+    await settle()
 
 
 async def test_four_processes_with_an_expired_token_make_one_token_request(

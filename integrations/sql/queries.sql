@@ -57,17 +57,36 @@ FROM {schema}.connections WHERE owner = $1 AND key = $2;
 SELECT uuid FROM {schema}.connections WHERE owner = $1 AND key = $2;
 
 -- name: list_by_prefixes
--- $1 text owner, $2 text[] LIKE patterns (escaped prefix followed by %)
+-- $1 text owner, $2 text[] lower bounds (the prefixes), $3 text[] upper bounds (exclusive),
+-- pairwise. One index range scan per prefix, however many: the byte-wise operators are
+-- those of the text_pattern_ops index (LIKE ANY could not use it). Unordered.
+-- The owner travels with each range, and OFFSET 0 keeps the subquery from being
+-- flattened into a join, so that every plan (a generic one, which cannot tell a large
+-- owner from a small one, included) probes the index once per range.
+SELECT c.uuid, c.owner, c.key, c.value_json::text AS value_json, c.version
+FROM unnest($2::text[], $3::text[], array_fill($1::text, ARRAY[cardinality($2::text[])]))
+    AS p (lo, hi, owner)
+CROSS JOIN LATERAL (
+    SELECT * FROM {schema}.connections AS r
+    WHERE r.owner = p.owner AND r.key ~>=~ p.lo AND r.key ~<~ p.hi
+    OFFSET 0
+) AS c;
+
+-- name: list_page
+-- $1 text owner, $2 text lower bound, $3 text upper bound (exclusive), $4 text keyset
+-- cursor (exclusive; '' from the start), $5 int page size. Index order, so no sort.
 SELECT uuid, owner, key, value_json::text AS value_json, version
 FROM {schema}.connections
-WHERE owner = $1 AND key LIKE ANY ($2::text[])
-ORDER BY key;
+WHERE owner = $1 AND key ~>=~ $2 AND key ~<~ $3 AND key ~>~ $4
+ORDER BY key USING ~<~
+LIMIT $5;
 
 -- name: list_every_owner
--- $1 text LIKE pattern (escaped prefix followed by %); rows of every owner
+-- $1 text key prefix, $2 text the least string above every key with that prefix;
+-- rows of every owner
 SELECT uuid, owner, key, value_json::text AS value_json, version
 FROM {schema}.connections
-WHERE key LIKE $1
+WHERE key ~>=~ $1 AND key ~<~ $2
 ORDER BY key, owner;
 
 -- name: update_value
