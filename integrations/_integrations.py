@@ -27,7 +27,7 @@ from ._registry import ProviderRegistry
 from ._repository import Repository
 from ._rotation import ProgressCallback, RotationProgress
 from ._services import Services
-from ._settings import Settings, TokenPolicy
+from ._settings import Settings, Takeover, TokenPolicy
 from ._vault import Vault
 
 if TYPE_CHECKING:
@@ -77,6 +77,11 @@ class Integrations:
         token_backoff: float = 0.5,
         refresh_cooldown: float = 5.0,
         revoke_timeout: float = 5.0,
+        refresh_lease: float = 15.0,
+        refresh_takeover: Takeover = "refresh",
+        token_write_retry: float = 60.0,
+        statement_cache_size: int | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
@@ -106,12 +111,30 @@ class Integrations:
                     attempts=token_attempts,
                     backoff=token_backoff,
                     cooldown=refresh_cooldown,
+                    lease=refresh_lease,
+                    takeover=refresh_takeover,
+                    write_retry=token_write_retry,
                 ),
             )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.providers = ProviderRegistry(providers or (), override=override_providers)
-        self._repo = Repository(schema, channel=f"{schema}_events")
+        if statement_cache_size is not None and (
+            isinstance(statement_cache_size, bool)
+            or not isinstance(statement_cache_size, int)
+            or statement_cache_size < 0
+        ):
+            raise ConfigurationError(
+                f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}."
+            )
+        if listen_dsn is not None and (not isinstance(listen_dsn, str) or not listen_dsn):
+            raise ConfigurationError("listen_dsn must be a non-empty DSN string.")
+        self._repo = Repository(
+            schema,
+            channel=f"{schema}_events",
+            statement_cache_size=statement_cache_size,
+            listen_dsn=listen_dsn,
+        )
         self._http = HttpClient(http)
         self._legacy = LegacyMigrators()
         self._services: Services | None = None

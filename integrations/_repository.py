@@ -20,6 +20,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -117,10 +118,11 @@ def _translate() -> Iterator[None]:
 
 
 class PoolListener:
-    """A pooled connection held for LISTEN; released on close."""
+    """A pooled connection held for LISTEN (or a direct one, without a pool); released or
+    closed on close."""
 
     def __init__(
-        self, pool: asyncpg.Pool, conn: Any, channel: str, callback: Any, terminated: Any
+        self, pool: asyncpg.Pool | None, conn: Any, channel: str, callback: Any, terminated: Any
     ) -> None:
         self._pool = pool
         self._conn = conn
@@ -138,15 +140,29 @@ class PoolListener:
             if not conn.is_closed():
                 await conn.remove_listener(self._channel, self._callback)
         with contextlib.suppress(Exception):
-            await self._pool.release(conn)
+            if self._pool is None:
+                await conn.close()
+            else:
+                await self._pool.release(conn)
 
 
 class Repository:
     """Connection rows, migrations and notifications in domain terms."""
 
-    def __init__(self, schema: str, *, channel: str) -> None:
+    def __init__(
+        self,
+        schema: str,
+        *,
+        channel: str,
+        statement_cache_size: int | None = None,
+        listen_dsn: str | None = None,
+    ) -> None:
         self.schema = schema
         self.channel = channel
+        # 0 behind a transaction-mode pooler (PgBouncer): no named prepared statements.
+        self.statement_cache_size = statement_cache_size
+        # LISTEN needs a session of its own; through a transaction pooler it must go direct.
+        self.listen_dsn = listen_dsn
         self.q = Queries.load(schema)
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
@@ -158,8 +174,11 @@ class Repository:
             self._pool = pool
             self._owns_pool = False
             return
+        options: dict[str, Any] = {}
+        if self.statement_cache_size is not None:
+            options["statement_cache_size"] = self.statement_cache_size
         with _translate():
-            self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+            self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, **options)
         self._owns_pool = True
 
     async def close(self) -> None:
@@ -274,6 +293,38 @@ class Repository:
                         await conn.execute(
                             self.q.update_value, _uuid.UUID(uuid), _dumps(change.data)
                         )
+                for event in change.events:
+                    await conn.execute(self.q.notify, self.channel, event_payload(event))
+        return result
+
+    async def modify_clocked(
+        self,
+        uuid: str,
+        decide: Callable[[StoredRow | None, datetime | None], tuple[Change, T]],
+        *,
+        lock_timeout: float,
+    ) -> T:
+        """Like :meth:`modify` in a short transaction that waits at most ``lock_timeout``
+        seconds for the row lock (LockTimeout), and hands ``decide`` the server's clock
+        too (None with the row). Refresh leases are taken, renewed and ended with it."""
+        key = _uuid.UUID(uuid)
+        with _translate():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    self.q.set_refresh_timeouts,
+                    _millis(lock_timeout),
+                    _millis(max(2 * lock_timeout, 5.0)),
+                )
+                try:
+                    record = await conn.fetchrow(self.q.lock_by_uuid_clocked, key)
+                except asyncpg.LockNotAvailableError as exc:
+                    raise LockTimeout(
+                        f"the connection's row lock was not granted within {lock_timeout:g}s"
+                    ) from exc
+                row = None if record is None else _row(record)
+                change, result = decide(row, None if record is None else record["now"])
+                if row is not None and change.data is not None:
+                    await conn.execute(self.q.update_value, key, _dumps(change.data))
                 for event in change.events:
                     await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
@@ -416,7 +467,8 @@ class Repository:
     async def listen(
         self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> PoolListener:
-        """Hold one pooled connection that LISTENs on ``channel``."""
+        """Hold one pooled connection that LISTENs on ``channel`` (a connection of its own
+        to ``listen_dsn`` when one was given)."""
 
         def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             on_payload(str(payload))
@@ -424,6 +476,16 @@ class Repository:
         def terminated(_conn: Any) -> None:
             on_lost()
 
+        if self.listen_dsn is not None:
+            with _translate():
+                direct = await asyncpg.connect(self.listen_dsn)
+                try:
+                    direct.add_termination_listener(terminated)
+                    await direct.add_listener(channel, callback)
+                except BaseException:
+                    await direct.close()
+                    raise
+            return PoolListener(None, direct, channel, callback, terminated)
         with _translate():
             conn = await self.pool.acquire()
             try:
