@@ -83,7 +83,6 @@ TOKEN_FIELDS = frozenset(
         "token_extras",
         "refresh_error",
         "refresh_lease",
-        "token_requested_at",
     }
 )
 #: Everything only the library writes; ``save_setup`` refuses these, and what remains in a
@@ -358,9 +357,7 @@ def storable(value: Any) -> Any:
     if isinstance(value, str):
         if "\x00" not in value and value.isascii():
             return value
-        return "".join(
-            "\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in value
-        )
+        return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in value)
     if isinstance(value, Mapping):
         return {storable(str(k)): storable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -75,7 +75,7 @@ class _Seen:
 @dataclass(slots=True, eq=False)
 class _Flight:
     """One refresh task in flight and what it was started for: ``since`` is when the
-    latest forced caller sharing it began (a forced refresh wants a token asked for after
+    latest forced caller sharing it began (a forced refresh wants a token obtained after
     that), ``requested_at`` when this task took the lease to ask (None until then), and
     ``sent_at`` when it first asked the token endpoint (None until then: only such a task
     may be cancelled without loss)."""
@@ -87,6 +87,7 @@ class _Flight:
     requested_at: datetime | None = None
     sent_at: float | None = None
     decided: bool = False
+    answered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,8 +294,8 @@ class Refresher:
             await asyncio.wait({unstored.task})
             unstored = self._unstored.get(uuid)
         flight = self._join(uuid, seen, mode, since)
-        while mode == "force" and not _serves(flight, since):
-            # Its token request was decided on before this call began: wait, then ask.
+        while mode == "force" and not _serves(flight):
+            # It hands out a token obtained before this call began: wait, then ask.
             await asyncio.wait({flight.task})
             flight = self._join(uuid, seen, mode, since)
         token = await self._outcome(flight)
@@ -440,9 +441,9 @@ class Refresher:
             raise NotConnected()
         seen, mode = flight.seen, flight.mode
         if mode == "force":
-            # A token asked for after the call began (here or in another process) will do.
-            asked = parse_time(row.data.get("token_requested_at"))
-            if current is not None and asked is not None and asked >= flight.since:
+            # A token obtained after the call began (here or in another process) will do.
+            obtained = parse_time(row.data.get("token_obtained_at"))
+            if current is not None and obtained is not None and obtained >= flight.since:
                 return Change(), _Step(outcome=current)
         elif current is not None and current != seen.token:
             # Another process refreshed, or failed, while this caller waited.
@@ -514,7 +515,9 @@ class Refresher:
         )
         try:
             tokens = await self._token_call(provider, plain, flight)
+            flight.answered = True
         except (ReauthRequired, TokenRequestFailed) as exc:
+            flight.answered = True
             log.info("token refresh failed for connection %s (%s): %s", uuid, exc.code, exc.message)
             renewing.cancel()
             await _to_the_end(self._in_row(uuid, partial(self._failed, lease, exc)))
@@ -620,11 +623,12 @@ class Refresher:
             )
             data = record.storable(done.change.data or {})
             data.pop("refresh_lease", None)
-            data["token_requested_at"] = lease.requested_at.isoformat()
             return Change(data, events=done.change.events), tokens.access_token
         current = _text(plain.get("access_token"))
-        asked = parse_time(row.data.get("token_requested_at"))
-        newer = stored_refresh != previous or (asked is not None and asked > lease.requested_at)
+        obtained = parse_time(row.data.get("token_obtained_at"))
+        newer = stored_refresh != previous or (
+            obtained is not None and obtained > tokens.obtained_at
+        )
         log.info(
             "the refresh lease of connection %s was taken over before its answer was stored; %s",
             row.uuid,
@@ -805,12 +809,12 @@ class Refresher:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _serves(flight: _Flight, since: datetime) -> bool:
-    """Whether ``flight`` hands a forced caller that began at ``since`` a token asked for
-    after that: it has not decided yet, or decided to ask after ``since``."""
+def _serves(flight: _Flight) -> bool:
+    """Whether ``flight`` hands a forced caller that joins it now a token obtained after
+    that: it has not decided yet, or it asks and has no answer yet."""
     if not flight.decided:
         return True
-    return flight.requested_at is not None and flight.requested_at >= since
+    return flight.requested_at is not None and not flight.answered
 
 
 def _released(lease: _Lease, row: StoredRow | None, _now: datetime | None) -> tuple[Change, None]:
