@@ -54,5 +54,3 @@ async def test_two_hundred_calls_finish_while_a_slow_refresh_waits_on_a_pool_of_
     assert elapsed >= TOKEN_DELAY
     assert len(done_before_refresh) == OTHER_CALLS
     assert max(done_before_refresh) < TOKEN_DELAY
-
-

@@ -108,10 +108,7 @@ async def _storm(
     dsn: str, server: ServerProcess, uuid: str, mode: str, extra: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
     workers = await asyncio.gather(
-        *(
-            Worker.start(dsn, server.base_url, uuid, mode=mode, extra=extra)
-            for _ in range(WORKERS)
-        )
+        *(Worker.start(dsn, server.base_url, uuid, mode=mode, extra=extra) for _ in range(WORKERS))
     )
     # Every worker is open and waiting: release them together.
     for worker in workers:
