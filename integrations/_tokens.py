@@ -30,7 +30,6 @@ from ._errors import (
     OAuthError,
     ReauthRequired,
     RequestFailed,
-    StorageError,
     TokenRequestFailed,
 )
 from ._events import ALL_OWNERS, Subscription
@@ -579,8 +578,9 @@ class Refresher:
         write = partial(self._written, lease, tokens, previous)
         try:
             return await _to_the_end(self._in_row(uuid, write))
-        except (StorageError, TokenRequestFailed) as exc:
-            reason = exc.message
+        except Exception as exc:
+            # Whatever the driver raised: these tokens must not be dropped with it.
+            reason = _why(exc)
         # The provider issued these (and may have spent ``previous``): they exist nowhere
         # else, so they serve this process while the write is tried again.
         log.warning(
@@ -655,8 +655,8 @@ class Refresher:
                 attempts += 1
                 try:
                     await self._in_row(uuid, write)
-                except (StorageError, TokenRequestFailed) as exc:
-                    reason = exc.message
+                except Exception as exc:
+                    reason = _why(exc)
                     delay = min(delay * 2, _LAST_RETRY)
                     continue
                 log.info(
@@ -666,8 +666,14 @@ class Refresher:
             self._lost(uuid, unstored.tokens, previous, attempts, reason)
             rotated = unstored.tokens.refresh_token not in (None, previous)
             if rotated:
-                with contextlib.suppress(IntegrationsError):
+                try:
                     await self._in_row(uuid, partial(self._spent, previous))
+                except Exception as exc:
+                    log.error(
+                        "could not mark connection %s for a new authorization either (%s)",
+                        uuid,
+                        _why(exc),
+                    )
         finally:
             if self._unstored.get(uuid) is unstored:
                 del self._unstored[uuid]
@@ -691,7 +697,7 @@ class Refresher:
             reason or "no reason given",
             tokens.expires_at.isoformat() if tokens.expires_at else "at an unknown time",
             " and the rotated refresh token that replaced the stored one, which the "
-            "provider may now refuse: the connection is marked for a new authorization"
+            "provider may now refuse: marking the connection for a new authorization"
             if rotated
             else "; the stored refresh token is still the current one",
         )
@@ -807,6 +813,10 @@ class Refresher:
                 )
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _why(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, IntegrationsError) else type(exc).__name__
 
 
 def _serves(flight: _Flight) -> bool:
