@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 
@@ -68,7 +69,7 @@ async def test_a_refresh_cut_between_answer_and_commit_keeps_the_grant(
             assert await _stored_token(fresh_db, server, uuid) != token
             await asyncio.sleep(0.3)
             proxy.restore()
-            await eventually(lambda: _stored_is(fresh_db, server, uuid, token))
+            await eventually(partial(_stored_is, fresh_db, server, uuid, token))
             after = await integ.refresh_access_token(uuid)
             assert after != token
             response = await integ.authenticated_request(

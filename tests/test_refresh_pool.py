@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-
 from .oauth_server import OAuthTestServer
-from .oauthkit import connect, open_integrations
+from .oauthkit import connect, eventually, open_integrations
 
 TOKEN_DELAY = 3.0
 OTHER_CALLS = 200
@@ -33,8 +32,7 @@ async def test_two_hundred_calls_finish_while_a_slow_refresh_waits_on_a_pool_of_
             server.config.token_delay = TOKEN_DELAY
             started = time.monotonic()
             refresh = asyncio.create_task(integ.refresh_access_token(uuid))
-            while server.stats.token_calls["refresh_token"] < 1:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: server.stats.token_calls["refresh_token"] >= 1)
             done_before_refresh: list[float] = []
 
             async def one(i: int) -> None:
