@@ -525,9 +525,12 @@ class Refresher:
             raise
         except BaseException:
             renewing.cancel()
-            # Cancelled, or a bug: free the lease rather than make others wait it out.
-            with contextlib.suppress(Exception):
-                await _to_the_end(self._in_row(uuid, partial(_released, lease)))
+            if flight.sent_at is None:
+                # Cancelled before asking: free the lease rather than make others wait it
+                # out. Once a request went out its refresh token may be spent: the lease
+                # is left to run out, and the takeover policy decides what comes next.
+                with contextlib.suppress(Exception):
+                    await _to_the_end(self._in_row(uuid, partial(_released, lease)))
             raise
         finally:
             renewing.cancel()
