@@ -127,6 +127,11 @@ class Integrations:
             raise ConfigurationError(
                 f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}."
             )
+        if statement_cache_size is not None and pool is not None:
+            raise ConfigurationError(
+                "statement_cache_size applies to the pool the library creates; with pool= "
+                "create your pool with it instead."
+            )
         if listen_dsn is not None and (not isinstance(listen_dsn, str) or not listen_dsn):
             raise ConfigurationError("listen_dsn must be a non-empty DSN string.")
         self._repo = Repository(
