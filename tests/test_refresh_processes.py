@@ -165,7 +165,9 @@ async def test_four_processes_refreshing_explicitly_share_one_token_request(
     integ: Integrations, server: ServerProcess, fresh_db: str
 ) -> None:
     uuid = await connect(integ)
-    server.configure(token_delay=0.3)
+    # Each call returns a token obtained after it began: the one request, answered a
+    # second after the start signal, is that for every worker however late it wakes up.
+    server.configure(token_delay=1.0)
     results = await _storm(fresh_db, server, uuid, "refresh")
     assert all(r["status"] == 200 for r in results), results
     stats = server.stats()
