@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from . import oauth
+from ._checkall import CheckItem, CheckReport
+from ._doctor import Diagnosis, Finding
 from ._errors import (
     AlreadyExists,
     AuthorizationDenied,
@@ -40,7 +42,7 @@ from ._errors import (
     UnknownKey,
 )
 from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
-from ._http import Response, bot_url
+from ._http import AuthKind, Response, bot_url, register_auth_kind
 from ._integrations import Integrations
 from ._models import Connection, Event, RotationProgress, Validation
 from ._names import settings_key
@@ -55,6 +57,7 @@ from ._providers import (
     ValidationRequest,
 )
 from ._registry import ProviderRegistry, load_providers
+from ._sweep import SweepReport
 from ._vault import generate_key
 
 __all__ = [
@@ -63,16 +66,21 @@ __all__ = [
     "AllOwners",
     "AlreadyExists",
     "AuthHeader",
+    "AuthKind",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "CheckItem",
+    "CheckReport",
     "ConfigurationError",
     "Connection",
     "CryptoError",
     "DecryptionFailed",
     "Deleted",
+    "Diagnosis",
     "EmptyName",
     "EncryptionNotConfigured",
     "Event",
+    "Finding",
     "HostNotAllowed",
     "HubStats",
     "Integrations",
@@ -106,6 +114,7 @@ __all__ = [
     "SetupField",
     "StorageError",
     "Subscription",
+    "SweepReport",
     "TokenRequestFailed",
     "UnknownKey",
     "UserinfoMap",
@@ -115,6 +124,7 @@ __all__ = [
     "generate_key",
     "load_providers",
     "oauth",
+    "register_auth_kind",
     "register_check",
     "settings_key",
 ]

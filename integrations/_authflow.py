@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 from . import _record as record
+from . import _telemetry as telemetry
 from . import oauth
 from ._core import Core
 from ._errors import (
@@ -24,6 +25,7 @@ from ._errors import (
     NotConfigured,
 )
 from ._events import ALL_OWNERS, OwnerScope
+from ._input import check_text, scrub_text
 from ._models import utcnow
 from ._names import shown
 from ._providers import Provider
@@ -115,9 +117,12 @@ class AuthFlow:
                 f"redirect_uri must be an absolute http(s) URL such as "
                 f"'https://app.example/oauth/callback', not {shown(redirect_uri)}."
             )
+        check_text(redirect_uri, "redirect_uri")
         wanted = _scopes(scopes)
         if state is not None and (not isinstance(state, str) or not state):
             raise InvalidInput("state must be a non-empty string")
+        if state is not None:
+            check_text(state, "state")
         row, provider, plain = await self._oauth_row(uuid, owner)
         requested = list(provider.scopes if wanted is None else wanted)
         state = state or oauth.generate_state()
@@ -173,6 +178,9 @@ class AuthFlow:
             raise InvalidInput("error must be a string")
         if not code and not error:
             raise InvalidInput("the callback carries neither a code nor an error")
+        for name, value in (("state", state), ("code", code), ("error", error)):
+            if value is not None:
+                check_text(value, name)
         with self.operation():
             return await self._complete(state, code, error, error_description, owner)
 
@@ -218,6 +226,8 @@ class AuthFlow:
                 f"redirect_uri must be an absolute http(s) URL such as "
                 f"'https://app.example/oauth/callback', not {shown(redirect_uri)}."
             )
+        check_text(code, "code")
+        check_text(redirect_uri, "redirect_uri")
         with self.operation():
             row, _, _ = await self._oauth_row(uuid, owner)
             pending = await self._core.repo.take_latest_pending(row.uuid, redirect_uri)
@@ -266,6 +276,7 @@ class AuthFlow:
             requested_scopes=requested,
             previous_refresh_token=None,
             redact=[secret, code, verifier],
+            provider=provider.key,
         )
         account = await self._userinfo(provider, plain, tokens)
         try:
@@ -299,11 +310,19 @@ class AuthFlow:
                 max_attempts=2,
             )
             if not response.ok:
-                log.info("userinfo answered HTTP %d; no account details stored", response.status)
+                log.info(
+                    "userinfo answered HTTP %d; no account details stored",
+                    response.status,
+                    extra=telemetry.fields("userinfo_failed", provider=provider.key),
+                )
                 return None
             info = response.json()
         except (IntegrationsError, ValueError) as exc:
-            log.info("userinfo failed (%s); no account details stored", type(exc).__name__)
+            log.info(
+                "userinfo failed (%s); no account details stored",
+                type(exc).__name__,
+                extra=telemetry.fields("userinfo_failed", provider=provider.key),
+            )
             return None
         if not isinstance(info, Mapping):
             return None
@@ -347,7 +366,13 @@ class AuthFlow:
         try:
             plain = self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         except CryptoError:
-            log.info("connection %s: tokens unreadable, nothing revoked", row.uuid)
+            log.info(
+                "connection %s: tokens unreadable, nothing revoked",
+                row.uuid,
+                extra=telemetry.fields(
+                    "revoke_skipped", uuid=row.uuid, provider=row.provider, owner=row.owner
+                ),
+            )
             return
         self._revoke_plain(provider, row.uuid, plain)
 
@@ -372,16 +397,24 @@ class AuthFlow:
                 auth_method=provider.token_auth if secret else "none",
             )
         except (IntegrationsError, ValueError) as exc:
-            log.info("connection %s: revocation not possible (%s)", uuid, type(exc).__name__)
+            log.info(
+                "connection %s: revocation not possible (%s)",
+                uuid,
+                type(exc).__name__,
+                extra=telemetry.fields("revoke_skipped", uuid=uuid, provider=provider.key),
+            )
             return
         task = asyncio.get_running_loop().create_task(
-            self._revoke(uuid, request), name=f"integrations-revoke-{uuid}"
+            self._revoke(uuid, request, provider.key), name=f"integrations-revoke-{uuid}"
         )
         self._revocations.add(task)
         task.add_done_callback(self._revocations.discard)
 
-    async def _revoke(self, uuid: str, request: tuple[str, dict[str, str], str]) -> None:
+    async def _revoke(
+        self, uuid: str, request: tuple[str, dict[str, str], str], provider: str
+    ) -> None:
         url, headers, body = request
+        extra = telemetry.fields("revoke_failed", uuid=uuid, provider=provider)
         try:
             async with asyncio.timeout(self._revoke_timeout):
                 response = await self._core.http.send(
@@ -394,12 +427,18 @@ class AuthFlow:
                     allow_redirects=False,
                 )
         except (IntegrationsError, TimeoutError) as exc:
-            log.info("connection %s: revocation failed (%s)", uuid, type(exc).__name__)
+            log.info("connection %s: revocation failed (%s)", uuid, type(exc).__name__, extra=extra)
             return
         if response.ok:
-            log.debug("connection %s: grant revoked", uuid)
+            log.debug(
+                "connection %s: grant revoked",
+                uuid,
+                extra={**extra, "integrations_event_kind": "revoked"},
+            )
         else:
-            log.info("connection %s: revocation answered HTTP %d", uuid, response.status)
+            log.info(
+                "connection %s: revocation answered HTTP %d", uuid, response.status, extra=extra
+            )
 
     async def close(self) -> None:
         """Let operations in flight finish (they may still revoke), then give revocations
@@ -426,7 +465,7 @@ def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
             f"Each scope must be a non-empty string without spaces; got {shown(list(scopes))}: "
             "pass ['a', 'b'] rather than ['a b']."
         )
-    return list(scopes)
+    return [check_text(s, "scope") for s in scopes]
 
 
 def _error_code(error: str) -> str:
@@ -436,6 +475,6 @@ def _error_code(error: str) -> str:
 def _denial_message(error: str, description: str | None) -> str:
     text = f"Authorization refused by the provider ({_error_code(error)}"
     if isinstance(description, str) and description.strip():
-        clean = _CONTROL_RE.sub(" ", description).strip()[:200]
+        clean = scrub_text(_CONTROL_RE.sub(" ", description)).strip()[:200]
         text += f": {clean}"
     return text + ")"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from . import _names as names
+from . import _telemetry as telemetry
 from ._connections import Connections, check_scope
 from ._core import Core
 from ._errors import IntegrationsError, InvalidAttrs
@@ -17,6 +19,8 @@ from ._record import StoredRow
 from ._tokens import Refresher
 
 __all__ = ["Checks"]
+
+log = logging.getLogger("integrations")
 
 
 class Checks:
@@ -39,10 +43,25 @@ class Checks:
             raise InvalidAttrs(
                 f"attrs must be a mapping of setup fields, got {type(attrs).__name__}."
             )
-        return await self.check(definition, definition.normalize_attrs(attrs))
+        limit = self._core.settings.max_attrs_bytes
+        return await self.check(definition, definition.normalize_attrs(attrs, max_bytes=limit))
 
     async def probe(self, row: StoredRow) -> Validation:
         """Check a stored connection without recording anything (tokens may be renewed)."""
+        with telemetry.check_span(row) as outcome:
+            result = await self._probe(row)
+            outcome.ok = result.ok
+        log.debug(
+            "check of connection %s: %s",
+            row.uuid,
+            "ok" if result.ok else "failed",
+            extra=telemetry.fields(
+                "check_finished", uuid=row.uuid, provider=row.provider, owner=row.owner
+            ),
+        )
+        return result
+
+    async def _probe(self, row: StoredRow) -> Validation:
         provider = self._core.provider_of(row)
         if provider is None:
             return Validation(False, f"Unknown provider {row.provider!r}")

@@ -15,6 +15,7 @@ from ._errors import (
     InvalidAttrs,
     InvalidInput,
     InvalidProviderKey,
+    MissingField,
     NotConfigured,
     NotFound,
 )
@@ -71,7 +72,7 @@ class Connections:
         """The row of ``uuid`` or NotConfigured; a malformed uuid is InvalidUUID."""
         row = await self.row(names.require_uuid(uuid), check_scope(owner))
         if row is None:
-            raise NotConfigured(f"No connection {names.require_uuid(uuid)} here.")
+            raise NotConfigured()
         return row
 
     async def require_ref(self, ref: object, owner: OwnerScope) -> StoredRow:
@@ -234,7 +235,7 @@ class Connections:
         if current is None:
             raise NotConfigured()
         provider = self._core.providers.get(current.provider)
-        patch = provider.normalize_attrs(attrs)
+        patch = provider.normalize_attrs(attrs, max_bytes=self._core.settings.max_attrs_bytes)
         managed = sorted(set(patch) & record.LIBRARY_FIELDS)
         if managed:
             raise InvalidAttrs(
@@ -252,6 +253,11 @@ class Connections:
                 row,
                 sealed,
                 fields=patch,
+                credential_fields={
+                    *provider.runtime_fields,
+                    *provider.secret_field_keys,
+                    "credentials",
+                },
                 missing=provider.missing_required,
                 runtime=provider.has_runtime_credentials,
                 oauth_code_flow=provider.auth_type == "oauth2",
@@ -306,13 +312,39 @@ class Connections:
     async def legacy_upsert(
         self, provider: str, name: str, data: Mapping[str, Any], *, owner: str | None
     ) -> Connection:
-        """Create or merge a connection from pre-uuid data."""
-        try:
-            connection = await self.add(provider, name, actor=None, owner=owner)
-        except AlreadyExists:
-            uuid = await self.find_uuid((provider, names.normalize_name(name)), owner)
-        else:
-            uuid = connection.uuid
+        """Create or merge a connection from pre-uuid data.
+
+        The data is checked before anything is written, so invalid data leaves no new,
+        empty connection behind (and sends no event).
+        """
+        definition = self._core.providers.get(provider)
+        clean = names.normalize_name(name)
+        owner = names.check_owner(owner)
+        if not isinstance(data, Mapping):
+            raise InvalidAttrs(
+                f"data must be a mapping of setup fields, got {type(data).__name__}."
+            )
+        patch = definition.normalize_attrs(data, max_bytes=self._core.settings.max_attrs_bytes)
+        managed = sorted(set(patch) & record.LIBRARY_FIELDS)
+        if managed:
+            raise InvalidAttrs(
+                f"These fields are managed by the library and cannot be saved: "
+                f"{', '.join(managed)}.",
+                fields=managed,
+            )
+        key = names.storage_key(definition.key, clean)
+        uuid = await self._core.repo.uuid_by_key(owner, key)
+        if uuid is None:
+            lacking = definition.missing_required(patch)
+            if lacking:
+                raise MissingField(
+                    f"Required setup field missing: {', '.join(lacking)}. Pass a value for it.",
+                    field=lacking[0],
+                )
+            try:
+                uuid = (await self.add(definition.key, clean, actor=None, owner=owner)).uuid
+            except AlreadyExists:
+                uuid = await self.find_uuid((definition.key, clean), owner)
         await self.save_setup(uuid, data, actor=None, owner=ALL_OWNERS)
         return await self.get_integration_by_uuid(uuid, ALL_OWNERS)
 

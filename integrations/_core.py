@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import _names as names
+from . import _telemetry as telemetry
 from ._errors import InvalidProviderKey
 from ._events import EventHub
 from ._http import HttpClient
@@ -53,7 +54,8 @@ async def connect(
     if keyring is None and encryption == "on":
         log.warning(
             "No encryption keys are configured (keys= or INTEGRATIONS_KEYS), so saving a "
-            "secret will fail; generate one with integrations.generate_key()."
+            "secret will fail; generate one with integrations.generate_key().",
+            extra=telemetry.fields("encryption_keys_missing"),
         )
     await repo.open(dsn=dsn, pool=pool, max_size=pool_max_size)
     return Vault(keyring, encryption=encryption), embedded

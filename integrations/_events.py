@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Final, Literal, Protocol, TypeAlias
 
+from . import _telemetry as telemetry
 from ._errors import LifecycleError
 from ._models import EVENT_KINDS, Event
 
@@ -174,6 +175,7 @@ class Subscription:
         if len(self._queue) >= self.maxsize:
             self._queue.popleft()
             self._dropped += 1
+            telemetry.count_event_dropped("queue_full")
         self._queue.append(event)
         self._ready.set()
 
@@ -363,7 +365,9 @@ class EventHub:
                 self._channel,
                 len(payload) if isinstance(payload, str) else -1,
                 type(exc).__name__,
+                extra=telemetry.fields("event_payload_malformed"),
             )
+            telemetry.count_event_dropped("malformed")
             return
         self._fan_out(event)
 
@@ -374,7 +378,11 @@ class EventHub:
         if self._listener is not None:
             self._dead.append(self._listener)
             self._listener = None
-        logger.warning("lost the LISTEN connection on channel %r; reconnecting", self._channel)
+        logger.warning(
+            "lost the LISTEN connection on channel %r; reconnecting",
+            self._channel,
+            extra=telemetry.fields("listen_lost"),
+        )
         if self._reconnect_task is None:
             self._reconnect_task = asyncio.get_running_loop().create_task(
                 self._reconnect(), name=f"integrations-events-reconnect:{self._channel}"
@@ -419,12 +427,18 @@ class EventHub:
                         self._channel,
                         type(exc).__name__,
                         delay,
+                        extra=telemetry.fields("listen_reconnect_failed"),
                     )
                 else:
                     if generation == self._generation and not self._closed:
                         self._listener = listener
                         self._reconnects += 1
-                        logger.info("LISTEN connection on channel %r restored", self._channel)
+                        logger.info(
+                            "LISTEN connection on channel %r restored",
+                            self._channel,
+                            extra=telemetry.fields("listen_restored"),
+                        )
+                        telemetry.count_resync()
                         self._fan_out(Event(kind=RESYNC, uuid=None))
                         return
                     # Lost again while connecting, or closed meanwhile.
@@ -446,4 +460,8 @@ class EventHub:
                 await listener.close()
             except Exception as exc:
                 # The connection is already gone or going; nothing to recover.
-                logger.debug("closing a LISTEN connection failed: %s", type(exc).__name__)
+                logger.debug(
+                    "closing a LISTEN connection failed: %s",
+                    type(exc).__name__,
+                    extra=telemetry.fields("listen_close_failed"),
+                )

@@ -9,7 +9,8 @@ import ipaddress
 import json as jsonlib
 import logging
 import random
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -22,16 +23,20 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import _aws
+from . import _telemetry as telemetry
 from ._errors import (
+    ConfigurationError,
     HostNotAllowed,
     InvalidField,
+    InvalidInput,
     InvalidURL,
     LifecycleError,
     NotConfigured,
     NotConnected,
     RequestFailed,
 )
-from ._providers import Provider, render, split_host_entry
+from ._input import check_header_value, check_method
+from ._providers import AuthHeader, Provider, render, split_host_entry
 
 __all__ = [
     "HttpClient",
@@ -175,9 +180,25 @@ def _missing(provider: Provider, key: str) -> Exception:
 
 def _header_value(value: Any, key: str) -> str:
     text = str(value)
-    if any(c in text for c in "\r\n\x00"):
-        raise InvalidField(f"Setup field {key!r} contains a line break.", field=key)
-    return text
+    try:
+        return check_header_value(text, key)
+    except InvalidInput:
+        # Named as the setup field it came from; the value is a secret.
+        raise InvalidField(
+            f"Setup field {key!r} contains a control character.", field=key
+        ) from None
+
+
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
+
+
+def _check_headers(headers: CIMultiDict[str]) -> None:
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError("header names and values must be strings")
+        if _HEADER_NAME_RE.fullmatch(name) is None:
+            raise InvalidInput("a header name must be a token (RFC 9110)", field="headers")
+        check_header_value(value, name)
 
 
 def auth_for(
@@ -204,30 +225,95 @@ def auth_for(
     for key in header.fields:
         if key not in values:
             raise _missing(provider, key)
-    if header.kind == "header":
-        rendered = {k: _header_value(v, k) for k, v in values.items()}
-        return {header.name: render(header.template, rendered)}, str(target)
-    if header.kind == "basic":
-        user = _header_value(values[header.username], header.username)
-        if ":" in user:
-            raise InvalidField(
-                f"Setup field {header.username!r} must not contain ':'.", field=header.username
-            )
-        password = _header_value(values[header.password], header.password)
-        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-        return {"Authorization": f"Basic {token}"}, str(target)
-    if header.kind == "path":
-        prefix = render(header.template, {k: quote(str(v), safe=":") for k, v in values.items()})
-        path = target.raw_path
-        if path != prefix and not path.startswith(prefix + "/"):
-            target = target.with_path(prefix + path, encoded=True, keep_query=True)
-        return {}, str(target)
-    # sigv4
+    kind = AUTH_KINDS.get(header.kind)
+    if kind is None:
+        raise ConfigurationError(f"No auth header kind named {header.kind!r} is registered.")
+    added, final = kind.apply(header, values, target, method, body)
+    return added, str(final)
+
+
+#: Builds what a request carries: (header, credential values, URL, method, body) in, the
+#: headers to add and the final URL out.
+AuthApply = Callable[
+    [AuthHeader, Mapping[str, Any], URL, str, bytes | None], tuple[dict[str, str], URL]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKind:
+    """A registered way of attaching credentials; ``in_path``: the URL carries them (so
+    redirects and logs must hide it); ``signs_body``: the body must be replayable bytes."""
+
+    name: str
+    apply: AuthApply
+    in_path: bool = False
+    signs_body: bool = False
+
+
+#: Auth header kinds by name (``AuthHeader(kind=name)``).
+AUTH_KINDS: dict[str, AuthKind] = {}
+
+
+def register_auth_kind(
+    name: str, apply: AuthApply, *, in_path: bool = False, signs_body: bool = False
+) -> None:
+    """Register an auth header kind; a name that is taken is refused."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("an auth header kind needs a non-empty name")
+    if name in AUTH_KINDS:
+        raise ValueError(f"an auth header kind named {name!r} is already registered")
+    AUTH_KINDS[name] = AuthKind(name, apply, in_path=in_path, signs_body=signs_body)
+
+
+def _header_auth(
+    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
+) -> tuple[dict[str, str], URL]:
+    rendered = {k: _header_value(v, k) for k, v in values.items()}
+    return {header.name: render(header.template, rendered)}, target
+
+
+def _basic_auth(
+    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
+) -> tuple[dict[str, str], URL]:
+    user = _header_value(values[header.username], header.username)
+    if ":" in user:
+        raise InvalidField(
+            f"Setup field {header.username!r} must not contain ':'.", field=header.username
+        )
+    password = _header_value(values[header.password], header.password)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {token}"}, target
+
+
+def _path_auth(
+    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
+) -> tuple[dict[str, str], URL]:
+    prefix = render(header.template, {k: quote(str(v), safe=":") for k, v in values.items()})
+    path = target.raw_path
+    if path != prefix and not path.startswith(prefix + "/"):
+        target = target.with_path(prefix + path, encoded=True, keep_query=True)
+    return {}, target
+
+
+def _sigv4_auth(
+    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
+) -> tuple[dict[str, str], URL]:
     service, region = _aws.service_and_region(
         target.raw_host or "", str(values.get("region") or "us-east-1")
     )
-    signed = _aws.sign(method, str(target), {}, body, values, service=service, region=region)
-    return signed, str(target)
+    signed = _aws.sign(method, str(target), {}, body, dict(values), service=service, region=region)
+    return signed, target
+
+
+register_auth_kind("header", _header_auth)
+register_auth_kind("basic", _basic_auth)
+register_auth_kind("path", _path_auth, in_path=True)
+register_auth_kind("sigv4", _sigv4_auth, signs_body=True)
+
+
+def _kind(provider: Provider) -> AuthKind | None:
+    header = provider.auth_header
+    return None if header is None else AUTH_KINDS.get(header.kind)
 
 
 def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str) -> str:
@@ -237,7 +323,8 @@ def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str
     ``https://api.telegram.org/bot<TOKEN>/sendMessage``, built on the
     provider's first API host. The result carries the secret: do not log it.
     """
-    if provider.auth_header is None or provider.auth_header.kind != "path":
+    kind = _kind(provider)
+    if kind is None or not kind.in_path:
         raise ValueError(f"provider {provider.key!r} does not carry its token in the URL path")
     hosts = [h for h in provider.api_hosts if not h.startswith("*.")]
     if not hosts:
@@ -249,11 +336,12 @@ def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str
 def _secret_strings(provider: Provider, credentials: Mapping[str, Any]) -> tuple[str, ...]:
     """The credential strings a request URL may carry, in every spelling, longest first."""
     # Only a path token is put in the URL; header credentials never reach one.
-    if provider.auth_header is None or provider.auth_header.kind != "path":
+    kind, header = _kind(provider), provider.auth_header
+    if kind is None or header is None or not kind.in_path:
         return ()
     values = provider.template_values(credentials)
     out: set[str] = set()
-    for key in provider.auth_header.fields:
+    for key in header.fields:
         value = values.get(key)
         if value is not None and str(value):
             text = str(value)
@@ -456,9 +544,7 @@ class HttpClient:
         max_attempts: int | None,
         opts: dict[str, Any],
     ) -> Response:
-        if not isinstance(method, str) or not method.isalpha():
-            raise ValueError("method must be an HTTP method name such as 'GET'")
-        method = method.upper()
+        method = check_method(method).upper()
         if "auth" in opts:
             raise TypeError("auth= is not accepted: credentials come from the provider")
         attempts = self.max_attempts if max_attempts is None else max_attempts
@@ -467,6 +553,7 @@ class HttpClient:
         follow = bool(opts.pop("allow_redirects", True))
         timeout = opts.pop("timeout", None)
         headers: CIMultiDict[str] = CIMultiDict(opts.pop("headers", None) or {})
+        _check_headers(headers)
         body, replayable = _encode_body(headers, opts.pop("json", None), opts.pop("data", None))
         if not replayable:
             attempts = 1
@@ -478,13 +565,10 @@ class HttpClient:
             hop_headers = CIMultiDict(headers)
             url = target
             if auth is not None and on_origin:
-                if (
-                    auth.provider.auth_header is not None
-                    and auth.provider.auth_header.kind == "sigv4"
-                    and not replayable
-                ):
+                kind = _kind(auth.provider)
+                if kind is not None and kind.signs_body and not replayable:
                     raise TypeError(
-                        "SigV4 requests need a body given as bytes, str, json or form data"
+                        f"{kind.name} requests need a body given as bytes, str, json or form data"
                     )
                 added, signed_url = auth_for(
                     auth.provider, auth.credentials, url, method=method, body=body
@@ -547,6 +631,7 @@ class HttpClient:
         )
         shown = _redact(str(url), secrets)
         for attempt in range(1, attempts + 1):
+            telemetry.count_attempt()
             # Per attempt: close() may have run during the previous one or the backoff.
             session = self._get_session()
             try:
@@ -582,7 +667,12 @@ class HttpClient:
                 if retry and transient and attempt < attempts:
                     delay = self._delay(attempt, None)
                     logger.debug(
-                        "%s %s: %s; retrying in %.2fs", method, shown, type(exc).__name__, delay
+                        "%s %s: %s; retrying in %.2fs",
+                        method,
+                        shown,
+                        type(exc).__name__,
+                        delay,
+                        extra=telemetry.fields("http_retry"),
                     )
                     await asyncio.sleep(delay)
                     continue
@@ -594,7 +684,12 @@ class HttpClient:
             if retry and response.status in RETRY_STATUSES and attempt < attempts:
                 delay = self._delay(attempt, response.headers.get("Retry-After"))
                 logger.debug(
-                    "%s %s: status %d; retrying in %.2fs", method, shown, response.status, delay
+                    "%s %s: status %d; retrying in %.2fs",
+                    method,
+                    shown,
+                    response.status,
+                    delay,
+                    extra=telemetry.fields("http_retry"),
                 )
                 await asyncio.sleep(delay)
                 continue

@@ -10,12 +10,15 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
+from ._checkall import CheckReport, check_all
 from ._core import Core, connect
+from ._doctor import Diagnosis, diagnose_core
 from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
@@ -28,6 +31,7 @@ from ._repository import Repository
 from ._rotation import ProgressCallback, RotationProgress
 from ._services import Services
 from ._settings import Settings, Takeover, TokenPolicy
+from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 
 if TYPE_CHECKING:
@@ -77,6 +81,7 @@ class Integrations:
         token_backoff: float = 0.5,
         refresh_cooldown: float = 5.0,
         revoke_timeout: float = 5.0,
+        max_attrs_bytes: int = 64 * 1024,
         refresh_lease: float = 15.0,
         refresh_takeover: Takeover = "refresh",
         token_write_retry: float = 60.0,
@@ -104,6 +109,7 @@ class Integrations:
                 check_timeout=check_timeout,
                 authorization_ttl=authorization_ttl,
                 revoke_timeout=revoke_timeout,
+                max_attrs_bytes=max_attrs_bytes,
                 token=TokenPolicy(
                     leeway=float(leeway),
                     lock_timeout=lock_timeout,
@@ -137,6 +143,7 @@ class Integrations:
         self._repo = Repository(
             schema,
             channel=f"{schema}_events",
+            lock_timeout=self.settings.token.lock_timeout,
             statement_cache_size=statement_cache_size,
             listen_dsn=listen_dsn,
         )
@@ -145,6 +152,7 @@ class Integrations:
         self._services: Services | None = None
         self._state = _State.NEW
         self._teardown: asyncio.Task[None] | None = None
+        self._sweeps: set[HealthSweep] = set()
         self.embedded_dsn: str | None = None
 
     def __repr__(self) -> str:
@@ -231,8 +239,13 @@ class Integrations:
                     # Before the HTTP client and the pool: revocations, refreshes and the
                     # event listener (a pooled connection) finish first.
                     stack.push_async_callback(self._services.close)
+                # First of all: a sweep holds a pooled connection while it leads.
+                stack.push_async_callback(self._stop_sweeps)
         finally:
             self._state = _State.CLOSED
+
+    async def _stop_sweeps(self) -> None:
+        await asyncio.gather(*(sweep.stop() for sweep in list(self._sweeps)))
 
     def _check_open(self) -> None:
         self._s  # noqa: B018 - raises LifecycleError unless open
@@ -571,7 +584,84 @@ class Integrations:
         """For legacy migrators: create or merge a connection from pre-uuid data."""
         return await self._s.connections.legacy_upsert(provider, name, data, owner=owner)
 
+    # -- health sweeps --------------------------------------------------------------------
+
+    async def run_health_sweeps(
+        self,
+        *,
+        interval: float | timedelta,
+        stale_after: float | timedelta,
+        concurrency: int = 4,
+        per_provider_interval: float | timedelta = 0.0,
+        refresh_ahead: float | timedelta | None = None,
+        on_sweep: SweepCallback | None = None,
+    ) -> None:
+        """Keep the fleet's connections checked, from a worker; runs until this instance
+        closes (or the task running it is cancelled).
+
+        Every process may run it: one at a time sweeps, chosen by a PostgreSQL advisory
+        lock held on a pooled connection; the others try every ``interval`` seconds, so
+        when the sweeping process dies another takes over within one interval. Every
+        ``interval`` the leader checks each configured connection whose last check is
+        older than ``stale_after`` (recorded as ``validate_connection`` does, with actor
+        ``"health_sweep"``: an event only when the status changes) and renews OAuth
+        tokens that expire within ``refresh_ahead`` (default: ``interval`` plus the
+        refresh leeway) and that nobody used. At most ``concurrency`` jobs run at once,
+        and one provider's jobs start at least ``per_provider_interval`` apart.
+        Connections that need reauthorization are left for their user. ``on_sweep``
+        (a function or coroutine function) gets a SweepReport after each sweep.
+        """
+        options = check_sweep_options(
+            interval=interval,
+            stale_after=stale_after,
+            concurrency=concurrency,
+            per_provider_interval=per_provider_interval,
+            refresh_ahead=refresh_ahead,
+            on_sweep=on_sweep,
+        )
+        services = self._s
+        if self._repo.pool.get_max_size() < 3:
+            raise ConfigurationError(
+                "run_health_sweeps() holds one pooled connection while it leads and the "
+                "event listener another: use pool_max_size=3 or more."
+            )
+        every, stale, jobs, pace, ahead = options
+        sweep = HealthSweep(
+            services,
+            interval=every,
+            stale_after=stale,
+            concurrency=jobs,
+            per_provider_interval=pace,
+            refresh_ahead=ahead,
+            on_sweep=on_sweep,
+        )
+        self._sweeps.add(sweep)
+        try:
+            await sweep.run()
+        finally:
+            self._sweeps.discard(sweep)
+
     # -- keys -----------------------------------------------------------------------------
+
+    async def check_all(
+        self,
+        *,
+        provider: str | None = None,
+        concurrency: int = 8,
+        record: bool = False,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> CheckReport:
+        """Check the credentials of every connection (of ``provider``, in ``owner``'s scope),
+        ``concurrency`` at a time. With ``record=True`` each outcome is recorded as
+        ``validate_connection`` does; otherwise nothing about the checks is written."""
+        s = self._s
+        return await check_all(
+            s.core, s.checks, provider=provider, concurrency=concurrency, record=record, owner=owner
+        )
+
+    async def diagnose(self) -> Diagnosis:
+        """Schema version, keys, connections the keys cannot decrypt, listener round trip."""
+        return await diagnose_core(self._s.core)
 
     async def rotate_keys(
         self, *, batch_size: int = 500, progress: ProgressCallback | None = None

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import _telemetry as telemetry
 from ._errors import InvalidInput
 
 log = logging.getLogger("integrations")
@@ -40,7 +41,12 @@ class LegacyMigrators:
                 await migrator(integ)
             except Exception as exc:
                 # The exception text may quote data, so only its type is logged.
-                log.warning("legacy migrator %r failed: %s", name, type(exc).__name__)
+                log.warning(
+                    "legacy migrator %r failed: %s",
+                    name,
+                    type(exc).__name__,
+                    extra=telemetry.fields("legacy_migrator_failed"),
+                )
                 outcome[name] = False
             else:
                 outcome[name] = True

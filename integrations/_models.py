@@ -41,7 +41,42 @@ class Connection:
 
     @property
     def status(self) -> str:
+        """``connected``: runtime credentials are saved and nothing has failed with them
+        since (see ``last_ok_at`` for whether a check has passed); ``disconnected``: nothing
+        to call the provider with; ``error``: the last check or token request failed."""
         return str(self.data.get("status", "disconnected"))
+
+    @property
+    def validation_status(self) -> str | None:
+        """The last check's message ("Connected", "Invalid credentials", ...), if any."""
+        value = self.data.get("validation_status")
+        return value if isinstance(value, str) else None
+
+    @property
+    def last_checked_at(self) -> datetime | None:
+        """When a check last ran, whatever its outcome (the "Last tested N ago" reading)."""
+        return _time(self.data.get("last_validated_at"))
+
+    @property
+    def last_ok_at(self) -> datetime | None:
+        """When a check last passed with the credentials saved now; None when they were
+        saved after the last passing check (or never checked)."""
+        return _time(self.data.get("last_ok_at"))
+
+    @property
+    def reauth_required(self) -> bool:
+        """The provider refused the grant: the user must authorize again."""
+        return self.data.get("reauth_required") is True
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +164,10 @@ class RotationProgress:
     ``rotated`` rows were re-encrypted and ``scanned`` rows examined so far (a row can be
     examined and left alone, e.g. when a concurrent write already moved it to the primary
     key). ``total`` is the number of rows that needed it when the run started: connections
-    plus pending authorizations. Counts and key ids only, never secrets.
+    plus pending authorizations. ``undecryptable`` holds the uuids of the connections
+    (``undecryptable_pending`` the state hashes of the pending authorizations) that could
+    not be decrypted, so were skipped and left as they are. Counts, ids and key ids only,
+    never secrets.
     """
 
     primary_kid: str
@@ -139,6 +177,8 @@ class RotationProgress:
     batches: int = 0
     elapsed: float = 0.0
     done: bool = False
+    undecryptable: tuple[str, ...] = ()
+    undecryptable_pending: tuple[str, ...] = ()
 
     @property
     def remaining(self) -> int:

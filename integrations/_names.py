@@ -8,7 +8,15 @@ import threading
 import time
 import uuid as _uuid
 
-from ._errors import EmptyName, InvalidInput, InvalidName, InvalidProviderKey, InvalidUUID
+from ._errors import (
+    ConfigurationError,
+    EmptyName,
+    InvalidInput,
+    InvalidName,
+    InvalidProviderKey,
+    InvalidUUID,
+)
+from ._input import check_text
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MAX_NAME_LENGTH = 100
@@ -40,6 +48,7 @@ def normalize_name(name: object) -> str:
         raise InvalidName(
             f"A connection name must be a string, not {type(name).__name__}; use {NAME_RULE}."
         )
+    check_text(name, "connection name", error=InvalidName)
     trimmed = name.strip()
     if not trimmed:
         raise EmptyName()
@@ -149,7 +158,7 @@ def check_owner(owner: object) -> str | None:
             f"The owner {shown(owner)} is not allowed: pass None (the system scope) or a "
             "non-blank string of at most 255 characters."
         )
-    return owner
+    return check_text(owner, "owner")
 
 
 def check_actor(actor: object) -> str | None:
@@ -160,7 +169,20 @@ def check_actor(actor: object) -> str | None:
             f"The actor {shown(actor)} is not allowed: pass None or a string of at most "
             "255 characters."
         )
-    return actor
+    return check_text(actor, "actor")
+
+
+def check_not_system_schema(value: str, what: str) -> str:
+    """Refuse PostgreSQL's own schemas: ``information_schema``, ``pg_catalog`` and every
+    ``pg_*`` name (reserved for the system; pg_dump skips them, so data there has no
+    backup)."""
+    if value == "information_schema" or value.startswith("pg_"):
+        raise ConfigurationError(
+            f"The {what} {value!r} is a PostgreSQL system schema (information_schema and pg_* "
+            "are reserved and left out of pg_dump backups); choose another name, such as "
+            "the default 'integrations'."
+        )
+    return value
 
 
 def check_identifier(value: str, what: str) -> str:
@@ -170,7 +192,7 @@ def check_identifier(value: str, what: str) -> str:
             f"The {what} {shown(value)} is not allowed: use lowercase letters, digits and '_', "
             "starting with a letter or '_', at most 48 characters."
         )
-    return value
+    return check_not_system_schema(value, what)
 
 
 _uuid7_lock = threading.Lock()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
-import math
 import re
 import string
 from collections.abc import Iterable, Mapping
@@ -16,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from yarl import URL
 
 from ._errors import (
-    InvalidAttrs,
     InvalidField,
     MissingField,
 )
+from ._input import MAX_ATTRS_BYTES, check_attrs, check_secret_text
+from ._vault import SECRET_FIELDS
 
 __all__ = [
     "AUTH_TYPES",
@@ -197,9 +196,10 @@ class AuthHeader(_Frozen):
       ``https://api.telegram.org/bot<token>/getMe``.
     - ``kind="sigv4"``: AWS Signature Version 4 from ``access_key``,
       ``secret_key`` and optional ``session_token`` (needs the ``aws`` extra).
+    - any kind registered with ``integrations.register_auth_kind``.
     """
 
-    kind: Literal["header", "basic", "path", "sigv4"] = "header"
+    kind: str = "header"
     name: str = "Authorization"
     template: str = "Bearer {access_token}"
     username: str = "access_key"
@@ -433,21 +433,35 @@ class Provider(_Frozen):
             return self.auth_header.fields
         return tuple(field.key for field in self.setup_fields if field.required)
 
-    def normalize_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    def normalize_attrs(
+        self, attrs: Mapping[str, Any], *, max_bytes: int = MAX_ATTRS_BYTES
+    ) -> dict[str, Any]:
         """Validate setup attributes and return the patch to store.
 
-        Known setup fields are type-checked and coerced (surrounding whitespace
-        removed; ``""`` for a non-string field means unset). Other keys are kept
-        as given but must be JSON values PostgreSQL can store. For
-        ``credentials`` providers every key given flat is moved under
-        ``"credentials"`` (the freeform credential map; a nested
-        ``"credentials"`` mapping is accepted too, flat keys win). Errors name
-        the field, never its value.
+        The whole input first passes ``_input.check_attrs`` (string keys, no NUL or
+        unpaired surrogates, integers within ±(2**53-1), finite floats, nesting and
+        size bounds, no ``$enc`` member anywhere). Known setup fields are then
+        type-checked and coerced (surrounding whitespace removed; ``""`` for a
+        non-string field means unset). Other keys are kept as given. A secret (a
+        :data:`SECRET_FIELDS` name or a field declared ``secret=True``) must not hold
+        control characters, and a blank one means unset (None), so a required secret
+        given blank is missing whatever the encryption setting. For ``credentials``
+        providers every key given flat is moved under ``"credentials"`` (the freeform
+        credential map; a nested ``"credentials"`` mapping is accepted too, flat keys
+        win). Errors name the field, never its value.
         """
-        if not isinstance(attrs, Mapping):
-            raise InvalidAttrs("Setup attributes must be a mapping.")
-        _check_keys(attrs, "")
+        attrs = check_attrs(attrs, max_bytes=max_bytes)
         fields = {field.key: field for field in self.setup_fields}
+        secrets = self.secret_field_keys | SECRET_FIELDS
+
+        def coerce(key: str, value: Any) -> Any:
+            value = fields[key].coerce(value) if key in fields else value
+            if key in secrets and isinstance(value, str):
+                if not value.strip():
+                    return None
+                check_secret_text(value, key)
+            return value
+
         patch: dict[str, Any] = {}
         nested: dict[str, Any] = {}
         if self.auth_type == "credentials" and "credentials" in attrs:
@@ -456,15 +470,12 @@ class Provider(_Frozen):
                 raise InvalidField(
                     "Setup field 'credentials' must be a mapping.", field="credentials"
                 )
-            _check_keys(given or {}, " under 'credentials'")
             for key, value in (given or {}).items():
-                nested[key] = (
-                    fields[key].coerce(value) if key in fields else _json_value(value, key)
-                )
+                nested[key] = coerce(key, value)
         for key, value in attrs.items():
             if self.auth_type == "credentials" and key == "credentials":
                 continue
-            coerced = fields[key].coerce(value) if key in fields else _json_value(value, key)
+            coerced = coerce(key, value)
             if self.auth_type == "credentials":
                 nested[key] = coerced
             else:
@@ -528,39 +539,6 @@ class Provider(_Frozen):
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _check_keys(attrs: Mapping[Any, Any], where: str) -> None:
-    for key in attrs:
-        if not isinstance(key, str):
-            raise InvalidAttrs(f"Setup attribute keys{where} must be strings.")
-
-
-def _json_value(value: Any, key: str) -> Any:
-    """A copy of ``value`` that PostgreSQL JSONB accepts, or InvalidAttrs naming ``key``."""
-
-    def walk(item: Any) -> Any:
-        if item is None or isinstance(item, bool | int):
-            return item
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                raise InvalidAttrs(f"Setup attribute {key!r} must not contain NaN or infinity.")
-            return item
-        if isinstance(item, str):
-            # JSONB cannot hold U+0000.
-            if "\x00" in item:
-                raise InvalidAttrs(f"Setup attribute {key!r} must not contain NUL characters.")
-            return item
-        if isinstance(item, Mapping):
-            _check_keys(item, f" under {key!r}")
-            return {k: walk(v) for k, v in item.items()}
-        if isinstance(item, list | tuple):
-            return [walk(v) for v in item]
-        raise InvalidAttrs(f"Setup attribute {key!r} is not JSON-serializable.")
-
-    out = walk(value)
-    json.dumps(out, allow_nan=False)
-    return out
 
 
 def unknown_provider_message(key: str, known: Iterable[str]) -> str:

@@ -18,6 +18,7 @@ from ._errors import (
     ReauthRequired,
     TokenRequestFailed,
 )
+from ._input import check_text
 from ._models import Event, Validation
 
 __all__ = [
@@ -216,6 +217,7 @@ def setup_saved(
     sealed: Mapping[str, Any],
     *,
     fields: Iterable[str],
+    credential_fields: Iterable[str] = (),
     missing: Callable[[Mapping[str, Any]], list[str]],
     runtime: Callable[[Mapping[str, Any]], bool],
     oauth_code_flow: bool,
@@ -224,9 +226,11 @@ def setup_saved(
     """Merge saved setup; the status follows what the connection can now call with.
 
     Without runtime credentials it is ``disconnected``. With them, a key-based connection
-    becomes ``connected`` (as the seed does), unless its last check failed: then it keeps
-    ``error`` until a check passes, since new credentials are not yet proven credentials.
-    Authorization-code OAuth connections become connected only through a grant.
+    becomes ``connected`` (as the seed does). New credentials (a runtime or secret field in
+    ``fields``) replace what an earlier failed check was about: an ``error`` goes back to
+    ``connected`` with its message dropped, and ``last_ok_at`` is cleared until a check
+    passes with them. Other setup keeps the status as it is. Authorization-code OAuth
+    connections become connected only through a grant.
     """
     data = dict(row.data)
     for name, value in sealed.items():
@@ -244,17 +248,23 @@ def setup_saved(
     # New setup (a corrected client secret, say) is worth another refresh at once.
     data.pop("refresh_error", None)
     previous = row.status
+    fields = sorted(fields)
+    new_credentials = bool(set(fields) & set(credential_fields))
+    if new_credentials:
+        data.pop("last_ok_at", None)
     if not runtime(data):
         data["status"] = "disconnected"
-    elif not oauth_code_flow and previous != "error":
+    elif not oauth_code_flow and (previous != "error" or new_credentials):
         data["status"] = "connected"
+        if previous == "error":
+            data.pop("validation_status", None)
     after = _after(row, data)
     ev = event(
         "setup_saved",
         after,
         previous_status=previous,
         actor=actor,
-        detail={"fields": sorted(fields)},
+        detail={"fields": fields},
     )
     return Transition(Change(data=data, events=[ev]), after)
 
@@ -325,7 +335,15 @@ def validated(
 
 
 def validation_outcome(result: Any) -> tuple[bool, str]:
-    """Accept a Validation, True/"ok", False, (ok, message), an exception or a message."""
+    """Accept a Validation, True/"ok", False, (ok, message), an exception or a message.
+
+    The message is checked (no NUL or lone surrogates) so that the write cannot be refused.
+    """
+    ok, message = _outcome(result)
+    return ok, check_text(message, "validation message")
+
+
+def _outcome(result: Any) -> tuple[bool, str]:
     if isinstance(result, Validation):
         return result.ok, result.message
     if result is True or result == "ok":

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from ._catalogue import BUILTIN_PROVIDERS
 from ._errors import ConfigurationError, InvalidProviderKey, ProviderConflict
+from ._http import AUTH_KINDS
 from ._probes import CHECK_HOOKS
 from ._providers import Provider, unknown_provider_message
 
@@ -80,6 +81,13 @@ class ProviderRegistry:
                 raise ProviderConflict(
                     f"Provider {provider.key!r} is a built-in; pass override=True to replace it.",
                     provider=provider.key,
+                )
+            header = provider.auth_header
+            if header is not None and header.kind not in AUTH_KINDS:
+                raise ConfigurationError(
+                    f"Provider {provider.key!r} uses the auth header kind {header.kind!r}, which "
+                    f"is not registered (known: {', '.join(sorted(AUTH_KINDS))}); register it "
+                    "with integrations.register_auth_kind() first."
                 )
             hook = provider.validation.hook if provider.validation is not None else None
             if hook is not None and hook not in CHECK_HOOKS:

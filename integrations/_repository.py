@@ -8,6 +8,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
 import re
 import uuid as _uuid
 from collections.abc import (
@@ -25,7 +27,8 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from ._errors import AlreadyExists, LockTimeout, StorageError
+from . import _telemetry as telemetry
+from ._errors import AlreadyExists, ConfigurationError, IntegrationsError, LockTimeout, StorageError
 from ._models import Event
 from ._record import Change, StoredRow
 from ._sql import Queries
@@ -107,13 +110,51 @@ def event_payload(event: Event) -> str:
     return dataclasses.replace(event, name=name, detail={"truncated": True}).to_payload()
 
 
+# What the driver raises on its own: server errors, misuse and protocol states
+# ("cannot switch to state ..."), and the network's OSError (TimeoutError included).
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+)
+_DRIVER_DIR = os.path.dirname(asyncpg.__file__) + os.sep
+# Compiled parts name their source relative to the package root.
+_DRIVER_PREFIX = "asyncpg" + os.sep
+
+
+def _from_driver(exc: BaseException) -> bool:
+    """Whether ``exc`` is the driver's: one of its types, or raised in its code."""
+    if isinstance(exc, _DRIVER_ERRORS):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.startswith((_DRIVER_DIR, _DRIVER_PREFIX)):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 @contextlib.contextmanager
-def _translate() -> Iterator[None]:
+def _translate(lock_timeout: float | None = None) -> Iterator[None]:
+    """The one place driver faults become library errors, with the cause's own text.
+
+    Library errors (a ``decide`` refusing a change, say) and bugs outside the driver
+    pass through unchanged.
+    """
     try:
         yield
+    except IntegrationsError:
+        raise
     except asyncpg.UniqueViolationError as exc:
         raise AlreadyExists() from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except asyncpg.LockNotAvailableError as exc:
+        within = "" if lock_timeout is None else f" within {lock_timeout:g}s"
+        raise LockTimeout(f"the connection's row lock was not granted{within}") from exc
+    except Exception as exc:
+        if not _from_driver(exc):
+            raise
         raise StorageError(describe(exc)) from exc
 
 
@@ -154,16 +195,28 @@ class Repository:
         schema: str,
         *,
         channel: str,
+        lock_timeout: float = 30.0,
         statement_cache_size: int | None = None,
         listen_dsn: str | None = None,
     ) -> None:
+        if (
+            isinstance(lock_timeout, bool)
+            or not isinstance(lock_timeout, int | float)
+            or not math.isfinite(lock_timeout)
+            or lock_timeout <= 0
+        ):
+            raise ConfigurationError("lock_timeout must be a positive number of seconds")
         self.schema = schema
         self.channel = channel
+        self.lock_timeout = float(lock_timeout)
         # 0 behind a transaction-mode pooler (PgBouncer): no named prepared statements.
         self.statement_cache_size = statement_cache_size
         # LISTEN needs a session of its own; through a transaction pooler it must go direct.
         self.listen_dsn = listen_dsn
         self.q = Queries.load(schema)
+        # One round trip opens the transaction and bounds its lock waits; the value is
+        # a number formatted here, never input.
+        self._begin_write = self.q.begin_write.replace("{lock_timeout}", _millis(self.lock_timeout))
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
 
@@ -193,6 +246,63 @@ class Repository:
             raise StorageError("repository is not open")
         return self._pool
 
+    # -- the way to the database: every query below goes through these -----------------
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self, *, lock_timeout: float | None = None) -> AsyncIterator[Any]:
+        """A pooled connection for the body; any driver fault, from acquiring to the
+        body's last statement, leaves as a library error.
+
+        A connection that fails to go back to the pool once the body has succeeded
+        does not undo what was done (a commit, rows read): the pool discards it and
+        opens another when needed, and the caller gets its result.
+
+        When the caller is cancelled the connection is dropped rather than cancelled
+        and reset: the server rolls back either way, and dropping takes no round trip,
+        so the cancellation is not held up by a stalled network.
+        """
+        pool = self.pool
+        with _translate(), telemetry.pool_wait():
+            conn = await pool.acquire()
+        succeeded = False
+        try:
+            with _translate(lock_timeout):
+                yield conn
+            succeeded = True
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                conn.terminate()
+            raise
+        finally:
+            try:
+                await pool.release(conn)
+            except Exception as exc:
+                if succeeded:
+                    log.debug(
+                        "a database connection failed on its way back to the pool and was "
+                        "discarded: %s",
+                        describe(exc),
+                        extra=telemetry.fields("pool_release_failed"),
+                    )
+                # Otherwise the body's own error is what the caller needs to see.
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[Any]:
+        """A transaction whose row-lock waits end after ``lock_timeout`` (LockTimeout),
+        committed when the body returns, rolled back when it raises."""
+        async with self._acquire(lock_timeout=self.lock_timeout) as conn:
+            await conn.execute(self._begin_write)
+            try:
+                yield conn
+            except Exception:
+                try:
+                    await conn.execute("ROLLBACK")
+                except Exception:
+                    # Broken meanwhile: dropped, the server rolls back on its own.
+                    conn.terminate()
+                raise
+            await conn.execute("COMMIT")
+
     # -- migrations --------------------------------------------------------------------
 
     def _lock_id(self) -> int:
@@ -200,51 +310,55 @@ class Repository:
         return int.from_bytes(digest[:8], "big", signed=True)
 
     async def schema_version(self) -> int:
-        with _translate():
-            async with self.pool.acquire() as conn:
-                if not await conn.fetchval(self.q.migrations_table_exists):
-                    return 0
-                version = await conn.fetchval(self.q.schema_version)
+        async with self._acquire() as conn:
+            if not await conn.fetchval(self.q.migrations_table_exists):
+                return 0
+            version = await conn.fetchval(self.q.schema_version)
         return int(version or 0)
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations in one transaction under an advisory lock."""
         applied_now: list[int] = []
-        with _translate():
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(self.q.migrate_lock, self._lock_id())
-                await conn.execute(self.q.migrations_table)
-                done = {r["version"] for r in await conn.fetch(self.q.applied_migrations)}
-                for migration in self.q.migrations:
-                    if migration.version in done:
-                        continue
-                    await conn.execute(migration.sql)
-                    await conn.execute(self.q.record_migration, migration.version, migration.name)
-                    applied_now.append(migration.version)
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.migrate_lock, self._lock_id())
+            await conn.execute(self.q.migrations_table)
+            done = {r["version"] for r in await conn.fetch(self.q.applied_migrations)}
+            for migration in self.q.migrations:
+                if migration.version in done:
+                    continue
+                await conn.execute(migration.sql)
+                await conn.execute(self.q.record_migration, migration.version, migration.name)
+                applied_now.append(migration.version)
         return applied_now
 
     # -- reads -------------------------------------------------------------------------
 
     async def get(self, uuid: str) -> StoredRow | None:
-        with _translate():
-            record = await self.pool.fetchrow(self.q.get_by_uuid, _uuid.UUID(uuid))
+        async with self._acquire() as conn:
+            record = await conn.fetchrow(self.q.get_by_uuid, _uuid.UUID(uuid))
         return None if record is None else _row(record)
 
     async def get_by_key(self, owner: str | None, key: str) -> StoredRow | None:
-        with _translate():
-            record = await self.pool.fetchrow(self.q.get_by_key, _owner_to_db(owner), key)
+        async with self._acquire() as conn:
+            record = await conn.fetchrow(self.q.get_by_key, _owner_to_db(owner), key)
         return None if record is None else _row(record)
 
     async def uuid_by_key(self, owner: str | None, key: str) -> str | None:
-        with _translate():
-            value = await self.pool.fetchval(self.q.uuid_by_key, _owner_to_db(owner), key)
+        async with self._acquire() as conn:
+            value = await conn.fetchval(self.q.uuid_by_key, _owner_to_db(owner), key)
         return None if value is None else str(value)
 
     async def list_by_prefixes(self, owner: str | None, prefixes: Sequence[str]) -> list[StoredRow]:
         """Every row whose key starts with one of ``prefixes``: one statement however many."""
         patterns = [like_prefix(p) for p in prefixes]
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.list_by_prefixes, _owner_to_db(owner), patterns)
+        return [_row(r) for r in records]
+
+    async def list_every_owner(self, prefix: str) -> list[StoredRow]:
+        """Every row whose key starts with ``prefix``, whoever owns it (operator tools)."""
         with _translate():
-            records = await self.pool.fetch(self.q.list_by_prefixes, _owner_to_db(owner), patterns)
+            records = await self.pool.fetch(self.q.list_every_owner, like_prefix(prefix))
         return [_row(r) for r in records]
 
     # -- writes ------------------------------------------------------------------------
@@ -253,48 +367,45 @@ class Repository:
         self, uuid: str, owner: str | None, key: str, data: dict[str, Any], events: Iterable[Event]
     ) -> StoredRow | None:
         """Insert a new row and notify in one transaction; None when (owner, key) is taken."""
-        with _translate():
-            async with self.pool.acquire() as conn, conn.transaction():
-                record = await conn.fetchrow(
-                    self.q.insert_connection,
-                    _uuid.UUID(uuid),
-                    _owner_to_db(owner),
-                    key,
-                    _dumps(data),
-                )
-                if record is None:
-                    return None
-                for event in events:
-                    await conn.execute(self.q.notify, self.channel, event_payload(event))
+        async with self._write() as conn:
+            record = await conn.fetchrow(
+                self.q.insert_connection,
+                _uuid.UUID(uuid),
+                _owner_to_db(owner),
+                key,
+                _dumps(data),
+            )
+            if record is None:
+                return None
+            for event in events:
+                await conn.execute(self.q.notify, self.channel, event_payload(event))
         return _row(record)
 
     async def modify(self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]) -> T:
         """Read-modify-write one row under its row lock, notifying in the same transaction.
 
         ``decide`` is pure: it sees the locked row and returns what to write and emit.
-        Concurrent writers to the same row queue on the lock, so no update is lost.
+        Concurrent writers to the same row queue on the lock, so no update is lost;
+        one that waits longer than the lock timeout gets LockTimeout.
         """
-        with _translate():
-            async with self.pool.acquire() as conn, conn.transaction():
-                record = await conn.fetchrow(self.q.lock_by_uuid, _uuid.UUID(uuid))
-                row = None if record is None else _row(record)
-                change, result = decide(row)
-                if row is not None:
-                    if change.delete:
-                        await conn.execute(self.q.delete_connection, _uuid.UUID(uuid))
-                    elif change.key is not None:
-                        await conn.execute(
-                            self.q.update_key_value,
-                            _uuid.UUID(uuid),
-                            change.key,
-                            _dumps(change.data if change.data is not None else row.data),
-                        )
-                    elif change.data is not None:
-                        await conn.execute(
-                            self.q.update_value, _uuid.UUID(uuid), _dumps(change.data)
-                        )
-                for event in change.events:
-                    await conn.execute(self.q.notify, self.channel, event_payload(event))
+        async with self._write() as conn:
+            record = await conn.fetchrow(self.q.lock_by_uuid, _uuid.UUID(uuid))
+            row = None if record is None else _row(record)
+            change, result = decide(row)
+            if row is not None:
+                if change.delete:
+                    await conn.execute(self.q.delete_connection, _uuid.UUID(uuid))
+                elif change.key is not None:
+                    await conn.execute(
+                        self.q.update_key_value,
+                        _uuid.UUID(uuid),
+                        change.key,
+                        _dumps(change.data if change.data is not None else row.data),
+                    )
+                elif change.data is not None:
+                    await conn.execute(self.q.update_value, _uuid.UUID(uuid), _dumps(change.data))
+            for event in change.events:
+                await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
 
     async def modify_clocked(
@@ -308,26 +419,25 @@ class Repository:
         seconds for the row lock (LockTimeout), and hands ``decide`` the server's clock
         too (None with the row). Refresh leases are taken, renewed and ended with it."""
         key = _uuid.UUID(uuid)
-        with _translate():
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    self.q.set_refresh_timeouts,
-                    _millis(lock_timeout),
-                    _millis(max(2 * lock_timeout, 5.0)),
-                )
-                try:
-                    record = await conn.fetchrow(self.q.lock_by_uuid_clocked, key)
-                except asyncpg.LockNotAvailableError as exc:
-                    raise LockTimeout(
-                        f"the connection's row lock was not granted within {lock_timeout:g}s"
-                    ) from exc
-                row = None if record is None else _row(record)
-                change, result = decide(row, None if record is None else record["now"])
-                if row is not None and change.data is not None:
-                    await conn.execute(self.q.update_value, key, _dumps(change.data))
-                for event in change.events:
-                    await conn.execute(self.q.notify, self.channel, event_payload(event))
+        async with self._acquire(lock_timeout=lock_timeout) as conn, conn.transaction():
+            await conn.execute(
+                self.q.set_refresh_timeouts,
+                _millis(lock_timeout),
+                _millis(max(2 * lock_timeout, 5.0)),
+            )
+            record = await conn.fetchrow(self.q.lock_by_uuid_clocked, key)
+            row = None if record is None else _row(record)
+            change, result = decide(row, None if record is None else record["now"])
+            if row is not None and change.data is not None:
+                await conn.execute(self.q.update_value, key, _dumps(change.data))
+            for event in change.events:
+                await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
+
+    async def notify_channel(self, channel: str, payload: str) -> None:
+        """Send ``payload`` on another channel than the events' one (a listener probe)."""
+        with _translate():
+            await self.pool.execute(self.q.notify, channel, payload)
 
     # -- key rotation ------------------------------------------------------------------
 
@@ -336,14 +446,13 @@ class Repository:
     ) -> int:
         """Connections plus pending authorizations that :meth:`reseal_connections` and
         :meth:`reseal_pending` would examine now."""
-        with _translate():
-            async with self.pool.acquire() as conn:
-                connections = await conn.fetchval(
-                    self.q.count_connections_to_reseal, primary_kid, list(plaintext_fields)
-                )
-                pending = await conn.fetchval(
-                    self.q.count_pending_to_reseal, primary_kid, plaintext_verifiers
-                )
+        async with self._acquire() as conn:
+            connections = await conn.fetchval(
+                self.q.count_connections_to_reseal, primary_kid, list(plaintext_fields)
+            )
+            pending = await conn.fetchval(
+                self.q.count_pending_to_reseal, primary_kid, plaintext_verifiers
+            )
         return int(connections or 0) + int(pending or 0)
 
     async def reseal_connections(
@@ -363,22 +472,21 @@ class Repository:
         :meth:`reseal_listed`. Writers going through :meth:`modify` take the same row
         lock, so neither side loses the other's update.
         """
-        with _translate():
-            async with self.pool.acquire() as conn, conn.transaction():
-                candidates = [
-                    r["uuid"]
-                    for r in await conn.fetch(
-                        self.q.connections_to_reseal,
-                        _uuid.UUID(after),
-                        limit,
-                        primary_kid,
-                        list(plaintext_fields),
-                    )
-                ]
-                if not candidates:
-                    return ResealBatch(scanned=0, rewritten=0, last=None)
-                records = await conn.fetch(self.q.lock_connections_to_reseal, candidates)
-                rewritten = await self._reseal_locked(conn, records, reseal)
+        async with self._acquire() as conn, conn.transaction():
+            candidates = [
+                r["uuid"]
+                for r in await conn.fetch(
+                    self.q.connections_to_reseal,
+                    _uuid.UUID(after),
+                    limit,
+                    primary_kid,
+                    list(plaintext_fields),
+                )
+            ]
+            if not candidates:
+                return ResealBatch(scanned=0, rewritten=0, last=None)
+            records = await conn.fetch(self.q.lock_connections_to_reseal, candidates)
+            rewritten = await self._reseal_locked(conn, records, reseal)
         locked = {r["uuid"] for r in records}
         return ResealBatch(
             scanned=len(records),
@@ -403,13 +511,12 @@ class Repository:
         if wait and len(uuids) != 1:
             raise ValueError("wait for one row at a time")
         keys = [_uuid.UUID(u) for u in uuids]
-        with _translate():
-            async with self.pool.acquire() as conn, conn.transaction():
-                if wait:
-                    records = await conn.fetch(self.q.lock_connection_to_reseal, keys[0])
-                else:
-                    records = await conn.fetch(self.q.lock_connections_to_reseal, keys)
-                rewritten = await self._reseal_locked(conn, records, reseal)
+        async with self._acquire() as conn, conn.transaction():
+            if wait:
+                records = await conn.fetch(self.q.lock_connection_to_reseal, keys[0])
+            else:
+                records = await conn.fetch(self.q.lock_connections_to_reseal, keys)
+            rewritten = await self._reseal_locked(conn, records, reseal)
         locked = {r["uuid"] for r in records}
         return ResealBatch(
             scanned=len(records),
@@ -446,19 +553,18 @@ class Repository:
         authorizations, keyset-paginated by state hash; ``reseal(state_hash, verifier)``
         returns the value to store, or None to leave the row as it is."""
         written: list[tuple[str, str]] = []
-        with _translate():
-            async with self.pool.acquire() as conn, conn.transaction():
-                records = await conn.fetch(
-                    self.q.pending_to_reseal, after, limit, primary_kid, plaintext_verifiers
-                )
-                for record in records:
-                    verifier = json.loads(record["code_verifier"])
-                    resealed = reseal(record["state_hash"], verifier)
-                    if resealed is not None:
-                        written.append((record["state_hash"], json.dumps(resealed)))
-                if written:
-                    hashes, values = zip(*written, strict=True)
-                    await conn.execute(self.q.reseal_pending, list(hashes), list(values))
+        async with self._acquire() as conn, conn.transaction():
+            records = await conn.fetch(
+                self.q.pending_to_reseal, after, limit, primary_kid, plaintext_verifiers
+            )
+            for record in records:
+                verifier = json.loads(record["code_verifier"])
+                resealed = reseal(record["state_hash"], verifier)
+                if resealed is not None:
+                    written.append((record["state_hash"], json.dumps(resealed)))
+            if written:
+                hashes, values = zip(*written, strict=True)
+                await conn.execute(self.q.reseal_pending, list(hashes), list(values))
         last = str(records[-1]["state_hash"]) if records else None
         return ResealBatch(scanned=len(records), rewritten=len(written), last=last)
 
@@ -467,8 +573,8 @@ class Repository:
     async def listen(
         self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> PoolListener:
-        """Hold one pooled connection that LISTENs on ``channel`` (a connection of its own
-        to ``listen_dsn`` when one was given)."""
+        """Hold one pooled connection that LISTENs on ``channel``, until its close() (a
+        connection of its own to ``listen_dsn`` when one was given)."""
 
         def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             on_payload(str(payload))
@@ -486,23 +592,56 @@ class Repository:
                     await direct.close()
                     raise
             return PoolListener(None, direct, channel, callback, terminated)
+        pool = self.pool
+        with _translate():
+            conn = await pool.acquire()
+        try:
+            with _translate():
+                conn.add_termination_listener(terminated)
+                await conn.add_listener(channel, callback)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+            raise
+        return PoolListener(pool, conn, channel, callback, terminated)
+
+    # -- one health sweep per fleet ------------------------------------------------------
+
+    def advisory_lock_id(self, purpose: str) -> int:
+        """A 64-bit advisory lock id for ``purpose`` in this schema."""
+        digest = hashlib.sha256(f"integrations:{purpose}:{self.schema}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
+
+    async def try_lead(self, purpose: str) -> Leadership | None:
+        """Take the advisory lock of ``purpose`` on a pooled connection kept for it, or
+        None when another session holds it. The lock ends with ``release()`` or with the
+        session: a holder whose process dies lets the next one in at once."""
+        lock_id = self.advisory_lock_id(purpose)
         with _translate():
             conn = await self.pool.acquire()
             try:
-                conn.add_termination_listener(terminated)
-                await conn.add_listener(channel, callback)
+                held = await conn.fetchval(self.q.try_advisory_lock, lock_id)
             except BaseException:
                 await self.pool.release(conn)
                 raise
-        return PoolListener(self.pool, conn, channel, callback, terminated)
+            if not held:
+                await self.pool.release(conn)
+                return None
+        return Leadership(self.pool, conn, lock_id, self.q)
+
+    async def sweep_candidates(self, after: str, limit: int) -> list[StoredRow]:
+        """A page of configured connections in uuid order, starting after ``after``."""
+        with _translate():
+            async with self.pool.acquire() as conn:
+                records = await conn.fetch(self.q.sweep_candidates, _uuid.UUID(after), limit)
+        return [_row(r) for r in records]
 
     # -- raw access for tests and benchmarks ---------------------------------------------
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
-        with _translate():
-            async with self.pool.acquire() as conn:
-                yield conn
+        async with self._acquire() as conn:
+            yield conn
 
     # -- row lock held across awaits (token refresh) -------------------------------------
 
@@ -522,24 +661,14 @@ class Repository:
         """
         key = _uuid.UUID(uuid)
         locked: LockedRow | None = None
-        with _translate():
-            conn = await self.pool.acquire()
-        try:
-            with _translate():
-                transaction = conn.transaction()
-                await transaction.start()
+        async with self._acquire(lock_timeout=lock_timeout) as conn:
+            transaction = conn.transaction()
+            await transaction.start()
             try:
-                try:
-                    await conn.execute(
-                        self.q.set_refresh_timeouts, _millis(lock_timeout), _millis(idle_timeout)
-                    )
-                    record = await conn.fetchrow(self.q.lock_by_uuid, key)
-                except asyncpg.LockNotAvailableError as exc:
-                    raise LockTimeout(
-                        f"the connection's row lock was not granted within {lock_timeout:g}s"
-                    ) from exc
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    raise StorageError(describe(exc)) from exc
+                await conn.execute(
+                    self.q.set_refresh_timeouts, _millis(lock_timeout), _millis(idle_timeout)
+                )
+                record = await conn.fetchrow(self.q.lock_by_uuid, key)
                 locked = LockedRow(
                     row=None if record is None else _row(record),
                     _conn=conn,
@@ -547,17 +676,16 @@ class Repository:
                     _transaction=transaction,
                 )
                 yield locked
-            except BaseException:
+            except Exception:
                 if locked is None or not locked.committed:
-                    with contextlib.suppress(Exception):
+                    try:
                         await transaction.rollback()
+                    except Exception:
+                        # Broken meanwhile: dropped, the server rolls back on its own.
+                        conn.terminate()
                 raise
             if not locked.committed:
-                with _translate():
-                    await transaction.commit()
-        finally:
-            with contextlib.suppress(Exception):
-                await self.pool.release(conn)
+                await transaction.commit()
 
     # -- pending authorizations ----------------------------------------------------------
 
@@ -573,8 +701,8 @@ class Repository:
         ttl: float,
     ) -> bool:
         """Store a pending authorization; False when the state hash is already pending."""
-        with _translate():
-            found = await self.pool.fetchval(
+        async with self._acquire() as conn:
+            found = await conn.fetchval(
                 self.q.insert_pending_authorization,
                 state_hash,
                 _uuid.UUID(connection_uuid),
@@ -594,8 +722,8 @@ class Repository:
 
         Unless ``any_owner``, only one started for a connection of ``owner`` is consumed.
         """
-        with _translate():
-            record = await self.pool.fetchrow(
+        async with self._acquire() as conn:
+            record = await conn.fetchrow(
                 self.q.take_pending_authorization, state_hash, any_owner, _owner_to_db(owner)
             )
         return None if record is None else _pending(record)
@@ -604,8 +732,8 @@ class Repository:
         self, connection_uuid: str, redirect_uri: str
     ) -> PendingAuthorization | None:
         """Consume the newest live pending authorization of a connection and redirect URI."""
-        with _translate():
-            record = await self.pool.fetchrow(
+        async with self._acquire() as conn:
+            record = await conn.fetchrow(
                 self.q.take_latest_pending_authorization,
                 _uuid.UUID(connection_uuid),
                 redirect_uri,
@@ -614,8 +742,8 @@ class Repository:
 
     async def delete_expired_pending(self) -> int:
         """Drop expired pending authorizations; returns how many."""
-        with _translate():
-            status = await self.pool.execute(self.q.delete_expired_pending_authorizations)
+        async with self._acquire() as conn:
+            status = await conn.execute(self.q.delete_expired_pending_authorizations)
         return int(status.split()[-1]) if status.startswith("DELETE") else 0
 
 
@@ -742,12 +870,20 @@ async def probe_postgres(
         return "unreachable", ""
     except asyncpg.PostgresError as exc:
         return "service_error", str(exc.sqlstate)
-    except asyncpg.InterfaceError:
+    except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError):
         return "service_error", "(connection refused by the driver)"
     try:
-        await conn.fetchval("SELECT 1")
+        await conn.fetchval("SELECT 1", timeout=timeout)
+    except asyncpg.PostgresError as exc:
+        return "service_error", str(exc.sqlstate)
+    except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError):
+        # Dropped between the login and the query.
+        return "unreachable", ""
     finally:
-        await conn.close(timeout=timeout)
+        try:
+            await conn.close(timeout=timeout)
+        except Exception:
+            conn.terminate()
     return "ok", ""
 
 
@@ -809,3 +945,43 @@ def describe(exc: BaseException) -> str:
     """One plain sentence or two for a StorageError: what the driver said and what to do."""
     reason = _reason(exc)
     return f"Database error ({type(exc).__name__}): {reason}. {_next_step(exc, reason)}"
+
+
+class Leadership:
+    """A session-level advisory lock held on a pooled connection kept for it."""
+
+    def __init__(self, pool: asyncpg.Pool, conn: Any, lock_id: int, q: Queries) -> None:
+        self._pool = pool
+        self._conn: Any = conn
+        self._lock_id = lock_id
+        self._q = q
+        self.lost = asyncio.Event()
+        conn.add_termination_listener(self._terminated)
+
+    def _terminated(self, _conn: Any) -> None:
+        self.lost.set()
+
+    async def confirm(self) -> bool:
+        """Whether the lock is still held: a round trip on its session."""
+        conn = self._conn
+        if conn is None or self.lost.is_set():
+            return False
+        try:
+            await conn.fetchval(self._q.advisory_lock_held)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            self.lost.set()
+            return False
+        return True
+
+    async def release(self) -> None:
+        """Unlock and hand the connection back; safe to call twice."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.remove_termination_listener(self._terminated)
+        self.lost.set()
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await conn.fetchval(self._q.advisory_unlock, self._lock_id)
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn)

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from . import _telemetry as telemetry
 from ._core import Core
-from ._errors import InvalidInput
 from ._http import Response
+from ._input import check_method
 from ._record import StoredRow
 from ._tokens import Refresher
 
-__all__ = ["Requests", "check_method"]
-
-# RFC 9110 token characters: a method name is one token.
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
-
-
-def check_method(method: object) -> str:
-    """An HTTP method name, upper-cased; anything that is not a token is InvalidInput."""
-    if not isinstance(method, str) or not method.isascii() or not _METHOD.fullmatch(method):
-        shown = repr(method[:40]) if isinstance(method, str) else type(method).__name__
-        raise InvalidInput(f"method must be an HTTP method name such as 'GET', got {shown}.")
-    return method.upper()
+__all__ = ["Requests"]
 
 
 class Requests:
@@ -50,7 +39,29 @@ class Requests:
         max_attempts: int | None,
         opts: dict[str, Any],
     ) -> Response:
-        method = check_method(method)
+        method = check_method(method).upper()
+        with telemetry.request_span(row, method, url) as outcome:
+            response = await self._request(
+                row,
+                method,
+                url,
+                allow_any_host=allow_any_host,
+                max_attempts=max_attempts,
+                opts=opts,
+            )
+            outcome.status = response.status
+            return response
+
+    async def _request(
+        self,
+        row: StoredRow,
+        method: str,
+        url: str,
+        *,
+        allow_any_host: bool,
+        max_attempts: int | None,
+        opts: dict[str, Any],
+    ) -> Response:
         core = self._core
         provider = core.require_provider(row)
         target = core.http.target(

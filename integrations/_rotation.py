@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
+from . import _telemetry as telemetry
 from ._errors import CryptoError, EncryptionNotConfigured
 from ._models import RotationProgress
 from ._record import StoredRow
@@ -30,9 +31,20 @@ _FIRST_UUID = str(uuid.UUID(int=0))
 _FIRST_STATE_HASH = ""
 
 
-def _located(exc: CryptoError, where: str, **context: Any) -> CryptoError:
-    # Same class and key id, plus which row: the operator has to find it.
-    return type(exc)(f"{where}: {exc.message}", **{**exc.context, **context})
+def _skip(found: dict[str, None], exc: CryptoError, kind: str, ident: str) -> None:
+    # The message names the key id and field, never a value: the operator has to find it.
+    if ident not in found:
+        found[ident] = None
+        log.warning(
+            "key rotation skipped %s %s: %s (%s)",
+            kind,
+            ident,
+            exc.message,
+            exc.code,
+            extra=telemetry.fields(
+                "key_rotation_skipped", uuid=ident if kind == "connection" else None
+            ),
+        )
 
 
 async def rotate(
@@ -46,6 +58,30 @@ async def rotate(
 ) -> RotationProgress:
     """Move every connection and pending PKCE verifier to the primary key; see
     ``Integrations.rotate_keys``."""
+    with telemetry.span("integrations.rotate_keys") as span:
+        state = await _rotate(
+            repo,
+            vault,
+            secret_fields_of=secret_fields_of,
+            all_secret_fields=all_secret_fields,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        span.set_attribute("integrations.rotation.rows", state.rotated)
+        span.set_attribute("integrations.rotation.scanned", state.scanned)
+        span.set_attribute("integrations.rotation.batches", state.batches)
+        return state
+
+
+async def _rotate(
+    repo: Repository,
+    vault: Vault,
+    *,
+    secret_fields_of: Callable[[StoredRow], Iterable[str]],
+    all_secret_fields: Iterable[str],
+    batch_size: int,
+    progress: ProgressCallback | None,
+) -> RotationProgress:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError("batch_size must be a positive integer")
     if progress is not None and not callable(progress):
@@ -65,6 +101,10 @@ async def rotate(
     started = time.monotonic()
     total = await repo.count_to_reseal(primary, plaintext_fields, vault.enabled)
     state = RotationProgress(primary_kid=primary, total=total)
+    # Rows that cannot be decrypted (a key missing from the ring, an edited envelope) are
+    # left as they are and reported; one of them must not hold up every other row.
+    undecryptable: dict[str, None] = {}
+    undecryptable_pending: dict[str, None] = {}
 
     def reseal_row(row: StoredRow) -> dict[str, Any] | None:
         fields = frozenset(secret_fields_of(row))
@@ -73,7 +113,8 @@ async def rotate(
         try:
             return vault.reseal(row.uuid, row.data, fields)
         except CryptoError as exc:
-            raise _located(exc, f"connection {row.uuid}", uuid=row.uuid) from exc
+            _skip(undecryptable, exc, "connection", row.uuid)
+            return None
 
     def reseal_verifier(state_hash: str, verifier: Any) -> Any | None:
         data = {PKCE_FIELD: verifier}
@@ -82,11 +123,16 @@ async def rotate(
         try:
             return vault.reseal(state_hash, data, (PKCE_FIELD,))[PKCE_FIELD]
         except CryptoError as exc:
-            where = f"pending authorization {state_hash}"
-            raise _located(exc, where, state_hash=state_hash) from exc
+            _skip(undecryptable_pending, exc, "pending authorization", state_hash)
+            return None
 
     async def report(batch: ResealBatch | None) -> None:
         nonlocal state
+        state = dataclasses.replace(
+            state,
+            undecryptable=tuple(undecryptable),
+            undecryptable_pending=tuple(undecryptable_pending),
+        )
         if batch is None:
             state = dataclasses.replace(state, elapsed=time.monotonic() - started, done=True)
         else:
@@ -103,6 +149,7 @@ async def rotate(
             state.rotated,
             state.scanned,
             state.total,
+            extra=telemetry.fields("key_rotation_progress"),
         )
         if progress is not None:
             result = progress(state)
@@ -123,6 +170,7 @@ async def rotate(
         cursor = batch.last
         skipped.extend(batch.skipped)
         await report(batch)
+    telemetry.annotate("integrations.rotation.skipped", len(skipped))
     while skipped:
         held: list[str] = []
         for start in range(0, len(skipped), batch_size):
@@ -151,10 +199,13 @@ async def rotate(
         await report(batch)
     await report(None)
     log.info(
-        "key rotation to %s done: %d rows re-encrypted, %d examined in %.1f s",
+        "key rotation to %s done: %d rows re-encrypted, %d examined, %d skipped as "
+        "undecryptable in %.1f s",
         primary,
         state.rotated,
         state.scanned,
+        len(state.undecryptable) + len(state.undecryptable_pending),
         state.elapsed,
+        extra=telemetry.fields("key_rotation_done"),
     )
     return state

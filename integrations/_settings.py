@@ -89,8 +89,12 @@ class Settings:
     check_timeout: float = 15.0
     authorization_ttl: float = 600.0
     revoke_timeout: float = 5.0
+    #: The largest setup, as JSON, that save_setup and validate_credentials accept.
+    max_attrs_bytes: int = 64 * 1024
     token: TokenPolicy = field(default_factory=TokenPolicy)
 
     def __post_init__(self) -> None:
         if self.authorization_ttl <= 0 or self.revoke_timeout <= 0 or self.check_timeout <= 0:
             raise ValueError("authorization_ttl, revoke_timeout and check_timeout must be > 0")
+        if self.max_attrs_bytes < 1024:
+            raise ValueError("max_attrs_bytes must be at least 1024")

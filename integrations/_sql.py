@@ -80,6 +80,7 @@ class Queries:
     get_by_key: LiteralString
     uuid_by_key: LiteralString
     list_by_prefixes: LiteralString
+    list_every_owner: LiteralString
     update_value: LiteralString
     update_key_value: LiteralString
     delete_connection: LiteralString
@@ -92,11 +93,16 @@ class Queries:
     pending_to_reseal: LiteralString
     count_pending_to_reseal: LiteralString
     reseal_pending: LiteralString
+    begin_write: LiteralString
     set_refresh_timeouts: LiteralString
     insert_pending_authorization: LiteralString
     take_pending_authorization: LiteralString
     take_latest_pending_authorization: LiteralString
     delete_expired_pending_authorizations: LiteralString
+    sweep_candidates: LiteralString
+    try_advisory_lock: LiteralString
+    advisory_unlock: LiteralString
+    advisory_lock_held: LiteralString
     migrations: tuple[Migration, ...]
 
     @classmethod

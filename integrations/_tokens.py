@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from . import _record as record
+from . import _telemetry as telemetry
 from . import oauth
 from ._core import Core
 from ._errors import (
@@ -34,6 +35,7 @@ from ._errors import (
 )
 from ._events import ALL_OWNERS, Subscription
 from ._http import HttpClient, retry_after_seconds
+from ._input import parse_timestamp
 from ._models import utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
@@ -87,6 +89,7 @@ class _Flight:
     sent_at: float | None = None
     decided: bool = False
     answered: bool = False
+    callers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,7 @@ class _Step:
     provider: Provider | None = None
     fallback: str | None = None
     taken_from: str | None = None
+    owner: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -142,14 +146,12 @@ def _text(value: Any) -> str | None:
 
 
 def parse_time(value: Any) -> datetime | None:
-    """A stored ISO timestamp as an aware datetime; anything unreadable is None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
+    """A stored ISO timestamp as an aware UTC datetime; anything unreadable is None.
+
+    Far-past and far-future values are clamped (``_input.parse_timestamp``), so year 1
+    reads as long expired and no later arithmetic can overflow.
+    """
+    return parse_timestamp(value) if isinstance(value, str) else None
 
 
 async def post_token_request(
@@ -160,8 +162,29 @@ async def post_token_request(
     requested_scopes: Sequence[str],
     previous_refresh_token: str | None,
     redact: Sequence[str | None] = (),
+    provider: str | None = None,
 ) -> oauth.TokenSet:
     """One token endpoint call, parsed: ReauthRequired or TokenRequestFailed on failure."""
+    with telemetry.token_span(provider, request[0], request[2]):
+        return await _post_token_request(
+            http,
+            request,
+            request_timeout=request_timeout,
+            requested_scopes=requested_scopes,
+            previous_refresh_token=previous_refresh_token,
+            redact=redact,
+        )
+
+
+async def _post_token_request(
+    http: HttpClient,
+    request: tuple[str, dict[str, str], str],
+    *,
+    request_timeout: float,
+    requested_scopes: Sequence[str],
+    previous_refresh_token: str | None,
+    redact: Sequence[str | None],
+) -> oauth.TokenSet:
     url, headers, body = request
     try:
         response = await http.send(
@@ -325,6 +348,8 @@ class Refresher:
             )
             self._inflight[uuid] = flight
             flight.task.add_done_callback(partial(self._finished, uuid, flight))
+        else:
+            flight.callers += 1
         return flight
 
     @staticmethod
@@ -343,6 +368,8 @@ class Refresher:
     def _finished(self, uuid: str, flight: _Flight, task: asyncio.Task[str]) -> None:
         if self._inflight.get(uuid) is flight:
             del self._inflight[uuid]
+        if flight.sent_at is not None:
+            telemetry.record_callers(flight.callers)
         if not task.cancelled():
             # Marks the outcome retrieved: every caller may have been cancelled meanwhile.
             task.exception()
@@ -408,7 +435,12 @@ class Refresher:
                         )
                     except Exception as exc:
                         # No LISTEN (the hub is closed, or the database refused): poll.
-                        log.debug("refresh of %s waits by polling: %s", uuid, type(exc).__name__)
+                        log.debug(
+                            "refresh of %s waits by polling: %s",
+                            uuid,
+                            type(exc).__name__,
+                            extra=telemetry.fields("refresh_lease_polling", uuid=uuid),
+                        )
                         listen = False
                     # Subscribed after that look: look again before waiting, lest the
                     # holder's notification fell in between.
@@ -494,7 +526,12 @@ class Refresher:
         }
         flight.requested_at = clock
         return Change(data), _Step(
-            lease=taken, plain=plain, provider=provider, fallback=fallback, taken_from=taken_from
+            lease=taken,
+            plain=plain,
+            provider=provider,
+            fallback=fallback,
+            taken_from=taken_from,
+            owner=row.owner,
         )
 
     async def _ask(self, uuid: str, flight: _Flight, step: _Step) -> str:
@@ -508,6 +545,9 @@ class Refresher:
                 uuid,
                 step.taken_from,
                 self.policy.lease,
+                extra=telemetry.fields(
+                    "refresh_lease_taken_over", uuid=uuid, provider=provider.key, owner=step.owner
+                ),
             )
         renewing = asyncio.get_running_loop().create_task(
             self._renew(lease), name=f"integrations-lease-{uuid}"
@@ -517,7 +557,15 @@ class Refresher:
             flight.answered = True
         except (ReauthRequired, TokenRequestFailed) as exc:
             flight.answered = True
-            log.info("token refresh failed for connection %s (%s): %s", uuid, exc.code, exc.message)
+            log.info(
+                "token refresh failed for connection %s (%s): %s",
+                uuid,
+                exc.code,
+                exc.message,
+                extra=telemetry.fields(
+                    "token_refresh_failed", uuid=uuid, provider=provider.key, owner=step.owner
+                ),
+            )
             renewing.cancel()
             await _to_the_end(self._in_row(uuid, partial(self._failed, lease, exc)))
             if step.fallback is not None:
@@ -547,7 +595,12 @@ class Refresher:
                     lease.uuid, partial(self._renewed, lease), lock_timeout=every
                 )
             except IntegrationsError as exc:
-                log.debug("renewing the refresh lease of %s failed: %s", lease.uuid, exc.code)
+                log.debug(
+                    "renewing the refresh lease of %s failed: %s",
+                    lease.uuid,
+                    exc.code,
+                    extra=telemetry.fields("refresh_lease_renewal_failed", uuid=lease.uuid),
+                )
                 continue
             if not kept:
                 return
@@ -592,6 +645,7 @@ class Refresher:
             uuid,
             reason,
             self.policy.write_retry,
+            extra=telemetry.fields("token_write_retrying", uuid=uuid),
         )
         unstored = _Unstored(tokens)
         unstored.task = asyncio.get_running_loop().create_task(
@@ -636,6 +690,9 @@ class Refresher:
             "the refresh lease of connection %s was taken over before its answer was stored; %s",
             row.uuid,
             "the stored tokens are newer" if newer else "its answer serves this process only",
+            extra=telemetry.fields(
+                "refresh_lease_fenced_out", uuid=row.uuid, provider=row.provider, owner=row.owner
+            ),
         )
         if newer and current is not None:
             return Change(), current
@@ -663,7 +720,10 @@ class Refresher:
                     delay = min(delay * 2, _LAST_RETRY)
                     continue
                 log.info(
-                    "stored the tokens of connection %s's refresh at attempt %d", uuid, attempts
+                    "stored the tokens of connection %s's refresh at attempt %d",
+                    uuid,
+                    attempts,
+                    extra=telemetry.fields("token_write_recovered", uuid=uuid),
                 )
                 return
             self._lost(uuid, unstored.tokens, previous, attempts, reason)
@@ -676,6 +736,7 @@ class Refresher:
                         "could not mark connection %s for a new authorization either (%s)",
                         uuid,
                         _why(exc),
+                        extra=telemetry.fields("token_write_mark_failed", uuid=uuid),
                     )
         finally:
             if self._unstored.get(uuid) is unstored:
@@ -703,6 +764,7 @@ class Refresher:
             "provider may now refuse: marking the connection for a new authorization"
             if rotated
             else "; the stored refresh token is still the current one",
+            extra=telemetry.fields("token_write_lost", uuid=uuid),
         )
 
     def _spent(
@@ -781,6 +843,7 @@ class Refresher:
                     requested_scopes=requested,
                     previous_refresh_token=refresh_token,
                     redact=[secret],
+                    provider=provider.key,
                 )
             except TokenRequestFailed as exc:
                 if not exc.transient:
@@ -813,6 +876,7 @@ class Refresher:
                     attempt,
                     policy.attempts,
                     wait,
+                    extra=telemetry.fields("token_request_retry", provider=provider.key),
                 )
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover

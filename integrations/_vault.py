@@ -19,7 +19,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._errors import ConfigurationError, DecryptionFailed, EncryptionNotConfigured, UnknownKey
+from . import _telemetry as telemetry
+from ._errors import (
+    ConfigurationError,
+    DecryptionFailed,
+    EncryptionNotConfigured,
+    InvalidAttrs,
+    UnknownKey,
+)
 
 __all__ = [
     "SECRET_FIELDS",
@@ -27,6 +34,7 @@ __all__ = [
     "Vault",
     "generate_key",
     "is_envelope",
+    "looks_like_envelope",
     "mask_data",
     "mask_secret",
 ]
@@ -58,10 +66,19 @@ ENV_KEYS: Final = "INTEGRATIONS_KEYS"
 ENVELOPE_VERSION: Final = 1
 NONCE_BYTES: Final = 12
 
+ENVELOPE_MARKER: Final = "$enc"
+
 _KID_RE = re.compile(r"[0-9a-f]{8}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]{43}=?")
-_ENVELOPE_KEYS = frozenset({"$enc", "kid", "n", "ct", "hint"})
-_ENVELOPE_REQUIRED = frozenset({"$enc", "kid", "n", "ct"})
+_ENVELOPE_KEYS = frozenset({"$enc", "kid", "n", "ct"})
+_ENVELOPE_KEYS_WITH_HINT = _ENVELOPE_KEYS | {"hint"}
+# Standard base64: a 96-bit nonce is 16 characters; a ciphertext holds at least one byte
+# of JSON plus the 16-byte tag, so 24 characters or more.
+_NONCE_RE = re.compile(r"[A-Za-z0-9+/]{16}")
+_CIPHERTEXT_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_CIPHERTEXT_MIN = 24
+# Strings json.dumps writes as they are: printable ASCII other than the quote and backslash.
+_PLAIN_JSON_RE = re.compile(r"[ !#-\[\]-~]*")
 
 
 def _key_id(material: bytes) -> str:
@@ -195,21 +212,33 @@ class Keyring:
 
 
 def is_envelope(value: object) -> TypeGuard[dict[str, Any]]:
-    """True if ``value`` is an encrypted-secret envelope (a dict, never a string)."""
-    if not isinstance(value, dict):
+    """True if ``value`` is an encrypted-secret envelope, exactly: a dict with the members
+    ``$enc`` (an int; a newer version is refused when read), ``kid`` (8 hex digits), ``n``
+    and ``ct`` (base64 of the nonce and ciphertext) and an optional 4-character ``hint``."""
+    if type(value) is not dict:
         return False
-    keys = set(value)
-    if not (_ENVELOPE_REQUIRED <= keys <= _ENVELOPE_KEYS):
+    keys = value.keys()
+    if keys != _ENVELOPE_KEYS and keys != _ENVELOPE_KEYS_WITH_HINT:
         return False
-    version = value["$enc"]
-    # Any integer version counts, so an envelope from a newer release is refused, not
-    # mistaken for a plaintext dict.
-    if not isinstance(version, int) or isinstance(version, bool):
-        return False
-    hint = value.get("hint")
-    return all(isinstance(value[k], str) for k in ("kid", "n", "ct")) and (
-        hint is None or isinstance(hint, str)
+    kid, nonce, ciphertext, hint = value["kid"], value["n"], value["ct"], value.get("hint", "")
+    return (
+        type(value["$enc"]) is int
+        and type(kid) is str
+        and _KID_RE.fullmatch(kid) is not None
+        and type(nonce) is str
+        and _NONCE_RE.fullmatch(nonce) is not None
+        and type(ciphertext) is str
+        and len(ciphertext) >= _CIPHERTEXT_MIN
+        and _CIPHERTEXT_RE.fullmatch(ciphertext) is not None
+        and type(hint) is str
+        and ((hint == "" and "hint" not in keys) or len(hint) == HINT_LENGTH)
     )
+
+
+def looks_like_envelope(value: object) -> bool:
+    """True for any mapping with a ``$enc`` member: an envelope, or something that would be
+    mistaken for one."""
+    return isinstance(value, Mapping) and ENVELOPE_MARKER in value
 
 
 def _hint(value: object) -> str | None:
@@ -264,12 +293,32 @@ def _row_id(row_uuid: object) -> str:
 
 
 def _associated_data(kid: str, row: str, field: str, hint: str | None) -> bytes:
-    # JSON array: unambiguous whatever characters the row id or field name hold.
+    # JSON array: unambiguous whatever characters the row id or field name hold. The
+    # bytes are those of json.dumps (default separators, ASCII escapes); the common case
+    # of strings it leaves alone is formatted directly.
+    plain = _PLAIN_JSON_RE.fullmatch
+    if (
+        plain(kid) is not None
+        and plain(row) is not None
+        and plain(field) is not None
+        and (hint is None or plain(hint) is not None)
+    ):
+        last = "null" if hint is None else f'"{hint}"'
+        return f'[{ENVELOPE_VERSION}, "{kid}", "{row}", "{field}", {last}]'.encode("ascii")
     return json.dumps([ENVELOPE_VERSION, kid, row, field, hint]).encode()
 
 
-def _b64decode(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
+def _not_an_envelope(field: str) -> DecryptionFailed:
+    # Never echo the value: it may be a secret stored in plain text.
+    return DecryptionFailed(
+        f"secret field {field!r} does not hold an exact encrypted envelope (edited, or "
+        'stored in plain text while encryption was "off": rotate_keys() encrypts those)',
+        field=field,
+    )
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
 
 
 class Vault:
@@ -309,9 +358,11 @@ class Vault:
         secret_fields: Iterable[str],
         secret: Callable[[str, Any], Any],
         envelope: Callable[[str, Any], Any],
+        malformed: Callable[[str, Any], Any],
     ) -> dict[str, Any]:
-        """A copy of ``data`` with ``secret(field, value)`` applied to plaintext secrets and
-        ``envelope(field, value)`` to envelopes; None and other values are copied as is."""
+        """A copy of ``data`` with ``secret(field, value)`` applied to plaintext secrets,
+        ``envelope(field, value)`` to envelopes and ``malformed(field, value)`` to mappings
+        that carry ``$enc`` without being an envelope; None and other values are copied."""
         fields = SECRET_FIELDS.union(secret_fields)
 
         def one(field: str, value: Any, is_secret: bool) -> Any:
@@ -319,11 +370,13 @@ class Vault:
                 return None
             if is_envelope(value):
                 return envelope(field, value)
+            if looks_like_envelope(value):
+                return malformed(field, value)
             return secret(field, value) if is_secret else value
 
         out: dict[str, Any] = {}
         for key, value in data.items():
-            if key == CREDENTIALS and isinstance(value, Mapping) and not is_envelope(value):
+            if key == CREDENTIALS and isinstance(value, Mapping) and not looks_like_envelope(value):
                 out[key] = {k: one(f"{CREDENTIALS}.{k}", v, True) for k, v in value.items()}
             else:
                 out[key] = one(key, value, key in fields or key == CREDENTIALS)
@@ -332,36 +385,61 @@ class Vault:
     def seal(
         self, row_uuid: str, data: Mapping[str, Any], secret_fields: Iterable[str] = ()
     ) -> dict[str, Any]:
-        """A copy of ``data`` with every secret field and every value under ``credentials``
-        encrypted; envelopes pass through and None stays None."""
+        """A copy of caller-supplied ``data`` with every secret field and every value under
+        ``credentials`` encrypted; None stays None. A value shaped like an envelope (a
+        mapping with a ``$enc`` member) is refused with InvalidAttrs: only this class makes
+        envelopes."""
         row = _row_id(row_uuid)
+
+        def refuse(field: str, value: Any) -> Any:
+            raise InvalidAttrs(
+                f"Setup field {field!r} holds a mapping with a {ENVELOPE_MARKER!r} member, "
+                "which is reserved for encrypted values.",
+                field=field,
+            )
+
         return self._map(
             data,
             secret_fields,
             secret=lambda field, value: self.seal_value(row, field, value),
-            envelope=lambda field, value: value,
+            envelope=refuse,
+            malformed=refuse,
         )
 
     def unseal(
         self, row_uuid: str, data: Mapping[str, Any], secret_fields: Iterable[str] = ()
     ) -> dict[str, Any]:
-        """A plaintext copy of ``data``: every envelope decrypted, whatever its field, so
-        ``secret_fields`` is accepted only for symmetry with :meth:`seal`.
+        """A plaintext copy of stored ``data``: every envelope decrypted, whatever its field.
 
-        Raises UnknownKey when an envelope's key id is not in the keyring and
-        DecryptionFailed when an envelope was tampered with or moved.
+        Raises UnknownKey when an envelope's key id is not in the keyring, and
+        DecryptionFailed when an envelope was tampered with or moved, when a mapping carries
+        ``$enc`` without being an exact envelope, and, while encryption is on, when a secret
+        field (those of :data:`SECRET_FIELDS`, ``secret_fields`` and every value under
+        ``credentials``) holds anything but an envelope or None: plaintext where an envelope
+        belongs is never returned.
         """
         row = _row_id(row_uuid)
+        strict = self.enabled
+
+        def plaintext(field: str, value: Any) -> Any:
+            if strict:
+                raise _not_an_envelope(field)
+            return value
+
         return self._map(
             data,
             secret_fields,
-            secret=lambda field, value: value,
-            envelope=lambda field, value: self.unseal_value(row, field, value),
+            secret=plaintext,
+            envelope=lambda field, value: self._open(row, field, value),
+            malformed=lambda field, value: _raise(_not_an_envelope(field)),
         )
 
     def seal_value(self, row_uuid: str, field: str, value: Any) -> Any:
-        """One secret value as an envelope bound to the row and field (None stays None)."""
-        if value is None or is_envelope(value):
+        """One secret value as an envelope bound to the row and field (None stays None).
+
+        Whatever the value, even one shaped like an envelope, it is encrypted as a value.
+        """
+        if value is None:
             return value
         if self._encryption == "off":
             if not self._warned:
@@ -370,6 +448,7 @@ class Vault:
                     'encryption="off": secrets are stored in plain text; pass keys= or set '
                     "%s to encrypt them",
                     ENV_KEYS,
+                    extra=telemetry.fields("plaintext_storage", uuid=row_uuid),
                 )
             return value
         if self._keyring is None:
@@ -400,10 +479,19 @@ class Vault:
         return envelope
 
     def unseal_value(self, row_uuid: str, field: str, value: Any) -> Any:
-        """The plaintext of one envelope; any other value is returned unchanged."""
-        if not is_envelope(value):
-            return value
-        row = _row_id(row_uuid)
+        """The plaintext of one envelope. None stays None; a mapping with ``$enc`` that is
+        not an exact envelope raises DecryptionFailed, and so does any other value while
+        encryption is on (this is for fields that hold a secret)."""
+        if value is None:
+            return None
+        if is_envelope(value):
+            return self._open(_row_id(row_uuid), field, value)
+        if self.enabled or looks_like_envelope(value):
+            raise _not_an_envelope(field)
+        return value
+
+    def _open(self, row: str, field: str, value: dict[str, Any]) -> Any:
+        # ``row`` is canonical and ``value`` an exact envelope: both checked by the caller.
         kid: str = value["kid"]
         if value["$enc"] != ENVELOPE_VERSION:
             raise DecryptionFailed(
@@ -420,12 +508,10 @@ class Vault:
                 field=field,
             )
         try:
-            nonce = _b64decode(value["n"])
-            ciphertext = _b64decode(value["ct"])
+            nonce = base64.b64decode(value["n"])
+            ciphertext = base64.b64decode(value["ct"])
             ad = _associated_data(kid, row, field, value.get("hint"))
-            # AESGCM accepts other nonce lengths; ours are always 96 bits.
-            if len(nonce) == NONCE_BYTES:
-                return json.loads(cipher.decrypt(nonce, ciphertext, ad))
+            return json.loads(cipher.decrypt(nonce, ciphertext, ad))
         except (InvalidTag, binascii.Error, ValueError):
             pass
         raise DecryptionFailed(
@@ -451,14 +537,21 @@ class Vault:
             found = found or self.enabled
             return value
 
-        self._map(data, secret_fields, secret=secret, envelope=envelope)
+        def malformed(field: str, value: Any) -> Any:
+            # reseal() refuses it; rotation has to see it to report it.
+            nonlocal found
+            found = True
+            return value
+
+        self._map(data, secret_fields, secret=secret, envelope=envelope, malformed=malformed)
         return found
 
     def reseal(
         self, row_uuid: str, data: Mapping[str, Any], secret_fields: Iterable[str] = ()
     ) -> dict[str, Any]:
         """A copy of ``data`` with every envelope under the primary key: others are
-        re-encrypted, plaintext secrets sealed; envelopes already under it are untouched."""
+        re-encrypted, plaintext secrets sealed; envelopes already under it are untouched.
+        A mapping carrying ``$enc`` that is not an exact envelope raises DecryptionFailed."""
         row = _row_id(row_uuid)
         keyring = self._keyring
 
@@ -466,7 +559,7 @@ class Vault:
             if keyring is not None and value["kid"] == keyring.primary_id:
                 return value
             # Raises UnknownKey for a key id not in the ring, so nothing is ever dropped.
-            plaintext = self.unseal_value(row, field, value)
+            plaintext = self._open(row, field, value)
             assert keyring is not None
             return self._encrypt(keyring, row, field, plaintext)
 
@@ -475,4 +568,5 @@ class Vault:
             secret_fields,
             secret=lambda field, value: self.seal_value(row, field, value),
             envelope=envelope,
+            malformed=lambda field, value: _raise(_not_an_envelope(field)),
         )

@@ -22,6 +22,7 @@ from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from ._errors import InvalidURL, OAuthError, ReauthRequired, RequestFailed, TokenRequestFailed
+from ._input import check_text
 
 __all__ = [
     "TERMINAL_ERROR_CODES",
@@ -134,6 +135,7 @@ def hash_state(state: str) -> str:
     """Return the SHA-256 hex digest of ``state``: what is stored server-side instead of it."""
     if not isinstance(state, str):
         raise TypeError("state must be a str")
+    check_text(state, "state")
     return hashlib.sha256(state.encode("utf-8")).hexdigest()
 
 
@@ -204,7 +206,8 @@ def token_request(
         if name == "scope" and not isinstance(value, str):
             fields[name] = _join_scopes(value, scope_separator) or ""
         elif isinstance(value, str):
-            fields[name] = value
+            # A code or token that cannot be encoded must fail here, typed, not in aiohttp.
+            fields[name] = check_text(value, name)
         else:
             raise TypeError(f"parameter {name!r} must be a str")
     body = str(prepare_token_request(grant_type, **fields))
@@ -293,7 +296,7 @@ def parse_token_response(
     ``TokenRequestFailed`` with ``transient=False``. Messages carry the OAuth error
     code and description, with ``previous_refresh_token`` and ``redact`` values masked.
     """
-    now = _aware(now, "now")
+    now = _aware(now, "now").astimezone(UTC)
     payload = _decode_body(body)
     secrets = [s for s in (previous_refresh_token, *redact) if s]
     error = _error_code(payload)
@@ -495,9 +498,9 @@ def expires_within(expires_at: datetime | None, leeway: float, now: datetime) ->
     """
     if expires_at is None:
         return False
-    expires_at = _aware(expires_at, "expires_at")
-    now = _aware(now, "now")
-    return expires_at - timedelta(seconds=leeway) <= now
+    # Subtracting aware datetimes cannot overflow, whatever year they hold.
+    remaining = _aware(expires_at, "expires_at") - _aware(now, "now")
+    return remaining.total_seconds() <= leeway
 
 
 def refresh_due(
@@ -629,7 +632,7 @@ def backoff_delays(
 def _join_scopes(scopes: Sequence[str] | str, separator: str) -> str | None:
     if isinstance(scopes, str):
         raise TypeError("scopes must be a sequence of str, not a str")
-    cleaned = [s for s in scopes if s]
+    cleaned = [check_text(s, "scope") for s in scopes if s]
     return separator.join(cleaned) if cleaned else None
 
 
@@ -639,6 +642,8 @@ def _check_url(url: str) -> None:
 
 
 def _aware(value: datetime, name: str) -> datetime:
+    # No conversion to UTC: at year 1 or 9999 that can overflow, and aware datetimes
+    # compare and subtract correctly across offsets anyway.
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware")
-    return value.astimezone(UTC)
+    return value

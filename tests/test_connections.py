@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid as uuid_mod
 from typing import Any
 
@@ -24,6 +25,7 @@ from integrations import (
     NotFound,
     Validation,
 )
+from integrations._vault import Keyring, Vault
 
 from .conftest import TEST_KEY
 
@@ -378,11 +380,14 @@ async def test_save_setup_merges_and_keeps_tokens(
         uuid_mod.UUID(conn.uuid),
     )
     assert row is not None
+    token = Vault(Keyring.parse(TEST_KEY)).seal_value(conn.uuid, "access_token", "tok")
     await db.execute(
         """UPDATE integrations.connections
-           SET value_json = value_json || '{"access_token": "tok", "status": "connected"}'
+           SET value_json = value_json || jsonb_build_object('access_token', $2::jsonb)
+                            || '{"status": "connected"}'
            WHERE uuid = $1""",
         uuid_mod.UUID(conn.uuid),
+        json.dumps(token),
     )
     await integ.save_setup(conn.uuid, {"client_id": "cid2"})
     creds = await integ.get_credentials(conn.uuid)

@@ -56,6 +56,20 @@ def test_a_bad_schema_name_is_refused_at_configuration() -> None:
         Integrations("postgresql://unused", schema="x; DROP TABLE y")
 
 
+@pytest.mark.parametrize("schema", ["information_schema", "pg_catalog", "pg_toast", "pg_x"])
+def test_a_system_schema_is_refused_at_configuration(schema: str) -> None:
+    with pytest.raises(integrations.ConfigurationError) as info:
+        Integrations("postgresql://unused", schema=schema)
+    assert info.value.code == "configuration"
+    assert repr(schema) in info.value.message
+    assert "system schema" in info.value.message
+
+
+@pytest.mark.parametrize("schema", ["integrations", "pgx", "my_pg_schema", "information"])
+def test_ordinary_schema_names_are_accepted(schema: str) -> None:
+    Integrations("postgresql://unused", schema=schema)
+
+
 def test_concurrent_migrations_from_several_processes(empty_db: str) -> None:
     script = textwrap.dedent(
         f"""

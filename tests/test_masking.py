@@ -230,6 +230,16 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         assert result.rotated == len(SETUPS) + 1
         stored += await stored_texts(db)
 
+        # The operator calls: tokens from elsewhere, a sweep of checks, a diagnosis.
+        google = SETUPS["google"]
+        tokens = {"access_token": google["access_token"], "refresh_token": google["refresh_token"]}
+        imported = await rotating.import_tokens(uuids["google"], tokens, actor="admin")
+        assert_masked(record("import_tokens", imported).data)
+        with aioresponses():
+            record("check_all", await rotating.check_all(provider="openai"))
+        record("diagnose", await integ.diagnose())
+        stored += await stored_texts(db)
+
         # Forced error paths, each with a marker in play.
         await expect(UnknownKey, integ.get_credentials(uuids["openai"]))
         await expect(
@@ -254,7 +264,14 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
             uuid_mod.UUID(uuids["openai"]),
         )
         await expect(DecryptionFailed, rotating.get_credentials("openai:legacy"))
-        await expect(UnknownKey, integ.rotate_keys())
+        # A forged envelope carrying a marker is refused without echoing it.
+        await expect(
+            InvalidField,
+            rotating.save_setup(uuids["openai"], {"api_key": {"$enc": 1, "kid": MARKERS[0]}}),
+        )
+        # Rows under a key this instance lacks are skipped and reported, by uuid only.
+        skipped = record("rotate_keys", await integ.rotate_keys())
+        assert skipped.undecryptable
         # A database error while a secret is being written: the driver's detail quotes
         # the failing row, which only ever holds sealed values.
         await db.execute(
@@ -286,6 +303,8 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
 
     # Every public method ran, here or (the OAuth ones) in the test below.
     exercised |= OAUTH_METHODS
+    # The sweep's log records and events are checked for markers in tests/test_sweep.py.
+    exercised.add("run_health_sweeps")
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 

@@ -8,6 +8,7 @@ import json
 import random
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import aiohttp
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from integrations import oauth
 from integrations._errors import (
+    InvalidInput,
     InvalidURL,
     OAuthError,
     ReauthRequired,
@@ -89,12 +91,52 @@ def test_generated_verifiers_always_yield_valid_challenges(_: int) -> None:
     assert oauth.code_challenge(verifier) != oauth.code_challenge(oauth.generate_code_verifier())
 
 
-@given(st.text(min_size=1))
+@given(st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1))
 def test_hash_state_is_sha256_hex_and_never_the_state(state: str) -> None:
     hashed = oauth.hash_state(state)
     assert hashed == hashlib.sha256(state.encode()).hexdigest()
     assert re.fullmatch(r"[0-9a-f]{64}", hashed)
     assert hashed != state
+
+
+@pytest.mark.parametrize("state", ["st\x00ate", "\ud800", "a\udfffb"])
+def test_hash_state_refuses_nul_and_lone_surrogates_as_invalid(state: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        oauth.hash_state(state)
+    assert info.value.code == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"code": "c\x00de", "redirect_uri": "https://app.test/cb"}, "code"),
+        ({"code": "\ud800", "redirect_uri": "https://app.test/cb"}, "code"),
+        ({"code": "c", "redirect_uri": "https://app.test/cb", "scope": ["a", "b\udc00"]}, "scope"),
+    ],
+)
+def test_token_request_refuses_text_that_cannot_be_sent(params: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        oauth.token_request(
+            "authorization_code",
+            token_url="https://auth.test/token",
+            client_id="cid",
+            client_secret="secret",
+            auth_method="client_secret_post",
+            **params,
+        )
+    assert info.value.context["field"] == field
+
+
+def test_expiry_checks_do_not_overflow_at_the_ends_of_time() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    plus14 = timezone(timedelta(hours=14))
+    minus14 = timezone(timedelta(hours=-14))
+    first = datetime(1, 1, 1, tzinfo=plus14)
+    last = datetime(9999, 12, 31, 23, 59, tzinfo=minus14)
+    assert oauth.expires_within(first, 3600, now)
+    assert not oauth.expires_within(last, 3600, now)
+    assert oauth.refresh_due(first, datetime(1, 1, 1, tzinfo=UTC), 3600, now)
+    assert not oauth.refresh_due(last, first, 10**9, now)
 
 
 # --- authorization URL -------------------------------------------------------------

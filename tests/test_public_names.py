@@ -9,10 +9,13 @@ from pathlib import Path
 
 import integrations
 
+# Subpackages loaded on demand (the command line, the console): attributes once imported.
+ON_DEMAND = {"cli", "web"}
+
 
 def test_public_names_are_exactly_all() -> None:
     public = {name for name in dir(integrations) if not name.startswith("_")}
-    assert public == set(integrations.__all__)
+    assert public - ON_DEMAND == set(integrations.__all__)
 
 
 def test_a_fresh_import_exposes_no_stray_names() -> None:

@@ -22,6 +22,8 @@ from .conftest import TEST_KEY
 from .oauth_server import ServerProcess
 from .oauthkit import connect, open_integrations
 
+pytestmark = pytest.mark.slow
+
 CHILD = Path(__file__).resolve().parent / "refresh_child.py"
 WORKERS = 4
 PER_WORKER = 25

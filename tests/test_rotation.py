@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import time
 import uuid as uuid_mod
@@ -324,37 +325,86 @@ async def test_a_slow_refresh_does_not_make_key_rotation_cause_lock_timeouts(
 # -- refusals -------------------------------------------------------------------------------
 
 
-async def test_rotate_keys_with_a_key_missing_from_the_ring_raises_unknown_key(
-    old: Integrations, new_only: Integrations, db: asyncpg.Connection
+async def test_rotate_keys_skips_and_reports_rows_under_a_key_missing_from_the_ring(
+    old: Integrations,
+    new_only: Integrations,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     uuids = await add_all(old)
     before = await stored_texts(db)
-    with pytest.raises(UnknownKey) as info:
-        await new_only.rotate_keys()
-    assert info.value.code == "unknown_key"
-    assert OLD_KID in str(info.value)
-    assert info.value.context["kid"] == OLD_KID
-    assert info.value.context["uuid"] in uuids.values()
-    assert info.value.context["uuid"] in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="integrations"):
+        result = await new_only.rotate_keys()
+    assert result.done
+    assert result.rotated == 0
+    assert sorted(result.undecryptable) == sorted(uuids.values())
+    assert result.undecryptable_pending == ()
+    logged = caplog.text
+    assert OLD_KID in logged
+    assert all(row_uuid in logged for row_uuid in uuids.values())
     # Nothing dropped: every row still decrypts with the old key.
     assert await stored_texts(db) == before
     for provider, row_uuid in uuids.items():
         assert_contains(await old.get_credentials(row_uuid), expected_plain(provider))
 
 
-async def test_rotate_keys_with_an_unknown_pkce_verifier_key_raises_unknown_key(
+async def test_rotate_keys_rotates_the_rest_around_a_forged_row(
+    old: Integrations, both: Integrations, db: asyncpg.Connection, fresh_db: str
+) -> None:
+    good = []
+    for index in range(5):
+        conn = await old.add_connection("openai", f"good-{index}")
+        await old.save_setup(conn.uuid, {"api_key": f"sk-good-{index}-0123456789abcdef"})
+        good.append(conn.uuid)
+    forged = await old.add_connection("openai", "forged")
+    envelope = Vault(Keyring.parse(OLD_KEY)).seal_value(forged.uuid, "api_key", "x" * 20)
+    await db.execute(
+        """UPDATE integrations.connections
+           SET value_json = value_json || jsonb_build_object('api_key', $2::text::jsonb)
+           WHERE uuid = $1""",
+        uuid_mod.UUID(forged.uuid),
+        json.dumps({**envelope, "kid": "deadbeef"}),
+    )
+    forged_before = await db.fetchval(
+        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(forged.uuid),
+    )
+    seen: list[RotationProgress] = []
+    result = await both.rotate_keys(progress=seen.append)
+    assert result.done
+    assert result.rotated == 5
+    assert result.undecryptable == (forged.uuid,)
+    assert seen[-1].undecryptable == (forged.uuid,)
+    assert all(OLD_KID not in t for t in await stored_texts(db) if "deadbeef" not in t)
+    async with Integrations(fresh_db, keys=NEW_KEY) as new_only:
+        for index, row_uuid in enumerate(good):
+            creds = await new_only.get_credentials(row_uuid)
+            assert creds["api_key"] == f"sk-good-{index}-0123456789abcdef"
+        with pytest.raises(UnknownKey):
+            await new_only.get_credentials(forged.uuid)
+    assert forged_before == await db.fetchval(
+        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(forged.uuid),
+    )
+
+
+async def test_rotate_keys_skips_and_reports_an_unknown_pkce_verifier_key(
     both: Integrations, db: asyncpg.Connection
 ) -> None:
     conn = await both.add_connection("google", "default")
     lost = generate_key()
     state_hash = await add_pending(db, conn.uuid, "pkce-verifier-lost-key", key=lost)
-    with pytest.raises(UnknownKey) as info:
-        await both.rotate_keys()
-    assert lost.split(":")[1] in str(info.value)
-    assert info.value.context["state_hash"] == state_hash
+    kept = await add_pending(db, conn.uuid, "pkce-verifier-old-key")
+    result = await both.rotate_keys()
+    assert result.undecryptable_pending == (state_hash,)
+    assert result.undecryptable == ()
+    assert result.rotated == 1
+    texts = await stored_texts(db)
+    assert any(lost.split(":")[1] in t for t in texts)
+    assert not any(OLD_KID in t for t in texts), kept
 
 
-async def test_rotate_keys_refuses_a_tampered_envelope(
+async def test_rotate_keys_skips_a_tampered_envelope(
     old: Integrations, both: Integrations, db: asyncpg.Connection
 ) -> None:
     conn = await old.add_connection("openai", "default")
@@ -370,9 +420,12 @@ async def test_rotate_keys_refuses_a_tampered_envelope(
         uuid_mod.UUID(conn.uuid),
         uuid_mod.UUID(other.uuid),
     )
-    with pytest.raises(DecryptionFailed) as info:
-        await both.rotate_keys()
-    assert conn.uuid in str(info.value)
+    result = await both.rotate_keys()
+    assert result.undecryptable == (conn.uuid,)
+    assert result.rotated == 1
+    with pytest.raises(DecryptionFailed):
+        await both.get_credentials(conn.uuid)
+    assert (await both.get_credentials(other.uuid))["api_key"] == "sk-tamper-other-0123456789"
 
 
 async def test_rotate_keys_without_keys_is_encryption_not_configured(

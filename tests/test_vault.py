@@ -18,6 +18,7 @@ from integrations._errors import (
     CryptoError,
     DecryptionFailed,
     EncryptionNotConfigured,
+    InvalidAttrs,
     UnknownKey,
 )
 from integrations._vault import (
@@ -261,12 +262,25 @@ def test_seal_does_not_mutate_its_input(vault: Vault) -> None:
     assert data == before
 
 
-def test_seal_passes_existing_envelopes_through_untouched(vault: Vault) -> None:
+def test_seal_refuses_envelopes_in_caller_data(vault: Vault) -> None:
     sealed = vault.seal(ROW, {**oauth_data(), "credentials": {"k": "v"}})
-    again = vault.seal(ROW, sealed)
-    assert again == sealed
-    assert again["access_token"] is sealed["access_token"]
-    assert again["credentials"]["k"] is sealed["credentials"]["k"]
+    for data in (
+        {"access_token": sealed["access_token"]},
+        {"credentials": {"k": sealed["credentials"]["k"]}},
+        {"note": sealed["access_token"]},
+        {"note": {"$enc": 1.0}},
+    ):
+        with pytest.raises(InvalidAttrs) as info:
+            vault.seal(ROW, data)
+        assert "$enc" in info.value.message
+        assert sealed["access_token"]["ct"] not in str(info.value)
+
+
+def test_seal_value_encrypts_an_envelope_shaped_value_as_a_value(vault: Vault) -> None:
+    inner = vault.seal_value(ROW, "api_key", MARKER)
+    outer = vault.seal_value(ROW, "api_key", inner)
+    assert outer is not inner and outer["n"] != inner["n"]
+    assert vault.unseal_value(ROW, "api_key", outer) == inner
 
 
 def test_sealing_twice_uses_fresh_nonces(vault: Vault) -> None:
@@ -301,8 +315,15 @@ def test_pkce_verifier_seals_as_a_single_value(vault: Vault) -> None:
         vault.unseal_value(ROW, "access_token", sealed)
 
 
-def test_unseal_value_returns_plaintext_unchanged(vault: Vault) -> None:
-    assert vault.unseal_value(ROW, "api_key", MARKER) == MARKER
+def test_unseal_value_refuses_plaintext_while_encryption_is_on(vault: Vault) -> None:
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal_value(ROW, "api_key", MARKER)
+    assert MARKER not in str(info.value)
+    assert vault.unseal_value(ROW, "api_key", None) is None
+
+
+def test_unseal_value_returns_plaintext_unchanged_while_encryption_is_off() -> None:
+    assert Vault(None, encryption="off").unseal_value(ROW, "api_key", MARKER) == MARKER
 
 
 def test_credentials_that_are_not_a_map_are_sealed_whole(vault: Vault) -> None:
@@ -355,9 +376,14 @@ def test_is_envelope_is_strict_about_shape(value: object) -> None:
     assert not is_envelope(value)
 
 
-def test_a_credential_map_value_shaped_almost_like_an_envelope_round_trips(vault: Vault) -> None:
-    value = {"$enc": "user data", "kid": "abcd1234"}
-    data = {"credentials": {"blob": value}}
+def test_a_credential_map_value_shaped_almost_like_an_envelope_is_refused(vault: Vault) -> None:
+    data = {"credentials": {"blob": {"$enc": "user data", "kid": "abcd1234"}}}
+    with pytest.raises(InvalidAttrs):
+        vault.seal(ROW, data)
+
+
+def test_a_credential_map_value_nesting_a_lookalike_deeper_round_trips(vault: Vault) -> None:
+    data = {"credentials": {"blob": {"inner": {"$enc": "user data"}}}}
     sealed = vault.seal(ROW, data)
     assert is_envelope(sealed["credentials"]["blob"])
     assert vault.unseal(ROW, sealed) == data
@@ -576,7 +602,12 @@ def test_encryption_on_without_keyring_still_handles_plaintext_data() -> None:
         "status": "connected",
         "api_key": None,
     }
-    assert vault.unseal(ROW, oauth_data()) == oauth_data()
+    assert vault.unseal(ROW, {"status": "connected", "api_key": None}) == {
+        "status": "connected",
+        "api_key": None,
+    }
+    with pytest.raises(DecryptionFailed):
+        vault.unseal(ROW, oauth_data())
 
 
 def test_encryption_off_stores_plaintext_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:

@@ -68,6 +68,13 @@ FROM {schema}.connections
 WHERE owner = $1 AND key LIKE ANY ($2::text[])
 ORDER BY key;
 
+-- name: list_every_owner
+-- $1 text LIKE pattern (escaped prefix followed by %); rows of every owner
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE key LIKE $1
+ORDER BY key, owner;
+
 -- name: update_value
 -- $1 uuid, $2 text value_json
 UPDATE {schema}.connections
@@ -201,6 +208,12 @@ SET code_verifier = v.code_verifier::jsonb
 FROM unnest($1::text[], $2::text[]) AS v (state_hash, code_verifier)
 WHERE p.state_hash = v.state_hash;
 
+-- name: begin_write
+-- Opens an ordinary write transaction whose lock waits give up after {lock_timeout}
+-- (filled in by the repository with a number of milliseconds, never with input), in one
+-- round trip; transaction-local, so safe behind PgBouncer
+BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'
+
 -- name: set_refresh_timeouts
 -- $1 text lock_timeout, $2 text idle_in_transaction_session_timeout (e.g. '30000ms');
 -- both end with the surrounding transaction, so they are safe behind PgBouncer
@@ -241,3 +254,25 @@ RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
 -- name: delete_expired_pending_authorizations
 -- no parameters
 DELETE FROM {schema}.pending_authorizations WHERE expires_at <= now();
+
+-- name: sweep_candidates
+-- $1 uuid: the last one of the previous page (keyset pagination), $2 int page size.
+-- Connections a health sweep may check or refresh: configured ones; the sweep decides the rest.
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE uuid > $1 AND value_json ->> 'status' IN ('connected', 'error')
+ORDER BY uuid
+LIMIT $2;
+
+-- name: try_advisory_lock
+-- $1 bigint lock id; session-level: held until unlocked or the connection ends.
+SELECT pg_try_advisory_lock($1);
+
+-- name: advisory_unlock
+-- $1 bigint lock id
+SELECT pg_advisory_unlock($1);
+
+-- name: advisory_lock_held
+-- no parameters; a round trip on the session holding the lock: a session-level advisory
+-- lock lasts as long as its session, so an answer means it is still held.
+SELECT true;

@@ -1,0 +1,138 @@
+"""Credential checks of many connections at once, with bounded concurrency, as one report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import _names as names
+from ._errors import IntegrationsError
+from ._events import ALL_OWNERS, OwnerScope
+from ._models import Validation
+
+if TYPE_CHECKING:
+    from ._checks import Checks
+    from ._core import Core
+
+__all__ = ["CheckItem", "CheckReport", "CheckTarget", "check_all", "run_checks"]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckTarget:
+    """A connection to check: who it is, never its credentials."""
+
+    uuid: str
+    provider: str
+    name: str
+    owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckItem:
+    """The outcome of one connection's check; ``duration`` in seconds."""
+
+    uuid: str
+    provider: str
+    name: str
+    owner: str | None
+    ok: bool
+    message: str
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """What ``check_all()`` found, one item per connection in provider, owner, name order."""
+
+    items: tuple[CheckItem, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed (an empty report too)."""
+        return all(item.ok for item in self.items)
+
+    @property
+    def failed(self) -> tuple[CheckItem, ...]:
+        return tuple(item for item in self.items if not item.ok)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+Validate = Callable[[CheckTarget], Awaitable[Validation]]
+
+
+async def run_checks(
+    targets: Iterable[CheckTarget], validate: Validate, *, concurrency: int = 8
+) -> CheckReport:
+    """Run ``validate`` on every target, at most ``concurrency`` at a time.
+
+    A library error while checking one connection (a secret the keys cannot decrypt, a
+    connection removed meanwhile) fails that item with the error's message; the others
+    still run.
+    """
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError("concurrency must be a positive integer")
+    ordered = sorted(targets, key=lambda t: (t.provider, t.owner or "", t.name, t.uuid))
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(target: CheckTarget) -> CheckItem:
+        async with gate:
+            started = time.monotonic()
+            try:
+                result = await validate(target)
+                ok, message = result.ok, result.message
+            except IntegrationsError as exc:
+                ok, message = False, exc.message
+            return CheckItem(
+                uuid=target.uuid,
+                provider=target.provider,
+                name=target.name,
+                owner=target.owner,
+                ok=ok,
+                message=message,
+                duration=round(time.monotonic() - started, 3),
+            )
+
+    items = await asyncio.gather(*(one(target) for target in ordered))
+    return CheckReport(items=tuple(items))
+
+
+async def check_all(
+    core: Core,
+    checks: Checks,
+    *,
+    provider: str | None,
+    concurrency: int,
+    record: bool,
+    owner: OwnerScope,
+) -> CheckReport:
+    """Every connection of ``provider`` (all when None) in ``owner``'s scope, checked.
+
+    With ``record`` each outcome is recorded as ``validate_connection`` does; otherwise
+    nothing about the check is written (an OAuth token may still be renewed first).
+    """
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError("concurrency must be a positive integer")
+    prefix = names.storage_key(core.providers.get(provider).key, "") if provider else None
+    if owner is ALL_OWNERS:
+        rows = await core.repo.list_every_owner(prefix or names.KEY_PREFIX)
+    else:
+        rows = await core.repo.list_by_prefixes(
+            names.check_owner(owner), [prefix or names.KEY_PREFIX]
+        )
+    by_uuid = {row.uuid: row for row in rows}
+
+    async def validate(target: CheckTarget) -> Validation:
+        if record:
+            return await checks.validate_connection(target.uuid, actor=None, owner=ALL_OWNERS)
+        return await checks.probe(by_uuid[target.uuid])
+
+    targets = [
+        CheckTarget(row.uuid, names.provider_of_key(row.key), names.name_of_key(row.key), row.owner)
+        for row in rows
+    ]
+    return await run_checks(targets, validate, concurrency=concurrency)

@@ -1,0 +1,355 @@
+"""Health sweep: one process per fleet re-checks stale connections and renews idle tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import uuid as uuid_mod
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from . import _telemetry as telemetry
+from ._errors import IntegrationsError, LifecycleError, StorageError
+from ._events import ALL_OWNERS
+from ._models import utcnow
+from ._record import StoredRow
+from ._repository import Leadership
+from ._services import Services
+from ._tokens import parse_time
+
+__all__ = ["SWEEP_ACTOR", "HealthSweep", "SweepCallback", "SweepReport", "check_sweep_options"]
+
+log = logging.getLogger("integrations")
+
+#: The ``actor`` of the checks a sweep records (it shows in their ``validated`` events).
+SWEEP_ACTOR = "health_sweep"
+#: What the advisory lock is taken for (its id also depends on the schema).
+LOCK_PURPOSE = "health-sweep"
+_PAGE = 200
+_FIRST_UUID = str(uuid_mod.UUID(int=0))
+
+Job = Literal["check", "refresh"]
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What one sweep did; handed to ``on_sweep`` after each one.
+
+    ``examined`` connections were configured; ``checked`` of them were checked (their
+    last check older than ``stale_after``), ``check_failures`` of those checks failed;
+    ``refreshed`` OAuth tokens close to expiry were renewed ahead of use,
+    ``refresh_failures`` of the renewals failed; ``errors`` jobs raised (a database
+    error, say) and are tried again next sweep.
+    """
+
+    started_at: datetime
+    finished_at: datetime
+    examined: int = 0
+    checked: int = 0
+    check_failures: int = 0
+    refreshed: int = 0
+    refresh_failures: int = 0
+    errors: int = 0
+
+
+SweepCallback = Callable[[SweepReport], object]
+
+
+def _seconds(name: str, value: object, *, positive: bool) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or a timedelta")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise ValueError(f"{name} must be {'positive' if positive else 'zero or more'}")
+    return seconds
+
+
+def check_sweep_options(
+    *,
+    interval: object,
+    stale_after: object,
+    concurrency: object,
+    per_provider_interval: object,
+    refresh_ahead: object,
+    on_sweep: object,
+) -> tuple[float, float, int, float, float | None]:
+    """The sweep's options in seconds; TypeError/ValueError for a bad one."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+        raise TypeError("concurrency must be an int")
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if on_sweep is not None and not callable(on_sweep):
+        raise TypeError("on_sweep must be a callable taking a SweepReport")
+    return (
+        _seconds("interval", interval, positive=True),
+        _seconds("stale_after", stale_after, positive=False),
+        concurrency,
+        _seconds("per_provider_interval", per_provider_interval, positive=False),
+        None if refresh_ahead is None else _seconds("refresh_ahead", refresh_ahead, positive=False),
+    )
+
+
+class HealthSweep:
+    """Runs a sweep every ``interval`` seconds while this process holds the fleet's lock.
+
+    The lock is a session-level PostgreSQL advisory lock on a pooled connection kept for
+    it: processes that do not hold it try again every ``interval``, and a leader that
+    dies (its session ends) lets the next one in at its next try.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        interval: float,
+        stale_after: float,
+        concurrency: int,
+        per_provider_interval: float,
+        refresh_ahead: float | None,
+        on_sweep: SweepCallback | None,
+    ) -> None:
+        self._services = services
+        self._core = services.core
+        self.interval = interval
+        self.stale_after = timedelta(seconds=stale_after)
+        self.concurrency = concurrency
+        self.per_provider_interval = per_provider_interval
+        # Tokens that would expire before the next sweep (and its checks) are renewed now.
+        ahead = interval + services.tokens.policy.leeway if refresh_ahead is None else refresh_ahead
+        self.refresh_ahead = timedelta(seconds=ahead)
+        self._on_sweep = on_sweep
+        self._stop = asyncio.Event()
+        self._done = asyncio.Event()
+        self._pace: dict[str, float] = {}
+        self._pace_locks: dict[str, asyncio.Lock] = {}
+        self.leading = False
+
+    # -- leadership -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sweep while leading, wait while not; returns once ``stop()`` is called."""
+        try:
+            await self._run()
+        finally:
+            self._done.set()
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            lead = await self._try_lead()
+            if lead is None:
+                await self._pause(self.interval)
+                continue
+            try:
+                self.leading = True
+                log.info(
+                    "health sweep: this process leads the fleet's sweeps",
+                    extra=telemetry.fields("sweep_leading"),
+                )
+                await self._lead(lead)
+            finally:
+                self.leading = False
+                await lead.release()
+            if not self._stop.is_set():
+                log.warning(
+                    "health sweep: the lock's database session ended; trying to lead again",
+                    extra=telemetry.fields("sweep_lead_lost"),
+                )
+
+    async def stop(self) -> None:
+        """Make ``run()`` return, and wait for it: a sweep in progress is cancelled and
+        the lock's connection handed back to the pool."""
+        self._stop.set()
+        await self._done.wait()
+
+    async def _try_lead(self) -> Leadership | None:
+        try:
+            return await self._core.repo.try_lead(LOCK_PURPOSE)
+        except StorageError as exc:
+            log.warning(
+                "health sweep: could not reach the database (%s); trying again in %gs",
+                exc.code,
+                self.interval,
+                extra=telemetry.fields("sweep_database_unreachable"),
+            )
+            return None
+
+    async def _pause(self, seconds: float, lead: Leadership | None = None) -> None:
+        """Wait ``seconds``, less when stopped or when the lock's session ends."""
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if lead is not None:
+            waits.append(asyncio.ensure_future(lead.lost.wait()))
+        try:
+            await asyncio.wait(waits, timeout=max(seconds, 0.0))
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+
+    async def _lead(self, lead: Leadership) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set() and await lead.confirm():
+            started = loop.time()
+            sweep = asyncio.ensure_future(self.sweep_once())
+            stopping = asyncio.ensure_future(self._stop.wait())
+            lost = asyncio.ensure_future(lead.lost.wait())
+            try:
+                await asyncio.wait({sweep, stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                lost.cancel()
+                if not sweep.done():
+                    # Stopped, or no longer the leader: another process may sweep now.
+                    sweep.cancel()
+                    await asyncio.wait({sweep})
+            if sweep.cancelled():
+                return
+            try:
+                report = sweep.result()
+            except LifecycleError:
+                return
+            except IntegrationsError as exc:
+                log.warning(
+                    "health sweep failed (%s); trying again in %gs",
+                    exc.code,
+                    self.interval,
+                    extra=telemetry.fields("sweep_failed"),
+                )
+            else:
+                await self._report(report)
+            await self._pause(self.interval - (loop.time() - started), lead)
+
+    async def _report(self, report: SweepReport) -> None:
+        log.info(
+            "health sweep: %d examined, %d checked (%d failed), %d tokens renewed "
+            "(%d failed), %d errors",
+            report.examined,
+            report.checked,
+            report.check_failures,
+            report.refreshed,
+            report.refresh_failures,
+            report.errors,
+            extra=telemetry.fields("sweep_done"),
+        )
+        if self._on_sweep is not None:
+            try:
+                result = self._on_sweep(report)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                # The application's callback must not end the sweeps.
+                log.warning(
+                    "health sweep: on_sweep raised %s",
+                    type(exc).__name__,
+                    extra=telemetry.fields("sweep_callback_failed"),
+                )
+
+    # -- one sweep ------------------------------------------------------------------------
+
+    async def sweep_once(self) -> SweepReport:
+        """Check every configured connection whose last check is older than
+        ``stale_after`` and renew OAuth tokens that expire within ``refresh_ahead``."""
+        started = utcnow()
+        counts = {
+            "examined": 0,
+            "checked": 0,
+            "check_failures": 0,
+            "refreshed": 0,
+            "refresh_failures": 0,
+            "errors": 0,
+        }
+        slots = asyncio.Semaphore(self.concurrency)
+        with telemetry.span("integrations.health_sweep") as span:
+            after = _FIRST_UUID
+            while True:
+                rows = await self._core.repo.sweep_candidates(after, _PAGE)
+                if not rows:
+                    break
+                after = rows[-1].uuid
+                counts["examined"] += len(rows)
+                now = utcnow()
+                jobs = [(row, job) for row in rows if (job := self._due(row, now)) is not None]
+                await asyncio.gather(*(self._run_job(row, job, slots, counts) for row, job in jobs))
+                if len(rows) < _PAGE:
+                    break
+            for name, value in counts.items():
+                span.set_attribute(f"integrations.sweep.{name}", value)
+        telemetry.record_sweep(counts)
+        return SweepReport(started_at=started, finished_at=utcnow(), **counts)
+
+    def _due(self, row: StoredRow, now: datetime) -> Job | None:
+        provider = self._core.provider_of(row)
+        if provider is None or row.data.get("reauth_required"):
+            # Unknown providers cannot be checked; a grant that needs its user stays as is.
+            return None
+        last = parse_time(row.data.get("last_validated_at"))
+        if last is None or now - last >= self.stale_after:
+            return "check"
+        if (
+            provider.auth_type == "oauth2"
+            and row.data.get("refresh_token")
+            and not row.data.get("refresh_error")
+        ):
+            expires_at = parse_time(row.data.get("expires_at"))
+            if expires_at is not None and expires_at - now <= self.refresh_ahead:
+                return "refresh"
+        return None
+
+    async def _paced(self, provider: str) -> None:
+        """Space the start of one provider's jobs ``per_provider_interval`` apart."""
+        if self.per_provider_interval <= 0:
+            return
+        lock = self._pace_locks.setdefault(provider, asyncio.Lock())
+        async with lock:
+            loop = asyncio.get_running_loop()
+            wait = self._pace.get(provider, 0.0) - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._pace[provider] = loop.time() + self.per_provider_interval
+
+    async def _run_job(
+        self, row: StoredRow, job: Job, slots: asyncio.Semaphore, counts: dict[str, int]
+    ) -> None:
+        await self._paced(row.provider)
+        async with slots:
+            try:
+                if job == "check":
+                    result = await self._services.checks.validate_connection(
+                        row.uuid, actor=SWEEP_ACTOR, owner=ALL_OWNERS
+                    )
+                    counts["checked"] += 1
+                    if not result.ok:
+                        counts["check_failures"] += 1
+                else:
+                    await self._refresh(row, counts)
+            except LifecycleError:
+                raise
+            except IntegrationsError as exc:
+                counts["errors"] += 1
+                log.warning(
+                    "health sweep: %s of connection %s raised %s",
+                    job,
+                    row.uuid,
+                    exc.code,
+                    extra=telemetry.fields(
+                        "sweep_job_failed", uuid=row.uuid, provider=row.provider, owner=row.owner
+                    ),
+                )
+
+    async def _refresh(self, row: StoredRow, counts: dict[str, int]) -> None:
+        provider = self._core.require_provider(row)
+        try:
+            # The refresher re-reads the row under its lock: a token another process
+            # renewed meanwhile is kept, with no token request.
+            await self._services.tokens.refresh(row, provider)
+        except IntegrationsError as exc:
+            if isinstance(exc, LifecycleError | StorageError):
+                raise
+            # Recorded on the connection (and its event sent) by the refresher.
+            counts["refresh_failures"] += 1
+            return
+        counts["refreshed"] += 1

@@ -1,0 +1,510 @@
+"""Optional OpenTelemetry spans and metrics, and the structured fields of every log record."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+from urllib.parse import parse_qs
+
+__all__ = [
+    "ENABLED",
+    "LOG_FIELDS",
+    "Row",
+    "SpanLike",
+    "annotate",
+    "check_span",
+    "count_attempt",
+    "count_event_dropped",
+    "count_resync",
+    "fields",
+    "grant_type_of",
+    "instruments",
+    "log_scope",
+    "pool_wait",
+    "record_cache",
+    "record_callers",
+    "record_sweep",
+    "request_span",
+    "span",
+    "token_span",
+]
+
+
+def _api_installed() -> bool:
+    # ``opentelemetry`` is a namespace shared by many distributions: look for the API's
+    # ``trace`` package in it without importing anything.
+    spec = importlib.util.find_spec("opentelemetry")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(os.path.isdir(os.path.join(p, "trace")) for p in spec.submodule_search_locations)
+
+
+#: Whether ``opentelemetry-api`` is installed; looked up once, nothing of it imported here.
+ENABLED: Final = _api_installed()
+
+#: The ``extra`` fields every log record of the library carries (None when not applicable).
+LOG_FIELDS: Final = (
+    "integrations_uuid",
+    "integrations_provider",
+    "integrations_owner",
+    "integrations_event_kind",
+)
+
+SCOPE: Final = "integrations"
+
+Kind = Literal["internal", "client"]
+
+# The connection the current task works for: log records made deeper down (HTTP retries)
+# name it without every layer passing it along.
+_LOG_SCOPE: ContextVar[tuple[str, str, str | None] | None] = ContextVar(
+    "integrations_log_scope", default=None
+)
+# HTTP attempts of the authenticated request in progress (a one-item list, shared with the
+# sending code); None outside one, so token and userinfo calls are not counted.
+_ATTEMPTS: ContextVar[list[int] | None] = ContextVar("integrations_attempts", default=None)
+
+# An OAuth error code is an RFC 6749 token; anything else from a server is not repeated.
+_OAUTH_ERROR = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+
+
+class Row(Protocol):
+    """What telemetry reads of a stored connection: never its data."""
+
+    @property
+    def uuid(self) -> str: ...
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def owner(self) -> str | None: ...
+
+
+class SpanLike(Protocol):
+    """What the library does with a span: attributes only."""
+
+    def set_attribute(self, key: str, value: Any) -> None: ...
+
+
+class _NoSpan:
+    __slots__ = ()
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+
+_NO_SPAN: Final = _NoSpan()
+_NO_CONTEXT: Final = contextlib.nullcontext(_NO_SPAN)
+
+
+# -- logs --------------------------------------------------------------------------------
+
+
+def fields(
+    kind: str,
+    *,
+    uuid: str | None = None,
+    provider: str | None = None,
+    owner: str | None = None,
+) -> dict[str, Any]:
+    """The ``extra=`` of a log record: the connection concerned (when there is one) and a
+    stable name for what happened. Unset parts come from the connection in scope."""
+    scope = _LOG_SCOPE.get()
+    if scope is not None and uuid is None:
+        uuid, provider, owner = scope[0], provider or scope[1], scope[2]
+    return {
+        "integrations_uuid": uuid,
+        "integrations_provider": provider,
+        "integrations_owner": owner,
+        "integrations_event_kind": kind,
+    }
+
+
+@contextlib.contextmanager
+def log_scope(row: Row) -> Iterator[None]:
+    """Name ``row`` in the log records made inside the block."""
+    token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
+    try:
+        yield
+    finally:
+        _LOG_SCOPE.reset(token)
+
+
+# -- OpenTelemetry -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Instruments:
+    tracer: Any
+    client_kind: Any
+    internal_kind: Any
+    http_duration: Any
+    token_requests: Any
+    callers: Any
+    checks: Any
+    events_dropped: Any
+    resyncs: Any
+    pool_wait: Any
+    cache: Any
+    sweeps: Any
+    sweep_jobs: Any
+
+
+_instruments: _Instruments | None = None
+
+
+def _otel() -> _Instruments:
+    """The tracer and instruments, made on first use (the API's proxies follow a provider
+    configured later)."""
+    global _instruments
+    if _instruments is None:
+        _instruments = instruments()
+    return _instruments
+
+
+def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Instruments:
+    """The tracer and instruments of the given providers (the global ones by default)."""
+    from opentelemetry import metrics, trace
+
+    meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
+    return _Instruments(
+        tracer=trace.get_tracer(SCOPE, tracer_provider=tracer_provider),
+        client_kind=trace.SpanKind.CLIENT,
+        internal_kind=trace.SpanKind.INTERNAL,
+        http_duration=meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of authenticated requests, retries included.",
+        ),
+        token_requests=meter.create_counter(
+            "integrations.token.requests",
+            unit="{request}",
+            description="Token endpoint calls by provider, grant type and outcome.",
+        ),
+        callers=meter.create_histogram(
+            "integrations.token.callers",
+            unit="{caller}",
+            description="Callers served by one token refresh that asked the endpoint.",
+        ),
+        checks=meter.create_counter(
+            "integrations.checks",
+            unit="{check}",
+            description="Credential checks by provider and outcome.",
+        ),
+        events_dropped=meter.create_counter(
+            "integrations.events.dropped",
+            unit="{event}",
+            description="Events dropped: a full subscription queue or a malformed payload.",
+        ),
+        resyncs=meter.create_counter(
+            "integrations.events.resyncs",
+            unit="{resync}",
+            description="LISTEN connections restored (each one sends a resync event).",
+        ),
+        pool_wait=meter.create_histogram(
+            "db.client.connection.wait_time",
+            unit="s",
+            description="Time to acquire a connection from the pool.",
+        ),
+        cache=meter.create_counter(
+            "integrations.cache.lookups",
+            unit="{lookup}",
+            description="Cache lookups by result (hit or miss).",
+        ),
+        sweeps=meter.create_counter(
+            "integrations.sweeps",
+            unit="{sweep}",
+            description="Health sweeps finished (by the process leading the fleet).",
+        ),
+        sweep_jobs=meter.create_counter(
+            "integrations.sweep.jobs",
+            unit="{job}",
+            description="Checks and token renewals of health sweeps, by job and outcome.",
+        ),
+    )
+
+
+def span(
+    name: str, attributes: Mapping[str, Any] | None = None, *, kind: Kind = "internal"
+) -> contextlib.AbstractContextManager[SpanLike]:
+    """A span around the block (current while it runs); a shared no-op without the API.
+
+    An exception leaving the block is recorded on the span and sets its status to error.
+    """
+    if not ENABLED:
+        return _NO_CONTEXT
+    otel = _otel()
+    return otel.tracer.start_as_current_span(  # type: ignore[no-any-return]
+        name,
+        kind=otel.client_kind if kind == "client" else otel.internal_kind,
+        attributes=dict(attributes) if attributes else None,
+    )
+
+
+def annotate(key: str, value: Any) -> None:
+    """Set an attribute on the current span, if any."""
+    if ENABLED:
+        from opentelemetry import trace
+
+        trace.get_current_span().set_attribute(key, value)
+
+
+def _url_attributes(url: Any) -> dict[str, Any]:
+    """``server.*``/``url.scheme`` of a URL; its path, query and userinfo are left out
+    (they can carry credentials: a bot token in a path, a key in a query)."""
+    from yarl import URL
+
+    try:
+        parsed = url if isinstance(url, URL) else URL(str(url))
+    except (TypeError, ValueError):
+        return {}
+    found: dict[str, Any] = {}
+    if parsed.scheme:
+        found["url.scheme"] = parsed.scheme
+    if parsed.host:
+        found["server.address"] = parsed.host
+        if parsed.port is not None:
+            found["server.port"] = parsed.port
+    return found
+
+
+def _error_type(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) and code else type(exc).__qualname__
+
+
+# -- authenticated requests --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def request_span(row: Row, method: str, url: Any) -> Iterator[_RequestOutcome]:
+    """An HTTP client span for one authenticated request (semantic conventions: the span
+    is named after the method), with the connection it was made for and its attempts.
+    The block sets ``status`` on what it yields once it has a response."""
+    token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
+    try:
+        if not ENABLED:
+            yield _RequestOutcome()
+            return
+        outcome = _RequestOutcome()
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            **_url_attributes(url),
+            "integrations.provider": row.provider,
+            "integrations.connection.uuid": row.uuid,
+        }
+        cell = [0]
+        attempts = _ATTEMPTS.set(cell)
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            with span(method, attributes, kind="client") as current:
+                try:
+                    yield outcome
+                except BaseException as exc:
+                    error = _error_type(exc)
+                    raise
+                finally:
+                    if outcome.status is not None:
+                        current.set_attribute("http.response.status_code", outcome.status)
+                        if outcome.status >= 400 and error is None:
+                            error = str(outcome.status)
+                    if error is not None:
+                        current.set_attribute("error.type", error)
+                    current.set_attribute("integrations.attempts", cell[0])
+                    if cell[0] > 1:
+                        current.set_attribute("http.request.resend_count", cell[0] - 1)
+        finally:
+            _ATTEMPTS.reset(attempts)
+            metric = {
+                k: v
+                for k, v in attributes.items()
+                if k in ("http.request.method", "server.address", "server.port", "url.scheme")
+            }
+            metric["integrations.provider"] = row.provider
+            if outcome.status is not None:
+                metric["http.response.status_code"] = outcome.status
+            if error is not None:
+                metric["error.type"] = error
+            _otel().http_duration.record(time.perf_counter() - started, metric)
+    finally:
+        _LOG_SCOPE.reset(token)
+
+
+class _RequestOutcome:
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+
+
+def count_attempt() -> None:
+    """One HTTP attempt (first send or retry) of the authenticated request in progress."""
+    cell = _ATTEMPTS.get()
+    if cell is not None:
+        cell[0] += 1
+
+
+# -- token requests ----------------------------------------------------------------------
+
+
+def grant_type_of(body: Any) -> str:
+    """The ``grant_type`` of a form-encoded token request body (nothing else is read)."""
+    if isinstance(body, bytes):
+        body = body.decode("ascii", "replace")
+    if not isinstance(body, str):
+        return "unknown"
+    values = parse_qs(body).get("grant_type")
+    return values[0] if values and _OAUTH_ERROR.fullmatch(values[0]) else "unknown"
+
+
+@contextlib.contextmanager
+def token_span(provider: str | None, url: str, body: Any) -> Iterator[None]:
+    """A span and a count for one token endpoint call: grant type, outcome, error code."""
+    if not ENABLED:
+        yield
+        return
+    # The attempts of a request this refresh serves are the request's, not the refresh's.
+    attempts = _ATTEMPTS.set(None)
+    grant = grant_type_of(body)
+    attributes: dict[str, Any] = {
+        "http.request.method": "POST",
+        **_url_attributes(url),
+        "integrations.grant_type": grant,
+    }
+    if provider:
+        attributes["integrations.provider"] = provider
+    outcome = "ok"
+    try:
+        with span("integrations.token_request", attributes, kind="client") as current:
+            try:
+                yield
+            except BaseException as exc:
+                code = getattr(exc, "code", None)
+                outcome = "reauth_required" if code == "reauth_required" else "failed"
+                current.set_attribute("error.type", _error_type(exc))
+                if isinstance(code, str):
+                    current.set_attribute("integrations.error_code", code)
+                context = getattr(exc, "context", None)
+                if isinstance(context, Mapping):
+                    oauth_error = context.get("error")
+                    if isinstance(oauth_error, str) and _OAUTH_ERROR.fullmatch(oauth_error):
+                        current.set_attribute("integrations.oauth_error", oauth_error)
+                    status = context.get("status")
+                    if isinstance(status, int):
+                        current.set_attribute("http.response.status_code", status)
+                raise
+            finally:
+                current.set_attribute("integrations.outcome", outcome)
+    finally:
+        _ATTEMPTS.reset(attempts)
+        counted = {
+            "integrations.grant_type": grant,
+            "integrations.outcome": outcome,
+            "integrations.provider": provider or "unknown",
+        }
+        _otel().token_requests.add(1, counted)
+
+
+def record_callers(callers: int) -> None:
+    """How many callers one token refresh that asked the endpoint served."""
+    if ENABLED:
+        _otel().callers.record(callers)
+
+
+# -- checks, rotation --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def check_span(row: Row) -> Iterator[_CheckOutcome]:
+    """A span and a count for one credential check; the block sets ``ok``."""
+    token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
+    outcome = _CheckOutcome()
+    try:
+        if not ENABLED:
+            yield outcome
+            return
+        attributes = {
+            "integrations.provider": row.provider,
+            "integrations.connection.uuid": row.uuid,
+        }
+        result = "error"
+        try:
+            with span("integrations.check", attributes) as current:
+                yield outcome
+                result = "ok" if outcome.ok else "failed"
+                current.set_attribute("integrations.outcome", result)
+        finally:
+            _otel().checks.add(
+                1, {"integrations.provider": row.provider, "integrations.outcome": result}
+            )
+    finally:
+        _LOG_SCOPE.reset(token)
+
+
+class _CheckOutcome:
+    __slots__ = ("ok",)
+
+    def __init__(self) -> None:
+        self.ok = False
+
+
+# -- events, pool, cache -----------------------------------------------------------------
+
+
+def count_event_dropped(reason: Literal["queue_full", "malformed"]) -> None:
+    if ENABLED:
+        _otel().events_dropped.add(1, {"integrations.reason": reason})
+
+
+def count_resync() -> None:
+    if ENABLED:
+        _otel().resyncs.add(1)
+
+
+@contextlib.contextmanager
+def _timed_pool_wait() -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _otel().pool_wait.record(
+            time.perf_counter() - started, {"db.client.connection.pool.name": SCOPE}
+        )
+
+
+def pool_wait() -> contextlib.AbstractContextManager[Any]:
+    """Time the block as a wait for a pool connection."""
+    return _timed_pool_wait() if ENABLED else _NO_CONTEXT
+
+
+def record_sweep(counts: Mapping[str, int]) -> None:
+    """One finished health sweep and its jobs' outcomes."""
+    if not ENABLED:
+        return
+    otel = _otel()
+    otel.sweeps.add(1)
+    outcomes = (
+        ("check", "ok", counts["checked"] - counts["check_failures"]),
+        ("check", "failed", counts["check_failures"]),
+        ("refresh", "ok", counts["refreshed"]),
+        ("refresh", "failed", counts["refresh_failures"]),
+    )
+    for job, outcome, value in outcomes:
+        if value:
+            otel.sweep_jobs.add(value, {"integrations.job": job, "integrations.outcome": outcome})
+    if counts["errors"]:
+        otel.sweep_jobs.add(counts["errors"], {"integrations.outcome": "error"})
+
+
+def record_cache(hit: bool) -> None:
+    """One cache lookup: a hit or a miss."""
+    if ENABLED:
+        _otel().cache.add(1, {"integrations.cache.result": "hit" if hit else "miss"})

@@ -1,0 +1,860 @@
+"""The ``integrations`` command: connections, checks, tokens, keys, export/import, operations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from .._errors import AlreadyExists
+from .._events import ALL_OWNERS
+from .._integrations import Integrations
+from .._models import Event, RotationProgress
+from .._vault import SECRET_FIELDS, generate_key
+from . import _bundle, _transfer
+from ._support import (
+    FAILED,
+    USAGE,
+    Env,
+    Fail,
+    connection_json,
+    console,
+    emit_json,
+    env_of,
+    guard,
+    json_option,
+    new_table,
+    print_table,
+    provider_key,
+    redact_dsn,
+    ref_of,
+    resolve,
+    run,
+    setup_summary,
+    stderr,
+)
+from ._support import ago as _ago
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.option(
+    "--dsn",
+    envvar="INTEGRATIONS_DSN",
+    help="PostgreSQL DSN (else INTEGRATIONS_DSN, else the embedded database).",
+)
+@click.option("--owner", help="Address connections of this owner (default: the system scope).")
+@click.option(
+    "--providers",
+    envvar="INTEGRATIONS_PROVIDERS",
+    help="Application providers: a JSON file or module:attribute (else INTEGRATIONS_PROVIDERS).",
+)
+@click.option("--json", "json_", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="integrations", prog_name="integrations")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    dsn: str | None,
+    owner: str | None,
+    providers: str | None,
+    json_: bool,
+    debug: bool,
+) -> None:
+    """Manage stored integration credentials.
+
+    Keys come only from INTEGRATIONS_KEYS (comma-separated, primary first) or, with the
+    embedded database, from its key file. Exit codes: 0 ok, 1 a check or operation failed,
+    2 usage error.
+    """
+    env = ctx.ensure_object(Env)
+    env.dsn = dsn or None
+    env.owner = owner
+    env.providers = providers or None
+    env.json = env.json or json_
+    env.debug = debug
+    if debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+
+
+# -- catalogue and connections -------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def providers(ctx: click.Context) -> None:
+    """The provider catalogue: key, name, auth type, API hosts."""
+    env = env_of(ctx)
+    # No database needed: the catalogue is data.
+    found = guard(lambda: Integrations(providers=env.provider_list()).list_providers())
+    if env.json:
+        emit_json(
+            [
+                {
+                    "key": p.key,
+                    "name": p.name,
+                    "auth_type": p.auth_type,
+                    "api_hosts": list(p.api_hosts),
+                    "setup_fields": [f.key for f in p.setup_fields],
+                    "secret_fields": sorted(p.secret_field_keys),
+                }
+                for p in found
+            ]
+        )
+        return
+    table = new_table("key", "name", "auth type", "API hosts")
+    for p in found:
+        table.add_row(p.key, p.name, p.auth_type, ", ".join(p.api_hosts))
+    print_table(table)
+
+
+@cli.command("list")
+@click.argument("provider", required=False)
+@json_option
+@click.pass_context
+def list_(ctx: click.Context, provider: str | None) -> None:
+    """Connections (of PROVIDER) with status, last check and masked setup."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            keys = (
+                [provider_key(integ, provider)]
+                if provider
+                else [p.key for p in integ.list_providers()]
+            )
+            found = await integ.load_all_connections(keys, owner=env.owner)
+        connections = [c for key in keys for c in found[key]]
+        if env.json:
+            emit_json([connection_json(c) for c in connections])
+            return
+        if not connections:
+            stderr("no connections")
+            return
+        table = new_table("ref", "uuid", "status", "checked", "setup", wrap="setup")
+        for c in connections:
+            table.add_row(
+                ref_of(c),
+                c.uuid,
+                c.status,
+                _ago(c.data.get("last_validated_at")),
+                setup_summary(c.data),
+            )
+        print_table(table)
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, ref: str) -> None:
+    """One connection, masked. REF is a uuid or provider:name (provider = provider:default)."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            connection = await integ.get_integration_by_uuid(await resolve(integ, env, ref))
+        if env.json:
+            emit_json(connection_json(connection))
+            return
+        shown = connection_json(connection)
+        data = shown.pop("data")
+        width = max(len(k) for k in [*shown, *data]) + 4
+        for key, value in shown.items():
+            click.echo(f"{key + ':':<{width}}{_plain_value(value)}")
+        click.echo("data:")
+        for key, value in sorted(data.items()):
+            click.echo(f"  {key + ':':<{width - 2}}{_plain_value(value)}")
+
+    run(ctx, work)
+
+
+def _plain_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list | bool):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+@cli.command()
+@click.argument("provider")
+@click.argument("name", default="default")
+@json_option
+@click.pass_context
+def add(ctx: click.Context, provider: str, name: str) -> None:
+    """Create a connection NAME (default: "default") of PROVIDER; prints its uuid."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            key = provider_key(integ, provider)
+            try:
+                connection = await integ.add_connection(key, name, owner=env.owner)
+            except AlreadyExists as exc:
+                raise Fail(f"{exc.message}", FAILED) from None
+        if env.json:
+            emit_json(connection_json(connection))
+        else:
+            click.echo(connection.uuid)
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("new_name")
+@json_option
+@click.pass_context
+def rename(ctx: click.Context, ref: str, new_name: str) -> None:
+    """Rename a connection; its uuid stays the same."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            uuid = await resolve(integ, env, ref)
+            before = await integ.get_integration_by_uuid(uuid)
+            await integ.rename_connection(uuid, new_name)
+            connection = await integ.get_integration_by_uuid(uuid)
+        if env.json:
+            emit_json(connection_json(connection))
+        else:
+            click.echo(f"renamed {ref_of(before)} to {ref_of(connection)} ({uuid})")
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@click.pass_context
+def remove(ctx: click.Context, ref: str, yes: bool) -> None:
+    """Delete a connection (asks first unless --yes)."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            uuid = await resolve(integ, env, ref)
+            connection = await integ.get_integration_by_uuid(uuid)
+            if not yes and not click.confirm(
+                f"Remove {ref_of(connection)} ({uuid})?", default=False, err=True
+            ):
+                raise Fail("not removed", FAILED)
+            await integ.remove_connection(uuid)
+        if env.json:
+            emit_json({"removed": uuid, "provider": connection.provider, "name": connection.name})
+        else:
+            click.echo(f"removed {ref_of(connection)} ({uuid})")
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def disconnect(ctx: click.Context, ref: str) -> None:
+    """Drop the runtime credentials (tokens, keys); OAuth client id/secret are kept."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            uuid = await resolve(integ, env, ref)
+            await integ.disconnect(uuid)
+            connection = await integ.get_integration_by_uuid(uuid)
+        if env.json:
+            emit_json(connection_json(connection))
+        else:
+            click.echo(f"disconnected {ref_of(connection)} ({uuid})")
+
+    run(ctx, work)
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def _is_secret(provider: Any, field: str) -> bool:
+    if field in SECRET_FIELDS or field in provider.secret_field_keys:
+        return True
+    if provider.auth_type == "credentials":
+        # Values under the credentials map are stored as secrets, unless declared otherwise.
+        declared = {f.key: f for f in provider.setup_fields}
+        return field not in declared or declared[field].secret
+    return False
+
+
+def _read_value(field: str, source: str, stdin_used: list[bool]) -> str:
+    if source == "-":
+        if stdin_used:
+            raise Fail("only one field can be read from standard input (=@-)", USAGE)
+        stdin_used.append(True)
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(source).expanduser().read_text("utf-8")
+        except OSError as exc:
+            raise Fail(f"{field}: cannot read {source}: {exc.strerror or exc}", USAGE) from None
+    # A trailing newline from `echo` or an editor is not part of the secret.
+    return text.rstrip("\r\n")
+
+
+def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
+    """FIELD=VALUE, FIELD=@PATH, FIELD=@- and bare secret FIELD → the attrs to save."""
+    attrs: dict[str, Any] = {}
+    stdin_used: list[bool] = []
+    for pair in pairs:
+        field, has_value, value = pair.partition("=")
+        field = field.strip()
+        if not field:
+            raise Fail(f"expected FIELD=VALUE, got {pair.split('=', 1)[0]!r}=...", USAGE)
+        secret = _is_secret(provider, field)
+        if not has_value:
+            if not secret:
+                raise Fail(f"{field} is not secret: give it as {field}=VALUE", USAGE)
+            if not sys.stdin.isatty():
+                raise Fail(
+                    f"no terminal to prompt for {field}: use {field}=@- (standard input) "
+                    f"or {field}=@PATH (a file)",
+                    USAGE,
+                )
+            attrs[field] = click.prompt(f"{field}", hide_input=True, err=True)
+        elif value.startswith("@"):
+            attrs[field] = _read_value(field, value[1:], stdin_used)
+        elif secret:
+            raise Fail(
+                f"refusing {field} on the command line: it would stay in the shell history "
+                f"and be visible in the process list; give it bare ({field}) to be prompted, "
+                f"{field}=@- to read standard input, or {field}=@PATH to read a file",
+                USAGE,
+            )
+        else:
+            attrs[field] = value
+    return attrs
+
+
+@cli.command("set")
+@click.argument("ref")
+@click.argument("assignments", nargs=-1, required=True, metavar="FIELD=VALUE...")
+@json_option
+@click.pass_context
+def set_(ctx: click.Context, ref: str, assignments: tuple[str, ...]) -> None:
+    """Save setup fields. Secrets: bare FIELD (hidden prompt), FIELD=@- or FIELD=@PATH.
+
+    A secret written on the command line is refused: shell history and the process list
+    would keep it.
+    """
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            uuid = await resolve(integ, env, ref)
+            connection = await integ.get_integration_by_uuid(uuid)
+            attrs = parse_assignments(integ.providers.get(connection.provider), assignments)
+            await integ.save_setup(uuid, attrs)
+            connection = await integ.get_integration_by_uuid(uuid)
+        if env.json:
+            emit_json(connection_json(connection))
+        else:
+            click.echo(
+                f"saved {', '.join(sorted(attrs))} on {ref_of(connection)} "
+                f"(status {connection.status})"
+            )
+
+    run(ctx, work)
+
+
+# -- checks and tokens -------------------------------------------------------------------------
+
+
+def _item_json(item: Any) -> dict[str, Any]:
+    return {
+        "uuid": item.uuid,
+        "provider": item.provider,
+        "name": item.name,
+        "owner": item.owner,
+        "ok": item.ok,
+        "message": item.message,
+        "duration": item.duration,
+    }
+
+
+@cli.command()
+@click.argument("ref", required=False)
+@click.option("--all", "all_", is_flag=True, help="Check every connection.")
+@click.option("--provider", help="With --all: only this provider's connections.")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 64))
+@click.option("--record", is_flag=True, help="With --all: record outcomes on the connections.")
+@json_option
+@click.pass_context
+def test(
+    ctx: click.Context,
+    ref: str | None,
+    all_: bool,
+    provider: str | None,
+    concurrency: int,
+    record: bool,
+) -> None:
+    """Check credentials against the provider: REF (recorded), or --all. Exit 1 if any fail."""
+    if bool(ref) == all_:
+        raise click.UsageError("give a REF or --all")
+    if ref and (provider or record):
+        raise click.UsageError("--provider and --record go with --all")
+
+    async def work(env: Env) -> bool:
+        async with env.integrations() as integ:
+            if ref:
+                uuid = await resolve(integ, env, ref)
+                connection = await integ.get_integration_by_uuid(uuid)
+                started = asyncio.get_running_loop().time()
+                result = await integ.validate_connection(uuid)
+                duration = round(asyncio.get_running_loop().time() - started, 3)
+                item: dict[str, Any] = {
+                    "uuid": uuid,
+                    "provider": connection.provider,
+                    "name": connection.name,
+                    "owner": connection.owner,
+                    "ok": result.ok,
+                    "message": result.message,
+                    "duration": duration,
+                }
+                if env.json:
+                    emit_json(item)
+                else:
+                    mark = "ok" if result.ok else "FAILED"
+                    click.echo(f"{mark}  {ref_of(connection)}  {result.message}")
+                return result.ok
+            key = provider_key(integ, provider) if provider else None
+            report = await integ.check_all(
+                provider=key,
+                concurrency=concurrency,
+                record=record,
+                owner=env.owner if env.owner is not None else ALL_OWNERS,
+            )
+        if env.json:
+            emit_json(
+                {
+                    "ok": report.ok,
+                    "checked": len(report.items),
+                    "failed": len(report.failed),
+                    "items": [_item_json(i) for i in report.items],
+                }
+            )
+            return report.ok
+        table = new_table("ref", "owner", "outcome", "message", "time", wrap="message")
+        for i in report.items:
+            table.add_row(
+                f"{i.provider}:{i.name}",
+                i.owner or "-",
+                "ok" if i.ok else "FAILED",
+                i.message,
+                f"{i.duration:.2f}s",
+            )
+        print_table(table)
+        click.echo(f"{len(report.items)} checked, {len(report.failed)} failed")
+        return report.ok
+
+    if not run(ctx, work):
+        ctx.exit(FAILED)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--no-browser", is_flag=True, help="Only print the URL to open.")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="Loopback port (0: any).")
+@click.option("--scope", "scopes", multiple=True, help="A scope to ask for (repeatable).")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1))
+@json_option
+@click.pass_context
+def connect(
+    ctx: click.Context,
+    ref: str,
+    no_browser: bool,
+    port: int,
+    scopes: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """Authorize an OAuth connection in a browser (RFC 8252 loopback redirect)."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            uuid = await resolve(integ, env, ref)
+            # With --json, standard output carries only the JSON: the URL goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr if env.json else sys.stdout):
+                connection = await integ.connect_interactive(
+                    uuid,
+                    scopes=list(scopes) or None,
+                    open_browser=not no_browser,
+                    timeout=timeout,
+                    port=port,
+                )
+        if env.json:
+            emit_json(connection_json(connection))
+        else:
+            click.echo(f"connected {ref_of(connection)} ({connection.uuid})")
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.argument("ref")
+@click.pass_context
+def token(ctx: click.Context, ref: str) -> None:
+    """Print a valid access token (refreshed first if needed), for scripts."""
+
+    async def work(env: Env) -> str:
+        async with env.integrations() as integ:
+            return await integ.access_token(await resolve(integ, env, ref))
+
+    click.echo(run(ctx, work))
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """Encryption keys: generate one, re-encrypt everything under the primary."""
+
+
+@keys.command("generate")
+@json_option
+@click.pass_context
+def keys_generate(ctx: click.Context) -> None:
+    """Print a new key. Put it first in INTEGRATIONS_KEYS, then run `keys rotate`."""
+    key = generate_key()
+    if env_of(ctx).json:
+        emit_json({"key": key})
+    else:
+        click.echo(key)
+
+
+@keys.command("rotate")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@click.pass_context
+def keys_rotate(ctx: click.Context, batch_size: int) -> None:
+    """Re-encrypt every secret under the primary key. Interrupted? Run it again to resume."""
+
+    async def work(env: Env) -> RotationProgress:
+        async with env.integrations() as integ:
+            if env.json or not sys.stderr.isatty():
+                return await integ.rotate_keys(batch_size=batch_size)
+            with Progress(
+                TextColumn("rotating"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("rows"),
+                console=console(stderr=True),
+            ) as bar:
+                task = bar.add_task("rotate", total=None)
+
+                def update(p: RotationProgress) -> None:
+                    bar.update(task, total=max(p.total, p.scanned), completed=p.scanned)
+
+                return await integ.rotate_keys(batch_size=batch_size, progress=update)
+
+    result = run(ctx, work)
+    undecryptable = tuple(getattr(result, "undecryptable", ()))
+    if env_of(ctx).json:
+        emit_json(
+            {
+                "primary_kid": result.primary_kid,
+                "rotated": result.rotated,
+                "scanned": result.scanned,
+                "total": result.total,
+                "batches": result.batches,
+                "elapsed": round(result.elapsed, 3),
+                "undecryptable": list(undecryptable),
+            }
+        )
+    else:
+        click.echo(
+            f"rotated {result.rotated} of {result.total} row(s) to key {result.primary_kid} "
+            f"in {result.elapsed:.2f}s"
+        )
+        if undecryptable:
+            stderr(
+                f"could not decrypt {len(undecryptable)} row(s) with the configured keys: "
+                + ", ".join(undecryptable)
+            )
+    if undecryptable:
+        ctx.exit(FAILED)
+
+
+# -- export and import -------------------------------------------------------------------------
+
+PASSPHRASE_ENV = "INTEGRATIONS_EXPORT_PASSPHRASE"
+
+
+def _passphrase(confirm: bool) -> str:
+    given = os.environ.get(PASSPHRASE_ENV)
+    if given:
+        return given
+    if not sys.stdin.isatty():
+        raise Fail(f"no terminal to ask for the passphrase: set {PASSPHRASE_ENV}", USAGE)
+    value: str = click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+    if not value:
+        raise Fail("the passphrase must not be empty", USAGE)
+    return value
+
+
+@cli.command("export")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write here (default: stdout).")
+@click.option("--decrypted", is_flag=True, help="Plaintext JSON: every secret readable.")
+@json_option
+@click.pass_context
+def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
+    """Export connections (of --owner's scope) as a passphrase-encrypted bundle."""
+    env = env_of(ctx)
+    passphrase = None if decrypted else guard(lambda: _passphrase(confirm=True))
+
+    async def work(env: Env) -> dict[str, Any]:
+        async with env.integrations() as integ:
+            return await _transfer.export_document(integ, env.owner)
+
+    doc = run(ctx, work)
+    count = len(doc["connections"])
+    if decrypted:
+        stderr("warning: this export holds every secret in plaintext; keep it out of reach")
+        bundle = doc
+    else:
+        assert passphrase is not None
+        bundle = _bundle.seal(doc, passphrase)
+    text = json.dumps(bundle, indent=2, ensure_ascii=False) + "\n"
+    if out:
+        path = Path(out)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        summary = {"exported": count, "out": str(path), "encrypted": not decrypted}
+        if env.json:
+            emit_json(summary)
+        else:
+            how = "plaintext" if decrypted else "encrypted: scrypt + AES-256-GCM"
+            click.echo(f"exported {count} connection(s) to {path} ({how})")
+    else:
+        click.echo(text, nl=False)
+        stderr(f"exported {count} connection(s)")
+
+
+@cli.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--overwrite", is_flag=True, help="Update connections that already exist.")
+@click.option("--dry-run", is_flag=True, help="Validate and report; write nothing.")
+@json_option
+@click.pass_context
+def import_(ctx: click.Context, file: str, overwrite: bool, dry_run: bool) -> None:
+    """Import a bundle: everything is validated first, then written all or nothing."""
+    env = env_of(ctx)
+
+    def read() -> list[_bundle.Entry]:
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text("utf-8")
+        except OSError as exc:
+            raise Fail(f"cannot read {file}: {exc.strerror or exc}", USAGE) from None
+        try:
+            raw = _bundle.load_document(text)
+            if _bundle.is_sealed(raw):
+                raw = _bundle.unseal(raw, _passphrase(confirm=False))
+            return _bundle.entries(raw)
+        except _bundle.BundleError as exc:
+            raise Fail(str(exc), FAILED) from None
+
+    entries = guard(read)
+
+    async def work(env: Env) -> _transfer.ImportReport:
+        async with env.integrations() as integ:
+            return await _transfer.import_entries(
+                integ, entries, owner=env.owner, overwrite=overwrite, dry_run=dry_run
+            )
+
+    report = run(ctx, work)
+    if env.json:
+        emit_json(report.as_json(dry_run))
+    else:
+        for action, ref, uuid in report.rows:
+            click.echo(f"{action:<8} {ref}  {uuid or ''}".rstrip())
+        prefix = "would import" if dry_run else "imported"
+        click.echo(
+            f"{prefix}: {len(report.created)} created, {len(report.updated)} updated, "
+            f"{len(report.skipped)} skipped"
+        )
+
+
+# -- operations -------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Apply pending schema migrations (idempotent, under an advisory lock)."""
+
+    async def work(env: Env) -> list[int]:
+        return await env.integrations(auto_migrate=False).migrate()
+
+    applied = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"applied": applied})
+    elif applied:
+        click.echo("applied migrations: " + ", ".join(str(v) for v in applied))
+    else:
+        click.echo("schema up to date")
+
+
+def _event_line(event: Event) -> str:
+    ref = f"{event.provider}:{event.name}" if event.provider else "-"
+    status = event.status or "-"
+    if event.previous_status and event.previous_status != event.status:
+        status = f"{event.previous_status}->{status}"
+    parts = [
+        event.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        event.kind,
+        ref,
+        event.uuid or "-",
+        f"owner={event.owner or '-'}",
+        f"status={status}",
+    ]
+    if event.actor:
+        parts.append(f"actor={event.actor}")
+    return " ".join(parts)
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {
+        "kind": event.kind,
+        "uuid": event.uuid,
+        "provider": event.provider,
+        "name": event.name,
+        "owner": event.owner,
+        "status": event.status,
+        "previous_status": event.previous_status,
+        "actor": event.actor,
+        "at": event.at.isoformat(),
+        "detail": dict(event.detail),
+    }
+
+
+@cli.command()
+@click.option("--provider", help="Only this provider's events.")
+@json_option
+@click.pass_context
+def watch(ctx: click.Context, provider: str | None) -> None:
+    """Print live events from every process, one line each, until Ctrl-C."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            key = provider_key(integ, provider) if provider else None
+            owner: Any = env.owner if env.owner is not None else ALL_OWNERS
+            async with integ.subscribe(provider=key, owner=owner) as events:
+                stderr("watching events (Ctrl-C to stop)")
+                async for event in events:
+                    line = (
+                        json.dumps(event_json(event), default=str)
+                        if env.json
+                        else _event_line(event)
+                    )
+                    click.echo(line)
+                    sys.stdout.flush()
+
+    try:
+        run(ctx, work)
+    except SystemExit as exc:
+        if exc.code == 130:
+            ctx.exit(0)
+        raise
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check the deployment: database, schema, keys, undecryptable rows, listener."""
+
+    async def work(env: Env) -> list[dict[str, Any]]:
+        from .._errors import SchemaOutdated, StorageError
+
+        where = redact_dsn(env.dsn) if env.dsn else "the embedded database"
+        lines: list[dict[str, Any]] = []
+        integ = env.integrations(auto_migrate=False)
+        try:
+            await integ.open()
+        except StorageError as exc:
+            reason = str(exc.__cause__ or exc.message).strip().splitlines()[0]
+            lines.append(_line("database", False, f"{where}: {reason}", "check the DSN"))
+            return lines
+        except SchemaOutdated:
+            lines.append(_line("database", True, f"{where} reachable"))
+            lines.append(_line("schema", False, "behind the library", "run: integrations migrate"))
+            return lines
+        try:
+            lines.append(_line("database", True, f"{where} reachable"))
+            diagnosis = await integ.diagnose()
+            lines.extend(_line(f.check, f.ok, f.detail, f.hint) for f in diagnosis.findings)
+        finally:
+            await integ.close()
+        return lines
+
+    lines = run(ctx, work)
+    healthy = all(line["ok"] for line in lines)
+    if env_of(ctx).json:
+        emit_json({"ok": healthy, "checks": lines})
+    else:
+        for line in lines:
+            mark = "ok  " if line["ok"] else "FAIL"
+            text = f"{mark} {line['check']:<9} {line['detail']}"
+            if line["hint"]:
+                text += f"  -> {line['hint']}"
+            click.echo(text)
+    if not healthy:
+        ctx.exit(FAILED)
+
+
+def _line(check: str, ok: bool, detail: str, hint: str = "") -> dict[str, Any]:
+    return {"check": check, "ok": ok, "detail": detail, "hint": hint}
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--port",
+    default=8765,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port.",
+)
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int) -> None:
+    """Run the web console; prints a one-time login link."""
+    try:
+        import importlib
+
+        web = importlib.import_module("integrations.web")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("integrations.web",):
+            raise
+        stderr("error: the web console is not part of this installation (integrations.web)")
+        raise SystemExit(FAILED) from None
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            await web.serve(integ, host=host, port=port)
+
+    try:
+        run(ctx, work)
+    except SystemExit as exc:
+        if exc.code == 130:
+            ctx.exit(0)
+        raise
+
+
+# Kept importable for tests that check the catalogue of error classes.
+__all__ = ["cli", "parse_assignments"]

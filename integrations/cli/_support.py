@@ -1,0 +1,303 @@
+"""What the commands share: options, opening the library, errors, refs and output shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import importlib
+import json
+import sys
+import traceback
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from .._errors import (
+    Deleted,
+    IntegrationsError,
+    InvalidInput,
+    InvalidProviderKey,
+    NotConfigured,
+    NotFound,
+    SchemaOutdated,
+    StorageError,
+)
+from .._integrations import Integrations
+from .._models import Connection
+from .._names import PROVIDER_KEY_RE, parse_uuid
+from .._providers import Provider
+
+T = TypeVar("T")
+
+# Exit codes (documented in docs/cli.md).
+OK = 0
+FAILED = 1
+USAGE = 2
+
+
+class Fail(Exception):
+    """A one-line error for stderr and the exit code to leave with."""
+
+    def __init__(self, message: str, code: int = FAILED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class Env:
+    """The global options, shared by every command through click's context."""
+
+    dsn: str | None = None
+    owner: str | None = None
+    json: bool = False
+    debug: bool = False
+    providers: str | None = None
+    _loaded: list[Provider] | None = field(default=None, repr=False)
+
+    def provider_list(self) -> list[Provider]:
+        if self._loaded is None:
+            self._loaded = load_providers(self.providers) if self.providers else []
+        return self._loaded
+
+    def integrations(self, *, auto_migrate: bool = True) -> Integrations:
+        return Integrations(self.dsn, providers=self.provider_list(), auto_migrate=auto_migrate)
+
+
+def load_providers(spec: str) -> list[Provider]:
+    """Application providers from a JSON file (a list of provider objects) or ``module:attr``."""
+    path = Path(spec)
+    try:
+        if spec.endswith(".json") or path.is_file():
+            raw = json.loads(path.read_text("utf-8"))
+            items = raw if isinstance(raw, list) else [raw]
+            return [Provider.model_validate(item) for item in items]
+        module_name, _, attr = spec.partition(":")
+        value = getattr(importlib.import_module(module_name), attr or "providers")
+        found = list(value) if not isinstance(value, Provider) else [value]
+    except (OSError, ValueError, ImportError, AttributeError, TypeError) as exc:
+        raise Fail(f"cannot load providers from {spec}: {_first_line(exc)}", USAGE) from exc
+    if not all(isinstance(p, Provider) for p in found):
+        raise Fail(f"{spec} must be a list of integrations.Provider", USAGE)
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<dsn>"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+def env_of(ctx: click.Context) -> Env:
+    return ctx.ensure_object(Env)
+
+
+def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        env_of(ctx).json = True
+
+
+json_option = click.option(
+    "--json",
+    "json_flag",
+    is_flag=True,
+    expose_value=False,
+    callback=set_json,
+    help="Print JSON (documented shapes; secrets masked).",
+)
+
+
+def stderr(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+
+
+def console(*, stderr: bool = False) -> Console:
+    # Wide enough off a terminal that uuids are never cut.
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(width=None if stream.isatty() else 200, highlight=False, stderr=stderr)
+
+
+def new_table(*columns: str, wrap: str = "") -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=column != wrap)
+    return table
+
+
+def print_table(table: Table) -> None:
+    """The table on stdout, without the padding rich leaves at the end of each line."""
+    out = console()
+    with out.capture() as captured:
+        out.print(table)
+    for line in captured.get().splitlines():
+        click.echo(line.rstrip())
+
+
+def _error_code(exc: IntegrationsError) -> int:
+    return USAGE if isinstance(exc, InvalidInput) else FAILED
+
+
+def run(ctx: click.Context, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
+    """Run a command's coroutine; library errors become one line on stderr and an exit code."""
+    env = env_of(ctx)
+    try:
+        return asyncio.run(work(env))
+    except Fail as exc:
+        _fail(env, exc, exc.message, exc.code)
+    except SchemaOutdated as exc:
+        _fail(env, exc, "the database schema is behind: run `integrations migrate`", FAILED)
+    except StorageError as exc:
+        cause = exc.__cause__
+        reason = _first_line(cause) if cause is not None else exc.message
+        where = f" at {redact_dsn(env.dsn)}" if env.dsn else ""
+        _fail(env, exc, f"database error{where}: {reason}", FAILED)
+    except IntegrationsError as exc:
+        _fail(env, exc, f"{exc.message} ({exc.code})", _error_code(exc))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def guard(make: Callable[[], T]) -> T:
+    """For work outside ``run``: a Fail becomes its line on stderr and its exit code."""
+    try:
+        return make()
+    except Fail as exc:
+        stderr(f"error: {exc.message}")
+        raise SystemExit(exc.code) from None
+    except IntegrationsError as exc:
+        stderr(f"error: {exc.message} ({exc.code})")
+        raise SystemExit(_error_code(exc)) from None
+
+
+def _fail(env: Env, exc: BaseException, message: str, code: int) -> NoReturn:
+    if env.debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    stderr(f"error: {message}")
+    raise SystemExit(code)
+
+
+def provider_key(integ: Integrations, key: str) -> str:
+    """The provider's key, or a usage error suggesting the closest known keys."""
+    if key in integ.providers:
+        return integ.providers.get(key).key
+    known = [p.key for p in integ.list_providers()]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f" (did you mean: {', '.join(close)}?)" if close else " (see `integrations providers`)"
+    raise Fail(f"unknown provider {key!r}{hint}", USAGE)
+
+
+async def resolve(integ: Integrations, env: Env, ref: str) -> str:
+    """A REF (uuid, ``provider:name`` or bare ``provider``) → the connection's uuid."""
+    if parse_uuid(ref) is None:
+        provider = ref.partition(":")[0].strip()
+        if not PROVIDER_KEY_RE.fullmatch(provider):
+            raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE)
+        provider_key(integ, provider)
+    try:
+        if env.owner is None:
+            return await integ.resolve_to_uuid(ref)
+        return await integ.resolve_to_uuid(ref, owner=env.owner)
+    except (InvalidInput, InvalidProviderKey):
+        raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE) from None
+    except (NotFound, NotConfigured, Deleted):
+        scope = f" for owner {env.owner!r}" if env.owner else ""
+        raise Fail(f"no connection {ref}{scope}", FAILED) from None
+
+
+def ago(value: object, now: datetime | None = None) -> str:
+    """``"3 min ago"`` for a stored ISO time; ``"never"`` when there is none."""
+    if not isinstance(value, str):
+        return "never"
+    try:
+        then = datetime.fromisoformat(value)
+    except ValueError:
+        return "?"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
+    if seconds < 60:
+        return "just now"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return "just now"
+
+
+# Shown by `list` as the setup summary; the rest is status bookkeeping.
+_HIDDEN = frozenset(
+    {
+        "provider",
+        "name",
+        "auth_type",
+        "status",
+        "created_at",
+        "owner",
+        "validation_status",
+        "last_validated_at",
+        "reauth_required",
+        "token_obtained_at",
+        "token_extras",
+        "connected_at",
+        "refresh_error",
+    }
+)
+
+
+def setup_summary(data: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in data.items():
+        if key in _HIDDEN or value in (None, "", {}, []):
+            continue
+        if isinstance(value, Mapping):
+            value = "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def connection_json(connection: Connection) -> dict[str, Any]:
+    """The documented shape of one connection; ``data`` is the masked data."""
+    data = dict(connection.data)
+    return {
+        "uuid": connection.uuid,
+        "provider": connection.provider,
+        "name": connection.name,
+        "owner": connection.owner,
+        "status": connection.status,
+        "validation_status": data.get("validation_status"),
+        "last_validated_at": data.get("last_validated_at"),
+        "data": data,
+    }
+
+
+def ref_of(connection: Connection) -> str:
+    return f"{connection.provider}:{connection.name}"
+
+
+def unique(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))

@@ -1,0 +1,193 @@
+"""Export and import of connections through the public API, the import all or nothing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .._errors import IntegrationsError, NotFound
+from .._integrations import Integrations
+from .._models import utcnow
+from .._names import check_owner, normalize_name
+from .._telemetry import fields
+from .._tokens import imported_token_set
+from . import _bundle
+from ._support import USAGE, Fail
+
+log = logging.getLogger("integrations.cli")
+
+
+async def export_document(integ: Integrations, owner: str | None) -> dict[str, Any]:
+    """Every connection of ``owner``'s scope with its decrypted data."""
+    keys = [p.key for p in integ.list_providers()]
+    found = await integ.load_all_connections(keys, owner=owner)
+    connections = []
+    for key in keys:
+        for connection in found[key]:
+            data = await integ.get_integration(connection.uuid)
+            connections.append(
+                {
+                    "uuid": connection.uuid,
+                    "provider": connection.provider,
+                    "name": connection.name,
+                    "owner": connection.owner,
+                    "data": data,
+                }
+            )
+    return _bundle.document(connections, datetime.now(UTC).isoformat())
+
+
+@dataclass
+class ImportReport:
+    rows: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    def _of(self, action: str) -> list[tuple[str, str, str | None]]:
+        return [row for row in self.rows if row[0] == action]
+
+    @property
+    def created(self) -> list[tuple[str, str, str | None]]:
+        return self._of("created")
+
+    @property
+    def updated(self) -> list[tuple[str, str, str | None]]:
+        return self._of("updated")
+
+    @property
+    def skipped(self) -> list[tuple[str, str, str | None]]:
+        return self._of("skipped")
+
+    def as_json(self, dry_run: bool) -> dict[str, Any]:
+        def refs(rows: list[tuple[str, str, str | None]]) -> list[dict[str, Any]]:
+            return [{"ref": ref, "uuid": uuid} for _a, ref, uuid in rows]
+
+        return {
+            "dry_run": dry_run,
+            "created": refs(self.created),
+            "updated": refs(self.updated),
+            "skipped": refs(self.skipped),
+        }
+
+
+@dataclass
+class _Planned:
+    entry: _bundle.Entry
+    owner: str | None
+    action: str
+    uuid: str | None = None
+
+
+def _validate(integ: Integrations, entry: _bundle.Entry, owner: str | None) -> None:
+    """Everything an import could refuse, checked before the first write."""
+    where = entry.ref
+    if entry.provider not in integ.providers:
+        raise Fail(f"{where}: unknown provider {entry.provider!r}", USAGE)
+    provider = integ.providers.get(entry.provider)
+    try:
+        normalize_name(entry.name)
+        check_owner(owner)
+        patch = provider.normalize_attrs(entry.setup)
+        missing = provider.missing_required(patch)
+        if missing:
+            raise Fail(f"{where}: required setup field missing: {', '.join(missing)}", USAGE)
+        if entry.tokens:
+            if not provider.is_oauth:
+                raise Fail(f"{where}: tokens given for a non-OAuth provider", USAGE)
+            imported_token_set(entry.tokens, utcnow())
+    except IntegrationsError as exc:
+        raise Fail(f"{where}: {exc.message}", USAGE) from None
+
+
+async def _existing(integ: Integrations, entry: _bundle.Entry, owner: str | None) -> str | None:
+    try:
+        return await integ.find_uuid_by_provider_name(
+            (entry.provider, normalize_name(entry.name)), owner=owner
+        )
+    except NotFound:
+        return None
+
+
+async def import_entries(
+    integ: Integrations,
+    entries: list[_bundle.Entry],
+    *,
+    owner: str | None,
+    overwrite: bool,
+    dry_run: bool,
+) -> ImportReport:
+    """Validate every entry, then create/update; on a failed write undo what was written.
+
+    ``owner`` (the --owner option) places every connection in that scope; left out,
+    each keeps the owner it was exported with.
+    """
+    plan: list[_Planned] = []
+    seen: set[tuple[str | None, str, str]] = set()
+    for entry in entries:
+        target = owner if owner is not None else entry.owner
+        _validate(integ, entry, target)
+        ident = (target, entry.provider, normalize_name(entry.name))
+        if ident in seen:
+            raise Fail(f"{entry.ref}: appears twice in the file", USAGE)
+        seen.add(ident)
+        uuid = await _existing(integ, entry, target)
+        if uuid is None:
+            plan.append(_Planned(entry, target, "created"))
+        else:
+            plan.append(_Planned(entry, target, "updated" if overwrite else "skipped", uuid))
+    report = ImportReport()
+    if dry_run:
+        report.rows = [(p.action, p.entry.ref, p.uuid) for p in plan]
+        return report
+    undo: list[tuple[str, str, dict[str, Any] | None]] = []
+    writes = [p for p in plan if p.action != "skipped"]
+    try:
+        for p in writes:
+            if p.action == "created":
+                connection = await integ.add_connection(
+                    p.entry.provider, p.entry.name, owner=p.owner
+                )
+                p.uuid = connection.uuid
+                undo.append(("created", connection.uuid, None))
+            else:
+                assert p.uuid is not None
+                undo.append(("updated", p.uuid, await integ.get_integration(p.uuid)))
+            if p.entry.setup:
+                await integ.save_setup(p.uuid, p.entry.setup, actor="import")
+        # Tokens last: a failure before this point undoes rows that never held a token.
+        for p in writes:
+            if p.entry.tokens and p.uuid is not None:
+                await integ.import_tokens(p.uuid, p.entry.tokens, actor="import")
+    except IntegrationsError as exc:
+        await _undo(integ, undo)
+        raise Fail(
+            f"import failed, nothing kept ({len(undo)} change(s) undone): {exc.message}"
+        ) from exc
+    report.rows = [(p.action, p.entry.ref, p.uuid) for p in plan]
+    return report
+
+
+async def _undo(integ: Integrations, undo: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+    for action, uuid, before in reversed(undo):
+        try:
+            if action == "created":
+                await integ.remove_connection(uuid, actor="import")
+            elif before is not None:
+                setup, tokens = _bundle.split_data(before)
+                current = await integ.get_integration(uuid)
+                # Fields the import added are unset again; the earlier values come back.
+                cleared = {
+                    k: None
+                    for k in _bundle.split_data(current)[0]
+                    if k not in setup and k != "credentials"
+                }
+                await integ.save_setup(uuid, {**cleared, **setup}, actor="import")
+                if tokens:
+                    await integ.import_tokens(uuid, tokens, actor="import")
+        except IntegrationsError as exc:
+            log.error(
+                "could not undo the import of %s: %s",
+                uuid,
+                exc.message,
+                extra=fields("import_undo_failed", uuid=uuid),
+            )

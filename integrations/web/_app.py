@@ -1,0 +1,595 @@
+"""The console's Starlette app: pages, fragments, form actions and the live event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import math
+import secrets
+from asyncio import FIRST_COMPLETED
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from .._errors import (
+    AlreadyExists,
+    Deleted,
+    IntegrationsError,
+    InvalidState,
+    InvalidUUID,
+    LifecycleError,
+    NotConfigured,
+    NotFound,
+)
+from .._integrations import Integrations
+from .._models import Connection, Event
+from .._owner import OwnerHandle
+from .._providers import Provider
+from .._telemetry import fields
+from ._present import account_text, ago, field_views, parse_scopes, setup_patch, status_text
+from ._security import CSRF_FIELD, Csrf, SecurityHeaders, set_cookie
+from ._viewer import Admin, Owner, Viewer
+
+log = logging.getLogger("integrations.web")
+
+HERE = Path(__file__).parent
+Authorize = Callable[[Request], "Viewer | Awaitable[Viewer | None] | None"]
+Handler = Callable[[Request, "_Context"], Awaitable[Response]]
+
+# Outcome notes after a redirect: fixed texts chosen by code, so a link cannot inject words.
+_DONE = {
+    "added": "Connection added.",
+    "saved": "Saved.",
+    "tested": "Checked.",
+    "connected": "Connected.",
+    "disconnected": "Disconnected.",
+    "renamed": "Renamed.",
+    "removed": "Connection removed.",
+}
+_MISSING = (NotConfigured, Deleted, NotFound, InvalidUUID)
+_KEEPALIVE_SECONDS = 15.0
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    viewer: Viewer
+    # Integrations for the administrator, the owner's handle otherwise (same methods).
+    handle: Integrations | OwnerHandle
+
+
+def _scope(integ: Integrations, who: Viewer) -> Integrations | OwnerHandle:
+    """The object the console works through for ``who``: never more than that viewer may see."""
+    if isinstance(who, Admin):
+        return integ
+    return integ.for_owner(who.owner)
+
+
+class _Console:
+    def __init__(
+        self,
+        integ: Integrations,
+        authorize: Authorize,
+        *,
+        secret: bytes,
+        page_size: int,
+        callback_url: str | None,
+        title: str,
+        stream_lifetime: float = 60.0,
+    ) -> None:
+        self.integ = integ
+        self.authorize = authorize
+        self.csrf = Csrf(secret)
+        self.page_size = page_size
+        self.callback_url = callback_url
+        self.title = title
+        self.stream_lifetime = stream_lifetime
+        # Set by close(): live streams end so that the server can stop.
+        self.closing = asyncio.Event()
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        page = self._endpoint
+        write = self._write
+        routes = [
+            Route("/", page(self.index), name="index"),
+            Route("/fragments/list", page(self.list_fragment), name="list_fragment"),
+            Route("/connections", write(self.add), methods=["POST"], name="add"),
+            Route("/events", page(self.events), name="events"),
+            Route("/callback", self._callback_endpoint(self.callback), name="callback"),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+            Route("/{uuid}", page(self.connection), name="connection"),
+            Route("/{uuid}/status", page(self.status_fragment), name="connection_status"),
+            Route("/{uuid}/setup", write(self.save), methods=["POST"], name="save"),
+            Route("/{uuid}/test", write(self.test), methods=["POST"], name="test"),
+            Route("/{uuid}/connect", write(self.connect), methods=["POST"], name="connect"),
+            Route(
+                "/{uuid}/disconnect", write(self.disconnect), methods=["POST"], name="disconnect"
+            ),
+            Route("/{uuid}/rename", write(self.rename), methods=["POST"], name="rename"),
+            Route("/{uuid}/remove", page(self.confirm_remove), name="confirm_remove"),
+            Route("/{uuid}/remove", write(self.remove), methods=["POST"], name="remove"),
+        ]
+        self.app = Starlette(
+            routes=routes,
+            middleware=[Middleware(SecurityHeaders)],
+            exception_handlers={HTTPException: self._http_error, Exception: self._crash},
+        )
+        self.app.state.console = self
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def url(self, request: Request, name: str, **params: Any) -> str:
+        """A path that works wherever the console is mounted."""
+        path = self.app.router.url_path_for(name, **params)
+        return str(request.scope.get("root_path", "")).rstrip("/") + str(path)
+
+    async def _viewer(self, request: Request) -> Viewer:
+        try:
+            who = self.authorize(request)
+            if inspect.isawaitable(who):
+                who = await who
+        except PermissionError:
+            raise _Refused(403, "You may not use this console.") from None
+        except HTTPException as exc:
+            if exc.status_code in (401, 403):
+                raise _Refused(exc.status_code, "You may not use this console.") from None
+            raise
+        if who is None:
+            raise _Refused(401, "Sign in to use this console.")
+        if not isinstance(who, Admin | Owner):
+            raise TypeError("authorize must return Admin(), Owner(...) or None")
+        return who
+
+    def _endpoint(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self._run(request, handler, write=False)
+
+        return endpoint
+
+    def _write(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self._run(request, handler, write=True)
+
+        return endpoint
+
+    def _callback_endpoint(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self._run(request, handler, write=False, bounce=True)
+
+        return endpoint
+
+    async def _run(
+        self, request: Request, handler: Handler, *, write: bool, bounce: bool = False
+    ) -> Response:
+        try:
+            try:
+                viewer = await self._viewer(request)
+            except _Refused as refused:
+                if bounce and refused.status == 401 and "bounced" not in request.query_params:
+                    return self._bounce(request)
+                raise
+            if write:
+                form = await request.form(max_files=0, max_fields=200)
+                if not self.csrf.verify(request, form.get(CSRF_FIELD)):
+                    raise _Refused(
+                        403, "The form expired or came from elsewhere. Reload the page and retry."
+                    )
+                request.state.form = form
+            return await handler(request, _Context(viewer, _scope(self.integ, viewer)))
+        except _Refused as refused:
+            return self.error_page(request, refused.status, refused.message)
+        except _MISSING:
+            return self.error_page(request, 404, "There is no such connection.")
+        except HTTPException as exc:
+            return self.error_page(request, exc.status_code, str(exc.detail))
+        except Exception:
+            log.exception(
+                "console request failed: %s %s",
+                request.method,
+                request.url.path,
+                extra=fields("console_request_failed"),
+            )
+            return self.error_page(request, 500, "Something went wrong. The error was logged.")
+
+    def _bounce(self, request: Request) -> Response:
+        """Reload a provider's redirect from our own page, so SameSite=Strict cookies come along.
+
+        A browser arriving from the provider's site withholds Strict cookies; the same URL
+        opened by a page of this site carries them. Nothing is consumed until then.
+        """
+        query = request.url.query
+        target = self.url(request, "callback") + "?" + (query + "&" if query else "") + "bounced=1"
+        return self.render(request, "bounce.html", {"target": target}, status=401)
+
+    def render(
+        self,
+        request: Request,
+        template: str,
+        context: Mapping[str, Any],
+        *,
+        status: int = 200,
+        viewer: Viewer | None = None,
+    ) -> Response:
+        token, fresh_cookie = self.csrf.token_for(request)
+        full = {
+            "title": self.title,
+            "csrf_field": CSRF_FIELD,
+            "csrf_token": token,
+            "url": lambda name, **params: self.url(request, name, **params),
+            "viewer": viewer,
+            "flash": _DONE.get(request.query_params.get("done", "")),
+            "error": None,
+            **context,
+        }
+        response = self.templates.TemplateResponse(request, template, full, status_code=status)
+        if fresh_cookie is not None:
+            from ._security import CSRF_COOKIE
+
+            set_cookie(response, request, CSRF_COOKIE, fresh_cookie)
+        return response
+
+    def error_page(self, request: Request, status: int, message: str) -> Response:
+        titles = {
+            400: "Bad request",
+            401: "Sign in required",
+            403: "Forbidden",
+            404: "Not found",
+            405: "Method not allowed",
+            500: "Error",
+        }
+        context = {"status": status, "heading": titles.get(status, "Error"), "message": message}
+        response = self.render(request, "error.html", context, status=status)
+        if status == 401:
+            response.headers["www-authenticate"] = 'Cookie realm="integrations"'
+        return response
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        return self.error_page(request, status, "There is nothing here.")
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        return self.error_page(request, 500, "Something went wrong. The error was logged.")
+
+    def _redirect(self, request: Request, name: str, done: str, **params: Any) -> Response:
+        return RedirectResponse(self.url(request, name, **params) + f"?done={done}", 303)
+
+    def _form(self, request: Request) -> FormData:
+        form: FormData = request.state.form
+        return form
+
+    def _providers(self) -> dict[str, Provider]:
+        return {provider.key: provider for provider in self.integ.list_providers()}
+
+    # -- the listing -----------------------------------------------------------------------
+
+    async def _listing(self, request: Request, ctx: _Context) -> dict[str, Any]:
+        providers = sorted(self.integ.list_providers(), key=lambda p: (p.name.lower(), p.key))
+        grouped: dict[str, list[Connection]] = await ctx.handle.load_all_connections(
+            [provider.key for provider in providers]
+        )
+        flat = [(provider, conn) for provider in providers for conn in grouped[provider.key]]
+        pages = max(1, math.ceil(len(flat) / self.page_size))
+        try:
+            page = min(max(int(request.query_params.get("page", "1")), 1), pages)
+        except ValueError:
+            page = 1
+        groups: list[dict[str, Any]] = []
+        for provider, conn in flat[(page - 1) * self.page_size : page * self.page_size]:
+            if not groups or groups[-1]["key"] != provider.key:
+                groups.append({"key": provider.key, "name": provider.name, "rows": []})
+            groups[-1]["rows"].append(_row(provider, conn))
+        return {
+            "groups": groups,
+            "page": page,
+            "pages": pages,
+            "total": len(flat),
+            "providers": providers,
+        }
+
+    async def index(self, request: Request, ctx: _Context) -> Response:
+        context = await self._listing(request, ctx)
+        context.update(form_provider="", form_name="")
+        return self.render(request, "index.html", context, viewer=ctx.viewer)
+
+    async def list_fragment(self, request: Request, ctx: _Context) -> Response:
+        context = await self._listing(request, ctx)
+        return self.render(request, "_list.html", context, viewer=ctx.viewer)
+
+    async def add(self, request: Request, ctx: _Context) -> Response:
+        form = self._form(request)
+        provider = str(form.get("provider", ""))
+        name = str(form.get("name", ""))
+        try:
+            conn = await ctx.handle.add_connection(provider, name, actor=ctx.viewer.actor)
+        except IntegrationsError as exc:
+            context = await self._listing(request, ctx)
+            context.update(form_provider=provider, form_name=name, error=exc.message)
+            status = 409 if isinstance(exc, AlreadyExists) else 400
+            return self.render(request, "index.html", context, status=status, viewer=ctx.viewer)
+        return self._redirect(request, "connection", "added", uuid=conn.uuid)
+
+    # -- one connection --------------------------------------------------------------------
+
+    async def _connection_context(self, request: Request, ctx: _Context) -> dict[str, Any]:
+        uuid = request.path_params["uuid"]
+        conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+        provider = self._providers().get(conn.provider)
+        data = conn.data
+        return {
+            "conn": conn,
+            "provider": provider,
+            "provider_name": provider.name if provider is not None else conn.provider,
+            "row": _row(provider, conn),
+            "fields": field_views(provider, data) if provider is not None else [],
+            "oauth": provider is not None and provider.auth_type == "oauth2",
+            "has_token": bool(data.get("access_token")),
+            "scopes": " ".join(
+                _stored_scopes(data) or (provider.scopes if provider is not None else ())
+            ),
+        }
+
+    async def _connection_page(
+        self, request: Request, ctx: _Context, *, error: str | None = None, status: int = 200
+    ) -> Response:
+        context = await self._connection_context(request, ctx)
+        if error is not None:
+            context["error"] = error
+        return self.render(request, "connection.html", context, status=status, viewer=ctx.viewer)
+
+    async def connection(self, request: Request, ctx: _Context) -> Response:
+        return await self._connection_page(request, ctx)
+
+    async def status_fragment(self, request: Request, ctx: _Context) -> Response:
+        context = await self._connection_context(request, ctx)
+        return self.render(request, "_status.html", context, viewer=ctx.viewer)
+
+    async def _act(
+        self,
+        request: Request,
+        ctx: _Context,
+        action: Callable[[str, Connection], Awaitable[Any]],
+        done: str,
+    ) -> Response:
+        """Run one change on the connection: back to its page, with the error if it failed."""
+        uuid = request.path_params["uuid"]
+        conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+        try:
+            await action(conn.uuid, conn)
+        except _MISSING:
+            raise
+        except IntegrationsError as exc:
+            return await self._connection_page(request, ctx, error=exc.message, status=400)
+        return self._redirect(request, "connection", done, uuid=conn.uuid)
+
+    async def save(self, request: Request, ctx: _Context) -> Response:
+        form = self._form(request)
+        values = {key: str(value) for key, value in form.items() if isinstance(value, str)}
+
+        async def action(uuid: str, conn: Connection) -> None:
+            provider = self._providers().get(conn.provider)
+            if provider is None:
+                raise NotConfigured("the connection's provider is not registered")
+            await ctx.handle.save_setup(uuid, setup_patch(provider, values), actor=ctx.viewer.actor)
+
+        return await self._act(request, ctx, action, "saved")
+
+    async def test(self, request: Request, ctx: _Context) -> Response:
+        async def action(uuid: str, conn: Connection) -> None:
+            await ctx.handle.validate_connection(uuid, actor=ctx.viewer.actor)
+
+        return await self._act(request, ctx, action, "tested")
+
+    async def disconnect(self, request: Request, ctx: _Context) -> Response:
+        async def action(uuid: str, conn: Connection) -> None:
+            await ctx.handle.disconnect(uuid, actor=ctx.viewer.actor)
+
+        return await self._act(request, ctx, action, "disconnected")
+
+    async def rename(self, request: Request, ctx: _Context) -> Response:
+        new_name = str(self._form(request).get("new_name", ""))
+
+        async def action(uuid: str, conn: Connection) -> None:
+            await ctx.handle.rename_connection(uuid, new_name, actor=ctx.viewer.actor)
+
+        return await self._act(request, ctx, action, "renamed")
+
+    async def confirm_remove(self, request: Request, ctx: _Context) -> Response:
+        context = await self._connection_context(request, ctx)
+        return self.render(request, "remove.html", context, viewer=ctx.viewer)
+
+    async def remove(self, request: Request, ctx: _Context) -> Response:
+        uuid = request.path_params["uuid"]
+        conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+        await ctx.handle.remove_connection(conn.uuid, actor=ctx.viewer.actor)
+        return RedirectResponse(self.url(request, "index") + "?done=removed", 303)
+
+    # -- OAuth -------------------------------------------------------------------------------
+
+    def _callback(self, request: Request) -> str:
+        if self.callback_url is not None:
+            return self.callback_url
+        return f"{request.url.scheme}://{request.url.netloc}{self.url(request, 'callback')}"
+
+    async def connect(self, request: Request, ctx: _Context) -> Response:
+        uuid = request.path_params["uuid"]
+        conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+        scopes = parse_scopes(str(self._form(request).get("scopes", "")))
+        try:
+            url, _state = await ctx.handle.begin_authorization(
+                conn.uuid, self._callback(request), scopes=scopes or None, actor=ctx.viewer.actor
+            )
+        except _MISSING:
+            raise
+        except IntegrationsError as exc:
+            return await self._connection_page(request, ctx, error=exc.message, status=400)
+        return RedirectResponse(url, 303)
+
+    async def callback(self, request: Request, ctx: _Context) -> Response:
+        query = request.query_params
+        state = query.get("state")
+        if not state:
+            raise _Refused(400, "The authorization answer carries no state.")
+        try:
+            conn: Connection = await ctx.handle.complete_authorization(
+                state,
+                code=query.get("code"),
+                error=query.get("error"),
+                error_description=query.get("error_description"),
+            )
+        except InvalidState:
+            raise _Refused(
+                400, "This authorization is unknown, expired or already used. Start it again."
+            ) from None
+        except _MISSING:
+            raise
+        except IntegrationsError as exc:
+            raise _Refused(400, f"The authorization failed: {exc.message}") from None
+        return self._redirect(request, "connection", "connected", uuid=conn.uuid)
+
+    # -- live updates ------------------------------------------------------------------------
+
+    async def events(self, request: Request, ctx: _Context) -> Response:
+        uuid = request.query_params.get("uuid")
+        if uuid:
+            conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+            subscription = ctx.handle.subscribe(uuid=conn.uuid, maxsize=100)
+        else:
+            subscription = ctx.handle.subscribe(maxsize=100)
+
+        async def stream() -> AsyncIterator[str]:
+            loop = asyncio.get_running_loop()
+            # A stream ends after a while (the browser reconnects and refetches), so a
+            # server shutting down never waits on it for long; close() ends them at once.
+            deadline = loop.time() + self.stream_lifetime
+            stop = asyncio.ensure_future(self.closing.wait())
+            try:
+                async with subscription as events:
+                    yield "retry: 1000\n\n"
+                    while not stop.done() and loop.time() < deadline:
+                        wait = min(_KEEPALIVE_SECONDS, deadline - loop.time())
+                        get = asyncio.ensure_future(events.get())
+                        await asyncio.wait({get, stop}, timeout=wait, return_when=FIRST_COMPLETED)
+                        if not get.done():
+                            get.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await get
+                            yield ": keep-alive\n\n"
+                            continue
+                        try:
+                            event = get.result()
+                        except LifecycleError:
+                            return
+                        yield _sse(event)
+            finally:
+                stop.cancel()
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+
+
+def _row(provider: Provider | None, conn: Connection) -> dict[str, Any]:
+    data = conn.data
+    checked_at = data.get("last_validated_at")
+    message = data.get("validation_status")
+    return {
+        "uuid": conn.uuid,
+        "name": conn.name,
+        "status": status_text(provider, data),
+        "account": account_text(data),
+        "checked": ago(checked_at),
+        "checked_at": checked_at if isinstance(checked_at, str) else None,
+        "message": message if isinstance(message, str) else "",
+    }
+
+
+def _stored_scopes(data: Mapping[str, Any]) -> tuple[str, ...]:
+    scope = data.get("scope") or data.get("scopes")
+    if isinstance(scope, str):
+        return tuple(parse_scopes(scope))
+    if isinstance(scope, list | tuple):
+        return tuple(str(s) for s in scope)
+    return ()
+
+
+def _sse(event: Event) -> str:
+    """One server-sent event: what changed, never the data itself."""
+    kind = "resync" if event.kind == "resync" else "change"
+    message = event.detail.get("validation_status") if event.kind == "validated" else None
+    payload = {
+        "kind": event.kind,
+        "uuid": event.uuid,
+        "provider": event.provider,
+        "name": event.name,
+        "status": event.status,
+        "previous_status": event.previous_status,
+        "message": message if isinstance(message, str) else None,
+        "at": event.at.isoformat(),
+    }
+    return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+
+def console(
+    integ: Integrations,
+    *,
+    authorize: Authorize,
+    secret: str | bytes | None = None,
+    page_size: int = 25,
+    callback_url: str | None = None,
+    title: str = "Integrations",
+    stream_lifetime: float = 60.0,
+) -> Starlette:
+    """The admin console as an ASGI app, to mount anywhere or run with ``serve``.
+
+    ``authorize(request)`` (sync or async) returns ``Admin()``, ``Owner("user:42")`` or
+    ``None`` (401); raising PermissionError refuses with 403. ``secret`` signs CSRF tokens:
+    give the same value to every process behind one address (random per app otherwise).
+    ``callback_url`` overrides the OAuth redirect URI built from the request (useful
+    behind a proxy that rewrites the host). A live-update stream ends after
+    ``stream_lifetime`` seconds and the browser reconnects, so a server shutting down waits
+    for open pages at most that long.
+    """
+    if not callable(authorize):
+        raise TypeError("authorize must be a callable taking the request")
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ValueError("page_size must be a positive integer")
+    if not isinstance(stream_lifetime, int | float) or stream_lifetime <= 0:
+        raise ValueError("stream_lifetime must be a positive number of seconds")
+    if secret is None:
+        key = secrets.token_bytes(32)
+    elif isinstance(secret, str):
+        key = secret.encode()
+    else:
+        key = bytes(secret)
+    if len(key) < 16:
+        raise ValueError("secret must be at least 16 bytes")
+    return _Console(
+        integ,
+        authorize,
+        secret=key,
+        page_size=page_size,
+        callback_url=callback_url,
+        title=title,
+        stream_lifetime=float(stream_lifetime),
+    ).app

@@ -1,0 +1,136 @@
+"""Pure display helpers of the console: status words, ages, setup field widgets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .._providers import Provider, SetupField
+
+STATUSES = ("connected", "error", "not configured", "disconnected")
+
+
+def status_text(provider: Provider | None, data: Mapping[str, Any]) -> str:
+    """One of STATUSES: what an operator needs to know about a connection at a glance."""
+    status = data.get("status")
+    if status in ("connected", "error"):
+        return str(status)
+    if provider is not None and provider.missing_required(data):
+        return "not configured"
+    return "disconnected"
+
+
+def ago(value: object, now: datetime | None = None) -> str:
+    """``"3 min ago"`` for an ISO 8601 time; ``"never"`` when absent or unreadable."""
+    if not isinstance(value, str) or not value:
+        return "never"
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return "never"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
+    if seconds < 10:
+        return "just now"
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    if seconds < 86400:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} d ago"
+
+
+def account_text(data: Mapping[str, Any]) -> str:
+    """The account a connection acts as (OAuth userinfo), or an empty string."""
+    account = data.get("account")
+    if isinstance(account, Mapping):
+        for key in ("email", "name", "sub"):
+            value = account.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldView:
+    """One setup field as the connection form shows it."""
+
+    key: str
+    label: str
+    help: str
+    required: bool
+    input_type: str
+    choices: tuple[str, ...]
+    value: str
+    # Secret (or stored-masked) fields are never pre-filled; a blank input keeps the stored value.
+    keeps_blank: bool
+    hint: str
+
+
+_INPUT_TYPES = {"integer": "number", "url": "url", "boolean": "select", "choice": "select"}
+
+
+def field_views(provider: Provider, masked: Mapping[str, Any]) -> list[FieldView]:
+    """The provider's setup fields with what may be shown of the stored (masked) data."""
+    nested = masked.get("credentials") if provider.auth_type == "credentials" else None
+    views = []
+    for field in provider.setup_fields:
+        stored = (nested or {}).get(field.key) if isinstance(nested, Mapping) else None
+        if stored is None:
+            stored = masked.get(field.key)
+        hidden = field.secret or provider.auth_type == "credentials"
+        views.append(
+            FieldView(
+                key=field.key,
+                label=field.label,
+                help=field.help,
+                required=field.required,
+                input_type=_input_type(field),
+                choices=_choices(field),
+                value="" if hidden or stored is None else _text(stored),
+                keeps_blank=hidden,
+                hint=_text(stored) if hidden and stored not in (None, "") else "",
+            )
+        )
+    return views
+
+
+def _input_type(field: SetupField) -> str:
+    if field.secret:
+        return "password"
+    return _INPUT_TYPES.get(field.type, "text")
+
+
+def _choices(field: SetupField) -> tuple[str, ...]:
+    if field.type == "boolean":
+        return ("true", "false")
+    return field.choices
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def setup_patch(provider: Provider, form: Mapping[str, str]) -> dict[str, Any]:
+    """The attrs to save from a submitted form: blank secret fields are left out (kept)."""
+    attrs: dict[str, Any] = {}
+    hidden_all = provider.auth_type == "credentials"
+    for field in provider.setup_fields:
+        if field.key not in form:
+            continue
+        value = form[field.key]
+        if value.strip() == "" and (field.secret or hidden_all):
+            continue
+        attrs[field.key] = value
+    return attrs
+
+
+def parse_scopes(text: str) -> list[str]:
+    """Scopes typed by an operator, separated by spaces or commas."""
+    return [scope for scope in text.replace(",", " ").split() if scope]

@@ -1,0 +1,699 @@
+"""The ``integrations`` command: the real script against a real database, prompts on a pty."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+from integrations import Integrations, generate_key
+from integrations.cli import cli
+from tests.conftest import TEST_KEY, _admin, _with_database
+
+MARKER = "S3CR3T-cli-marker-0123456789"
+GOOD = MARKER + "-good"
+BAD = MARKER + "-bad"
+SCRIPT = str(Path(sys.executable).with_name("integrations"))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        ok = self.path == "/me" and self.headers.get("X-Acme-Key") == GOOD
+        body = b'{"ok": true}' if ok else b'{"error": "bad key"}'
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def acme_port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def providers_file(tmp_path: Path, acme_port: int) -> str:
+    path = tmp_path / "providers.json"
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "key": "acme",
+                    "name": "Acme",
+                    "auth_type": "api_key",
+                    "api_hosts": ["127.0.0.1"],
+                    "auth_header": {"name": "X-Acme-Key", "template": "{api_key}"},
+                    "setup_fields": [
+                        {"key": "api_key", "label": "API key", "required": True, "secret": True}
+                    ],
+                    "validation": {"url": f"http://127.0.0.1:{acme_port}/me"},
+                }
+            ]
+        )
+    )
+    return str(path)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTEGRATIONS_")}
+    env["INTEGRATIONS_KEYS"] = TEST_KEY
+    env.update(extra)
+    return env
+
+
+def sh(
+    dsn: str,
+    *args: str,
+    stdin: str = "",
+    env: dict[str, str] | None = None,
+    check_secret: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed script; no output but `token`'s and `export --decrypted`'s may
+    hold a secret."""
+    done = subprocess.run(
+        [SCRIPT, "--dsn", dsn, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env or cli_env(),
+        timeout=60,
+    )
+    if check_secret:
+        assert MARKER not in done.stdout + done.stderr, args
+    return done
+
+
+def add_acme(dsn: str, providers: str, name: str, key: str) -> str:
+    uuid = sh(dsn, "--providers", providers, "add", "acme", name).stdout.strip()
+    done = sh(dsn, "--providers", providers, "set", f"acme:{name}", "api_key=@-", stdin=key)
+    assert done.returncode == 0, done.stderr
+    return uuid
+
+
+# -- connections ---------------------------------------------------------------------------
+
+
+def test_add_set_list_show_in_the_real_script(fresh_db: str, tmp_path: Path) -> None:
+    added = sh(fresh_db, "add", "openai")
+    assert added.returncode == 0, added.stderr
+    uuid = added.stdout.strip()
+    assert len(uuid) == 36
+    done = sh(fresh_db, "set", "openai", "api_key=@-", stdin=MARKER + "\n")
+    assert done.returncode == 0, done.stderr
+    assert "saved api_key on openai:default (status connected)" in done.stdout
+    key_file = tmp_path / "key"
+    key_file.write_text(MARKER + "-2\n")
+    assert sh(fresh_db, "set", uuid, f"api_key=@{key_file}").returncode == 0
+    listed = sh(fresh_db, "list")
+    assert "openai:default" in listed.stdout and uuid in listed.stdout
+    assert "••••" in listed.stdout and "never" in listed.stdout
+    shown = json.loads(sh(fresh_db, "show", "openai:default", "--json").stdout)
+    assert shown["uuid"] == uuid and shown["status"] == "connected"
+    assert shown["data"]["api_key"].startswith("••••")
+    assert set(shown) == {
+        "uuid",
+        "provider",
+        "name",
+        "owner",
+        "status",
+        "validation_status",
+        "last_validated_at",
+        "data",
+    }
+    listed_json = json.loads(sh(fresh_db, "--json", "list", "openai").stdout)
+    assert [c["uuid"] for c in listed_json] == [uuid]
+
+
+def test_a_secret_on_the_command_line_is_refused_with_the_reason(fresh_db: str) -> None:
+    sh(fresh_db, "add", "openai")
+    done = sh(fresh_db, "set", "openai", "api_key=" + MARKER, check_secret=False)
+    assert done.returncode == 2
+    assert "shell history" in done.stderr and "process list" in done.stderr
+    assert MARKER not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    shown = json.loads(sh(fresh_db, "show", "openai", "--json").stdout)
+    assert "api_key" not in shown["data"]
+
+
+def test_a_bare_secret_without_a_terminal_says_how_to_give_it(fresh_db: str) -> None:
+    sh(fresh_db, "add", "openai")
+    done = sh(fresh_db, "set", "openai", "api_key")
+    assert done.returncode == 2
+    assert "api_key=@-" in done.stderr
+
+
+def test_a_bare_secret_is_read_from_a_hidden_prompt(fresh_db: str) -> None:
+    sh(fresh_db, "add", "openai")
+    child = pexpect.spawn(
+        SCRIPT, ["--dsn", fresh_db, "set", "openai", "api_key"], env=cli_env(), encoding="utf-8"
+    )
+    child.expect("api_key: ")
+    child.sendline(MARKER)
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    output = child.before or ""
+    assert child.exitstatus == 0, output
+    # Hidden: the terminal never echoed what was typed.
+    assert MARKER not in output
+    assert "saved api_key on openai:default" in output
+    shown = json.loads(sh(fresh_db, "show", "openai", "--json").stdout)
+    assert shown["status"] == "connected"
+
+
+def test_rename_disconnect_and_remove(fresh_db: str) -> None:
+    uuid = sh(fresh_db, "add", "openai", "work").stdout.strip()
+    sh(fresh_db, "set", "openai:work", "api_key=@-", stdin=MARKER)
+    assert "renamed openai:work to openai:main" in sh(fresh_db, "rename", uuid, "main").stdout
+    done = sh(fresh_db, "disconnect", "openai:main", "--json")
+    assert json.loads(done.stdout)["status"] == "disconnected"
+    refused = sh(fresh_db, "remove", "openai:main", stdin="n\n")
+    assert refused.returncode == 1
+    assert sh(fresh_db, "show", uuid).returncode == 0
+    removed = sh(fresh_db, "remove", "openai:main", "--yes", "--json")
+    assert json.loads(removed.stdout)["removed"] == uuid
+    gone = sh(fresh_db, "show", uuid)
+    assert gone.returncode == 1 and gone.stderr.startswith("error: no connection")
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_unknown_provider_suggests_the_closest_keys(fresh_db: str) -> None:
+    done = sh(fresh_db, "add", "opnai", "x")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown provider 'opnai' (did you mean: openai, xai?)"
+
+
+def test_bad_and_missing_refs(fresh_db: str) -> None:
+    bad = sh(fresh_db, "show", "not a ref!")
+    assert bad.returncode == 2 and "bad reference" in bad.stderr
+    missing = sh(fresh_db, "show", "openai:nobody")
+    assert missing.returncode == 1 and "no connection openai:nobody" in missing.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_database_gives_the_drivers_reason_and_no_traceback() -> None:
+    dsn = "postgresql://postgres@127.0.0.1:1/none"
+    done = sh(dsn, "list")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert "Connect call failed" in done.stderr or "refused" in done.stderr
+    debug = sh(dsn, "--debug", "list")
+    assert "Traceback" in debug.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["test"]).exit_code == 2
+    assert runner.invoke(cli, ["nope"]).exit_code == 2
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def test_test_all_against_a_loopback_provider(fresh_db: str, providers_file: str) -> None:
+    add_acme(fresh_db, providers_file, "good", GOOD)
+    add_acme(fresh_db, providers_file, "bad", BAD)
+    done = sh(fresh_db, "--providers", providers_file, "test", "--all")
+    assert done.returncode == 1
+    assert "acme:good" in done.stdout and "Invalid credentials" in done.stdout
+    assert "2 checked, 1 failed" in done.stdout
+    report = json.loads(
+        sh(fresh_db, "--providers", providers_file, "test", "--all", "--json").stdout
+    )
+    assert report["ok"] is False and report["failed"] == 1
+    outcomes = {i["name"]: (i["ok"], i["message"]) for i in report["items"]}
+    assert outcomes == {"good": (True, "Connected"), "bad": (False, "Invalid credentials")}
+    # Without --record nothing was written.
+    shown = json.loads(
+        sh(fresh_db, "--providers", providers_file, "show", "acme:bad", "--json").stdout
+    )
+    assert shown["last_validated_at"] is None
+    sh(fresh_db, "--providers", providers_file, "test", "--all", "--record")
+    shown = json.loads(
+        sh(fresh_db, "--providers", providers_file, "show", "acme:bad", "--json").stdout
+    )
+    assert shown["status"] == "error" and shown["validation_status"] == "Invalid credentials"
+    one = sh(fresh_db, "--providers", providers_file, "test", "acme:good")
+    assert one.returncode == 0 and one.stdout.startswith("ok  acme:good")
+    only = sh(fresh_db, "--providers", providers_file, "test", "--all", "--provider", "openai")
+    assert only.returncode == 0 and "0 checked, 0 failed" in only.stdout
+
+
+async def test_check_all_reports_each_connection(fresh_db: str, acme_port: int) -> None:
+    from integrations import CheckReport, Provider
+
+    acme = Provider.model_validate(
+        {
+            "key": "acme",
+            "name": "Acme",
+            "auth_type": "api_key",
+            "api_hosts": ["127.0.0.1"],
+            "auth_header": {"name": "X-Acme-Key", "template": "{api_key}"},
+            "validation": {"url": f"http://127.0.0.1:{acme_port}/me"},
+        }
+    )
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[acme]) as integ:
+        for name, key, owner in (("a", GOOD, None), ("b", BAD, "user:1")):
+            c = await integ.add_connection("acme", name, owner=owner)
+            await integ.save_setup(c.uuid, {"api_key": key})
+        report = await integ.check_all(concurrency=2)
+        assert isinstance(report, CheckReport)
+        assert [(i.name, i.ok) for i in report.items] == [("a", True), ("b", False)]
+        assert not report.ok and [i.name for i in report.failed] == ["b"]
+        assert [i.name for i in (await integ.check_all(owner=None)).items] == ["a"]
+        with pytest.raises(ValueError):
+            await integ.check_all(concurrency=0)
+        assert MARKER not in repr(report)
+
+
+def test_connect_runs_the_loopback_flow_then_token_and_test_work(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    from tests.oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ServerProcess
+    from tests.oauthkit import loopback_provider
+
+    with ServerProcess() as server:
+        providers = tmp_path / "oauth.json"
+        providers.write_text(
+            json.dumps([loopback_provider(server.base_url).model_dump(mode="json")])
+        )
+        secret = tmp_path / "client_secret"
+        secret.write_text(DEFAULT_CLIENT_SECRET)
+        base = ("--providers", str(providers))
+        sh(fresh_db, *base, "add", "loopback")
+        done = sh(
+            fresh_db,
+            *base,
+            "set",
+            "loopback",
+            f"client_id={DEFAULT_CLIENT_ID}",
+            f"client_secret=@{secret}",
+        )
+        assert done.returncode == 0, done.stderr
+        child = subprocess.Popen(
+            [SCRIPT, "--dsn", fresh_db, *base, "connect", "loopback", "--no-browser"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().startswith("Open this URL")
+            url = child.stdout.readline().strip()
+            assert "code_challenge_method=S256" in url and "127.0.0.1" in url
+            # The "browser": the server redirects it to the command's loopback callback.
+            with urllib.request.urlopen(url, timeout=20) as page:
+                assert b"Connected" in page.read()
+            out, err = child.communicate(timeout=30)
+            assert child.returncode == 0, err
+            assert out.startswith("connected loopback:default")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+        token = sh(fresh_db, *base, "token", "loopback", check_secret=False)
+        assert token.returncode == 0 and len(token.stdout.strip()) > 10
+        checked = sh(fresh_db, *base, "test", "loopback")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert token.stdout.strip() not in checked.stdout + checked.stderr
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+async def _oauth_connection(dsn: str) -> str:
+    async with Integrations(dsn, keys=TEST_KEY) as integ:
+        c = await integ.add_connection("github", "default")
+        await integ.save_setup(c.uuid, {"client_id": "cid", "client_secret": MARKER + "-client"})
+        imported = await integ.import_tokens(
+            c.uuid,
+            {
+                "access_token": MARKER + "-access",
+                "token_type": "bearer",
+                "expires_at": "2999-01-01T00:00:00+00:00",
+                "scope": "repo user",
+            },
+        )
+        assert imported.status == "connected"
+        assert MARKER not in repr(imported)
+        # A checked connection carries what the library wrote; an import must not resend it.
+        await integ.record_validation(c.uuid, True)
+        return c.uuid
+
+
+def test_token_prints_the_access_token(fresh_db: str) -> None:
+    uuid = asyncio.run(_oauth_connection(fresh_db))
+    done = sh(fresh_db, "token", "github", check_secret=False)
+    assert done.returncode == 0
+    assert done.stdout == MARKER + "-access\n"
+    shown = sh(fresh_db, "show", uuid)
+    assert "access_token:" in shown.stdout
+
+
+# -- export and import ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def second_db(admin_dsn: str, template_db: str) -> Iterator[str]:
+    name = f"integrations_t_{secrets.token_hex(6)}"
+    asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    yield _with_database(admin_dsn, name)
+    asyncio.run(_admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_export_and_import_into_another_database(
+    fresh_db: str, second_db: str, tmp_path: Path
+) -> None:
+    asyncio.run(_oauth_connection(fresh_db))
+    sh(fresh_db, "add", "openai")
+    sh(fresh_db, "set", "openai", "api_key=@-", stdin=MARKER + "-openai")
+    env = cli_env(INTEGRATIONS_EXPORT_PASSPHRASE="correct horse battery")
+    bundle = tmp_path / "backup.json"
+    done = sh(fresh_db, "export", "--out", str(bundle), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "exported 2 connection(s)" in done.stdout
+    assert oct(bundle.stat().st_mode & 0o777) == "0o600"
+    assert MARKER not in bundle.read_text()
+    assert json.loads(bundle.read_text())["kdf"]["name"] == "scrypt"
+
+    wrong = sh(
+        second_db,
+        "import",
+        str(bundle),
+        env=cli_env(INTEGRATIONS_EXPORT_PASSPHRASE="wrong"),
+    )
+    assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr
+
+    dry = sh(second_db, "import", str(bundle), "--dry-run", "--json", env=env)
+    assert [c["ref"] for c in json.loads(dry.stdout)["created"]] == [
+        "github:default",
+        "openai:default",
+    ]
+    assert sh(second_db, "list", "--json").stdout.strip() == "[]"
+
+    done = sh(second_db, "import", str(bundle), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "imported: 2 created, 0 updated, 0 skipped" in done.stdout
+    token = sh(second_db, "token", "github", check_secret=False)
+    assert token.stdout == MARKER + "-access\n"
+    again = sh(second_db, "import", str(bundle), "--json", env=env)
+    assert len(json.loads(again.stdout)["skipped"]) == 2
+    over = sh(second_db, "import", str(bundle), "--overwrite", env=env)
+    assert "0 created, 2 updated, 0 skipped" in over.stdout
+    shown = json.loads(sh(second_db, "show", "openai", "--json").stdout)
+    assert shown["status"] == "connected" and shown["data"]["api_key"].startswith("••••")
+
+
+def test_decrypted_export_warns_and_holds_the_secrets(fresh_db: str, tmp_path: Path) -> None:
+    sh(fresh_db, "add", "openai")
+    sh(fresh_db, "set", "openai", "api_key=@-", stdin=MARKER)
+    done = sh(fresh_db, "export", "--decrypted", check_secret=False)
+    assert done.returncode == 0
+    assert "warning" in done.stderr and MARKER not in done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["connections"][0]["data"]["api_key"] == MARKER
+
+
+def test_an_invalid_bundle_writes_nothing(fresh_db: str, tmp_path: Path) -> None:
+    doc = {
+        "format": "integrations-export",
+        "version": 1,
+        "connections": [
+            {"provider": "openai", "name": "ok", "owner": None, "data": {"api_key": MARKER}},
+            {"provider": "openai", "name": "bad name!", "owner": None, "data": {}},
+        ],
+    }
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(doc))
+    done = sh(fresh_db, "import", str(path))
+    assert done.returncode == 2 and "openai:bad name!" in done.stderr
+    assert sh(fresh_db, "list", "--json").stdout.strip() == "[]"
+
+
+async def test_a_failed_write_midway_undoes_the_import(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations import StorageError
+    from integrations.cli import _bundle, _transfer
+    from integrations.cli._support import Fail
+
+    async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+        existing = await integ.add_connection("openai", "kept")
+        await integ.save_setup(existing.uuid, {"api_key": "before-0123456789", "org": "a"})
+        entries = [
+            _bundle.Entry("openai", "kept", None, {"api_key": "after-0123456789"}, {}),
+            _bundle.Entry("openai", "new", None, {"api_key": "new-0123456789"}, {}),
+            _bundle.Entry("mistral", "x", None, {"api_key": "x-0123456789"}, {}),
+        ]
+        real = integ.save_setup
+        calls = 0
+
+        async def flaky(uuid: str, attrs: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise StorageError("database error: ConnectionResetError")
+            return await real(uuid, attrs, **kw)
+
+        monkeypatch.setattr(integ, "save_setup", flaky)
+        with pytest.raises(Fail, match="nothing kept"):
+            await _transfer.import_entries(
+                integ, entries, owner=None, overwrite=True, dry_run=False
+            )
+        monkeypatch.setattr(integ, "save_setup", real)
+        names = [c.name for c in await integ.list_connections("openai")]
+        assert names == ["kept"]
+        assert await integ.list_connections("mistral") == []
+        creds = await integ.get_credentials(existing.uuid)
+        assert creds["api_key"] == "before-0123456789" and creds["org"] == "a"
+
+
+# -- keys, migrate, doctor, watch, serve -------------------------------------------------------
+
+
+def test_keys_generate_prints_a_usable_key() -> None:
+    done = subprocess.run([SCRIPT, "keys", "generate"], capture_output=True, text=True)
+    key = done.stdout.strip()
+    asyncio.run(asyncio.sleep(0))
+    from integrations._vault import Keyring
+
+    assert len(Keyring.parse(key)) == 1
+
+
+def test_keys_rotate_and_doctor(fresh_db: str) -> None:
+    sh(fresh_db, "add", "openai")
+    sh(fresh_db, "set", "openai", "api_key=@-", stdin=MARKER)
+    new = generate_key()
+    lost = sh(fresh_db, "doctor", env=cli_env(INTEGRATIONS_KEYS=new))
+    assert lost.returncode == 1
+    assert "FAIL secrets   1 of 1 connection(s) cannot be decrypted" in lost.stdout
+    rotated = sh(
+        fresh_db, "keys", "rotate", "--json", env=cli_env(INTEGRATIONS_KEYS=f"{new},{TEST_KEY}")
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    result = json.loads(rotated.stdout)
+    assert result["rotated"] == 1 and result["undecryptable"] == []
+    again = sh(fresh_db, "keys", "rotate", env=cli_env(INTEGRATIONS_KEYS=f"{new},{TEST_KEY}"))
+    assert "rotated 0 of 0 row(s)" in again.stdout
+    healthy = sh(fresh_db, "doctor", "--json", env=cli_env(INTEGRATIONS_KEYS=new))
+    assert healthy.returncode == 0, healthy.stdout
+    checks = {c["check"]: c["ok"] for c in json.loads(healthy.stdout)["checks"]}
+    assert checks == {
+        "database": True,
+        "schema": True,
+        "keys": True,
+        "secrets": True,
+        "listener": True,
+    }
+
+
+def test_migrate_then_doctor_on_an_empty_database(empty_db: str) -> None:
+    behind = sh(empty_db, "doctor")
+    assert behind.returncode == 1 and "integrations migrate" in behind.stdout
+    done = sh(empty_db, "migrate", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["applied"]
+    assert sh(empty_db, "migrate").stdout.strip() == "schema up to date"
+
+
+def test_watch_prints_one_line_per_event_until_interrupted(fresh_db: str) -> None:
+    child = subprocess.Popen(
+        [SCRIPT, "--dsn", fresh_db, "watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert child.stderr is not None and child.stdout is not None
+        assert "watching" in child.stderr.readline()
+        uuid = sh(fresh_db, "--owner", "user:7", "add", "openai").stdout.strip()
+        line = child.stdout.readline()
+        assert " connection_added openai:default " + uuid in line
+        assert "owner=user:7" in line
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=20) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_serve_without_the_console_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "integrations.web", None)
+    done = CliRunner().invoke(cli, ["serve"])
+    assert done.exit_code == 1
+    assert "web console" in done.output
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "integrations", "providers", "--json"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    keys = {p["key"] for p in json.loads(done.stdout)}
+    assert {"openai", "github", "telegram"} <= keys
+
+
+# -- pure parts, through click's runner ----------------------------------------------------------
+
+
+def test_providers_json_shape_and_a_bad_providers_file(tmp_path: Path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(cli, ["providers", "--json"])
+    assert done.exit_code == 0
+    openai = next(p for p in json.loads(done.output) if p["key"] == "openai")
+    assert set(openai) == {"key", "name", "auth_type", "api_hosts", "setup_fields", "secret_fields"}
+    assert (openai["name"], openai["auth_type"]) == ("OpenAI", "api_key")
+    assert openai["api_hosts"] == ["api.openai.com"]
+    assert "api_key" in openai["setup_fields"] and openai["secret_fields"] == ["api_key"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"key": "Bad Key"}]')
+    refused = runner.invoke(cli, ["--providers", str(bad), "providers"])
+    assert refused.exit_code == 2
+    assert "cannot load providers" in refused.output
+
+
+def test_keys_generate_json() -> None:
+    done = CliRunner().invoke(cli, ["keys", "generate", "--json"])
+    assert done.exit_code == 0 and json.loads(done.output)["key"].startswith("ik1:")
+
+
+def test_set_rules_for_fields() -> None:
+    from integrations._catalogue import BUILTIN_PROVIDERS
+    from integrations.cli._app import parse_assignments
+    from integrations.cli._support import Fail
+
+    smtp = next(p for p in BUILTIN_PROVIDERS if p.key == "smtp")
+    assert parse_assignments(smtp, ("host=mail.example.test", "port=587")) == {
+        "host": "mail.example.test",
+        "port": "587",
+    }
+    with pytest.raises(Fail) as refused:
+        parse_assignments(smtp, ("password=" + MARKER,))
+    assert refused.value.code == 2 and MARKER not in refused.value.message
+    with pytest.raises(Fail, match="not secret"):
+        parse_assignments(smtp, ("host",))
+    with pytest.raises(Fail, match="cannot read"):
+        parse_assignments(smtp, ("password=@/nonexistent/file",))
+
+
+def test_a_sealed_bundle_refuses_a_wrong_passphrase_and_tampering() -> None:
+    from integrations.cli import _bundle
+
+    doc = _bundle.document(
+        [{"provider": "openai", "name": "x", "owner": None, "data": {"api_key": MARKER}}],
+        "2026-01-01T00:00:00+00:00",
+    )
+    sealed = _bundle.seal(doc, "passphrase")
+    assert MARKER not in json.dumps(sealed)
+    assert _bundle.unseal(sealed, "passphrase") == doc
+    with pytest.raises(_bundle.BundleError, match="wrong passphrase"):
+        _bundle.unseal(sealed, "other")
+    tampered = dict(sealed, ciphertext="A" + sealed["ciphertext"][1:])
+    with pytest.raises(_bundle.BundleError):
+        _bundle.unseal(tampered, "passphrase")
+    with pytest.raises(_bundle.BundleError, match="damaged"):
+        _bundle.unseal({"format": _bundle.SEALED_FORMAT}, "passphrase")
+
+
+def test_last_checked_reads_like_a_person_would_say_it() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from integrations.cli._support import ago
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert ago(None) == "never"
+    assert ago((now - timedelta(seconds=20)).isoformat(), now) == "just now"
+    assert ago((now - timedelta(minutes=3)).isoformat(), now) == "3 min ago"
+    assert ago((now - timedelta(hours=5)).isoformat(), now) == "5 h ago"
+    assert ago((now - timedelta(days=2)).isoformat(), now) == "2 d ago"
+
+
+def test_serve_prints_a_one_time_login_link_that_signs_in(fresh_db: str) -> None:
+    import re
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [SCRIPT, "--dsn", fresh_db, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        link = None
+        while link is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            found = re.search(r"http://127\.0\.0\.1:\d+/login\?token=\S+", line)
+            link = found.group(0) if found else None
+        assert link is not None, "no login link printed"
+        with httpx.Client(follow_redirects=True) as browser:
+            page = browser.get(link)
+            assert page.status_code == 200 and "Add connection" in page.text
+            # The token works once: a second browser is refused.
+            with httpx.Client(follow_redirects=True) as other:
+                assert other.get(link).status_code in (401, 403)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode in (0, 130, -signal.SIGINT), err
+    assert "Traceback" not in err

@@ -1,0 +1,148 @@
+"""Owner handles: another owner's connection is indistinguishable from a missing one."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from integrations import (
+    ALL_OWNERS,
+    Integrations,
+    IntegrationsError,
+    InvalidState,
+    OwnerHandle,
+    Validation,
+)
+
+from .conftest import store_setup
+
+BOB_KEY = "sk-bob-secret-0123456789"
+
+# Every uuid-addressed method of the handle, called on a uuid.
+Call = Callable[[OwnerHandle, str], Awaitable[Any]]
+CALLS: dict[str, Call] = {
+    "rename_connection": lambda h, u: h.rename_connection(u, "stolen"),
+    "remove_connection": lambda h, u: h.remove_connection(u),
+    "get_integration": lambda h, u: h.get_integration(u),
+    "get_integration_by_uuid": lambda h, u: h.get_integration_by_uuid(u),
+    "resolve_to_uuid": lambda h, u: h.resolve_to_uuid(u),
+    "get_credentials": lambda h, u: h.get_credentials(u),
+    "is_connected": lambda h, u: h.is_connected(u),
+    "save_setup": lambda h, u: h.save_setup(u, {"api_key": "sk-alice-overwrite-0123"}),
+    "import_tokens": lambda h, u: h.import_tokens(u, {"access_token": "x"}),
+    "disconnect": lambda h, u: h.disconnect(u),
+    "record_validation": lambda h, u: h.record_validation(u, (False, "hijacked")),
+    "validate_connection": lambda h, u: h.validate_connection(u),
+    "authenticated_request": lambda h, u: h.authenticated_request(
+        u, "GET", "https://api.openai.com/v1/models"
+    ),
+    "access_token": lambda h, u: h.access_token(u),
+    "refresh_access_token": lambda h, u: h.refresh_access_token(u),
+    "begin_authorization": lambda h, u: h.begin_authorization(u, "https://app.example/cb"),
+    "authorization_url": lambda h, u: h.authorization_url(u, "https://app.example/cb"),
+    "exchange_code": lambda h, u: h.exchange_code(u, "code", "https://app.example/cb"),
+}
+
+
+async def _outcome(call: Awaitable[Any], uuid: str) -> tuple[str, Any]:
+    """What the caller can observe, with the uuid it passed in (echoed back) blanked."""
+    try:
+        value = await call
+    except IntegrationsError as exc:
+        return "error", (type(exc).__name__, exc.code, exc.message.replace(uuid, "<uuid>"))
+    if isinstance(value, Validation):
+        return "value", (value.ok, value.message)
+    return "value", value
+
+
+async def _table(db: asyncpg.Connection) -> list[Any]:
+    return [
+        tuple(r)
+        for r in await db.fetch(
+            "SELECT uuid, owner, key, value_json::text, version FROM integrations.connections "
+            "ORDER BY uuid"
+        )
+    ]
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+async def test_another_owners_connection_looks_missing(
+    integ: Integrations, db: asyncpg.Connection, method: str
+) -> None:
+    bob = await integ.add_connection("openai", "default", owner="user:bob")
+    await store_setup(integ, bob.uuid, {"api_key": BOB_KEY})
+    google = await integ.add_connection("google", "default", owner="user:bob")
+    await integ.save_setup(google.uuid, {"client_id": "cid", "client_secret": "cs-0123456789"})
+    alice = integ.for_owner("user:alice")
+    target = google.uuid if "authorization" in method or method == "exchange_code" else bob.uuid
+    before = await _table(db)
+    async with integ.subscribe(owner=ALL_OWNERS) as events:
+        crossed = await _outcome(CALLS[method](alice, target), target)
+        nobody = str(uuid_mod.uuid4())
+        missing = await _outcome(CALLS[method](alice, nobody), nobody)
+        await asyncio.sleep(0.2)
+        assert events.pending == 0, "an event was emitted"
+    assert crossed == missing
+    assert await _table(db) == before
+    assert BOB_KEY not in repr(crossed)
+
+
+async def test_the_owner_sees_and_changes_its_own(integ: Integrations) -> None:
+    alice = integ.for_owner("user:alice")
+    mine = await alice.add_connection("openai", "default")
+    assert mine.owner == "user:alice"
+    await alice.save_setup(mine.uuid, {"api_key": "sk-alice-0123456789"})
+    assert (await alice.get_credentials("openai"))["api_key"] == "sk-alice-0123456789"
+    assert (await alice.get_credentials(mine.uuid))["api_key"] == "sk-alice-0123456789"
+    assert [c.uuid for c in await alice.list_connections("openai")] == [mine.uuid]
+    assert await integ.for_owner("user:bob").list_connections("openai") == []
+    # The root object is the administrator: it sees every owner's rows.
+    assert (await integ.get_integration_by_uuid(mine.uuid)).owner == "user:alice"
+
+
+async def test_an_owner_cannot_complete_anothers_authorization(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    google = await integ.add_connection("google", "default", owner="user:bob")
+    await integ.save_setup(google.uuid, {"client_id": "cid", "client_secret": "cs-0123456789"})
+    bob = integ.for_owner("user:bob")
+    _, state = await bob.begin_authorization(google.uuid, "https://app.example/cb")
+    pending = await db.fetchval("SELECT count(*) FROM integrations.pending_authorizations")
+    with pytest.raises(InvalidState):
+        await integ.for_owner("user:alice").complete_authorization(state, code="abc")
+    # Alice's attempt consumed nothing: the state is still bob's to use.
+    assert await db.fetchval("SELECT count(*) FROM integrations.pending_authorizations") == pending
+
+
+async def test_uuid_methods_of_the_root_enforce_an_explicit_owner(integ: Integrations) -> None:
+    bob = await integ.add_connection("openai", "default", owner="user:bob")
+    await integ.save_setup(bob.uuid, {"api_key": BOB_KEY})
+    crossed = await _outcome(integ.get_credentials(bob.uuid, owner="user:alice"), bob.uuid)
+    nobody = str(uuid_mod.uuid4())
+    missing = await _outcome(integ.get_credentials(nobody, owner="user:alice"), nobody)
+    assert crossed == missing
+    assert (await integ.get_credentials(bob.uuid, owner="user:bob"))["api_key"] == BOB_KEY
+    assert (await integ.get_credentials(bob.uuid))["api_key"] == BOB_KEY
+
+
+async def test_legacy_upsert_with_invalid_data_leaves_nothing_behind(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    from integrations import MissingField
+
+    before = await _table(db)
+    async with integ.subscribe(owner=ALL_OWNERS) as events:
+        with pytest.raises(MissingField):
+            await integ.legacy_upsert("openai", "legacy", {"organization": "org-1"})
+        with pytest.raises(IntegrationsError):
+            await integ.legacy_upsert("openai", "legacy", {"api_key": "k", "access_token": "t"})
+        await asyncio.sleep(0.2)
+        assert events.pending == 0
+    assert await _table(db) == before
+    made = await integ.legacy_upsert("openai", "legacy", {"api_key": "sk-legacy-0123456789"})
+    assert made.status == "connected"

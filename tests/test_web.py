@@ -1,0 +1,635 @@
+"""The admin console over HTTP without a browser: access, CSRF, forms, secrets, error pages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import io
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("jinja2")
+
+from starlette.requests import Request
+
+from integrations import Integrations, Provider
+from integrations.web import Admin, Owner, console, serve
+from integrations.web._present import ago, parse_scopes, status_text
+
+from .oauth_server import OAuthTestServer
+from .oauthkit import loopback_provider, new_connection
+from .webkit import (
+    GOOD_KEY,
+    acme_provider,
+    client,
+    csrf_of,
+    fake_api,
+    open_integrations,
+    running,
+)
+
+UUID_RE = re.compile(r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[str]:
+    async with fake_api() as base_url:
+        yield base_url
+
+
+@pytest.fixture
+async def oauth_server() -> AsyncIterator[OAuthTestServer]:
+    async with OAuthTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def integ(
+    fresh_db: str, api: str, oauth_server: OAuthTestServer
+) -> AsyncIterator[Integrations]:
+    async with open_integrations(
+        fresh_db, acme_provider(api), loopback_provider(oauth_server.base_url)
+    ) as instance:
+        yield instance
+
+
+def admin(request: Request) -> Admin:
+    return Admin()
+
+
+@pytest.fixture
+def http(integ: Integrations) -> httpx.AsyncClient:
+    return client(console(integ, authorize=admin))
+
+
+async def form_post(
+    http: httpx.AsyncClient, page: str, action: str, data: dict[str, str]
+) -> httpx.Response:
+    """Submit a form the way a browser does: the CSRF token from the page that holds it."""
+    html = (await http.get(page)).text
+    return await http.post(action, data={"csrf_token": csrf_of(html), **data})
+
+
+async def add(http: httpx.AsyncClient, provider: str, name: str) -> str:
+    response = await form_post(http, "/", "/connections", {"provider": provider, "name": name})
+    assert response.status_code == 303, response.text
+    found = UUID_RE.search(response.headers["location"])
+    assert found is not None
+    return found.group(1)
+
+
+# -- access ---------------------------------------------------------------------------------
+
+
+async def test_a_request_authorize_refuses_gets_401_and_touches_nothing(
+    integ: Integrations,
+) -> None:
+    async with client(console(integ, authorize=lambda request: None)) as http:
+        page = await http.get("/")
+        assert page.status_code == 401
+        assert "Sign in" in page.text
+        posted = await http.post("/connections", data={"provider": "acme", "name": "x"})
+        assert posted.status_code == 401
+    assert await integ.list_connections("acme") == []
+
+
+async def test_authorize_raising_permission_error_gives_403(integ: Integrations) -> None:
+    def refuse(request: Request) -> Admin:
+        raise PermissionError("not an admin")
+
+    uuid = (await integ.add_connection("acme", "main")).uuid
+    async with client(console(integ, authorize=refuse)) as http:
+        for path in ("/", f"/{uuid}", f"/{uuid}/status", "/fragments/list", "/events"):
+            response = await http.get(path)
+            assert response.status_code == 403, path
+        response = await http.post(f"/{uuid}/remove", data={"csrf_token": "x"})
+        assert response.status_code == 403
+    assert [c.uuid for c in await integ.list_connections("acme")] == [uuid]
+
+
+async def test_an_async_authorize_is_awaited(integ: Integrations) -> None:
+    seen: list[str] = []
+
+    async def authorize(request: Request) -> Admin | None:
+        seen.append(request.url.path)
+        return Admin() if request.headers.get("x-user") == "root" else None
+
+    async with client(console(integ, authorize=authorize)) as http:
+        assert (await http.get("/")).status_code == 401
+        assert (await http.get("/", headers={"x-user": "root"})).status_code == 200
+    assert seen == ["/", "/"]
+
+
+# -- CSRF and cookies -------------------------------------------------------------------------
+
+
+async def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(
+    integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    await http.get("/")  # the CSRF cookie is set, but the form token is missing or wrong
+    for data in ({}, {"csrf_token": ""}, {"csrf_token": "0" * 64}):
+        response = await http.post("/connections", data={"provider": "acme", "name": "x", **data})
+        assert response.status_code == 403
+        assert "Reload the page" in response.text
+    assert await integ.list_connections("acme") == []
+
+
+async def test_a_token_only_works_with_its_own_cookie(integ: Integrations) -> None:
+    app = console(integ, authorize=admin)
+    async with client(app) as first, client(app) as second:
+        token = csrf_of((await first.get("/")).text)
+        await second.get("/")  # another browser: another cookie
+        response = await second.post(
+            "/connections", data={"csrf_token": token, "provider": "acme", "name": "x"}
+        )
+        assert response.status_code == 403
+    assert await integ.list_connections("acme") == []
+
+
+async def test_cookies_are_httponly_and_samesite_strict(http: httpx.AsyncClient) -> None:
+    response = await http.get("/")
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("integrations_csrf=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
+    assert "Path=/" in cookie
+
+
+async def test_pages_carry_a_csp_without_inline_scripts(
+    integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    uuid = await add(http, "acme", "main")
+    for path in ("/", f"/{uuid}", f"/{uuid}/remove", "/nope/nope"):
+        response = await http.get(path)
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp
+        assert response.headers["x-frame-options"] == "DENY"
+        assert re.search(r"<script(?![^>]*\bsrc=)", response.text) is None
+        assert re.search(r"\son[a-z]+=", response.text) is None
+    script = await http.get("/static/console.js")
+    assert script.status_code == 200
+    assert "EventSource" in script.text
+
+
+# -- pages and forms --------------------------------------------------------------------------
+
+
+async def test_add_then_the_connection_page_has_its_setup_fields(
+    integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    uuid = await add(http, "acme", "main")
+    page = await http.get(f"/{uuid}?done=added")
+    assert page.status_code == 200
+    html = page.text
+    assert "Connection added." in html
+    assert '<label for="field-api_key">API key</label>' in html
+    assert 'type="password"' in html
+    assert "Where the account lives, e.g. eu-1." in html
+    assert re.search(r'id="field-api_key"[^>]*required', html)
+    assert "not configured" in html
+    for name in ("Save", "Test connection", "Disconnect", "Rename"):
+        assert f">{name}</button>" in html
+    assert ">Remove</a>" in html
+    assert ">Connect</button>" not in html  # an API key provider has nothing to authorize
+    connections = await integ.list_connections("acme")
+    assert [(c.uuid, c.name) for c in connections] == [(uuid, "main")]
+
+
+async def test_a_bad_name_renders_the_form_again_with_the_reason(
+    integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    response = await form_post(http, "/", "/connections", {"provider": "acme", "name": "no way"})
+    assert response.status_code == 400
+    assert 'role="alert"' in response.text
+    assert 'value="no way"' in response.text
+    await add(http, "acme", "main")
+    taken = await form_post(http, "/", "/connections", {"provider": "acme", "name": "main"})
+    assert taken.status_code == 409
+    assert len(await integ.list_connections("acme")) == 1
+
+
+async def test_save_test_rename_remove(integ: Integrations, http: httpx.AsyncClient) -> None:
+    uuid = await add(http, "acme", "main")
+    page = f"/{uuid}"
+    saved = await form_post(http, page, f"{page}/setup", {"api_key": GOOD_KEY, "region": "eu-1"})
+    assert saved.status_code == 303
+    assert saved.headers["location"] == f"{page}?done=saved"
+    assert (await integ.get_credentials(uuid))["api_key"] == GOOD_KEY
+
+    # A blank secret keeps the stored one; the page shows only its masked hint.
+    kept = await form_post(http, page, f"{page}/setup", {"api_key": "", "region": "eu-2"})
+    assert kept.status_code == 303
+    credentials = await integ.get_credentials(uuid)
+    assert (credentials["api_key"], credentials["region"]) == (GOOD_KEY, "eu-2")
+    html = (await http.get(page)).text
+    assert "Stored: ••••6789" in html
+    assert 'value="eu-2"' in html
+
+    tested = await form_post(http, page, f"{page}/test", {})
+    assert tested.status_code == 303
+    status = (await http.get(f"{page}/status")).text
+    assert ">connected<" in status
+    assert "just now" in status
+
+    renamed = await form_post(http, page, f"{page}/rename", {"new_name": "primary"})
+    assert renamed.headers["location"] == f"{page}?done=renamed"
+    assert (await integ.get_integration_by_uuid(uuid)).name == "primary"
+
+    confirm = await http.get(f"{page}/remove")
+    assert confirm.status_code == 200
+    assert "cannot be undone" in confirm.text
+    assert len(await integ.list_connections("acme")) == 1  # asking is not removing
+    removed = await form_post(http, f"{page}/remove", f"{page}/remove", {})
+    assert removed.headers["location"] == "/?done=removed"
+    assert await integ.list_connections("acme") == []
+    assert (await http.get(page)).status_code == 404
+
+
+async def test_a_failing_check_shows_error(integ: Integrations, http: httpx.AsyncClient) -> None:
+    uuid = await add(http, "acme", "main")
+    await form_post(http, f"/{uuid}", f"/{uuid}/setup", {"api_key": "wrong-key-0000000"})
+    await form_post(http, f"/{uuid}", f"/{uuid}/test", {})
+    status = (await http.get(f"/{uuid}/status")).text
+    assert ">error<" in status
+    assert "Invalid credentials" in status
+
+
+async def test_the_listing_groups_by_provider_with_status_and_pages(
+    integ: Integrations, oauth_server: OAuthTestServer
+) -> None:
+    for i in range(5):
+        await integ.add_connection("acme", f"a{i}")
+    uuid = await new_connection(integ, "web")
+    await integ.record_validation(uuid, (False, "Token expired"))
+    async with client(console(integ, authorize=admin, page_size=4)) as http:
+        first = (await http.get("/")).text
+        second = (await http.get("/?page=2")).text
+        beyond = (await http.get("/?page=99")).text
+        junk = (await http.get("/?page=x")).text
+    assert first.count("<tr data-uuid=") == 4
+    assert 'id="provider-acme"' in first
+    assert "Page 1 of 2 (6 connections)" in first
+    assert "Next page" in first
+    assert "not configured" in first
+    assert second.count("<tr data-uuid=") == 2
+    assert 'id="provider-acme"' in second and 'id="provider-loopback"' in second
+    assert ">error<" in second
+    assert "Token expired" in second
+    assert "Page 2 of 2" in beyond
+    assert "Page 1 of 2" in junk
+
+
+async def test_oauth_connect_and_callback(
+    integ: Integrations, http: httpx.AsyncClient, oauth_server: OAuthTestServer
+) -> None:
+    uuid = await new_connection(integ, "web")
+    page = (await http.get(f"/{uuid}")).text
+    assert 'value="read"' in page  # the provider's scopes, editable
+    start = await http.post(
+        f"/{uuid}/connect", data={"csrf_token": csrf_of(page), "scopes": "read, write"}
+    )
+    assert start.status_code == 303
+    authorize_url = start.headers["location"]
+    assert authorize_url.startswith(oauth_server.authorize_url)
+    assert "redirect_uri=http%3A%2F%2Fconsole.test%2Fcallback" in authorize_url
+    assert "scope=read+write" in authorize_url or "scope=read%20write" in authorize_url
+    async with httpx.AsyncClient() as browser:
+        answer = await browser.get(authorize_url)
+    assert answer.status_code == 302
+    back = answer.headers["location"].replace("http://console.test", "")
+    done = await http.get(back)
+    assert done.status_code == 303
+    assert done.headers["location"] == f"/{uuid}?done=connected"
+    assert await integ.is_connected(uuid)
+    assert ">Reconnect</button>" in (await http.get(f"/{uuid}")).text
+    replay = await http.get(back)
+    assert replay.status_code == 400
+    assert "already used" in replay.text
+
+
+async def test_a_callback_without_cookies_bounces_through_a_page_of_ours(
+    integ: Integrations, oauth_server: OAuthTestServer
+) -> None:
+    """Browsers withhold SameSite=Strict cookies on a redirect from the provider's site."""
+
+    def authorize(request: Request) -> Admin | None:
+        return Admin() if request.cookies.get("sid") == "signed-in" else None
+
+    uuid = await new_connection(integ, "web")
+    url, _state = await integ.begin_authorization(uuid, "http://console.test/callback")
+    async with httpx.AsyncClient() as browser:
+        back = (await browser.get(url)).headers["location"].replace("http://console.test", "")
+    async with client(console(integ, authorize=authorize)) as http:
+        first = await http.get(back)
+        assert first.status_code == 401
+        found = re.search(r'http-equiv="refresh" content="0;url=([^"]+)"', first.text)
+        assert found is not None
+        target = html.unescape(found.group(1))
+        assert target == back + "&bounced=1"
+        assert not await integ.is_connected(uuid)
+        refused = await http.get(target)  # still no session: refused, nothing consumed
+        assert refused.status_code == 401
+        assert "http-equiv" not in refused.text
+        http.cookies.set("sid", "signed-in")
+        done = await http.get(target)
+        assert done.status_code == 303
+        assert done.headers["location"] == f"/{uuid}?done=connected"
+    assert await integ.is_connected(uuid)
+
+
+async def test_bad_uuids_and_unknown_paths_render_a_404_page(http: httpx.AsyncClient) -> None:
+    for path in (
+        "/not-a-uuid",
+        "/00000000-0000-7000-8000-000000000000",
+        "/00000000-0000-7000-8000-000000000000/status",
+        "/00000000-0000-7000-8000-000000000000/remove",
+        "/events?uuid=00000000-0000-7000-8000-000000000000",
+        "/a/b/c/d",
+    ):
+        response = await http.get(path)
+        assert response.status_code == 404, path
+        assert response.headers["content-type"].startswith("text/html")
+        assert "Not found" in response.text
+    assert (await http.get("/callback")).status_code == 400
+
+
+async def test_a_failure_inside_renders_an_error_page_never_a_traceback(
+    integ: Integrations,
+) -> None:
+    def broken(request: Request) -> Admin:
+        raise RuntimeError("internal detail /srv/app.py line 12")
+
+    async with client(console(integ, authorize=broken)) as http:
+        response = await http.get("/")
+    assert response.status_code == 500
+    assert "Something went wrong" in response.text
+    assert "Traceback" not in response.text
+    assert "internal detail" not in response.text
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+MARKERS = {
+    "api_key": "MARKER-api-key-5f1e0c7a9b",
+    "client_secret": "MARKER-client-secret-8d2a",
+}
+
+
+async def test_no_page_or_fragment_ever_shows_a_secret(
+    integ: Integrations, http: httpx.AsyncClient, oauth_server: OAuthTestServer
+) -> None:
+    acme = (await integ.add_connection("acme", "main")).uuid
+    await integ.save_setup(acme, {"api_key": MARKERS["api_key"], "region": "eu-1"})
+    await integ.validate_connection(acme)
+    oauth_uuid = await new_connection(integ, "web")
+    url, _state = await integ.begin_authorization(oauth_uuid, "http://console.test/callback")
+    async with httpx.AsyncClient() as browser:
+        query = httpx.URL((await browser.get(url)).headers["location"]).params
+    await integ.complete_authorization(query["state"], code=query["code"])
+    tokens = await integ.get_credentials(oauth_uuid)
+    await integ.save_setup(oauth_uuid, {"client_secret": MARKERS["client_secret"]})
+    secrets = [*MARKERS.values(), tokens["access_token"], tokens["refresh_token"]]
+    assert all(len(secret) >= 12 for secret in secrets)
+
+    bodies: list[str] = []
+    for uuid in (acme, oauth_uuid):
+        for path in (f"/{uuid}", f"/{uuid}/status", f"/{uuid}/remove"):
+            bodies.append((await http.get(path)).text)
+        # Pages rendered after a failing action show the stored state too.
+        failed = await form_post(http, f"/{uuid}", f"/{uuid}/rename", {"new_name": "no way"})
+        assert failed.status_code == 400
+        bodies.append(failed.text)
+    for path in ("/", "/fragments/list", "/?page=2", "/nope/nope"):
+        bodies.append((await http.get(path)).text)
+    bodies.append((await form_post(http, "/", "/connections", {"provider": "acme"})).text)
+    for body in bodies:
+        for secret in secrets:
+            assert secret not in body
+
+
+# -- owners ---------------------------------------------------------------------------------------
+
+
+async def test_an_owner_sees_and_changes_only_their_connections(integ: Integrations) -> None:
+    mine = (await integ.add_connection("acme", "mine", owner="user:1")).uuid
+    theirs = (await integ.add_connection("acme", "theirs", owner="user:2")).uuid
+    system = (await integ.add_connection("acme", "site")).uuid
+    async with client(console(integ, authorize=lambda r: Owner("user:1"))) as http:
+        listing = (await http.get("/")).text
+        assert f"/{mine}" in listing
+        assert f"/{theirs}" not in listing and f"/{system}" not in listing
+        for uuid in (theirs, system):
+            assert (await http.get(f"/{uuid}")).status_code == 404
+            token = csrf_of(listing)
+            for action in ("remove", "disconnect", "test"):
+                response = await http.post(f"/{uuid}/{action}", data={"csrf_token": token})
+                assert response.status_code == 404
+        added = await form_post(http, "/", "/connections", {"provider": "acme", "name": "new"})
+        assert added.status_code == 303
+    owned = await integ.list_connections("acme", owner="user:1")
+    assert sorted(c.name for c in owned) == ["mine", "new"]
+    assert [c.name for c in await integ.list_connections("acme", owner="user:2")] == ["theirs"]
+    assert [c.name for c in await integ.list_connections("acme")] == ["site"]
+
+
+async def test_an_owner_sets_up_and_tests_their_own_connection(integ: Integrations) -> None:
+    uuid = (await integ.add_connection("acme", "mine", owner="user:1")).uuid
+    async with client(console(integ, authorize=lambda r: Owner("user:1", name="ann"))) as http:
+        page = await http.get(f"/{uuid}")
+        assert page.status_code == 200
+        assert "Owner user:1" in page.text
+        saved = await form_post(http, f"/{uuid}", f"/{uuid}/setup", {"api_key": GOOD_KEY})
+        assert saved.status_code == 303
+        tested = await form_post(http, f"/{uuid}", f"/{uuid}/test", {})
+        assert tested.status_code == 303
+        assert ">connected<" in (await http.get(f"/{uuid}/status")).text
+        assert (await http.get(f"/events?uuid={uuid}x")).status_code == 404
+    assert await integ.is_connected(uuid)
+
+
+async def test_the_administrator_sees_system_connections(integ: Integrations) -> None:
+    await integ.add_connection("acme", "theirs", owner="user:2")
+    site = (await integ.add_connection("acme", "site")).uuid
+    async with client(console(integ, authorize=admin)) as http:
+        listing = (await http.get("/")).text
+    assert f"/{site}" in listing
+    assert "theirs" not in listing
+
+
+async def test_processes_sharing_a_secret_accept_each_others_forms(integ: Integrations) -> None:
+    one = console(integ, authorize=admin, secret="s" * 32)
+    two = console(integ, authorize=admin, secret="s" * 32)
+    other = console(integ, authorize=admin, secret="t" * 32)
+    async with client(one) as http:
+        token = csrf_of((await http.get("/")).text)
+        cookies = http.cookies
+    for app, expected in ((two, 303), (other, 403)):
+        async with client(app) as http:
+            http.cookies = cookies
+            response = await http.post(
+                "/connections",
+                data={"csrf_token": token, "provider": "acme", "name": f"n{expected}"},
+            )
+            assert response.status_code == expected
+    assert [c.name for c in await integ.list_connections("acme")] == ["n303"]
+
+
+def test_console_refuses_bad_arguments(integ: Integrations) -> None:
+    with pytest.raises(TypeError):
+        console(integ, authorize="admin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        console(integ, authorize=admin, page_size=0)
+    with pytest.raises(ValueError):
+        console(integ, authorize=admin, secret="short")
+    with pytest.raises(ValueError):
+        Owner("  ")
+
+
+# -- mounting -----------------------------------------------------------------------------------
+
+
+async def test_mounted_under_a_path_in_fastapi(integ: Integrations) -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.mount("/admin/integrations", console(integ, authorize=admin), name="integrations")
+    async with client(app) as http:
+        page = await http.get("/admin/integrations/")
+        assert page.status_code == 200
+        assert 'action="/admin/integrations/connections"' in page.text
+        assert 'href="/admin/integrations/static/console.css"' in page.text
+        assert "Path=/admin/integrations" in page.headers["set-cookie"]
+        added = await http.post(
+            "/admin/integrations/connections",
+            data={"csrf_token": csrf_of(page.text), "provider": "acme", "name": "main"},
+        )
+        assert added.status_code == 303
+        location = added.headers["location"]
+        assert location.startswith("/admin/integrations/")
+        connection = await http.get(location)
+        assert connection.status_code == 200
+        assert 'action="/admin/integrations/' in connection.text
+        assert (await http.get("/admin/integrations/static/console.js")).status_code == 200
+
+
+# -- standalone server ------------------------------------------------------------------------
+
+
+async def test_serve_prints_a_one_time_login_link(integ: Integrations) -> None:
+    out = io.StringIO()
+    links: list[str] = []
+    ready = asyncio.Event()
+
+    def on_ready(url: str) -> None:
+        links.append(url)
+        ready.set()
+
+    task = asyncio.create_task(serve(integ, port=0, out=out, on_ready=on_ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        link = links[0]
+        assert link in out.getvalue()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/login\?token=[A-Za-z0-9_-]{40,}", link)
+        base = link.split("/login")[0]
+        async with httpx.AsyncClient(base_url=base) as http:
+            for _ in range(100):
+                try:
+                    outside = await http.get("/")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.05)
+            assert outside.status_code == 401
+            wrong = await http.get("/login?token=guess")
+            assert wrong.status_code == 403
+            login = await http.get(link)
+            assert login.status_code == 303
+            cookie = login.headers["set-cookie"]
+            assert cookie.startswith("integrations_session=")
+            assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+            inside = await http.get("/")
+            assert inside.status_code == 200
+            assert "Administrator" in inside.text
+            async with httpx.AsyncClient() as other:
+                assert (await other.get(link)).status_code == 403  # used up
+            # An open page's event stream does not hold the server up when it stops.
+            async with http.stream("GET", "/events") as stream:
+                assert stream.status_code == 200
+                task.cancel()
+                started = time.monotonic()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert time.monotonic() - started < 1.5
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_the_event_stream_tells_what_changed_and_ends_in_time(integ: Integrations) -> None:
+    uuid = (await integ.add_connection("acme", "main")).uuid
+    app = console(integ, authorize=admin, stream_lifetime=1.5)
+    async with running(app) as base, httpx.AsyncClient(base_url=base) as http:
+        started = time.monotonic()
+        async with http.stream("GET", f"/events?uuid={uuid}") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "retry: 1000"
+            await integ.save_setup(uuid, {"api_key": MARKERS["api_key"]})
+            received = []
+            async for line in lines:
+                received.append(line)
+                if line.startswith("data:"):
+                    break
+            rest = [line async for line in lines]
+        elapsed = time.monotonic() - started
+    assert received[-2] == "event: change"
+    data = json.loads(received[-1][len("data: ") :])
+    assert (data["kind"], data["uuid"], data["status"]) == ("setup_saved", uuid, "connected")
+    assert MARKERS["api_key"] not in "".join(received + rest)
+    assert 1.4 < elapsed < 4
+
+
+# -- display helpers --------------------------------------------------------------------------
+
+
+def test_ago_reads_like_a_person_would_say_it() -> None:
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def at(**delta: Any) -> str:
+        return (now - timedelta(**delta)).isoformat()
+
+    assert ago(at(seconds=3), now) == "just now"
+    assert ago(at(seconds=42), now) == "42 s ago"
+    assert ago(at(minutes=3, seconds=5), now) == "3 min ago"
+    assert ago(at(hours=5), now) == "5 h ago"
+    assert ago(at(days=2), now) == "2 d ago"
+    assert ago(None, now) == "never"
+    assert ago("yesterday", now) == "never"
+
+
+def test_status_text() -> None:
+    acme = acme_provider("http://127.0.0.1:9")
+    assert status_text(acme, {"status": "connected", "api_key": "x"}) == "connected"
+    assert status_text(acme, {"status": "error"}) == "error"
+    assert status_text(acme, {"status": "disconnected"}) == "not configured"
+    assert status_text(acme, {"status": "disconnected", "api_key": "••••"}) == "disconnected"
+    assert status_text(None, {}) == "disconnected"
+    oauth = Provider(
+        key="o", name="O", auth_type="oauth2", authorize_url="http://a/", token_url="http://t/"
+    )
+    assert status_text(oauth, {"client_id": "c", "client_secret": "••••"}) == "disconnected"
+
+
+def test_parse_scopes() -> None:
+    assert parse_scopes(" read, write  admin,,") == ["read", "write", "admin"]
+    assert parse_scopes("") == []
