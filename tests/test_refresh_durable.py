@@ -6,12 +6,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
+from urllib.parse import urlsplit
 
 import pytest
 
 from integrations import Integrations
 
-from .cutproxy import CutProxy
+from .faultproxy import FaultProxy
 from .oauth_server import OAuthTestServer
 from .oauthkit import client_credentials_provider, connect, eventually, open_integrations
 
@@ -25,8 +26,9 @@ async def server() -> AsyncIterator[OAuthTestServer]:
 
 
 @pytest.fixture
-async def proxy(fresh_db: str) -> AsyncIterator[CutProxy]:
-    async with CutProxy(fresh_db) as running:
+async def proxy(fresh_db: str) -> AsyncIterator[FaultProxy]:
+    parts = urlsplit(fresh_db)
+    async with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as running:
         yield running
 
 
@@ -39,7 +41,7 @@ async def _stored_token(fresh_db: str, server: OAuthTestServer, uuid: str) -> st
 
 
 async def _cut_during_refresh(
-    integ: Integrations, server: OAuthTestServer, proxy: CutProxy, uuid: str
+    integ: Integrations, server: OAuthTestServer, proxy: FaultProxy, uuid: str
 ) -> str:
     """A refresh whose token request is answered while the database is cut."""
     server.config.token_delay = 0.5
@@ -58,10 +60,10 @@ async def _cut_during_refresh(
 
 
 async def test_a_refresh_cut_between_answer_and_commit_keeps_the_grant(
-    fresh_db: str, server: OAuthTestServer, proxy: CutProxy
+    fresh_db: str, server: OAuthTestServer, proxy: FaultProxy
 ) -> None:
     kept = 0
-    async with open_integrations(proxy.dsn, server.base_url) as integ:
+    async with open_integrations(proxy.dsn(fresh_db), server.base_url) as integ:
         uuid = await connect(integ)
         for _ in range(RUNS):
             token = await _cut_during_refresh(integ, server, proxy, uuid)
@@ -92,10 +94,10 @@ async def _stored_is(fresh_db: str, server: OAuthTestServer, uuid: str, token: s
 
 
 async def test_close_waits_for_a_write_being_retried(
-    fresh_db: str, server: OAuthTestServer, proxy: CutProxy
+    fresh_db: str, server: OAuthTestServer, proxy: FaultProxy
 ) -> None:
     integ = Integrations(
-        proxy.dsn,
+        proxy.dsn(fresh_db),
         keys=_key(),
         providers=[_loopback(server)],
         token_backoff=0.01,
@@ -116,11 +118,13 @@ async def test_close_waits_for_a_write_being_retried(
 async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
     fresh_db: str,
     server: OAuthTestServer,
-    proxy: CutProxy,
+    proxy: FaultProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="integrations")
-    async with open_integrations(proxy.dsn, server.base_url, token_write_retry=0.5) as integ:
+    async with open_integrations(
+        proxy.dsn(fresh_db), server.base_url, token_write_retry=0.5
+    ) as integ:
         uuid = await connect(integ)
         token = await _cut_during_refresh(integ, server, proxy, uuid)
 
