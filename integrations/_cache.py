@@ -6,6 +6,7 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from ._models import Event
@@ -163,9 +164,22 @@ class CachedRepository(Repository):
     process dropping the rows it touched (other processes' writes arrive as notices)."""
 
     def __init__(
-        self, schema: str, *, channel: str, cache: RowCache, lock_timeout: float = 30.0
+        self,
+        schema: str,
+        *,
+        channel: str,
+        cache: RowCache,
+        lock_timeout: float = 30.0,
+        statement_cache_size: int | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
-        super().__init__(schema, channel=channel, lock_timeout=lock_timeout)
+        super().__init__(
+            schema,
+            channel=channel,
+            lock_timeout=lock_timeout,
+            statement_cache_size=statement_cache_size,
+            listen_dsn=listen_dsn,
+        )
         self.cache = cache
 
     # -- reads --------------------------------------------------------------------------
@@ -209,6 +223,18 @@ class CachedRepository(Repository):
     async def modify(self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]) -> T:
         try:
             return await super().modify(uuid, decide)
+        finally:
+            self.cache.rows_changed((uuid,))
+
+    async def modify_clocked(
+        self,
+        uuid: str,
+        decide: Callable[[StoredRow | None, datetime | None], tuple[Change, T]],
+        *,
+        lock_timeout: float,
+    ) -> T:
+        try:
+            return await super().modify_clocked(uuid, decide, lock_timeout=lock_timeout)
         finally:
             self.cache.rows_changed((uuid,))
 

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
+from . import _telemetry as telemetry
 from ._cache import CachedRepository, CacheStats, RowCache
 from ._checkall import CheckReport, check_all
 from ._core import Core, connect
@@ -30,7 +31,7 @@ from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._rotation import ProgressCallback, RotationProgress
 from ._services import Services
-from ._settings import Settings, TokenPolicy
+from ._settings import Settings, Takeover, TokenPolicy
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 
@@ -84,6 +85,11 @@ class Integrations:
         max_attrs_bytes: int = 64 * 1024,
         cache: bool = True,
         cache_size: int = 10_000,
+        refresh_lease: float = 15.0,
+        refresh_takeover: Takeover = "refresh",
+        token_write_retry: float = 60.0,
+        statement_cache_size: int | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
@@ -114,13 +120,40 @@ class Integrations:
                     attempts=token_attempts,
                     backoff=token_backoff,
                     cooldown=refresh_cooldown,
+                    lease=refresh_lease,
+                    takeover=refresh_takeover,
+                    write_retry=token_write_retry,
                 ),
             )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.providers = ProviderRegistry(providers or (), override=override_providers)
+        if statement_cache_size is not None and (
+            isinstance(statement_cache_size, bool)
+            or not isinstance(statement_cache_size, int)
+            or statement_cache_size < 0
+        ):
+            raise ConfigurationError(
+                f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}."
+            )
+        if statement_cache_size is not None and pool is not None:
+            raise ConfigurationError(
+                "statement_cache_size applies to the pool the library creates; with pool= "
+                "create your pool with it instead."
+            )
+        if listen_dsn is not None and (not isinstance(listen_dsn, str) or not listen_dsn):
+            raise ConfigurationError("listen_dsn must be a non-empty DSN string.")
         if not isinstance(cache, bool):
             raise ConfigurationError(f"cache must be True or False, got {cache!r}.")
+        if cache and statement_cache_size is not None and listen_dsn is None:
+            # statement_cache_size says "behind a transaction pooler", where LISTEN through
+            # the pooler misses notifications: a cache fed by them could serve stale rows.
+            log.warning(
+                "The row cache is off: behind a transaction pooler it needs listen_dsn= (a "
+                "direct connection for LISTEN).",
+                extra=telemetry.fields("cache_disabled"),
+            )
+            cache = False
         try:
             self._cache = RowCache(enabled=cache, capacity=cache_size)
         except ValueError as exc:
@@ -130,6 +163,8 @@ class Integrations:
             channel=f"{schema}_events",
             cache=self._cache,
             lock_timeout=self.settings.token.lock_timeout,
+            statement_cache_size=statement_cache_size,
+            listen_dsn=listen_dsn,
         )
         self._http = HttpClient(http)
         self._legacy = LegacyMigrators()

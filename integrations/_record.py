@@ -83,6 +83,7 @@ TOKEN_FIELDS = frozenset(
         "account",
         "token_extras",
         "refresh_error",
+        "refresh_lease",
     }
 )
 #: Everything only the library writes; ``save_setup`` refuses these, and what remains in a
@@ -367,6 +368,21 @@ def _outcome(result: Any) -> tuple[bool, str]:
 # -- tokens ---------------------------------------------------------------------------------
 
 
+def storable(value: Any) -> Any:
+    """``value`` with what PostgreSQL's jsonb refuses (U+0000, lone surrogates) replaced
+    by U+FFFD, in strings, keys and nested containers: a token endpoint's answer must
+    never make the write of the tokens it carries fail."""
+    if isinstance(value, str):
+        if "\x00" not in value and value.isascii():
+            return value
+        return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in value)
+    if isinstance(value, Mapping):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
+
+
 def store_tokens(
     data: dict[str, Any],
     tokens: oauth.TokenSet,
@@ -386,14 +402,14 @@ def store_tokens(
             data["refresh_token"] = seal("refresh_token", tokens.refresh_token)
     elif new_grant:
         data.pop("refresh_token", None)
-    data["token_type"] = tokens.token_type
+    data["token_type"] = storable(tokens.token_type)
     if tokens.expires_at is None:
         data.pop("expires_at", None)
     else:
         data["expires_at"] = tokens.expires_at.isoformat()
     data["token_obtained_at"] = tokens.obtained_at.isoformat()
     if tokens.scope or new_grant:
-        data["granted_scopes"] = list(tokens.scope)
+        data["granted_scopes"] = [storable(s) for s in tokens.scope]
 
 
 def tokens_issued(
@@ -412,7 +428,7 @@ def tokens_issued(
     if account is not None:
         data["account"] = dict(account)
     if tokens.extras:
-        data["token_extras"] = dict(tokens.extras)
+        data["token_extras"] = storable(dict(tokens.extras))
     previous = row.status
     data["status"] = "connected"
     data["reauth_required"] = False

@@ -22,6 +22,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -160,10 +161,11 @@ def _translate(lock_timeout: float | None = None) -> Iterator[None]:
 
 
 class PoolListener:
-    """A pooled connection held for LISTEN; released on close."""
+    """A pooled connection held for LISTEN (or a direct one, without a pool); released or
+    closed on close."""
 
     def __init__(
-        self, pool: asyncpg.Pool, conn: Any, channel: str, callback: Any, terminated: Any
+        self, pool: asyncpg.Pool | None, conn: Any, channel: str, callback: Any, terminated: Any
     ) -> None:
         self._pool = pool
         self._conn = conn
@@ -188,7 +190,10 @@ class PoolListener:
                 await conn.remove_listener(self._channel, self._callback)
                 await conn.remove_listener(rows_channel(self._channel), self._callback)
         with contextlib.suppress(Exception):
-            await self._pool.release(conn)
+            if self._pool is None:
+                await conn.close()
+            else:
+                await self._pool.release(conn)
 
 
 def rows_channel(channel: str) -> str:
@@ -263,7 +268,15 @@ class DirectListener:
 class Repository:
     """Connection rows, migrations and notifications in domain terms."""
 
-    def __init__(self, schema: str, *, channel: str, lock_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        schema: str,
+        *,
+        channel: str,
+        lock_timeout: float = 30.0,
+        statement_cache_size: int | None = None,
+        listen_dsn: str | None = None,
+    ) -> None:
         if (
             isinstance(lock_timeout, bool)
             or not isinstance(lock_timeout, int | float)
@@ -274,6 +287,10 @@ class Repository:
         self.schema = schema
         self.channel = channel
         self.lock_timeout = float(lock_timeout)
+        # 0 behind a transaction-mode pooler (PgBouncer): no named prepared statements.
+        self.statement_cache_size = statement_cache_size
+        # LISTEN needs a session of its own; through a transaction pooler it must go direct.
+        self.listen_dsn = listen_dsn
         self.q = Queries.load(schema)
         # One round trip opens the transaction and bounds its lock waits; the value is
         # a number formatted here, never input.
@@ -289,13 +306,16 @@ class Repository:
             self._pool = pool
             self._owns_pool = False
             return
+        options: dict[str, Any] = {}
+        if self.statement_cache_size is not None:
+            options["statement_cache_size"] = self.statement_cache_size
         with _translate():
             # No reset query on release: the library leaves no session state behind (its
             # settings are transaction-local, its locks transaction-scoped, and LISTEN has
             # a connection of its own), and asyncpg still rolls back a transaction left
             # open. That saves a round trip per pooled call.
             self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, reset=_keep_session
+                dsn, min_size=1, max_size=max_size, reset=_keep_session, **options
             )
         self._owns_pool = True
         self._dsn = dsn
@@ -488,6 +508,32 @@ class Repository:
                 await conn.execute(self.q.notify, self.channel, event_payload(event))
         return result
 
+    async def modify_clocked(
+        self,
+        uuid: str,
+        decide: Callable[[StoredRow | None, datetime | None], tuple[Change, T]],
+        *,
+        lock_timeout: float,
+    ) -> T:
+        """Like :meth:`modify` in a short transaction that waits at most ``lock_timeout``
+        seconds for the row lock (LockTimeout), and hands ``decide`` the server's clock
+        too (None with the row). Refresh leases are taken, renewed and ended with it."""
+        key = _uuid.UUID(uuid)
+        async with self._acquire(lock_timeout=lock_timeout) as conn, conn.transaction():
+            await conn.execute(
+                self.q.set_refresh_timeouts,
+                _millis(lock_timeout),
+                _millis(max(2 * lock_timeout, 5.0)),
+            )
+            record = await conn.fetchrow(self.q.lock_by_uuid_clocked, key)
+            row = None if record is None else _row(record)
+            change, result = decide(row, None if record is None else record["now"])
+            if row is not None and change.data is not None:
+                await conn.execute(self.q.update_value, key, _dumps(change.data))
+            for event in change.events:
+                await conn.execute(self.q.notify, self.channel, event_payload(event))
+        return result
+
     async def notify_channel(self, channel: str, payload: str) -> None:
         """Send ``payload`` on another channel than the events' one (a listener probe)."""
         with _translate():
@@ -627,8 +673,11 @@ class Repository:
     async def listen(
         self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> PoolListener | DirectListener:
-        """LISTEN on ``channel``: on a connection of its own when the pool is ours (its
-        connections are released without a reset), else on one held from the pool."""
+        """LISTEN on ``channel``: on a connection of its own to ``listen_dsn`` when one was
+        given (behind a transaction pooler), else on one of its own when the pool is ours
+        (its connections are released without a reset), else on one held from the pool."""
+        if self.listen_dsn is not None:
+            return await DirectListener.open(self.listen_dsn, channel, on_payload, on_lost)
         if self._owns_pool and self._dsn is not None:
             return await DirectListener.open(self._dsn, channel, on_payload, on_lost)
         return await self._listen_pooled(channel, on_payload, on_lost)

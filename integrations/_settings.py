@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["BUDGET_MARGIN", "Settings", "TokenPolicy"]
+__all__ = ["BUDGET_MARGIN", "Settings", "Takeover", "TokenPolicy"]
+
+#: What the next refresher does with a lease that expired without a write: its holder may
+#: have spent the refresh token. ``"refresh"`` asks with the stored refresh token anyway;
+#: ``"reauthorize"`` marks the connection for a new authorization instead.
+Takeover = Literal["refresh", "reauthorize"]
 
 #: Slack beyond the attempts and their waits, for the database round trips of a refresh.
 BUDGET_MARGIN = 5.0
@@ -12,8 +18,15 @@ BUDGET_MARGIN = 5.0
 
 @dataclass(frozen=True, slots=True)
 class TokenPolicy:
-    """Timing of token requests, of the row lock that serialises them, and of the
-    cool-down after a failed refresh."""
+    """Timing of token requests, of the refresh lease that serialises them (and of the
+    row lock its short transactions take), of storing what they return, and of the
+    cool-down after a failed refresh.
+
+    ``lease``: seconds a refresh lease lasts; its holder renews it every third of that
+    while its token request is pending, so a frozen or killed holder is taken over after
+    at most that long. ``takeover``: see :data:`Takeover`. ``write_retry``: for how long
+    new tokens whose write failed are kept in the process and written again.
+    """
 
     leeway: float = 60.0
     lock_timeout: float = 30.0
@@ -21,8 +34,17 @@ class TokenPolicy:
     attempts: int = 3
     backoff: float = 0.5
     cooldown: float = 5.0
+    lease: float = 15.0
+    takeover: Takeover = "refresh"
+    write_retry: float = 60.0
 
     def __post_init__(self) -> None:
+        if not self.lease >= 1 or not self.write_retry >= 0:
+            raise ValueError("refresh_lease must be >= 1 and token_write_retry >= 0")
+        if self.takeover not in ("refresh", "reauthorize"):
+            raise ValueError(
+                f'refresh_takeover must be "refresh" or "reauthorize", got {self.takeover!r}'
+            )
         if (
             self.leeway < 0
             or self.lock_timeout <= 0

@@ -76,6 +76,7 @@ class Queries:
     insert_connection: LiteralString
     get_by_uuid: LiteralString
     lock_by_uuid: LiteralString
+    lock_by_uuid_clocked: LiteralString
     get_by_key: LiteralString
     uuid_by_key: LiteralString
     list_by_prefixes: LiteralString

@@ -1,14 +1,19 @@
-"""Tokens service: fresh access tokens, single-flight in a process, a row lock across processes."""
+"""Tokens service: fresh access tokens, one request per need, a row lease across processes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import secrets
+import socket
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import _record as record
 from . import _telemetry as telemetry
@@ -16,6 +21,7 @@ from . import oauth
 from ._core import Core
 from ._errors import (
     Deleted,
+    IntegrationsError,
     InvalidAttrs,
     InvalidProviderKey,
     LifecycleError,
@@ -27,18 +33,26 @@ from ._errors import (
     RequestFailed,
     TokenRequestFailed,
 )
+from ._events import ALL_OWNERS, Subscription
 from ._http import HttpClient, retry_after_seconds
 from ._input import parse_timestamp
 from ._models import utcnow
 from ._providers import Provider
-from ._record import StoredRow
-from ._repository import LockedRow
+from ._record import Change, StoredRow
 from ._settings import BUDGET_MARGIN
 
 __all__ = ["Refresher", "imported_token_set", "parse_time", "post_token_request"]
 
 log = logging.getLogger("integrations.oauth")
 
+T = TypeVar("T")
+
+
+#: Longest wait between two looks at a row leased by another process (notifications
+#: usually wake the waiter first).
+_POLL = 0.5
+#: First and longest wait between two tries to store tokens whose write failed.
+_FIRST_RETRY, _LAST_RETRY = 0.1, 2.0
 
 #: Statuses whose Retry-After the token endpoint means: wait that long before asking again.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -61,14 +75,63 @@ class _Seen:
 
 @dataclass(slots=True, eq=False)
 class _Flight:
-    """One refresh task in flight, what it was started for, and when it first asked the
-    token endpoint (None until then: only such a task may be cancelled without loss)."""
+    """One refresh task in flight and what it was started for: ``since`` is when the
+    latest forced caller sharing it began (a forced refresh wants a token obtained after
+    that), ``requested_at`` when this task took the lease to ask (None until then), and
+    ``sent_at`` when it first asked the token endpoint (None until then: only such a task
+    may be cancelled without loss)."""
 
     seen: _Seen
     mode: Mode
+    since: datetime
     task: asyncio.Task[str] = field(init=False, repr=False)
+    requested_at: datetime | None = None
     sent_at: float | None = None
+    decided: bool = False
+    answered: bool = False
     callers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """The refresh lease this process holds on a row: who, the fencing value (the row
+    version that taking it wrote), and when its token request was decided on."""
+
+    uuid: str
+    holder: str
+    fence: int
+    requested_at: datetime
+
+    def held_in(self, data: Mapping[str, Any]) -> bool:
+        lease = data.get("refresh_lease")
+        return (
+            isinstance(lease, Mapping)
+            and lease.get("holder") == self.holder
+            and lease.get("fence") == self.fence
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """What one look at the row decided: done (a token or an error), wait for another
+    holder's lease (until the server time ``until``), or ask under a lease just taken."""
+
+    outcome: str | OAuthError | None = None
+    wait: float | None = None
+    lease: _Lease | None = None
+    plain: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    provider: Provider | None = None
+    fallback: str | None = None
+    taken_from: str | None = None
+    owner: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Unstored:
+    """New tokens whose write failed: served from here while the write is retried."""
+
+    tokens: oauth.TokenSet
+    task: asyncio.Task[None] = field(init=False, repr=False)
 
 
 def _failure_id(data: Mapping[str, Any]) -> str | None:
@@ -158,20 +221,29 @@ async def _post_token_request(
 class Refresher:
     """Hands out valid access tokens, refreshing them at most once per need.
 
-    Inside a process, concurrent callers for one connection share one task
-    (awaited through ``asyncio.shield``, so a cancelled caller does not abandon a
-    refresh whose new refresh token must be stored). Across processes the task
-    takes the row lock, reads the row again and calls the token endpoint only
-    if no other process refreshed, or failed, while it waited. After a failure,
-    automatic refreshes wait for a cool-down (a terminal failure: for a new
-    authorization, new setup or an explicit refresh) and get the recorded error.
+    Inside a process, concurrent callers for one connection share one task (awaited
+    through ``asyncio.shield``, so a cancelled caller does not abandon a refresh whose
+    new refresh token must be stored). Across processes a refresh lease in the row
+    decides who asks: taken, renewed and ended in short transactions, so no database
+    connection is held while the token endpoint answers. Callers elsewhere wait for the
+    lease to end (woken by the notification of the holder's write, polling as a
+    fallback) and reuse what it wrote. The holder writes only while its fence (the row
+    version it took the lease at) is still in the row. New tokens whose write fails stay
+    in the process, serve its callers, and are written again for ``write_retry`` seconds.
+    After a failure, automatic refreshes wait for a cool-down (a terminal failure: for a
+    new authorization, new setup or an explicit refresh) and get the recorded error.
     """
 
     def __init__(self, core: Core) -> None:
         self._core = core
         self.policy = core.settings.token
         self._inflight: dict[str, _Flight] = {}
+        self._unstored: dict[str, _Unstored] = {}
         self._closed = False
+        # Holder ids: this process (host, pid, a random part against pid reuse), then a
+        # counter per flight.
+        self._holder_prefix = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._flights = itertools.count(1)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -233,7 +305,21 @@ class Refresher:
     # -- single flight --------------------------------------------------------------------
 
     async def _coalesced(self, uuid: str, seen: _Seen, mode: Mode) -> str:
-        flight = self._join(uuid, seen, mode)
+        since = utcnow()
+        unstored = self._unstored.get(uuid)
+        while unstored is not None:
+            # Newer than the row: its write is still being retried.
+            if mode == "expiring" or (
+                mode == "rejected" and seen.token != unstored.tokens.access_token
+            ):
+                return unstored.tokens.access_token
+            await asyncio.wait({unstored.task})
+            unstored = self._unstored.get(uuid)
+        flight = self._join(uuid, seen, mode, since)
+        while mode == "force" and not _serves(flight):
+            # It hands out a token obtained before this call began: wait, then ask.
+            await asyncio.wait({flight.task})
+            flight = self._join(uuid, seen, mode, since)
         token = await self._outcome(flight)
         if (
             mode == "rejected"
@@ -243,16 +329,20 @@ class Refresher:
             # The shared task was started for another need (a caller that read an older
             # token, or a refresh ahead of expiry) and handed back the token the API has
             # just rejected: one more, for this caller's own.
-            flight = self._join(uuid, seen, mode)
+            flight = self._join(uuid, seen, mode, since)
             token = await self._outcome(flight)
         return token
 
-    def _join(self, uuid: str, seen: _Seen, mode: Mode) -> _Flight:
+    def _join(self, uuid: str, seen: _Seen, mode: Mode, since: datetime) -> _Flight:
         if self._closed:
             raise LifecycleError("Integrations is closed")
         flight = self._inflight.get(uuid)
+        if flight is not None and mode == "force" and not flight.decided:
+            # Not decided yet: it will ask for a token after this call began.
+            flight.mode = "force"
+            flight.since = max(flight.since, since)
         if flight is None:
-            flight = _Flight(seen, mode)
+            flight = _Flight(seen, mode, since)
             flight.task = asyncio.get_running_loop().create_task(
                 self._run(uuid, flight), name=f"integrations-refresh-{uuid}"
             )
@@ -285,13 +375,17 @@ class Refresher:
             task.exception()
 
     async def close(self) -> None:
-        """Stop refreshing: cancel what has not asked the token endpoint yet, and let each
+        """Stop refreshing: cancel what has not asked the token endpoint yet, let each
         refresh that has finish (its new refresh token must be stored) within its budget
-        counted from its first request."""
+        counted from its first request, and let writes being retried end (within
+        ``write_retry``)."""
         self._closed = True
         flights = list(self._inflight.values())
         if flights:
             await asyncio.gather(*(self._settle(f) for f in flights))
+        writes = {u.task for u in self._unstored.values()}
+        if writes:
+            await asyncio.wait(writes)
 
     async def _settle(self, flight: _Flight) -> None:
         if flight.sent_at is not None:
@@ -302,29 +396,70 @@ class Refresher:
         # The write of what a token request returned is not cancelled: wait for it.
         await asyncio.wait({flight.task})
 
-    # -- under the row lock ---------------------------------------------------------------
+    # -- the lease ------------------------------------------------------------------------
 
-    async def _run(self, uuid: str, flight: _Flight) -> str:
+    async def _in_row(
+        self, uuid: str, decide: Callable[[StoredRow | None, datetime | None], tuple[Change, T]]
+    ) -> T:
         policy = self.policy
         try:
-            async with self._core.repo.locked(
-                uuid, lock_timeout=policy.lock_timeout, idle_timeout=policy.budget
-            ) as locked:
-                outcome = await self._under_lock(locked, flight)
+            return await self._core.repo.modify_clocked(
+                uuid, decide, lock_timeout=policy.lock_timeout
+            )
         except LockTimeout as exc:
             raise TokenRequestFailed(
-                "The connection was locked by another transaction (a refresh, a write or a "
-                f"key rotation batch) for longer than the lock timeout ({policy.lock_timeout:g}s)",
+                "The connection was locked by another transaction (a write or a key rotation "
+                f"batch) for longer than the lock timeout ({policy.lock_timeout:g}s)",
                 transient=True,
             ) from exc
-        # A failure is raised only now, after it was committed with the lock released.
-        if isinstance(outcome, OAuthError):
-            raise outcome
-        return outcome
 
-    async def _under_lock(self, locked: LockedRow, flight: _Flight) -> str | OAuthError:
-        row = locked.row
-        if row is None:
+    async def _run(self, uuid: str, flight: _Flight) -> str:
+        holder = f"{self._holder_prefix}:{next(self._flights)}"
+        async with contextlib.AsyncExitStack() as stack:
+            subscription: Subscription | None = None
+            listen = True
+            while True:
+                step = await self._in_row(uuid, partial(self._look, flight, holder))
+                if step.lease is not None:
+                    break
+                if step.wait is None:
+                    # A failure is raised only now, after it was committed.
+                    if isinstance(step.outcome, OAuthError):
+                        raise step.outcome
+                    assert isinstance(step.outcome, str)
+                    return step.outcome
+                if subscription is None and listen:
+                    try:
+                        subscription = await stack.enter_async_context(
+                            self._core.hub.subscribe(uuid=uuid, owner=ALL_OWNERS, maxsize=10)
+                        )
+                    except Exception as exc:
+                        # No LISTEN (the hub is closed, or the database refused): poll.
+                        log.debug(
+                            "refresh of %s waits by polling: %s",
+                            uuid,
+                            type(exc).__name__,
+                            extra=telemetry.fields("refresh_lease_polling", uuid=uuid),
+                        )
+                        listen = False
+                    # Subscribed after that look: look again before waiting, lest the
+                    # holder's notification fell in between.
+                    continue
+                wait = min(max(step.wait, 0.02), _POLL)
+                if subscription is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(subscription.get(), wait)
+                else:
+                    await asyncio.sleep(wait)
+        return await self._ask(uuid, flight, step)
+
+    def _look(
+        self, flight: _Flight, holder: str, row: StoredRow | None, now: datetime | None
+    ) -> tuple[Change, _Step]:
+        """Under the row lock: use what is stored, wait for another holder's lease, or take
+        the lease (written with the same commit)."""
+        flight.decided = True
+        if row is None or now is None:
             raise Deleted()
         provider = self._core.provider_of(row)
         if provider is None:
@@ -336,43 +471,321 @@ class Refresher:
             # Disconnected while this caller waited: nothing to refresh, nothing to record.
             raise NotConnected()
         seen, mode = flight.seen, flight.mode
-        # Check again after the lock: another process may have refreshed, or failed, meanwhile.
-        if current is not None and current != seen.token:
-            return current
-        now = utcnow()
-        if mode == "expiring" and current is not None and not self._due(plain, now):
-            return current
+        if mode == "force":
+            # A token obtained after the call began (here or in another process) will do.
+            obtained = parse_time(row.data.get("token_obtained_at"))
+            if current is not None and obtained is not None and obtained >= flight.since:
+                return Change(), _Step(outcome=current)
+        elif current is not None and current != seen.token:
+            # Another process refreshed, or failed, while this caller waited.
+            return Change(), _Step(outcome=current)
+        clock = utcnow()
+        if mode == "expiring" and current is not None and not self._due(plain, clock):
+            return Change(), _Step(outcome=current)
         # Ahead of expiry, a failure does not take away a token that still works.
-        fallback = current if mode == "expiring" and _usable(current, plain, now) else None
+        fallback = current if mode == "expiring" and _usable(current, plain, clock) else None
         failure = row.data.get("refresh_error")
         if isinstance(failure, Mapping):
             recorded = _recorded_error(failure, row.data)
             fresh = _failure_id(row.data) != seen.failure
-            if fresh or (mode != "force" and _held_back(row.data, now) is not None):
-                return fallback or recorded
+            if fresh or (mode != "force" and _held_back(row.data, clock) is not None):
+                return Change(), _Step(outcome=fallback or recorded)
+        lease = row.data.get("refresh_lease")
+        taken_from: str | None = None
+        if isinstance(lease, Mapping):
+            until = parse_time(lease.get("until"))
+            if until is not None and until > now and not lease.get("abandoned"):
+                flight.decided = False
+                return Change(), _Step(wait=(until - now).total_seconds())
+            if not lease.get("abandoned"):
+                taken_from = str(lease.get("holder"))
+                if self.policy.takeover == "reauthorize":
+                    exc = ReauthRequired(
+                        "A token refresh by another process did not finish within its lease; "
+                        "the refresh token it sent may be spent, so the connection must be "
+                        "authorized again"
+                    )
+                    failed = record.refresh_failed(
+                        row, exc, clock, cooldown=self.policy.cooldown_after
+                    )
+                    data = dict(failed.change.data or {})
+                    # Kept, marked: a holder that comes back may still store its answer.
+                    data["refresh_lease"] = {**lease, "abandoned": True}
+                    return Change(data, events=failed.change.events), _Step(
+                        outcome=fallback or exc, taken_from=taken_from
+                    )
+        taken = _Lease(row.uuid, holder, row.version + 1, clock)
+        data = {
+            **row.data,
+            "refresh_lease": {
+                "holder": holder,
+                "fence": taken.fence,
+                "until": (now + timedelta(seconds=self.policy.lease)).isoformat(),
+                "requested_at": clock.isoformat(),
+            },
+        }
+        flight.requested_at = clock
+        return Change(data), _Step(
+            lease=taken,
+            plain=plain,
+            provider=provider,
+            fallback=fallback,
+            taken_from=taken_from,
+            owner=row.owner,
+        )
+
+    async def _ask(self, uuid: str, flight: _Flight, step: _Step) -> str:
+        """Under the lease, with no database connection held: ask, then store the answer."""
+        lease, provider, plain = step.lease, step.provider, step.plain
+        assert lease is not None and provider is not None
+        if step.taken_from is not None:
+            log.warning(
+                "took over the refresh lease of connection %s: its holder (%s) did not write "
+                "within %gs, and the refresh token it sent may be spent",
+                uuid,
+                step.taken_from,
+                self.policy.lease,
+                extra=telemetry.fields(
+                    "refresh_lease_taken_over", uuid=uuid, provider=provider.key, owner=step.owner
+                ),
+            )
+        renewing = asyncio.get_running_loop().create_task(
+            self._renew(lease), name=f"integrations-lease-{uuid}"
+        )
         try:
             tokens = await self._token_call(provider, plain, flight)
+            flight.answered = True
         except (ReauthRequired, TokenRequestFailed) as exc:
-            failed = record.refresh_failed(row, exc, utcnow(), cooldown=self.policy.cooldown_after)
+            flight.answered = True
             log.info(
                 "token refresh failed for connection %s (%s): %s",
-                row.uuid,
+                uuid,
                 exc.code,
                 exc.message,
                 extra=telemetry.fields(
-                    "token_refresh_failed", uuid=row.uuid, provider=row.provider, owner=row.owner
+                    "token_refresh_failed", uuid=uuid, provider=provider.key, owner=step.owner
                 ),
             )
-            await locked.write(failed.change.data or {}, failed.change.events)
-            return fallback or exc
-        done = record.refreshed(
-            row,
-            tokens,
-            seal=partial(self._core.vault.seal_value, row.uuid),
-            previous_refresh_token=plain.get("refresh_token"),
+            renewing.cancel()
+            await _to_the_end(self._in_row(uuid, partial(self._failed, lease, exc)))
+            if step.fallback is not None:
+                return step.fallback
+            raise
+        except BaseException:
+            renewing.cancel()
+            if flight.sent_at is None:
+                # Cancelled before asking: free the lease rather than make others wait it
+                # out. Once a request went out its refresh token may be spent: the lease
+                # is left to run out, and the takeover policy decides what comes next.
+                with contextlib.suppress(Exception):
+                    await _to_the_end(self._in_row(uuid, partial(_released, lease)))
+            raise
+        finally:
+            renewing.cancel()
+        return await self._store(uuid, lease, tokens, _text(plain.get("refresh_token")))
+
+    async def _renew(self, lease: _Lease) -> None:
+        """Keep the lease while the token request is pending: a holder that freezes or dies
+        stops renewing, and the lease runs out within ``policy.lease``."""
+        every = self.policy.lease / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                kept = await self._core.repo.modify_clocked(
+                    lease.uuid, partial(self._renewed, lease), lock_timeout=every
+                )
+            except IntegrationsError as exc:
+                log.debug(
+                    "renewing the refresh lease of %s failed: %s",
+                    lease.uuid,
+                    exc.code,
+                    extra=telemetry.fields("refresh_lease_renewal_failed", uuid=lease.uuid),
+                )
+                continue
+            if not kept:
+                return
+
+    def _renewed(
+        self, lease: _Lease, row: StoredRow | None, now: datetime | None
+    ) -> tuple[Change, bool]:
+        if row is None or now is None or not lease.held_in(row.data):
+            return Change(), False
+        held = dict(row.data["refresh_lease"])
+        held["until"] = (now + timedelta(seconds=self.policy.lease)).isoformat()
+        return Change({**row.data, "refresh_lease": held}), True
+
+    def _failed(
+        self, lease: _Lease, exc: OAuthError, row: StoredRow | None, _now: datetime | None
+    ) -> tuple[Change, None]:
+        if row is None or not lease.held_in(row.data):
+            # Taken over meanwhile: this failure is not the newest news.
+            return Change(), None
+        failed = record.refresh_failed(row, exc, utcnow(), cooldown=self.policy.cooldown_after)
+        # The message may quote the server's error description.
+        data = record.storable(failed.change.data or {})
+        data.pop("refresh_lease", None)
+        return Change(data, events=failed.change.events), None
+
+    # -- storing what the token endpoint answered ------------------------------------------
+
+    async def _store(
+        self, uuid: str, lease: _Lease, tokens: oauth.TokenSet, previous: str | None
+    ) -> str:
+        write = partial(self._written, lease, tokens, previous)
+        try:
+            return await _to_the_end(self._in_row(uuid, write))
+        except Exception as exc:
+            # Whatever the driver raised: these tokens must not be dropped with it.
+            reason = _why(exc)
+        # The provider issued these (and may have spent ``previous``): they exist nowhere
+        # else, so they serve this process while the write is tried again.
+        log.warning(
+            "storing the tokens a refresh of connection %s obtained failed (%s); keeping "
+            "them in this process and trying again for up to %gs",
+            uuid,
+            reason,
+            self.policy.write_retry,
+            extra=telemetry.fields("token_write_retrying", uuid=uuid),
         )
-        await locked.write(done.change.data or {}, done.change.events)
+        unstored = _Unstored(tokens)
+        unstored.task = asyncio.get_running_loop().create_task(
+            self._persist(uuid, unstored, write, previous), name=f"integrations-store-{uuid}"
+        )
+        self._unstored[uuid] = unstored
         return tokens.access_token
+
+    def _written(
+        self,
+        lease: _Lease,
+        tokens: oauth.TokenSet,
+        previous: str | None,
+        row: StoredRow | None,
+        _now: datetime | None,
+    ) -> tuple[Change, str]:
+        """Compare and set: write while the lease is still ours and the refresh token it
+        was asked with is still the stored one; else keep the row, and hand out ours only
+        if it is still the newest."""
+        if row is None:
+            return Change(), tokens.access_token
+        provider = self._core.provider_of(row)
+        secret_fields = provider.secret_field_keys if provider is not None else frozenset()
+        plain = self._core.vault.unseal(row.uuid, row.data, secret_fields)
+        stored_refresh = _text(plain.get("refresh_token"))
+        if lease.held_in(row.data) and stored_refresh == previous:
+            done = record.refreshed(
+                row,
+                tokens,
+                seal=partial(self._core.vault.seal_value, row.uuid),
+                previous_refresh_token=previous,
+            )
+            data = record.storable(done.change.data or {})
+            data.pop("refresh_lease", None)
+            return Change(data, events=done.change.events), tokens.access_token
+        current = _text(plain.get("access_token"))
+        obtained = parse_time(row.data.get("token_obtained_at"))
+        newer = stored_refresh != previous or (
+            obtained is not None and obtained > tokens.obtained_at
+        )
+        log.info(
+            "the refresh lease of connection %s was taken over before its answer was stored; %s",
+            row.uuid,
+            "the stored tokens are newer" if newer else "its answer serves this process only",
+            extra=telemetry.fields(
+                "refresh_lease_fenced_out", uuid=row.uuid, provider=row.provider, owner=row.owner
+            ),
+        )
+        if newer and current is not None:
+            return Change(), current
+        return Change(), tokens.access_token
+
+    async def _persist(
+        self,
+        uuid: str,
+        unstored: _Unstored,
+        write: Callable[[StoredRow | None, datetime | None], tuple[Change, str]],
+        previous: str | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.policy.write_retry
+        delay, attempts = _FIRST_RETRY, 1
+        reason = ""
+        try:
+            while loop.time() + delay <= deadline:
+                await asyncio.sleep(delay)
+                attempts += 1
+                try:
+                    await self._in_row(uuid, write)
+                except Exception as exc:
+                    reason = _why(exc)
+                    delay = min(delay * 2, _LAST_RETRY)
+                    continue
+                log.info(
+                    "stored the tokens of connection %s's refresh at attempt %d",
+                    uuid,
+                    attempts,
+                    extra=telemetry.fields("token_write_recovered", uuid=uuid),
+                )
+                return
+            self._lost(uuid, unstored.tokens, previous, attempts, reason)
+            rotated = unstored.tokens.refresh_token not in (None, previous)
+            if rotated:
+                try:
+                    await self._in_row(uuid, partial(self._spent, previous))
+                except Exception as exc:
+                    log.error(
+                        "could not mark connection %s for a new authorization either (%s)",
+                        uuid,
+                        _why(exc),
+                        extra=telemetry.fields("token_write_mark_failed", uuid=uuid),
+                    )
+        finally:
+            if self._unstored.get(uuid) is unstored:
+                del self._unstored[uuid]
+
+    def _lost(
+        self,
+        uuid: str,
+        tokens: oauth.TokenSet,
+        previous: str | None,
+        attempts: int,
+        reason: str,
+    ) -> None:
+        rotated = tokens.refresh_token not in (None, previous)
+        log.error(
+            "gave up storing the tokens a refresh of connection %s obtained at %s, after %d "
+            "attempts in %gs (%s): lost are its access token (expiring %s)%s",
+            uuid,
+            tokens.obtained_at.isoformat(),
+            attempts,
+            self.policy.write_retry,
+            reason or "no reason given",
+            tokens.expires_at.isoformat() if tokens.expires_at else "at an unknown time",
+            " and the rotated refresh token that replaced the stored one, which the "
+            "provider may now refuse: marking the connection for a new authorization"
+            if rotated
+            else "; the stored refresh token is still the current one",
+            extra=telemetry.fields("token_write_lost", uuid=uuid),
+        )
+
+    def _spent(
+        self, previous: str | None, row: StoredRow | None, _now: datetime | None
+    ) -> tuple[Change, None]:
+        """After new tokens were lost: the stored refresh token was rotated away."""
+        if row is None:
+            return Change(), None
+        provider = self._core.provider_of(row)
+        secret_fields = provider.secret_field_keys if provider is not None else frozenset()
+        plain = self._core.vault.unseal(row.uuid, row.data, secret_fields)
+        if _text(plain.get("refresh_token")) != previous:
+            return Change(), None
+        exc = ReauthRequired(
+            "The tokens of a refresh could not be stored, and the refresh token they replaced "
+            "may no longer be accepted; the connection must be authorized again"
+        )
+        failed = record.refresh_failed(row, exc, utcnow(), cooldown=self.policy.cooldown_after)
+        data = dict(failed.change.data or {})
+        data.pop("refresh_lease", None)
+        return Change(data, events=failed.change.events), None
 
     async def _token_call(
         self, provider: Provider, plain: Mapping[str, Any], flight: _Flight
@@ -467,6 +880,44 @@ class Refresher:
                 )
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _why(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, IntegrationsError) else type(exc).__name__
+
+
+def _serves(flight: _Flight) -> bool:
+    """Whether ``flight`` hands a forced caller that joins it now a token obtained after
+    that: it has not decided yet, or it asks and has no answer yet."""
+    if not flight.decided:
+        return True
+    return flight.requested_at is not None and not flight.answered
+
+
+def _released(lease: _Lease, row: StoredRow | None, _now: datetime | None) -> tuple[Change, None]:
+    if row is None or not lease.held_in(row.data):
+        return Change(), None
+    data = dict(row.data)
+    data.pop("refresh_lease", None)
+    return Change(data), None
+
+
+async def _to_the_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` to its end even when cancelled meanwhile; the cancellation follows.
+    What it writes may be tokens the provider already issued, which exist nowhere else."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
 
 def _nothing_to_refresh(provider: Provider, plain: Mapping[str, Any]) -> bool:

@@ -28,6 +28,9 @@ async def main(args: argparse.Namespace) -> None:
         providers=[provider],
         lock_timeout=args.lock_timeout,
         token_backoff=0.01,
+        refresh_lease=args.lease,
+        statement_cache_size=args.statement_cache_size,
+        listen_dsn=args.listen_dsn,
     ) as integ:
         # Warm the pool and the HTTP session so the start signal releases real work only.
         await integ.get_integration_by_uuid(args.uuid)
@@ -67,4 +70,7 @@ if __name__ == "__main__":
     parser.add_argument("--mode", choices=["request", "access_token", "refresh"], default="request")
     parser.add_argument("--count", type=int, default=25)
     parser.add_argument("--lock-timeout", type=float, default=30.0)
+    parser.add_argument("--lease", type=float, default=15.0)
+    parser.add_argument("--statement-cache-size", type=int, default=None)
+    parser.add_argument("--listen-dsn", default=None)
     asyncio.run(main(parser.parse_args()))

@@ -47,6 +47,11 @@ FROM {schema}.connections WHERE uuid = $1;
 SELECT uuid, owner, key, value_json::text AS value_json, version
 FROM {schema}.connections WHERE uuid = $1 FOR NO KEY UPDATE;
 
+-- name: lock_by_uuid_clocked
+-- $1 uuid; like lock_by_uuid, with the server's clock (refresh leases are timed by it)
+SELECT uuid, owner, key, value_json::text AS value_json, version, clock_timestamp() AS now
+FROM {schema}.connections WHERE uuid = $1 FOR NO KEY UPDATE;
+
 -- name: get_by_key
 -- $1 text owner, $2 text key
 SELECT uuid, owner, key, value_json::text AS value_json, version

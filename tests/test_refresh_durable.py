@@ -1,0 +1,174 @@
+"""A token response that arrived is never lost: the database cut between answer and commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from functools import partial
+from urllib.parse import urlsplit
+
+import pytest
+
+from integrations import Integrations
+
+from .faultproxy import FaultProxy
+from .oauth_server import OAuthTestServer
+from .oauthkit import client_credentials_provider, connect, eventually, open_integrations
+
+RUNS = 5
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[OAuthTestServer]:
+    async with OAuthTestServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def proxy(fresh_db: str) -> AsyncIterator[FaultProxy]:
+    parts = urlsplit(fresh_db)
+    async with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as running:
+        yield running
+
+
+async def _stored_token(fresh_db: str, server: OAuthTestServer, uuid: str) -> str:
+    """The access token in the row, read by another instance straight from the database."""
+    async with open_integrations(fresh_db, server.base_url) as reader:
+        token = (await reader.get_integration(uuid))["access_token"]
+    assert isinstance(token, str)
+    return token
+
+
+async def _cut_during_refresh(
+    integ: Integrations, server: OAuthTestServer, proxy: FaultProxy, uuid: str
+) -> str:
+    """A refresh whose token request is answered while the database is cut."""
+    server.config.token_delay = 0.5
+    calls = server.stats.token_calls["refresh_token"]
+    # Enough open pool connections that every caller has read the row before the cut.
+    await asyncio.gather(*(integ.get_integration(uuid) for _ in range(3)))
+    refresh = asyncio.gather(*(integ.refresh_access_token(uuid) for _ in range(3)))
+    await eventually(lambda: server.stats.token_calls["refresh_token"] > calls)
+    proxy.cut()
+    # Every caller waiting on the refresh is served, although its write failed.
+    tokens = await asyncio.wait_for(refresh, 10)
+    assert len(set(tokens)) == 1
+    assert server.stats.token_calls["refresh_token"] == calls + 1
+    server.config.token_delay = 0.0
+    return tokens[0]
+
+
+async def test_a_refresh_cut_between_answer_and_commit_keeps_the_grant(
+    fresh_db: str, server: OAuthTestServer, proxy: FaultProxy
+) -> None:
+    kept = 0
+    async with open_integrations(proxy.dsn(fresh_db), server.base_url) as integ:
+        uuid = await connect(integ)
+        for _ in range(RUNS):
+            token = await _cut_during_refresh(integ, server, proxy, uuid)
+            assert server.token_status(token) == "active"
+            assert await _stored_token(fresh_db, server, uuid) != token
+            await asyncio.sleep(0.3)
+            proxy.restore()
+            await eventually(partial(_stored_is, fresh_db, server, uuid, token))
+            after = await integ.refresh_access_token(uuid)
+            assert after != token
+            response = await integ.authenticated_request(
+                uuid, "GET", f"{server.base_url}/api/resource"
+            )
+            if (
+                response.status == 200
+                and server.stats.grants_revoked == 0
+                and server.stats.refresh_reuse_detected == 0
+            ):
+                kept += 1
+    print(f"\nrefreshes cut between answer and commit: {proxy.cuts}; grant kept: {kept}")
+    assert proxy.cuts == RUNS
+    assert kept == RUNS
+    assert server.stats.refresh_reuse_detected == 0
+
+
+async def _stored_is(fresh_db: str, server: OAuthTestServer, uuid: str, token: str) -> bool:
+    return await _stored_token(fresh_db, server, uuid) == token
+
+
+async def test_close_waits_for_a_write_being_retried(
+    fresh_db: str, server: OAuthTestServer, proxy: FaultProxy
+) -> None:
+    integ = Integrations(
+        proxy.dsn(fresh_db),
+        keys=_key(),
+        providers=[_loopback(server)],
+        token_backoff=0.01,
+        token_write_retry=30,
+    )
+    await integ.open()
+    uuid = await connect(integ)
+    token = await _cut_during_refresh(integ, server, proxy, uuid)
+    closing = asyncio.create_task(integ.close())
+    await asyncio.sleep(0.5)
+    assert not closing.done(), "close() waits for the tokens to be stored"
+    proxy.restore()
+    await asyncio.wait_for(closing, 10)
+    assert await _stored_token(fresh_db, server, uuid) == token
+    assert server.stats.refresh_reuse_detected == 0
+
+
+async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
+    fresh_db: str,
+    server: OAuthTestServer,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="integrations")
+    async with open_integrations(
+        proxy.dsn(fresh_db), server.base_url, token_write_retry=0.5
+    ) as integ:
+        uuid = await connect(integ)
+        token = await _cut_during_refresh(integ, server, proxy, uuid)
+
+        def gave_up() -> bool:
+            return any("gave up storing" in r.getMessage() for r in caplog.records)
+
+        await eventually(gave_up, within=10)
+        [record] = [r for r in caplog.records if "gave up storing" in r.getMessage()]
+        assert record.levelno == logging.ERROR
+        message = record.getMessage()
+        assert uuid in message and "rotated refresh token" in message
+        assert token not in caplog.text
+        proxy.restore()
+        # The instance goes on working once the database is back.
+        assert (await integ.get_integration_by_uuid(uuid)).uuid == uuid
+
+
+async def test_a_token_response_postgresql_cannot_store_is_cleaned_before_the_write(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    server.config.granted_scope = "read\x00write \ud800odd"
+    async with open_integrations(
+        fresh_db, server.base_url, providers=[client_credentials_provider(server.base_url)]
+    ) as integ:
+        conn = await integ.add_connection("machine", "default")
+        from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+
+        await integ.save_setup(
+            conn.uuid, {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
+        )
+        token = await integ.access_token(conn.uuid)
+        assert server.token_status(token) == "active"
+        stored = await integ.get_integration(conn.uuid)
+        assert stored["access_token"] == token
+        assert stored["granted_scopes"] == ["read\ufffdwrite", "\ufffdodd"]
+
+
+def _key() -> str:
+    from .conftest import TEST_KEY
+
+    return TEST_KEY
+
+
+def _loopback(server: OAuthTestServer) -> object:
+    from .oauthkit import loopback_provider
+
+    return loopback_provider(server.base_url)

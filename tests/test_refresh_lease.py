@@ -1,0 +1,222 @@
+"""The refresh lease: forced refreshes coalesce, other instances wait for the holder, and a
+frozen holder's lease runs out (what then happens is the takeover policy's)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid as uuid_mod
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+
+import asyncpg
+import pytest
+
+from integrations import ConfigurationError, Integrations, ReauthRequired
+
+from .oauth_server import OAuthTestServer, ServerProcess
+from .oauthkit import connect, eventually, open_integrations
+from .test_refresh_processes import Worker
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[OAuthTestServer]:
+    async with OAuthTestServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def integ(fresh_db: str, server: OAuthTestServer) -> AsyncIterator[Integrations]:
+    async with open_integrations(fresh_db, server.base_url) as instance:
+        yield instance
+
+
+def _refreshes(server: OAuthTestServer) -> int:
+    return server.stats.token_calls["refresh_token"]
+
+
+async def test_five_simultaneous_forced_refreshes_make_one_token_request(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    before = await integ.access_token(uuid)
+    server.config.token_delay = 0.2
+    began = datetime.now().astimezone()
+    tokens = await asyncio.gather(*(integ.refresh_access_token(uuid) for _ in range(5)))
+    assert len(set(tokens)) == 1 and tokens[0] != before
+    assert _refreshes(server) == 1
+    stored = await integ.get_integration(uuid)
+    assert datetime.fromisoformat(stored["token_obtained_at"]) >= began
+
+
+async def test_a_forced_refresh_joins_a_request_not_answered_yet_and_not_a_finished_one(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    uuid = await connect(integ)
+    server.config.token_delay = 0.5
+    first = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    # Its answer will be obtained after this call began: share it.
+    second = await integ.refresh_access_token(uuid)
+    assert second == await first
+    assert _refreshes(server) == 1
+    # That token was obtained before this call began: ask again.
+    server.config.token_delay = 0.0
+    third = await integ.refresh_access_token(uuid)
+    assert third != second
+    assert _refreshes(server) == 2
+
+
+async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
+    fresh_db: str, integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    server.config.token_delay = 1.0
+    async with open_integrations(fresh_db, server.base_url) as other:
+        first = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        lease = json.loads(
+            await db.fetchval(
+                "SELECT value_json -> 'refresh_lease' FROM integrations.connections "
+                "WHERE uuid = $1",
+                uuid_mod.UUID(uuid),
+            )
+        )
+        assert set(lease) == {"holder", "fence", "until", "requested_at"}
+        version = await db.fetchval(
+            "SELECT version FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(uuid)
+        )
+        assert lease["fence"] <= version
+        answered: list[float] = []
+        first.add_done_callback(lambda _: answered.append(time.monotonic()))
+        shared = await other.refresh_access_token(uuid)
+        woken = time.monotonic()
+        assert shared == await first
+        assert _refreshes(server) == 1
+        # Woken by the holder's notification (through its event listener), not by the
+        # next look (every 0.5 s) or the lease's end.
+        assert other.event_stats.received >= 1
+        # (It may even be woken before the holder's task has handed its token out.)
+        assert woken - (answered[0] if answered else woken) < 0.25
+    stored = await integ.get_integration(uuid)
+    assert "refresh_lease" not in stored
+
+
+@pytest.fixture(scope="module")
+def server_process() -> Iterator[ServerProcess]:
+    with ServerProcess() as proc:
+        yield proc
+
+
+@pytest.fixture
+def strict(server_process: ServerProcess) -> ServerProcess:
+    server_process.reset()
+    return server_process
+
+
+async def _frozen_holder(
+    fresh_db: str, server: ServerProcess, uuid: str, db: asyncpg.Connection
+) -> Worker:
+    """A worker process that took the lease, sent its token request and was stopped."""
+    server.configure(token_delay=2.0)
+    victim = await Worker.start(
+        fresh_db, server.base_url, uuid, mode="refresh", count=1, extra=("--lease", "1")
+    )
+    victim.go()
+    deadline = time.monotonic() + 20
+    while server.stats()["token_calls"].get("refresh_token", 0) < 1:
+        assert time.monotonic() < deadline, "the worker never reached the token endpoint"
+        await asyncio.sleep(0.01)
+    victim.proc.send_signal(signal.SIGSTOP)
+    # Its lease runs out (it renews no more) while the answer waits in its socket.
+    await asyncio.sleep(2.5)
+    return victim
+
+
+async def test_a_frozen_holder_is_taken_over_and_its_late_answer_does_not_overwrite(
+    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
+) -> None:
+    async with open_integrations(fresh_db, strict.base_url) as integ:
+        uuid = await connect(integ)
+        # A provider that does not rotate: the refresh token the frozen holder sent is good.
+        strict.configure(rotate_refresh_tokens=False)
+        victim = await _frozen_holder(fresh_db, strict, uuid, db)
+        strict.configure(token_delay=0.0)
+        taken = await integ.refresh_access_token(uuid)
+        assert strict.stats()["token_calls"]["refresh_token"] == 2
+        victim.proc.send_signal(signal.SIGCONT)
+        outcome = await victim.result()
+        assert outcome["results"] == [{"status": 200}]
+        # The late holder's fence was gone: the taker's tokens stay.
+        assert (await integ.get_integration(uuid))["access_token"] == taken
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+async def test_with_reauthorize_a_frozen_holder_is_not_taken_over_and_its_answer_is_stored(
+    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
+) -> None:
+    async with open_integrations(
+        fresh_db, strict.base_url, refresh_takeover="reauthorize"
+    ) as integ:
+        uuid = await connect(integ)
+        victim = await _frozen_holder(fresh_db, strict, uuid, db)
+        strict.configure(token_delay=0.0)
+        # The stored refresh token may be spent (it is: the server rotated it), so it is
+        # not sent again: a strict provider would revoke the whole grant on its reuse.
+        with pytest.raises(ReauthRequired):
+            await integ.refresh_access_token(uuid)
+        assert (await integ.get_integration_by_uuid(uuid)).status == "error"
+        assert strict.stats()["token_calls"]["refresh_token"] == 1
+        victim.proc.send_signal(signal.SIGCONT)
+        assert (await victim.result())["results"] == [{"status": 200}]
+        # The holder came back: its answer is stored and the connection recovers.
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+        response = await integ.authenticated_request(uuid, "GET", f"{strict.base_url}/api/resource")
+        assert response.status == 200
+        stats = strict.stats()
+        assert stats["refresh_reuse_detected"] == 0 and stats["grants_revoked"] == 0
+
+
+async def test_with_refresh_takeover_a_spent_refresh_token_costs_the_grant_at_a_strict_provider(
+    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
+) -> None:
+    """The documented cost of the default: the frozen holder spent the refresh token."""
+    async with open_integrations(fresh_db, strict.base_url) as integ:
+        uuid = await connect(integ)
+        victim = await _frozen_holder(fresh_db, strict, uuid, db)
+        strict.configure(token_delay=0.0)
+        with pytest.raises(ReauthRequired):
+            await integ.refresh_access_token(uuid)
+        assert strict.stats()["refresh_reuse_detected"] == 1
+        victim.proc.send_signal(signal.SIGCONT)
+        await victim.result()
+        assert (await integ.get_integration_by_uuid(uuid)).status == "error"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"refresh_lease": 0.5},
+        {"refresh_takeover": "never"},
+        {"token_write_retry": -1},
+        {"statement_cache_size": -1},
+        {"statement_cache_size": True},
+        {"listen_dsn": ""},
+    ],
+)
+def test_lease_and_pooler_settings_are_checked(options: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        Integrations("postgresql://localhost/x", **options)  # type: ignore[arg-type]
+
+
+async def test_statement_cache_size_goes_with_the_pool_the_library_creates(
+    fresh_db: str,
+) -> None:
+    pool = await asyncpg.create_pool(fresh_db, min_size=1, max_size=2)
+    try:
+        with pytest.raises(ConfigurationError, match="statement_cache_size"):
+            Integrations(pool=pool, statement_cache_size=0)
+    finally:
+        await pool.close()
