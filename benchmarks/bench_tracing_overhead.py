@@ -11,7 +11,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
-from _common import interleaved_medians, scratch_database
+from _common import interleaved_medians, result, scratch_database
 from aiohttp import web
 
 from integrations import Integrations, Provider, generate_key
@@ -118,6 +118,14 @@ async def main() -> None:
         print(f"  {name:<22} median {value * 1e6:8.1f} µs   ratio {value / base:5.3f}x")
     overhead = medians["SDK, no-op exporters"] - base
     print(f"  tracing overhead: {overhead * 1e6:+.1f} µs per request")
+    result(
+        "tracing",
+        {
+            "base_us": base * 1e6,
+            "sdk_us": medians["SDK, no-op exporters"] * 1e6,
+            "absent_us": medians["without opentelemetry"] * 1e6,
+        },
+    )
 
 
 if __name__ == "__main__":

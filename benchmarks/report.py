@@ -22,6 +22,7 @@ SCRIPTS = [
     "bench_event_latency.py",
     "bench_rotation.py",
     "bench_refresh_storm.py",
+    "bench_tracing_overhead.py",
 ]
 PREFIX = "RESULT "
 
@@ -53,7 +54,7 @@ def verdict(ok: bool) -> str:
 
 def render(r: dict[str, dict[str, Any]]) -> str:
     f, enc, ev = r["fast_path"], r["encryption"], r["event_latency"]
-    rot, storm = r["rotation"], r["refresh_storm"]
+    rot, storm, tr = r["rotation"], r["refresh_storm"], r["tracing"]
     list_sizes = (1_000, 10_000, 100_000)
     lines = [
         "# Benchmarks",
@@ -162,6 +163,18 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         f"{storm['authlib_ok']:.0f} requests ok | {storm['ours_token_calls']:.0f} call(s), "
         f"{'the grant revoked' if storm['ours_revoked'] else 'the grant intact'}, "
         f"{storm['ours_ok']:.0f} ok |",
+        "",
+        "## Tracing",
+        "",
+        "| script | what | baseline | ours | ratio |",
+        "|---|---|---|---|---|",
+        f"| `bench_tracing_overhead.py` | `authenticated_request` traced by the OpenTelemetry "
+        f"SDK (batch span processor, exporters that discard) | the same call with the API "
+        f"installed and no SDK configured: {tr['base_us']:,.0f} µs | {tr['sdk_us']:,.0f} µs "
+        f"| **{tr['sdk_us'] / tr['base_us']:.2f}x** |",
+        f"| `bench_tracing_overhead.py` | the same call without `opentelemetry-api` at all | "
+        f"{tr['base_us']:,.0f} µs | {tr['absent_us']:,.0f} µs | "
+        f"{tr['absent_us'] / tr['base_us']:.2f}x |",
         "",
         "## Notes",
         "",

@@ -487,6 +487,9 @@ class _Console:
                     while not stop.done() and loop.time() < deadline:
                         wait = min(_KEEPALIVE_SECONDS, deadline - loop.time())
                         get = asyncio.ensure_future(events.get())
+                        # A stream closed by the client leaves this wait behind; its end
+                        # (the subscription closing) is expected, not an error to report.
+                        get.add_done_callback(_consume)
                         await asyncio.wait({get, stop}, timeout=wait, return_when=FIRST_COMPLETED)
                         if not get.done():
                             get.cancel()
@@ -507,6 +510,11 @@ class _Console:
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _row(provider: Provider | None, conn: Connection) -> dict[str, Any]:
