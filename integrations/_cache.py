@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 from ._models import Event
 from ._record import Change, StoredRow
-from ._repository import LockedRow, Repository, ResealBatch
+from ._repository import Repository, ResealBatch
 
 __all__ = ["CacheStats", "CachedRepository", "RowCache"]
 
@@ -235,18 +234,6 @@ class CachedRepository(Repository):
     ) -> T:
         try:
             return await super().modify_clocked(uuid, decide, lock_timeout=lock_timeout)
-        finally:
-            self.cache.rows_changed((uuid,))
-
-    @contextlib.asynccontextmanager
-    async def locked(
-        self, uuid: str, *, lock_timeout: float, idle_timeout: float
-    ) -> AsyncIterator[LockedRow]:
-        try:
-            async with super().locked(
-                uuid, lock_timeout=lock_timeout, idle_timeout=idle_timeout
-            ) as row:
-                yield row
         finally:
             self.cache.rows_changed((uuid,))
 

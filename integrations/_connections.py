@@ -281,13 +281,7 @@ class Connections:
             raise NotConfigured()
         provider = self._core.providers.get(current.provider)
         patch = provider.normalize_attrs(attrs, max_bytes=self._core.settings.max_attrs_bytes)
-        managed = sorted(set(patch) & record.LIBRARY_FIELDS)
-        if managed:
-            raise InvalidAttrs(
-                f"These fields are managed by the library and cannot be saved: "
-                f"{', '.join(managed)}. Tokens from another system go through import_tokens().",
-                fields=managed,
-            )
+        _refuse_managed(patch)
         sealed = self._core.seal(uuid, patch, provider)
 
         def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
@@ -370,13 +364,7 @@ class Connections:
                 f"data must be a mapping of setup fields, got {type(data).__name__}."
             )
         patch = definition.normalize_attrs(data, max_bytes=self._core.settings.max_attrs_bytes)
-        managed = sorted(set(patch) & record.LIBRARY_FIELDS)
-        if managed:
-            raise InvalidAttrs(
-                f"These fields are managed by the library and cannot be saved: "
-                f"{', '.join(managed)}.",
-                fields=managed,
-            )
+        _refuse_managed(patch)
         key = names.storage_key(definition.key, clean)
         uuid = await self._core.repo.uuid_by_key(owner, key)
         if uuid is None:
@@ -445,6 +433,16 @@ class Connections:
         from ._vault import SECRET_FIELDS
 
         return record.fingerprint(row, SECRET_FIELDS | self._core.secret_fields(row))
+
+
+def _refuse_managed(patch: Mapping[str, Any]) -> None:
+    managed = sorted(set(patch) & record.LIBRARY_FIELDS)
+    if managed:
+        raise InvalidAttrs(
+            f"These fields are managed by the library and cannot be saved: "
+            f"{', '.join(managed)}. Tokens from another system go through import_tokens().",
+            fields=managed,
+        )
 
 
 def _describe(value: object) -> str:

@@ -6,23 +6,23 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
-EVENT_KINDS = frozenset(
-    {
-        "connection_added",
-        "connection_renamed",
-        "connection_removed",
-        "setup_saved",
-        "connected",
-        "disconnected",
-        "validated",
-        "token_refreshed",
-        "refresh_failed",
-        "recovered",
-        "resync",
-    }
-)
+#: What an event may be about.
+EventKind = Literal[
+    "connection_added",
+    "connection_renamed",
+    "connection_removed",
+    "setup_saved",
+    "connected",
+    "disconnected",
+    "validated",
+    "token_refreshed",
+    "refresh_failed",
+    "recovered",
+    "resync",
+]
+EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 
 
 def utcnow() -> datetime:

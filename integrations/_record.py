@@ -19,7 +19,7 @@ from ._errors import (
     TokenRequestFailed,
 )
 from ._input import check_text
-from ._models import Event, Validation
+from ._models import Event, EventKind, Validation
 
 __all__ = [
     "BOOKKEEPING",
@@ -53,19 +53,6 @@ __all__ = [
 Status = Literal["connected", "disconnected", "error"]
 STATUSES: frozenset[str] = frozenset(get_args(Status))
 
-EventKind = Literal[
-    "connection_added",
-    "connection_renamed",
-    "connection_removed",
-    "setup_saved",
-    "connected",
-    "disconnected",
-    "validated",
-    "token_refreshed",
-    "refresh_failed",
-    "recovered",
-    "resync",
-]
 
 #: Keys every row carries from birth; a row with nothing else has no saved data.
 BOOKKEEPING = frozenset({"provider", "name", "auth_type", "status", "created_at", "owner"})

@@ -16,7 +16,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Iterable,
     Iterator,
     Sequence,
@@ -745,50 +744,6 @@ class Repository:
         async with self._acquire() as conn:
             yield conn
 
-    # -- row lock held across awaits (token refresh) -------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def locked(
-        self, uuid: str, *, lock_timeout: float, idle_timeout: float
-    ) -> AsyncIterator[LockedRow]:
-        """Hold the row lock of one connection while the body awaits (a token request).
-
-        ``LockedRow.write`` writes, notifies and commits at once, releasing the lock;
-        without a write the transaction ends when the body returns (or rolls back when
-        it raises). Waiting longer than ``lock_timeout`` seconds for another holder
-        (a refresh, a write, a key rotation batch) raises LockTimeout.
-        ``idle_timeout`` makes the server end a session that stalls inside the lock.
-        Both settings are transaction-local; a holder whose process dies releases
-        the lock when its connection closes.
-        """
-        key = _uuid.UUID(uuid)
-        locked: LockedRow | None = None
-        async with self._acquire(lock_timeout=lock_timeout) as conn:
-            transaction = conn.transaction()
-            await transaction.start()
-            try:
-                await conn.execute(
-                    self.q.set_refresh_timeouts, _millis(lock_timeout), _millis(idle_timeout)
-                )
-                record = await conn.fetchrow(self.q.lock_by_uuid, key)
-                locked = LockedRow(
-                    row=None if record is None else _row(record),
-                    _conn=conn,
-                    _repo=self,
-                    _transaction=transaction,
-                )
-                yield locked
-            except Exception:
-                if locked is None or not locked.committed:
-                    try:
-                        await transaction.rollback()
-                    except Exception:
-                        # Broken meanwhile: dropped, the server rolls back on its own.
-                        conn.terminate()
-                raise
-            if not locked.committed:
-                await transaction.commit()
-
     # -- pending authorizations ----------------------------------------------------------
 
     async def insert_pending(
@@ -850,59 +805,6 @@ class Repository:
 
 
 ListenFn = Callable[[str, Callable[[str], None], Callable[[], None]], Awaitable[PoolListener]]
-
-
-@dataclass(slots=True)
-class LockedRow:
-    """A connection row under its lock; ``write`` stores new data and releases the lock."""
-
-    row: StoredRow | None
-    _conn: Any = field(repr=False)
-    _repo: Repository = field(repr=False)
-    _transaction: Any = field(repr=False)
-    committed: bool = False
-
-    async def write(self, data: dict[str, Any], events: Iterable[Event] = ()) -> StoredRow:
-        """Replace the row's data, notify and commit, which releases the lock.
-
-        Runs to the end even if the caller is cancelled meanwhile (the cancellation is
-        raised afterwards): what is written here may be tokens the provider already
-        issued, which exist nowhere else.
-        """
-        if self.row is None:
-            raise StorageError("the locked connection no longer exists")
-        if self.committed:
-            raise StorageError("the row lock was already released")
-        return await _uninterrupted(self._commit(self.row, data, list(events)))
-
-    async def _commit(self, row: StoredRow, data: dict[str, Any], events: list[Event]) -> StoredRow:
-        q = self._repo.q
-        key = _uuid.UUID(row.uuid)
-        with _translate():
-            version = await self._conn.fetchval(q.update_value, key, _dumps(data))
-            for event in events:
-                await self._conn.execute(q.notify, self._repo.channel, event_payload(event))
-            await self._transaction.commit()
-        self.committed = True
-        self.row = StoredRow(row.uuid, row.owner, row.key, data, int(version))
-        return self.row
-
-
-async def _uninterrupted(coro: Coroutine[Any, Any, T]) -> T:
-    """Await ``coro`` to its end even when cancelled meanwhile; the cancellation follows."""
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled():
-                raise
-            cancelled = True
-            continue
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
 
 
 @dataclass(frozen=True, slots=True)
