@@ -6,7 +6,6 @@ import asyncio
 import enum
 import json
 import logging
-import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -15,6 +14,7 @@ from functools import partial
 from typing import Final, Literal, Protocol, TypeAlias
 
 from . import _telemetry as telemetry
+from ._backoff import equal_jitter
 from ._errors import LifecycleError
 from ._models import EVENT_KINDS, Event
 
@@ -509,8 +509,8 @@ class EventHub:
                     await self._close_dead()
                     if self._closed:
                         return
-                # Equal jitter: spreads out processes that lost the server together.
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                # Jitter spreads out processes that lost the server together.
+                await asyncio.sleep(equal_jitter(delay))
                 delay = min(delay * 2, self._reconnect_max)
         finally:
             if self._reconnect_task is asyncio.current_task():

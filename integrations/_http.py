@@ -8,7 +8,6 @@ import functools
 import ipaddress
 import json as jsonlib
 import logging
-import random
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from yarl import URL
 
 from . import _aws
 from . import _telemetry as telemetry
+from ._backoff import equal_jitter
 from ._errors import (
     ConfigurationError,
     HostNotAllowed,
@@ -725,5 +725,4 @@ class HttpClient:
             seconds = retry_after_seconds(retry_after)
             if seconds is not None:
                 return min(seconds, self.max_backoff)
-        base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
-        return base / 2 + random.uniform(0, base / 2)
+        return equal_jitter(min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1)))

@@ -21,6 +21,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_r
 from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
+from . import _backoff
 from ._errors import InvalidURL, OAuthError, ReauthRequired, RequestFailed, TokenRequestFailed
 from ._input import check_text
 
@@ -617,16 +618,7 @@ def backoff_delays(
     Delay ``i`` lies in ``[c/2, c]`` with ``c = min(cap, base * 2**i)`` ("equal jitter"):
     callers spread out instead of retrying in lockstep, yet each still waits.
     """
-    if attempts < 0:
-        raise ValueError("attempts must be >= 0")
-    if base < 0 or cap < 0:
-        raise ValueError("base and cap must be >= 0")
-    rng = rng or random.SystemRandom()
-    delays = []
-    for i in range(attempts):
-        ceiling = min(cap, base * 2.0 ** min(i, 64))
-        delays.append(ceiling / 2 + rng.uniform(0, ceiling / 2))
-    return delays
+    return _backoff.delays(attempts, base, cap, rng)
 
 
 def _join_scopes(scopes: Sequence[str] | str, separator: str) -> str | None:

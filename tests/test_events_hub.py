@@ -547,7 +547,7 @@ async def test_backoff_doubles_with_jitter_up_to_the_cap(
 
     async with hub.subscribe() as sub:
         monkeypatch.setattr(asyncio, "sleep", record)
-        monkeypatch.setattr("integrations._events.random.random", lambda: 1.0)
+        monkeypatch.setattr("integrations._events.equal_jitter", lambda ceiling: ceiling)
         listen.fail_next = 5
         listen.listeners[0].on_lost()
         assert not hub.listening
