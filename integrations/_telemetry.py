@@ -142,6 +142,8 @@ def log_scope(row: Row) -> Iterator[None]:
 
 @dataclass(slots=True)
 class _Instruments:
+    #: Made from providers given explicitly rather than the global ones.
+    explicit: bool
     tracer: Any
     client_kind: Any
     internal_kind: Any
@@ -175,6 +177,7 @@ def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Ins
 
     meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
     return _Instruments(
+        explicit=tracer_provider is not None or meter_provider is not None,
         tracer=trace.get_tracer(SCOPE, tracer_provider=tracer_provider),
         client_kind=trace.SpanKind.CLIENT,
         internal_kind=trace.SpanKind.INTERNAL,
@@ -231,6 +234,29 @@ def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Ins
     )
 
 
+def _live() -> bool:
+    """Whether anything would receive telemetry: the API is installed and a tracer or meter
+    provider was configured (the API's default proxies discard everything, so nothing is
+    built for them; checked on each call, since a provider may be configured later)."""
+    if not ENABLED:
+        return False
+    made = _instruments
+    if made is not None and made.explicit:
+        return True
+    global _api
+    if _api is None:
+        from opentelemetry import metrics, trace
+
+        _api = (trace, metrics)
+    trace, metrics = _api
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider) or (
+        type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"
+    )
+
+
+_api: tuple[Any, Any] | None = None
+
+
 def span(
     name: str, attributes: Mapping[str, Any] | None = None, *, kind: Kind = "internal"
 ) -> contextlib.AbstractContextManager[SpanLike]:
@@ -238,7 +264,7 @@ def span(
 
     An exception leaving the block is recorded on the span and sets its status to error.
     """
-    if not ENABLED:
+    if not _live():
         return _NO_CONTEXT
     otel = _otel()
     return otel.tracer.start_as_current_span(  # type: ignore[no-any-return]
@@ -250,7 +276,7 @@ def span(
 
 def annotate(key: str, value: Any) -> None:
     """Set an attribute on the current span, if any."""
-    if ENABLED:
+    if _live():
         from opentelemetry import trace
 
         trace.get_current_span().set_attribute(key, value)
@@ -290,7 +316,7 @@ def request_span(row: Row, method: str, url: Any) -> Iterator[_RequestOutcome]:
     The block sets ``status`` on what it yields once it has a response."""
     token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
     try:
-        if not ENABLED:
+        if not _live():
             yield _RequestOutcome()
             return
         outcome = _RequestOutcome()
@@ -368,7 +394,7 @@ def grant_type_of(body: Any) -> str:
 @contextlib.contextmanager
 def token_span(provider: str | None, url: str, body: Any) -> Iterator[None]:
     """A span and a count for one token endpoint call: grant type, outcome, error code."""
-    if not ENABLED:
+    if not _live():
         yield
         return
     # The attempts of a request this refresh serves are the request's, not the refresh's.
@@ -415,7 +441,7 @@ def token_span(provider: str | None, url: str, body: Any) -> Iterator[None]:
 
 def record_callers(callers: int) -> None:
     """How many callers one token refresh that asked the endpoint served."""
-    if ENABLED:
+    if _live():
         _otel().callers.record(callers)
 
 
@@ -428,7 +454,7 @@ def check_span(row: Row) -> Iterator[_CheckOutcome]:
     token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
     outcome = _CheckOutcome()
     try:
-        if not ENABLED:
+        if not _live():
             yield outcome
             return
         attributes = {
@@ -460,12 +486,12 @@ class _CheckOutcome:
 
 
 def count_event_dropped(reason: Literal["queue_full", "malformed"]) -> None:
-    if ENABLED:
+    if _live():
         _otel().events_dropped.add(1, {"integrations.reason": reason})
 
 
 def count_resync() -> None:
-    if ENABLED:
+    if _live():
         _otel().resyncs.add(1)
 
 
@@ -482,12 +508,12 @@ def _timed_pool_wait() -> Iterator[None]:
 
 def pool_wait() -> contextlib.AbstractContextManager[Any]:
     """Time the block as a wait for a pool connection."""
-    return _timed_pool_wait() if ENABLED else _NO_CONTEXT
+    return _timed_pool_wait() if _live() else _NO_CONTEXT
 
 
 def record_sweep(counts: Mapping[str, int]) -> None:
     """One finished health sweep and its jobs' outcomes."""
-    if not ENABLED:
+    if not _live():
         return
     otel = _otel()
     otel.sweeps.add(1)
@@ -506,5 +532,5 @@ def record_sweep(counts: Mapping[str, int]) -> None:
 
 def record_cache(hit: bool) -> None:
     """One cache lookup: a hit or a miss."""
-    if ENABLED:
+    if _live():
         _otel().cache.add(1, {"integrations.cache.result": "hit" if hit else "miss"})
