@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from . import _names as names
 from . import _telemetry as telemetry
-from ._cache import CachedRepository
-from ._errors import InvalidProviderKey
+from ._cache import CachedRepository, RowCache
+from ._errors import ConfigurationError, InvalidProviderKey
 from ._events import EventHub
 from ._http import HttpClient
 from ._models import Connection
@@ -24,7 +24,58 @@ from ._vault import Keyring, Vault, mask_data
 
 log = logging.getLogger("integrations")
 
-__all__ = ["Core", "connect"]
+__all__ = ["Core", "connect", "storage"]
+
+
+def storage(
+    settings: Settings,
+    *,
+    cache: bool,
+    cache_size: int,
+    statement_cache_size: int | None,
+    listen_dsn: str | None,
+    pool: Pool | None,
+) -> CachedRepository:
+    """The repository (with its row cache) for these options; a bad one is a
+    ConfigurationError. Nothing connects until ``connect()``."""
+    if statement_cache_size is not None and (
+        isinstance(statement_cache_size, bool)
+        or not isinstance(statement_cache_size, int)
+        or statement_cache_size < 0
+    ):
+        raise ConfigurationError(
+            f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}."
+        )
+    if statement_cache_size is not None and pool is not None:
+        raise ConfigurationError(
+            "statement_cache_size applies to the pool the library creates; with pool= "
+            "create your pool with it instead."
+        )
+    if listen_dsn is not None and (not isinstance(listen_dsn, str) or not listen_dsn):
+        raise ConfigurationError("listen_dsn must be a non-empty DSN string.")
+    if not isinstance(cache, bool):
+        raise ConfigurationError(f"cache must be True or False, got {cache!r}.")
+    if cache and statement_cache_size is not None and listen_dsn is None:
+        # statement_cache_size says "behind a transaction pooler", where LISTEN through
+        # the pooler misses notifications: a cache fed by them could serve stale rows.
+        log.warning(
+            "The row cache is off: behind a transaction pooler it needs listen_dsn= (a "
+            "direct connection for LISTEN).",
+            extra=telemetry.fields("cache_disabled"),
+        )
+        cache = False
+    try:
+        row_cache = RowCache(enabled=cache, capacity=cache_size)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return CachedRepository(
+        settings.schema,
+        channel=f"{settings.schema}_events",
+        cache=row_cache,
+        lock_timeout=settings.token.lock_timeout,
+        statement_cache_size=statement_cache_size,
+        listen_dsn=listen_dsn,
+    )
 
 
 async def connect(

@@ -16,10 +16,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
-from . import _telemetry as telemetry
-from ._cache import CachedRepository, CacheStats, RowCache
+from ._cache import CacheStats
 from ._checkall import CheckReport, check_all
-from ._core import Core, connect
+from ._core import Core, connect, storage
 from ._doctor import Diagnosis, diagnose_core
 from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
@@ -31,7 +30,7 @@ from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._rotation import ProgressCallback, RotationProgress
 from ._services import Services
-from ._settings import Settings, Takeover, TokenPolicy
+from ._settings import Settings, Takeover
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 
@@ -106,66 +105,32 @@ class Integrations:
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._pool_max_size = pool_max_size
         schema = names.check_identifier(schema, "schema")
-        try:
-            self.settings = Settings(
-                schema=schema,
-                check_timeout=check_timeout,
-                authorization_ttl=authorization_ttl,
-                revoke_timeout=revoke_timeout,
-                max_attrs_bytes=max_attrs_bytes,
-                token=TokenPolicy(
-                    leeway=float(leeway),
-                    lock_timeout=lock_timeout,
-                    timeout=token_timeout,
-                    attempts=token_attempts,
-                    backoff=token_backoff,
-                    cooldown=refresh_cooldown,
-                    lease=refresh_lease,
-                    takeover=refresh_takeover,
-                    write_retry=token_write_retry,
-                ),
-            )
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
+        self.settings = Settings.build(
+            schema=schema,
+            check_timeout=check_timeout,
+            authorization_ttl=authorization_ttl,
+            revoke_timeout=revoke_timeout,
+            max_attrs_bytes=max_attrs_bytes,
+            leeway=leeway,
+            lock_timeout=lock_timeout,
+            token_timeout=token_timeout,
+            token_attempts=token_attempts,
+            token_backoff=token_backoff,
+            refresh_cooldown=refresh_cooldown,
+            refresh_lease=refresh_lease,
+            refresh_takeover=refresh_takeover,
+            token_write_retry=token_write_retry,
+        )
         self.providers = ProviderRegistry(providers or (), override=override_providers)
-        if statement_cache_size is not None and (
-            isinstance(statement_cache_size, bool)
-            or not isinstance(statement_cache_size, int)
-            or statement_cache_size < 0
-        ):
-            raise ConfigurationError(
-                f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}."
-            )
-        if statement_cache_size is not None and pool is not None:
-            raise ConfigurationError(
-                "statement_cache_size applies to the pool the library creates; with pool= "
-                "create your pool with it instead."
-            )
-        if listen_dsn is not None and (not isinstance(listen_dsn, str) or not listen_dsn):
-            raise ConfigurationError("listen_dsn must be a non-empty DSN string.")
-        if not isinstance(cache, bool):
-            raise ConfigurationError(f"cache must be True or False, got {cache!r}.")
-        if cache and statement_cache_size is not None and listen_dsn is None:
-            # statement_cache_size says "behind a transaction pooler", where LISTEN through
-            # the pooler misses notifications: a cache fed by them could serve stale rows.
-            log.warning(
-                "The row cache is off: behind a transaction pooler it needs listen_dsn= (a "
-                "direct connection for LISTEN).",
-                extra=telemetry.fields("cache_disabled"),
-            )
-            cache = False
-        try:
-            self._cache = RowCache(enabled=cache, capacity=cache_size)
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
-        self._repo = CachedRepository(
-            schema,
-            channel=f"{schema}_events",
-            cache=self._cache,
-            lock_timeout=self.settings.token.lock_timeout,
+        self._repo = storage(
+            self.settings,
+            cache=cache,
+            cache_size=cache_size,
             statement_cache_size=statement_cache_size,
             listen_dsn=listen_dsn,
+            pool=pool,
         )
+        self._cache = self._repo.cache
         self._http = HttpClient(http)
         self._legacy = LegacyMigrators()
         self._services: Services | None = None

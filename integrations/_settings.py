@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ._errors import ConfigurationError
+
 __all__ = ["BUDGET_MARGIN", "Settings", "Takeover", "TokenPolicy"]
 
 #: What the next refresher does with a lease that expired without a write: its holder may
@@ -92,6 +94,48 @@ class Settings:
     #: The largest setup, as JSON, that save_setup and validate_credentials accept.
     max_attrs_bytes: int = 64 * 1024
     token: TokenPolicy = field(default_factory=TokenPolicy)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        schema: str,
+        check_timeout: float,
+        authorization_ttl: float,
+        revoke_timeout: float,
+        max_attrs_bytes: int,
+        leeway: float,
+        lock_timeout: float,
+        token_timeout: float,
+        token_attempts: int,
+        token_backoff: float,
+        refresh_cooldown: float,
+        refresh_lease: float,
+        refresh_takeover: Takeover,
+        token_write_retry: float,
+    ) -> Settings:
+        """Settings from the constructor's options; a bad value is a ConfigurationError."""
+        try:
+            return cls(
+                schema=schema,
+                check_timeout=check_timeout,
+                authorization_ttl=authorization_ttl,
+                revoke_timeout=revoke_timeout,
+                max_attrs_bytes=max_attrs_bytes,
+                token=TokenPolicy(
+                    leeway=float(leeway),
+                    lock_timeout=lock_timeout,
+                    timeout=token_timeout,
+                    attempts=token_attempts,
+                    backoff=token_backoff,
+                    cooldown=refresh_cooldown,
+                    lease=refresh_lease,
+                    takeover=refresh_takeover,
+                    write_retry=token_write_retry,
+                ),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
 
     def __post_init__(self) -> None:
         if self.authorization_ttl <= 0 or self.revoke_timeout <= 0 or self.check_timeout <= 0:
