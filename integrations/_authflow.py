@@ -326,8 +326,7 @@ class AuthFlow:
             return None
         if not isinstance(info, Mapping):
             return None
-        account = oauth.map_userinfo(provider.key, info)
-        account.update(provider.map_userinfo(info))
+        account = provider.map_userinfo(info)
         return account
 
     async def _store(

@@ -72,7 +72,10 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
         api_hosts=("graph.microsoft.com",),
         validation=ValidationRequest(url="https://graph.microsoft.com/v1.0/me"),
         userinfo_map=UserinfoMap(
-            email=("mail", "userPrincipalName"), name=("displayName",), picture=()
+            email=("mail", "userPrincipalName", "email"),
+            name=("displayName", "name"),
+            picture=("picture",),
+            account_id=("id", "sub", "oid"),
         ),
         docs_url="https://learn.microsoft.com/entra/identity-platform/v2-oauth2-auth-code-flow",
         description="Microsoft Graph (Outlook, OneDrive, Teams, ...) through Entra ID OAuth 2.0.",
@@ -91,7 +94,13 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
         pkce=False,
         api_hosts=("slack.com",),
         validation=ValidationRequest(url="https://slack.com/api/auth.test", json_ok_key="ok"),
-        userinfo_map=UserinfoMap(email=(), name=("user",), picture=()),
+        # OpenID Connect userinfo is flat; users.identity nests the user; auth.test names it.
+        userinfo_map=UserinfoMap(
+            email=("email", "user.email"),
+            name=("name", "user.real_name", "user.name", "user"),
+            picture=("picture", "user.image_512", "user.image_192", "user.image_72"),
+            account_id=("sub", "https://slack.com/user_id", "user.id", "user_id"),
+        ),
         docs_url="https://docs.slack.dev/authentication/installing-with-oauth",
         description="Slack workspaces through OAuth 2.0 (bot token).",
     ),
@@ -108,7 +117,9 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
             url="https://api.github.com/user",
             headers={"Accept": "application/vnd.github+json"},
         ),
-        userinfo_map=UserinfoMap(email=("email",), name=("name", "login"), picture=("avatar_url",)),
+        userinfo_map=UserinfoMap(
+            email=("email",), name=("name", "login"), picture=("avatar_url",), account_id=("id",)
+        ),
         docs_url="https://docs.github.com/apps/oauth-apps/building-oauth-apps/authorizing-oauth-apps",
         description="GitHub's REST API through an OAuth app.",
     ),

@@ -13,6 +13,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from yarl import URL
 
+from . import oauth
 from ._errors import (
     InvalidField,
     MissingField,
@@ -257,30 +258,24 @@ class ValidationRequest(_Frozen):
 
 
 class UserinfoMap(_Frozen):
-    """Where email, name and picture sit in the userinfo JSON: candidate keys, first non-blank wins.
+    """Where the account's email, name, picture and id sit in the userinfo JSON: candidate
+    keys, first non-blank wins; a key may be a dotted path (``"user.email"``). The
+    defaults fit OpenID Connect userinfo."""
 
-    A key may be a dotted path (``"user.email"``).
-    """
+    email: tuple[str, ...] = oauth.USERINFO_EMAIL
+    name: tuple[str, ...] = oauth.USERINFO_NAME
+    picture: tuple[str, ...] = oauth.USERINFO_PICTURE
+    account_id: tuple[str, ...] = oauth.USERINFO_ACCOUNT_ID
 
-    email: tuple[str, ...] = ("email",)
-    name: tuple[str, ...] = ("name",)
-    picture: tuple[str, ...] = ("picture",)
-
-    def apply(self, payload: Mapping[str, Any]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for target, paths in (
-            ("email", self.email),
-            ("name", self.name),
-            ("picture", self.picture),
-        ):
-            for path in paths:
-                value: Any = payload
-                for part in path.split("."):
-                    value = value.get(part) if isinstance(value, Mapping) else None
-                if isinstance(value, str) and value.strip():
-                    out[target] = value
-                    break
-        return out
+    def apply(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"email", "name", "picture", "account_id"}``, ``None`` where nothing matched."""
+        return oauth.map_userinfo(
+            payload,
+            email=self.email,
+            name=self.name,
+            picture=self.picture,
+            account_id=self.account_id,
+        )
 
 
 _OAUTH_FIELDS = (
@@ -532,8 +527,9 @@ class Provider(_Frozen):
             return isinstance(creds, Mapping) and bool(creds) and self.is_configured(data)
         return all(not _blank(data.get(key)) for key in self.runtime_fields)
 
-    def map_userinfo(self, payload: Mapping[str, Any]) -> dict[str, str]:
-        """``email``/``name``/``picture`` picked from a userinfo response by ``userinfo_map``."""
+    def map_userinfo(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """The account (email, name, picture, id) read from a userinfo response, as
+        ``userinfo_map`` says."""
         return self.userinfo_map.apply(payload)
 
 

@@ -519,71 +519,28 @@ def refresh_due(
     return expires_within(expires_at, leeway, now)
 
 
-def map_userinfo(provider_key: str, info: Mapping[str, Any]) -> dict[str, Any]:
-    """Map a provider's userinfo response to ``{"email", "name", "picture", "account_id"}``.
-
-    Missing values are ``None``; ``account_id`` is always a string when present.
-    """
-    style = _userinfo_style(provider_key, info)
-    if style == "slack" and isinstance(info.get("user"), Mapping):
-        # Legacy users.identity nests the user; OpenID Connect userInfo is flat.
-        user = info["user"]
-        return _userinfo(
-            user,
-            email=("email",),
-            name=("real_name", "name"),
-            picture=("image_512", "image_192", "image_72", "image_48"),
-            account_id=("id",),
-        )
-    if style == "microsoft":
-        return _userinfo(
-            info,
-            email=("mail", "userPrincipalName", "email"),
-            name=("displayName", "name"),
-            picture=("picture",),
-            account_id=("id", "sub", "oid"),
-        )
-    if style == "github":
-        return _userinfo(
-            info,
-            email=("email",),
-            name=("name", "login"),
-            picture=("avatar_url",),
-            account_id=("id",),
-        )
-    return _userinfo(
-        info,
-        email=("email", "mail", "userPrincipalName"),
-        name=("name", "displayName", "login", "username"),
-        picture=("picture", "avatar_url"),
-        account_id=("sub", "id", "https://slack.com/user_id"),
-    )
+#: Where a userinfo response usually keeps each reading (OpenID Connect first).
+USERINFO_EMAIL: Final = ("email", "mail", "userPrincipalName")
+USERINFO_NAME: Final = ("name", "displayName", "login", "username")
+USERINFO_PICTURE: Final = ("picture", "avatar_url")
+USERINFO_ACCOUNT_ID: Final = ("sub", "id", "https://slack.com/user_id", "user_id")
 
 
-_USERINFO_STYLES: Final = frozenset({"google", "microsoft", "github", "slack"})
-
-
-def _userinfo_style(provider_key: str, info: Mapping[str, Any]) -> str:
-    key = provider_key.lower()
-    if key in _USERINFO_STYLES:
-        return key
-    # Built-in variants such as "google_drive" or "microsoft-365" share their family's shape.
-    family = re.split(r"[_\-:.]", key, maxsplit=1)[0]
-    if family in _USERINFO_STYLES:
-        return family
-    if "userPrincipalName" in info:
-        return "microsoft"
-    return "generic"
-
-
-def _userinfo(
+def map_userinfo(
     info: Mapping[str, Any],
     *,
-    email: Sequence[str],
-    name: Sequence[str],
-    picture: Sequence[str],
-    account_id: Sequence[str],
+    email: Sequence[str] = USERINFO_EMAIL,
+    name: Sequence[str] = USERINFO_NAME,
+    picture: Sequence[str] = USERINFO_PICTURE,
+    account_id: Sequence[str] = USERINFO_ACCOUNT_ID,
 ) -> dict[str, Any]:
+    """A userinfo response as ``{"email", "name", "picture", "account_id"}``.
+
+    Each reading takes the first non-blank of its candidate keys; a key may be a dotted
+    path into nested objects (``"user.email"``). Missing readings are ``None``;
+    ``account_id`` is always a string when present. Providers declare their own
+    candidates (``Provider.userinfo_map``); the defaults fit OpenID Connect.
+    """
     return {
         "email": _first_text(info, email),
         "name": _first_text(info, name),
@@ -592,9 +549,18 @@ def _userinfo(
     }
 
 
+def _lookup(info: Mapping[str, Any], path: str) -> Any:
+    if path in info:
+        return info[path]
+    value: Any = info
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
 def _first_text(info: Mapping[str, Any], keys: Sequence[str]) -> str | None:
     for key in keys:
-        value = info.get(key)
+        value = _lookup(info, key)
         if isinstance(value, str) and value.strip():
             return value.strip()
     return None
@@ -602,7 +568,7 @@ def _first_text(info: Mapping[str, Any], keys: Sequence[str]) -> str | None:
 
 def _first_id(info: Mapping[str, Any], keys: Sequence[str]) -> str | None:
     for key in keys:
-        value = info.get(key)
+        value = _lookup(info, key)
         if isinstance(value, bool):
             continue
         if isinstance(value, int) or (isinstance(value, str) and value.strip()):

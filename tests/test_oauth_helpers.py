@@ -25,6 +25,7 @@ from integrations._errors import (
     RequestFailed,
     TokenRequestFailed,
 )
+from integrations._registry import ProviderRegistry
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 TOKEN_URL = "https://auth.example.com/oauth/token"
@@ -789,9 +790,13 @@ def test_expires_within_is_monotonic_in_leeway(seconds: int, leeway: float) -> N
 # --- userinfo -------------------------------------------------------------------------
 
 
+def _account(provider: str, info: dict[str, object]) -> dict[str, object]:
+    return ProviderRegistry().get(provider).map_userinfo(info)
+
+
 def test_map_userinfo_google() -> None:
     info = {"sub": "1090", "email": "a@gmail.com", "name": "Ada", "picture": "https://p/a.png"}
-    assert oauth.map_userinfo("google", info) == {
+    assert _account("google", info) == {
         "email": "a@gmail.com",
         "name": "Ada",
         "picture": "https://p/a.png",
@@ -806,7 +811,7 @@ def test_map_userinfo_microsoft_prefers_mail() -> None:
         "mail": "g@contoso.com",
         "userPrincipalName": "g@x",
     }
-    assert oauth.map_userinfo("microsoft", info) == {
+    assert _account("microsoft", info) == {
         "email": "g@contoso.com",
         "name": "Grace",
         "picture": None,
@@ -821,7 +826,7 @@ def test_map_userinfo_microsoft_falls_back_to_user_principal_name() -> None:
         "mail": None,
         "userPrincipalName": "alan@contoso.com",
     }
-    assert oauth.map_userinfo("microsoft", info)["email"] == "alan@contoso.com"
+    assert _account("microsoft", info)["email"] == "alan@contoso.com"
 
 
 def test_map_userinfo_github_uses_login_when_name_is_null_and_int_id() -> None:
@@ -832,7 +837,7 @@ def test_map_userinfo_github_uses_login_when_name_is_null_and_int_id() -> None:
         "email": None,
         "avatar_url": "https://a/o",
     }
-    assert oauth.map_userinfo("github", info) == {
+    assert _account("github", info) == {
         "email": None,
         "name": "octocat",
         "picture": "https://a/o",
@@ -842,7 +847,7 @@ def test_map_userinfo_github_uses_login_when_name_is_null_and_int_id() -> None:
 
 def test_map_userinfo_slack_openid_and_legacy_identity() -> None:
     openid = {"sub": "U1", "email": "s@x.io", "name": "Sam", "picture": "https://s/p.png"}
-    assert oauth.map_userinfo("slack", openid) == {
+    assert _account("slack", openid) == {
         "email": "s@x.io",
         "name": "Sam",
         "picture": "https://s/p.png",
@@ -852,7 +857,7 @@ def test_map_userinfo_slack_openid_and_legacy_identity() -> None:
         "ok": True,
         "user": {"id": "U2", "name": "sam", "email": "s@x.io", "image_192": "https://i"},
     }
-    assert oauth.map_userinfo("slack", legacy) == {
+    assert _account("slack", legacy) == {
         "email": "s@x.io",
         "name": "sam",
         "picture": "https://i",
@@ -860,26 +865,36 @@ def test_map_userinfo_slack_openid_and_legacy_identity() -> None:
     }
 
 
-def test_map_userinfo_provider_variants_share_their_family_mapping() -> None:
-    info = {"id": "m1", "displayName": "D", "userPrincipalName": "d@contoso.com"}
-    assert oauth.map_userinfo("microsoft_365", info)["email"] == "d@contoso.com"
+def test_map_userinfo_takes_dotted_paths_and_whole_keys_with_dots() -> None:
+    info = {"user": {"email": "u@x.test"}, "https://slack.com/user_id": "U3"}
+    assert oauth.map_userinfo(info, email=("user.email",)) == {
+        "email": "u@x.test",
+        "name": None,
+        "picture": None,
+        "account_id": "U3",
+    }
 
 
 def test_map_userinfo_generic_fallback() -> None:
-    assert oauth.map_userinfo("acme", {"id": 7, "email": "e@acme.io", "name": "E"}) == {
+    assert oauth.map_userinfo({"id": 7, "email": "e@acme.io", "name": "E"}) == {
         "email": "e@acme.io",
         "name": "E",
         "picture": None,
         "account_id": "7",
     }
-    assert oauth.map_userinfo("acme", {}) == {
+    assert oauth.map_userinfo({}) == {
         "email": None,
         "name": None,
         "picture": None,
         "account_id": None,
     }
     graph_like = {"id": "x", "displayName": "G", "userPrincipalName": "g@t.com"}
-    assert oauth.map_userinfo("custom_graph", graph_like)["name"] == "G"
+    assert oauth.map_userinfo(graph_like) == {
+        "email": "g@t.com",
+        "name": "G",
+        "picture": None,
+        "account_id": "x",
+    }
 
 
 # --- backoff --------------------------------------------------------------------------

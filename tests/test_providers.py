@@ -390,14 +390,16 @@ def test_userinfo_map_picks_the_first_non_blank_key():
     microsoft = REGISTRY.get("microsoft")
     assert microsoft.map_userinfo(
         {"mail": None, "userPrincipalName": "a@contoso.test", "displayName": "A"}
-    ) == {"email": "a@contoso.test", "name": "A"}
+    ) == {"email": "a@contoso.test", "name": "A", "picture": None, "account_id": None}
     github = REGISTRY.get("github")
     assert github.map_userinfo({"login": "octo", "name": "", "avatar_url": "https://x/a.png"}) == {
+        "email": None,
         "name": "octo",
         "picture": "https://x/a.png",
+        "account_id": None,
     }
     nested = custom(userinfo_map={"email": ("user.email",)})
-    assert nested.map_userinfo({"user": {"email": "u@x.test"}}) == {"email": "u@x.test"}
+    assert nested.map_userinfo({"user": {"email": "u@x.test"}})["email"] == "u@x.test"
 
 
 # --- the registry -----------------------------------------------------------------------
