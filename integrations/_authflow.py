@@ -41,7 +41,6 @@ log = logging.getLogger("integrations.oauth")
 # The pending verifier is sealed with the state hash as its row id, under the field name
 # that key rotation reseals.
 VERIFIER_FIELD = PKCE_FIELD
-_ERROR_CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -468,7 +467,7 @@ def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
 
 
 def _error_code(error: str) -> str:
-    return error if _ERROR_CODE_RE.fullmatch(error) else "unknown_error"
+    return oauth.error_code(error) or "unknown_error"
 
 
 def _denial_message(error: str, description: str | None) -> str:

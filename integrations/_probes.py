@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from . import oauth
 from ._errors import (
     InvalidAttrs,
     MissingExtra,
@@ -39,7 +39,6 @@ ACCESS_DENIED = "Access denied"
 UNREACHABLE = "Could not reach the service"
 NO_ACCESS_TOKEN = "No access token"
 NO_CHECK = "Saved; this provider has no credential check"
-_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 #: A check that is not an HTTP request: credentials and a deadline in, a Validation out.
@@ -149,7 +148,7 @@ def _interpret(check: ValidationRequest, response: Response) -> Validation:
         if isinstance(payload, dict) and payload.get(check.json_ok_key):
             return Validation(True, CONNECTED)
         error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
+        if oauth.error_code(error) is not None:
             return Validation(False, f"{INVALID_CREDENTIALS} ({error})")
         return Validation(False, INVALID_CREDENTIALS)
     if status in check.invalid_statuses:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import parse_qs
+
+from . import oauth
 
 __all__ = [
     "ENABLED",
@@ -71,7 +72,6 @@ _LOG_SCOPE: ContextVar[tuple[str, str, str | None] | None] = ContextVar(
 _ATTEMPTS: ContextVar[list[int] | None] = ContextVar("integrations_attempts", default=None)
 
 # An OAuth error code is an RFC 6749 token; anything else from a server is not repeated.
-_OAUTH_ERROR = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 
 class Row(Protocol):
@@ -388,7 +388,7 @@ def grant_type_of(body: Any) -> str:
     if not isinstance(body, str):
         return "unknown"
     values = parse_qs(body).get("grant_type")
-    return values[0] if values and _OAUTH_ERROR.fullmatch(values[0]) else "unknown"
+    return (values and oauth.error_code(values[0])) or "unknown"
 
 
 @contextlib.contextmanager
@@ -421,7 +421,7 @@ def token_span(provider: str | None, url: str, body: Any) -> Iterator[None]:
                 context = getattr(exc, "context", None)
                 if isinstance(context, Mapping):
                     oauth_error = context.get("error")
-                    if isinstance(oauth_error, str) and _OAUTH_ERROR.fullmatch(oauth_error):
+                    if oauth.error_code(oauth_error) is not None:
                         current.set_attribute("integrations.oauth_error", oauth_error)
                     status = context.get("status")
                     if isinstance(status, int):

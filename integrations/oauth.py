@@ -34,6 +34,7 @@ __all__ = [
     "authorization_url",
     "backoff_delays",
     "code_challenge",
+    "error_code",
     "expires_within",
     "generate_code_verifier",
     "generate_state",
@@ -385,6 +386,15 @@ def _decode_body(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any] | N
     return form if "=" in text else None
 
 
+def error_code(value: object) -> str | None:
+    """``value`` when it is shaped like an OAuth error code (``invalid_grant``,
+    ``access_denied``: letters, digits, ``_``, ``.``, ``-``, at most 64), else None. The one
+    check for error codes read from providers, which may be anything."""
+    if isinstance(value, str) and _ERROR_CODE_RE.fullmatch(value):
+        return value
+    return None
+
+
 def _error_code(payload: Mapping[str, Any] | None) -> str | None:
     if payload is None:
         return None
@@ -393,9 +403,7 @@ def _error_code(payload: Mapping[str, Any] | None) -> str | None:
         error = "unknown_error"
     if error is None:
         return None
-    if isinstance(error, str) and _ERROR_CODE_RE.fullmatch(error):
-        return error
-    return "unknown_error"
+    return error_code(error) or "unknown_error"
 
 
 def _description(payload: Mapping[str, Any] | None, secrets: Sequence[str]) -> str | None:
