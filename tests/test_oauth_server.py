@@ -213,7 +213,7 @@ async def test_full_flow_with_rotation_and_reuse_revoking_the_grant(
     ) as resp:
         assert resp.status == 200
         info = await resp.json()
-    assert oauth.map_userinfo("google", info) == {
+    assert oauth.map_userinfo(info) == {
         "email": DEFAULT_USER["email"],
         "name": DEFAULT_USER["name"],
         "picture": DEFAULT_USER["picture"],
