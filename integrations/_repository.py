@@ -14,7 +14,6 @@ import re
 import uuid as _uuid
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -159,9 +158,9 @@ def _translate(lock_timeout: float | None = None) -> Iterator[None]:
         raise StorageError(describe(exc)) from exc
 
 
-class PoolListener:
-    """A pooled connection held for LISTEN (or a direct one, without a pool); released or
-    closed on close."""
+class Listener:
+    """A connection held for LISTEN on the event and row channels: taken from a pool
+    (released on close) or opened for it alone (closed on close)."""
 
     def __init__(
         self, pool: asyncpg.Pool | None, conn: Any, channel: str, callback: Any, terminated: Any
@@ -173,8 +172,40 @@ class PoolListener:
         self._terminated = terminated
         self.backend_pid: int = conn.get_server_pid()
 
+    @classmethod
+    async def attach(
+        cls,
+        pool: asyncpg.Pool | None,
+        conn: Any,
+        channel: str,
+        on_payload: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> Listener:
+        """Listen on ``conn``; on failure it is released to ``pool`` (or terminated)."""
+
+        def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            on_payload(str(payload))
+
+        def terminated(_conn: Any) -> None:
+            on_lost()
+
+        try:
+            with _translate():
+                conn.add_termination_listener(terminated)
+                await conn.add_listener(channel, callback)
+                await conn.add_listener(rows_channel(channel), callback)
+        except BaseException:
+            if pool is None:
+                conn.terminate()
+            else:
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
+            raise
+        return cls(pool, conn, channel, callback, terminated)
+
     async def sync(self) -> None:
-        """As :meth:`DirectListener.sync`."""
+        """Return once the notifications committed before the call have been dispatched:
+        the server sends pending ones before it answers a statement."""
         if self._conn is not None:
             with _translate():
                 await self._conn.execute(_relisten(self._channel))
@@ -184,15 +215,19 @@ class PoolListener:
         if conn is None:
             return
         conn.remove_termination_listener(self._terminated)
+        if self._pool is None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=5)
+            if not conn.is_closed():
+                conn.terminate()
+            return
+        # A pooled connection goes back without its listeners.
         with contextlib.suppress(Exception):
             if not conn.is_closed():
                 await conn.remove_listener(self._channel, self._callback)
                 await conn.remove_listener(rows_channel(self._channel), self._callback)
         with contextlib.suppress(Exception):
-            if self._pool is None:
-                await conn.close()
-            else:
-                await self._pool.release(conn)
+            await self._pool.release(conn)
 
 
 def rows_channel(channel: str) -> str:
@@ -209,59 +244,6 @@ def _relisten(channel: str) -> str:
 
 async def _keep_session(_conn: Any) -> None:
     """The pool's reset hook: nothing to reset (see ``Repository.open``)."""
-
-
-class DirectListener:
-    """A connection outside the pool, opened for LISTEN and closed with it."""
-
-    def __init__(self, conn: Any, channel: str, callback: Any, terminated: Any) -> None:
-        self._conn = conn
-        self._channel = channel
-        self._callback = callback
-        self._terminated = terminated
-        self.backend_pid: int = conn.get_server_pid()
-
-    @classmethod
-    async def open(
-        cls,
-        dsn: str,
-        channel: str,
-        on_payload: Callable[[str], None],
-        on_lost: Callable[[], None],
-    ) -> DirectListener:
-        def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-            on_payload(str(payload))
-
-        def terminated(_conn: Any) -> None:
-            on_lost()
-
-        with _translate():
-            conn = await asyncpg.connect(dsn)
-            try:
-                conn.add_termination_listener(terminated)
-                await conn.add_listener(channel, callback)
-                await conn.add_listener(rows_channel(channel), callback)
-            except BaseException:
-                conn.terminate()
-                raise
-        return cls(conn, channel, callback, terminated)
-
-    async def sync(self) -> None:
-        """Return once the notifications committed before the call have been dispatched:
-        the server sends pending ones before it answers a statement."""
-        if self._conn is not None:
-            with _translate():
-                await self._conn.execute(_relisten(self._channel))
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        conn.remove_termination_listener(self._terminated)
-        with contextlib.suppress(Exception):
-            await conn.close(timeout=5)
-        if not conn.is_closed():
-            conn.terminate()
 
 
 class Repository:
@@ -671,40 +653,15 @@ class Repository:
 
     async def listen(
         self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
-    ) -> PoolListener | DirectListener:
+    ) -> Listener:
         """LISTEN on ``channel``: on a connection of its own to ``listen_dsn`` when one was
         given (behind a transaction pooler), else on one of its own when the pool is ours
         (its connections are released without a reset), else on one held from the pool."""
-        if self.listen_dsn is not None:
-            return await DirectListener.open(self.listen_dsn, channel, on_payload, on_lost)
-        if self._owns_pool and self._dsn is not None:
-            return await DirectListener.open(self._dsn, channel, on_payload, on_lost)
-        return await self._listen_pooled(channel, on_payload, on_lost)
-
-    async def _listen_pooled(
-        self, channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
-    ) -> PoolListener:
-        """Hold one pooled connection that LISTENs on ``channel``, until its close()."""
-
-        def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-            on_payload(str(payload))
-
-        def terminated(_conn: Any) -> None:
-            on_lost()
-
-        pool = self.pool
+        dsn = self.listen_dsn or (self._dsn if self._owns_pool else None)
+        pool = None if dsn is not None else self.pool
         with _translate():
-            conn = await pool.acquire()
-        try:
-            with _translate():
-                conn.add_termination_listener(terminated)
-                await conn.add_listener(channel, callback)
-                await conn.add_listener(rows_channel(channel), callback)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await pool.release(conn)
-            raise
-        return PoolListener(pool, conn, channel, callback, terminated)
+            conn = await (asyncpg.connect(dsn) if pool is None else pool.acquire())
+        return await Listener.attach(pool, conn, channel, on_payload, on_lost)
 
     # -- one health sweep per fleet ------------------------------------------------------
 
@@ -802,9 +759,6 @@ class Repository:
         async with self._acquire() as conn:
             status = await conn.execute(self.q.delete_expired_pending_authorizations)
         return int(status.split()[-1]) if status.startswith("DELETE") else 0
-
-
-ListenFn = Callable[[str, Callable[[str], None], Callable[[], None]], Awaitable[PoolListener]]
 
 
 @dataclass(frozen=True, slots=True)
