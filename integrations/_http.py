@@ -242,12 +242,15 @@ AuthApply = Callable[
 @dataclass(frozen=True, slots=True)
 class AuthKind:
     """A registered way of attaching credentials; ``in_path``: the URL carries them (so
-    redirects and logs must hide it); ``signs_body``: the body must be replayable bytes."""
+    redirects and logs must hide it); ``signs_body``: the body must be replayable bytes;
+    ``reusable``: the headers depend on the credentials alone (not on the URL, method or
+    body), so they may be built once per stored row version."""
 
     name: str
     apply: AuthApply
     in_path: bool = False
     signs_body: bool = False
+    reusable: bool = False
 
 
 #: Auth header kinds by name (``AuthHeader(kind=name)``).
@@ -255,14 +258,21 @@ AUTH_KINDS: dict[str, AuthKind] = {}
 
 
 def register_auth_kind(
-    name: str, apply: AuthApply, *, in_path: bool = False, signs_body: bool = False
+    name: str,
+    apply: AuthApply,
+    *,
+    in_path: bool = False,
+    signs_body: bool = False,
+    reusable: bool = False,
 ) -> None:
     """Register an auth header kind; a name that is taken is refused."""
     if not isinstance(name, str) or not name:
         raise ValueError("an auth header kind needs a non-empty name")
     if name in AUTH_KINDS:
         raise ValueError(f"an auth header kind named {name!r} is already registered")
-    AUTH_KINDS[name] = AuthKind(name, apply, in_path=in_path, signs_body=signs_body)
+    AUTH_KINDS[name] = AuthKind(
+        name, apply, in_path=in_path, signs_body=signs_body, reusable=reusable
+    )
 
 
 def _header_auth(
@@ -305,13 +315,13 @@ def _sigv4_auth(
     return signed, target
 
 
-register_auth_kind("header", _header_auth)
-register_auth_kind("basic", _basic_auth)
+register_auth_kind("header", _header_auth, reusable=True)
+register_auth_kind("basic", _basic_auth, reusable=True)
 register_auth_kind("path", _path_auth, in_path=True)
 register_auth_kind("sigv4", _sigv4_auth, signs_body=True)
 
 
-def _kind(provider: Provider) -> AuthKind | None:
+def auth_kind(provider: Provider) -> AuthKind | None:
     header = provider.auth_header
     return None if header is None else AUTH_KINDS.get(header.kind)
 
@@ -323,7 +333,7 @@ def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str
     ``https://api.telegram.org/bot<TOKEN>/sendMessage``, built on the
     provider's first API host. The result carries the secret: do not log it.
     """
-    kind = _kind(provider)
+    kind = auth_kind(provider)
     if kind is None or not kind.in_path:
         raise ValueError(f"provider {provider.key!r} does not carry its token in the URL path")
     hosts = [h for h in provider.api_hosts if not h.startswith("*.")]
@@ -336,7 +346,7 @@ def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str
 def _secret_strings(provider: Provider, credentials: Mapping[str, Any]) -> tuple[str, ...]:
     """The credential strings a request URL may carry, in every spelling, longest first."""
     # Only a path token is put in the URL; header credentials never reach one.
-    kind, header = _kind(provider), provider.auth_header
+    kind, header = auth_kind(provider), provider.auth_header
     if kind is None or header is None or not kind.in_path:
         return ()
     values = provider.template_values(credentials)
@@ -362,10 +372,6 @@ class _Auth:
     secrets: tuple[str, ...] = field(repr=False)
     # Headers already built for a header or basic scheme, which do not depend on the URL.
     headers: Mapping[str, str] | None = field(default=None, repr=False)
-
-
-#: Auth schemes whose headers depend on the credentials only, not on the request.
-PREPARED_KINDS = frozenset({"header", "basic"})
 
 
 def _origin(url: URL) -> tuple[str, str, int | None]:
@@ -529,7 +535,7 @@ class HttpClient:
         opts: Mapping[str, Any],
     ) -> Response:
         """As :meth:`send_authenticated`, with the auth ``headers`` already built by
-        :func:`auth_for` (schemes in ``PREPARED_KINDS`` only)."""
+        :func:`auth_for` (only for ``reusable`` auth kinds)."""
         auth = _Auth(provider, {}, (), headers)
         return await self._send(method, target, auth, max_attempts, dict(opts))
 
@@ -586,7 +592,7 @@ class HttpClient:
             hop_headers = CIMultiDict(headers)
             url = target
             if auth is not None and on_origin:
-                kind = _kind(auth.provider)
+                kind = auth_kind(auth.provider)
                 if kind is not None and kind.signs_body and not replayable:
                     raise TypeError(
                         f"{kind.name} requests need a body given as bytes, str, json or form data"

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import _telemetry as telemetry
 from ._core import Core
-from ._http import PREPARED_KINDS, Response, auth_for
+from ._http import Response, auth_for, auth_kind
 from ._input import check_method
 from ._record import StoredRow
 from ._tokens import Refresher
@@ -70,8 +70,8 @@ class Requests:
         target = core.http.target(
             url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
         )
-        header = provider.auth_header
-        if not provider.is_oauth and header is not None and header.kind in PREPARED_KINDS:
+        kind = auth_kind(provider)
+        if not provider.is_oauth and kind is not None and kind.reusable:
             # Built once per cached row version: no decrypt or rendering on later calls.
             cache = core.repo.cache
             added: dict[str, str] | None = cache.extra(row, _HEADERS)
