@@ -88,6 +88,23 @@ class Page:
     next_after: str | None
 
 
+def ago(value: object, now: datetime | None = None, *, seconds: bool = False) -> str:
+    """A stored ISO time as ``"3 min ago"`` (``"never"`` when absent or unreadable).
+
+    Under a minute is ``"just now"``, or with ``seconds`` ``"42 s ago"`` from 10 s on.
+    """
+    when = _time(value)
+    if when is None:
+        return "never"
+    elapsed = int(((now or utcnow()) - when).total_seconds())
+    if elapsed < 60:
+        return f"{elapsed} s ago" if seconds and elapsed >= 10 else "just now"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if elapsed >= size:
+            return f"{elapsed // size} {unit} ago"
+    return "just now"
+
+
 @dataclass(frozen=True, slots=True)
 class Validation:
     """The outcome of a credential check; a provider-side failure is ``ok=False``."""

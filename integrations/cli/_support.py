@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -20,6 +20,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .. import _models
 from .._errors import (
     Deleted,
     IntegrationsError,
@@ -230,21 +231,7 @@ async def resolve(integ: Integrations, env: Env, ref: str) -> str:
 
 def ago(value: object, now: datetime | None = None) -> str:
     """``"3 min ago"`` for a stored ISO time; ``"never"`` when there is none."""
-    if not isinstance(value, str):
-        return "never"
-    try:
-        then = datetime.fromisoformat(value)
-    except ValueError:
-        return "?"
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=UTC)
-    seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
-    if seconds < 60:
-        return "just now"
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
-        if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return "just now"
+    return _models.ago(value, now)
 
 
 # Shown by `list` as the setup summary; the rest is status bookkeeping.

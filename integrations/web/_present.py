@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from .. import _models
 from .._providers import Provider, SetupField
 
 STATUSES = ("connected", "error", "not configured", "disconnected")
@@ -23,25 +24,9 @@ def status_text(provider: Provider | None, data: Mapping[str, Any]) -> str:
 
 
 def ago(value: object, now: datetime | None = None) -> str:
-    """``"3 min ago"`` for an ISO 8601 time; ``"never"`` when absent or unreadable."""
-    if not isinstance(value, str) or not value:
-        return "never"
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return "never"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
-    if seconds < 10:
-        return "just now"
-    if seconds < 60:
-        return f"{seconds} s ago"
-    if seconds < 3600:
-        return f"{seconds // 60} min ago"
-    if seconds < 86400:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} d ago"
+    """``"3 min ago"`` (``"42 s ago"`` within the minute) for an ISO 8601 time; ``"never"``
+    when absent or unreadable."""
+    return _models.ago(value, now, seconds=True)
 
 
 def account_text(data: Mapping[str, Any]) -> str:
