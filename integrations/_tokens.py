@@ -11,7 +11,7 @@ import secrets
 import socket
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Literal, TypeVar
 
@@ -23,6 +23,7 @@ from ._errors import (
     Deleted,
     IntegrationsError,
     InvalidAttrs,
+    InvalidInput,
     InvalidProviderKey,
     LifecycleError,
     LockTimeout,
@@ -35,7 +36,7 @@ from ._errors import (
 )
 from ._events import ALL_OWNERS, Subscription
 from ._http import HttpClient, retry_after_seconds
-from ._input import parse_timestamp
+from ._input import check_timestamp, parse_timestamp
 from ._models import utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
@@ -973,8 +974,6 @@ def _usable(token: str | None, plain: Mapping[str, Any], now: datetime) -> bool:
 _IMPORT_FIELDS = frozenset(
     {"access_token", "refresh_token", "token_type", "expires_at", "expires_in", "scope"}
 )
-#: Far enough from both ends of ``datetime`` that leeway arithmetic cannot overflow.
-_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def imported_token_set(tokens: Mapping[str, Any], now: datetime) -> oauth.TokenSet:
@@ -1015,21 +1014,19 @@ def imported_token_set(tokens: Mapping[str, Any], now: datetime) -> oauth.TokenS
         raise InvalidAttrs("Give expires_at or expires_in, not both.", field="expires_at")
     raw_at, raw_in = tokens.get("expires_at"), tokens.get("expires_in")
     if raw_at is not None:
-        expires_at = raw_at if isinstance(raw_at, datetime) else parse_time(raw_at)
-        if expires_at is None or expires_at.tzinfo is None:
+        try:
+            # Unlike a stored value read back, an out-of-range one is refused, not clamped.
+            expires_at = check_timestamp(raw_at, "expires_at")
+        except InvalidInput as exc:
             raise InvalidAttrs(
-                "expires_at must be an ISO 8601 time with a timezone, such as "
-                "'2030-01-01T00:00:00+00:00'.",
-                field="expires_at",
-            )
+                f"{exc.message}, such as '2030-01-01T00:00:00+00:00'.", field="expires_at"
+            ) from None
     elif raw_in is not None:
         if isinstance(raw_in, bool) or not isinstance(raw_in, int | float) or raw_in != raw_in:
             raise InvalidAttrs("expires_in must be a number of seconds.", field="expires_in")
         if not 0 <= raw_in <= 10 * 365 * 86400:
             raise InvalidAttrs("expires_in must be between 0 and ten years.", field="expires_in")
         expires_at = now + timedelta(seconds=float(raw_in))
-    if expires_at is not None and not _EARLIEST <= expires_at <= _LATEST:
-        raise InvalidAttrs("expires_at is out of range.", field="expires_at")
     scope = tokens.get("scope")
     if isinstance(scope, str):
         scopes = tuple(scope.split())

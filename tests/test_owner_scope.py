@@ -146,3 +146,48 @@ async def test_legacy_upsert_with_invalid_data_leaves_nothing_behind(
     assert await _table(db) == before
     made = await integ.legacy_upsert("openai", "legacy", {"api_key": "sk-legacy-0123456789"})
     assert made.status == "connected"
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        {},
+        {"access_token": ""},
+        {"access_token": "at\x00"},
+        {"access_token": "at", "refresh_token": "rt\n"},
+        {"access_token": "at", "expires_at": "0001-01-01T00:00:00+00:00"},
+        {"access_token": "at", "expires_at": "2030-01-01T00:00:00"},
+        {"access_token": "at", "expires_at": "2030-01-01T00:00:00+00:00", "expires_in": 60},
+        {"access_token": "at", "expires_in": -1},
+        {"access_token": "at", "scope": ["a b"]},
+        {"access_token": "at", "id_token": "x"},
+    ],
+)
+async def test_import_tokens_refuses_what_a_token_cannot_be_and_writes_nothing(
+    integ: Integrations, db: asyncpg.Connection, tokens: dict[str, Any]
+) -> None:
+    from integrations import InvalidAttrs
+
+    google = await integ.add_connection("google", "default")
+    await integ.save_setup(google.uuid, {"client_id": "cid", "client_secret": "cs-0123456789"})
+    before = await _table(db)
+    with pytest.raises(InvalidAttrs):
+        await integ.import_tokens(google.uuid, tokens)
+    assert await _table(db) == before
+
+
+async def test_import_tokens_connects_and_refuses_key_providers(integ: Integrations) -> None:
+    from integrations import InvalidProviderKey
+
+    google = await integ.add_connection("google", "default")
+    await integ.save_setup(google.uuid, {"client_id": "cid", "client_secret": "cs-0123456789"})
+    imported = await integ.import_tokens(
+        google.uuid,
+        {"access_token": "at-1", "refresh_token": "rt-1", "expires_in": 3600, "scope": "a b"},
+    )
+    assert imported.status == "connected"
+    assert imported.data["granted_scopes"] == ["a", "b"]
+    assert (await integ.access_token(google.uuid)) == "at-1"
+    openai = await integ.add_connection("openai", "default")
+    with pytest.raises(InvalidProviderKey):
+        await integ.import_tokens(openai.uuid, {"access_token": "at"})
