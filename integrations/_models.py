@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
+from ._input import parse_timestamp
+
 #: What an event may be about.
 EventKind = Literal[
     "connection_added",
@@ -55,28 +57,18 @@ class Connection:
     @property
     def last_checked_at(self) -> datetime | None:
         """When a check last ran, whatever its outcome (the "Last tested N ago" reading)."""
-        return _time(self.data.get("last_validated_at"))
+        return parse_timestamp(self.data.get("last_validated_at"))
 
     @property
     def last_ok_at(self) -> datetime | None:
         """When a check last passed with the credentials saved now; None when they were
         saved after the last passing check (or never checked)."""
-        return _time(self.data.get("last_ok_at"))
+        return parse_timestamp(self.data.get("last_ok_at"))
 
     @property
     def reauth_required(self) -> bool:
         """The provider refused the grant: the user must authorize again."""
         return self.data.get("reauth_required") is True
-
-
-def _time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +85,7 @@ def ago(value: object, now: datetime | None = None, *, seconds: bool = False) ->
 
     Under a minute is ``"just now"``, or with ``seconds`` ``"42 s ago"`` from 10 s on.
     """
-    when = _time(value)
+    when = parse_timestamp(value)
     if when is None:
         return "never"
     elapsed = int(((now or utcnow()) - when).total_seconds())
