@@ -1048,3 +1048,57 @@ async def test_record_validation_of_a_removed_uuid_is_quiet(integ: Integrations)
     conn = await integ.add_connection("openai", "default")
     await integ.remove_connection(conn.uuid)
     assert await integ.record_validation(conn.uuid, True) is None
+
+
+async def test_a_request_decrypts_the_row_once_and_checks_the_host_once(
+    fresh_db: str, echo: Echo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations import _http
+    from integrations._vault import Vault
+
+    async with Integrations(
+        fresh_db, keys=TEST_KEY, providers=[api_key_provider()], cache=False
+    ) as inst:
+        conn = await inst.add_connection("echoapi", "default")
+        await inst.save_setup(conn.uuid, {"api_key": "k-0123456789abcdef"})
+        counts = {"unseal": 0, "host": 0}
+        unseal, host_allowed = Vault.unseal, _http.host_allowed
+
+        def counted_unseal(*args: Any, **kwargs: Any) -> Any:
+            counts["unseal"] += 1
+            return unseal(*args, **kwargs)
+
+        def counted_host(*args: Any, **kwargs: Any) -> Any:
+            counts["host"] += 1
+            return host_allowed(*args, **kwargs)
+
+        monkeypatch.setattr(Vault, "unseal", counted_unseal)
+        monkeypatch.setattr(_http, "host_allowed", counted_host)
+        for _ in range(3):
+            response = await inst.authenticated_request(conn.uuid, "GET", f"{echo.base}/v1")
+            assert response.status == 200
+        assert counts == {"unseal": 3, "host": 3}
+        assert echo.seen[-1]["Authorization"] == "Bearer k-0123456789abcdef"
+
+
+async def test_cached_requests_build_the_auth_header_once_per_row_version(
+    pinteg: Integrations, echo: Echo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations._vault import Vault
+
+    conn = await pinteg.add_connection("echoapi", "default")
+    await pinteg.save_setup(conn.uuid, {"api_key": "k-0123456789abcdef"})
+    unseal, calls = Vault.unseal, [0]
+
+    def counted_unseal(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return unseal(*args, **kwargs)
+
+    monkeypatch.setattr(Vault, "unseal", counted_unseal)
+    for _ in range(5):
+        await pinteg.authenticated_request(conn.uuid, "GET", f"{echo.base}/v1")
+    assert calls[0] == 1
+    await pinteg.save_setup(conn.uuid, {"api_key": "k-new-0123456789abcd"})
+    await pinteg.authenticated_request(conn.uuid, "GET", f"{echo.base}/v1")
+    assert calls[0] == 2
+    assert echo.seen[-1]["Authorization"] == "Bearer k-new-0123456789abcd"
