@@ -128,7 +128,6 @@ class HealthSweep:
         self._done = asyncio.Event()
         self._pace: dict[str, float] = {}
         self._pace_locks: dict[str, asyncio.Lock] = {}
-        self.leading = False
 
     # -- leadership -----------------------------------------------------------------------
 
@@ -146,14 +145,12 @@ class HealthSweep:
                 await self._pause(self.interval)
                 continue
             try:
-                self.leading = True
                 log.info(
                     "health sweep: this process leads the fleet's sweeps",
                     extra=telemetry.fields("sweep_leading"),
                 )
                 await self._lead(lead)
             finally:
-                self.leading = False
                 await lead.release()
             if not self._stop.is_set():
                 log.warning(
