@@ -129,6 +129,11 @@ async def test_a_second_instance_receives_every_kind_with_the_connection_fields(
         assert (event.uuid, event.provider, event.owner) == (conn.uuid, "openai", "alice")
         assert isinstance(event.at, datetime)
         assert event.at.tzinfo is not None
+    # The raw listener is another connection: its copies may still be on the way.
+    async with asyncio.timeout(TIMEOUT):
+        while len(raw_payloads) < 6:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
     assert len(raw_payloads) == 6
     assert all(len(p.encode()) < 1000 for p in raw_payloads)
     assert not any(API_KEY in p or API_KEY[-12:] in p for p in raw_payloads)
@@ -446,6 +451,9 @@ async def test_a_huge_message_is_trimmed_and_the_write_still_succeeds(
     assert event.detail["ok"] is False
     assert event.detail["validation_status"].startswith("upstream said: xxx")
     assert len(event.detail["validation_status"]) <= 201
+    async with asyncio.timeout(TIMEOUT):
+        while len(raw_payloads) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
     assert max(len(p.encode()) for p in raw_payloads) <= PAYLOAD_BUDGET
     assert (await integ.get_integration(conn.uuid))["validation_status"] == message
 
