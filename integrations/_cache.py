@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+from . import _telemetry as telemetry
 from ._models import Event
 from ._record import Change, StoredRow
 from ._repository import Repository, ResealBatch
@@ -93,6 +94,7 @@ class RowCache:
         if row is not None:
             self._rows.move_to_end(uuid)
             self.hits += 1
+            telemetry.record_cache(True)
         return row
 
     def get_ref(self, owner: str | None, key: str) -> StoredRow | None:
@@ -117,6 +119,7 @@ class RowCache:
         if not (self.enabled and self._live):
             return None
         self.misses += 1
+        telemetry.record_cache(False)
         return self._epoch
 
     def fill(self, ticket: int | None, row: StoredRow) -> None:
@@ -182,6 +185,10 @@ class CachedRepository(Repository):
         self.cache = cache
 
     # -- reads --------------------------------------------------------------------------
+
+    def peek(self, uuid: str) -> StoredRow | None:
+        cache = self.cache
+        return cache.get(uuid) if cache.serving else None
 
     async def get(self, uuid: str, *, fresh: bool = False) -> StoredRow | None:
         cache = self.cache

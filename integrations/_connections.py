@@ -72,6 +72,9 @@ class Connections:
         owner = check_scope(owner)
         as_uuid = names.parse_uuid(ref)
         if as_uuid is not None:
+            hit = None if fresh else self._core.repo.peek(as_uuid)
+            if hit is not None:  # a cache hit, without a coroutine per layer
+                return _visible(hit, owner), True
             return await self.row(as_uuid, owner, fresh=fresh), True
         provider, name = names.parse_ref(ref)
         key = names.storage_key(provider, name)

@@ -374,6 +374,10 @@ class _Auth:
     headers: Mapping[str, str] | None = field(default=None, repr=False)
 
 
+# Checked request URLs kept by HttpClient.target (cleared when full).
+_TARGETS_KEPT = 1024
+
+
 def _origin(url: URL) -> tuple[str, str, int | None]:
     return (url.scheme, (url.raw_host or "").lower().rstrip("."), url.port)
 
@@ -432,6 +436,8 @@ class HttpClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.timeout = timeout
+        self._default_timeout = aiohttp.ClientTimeout(total=timeout)
+        self._targets: dict[tuple[str, tuple[str, ...] | None], URL] = {}
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -496,6 +502,14 @@ class HttpClient:
     ) -> URL:
         """The checked URL of a request (https, or http to loopback), ``params`` added;
         HostNotAllowed when it is not one of ``provider``'s API hosts."""
+        memo: tuple[str, tuple[str, ...] | None] | None = None
+        if params is None and type(url) is str:
+            # The same URL for the same hosts is checked once: requests repeat their URLs.
+            hosts = None if provider is None or allow_any_host else provider.api_hosts
+            memo = (url, hosts)
+            known = self._targets.get(memo)
+            if known is not None:
+                return known
         target = self._target(url, params)
         if (
             provider is not None
@@ -508,6 +522,10 @@ class HttpClient:
                 provider=provider.key,
                 host=target.raw_host,
             )
+        if memo is not None:
+            if len(self._targets) >= _TARGETS_KEPT:
+                self._targets.clear()
+            self._targets[memo] = target
         return target
 
     async def send_authenticated(
@@ -579,27 +597,31 @@ class HttpClient:
             raise ValueError("max_attempts must be at least 1")
         follow = bool(opts.pop("allow_redirects", True))
         timeout = opts.pop("timeout", None)
-        headers: CIMultiDict[str] = CIMultiDict(opts.pop("headers", None) or {})
-        _check_headers(headers)
+        given = opts.pop("headers", None)
+        headers: CIMultiDict[str] = CIMultiDict(given) if given else CIMultiDict()
+        if given:
+            _check_headers(headers)
         body, replayable = _encode_body(headers, opts.pop("json", None), opts.pop("data", None))
         if not replayable:
             attempts = 1
         secrets = auth.secrets if auth else ()
-        origin = _origin(target)
+        start = target
         on_origin = True
 
         for _ in range(MAX_REDIRECTS + 1):
             hop_headers = CIMultiDict(headers)
             url = target
             if auth is not None and on_origin:
-                kind = auth_kind(auth.provider)
-                if kind is not None and kind.signs_body and not replayable:
-                    raise TypeError(
-                        f"{kind.name} requests need a body given as bytes, str, json or form data"
-                    )
                 if auth.headers is not None:
+                    # Built ahead (a header or basic scheme): nothing signs the body.
                     hop_headers.update(auth.headers)
                 else:
+                    kind = auth_kind(auth.provider)
+                    if kind is not None and kind.signs_body and not replayable:
+                        raise TypeError(
+                            f"{kind.name} requests need a body given as bytes, str, json or "
+                            "form data"
+                        )
                     added, signed_url = auth_for(
                         auth.provider, auth.credentials, url, method=method, body=body
                     )
@@ -609,8 +631,10 @@ class HttpClient:
             response = await self._attempts(
                 method, url, hop_headers, body, attempts, timeout, opts, secrets
             )
+            if not follow or response.status not in REDIRECT_STATUSES:
+                return response
             location = response.headers.get("Location")
-            if not (follow and response.status in REDIRECT_STATUSES and location):
+            if not location:
                 return response
             try:
                 next_url = check_url(url.join(URL(location)))
@@ -627,7 +651,7 @@ class HttpClient:
                     headers.popall(name, None)
             elif response.status in (307, 308) and not replayable:
                 return response
-            if on_origin and _origin(next_url) != origin:
+            if on_origin and _origin(next_url) != _origin(start):
                 on_origin = False
                 names = list(_SENSITIVE_HEADERS)
                 if auth is not None and auth.provider.auth_header is not None:
@@ -654,11 +678,12 @@ class HttpClient:
         secrets: tuple[str, ...],
     ) -> Response:
         retry = method in IDEMPOTENT_METHODS
-        client_timeout = (
-            attempt_timeout
-            if isinstance(attempt_timeout, aiohttp.ClientTimeout)
-            else aiohttp.ClientTimeout(total=attempt_timeout or self.timeout)
-        )
+        if attempt_timeout is None:
+            client_timeout = self._default_timeout
+        elif isinstance(attempt_timeout, aiohttp.ClientTimeout):
+            client_timeout = attempt_timeout
+        else:
+            client_timeout = aiohttp.ClientTimeout(total=attempt_timeout or self.timeout)
         shown = _redact(str(url), secrets)
         for attempt in range(1, attempts + 1):
             telemetry.count_attempt()

@@ -48,6 +48,9 @@ _CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
 # RFC 9110 field-value: visible characters, space and tab (obs-text allowed).
 _HEADER_BAD_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 # RFC 9110 token, ASCII only.
+_COMMON_METHODS = frozenset(
+    ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "get", "post", "put", "delete")
+)
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
 
 
@@ -166,6 +169,8 @@ def check_attrs(attrs: object, *, max_bytes: int = MAX_ATTRS_BYTES) -> dict[str,
 
 def check_method(method: object) -> str:
     """An HTTP method name: an RFC 9110 token of ASCII letters, digits and ``!#$%&'*+-.^_`|~``."""
+    if isinstance(method, str) and method in _COMMON_METHODS:
+        return method
     if not isinstance(method, str) or _TOKEN_RE.fullmatch(method) is None:
         raise InvalidInput("the HTTP method must be a token (RFC 9110)", field="method")
     return method

@@ -123,8 +123,13 @@ def settings_key(ref: str) -> str:
     return storage_key(provider, name)
 
 
+_CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_uuid(value: object) -> str | None:
     """The canonical text of a uuid, or None when ``value`` is not one."""
+    if isinstance(value, str) and _CANONICAL_UUID_RE.fullmatch(value) is not None:
+        return value  # already canonical: the common case, without building a UUID
     if isinstance(value, _uuid.UUID):
         return str(value)
     if not isinstance(value, str) or len(value) not in (32, 36, 38):

@@ -96,10 +96,11 @@ class StoredRow:
     key: str
     data: dict[str, Any]
     version: int
+    # Read on every request (provider lookup, log scope): taken from the key once.
+    provider: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def provider(self) -> str:
-        return names.provider_of_key(self.key)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "provider", names.provider_of_key(self.key))
 
     @property
     def name(self) -> str:

@@ -400,6 +400,10 @@ class Repository:
 
     # -- reads -------------------------------------------------------------------------
 
+    def peek(self, uuid: str) -> StoredRow | None:
+        """The row when it can be had without a query (from a cache); None otherwise."""
+        return None
+
     async def get(self, uuid: str) -> StoredRow | None:
         async with self._acquire() as conn:
             record = await conn.fetchrow(self.q.get_by_uuid, _uuid.UUID(uuid))

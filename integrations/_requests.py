@@ -43,6 +43,20 @@ class Requests:
         opts: dict[str, Any],
     ) -> Response:
         method = check_method(method).upper()
+        if not telemetry.live():
+            # Nothing to trace: only the log records' connection, without a generator.
+            scope = telemetry.enter_log_scope(row)
+            try:
+                return await self._request(
+                    row,
+                    method,
+                    url,
+                    allow_any_host=allow_any_host,
+                    max_attempts=max_attempts,
+                    opts=opts,
+                )
+            finally:
+                telemetry.leave_log_scope(scope)
         with telemetry.request_span(row, method, url) as outcome:
             response = await self._request(
                 row,

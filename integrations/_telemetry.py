@@ -7,7 +7,7 @@ import importlib.util
 import os
 import time
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import parse_qs
@@ -24,9 +24,12 @@ __all__ = [
     "count_attempt",
     "count_event_dropped",
     "count_resync",
+    "enter_log_scope",
     "fields",
     "grant_type_of",
     "instruments",
+    "leave_log_scope",
+    "live",
     "log_scope",
     "pool_wait",
     "record_cache",
@@ -125,6 +128,16 @@ def fields(
         "integrations_owner": owner,
         "integrations_event_kind": kind,
     }
+
+
+def enter_log_scope(row: Row) -> Token[tuple[str, str, str | None] | None]:
+    """Name ``row`` in the log records made from here on, until :func:`leave_log_scope`
+    (the request path's form of :func:`log_scope`, without a generator)."""
+    return _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
+
+
+def leave_log_scope(token: Token[tuple[str, str, str | None] | None]) -> None:
+    _LOG_SCOPE.reset(token)
 
 
 @contextlib.contextmanager
@@ -243,18 +256,60 @@ def _live() -> bool:
     made = _instruments
     if made is not None and made.explicit:
         return True
-    global _api
-    if _api is None:
-        from opentelemetry import metrics, trace
-
-        _api = (trace, metrics)
-    trace, metrics = _api
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider) or (
-        type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"
-    )
+    globals_ = _globals
+    if globals_ is None:
+        globals_ = _find_globals()
+    trace, meters = globals_
+    # The modules' own globals, read directly: this runs on every request, and the public
+    # getters look at the environment each time. Set once, a provider stays set.
+    return trace._TRACER_PROVIDER is not None or meters._METER_PROVIDER is not None
 
 
-_api: tuple[Any, Any] | None = None
+def _find_globals() -> tuple[Any, Any]:
+    """The API modules holding the global providers, found on first use. The public getters
+    are called once so that providers named by environment variables are loaded."""
+    global _globals
+    from opentelemetry import metrics, trace
+
+    trace.get_tracer_provider()
+    metrics.get_meter_provider()
+    from opentelemetry.metrics import _internal as meters
+
+    if hasattr(trace, "_TRACER_PROVIDER") and hasattr(meters, "_METER_PROVIDER"):
+        _globals = (trace, meters)
+    else:  # pragma: no cover - an API release that keeps them elsewhere
+        _globals = (_PublicTrace(trace), _PublicMeters(metrics))
+    return _globals
+
+
+class _PublicTrace:
+    """``_TRACER_PROVIDER`` through the public getter (None for the default proxy)."""
+
+    def __init__(self, trace: Any) -> None:
+        self._trace = trace
+
+    @property
+    def _TRACER_PROVIDER(self) -> Any:
+        provider = self._trace.get_tracer_provider()
+        return None if isinstance(provider, self._trace.ProxyTracerProvider) else provider
+
+
+class _PublicMeters:
+    """``_METER_PROVIDER`` through the public getter (None for the default proxy)."""
+
+    def __init__(self, metrics: Any) -> None:
+        self._metrics = metrics
+
+    @property
+    def _METER_PROVIDER(self) -> Any:
+        provider = self._metrics.get_meter_provider()
+        return None if type(provider).__name__ == "_ProxyMeterProvider" else provider
+
+
+_globals: tuple[Any, Any] | None = None
+
+#: Whether spans and metrics are being made (see :func:`_live`).
+live = _live
 
 
 def span(

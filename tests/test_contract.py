@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 import integrations
-from integrations import Integrations, IntegrationsError, MissingField, Provider
+from integrations import HostNotAllowed, Integrations, IntegrationsError, MissingField, Provider
 
 from .conftest import TEST_KEY
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer
@@ -1050,7 +1050,7 @@ async def test_record_validation_of_a_removed_uuid_is_quiet(integ: Integrations)
     assert await integ.record_validation(conn.uuid, True) is None
 
 
-async def test_a_request_decrypts_the_row_once_and_checks_the_host_once(
+async def test_a_request_decrypts_the_row_once_and_checks_each_url_host_once(
     fresh_db: str, echo: Echo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from integrations import _http
@@ -1077,7 +1077,16 @@ async def test_a_request_decrypts_the_row_once_and_checks_the_host_once(
         for _ in range(3):
             response = await inst.authenticated_request(conn.uuid, "GET", f"{echo.base}/v1")
             assert response.status == 200
-        assert counts == {"unseal": 3, "host": 3}
+        # One decrypt per request (no row cache here); the host of a URL is checked once
+        # and remembered, so a new URL is checked and a repeated one is not.
+        assert counts == {"unseal": 3, "host": 1}
+        await inst.authenticated_request(conn.uuid, "GET", f"{echo.base}/v2")
+        assert counts == {"unseal": 4, "host": 2}
+        with pytest.raises(HostNotAllowed):
+            await inst.authenticated_request(conn.uuid, "GET", "https://elsewhere.example/v1")
+        with pytest.raises(HostNotAllowed):
+            await inst.authenticated_request(conn.uuid, "GET", "https://elsewhere.example/v1")
+        assert counts["host"] == 4  # a refusal is not remembered
         assert echo.seen[-1]["Authorization"] == "Bearer k-0123456789abcdef"
 
 

@@ -349,12 +349,20 @@ async def test_dropped_events_and_resyncs_are_counted(
     assert otel.total("integrations.events.resyncs") - resyncs == 1
 
 
-def test_cache_lookups_are_counted_as_hits_and_misses(otel: Otel) -> None:
-    hits = otel.total("integrations.cache.lookups", integrations__cache__result="hit")
-    misses = otel.total("integrations.cache.lookups", integrations__cache__result="miss")
-    telemetry.record_cache(True)
-    telemetry.record_cache(True)
-    telemetry.record_cache(False)
+async def test_cache_lookups_are_counted_as_hits_and_misses(fresh_db: str, otel: Otel) -> None:
+    async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+        conn = await integ.add_connection("openai", "default")
+        before = integ.cache_stats.invalidations
+        await integ.save_setup(conn.uuid, {"api_key": "sk-cache-0123456789abcdef"})
+        # The write's own row notice drops the row once more: count from after it.
+        for _ in range(200):
+            if integ.cache_stats.invalidations >= before + 2:
+                break
+            await asyncio.sleep(0.01)
+        hits = otel.total("integrations.cache.lookups", integrations__cache__result="hit")
+        misses = otel.total("integrations.cache.lookups", integrations__cache__result="miss")
+        for _ in range(3):  # a miss that fills the cache, then two hits
+            await integ.get_credentials(conn.uuid)
     assert otel.total("integrations.cache.lookups", integrations__cache__result="hit") == hits + 2
     assert otel.total("integrations.cache.lookups", integrations__cache__result="miss") == (
         misses + 1
