@@ -9,7 +9,7 @@ import ipaddress
 import json as jsonlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -542,7 +542,7 @@ class HttpClient:
         auth = _Auth(provider, credentials, _secret_strings(provider, credentials))
         return await self._send(method, target, auth, max_attempts, dict(opts))
 
-    async def send_prepared(
+    def send_prepared(
         self,
         method: str,
         target: URL,
@@ -551,11 +551,12 @@ class HttpClient:
         *,
         max_attempts: int | None,
         opts: Mapping[str, Any],
-    ) -> Response:
+    ) -> Coroutine[Any, Any, Response]:
         """As :meth:`send_authenticated`, with the auth ``headers`` already built by
-        :func:`auth_for` (only for ``reusable`` auth kinds)."""
+        :func:`auth_for` (only for ``reusable`` auth kinds). Returns the sending coroutine
+        itself: one frame less on the hot path's every resumption."""
         auth = _Auth(provider, {}, (), headers)
-        return await self._send(method, target, auth, max_attempts, dict(opts))
+        return self._send(method, target, auth, max_attempts, dict(opts))
 
     async def send(
         self,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 from . import _telemetry as telemetry
 from ._core import Core
 from ._http import Response, auth_for, auth_kind
 from ._input import check_method
+from ._providers import Provider
 from ._record import StoredRow
 from ._tokens import Refresher
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 __all__ = ["Requests"]
 
@@ -47,38 +51,26 @@ class Requests:
             # Nothing to trace: only the log records' connection, without a generator.
             scope = telemetry.enter_log_scope(row)
             try:
-                return await self._request(
-                    row,
-                    method,
-                    url,
-                    allow_any_host=allow_any_host,
-                    max_attempts=max_attempts,
-                    opts=opts,
-                )
+                return await self._start(row, method, url, allow_any_host, max_attempts, opts)
             finally:
                 telemetry.leave_log_scope(scope)
         with telemetry.request_span(row, method, url) as outcome:
-            response = await self._request(
-                row,
-                method,
-                url,
-                allow_any_host=allow_any_host,
-                max_attempts=max_attempts,
-                opts=opts,
-            )
+            response = await self._start(row, method, url, allow_any_host, max_attempts, opts)
             outcome.status = response.status
             return response
 
-    async def _request(
+    def _start(
         self,
         row: StoredRow,
         method: str,
         url: str,
-        *,
         allow_any_host: bool,
         max_attempts: int | None,
         opts: dict[str, Any],
-    ) -> Response:
+    ) -> Coroutine[Any, Any, Response]:
+        """Check the URL and return the coroutine that sends the request. For a header or
+        basic scheme on a cached row that is the HTTP client's own (no frame of ours in
+        between on every resumption)."""
         core = self._core
         provider = core.require_provider(row)
         target = core.http.target(
@@ -93,14 +85,27 @@ class Requests:
                 plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
                 added, _ = auth_for(provider, plain, target)
                 cache.keep_extra(row, _HEADERS, added)
-            return await core.http.send_prepared(
+            return core.http.send_prepared(
                 method, target, provider, added, max_attempts=max_attempts, opts=opts
             )
         plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         if not provider.is_oauth:
-            return await core.http.send_authenticated(
+            return core.http.send_authenticated(
                 method, target, provider, plain, max_attempts=max_attempts, opts=opts
             )
+        return self._oauth(row, provider, plain, method, target, max_attempts, opts)
+
+    async def _oauth(
+        self,
+        row: StoredRow,
+        provider: Provider,
+        plain: Mapping[str, Any],
+        method: str,
+        target: URL,
+        max_attempts: int | None,
+        opts: dict[str, Any],
+    ) -> Response:
+        core = self._core
         token = await self._tokens.access_token(row, provider, plain)
 
         async def send(access_token: str) -> Response:
