@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from integrations import Integrations, generate_key
 from integrations.cli import cli
-from tests.conftest import TEST_KEY, _admin, _with_database
+from tests.conftest import TEST_KEY, _admin, _with_database, clone_database
 
 MARKER = "S3CR3T-cli-marker-0123456789"
 GOOD = MARKER + "-good"
@@ -381,7 +381,7 @@ def test_token_prints_the_access_token(fresh_db: str) -> None:
 @pytest.fixture
 def second_db(admin_dsn: str, template_db: str) -> Iterator[str]:
     name = f"integrations_t_{secrets.token_hex(6)}"
-    asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    asyncio.run(clone_database(admin_dsn, template_db, name))
     yield _with_database(admin_dsn, name)
     asyncio.run(_admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
