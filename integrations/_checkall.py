@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import _names as names
-from ._errors import IntegrationsError
+from ._errors import IntegrationsError, LifecycleError
 from ._events import ALL_OWNERS, OwnerScope
 from ._models import Validation
 
@@ -85,6 +85,8 @@ async def run_checks(
             try:
                 result = await validate(target)
                 ok, message = result.ok, result.message
+            except LifecycleError:
+                raise  # closed meanwhile: no report of checks that never ran
             except IntegrationsError as exc:
                 ok, message = False, exc.message
             return CheckItem(

@@ -8,14 +8,15 @@ import logging
 import math
 import uuid as uuid_mod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
 from . import _telemetry as telemetry
+from ._checkall import CheckItem, CheckReport, CheckTarget, run_checks
 from ._errors import IntegrationsError, LifecycleError, StorageError
 from ._events import ALL_OWNERS
-from ._models import utcnow
+from ._models import Validation, utcnow
 from ._record import StoredRow
 from ._repository import Leadership
 from ._services import Services
@@ -43,7 +44,8 @@ class SweepReport:
     last check older than ``stale_after``), ``check_failures`` of those checks failed;
     ``refreshed`` OAuth tokens close to expiry were renewed ahead of use,
     ``refresh_failures`` of the renewals failed; ``errors`` jobs raised (a database
-    error, say) and are tried again next sweep.
+    error, say) and are tried again next sweep. ``checks`` holds each check's outcome,
+    as ``check_all()`` reports them (the checks that raised are among its failures).
     """
 
     started_at: datetime
@@ -54,6 +56,7 @@ class SweepReport:
     refreshed: int = 0
     refresh_failures: int = 0
     errors: int = 0
+    checks: CheckReport = field(default_factory=CheckReport)
 
 
 SweepCallback = Callable[[SweepReport], object]
@@ -260,6 +263,7 @@ class HealthSweep:
             "errors": 0,
         }
         slots = asyncio.Semaphore(self.concurrency)
+        items: list[CheckItem] = []
         with telemetry.span("integrations.health_sweep") as span:
             after = _FIRST_UUID
             while True:
@@ -269,14 +273,56 @@ class HealthSweep:
                 after = rows[-1].uuid
                 counts["examined"] += len(rows)
                 now = utcnow()
-                jobs = [(row, job) for row in rows if (job := self._due(row, now)) is not None]
-                await asyncio.gather(*(self._run_job(row, job, slots, counts) for row, job in jobs))
+                due = [(row, job) for row in rows if (job := self._due(row, now)) is not None]
+                checks, _ = await asyncio.gather(
+                    self._checks([row for row, job in due if job == "check"], slots, counts),
+                    asyncio.gather(
+                        *(self._refresh(row, slots, counts) for row, job in due if job == "refresh")
+                    ),
+                )
+                items.extend(checks.items)
                 if len(rows) < _PAGE:
                     break
             for name, value in counts.items():
                 span.set_attribute(f"integrations.sweep.{name}", value)
         telemetry.record_sweep(counts)
-        return SweepReport(started_at=started, finished_at=utcnow(), **counts)
+        return SweepReport(
+            started_at=started,
+            finished_at=utcnow(),
+            checks=CheckReport(tuple(items)),
+            **counts,
+        )
+
+    async def _checks(
+        self, rows: list[StoredRow], slots: asyncio.Semaphore, counts: dict[str, int]
+    ) -> CheckReport:
+        """The due checks, run and reported as ``check_all(record=True)`` runs them, paced
+        per provider and sharing the sweep's concurrency with its token renewals."""
+        raised: set[str] = set()
+
+        async def validate(target: CheckTarget) -> Validation:
+            await self._paced(target.provider)
+            async with slots:
+                try:
+                    return await self._services.checks.validate_connection(
+                        target.uuid, actor=SWEEP_ACTOR, owner=ALL_OWNERS
+                    )
+                except LifecycleError:
+                    raise
+                except IntegrationsError as exc:
+                    raised.add(target.uuid)
+                    self._job_failed("check", target.uuid, target.provider, target.owner, exc)
+                    raise
+
+        targets = [CheckTarget(row.uuid, row.provider, row.name, row.owner) for row in rows]
+        # Bounded by the shared slots, taken after pacing: a provider waiting out its pace
+        # holds no place that another provider's check could use.
+        report = await run_checks(targets, validate, concurrency=max(1, len(targets)))
+        counts["errors"] += len(raised)
+        answered = [item for item in report.items if item.uuid not in raised]
+        counts["checked"] += len(answered)
+        counts["check_failures"] += sum(1 for item in answered if not item.ok)
+        return report
 
     def _due(self, row: StoredRow, now: datetime) -> Job | None:
         provider = self._core.provider_of(row)
@@ -308,45 +354,37 @@ class HealthSweep:
                 await asyncio.sleep(wait)
             self._pace[provider] = loop.time() + self.per_provider_interval
 
-    async def _run_job(
-        self, row: StoredRow, job: Job, slots: asyncio.Semaphore, counts: dict[str, int]
+    def _job_failed(
+        self, job: Job, uuid: str, provider: str, owner: str | None, exc: IntegrationsError
+    ) -> None:
+        log.warning(
+            "health sweep: %s of connection %s raised %s",
+            job,
+            uuid,
+            exc.code,
+            extra=telemetry.fields("sweep_job_failed", uuid=uuid, provider=provider, owner=owner),
+        )
+
+    async def _refresh(
+        self, row: StoredRow, slots: asyncio.Semaphore, counts: dict[str, int]
     ) -> None:
         await self._paced(row.provider)
         async with slots:
             try:
-                if job == "check":
-                    result = await self._services.checks.validate_connection(
-                        row.uuid, actor=SWEEP_ACTOR, owner=ALL_OWNERS
-                    )
-                    counts["checked"] += 1
-                    if not result.ok:
-                        counts["check_failures"] += 1
-                else:
-                    await self._refresh(row, counts)
+                provider = self._core.require_provider(row)
+                try:
+                    # The refresher re-reads the row under its lock: a token another
+                    # process renewed meanwhile is kept, with no token request.
+                    await self._services.tokens.refresh(row, provider)
+                except IntegrationsError as exc:
+                    if isinstance(exc, LifecycleError | StorageError):
+                        raise
+                    # Recorded on the connection (and its event sent) by the refresher.
+                    counts["refresh_failures"] += 1
+                    return
+                counts["refreshed"] += 1
             except LifecycleError:
                 raise
             except IntegrationsError as exc:
                 counts["errors"] += 1
-                log.warning(
-                    "health sweep: %s of connection %s raised %s",
-                    job,
-                    row.uuid,
-                    exc.code,
-                    extra=telemetry.fields(
-                        "sweep_job_failed", uuid=row.uuid, provider=row.provider, owner=row.owner
-                    ),
-                )
-
-    async def _refresh(self, row: StoredRow, counts: dict[str, int]) -> None:
-        provider = self._core.require_provider(row)
-        try:
-            # The refresher re-reads the row under its lock: a token another process
-            # renewed meanwhile is kept, with no token request.
-            await self._services.tokens.refresh(row, provider)
-        except IntegrationsError as exc:
-            if isinstance(exc, LifecycleError | StorageError):
-                raise
-            # Recorded on the connection (and its event sent) by the refresher.
-            counts["refresh_failures"] += 1
-            return
-        counts["refreshed"] += 1
+                self._job_failed("refresh", row.uuid, row.provider, row.owner, exc)
