@@ -396,7 +396,7 @@ class Connections:
             provider = self._core.provider_of(row)
             keep_oauth_app = provider is None or provider.is_oauth
             drop = () if keep_oauth_app else provider.runtime_fields  # type: ignore[union-attr]
-            done = record.disconnected(row, drop, actor)
+            done = record.disconnected(row, drop, actor, utcnow())
             return done.change, row
 
         # The tokens are taken under the row lock, revoked only once the change committed.

@@ -82,6 +82,7 @@ LIBRARY_FIELDS = (
         "validation_status",
         "last_validated_at",
         "last_ok_at",
+        "disconnected_at",
     }
 )
 _SAVED_EXEMPT = LIBRARY_FIELDS - {"access_token", "refresh_token"}
@@ -257,11 +258,16 @@ def setup_saved(
     return Transition(Change(data=data, events=[ev]), after)
 
 
-def disconnected(row: StoredRow, drop: Iterable[str], actor: str | None) -> Transition:
-    """Runtime credentials dropped: tokens always, plus ``drop`` (keys of key-based kinds)."""
+def disconnected(
+    row: StoredRow, drop: Iterable[str], actor: str | None, now: datetime | None = None
+) -> Transition:
+    """Runtime credentials dropped: tokens always, plus ``drop`` (keys of key-based kinds).
+    ``disconnected_at`` tells a connection someone disconnected from one never set up."""
     gone = TOKEN_FIELDS | set(drop)
     data = {k: v for k, v in row.data.items() if k not in gone}
     data["status"] = "disconnected"
+    if now is not None:
+        data["disconnected_at"] = now.isoformat()
     after = _after(row, data)
     ev = event("disconnected", after, previous_status=row.status, actor=actor)
     return Transition(Change(data=data, events=[ev]), after)

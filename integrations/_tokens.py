@@ -625,6 +625,10 @@ class Refresher:
         # The message may quote the server's error description.
         data = record.storable(failed.change.data or {})
         data.pop("refresh_lease", None)
+        rotated = oauth.rotated_refresh_token(exc)
+        if rotated:
+            # The old one may be spent: the next refresh must send this one.
+            data["refresh_token"] = self._core.vault.seal_value(row.uuid, "refresh_token", rotated)
         return Change(data, events=failed.change.events), None
 
     # -- storing what the token endpoint answered ------------------------------------------

@@ -7,9 +7,11 @@ import json
 import math
 import random
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
@@ -345,6 +347,18 @@ def parse_token_response(
     refresh_token = payload.get("refresh_token")
     if not isinstance(refresh_token, str) or not refresh_token:
         refresh_token = previous_refresh_token
+    if _UNSENDABLE_RE.search(access_token) is not None:
+        failed = TokenRequestFailed(
+            f"The token endpoint answered HTTP {status} with an access_token that cannot be "
+            "sent (it holds control characters)",
+            transient=False,
+            status=status,
+        )
+        # The refresh token that came with it may have replaced the one sent: whoever
+        # handles this failure keeps it, so the grant outlives the unusable answer.
+        if refresh_token and refresh_token != previous_refresh_token:
+            _ROTATED[failed] = refresh_token
+        raise failed
     id_token = payload.get("id_token")
     return TokenSet(
         access_token=access_token,
@@ -370,9 +384,13 @@ def _decode_body(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any] | N
     if not text:
         return None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_int=_json_int)
     except ValueError:
         data = None
+    except RecursionError:
+        # Nested deeper than the parser goes: the token fields sit at the top level, and
+        # a response that arrived must not be lost for the sake of a member nobody reads.
+        data = _top_level(text)
     if isinstance(data, dict):
         return data
     if data is not None or text.startswith(("{", "[", "<")):
@@ -384,6 +402,81 @@ def _decode_body(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any] | N
     form = {str(k): str(v) for k, v in pairs}
     # A stray word parses as {"word": ""}; only real key=value bodies count as forms.
     return form if "=" in text else None
+
+
+# The new refresh token of a token answer refused for its access token, by the refusal
+# (kept off the exception itself, whose attributes are shown in places).
+_ROTATED: weakref.WeakKeyDictionary[BaseException, str] = weakref.WeakKeyDictionary()
+
+
+def rotated_refresh_token(exc: BaseException) -> str | None:
+    """The new refresh token that came with a token answer ``exc`` refused, if any."""
+    return _ROTATED.get(exc)
+
+
+# What no HTTP header value may hold: controls other than tab, and lone surrogates.
+_UNSENDABLE_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+def _json_int(digits: str) -> int | str:
+    """An integer of a JSON body; beyond Python's digit limit for ``int()`` its text."""
+    return int(digits) if len(digits) <= 4000 else digits
+
+
+def _top_level(text: str) -> dict[str, Any] | None:
+    """The members of a JSON object whose values are not objects or arrays (those are
+    skipped without recursion); None when ``text`` is not an object."""
+    decoder = json.JSONDecoder(parse_int=_json_int)
+    found: dict[str, Any] = {}
+    at = _skip_ws(text, 0)
+    if not text.startswith("{", at):
+        return None
+    at = _skip_ws(text, at + 1)
+    try:
+        while not text.startswith("}", at):
+            if not text.startswith('"', at):
+                return None
+            key, at = scanstring(text, at + 1)
+            at = _skip_ws(text, at)
+            if not text.startswith(":", at):
+                return None
+            at = _skip_ws(text, at + 1)
+            if text.startswith(("{", "["), at):
+                at = _skip_container(text, at)
+            else:
+                found[key], at = decoder.raw_decode(text, at)
+            at = _skip_ws(text, at)
+            if text.startswith(",", at):
+                at = _skip_ws(text, at + 1)
+            elif not text.startswith("}", at):
+                return None
+    except (ValueError, RecursionError):
+        return None
+    return found
+
+
+def _skip_ws(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\n\r":
+        at += 1
+    return at
+
+
+def _skip_container(text: str, at: int) -> int:
+    """The index just past the object or array starting at ``at``, strings respected."""
+    depth, i, n = 0, at, len(text)
+    while i < n:
+        char = text[i]
+        if char == '"':
+            _, i = scanstring(text, i + 1)
+            continue
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError("unterminated JSON container")
 
 
 def error_code(value: object) -> str | None:

@@ -146,7 +146,7 @@ async def test_add_set_a_key_test_rename_remove(
     await expect(page.get_by_role("status")).to_have_text("Checked.")
     await expect(page.locator("#live")).to_contain_text("just now")
 
-    await page.get_by_label("New name").fill("primary")
+    await page.get_by_label("Name", exact=True).fill("primary")
     await page.get_by_role("button", name="Rename").click()
     await expect(page.get_by_role("status")).to_have_text("Renamed.")
     assert page.url.split("?")[0] == url  # the page is pinned to the uuid
@@ -284,7 +284,7 @@ async def test_the_connection_form_works_with_the_keyboard_alone(
     await expect(page.get_by_role("status")).to_have_text("Checked.")
     await expect(status_of(page)).to_have_text("connected")
 
-    await tab_to(page, "New name")
+    await tab_to(page, "Name")
     await page.keyboard.press("Control+A")
     await page.keyboard.type("renamed")
     await page.keyboard.press("Enter")

@@ -533,7 +533,8 @@ def _row(provider: Provider | None, conn: Connection) -> dict[str, Any]:
 
 
 def _stored_scopes(data: Mapping[str, Any]) -> tuple[str, ...]:
-    scope = data.get("scope") or data.get("scopes")
+    """The scopes of the stored grant, to ask for again on Reconnect."""
+    scope = data.get("granted_scopes") or data.get("scope") or data.get("scopes")
     if isinstance(scope, str):
         return tuple(parse_scopes(scope))
     if isinstance(scope, list | tuple):

@@ -18,6 +18,8 @@ def status_text(provider: Provider | None, data: Mapping[str, Any]) -> str:
     status = data.get("status")
     if status in ("connected", "error"):
         return str(status)
+    if status == "disconnected" and data.get("disconnected_at"):
+        return "disconnected"  # someone disconnected it (an API key is dropped too)
     if provider is not None and provider.missing_required(data):
         return "not configured"
     return "disconnected"

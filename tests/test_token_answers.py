@@ -1,0 +1,112 @@
+"""Token answers that are odd but arrived: parsed for what matters, nothing of the grant lost."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from integrations import Integrations, TokenRequestFailed
+
+from .conftest import TEST_KEY
+from .oauthkit import loopback_provider
+
+
+class TokenEndpoint:
+    """A loopback token endpoint answering with whatever body the test sets; it records
+    the refresh tokens it is sent."""
+
+    def __init__(self) -> None:
+        self.body = ""
+        self.sent: list[str] = []
+        self.server: TestServer | None = None
+
+    async def token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        self.sent.append(str(form.get("refresh_token", "")))
+        return web.Response(text=self.body, content_type="application/json")
+
+    @property
+    def base(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[TokenEndpoint]:
+    found = TokenEndpoint()
+    app = web.Application()
+    app.router.add_post("/token", found.token)
+    found.server = TestServer(app, host="127.0.0.1")
+    await found.server.start_server()
+    yield found
+    await found.server.close()
+
+
+@pytest.fixture
+async def connected(
+    fresh_db: str, endpoint: TokenEndpoint
+) -> AsyncIterator[tuple[Integrations, str]]:
+    provider = loopback_provider(endpoint.base)
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[provider]) as integ:
+        conn = await integ.add_connection("loopback", "default")
+        await integ.save_setup(conn.uuid, {"client_id": "cid", "client_secret": "csecret"})
+        await integ.import_tokens(
+            conn.uuid,
+            {
+                "access_token": "at-0",
+                "refresh_token": "rt-0",
+                "expires_at": "2020-01-01T00:00:00+00:00",
+            },
+        )
+        yield integ, conn.uuid
+
+
+def answer(**members: Any) -> str:
+    return json.dumps({"token_type": "Bearer", "expires_in": 3600, **members})
+
+
+async def test_an_answer_nested_deeper_than_the_parser_goes_is_still_read(
+    connected: tuple[Integrations, str], endpoint: TokenEndpoint
+) -> None:
+    integ, uuid = connected
+    deep = "[" * 5000 + "]" * 5000
+    endpoint.body = answer(access_token="at-1", refresh_token="rt-1")[:-1] + f', "deep": {deep}}}'
+    assert await integ.refresh_access_token(uuid) == "at-1"
+    credentials = await integ.get_credentials(uuid)
+    assert (credentials["access_token"], credentials["refresh_token"]) == ("at-1", "rt-1")
+
+
+async def test_an_answer_with_a_huge_number_is_still_read(
+    connected: tuple[Integrations, str], endpoint: TokenEndpoint
+) -> None:
+    integ, uuid = connected
+    endpoint.body = (
+        answer(access_token="at-1", refresh_token="rt-1")[:-1] + ', "n": ' + "9" * 5000 + "}"
+    )
+    assert await integ.refresh_access_token(uuid) == "at-1"
+    assert (await integ.get_credentials(uuid))["refresh_token"] == "rt-1"
+
+
+@pytest.mark.parametrize("bad", ["at\x00x", "at\nx", "at\ud800x"])
+async def test_an_unsendable_access_token_is_refused_and_its_new_refresh_token_kept(
+    connected: tuple[Integrations, str], endpoint: TokenEndpoint, bad: str
+) -> None:
+    integ, uuid = connected
+    endpoint.body = json.dumps(
+        {"access_token": bad, "refresh_token": "rt-1", "expires_in": 3600}, ensure_ascii=True
+    )
+    with pytest.raises(TokenRequestFailed) as info:
+        await integ.refresh_access_token(uuid)
+    assert "control characters" in info.value.message
+    assert "rt-1" not in repr(info.value) and "rt-1" not in repr(vars(info.value))
+    # The answer's refresh token replaced the one it was asked with: the next refresh
+    # sends it, and the grant goes on.
+    endpoint.body = answer(access_token="at-2", refresh_token="rt-2")
+    assert await integ.refresh_access_token(uuid) == "at-2"
+    assert endpoint.sent == ["rt-0", "rt-1"]
+    assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
