@@ -697,3 +697,56 @@ def test_serve_prints_a_one_time_login_link_that_signs_in(fresh_db: str) -> None
             _, err = proc.communicate()
     assert proc.returncode in (0, 130, -signal.SIGINT), err
     assert "Traceback" not in err
+
+
+def test_connections_not_fully_set_up_export_and_import(
+    fresh_db: str, second_db: str, tmp_path: Path
+) -> None:
+    sh(fresh_db, "add", "github")  # added, never set up
+    sh(fresh_db, "add", "openai")
+    sh(fresh_db, "set", "openai", "api_key=@-", stdin=MARKER)
+    assert sh(fresh_db, "disconnect", "openai").returncode == 0
+    bundle = tmp_path / "partial.json"
+    # An existing file's wider mode is narrowed: the bundle is for its owner only.
+    bundle.write_text("")
+    bundle.chmod(0o644)
+    env = cli_env(INTEGRATIONS_EXPORT_PASSPHRASE="correct horse battery")
+    assert sh(fresh_db, "export", "--out", str(bundle), env=env).returncode == 0
+    assert oct(bundle.stat().st_mode & 0o777) == "0o600"
+    done = sh(second_db, "import", str(bundle), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "imported: 2 created" in done.stdout
+    listed = {
+        f"{c['provider']}:{c['name']}": c["status"]
+        for c in json.loads(sh(second_db, "list", "--json").stdout)
+    }
+    assert listed == {"github:default": "disconnected", "openai:default": "disconnected"}
+
+
+def test_a_mistyped_field_is_refused_with_the_fields_there_are(fresh_db: str) -> None:
+    sh(fresh_db, "add", "openai")
+    for typo in ("API_KEY", "apikey"):
+        done = sh(fresh_db, "set", "openai", f"{typo}={MARKER}")
+        assert done.returncode == 2
+        assert "no setup field" in done.stderr and "did you mean api_key" in done.stderr
+    shown = json.loads(sh(fresh_db, "show", "openai", "--json").stdout)
+    assert not any(MARKER in str(v) for v in shown["data"].values())
+
+
+def test_a_file_that_is_not_text_is_a_usage_error(fresh_db: str, tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\xff\xfe\x00binary")
+    sh(fresh_db, "add", "openai")
+    done = sh(fresh_db, "set", "openai", f"api_key=@{blob}")
+    assert done.returncode == 2 and "not UTF-8 text" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = sh(fresh_db, "import", str(blob))
+    assert done.returncode == 2 and "not UTF-8 text" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_password_in_the_dsn_query_is_never_shown() -> None:
+    dsn = "postgresql://postgres@127.0.0.1:1/x?password=" + MARKER
+    for args in (("list",), ("doctor",)):
+        done = sh(dsn, *args)  # sh asserts that the marker shows nowhere
+        assert done.returncode != 0

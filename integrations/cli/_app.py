@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import os
 import sys
@@ -303,8 +304,26 @@ def _read_value(field: str, source: str, stdin_used: list[bool]) -> str:
             text = Path(source).expanduser().read_text("utf-8")
         except OSError as exc:
             raise Fail(f"{field}: cannot read {source}: {exc.strerror or exc}", USAGE) from None
+        except UnicodeDecodeError:
+            raise Fail(f"{field}: {source} is not UTF-8 text", USAGE) from None
     # A trailing newline from `echo` or an editor is not part of the secret.
     return text.rstrip("\r\n")
+
+
+def _check_field(provider: Any, field: str) -> None:
+    """A field the provider does not declare is refused (a mistyped secret would be stored
+    and shown as a plain value); providers of freeform credentials take any name."""
+    declared = [f.key for f in provider.setup_fields]
+    if provider.auth_type == "credentials" or not declared or field in declared:
+        return
+    close = [k for k in declared if k.lower() == field.lower()] or difflib.get_close_matches(
+        field, declared, n=2
+    )
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise Fail(
+        f"{provider.key} has no setup field {field!r} (its fields: {', '.join(declared)}){hint}",
+        USAGE,
+    )
 
 
 def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -316,6 +335,7 @@ def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
         field = field.strip()
         if not field:
             raise Fail(f"expected FIELD=VALUE, got {pair.split('=', 1)[0]!r}=...", USAGE)
+        _check_field(provider, field)
         secret = _is_secret(provider, field)
         if not has_value:
             if not secret:
@@ -632,6 +652,8 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
     if out:
         path = Path(out)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # An existing file keeps its mode through O_CREAT: narrow it before writing.
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         summary = {"exported": count, "out": str(path), "encrypted": not decrypted}
@@ -660,6 +682,8 @@ def import_(ctx: click.Context, file: str, overwrite: bool, dry_run: bool) -> No
             text = sys.stdin.read() if file == "-" else Path(file).read_text("utf-8")
         except OSError as exc:
             raise Fail(f"cannot read {file}: {exc.strerror or exc}", USAGE) from None
+        except UnicodeDecodeError:
+            raise Fail(f"{file} is not UTF-8 text (an export bundle is JSON)", USAGE) from None
         try:
             raw = _bundle.load_document(text)
             if _bundle.is_sealed(raw):

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 from rich import box
@@ -35,6 +34,7 @@ from .._integrations import Integrations
 from .._models import Connection
 from .._names import PROVIDER_KEY_RE, parse_uuid
 from .._providers import Provider
+from .._repository import mask_dsn
 
 T = TypeVar("T")
 
@@ -97,16 +97,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for messages."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<dsn>"
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    """The DSN without its password (in the URL, its query or a keyword), for messages."""
+    return mask_dsn(dsn)
 
 
 def env_of(ctx: click.Context) -> Env:

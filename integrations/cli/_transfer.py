@@ -87,10 +87,8 @@ def _validate(integ: Integrations, entry: _bundle.Entry, owner: str | None) -> N
     try:
         normalize_name(entry.name)
         check_owner(owner)
-        patch = provider.normalize_attrs(entry.setup)
-        missing = provider.missing_required(patch)
-        if missing:
-            raise Fail(f"{where}: required setup field missing: {', '.join(missing)}", USAGE)
+        # Required fields may be missing: an added or disconnected connection exports so.
+        provider.normalize_attrs(entry.setup)
         if entry.tokens:
             if not provider.is_oauth:
                 raise Fail(f"{where}: tokens given for a non-OAuth provider", USAGE)
