@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import _names as names
-from ._errors import IntegrationsError, LifecycleError
+from ._errors import IntegrationsError, InvalidArgument, LifecycleError
 from ._events import ALL_OWNERS, OwnerScope
 from ._models import Validation
 
@@ -65,6 +65,13 @@ class CheckReport:
 Validate = Callable[[CheckTarget], Awaitable[Validation]]
 
 
+def _check_concurrency(concurrency: object) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise InvalidArgument(
+            f"concurrency must be a positive integer, got {concurrency!r}", field="concurrency"
+        )
+
+
 async def run_checks(
     targets: Iterable[CheckTarget], validate: Validate, *, concurrency: int = 8
 ) -> CheckReport:
@@ -74,8 +81,7 @@ async def run_checks(
     connection removed meanwhile) fails that item with the error's message; the others
     still run.
     """
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError("concurrency must be a positive integer")
+    _check_concurrency(concurrency)
     ordered = sorted(targets, key=lambda t: (t.provider, t.owner or "", t.name, t.uuid))
     gate = asyncio.Semaphore(concurrency)
 
@@ -117,9 +123,9 @@ async def check_all(
     With ``record`` each outcome is recorded as ``validate_connection`` does; otherwise
     nothing about the check is written (an OAuth token may still be renewed first).
     """
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError("concurrency must be a positive integer")
-    prefix = names.storage_key(core.providers.get(provider).key, "") if provider else None
+    _check_concurrency(concurrency)
+    # A provider no longer registered may still have rows: they are checked (and fail).
+    prefix = names.storage_key(names.check_provider_key(provider), "") if provider else None
     if owner is ALL_OWNERS:
         rows = await core.repo.list_every_owner(prefix or names.KEY_PREFIX)
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from . import _names as names
 from . import _record as record
@@ -41,6 +41,19 @@ def check_scope(owner: OwnerScope) -> OwnerScope:
 def _ref_scope(owner: OwnerScope) -> str | None:
     """The scope a ``provider:name`` ref is looked up in: the system unless an owner is given."""
     return None if owner is ALL_OWNERS else owner
+
+
+def _page_mark(after: object, prefix: str) -> TypeGuard[str]:
+    """Whether ``after`` can be a ``next_after`` of a listing of keys under ``prefix``."""
+    if not isinstance(after, str) or len(after) > 1000 or not after.startswith(prefix):
+        return False
+    if "\x00" in after:
+        return False
+    try:
+        after.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _visible(row: StoredRow | None, owner: OwnerScope) -> StoredRow | None:
@@ -202,8 +215,11 @@ class Connections:
             prefix = names.storage_key(names.check_provider_key(provider), "")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}.")
-        if after is not None and (not isinstance(after, str) or len(after) > 1000):
-            raise InvalidInput("after must be the next_after of an earlier page, or None.")
+        if after is not None and not _page_mark(after, prefix):
+            raise InvalidInput(
+                "after must be the next_after of an earlier page (of the same provider), or None.",
+                field="after",
+            )
         rows = await self._core.repo.list_page(owner, prefix, after or "", limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]

@@ -104,6 +104,12 @@ class InvalidInput(IntegrationsError, ValueError):
     code = "invalid"
 
 
+class InvalidArgument(InvalidInput, TypeError):
+    """An argument has the wrong type or value; see the method's documentation."""
+
+    code = "invalid_argument"
+
+
 class EmptyName(InvalidInput):
     """The connection name is empty; give a name such as 'default'."""
 

@@ -15,7 +15,7 @@ from typing import Final, Literal, Protocol, TypeAlias
 
 from . import _telemetry as telemetry
 from ._backoff import equal_jitter
-from ._errors import LifecycleError
+from ._errors import InvalidArgument, LifecycleError
 from ._models import EVENT_KINDS, Event
 
 __all__ = [
@@ -296,23 +296,31 @@ class EventHub:
         """
         for label, value in (("provider", provider), ("uuid", uuid)):
             if value is not None and not isinstance(value, str):
-                raise TypeError(f"{label} must be a str or None")
+                raise InvalidArgument(f"{label} must be a str or None", field=label)
         if owner is not None and owner is not ALL_OWNERS and not isinstance(owner, str):
-            raise TypeError("owner must be a str, None or ALL_OWNERS")
+            raise InvalidArgument("owner must be a str, None or ALL_OWNERS", field="owner")
         kind_set: frozenset[str] | None = None
         if kinds is not None:
             if isinstance(kinds, str):
-                raise TypeError("kinds must be an iterable of kind names, not a str")
+                raise InvalidArgument(
+                    "kinds must be an iterable of kind names, not a str", field="kinds"
+                )
             kind_set = frozenset(kinds)
             unknown = kind_set - EVENT_KINDS
             if unknown:
-                raise ValueError(f"unknown event kinds: {', '.join(sorted(unknown))}")
+                raise InvalidArgument(
+                    f"unknown event kinds: {', '.join(sorted(map(repr, unknown)))}; the kinds "
+                    f"are {', '.join(sorted(EVENT_KINDS))}",
+                    field="kinds",
+                )
             if not kind_set:
-                raise ValueError("kinds must name at least one kind (or be None for all)")
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
-            raise TypeError("maxsize must be an int")
-        if maxsize < 1:
-            raise ValueError("maxsize must be at least 1")
+                raise InvalidArgument(
+                    "kinds must name at least one kind (or be None for all)", field="kinds"
+                )
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise InvalidArgument(
+                f"maxsize must be an int of at least 1, got {maxsize!r}", field="maxsize"
+            )
         subscription = Subscription(
             provider=provider, uuid=uuid, owner=owner, kinds=kind_set, maxsize=maxsize
         )

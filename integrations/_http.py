@@ -8,6 +8,7 @@ import functools
 import ipaddress
 import json as jsonlib
 import logging
+import math
 import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ._backoff import equal_jitter
 from ._errors import (
     ConfigurationError,
     HostNotAllowed,
+    InvalidArgument,
     InvalidField,
     InvalidInput,
     InvalidURL,
@@ -111,7 +113,7 @@ def _parse(url: str | URL) -> URL:
     if isinstance(url, URL):
         return url
     if not isinstance(url, str):
-        raise TypeError(f"url must be a str, not {type(url).__name__}")
+        raise InvalidArgument(f"url must be a str, not {type(url).__name__}", field="url")
     try:
         return URL(url)
     except (TypeError, ValueError):
@@ -195,7 +197,7 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
 def _check_headers(headers: CIMultiDict[str]) -> None:
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
-            raise TypeError("header names and values must be strings")
+            raise InvalidArgument("header names and values must be strings", field="headers")
         if _HEADER_NAME_RE.fullmatch(name) is None:
             raise InvalidInput("a header name must be a token (RFC 9110)", field="headers")
         check_header_value(value, name)
@@ -374,6 +376,60 @@ class _Auth:
     headers: Mapping[str, str] | None = field(default=None, repr=False)
 
 
+# The aiohttp request options a caller may pass through (``auth`` is not one: credentials
+# come from the provider).
+_OPTIONS = frozenset(
+    {
+        "params",
+        "data",
+        "json",
+        "headers",
+        "cookies",
+        "skip_auto_headers",
+        "allow_redirects",
+        "compress",
+        "chunked",
+        "expect100",
+        "read_until_eof",
+        "proxy",
+        "proxy_auth",
+        "proxy_headers",
+        "timeout",
+        "ssl",
+        "server_hostname",
+        "trace_request_ctx",
+        "read_bufsize",
+        "auto_decompress",
+        "max_line_size",
+        "max_field_size",
+    }
+)
+
+
+def _check_options(opts: Mapping[str, Any]) -> None:
+    if "auth" in opts:
+        raise InvalidArgument(
+            "auth= is not accepted: credentials come from the provider", field="auth"
+        )
+    unknown = sorted(set(opts) - _OPTIONS)
+    if unknown:
+        raise InvalidArgument(f"unknown request option(s): {', '.join(unknown)}", field=unknown[0])
+    timeout = opts.get("timeout")
+    if timeout is None or isinstance(timeout, aiohttp.ClientTimeout):
+        return
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise InvalidArgument(
+            "timeout must be a positive number of seconds or an aiohttp.ClientTimeout, "
+            f"got {timeout!r}",
+            field="timeout",
+        )
+
+
 # Checked request URLs kept by HttpClient.target (cleared when full).
 _TARGETS_KEPT = 1024
 
@@ -386,9 +442,14 @@ def _encode_body(headers: CIMultiDict[str], json: Any, data: Any) -> tuple[Any, 
     """The body to send and whether it can be sent again (retries, 307/308 redirects)."""
     if json is not None:
         if data is not None:
-            raise TypeError("pass json= or data=, not both")
+            raise InvalidArgument("pass json= or data=, not both", field="json")
         headers.setdefault("Content-Type", "application/json")
-        return jsonlib.dumps(json).encode(), True
+        try:
+            return jsonlib.dumps(json).encode(), True
+        except (TypeError, ValueError, RecursionError):
+            raise InvalidArgument(
+                f"json= must be JSON-serialisable, got {type(json).__name__}", field="json"
+            ) from None
     if data is None:
         return None, True
     if isinstance(data, bytes | bytearray | memoryview):
@@ -579,7 +640,14 @@ class HttpClient:
     def _target(url: str | URL, params: Any) -> URL:
         target = check_url(url)
         if params:
-            target = target.extend_query(params)
+            try:
+                target = target.extend_query(params)
+            except (TypeError, ValueError):
+                raise InvalidArgument(
+                    "params must be a mapping or a sequence of (name, value) pairs of str, "
+                    "int or float",
+                    field="params",
+                ) from None
         return target
 
     async def _send(
@@ -591,15 +659,23 @@ class HttpClient:
         opts: dict[str, Any],
     ) -> Response:
         method = check_method(method).upper()
-        if "auth" in opts:
-            raise TypeError("auth= is not accepted: credentials come from the provider")
+        if opts:
+            _check_options(opts)
         attempts = self.max_attempts if max_attempts is None else max_attempts
-        if attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise InvalidArgument(
+                f"max_attempts must be an int of at least 1, got {attempts!r}",
+                field="max_attempts",
+            )
         follow = bool(opts.pop("allow_redirects", True))
         timeout = opts.pop("timeout", None)
         given = opts.pop("headers", None)
-        headers: CIMultiDict[str] = CIMultiDict(given) if given else CIMultiDict()
+        try:
+            headers: CIMultiDict[str] = CIMultiDict(given) if given else CIMultiDict()
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                "headers must be a mapping of header names to values", field="headers"
+            ) from None
         if given:
             _check_headers(headers)
         body, replayable = _encode_body(headers, opts.pop("json", None), opts.pop("data", None))
@@ -619,9 +695,10 @@ class HttpClient:
                 else:
                     kind = auth_kind(auth.provider)
                     if kind is not None and kind.signs_body and not replayable:
-                        raise TypeError(
+                        raise InvalidArgument(
                             f"{kind.name} requests need a body given as bytes, str, json or "
-                            "form data"
+                            "form data",
+                            field="data",
                         )
                     added, signed_url = auth_for(
                         auth.provider, auth.credentials, url, method=method, body=body

@@ -19,6 +19,7 @@ from ._errors import (
     MissingField,
 )
 from ._input import MAX_ATTRS_BYTES, check_attrs, check_secret_text
+from ._names import PROVIDER_KEY_RE
 from ._vault import SECRET_FIELDS
 
 __all__ = [
@@ -547,6 +548,8 @@ def unknown_provider_message(key: str, known: Iterable[str]) -> str:
     hint = (
         f"Did you mean {' or '.join(repr(k) for k in close)}?"
         if close
+        else "No registered provider has this key."
+        if PROVIDER_KEY_RE.fullmatch(key)
         else "Provider keys are lowercase, like 'openai' or 'google'."
     )
     return (

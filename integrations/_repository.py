@@ -875,7 +875,7 @@ def _reason(exc: BaseException) -> str:
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(sqlstate, str) and sqlstate[:2] in _QUOTING_SQLSTATE_CLASSES:
         reason = reason.split(": ", 1)[0]
-    reason = " ".join(mask_dsn(reason).split())
+    reason = " ".join(mask_dsn(reason).split()).replace("`", "'")
     if len(reason) > _MAX_REASON:
         reason = reason[:_MAX_REASON] + "…"
     return reason.rstrip(".")
@@ -906,6 +906,12 @@ def _next_step(exc: BaseException, reason: str) -> str:
 def describe(exc: BaseException) -> str:
     """One plain sentence or two for a StorageError: what the driver said and what to do."""
     reason = _reason(exc)
+    if type(exc) is ValueError and "invalid literal for int()" in reason:
+        # The driver's DSN parser reading the port: the server was never asked.
+        return (
+            "The DSN's port is not a number; the server was not contacted. Check the DSN: "
+            "it looks like postgresql://user:password@host:5432/database."
+        )
     return f"Database error ({type(exc).__name__}): {reason}. {_next_step(exc, reason)}"
 
 

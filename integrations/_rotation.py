@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from . import _telemetry as telemetry
-from ._errors import CryptoError, EncryptionNotConfigured
+from ._errors import CryptoError, EncryptionNotConfigured, InvalidArgument
 from ._models import RotationProgress
 from ._record import StoredRow
 from ._repository import Repository, ResealBatch
@@ -83,7 +83,9 @@ async def _rotate(
     progress: ProgressCallback | None,
 ) -> RotationProgress:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError("batch_size must be a positive integer")
+        raise InvalidArgument(
+            f"batch_size must be a positive integer, got {batch_size!r}", field="batch_size"
+        )
     if progress is not None and not callable(progress):
         raise TypeError("progress must be a callable taking a RotationProgress")
     keyring = vault.keyring

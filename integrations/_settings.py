@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -115,6 +116,28 @@ class Settings:
         token_write_retry: float,
     ) -> Settings:
         """Settings from the constructor's options; a bad value is a ConfigurationError."""
+        numbers = {
+            "check_timeout": check_timeout,
+            "authorization_ttl": authorization_ttl,
+            "revoke_timeout": revoke_timeout,
+            "max_attrs_bytes": max_attrs_bytes,
+            "leeway": leeway,
+            "lock_timeout": lock_timeout,
+            "token_timeout": token_timeout,
+            "token_attempts": token_attempts,
+            "token_backoff": token_backoff,
+            "refresh_cooldown": refresh_cooldown,
+            "refresh_lease": refresh_lease,
+            "token_write_retry": token_write_retry,
+        }
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"{name} must be a number, got {value!r}.")
+            if not math.isfinite(value):
+                raise ConfigurationError(f"{name} must be a finite number, got {value!r}.")
+        for name in ("max_attrs_bytes", "token_attempts"):
+            if not isinstance(numbers[name], int):
+                raise ConfigurationError(f"{name} must be an int, got {numbers[name]!r}.")
         try:
             return cls(
                 schema=schema,

@@ -14,7 +14,7 @@ from typing import Literal
 
 from . import _telemetry as telemetry
 from ._checkall import CheckItem, CheckReport, CheckTarget, run_checks
-from ._errors import IntegrationsError, LifecycleError, StorageError
+from ._errors import IntegrationsError, InvalidArgument, LifecycleError, StorageError
 from ._events import ALL_OWNERS
 from ._models import Validation, utcnow
 from ._record import StoredRow
@@ -66,10 +66,12 @@ def _seconds(name: str, value: object, *, positive: bool) -> float:
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or a timedelta")
+        raise InvalidArgument(f"{name} must be a number of seconds or a timedelta", field=name)
     seconds = float(value)
     if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
-        raise ValueError(f"{name} must be {'positive' if positive else 'zero or more'}")
+        raise InvalidArgument(
+            f"{name} must be {'positive' if positive else 'zero or more'}", field=name
+        )
     return seconds
 
 
@@ -84,11 +86,11 @@ def check_sweep_options(
 ) -> tuple[float, float, int, float, float | None]:
     """The sweep's options in seconds; TypeError/ValueError for a bad one."""
     if isinstance(concurrency, bool) or not isinstance(concurrency, int):
-        raise TypeError("concurrency must be an int")
+        raise InvalidArgument("concurrency must be an int", field="concurrency")
     if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
+        raise InvalidArgument("concurrency must be at least 1", field="concurrency")
     if on_sweep is not None and not callable(on_sweep):
-        raise TypeError("on_sweep must be a callable taking a SweepReport")
+        raise InvalidArgument("on_sweep must be a callable taking a SweepReport", field="on_sweep")
     return (
         _seconds("interval", interval, positive=True),
         _seconds("stale_after", stale_after, positive=False),

@@ -135,7 +135,7 @@ def _split_keys(keys: str | Sequence[str]) -> Iterator[str]:
     items: Iterable[object] = [keys] if isinstance(keys, str) else keys
     for item in items:
         if not isinstance(item, str):
-            raise TypeError(f"encryption keys must be strings, not {type(item).__name__}")
+            raise ConfigurationError(f"encryption keys must be strings, not {type(item).__name__}")
         for part in item.split(","):
             part = part.strip()
             if part:
@@ -166,8 +166,9 @@ class Keyring:
         """One key string or a sequence of them, primary first; a string may hold several
         comma-separated keys. Raises ConfigurationError on a malformed key."""
         if not isinstance(keys, str | Sequence):
-            raise TypeError(
-                f"keys must be a string or a sequence of strings, not {type(keys).__name__}"
+            raise ConfigurationError(
+                f"keys must be a string or a sequence of strings, not {type(keys).__name__}; "
+                "generate a key with integrations.generate_key()"
             )
         parsed: dict[str, bytes] = {}
         for position, text in enumerate(_split_keys(keys), start=1):

@@ -73,9 +73,13 @@ async def test_unknown_provider_suggests_the_closest_keys(integ: Integrations) -
 async def test_unknown_provider_without_a_close_key_says_what_keys_look_like(
     integ: Integrations,
 ) -> None:
+    # A key shaped like one is simply not registered; any other shape gets the rule.
     with pytest.raises(InvalidProviderKey) as info:
         await integ.add_connection("zzqqxx", "default")
     assert "Did you mean" not in info.value.message
+    assert "No registered provider has this key" in info.value.message
+    with pytest.raises(InvalidProviderKey) as info:
+        await integ.add_connection("ZZ QQ", "default")
     assert "lowercase" in info.value.message
 
 
@@ -179,3 +183,14 @@ async def test_sqlalchemy_dsn_says_to_drop_the_driver() -> None:
 )
 def test_passwords_in_dsns_are_masked(text: str, masked: str) -> None:
     assert mask_dsn(text) == masked
+
+
+async def test_a_port_that_is_not_a_number_is_named_without_contacting_anyone() -> None:
+    error = await open_error("postgresql://postgres:pw@127.0.0.1:notaport/x")
+    assert "port is not a number" in error.message
+    assert "pw" not in error.message
+
+
+async def test_a_bad_dsn_option_is_quoted_without_driver_markup() -> None:
+    error = await open_error("postgresql://postgres@127.0.0.1:5432/x?sslmode=bogus")
+    assert "sslmode" in error.message and "`" not in error.message

@@ -7,7 +7,7 @@ import json
 import asyncpg
 import pytest
 
-from integrations import Integrations, InvalidInput, InvalidProviderKey, Page
+from integrations import ALL_OWNERS, Integrations, InvalidInput, InvalidProviderKey, Page
 
 ROWS = 20_000
 
@@ -140,3 +140,18 @@ async def test_listings_use_the_index_where_a_seq_scan_would_otherwise_win(
         "integration:p1:%",
     )
     assert len(listed) == expected == ROWS // 40
+
+
+@pytest.mark.parametrize("after", ["junk", "integration:other:", "integration:\x00", "\ud800", 5])
+async def test_a_page_mark_that_no_page_gave_is_refused(integ: Integrations, after: object) -> None:
+    await integ.add_connection("openai", "default")
+    with pytest.raises(InvalidInput) as info:
+        await integ.list_page(provider="openai", after=after)  # type: ignore[arg-type]
+    assert info.value.code == "invalid"  # a page mark: input, not an option
+
+
+async def test_checks_of_a_provider_no_longer_registered(integ: Integrations) -> None:
+    # Rows may outlive their provider: a well-formed key is a filter, registered or not.
+    assert len(await integ.check_all(provider="retired", owner=ALL_OWNERS)) == 0
+    with pytest.raises(InvalidInput):
+        await integ.check_all(provider="Not A Key")

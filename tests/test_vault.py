@@ -143,8 +143,8 @@ def test_parse_without_any_key_is_a_configuration_error(keys: Any) -> None:
 
 
 @pytest.mark.parametrize("keys", [None, 42, [NEW_KEY, b"bytes"]])
-def test_parse_rejects_non_strings_with_type_error(keys: Any) -> None:
-    with pytest.raises(TypeError):
+def test_parse_rejects_non_strings_with_a_configuration_error(keys: Any) -> None:
+    with pytest.raises(ConfigurationError):
         Keyring.parse(keys)
 
 
