@@ -255,6 +255,31 @@ async def test_save_test_rename_remove(integ: Integrations, http: httpx.AsyncCli
     assert (await http.get(page)).status_code == 404
 
 
+async def test_the_events_panel_opens_with_what_happened_before_the_page(
+    integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    uuid = await add(http, "acme", "main")
+    page = f"/{uuid}"
+    await form_post(http, page, f"{page}/setup", {"api_key": GOOD_KEY})
+    await form_post(http, page, f"{page}/test", {})
+    other = (await integ.add_connection("acme", "other")).uuid
+    await integ.disconnect(other)
+    panel = ""
+    for _ in range(100):  # the events come back from the database as notifications
+        html = (await http.get(page)).text
+        panel = html.split("data-events-log", 1)[1].split("</ol>", 1)[0]
+        if "validated" in panel:
+            break
+        await asyncio.sleep(0.02)
+    lines = re.findall(r"<time[^>]*>([^<]*)</time>", panel)
+    shown = [line.split(" ", 2)[2] for line in lines]
+    # Newest first; only this connection's. (The feed starts with the console's first
+    # request, which here is the one that added the connection.)
+    assert shown[:2] == ["validated → connected (Connected)", "setup saved → connected"]
+    assert shown[2:] in ([], ["connection added → disconnected"])
+    assert GOOD_KEY not in html
+
+
 async def test_a_failing_check_shows_error(integ: Integrations, http: httpx.AsyncClient) -> None:
     uuid = await add(http, "acme", "main")
     await form_post(http, f"/{uuid}", f"/{uuid}/setup", {"api_key": "wrong-key-0000000"})
@@ -458,12 +483,19 @@ async def test_an_owner_sets_up_and_tests_their_own_connection(integ: Integratio
 
 
 async def test_the_administrator_sees_system_connections(integ: Integrations) -> None:
-    await integ.add_connection("acme", "theirs", owner="user:2")
+    theirs = (await integ.add_connection("acme", "theirs", owner="user:2")).uuid
     site = (await integ.add_connection("acme", "site")).uuid
     async with client(console(integ, authorize=admin)) as http:
         listing = (await http.get("/")).text
-    assert f"/{site}" in listing
-    assert "theirs" not in listing
+        assert f"/{site}" in listing
+        assert "theirs" not in listing
+        # What the listing does not show cannot be reached by its uuid either.
+        assert (await http.get(f"/{theirs}")).status_code == 404
+        renamed = await http.post(
+            f"/{theirs}/rename", data={"csrf_token": csrf_of(listing), "new_name": "hijack"}
+        )
+        assert renamed.status_code == 404
+    assert [c.name for c in await integ.list_connections("acme", owner="user:2")] == ["theirs"]
 
 
 async def test_processes_sharing_a_secret_accept_each_others_forms(integ: Integrations) -> None:
@@ -623,6 +655,9 @@ def test_status_text() -> None:
     assert status_text(acme, {"status": "error"}) == "error"
     assert status_text(acme, {"status": "disconnected"}) == "not configured"
     assert status_text(acme, {"status": "disconnected", "api_key": "••••"}) == "disconnected"
+    # Disconnected by someone (the API key is dropped with it): not "not configured".
+    gone = {"status": "disconnected", "disconnected_at": "2026-01-01T00:00:00+00:00"}
+    assert status_text(acme, gone) == "disconnected"
     assert status_text(None, {}) == "disconnected"
     oauth = Provider(
         key="o", name="O", auth_type="oauth2", authorize_url="http://a/", token_url="http://t/"

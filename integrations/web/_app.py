@@ -10,6 +10,7 @@ import logging
 import math
 import secrets
 from asyncio import FIRST_COMPLETED
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from .._errors import (
     NotConfigured,
     NotFound,
 )
+from .._events import ALL_OWNERS
 from .._integrations import Integrations
 from .._models import Connection, Event
 from .._owner import OwnerHandle
@@ -62,6 +64,9 @@ _DONE = {
 }
 _MISSING = (NotConfigured, Deleted, NotFound, InvalidUUID)
 _KEEPALIVE_SECONDS = 15.0
+# Events kept for the panels of pages yet to load, and lines a panel starts with.
+_RECENT_EVENTS = 500
+_PANEL_LINES = 20
 
 
 class _Refused(Exception):
@@ -74,15 +79,15 @@ class _Refused(Exception):
 @dataclass(frozen=True, slots=True)
 class _Context:
     viewer: Viewer
-    # Integrations for the administrator, the owner's handle otherwise (same methods).
+    # The system scope's handle for the administrator, the owner's otherwise.
     handle: Integrations | OwnerHandle
 
 
 def _scope(integ: Integrations, who: Viewer) -> Integrations | OwnerHandle:
-    """The object the console works through for ``who``: never more than that viewer may see."""
-    if isinstance(who, Admin):
-        return integ
-    return integ.for_owner(who.owner)
+    """The object the console works through for ``who``: never more than that viewer may see.
+    The administrator works on the system-wide connections (owner None), the ones its
+    listing shows; an owner's connections are reached through that owner."""
+    return integ.for_owner(None if isinstance(who, Admin) else who.owner)
 
 
 class _Console:
@@ -106,6 +111,10 @@ class _Console:
         self.stream_lifetime = stream_lifetime
         # Set by close(): live streams end so that the server can stop.
         self.closing = asyncio.Event()
+        # The latest events of every connection, for the events panel of a page just
+        # loaded (what happened before it opened its stream); fed by one subscription.
+        self.recent: deque[Event] = deque(maxlen=_RECENT_EVENTS)
+        self._feed: asyncio.Task[None] | None = None
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         page = self._endpoint
         write = self._write
@@ -136,6 +145,46 @@ class _Console:
         self.app.state.console = self
 
     # -- plumbing ------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """Start (or restart, after the instance's event stream ended) the feed of recent
+        events; it runs while requests come and the console is not closing."""
+        if self.closing.is_set() or (self._feed is not None and not self._feed.done()):
+            return
+        self._feed = asyncio.get_running_loop().create_task(
+            self._collect(), name="integrations-console-events"
+        )
+
+    async def _collect(self) -> None:
+        try:
+            async with self.integ.subscribe(owner=ALL_OWNERS, maxsize=1000) as events:
+                stop = asyncio.ensure_future(self.closing.wait())
+                try:
+                    while not stop.done():
+                        get = asyncio.ensure_future(events.get())
+                        get.add_done_callback(_consume)
+                        await asyncio.wait({get, stop}, return_when=FIRST_COMPLETED)
+                        if not get.done():
+                            get.cancel()
+                            break
+                        event = get.result()
+                        if event.kind != "resync":
+                            self.recent.append(event)
+                finally:
+                    stop.cancel()
+        except IntegrationsError:
+            pass  # closed or unreachable: the next request starts it again
+
+    def recent_for(self, uuid: str) -> list[dict[str, str]]:
+        """The events panel's first lines for ``uuid``: newest first, as the page's script
+        writes the ones that arrive later."""
+        lines = []
+        for event in reversed(self.recent):
+            if event.uuid == uuid:
+                lines.append({"at": event.at.isoformat(), "text": _event_line(event)})
+                if len(lines) == _PANEL_LINES:
+                    break
+        return lines
 
     def url(self, request: Request, name: str, **params: Any) -> str:
         """A path that works wherever the console is mounted."""
@@ -194,6 +243,7 @@ class _Console:
                         403, "The form expired or came from elsewhere. Reload the page and retry."
                     )
                 request.state.form = form
+            self._follow()
             return await handler(request, _Context(viewer, _scope(self.integ, viewer)))
         except _Refused as refused:
             return self.error_page(request, refused.status, refused.message)
@@ -342,6 +392,7 @@ class _Console:
             "fields": field_views(provider, data) if provider is not None else [],
             "oauth": provider is not None and provider.auth_type == "oauth2",
             "has_token": bool(data.get("access_token")),
+            "recent": self.recent_for(conn.uuid),
             "scopes": " ".join(
                 _stored_scopes(data) or (provider.scopes if provider is not None else ())
             ),
@@ -510,6 +561,17 @@ class _Console:
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
+
+
+def _event_line(event: Event) -> str:
+    """``"12:04:05 validated → error (Invalid key)"``: what the panel shows of an event."""
+    words = [event.at.strftime("%H:%M:%S UTC"), event.kind.replace("_", " ")]
+    if event.status:
+        words.append(f"→ {event.status}")
+    message = event.detail.get("validation_status") if event.kind == "validated" else None
+    if isinstance(message, str) and message:
+        words.append(f"({message})")
+    return " ".join(words)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
