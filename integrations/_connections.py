@@ -148,9 +148,10 @@ class Connections:
             return False
         return self._runtime(self._core.provider_of(row), row.data)
 
-    async def find_uuid(self, ref: object, owner: str | None) -> str:
+    async def find_uuid(self, ref: object, owner: OwnerScope) -> str:
         provider, name = names.parse_ref(ref)
-        owner = names.check_owner(owner)
+        # As everywhere a ref is read: ALL_OWNERS looks in the system scope.
+        owner = _ref_scope(check_scope(owner))
         found = await self._core.repo.uuid_by_key(owner, names.storage_key(provider, name))
         if found is None:
             raise NotFound(f"No {provider} connection named {name!r} here.")

@@ -133,6 +133,15 @@ async def diagnose(
                 "add the key they were sealed with to INTEGRATIONS_KEYS (after the primary)",
             )
         )
+    elif encryption and not key_ids and stored:
+        findings.append(
+            Finding(
+                "secrets",
+                False,
+                f"{len(stored)} connection(s) not checked: no key to read them with",
+                "set INTEGRATIONS_KEYS to the keys they were sealed with",
+            )
+        )
     else:
         findings.append(Finding("secrets", True, f"{len(stored)} connection(s) readable"))
     try:

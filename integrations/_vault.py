@@ -236,6 +236,20 @@ def is_envelope(value: object) -> TypeGuard[dict[str, Any]]:
     )
 
 
+def _holds_envelope(value: object) -> bool:
+    """Whether a list or map holds, at any depth, a mapping that carries ``$enc``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            if ENVELOPE_MARKER in item:
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
+
+
 def looks_like_envelope(value: object) -> bool:
     """True for any mapping with a ``$enc`` member: an envelope, or something that would be
     mistaken for one."""
@@ -564,10 +578,17 @@ class Vault:
             assert keyring is not None
             return self._encrypt(keyring, row, field, plaintext)
 
+        def plaintext(field: str, value: Any) -> Any:
+            if _holds_envelope(value):
+                # An envelope inside a list or map was put there by hand: sealing it as a
+                # value would make it readable as data.
+                _raise(_not_an_envelope(field))
+            return self.seal_value(row, field, value)
+
         return self._map(
             data,
             secret_fields,
-            secret=lambda field, value: self.seal_value(row, field, value),
+            secret=plaintext,
             envelope=envelope,
             malformed=lambda field, value: _raise(_not_an_envelope(field)),
         )

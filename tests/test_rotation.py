@@ -594,3 +594,39 @@ async def test_rotate_keys_under_concurrent_writers_loses_nothing(
             assert creds["secret_key"] == last_secret.get(
                 row_uuid, f"secret-key-{index[row_uuid]:06d}-initial"
             )
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda envelope: {**envelope, "kid": 5},  # a key id that is not text
+        lambda envelope: {k: v for k, v in envelope.items() if k != "kid"},  # none at all
+        lambda envelope: [envelope],  # an envelope wrapped in a list
+        lambda envelope: {"inner": envelope},  # or in a map
+    ],
+)
+async def test_rotate_keys_reports_an_envelope_edited_by_hand_and_leaves_it(
+    old: Integrations, both: Integrations, db: asyncpg.Connection, edit: Any
+) -> None:
+    conn = await old.add_connection("openai", "edited")
+    envelope = Vault(Keyring.parse(OLD_KEY)).seal_value(conn.uuid, "api_key", "x" * 20)
+    await db.execute(
+        """UPDATE integrations.connections
+           SET value_json = value_json || jsonb_build_object('api_key', $2::text::jsonb)
+           WHERE uuid = $1""",
+        uuid_mod.UUID(conn.uuid),
+        json.dumps(edit(envelope)),
+    )
+    before = await db.fetchval(
+        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(conn.uuid),
+    )
+    result = await both.rotate_keys()
+    assert result.undecryptable == (conn.uuid,)
+    after = await db.fetchval(
+        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(conn.uuid),
+    )
+    assert after == before
+    with pytest.raises(DecryptionFailed):
+        await both.get_credentials(conn.uuid)

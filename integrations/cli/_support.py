@@ -242,6 +242,9 @@ _HIDDEN = frozenset(
         "token_extras",
         "connected_at",
         "refresh_error",
+        "last_ok_at",
+        "disconnected_at",
+        "refresh_lease",
     }
 )
 

@@ -129,9 +129,9 @@ WHERE uuid > $1
   -- The same predicate as count_connections_to_reseal (kept inline so the planner sees
   -- it): keep the two in step.
   AND (
-    jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
+    jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
                       jsonb_build_object('kid', $3::text))
-    OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
+    OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
                          jsonb_build_object('kid', $3::text))
     OR EXISTS (
       SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
@@ -169,9 +169,9 @@ FOR NO KEY UPDATE;
 -- $2 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
 SELECT count(*)
 FROM {schema}.connections
-WHERE jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && @.kid != $kid)',
+WHERE jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
                      jsonb_build_object('kid', $1::text))
-   OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && @.kid != $kid)',
+   OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
                         jsonb_build_object('kid', $1::text))
    OR EXISTS (
      SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
