@@ -750,3 +750,21 @@ def test_a_password_in_the_dsn_query_is_never_shown() -> None:
     for args in (("list",), ("doctor",)):
         done = sh(dsn, *args)  # sh asserts that the marker shows nowhere
         assert done.returncode != 0
+
+
+def test_owner_and_dsn_may_follow_the_command(fresh_db: str) -> None:
+    env = cli_env()
+    added = subprocess.run(
+        [SCRIPT, "add", "openai", "work", "--owner", "user:42", "--dsn", fresh_db],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    uuid = added.stdout.strip()
+    shown = sh(fresh_db, "show", "openai:work", "--owner", "user:42", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["uuid"] == uuid
+    # The system scope has no such connection.
+    assert sh(fresh_db, "show", "openai:work").returncode == 1

@@ -312,6 +312,11 @@ async def test_the_listing_groups_by_provider_with_status_and_pages(
     assert "Token expired" in second
     assert "Page 2 of 2" in beyond
     assert "Page 1 of 2" in junk
+    # The catalogue's other providers follow the last page, for the add form.
+    assert "Providers without connections" not in first
+    idle = second.split("Providers without connections", 1)[1]
+    assert "<code>openai</code>" in idle
+    assert "<code>acme</code>" not in idle and "<code>loopback</code>" not in idle
 
 
 async def test_oauth_connect_and_callback(

@@ -32,6 +32,7 @@ from ._support import (
     env_of,
     guard,
     json_option,
+    late_options,
     new_table,
     print_table,
     provider_key,
@@ -525,15 +526,21 @@ def connect(
 
 @cli.command()
 @click.argument("ref")
+@json_option
 @click.pass_context
 def token(ctx: click.Context, ref: str) -> None:
     """Print a valid access token (refreshed first if needed), for scripts."""
 
-    async def work(env: Env) -> str:
+    async def work(env: Env) -> tuple[str, str]:
         async with env.integrations() as integ:
-            return await integ.access_token(await resolve(integ, env, ref))
+            uuid = await resolve(integ, env, ref)
+            return uuid, await integ.access_token(uuid)
 
-    click.echo(run(ctx, work))
+    uuid, access_token = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"uuid": uuid, "access_token": access_token})
+    else:
+        click.echo(access_token)
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -879,6 +886,17 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
             ctx.exit(0)
         raise
 
+
+def _accept_late_options(group: click.Group) -> None:
+    """``--owner``, ``--dsn`` and ``--debug`` after the command name too."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_late_options(command)
+        else:
+            command.params.extend(late_options())
+
+
+_accept_late_options(cli)
 
 # Kept importable for tests that check the catalogue of error classes.
 __all__ = ["cli", "parse_assignments"]

@@ -120,6 +120,47 @@ json_option = click.option(
 )
 
 
+def _late_owner(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        env_of(ctx).owner = value
+
+
+def _late_dsn(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        env_of(ctx).dsn = value
+
+
+def _late_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not env_of(ctx).debug:
+        env_of(ctx).debug = True
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+
+
+def late_options() -> list[click.Option]:
+    """The global options that address connections, also accepted after a command name
+    (``integrations show REF --owner user:42``)."""
+    return [
+        click.Option(
+            ["--owner"],
+            expose_value=False,
+            callback=_late_owner,
+            help="Address connections of this owner (as before the command).",
+        ),
+        click.Option(
+            ["--dsn"], expose_value=False, callback=_late_dsn, help="PostgreSQL DSN (as before)."
+        ),
+        click.Option(
+            ["--debug"],
+            is_flag=True,
+            expose_value=False,
+            callback=_late_debug,
+            help="Show tracebacks and debug logs.",
+        ),
+    ]
+
+
 def stderr(message: str) -> None:
     click.echo(message, err=True)
 

@@ -353,6 +353,8 @@ class _Console:
             "pages": pages,
             "total": len(flat),
             "providers": providers,
+            # Shown after the last page: the catalogue's providers with no connection here.
+            "idle": [p for p in providers if not grouped[p.key]] if page == pages else [],
         }
 
     async def index(self, request: Request, ctx: _Context) -> Response:
