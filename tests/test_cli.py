@@ -768,3 +768,23 @@ def test_owner_and_dsn_may_follow_the_command(fresh_db: str) -> None:
     assert json.loads(shown.stdout)["uuid"] == uuid
     # The system scope has no such connection.
     assert sh(fresh_db, "show", "openai:work").returncode == 1
+
+
+@pytest.mark.parametrize("args", [("show",), ("frob",), ("show", "openai", "--bogus"), ("test",)])
+def test_a_usage_error_is_one_line(fresh_db: str, args: tuple[str, ...]) -> None:
+    done = sh(fresh_db, *args)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_remove_without_an_answer_says_how_to_go_on(fresh_db: str) -> None:
+    sh(fresh_db, "add", "openai")
+    done = sh(fresh_db, "remove", "openai")  # standard input is empty
+    assert done.returncode == 1
+    assert "--yes" in done.stderr and "Traceback" not in done.stderr
+    assert sh(fresh_db, "show", "openai").returncode == 0
+
+
+def test_without_a_command_the_help_is_printed() -> None:
+    done = subprocess.run([SCRIPT], capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert done.returncode == 0 and "Commands:" in done.stdout

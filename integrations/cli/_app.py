@@ -236,6 +236,15 @@ def rename(ctx: click.Context, ref: str, new_name: str) -> None:
     run(ctx, work)
 
 
+def _confirmed(question: str) -> bool:
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.Abort:
+        # Standard input ended without an answer (no terminal, nothing piped).
+        click.echo(file=sys.stderr)
+        raise Fail("not removed: no answer was given (--yes removes without asking)", FAILED) from None
+
+
 @cli.command()
 @click.argument("ref")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -248,9 +257,7 @@ def remove(ctx: click.Context, ref: str, yes: bool) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
             connection = await integ.get_integration_by_uuid(uuid)
-            if not yes and not click.confirm(
-                f"Remove {ref_of(connection)} ({uuid})?", default=False, err=True
-            ):
+            if not yes and not _confirmed(f"Remove {ref_of(connection)} ({uuid})?"):
                 raise Fail("not removed", FAILED)
             await integ.remove_connection(uuid)
         if env.json:
