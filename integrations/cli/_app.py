@@ -242,7 +242,9 @@ def _confirmed(question: str) -> bool:
     except click.Abort:
         # Standard input ended without an answer (no terminal, nothing piped).
         click.echo(file=sys.stderr)
-        raise Fail("not removed: no answer was given (--yes removes without asking)", FAILED) from None
+        raise Fail(
+            "not removed: no answer was given (--yes removes without asking)", FAILED
+        ) from None
 
 
 @cli.command()
