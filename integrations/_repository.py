@@ -679,17 +679,20 @@ class Repository:
         None when another session holds it. The lock ends with ``release()`` or with the
         session: a holder whose process dies lets the next one in at once."""
         lock_id = self.advisory_lock_id(purpose)
+        # Behind a transaction pooler a session lock would stay on a server connection
+        # that others then share: with ``listen_dsn`` it is taken on a direct session.
+        pool = None if self.listen_dsn else self.pool
         with _translate():
-            conn = await self.pool.acquire()
+            conn = await (asyncpg.connect(self.listen_dsn) if pool is None else pool.acquire())
             try:
                 held = await conn.fetchval(self.q.try_advisory_lock, lock_id)
             except BaseException:
-                await self.pool.release(conn)
+                await _hand_back(pool, conn)
                 raise
             if not held:
-                await self.pool.release(conn)
+                await _hand_back(pool, conn)
                 return None
-        return Leadership(self.pool, conn, lock_id, self.q)
+        return Leadership(pool, conn, lock_id, self.q)
 
     async def sweep_candidates(self, after: str, limit: int) -> list[StoredRow]:
         """A page of configured connections in uuid order, starting after ``after``."""
@@ -915,10 +918,19 @@ def describe(exc: BaseException) -> str:
     return f"Database error ({type(exc).__name__}): {reason}. {_next_step(exc, reason)}"
 
 
-class Leadership:
-    """A session-level advisory lock held on a pooled connection kept for it."""
+async def _hand_back(pool: asyncpg.Pool | None, conn: Any) -> None:
+    """Release a pooled connection, or close one of its own."""
+    if pool is None:
+        await conn.close()
+    else:
+        await pool.release(conn)
 
-    def __init__(self, pool: asyncpg.Pool, conn: Any, lock_id: int, q: Queries) -> None:
+
+class Leadership:
+    """A session-level advisory lock held on a connection kept for it (pooled, or of its
+    own with ``listen_dsn``)."""
+
+    def __init__(self, pool: asyncpg.Pool | None, conn: Any, lock_id: int, q: Queries) -> None:
         self._pool = pool
         self._conn: Any = conn
         self._lock_id = lock_id
@@ -952,4 +964,4 @@ class Leadership:
             if not conn.is_closed():
                 await conn.fetchval(self._q.advisory_unlock, self._lock_id)
         with contextlib.suppress(Exception):
-            await self._pool.release(conn)
+            await _hand_back(self._pool, conn)

@@ -118,3 +118,42 @@ async def test_four_processes_behind_pgbouncer_make_one_token_request(
         f"\nbehind PgBouncer: {len(results)} of {WORKERS * PER_WORKER} succeeded, "
         f"{stats['token_calls'].get('refresh_token')} token request(s)"
     )
+
+
+@pytest.fixture(scope="module")
+def narrow_bouncer() -> Iterator[PgBouncer]:
+    """One server connection per database: every client shares it between transactions."""
+    from .conftest import _admin_dsn
+
+    with PgBouncer(_admin_dsn(), pool_size=1) as running:
+        yield running
+
+
+async def test_one_instance_leads_the_health_sweeps_behind_pgbouncer(
+    narrow_bouncer: PgBouncer, fresh_db: str
+) -> None:
+    from .conftest import TEST_KEY
+
+    pooled = narrow_bouncer.dsn_for(fresh_db)
+    reports: dict[str, list[object]] = {"a": [], "b": []}
+
+    async def sweeping(name: str) -> None:
+        async with Integrations(
+            pooled, keys=TEST_KEY, statement_cache_size=0, listen_dsn=fresh_db
+        ) as integ:
+            await integ.run_health_sweeps(
+                interval=0.1, stale_after=3600, on_sweep=reports[name].append
+            )
+
+    tasks = [asyncio.create_task(sweeping(name)) for name in reports]
+    try:
+        await asyncio.sleep(2.0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # A session lock taken through the pooler would sit on the shared server connection,
+    # where the other instance's try-lock succeeds too: two leaders.
+    leaders = [name for name, got in reports.items() if got]
+    assert len(leaders) == 1, {name: len(got) for name, got in reports.items()}
+    assert len(reports[leaders[0]]) >= 5
