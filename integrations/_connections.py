@@ -232,13 +232,25 @@ class Connections:
     # -- writes -----------------------------------------------------------------------
 
     async def add(
-        self, provider: str, name: str, *, actor: str | None, owner: str | None
+        self,
+        provider: str,
+        name: str,
+        *,
+        actor: str | None,
+        owner: str | None,
+        uuid: object = None,
     ) -> Connection:
         definition = self._core.providers.get(provider)
         clean = names.normalize_name(name)
         owner = names.check_owner(owner)
         actor = names.check_actor(actor)
-        uuid = names.uuid7()
+        if uuid is None:
+            uuid = names.uuid7()
+        else:
+            # A uuid kept from elsewhere (an import): the connection's identity moves with it.
+            uuid = names.require_uuid(uuid)
+            if await self._core.repo.get(uuid, fresh=True) is not None:
+                raise AlreadyExists(f"The uuid {uuid} is taken by another connection here.")
         new = record.added(uuid, owner, definition.key, definition.auth_type, clean, actor)
         row = await self._core.repo.insert(
             uuid, owner, new.row.key, new.row.data, new.change.events

@@ -308,10 +308,17 @@ class Integrations:
     # -- connections --------------------------------------------------------------------
 
     async def add_connection(
-        self, provider: str, name: str, *, actor: str | None = None, owner: str | None = None
+        self,
+        provider: str,
+        name: str,
+        *,
+        actor: str | None = None,
+        owner: str | None = None,
+        uuid: str | None = None,
     ) -> Connection:
-        """Create a named connection; the only place a storage key is built."""
-        return await self._s.connections.add(provider, name, actor=actor, owner=owner)
+        """Create a named connection; the only place a storage key is built. ``uuid`` keeps
+        an identity from elsewhere (a migration or an import); by default a new UUIDv7."""
+        return await self._s.connections.add(provider, name, actor=actor, owner=owner, uuid=uuid)
 
     async def rename_connection(
         self, uuid: str, new_name: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS

@@ -39,9 +39,11 @@ class OwnerHandle:
         return f"<OwnerHandle owner={self.owner!r}>"
 
     async def add_connection(
-        self, provider: str, name: str, *, actor: str | None = None
+        self, provider: str, name: str, *, actor: str | None = None, uuid: str | None = None
     ) -> Connection:
-        return await self._services().connections.add(provider, name, actor=actor, owner=self.owner)
+        return await self._services().connections.add(
+            provider, name, actor=actor, owner=self.owner, uuid=uuid
+        )
 
     async def rename_connection(
         self, uuid: str, new_name: str, *, actor: str | None = None

@@ -427,6 +427,11 @@ def test_export_and_import_into_another_database(
     assert "0 created, 2 updated, 0 skipped" in over.stdout
     shown = json.loads(sh(second_db, "show", "openai", "--json").stdout)
     assert shown["status"] == "connected" and shown["data"]["api_key"].startswith("••••")
+    # Each connection keeps its uuid: references to it in the application stay true.
+    exported = {c["ref"]: c["uuid"] for c in json.loads(dry.stdout)["created"]}
+    original = json.loads(sh(fresh_db, "show", "openai", "--json").stdout)["uuid"]
+    assert shown["uuid"] == original
+    assert set(exported) == {"github:default", "openai:default"}
 
 
 def test_decrypted_export_warns_and_holds_the_secrets(fresh_db: str, tmp_path: Path) -> None:

@@ -529,3 +529,18 @@ async def test_an_injected_pool_is_never_closed(fresh_db: str) -> None:
 async def test_repr_shows_no_dsn(fresh_db: str) -> None:
     instance = Integrations("postgresql://user:hunter2-secret@127.0.0.1/x", keys=TEST_KEY)
     assert "hunter2" not in repr(instance)
+
+
+async def test_a_connection_may_keep_a_uuid_from_elsewhere(
+    integ: integrations.Integrations,
+) -> None:
+    kept = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+    conn = await integ.add_connection("openai", "moved", uuid=kept.upper())
+    assert conn.uuid == kept
+    assert (await integ.get_integration_by_uuid(kept)).name == "moved"
+    with pytest.raises(integrations.AlreadyExists):
+        await integ.add_connection("openai", "other", uuid=kept)
+    with pytest.raises(integrations.InvalidUUID):
+        await integ.add_connection("openai", "third", uuid="openai:default")
+    names = sorted(c.name for c in await integ.list_connections("openai"))
+    assert names == ["moved"]

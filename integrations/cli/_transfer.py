@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .._errors import IntegrationsError, NotFound
+from .._errors import Deleted, IntegrationsError, NotConfigured, NotFound
 from .._integrations import Integrations
 from .._models import utcnow
-from .._names import check_owner, normalize_name
+from .._names import check_owner, normalize_name, parse_uuid
 from .._telemetry import fields
 from .._tokens import imported_token_set
 from . import _bundle
@@ -68,6 +68,18 @@ class ImportReport:
             "updated": refs(self.updated),
             "skipped": refs(self.skipped),
         }
+
+
+async def _free_uuid(integ: Integrations, uuid: str | None) -> str | None:
+    """The exported uuid, kept (references to the connection stay true) unless this
+    database already has a connection with it: then a new one."""
+    if uuid is None or parse_uuid(uuid) is None:
+        return None
+    try:
+        await integ.get_integration_by_uuid(uuid)
+    except (Deleted, NotConfigured):
+        return uuid
+    return None
 
 
 @dataclass
@@ -143,7 +155,10 @@ async def import_entries(
         for p in writes:
             if p.action == "created":
                 connection = await integ.add_connection(
-                    p.entry.provider, p.entry.name, owner=p.owner
+                    p.entry.provider,
+                    p.entry.name,
+                    owner=p.owner,
+                    uuid=await _free_uuid(integ, p.entry.uuid),
                 )
                 p.uuid = connection.uuid
                 undo.append(("created", connection.uuid, None))
