@@ -958,8 +958,10 @@ class Leadership:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        conn.remove_termination_listener(self._terminated)
         self.lost.set()
+        with contextlib.suppress(Exception):
+            # A session that ended may already be detached from its pool.
+            conn.remove_termination_listener(self._terminated)
         with contextlib.suppress(Exception):
             if not conn.is_closed():
                 await conn.fetchval(self._q.advisory_unlock, self._lock_id)

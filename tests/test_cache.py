@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from integrations import ConfigurationError, Integrations, generate_key
+from integrations import ConfigurationError, Deleted, Integrations, generate_key
 from integrations._cache import RowCache
 from integrations._record import StoredRow
 
@@ -192,6 +192,17 @@ async def test_a_raw_sql_write_and_a_key_rotation_drop_the_row(
         assert (await rotating.rotate_keys()).rotated == 1
     # Rotation sends no event, but the row's change is announced all the same.
     await until(lambda: integ.cache_stats.size == 0, "the notice of a rotation batch")
+
+
+async def test_a_truncate_by_hand_empties_the_cache(
+    integ: Integrations, saved: str, db: asyncpg.Connection
+) -> None:
+    assert await api_key(integ, saved) == "sk-first"
+    assert integ.cache_stats.size == 1
+    await db.execute("TRUNCATE integrations.connections CASCADE")
+    await until(lambda: integ.cache_stats.size == 0, "the notice of a truncate")
+    with pytest.raises(Deleted):
+        await integ.get_credentials(saved)
 
 
 # -- across processes ---------------------------------------------------------------------

@@ -30,7 +30,7 @@ async def test_migrate_is_idempotent(empty_db: str) -> None:
         versions = await conn.fetch("SELECT version FROM integrations.schema_migrations")
     finally:
         await conn.close()
-    assert [r["version"] for r in versions] == [1, 2]
+    assert [r["version"] for r in versions] == [1, 2, 3]
 
 
 async def test_open_refuses_a_schema_behind_without_auto_migrate(empty_db: str) -> None:
@@ -97,7 +97,7 @@ def test_concurrent_migrations_from_several_processes(empty_db: str) -> None:
 
     import asyncio
 
-    assert asyncio.run(applied()) == [1, 2]
+    assert asyncio.run(applied()) == [1, 2, 3]
 
 
 def test_the_wheel_carries_the_sql_files(tmp_path: Path) -> None:
@@ -111,6 +111,7 @@ def test_the_wheel_carries_the_sql_files(tmp_path: Path) -> None:
     assert "integrations/sql/queries.sql" in names
     assert "integrations/sql/migrations/0001_initial.sql" in names
     assert "integrations/sql/migrations/0002_row_notifications.sql" in names
+    assert "integrations/sql/migrations/0003_truncate_notifications.sql" in names
     assert "integrations/py.typed" in names
 
 

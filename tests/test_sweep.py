@@ -335,3 +335,21 @@ async def test_one_process_of_three_sweeps_and_another_takes_over_after_sigkill(
             await proc.wait()
         for reader in readers:
             await asyncio.wait({reader}, timeout=5)
+
+
+async def test_a_leader_whose_session_ends_leads_again(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()]) as integ:
+        await add_probe(integ, "one", SECRET)
+        async with sweeping(integ, interval=0.1) as (reports, task):
+            await until(reports, 1)
+            holders = await db.fetch(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            assert len(holders) == 1
+            await db.execute("SELECT pg_terminate_backend($1)", holders[0]["pid"])
+            seen = len(reports)
+            await until(reports, seen + 2)
+            assert not task.done()
