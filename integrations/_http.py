@@ -434,6 +434,12 @@ def _check_options(opts: Mapping[str, Any]) -> None:
 _TARGETS_KEPT = 1024
 
 
+def _site(url: URL) -> str:
+    """What logs say of a URL: scheme, host and port; never its path or query, which may
+    carry credentials or personal data."""
+    return str(url.origin()) if url.absolute else "<url>"
+
+
 def _origin(url: URL) -> tuple[str, str, int | None]:
     return (url.scheme, (url.raw_host or "").lower().rstrip("."), url.port)
 
@@ -802,7 +808,7 @@ class HttpClient:
                     logger.debug(
                         "%s %s: %s; retrying in %.2fs",
                         method,
-                        shown,
+                        _site(url),
                         type(exc).__name__,
                         delay,
                         extra=telemetry.fields("http_retry"),
@@ -819,7 +825,7 @@ class HttpClient:
                 logger.debug(
                     "%s %s: status %d; retrying in %.2fs",
                     method,
-                    shown,
+                    _site(url),
                     response.status,
                     delay,
                     extra=telemetry.fields("http_retry"),

@@ -275,11 +275,17 @@ class HealthSweep:
                 after = rows[-1].uuid
                 counts["examined"] += len(rows)
                 now = utcnow()
-                due = [(row, job) for row in rows if (job := self._due(row, now)) is not None]
+                due = [(row, *self._due(row, now)) for row in rows]
+                # A row due both for a check and a renewal is renewed first, then checked.
+                first = {row.uuid for row, check, renew in due if check and renew}
                 checks, _ = await asyncio.gather(
-                    self._checks([row for row, job in due if job == "check"], slots, counts),
+                    self._checks([row for row, check, _ in due if check], slots, counts, first),
                     asyncio.gather(
-                        *(self._refresh(row, slots, counts) for row, job in due if job == "refresh")
+                        *(
+                            self._refresh(row, slots, counts)
+                            for row, check, renew in due
+                            if renew and not check
+                        )
                     ),
                 )
                 items.extend(checks.items)
@@ -296,15 +302,23 @@ class HealthSweep:
         )
 
     async def _checks(
-        self, rows: list[StoredRow], slots: asyncio.Semaphore, counts: dict[str, int]
+        self,
+        rows: list[StoredRow],
+        slots: asyncio.Semaphore,
+        counts: dict[str, int],
+        renew_first: set[str],
     ) -> CheckReport:
         """The due checks, run and reported as ``check_all(record=True)`` runs them, paced
-        per provider and sharing the sweep's concurrency with its token renewals."""
+        per provider and sharing the sweep's concurrency with its token renewals; the
+        tokens of ``renew_first`` are renewed before their check."""
         raised: set[str] = set()
+        by_uuid = {row.uuid: row for row in rows}
 
         async def validate(target: CheckTarget) -> Validation:
             await self._paced(target.provider)
             async with slots:
+                if target.uuid in renew_first:
+                    await self._renew_logged(by_uuid[target.uuid], counts)
                 try:
                     return await self._services.checks.validate_connection(
                         target.uuid, actor=SWEEP_ACTOR, owner=ALL_OWNERS
@@ -326,23 +340,23 @@ class HealthSweep:
         counts["check_failures"] += sum(1 for item in answered if not item.ok)
         return report
 
-    def _due(self, row: StoredRow, now: datetime) -> Job | None:
+    def _due(self, row: StoredRow, now: datetime) -> tuple[bool, bool]:
+        """Whether ``row`` is due for a check, and for a token renewal ahead of use."""
         provider = self._core.provider_of(row)
         if provider is None or row.data.get("reauth_required"):
             # Unknown providers cannot be checked; a grant that needs its user stays as is.
-            return None
+            return False, False
         last = parse_time(row.data.get("last_validated_at"))
-        if last is None or now - last >= self.stale_after:
-            return "check"
+        check = last is None or now - last >= self.stale_after
+        renew = False
         if (
             provider.auth_type == "oauth2"
             and row.data.get("refresh_token")
             and not row.data.get("refresh_error")
         ):
             expires_at = parse_time(row.data.get("expires_at"))
-            if expires_at is not None and expires_at - now <= self.refresh_ahead:
-                return "refresh"
-        return None
+            renew = expires_at is not None and expires_at - now <= self.refresh_ahead
+        return check, renew
 
     async def _paced(self, provider: str) -> None:
         """Space the start of one provider's jobs ``per_provider_interval`` apart."""
@@ -372,21 +386,24 @@ class HealthSweep:
     ) -> None:
         await self._paced(row.provider)
         async with slots:
+            await self._renew_logged(row, counts)
+
+    async def _renew_logged(self, row: StoredRow, counts: dict[str, int]) -> None:
+        try:
+            provider = self._core.require_provider(row)
             try:
-                provider = self._core.require_provider(row)
-                try:
-                    # The refresher re-reads the row under its lock: a token another
-                    # process renewed meanwhile is kept, with no token request.
-                    await self._services.tokens.refresh(row, provider)
-                except IntegrationsError as exc:
-                    if isinstance(exc, LifecycleError | StorageError):
-                        raise
-                    # Recorded on the connection (and its event sent) by the refresher.
-                    counts["refresh_failures"] += 1
-                    return
-                counts["refreshed"] += 1
-            except LifecycleError:
-                raise
+                # The refresher re-reads the row under its lock: a token another process
+                # renewed meanwhile is kept, with no token request.
+                await self._services.tokens.refresh(row, provider)
             except IntegrationsError as exc:
-                counts["errors"] += 1
-                self._job_failed("refresh", row.uuid, row.provider, row.owner, exc)
+                if isinstance(exc, LifecycleError | StorageError):
+                    raise
+                # Recorded on the connection (and its event sent) by the refresher.
+                counts["refresh_failures"] += 1
+                return
+            counts["refreshed"] += 1
+        except LifecycleError:
+            raise
+        except IntegrationsError as exc:
+            counts["errors"] += 1
+            self._job_failed("refresh", row.uuid, row.provider, row.owner, exc)

@@ -174,6 +174,27 @@ class _Instruments:
 
 _instruments: _Instruments | None = None
 
+_HTTP_METHODS: Final = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+# The semantic conventions' advice for durations in seconds.
+_SECONDS_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+
 
 def _otel() -> _Instruments:
     """The tracer and instruments, made on first use (the API's proxies follow a provider
@@ -198,6 +219,7 @@ def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Ins
             "http.client.request.duration",
             unit="s",
             description="Duration of authenticated requests, retries included.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
         ),
         token_requests=meter.create_counter(
             "integrations.token.requests",
@@ -228,6 +250,7 @@ def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Ins
             "db.client.connection.wait_time",
             unit="s",
             description="Time to acquire a connection from the pool.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
         ),
         cache=meter.create_counter(
             "integrations.cache.lookups",
@@ -317,16 +340,38 @@ def span(
 ) -> contextlib.AbstractContextManager[SpanLike]:
     """A span around the block (current while it runs); a shared no-op without the API.
 
-    An exception leaving the block is recorded on the span and sets its status to error.
+    An exception leaving the block sets the span's status to error and ``error.type``
+    (its code or class), never its message, which may quote a URL or a server's words.
     """
     if not _live():
         return _NO_CONTEXT
+    return _span(name, attributes, kind)
+
+
+@contextlib.contextmanager
+def _span(name: str, attributes: Mapping[str, Any] | None, kind: Kind) -> Iterator[SpanLike]:
     otel = _otel()
-    return otel.tracer.start_as_current_span(  # type: ignore[no-any-return]
+    with otel.tracer.start_as_current_span(
         name,
         kind=otel.client_kind if kind == "client" else otel.internal_kind,
         attributes=dict(attributes) if attributes else None,
-    )
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as current:
+        try:
+            yield current
+        except BaseException as exc:
+            failed(current, _error_type(exc))
+            raise
+
+
+def failed(current: Any, error_type: str) -> None:
+    """Mark ``current`` (a span) as failed with ``error_type`` and nothing else."""
+    from opentelemetry.trace import Status, StatusCode
+
+    current.set_attribute("error.type", error_type)
+    if hasattr(current, "set_status"):
+        current.set_status(Status(StatusCode.ERROR, error_type))
 
 
 def annotate(key: str, value: Any) -> None:
@@ -375,18 +420,22 @@ def request_span(row: Row, method: str, url: Any) -> Iterator[_RequestOutcome]:
             yield _RequestOutcome()
             return
         outcome = _RequestOutcome()
+        # Semantic conventions: a method outside the known set is named _OTHER.
+        known = method if method in _HTTP_METHODS else "_OTHER"
         attributes: dict[str, Any] = {
-            "http.request.method": method,
+            "http.request.method": known,
             **_url_attributes(url),
             "integrations.provider": row.provider,
             "integrations.connection.uuid": row.uuid,
         }
+        if known != method:
+            attributes["http.request.method_original"] = method
         cell = [0]
         attempts = _ATTEMPTS.set(cell)
         started = time.perf_counter()
         error: str | None = None
         try:
-            with span(method, attributes, kind="client") as current:
+            with span(known if known != "_OTHER" else "HTTP", attributes, kind="client") as current:
                 try:
                     yield outcome
                 except BaseException as exc:
@@ -398,7 +447,7 @@ def request_span(row: Row, method: str, url: Any) -> Iterator[_RequestOutcome]:
                         if outcome.status >= 400 and error is None:
                             error = str(outcome.status)
                     if error is not None:
-                        current.set_attribute("error.type", error)
+                        failed(current, error)
                     current.set_attribute("integrations.attempts", cell[0])
                     if cell[0] > 1:
                         current.set_attribute("http.request.resend_count", cell[0] - 1)

@@ -839,51 +839,52 @@ class Refresher:
         flight.sent_at = loop.time()
         # Every attempt and wait must fit in the budget: it is the lock's idle timeout too.
         deadline = flight.sent_at + policy.budget - BUDGET_MARGIN
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                return await post_token_request(
-                    self._core.http,
-                    request,
-                    request_timeout=policy.timeout,
-                    requested_scopes=requested,
-                    previous_refresh_token=refresh_token,
-                    redact=[secret],
-                    provider=provider.key,
-                )
-            except TokenRequestFailed as exc:
-                if not exc.transient:
-                    raise
-                retry_after = exc.context.get("retry_after")
-                wait = delays[attempt - 1] if attempt < policy.attempts else None
-                if wait is not None and retry_after is not None:
-                    room = (
-                        deadline
-                        - loop.time()
-                        - (policy.attempts - attempt) * policy.timeout
-                        - sum(delays[attempt:])
+        # One span and one count for the refresh, however many attempts it took.
+        with telemetry.token_span(provider.key, request[0], request[2]):
+            for attempt in range(1, policy.attempts + 1):
+                try:
+                    return await _post_token_request(
+                        self._core.http,
+                        request,
+                        request_timeout=policy.timeout,
+                        requested_scopes=requested,
+                        previous_refresh_token=refresh_token,
+                        redact=[secret],
                     )
-                    # Asking again before the server's Retry-After only earns another 429.
-                    wait = max(wait, retry_after) if retry_after <= room else None
-                if wait is None:
-                    why = f"gave up after {attempt} attempt(s)"
-                    if retry_after is not None and attempt < policy.attempts:
-                        why += f": the server asked to wait {retry_after:g}s"
-                    raise TokenRequestFailed(
-                        f"{exc.message}; {why}",
-                        transient=True,
-                        status=exc.context.get("status"),
-                        error=exc.context.get("error"),
-                        attempts=attempt,
-                        retry_after=retry_after,
-                    ) from exc
-                log.debug(
-                    "token request failed transiently (attempt %d of %d); retrying in %.2fs",
-                    attempt,
-                    policy.attempts,
-                    wait,
-                    extra=telemetry.fields("token_request_retry", provider=provider.key),
-                )
-                await asyncio.sleep(wait)
+                except TokenRequestFailed as exc:
+                    if not exc.transient:
+                        raise
+                    retry_after = exc.context.get("retry_after")
+                    wait = delays[attempt - 1] if attempt < policy.attempts else None
+                    if wait is not None and retry_after is not None:
+                        room = (
+                            deadline
+                            - loop.time()
+                            - (policy.attempts - attempt) * policy.timeout
+                            - sum(delays[attempt:])
+                        )
+                        # Asking again before the server's Retry-After only earns another 429.
+                        wait = max(wait, retry_after) if retry_after <= room else None
+                    if wait is None:
+                        why = f"gave up after {attempt} attempt(s)"
+                        if retry_after is not None and attempt < policy.attempts:
+                            why += f": the server asked to wait {retry_after:g}s"
+                        raise TokenRequestFailed(
+                            f"{exc.message}; {why}",
+                            transient=True,
+                            status=exc.context.get("status"),
+                            error=exc.context.get("error"),
+                            attempts=attempt,
+                            retry_after=retry_after,
+                        ) from exc
+                    log.debug(
+                        "token request failed transiently (attempt %d of %d); retrying in %.2fs",
+                        attempt,
+                        policy.attempts,
+                        wait,
+                        extra=telemetry.fields("token_request_retry", provider=provider.key),
+                    )
+                    await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
 

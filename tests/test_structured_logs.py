@@ -112,3 +112,16 @@ def test_every_logging_call_of_the_package_passes_the_structured_fields() -> Non
                 missing.append(f"{path.name}:{call.lineno}")
     assert seen >= 20
     assert missing == []
+
+
+def test_every_event_kind_logged_is_documented() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    kinds: set[str] = set()
+    for path in (root / "integrations").rglob("*.py"):
+        kinds |= set(re.findall(r'fields\(\s*"([a-z_]+)"', path.read_text()))
+    documented = (root / "docs" / "operating.md").read_text()
+    assert kinds, "no log event kinds found"
+    assert sorted(k for k in kinds if f"`{k}`" not in documented) == []

@@ -149,6 +149,16 @@ async def test_tokens_close_to_expiry_are_renewed_ahead_of_use(
             assert server.stats.token_calls["refresh_token"] - before == 1
             assert await integ.access_token(soon) != old
 
+            # Due for a check as well: renewed first, then checked with the new token.
+            renewed = await integ.access_token(soon)
+            await set_stored_expiry(db, soon, 90)
+            before = server.stats.token_calls["refresh_token"]
+            async with sweeping(integ, refresh_ahead=120, stale_after=0) as (reports, _):
+                await until(reports, 1)
+            assert (reports[0].refreshed, reports[0].checked, reports[0].errors) == (1, 2, 0)
+            assert server.stats.token_calls["refresh_token"] - before == 1
+            assert await integ.access_token(soon) != renewed
+
 
 async def test_connections_awaiting_reauthorization_are_left_alone(
     fresh_db: str, db: asyncpg.Connection

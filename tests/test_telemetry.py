@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -11,11 +12,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aioresponses import aioresponses
 
-from integrations import HostNotAllowed, Integrations, ReauthRequired
+from integrations import HostNotAllowed, Integrations, ReauthRequired, RequestFailed
 from integrations import _telemetry as telemetry
 
 from .conftest import TEST_KEY, store_setup
@@ -220,9 +222,41 @@ async def test_http_retries_show_as_attempts_and_error_statuses_as_error_type(
     assert ok.attributes["server.port"] == 443
     assert "error.type" not in ok.attributes
     assert missing.attributes["error.type"] == "404"
+    assert missing.status.status_code is trace.StatusCode.ERROR
+    assert ok.status.status_code is trace.StatusCode.UNSET
     assert missing.attributes["integrations.attempts"] == 1
     assert "http.request.resend_count" not in missing.attributes
     assert_no_secret(otel, [API_KEY])
+
+
+async def test_a_url_path_and_query_stay_out_of_spans_and_logs(
+    integ: Integrations, otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    conn = await integ.add_connection("openai", "default")
+    await store_setup(integ, conn.uuid, {"api_key": API_KEY})
+    url = "https://api.openai.com/v1/users/MARKER-PATH/export?sig=MARKER-QUERY"
+    with aioresponses() as mock:
+        mock.get(url, status=503, headers={"Retry-After": "0"})
+        mock.get(url, exception=aiohttp.ClientConnectionError("reset"))
+        mock.get(url, exception=aiohttp.ClientConnectionError("reset"))
+        with pytest.raises(RequestFailed):
+            await integ.authenticated_request(conn.uuid, "GET", url, max_attempts=3)
+        mock.add(url, "PROPFIND", status=207)
+        await integ.authenticated_request(conn.uuid, "PROPFIND", url)
+    spans = otel.finished()
+    assert any(s.status.status_code is trace.StatusCode.ERROR for s in spans)
+    [other] = [
+        s for s in spans if s.attributes and s.attributes.get("http.request.method") == "_OTHER"
+    ]
+    assert other.name == "HTTP"
+    assert other.attributes is not None
+    assert other.attributes["http.request.method_original"] == "PROPFIND"
+    texts = "\n".join(attribute_texts(otel))
+    texts += "\n".join(str(s.status.description) for s in spans)
+    texts += "\n".join(r.getMessage() for r in caplog.records)
+    assert "http_retry" in {getattr(r, "integrations_event_kind", None) for r in caplog.records}
+    assert "MARKER-PATH" not in texts and "MARKER-QUERY" not in texts
 
 
 async def test_a_request_refused_before_sending_records_the_error_type(
