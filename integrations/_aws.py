@@ -44,7 +44,8 @@ def sign(
         from botocore.credentials import Credentials
     except ImportError:
         raise MissingExtra(
-            "AWS requests need botocore: install the aws extra (pip install 'integrations[aws]')."
+            "AWS requests need botocore: install the aws extra "
+            "(from a checkout: pip install -e '.[aws]')."
         ) from None
     creds = Credentials(
         str(credentials["access_key"]),

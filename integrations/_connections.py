@@ -21,7 +21,7 @@ from ._errors import (
 )
 from ._events import ALL_OWNERS, OwnerScope
 from ._models import Connection, Page, utcnow
-from ._providers import Provider
+from ._providers import Provider, unknown_provider_message
 from ._record import Change, StoredRow
 from ._tokens import imported_token_set
 
@@ -106,8 +106,20 @@ class Connections:
         """``deleted`` for a uuid that resolves to nothing, ``not_configured`` for a ref."""
         row, by_uuid = await self.row_by_ref(ref, owner, fresh=fresh)
         if row is None:
-            raise Deleted() if by_uuid else NotConfigured()
+            if by_uuid:
+                raise Deleted()
+            raise NotConfigured(self._missing_ref(ref, owner))
         return row
+
+    def _missing_ref(self, ref: object, owner: OwnerScope) -> str:
+        """Which connection is missing, where, and what to do: add it, or fix the key."""
+        provider, name = names.parse_ref(ref)
+        scope = "the system scope" if _ref_scope(owner) is None else f"the scope of owner {owner!r}"
+        message = f"There is no {provider}:{name} connection in {scope}"
+        if self._core.providers.find(provider) is None:
+            hint = unknown_provider_message(provider, (p.key for p in self._core.providers))
+            return f"{message}. {hint}"
+        return f"{message}; add it with add_connection({provider!r}, {name!r}) and save_setup()."
 
     def _runtime(self, provider: Provider | None, data: Mapping[str, Any]) -> bool:
         return provider is not None and provider.has_runtime_credentials(data)

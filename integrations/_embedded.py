@@ -71,7 +71,7 @@ def _start(pgdata: Path) -> str:
     except ImportError as exc:
         raise ConfigurationError(
             "no database configured: pass dsn=, set INTEGRATIONS_DSN, "
-            "or install the embedded extra (pip install 'integrations[embedded]')"
+            "or install the embedded extra (from a checkout: pip install -e '.[embedded]')"
         ) from exc
     with _lock:
         server = _servers.get(pgdata)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from .._errors import AlreadyExists
+from .._errors import AlreadyExists, MissingExtra
 from .._events import ALL_OWNERS
 from .._integrations import Integrations
 from .._models import Event, RotationProgress
@@ -41,6 +41,7 @@ from ._support import (
     resolve,
     run,
     setup_summary,
+    show_warnings,
     stderr,
 )
 from ._support import ago as _ago
@@ -88,6 +89,8 @@ def cli(
         import logging
 
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    else:
+        show_warnings()
 
 
 # -- catalogue and connections -------------------------------------------------------------
@@ -878,6 +881,9 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
         import importlib
 
         web = importlib.import_module("integrations.web")
+    except MissingExtra as exc:
+        stderr(f"error: {exc.message}")
+        raise SystemExit(FAILED) from None
     except ModuleNotFoundError as exc:
         if exc.name not in ("integrations.web",):
             raise

@@ -6,6 +6,7 @@ import asyncio
 import difflib
 import importlib
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -205,14 +206,53 @@ def run(ctx: click.Context, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
     except SchemaOutdated as exc:
         _fail(env, exc, "the database schema is behind: run `integrations migrate`", FAILED)
     except StorageError as exc:
-        cause = exc.__cause__
-        reason = _first_line(cause) if cause is not None else exc.message
+        # The library's message names the driver's reason and the next step.
         where = f" at {redact_dsn(env.dsn)}" if env.dsn else ""
-        _fail(env, exc, f"database error{where}: {reason}", FAILED)
+        _fail(env, exc, f"database{where}: {_cli_advice(exc.message)}", FAILED)
     except IntegrationsError as exc:
-        _fail(env, exc, f"{exc.message} ({exc.code})", _error_code(exc))
+        _fail(env, exc, f"{_cli_advice(exc.message)} ({exc.code})", _error_code(exc))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+# Advice the library gives a Python caller, and what an operator at a terminal does instead.
+_CLI_ADVICE = (
+    ("integrations.generate_key()", "`integrations keys generate`"),
+    ("pass keys=", "set INTEGRATIONS_KEYS"),
+    ("Pass keys=", "Set INTEGRATIONS_KEYS"),
+    ("keys= (or INTEGRATIONS_KEYS)", "INTEGRATIONS_KEYS"),
+    ("(keys= or INTEGRATIONS_KEYS)", "(INTEGRATIONS_KEYS)"),
+    ("call save_setup first", "run `integrations set` first"),
+    ("save_setup(", "`integrations set` ("),
+    ("add it with add_connection()", "add it with `integrations add`"),
+)
+
+
+def _cli_advice(message: str) -> str:
+    for python, terminal in _CLI_ADVICE:
+        message = message.replace(python, terminal)
+    return message
+
+
+class WarningLines(logging.Handler):
+    """The library's warnings as ``warning: ...`` lines on standard error, with the advice
+    for a terminal (without ``--debug``, which logs everything as it is)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"warning: {_cli_advice(record.getMessage())}", err=True)
+        except Exception:  # pragma: no cover - a closed stderr
+            self.handleError(record)
+
+
+def show_warnings() -> None:
+    """Route the library's warnings through :class:`WarningLines` (once)."""
+    logger = logging.getLogger("integrations")
+    if not any(isinstance(h, WarningLines) for h in logger.handlers):
+        logger.addHandler(WarningLines())
 
 
 def guard(make: Callable[[], T]) -> T:

@@ -9,7 +9,7 @@ try:
     import starlette  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise MissingExtra(
-        "the admin console needs the 'web' extra: pip install 'integrations[web]'"
+        "the admin console needs the 'web' extra (from a checkout: pip install -e '.[web]')"
     ) from exc
 
 from ._app import console
