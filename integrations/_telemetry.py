@@ -6,7 +6,7 @@ import contextlib
 import importlib.util
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
@@ -279,57 +279,40 @@ def _live() -> bool:
     made = _instruments
     if made is not None and made.explicit:
         return True
-    globals_ = _globals
-    if globals_ is None:
-        globals_ = _find_globals()
-    trace, meters = globals_
-    # The modules' own globals, read directly: this runs on every request, and the public
-    # getters look at the environment each time. Set once, a provider stays set.
-    return trace._TRACER_PROVIDER is not None or meters._METER_PROVIDER is not None
+    configured = _configured
+    if configured is None:
+        configured = _find_configured()
+    return configured()
 
 
-def _find_globals() -> tuple[Any, Any]:
-    """The API modules holding the global providers, found on first use. The public getters
-    are called once so that providers named by environment variables are loaded."""
-    global _globals
+def _find_configured() -> Callable[[], bool]:
+    """How to tell that a provider is configured, found on first use. The public getters
+    are called once so that providers named by environment variables are loaded; after
+    that the modules' own globals are read directly, since this runs on every request
+    and the getters look at the environment each time (a provider, once set, stays)."""
+    global _configured
     from opentelemetry import metrics, trace
+    from opentelemetry.metrics import _internal as meters
 
     trace.get_tracer_provider()
     metrics.get_meter_provider()
-    from opentelemetry.metrics import _internal as meters
-
     if hasattr(trace, "_TRACER_PROVIDER") and hasattr(meters, "_METER_PROVIDER"):
-        _globals = (trace, meters)
+
+        def configured() -> bool:
+            return trace._TRACER_PROVIDER is not None or meters._METER_PROVIDER is not None
+
     else:  # pragma: no cover - an API release that keeps them elsewhere
-        _globals = (_PublicTrace(trace), _PublicMeters(metrics))
-    return _globals
+
+        def configured() -> bool:
+            return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider) or (
+                type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"
+            )
+
+    _configured = configured
+    return configured
 
 
-class _PublicTrace:
-    """``_TRACER_PROVIDER`` through the public getter (None for the default proxy)."""
-
-    def __init__(self, trace: Any) -> None:
-        self._trace = trace
-
-    @property
-    def _TRACER_PROVIDER(self) -> Any:
-        provider = self._trace.get_tracer_provider()
-        return None if isinstance(provider, self._trace.ProxyTracerProvider) else provider
-
-
-class _PublicMeters:
-    """``_METER_PROVIDER`` through the public getter (None for the default proxy)."""
-
-    def __init__(self, metrics: Any) -> None:
-        self._metrics = metrics
-
-    @property
-    def _METER_PROVIDER(self) -> Any:
-        provider = self._metrics.get_meter_provider()
-        return None if type(provider).__name__ == "_ProxyMeterProvider" else provider
-
-
-_globals: tuple[Any, Any] | None = None
+_configured: Callable[[], bool] | None = None
 
 #: Whether spans and metrics are being made (see :func:`_live`).
 live = _live

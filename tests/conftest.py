@@ -277,6 +277,19 @@ async def settle() -> None:
     await asyncio.sleep(SETTLE)
 
 
+async def save_and_settle(integ: Any, uuid: str, attrs: dict[str, Any]) -> None:
+    """``save_setup``, then wait for the write's own row notice: the write drops the row
+    from the cache at once, and the database's notice of it drops it once more when it
+    arrives. Counting cache behaviour from after both keeps a test exact."""
+    before = integ.cache_stats.invalidations
+    await integ.save_setup(uuid, attrs)
+    for _ in range(200):
+        if integ.cache_stats.invalidations >= before + 2:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the write's row notice did not arrive")
+
+
 _TOKEN_FIELDS = ("access_token", "refresh_token", "token_type", "expires_at", "scope")
 
 

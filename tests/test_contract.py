@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 import integrations
 from integrations import HostNotAllowed, Integrations, IntegrationsError, MissingField, Provider
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, save_and_settle
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer
 from .oauthkit import (
     REDIRECT_URI,
@@ -1096,15 +1096,7 @@ async def test_cached_requests_build_the_auth_header_once_per_row_version(
     from integrations._vault import Vault
 
     conn = await pinteg.add_connection("echoapi", "default")
-    before = pinteg.cache_stats.invalidations
-    await pinteg.save_setup(conn.uuid, {"api_key": "k-0123456789abcdef"})
-    # The write drops the row at once; the database's notice of it follows and drops it
-    # again. Count from after that notice, so both invalidations are behind us.
-    for _ in range(200):
-        if pinteg.cache_stats.invalidations >= before + 2:
-            break
-        await asyncio.sleep(0.01)
-    assert pinteg.cache_stats.invalidations >= before + 2
+    await save_and_settle(pinteg, conn.uuid, {"api_key": "k-0123456789abcdef"})
     unseal, calls = Vault.unseal, [0]
 
     def counted_unseal(*args: Any, **kwargs: Any) -> Any:

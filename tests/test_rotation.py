@@ -97,6 +97,24 @@ async def add_pending(
     return state_hash
 
 
+async def edit_api_key(db: asyncpg.Connection, uuid: str, edit: Any) -> str:
+    """Store ``edit(envelope)`` as the row's api_key, as someone editing the database by
+    hand would; the row's JSON text afterwards."""
+    envelope = Vault(Keyring.parse(OLD_KEY)).seal_value(uuid, "api_key", "x" * 20)
+    await db.execute(
+        """UPDATE integrations.connections
+           SET value_json = value_json || jsonb_build_object('api_key', $2::text::jsonb)
+           WHERE uuid = $1""",
+        uuid_mod.UUID(uuid),
+        json.dumps(edit(envelope)),
+    )
+    text: str = await db.fetchval(
+        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+    return text
+
+
 async def stored_texts(db: asyncpg.Connection) -> list[str]:
     rows = await db.fetch("SELECT value_json::text AS t FROM integrations.connections")
     pending = await db.fetch(
@@ -357,17 +375,8 @@ async def test_rotate_keys_rotates_the_rest_around_a_forged_row(
         await old.save_setup(conn.uuid, {"api_key": f"sk-good-{index}-0123456789abcdef"})
         good.append(conn.uuid)
     forged = await old.add_connection("openai", "forged")
-    envelope = Vault(Keyring.parse(OLD_KEY)).seal_value(forged.uuid, "api_key", "x" * 20)
-    await db.execute(
-        """UPDATE integrations.connections
-           SET value_json = value_json || jsonb_build_object('api_key', $2::text::jsonb)
-           WHERE uuid = $1""",
-        uuid_mod.UUID(forged.uuid),
-        json.dumps({**envelope, "kid": "deadbeef"}),
-    )
-    forged_before = await db.fetchval(
-        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
-        uuid_mod.UUID(forged.uuid),
+    forged_before = await edit_api_key(
+        db, forged.uuid, lambda envelope: {**envelope, "kid": "deadbeef"}
     )
     seen: list[RotationProgress] = []
     result = await both.rotate_keys(progress=seen.append)
@@ -609,18 +618,7 @@ async def test_rotate_keys_reports_an_envelope_edited_by_hand_and_leaves_it(
     old: Integrations, both: Integrations, db: asyncpg.Connection, edit: Any
 ) -> None:
     conn = await old.add_connection("openai", "edited")
-    envelope = Vault(Keyring.parse(OLD_KEY)).seal_value(conn.uuid, "api_key", "x" * 20)
-    await db.execute(
-        """UPDATE integrations.connections
-           SET value_json = value_json || jsonb_build_object('api_key', $2::text::jsonb)
-           WHERE uuid = $1""",
-        uuid_mod.UUID(conn.uuid),
-        json.dumps(edit(envelope)),
-    )
-    before = await db.fetchval(
-        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
-        uuid_mod.UUID(conn.uuid),
-    )
+    before = await edit_api_key(db, conn.uuid, edit)
     result = await both.rotate_keys()
     assert result.undecryptable == (conn.uuid,)
     after = await db.fetchval(
