@@ -359,7 +359,11 @@ def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
                     f"or {field}=@PATH (a file)",
                     USAGE,
                 )
-            attrs[field] = click.prompt(f"{field}", hide_input=True, err=True)
+            try:
+                attrs[field] = click.prompt(f"{field}", hide_input=True, err=True)
+            except click.Abort:
+                click.echo(file=sys.stderr)
+                raise Fail(f"no value was typed for {field}; nothing saved", FAILED) from None
         elif value.startswith("@"):
             attrs[field] = _read_value(field, value[1:], stdin_used)
         elif secret:
