@@ -819,6 +819,8 @@ class HttpClient:
                 raise RequestFailed(
                     f"{method} {shown} failed after {attempt} attempt(s): {reason}",
                     attempts=attempt,
+                    # Only a connection never made means the request was surely not sent.
+                    maybe_sent=not isinstance(exc, aiohttp.ClientConnectorError),
                 ) from (None if leaked else exc)
             if retry and response.status in RETRY_STATUSES and attempt < attempts:
                 delay = self._delay(attempt, response.headers.get("Retry-After"))

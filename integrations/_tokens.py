@@ -198,8 +198,12 @@ async def _post_token_request(
             allow_redirects=False,
         )
     except RequestFailed as exc:
+        # Refused before a connection was made, the request surely did not arrive; after
+        # that (a timeout, a dropped connection) the server may have acted on it.
         raise TokenRequestFailed(
-            f"Could not reach the token endpoint: {exc.message}", transient=True
+            f"Could not reach the token endpoint: {exc.message}",
+            transient=True,
+            maybe_received=exc.context.get("maybe_sent", True),
         ) from exc
     try:
         return oauth.parse_token_response(
@@ -424,6 +428,15 @@ class Refresher:
                 if step.lease is not None:
                     break
                 if step.wait is None:
+                    if step.taken_from is not None:
+                        log.warning(
+                            "the refresh lease of connection %s ran out without a write from "
+                            "its holder (%s); with refresh_takeover='reauthorize' the "
+                            "connection must be authorized again",
+                            uuid,
+                            step.taken_from,
+                            extra=telemetry.fields("refresh_lease_taken_over", uuid=uuid),
+                        )
                     # A failure is raised only now, after it was committed.
                     if isinstance(step.outcome, OAuthError):
                         raise step.outcome
@@ -539,6 +552,17 @@ class Refresher:
         """Under the lease, with no database connection held: ask, then store the answer."""
         lease, provider, plain = step.lease, step.provider, step.plain
         assert lease is not None and provider is not None
+        # Still ours (renewed by the same look)? A process that stopped between taking the
+        # lease and sending may have been taken over: the refresh token it holds may be
+        # spent by now, and sending it would cost the grant at a strict provider.
+        if not await self._in_row(uuid, partial(self._renewed, lease)):
+            log.info(
+                "the refresh lease of connection %s was taken over before its request went "
+                "out; using what the process that took it stores",
+                uuid,
+                extra=telemetry.fields("refresh_lease_fenced_out", uuid=uuid),
+            )
+            return await self._run(uuid, flight)
         if step.taken_from is not None:
             log.warning(
                 "took over the refresh lease of connection %s: its holder (%s) did not write "
@@ -605,6 +629,21 @@ class Refresher:
                 continue
             if not kept:
                 return
+
+    def _maybe_spent(self, exc: TokenRequestFailed, attempt: int) -> OAuthError:
+        """A refresh request that may have arrived (it timed out, or the connection
+        dropped after it was sent) is not retried at once. With ``refresh_takeover=
+        "reauthorize"`` the refresh token it carried is not sent again at all."""
+        if self.policy.takeover == "reauthorize":
+            return ReauthRequired(
+                _spent_message(exc, attempt) + "; the connection must be authorized again"
+            )
+        return TokenRequestFailed(
+            _spent_message(exc, attempt),
+            transient=True,
+            status=exc.context.get("status"),
+            attempts=attempt,
+        )
 
     def _renewed(
         self, lease: _Lease, row: StoredRow | None, now: datetime | None
@@ -854,6 +893,8 @@ class Refresher:
                 except TokenRequestFailed as exc:
                     if not exc.transient:
                         raise
+                    if refresh_token is not None and exc.context.get("maybe_received"):
+                        raise self._maybe_spent(exc, attempt) from exc
                     retry_after = exc.context.get("retry_after")
                     wait = delays[attempt - 1] if attempt < policy.attempts else None
                     if wait is not None and retry_after is not None:
@@ -886,6 +927,14 @@ class Refresher:
                     )
                     await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _spent_message(exc: TokenRequestFailed, attempt: int) -> str:
+    return (
+        f"{exc.message}; not sent again (attempt {attempt}): the token endpoint may have "
+        "received it and replaced the refresh token, and a strict provider revokes the "
+        "grant of a refresh token used twice"
+    )
 
 
 def _why(exc: BaseException) -> str:

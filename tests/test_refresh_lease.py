@@ -220,3 +220,54 @@ async def test_statement_cache_size_goes_with_the_pool_the_library_creates(
             Integrations(pool=pool, statement_cache_size=0)
     finally:
         await pool.close()
+
+
+async def test_a_holder_that_stopped_before_sending_is_fenced_out_and_sends_nothing(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations._tokens import Refresher
+
+    async with (
+        open_integrations(fresh_db, server.base_url, refresh_lease=1) as holder,
+        open_integrations(fresh_db, server.base_url, refresh_lease=1) as taker,
+    ):
+        uuid = await connect(holder)
+        ask = Refresher._ask
+        stopped = holder._s.tokens
+
+        async def ask_late(self: Refresher, *args: object) -> str:
+            if self is stopped:
+                await asyncio.sleep(2.0)  # stopped between taking the lease and sending
+            return await ask(self, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Refresher, "_ask", ask_late)
+        late = asyncio.create_task(holder.refresh_access_token(uuid))
+        await asyncio.sleep(0.2)
+        # The lease runs out; the taker refreshes, and the holder, once it runs again,
+        # takes the taker's tokens instead of sending its now spent refresh token.
+        fresh = await taker.refresh_access_token(uuid)
+        assert await late == fresh
+        assert _refreshes(server) == 1
+        assert server.stats.refresh_reuse_detected == 0
+        assert (await taker.get_integration_by_uuid(uuid)).status == "connected"
+
+
+@pytest.mark.parametrize("takeover", ["refresh", "reauthorize"])
+async def test_a_token_request_that_timed_out_is_not_sent_again_at_once(
+    fresh_db: str, server: OAuthTestServer, takeover: str
+) -> None:
+    from integrations import TokenRequestFailed
+
+    async with open_integrations(
+        fresh_db, server.base_url, token_timeout=0.3, refresh_takeover=takeover
+    ) as integ:
+        uuid = await connect(integ)
+        server.config.token_delay = 1.0
+        expected = ReauthRequired if takeover == "reauthorize" else TokenRequestFailed
+        with pytest.raises(expected) as info:
+            await integ.refresh_access_token(uuid)
+        assert "not sent again" in info.value.message
+        await asyncio.sleep(1.0)  # the server's answer to the one request
+        assert _refreshes(server) == 1
+        stored = await integ.get_integration_by_uuid(uuid)
+        assert stored.reauth_required is (takeover == "reauthorize")
