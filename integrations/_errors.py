@@ -107,7 +107,8 @@ class InvalidInput(IntegrationsError, ValueError):
 class InvalidArgument(InvalidInput, TypeError):
     """An argument has the wrong type or value; see the method's documentation."""
 
-    code = "invalid_argument"
+    # Malformed input, as InvalidInput: the same code, and also a TypeError.
+    code = "invalid"
 
 
 class EmptyName(InvalidInput):
