@@ -183,24 +183,29 @@ class Connections:
     # -- listing ----------------------------------------------------------------------
 
     async def load_all(
-        self, providers: Iterable[str], owner: str | None
+        self, providers: Iterable[str], owner: OwnerScope
     ) -> dict[str, list[Connection]]:
         if isinstance(providers, str) or not isinstance(providers, Iterable):
             raise InvalidInput("providers must be a list of provider keys, such as ['openai'].")
         keys = [names.check_provider_key(p) for p in providers]
-        owner = names.check_owner(owner)
+        owner = check_scope(owner)
         result: dict[str, list[Connection]] = {key: [] for key in keys}
         if not keys:
             return result
-        rows = await self._core.repo.list_by_prefixes(
-            owner, [names.storage_key(key, "") for key in dict.fromkeys(keys)]
-        )
+        prefixes = [names.storage_key(key, "") for key in dict.fromkeys(keys)]
+        if owner is ALL_OWNERS:
+            # Every owner's (the administrator's view): one range scan per provider.
+            rows = [r for p in prefixes for r in await self._core.repo.list_every_owner(p)]
+        else:
+            rows = await self._core.repo.list_by_prefixes(owner, prefixes)
         for row in rows:
             connection = self._core.connection(row)
             if connection.provider in result:
                 result[connection.provider].append(connection)
         for connections in result.values():
-            connections.sort(key=lambda c: (c.name != names.DEFAULT_NAME, c.name))
+            connections.sort(
+                key=lambda c: (c.owner or "", c.name != names.DEFAULT_NAME, c.name)
+            )
         return result
 
     async def list_integrations(self, owner: str | None) -> list[Connection]:

@@ -339,9 +339,10 @@ class Integrations:
         return (await self._s.connections.load_all([provider], owner))[provider]
 
     async def load_all_connections(
-        self, providers: Iterable[str], *, owner: str | None = None
+        self, providers: Iterable[str], *, owner: OwnerScope = None
     ) -> dict[str, list[Connection]]:
-        """Connections of several providers in one SQL statement; every asked key is present."""
+        """Connections of several providers in one SQL statement; every asked key is present.
+        ``owner=ALL_OWNERS`` gives every owner's (system connections first in each list)."""
         return await self._s.connections.load_all(providers, owner)
 
     async def list_integrations(self, *, owner: str | None = None) -> list[Connection]:

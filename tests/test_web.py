@@ -487,20 +487,20 @@ async def test_an_owner_sets_up_and_tests_their_own_connection(integ: Integratio
     assert await integ.is_connected(uuid)
 
 
-async def test_the_administrator_sees_system_connections(integ: Integrations) -> None:
+async def test_the_administrator_sees_every_owners_connections(integ: Integrations) -> None:
     theirs = (await integ.add_connection("acme", "theirs", owner="user:2")).uuid
     site = (await integ.add_connection("acme", "site")).uuid
     async with client(console(integ, authorize=admin)) as http:
         listing = (await http.get("/")).text
-        assert f"/{site}" in listing
-        assert "theirs" not in listing
-        # What the listing does not show cannot be reached by its uuid either.
-        assert (await http.get(f"/{theirs}")).status_code == 404
+        assert f"/{site}" in listing and f"/{theirs}" in listing
+        assert "<td>user:2</td>" in listing and "<td>system</td>" in listing
+        assert (await http.get(f"/{theirs}")).status_code == 200
         renamed = await http.post(
-            f"/{theirs}/rename", data={"csrf_token": csrf_of(listing), "new_name": "hijack"}
+            f"/{theirs}/rename", data={"csrf_token": csrf_of(listing), "new_name": "renamed"}
         )
-        assert renamed.status_code == 404
-    assert [c.name for c in await integ.list_connections("acme", owner="user:2")] == ["theirs"]
+        assert renamed.status_code == 303
+    # The administrator's change stays with the owner's connection.
+    assert [c.name for c in await integ.list_connections("acme", owner="user:2")] == ["renamed"]
 
 
 async def test_processes_sharing_a_secret_accept_each_others_forms(integ: Integrations) -> None:

@@ -79,15 +79,17 @@ class _Refused(Exception):
 @dataclass(frozen=True, slots=True)
 class _Context:
     viewer: Viewer
-    # The system scope's handle for the administrator, the owner's otherwise.
+    # Integrations for the administrator, the owner's handle otherwise (same methods).
     handle: Integrations | OwnerHandle
 
 
 def _scope(integ: Integrations, who: Viewer) -> Integrations | OwnerHandle:
     """The object the console works through for ``who``: never more than that viewer may see.
-    The administrator works on the system-wide connections (owner None), the ones its
-    listing shows; an owner's connections are reached through that owner."""
-    return integ.for_owner(None if isinstance(who, Admin) else who.owner)
+    The administrator is ``Integrations`` itself (every owner's connections, all listed);
+    an owner works through that owner's handle."""
+    if isinstance(who, Admin):
+        return integ
+    return integ.for_owner(who.owner)
 
 
 class _Console:
@@ -333,8 +335,11 @@ class _Console:
 
     async def _listing(self, request: Request, ctx: _Context) -> dict[str, Any]:
         providers = sorted(self.integ.list_providers(), key=lambda p: (p.name.lower(), p.key))
-        grouped: dict[str, list[Connection]] = await ctx.handle.load_all_connections(
-            [provider.key for provider in providers]
+        keys = [provider.key for provider in providers]
+        grouped: dict[str, list[Connection]] = (
+            await self.integ.load_all_connections(keys, owner=ALL_OWNERS)
+            if isinstance(ctx.viewer, Admin)
+            else await ctx.handle.load_all_connections(keys)
         )
         flat = [(provider, conn) for provider in providers for conn in grouped[provider.key]]
         pages = max(1, math.ceil(len(flat) / self.page_size))
@@ -347,6 +352,8 @@ class _Console:
             if not groups or groups[-1]["key"] != provider.key:
                 groups.append({"key": provider.key, "name": provider.name, "rows": []})
             groups[-1]["rows"].append(_row(provider, conn))
+        # The administrator sees every owner's connections: the listing names the owner.
+        owners = isinstance(ctx.viewer, Admin) and any(conn.owner for _, conn in flat)
         return {
             "groups": groups,
             "page": page,
@@ -355,6 +362,7 @@ class _Console:
             "providers": providers,
             # Shown after the last page: the catalogue's providers with no connection here.
             "idle": [p for p in providers if not grouped[p.key]] if page == pages else [],
+            "owners": owners,
         }
 
     async def index(self, request: Request, ctx: _Context) -> Response:
@@ -525,6 +533,8 @@ class _Console:
         if uuid:
             conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
             subscription = ctx.handle.subscribe(uuid=conn.uuid, maxsize=100)
+        elif isinstance(ctx.viewer, Admin):
+            subscription = self.integ.subscribe(owner=ALL_OWNERS, maxsize=100)
         else:
             subscription = ctx.handle.subscribe(maxsize=100)
 
@@ -593,6 +603,7 @@ def _row(provider: Provider | None, conn: Connection) -> dict[str, Any]:
         "checked": ago(checked_at),
         "checked_at": checked_at if isinstance(checked_at, str) else None,
         "message": message if isinstance(message, str) else "",
+        "owner": conn.owner,
     }
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Admin:
-    """The system administrator: works on the system-wide connections.
+    """The system administrator: works through Integrations itself, on every owner's
+    connections (the ones it adds are system connections).
 
     ``name`` is recorded as the actor of every change made through the console.
     """
