@@ -203,9 +203,7 @@ class Connections:
             if connection.provider in result:
                 result[connection.provider].append(connection)
         for connections in result.values():
-            connections.sort(
-                key=lambda c: (c.owner or "", c.name != names.DEFAULT_NAME, c.name)
-            )
+            connections.sort(key=lambda c: (c.owner or "", c.name != names.DEFAULT_NAME, c.name))
         return result
 
     async def list_integrations(self, owner: str | None) -> list[Connection]:
