@@ -544,3 +544,18 @@ async def test_a_connection_may_keep_a_uuid_from_elsewhere(
         await integ.add_connection("openai", "third", uuid="openai:default")
     names = sorted(c.name for c in await integ.list_connections("openai"))
     assert names == ["moved"]
+
+
+async def test_load_all_connections_of_every_owner(integ: integrations.Integrations) -> None:
+    await integ.add_connection("openai", "default", owner="bob")
+    await integ.add_connection("openai", "default")
+    await integ.add_connection("openai", "work", owner="alice")
+    every = await integ.load_all_connections(["openai", "github"], owner=integrations.ALL_OWNERS)
+    assert [(c.owner, c.name) for c in every["openai"]] == [
+        (None, "default"),
+        ("alice", "work"),
+        ("bob", "default"),
+    ]
+    assert every["github"] == []
+    system = await integ.load_all_connections(["openai"])
+    assert [(c.owner, c.name) for c in system["openai"]] == [(None, "default")]
