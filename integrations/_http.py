@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -430,6 +431,10 @@ def _check_options(opts: Mapping[str, Any]) -> None:
         )
 
 
+# Methods sent without a body on the prepared-header fast path.
+_BODYLESS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+_NO_OPTIONS: Final[Mapping[str, Any]] = MappingProxyType({})
+
 # Checked request URLs kept by HttpClient.target (cleared when full).
 _TARGETS_KEPT = 1024
 
@@ -622,8 +627,34 @@ class HttpClient:
         """As :meth:`send_authenticated`, with the auth ``headers`` already built by
         :func:`auth_for` (only for ``reusable`` auth kinds). Returns the sending coroutine
         itself: one frame less on the hot path's every resumption."""
+        if not opts and method in _BODYLESS:
+            # The common call (no options, no body): sent as is, the general path taking
+            # over only when the answer is a redirect.
+            return self._send_plain(method, target, provider, headers, max_attempts)
         auth = _Auth(provider, {}, (), headers)
         return self._send(method, target, auth, max_attempts, dict(opts))
+
+    async def _send_plain(
+        self,
+        method: str,
+        target: URL,
+        provider: Provider,
+        headers: Mapping[str, str],
+        max_attempts: int | None,
+    ) -> Response:
+        attempts = self.max_attempts if max_attempts is None else max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise InvalidArgument(
+                f"max_attempts must be an int of at least 1, got {attempts!r}",
+                field="max_attempts",
+            )
+        response = await self._attempts(
+            method, target, CIMultiDict(headers), None, attempts, None, _NO_OPTIONS, ()
+        )
+        if response.status not in REDIRECT_STATUSES or not response.headers.get("Location"):
+            return response
+        auth = _Auth(provider, {}, (), headers)
+        return await self._send(method, target, auth, max_attempts, {}, first=response)
 
     async def send(
         self,
@@ -663,7 +694,10 @@ class HttpClient:
         auth: _Auth | None,
         max_attempts: int | None,
         opts: dict[str, Any],
+        *,
+        first: Response | None = None,
     ) -> Response:
+        """``first``: the answer to the first hop, already sent (a redirect to follow)."""
         method = check_method(method).upper()
         if opts:
             _check_options(opts)
@@ -712,9 +746,12 @@ class HttpClient:
                     for name, value in added.items():
                         hop_headers[name] = value
                     url = URL(signed_url, encoded=True)
-            response = await self._attempts(
-                method, url, hop_headers, body, attempts, timeout, opts, secrets
-            )
+            if first is not None:
+                response, first = first, None
+            else:
+                response = await self._attempts(
+                    method, url, hop_headers, body, attempts, timeout, opts, secrets
+                )
             if not follow or response.status not in REDIRECT_STATUSES:
                 return response
             location = response.headers.get("Location")

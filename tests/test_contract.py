@@ -1111,3 +1111,41 @@ async def test_cached_requests_build_the_auth_header_once_per_row_version(
     await pinteg.authenticated_request(conn.uuid, "GET", f"{echo.base}/v1")
     assert calls[0] == 2
     assert echo.seen[-1]["Authorization"] == "Bearer k-new-0123456789abcd"
+
+
+async def test_a_cached_request_follows_redirects_keeping_credentials_on_its_origin_only(
+    pinteg: Integrations, echo: Echo
+) -> None:
+    seen: dict[str, str | None] = {}
+
+    async def hop(request: web.Request) -> web.StreamResponse:
+        seen[request.path] = request.headers.get("Authorization")
+        if request.path == "/same":
+            raise web.HTTPFound(f"{request.url.origin()}/landed")
+        if request.path == "/away":
+            raise web.HTTPFound(f"{echo.base}/elsewhere")
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hop)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        conn = await pinteg.add_connection("echoapi", "default")
+        await save_and_settle(pinteg, conn.uuid, {"api_key": "k-0123456789abcdef"})
+        for _ in range(2):  # the second time from the cache, with the kept header
+            landed = await pinteg.authenticated_request(conn.uuid, "GET", f"{base}/same")
+            assert landed.status == 200 and landed.url.endswith("/landed")
+            assert seen["/landed"] == "Bearer k-0123456789abcdef"
+            away = await pinteg.authenticated_request(
+                conn.uuid, "GET", f"{base}/away", allow_any_host=True
+            )
+            assert away.status == 200
+            assert "Authorization" not in echo.seen[-1]  # another origin: no credentials
+        plain = await pinteg.authenticated_request(
+            conn.uuid, "GET", f"{base}/same", allow_redirects=False
+        )
+        assert plain.status == 302
+    finally:
+        await server.close()
