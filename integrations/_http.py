@@ -634,6 +634,15 @@ class HttpClient:
         auth = _Auth(provider, {}, (), headers)
         return self._send(method, target, auth, max_attempts, dict(opts))
 
+    def _attempt_count(self, max_attempts: int | None) -> int:
+        attempts = self.max_attempts if max_attempts is None else max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise InvalidArgument(
+                f"max_attempts must be an int of at least 1, got {attempts!r}",
+                field="max_attempts",
+            )
+        return attempts
+
     async def _send_plain(
         self,
         method: str,
@@ -642,12 +651,7 @@ class HttpClient:
         headers: Mapping[str, str],
         max_attempts: int | None,
     ) -> Response:
-        attempts = self.max_attempts if max_attempts is None else max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise InvalidArgument(
-                f"max_attempts must be an int of at least 1, got {attempts!r}",
-                field="max_attempts",
-            )
+        attempts = self._attempt_count(max_attempts)
         response = await self._attempts(
             method, target, CIMultiDict(headers), None, attempts, None, _NO_OPTIONS, ()
         )
@@ -701,12 +705,7 @@ class HttpClient:
         method = check_method(method).upper()
         if opts:
             _check_options(opts)
-        attempts = self.max_attempts if max_attempts is None else max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise InvalidArgument(
-                f"max_attempts must be an int of at least 1, got {attempts!r}",
-                field="max_attempts",
-            )
+        attempts = self._attempt_count(max_attempts)
         follow = bool(opts.pop("allow_redirects", True))
         timeout = opts.pop("timeout", None)
         given = opts.pop("headers", None)

@@ -281,13 +281,28 @@ async def save_and_settle(integ: Any, uuid: str, attrs: dict[str, Any]) -> None:
     """``save_setup``, then wait for the write's own row notice: the write drops the row
     from the cache at once, and the database's notice of it drops it once more when it
     arrives. Counting cache behaviour from after both keeps a test exact."""
+    # Notices of earlier writes (the connection's insert) may still be on their way:
+    # let them arrive first, so that the count below is this write's alone.
+    await _quiet(integ)
     before = integ.cache_stats.invalidations
     await integ.save_setup(uuid, attrs)
     for _ in range(200):
         if integ.cache_stats.invalidations >= before + 2:
-            return
+            break
         await asyncio.sleep(0.01)
-    raise AssertionError("the write's row notice did not arrive")
+    else:
+        raise AssertionError("the write's row notice did not arrive")
+    await _quiet(integ)
+
+
+async def _quiet(integ: Any) -> None:
+    """Wait until no cache invalidation has come for a while."""
+    seen = integ.cache_stats.invalidations
+    while True:
+        await asyncio.sleep(0.15)
+        if integ.cache_stats.invalidations == seen:
+            return
+        seen = integ.cache_stats.invalidations
 
 
 _TOKEN_FIELDS = ("access_token", "refresh_token", "token_type", "expires_at", "scope")
