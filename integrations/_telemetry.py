@@ -143,7 +143,7 @@ def leave_log_scope(token: Token[tuple[str, str, str | None] | None]) -> None:
 @contextlib.contextmanager
 def log_scope(row: Row) -> Iterator[None]:
     """Name ``row`` in the log records made inside the block."""
-    token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
+    token = enter_log_scope(row)
     try:
         yield
     finally:
@@ -397,7 +397,7 @@ def request_span(row: Row, method: str, url: Any) -> Iterator[_RequestOutcome]:
     """An HTTP client span for one authenticated request (semantic conventions: the span
     is named after the method), with the connection it was made for and its attempts.
     The block sets ``status`` on what it yields once it has a response."""
-    token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
+    token = enter_log_scope(row)
     try:
         if not _live():
             yield _RequestOutcome()
@@ -538,7 +538,7 @@ def record_callers(callers: int) -> None:
 @contextlib.contextmanager
 def check_span(row: Row) -> Iterator[_CheckOutcome]:
     """A span and a count for one credential check; the block sets ``ok``."""
-    token = _LOG_SCOPE.set((row.uuid, row.provider, row.owner))
+    token = enter_log_scope(row)
     outcome = _CheckOutcome()
     try:
         if not _live():

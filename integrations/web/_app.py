@@ -36,7 +36,7 @@ from .._errors import (
     NotConfigured,
     NotFound,
 )
-from .._events import ALL_OWNERS
+from .._events import ALL_OWNERS, Subscription
 from .._integrations import Integrations
 from .._models import Connection, Event
 from .._owner import OwnerHandle
@@ -163,13 +163,9 @@ class _Console:
                 stop = asyncio.ensure_future(self.closing.wait())
                 try:
                     while not stop.done():
-                        get = asyncio.ensure_future(events.get())
-                        get.add_done_callback(_consume)
-                        await asyncio.wait({get, stop}, return_when=FIRST_COMPLETED)
-                        if not get.done():
-                            get.cancel()
+                        event = await _next_event(events, stop, None)
+                        if event is None:
                             break
-                        event = get.result()
                         if event.kind != "resync":
                             self.recent.append(event)
                 finally:
@@ -549,22 +545,11 @@ class _Console:
                     yield "retry: 1000\n\n"
                     while not stop.done() and loop.time() < deadline:
                         wait = min(_KEEPALIVE_SECONDS, deadline - loop.time())
-                        get = asyncio.ensure_future(events.get())
-                        # A stream closed by the client leaves this wait behind; its end
-                        # (the subscription closing) is expected, not an error to report.
-                        get.add_done_callback(_consume)
-                        await asyncio.wait({get, stop}, timeout=wait, return_when=FIRST_COMPLETED)
-                        if not get.done():
-                            get.cancel()
-                            with contextlib.suppress(asyncio.CancelledError):
-                                await get
-                            yield ": keep-alive\n\n"
-                            continue
                         try:
-                            event = get.result()
+                            event = await _next_event(events, stop, wait)
                         except LifecycleError:
                             return
-                        yield _sse(event)
+                        yield ": keep-alive\n\n" if event is None else _sse(event)
             finally:
                 stop.cancel()
 
@@ -584,6 +569,24 @@ def _event_line(event: Event) -> str:
     if isinstance(message, str) and message:
         words.append(f"({message})")
     return " ".join(words)
+
+
+async def _next_event(
+    events: Subscription, stop: asyncio.Future[Any], within: float | None
+) -> Event | None:
+    """The next event, or None when ``stop`` is done or ``within`` seconds passed first;
+    an error of the subscription (it closed) is raised."""
+    get = asyncio.ensure_future(events.get())
+    # A stream the client closed leaves this wait behind; its end (the subscription
+    # closing) is expected, not an error to report.
+    get.add_done_callback(_consume)
+    await asyncio.wait({get, stop}, timeout=within, return_when=FIRST_COMPLETED)
+    if get.done():
+        return get.result()
+    get.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await get
+    return None
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
