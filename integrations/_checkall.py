@@ -16,6 +16,7 @@ from ._models import Validation
 if TYPE_CHECKING:
     from ._checks import Checks
     from ._core import Core
+    from ._record import StoredRow
 
 __all__ = ["CheckItem", "CheckReport", "CheckTarget", "check_all", "run_checks"]
 
@@ -28,6 +29,10 @@ class CheckTarget:
     provider: str
     name: str
     owner: str | None
+
+    @classmethod
+    def of(cls, row: StoredRow) -> CheckTarget:
+        return cls(row.uuid, row.provider, row.name, row.owner)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +144,5 @@ async def check_all(
             return await checks.validate_connection(target.uuid, actor=None, owner=ALL_OWNERS)
         return await checks.probe(by_uuid[target.uuid])
 
-    targets = [
-        CheckTarget(row.uuid, names.provider_of_key(row.key), names.name_of_key(row.key), row.owner)
-        for row in rows
-    ]
+    targets = [CheckTarget.of(row) for row in rows]
     return await run_checks(targets, validate, concurrency=concurrency)

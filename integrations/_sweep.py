@@ -330,7 +330,7 @@ class HealthSweep:
                     self._job_failed("check", target.uuid, target.provider, target.owner, exc)
                     raise
 
-        targets = [CheckTarget(row.uuid, row.provider, row.name, row.owner) for row in rows]
+        targets = [CheckTarget.of(row) for row in rows]
         # Bounded by the shared slots, taken after pacing: a provider waiting out its pace
         # holds no place that another provider's check could use.
         report = await run_checks(targets, validate, concurrency=max(1, len(targets)))

@@ -793,3 +793,16 @@ def test_remove_without_an_answer_says_how_to_go_on(fresh_db: str) -> None:
 def test_without_a_command_the_help_is_printed() -> None:
     done = subprocess.run([SCRIPT], capture_output=True, text=True, env=cli_env(), timeout=60)
     assert done.returncode == 0 and "Commands:" in done.stdout
+
+
+def test_an_import_where_the_uuid_is_taken_gets_a_new_one(fresh_db: str, tmp_path: Path) -> None:
+    uuid = sh(fresh_db, "add", "openai").stdout.strip()
+    bundle = tmp_path / "one.json"
+    env = cli_env(INTEGRATIONS_EXPORT_PASSPHRASE="correct horse battery")
+    assert sh(fresh_db, "export", "--out", str(bundle), env=env).returncode == 0
+    # Into another owner's scope of the same database: the name is free, the uuid is not.
+    done = sh(fresh_db, "--owner", "user:9", "import", str(bundle), env=env)
+    assert done.returncode == 0, done.stderr
+    copy = json.loads(sh(fresh_db, "--owner", "user:9", "show", "openai", "--json").stdout)
+    assert copy["uuid"] != uuid
+    assert json.loads(sh(fresh_db, "show", "openai", "--json").stdout)["uuid"] == uuid

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .._errors import Deleted, IntegrationsError, NotConfigured, NotFound
+from .._errors import AlreadyExists, IntegrationsError, NotFound
 from .._integrations import Integrations
-from .._models import utcnow
+from .._models import Connection, utcnow
 from .._names import check_owner, normalize_name, parse_uuid
 from .._telemetry import fields
 from .._tokens import imported_token_set
@@ -70,16 +70,17 @@ class ImportReport:
         }
 
 
-async def _free_uuid(integ: Integrations, uuid: str | None) -> str | None:
-    """The exported uuid, kept (references to the connection stay true) unless this
-    database already has a connection with it: then a new one."""
-    if uuid is None or parse_uuid(uuid) is None:
-        return None
-    try:
-        await integ.get_integration_by_uuid(uuid)
-    except (Deleted, NotConfigured):
-        return uuid
-    return None
+async def _add_keeping_uuid(integ: Integrations, p: _Planned) -> Connection:
+    """Create the connection under its exported uuid (references to it stay true); a new
+    one when this database already uses that uuid (the name was checked free)."""
+    entry = p.entry
+    kept = entry.uuid if entry.uuid is not None and parse_uuid(entry.uuid) else None
+    if kept is not None:
+        try:
+            return await integ.add_connection(entry.provider, entry.name, owner=p.owner, uuid=kept)
+        except AlreadyExists:
+            pass
+    return await integ.add_connection(entry.provider, entry.name, owner=p.owner)
 
 
 @dataclass
@@ -154,12 +155,7 @@ async def import_entries(
     try:
         for p in writes:
             if p.action == "created":
-                connection = await integ.add_connection(
-                    p.entry.provider,
-                    p.entry.name,
-                    owner=p.owner,
-                    uuid=await _free_uuid(integ, p.entry.uuid),
-                )
+                connection = await _add_keeping_uuid(integ, p)
                 p.uuid = connection.uuid
                 undo.append(("created", connection.uuid, None))
             else:
