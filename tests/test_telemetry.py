@@ -224,6 +224,9 @@ async def test_http_retries_show_as_attempts_and_error_statuses_as_error_type(
     assert missing.attributes["error.type"] == "404"
     assert missing.status.status_code is trace.StatusCode.ERROR
     assert ok.status.status_code is trace.StatusCode.UNSET
+    # Durations in seconds fall in second-scale buckets, not the SDK's default 0, 5, 10...
+    [(_, point), *_] = otel.points("http.client.request.duration")
+    assert tuple(point.explicit_bounds)[:3] == (0.005, 0.01, 0.025)
     assert missing.attributes["integrations.attempts"] == 1
     assert "http.request.resend_count" not in missing.attributes
     assert_no_secret(otel, [API_KEY])
