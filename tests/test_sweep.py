@@ -355,10 +355,10 @@ async def test_a_leader_whose_session_ends_leads_again(
         async with sweeping(integ, interval=0.1) as (reports, task):
             await until(reports, 1)
             holders = await db.fetch(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "SELECT pid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted "
                 "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
-            assert len(holders) == 1
+            assert len({h["pid"] for h in holders}) == 1, [dict(h) for h in holders]
             await db.execute("SELECT pg_terminate_backend($1)", holders[0]["pid"])
             seen = len(reports)
             await until(reports, seen + 2)
