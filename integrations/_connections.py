@@ -93,6 +93,15 @@ class Connections:
         key = names.storage_key(provider, name)
         return await self._core.repo.get_by_key(_ref_scope(owner), key, fresh=fresh), False
 
+    def peek_ref(self, ref: object, owner: OwnerScope) -> StoredRow | None:
+        """The cached row of a uuid ``ref`` visible in ``owner``'s scope, without awaiting;
+        None when that takes a read (not cached, not a canonical uuid string) or the
+        answer is an error."""
+        owner = check_scope(owner)
+        # The cache is keyed by canonical uuid text: a hit needs no parsing of ``ref``.
+        hit = self._core.repo.peek(ref) if type(ref) is str else None
+        return None if hit is None else _visible(hit, owner)
+
     async def require(self, uuid: object, owner: OwnerScope, *, fresh: bool = False) -> StoredRow:
         """The row of ``uuid`` or NotConfigured; a malformed uuid is InvalidUUID."""
         row = await self.row(names.require_uuid(uuid), check_scope(owner), fresh=fresh)

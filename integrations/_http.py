@@ -623,16 +623,19 @@ class HttpClient:
         *,
         max_attempts: int | None,
         opts: Mapping[str, Any],
+        scope: telemetry.Row | None = None,
     ) -> Coroutine[Any, Any, Response]:
         """As :meth:`send_authenticated`, with the auth ``headers`` already built by
-        :func:`auth_for` (only for ``reusable`` auth kinds). Returns the sending coroutine
+        :func:`auth_for` (only for ``reusable`` auth kinds), naming the connection
+        ``scope`` in the log records made while it runs. Returns the sending coroutine
         itself: one frame less on the hot path's every resumption."""
         if not opts and method in _BODYLESS:
             # The common call (no options, no body): sent as is, the general path taking
             # over only when the answer is a redirect.
-            return self._send_plain(method, target, provider, headers, max_attempts)
+            return self._send_plain(method, target, provider, headers, max_attempts, scope)
         auth = _Auth(provider, {}, (), headers)
-        return self._send(method, target, auth, max_attempts, dict(opts))
+        sending = self._send(method, target, auth, max_attempts, dict(opts))
+        return sending if scope is None else telemetry.in_log_scope(scope, sending)
 
     def _attempt_count(self, max_attempts: int | None) -> int:
         attempts = self.max_attempts if max_attempts is None else max_attempts
@@ -650,15 +653,21 @@ class HttpClient:
         provider: Provider,
         headers: Mapping[str, str],
         max_attempts: int | None,
+        scope: telemetry.Row | None,
     ) -> Response:
         attempts = self._attempt_count(max_attempts)
-        response = await self._attempts(
-            method, target, CIMultiDict(headers), None, attempts, None, _NO_OPTIONS, ()
-        )
-        if response.status not in REDIRECT_STATUSES or not response.headers.get("Location"):
-            return response
-        auth = _Auth(provider, {}, (), headers)
-        return await self._send(method, target, auth, max_attempts, {}, first=response)
+        token = None if scope is None else telemetry.enter_log_scope(scope)
+        try:
+            response = await self._attempts(
+                method, target, CIMultiDict(headers), None, attempts, None, _NO_OPTIONS, ()
+            )
+            if response.status not in REDIRECT_STATUSES or not response.headers.get("Location"):
+                return response
+            auth = _Auth(provider, {}, (), headers)
+            return await self._send(method, target, auth, max_attempts, {}, first=response)
+        finally:
+            if token is not None:
+                telemetry.leave_log_scope(token)
 
     async def send(
         self,

@@ -36,7 +36,7 @@ class Requests:
         self._core = core
         self._tokens = tokens
 
-    async def request(
+    def request(
         self,
         row: StoredRow,
         method: str,
@@ -45,17 +45,29 @@ class Requests:
         allow_any_host: bool,
         max_attempts: int | None,
         opts: dict[str, Any],
-    ) -> Response:
+    ) -> Coroutine[Any, Any, Response]:
+        """Check the call and return the coroutine that makes it. The URL, method and
+        options are checked here, before anything is awaited; for a header or basic
+        scheme on a cached row, untraced, the coroutine is the HTTP client's own (no frame
+        of ours in between on every resumption while the request is in flight)."""
         method = check_method(method).upper()
-        if not telemetry.live():
-            # Nothing to trace: only the log records' connection, without a generator.
-            scope = telemetry.enter_log_scope(row)
-            try:
-                return await self._start(row, method, url, allow_any_host, max_attempts, opts)
-            finally:
-                telemetry.leave_log_scope(scope)
+        if telemetry.live():
+            return self._traced(row, method, url, allow_any_host, max_attempts, opts)
+        return self._start(row, method, url, allow_any_host, max_attempts, opts)
+
+    async def _traced(
+        self,
+        row: StoredRow,
+        method: str,
+        url: str,
+        allow_any_host: bool,
+        max_attempts: int | None,
+        opts: dict[str, Any],
+    ) -> Response:
         with telemetry.request_span(row, method, url) as outcome:
-            response = await self._start(row, method, url, allow_any_host, max_attempts, opts)
+            response = await self._start(
+                row, method, url, allow_any_host, max_attempts, opts, traced=True
+            )
             outcome.status = response.status
             return response
 
@@ -67,15 +79,17 @@ class Requests:
         allow_any_host: bool,
         max_attempts: int | None,
         opts: dict[str, Any],
+        *,
+        traced: bool = False,
     ) -> Coroutine[Any, Any, Response]:
-        """Check the URL and return the coroutine that sends the request. For a header or
-        basic scheme on a cached row that is the HTTP client's own (no frame of ours in
-        between on every resumption)."""
+        """Check the URL and return the coroutine that sends the request, naming ``row``
+        in the log records made while it runs (a traced call's span already does)."""
         core = self._core
         provider = core.require_provider(row)
         target = core.http.target(
             url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
         )
+        scope = None if traced else row
         kind = auth_kind(provider)
         if not provider.is_oauth and kind is not None and kind.reusable:
             # Built once per cached row version: no decrypt or rendering on later calls.
@@ -86,14 +100,16 @@ class Requests:
                 added, _ = auth_for(provider, plain, target)
                 cache.keep_extra(row, _HEADERS, added)
             return core.http.send_prepared(
-                method, target, provider, added, max_attempts=max_attempts, opts=opts
+                method, target, provider, added, max_attempts=max_attempts, opts=opts, scope=scope
             )
         plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         if not provider.is_oauth:
-            return core.http.send_authenticated(
+            sending = core.http.send_authenticated(
                 method, target, provider, plain, max_attempts=max_attempts, opts=opts
             )
-        return self._oauth(row, provider, plain, method, target, max_attempts, opts)
+        else:
+            sending = self._oauth(row, provider, plain, method, target, max_attempts, opts)
+        return sending if scope is None else telemetry.in_log_scope(scope, sending)
 
     async def _oauth(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -85,7 +85,7 @@ class Services:
         ok, message = record.validation_outcome(result)
         await self.connections.record(target, ok, message, actor=None, owner=check_scope(owner))
 
-    async def authenticated_request(
+    def authenticated_request(
         self,
         ref: object,
         method: str,
@@ -96,6 +96,33 @@ class Services:
         owner: OwnerScope,
         opts: dict[str, Any],
         fresh: bool = False,
+    ) -> Coroutine[Any, Any, Response]:
+        """The coroutine that makes the call: on a cache hit, the request pipeline's own,
+        with no frame of this layer left around it while the request is in flight."""
+        row = None if fresh else self.connections.peek_ref(ref, owner)
+        if row is not None:
+            return self.requests.request(
+                row,
+                method,
+                url,
+                allow_any_host=allow_any_host,
+                max_attempts=max_attempts,
+                opts=opts,
+            )
+        return self._read_and_request(
+            ref, method, url, allow_any_host, max_attempts, owner, opts, fresh
+        )
+
+    async def _read_and_request(
+        self,
+        ref: object,
+        method: str,
+        url: str,
+        allow_any_host: bool,
+        max_attempts: int | None,
+        owner: OwnerScope,
+        opts: dict[str, Any],
+        fresh: bool,
     ) -> Response:
         row = await self.connections.require_ref(ref, owner, fresh=fresh)
         return await self.requests.request(

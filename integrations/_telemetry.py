@@ -6,10 +6,10 @@ import contextlib
 import importlib.util
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs
 
 from . import oauth
@@ -77,6 +77,9 @@ _ATTEMPTS: ContextVar[list[int] | None] = ContextVar("integrations_attempts", de
 # An OAuth error code is an RFC 6749 token; anything else from a server is not repeated.
 
 
+_T = TypeVar("_T")
+
+
 class Row(Protocol):
     """What telemetry reads of a stored connection: never its data."""
 
@@ -138,6 +141,15 @@ def enter_log_scope(row: Row) -> Token[tuple[str, str, str | None] | None]:
 
 def leave_log_scope(token: Token[tuple[str, str, str | None] | None]) -> None:
     _LOG_SCOPE.reset(token)
+
+
+async def in_log_scope(row: Row, running: Awaitable[_T]) -> _T:
+    """Await ``running`` with ``row`` named in the log records made meanwhile."""
+    token = enter_log_scope(row)
+    try:
+        return await running
+    finally:
+        _LOG_SCOPE.reset(token)
 
 
 @contextlib.contextmanager

@@ -5,14 +5,15 @@ from __future__ import annotations
 import ast
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aioresponses import aioresponses
 
 from integrations import ReauthRequired
-from integrations._telemetry import LOG_FIELDS
+from integrations._telemetry import LOG_FIELDS, fields
 
-from .conftest import store_setup
+from .conftest import save_and_settle, store_setup
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer
 from .oauthkit import open_integrations
 
@@ -86,6 +87,33 @@ async def test_records_of_a_refresh_failure_a_check_and_a_request_carry_the_fiel
         text = formatter.format(record) + repr(vars(record))
         for secret in secrets:
             assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [("GET", {}), ("PUT", {"json": {"q": 1}}), ("GET", {"params": {"page": 2}})],
+    ids=["plain", "body", "params"],
+)
+async def test_a_retry_of_a_cached_connection_names_it_and_the_name_goes_no_further(
+    integ: Any, caplog: pytest.LogCaptureFixture, method: str, opts: dict[str, Any]
+) -> None:
+    conn = await integ.add_connection("openai", "default", owner="alice")
+    await save_and_settle(integ, conn.uuid, {"api_key": API_KEY})
+    await integ.get_credentials(conn.uuid)
+    hits = integ.cache_stats.hits
+    caplog.set_level(logging.DEBUG, logger="integrations")
+    caplog.clear()
+    with aioresponses() as mock:
+        url = OPENAI_MODELS + ("?page=2" if "params" in opts else "")
+        mock.add(url, method, status=503, headers={"Retry-After": "0"})
+        mock.add(url, method, status=200, payload={})
+        response = await integ.authenticated_request(conn.uuid, method, OPENAI_MODELS, **opts)
+    assert response.ok
+    assert integ.cache_stats.hits == hits + 1  # served from the cache: the fast lane
+    (retry,) = [r for r in library_records(caplog) if r.integrations_event_kind == "http_retry"]  # type: ignore[attr-defined]
+    assert (retry.integrations_uuid, retry.integrations_owner) == (conn.uuid, "alice")  # type: ignore[attr-defined]
+    # Back in the caller: a record made now names no connection.
+    assert fields("after")["integrations_uuid"] is None
 
 
 def _log_calls(tree: ast.AST) -> list[ast.Call]:
