@@ -806,3 +806,22 @@ def test_an_import_where_the_uuid_is_taken_gets_a_new_one(fresh_db: str, tmp_pat
     copy = json.loads(sh(fresh_db, "--owner", "user:9", "show", "openai", "--json").stdout)
     assert copy["uuid"] != uuid
     assert json.loads(sh(fresh_db, "show", "openai", "--json").stdout)["uuid"] == uuid
+
+
+def test_a_narrow_terminal_folds_the_setup_column_instead_of_cutting_it() -> None:
+    from rich.console import Console
+
+    from integrations.cli._support import new_table
+
+    table = new_table("ref", "uuid", "setup", wrap="setup")
+    setup = "region=eu-central-1 api_key=••••4242"
+    table.add_row("acme:default", "01a21fda-8c04-76f0-9c78-dccb4589dc63", setup)
+    narrow = Console(width=64, highlight=False)
+    with narrow.capture() as captured:
+        narrow.print(table)
+    lines = captured.get().splitlines()
+    assert "01a21fda-8c04-76f0-9c78-dccb4589dc63" in lines[2]  # never cut
+    column = lines[2].index("01a21fda") + len("01a21fda-8c04-76f0-9c78-dccb4589dc63")
+    folded = "".join(line[column:].strip() for line in lines[2:])
+    assert folded.replace(" ", "") == setup.replace(" ", "")
+    assert "…" not in captured.get()

@@ -179,7 +179,11 @@ def console(*, stderr: bool = False) -> Console:
 def new_table(*columns: str, wrap: str = "") -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in columns:
-        table.add_column(column, no_wrap=column != wrap)
+        if column == wrap:
+            # On a narrow terminal the wrapped column folds: nothing in it is cut off.
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, no_wrap=True)
     return table
 
 
