@@ -631,18 +631,12 @@ class Refresher:
                 return
 
     def _maybe_spent(self, exc: TokenRequestFailed, attempt: int) -> OAuthError:
-        """A refresh request that may have arrived (it timed out, or the connection
-        dropped after it was sent) is not retried at once. With ``refresh_takeover=
-        "reauthorize"`` the refresh token it carried is not sent again at all."""
-        if self.policy.takeover == "reauthorize":
-            return ReauthRequired(
-                _spent_message(exc, attempt) + "; the connection must be authorized again"
-            )
-        return TokenRequestFailed(
-            _spent_message(exc, attempt),
-            transient=True,
-            status=exc.context.get("status"),
-            attempts=attempt,
+        """With ``refresh_takeover="reauthorize"``, a refresh request that may have arrived
+        (it timed out, or the connection dropped after it was sent) is not sent again: the
+        connection must be authorized again. (The default policy retries it, as any other
+        transient failure.)"""
+        return ReauthRequired(
+            _spent_message(exc, attempt) + "; the connection must be authorized again"
         )
 
     def _renewed(
@@ -893,7 +887,11 @@ class Refresher:
                 except TokenRequestFailed as exc:
                     if not exc.transient:
                         raise
-                    if refresh_token is not None and exc.context.get("maybe_received"):
+                    if (
+                        refresh_token is not None
+                        and policy.takeover == "reauthorize"
+                        and exc.context.get("maybe_received")
+                    ):
                         raise self._maybe_spent(exc, attempt) from exc
                     retry_after = exc.context.get("retry_after")
                     wait = delays[attempt - 1] if attempt < policy.attempts else None

@@ -89,6 +89,8 @@ class ServerConfig:
     fail_status: int = 503
     #: Seconds every token request waits before being handled.
     token_delay: float = 0.0
+    #: When set, only the next N token requests wait ``token_delay``.
+    delay_next: int | None = None
     #: Every token and revocation request fails client authentication.
     force_invalid_client: bool = False
     #: Scope granted regardless of the requested one (space separated).
@@ -392,7 +394,9 @@ class OAuthTestServer:
         form = await self._read_form(request)
         grant_type = form.get("grant_type", "") if form is not None else ""
         self.stats.token_calls[grant_type or "(none)"] += 1
-        if self.config.token_delay > 0:
+        if self.config.token_delay > 0 and self.config.delay_next != 0:
+            if self.config.delay_next is not None:
+                self.config.delay_next -= 1
             await asyncio.sleep(self.config.token_delay)
         if self.config.fail_next > 0:
             self.config.fail_next -= 1
