@@ -665,43 +665,120 @@ def test_last_checked_reads_like_a_person_would_say_it() -> None:
     assert ago((now - timedelta(days=2)).isoformat(), now) == "2 d ago"
 
 
-def test_serve_prints_a_one_time_login_link_that_signs_in(fresh_db: str) -> None:
+def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """``integrations serve --port 0 ARGS...`` and the login link it prints."""
     import re
     import time
 
-    import httpx
-
     proc = subprocess.Popen(
-        [SCRIPT, "--dsn", fresh_db, "serve", "--port", "0"],
+        [SCRIPT, *args, "serve", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(),
     )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:\d+/login\?token=\S+", line)
+        if found:
+            return proc, found.group(0)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"no login link printed: {proc.communicate()[1]}")
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        link = None
-        while link is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            found = re.search(r"http://127\.0\.0\.1:\d+/login\?token=\S+", line)
-            link = found.group(0) if found else None
-        assert link is not None, "no login link printed"
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode in (0, 130, -signal.SIGINT), err
+    assert "Traceback" not in err
+    return err
+
+
+def test_serve_prints_a_one_time_login_link_that_signs_in(fresh_db: str) -> None:
+    import httpx
+
+    proc, link = _serve("--dsn", fresh_db)
+    try:
         with httpx.Client(follow_redirects=True) as browser:
             page = browser.get(link)
             assert page.status_code == 200 and "Add connection" in page.text
-            # The token works once: a second browser is refused.
+            # The token works once: a second browser is refused, with a page.
             with httpx.Client(follow_redirects=True) as other:
-                assert other.get(link).status_code in (401, 403)
+                refused = other.get(link)
+                assert refused.status_code == 403
+                assert refused.headers["content-type"].startswith("text/html")
+                assert "already used" in refused.text
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-    assert proc.returncode in (0, 130, -signal.SIGINT), err
-    assert "Traceback" not in err
+        _stop(proc)
+
+
+def test_serve_with_an_owner_signs_in_as_that_owner_only(fresh_db: str) -> None:
+    import httpx
+
+    system = sh(fresh_db, "add", "openai").stdout.strip()
+    other = sh(fresh_db, "add", "openai", "--owner", "user:7").stdout.strip()
+    mine = sh(fresh_db, "add", "openai", "--owner", "user:42").stdout.strip()
+    proc, link = _serve("--dsn", fresh_db, "--owner", "user:42")
+    try:
+        with httpx.Client(follow_redirects=True) as browser:
+            listing = browser.get(link)
+            assert listing.status_code == 200
+            assert "Owner user:42" in listing.text
+            assert mine in listing.text
+            assert system not in listing.text and other not in listing.text
+            base = link.split("/login")[0]
+            assert browser.get(f"{base}/{mine}").status_code == 200
+            for hidden in (system, other):
+                assert browser.get(f"{base}/{hidden}").status_code == 404
+    finally:
+        _stop(proc)
+
+
+def test_a_busy_port_or_an_unwritable_file_is_one_line(fresh_db: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = sh(fresh_db, "serve", "--port", str(port))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in done.stderr
+    env = cli_env(INTEGRATIONS_EXPORT_PASSPHRASE="correct horse battery")
+    target = tmp_path / "missing" / "bundle.json"
+    done = sh(fresh_db, "export", "--out", str(target), env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: no such directory: {target.parent}"
+    target.parent.mkdir()
+    target.parent.chmod(0o500)  # not writable (root writes anyway: then it is written)
+    done = sh(fresh_db, "export", "--out", str(target), env=env)
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["set", "openai", "api_key"], ["remove", "openai"], ["export"]],
+    ids=["secret", "confirmation", "passphrase"],
+)
+def test_ctrl_c_at_a_prompt_ends_the_command_at_once(fresh_db: str, command: list[str]) -> None:
+    sh(fresh_db, "add", "openai")
+    child = pexpect.spawn(SCRIPT, ["--dsn", fresh_db, *command], env=cli_env(), encoding="utf-8")
+    child.expect(["api_key: ", r"\[y/N\]", "Passphrase: "], timeout=30)
+    child.sendintr()
+    child.expect(pexpect.EOF, timeout=10)
+    child.close()
+    assert child.exitstatus == 130, child.before
+    assert "Traceback" not in (child.before or "")
+    assert sh(fresh_db, "show", "openai", "--json").returncode == 0  # nothing removed
 
 
 def test_connections_not_fully_set_up_export_and_import(
@@ -825,3 +902,29 @@ def test_a_narrow_terminal_folds_the_setup_column_instead_of_cutting_it() -> Non
     folded = "".join(line[column:].strip() for line in lines[2:])
     assert folded.replace(" ", "") == setup.replace(" ", "")
     assert "…" not in captured.get()
+
+
+def test_connections_of_a_provider_no_longer_registered_are_still_listed_and_shown(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    spec = tmp_path / "providers.json"
+    spec.write_text(
+        json.dumps(
+            [{"key": "acme", "name": "Acme", "auth_type": "api_key", "api_hosts": ["127.0.0.1"]}]
+        )
+    )
+    uuid = sh(fresh_db, "--providers", str(spec), "add", "acme").stdout.strip()
+    sh(fresh_db, "add", "openai")
+    # Without the application's providers: the stored row is still there to see.
+    listed = json.loads(sh(fresh_db, "list", "--json").stdout)
+    assert [(c["provider"], c["name"]) for c in listed] == [
+        ("acme", "default"),
+        ("openai", "default"),
+    ]
+    assert [c["uuid"] for c in json.loads(sh(fresh_db, "list", "acme", "--json").stdout)] == [
+        uuid
+    ]
+    assert json.loads(sh(fresh_db, "show", "acme", "--json").stdout)["uuid"] == uuid
+    unknown = sh(fresh_db, "list", "acmx")
+    assert unknown.returncode == 2
+    assert "unknown provider 'acmx'" in unknown.stderr

@@ -18,7 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from .._errors import AlreadyExists, MissingExtra
 from .._events import ALL_OWNERS
 from .._integrations import Integrations
-from .._models import Event, RotationProgress
+from .._models import Connection, Event, RotationProgress
+from .._names import PROVIDER_KEY_RE
 from .._vault import SECRET_FIELDS, generate_key
 from . import _bundle, _transfer
 from ._support import (
@@ -31,6 +32,7 @@ from ._support import (
     emit_json,
     env_of,
     guard,
+    interruptible,
     json_option,
     late_options,
     new_table,
@@ -134,13 +136,10 @@ def list_(ctx: click.Context, provider: str | None) -> None:
 
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
-            keys = (
-                [provider_key(integ, provider)]
-                if provider
-                else [p.key for p in integ.list_providers()]
-            )
-            found = await integ.load_all_connections(keys, owner=env.owner)
-        connections = [c for key in keys for c in found[key]]
+            if provider:
+                connections = await _provider_connections(integ, provider, env.owner)
+            else:
+                connections = await _all_connections(integ, env.owner)
         if env.json:
             emit_json([connection_json(c) for c in connections])
             return
@@ -159,6 +158,34 @@ def list_(ctx: click.Context, provider: str | None) -> None:
         print_table(table)
 
     run(ctx, work)
+
+
+async def _provider_connections(
+    integ: Integrations, provider: str, owner: str | None
+) -> list[Connection]:
+    """A provider's connections; one that is not registered (any more) lists what is
+    stored, and is an unknown provider only when nothing is."""
+    if provider in integ.providers or not PROVIDER_KEY_RE.fullmatch(provider):
+        return await integ.list_connections(provider_key(integ, provider), owner=owner)
+    stored = await integ.list_connections(provider, owner=owner)
+    if not stored:
+        provider_key(integ, provider)  # raises: unknown provider, with suggestions
+    return stored
+
+
+async def _all_connections(integ: Integrations, owner: str | None) -> list[Connection]:
+    """Every connection of ``owner``'s scope, registered provider or not: by provider,
+    then "default" first and by name."""
+    found: list[Connection] = []
+    after = None
+    while True:
+        page = await integ.list_page(owner=owner, limit=500, after=after)
+        found.extend(page.items)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    found.sort(key=lambda c: (c.provider, c.name != "default", c.name))
+    return found
 
 
 @cli.command()
@@ -241,7 +268,8 @@ def rename(ctx: click.Context, ref: str, new_name: str) -> None:
 
 def _confirmed(question: str) -> bool:
     try:
-        return click.confirm(question, default=False, err=True)
+        with interruptible():
+            return click.confirm(question, default=False, err=True)
     except click.Abort:
         # Standard input ended without an answer (no terminal, nothing piped).
         click.echo(file=sys.stderr)
@@ -360,7 +388,8 @@ def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
                     USAGE,
                 )
             try:
-                attrs[field] = click.prompt(f"{field}", hide_input=True, err=True)
+                with interruptible():
+                    attrs[field] = click.prompt(f"{field}", hide_input=True, err=True)
             except click.Abort:
                 click.echo(file=sys.stderr)
                 raise Fail(f"no value was typed for {field}; nothing saved", FAILED) from None
@@ -643,7 +672,10 @@ def _passphrase(confirm: bool) -> str:
         return given
     if not sys.stdin.isatty():
         raise Fail(f"no terminal to ask for the passphrase: set {PASSPHRASE_ENV}", USAGE)
-    value: str = click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+    with interruptible():
+        value: str = click.prompt(
+            "Passphrase", hide_input=True, confirmation_prompt=confirm, err=True
+        )
     if not value:
         raise Fail("the passphrase must not be empty", USAGE)
     return value
@@ -657,6 +689,10 @@ def _passphrase(confirm: bool) -> str:
 def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
     """Export connections (of --owner's scope) as a passphrase-encrypted bundle."""
     env = env_of(ctx)
+    if out and not Path(out).parent.is_dir():
+        # Before any prompt or read: there is nowhere to write the bundle.
+        stderr(f"error: no such directory: {Path(out).parent}")
+        raise SystemExit(FAILED)
     passphrase = None if decrypted else guard(lambda: _passphrase(confirm=True))
 
     async def work(env: Env) -> dict[str, Any]:
@@ -674,11 +710,7 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
     text = json.dumps(bundle, indent=2, ensure_ascii=False) + "\n"
     if out:
         path = Path(out)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        # An existing file keeps its mode through O_CREAT: narrow it before writing.
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        guard(lambda: _write_private(path, text))
         summary = {"exported": count, "out": str(path), "encrypted": not decrypted}
         if env.json:
             emit_json(summary)
@@ -688,6 +720,14 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
     else:
         click.echo(text, nl=False)
         stderr(f"exported {count} connection(s)")
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # An existing file keeps its mode through O_CREAT: narrow it before writing.
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 @cli.command("import")
@@ -880,7 +920,8 @@ def _line(check: str, ok: bool, detail: str, hint: str = "") -> dict[str, Any]:
 )
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int) -> None:
-    """Run the web console; prints a one-time login link."""
+    """Run the web console; prints a one-time login link (the administrator's, or with
+    --owner that owner's: the console then shows and changes only its connections)."""
     try:
         import importlib
 
@@ -896,7 +937,8 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
 
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
-            await web.serve(integ, host=host, port=port)
+            # With --owner the console works through that owner's handle only.
+            await web.serve(integ, host=host, port=port, owner=env.owner)
 
     try:
         run(ctx, work)

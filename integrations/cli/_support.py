@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import importlib
 import json
 import logging
+import signal
 import sys
 import traceback
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -200,6 +202,29 @@ def _error_code(exc: IntegrationsError) -> int:
     return USAGE if isinstance(exc, InvalidInput) else FAILED
 
 
+class Interrupted(BaseException):
+    """Ctrl-C at a prompt (click turns a KeyboardInterrupt there into an Abort)."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Around a blocking prompt inside the event loop: Ctrl-C ends the command at once
+    (asyncio's own handler would only cancel the task, which a blocked read never sees)."""
+
+    def on_sigint(_signum: int, _frame: object) -> None:
+        raise Interrupted()
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: nothing to replace
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(ctx: click.Context, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
     """Run a command's coroutine; library errors become one line on stderr and an exit code."""
     env = env_of(ctx)
@@ -215,12 +240,38 @@ def run(ctx: click.Context, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
         _fail(env, exc, f"database{where}: {_cli_advice(exc.message)}", FAILED)
     except IntegrationsError as exc:
         _fail(env, exc, f"{_cli_advice(exc.message)} ({exc.code})", _error_code(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
+        click.echo(file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as exc:
+        # A file that cannot be written or read, an address already in use, ...
+        _fail(env, exc, _os_reason(exc), FAILED)
+
+
+def _os_reason(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {exc.filename}" if exc.filename else reason
 
 
 # Advice the library gives a Python caller, and what an operator at a terminal does instead.
 _CLI_ADVICE = (
+    # Whole sentences first, so that no advice is given twice once rewritten.
+    (
+        "pass keys= (a key from integrations.generate_key()) or set INTEGRATIONS_KEYS, or "
+        'pass encryption="off" to store secrets in plain text',
+        "set INTEGRATIONS_KEYS to a key from `integrations keys generate`",
+    ),
+    (
+        "pass keys= (the new primary first, then the old ones) or set INTEGRATIONS_KEYS",
+        "set INTEGRATIONS_KEYS (the new primary first, then the old ones)",
+    ),
+    ("rotate_keys()", "`integrations keys rotate`"),
+    (
+        "integ.list_providers() lists the registered ones; "
+        "Integrations(providers=[...]) adds your own.",
+        "`integrations providers` lists the registered ones; --providers adds your own.",
+    ),
+    ("register it with Integrations(providers=[...])", "give it with --providers"),
     ("integrations.generate_key()", "`integrations keys generate`"),
     ("pass keys=", "set INTEGRATIONS_KEYS"),
     ("Pass keys=", "Set INTEGRATIONS_KEYS"),
@@ -269,6 +320,12 @@ def guard(make: Callable[[], T]) -> T:
     except IntegrationsError as exc:
         stderr(f"error: {exc.message} ({exc.code})")
         raise SystemExit(_error_code(exc)) from None
+    except OSError as exc:
+        stderr(f"error: {_os_reason(exc)}")
+        raise SystemExit(FAILED) from None
+    except Interrupted:
+        click.echo(file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _fail(env: Env, exc: BaseException, message: str, code: int) -> NoReturn:
@@ -294,7 +351,12 @@ async def resolve(integ: Integrations, env: Env, ref: str) -> str:
         provider = ref.partition(":")[0].strip()
         if not PROVIDER_KEY_RE.fullmatch(provider):
             raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE)
-        provider_key(integ, provider)
+        if provider not in integ.providers:
+            # Rows outlive their provider's registration: what is stored is still found.
+            try:
+                return await integ.resolve_to_uuid(ref, owner=env.owner)
+            except IntegrationsError:
+                provider_key(integ, provider)  # an unknown provider, with suggestions
     try:
         if env.owner is None:
             return await integ.resolve_to_uuid(ref)

@@ -434,7 +434,8 @@ class _Console:
         except _MISSING:
             raise
         except IntegrationsError as exc:
-            return await self._connection_page(request, ctx, error=exc.message, status=400)
+            status = 409 if isinstance(exc, AlreadyExists) else 400
+            return await self._connection_page(request, ctx, error=exc.message, status=status)
         return self._redirect(request, "connection", done, uuid=conn.uuid)
 
     async def save(self, request: Request, ctx: _Context) -> Response:

@@ -19,16 +19,18 @@ from starlette.routing import Mount, Route
 from .._integrations import Integrations
 from ._app import console
 from ._security import SecurityHeaders, set_cookie
-from ._viewer import Admin
+from ._viewer import Admin, Owner, Viewer
 
 SESSION_COOKIE = "integrations_session"
 
 
 class LoginLink:
-    """A random token good for one login; each login gets a random session id in a cookie."""
+    """A random token good for one login; each login gets a random session id in a cookie,
+    and is signed in as ``viewer`` (the administrator unless told otherwise)."""
 
-    def __init__(self) -> None:
+    def __init__(self, viewer: Viewer | None = None) -> None:
         self.token: str | None = secrets.token_urlsafe(32)
+        self.viewer: Viewer = viewer if viewer is not None else Admin()
         self._sessions: set[str] = set()
 
     def exchange(self, token: str) -> str | None:
@@ -41,24 +43,24 @@ class LoginLink:
         self._sessions.add(session)
         return session
 
-    def authorize(self, request: Request) -> Admin | None:
+    def authorize(self, request: Request) -> Viewer | None:
         session = request.cookies.get(SESSION_COOKIE)
-        return Admin() if session is not None and session in self._sessions else None
+        return self.viewer if session is not None and session in self._sessions else None
 
 
 def standalone_app(
     integ: Integrations, link: LoginLink, *, secret: str | bytes | None = None
 ) -> Starlette:
-    """The console at ``/`` plus ``/login?token=...``, signed in as the administrator."""
+    """The console at ``/`` plus ``/login?token=...``, signed in as ``link.viewer``."""
     inner = console(integ, authorize=link.authorize, secret=secret)
 
     async def login(request: Request) -> Response:
         session = link.exchange(request.query_params.get("token", ""))
         if session is None:
-            return Response(
+            return inner.state.console.error_page(  # type: ignore[no-any-return]
+                request,
+                403,
                 "This login link is wrong or was already used. Restart the server for a new one.",
-                status_code=403,
-                media_type="text/plain",
             )
         response = RedirectResponse("/", 303)
         set_cookie(response, request, SESSION_COOKIE, session, path="/")
@@ -87,16 +89,18 @@ async def serve(
     out: TextIO | None = None,
     on_ready: Callable[[str], None] | None = None,
     secret: str | bytes | None = None,
+    owner: str | None = None,
 ) -> None:
     """Serve the console until cancelled (or interrupted), printing a one-time login link.
 
     The link ``http://127.0.0.1:PORT/login?token=...`` goes to ``out`` (standard output by
     default) and to ``on_ready``; opening it sets an HttpOnly, SameSite=Strict session
-    cookie. ``port=0`` picks a free port.
+    cookie. ``port=0`` picks a free port. The login is the administrator's, or with
+    ``owner`` that owner's: the console then works through ``integ.for_owner(owner)``.
     """
     import uvicorn
 
-    link = LoginLink()
+    link = LoginLink(Owner(owner) if owner is not None else None)
     app = standalone_app(integ, link, secret=secret)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -105,9 +109,10 @@ async def serve(
         sock.bind((host, port))
         sock.listen(128)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from exc
     bound_port = sock.getsockname()[1]
     url = f"http://{_display_host(host, bound_port)}/login?token={link.token}"
     config = uvicorn.Config(
