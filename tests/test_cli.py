@@ -921,9 +921,7 @@ def test_connections_of_a_provider_no_longer_registered_are_still_listed_and_sho
         ("acme", "default"),
         ("openai", "default"),
     ]
-    assert [c["uuid"] for c in json.loads(sh(fresh_db, "list", "acme", "--json").stdout)] == [
-        uuid
-    ]
+    assert [c["uuid"] for c in json.loads(sh(fresh_db, "list", "acme", "--json").stdout)] == [uuid]
     assert json.loads(sh(fresh_db, "show", "acme", "--json").stdout)["uuid"] == uuid
     unknown = sh(fresh_db, "list", "acmx")
     assert unknown.returncode == 2
