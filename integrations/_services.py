@@ -14,7 +14,7 @@ from ._connections import Connections, check_scope
 from ._core import Core
 from ._events import OwnerScope, Subscription
 from ._http import Response
-from ._models import Connection
+from ._models import Connection, utcnow
 from ._requests import Requests
 from ._rotation import ProgressCallback, RotationProgress, rotate
 from ._tokens import Refresher
@@ -134,8 +134,10 @@ class Services:
         return await self.tokens.access_token(row, self.core.require_provider(row))
 
     async def refresh_access_token(self, uuid: object, owner: OwnerScope) -> str:
+        # Before the read: a token obtained while the row was being read is new enough.
+        began = utcnow()
         row = await self.connections.require(uuid, owner)
-        return await self.tokens.refresh(row, self.core.require_provider(row))
+        return await self.tokens.refresh(row, self.core.require_provider(row), began=began)
 
     async def begin_authorization(
         self,

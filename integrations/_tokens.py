@@ -291,14 +291,18 @@ class Refresher:
             raise held
         return await self._coalesced(row.uuid, _Seen.of(token, row), "expiring")
 
-    async def refresh(self, row: StoredRow, provider: Provider) -> str:
-        """A new access token, whatever the old one's expiry or a recorded failure."""
+    async def refresh(
+        self, row: StoredRow, provider: Provider, *, began: datetime | None = None
+    ) -> str:
+        """A new access token, whatever the old one's expiry or a recorded failure: one
+        obtained after ``began`` (when the caller's call began, before it read ``row``;
+        now by default), so that calls overlapping a token request share it."""
         _check_oauth(provider)
         plain = self._plain(row, provider)
         token = _text(plain.get("access_token"))
         if _nothing_to_refresh(provider, plain):
             raise NotConnected()
-        return await self._coalesced(row.uuid, _Seen.of(token, row), "force")
+        return await self._coalesced(row.uuid, _Seen.of(token, row), "force", began)
 
     async def after_rejection(self, row: StoredRow, rejected: str) -> str:
         """The token to retry with after the API answered 401 to ``rejected``."""
@@ -309,8 +313,11 @@ class Refresher:
 
     # -- single flight --------------------------------------------------------------------
 
-    async def _coalesced(self, uuid: str, seen: _Seen, mode: Mode) -> str:
-        since = utcnow()
+    async def _coalesced(
+        self, uuid: str, seen: _Seen, mode: Mode, since: datetime | None = None
+    ) -> str:
+        if since is None:
+            since = utcnow()
         unstored = self._unstored.get(uuid)
         while unstored is not None:
             # Newer than the row: its write is still being retried.

@@ -283,3 +283,35 @@ async def test_by_default_a_token_request_that_timed_out_is_retried(
         assert _refreshes(server) == 2
         stored = await integ.get_integration_by_uuid(uuid)
         assert (stored.status, stored.reauth_required) == ("connected", False)
+
+
+async def test_a_forced_refresh_whose_read_overlaps_another_processs_refresh_shares_it(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call begins, then its row read is slow; meanwhile another process refreshes.
+    That token was obtained after the call began: the call takes it, sending nothing."""
+    from integrations._connections import Connections
+
+    async with (
+        open_integrations(fresh_db, server.base_url) as slow,
+        open_integrations(fresh_db, server.base_url) as other,
+    ):
+        uuid = await connect(slow)
+        before = await slow.get_credentials(uuid)
+        reading, release = asyncio.Event(), asyncio.Event()
+        require = Connections.require
+        slow_connections = slow._s.connections
+
+        async def slow_read(self: Connections, *args: object, **kwargs: object) -> object:
+            if self is slow_connections:
+                reading.set()
+                await release.wait()
+            return await require(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Connections, "require", slow_read)
+        call = asyncio.create_task(slow.refresh_access_token(uuid))
+        await reading.wait()
+        fresh = await other.refresh_access_token(uuid)
+        release.set()
+        assert await call == fresh != before["access_token"]
+        assert _refreshes(server) == 1
