@@ -238,9 +238,12 @@ class CachedRepository(Repository):
         decide: Callable[[StoredRow | None, datetime | None], tuple[Change, T]],
         *,
         lock_timeout: float,
+        idle_timeout: float,
     ) -> T:
         try:
-            return await super().modify_clocked(uuid, decide, lock_timeout=lock_timeout)
+            return await super().modify_clocked(
+                uuid, decide, lock_timeout=lock_timeout, idle_timeout=idle_timeout
+            )
         finally:
             self.cache.rows_changed((uuid,))
 

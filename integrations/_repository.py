@@ -499,16 +499,19 @@ class Repository:
         decide: Callable[[StoredRow | None, datetime | None], tuple[Change, T]],
         *,
         lock_timeout: float,
+        idle_timeout: float,
     ) -> T:
         """Like :meth:`modify` in a short transaction that waits at most ``lock_timeout``
         seconds for the row lock (LockTimeout), and hands ``decide`` the server's clock
-        too (None with the row). Refresh leases are taken, renewed and ended with it."""
+        too (None with the row). Refresh leases are taken, renewed and ended with it.
+
+        The transaction sends its statements back to back: a client that leaves it idle
+        for ``idle_timeout`` seconds has stalled (frozen, stopped), and the server ends
+        its session, releasing the row lock for everyone else."""
         key = _uuid.UUID(uuid)
         async with self._acquire(lock_timeout=lock_timeout) as conn, conn.transaction():
             await conn.execute(
-                self.q.set_refresh_timeouts,
-                _millis(lock_timeout),
-                _millis(max(2 * lock_timeout, 5.0)),
+                self.q.set_refresh_timeouts, _millis(lock_timeout), _millis(idle_timeout)
             )
             record = await conn.fetchrow(self.q.lock_by_uuid_clocked, key)
             row = None if record is None else _row(record)

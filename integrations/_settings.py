@@ -70,6 +70,13 @@ class TokenPolicy:
         return self.cooldown * 60
 
     @property
+    def stall_after(self) -> float:
+        """Seconds a lease transaction may sit idle before the server ends it: its
+        statements go back to back, so a longer pause means a stalled (frozen) client,
+        whose row lock must not hold the others up for longer than its lease."""
+        return max(1.0, min(5.0, self.lease))
+
+    @property
     def budget(self) -> float:
         """The longest one refresh may take from its first token request: every attempt
         times out, every wait maxed. The row lock's idle timeout is set to it."""

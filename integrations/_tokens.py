@@ -416,7 +416,7 @@ class Refresher:
         policy = self.policy
         try:
             return await self._core.repo.modify_clocked(
-                uuid, decide, lock_timeout=policy.lock_timeout
+                uuid, decide, lock_timeout=policy.lock_timeout, idle_timeout=policy.stall_after
             )
         except LockTimeout as exc:
             raise TokenRequestFailed(
@@ -562,14 +562,21 @@ class Refresher:
         # Still ours (renewed by the same look)? A process that stopped between taking the
         # lease and sending may have been taken over: the refresh token it holds may be
         # spent by now, and sending it would cost the grant at a strict provider.
-        if not await self._in_row(uuid, partial(self._renewed, lease)):
-            log.info(
-                "the refresh lease of connection %s was taken over before its request went "
-                "out; using what the process that took it stores",
-                uuid,
-                extra=telemetry.fields("refresh_lease_fenced_out", uuid=uuid),
-            )
-            return await self._run(uuid, flight)
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            if not await self._in_row(uuid, partial(self._renewed, lease)):
+                log.info(
+                    "the refresh lease of connection %s was taken over before its request "
+                    "went out; using what the process that took it stores",
+                    uuid,
+                    extra=telemetry.fields("refresh_lease_fenced_out", uuid=uuid),
+                )
+                return await self._run(uuid, flight)
+            if loop.time() - started < self.policy.lease / 3:
+                break
+            # The process stalled (frozen, paused) while confirming: the answer may be
+            # stale by now, and the request would go out right after it. Look again.
         if step.taken_from is not None:
             log.warning(
                 "took over the refresh lease of connection %s: its holder (%s) did not write "
@@ -624,7 +631,10 @@ class Refresher:
             await asyncio.sleep(every)
             try:
                 kept = await self._core.repo.modify_clocked(
-                    lease.uuid, partial(self._renewed, lease), lock_timeout=every
+                    lease.uuid,
+                    partial(self._renewed, lease),
+                    lock_timeout=every,
+                    idle_timeout=self.policy.stall_after,
                 )
             except IntegrationsError as exc:
                 log.debug(

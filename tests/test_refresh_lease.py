@@ -10,6 +10,7 @@ import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -315,3 +316,60 @@ async def test_a_forced_refresh_whose_read_overlaps_another_processs_refresh_sha
         release.set()
         assert await call == fresh != before["access_token"]
         assert _refreshes(server) == 1
+
+
+async def test_a_holder_that_stalls_while_confirming_its_lease_looks_again_before_sending(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen right after the database confirmed the lease, before the request went out:
+    on resuming, the long pause makes it look again, and it finds itself taken over."""
+    from integrations._tokens import Refresher
+
+    async with (
+        open_integrations(fresh_db, server.base_url, refresh_lease=1) as holder,
+        open_integrations(fresh_db, server.base_url, refresh_lease=1) as taker,
+    ):
+        uuid = await connect(holder)
+        in_row = Refresher._in_row
+        stalled = holder._s.tokens
+        stalls: list[float] = []
+
+        async def in_row_then_stall(self: Refresher, uuid: str, decide: Any) -> Any:
+            result = await in_row(self, uuid, decide)
+            renewal = getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
+            if self is stalled and renewal and not stalls:
+                stalls.append(2.0)
+                await asyncio.sleep(2.0)  # the lease runs out meanwhile
+            return result
+
+        monkeypatch.setattr(Refresher, "_in_row", in_row_then_stall)
+        late = asyncio.create_task(holder.refresh_access_token(uuid))
+        await asyncio.sleep(1.3)
+        fresh = await taker.refresh_access_token(uuid)
+        assert await late == fresh
+        assert stalls == [2.0]
+        assert _refreshes(server) == 1
+        assert server.stats.refresh_reuse_detected == 0
+
+
+async def test_a_lease_transaction_left_idle_is_ended_by_the_server(
+    fresh_db: str, server: OAuthTestServer
+) -> None:
+    """A holder frozen inside one of its short transactions does not keep the row lock:
+    the server ends the idle session after ``stall_after`` (the lease or 5 s)."""
+    from integrations import StorageError
+    from integrations._record import Change
+
+    async with open_integrations(fresh_db, server.base_url, refresh_lease=1) as integ:
+        uuid = await connect(integ)
+        tokens = integ._s.tokens
+        assert tokens.policy.stall_after == 1.0
+
+        def frozen(row: Any, now: Any) -> tuple[Change, None]:
+            time.sleep(1.6)  # the whole process stalls inside the transaction
+            return Change({**row.data, "note": "written"}), None
+
+        with pytest.raises(StorageError):
+            await tokens._in_row(uuid, frozen)
+        stored = await integ.get_integration(uuid, fresh=True)
+        assert "note" not in stored
