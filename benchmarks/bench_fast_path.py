@@ -10,6 +10,7 @@ table size, and the memory of 100k cached rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -295,52 +297,43 @@ async def lag(dsn: str, key: str, count: int = 300) -> dict[str, float]:
 
 
 async def listings(dsn: str, key: str) -> dict[str, float]:
-    """list_connections (10 rows of one provider) and list_page(limit=50) as the table
-    grows from 1k to 100k rows of 50 providers and many owners."""
+    """list_connections (10 rows of one provider) and list_page(limit=50) on tables of 1k,
+    10k and 100k rows of 50 providers and many owners: one schema per size, measured call
+    by call in turn, so that the machine's drift hits every size alike."""
+    sizes = (1_000, 10_000, 100_000)
     out: dict[str, float] = {}
-    async with Integrations(dsn, keys=key) as integ:
+    async with contextlib.AsyncExitStack() as stack:
         db = await asyncpg.connect(dsn)
-        try:
+        stack.push_async_callback(db.close)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {}
+        for size in sizes:
+            schema = f"bench_list_{size}"
+            integ = await stack.enter_async_context(Integrations(dsn, keys=key, schema=schema))
             for name in range(10):
                 await integ.add_connection("openai", f"n{name}")
-            have = 10
-            for size in (1_000, 10_000, 100_000):
-                await db.execute(
-                    """INSERT INTO integrations.connections (uuid, owner, key, value_json)
-                       SELECT gen_random_uuid(),
-                              CASE WHEN i % 3 = 0 THEN '' ELSE 'user:' || (i % 7919) END,
-                              'integration:p' || (i % 50) || ':n' || i,
-                              '{"status": "connected"}'
-                       FROM generate_series($1::int, $2::int) AS i""",
-                    have,
-                    size - 1,
-                )
-                have = size
-                await db.execute("ANALYZE integrations.connections")
-
-                async def one_provider() -> object:
-                    return await integ.list_connections("openai")
-
-                async def page() -> object:
-                    return await integ.list_page(limit=50, after="integration:p2")
-
-                m = await interleaved_medians(
-                    {"list": one_provider, "page": page}, rounds=300, warmup=30
-                )
-                out[f"list_{size}_us"] = m["list"] * 1e6
-                out[f"page_{size}_us"] = m["page"] * 1e6
-                print(
-                    f"  {size:>7,} rows: list_connections (10 rows) {m['list'] * 1e6:8.1f} µs, "
-                    f"list_page(limit=50) {m['page'] * 1e6:8.1f} µs"
-                )
-        finally:
-            await db.close()
-    out["list_spread"] = max(out[f"list_{s}_us"] for s in (1_000, 10_000, 100_000)) / min(
-        out[f"list_{s}_us"] for s in (1_000, 10_000, 100_000)
-    )
-    out["page_spread"] = max(out[f"page_{s}_us"] for s in (1_000, 10_000, 100_000)) / min(
-        out[f"page_{s}_us"] for s in (1_000, 10_000, 100_000)
-    )
+            await db.execute(
+                f"""INSERT INTO {schema}.connections (uuid, owner, key, value_json)
+                    SELECT gen_random_uuid(),
+                           CASE WHEN i % 3 = 0 THEN '' ELSE 'user:' || (i % 7919) END,
+                           'integration:p' || (i % 50) || ':n' || i,
+                           '{{"status": "connected"}}'
+                    FROM generate_series(10, $1::int - 1) AS i""",
+                size,
+            )
+            await db.execute(f"ANALYZE {schema}.connections")
+            calls[f"list_{size}"] = partial(integ.list_connections, "openai")
+            calls[f"page_{size}"] = partial(integ.list_page, limit=50, after="integration:p2")
+        m = await interleaved_medians(calls, rounds=300, warmup=30)
+    for size in sizes:
+        out[f"list_{size}_us"] = m[f"list_{size}"] * 1e6
+        out[f"page_{size}_us"] = m[f"page_{size}"] * 1e6
+        print(
+            f"  {size:>7,} rows: list_connections (10 rows) {m[f'list_{size}'] * 1e6:8.1f} µs, "
+            f"list_page(limit=50) {m[f'page_{size}'] * 1e6:8.1f} µs"
+        )
+    for what in ("list", "page"):
+        values = [out[f"{what}_{s}_us"] for s in sizes]
+        out[f"{what}_spread"] = max(values) / min(values)
     return out
 
 

@@ -127,8 +127,9 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "",
         "## Listings",
         "",
-        "`list_connections` of one provider (10 rows) and `list_page(limit=50)`, as the table "
-        "grows (50 providers, many owners):",
+        "`list_connections` of one provider (10 rows) and `list_page(limit=50)` on tables of "
+        "each size (50 providers, many owners; one schema per size, the sizes measured call "
+        "by call in turn):",
         "",
         "| rows in the table | " + " | ".join(f"{n:,}" for n in list_sizes) + " | spread |",
         "|---|" + "---|" * (len(list_sizes) + 1),
