@@ -46,7 +46,7 @@ from ._errors import (
 from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
 from ._http import AuthKind, Response, bot_url, register_auth_kind
 from ._integrations import Integrations
-from ._models import Connection, Event, Page, RotationProgress, Validation
+from ._models import Connection, ConnectionList, Event, Page, RotationProgress, Validation
 from ._names import settings_key
 from ._owner import OwnerHandle
 from ._probes import register_check
@@ -76,6 +76,7 @@ __all__ = [
     "CheckReport",
     "ConfigurationError",
     "Connection",
+    "ConnectionList",
     "CryptoError",
     "DecryptionFailed",
     "Deleted",

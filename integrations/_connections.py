@@ -20,7 +20,7 @@ from ._errors import (
     NotFound,
 )
 from ._events import ALL_OWNERS, OwnerScope
-from ._models import Connection, Page, utcnow
+from ._models import Connection, ConnectionList, Page, utcnow
 from ._providers import Provider, unknown_provider_message
 from ._record import Change, StoredRow
 from ._tokens import imported_token_set
@@ -215,19 +215,63 @@ class Connections:
             connections.sort(key=lambda c: (c.owner or "", c.name != names.DEFAULT_NAME, c.name))
         return result
 
-    async def list_integrations(self, owner: str | None) -> list[Connection]:
+    async def list_integrations(
+        self, owner: str | None, *, limit: object = None, after: object = None
+    ) -> ConnectionList:
+        """Connections with saved data. Without ``limit``: all of them, by provider, then
+        "default" first and by name. With ``limit``: at most that many, in storage-key
+        order after ``after`` (the ``next_after`` of the page before, or the uuid of its
+        last connection), each page a few index range scans."""
         owner = names.check_owner(owner)
-        found: list[Connection] = []
-        after = ""
+        if limit is None:
+            if after is not None:
+                raise InvalidInput("after= pages a listing: give limit= too.", field="after")
+            everything = [c for _, c in await self._saved(owner, "", None)]
+            everything.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
+            return ConnectionList(everything)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(
+                f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}.", field="limit"
+            )
+        start = await self._after_key(owner, after)
+        found = await self._saved(owner, start, limit + 1)
+        page = found[:limit]
+        return ConnectionList(
+            (c for _, c in page), next_after=page[-1][0] if len(found) > limit else None
+        )
+
+    async def _saved(
+        self, owner: str | None, after: str, wanted: int | None
+    ) -> list[tuple[str, Connection]]:
+        """Connections with saved data after key ``after`` with their keys, in key order
+        (``wanted`` at most)."""
+        found: list[tuple[str, Connection]] = []
         # Keyset pages in index order: the database never sorts, whatever the row count.
         while True:
             rows = await self._core.repo.list_page(owner, names.KEY_PREFIX, after, _SCAN_PAGE)
-            found.extend(self._core.connection(r) for r in rows if record.has_saved_data(r.data))
+            for row in rows:
+                if record.has_saved_data(row.data):
+                    found.append((row.key, self._core.connection(row)))
+                    if wanted is not None and len(found) >= wanted:
+                        return found
             if len(rows) < _SCAN_PAGE:
-                break
+                return found
             after = rows[-1].key
-        found.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
-        return found
+
+    async def _after_key(self, owner: str | None, after: object) -> str:
+        if after is None:
+            return ""
+        if _page_mark(after, names.KEY_PREFIX):
+            return after
+        as_uuid = names.parse_uuid(after)
+        row = None if as_uuid is None else await self.row(as_uuid, owner)
+        if row is None:
+            raise InvalidInput(
+                "after must be the next_after of an earlier page, or the uuid of the last "
+                f"connection on it; got {names.shown(after)}.",
+                field="after",
+            )
+        return row.key
 
     async def page(
         self, *, owner: str | None, provider: str | None, limit: object, after: object

@@ -24,7 +24,7 @@ from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import Connection, Page, Validation
+from ._models import Connection, ConnectionList, Page, Validation
 from ._owner import OwnerHandle, Ref
 from ._providers import Provider
 from ._registry import ProviderRegistry
@@ -345,9 +345,15 @@ class Integrations:
         ``owner=ALL_OWNERS`` gives every owner's (system connections first in each list)."""
         return await self._s.connections.load_all(providers, owner)
 
-    async def list_integrations(self, *, owner: str | None = None) -> list[Connection]:
-        """Connections that have saved data (setup or credentials), by provider then name."""
-        return await self._s.connections.list_integrations(owner)
+    async def list_integrations(
+        self, *, owner: str | None = None, limit: int | None = None, after: str | None = None
+    ) -> ConnectionList:
+        """Connections that have saved data (setup or credentials), by provider then name.
+
+        With ``limit``, one page of at most that many in storage-key order: pass the
+        result's ``next_after`` (or the uuid of its last connection) as ``after`` for the
+        next page; ``next_after`` is None on the last one."""
+        return await self._s.connections.list_integrations(owner, limit=limit, after=after)
 
     async def list_page(
         self,

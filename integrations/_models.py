@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -78,6 +78,20 @@ class Page:
 
     items: list[Connection]
     next_after: str | None
+
+
+class ConnectionList(list[Connection]):
+    """A list of connections that may be one page of a longer listing: ``next_after`` is
+    the ``after=`` that gives the next page (None when there is no more)."""
+
+    def __init__(self, items: Iterable[Connection] = (), next_after: str | None = None) -> None:
+        super().__init__(items)
+        self.next_after = next_after
+
+    @property
+    def items(self) -> list[Connection]:
+        """The connections, as :class:`Page` names them."""
+        return list(self)
 
 
 def ago(value: object, now: datetime | None = None, *, seconds: bool = False) -> str:

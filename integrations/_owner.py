@@ -8,7 +8,7 @@ from typing import Any
 
 from ._events import Subscription
 from ._http import Response
-from ._models import Connection, Page, Validation
+from ._models import Connection, ConnectionList, Page, Validation
 from ._providers import Provider
 from ._services import Services
 
@@ -61,8 +61,12 @@ class OwnerHandle:
     async def load_all_connections(self, providers: Iterable[str]) -> dict[str, list[Connection]]:
         return await self._services().connections.load_all(providers, self.owner)
 
-    async def list_integrations(self) -> list[Connection]:
-        return await self._services().connections.list_integrations(self.owner)
+    async def list_integrations(
+        self, *, limit: int | None = None, after: str | None = None
+    ) -> ConnectionList:
+        return await self._services().connections.list_integrations(
+            self.owner, limit=limit, after=after
+        )
 
     async def list_page(
         self, *, provider: str | None = None, limit: int = 50, after: str | None = None

@@ -155,3 +155,26 @@ async def test_checks_of_a_provider_no_longer_registered(integ: Integrations) ->
     assert len(await integ.check_all(provider="retired", owner=ALL_OWNERS)) == 0
     with pytest.raises(InvalidInput):
         await integ.check_all(provider="Not A Key")
+
+
+async def test_list_integrations_pages_by_keyset(integ: Integrations) -> None:
+    saved = []
+    for name in ("a", "b", "c", "d", "e"):
+        conn = await integ.add_connection("openai", name)
+        await integ.save_setup(conn.uuid, {"api_key": f"sk-{name}-0123456789"})
+        saved.append(conn.uuid)
+    await integ.add_connection("openai", "empty")  # nothing saved: never listed
+    whole = await integ.list_integrations()
+    assert [c.uuid for c in whole] == saved and whole.next_after is None
+    first = await integ.list_integrations(limit=2)
+    assert [c.uuid for c in first] == saved[:2] and first.next_after is not None
+    second = await integ.list_integrations(limit=2, after=first.next_after)
+    assert [c.uuid for c in second.items] == saved[2:4]
+    # The uuid of a page's last connection works as well as its next_after.
+    by_uuid = await integ.list_integrations(limit=2, after=second[-1].uuid)
+    assert [c.uuid for c in by_uuid] == saved[4:] and by_uuid.next_after is None
+    for bad in ({"limit": 0}, {"limit": True}, {"after": "x"}, {"limit": 2, "after": "x"}):
+        with pytest.raises(InvalidInput):
+            await integ.list_integrations(**bad)  # type: ignore[arg-type]
+    handle = integ.for_owner("user:1")
+    assert await handle.list_integrations(limit=2) == []
