@@ -136,6 +136,8 @@ class RowCache:
 
     def rows_changed(self, uuids: Sequence[str] | None) -> None:
         self._epoch += 1
+        if not self.enabled:
+            return  # nothing held, nothing invalidated
         self.invalidations += 1
         if uuids is None:
             self._clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeGuard
 
@@ -13,6 +15,7 @@ from ._errors import (
     AlreadyExists,
     Deleted,
     InvalidAttrs,
+    InvalidField,
     InvalidInput,
     InvalidProviderKey,
     MissingField,
@@ -24,6 +27,7 @@ from ._models import Connection, ConnectionList, Page, utcnow
 from ._providers import Provider, unknown_provider_message
 from ._record import Change, StoredRow
 from ._tokens import imported_token_set
+from ._vault import SECRET_FIELDS
 
 __all__ = ["MAX_PAGE", "Connections", "check_scope"]
 
@@ -382,6 +386,7 @@ class Connections:
         provider = self._core.providers.get(current.provider)
         patch = provider.normalize_attrs(attrs, max_bytes=self._core.settings.max_attrs_bytes)
         _refuse_managed(patch)
+        _refuse_unknown_secrets(provider, patch)
         sealed = self._core.seal(uuid, patch, provider)
 
         def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
@@ -465,6 +470,7 @@ class Connections:
             )
         patch = definition.normalize_attrs(data, max_bytes=self._core.settings.max_attrs_bytes)
         _refuse_managed(patch)
+        _refuse_unknown_secrets(definition, patch)
         key = names.storage_key(definition.key, clean)
         uuid = await self._core.repo.uuid_by_key(owner, key)
         if uuid is None:
@@ -543,6 +549,33 @@ def _refuse_managed(patch: Mapping[str, Any]) -> None:
             f"{', '.join(managed)}. Tokens from another system go through import_tokens().",
             fields=managed,
         )
+
+
+# Names that say "this is a secret": a field so named that the provider does not declare
+# would be stored in plain text (a typo such as "apikey" for "api_key", as a rule).
+_SECRETISH = re.compile(
+    r"secret|passw|pwd|token|credential|api[-_]?key|private[-_]?key|(^|[-_])key$",
+    re.IGNORECASE,
+)
+
+
+def _refuse_unknown_secrets(provider: Provider, patch: Mapping[str, Any]) -> None:
+    if provider.auth_type == "credentials":
+        return  # every value of the freeform map is a secret already
+    known = {f.key for f in provider.setup_fields} | provider.secret_field_keys | SECRET_FIELDS
+    suspect = sorted(k for k in patch if k not in known and _SECRETISH.search(k))
+    if not suspect:
+        return
+    field = suspect[0]
+    close = difflib.get_close_matches(field, sorted(known), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    declared = ", ".join(f.key for f in provider.setup_fields) or "none"
+    raise InvalidField(
+        f"Setup field {names.shown(field)} is not a field of provider {provider.key!r}, and "
+        f"its name says it holds a secret, which would be stored unencrypted.{hint} The "
+        f"provider's setup fields: {declared}.",
+        field=field,
+    )
 
 
 def _describe(value: object) -> str:

@@ -31,6 +31,15 @@ __all__ = [
 
 logger = logging.getLogger("integrations.events")
 
+#: Seconds between checks that the LISTEN connection still answers, and how long an
+#: answer may take: a connection silently cut (no close ever arrives) is found within
+#: their sum, and treated as lost.
+HEARTBEAT_EVERY: Final = 5.0
+HEARTBEAT_TIMEOUT: Final = 5.0
+# The heartbeat's own clock, bound once: the reconnect's backoff is the only waiting
+# that tests replace.
+_beat_sleep = asyncio.sleep
+
 
 class Listener(Protocol):
     """A live LISTEN connection, as handed back by a ``ListenFn``."""
@@ -227,6 +236,7 @@ class EventHub:
         reconnect_initial: float = 0.1,
         reconnect_max: float = 5.0,
         watcher: RowWatcher | None = None,
+        heartbeat: tuple[float, float] | None = None,
     ) -> None:
         if not isinstance(channel, str) or not channel:
             raise ValueError("channel must be a non-empty string")
@@ -250,6 +260,8 @@ class EventHub:
         self._reconnects = 0
         self._reconnect_attempts = 0
         self._watcher = watcher
+        self._heartbeat = heartbeat or (HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT)
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -360,11 +372,13 @@ class EventHub:
         for subscription in self._subscriptions:
             subscription._close()
         self._subscriptions.clear()
-        task, self._reconnect_task = self._reconnect_task, None
-        if task is not None:
+        tasks = [t for t in (self._reconnect_task, self._heartbeat_task) if t is not None]
+        self._reconnect_task = self._heartbeat_task = None
+        for task in tasks:
             task.cancel()
-            # wait() rather than await: the task's cancellation is not ours to re-raise.
-            await asyncio.wait([task])
+        if tasks:
+            # wait() rather than await: the tasks' cancellation is not ours to re-raise.
+            await asyncio.wait(tasks)
         listener, self._listener = self._listener, None
         if listener is not None:
             self._dead.append(listener)
@@ -382,6 +396,38 @@ class EventHub:
     def _set_listening(self, up: bool) -> None:
         if self._watcher is not None:
             self._watcher.listening(up)
+        if up and self._heartbeat_task is None and not self._closed:
+            self._heartbeat_task = asyncio.get_running_loop().create_task(
+                self._beat(), name=f"integrations-events-heartbeat:{self._channel}"
+            )
+
+    async def _beat(self) -> None:
+        """Check every so often that the listener still answers. A connection cut without
+        a close (a dead peer, a frozen network) would otherwise look alive for ever, and
+        the row cache would go on serving what it can no longer hear changes to."""
+        every, timeout = self._heartbeat
+        while not self._closed:
+            await _beat_sleep(every)
+            listener, generation = self._listener, self._generation
+            sync = getattr(listener, "sync", None)
+            if listener is None or sync is None:
+                continue
+            try:
+                await asyncio.wait_for(sync(), timeout)
+            except Exception as exc:
+                if generation != self._generation or listener is not self._listener:
+                    continue  # lost and replaced meanwhile
+                logger.warning(
+                    "the LISTEN connection on channel %r did not answer within %gs (%s)",
+                    self._channel,
+                    timeout,
+                    type(exc).__name__,
+                    extra=telemetry.fields("listen_unresponsive"),
+                )
+                abort = getattr(listener, "abort", None)
+                if abort is not None:
+                    abort()
+                self._on_lost(generation)
 
     def _rows_changed(self, payload: str) -> bool:
         """Feed a row-change notice to the watcher; False when ``payload`` is not one."""

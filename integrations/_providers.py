@@ -438,7 +438,8 @@ class Provider(_Frozen):
         unpaired surrogates, integers within ±(2**53-1), finite floats, nesting and
         size bounds, no ``$enc`` member anywhere). Known setup fields are then
         type-checked and coerced (surrounding whitespace removed; ``""`` for a
-        non-string field means unset). Other keys are kept as given. A secret (a
+        non-string field means unset). Other keys are kept as given (save_setup refuses
+        those whose names say they hold a secret). A secret (a
         :data:`SECRET_FIELDS` name or a field declared ``secret=True``) must not hold
         control characters, and a blank one means unset (None), so a required secret
         given blank is missing whatever the encryption setting. For ``credentials``

@@ -171,6 +171,9 @@ class Listener:
         self._callback = callback
         self._terminated = terminated
         self.backend_pid: int = conn.get_server_pid()
+        # One statement at a time on the connection: a subscriber's sync and the hub's
+        # heartbeat may ask together.
+        self._busy = asyncio.Lock()
 
     @classmethod
     async def attach(
@@ -206,9 +209,18 @@ class Listener:
     async def sync(self) -> None:
         """Return once the notifications committed before the call have been dispatched:
         the server sends pending ones before it answers a statement."""
-        if self._conn is not None:
-            with _translate():
-                await self._conn.execute(_relisten(self._channel))
+        async with self._busy:
+            if self._conn is not None:
+                with _translate():
+                    await self._conn.execute(_relisten(self._channel))
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a word to the server (it stopped
+        answering): what it may still deliver is never read."""
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            conn.remove_termination_listener(self._terminated)
+            conn.terminate()
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

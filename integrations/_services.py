@@ -8,6 +8,7 @@ from typing import Any
 
 from . import _names as names
 from . import _record as record
+from . import _telemetry as telemetry
 from ._authflow import AuthFlow
 from ._checks import Checks
 from ._connections import Connections, check_scope
@@ -131,13 +132,16 @@ class Services:
 
     async def access_token(self, uuid: object, owner: OwnerScope) -> str:
         row = await self.connections.require(uuid, owner)
-        return await self.tokens.access_token(row, self.core.require_provider(row))
+        provider = self.core.require_provider(row)
+        return await telemetry.in_log_scope(row, self.tokens.access_token(row, provider))
 
     async def refresh_access_token(self, uuid: object, owner: OwnerScope) -> str:
         # Before the read: a token obtained while the row was being read is new enough.
         began = utcnow()
         row = await self.connections.require(uuid, owner)
-        return await self.tokens.refresh(row, self.core.require_provider(row), began=began)
+        provider = self.core.require_provider(row)
+        refreshing = self.tokens.refresh(row, provider, began=began)
+        return await telemetry.in_log_scope(row, refreshing)
 
     async def begin_authorization(
         self,

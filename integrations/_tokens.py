@@ -41,6 +41,7 @@ from ._models import utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
 from ._settings import BUDGET_MARGIN
+from ._vault import SECRET_FIELDS
 
 __all__ = ["Refresher", "imported_token_set", "parse_time", "post_token_request"]
 
@@ -899,7 +900,8 @@ class Refresher:
                         request_timeout=policy.timeout,
                         requested_scopes=requested,
                         previous_refresh_token=refresh_token,
-                        redact=[secret],
+                        # A provider's error text may echo any of them back.
+                        redact=[secret, *_secret_values(provider, plain)],
                     )
                 except TokenRequestFailed as exc:
                     if not exc.transient:
@@ -942,6 +944,12 @@ class Refresher:
                     )
                     await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _secret_values(provider: Provider, plain: Mapping[str, Any]) -> list[str]:
+    """Every secret the connection holds, as text (for masking what a server echoes)."""
+    secret = SECRET_FIELDS | provider.secret_field_keys
+    return [v for k, v in plain.items() if k in secret and isinstance(v, str) and v]
 
 
 def _spent_message(exc: TokenRequestFailed, attempt: int) -> str:

@@ -559,3 +559,30 @@ async def test_load_all_connections_of_every_owner(integ: integrations.Integrati
     assert every["github"] == []
     system = await integ.load_all_connections(["openai"])
     assert [(c.owner, c.name) for c in system["openai"]] == [(None, "default")]
+
+
+async def test_an_undeclared_field_named_like_a_secret_is_refused_not_stored_in_clear(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    from integrations import InvalidField
+
+    conn = await integ.add_connection("openai", "default")
+    before = await db.fetchval(
+        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(conn.uuid),
+    )
+    for typo in ("apikey", "api-key", "secret", "access_key", "auth_token", "password2"):
+        with pytest.raises(InvalidField) as info:
+            await integ.save_setup(conn.uuid, {"api_key": "sk-good-0123456789", typo: "sk-oops"})
+        assert info.value.code == "invalid_field" and "sk-oops" not in info.value.message
+        assert info.value.context["field"] == typo
+    with pytest.raises(InvalidField, match="Did you mean 'api_key'"):
+        await integ.save_setup(conn.uuid, {"apikey": "sk-oops"})
+    after = await db.fetchval(
+        "SELECT value_json::text FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(conn.uuid),
+    )
+    assert after == before
+    # Undeclared fields that are not secrets are kept, as before.
+    saved = await integ.save_setup(conn.uuid, {"api_key": "sk-good-0123456789", "region": "eu"})
+    assert saved["region"] == "eu"

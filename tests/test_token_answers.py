@@ -22,13 +22,14 @@ class TokenEndpoint:
 
     def __init__(self) -> None:
         self.body = ""
+        self.status = 200
         self.sent: list[str] = []
         self.server: TestServer | None = None
 
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
         self.sent.append(str(form.get("refresh_token", "")))
-        return web.Response(text=self.body, content_type="application/json")
+        return web.Response(text=self.body, status=self.status, content_type="application/json")
 
     @property
     def base(self) -> str:
@@ -110,3 +111,27 @@ async def test_an_unsendable_access_token_is_refused_and_its_new_refresh_token_k
     assert await integ.refresh_access_token(uuid) == "at-2"
     assert endpoint.sent == ["rt-0", "rt-1"]
     assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+async def test_an_error_text_echoing_the_connections_secrets_is_masked(
+    connected: tuple[Integrations, str],
+    endpoint: TokenEndpoint,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from integrations import ReauthRequired
+
+    integ, uuid = connected
+    endpoint.status = 400
+    endpoint.body = json.dumps(
+        {"error": "invalid_grant", "error_description": "no: rt-0 / csecret / at-0"}
+    )
+    caplog.set_level(logging.DEBUG, logger="integrations")
+    with pytest.raises(ReauthRequired) as info:
+        await integ.refresh_access_token(uuid)
+    shown = [info.value.message, str(info.value)] + [r.getMessage() for r in caplog.records]
+    shown.append((await integ.get_integration_by_uuid(uuid)).validation_status or "")
+    assert any("invalid_grant" in text for text in shown)
+    for secret in ("rt-0", "csecret", "at-0"):
+        assert all(secret not in text for text in shown), secret
