@@ -77,7 +77,13 @@ async def callback(request: web.Request) -> web.StreamResponse:
     state = query.get("state", "")
     cookie = request.cookies.get(STATE_COOKIE, "")
     if not state or not hmac.compare_digest(cookie.encode(), state.encode()):
-        raise web.HTTPBadRequest(text="This authorization was not started in this browser.")
+        return web.json_response(
+            {
+                "error": "state_mismatch",
+                "message": "This authorization was not started in this browser.",
+            },
+            status=400,
+        )
     try:
         connection = await integ.complete_authorization(
             state,
@@ -85,8 +91,11 @@ async def callback(request: web.Request) -> web.StreamResponse:
             error=query.get("error"),
             error_description=query.get("error_description"),
         )
-    except InvalidState:
-        raise web.HTTPBadRequest(text="This authorization link is invalid or expired.") from None
+    except InvalidState as exc:
+        return web.json_response(
+            {"error": exc.code, "message": "This authorization link is invalid or expired."},
+            status=400,
+        )
     except AuthorizationDenied as exc:
         response = web.json_response({"connected": False, "reason": exc.message}, status=403)
     except IntegrationsError as exc:

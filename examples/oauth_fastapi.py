@@ -1,6 +1,7 @@
 """Connect an OAuth integration from a FastAPI app: a begin route and a callback route.
 
-Run it with ``INTEGRATIONS_DSN`` and ``INTEGRATIONS_KEYS`` set, for example::
+It needs FastAPI and uvicorn (``pip install fastapi uvicorn``, or the ``dev`` extra). Run
+it with ``INTEGRATIONS_DSN`` and ``INTEGRATIONS_KEYS`` set, for example::
 
     uvicorn examples.oauth_fastapi:app
 
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from integrations import (
@@ -92,13 +93,22 @@ def create_app(make_integrations: Callable[[], Integrations] = Integrations) -> 
         integ: Integrations = request.app.state.integrations
         cookie = request.cookies.get(STATE_COOKIE, "")
         if not state or not hmac.compare_digest(cookie.encode(), state.encode()):
-            raise HTTPException(400, "This authorization was not started in this browser.")
+            return JSONResponse(
+                {
+                    "error": "state_mismatch",
+                    "message": "This authorization was not started in this browser.",
+                },
+                status_code=400,
+            )
         try:
             connection = await integ.complete_authorization(
                 state, code=code, error=error, error_description=error_description
             )
-        except InvalidState:
-            raise HTTPException(400, "This authorization link is invalid or expired.") from None
+        except InvalidState as exc:
+            return JSONResponse(
+                {"error": exc.code, "message": "This authorization link is invalid or expired."},
+                status_code=400,
+            )
         except AuthorizationDenied as exc:
             response = JSONResponse({"connected": False, "reason": exc.message}, status_code=403)
         except IntegrationsError as exc:

@@ -1,7 +1,8 @@
 """Server-sent events: stream connection status changes to a browser.
 
 Written with Starlette; a FastAPI app is a Starlette app, so the same generator goes
-into ``fastapi.responses.StreamingResponse`` unchanged.
+into ``fastapi.responses.StreamingResponse`` unchanged. It needs Starlette and uvicorn:
+``pip install -e '.[web]'`` from a checkout (``integrations[web]`` once installed).
 
     INTEGRATIONS_DSN=postgresql://... INTEGRATIONS_KEYS=... python examples/sse_fastapi.py
     curl -N http://127.0.0.1:8000/events

@@ -90,7 +90,9 @@ class AuthFlow:
         provider = self._core.provider_of(row)
         if provider is None or provider.auth_type != "oauth2" or provider.authorize_url is None:
             raise InvalidProviderKey(
-                "The connection's provider does not use the OAuth authorization-code flow."
+                f"The connection's provider {row.provider!r} does not use the OAuth "
+                "authorization-code flow, so there is nothing to authorize: an API-key or "
+                "token connection takes its credentials through save_setup."
             )
         plain = self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         if not isinstance(plain.get("client_id"), str) or not plain["client_id"]:
@@ -176,7 +178,10 @@ class AuthFlow:
         if error is not None and not isinstance(error, str):
             raise InvalidInput("error must be a string")
         if not code and not error:
-            raise InvalidInput("the callback carries neither a code nor an error")
+            raise InvalidInput(
+                "The callback carries neither a code nor an error: pass the code= (or error=) "
+                "query parameter the provider sent to the redirect URI."
+            )
         for name, value in (("state", state), ("code", code), ("error", error)):
             if value is not None:
                 check_text(value, name)

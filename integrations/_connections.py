@@ -329,7 +329,8 @@ class Connections:
         )
         if row is None:
             raise AlreadyExists(
-                f"A {definition.key} connection named {clean!r} already exists; "
+                f"{'An' if definition.key[:1] in 'aeiou' else 'A'} {definition.key} connection "
+                f"named {clean!r} already exists; "
                 "choose another name or use the existing one."
             )
         return self._core.connection(row)

@@ -315,7 +315,9 @@ class EventHub:
         if kinds is not None:
             if isinstance(kinds, str):
                 raise InvalidArgument(
-                    "kinds must be an iterable of kind names, not a str", field="kinds"
+                    "kinds must be an iterable of kind names, such as ['connected', "
+                    "'disconnected'], not a str.",
+                    field="kinds",
                 )
             kind_set = frozenset(kinds)
             unknown = kind_set - EVENT_KINDS

@@ -178,7 +178,7 @@ def retry_after_seconds(value: str, *, now: datetime | None = None) -> float | N
 def _missing(provider: Provider, key: str) -> Exception:
     if provider.is_oauth and key == "access_token":
         return NotConnected()
-    return NotConfigured(f"The connection has no {key!r} saved.", field=key)
+    return NotConfigured(f"The connection has no {key!r} saved: call save_setup first.", field=key)
 
 
 def _header_value(value: Any, key: str) -> str:
@@ -864,6 +864,7 @@ class HttpClient:
                 raise RequestFailed(
                     f"{method} {shown} failed after {attempt} attempt(s): {reason}",
                     attempts=attempt,
+                    reason=reason,
                     # Only a connection never made means the request was surely not sent.
                     maybe_sent=not isinstance(exc, aiohttp.ClientConnectorError),
                 ) from (None if leaked else exc)

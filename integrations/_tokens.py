@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from . import _record as record
 from . import _telemetry as telemetry
@@ -202,7 +203,8 @@ async def _post_token_request(
         # Refused before a connection was made, the request surely did not arrive; after
         # that (a timeout, a dropped connection) the server may have acted on it.
         raise TokenRequestFailed(
-            f"Could not reach the token endpoint: {exc.message}",
+            f"Could not reach the token endpoint at {urlsplit(url).hostname}: "
+            f"{exc.context.get('reason') or exc.message}",
             transient=True,
             maybe_received=exc.context.get("maybe_sent", True),
         ) from exc
@@ -1011,7 +1013,9 @@ def _nothing_to_refresh(provider: Provider, plain: Mapping[str, Any]) -> bool:
 def _check_oauth(provider: Provider) -> None:
     if not provider.is_oauth:
         raise InvalidProviderKey(
-            f"Provider {provider.key!r} does not use OAuth access tokens.", provider=provider.key
+            f"Provider {provider.key!r} does not use OAuth access tokens: read its credentials "
+            "with get_credentials(), or call its API with authenticated_request().",
+            provider=provider.key,
         )
 
 

@@ -185,3 +185,20 @@ def test_measured_figures_live_only_in_benchmarks(path: Path) -> None:
 def test_the_figures_check_sees_figures() -> None:
     text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     assert len(MEASURED.findall(text)) > 5
+
+
+def test_the_readme_quickstart_runs_on_a_database_and_says_what_a_dsn_needs(
+    fresh_db: str,
+) -> None:
+    script = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTEGRATIONS_")}
+    env["INTEGRATIONS_DSN"] = fresh_db
+    run = [sys.executable, str(script)]
+    keyless = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert keyless.returncode == 1
+    assert "INTEGRATIONS_KEYS" in keyless.stderr and "Traceback" not in keyless.stderr
+    env["INTEGRATIONS_KEYS"] = TEST_KEY
+    for _ in range(2):  # it starts from a clean slate each time
+        done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "removed   -> get_credentials now raises 'deleted'" in done.stdout

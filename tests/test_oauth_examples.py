@@ -73,6 +73,8 @@ async def test_fastapi_routes_connect_a_connection(fresh_db: str, server: OAuthT
             client.cookies.set(oauth_fastapi.STATE_COOKIE, dict(_query(back))["state"])
             again = await client.get(back)
             assert again.status_code == 400
+            assert again.json()["error"] == "invalid_state"
+            assert "invalid or expired" in again.json()["message"]
         assert await integ.is_connected(uuid)
 
 
@@ -90,6 +92,10 @@ async def test_fastapi_callback_refuses_a_state_from_another_browser(
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as other:
             refused = await other.get(back)
             assert refused.status_code == 400
+            assert refused.json() == {
+                "error": "state_mismatch",
+                "message": "This authorization was not started in this browser.",
+            }
         assert not await integ.is_connected(uuid)
 
 
