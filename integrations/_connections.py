@@ -383,7 +383,7 @@ class Connections:
             raise InvalidAttrs("Setup field names must be strings.")
         current = await self.row(uuid, owner)
         if current is None:
-            raise NotConfigured()
+            raise NotConfigured(_nothing_to_save(uuid))
         provider = self._core.providers.get(current.provider)
         patch = provider.normalize_attrs(attrs, max_bytes=self._core.settings.max_attrs_bytes)
         _refuse_managed(patch)
@@ -393,7 +393,7 @@ class Connections:
         def decide(row: StoredRow | None) -> tuple[Change, StoredRow]:
             row = _visible(row, owner)
             if row is None:
-                raise NotConfigured()
+                raise NotConfigured(_nothing_to_save(uuid))
             done = record.setup_saved(
                 row,
                 sealed,
@@ -540,6 +540,13 @@ class Connections:
         from ._vault import SECRET_FIELDS
 
         return record.fingerprint(row, SECRET_FIELDS | self._core.secret_fields(row))
+
+
+def _nothing_to_save(uuid: str) -> str:
+    return (
+        f"No connection {uuid} to save to: it was removed, or it is not in this owner's "
+        "scope. Add one with add_connection() and save to the uuid it returns."
+    )
 
 
 def _refuse_managed(patch: Mapping[str, Any]) -> None:

@@ -110,6 +110,12 @@ def parse_ref(ref: object) -> tuple[str, str]:
         )
     provider, name = provider.strip(), name.strip()
     if PROVIDER_KEY_RE.fullmatch(provider) is None or NAME_RE.fullmatch(name) is None:
+        if PROVIDER_KEY_RE.fullmatch(provider.lower()) and NAME_RE.fullmatch(name):
+            fixed = provider.lower() if name == DEFAULT_NAME else f"{provider.lower()}:{name}"
+            raise InvalidInput(
+                f"The ref {shown(ref)} is malformed: provider keys are lowercase "
+                f"(did you mean {fixed!r}?)."
+            )
         raise InvalidInput(
             f"The ref {shown(ref)} is malformed: write 'provider:name' (like 'openai:default'), "
             f"where the provider key is {PROVIDER_KEY_RULE} and the name is {NAME_RULE}."

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -812,11 +813,12 @@ def test_a_busy_port_or_an_unwritable_file_is_one_line(fresh_db: str, tmp_path: 
 def test_ctrl_c_at_a_prompt_ends_the_command_at_once(fresh_db: str, command: list[str]) -> None:
     sh(fresh_db, "add", "openai")
     child = pexpect.spawn(SCRIPT, ["--dsn", fresh_db, *command], env=cli_env(), encoding="utf-8")
-    child.expect(["api_key: ", r"\[y/N\]", "Passphrase: "], timeout=30)
+    child.expect(["api_key: ", r"\[y/N\]: ", "Passphrase: "], timeout=30)
+    time.sleep(0.2)  # the prompt is waiting for its answer
     child.sendintr()
-    child.expect(pexpect.EOF, timeout=10)
+    child.expect(pexpect.EOF, timeout=30)
     child.close()
-    assert child.exitstatus == 130, child.before
+    assert child.exitstatus == 130, (child.exitstatus, child.signalstatus, child.before)
     assert "Traceback" not in (child.before or "")
     assert sh(fresh_db, "show", "openai", "--json").returncode == 0  # nothing removed
 
