@@ -16,6 +16,7 @@ from integrations import (
     InvalidName,
     InvalidProviderKey,
     InvalidUUID,
+    NotConfigured,
     StorageError,
 )
 from integrations._repository import mask_dsn
@@ -194,3 +195,36 @@ async def test_a_port_that_is_not_a_number_is_named_without_contacting_anyone() 
 async def test_a_bad_dsn_option_is_quoted_without_driver_markup() -> None:
     error = await open_error("postgresql://postgres@127.0.0.1:5432/x?sslmode=bogus")
     assert "sslmode" in error.message and "`" not in error.message
+
+
+async def test_an_uppercase_provider_in_a_ref_suggests_the_lowercase_key(
+    integ: Integrations,
+) -> None:
+    with pytest.raises(InvalidInput, match=r"did you mean 'openai'\?"):
+        await integ.get_credentials("OpenAI")
+    with pytest.raises(InvalidInput, match=r"did you mean 'openai:Work'\?"):
+        await integ.get_credentials("OpenAI:Work")
+
+
+async def test_saving_to_a_uuid_that_resolves_to_nothing_names_it(integ: Integrations) -> None:
+    conn = await integ.add_connection("openai", "default")
+    await integ.remove_connection(conn.uuid)
+    with pytest.raises(NotConfigured) as info:
+        await integ.save_setup(conn.uuid, {"api_key": "sk-0123456789abcdef"})
+    assert conn.uuid in info.value.message and "add_connection()" in info.value.message
+
+
+async def test_messages_say_what_to_do_instead(integ: Integrations) -> None:
+    from integrations import AlreadyExists
+
+    conn = await integ.add_connection("openai", "m1")
+    with pytest.raises(AlreadyExists, match=r"^An openai connection named 'm1'"):
+        await integ.add_connection("openai", "m1")
+    with pytest.raises(InvalidProviderKey, match=r"'openai'.*save_setup"):
+        await integ.begin_authorization(conn.uuid, "https://app.example/cb")
+    with pytest.raises(InvalidProviderKey, match="get_credentials"):
+        await integ.access_token(conn.uuid)
+    with pytest.raises(InvalidInput, match=r"\['connected', 'disconnected'\]"):
+        integ.subscribe(kinds="connected")
+    with pytest.raises(InvalidInput, match=r"code= \(or error=\)"):
+        await integ.complete_authorization("some-state")
