@@ -27,7 +27,6 @@ from ._models import Connection, ConnectionList, Page, utcnow
 from ._providers import Provider, unknown_provider_message
 from ._record import Change, StoredRow
 from ._tokens import imported_token_set
-from ._vault import SECRET_FIELDS
 
 __all__ = ["MAX_PAGE", "Connections", "check_scope"]
 
@@ -45,6 +44,11 @@ def check_scope(owner: OwnerScope) -> OwnerScope:
 def _ref_scope(owner: OwnerScope) -> str | None:
     """The scope a ``provider:name`` ref is looked up in: the system unless an owner is given."""
     return None if owner is ALL_OWNERS else owner
+
+
+def listing_order(connection: Connection) -> tuple[str, bool, str]:
+    """By provider, then "default" first, then by name: the order of whole listings."""
+    return connection.provider, connection.name != names.DEFAULT_NAME, connection.name
 
 
 def _page_mark(after: object, prefix: str) -> TypeGuard[str]:
@@ -231,7 +235,7 @@ class Connections:
             if after is not None:
                 raise InvalidInput("after= pages a listing: give limit= too.", field="after")
             everything = [c for _, c in await self._saved(owner, "", None)]
-            everything.sort(key=lambda c: (c.provider, c.name != names.DEFAULT_NAME, c.name))
+            everything.sort(key=listing_order)
             return ConnectionList(everything)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(
@@ -570,7 +574,7 @@ _SECRETISH = re.compile(
 def _refuse_unknown_secrets(provider: Provider, patch: Mapping[str, Any]) -> None:
     if provider.auth_type == "credentials":
         return  # every value of the freeform map is a secret already
-    known = {f.key for f in provider.setup_fields} | provider.secret_field_keys | SECRET_FIELDS
+    known = {f.key for f in provider.setup_fields} | provider.secret_keys
     suspect = sorted(k for k in patch if k not in known and _SECRETISH.search(k))
     if not suspect:
         return

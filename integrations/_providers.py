@@ -410,6 +410,12 @@ class Provider(_Frozen):
         """Setup fields declared ``secret=True``."""
         return frozenset(field.key for field in self.setup_fields if field.secret)
 
+    @functools.cached_property
+    def secret_keys(self) -> frozenset[str]:
+        """Every data key whose value is a secret here: :data:`SECRET_FIELDS` and the
+        fields declared ``secret=True``."""
+        return self.secret_field_keys | SECRET_FIELDS
+
     @property
     def runtime_fields(self) -> tuple[str, ...]:
         """Data keys whose presence means the connection can make calls.
@@ -449,7 +455,7 @@ class Provider(_Frozen):
         """
         attrs = check_attrs(attrs, max_bytes=max_bytes)
         fields = {field.key: field for field in self.setup_fields}
-        secrets = self.secret_field_keys | SECRET_FIELDS
+        secrets = self.secret_keys
 
         def coerce(key: str, value: Any) -> Any:
             value = fields[key].coerce(value) if key in fields else value

@@ -42,7 +42,6 @@ from ._models import utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
 from ._settings import BUDGET_MARGIN
-from ._vault import SECRET_FIELDS
 
 __all__ = ["Refresher", "imported_token_set", "parse_time", "post_token_request"]
 
@@ -950,7 +949,7 @@ class Refresher:
 
 def _secret_values(provider: Provider, plain: Mapping[str, Any]) -> list[str]:
     """Every secret the connection holds, as text (for masking what a server echoes)."""
-    secret = SECRET_FIELDS | provider.secret_field_keys
+    secret = provider.secret_keys
     return [v for k, v in plain.items() if k in secret and isinstance(v, str) and v]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from .._connections import listing_order
 from .._errors import AlreadyExists, MissingExtra
 from .._events import ALL_OWNERS
 from .._integrations import Integrations
@@ -184,7 +185,7 @@ async def _all_connections(integ: Integrations, owner: str | None) -> list[Conne
         if page.next_after is None:
             break
         after = page.next_after
-    found.sort(key=lambda c: (c.provider, c.name != "default", c.name))
+    found.sort(key=listing_order)
     return found
 
 

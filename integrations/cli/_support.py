@@ -346,17 +346,14 @@ def provider_key(integ: Integrations, key: str) -> str:
 
 
 async def resolve(integ: Integrations, env: Env, ref: str) -> str:
-    """A REF (uuid, ``provider:name`` or bare ``provider``) → the connection's uuid."""
+    """A REF (uuid, ``provider:name`` or bare ``provider``) → the connection's uuid. Rows
+    outlive their provider's registration: a ref to an unregistered provider still finds
+    what is stored, and is an unknown provider only when nothing is."""
+    provider = None
     if parse_uuid(ref) is None:
         provider = ref.partition(":")[0].strip()
         if not PROVIDER_KEY_RE.fullmatch(provider):
             raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE)
-        if provider not in integ.providers:
-            # Rows outlive their provider's registration: what is stored is still found.
-            try:
-                return await integ.resolve_to_uuid(ref, owner=env.owner)
-            except IntegrationsError:
-                provider_key(integ, provider)  # an unknown provider, with suggestions
     try:
         if env.owner is None:
             return await integ.resolve_to_uuid(ref)
@@ -364,6 +361,8 @@ async def resolve(integ: Integrations, env: Env, ref: str) -> str:
     except (InvalidInput, InvalidProviderKey):
         raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE) from None
     except (NotFound, NotConfigured, Deleted):
+        if provider is not None:
+            provider_key(integ, provider)  # an unknown provider raises, with suggestions
         scope = f" for owner {env.owner!r}" if env.owner else ""
         raise Fail(f"no connection {ref}{scope}", FAILED) from None
 
