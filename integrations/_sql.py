@@ -1,16 +1,28 @@
-"""Loads the migrations and named query blocks of ``integrations/sql/``, once."""
+"""Loads the migrations and named query blocks of the top-level ``sql/`` folder, once."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import LiteralString
 
 _NAME_LINE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-_SQL = resources.files(__package__) / "sql"
+
+
+def _sql_folder() -> Path:
+    """``sql/`` beside the package in a checkout or editable install, inside it in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if (candidate / "queries.sql").is_file():
+            return candidate
+    looked = f"{here / 'sql'} and {here.parent / 'sql'}"
+    raise RuntimeError(f"the sql/ folder is missing: looked in {looked}")
+
+
+_SQL = _sql_folder()
 
 
 @dataclass(frozen=True, slots=True)
