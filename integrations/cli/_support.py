@@ -37,8 +37,8 @@ from .._integrations import Integrations
 from .._models import Connection
 from .._names import PROVIDER_KEY_RE, parse_uuid
 from .._providers import Provider
-from .._schemes import AuthScheme
 from .._repository import mask_dsn
+from .._schemes import AuthScheme
 
 T = TypeVar("T")
 
