@@ -11,7 +11,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ._catalogue import BUILTIN_PROVIDERS
 from ._errors import ConfigurationError, InvalidProviderKey, ProviderConflict
 from ._http import AUTH_KINDS
 from ._probes import CHECK_HOOKS
@@ -68,6 +67,9 @@ class ProviderRegistry:
     """
 
     def __init__(self, extra: Iterable[Provider] = (), *, override: bool = False) -> None:
+        # The catalogue's models are built when a registry is, not at import.
+        from ._catalogue import BUILTIN_PROVIDERS
+
         self._providers: dict[str, Provider] = {p.key: p for p in BUILTIN_PROVIDERS}
         seen: set[str] = set()
         for provider in extra:

@@ -15,14 +15,10 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
-from .. import _models
 from .._errors import (
     Deleted,
     IntegrationsError,
@@ -33,11 +29,16 @@ from .._errors import (
     SchemaOutdated,
     StorageError,
 )
-from .._integrations import Integrations
-from .._models import Connection
 from .._names import PROVIDER_KEY_RE, parse_uuid
-from .._providers import Provider
-from .._repository import mask_dsn
+
+# Imported where used, so that --help loads none of them (see _app.py).
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .._integrations import Integrations
+    from .._models import Connection
+    from .._providers import Provider
 
 T = TypeVar("T")
 
@@ -73,11 +74,15 @@ class Env:
         return self._loaded
 
     def integrations(self, *, auto_migrate: bool = True) -> Integrations:
+        from .._integrations import Integrations
+
         return Integrations(self.dsn, providers=self.provider_list(), auto_migrate=auto_migrate)
 
 
 def load_providers(spec: str) -> list[Provider]:
     """Application providers from a JSON file (a list of provider objects) or ``module:attr``."""
+    from .._providers import Provider
+
     path = Path(spec)
     try:
         if spec.endswith(".json") or path.is_file():
@@ -101,6 +106,8 @@ def _first_line(exc: BaseException) -> str:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN without its password (in the URL, its query or a keyword), for messages."""
+    from .._repository import mask_dsn
+
     return mask_dsn(dsn)
 
 
@@ -174,11 +181,16 @@ def emit_json(value: Any) -> None:
 
 def console(*, stderr: bool = False) -> Console:
     # Wide enough off a terminal that uuids are never cut.
+    from rich.console import Console
+
     stream = sys.stderr if stderr else sys.stdout
     return Console(width=None if stream.isatty() else 200, highlight=False, stderr=stderr)
 
 
 def new_table(*columns: str, wrap: str = "") -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in columns:
         if column == wrap:
@@ -369,7 +381,9 @@ async def resolve(integ: Integrations, env: Env, ref: str) -> str:
 
 def ago(value: object, now: datetime | None = None) -> str:
     """``"3 min ago"`` for a stored ISO time; ``"never"`` when there is none."""
-    return _models.ago(value, now)
+    from .._models import ago as _ago
+
+    return _ago(value, now)
 
 
 # Shown by `list` as the setup summary; the rest is status bookkeeping.
