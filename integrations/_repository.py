@@ -60,29 +60,40 @@ _MAX_UUID = _uuid.UUID(int=2**128 - 1)
 @dataclass(frozen=True, slots=True)
 class _ResealCursor:
     """Where a rotation pass is: the index range it reads ("below" and "above" the primary
-    key id's array of envelope key ids, then "plain" for plaintext) and the last row read."""
+    key id's array of envelope key ids, then "plain" for plaintext), the last row read, and
+    whether the pass rewrote a row.
+
+    A writer's save re-seals the fields it writes under the primary and leaves the others'
+    envelopes as they were, which changes the row's array and so may move it behind the
+    cursor: a pass that rewrote anything is followed by another, which reads only what is
+    still left (rows that cannot be decrypted are left as they are, so passes end)."""
 
     phase: str
     kids: tuple[str, ...]
     uuid: _uuid.UUID
+    moved: bool = False
 
     @classmethod
     def parse(cls, text: str, primary_kid: str) -> _ResealCursor:
         if text == RESEAL_START:
-            # Past every row without an envelope ('{}' sorts before '{""}').
-            return cls("below", ("",), _NIL_UUID)
+            return cls.start()
         try:
-            phase, kids, row = json.loads(text)
+            phase, kids, row, moved = json.loads(text)
             if phase not in ("below", "above", "plain") or not all(
                 isinstance(k, str) for k in kids
             ):
                 raise ValueError(phase)
-            return cls(phase, tuple(kids), _uuid.UUID(row))
+            return cls(phase, tuple(kids), _uuid.UUID(row), bool(moved))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"not a rotation cursor: {text[:80]!r}") from exc
 
+    @classmethod
+    def start(cls) -> _ResealCursor:
+        # Past every row without an envelope ('{}' sorts before '{""}').
+        return cls("below", ("",), _NIL_UUID)
+
     def dump(self) -> str:
-        return json.dumps([self.phase, list(self.kids), str(self.uuid)])
+        return json.dumps([self.phase, list(self.kids), str(self.uuid), self.moved])
 
 
 #: The asyncpg pool type, for the annotations of other modules (which never import asyncpg).
@@ -700,6 +711,8 @@ class Repository:
             records = await conn.fetch(self.q.lock_connections_to_reseal, candidates)
             rewritten = await self._reseal_locked(conn, records, reseal)
         locked = {r["uuid"] for r in records}
+        if rewritten:
+            cursor = dataclasses.replace(cursor, moved=True)
         return ResealBatch(
             scanned=len(records),
             rewritten=rewritten,
@@ -722,7 +735,7 @@ class Repository:
                 self.q.connections_plain_to_reseal, cursor.uuid, limit, list(plaintext_fields)
             )
             if not records:
-                return [], None
+                return [], _ResealCursor.start() if cursor.moved else None
             last = records[-1]["uuid"]
             return [r["uuid"] for r in records], dataclasses.replace(cursor, uuid=last)
         if cursor.phase == "below":
@@ -740,11 +753,11 @@ class Repository:
         if not records:
             if cursor.phase == "below":
                 # Past every row under the primary key alone.
-                return [], _ResealCursor("above", (primary_kid,), _MAX_UUID)
-            return [], _ResealCursor("plain", (), _NIL_UUID)
+                return [], _ResealCursor("above", (primary_kid,), _MAX_UUID, cursor.moved)
+            return [], _ResealCursor("plain", (), _NIL_UUID, cursor.moved)
         last = records[-1]
         return [r["uuid"] for r in records], _ResealCursor(
-            cursor.phase, tuple(last["kids"]), last["uuid"]
+            cursor.phase, tuple(last["kids"]), last["uuid"], cursor.moved
         )
 
     async def reseal_listed(

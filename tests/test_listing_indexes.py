@@ -308,3 +308,41 @@ async def test_rotation_finds_its_rows_through_indexes(
         assert (again.total, again.scanned, again.rotated) == (0, 0, 0)
         assert (await integ.get_credentials("openai:old"))["api_key"] == "sk-x"
         assert (await integ.get_credentials("openai:plain"))["api_key"] == "sk-plain"
+
+
+async def test_rows_a_writer_moves_behind_the_rotation_are_still_rotated(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    # A save re-seals the field it writes under the new key and keeps the other envelopes
+    # under the old one: with the old key id above the new one, the row's array of key ids
+    # sorts lower than before, possibly behind the rotation's cursor.
+    while True:
+        old, new = generate_key(), generate_key()
+        if Keyring.parse(old).primary_id > Keyring.parse(new).primary_id:
+            break
+    async with Integrations(fresh_db, keys=old) as integ:
+        uuids = []
+        for i in range(6):
+            conn = await integ.add_connection("aws", f"r{i}")
+            await integ.save_setup(
+                conn.uuid,
+                {"access_key": "AKIA", "secret_key": f"s{i}", "session_token": f"t{i}"},
+            )
+            uuids.append(conn.uuid)
+    async with Integrations(fresh_db, keys=[new, old]) as integ:
+        writes = 0
+
+        async def write_the_rest(progress: Any) -> None:
+            nonlocal writes
+            if writes == 0:
+                for row_uuid in uuids:
+                    await integ.save_setup(row_uuid, {"secret_key": "moved"})
+                writes += 1
+
+        await integ.rotate_keys(batch_size=1, progress=write_the_rest)
+    old_kid = Keyring.parse(old).primary_id
+    left = await db.fetchval(
+        "SELECT count(*) FROM integrations.connections WHERE value_json::text LIKE $1",
+        f"%{old_kid}%",
+    )
+    assert writes == 1 and left == 0
