@@ -48,7 +48,7 @@ if _typing.TYPE_CHECKING:
         UnknownKey,
     )
     from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
-    from ._http import AuthKind, Response, bot_url, register_auth_kind
+    from ._http import Response, bot_url
     from ._integrations import Integrations
     from ._models import Connection, ConnectionList, Event, Page, RotationProgress, Validation
     from ._names import settings_key
@@ -58,11 +58,23 @@ if _typing.TYPE_CHECKING:
         AUTH_TYPES,
         AuthHeader,
         Provider,
+        RejectedAnswer,
         SetupField,
         UserinfoMap,
         ValidationRequest,
     )
     from ._registry import ProviderRegistry, load_providers
+    from ._schemes import (
+        AuthContext,
+        AuthKind,
+        AuthScheme,
+        HeaderScheme,
+        Request,
+        TokenGrant,
+        TokenScheme,
+        register_auth_kind,
+        register_auth_scheme,
+    )
     from ._sweep import SweepReport
     from ._vault import generate_key
 
@@ -71,8 +83,10 @@ __all__ = [
     "AUTH_TYPES",
     "AllOwners",
     "AlreadyExists",
+    "AuthContext",
     "AuthHeader",
     "AuthKind",
+    "AuthScheme",
     "AuthorizationDenied",
     "AuthorizationTimeout",
     "CacheStats",
@@ -89,6 +103,7 @@ __all__ = [
     "EncryptionNotConfigured",
     "Event",
     "Finding",
+    "HeaderScheme",
     "HostNotAllowed",
     "HubStats",
     "Integrations",
@@ -117,6 +132,8 @@ __all__ = [
     "ProviderConflict",
     "ProviderRegistry",
     "ReauthRequired",
+    "RejectedAnswer",
+    "Request",
     "RequestFailed",
     "Response",
     "RotationProgress",
@@ -125,7 +142,9 @@ __all__ = [
     "StorageError",
     "Subscription",
     "SweepReport",
+    "TokenGrant",
     "TokenRequestFailed",
+    "TokenScheme",
     "UnknownKey",
     "UserinfoMap",
     "Validation",
@@ -135,6 +154,7 @@ __all__ = [
     "load_providers",
     "oauth",
     "register_auth_kind",
+    "register_auth_scheme",
     "register_check",
     "settings_key",
 ]
@@ -147,8 +167,10 @@ _HOME = {
     "AUTH_TYPES": "._providers",
     "AllOwners": "._events",
     "AlreadyExists": "._errors",
+    "AuthContext": "._schemes",
     "AuthHeader": "._providers",
-    "AuthKind": "._http",
+    "AuthKind": "._schemes",
+    "AuthScheme": "._schemes",
     "AuthorizationDenied": "._errors",
     "AuthorizationTimeout": "._errors",
     "CacheStats": "._cache",
@@ -165,6 +187,7 @@ _HOME = {
     "EncryptionNotConfigured": "._errors",
     "Event": "._models",
     "Finding": "._doctor",
+    "HeaderScheme": "._schemes",
     "HostNotAllowed": "._errors",
     "HubStats": "._events",
     "Integrations": "._integrations",
@@ -193,6 +216,8 @@ _HOME = {
     "ProviderConflict": "._errors",
     "ProviderRegistry": "._registry",
     "ReauthRequired": "._errors",
+    "RejectedAnswer": "._providers",
+    "Request": "._schemes",
     "RequestFailed": "._errors",
     "Response": "._http",
     "RotationProgress": "._models",
@@ -201,7 +226,9 @@ _HOME = {
     "StorageError": "._errors",
     "Subscription": "._events",
     "SweepReport": "._sweep",
+    "TokenGrant": "._schemes",
     "TokenRequestFailed": "._errors",
+    "TokenScheme": "._schemes",
     "UnknownKey": "._errors",
     "UserinfoMap": "._providers",
     "Validation": "._models",
@@ -210,7 +237,8 @@ _HOME = {
     "generate_key": "._vault",
     "load_providers": "._registry",
     "oauth": "",
-    "register_auth_kind": "._http",
+    "register_auth_kind": "._schemes",
+    "register_auth_scheme": "._schemes",
     "register_check": "._probes",
     "settings_key": "._names",
 }

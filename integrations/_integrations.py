@@ -25,12 +25,14 @@ from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import Connection, ConnectionList, Page, Validation
+from ._names import shown
 from ._owner import OwnerHandle, Ref
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._rotation import ProgressCallback, RotationProgress
+from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
-from ._settings import Settings, Takeover
+from ._settings import Settings, Takeover, check_at_most
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 
@@ -66,6 +68,7 @@ class Integrations:
         http: aiohttp.ClientSession | None = None,
         keys: str | Sequence[str] | None = None,
         providers: Iterable[Provider] | None = None,
+        auth_schemes: Iterable[AuthScheme] | None = None,
         override_providers: bool = False,
         leeway: float = 60.0,
         auto_migrate: bool = True,
@@ -91,12 +94,19 @@ class Integrations:
         listen_dsn: str | None = None,
     ) -> None:
         if encryption not in ("on", "off"):
-            raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
+            raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
         if dsn is not None and pool is not None:
             raise ConfigurationError("Pass either dsn= or pool=, not both.")
-        if not isinstance(pool_max_size, int) or pool_max_size < 2:
+        if (
+            isinstance(pool_max_size, bool)
+            or not isinstance(pool_max_size, int)
+            or pool_max_size < 2
+        ):
             # The event listener holds one pooled connection for as long as it listens.
-            raise ConfigurationError(f"pool_max_size must be at least 2, got {pool_max_size!r}.")
+            raise ConfigurationError(
+                f"pool_max_size must be at least 2, got {shown(pool_max_size)}."
+            )
+        check_at_most("pool_max_size", pool_max_size)
         self._dsn = dsn
         self._pool_arg = pool
         self._keys_arg = keys
@@ -121,7 +131,11 @@ class Integrations:
             refresh_takeover=refresh_takeover,
             token_write_retry=token_write_retry,
         )
-        self.providers = ProviderRegistry(providers or (), override=override_providers)
+        self.providers = ProviderRegistry(
+            providers or (),
+            override=override_providers,
+            schemes=SchemeRegistry(auth_schemes or (), parent=SCHEMES),
+        )
         self._repo = storage(
             self.settings,
             cache=cache,
@@ -358,17 +372,36 @@ class Integrations:
     async def list_page(
         self,
         *,
-        owner: str | None = None,
+        owner: OwnerScope = None,
         provider: str | None = None,
         limit: int = 50,
         after: str | None = None,
+        status: str | None = None,
+        search: str | None = None,
     ) -> Page:
-        """One page of ``owner``'s connections (of ``provider`` if given), masked, in
-        storage-key order: pass the page's ``next_after`` as ``after`` for the next one.
-        Each page is one index range scan, however many rows the table holds."""
+        """One page of ``owner``'s connections (of ``provider`` if given; every owner's
+        with ``ALL_OWNERS``), masked, in storage-key order: pass the page's ``next_after``
+        as ``after`` for the next one. Each page is one index range scan, however many
+        rows the table holds.
+
+        ``status`` (``connected``, ``error`` or ``disconnected``) and ``search`` (a part
+        of the name, any case) filter a page: it examines a bounded number of rows, so it
+        may hold fewer than ``limit`` connections (even none) and still have a
+        ``next_after``; the listing ends when ``next_after`` is None."""
         return await self._s.connections.page(
-            owner=owner, provider=provider, limit=limit, after=after
+            owner=owner,
+            provider=provider,
+            limit=limit,
+            after=after,
+            status=status,
+            search=search,
         )
+
+    async def count_connections(self, *, owner: OwnerScope = None) -> dict[str, int]:
+        """Connections per provider key of ``owner`` (every owner's with ``ALL_OWNERS``),
+        providers without any left out; kept by the database, so the same cost at any
+        table size."""
+        return await self._s.connections.counts(owner)
 
     def list_providers(self) -> list[Provider]:
         """Every known provider, built-in and registered, by key."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import functools
 import importlib
 import json
 import logging
+import re
 import signal
 import sys
 import traceback
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .._integrations import Integrations
     from .._models import Connection
     from .._providers import Provider
+    from .._schemes import AuthScheme
 
 T = TypeVar("T")
 
@@ -67,16 +70,29 @@ class Env:
     debug: bool = False
     providers: str | None = None
     _loaded: list[Provider] | None = field(default=None, repr=False)
+    _schemes: list[AuthScheme] = field(default_factory=list, repr=False)
 
     def provider_list(self) -> list[Provider]:
         if self._loaded is None:
             self._loaded = load_providers(self.providers) if self.providers else []
+            if self.providers:
+                self._schemes = load_auth_schemes(self.providers)
         return self._loaded
+
+    def auth_schemes(self) -> list[AuthScheme]:
+        """The auth schemes the ``--providers`` module declares (``auth_schemes``)."""
+        self.provider_list()
+        return self._schemes
 
     def integrations(self, *, auto_migrate: bool = True) -> Integrations:
         from .._integrations import Integrations
 
-        return Integrations(self.dsn, providers=self.provider_list(), auto_migrate=auto_migrate)
+        return Integrations(
+            self.dsn,
+            providers=self.provider_list(),
+            auth_schemes=self.auth_schemes(),
+            auto_migrate=auto_migrate,
+        )
 
 
 def load_providers(spec: str) -> list[Provider]:
@@ -96,6 +112,24 @@ def load_providers(spec: str) -> list[Provider]:
         raise Fail(f"cannot load providers from {spec}: {_first_line(exc)}", USAGE) from exc
     if not all(isinstance(p, Provider) for p in found):
         raise Fail(f"{spec} must be a list of integrations.Provider", USAGE)
+    return found
+
+
+def load_auth_schemes(spec: str) -> list[AuthScheme]:
+    """The ``auth_schemes`` a ``module:attr`` provider spec's module declares, if any: an
+    application's own schemes, registered for this command only."""
+    path = Path(spec)
+    if spec.endswith(".json") or path.is_file():
+        return []
+    from .._schemes import AuthScheme
+
+    module_name, _, _attr = spec.partition(":")
+    try:
+        found = list(getattr(importlib.import_module(module_name), "auth_schemes", ()))
+    except (ImportError, TypeError) as exc:
+        raise Fail(f"cannot load auth schemes from {spec}: {_first_line(exc)}", USAGE) from exc
+    if not all(isinstance(s, AuthScheme) for s in found):
+        raise Fail(f"{module_name}.auth_schemes must be a list of integrations.AuthScheme", USAGE)
     return found
 
 
@@ -171,12 +205,57 @@ def late_options() -> list[click.Option]:
     ]
 
 
+# Control characters (C0, DEL, C1) and bidirectional overrides: printed as they are, a
+# stored value could drive the operator's terminal (set its title, clear the screen) or
+# disguise what a line says. They are shown escaped instead.
+_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# What JSON leaves raw among them (DEL, C1, bidi): escaped as \uXXXX, still the same JSON.
+_JSON_RAW_RE = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str, *, keep: str = "") -> str:
+    """``text`` with every control character written as an escape (``\\x1b``), but ``keep``."""
+    return _UNSAFE_RE.sub(lambda m: m.group() if m.group() in keep else _escape(m.group()), text)
+
+
+def say(text: str) -> None:
+    """One line of plain output on stdout, control characters escaped."""
+    click.echo(visible(text))
+
+
 def stderr(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(visible(message, keep="\n"), err=True)
+
+
+def json_text(value: Any, *, indent: int | None = 2) -> str:
+    """``value`` as JSON that no terminal acts on: the same document, with DEL, C1 and
+    bidirectional controls written as ``\\u`` escapes (JSON escapes the rest itself)."""
+    text = json.dumps(value, indent=indent, default=str, ensure_ascii=False)
+    return _JSON_RAW_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+    click.echo(json_text(value))
+
+
+@functools.cache
+def _plain_table() -> type[Table]:
+    """A table whose cells are plain text: control characters escaped, no rich markup
+    (made on first use: rich is imported only by the commands that print tables)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    class PlainTable(Table):
+        def add_row(self, *renderables: Any, **options: Any) -> None:
+            cells = [Text(visible(c)) if isinstance(c, str) else c for c in renderables]
+            super().add_row(*cells, **options)
+
+    return PlainTable
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -189,9 +268,8 @@ def console(*, stderr: bool = False) -> Console:
 
 def new_table(*columns: str, wrap: str = "") -> Table:
     from rich import box
-    from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table = _plain_table()(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in columns:
         if column == wrap:
             # On a narrow terminal the wrapped column folds: nothing in it is cut off.
