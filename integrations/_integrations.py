@@ -25,12 +25,14 @@ from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import Connection, ConnectionList, Page, Validation
+from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._rotation import ProgressCallback, RotationProgress
+from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
-from ._settings import Settings, Takeover
+from ._settings import Settings, Takeover, check_at_most
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 
@@ -66,6 +68,7 @@ class Integrations:
         http: aiohttp.ClientSession | None = None,
         keys: str | Sequence[str] | None = None,
         providers: Iterable[Provider] | None = None,
+        auth_schemes: Iterable[AuthScheme] | None = None,
         override_providers: bool = False,
         leeway: float = 60.0,
         auto_migrate: bool = True,
@@ -91,12 +94,19 @@ class Integrations:
         listen_dsn: str | None = None,
     ) -> None:
         if encryption not in ("on", "off"):
-            raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
+            raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
         if dsn is not None and pool is not None:
             raise ConfigurationError("Pass either dsn= or pool=, not both.")
-        if not isinstance(pool_max_size, int) or pool_max_size < 2:
+        if (
+            isinstance(pool_max_size, bool)
+            or not isinstance(pool_max_size, int)
+            or pool_max_size < 2
+        ):
             # The event listener holds one pooled connection for as long as it listens.
-            raise ConfigurationError(f"pool_max_size must be at least 2, got {pool_max_size!r}.")
+            raise ConfigurationError(
+                f"pool_max_size must be at least 2, got {shown(pool_max_size)}."
+            )
+        check_at_most("pool_max_size", pool_max_size)
         self._dsn = dsn
         self._pool_arg = pool
         self._keys_arg = keys
@@ -121,7 +131,11 @@ class Integrations:
             refresh_takeover=refresh_takeover,
             token_write_retry=token_write_retry,
         )
-        self.providers = ProviderRegistry(providers or (), override=override_providers)
+        self.providers = ProviderRegistry(
+            providers or (),
+            override=override_providers,
+            schemes=SchemeRegistry(auth_schemes or (), parent=SCHEMES),
+        )
         self._repo = storage(
             self.settings,
             cache=cache,
@@ -333,7 +347,8 @@ class Integrations:
         uuid: str | None = None,
     ) -> Connection:
         """Create a named connection; the only place a storage key is built. ``uuid`` keeps
-        an identity from elsewhere (a migration or an import); by default a new UUIDv7."""
+        an identity from elsewhere (a migration or an import); by default a new UUIDv7. An
+        owner handle picks every uuid itself and refuses ``uuid``."""
         return await self._in(owner).add_connection(provider, name, actor=actor, uuid=uuid)
 
     async def rename_connection(

@@ -9,6 +9,7 @@ from typing import Any, cast
 from . import _names as names
 from . import _record as record
 from ._connections import check_scope
+from ._errors import InvalidArgument
 from ._events import OwnerScope, Subscription
 from ._http import Response
 from ._models import Connection, ConnectionList, Page, Validation
@@ -33,6 +34,9 @@ class Scoped:
 
     __slots__ = ("_providers", "_scope", "_services")
 
+    #: Whether a new connection may keep a uuid from elsewhere (the administrator's imports).
+    _keeps_uuids = True
+
     def __init__(
         self, services: Callable[[], Services], providers: ProviderRegistry, scope: OwnerScope
     ) -> None:
@@ -53,7 +57,17 @@ class Scoped:
         self, provider: str, name: str, *, actor: str | None = None, uuid: str | None = None
     ) -> Connection:
         """Create a named connection; the only place a storage key is built. ``uuid`` keeps
-        an identity from elsewhere (a migration or an import); by default a new UUIDv7."""
+        an identity from elsewhere (a migration or an import); by default a new UUIDv7. An
+        owner handle picks every uuid itself and refuses ``uuid``."""
+        if uuid is not None and not self._keeps_uuids:
+            # A chosen uuid would tell whether another owner's connection has it: the
+            # handle picks every uuid itself, and refuses any given one the same way.
+            raise InvalidArgument(
+                "An owner handle picks the uuid of a new connection itself: call "
+                "add_connection without uuid= (a kept uuid is for imports, through "
+                "Integrations.add_connection(..., owner=..., uuid=...)).",
+                field="uuid",
+            )
         return await self._services().connections.add(
             provider, name, actor=actor, owner=self._one_owner, uuid=uuid
         )
@@ -370,6 +384,7 @@ class OwnerHandle(Scoped):
     """
 
     __slots__ = ()
+    _keeps_uuids = False
 
     def __init__(
         self, services: Callable[[], Services], providers: ProviderRegistry, owner: str | None
