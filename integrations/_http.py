@@ -511,7 +511,10 @@ class HttpClient:
         """The request a call makes, checked before anything is sent: method, URL (and
         its host against ``provider``'s), options and headers; the body encoded once."""
         method = check_method(method).upper()
-        rest = dict(opts) if opts else {}
+        if not opts:
+            target = self.target(url, provider=provider, allow_any_host=allow_any_host)
+            return Request(method, target, max_attempts=max_attempts)
+        rest = dict(opts)
         target = self.target(
             url, params=rest.pop("params", None), provider=provider, allow_any_host=allow_any_host
         )
