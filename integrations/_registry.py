@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator
 
 from pydantic import ValidationError
 
-from ._catalogue import builtin, builtin_keys, builtin_providers, builtin_raw
 from ._errors import ConfigurationError, InvalidProviderKey, ProviderConflict
 from ._probes import CHECK_HOOKS
 from ._providers import Provider, unknown_provider_message
@@ -21,6 +20,7 @@ def load_providers(path: str | os.PathLike[str]) -> list[Provider]:
     ``providers`` (see docs/provider-files.md). An entry may ``extends`` an earlier entry
     or a built-in. Each entry is validated by the ``Provider`` model; a mistake names the
     file, the entry and the field (ConfigurationError)."""
+    from ._catalogue import builtin_raw
     from ._provider_file import read_provider_file
 
     return read_provider_file(path, builtin_raw)
@@ -42,6 +42,9 @@ class ProviderRegistry:
         override: bool = False,
         schemes: SchemeRegistry = SCHEMES,
     ) -> None:
+        # The catalogue is read when a registry is built: its directory listing only.
+        from ._catalogue import builtin_keys
+
         self.schemes = schemes
         self._builtin_keys = builtin_keys()
         self._providers: dict[str, Provider] = {}
@@ -112,7 +115,11 @@ class ProviderRegistry:
         own = self._providers.get(key)
         if own is not None:
             return own
-        return builtin(key) if key in self._builtin_keys else None
+        if key not in self._builtin_keys:
+            return None
+        from ._catalogue import builtin
+
+        return builtin(key)
 
     def keys(self) -> list[str]:
         """Every registered key, sorted (no catalogue file is read)."""
@@ -121,6 +128,8 @@ class ProviderRegistry:
     def all(self) -> list[Provider]:
         """Every provider, sorted by key (reads the whole catalogue once)."""
         if self._sorted is None:
+            from ._catalogue import builtin_providers
+
             merged = {p.key: p for p in builtin_providers()} | self._providers
             self._sorted = sorted(merged.values(), key=lambda p: p.key)
         return list(self._sorted)
