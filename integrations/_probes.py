@@ -123,6 +123,7 @@ async def _check_http(
             credentials=values,
             headers=check.headers,
             allow_any_host=any_host,
+            **_body(check),
         )
     except MissingField as exc:
         return _not_configured([str(exc.context.get("field"))])
@@ -137,6 +138,10 @@ async def _check_http(
     return _interpret(check, response)
 
 
+def _body(check: ValidationRequest) -> dict[str, Any]:
+    return {"json": check.body} if check.body is not None else {}
+
+
 def _interpret(check: ValidationRequest, response: Response) -> Validation:
     status = response.status
     if check.is_success(status):
@@ -146,7 +151,7 @@ def _interpret(check: ValidationRequest, response: Response) -> Validation:
             payload = response.json()
         except ValueError:
             payload = None
-        if isinstance(payload, dict) and payload.get(check.json_ok_key):
+        if check.ok_in(payload):
             return Validation(True, CONNECTED)
         error = payload.get("error") if isinstance(payload, dict) else None
         if oauth.error_code(error) is not None:

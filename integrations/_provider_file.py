@@ -274,8 +274,16 @@ def _host_covered(url: str, hosts: tuple[str, ...]) -> bool:
 
     authority = url_authority(url).lower()
     if "{" in authority:
-        return authority in hosts
-    return host_allowed(url.replace("{", "x").replace("}", "x"), [h for h in hosts if "{" not in h])
+        if authority in hosts:
+            return True
+        # A template under a wildcard: its placeholders all sit left of the wildcard's
+        # domain ("sts.{region}.amazonaws.com" under "*.amazonaws.com").
+        for host in hosts:
+            suffix = authority[-len(host) + 1 :]
+            if host.startswith("*.") and authority.endswith(host[1:]) and "{" not in suffix:
+                return True
+        return False
+    return host_allowed(url, [h for h in hosts if "{" not in h])
 
 
 def lint_provider(provider: Provider, *, builtin: bool = False) -> list[Problem]:

@@ -112,12 +112,15 @@ class ValidationRequest(_Frozen):
     body has that key truthy (Slack answers 200 with ``"ok": false``).
     ``invalid_statuses`` are read as "Invalid credentials". ``hook`` names a
     registered non-HTTP check (built in: ``"smtp"``, ``"postgres"``; see
-    ``integrations.register_check``) used instead of the request.
+    ``integrations.register_check``) used instead of the request. ``json_ok_key`` may be
+    a dotted path (``"data.viewer.id"``); ``body`` is a JSON body sent with the check (a
+    GraphQL ``{"query": "{ viewer { id } }"}``).
     """
 
     method: str = "GET"
     url: str = ""
     headers: dict[str, str] = Field(default_factory=dict)
+    body: dict[str, Any] | None = None
     success: tuple[int, ...] = ()
     invalid_statuses: tuple[int, ...] = (401,)
     json_ok_key: str | None = None
@@ -133,6 +136,14 @@ class ValidationRequest(_Frozen):
 
     def is_success(self, status: int) -> bool:
         return status in self.success if self.success else 200 <= status < 300
+
+    def ok_in(self, payload: Any) -> bool:
+        """Whether ``json_ok_key`` (a dotted path) holds a truthy value in ``payload``."""
+        for part in (self.json_ok_key or "").split("."):
+            if not isinstance(payload, Mapping):
+                return False
+            payload = payload.get(part)
+        return bool(payload)
 
 
 class UserinfoMap(_Frozen):

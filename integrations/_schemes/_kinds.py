@@ -196,9 +196,38 @@ def _header_auth(
     return {header.name: render(header.template, rendered)}, target
 
 
+def _basic_template(header: AuthHeader) -> str | None:
+    """A basic header's ``user:password`` template, when one is given (``"{api_key}:"``
+    for a key with an empty password, ``"api:{api_key}"``), else None (the ``username``
+    and ``password`` fields are used)."""
+    return header.template if "template" in header.model_fields_set else None
+
+
+def _basic_fields(header: AuthHeader) -> tuple[str, ...]:
+    template = _basic_template(header)
+    return template_fields(template) if template is not None else (header.username, header.password)
+
+
+def _check_basic(header: AuthHeader) -> None:
+    template = _basic_template(header)
+    if template is not None and ":" not in template:
+        raise ValueError("a basic template is 'user:password', such as '{api_key}:'")
+
+
 def _basic_auth(
     header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
 ) -> tuple[dict[str, str], URL]:
+    template = _basic_template(header)
+    if template is not None:
+        user_part = template.partition(":")[0]
+        rendered: dict[str, str] = {}
+        for key in template_fields(template):
+            value = _header_value(values[key], key)
+            if ":" in value and key in template_fields(user_part):
+                raise InvalidField(f"Setup field {key!r} must not contain ':'.", field=key)
+            rendered[key] = value
+        text = render(template, rendered)
+        return {"Authorization": "Basic " + base64.b64encode(text.encode()).decode("ascii")}, target
     user = _header_value(values[header.username], header.username)
     if ":" in user:
         raise InvalidField(
@@ -239,8 +268,11 @@ register_auth_kind(
     "basic",
     _basic_auth,
     reusable=True,
-    fields=lambda header: (header.username, header.password),
-    describe=lambda header: f"Basic `{header.username}:{header.password}`",
+    fields=_basic_fields,
+    describe=lambda header: (
+        f"Basic `{_basic_template(header) or header.username + ':' + header.password}`"
+    ),
+    check=_check_basic,
 )
 register_auth_kind(
     "path",

@@ -432,8 +432,7 @@ def provider_key(integ: Integrations, key: str) -> str:
     """The provider's key, or a usage error suggesting the closest known keys."""
     if key in integ.providers:
         return integ.providers.get(key).key
-    known = [p.key for p in integ.list_providers()]
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key, integ.providers.keys(), n=3, cutoff=0.5)
     hint = f" (did you mean: {', '.join(close)}?)" if close else " (see `integrations providers`)"
     raise Fail(f"unknown provider {key!r}{hint}", USAGE)
 
