@@ -223,5 +223,6 @@ class OwnerHandle:
         uuid: str | None = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
-        return self._services().subscribe(provider, uuid, self.owner, kinds, maxsize)
+        return self._services().subscribe(provider, uuid, self.owner, kinds, maxsize, after)

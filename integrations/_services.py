@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from typing import Any
 
 from . import _names as names
@@ -13,6 +14,7 @@ from ._authflow import AuthFlow
 from ._checks import Checks
 from ._connections import Connections, check_scope
 from ._core import Core
+from ._errors import InvalidArgument
 from ._events import OwnerScope, Subscription
 from ._http import Response
 from ._models import Connection, utcnow
@@ -70,6 +72,7 @@ class Services:
         owner: OwnerScope,
         kinds: Iterable[str] | None,
         maxsize: int,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         if provider is not None:
             provider = self.core.providers.get(provider).key
@@ -77,8 +80,29 @@ class Services:
             uuid = names.require_uuid(uuid)
         scope = check_scope(owner)
         return self.core.hub.subscribe(
-            provider=provider, uuid=uuid, owner=scope, kinds=kinds, maxsize=maxsize
+            provider=provider, uuid=uuid, owner=scope, kinds=kinds, maxsize=maxsize, after=after
         )
+
+    async def prune_events(
+        self, *, max_age: float | timedelta | None, max_count: int | None
+    ) -> int:
+        if max_age is not None:
+            if isinstance(max_age, int | float) and not isinstance(max_age, bool):
+                max_age = timedelta(seconds=max_age)
+            if not isinstance(max_age, timedelta) or max_age.total_seconds() < 0:
+                raise InvalidArgument(
+                    f"max_age must be a number of seconds or a timedelta >= 0, or None; got "
+                    f"{max_age!r}",
+                    field="max_age",
+                )
+        if max_count is not None and (
+            isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0
+        ):
+            raise InvalidArgument(
+                f"max_count must be an int >= 0 or None, got {max_count!r}", field="max_count"
+            )
+        older_than = None if max_age is None else utcnow() - max_age
+        return await self.core.repo.prune_events(older_than=older_than, keep=max_count)
 
     async def record_validation(self, uuid: object, result: Any, owner: OwnerScope) -> None:
         # A uuid that resolves to nothing (or to another owner's row) is quietly left alone.
