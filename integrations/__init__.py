@@ -44,7 +44,7 @@ from ._errors import (
     UnknownKey,
 )
 from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
-from ._http import AuthKind, Response, bot_url, register_auth_kind
+from ._http import Response, bot_url
 from ._integrations import Integrations
 from ._models import Connection, ConnectionList, Event, Page, RotationProgress, Validation
 from ._names import settings_key
@@ -54,11 +54,23 @@ from ._providers import (
     AUTH_TYPES,
     AuthHeader,
     Provider,
+    RejectedAnswer,
     SetupField,
     UserinfoMap,
     ValidationRequest,
 )
 from ._registry import ProviderRegistry, load_providers
+from ._schemes import (
+    AuthContext,
+    AuthKind,
+    AuthScheme,
+    HeaderScheme,
+    Request,
+    TokenGrant,
+    TokenScheme,
+    register_auth_kind,
+    register_auth_scheme,
+)
 from ._sweep import SweepReport
 from ._vault import generate_key
 
@@ -67,8 +79,10 @@ __all__ = [
     "AUTH_TYPES",
     "AllOwners",
     "AlreadyExists",
+    "AuthContext",
     "AuthHeader",
     "AuthKind",
+    "AuthScheme",
     "AuthorizationDenied",
     "AuthorizationTimeout",
     "CacheStats",
@@ -85,6 +99,7 @@ __all__ = [
     "EncryptionNotConfigured",
     "Event",
     "Finding",
+    "HeaderScheme",
     "HostNotAllowed",
     "HubStats",
     "Integrations",
@@ -113,6 +128,8 @@ __all__ = [
     "ProviderConflict",
     "ProviderRegistry",
     "ReauthRequired",
+    "RejectedAnswer",
+    "Request",
     "RequestFailed",
     "Response",
     "RotationProgress",
@@ -121,7 +138,9 @@ __all__ = [
     "StorageError",
     "Subscription",
     "SweepReport",
+    "TokenGrant",
     "TokenRequestFailed",
+    "TokenScheme",
     "UnknownKey",
     "UserinfoMap",
     "Validation",
@@ -131,6 +150,7 @@ __all__ = [
     "load_providers",
     "oauth",
     "register_auth_kind",
+    "register_auth_scheme",
     "register_check",
     "settings_key",
 ]

@@ -88,7 +88,7 @@ class AuthFlow:
         if row is None or (owner is not ALL_OWNERS and row.owner != owner):
             raise NotConfigured()
         provider = self._core.provider_of(row)
-        if provider is None or provider.auth_type != "oauth2" or provider.authorize_url is None:
+        if provider is None or not provider.scheme.authorizes_user or not provider.authorize_url:
             raise InvalidProviderKey(
                 f"The connection's provider {row.provider!r} does not use the OAuth "
                 "authorization-code flow, so there is nothing to authorize: an API-key or "
@@ -303,7 +303,7 @@ class AuthFlow:
         try:
             url = provider.render_url(provider.userinfo_url, plain)
             # The provider's own declared URL, not caller input; Bearer is what userinfo takes.
-            response = await self._core.http.send(
+            response = await self._core.http.request(
                 "GET",
                 url,
                 headers={
@@ -420,7 +420,7 @@ class AuthFlow:
         extra = telemetry.fields("revoke_failed", uuid=uuid, provider=provider)
         try:
             async with asyncio.timeout(self._revoke_timeout):
-                response = await self._core.http.send(
+                response = await self._core.http.request(
                     "POST",
                     url,
                     headers=headers,

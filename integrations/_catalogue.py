@@ -321,13 +321,10 @@ def _describe_auth(provider: Provider) -> str:
     header = provider.auth_header
     if header is None:
         return "—"
-    if header.kind == "basic":
-        return f"Basic `{header.username}:{header.password}`"
-    if header.kind == "path":
-        return f"URL path `{header.template}`"
-    if header.kind == "sigv4":
-        return "AWS SigV4"
-    return f"`{header.name}: {header.template}`"
+    from ._schemes import header_kind
+
+    kind = header_kind(header.kind)
+    return kind.describe(header) if kind is not None else f"`{header.kind}`"
 
 
 def _describe_check(provider: Provider) -> str:

@@ -16,6 +16,7 @@ from ._models import Validation
 from ._probes import CONNECTED, check_credentials
 from ._providers import Provider
 from ._record import StoredRow
+from ._schemes import TokenScheme
 from ._tokens import Refresher
 
 __all__ = ["Checks"]
@@ -66,12 +67,11 @@ class Checks:
         if provider is None:
             return Validation(False, f"Unknown provider {row.provider!r}")
         credentials = self._core.plain(row)
-        if provider.is_oauth and (
-            credentials.get("refresh_token") or provider.auth_type != "oauth2"
-        ):
+        scheme = provider.scheme
+        if isinstance(scheme, TokenScheme) and scheme.renew_before_check(credentials):
             # An expiring token would make a healthy connection look broken: renew first.
             try:
-                if provider.auth_type == "oauth2_client_credentials":
+                if scheme.renewal_is_check:
                     # A fresh token is what proves the client credentials still work.
                     token = await self._tokens.refresh(row, provider)
                 else:
@@ -79,9 +79,9 @@ class Checks:
             except IntegrationsError as exc:
                 return Validation(False, exc.message)
             credentials["access_token"] = token
-        if provider.auth_type == "oauth2_client_credentials" and provider.validation is None:
-            # Getting a token with the client credentials was the check.
-            return Validation(True, CONNECTED)
+            if scheme.renewal_is_check and provider.validation is None:
+                # Getting a token with the client credentials was the check.
+                return Validation(True, CONNECTED)
         return await self.check(provider, credentials)
 
     async def validate_connection(

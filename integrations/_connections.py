@@ -409,7 +409,7 @@ class Connections:
                 },
                 missing=provider.missing_required,
                 runtime=provider.has_runtime_credentials,
-                oauth_code_flow=provider.auth_type == "oauth2",
+                oauth_code_flow=provider.scheme.authorizes_user,
                 actor=actor,
             )
             return done.change, done.row
@@ -502,8 +502,7 @@ class Connections:
             if row is None:
                 return Change(), None
             provider = self._core.provider_of(row)
-            keep_oauth_app = provider is None or provider.is_oauth
-            drop = () if keep_oauth_app else provider.runtime_fields  # type: ignore[union-attr]
+            drop = () if provider is None else provider.scheme.disconnect_drops(provider)
             done = record.disconnected(row, drop, actor, utcnow())
             return done.change, row
 
@@ -572,7 +571,7 @@ _SECRETISH = re.compile(
 
 
 def _refuse_unknown_secrets(provider: Provider, patch: Mapping[str, Any]) -> None:
-    if provider.auth_type == "credentials":
+    if provider.scheme.freeform:
         return  # every value of the freeform map is a secret already
     known = {f.key for f in provider.setup_fields} | provider.secret_keys
     suspect = sorted(k for k in patch if k not in known and _SECRETISH.search(k))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import ipaddress
 import json as jsonlib
@@ -11,39 +10,37 @@ import logging
 import math
 import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from types import MappingProxyType
 from typing import Any, Final
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import _aws
 from . import _telemetry as telemetry
 from ._backoff import equal_jitter
 from ._errors import (
-    ConfigurationError,
     HostNotAllowed,
     InvalidArgument,
-    InvalidField,
     InvalidInput,
     InvalidURL,
     LifecycleError,
-    NotConfigured,
-    NotConnected,
     RequestFailed,
 )
 from ._input import check_header_value, check_method
-from ._providers import AuthHeader, Provider, render, split_host_entry
+from ._providers import Provider, split_host_entry
+from ._schemes import Request, header_kind
 
 __all__ = [
     "HttpClient",
+    "Request",
     "Response",
+    "Signer",
     "auth_for",
     "bot_url",
     "check_url",
@@ -175,23 +172,6 @@ def retry_after_seconds(value: str, *, now: datetime | None = None) -> float | N
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def _missing(provider: Provider, key: str) -> Exception:
-    if provider.is_oauth and key == "access_token":
-        return NotConnected()
-    return NotConfigured(f"The connection has no {key!r} saved: call save_setup first.", field=key)
-
-
-def _header_value(value: Any, key: str) -> str:
-    text = str(value)
-    try:
-        return check_header_value(text, key)
-    except InvalidInput:
-        # Named as the setup field it came from; the value is a secret.
-        raise InvalidField(
-            f"Setup field {key!r} contains a control character.", field=key
-        ) from None
-
-
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
 
 
@@ -212,121 +192,13 @@ def auth_for(
     method: str = "GET",
     body: bytes | None = None,
 ) -> tuple[dict[str, str], str]:
-    """The headers to add and the final URL for a request made with these credentials.
-
-    Built from ``provider.auth_header``: a templated header (``Bearer``,
-    ``Bot``, ``xi-api-key``, ...), HTTP Basic, the token put in front of the
-    URL path, or an AWS SigV4 signature (which covers ``method`` and ``body``).
-    A missing credential raises NotConnected (no OAuth access token) or
-    NotConfigured.
-    """
-    target = _parse(url)
-    header = provider.auth_header
-    if header is None:
-        return {}, str(target)
-    values = provider.template_values(credentials)
-    for key in header.fields:
-        if key not in values:
-            raise _missing(provider, key)
-    kind = AUTH_KINDS.get(header.kind)
-    if kind is None:
-        raise ConfigurationError(f"No auth header kind named {header.kind!r} is registered.")
-    added, final = kind.apply(header, values, target, method, body)
+    """The headers to add and the final URL for a request made with these credentials,
+    as the provider's auth scheme signs it (a templated header such as ``Bearer``, HTTP
+    Basic, the token put in front of the URL path, an AWS SigV4 signature over ``method``
+    and ``body``, or an application scheme's own). A missing credential raises
+    NotConnected (no OAuth access token) or NotConfigured."""
+    added, final = provider.scheme.sign(provider, credentials, method, _parse(url), body)
     return added, str(final)
-
-
-#: Builds what a request carries: (header, credential values, URL, method, body) in, the
-#: headers to add and the final URL out.
-AuthApply = Callable[
-    [AuthHeader, Mapping[str, Any], URL, str, bytes | None], tuple[dict[str, str], URL]
-]
-
-
-@dataclass(frozen=True, slots=True)
-class AuthKind:
-    """A registered way of attaching credentials; ``in_path``: the URL carries them (so
-    redirects and logs must hide it); ``signs_body``: the body must be replayable bytes;
-    ``reusable``: the headers depend on the credentials alone (not on the URL, method or
-    body), so they may be built once per stored row version."""
-
-    name: str
-    apply: AuthApply
-    in_path: bool = False
-    signs_body: bool = False
-    reusable: bool = False
-
-
-#: Auth header kinds by name (``AuthHeader(kind=name)``).
-AUTH_KINDS: dict[str, AuthKind] = {}
-
-
-def register_auth_kind(
-    name: str,
-    apply: AuthApply,
-    *,
-    in_path: bool = False,
-    signs_body: bool = False,
-    reusable: bool = False,
-) -> None:
-    """Register an auth header kind; a name that is taken is refused."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("an auth header kind needs a non-empty name")
-    if name in AUTH_KINDS:
-        raise ValueError(f"an auth header kind named {name!r} is already registered")
-    AUTH_KINDS[name] = AuthKind(
-        name, apply, in_path=in_path, signs_body=signs_body, reusable=reusable
-    )
-
-
-def _header_auth(
-    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
-) -> tuple[dict[str, str], URL]:
-    rendered = {k: _header_value(v, k) for k, v in values.items()}
-    return {header.name: render(header.template, rendered)}, target
-
-
-def _basic_auth(
-    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
-) -> tuple[dict[str, str], URL]:
-    user = _header_value(values[header.username], header.username)
-    if ":" in user:
-        raise InvalidField(
-            f"Setup field {header.username!r} must not contain ':'.", field=header.username
-        )
-    password = _header_value(values[header.password], header.password)
-    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    return {"Authorization": f"Basic {token}"}, target
-
-
-def _path_auth(
-    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
-) -> tuple[dict[str, str], URL]:
-    prefix = render(header.template, {k: quote(str(v), safe=":") for k, v in values.items()})
-    path = target.raw_path
-    if path != prefix and not path.startswith(prefix + "/"):
-        target = target.with_path(prefix + path, encoded=True, keep_query=True)
-    return {}, target
-
-
-def _sigv4_auth(
-    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
-) -> tuple[dict[str, str], URL]:
-    service, region = _aws.service_and_region(
-        target.raw_host or "", str(values.get("region") or "us-east-1")
-    )
-    signed = _aws.sign(method, str(target), {}, body, dict(values), service=service, region=region)
-    return signed, target
-
-
-register_auth_kind("header", _header_auth, reusable=True)
-register_auth_kind("basic", _basic_auth, reusable=True)
-register_auth_kind("path", _path_auth, in_path=True)
-register_auth_kind("sigv4", _sigv4_auth, signs_body=True)
-
-
-def auth_kind(provider: Provider) -> AuthKind | None:
-    header = provider.auth_header
-    return None if header is None else AUTH_KINDS.get(header.kind)
 
 
 def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str) -> str:
@@ -336,7 +208,8 @@ def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str
     ``https://api.telegram.org/bot<TOKEN>/sendMessage``, built on the
     provider's first API host. The result carries the secret: do not log it.
     """
-    kind = auth_kind(provider)
+    header = provider.auth_header
+    kind = header_kind(header.kind) if header is not None else None
     if kind is None or not kind.in_path:
         raise ValueError(f"provider {provider.key!r} does not carry its token in the URL path")
     hosts = [h for h in provider.api_hosts if not h.startswith("*.")]
@@ -346,35 +219,54 @@ def bot_url(provider: Provider, credentials: Mapping[str, Any], method_path: str
     return url
 
 
-def _secret_strings(provider: Provider, credentials: Mapping[str, Any]) -> tuple[str, ...]:
-    """The credential strings a request URL may carry, in every spelling, longest first."""
-    # Only a path token is put in the URL; header credentials never reach one.
-    kind, header = auth_kind(provider), provider.auth_header
-    if kind is None or header is None or not kind.in_path:
-        return ()
-    values = provider.template_values(credentials)
-    out: set[str] = set()
-    for key in header.fields:
-        value = values.get(key)
-        if value is not None and str(value):
-            text = str(value)
-            out.update({text, quote(text, safe=":"), quote(text, safe="")})
-    return tuple(sorted(out, key=len, reverse=True))
-
-
 def _redact(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, _REDACTED)
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class _Auth:
-    provider: Provider
-    credentials: Mapping[str, Any] = field(repr=False)
-    secrets: tuple[str, ...] = field(repr=False)
-    # Headers already built for a header or basic scheme, which do not depend on the URL.
-    headers: Mapping[str, str] | None = field(default=None, repr=False)
+Sign = Callable[[str, URL, "bytes | None"], tuple[dict[str, str], URL]]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Signer:
+    """How each hop of a request to its origin is authenticated: ``headers`` built ahead
+    (they depend on the credentials alone), or ``sign`` called per hop with its method,
+    URL and body. ``secrets``: credential strings the URL may carry (hidden in logs and
+    errors, never sent to another host); ``header``: the scheme's own header, dropped on a
+    redirect to another origin with the usual credential headers; ``signs_body``: the body
+    must be replayable bytes."""
+
+    headers: Mapping[str, str] | None = None
+    sign: Sign | None = None
+    secrets: tuple[str, ...] = ()
+    header: str | None = None
+    signs_body: bool = False
+
+    @classmethod
+    def of(cls, provider: Provider, credentials: Mapping[str, Any]) -> Signer:
+        """Signs with ``credentials`` as ``provider``'s auth scheme does."""
+        scheme = provider.scheme
+
+        def sign(method: str, url: URL, body: bytes | None) -> tuple[dict[str, str], URL]:
+            return scheme.sign(provider, credentials, method, url, body)
+
+        return cls(
+            sign=sign,
+            secrets=scheme.url_secrets(provider, credentials),
+            header=_header_name(provider),
+            signs_body=scheme.signs_body(provider),
+        )
+
+    @classmethod
+    def prepared(cls, provider: Provider, headers: Mapping[str, str]) -> Signer:
+        """Adds ``headers``, built ahead by the scheme's ``prepared_headers``."""
+        return cls(headers=headers, header=_header_name(provider))
+
+
+def _header_name(provider: Provider) -> str | None:
+    header = provider.auth_header
+    return header.name if header is not None else None
 
 
 # The aiohttp request options a caller may pass through (``auth`` is not one: credentials
@@ -537,32 +429,38 @@ class HttpClient:
         method: str,
         url: str | URL,
         *,
-        provider: Provider,
-        credentials: Mapping[str, Any],
+        provider: Provider | None = None,
+        credentials: Mapping[str, Any] | None = None,
         allow_any_host: bool = False,
         max_attempts: int | None = None,
         **opts: Any,
     ) -> Response:
-        """Send a request authenticated with ``credentials`` as ``provider`` defines.
+        """Build a request and send it, authenticated with ``credentials`` as ``provider``'s
+        auth scheme signs it (unauthenticated without a provider).
 
         Refuses, before anything is sent, a URL whose host is not in
         ``provider.api_hosts`` (HostNotAllowed). ``allow_any_host=True`` lifts
         that check and sends the credentials wherever the URL points:
         dangerous, use only for URLs you fully control. Credentials are sent
         only to the original origin; a redirect elsewhere is followed without
-        them (or refused when the URL itself carries them).
+        them (or refused when the URL itself carries them). Headers that carry
+        credentials (Authorization, Cookie) are dropped on a redirect to another origin.
 
         ``opts``: ``headers``, ``params``, ``json``, ``data``, ``timeout``
         (seconds, or an ``aiohttp.ClientTimeout``, per attempt),
         ``allow_redirects`` (default True), and any other ``aiohttp`` request
         option except ``auth``.
         """
-        target = self.target(
-            url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
+        request = self.prepare(
+            method,
+            url,
+            provider=provider,
+            allow_any_host=allow_any_host,
+            max_attempts=max_attempts,
+            opts=opts,
         )
-        return await self.send_authenticated(
-            method, target, provider, credentials, max_attempts=max_attempts, opts=opts
-        )
+        signer = None if provider is None else Signer.of(provider, credentials or {})
+        return await self.send(request, signer)
 
     def target(
         self,
@@ -600,41 +498,83 @@ class HttpClient:
             self._targets[memo] = target
         return target
 
-    async def send_authenticated(
+    def prepare(
         self,
         method: str,
-        target: URL,
-        provider: Provider,
-        credentials: Mapping[str, Any],
+        url: str | URL,
         *,
-        max_attempts: int | None,
-        opts: Mapping[str, Any],
-    ) -> Response:
-        """Send to a URL that ``target()`` checked, authenticated as ``provider`` defines."""
-        auth = _Auth(provider, credentials, _secret_strings(provider, credentials))
-        return await self._send(method, target, auth, max_attempts, dict(opts))
+        provider: Provider | None = None,
+        allow_any_host: bool = False,
+        max_attempts: int | None = None,
+        opts: Mapping[str, Any] = _NO_OPTIONS,
+    ) -> Request:
+        """The request a call makes, checked before anything is sent: method, URL (and
+        its host against ``provider``'s), options and headers; the body encoded once."""
+        method = check_method(method).upper()
+        rest = dict(opts) if opts else {}
+        target = self.target(
+            url, params=rest.pop("params", None), provider=provider, allow_any_host=allow_any_host
+        )
+        if not rest:
+            return Request(method, target, max_attempts=max_attempts)
+        _check_options(rest)
+        follow = bool(rest.pop("allow_redirects", True))
+        timeout = rest.pop("timeout", None)
+        given = rest.pop("headers", None)
+        headers: CIMultiDict[str] | None = None
+        if given:
+            try:
+                headers = CIMultiDict(given)
+            except (TypeError, ValueError):
+                raise InvalidArgument(
+                    "headers must be a mapping of header names to values", field="headers"
+                ) from None
+            _check_headers(headers)
+        body_headers: CIMultiDict[str] = CIMultiDict()
+        body, replayable = _encode_body(
+            body_headers, rest.pop("json", None), rest.pop("data", None)
+        )
+        if body_headers:
+            headers = headers if headers is not None else CIMultiDict()
+            for name, value in body_headers.items():
+                headers.setdefault(name, value)
+        return Request(
+            method,
+            target,
+            headers=headers,
+            body=body,
+            replayable=replayable,
+            timeout=timeout,
+            follow_redirects=follow,
+            max_attempts=max_attempts,
+            options=rest,
+        )
 
-    def send_prepared(
+    def send(
         self,
-        method: str,
-        target: URL,
-        provider: Provider,
-        headers: Mapping[str, str],
+        request: Request,
+        signer: Signer | None = None,
         *,
-        max_attempts: int | None,
-        opts: Mapping[str, Any],
         scope: telemetry.Row | None = None,
     ) -> Coroutine[Any, Any, Response]:
-        """As :meth:`send_authenticated`, with the auth ``headers`` already built by
-        :func:`auth_for` (only for ``reusable`` auth kinds), naming the connection
-        ``scope`` in the log records made while it runs. Returns the sending coroutine
-        itself: one frame less on the hot path's every resumption."""
-        if not opts and method in _BODYLESS:
-            # The common call (no options, no body): sent as is, the general path taking
-            # over only when the answer is a redirect.
-            return self._send_plain(method, target, provider, headers, max_attempts, scope)
-        auth = _Auth(provider, {}, (), headers)
-        sending = self._send(method, target, auth, max_attempts, dict(opts))
+        """The one way out: send ``request`` (retries on 429/5xx and connection errors,
+        redirects), each hop to its origin authenticated by ``signer``, naming the
+        connection ``scope`` in the log records made meanwhile. Returns the sending
+        coroutine itself: one frame less on the hot path's every resumption."""
+        if (
+            signer is not None
+            and signer.headers is not None
+            and request.headers is None
+            and request.body is None
+            and not request.options
+            and request.timeout is None
+            and request.follow_redirects
+            and request.method in _BODYLESS
+        ):
+            # The common call (no options, no body, headers built ahead): sent as is, the
+            # general path taking over only when the answer is a redirect.
+            return self._send_plain(request, signer, scope)
+        sending = self._send(request, signer)
         return sending if scope is None else telemetry.in_log_scope(scope, sending)
 
     def _attempt_count(self, max_attempts: int | None) -> int:
@@ -647,44 +587,28 @@ class HttpClient:
         return attempts
 
     async def _send_plain(
-        self,
-        method: str,
-        target: URL,
-        provider: Provider,
-        headers: Mapping[str, str],
-        max_attempts: int | None,
-        scope: telemetry.Row | None,
+        self, request: Request, signer: Signer, scope: telemetry.Row | None
     ) -> Response:
-        attempts = self._attempt_count(max_attempts)
+        attempts = self._attempt_count(request.max_attempts)
         token = None if scope is None else telemetry.enter_log_scope(scope)
         try:
+            assert signer.headers is not None
             response = await self._attempts(
-                method, target, CIMultiDict(headers), None, attempts, None, _NO_OPTIONS, ()
+                request.method,
+                request.url,
+                CIMultiDict(signer.headers),
+                None,
+                attempts,
+                None,
+                _NO_OPTIONS,
+                (),
             )
             if response.status not in REDIRECT_STATUSES or not response.headers.get("Location"):
                 return response
-            auth = _Auth(provider, {}, (), headers)
-            return await self._send(method, target, auth, max_attempts, {}, first=response)
+            return await self._send(request, signer, first=response)
         finally:
             if token is not None:
                 telemetry.leave_log_scope(token)
-
-    async def send(
-        self,
-        method: str,
-        url: str | URL,
-        *,
-        headers: Mapping[str, str] | None = None,
-        max_attempts: int | None = None,
-        **opts: Any,
-    ) -> Response:
-        """An unauthenticated request with the same URL rules, redirects and retries.
-
-        Headers that carry credentials (Authorization, Cookie) are dropped on a
-        redirect to another origin.
-        """
-        target = self._target(url, opts.pop("params", None))
-        return await self._send(method, target, None, max_attempts, {**opts, "headers": headers})
 
     @staticmethod
     def _target(url: str | URL, params: Any) -> URL:
@@ -702,65 +626,48 @@ class HttpClient:
 
     async def _send(
         self,
-        method: str,
-        target: URL,
-        auth: _Auth | None,
-        max_attempts: int | None,
-        opts: dict[str, Any],
+        request: Request,
+        signer: Signer | None,
         *,
         first: Response | None = None,
     ) -> Response:
         """``first``: the answer to the first hop, already sent (a redirect to follow)."""
-        method = check_method(method).upper()
-        if opts:
-            _check_options(opts)
-        attempts = self._attempt_count(max_attempts)
-        follow = bool(opts.pop("allow_redirects", True))
-        timeout = opts.pop("timeout", None)
-        given = opts.pop("headers", None)
-        try:
-            headers: CIMultiDict[str] = CIMultiDict(given) if given else CIMultiDict()
-        except (TypeError, ValueError):
-            raise InvalidArgument(
-                "headers must be a mapping of header names to values", field="headers"
-            ) from None
-        if given:
-            _check_headers(headers)
-        body, replayable = _encode_body(headers, opts.pop("json", None), opts.pop("data", None))
+        method = request.method
+        attempts = self._attempt_count(request.max_attempts)
+        body, replayable = request.body, request.replayable
         if not replayable:
             attempts = 1
-        secrets = auth.secrets if auth else ()
-        start = target
+        if signer is not None and signer.signs_body and not replayable:
+            raise InvalidArgument(
+                "this provider's requests sign their body: give it as bytes, str, json or "
+                "form data",
+                field="data",
+            )
+        headers: CIMultiDict[str] = (
+            CIMultiDict(request.headers) if request.headers else CIMultiDict()
+        )
+        secrets = signer.secrets if signer is not None else ()
+        timeout, opts = request.timeout, request.options
+        target = start = request.url
         on_origin = True
 
         for _ in range(MAX_REDIRECTS + 1):
             hop_headers = CIMultiDict(headers)
             url = target
-            if auth is not None and on_origin:
-                if auth.headers is not None:
-                    # Built ahead (a header or basic scheme): nothing signs the body.
-                    hop_headers.update(auth.headers)
-                else:
-                    kind = auth_kind(auth.provider)
-                    if kind is not None and kind.signs_body and not replayable:
-                        raise InvalidArgument(
-                            f"{kind.name} requests need a body given as bytes, str, json or "
-                            "form data",
-                            field="data",
-                        )
-                    added, signed_url = auth_for(
-                        auth.provider, auth.credentials, url, method=method, body=body
-                    )
+            if signer is not None and on_origin:
+                if signer.headers is not None:
+                    hop_headers.update(signer.headers)
+                elif signer.sign is not None:
+                    added, url = signer.sign(method, url, body)
                     for name, value in added.items():
                         hop_headers[name] = value
-                    url = URL(signed_url, encoded=True)
             if first is not None:
                 response, first = first, None
             else:
                 response = await self._attempts(
                     method, url, hop_headers, body, attempts, timeout, opts, secrets
                 )
-            if not follow or response.status not in REDIRECT_STATUSES:
+            if not request.follow_redirects or response.status not in REDIRECT_STATUSES:
                 return response
             location = response.headers.get("Location")
             if not location:
@@ -783,8 +690,8 @@ class HttpClient:
             if on_origin and _origin(next_url) != _origin(start):
                 on_origin = False
                 names = list(_SENSITIVE_HEADERS)
-                if auth is not None and auth.provider.auth_header is not None:
-                    names.append(auth.provider.auth_header.name)
+                if signer is not None and signer.header is not None:
+                    names.append(signer.header)
                 for name in names:
                     headers.popall(name, None)
                 if any(secret in str(next_url) for secret in secrets):

@@ -29,6 +29,7 @@ from ._owner import OwnerHandle, Ref
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._rotation import ProgressCallback, RotationProgress
+from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
 from ._settings import Settings, Takeover
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
@@ -66,6 +67,7 @@ class Integrations:
         http: aiohttp.ClientSession | None = None,
         keys: str | Sequence[str] | None = None,
         providers: Iterable[Provider] | None = None,
+        auth_schemes: Iterable[AuthScheme] | None = None,
         override_providers: bool = False,
         leeway: float = 60.0,
         auto_migrate: bool = True,
@@ -121,7 +123,11 @@ class Integrations:
             refresh_takeover=refresh_takeover,
             token_write_retry=token_write_retry,
         )
-        self.providers = ProviderRegistry(providers or (), override=override_providers)
+        self.providers = ProviderRegistry(
+            providers or (),
+            override=override_providers,
+            schemes=SchemeRegistry(auth_schemes or (), parent=SCHEMES),
+        )
         self._repo = storage(
             self.settings,
             cache=cache,

@@ -91,7 +91,7 @@ async def check_credentials(
     check = provider.validation
     # The provider's own userinfo endpoint is where its token is meant to go, whatever
     # api_hosts says; it is the natural check of an OAuth connection.
-    userinfo = check is None and provider.auth_type == "oauth2" and bool(provider.userinfo_url)
+    userinfo = check is None and provider.scheme.authorizes_user and bool(provider.userinfo_url)
     if userinfo and provider.userinfo_url:
         check = ValidationRequest(url=provider.userinfo_url)
     if check is None:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import re
-import string
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from yarl import URL
+from pydantic import (
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import oauth
 from ._errors import (
@@ -20,50 +25,33 @@ from ._errors import (
 )
 from ._input import MAX_ATTRS_BYTES, check_attrs, check_secret_text
 from ._names import PROVIDER_KEY_RE
+from ._schemes import SCHEMES, AuthHeader, AuthScheme, SchemeRegistry
+from ._setup import SetupField, _Frozen
+from ._templates import render, template_fields
 from ._vault import SECRET_FIELDS
 
 __all__ = [
     "AUTH_TYPES",
     "AuthHeader",
     "Provider",
+    "RejectedAnswer",
     "SetupField",
     "UserinfoMap",
     "ValidationRequest",
 ]
 
-AuthType = Literal[
+#: The auth types of the built-in schemes; applications register more (``AuthScheme``).
+AUTH_TYPES: tuple[str, ...] = (
     "oauth2",
     "oauth2_client_credentials",
     "api_key",
     "key_secret",
     "bot_token",
     "credentials",
-]
-AUTH_TYPES: tuple[str, ...] = get_args(AuthType)
-FieldType = Literal["string", "integer", "boolean", "choice", "url"]
+)
+_AUTH_TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 _KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_FIELD_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-
-
-@functools.lru_cache(maxsize=1024)
-def template_fields(template: str) -> tuple[str, ...]:
-    """Names of the ``{field}`` placeholders in a template; refuses anything but plain names."""
-    names: list[str] = []
-    for _literal, name, spec, conversion in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if not _FIELD_KEY_RE.match(name) or spec or conversion:
-            raise ValueError(f"template placeholder {{{name}}} must be a plain field name")
-        names.append(name)
-    return tuple(names)
-
-
-def render(template: str, values: Mapping[str, str]) -> str:
-    """Fill a template's placeholders; a missing value raises KeyError naming the field."""
-    return template.format_map({name: values[name] for name in template_fields(template)})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -89,141 +77,6 @@ def split_host_entry(entry: str) -> tuple[str, int | None]:
     if not pattern or any(c in pattern for c in "*/@?#[] "):
         raise ValueError(f"api hosts are 'host', 'host:port' or '*.domain', not {entry!r}")
     return host, port
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SetupField(_Frozen):
-    """One value an operator types when setting up a connection.
-
-    ``default`` is used wherever the stored value is absent or blank (a blank
-    Microsoft ``tenant_id`` means ``"common"``), so a required field with a
-    default is never missing. ``pattern`` (a regular expression the whole
-    string must match) keeps values that land in URLs, such as an AWS region,
-    well formed; ``expected`` says in words what it accepts, for the error
-    message a mismatch gets.
-    """
-
-    key: str
-    label: str
-    type: FieldType = "string"
-    required: bool = False
-    secret: bool = False
-    help: str = ""
-    choices: tuple[str, ...] = ()
-    default: Any = None
-    pattern: str | None = None
-    expected: str = ""
-
-    @field_validator("key")
-    @classmethod
-    def _check_key(cls, value: str) -> str:
-        if not _FIELD_KEY_RE.match(value):
-            raise ValueError("setup field key must match ^[A-Za-z_][A-Za-z0-9_]*$")
-        return value
-
-    @model_validator(mode="after")
-    def _check_choices(self) -> SetupField:
-        if (self.type == "choice") != bool(self.choices):
-            raise ValueError("choices are required for, and only for, type 'choice'")
-        if self.pattern is not None:
-            re.compile(self.pattern)
-        return self
-
-    def coerce(self, value: Any) -> Any:
-        """The value to store, or InvalidField naming this field (never echoing the value)."""
-        if value is None:
-            return None
-        if isinstance(value, str):
-            value = value.strip()
-            if value == "" and self.type != "string":
-                return None
-        if self.type == "string":
-            if not isinstance(value, str):
-                raise self._invalid("must be a string")
-            if "\x00" in value:
-                raise self._invalid("must not contain NUL characters")
-            if self.pattern is not None and value and not re.fullmatch(self.pattern, value):
-                raise self._invalid(self._wrong_format(value))
-            return value
-        if self.type == "integer":
-            if isinstance(value, bool):
-                raise self._invalid("must be an integer")
-            if isinstance(value, int):
-                return value
-            if isinstance(value, str) and re.fullmatch(r"[+-]?\d{1,18}", value):
-                return int(value)
-            raise self._invalid("must be an integer")
-        if self.type == "boolean":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-                return value.lower() in _TRUE
-            raise self._invalid("must be true or false")
-        if self.type == "choice":
-            if isinstance(value, str) and value in self.choices:
-                return value
-            raise self._invalid(f"must be one of: {', '.join(self.choices)}")
-        # type == "url"
-        if not isinstance(value, str):
-            raise self._invalid("must be an absolute http(s) URL")
-        try:
-            url = URL(value)
-        except (TypeError, ValueError):
-            raise self._invalid("must be an absolute http(s) URL") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise self._invalid("must be an absolute http(s) URL")
-        return value
-
-    def _wrong_format(self, value: str) -> str:
-        expected = self.expected or f"a value matching the regular expression {self.pattern}"
-        # A secret's value is never echoed, even cut short.
-        got = "" if self.secret else f", got {value[:40] + '…' if len(value) > 40 else value!r}"
-        return f"has the wrong format{got}: expected {expected}"
-
-    def _invalid(self, why: str) -> InvalidField:
-        return InvalidField(f"Setup field {self.key!r} {why}.", field=self.key)
-
-
-class AuthHeader(_Frozen):
-    """How stored credentials are attached to a request.
-
-    - ``kind="header"``: header ``name`` set to ``template`` rendered with the
-      credentials (``"Bearer {access_token}"``, ``"Bot {bot_token}"``, ``"{api_key}"``).
-    - ``kind="basic"``: HTTP Basic from the ``username`` and ``password`` fields.
-    - ``kind="path"``: ``template`` (e.g. ``"/bot{bot_token}"``) is put in front
-      of the URL path; Telegram's ``https://api.telegram.org/getMe`` becomes
-      ``https://api.telegram.org/bot<token>/getMe``.
-    - ``kind="sigv4"``: AWS Signature Version 4 from ``access_key``,
-      ``secret_key`` and optional ``session_token`` (needs the ``aws`` extra).
-    - any kind registered with ``integrations.register_auth_kind``.
-    """
-
-    kind: str = "header"
-    name: str = "Authorization"
-    template: str = "Bearer {access_token}"
-    username: str = "access_key"
-    password: str = "secret_key"
-
-    @model_validator(mode="after")
-    def _check(self) -> AuthHeader:
-        template_fields(self.template)
-        if self.kind == "path" and not self.template.startswith("/"):
-            raise ValueError("a path template must start with '/'")
-        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", self.name):
-            raise ValueError("header name is not a valid HTTP token")
-        return self
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        """The credential keys this header is built from."""
-        if self.kind == "basic":
-            return (self.username, self.password)
-        if self.kind == "sigv4":
-            return ("access_key", "secret_key")
-        return template_fields(self.template)
 
 
 class ValidationRequest(_Frozen):
@@ -279,49 +132,57 @@ class UserinfoMap(_Frozen):
         )
 
 
-_OAUTH_FIELDS = (
-    SetupField(key="client_id", label="Client ID", required=True),
-    SetupField(key="client_secret", label="Client secret", required=True, secret=True),
-)
-# A public client (PKCE, token_auth="none") has no secret to require.
-_PUBLIC_OAUTH_FIELDS = (
-    SetupField(key="client_id", label="Client ID", required=True),
-    SetupField(key="client_secret", label="Client secret", secret=True),
-)
-_DEFAULT_FIELDS: dict[str, tuple[SetupField, ...]] = {
-    "oauth2": _OAUTH_FIELDS,
-    "oauth2_client_credentials": _OAUTH_FIELDS,
-    "api_key": (SetupField(key="api_key", label="API key", required=True, secret=True),),
-    "key_secret": (
-        SetupField(key="access_key", label="Access key", required=True),
-        SetupField(key="secret_key", label="Secret key", required=True, secret=True),
-    ),
-    "bot_token": (SetupField(key="bot_token", label="Bot token", required=True, secret=True),),
-    "credentials": (),
-}
+class RejectedAnswer(_Frozen):
+    """An answer that means "these credentials were rejected", told by its body: the
+    status is one of ``statuses`` and the JSON body's ``key`` (a dotted path) holds one of
+    ``values``."""
 
-_DEFAULT_AUTH: dict[str, AuthHeader] = {
-    "oauth2": AuthHeader(template="Bearer {access_token}"),
-    "oauth2_client_credentials": AuthHeader(template="Bearer {access_token}"),
-    "api_key": AuthHeader(template="Bearer {api_key}"),
-    "key_secret": AuthHeader(kind="basic", username="access_key", password="secret_key"),
-    "bot_token": AuthHeader(template="Bearer {bot_token}"),
-}
+    statuses: tuple[int, ...] = (200,)
+    key: str = "error"
+    values: tuple[str, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> RejectedAnswer:
+        if not self.values or not self.key:
+            raise ValueError("a rejected answer names a key and at least one value")
+        if any(not 100 <= status <= 599 for status in self.statuses):
+            raise ValueError("statuses are HTTP statuses (100-599)")
+        return self
+
+    def matches(self, status: int, body: bytes) -> bool:
+        if status not in self.statuses or not body or len(body) > _REJECTED_BODY_LIMIT:
+            return False
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            return False
+        for part in self.key.split("."):
+            if not isinstance(payload, Mapping):
+                return False
+            payload = payload.get(part)
+        return isinstance(payload, str) and payload in self.values
+
+
+# Bodies longer than this are not parsed to look for a rejection.
+_REJECTED_BODY_LIMIT = 64 * 1024
 
 
 class Provider(_Frozen):
     """A service that connections can be made to, described as data.
 
-    Built with keyword fields. When ``setup_fields`` or ``auth_header`` are not
-    given they default by ``auth_type`` (oauth2: client_id + client_secret and
+    Built with keyword fields. ``auth_type`` names a registered :class:`AuthScheme`
+    (built in: ``oauth2``, ``oauth2_client_credentials``, ``api_key``, ``key_secret``,
+    ``bot_token``, ``credentials``). When ``setup_fields`` or ``auth_header`` are not
+    given the scheme's defaults apply (oauth2: client_id + client_secret and
     ``Bearer {access_token}``; api_key: api_key and ``Bearer {api_key}``;
     bot_token: bot_token and ``Bearer {bot_token}``; key_secret: access_key +
-    secret_key and Basic; credentials: freeform, no header).
+    secret_key and Basic; credentials: freeform, no header). ``refresh_on`` and
+    ``rejected_answers`` say which answers mean "credentials rejected".
     """
 
     key: str
     name: str
-    auth_type: AuthType
+    auth_type: str
     authorize_url: str | None = None
     token_url: str | None = None
     userinfo_url: str | None = None
@@ -338,26 +199,40 @@ class Provider(_Frozen):
     userinfo_map: UserinfoMap = Field(default_factory=UserinfoMap)
     #: Statuses with which the API says "this token is rejected": refresh once and retry.
     refresh_on: tuple[int, ...] = (401,)
+    #: Answers that say so in their body (Slack: 200 with ``{"ok": false, "error":
+    #: "token_expired"}``), or with a status other than ``refresh_on``.
+    rejected_answers: tuple[RejectedAnswer, ...] = ()
     description: str = ""
     docs_url: str | None = None
     # An application provider with this set replaces the built-in of the same key.
     override: bool = False
 
+    # The scheme this provider was bound to by a registry with application schemes.
+    _scheme: Any = PrivateAttr(default=None)
+
     @model_validator(mode="before")
     @classmethod
-    def _defaults_by_auth_type(cls, data: Any) -> Any:
+    def _defaults_by_auth_type(cls, data: Any, info: ValidationInfo) -> Any:
         if isinstance(data, dict):
-            auth_type = data.get("auth_type")
-            if isinstance(auth_type, str):
+            scheme = _schemes_of(info).find(data.get("auth_type"))
+            if scheme is not None:
                 data = dict(data)
-                if "setup_fields" not in data and auth_type in _DEFAULT_FIELDS:
-                    public = auth_type == "oauth2" and data.get("token_auth") == "none"
-                    data["setup_fields"] = (
-                        _PUBLIC_OAUTH_FIELDS if public else _DEFAULT_FIELDS[auth_type]
-                    )
-                if "auth_header" not in data and auth_type in _DEFAULT_AUTH:
-                    data["auth_header"] = _DEFAULT_AUTH[auth_type]
+                if "setup_fields" not in data:
+                    data["setup_fields"] = scheme.setup_fields(data)
+                if "auth_header" not in data:
+                    header = scheme.auth_header()
+                    if header is not None:
+                        data["auth_header"] = header
         return data
+
+    @field_validator("auth_type")
+    @classmethod
+    def _check_auth_type(cls, value: str) -> str:
+        if not _AUTH_TYPE_RE.match(value):
+            raise ValueError(
+                "auth_type names a registered auth scheme, such as 'oauth2' or 'api_key'"
+            )
+        return value
 
     @field_validator("key")
     @classmethod
@@ -376,22 +251,24 @@ class Provider(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> Provider:
+        self._check_with_scheme()
+        return self
+
+    def _check_with_scheme(self) -> None:
         keys = [field.key for field in self.setup_fields]
         if len(set(keys)) != len(keys):
             raise ValueError("setup field keys must be unique")
-        if self.auth_type == "oauth2" and not (self.authorize_url and self.token_url):
-            raise ValueError("an oauth2 provider needs authorize_url and token_url")
-        if self.auth_type == "oauth2_client_credentials" and not self.token_url:
-            raise ValueError("an oauth2_client_credentials provider needs token_url")
+        scheme = self._known_scheme()
+        if scheme is not None:
+            scheme.check_provider(self)
         for url in (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url):
             if url is not None:
                 template_fields(url)
-        if self.auth_header is not None and self.auth_type != "credentials":
+        if self.auth_header is not None and scheme is not None and not scheme.freeform:
             known = set(keys) | {"access_token"}
             unknown = [name for name in self.auth_header.fields if name not in known]
             if unknown:
                 raise ValueError(f"auth header uses {unknown[0]!r}, which is not a setup field")
-        return self
 
     @field_validator("refresh_on")
     @classmethod
@@ -400,10 +277,41 @@ class Provider(_Frozen):
             raise ValueError("refresh_on holds 4xx statuses, such as (401,) or (401, 403)")
         return value
 
+    def _known_scheme(self) -> AuthScheme | None:
+        scheme: AuthScheme | None = self._scheme
+        return scheme if scheme is not None else SCHEMES.find(self.auth_type)
+
+    @property
+    def scheme(self) -> AuthScheme:
+        """The auth scheme named by ``auth_type``: the one this provider was registered
+        with, else the module-level registry's (ConfigurationError when none is)."""
+        scheme = self._known_scheme()
+        if scheme is None:
+            return SCHEMES.get(self.auth_type)
+        return scheme
+
+    def bind(self, schemes: SchemeRegistry) -> Provider:
+        """This provider with its scheme taken from ``schemes`` (an application's own
+        schemes on top of the built-ins): defaults filled in, checked by the scheme."""
+        scheme = schemes.get(self.auth_type)
+        if self._scheme is scheme or (self._scheme is None and scheme is self._known_scheme()):
+            return self
+        given = {name: getattr(self, name) for name in self.model_fields_set}
+        bound = Provider.model_validate(given, context={"schemes": schemes})
+        bound._scheme = scheme
+        bound._check_with_scheme()
+        return bound
+
+    def rejects(self, status: int, body: bytes) -> bool:
+        """Whether an API answer means the credentials were rejected (renew, retry once)."""
+        if status in self.refresh_on:
+            return True
+        return any(rule.matches(status, body) for rule in self.rejected_answers)
+
     @property
     def is_oauth(self) -> bool:
-        """Whether calls carry an OAuth access token (authorization code or client credentials)."""
-        return self.auth_type in ("oauth2", "oauth2_client_credentials")
+        """Whether calls carry an access token kept by the tokens service (its scheme says)."""
+        return self.scheme.uses_access_token
 
     @functools.cached_property
     def secret_field_keys(self) -> frozenset[str]:
@@ -414,26 +322,14 @@ class Provider(_Frozen):
     def secret_keys(self) -> frozenset[str]:
         """Every data key whose value is a secret here: :data:`SECRET_FIELDS` and the
         fields declared ``secret=True``."""
-        return self.secret_field_keys | SECRET_FIELDS
+        return self.secret_field_keys | SECRET_FIELDS | self.scheme.secret_fields
 
     @property
     def runtime_fields(self) -> tuple[str, ...]:
-        """Data keys whose presence means the connection can make calls.
-
-        oauth2: the access token; client credentials: client_id + client_secret;
-        credentials: the ``credentials`` map; api_key, bot_token and key_secret:
-        the fields the auth header is built from (``api_key``, ``bot_token``,
-        ``access_key`` + ``secret_key``, Twilio's ``account_sid`` + ``auth_token``).
-        """
-        if self.auth_type == "oauth2":
-            return ("access_token",)
-        if self.auth_type == "oauth2_client_credentials":
-            return ("client_id", "client_secret")
-        if self.auth_type == "credentials":
-            return ("credentials",)
-        if self.auth_header is not None:
-            return self.auth_header.fields
-        return tuple(field.key for field in self.setup_fields if field.required)
+        """Data keys whose presence means the connection can make calls (its scheme says:
+        the access token, the client credentials, the ``credentials`` map, or the fields
+        the auth header is built from, such as Twilio's ``account_sid`` + ``auth_token``)."""
+        return self.scheme.runtime_fields(self)
 
     def normalize_attrs(
         self, attrs: Mapping[str, Any], *, max_bytes: int = MAX_ATTRS_BYTES
@@ -467,7 +363,8 @@ class Provider(_Frozen):
 
         patch: dict[str, Any] = {}
         nested: dict[str, Any] = {}
-        if self.auth_type == "credentials" and "credentials" in attrs:
+        freeform = self.scheme.freeform
+        if freeform and "credentials" in attrs:
             given = attrs["credentials"]
             if given is not None and not isinstance(given, Mapping):
                 raise InvalidField(
@@ -476,14 +373,14 @@ class Provider(_Frozen):
             for key, value in (given or {}).items():
                 nested[key] = coerce(key, value)
         for key, value in attrs.items():
-            if self.auth_type == "credentials" and key == "credentials":
+            if freeform and key == "credentials":
                 continue
             coerced = coerce(key, value)
-            if self.auth_type == "credentials":
+            if freeform:
                 nested[key] = coerced
             else:
                 patch[key] = coerced
-        if self.auth_type == "credentials" and (nested or "credentials" in attrs):
+        if freeform and (nested or "credentials" in attrs):
             patch["credentials"] = nested
         return patch
 
@@ -497,7 +394,7 @@ class Provider(_Frozen):
             if not _blank(value):
                 out[key] = value
         creds = data.get("credentials")
-        if self.auth_type == "credentials" and isinstance(creds, Mapping):
+        if isinstance(creds, Mapping) and self.scheme.freeform:
             for key, value in creds.items():
                 if isinstance(key, str) and not _blank(value):
                     out[key] = value
@@ -530,15 +427,20 @@ class Provider(_Frozen):
         return not self.missing_required(data)
 
     def has_runtime_credentials(self, data: Mapping[str, Any]) -> bool:
-        if self.auth_type == "credentials":
-            creds = data.get("credentials")
-            return isinstance(creds, Mapping) and bool(creds) and self.is_configured(data)
-        return all(not _blank(data.get(key)) for key in self.runtime_fields)
+        return self.scheme.has_runtime_credentials(self, data)
 
     def map_userinfo(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The account (email, name, picture, id) read from a userinfo response, as
         ``userinfo_map`` says."""
         return self.userinfo_map.apply(payload)
+
+
+def _schemes_of(info: ValidationInfo) -> SchemeRegistry:
+    context = info.context
+    if isinstance(context, dict) and context.get("schemes") is not None:
+        found: SchemeRegistry = context["schemes"]
+        return found
+    return SCHEMES
 
 
 def _blank(value: Any) -> bool:

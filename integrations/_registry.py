@@ -13,9 +13,9 @@ from pydantic import ValidationError
 
 from ._catalogue import BUILTIN_PROVIDERS
 from ._errors import ConfigurationError, InvalidProviderKey, ProviderConflict
-from ._http import AUTH_KINDS
 from ._probes import CHECK_HOOKS
 from ._providers import Provider, unknown_provider_message
+from ._schemes import AUTH_KINDS, SCHEMES, SchemeRegistry
 
 __all__ = ["ProviderRegistry", "load_providers"]
 
@@ -67,7 +67,14 @@ class ProviderRegistry:
     providers with the same key are always a ProviderConflict.
     """
 
-    def __init__(self, extra: Iterable[Provider] = (), *, override: bool = False) -> None:
+    def __init__(
+        self,
+        extra: Iterable[Provider] = (),
+        *,
+        override: bool = False,
+        schemes: SchemeRegistry = SCHEMES,
+    ) -> None:
+        self.schemes = schemes
         self._providers: dict[str, Provider] = {p.key: p for p in BUILTIN_PROVIDERS}
         seen: set[str] = set()
         for provider in extra:
@@ -82,6 +89,26 @@ class ProviderRegistry:
                     f"Provider {provider.key!r} is a built-in; pass override=True to replace it.",
                     provider=provider.key,
                 )
+            if provider.auth_type not in schemes:
+                raise ConfigurationError(
+                    f"Provider {provider.key!r} uses the auth type {provider.auth_type!r}, which "
+                    f"no registered auth scheme has (known: {', '.join(schemes.names())}); "
+                    "register it with Integrations(auth_schemes=[...]) or "
+                    "integrations.register_auth_scheme() first."
+                )
+            try:
+                provider = provider.bind(schemes)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ConfigurationError(
+                    f"Provider {provider.key!r} does not fit its auth scheme "
+                    f"{provider.auth_type!r}: {first['msg']}."
+                ) from None
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"Provider {provider.key!r} does not fit its auth scheme "
+                    f"{provider.auth_type!r}: {exc}."
+                ) from None
             header = provider.auth_header
             if header is not None and header.kind not in AUTH_KINDS:
                 raise ConfigurationError(

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _telemetry as telemetry
 from ._core import Core
-from ._http import Response, auth_for, auth_kind
+from ._http import Request, Response, Signer
 from ._input import check_method
 from ._providers import Provider
 from ._record import StoredRow
+from ._schemes import Answer
 from ._tokens import Refresher
-
-if TYPE_CHECKING:
-    from yarl import URL
 
 __all__ = ["Requests"]
 
@@ -25,11 +23,13 @@ _HEADERS = "auth_headers"
 class Requests:
     """Authenticated calls: one pass of the pipeline per call.
 
-    The row is decrypted once and the URL checked against the provider's API hosts once,
-    before any token request. For OAuth providers a token due for renewal is refreshed
-    first; an answer whose status is in ``provider.refresh_on`` (401 by default) means
-    the token was rejected: it is refreshed once (only if still the stored one) and the
-    request sent once more.
+    The request is built once (URL checked against the provider's API hosts, options and
+    headers checked, body encoded) before any token request; the row is decrypted once.
+    Headers that depend on the credentials alone are built once per cached row version;
+    otherwise the provider's auth scheme runs its flow: OAuth schemes renew a token that is
+    due first, and an answer that ``provider.rejects`` (a ``refresh_on`` status, 401 by
+    default, or a ``rejected_answers`` rule) makes them renew once (only if the rejected
+    token is still the stored one) and send the request once more.
     """
 
     def __init__(self, core: Core, tokens: Refresher) -> None:
@@ -82,58 +82,74 @@ class Requests:
         *,
         traced: bool = False,
     ) -> Coroutine[Any, Any, Response]:
-        """Check the URL and return the coroutine that sends the request, naming ``row``
-        in the log records made while it runs (a traced call's span already does)."""
+        """Build the request and return the coroutine that sends it, naming ``row`` in the
+        log records made while it runs (a traced call's span already does)."""
         core = self._core
         provider = core.require_provider(row)
-        target = core.http.target(
-            url, params=opts.pop("params", None), provider=provider, allow_any_host=allow_any_host
+        scheme = provider.scheme
+        request = core.http.prepare(
+            method,
+            url,
+            provider=provider,
+            allow_any_host=allow_any_host,
+            max_attempts=max_attempts,
+            opts=opts,
         )
         scope = None if traced else row
-        kind = auth_kind(provider)
-        if not provider.is_oauth and kind is not None and kind.reusable:
-            # Built once per cached row version: no decrypt or rendering on later calls.
-            cache = core.repo.cache
-            added: dict[str, str] | None = cache.extra(row, _HEADERS)
-            if added is None:
-                plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
-                added, _ = auth_for(provider, plain, target)
-                cache.keep_extra(row, _HEADERS, added)
-            return core.http.send_prepared(
-                method, target, provider, added, max_attempts=max_attempts, opts=opts, scope=scope
-            )
+        cache = core.repo.cache
+        added: dict[str, str] | None = cache.extra(row, _HEADERS)
+        if added is not None:
+            return core.http.send(request, Signer.prepared(provider, added), scope=scope)
         plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
-        if not provider.is_oauth:
-            sending = core.http.send_authenticated(
-                method, target, provider, plain, max_attempts=max_attempts, opts=opts
-            )
-        else:
-            sending = self._oauth(row, provider, plain, method, target, max_attempts, opts)
+        added = scheme.prepared_headers(provider, plain)
+        if added is not None:
+            # Built once per cached row version: no decrypt or rendering on later calls.
+            cache.keep_extra(row, _HEADERS, added)
+            return core.http.send(request, Signer.prepared(provider, added), scope=scope)
+        sending = self._flow(row, provider, plain, request)
         return sending if scope is None else telemetry.in_log_scope(scope, sending)
 
-    async def _oauth(
-        self,
-        row: StoredRow,
-        provider: Provider,
-        plain: Mapping[str, Any],
-        method: str,
-        target: URL,
-        max_attempts: int | None,
-        opts: dict[str, Any],
+    async def _flow(
+        self, row: StoredRow, provider: Provider, plain: Mapping[str, Any], request: Request
     ) -> Response:
-        core = self._core
-        token = await self._tokens.access_token(row, provider, plain)
+        """Run the scheme's auth flow: send what it yields, hand it the answer; a flow may
+        yield the request once more (after renewing its credentials), never more."""
+        http = self._core.http
+        flow = provider.scheme.auth_flow(request, _Context(self._tokens, row, provider, plain))
+        try:
+            signed = await anext(flow)
+            response = await http.send(signed, Signer.of(provider, _signing(signed, plain)))
+            try:
+                again = await flow.asend(response)
+            except StopAsyncIteration:
+                return response
+            return await http.send(again, Signer.of(provider, _signing(again, plain)))
+        finally:
+            await flow.aclose()
 
-        async def send(access_token: str) -> Response:
-            credentials: Mapping[str, Any] = {**plain, "access_token": access_token}
-            return await core.http.send_authenticated(
-                method, target, provider, credentials, max_attempts=max_attempts, opts=opts
-            )
 
-        response = await send(token)
-        if response.status not in provider.refresh_on:
-            return response
-        fresh = await self._tokens.after_rejection(row, token)
-        if fresh == token:
-            return response
-        return await send(fresh)
+def _signing(request: Request, plain: Mapping[str, Any]) -> Mapping[str, Any]:
+    return request.credentials if request.credentials is not None else plain
+
+
+class _Context:
+    """What a scheme's auth flow may ask of the connection (see ``AuthContext``)."""
+
+    __slots__ = ("_row", "_tokens", "credentials", "provider")
+
+    def __init__(
+        self, tokens: Refresher, row: StoredRow, provider: Provider, plain: Mapping[str, Any]
+    ) -> None:
+        self._tokens = tokens
+        self._row = row
+        self.provider = provider
+        self.credentials = plain
+
+    async def access_token(self) -> str:
+        return await self._tokens.access_token(self._row, self.provider, self.credentials)
+
+    async def renew(self, rejected: str) -> str:
+        return await self._tokens.after_rejection(self._row, rejected)
+
+    def rejected(self, response: Answer) -> bool:
+        return self.provider.rejects(response.status, response.body)

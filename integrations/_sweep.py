@@ -19,6 +19,7 @@ from ._events import ALL_OWNERS
 from ._models import Validation, utcnow
 from ._record import StoredRow
 from ._repository import Leadership
+from ._schemes import TokenScheme
 from ._services import Services
 from ._tokens import parse_time
 
@@ -349,11 +350,8 @@ class HealthSweep:
         last = parse_time(row.data.get("last_validated_at"))
         check = last is None or now - last >= self.stale_after
         renew = False
-        if (
-            provider.auth_type == "oauth2"
-            and row.data.get("refresh_token")
-            and not row.data.get("refresh_error")
-        ):
+        scheme = provider.scheme
+        if isinstance(scheme, TokenScheme) and scheme.renews_ahead(row.data):
             expires_at = parse_time(row.data.get("expires_at"))
             renew = expires_at is not None and expires_at - now <= self.refresh_ahead
         return check, renew

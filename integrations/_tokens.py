@@ -41,6 +41,7 @@ from ._input import check_timestamp, parse_timestamp
 from ._models import utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
+from ._schemes import TokenScheme
 from ._settings import BUDGET_MARGIN
 
 __all__ = ["Refresher", "imported_token_set", "parse_time", "post_token_request"]
@@ -189,7 +190,7 @@ async def _post_token_request(
 ) -> oauth.TokenSet:
     url, headers, body = request
     try:
-        response = await http.send(
+        response = await http.request(
             "POST",
             url,
             headers=headers,
@@ -278,14 +279,9 @@ class Refresher:
             plain = self._plain(row, provider)
         token = _text(plain.get("access_token"))
         now = utcnow()
-        if provider.auth_type == "oauth2":
-            if token is None:
-                raise NotConnected()
-            # Without a refresh token nothing can be done ahead of time; the API will tell.
-            if not self._due(plain, now) or _text(plain.get("refresh_token")) is None:
-                return token
-        elif token is not None and not self._due(plain, now):
-            return token
+        usable = _scheme(provider).usable_token(plain, due=self._due(plain, now))
+        if usable is not None:
+            return usable
         held = _held_back(row.data, now)
         if held is not None:
             if token is not None and _usable(token, plain, now):
@@ -854,37 +850,18 @@ class Refresher:
         auth_method: oauth.AuthMethod = provider.token_auth if secret else "none"
         assert provider.token_url is not None
         url = provider.render_url(provider.token_url, plain)
-        refresh_token: str | None = None
-        if provider.auth_type == "oauth2":
-            refresh_token = _text(plain.get("refresh_token"))
-            if refresh_token is None:
-                raise ReauthRequired(
-                    "The access token was rejected and there is no refresh token; "
-                    "the connection must be authorized again"
-                )
-            request = oauth.token_request(
-                "refresh_token",
-                token_url=url,
-                client_id=client_id,
-                client_secret=secret,
-                auth_method=auth_method,
-                refresh_token=refresh_token,
-            )
-            granted = plain.get("granted_scopes")
-            requested: Sequence[str] = (
-                [str(s) for s in granted] if isinstance(granted, list) else provider.scopes
-            )
-        else:
-            request = oauth.token_request(
-                "client_credentials",
-                token_url=url,
-                client_id=client_id,
-                client_secret=secret,
-                auth_method=auth_method,
-                scope_separator=provider.scope_separator,
-                scope=list(provider.scopes) or None,
-            )
-            requested = provider.scopes
+        grant = _scheme(provider).grant(provider, plain)
+        refresh_token = grant.spends
+        request = oauth.token_request(
+            grant.grant_type,
+            token_url=url,
+            client_id=client_id,
+            client_secret=secret,
+            auth_method=auth_method,
+            scope_separator=provider.scope_separator,
+            **grant.params,
+        )
+        requested = grant.requested_scopes
         policy = self.policy
         loop = asyncio.get_running_loop()
         delays = oauth.backoff_delays(policy.attempts - 1, policy.backoff, policy.backoff_cap)
@@ -1000,17 +977,21 @@ async def _to_the_end(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _nothing_to_refresh(provider: Provider, plain: Mapping[str, Any]) -> bool:
-    """An authorization-code connection with neither token has not been connected (or was
-    disconnected); client-credentials connections can always fetch a token."""
-    return (
-        provider.auth_type == "oauth2"
-        and _text(plain.get("access_token")) is None
-        and _text(plain.get("refresh_token")) is None
-    )
+    """Whether nothing can be renewed until a user connects (an authorization-code
+    connection with neither token); client-credentials connections can always fetch one."""
+    return _scheme(provider).not_connected(plain)
+
+
+def _scheme(provider: Provider) -> TokenScheme:
+    scheme = provider.scheme
+    if not isinstance(scheme, TokenScheme):
+        _check_oauth(provider)
+        raise AssertionError("unreachable")  # pragma: no cover
+    return scheme
 
 
 def _check_oauth(provider: Provider) -> None:
-    if not provider.is_oauth:
+    if not isinstance(provider.scheme, TokenScheme):
         raise InvalidProviderKey(
             f"Provider {provider.key!r} does not use OAuth access tokens: read its credentials "
             "with get_credentials(), or call its API with authenticated_request().",

@@ -181,7 +181,7 @@ def authorization_url(
 
 
 def token_request(
-    grant_type: GrantType,
+    grant_type: GrantType | str,
     *,
     token_url: str,
     client_id: str,
@@ -198,9 +198,10 @@ def token_request(
     a ``scope`` sequence is joined with ``scope_separator``.
     """
     _check_url(token_url)
-    if grant_type not in _GRANT_REQUIRED:
+    if grant_type not in _GRANT_REQUIRED and ":" not in grant_type:
+        # Extension grants (RFC 6749 §4.5) are absolute URIs, such as RFC 7523's JWT bearer.
         raise ValueError(f"unsupported grant_type {grant_type!r}")
-    missing = [name for name in _GRANT_REQUIRED[grant_type] if not params.get(name)]
+    missing = [name for name in _GRANT_REQUIRED.get(grant_type, ()) if not params.get(name)]
     if missing:
         raise ValueError(f"{grant_type} needs {', '.join(missing)}")
     fields: dict[str, str] = {}

@@ -384,7 +384,7 @@ async def test_path_token_request_and_response_never_show_the_token(
 
 
 async def test_response_repr_and_text(server: Server, http: HttpClient):
-    response = await http.send("GET", server.url("/latin1"))
+    response = await http.request("GET", server.url("/latin1"))
     assert response.text == "café"
     assert SECRET not in repr(response)
     assert repr(response) == f"<Response 200 {server.url('/latin1')}>"
@@ -495,7 +495,7 @@ async def test_redirect_carrying_a_path_token_to_another_host_is_refused(
 async def test_send_strips_a_callers_authorization_on_cross_host_redirect(
     server: Server, other: Server, http: HttpClient
 ):
-    response = await http.send(
+    response = await http.request(
         "POST",
         server.url("/redirect"),
         params={"status": "307", "to": other.url("/echo", "localhost")},
@@ -652,7 +652,7 @@ async def test_a_body_that_cannot_be_replayed_is_sent_once(server: Server, http:
 async def test_an_injected_session_is_never_closed(server: Server):
     async with aiohttp.ClientSession() as session:
         http = HttpClient(session)
-        response = await http.send("GET", server.url("/echo"))
+        response = await http.request("GET", server.url("/echo"))
         assert response.status == 200
         await http.close()
         assert not session.closed
@@ -661,13 +661,13 @@ async def test_an_injected_session_is_never_closed(server: Server):
 async def test_own_session_is_created_lazily_and_closed(server: Server):
     http = HttpClient()
     assert http._session is None
-    await http.send("GET", server.url("/echo"))
+    await http.request("GET", server.url("/echo"))
     session = http._session
     assert session is not None
     await http.close()
     assert session.closed
     with pytest.raises(LifecycleError):
-        await http.send("GET", server.url("/echo"))
+        await http.request("GET", server.url("/echo"))
 
 
 async def test_a_request_in_flight_when_the_client_closes_raises_a_library_error(server: Server):
@@ -691,7 +691,7 @@ async def test_an_injected_session_closed_by_its_owner_raises_lifecycle_error(se
     http = HttpClient(session)
     await session.close()
     with pytest.raises(LifecycleError):
-        await http.send("GET", server.url("/echo"))
+        await http.request("GET", server.url("/echo"))
 
 
 def test_invalid_client_settings_are_refused():
@@ -704,4 +704,4 @@ def test_invalid_client_settings_are_refused():
 async def test_method_must_be_a_name(server: Server, http: HttpClient):
     bad: Any = "GET /x"
     with pytest.raises(ValueError):
-        await http.send(bad, server.url("/echo"))
+        await http.request(bad, server.url("/echo"))

@@ -108,7 +108,7 @@ async def _spend_refresh_token_elsewhere(integ: Integrations, server: OAuthTestS
         auth_method="client_secret_post",
         refresh_token=refresh_token,
     )
-    response = await integ._s.core.http.send("POST", url, headers=headers, data=body)
+    response = await integ._s.core.http.request("POST", url, headers=headers, data=body)
     assert response.status == 200
 
 

@@ -106,7 +106,11 @@ def providers(ctx: click.Context) -> None:
     """The provider catalogue: key, name, auth type, API hosts."""
     env = env_of(ctx)
     # No database needed: the catalogue is data.
-    found = guard(lambda: Integrations(providers=env.provider_list()).list_providers())
+    found = guard(
+        lambda: Integrations(
+            providers=env.provider_list(), auth_schemes=env.auth_schemes()
+        ).list_providers()
+    )
     if env.json:
         emit_json(
             [
@@ -328,7 +332,7 @@ def disconnect(ctx: click.Context, ref: str) -> None:
 def _is_secret(provider: Any, field: str) -> bool:
     if field in SECRET_FIELDS or field in provider.secret_field_keys:
         return True
-    if provider.auth_type == "credentials":
+    if provider.scheme.freeform:
         # Values under the credentials map are stored as secrets, unless declared otherwise.
         declared = {f.key: f for f in provider.setup_fields}
         return field not in declared or declared[field].secret
@@ -356,7 +360,7 @@ def _check_field(provider: Any, field: str) -> None:
     """A field the provider does not declare is refused (a mistyped secret would be stored
     and shown as a plain value); providers of freeform credentials take any name."""
     declared = [f.key for f in provider.setup_fields]
-    if provider.auth_type == "credentials" or not declared or field in declared:
+    if provider.scheme.freeform or not declared or field in declared:
         return
     close = [k for k in declared if k.lower() == field.lower()] or difflib.get_close_matches(
         field, declared, n=2

@@ -38,6 +38,7 @@ from .._models import Connection
 from .._names import PROVIDER_KEY_RE, parse_uuid
 from .._providers import Provider
 from .._repository import mask_dsn
+from .._schemes import AuthScheme
 
 T = TypeVar("T")
 
@@ -66,14 +67,27 @@ class Env:
     debug: bool = False
     providers: str | None = None
     _loaded: list[Provider] | None = field(default=None, repr=False)
+    _schemes: list[AuthScheme] = field(default_factory=list, repr=False)
 
     def provider_list(self) -> list[Provider]:
         if self._loaded is None:
             self._loaded = load_providers(self.providers) if self.providers else []
+            if self.providers:
+                self._schemes = load_auth_schemes(self.providers)
         return self._loaded
 
+    def auth_schemes(self) -> list[AuthScheme]:
+        """The auth schemes the ``--providers`` module declares (``auth_schemes``)."""
+        self.provider_list()
+        return self._schemes
+
     def integrations(self, *, auto_migrate: bool = True) -> Integrations:
-        return Integrations(self.dsn, providers=self.provider_list(), auto_migrate=auto_migrate)
+        return Integrations(
+            self.dsn,
+            providers=self.provider_list(),
+            auth_schemes=self.auth_schemes(),
+            auto_migrate=auto_migrate,
+        )
 
 
 def load_providers(spec: str) -> list[Provider]:
@@ -91,6 +105,22 @@ def load_providers(spec: str) -> list[Provider]:
         raise Fail(f"cannot load providers from {spec}: {_first_line(exc)}", USAGE) from exc
     if not all(isinstance(p, Provider) for p in found):
         raise Fail(f"{spec} must be a list of integrations.Provider", USAGE)
+    return found
+
+
+def load_auth_schemes(spec: str) -> list[AuthScheme]:
+    """The ``auth_schemes`` a ``module:attr`` provider spec's module declares, if any: an
+    application's own schemes, registered for this command only."""
+    path = Path(spec)
+    if spec.endswith(".json") or path.is_file():
+        return []
+    module_name, _, _attr = spec.partition(":")
+    try:
+        found = list(getattr(importlib.import_module(module_name), "auth_schemes", ()))
+    except (ImportError, TypeError) as exc:
+        raise Fail(f"cannot load auth schemes from {spec}: {_first_line(exc)}", USAGE) from exc
+    if not all(isinstance(s, AuthScheme) for s in found):
+        raise Fail(f"{module_name}.auth_schemes must be a list of integrations.AuthScheme", USAGE)
     return found
 
 

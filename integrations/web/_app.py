@@ -396,7 +396,7 @@ class _Console:
             "provider_name": provider.name if provider is not None else conn.provider,
             "row": _row(provider, conn),
             "fields": field_views(provider, data) if provider is not None else [],
-            "oauth": provider is not None and provider.auth_type == "oauth2",
+            "oauth": provider is not None and provider.scheme.authorizes_user,
             "has_token": bool(data.get("access_token")),
             "recent": self.recent_for(conn.uuid),
             "scopes": " ".join(

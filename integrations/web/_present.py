@@ -63,13 +63,14 @@ _INPUT_TYPES = {"integer": "number", "url": "url", "boolean": "select", "choice"
 
 def field_views(provider: Provider, masked: Mapping[str, Any]) -> list[FieldView]:
     """The provider's setup fields with what may be shown of the stored (masked) data."""
-    nested = masked.get("credentials") if provider.auth_type == "credentials" else None
+    freeform = provider.scheme.freeform
+    nested = masked.get("credentials") if freeform else None
     views = []
     for field in provider.setup_fields:
         stored = (nested or {}).get(field.key) if isinstance(nested, Mapping) else None
         if stored is None:
             stored = masked.get(field.key)
-        hidden = field.secret or provider.auth_type == "credentials"
+        hidden = field.secret or freeform
         views.append(
             FieldView(
                 key=field.key,
@@ -107,7 +108,7 @@ def _text(value: Any) -> str:
 def setup_patch(provider: Provider, form: Mapping[str, str]) -> dict[str, Any]:
     """The attrs to save from a submitted form: blank secret fields are left out (kept)."""
     attrs: dict[str, Any] = {}
-    hidden_all = provider.auth_type == "credentials"
+    hidden_all = provider.scheme.freeform
     for field in provider.setup_fields:
         if field.key not in form:
             continue
