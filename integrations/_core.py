@@ -14,17 +14,19 @@ from ._cache import CachedRepository, RowCache
 from ._errors import ConfigurationError, InvalidProviderKey
 from ._events import EventHub
 from ._http import HttpClient
+from ._keysource import Custody, load_keyring, parse_sources
 from ._models import Connection
+from ._names import shown
 from ._providers import Provider
 from ._record import StoredRow
 from ._registry import ProviderRegistry
 from ._repository import Pool, Repository
-from ._settings import Settings
-from ._vault import Keyring, Vault, mask_data
+from ._settings import Settings, check_at_most
+from ._vault import ENV_KEYS, Vault, mask_data
 
 log = logging.getLogger("integrations")
 
-__all__ = ["Core", "connect", "storage"]
+__all__ = ["Core", "connect", "storage", "unwrap_keys"]
 
 
 def storage(
@@ -44,8 +46,10 @@ def storage(
         or statement_cache_size < 0
     ):
         raise ConfigurationError(
-            f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}."
+            f"statement_cache_size must be an int >= 0, got {shown(statement_cache_size)}."
         )
+    if statement_cache_size is not None:
+        check_at_most("statement_cache_size", statement_cache_size)
     if statement_cache_size is not None and pool is not None:
         raise ConfigurationError(
             "statement_cache_size applies to the pool the library creates; with pool= "
@@ -54,7 +58,7 @@ def storage(
     if listen_dsn is not None and (not isinstance(listen_dsn, str) or not listen_dsn):
         raise ConfigurationError("listen_dsn must be a non-empty DSN string.")
     if not isinstance(cache, bool):
-        raise ConfigurationError(f"cache must be True or False, got {cache!r}.")
+        raise ConfigurationError(f"cache must be True or False, got {shown(cache)}.")
     if cache and statement_cache_size is not None and listen_dsn is None:
         # statement_cache_size says "behind a transaction pooler", where LISTEN through
         # the pooler misses notifications: a cache fed by them could serve stale rows.
@@ -64,6 +68,8 @@ def storage(
             extra=telemetry.fields("cache_disabled"),
         )
         cache = False
+    if isinstance(cache_size, int) and not isinstance(cache_size, bool):
+        check_at_most("cache_size", cache_size)
     try:
         row_cache = RowCache(enabled=cache, capacity=cache_size)
     except ValueError as exc:
@@ -102,15 +108,34 @@ async def connect(
             dsn = embedded = await start_embedded(directory)
             if keys is None and not os.environ.get("INTEGRATIONS_KEYS"):
                 keys = ensure_key_file(directory)
-    keyring = Keyring.parse(keys) if keys is not None else Keyring.from_env()
-    if keyring is None and encryption == "on":
+    if keys is None:
+        value = os.environ.get(ENV_KEYS, "")
+        keys = value if value.strip(" \t\r\n,") else None
+    sources = parse_sources(keys) if keys is not None else None
+    if sources is None and encryption == "on":
         log.warning(
             "No encryption keys are configured (keys= or INTEGRATIONS_KEYS), so saving a "
             "secret will fail; generate one with integrations.generate_key().",
             extra=telemetry.fields("encryption_keys_missing"),
         )
+    vault = Vault(None, encryption=encryption)
+    if sources is not None:
+        custody = Custody(sources)
+        if custody.needs_store:
+            # Data keys live in the schema: unwrapped once the schema is up to date.
+            vault.pending = sources
+        else:
+            vault.install(await load_keyring(sources, None))
     await repo.open(dsn=dsn, pool=pool, max_size=pool_max_size)
-    return Vault(keyring, encryption=encryption), embedded
+    return vault, embedded
+
+
+async def unwrap_keys(vault: Vault, repo: Repository) -> None:
+    """Load the keys of sources that keep wrapped data keys in the database (a KMS, an
+    HSM): one call to the key holder per data key, here and never again in this process."""
+    sources, vault.pending = vault.pending, None
+    if sources:
+        vault.install(await load_keyring(sources, repo))
 
 
 class Core:

@@ -6,15 +6,16 @@ import dataclasses
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from . import _telemetry as telemetry
 from ._errors import CryptoError, EncryptionNotConfigured, InvalidArgument
 from ._models import RotationProgress
+from ._names import shown
 from ._record import StoredRow
-from ._repository import Repository, ResealBatch
+from ._repository import RESEAL_START, Repository, ResealBatch
+from ._settings import MAXIMUM
 from ._vault import CREDENTIALS, SECRET_FIELDS, Vault
 
 __all__ = ["PKCE_FIELD", "ProgressCallback", "RotationProgress", "rotate"]
@@ -27,7 +28,6 @@ PKCE_FIELD = "pkce_verifier"
 
 ProgressCallback: TypeAlias = Callable[[RotationProgress], object]
 
-_FIRST_UUID = str(uuid.UUID(int=0))
 _FIRST_STATE_HASH = ""
 
 
@@ -82,12 +82,18 @@ async def _rotate(
     batch_size: int,
     progress: ProgressCallback | None,
 ) -> RotationProgress:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= MAXIMUM["batch_size"]
+    ):
         raise InvalidArgument(
-            f"batch_size must be a positive integer, got {batch_size!r}", field="batch_size"
+            f"batch_size must be a positive integer, got {shown(batch_size)}", field="batch_size"
         )
     if progress is not None and not callable(progress):
-        raise TypeError("progress must be a callable taking a RotationProgress")
+        raise InvalidArgument(
+            "progress must be a callable taking a RotationProgress", field="progress"
+        )
     keyring = vault.keyring
     if keyring is None:
         raise EncryptionNotConfigured(
@@ -95,6 +101,9 @@ async def _rotate(
             "the old ones) or set INTEGRATIONS_KEYS"
         )
     primary = keyring.primary_id
+    # Data keys first: once wrapped by the primary source, the old one may be retired.
+    custody = keyring.custody
+    rewrapped = 0 if custody is None else await custody.rewrap(repo)
     # Plaintext secrets (stored while encryption was off) are sealed too, but only while
     # encryption is on.
     plaintext_fields = (
@@ -102,7 +111,7 @@ async def _rotate(
     )
     started = time.monotonic()
     total = await repo.count_to_reseal(primary, plaintext_fields, vault.enabled)
-    state = RotationProgress(primary_kid=primary, total=total)
+    state = RotationProgress(primary_kid=primary, total=total, rewrapped=rewrapped)
     # Rows that cannot be decrypted (a key missing from the ring, an edited envelope) are
     # left as they are and reported; one of them must not hold up every other row.
     undecryptable: dict[str, None] = {}
@@ -158,10 +167,11 @@ async def _rotate(
             if inspect.isawaitable(result):
                 await result
 
-    # Keyset pagination: rows already under the primary never match again, so a run
-    # that stopped half way resumes by starting over. The cursor moves past the rows a
-    # batch skipped because another transaction held them; those are retried below.
-    cursor = _FIRST_UUID
+    # Keyset pagination over indexes of the rows still to do: rows already under the
+    # primary never match again, so a run that stopped half way resumes by starting over.
+    # The cursor moves past the rows a batch skipped because another transaction held
+    # them; those are retried below.
+    cursor = RESEAL_START
     skipped: list[str] = []
     while True:
         batch = await repo.reseal_connections(
