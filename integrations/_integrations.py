@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import _names as names
 from ._cache import CacheStats
 from ._checkall import CheckReport, check_all
-from ._core import Core, connect, storage
+from ._core import Core, connect, storage, unwrap_keys
 from ._doctor import Diagnosis, diagnose_core
 from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
@@ -184,6 +184,7 @@ class Integrations:
                 if not self._auto_migrate:
                     raise SchemaOutdated()
                 await self._repo.migrate()
+            await unwrap_keys(vault, self._repo)
         except SchemaOutdated:
             # Left unopened so that ``await integ.migrate()`` then ``open()`` works.
             await self._repo.close()
@@ -736,6 +737,12 @@ class Integrations:
     async def diagnose(self) -> Diagnosis:
         """Schema version, keys, connections the keys cannot decrypt, listener round trip."""
         return await diagnose_core(self._s.core)
+
+    async def new_data_key(self) -> str:
+        """Make a new data key wrapped by the primary key source (``aws-kms:`` or
+        ``pkcs11:``) and return its key id. Processes opened from then on encrypt with it;
+        ``rotate_keys()`` moves stored secrets to it once every process has reopened."""
+        return await self._s.new_data_key()
 
     async def rotate_keys(
         self, *, batch_size: int = 500, progress: ProgressCallback | None = None
