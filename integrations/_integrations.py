@@ -28,7 +28,7 @@ from ._models import Connection, ConnectionList, Page, Validation
 from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
-from ._registry import ProviderRegistry
+from ._registry import ProviderRegistry, load_providers
 from ._rotation import ProgressCallback, RotationProgress
 from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
@@ -68,6 +68,7 @@ class Integrations:
         http: aiohttp.ClientSession | None = None,
         keys: str | Sequence[str] | None = None,
         providers: Iterable[Provider] | None = None,
+        providers_file: str | os.PathLike[str] | None = None,
         auth_schemes: Iterable[AuthScheme] | None = None,
         override_providers: bool = False,
         leeway: float = 60.0,
@@ -131,8 +132,17 @@ class Integrations:
             refresh_takeover=refresh_takeover,
             token_write_retry=token_write_retry,
         )
+        extra = list(providers or ())
+        if providers_file is None and providers is None:
+            # The environment counts only when the code names no providers itself; its
+            # module:attribute form is the command line's.
+            named = os.environ.get("INTEGRATIONS_PROVIDERS", "")
+            if named.endswith((".toml", ".json")):
+                providers_file = named
+        if providers_file is not None:
+            extra += load_providers(providers_file)
         self.providers = ProviderRegistry(
-            providers or (),
+            extra,
             override=override_providers,
             schemes=SchemeRegistry(auth_schemes or (), parent=SCHEMES),
         )
