@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import _names as names
 from ._cache import CacheStats
 from ._checkall import CheckReport, check_all
-from ._core import Core, connect, storage
+from ._core import Core, connect, storage, unwrap_keys
 from ._doctor import Diagnosis, diagnose_core
 from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
@@ -28,7 +28,7 @@ from ._models import Connection, ConnectionList, Page, Validation
 from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
-from ._registry import ProviderRegistry
+from ._registry import ProviderRegistry, load_providers
 from ._rotation import ProgressCallback, RotationProgress
 from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
@@ -68,6 +68,7 @@ class Integrations:
         http: aiohttp.ClientSession | None = None,
         keys: str | Sequence[str] | None = None,
         providers: Iterable[Provider] | None = None,
+        providers_file: str | os.PathLike[str] | None = None,
         auth_schemes: Iterable[AuthScheme] | None = None,
         override_providers: bool = False,
         leeway: float = 60.0,
@@ -131,8 +132,17 @@ class Integrations:
             refresh_takeover=refresh_takeover,
             token_write_retry=token_write_retry,
         )
+        extra = list(providers or ())
+        if providers_file is None and providers is None:
+            # The environment counts only when the code names no providers itself; its
+            # module:attribute form is the command line's.
+            named = os.environ.get("INTEGRATIONS_PROVIDERS", "")
+            if named.endswith((".toml", ".json")):
+                providers_file = named
+        if providers_file is not None:
+            extra += load_providers(providers_file)
         self.providers = ProviderRegistry(
-            providers or (),
+            extra,
             override=override_providers,
             schemes=SchemeRegistry(auth_schemes or (), parent=SCHEMES),
         )
@@ -184,6 +194,7 @@ class Integrations:
                 if not self._auto_migrate:
                     raise SchemaOutdated()
                 await self._repo.migrate()
+            await unwrap_keys(vault, self._repo)
         except SchemaOutdated:
             # Left unopened so that ``await integ.migrate()`` then ``open()`` works.
             await self._repo.close()
@@ -736,6 +747,12 @@ class Integrations:
     async def diagnose(self) -> Diagnosis:
         """Schema version, keys, connections the keys cannot decrypt, listener round trip."""
         return await diagnose_core(self._s.core)
+
+    async def new_data_key(self) -> str:
+        """Make a new data key wrapped by the primary key source (``aws-kms:`` or
+        ``pkcs11:``) and return its key id. Processes opened from then on encrypt with it;
+        ``rotate_keys()`` moves stored secrets to it once every process has reopened."""
+        return await self._s.new_data_key()
 
     async def rotate_keys(
         self, *, batch_size: int = 500, progress: ProgressCallback | None = None

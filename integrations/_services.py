@@ -10,6 +10,7 @@ from ._authflow import AuthFlow
 from ._checks import Checks
 from ._connections import Connections
 from ._core import Core
+from ._errors import ConfigurationError
 from ._events import OwnerScope
 from ._http import Response
 from ._models import utcnow
@@ -44,6 +45,17 @@ class Services:
             batch_size=batch_size,
             progress=progress,
         )
+
+    async def new_data_key(self) -> str:
+        keyring = self.core.vault.keyring
+        custody = None if keyring is None else keyring.custody
+        if custody is None:
+            raise ConfigurationError(
+                "a new data key needs an aws-kms: or pkcs11: source first in the keys "
+                "(keys= or INTEGRATIONS_KEYS); plain keys come from integrations.generate_key()"
+            )
+        kid: str = await custody.new_data_key(self.core.repo)
+        return kid
 
     async def _record_failure(self, uuid: str, message: str, actor: str | None) -> None:
         await self.connections.record(uuid, False, message, actor=actor)

@@ -656,6 +656,26 @@ def keys_generate(ctx: click.Context) -> None:
         click.echo(key)
 
 
+@keys.command("new-data-key")
+@json_option
+@click.pass_context
+def keys_new_data_key(ctx: click.Context) -> None:
+    """Make a data key wrapped by the primary aws-kms:/pkcs11: source; print its key id.
+
+    Restart the application's processes so they encrypt with it, then run `keys rotate`.
+    """
+
+    async def work(env: Env) -> str:
+        async with env.integrations() as integ:
+            return await integ.new_data_key()
+
+    kid = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"kid": kid})
+    else:
+        click.echo(kid)
+
+
 @keys.command("rotate")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
 @json_option
@@ -698,9 +718,12 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
                 "elapsed": round(result.elapsed, 3),
                 "rows_per_second": round(rate, 1),
                 "undecryptable": list(undecryptable),
+                "rewrapped": result.rewrapped,
             }
         )
     else:
+        if result.rewrapped:
+            say(f"wrapped {result.rewrapped} data key(s) with the primary key source")
         say(
             f"rotated {result.rotated} of {result.total} row(s) to key {result.primary_kid} "
             f"in {result.elapsed:.2f}s, {rate:,.0f} rows a second"
