@@ -243,7 +243,8 @@ def test_rename_disconnect_and_remove(fresh_db: str) -> None:
 def test_unknown_provider_suggests_the_closest_keys(fresh_db: str) -> None:
     done = sh(fresh_db, "add", "opnai", "x")
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: unknown provider 'opnai' (did you mean: openai, monday, xai?)"
+    expected = "error: unknown provider 'opnai' (did you mean: openai, monday, xai?)"
+    assert done.stderr.strip() == expected
 
 
 def test_bad_and_missing_refs(fresh_db: str) -> None:
