@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import difflib
 import errno
+import importlib
 import json
 import os
 import stat
@@ -104,11 +105,14 @@ def cli(
 # -- catalogue and connections -------------------------------------------------------------
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @json_option
 @click.pass_context
 def providers(ctx: click.Context) -> None:
-    """The provider catalogue: key, name, auth type, API hosts."""
+    """The provider catalogue: key, name, auth type, API hosts (and the provider file
+    tools: schema, validate, convert)."""
+    if ctx.invoked_subcommand is not None:
+        return
     env = env_of(ctx)
     from .._integrations import Integrations
 
@@ -137,6 +141,114 @@ def providers(ctx: click.Context) -> None:
     for p in found:
         table.add_row(p.key, p.name, p.auth_type, ", ".join(p.api_hosts))
     print_table(table)
+
+
+@providers.command("schema")
+def providers_schema() -> None:
+    """Print the JSON Schema of a provider file (generated from the Provider model)."""
+    from .._provider_file import provider_file_schema
+
+    click.echo(json.dumps(provider_file_schema(), indent=2))
+
+
+@providers.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.pass_context
+def providers_validate(ctx: click.Context, files: tuple[str, ...]) -> None:
+    """Check provider FILES (TOML or JSON): each entry against the Provider model and the
+    catalogue's rules (https only, the check under an API host, strict host fields, scopes
+    one per item). Mistakes name the file, the entry and the field; exit 1 if any."""
+    from .._errors import ConfigurationError
+    from .._provider_file import lint_provider
+    from .._registry import load_providers
+
+    failed = False
+    for file in files:
+        try:
+            found = load_providers(file)
+        except ConfigurationError as exc:
+            stderr(f"error: {exc.message}")
+            failed = True
+            continue
+        for index, provider in enumerate(found):
+            for problem in lint_provider(provider):
+                where = f"entry {index + 1} ({provider.key!r})"
+                stderr(
+                    f"error: Provider file {file!r}, {where}, field {problem.field!r}: "
+                    f"{problem.message}."
+                )
+                failed = True
+        if not failed:
+            click.echo(f"{file}: {len(found)} providers, valid")
+    if failed:
+        raise SystemExit(FAILED)
+
+
+@providers.command("convert")
+@json_option
+@click.option(
+    "--from",
+    "source",
+    type=click.Choice(["nango"]),
+    required=True,
+    help="The format of FILE: nango (a providers.yaml).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the converted providers (.toml, or .json).",
+)
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.pass_context
+def providers_convert(ctx: click.Context, source: str, out: str, file: str) -> None:
+    """Convert FILE, a provider file of another tool, into this package's format. Every
+    entry that could not be converted is reported, with the reason; exit 1 if none was."""
+    guard(lambda: _convert_file(ctx, source, out, file))
+
+
+def _convert_file(ctx: click.Context, source: str, out: str, file: str) -> None:
+    from .._convert import convert_nango
+    from .._provider_file import to_toml
+
+    try:
+        yaml = importlib.import_module("yaml")
+    except ImportError:
+        raise Fail(
+            "reading YAML needs PyYAML: install the yaml extra ('integrations[yaml]')", USAGE
+        ) from None
+    try:
+        doc = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise Fail(f"cannot read {file}: {str(exc).splitlines()[0]}", USAGE) from exc
+    result = convert_nango(doc)
+    header = f"Converted from {Path(file).name} ({source} format)."
+    if out.endswith(".json"):
+        text = json.dumps({"providers": result.entries}, indent=2) + "\n"
+    else:
+        text = to_toml(result.entries, header=header)
+    if result.entries:
+        try:
+            Path(out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise Fail(f"cannot write {out}: {exc.strerror}") from exc
+    for key, why in result.skipped:
+        stderr(f"not converted: {key}: {why}")
+    if env_of(ctx).json:
+        emit_json(
+            {
+                "converted": result.converted,
+                "skipped": [{"key": k, "reason": r} for k, r in result.skipped],
+            }
+        )
+    else:
+        click.echo(
+            f"{len(result.entries)} converted, {len(result.skipped)} not converted"
+            + (f"; written to {out}" if result.entries else "")
+        )
+    if not result.entries:
+        raise SystemExit(FAILED)
 
 
 @cli.command("list")
