@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from . import _telemetry as telemetry
 from ._models import Event
+from ._names import shown
 from ._record import Change, StoredRow
 from ._repository import Repository, ResealBatch
 
@@ -55,7 +56,7 @@ class RowCache:
 
     def __init__(self, *, enabled: bool = True, capacity: int = 10_000) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"cache_size must be a positive int, got {capacity!r}")
+            raise ValueError(f"cache_size must be a positive int, got {shown(capacity)}")
         self.enabled = enabled
         self.capacity = capacity
         self._rows: OrderedDict[str, StoredRow] = OrderedDict()

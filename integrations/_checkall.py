@@ -12,6 +12,8 @@ from . import _names as names
 from ._errors import IntegrationsError, InvalidArgument, LifecycleError
 from ._events import ALL_OWNERS, OwnerScope
 from ._models import Validation
+from ._names import shown
+from ._settings import MAXIMUM
 
 if TYPE_CHECKING:
     from ._checks import Checks
@@ -71,9 +73,13 @@ Validate = Callable[[CheckTarget], Awaitable[Validation]]
 
 
 def _check_concurrency(concurrency: object) -> None:
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+    if (
+        isinstance(concurrency, bool)
+        or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= MAXIMUM["concurrency"]
+    ):
         raise InvalidArgument(
-            f"concurrency must be a positive integer, got {concurrency!r}", field="concurrency"
+            f"concurrency must be a positive integer, got {shown(concurrency)}", field="concurrency"
         )
 
 

@@ -239,7 +239,8 @@ class Connections:
             return ConnectionList(everything)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(
-                f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}.", field="limit"
+                f"limit must be an int from 1 to {MAX_PAGE}, got {names.shown(limit)}.",
+                field="limit",
             )
         start = await self._after_key(owner, after)
         found = await self._saved(owner, start, limit + 1)
@@ -291,7 +292,9 @@ class Connections:
         if provider is not None:
             prefix = names.storage_key(names.check_provider_key(provider), "")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-            raise InvalidInput(f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}.")
+            raise InvalidInput(
+                f"limit must be an int from 1 to {MAX_PAGE}, got {names.shown(limit)}."
+            )
         if after is not None and not _page_mark(after, prefix):
             raise InvalidInput(
                 "after must be the next_after of an earlier page (of the same provider), or None.",
@@ -398,23 +401,33 @@ class Connections:
             row = _visible(row, owner)
             if row is None:
                 raise NotConfigured(_nothing_to_save(uuid))
-            done = record.setup_saved(
-                row,
-                sealed,
-                fields=patch,
-                credential_fields={
-                    *provider.runtime_fields,
-                    *provider.secret_field_keys,
-                    "credentials",
-                },
-                missing=provider.missing_required,
-                runtime=provider.has_runtime_credentials,
-                oauth_code_flow=provider.scheme.authorizes_user,
-                actor=actor,
-            )
+            done = self._setup_transition(provider, row, sealed, patch, actor)
             return done.change, done.row
 
         return self._core.masked(await self._core.repo.modify(uuid, decide))
+
+    @staticmethod
+    def _setup_transition(
+        provider: Provider,
+        row: StoredRow,
+        sealed: Mapping[str, Any],
+        patch: Mapping[str, Any],
+        actor: str | None,
+    ) -> record.Transition:
+        return record.setup_saved(
+            row,
+            sealed,
+            fields=patch,
+            credential_fields={
+                *provider.runtime_fields,
+                *provider.secret_field_keys,
+                "credentials",
+            },
+            missing=provider.missing_required,
+            runtime=provider.has_runtime_credentials,
+            oauth_code_flow=provider.scheme.authorizes_user,
+            actor=actor,
+        )
 
     async def import_tokens(
         self,
@@ -485,10 +498,23 @@ class Connections:
                     f"Required setup field missing: {', '.join(lacking)}. Pass a value for it.",
                     field=lacking[0],
                 )
-            try:
-                uuid = (await self.add(definition.key, clean, actor=None, owner=owner)).uuid
-            except AlreadyExists:
-                uuid = await self.find_uuid((definition.key, clean), owner)
+            # The new row is written with its setup in one insert: sealing (which fails
+            # without keys) happens before, so a failure leaves nothing behind.
+            new_uuid = names.uuid7()
+            sealed = self._core.seal(new_uuid, patch, definition)
+            born = record.added(new_uuid, owner, definition.key, definition.auth_type, clean, None)
+            done = self._setup_transition(definition, born.row, sealed, patch, None)
+            row = await self._core.repo.insert(
+                new_uuid,
+                owner,
+                born.row.key,
+                done.row.data,
+                [*born.change.events, *done.change.events],
+            )
+            if row is not None:
+                return self._core.connection(row)
+            # Added meanwhile by someone else: merge into theirs.
+            uuid = await self.find_uuid((definition.key, clean), owner)
         await self.save_setup(uuid, data, actor=None, owner=ALL_OWNERS)
         return await self.get_integration_by_uuid(uuid, ALL_OWNERS)
 

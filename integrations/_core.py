@@ -15,11 +15,12 @@ from ._errors import ConfigurationError, InvalidProviderKey
 from ._events import EventHub
 from ._http import HttpClient
 from ._models import Connection
+from ._names import shown
 from ._providers import Provider
 from ._record import StoredRow
 from ._registry import ProviderRegistry
 from ._repository import Pool, Repository
-from ._settings import Settings
+from ._settings import Settings, check_at_most
 from ._token_endpoint import TokenEndpoint
 from ._vault import Keyring, Vault, mask_data
 
@@ -45,8 +46,10 @@ def storage(
         or statement_cache_size < 0
     ):
         raise ConfigurationError(
-            f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}."
+            f"statement_cache_size must be an int >= 0, got {shown(statement_cache_size)}."
         )
+    if statement_cache_size is not None:
+        check_at_most("statement_cache_size", statement_cache_size)
     if statement_cache_size is not None and pool is not None:
         raise ConfigurationError(
             "statement_cache_size applies to the pool the library creates; with pool= "
@@ -55,7 +58,7 @@ def storage(
     if listen_dsn is not None and (not isinstance(listen_dsn, str) or not listen_dsn):
         raise ConfigurationError("listen_dsn must be a non-empty DSN string.")
     if not isinstance(cache, bool):
-        raise ConfigurationError(f"cache must be True or False, got {cache!r}.")
+        raise ConfigurationError(f"cache must be True or False, got {shown(cache)}.")
     if cache and statement_cache_size is not None and listen_dsn is None:
         # statement_cache_size says "behind a transaction pooler", where LISTEN through
         # the pooler misses notifications: a cache fed by them could serve stale rows.
@@ -65,6 +68,8 @@ def storage(
             extra=telemetry.fields("cache_disabled"),
         )
         cache = False
+    if isinstance(cache_size, int) and not isinstance(cache_size, bool):
+        check_at_most("cache_size", cache_size)
     try:
         row_cache = RowCache(enabled=cache, capacity=cache_size)
     except ValueError as exc:

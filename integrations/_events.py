@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +18,8 @@ from . import _telemetry as telemetry
 from ._backoff import equal_jitter
 from ._errors import InvalidArgument, LifecycleError
 from ._models import EVENT_KINDS, Event
+from ._names import shown
+from ._settings import MAXIMUM
 
 __all__ = [
     "ALL_OWNERS",
@@ -319,11 +322,23 @@ class EventHub:
                     "'disconnected'], not a str.",
                     field="kinds",
                 )
-            kind_set = frozenset(kinds)
+            if not isinstance(kinds, Iterable) or isinstance(kinds, bytes | bytearray | Mapping):
+                raise InvalidArgument(
+                    f"kinds must be an iterable of kind names, not {type(kinds).__name__}.",
+                    field="kinds",
+                )
+            # Looked up one by one: a list or a set among them is unhashable.
+            # At most a thousand are read: an endless iterator is a mistake, not a wait.
+            given = list(itertools.islice(kinds, 1001))
+            if len(given) > 1000 or not all(isinstance(kind, str) for kind in given):
+                raise InvalidArgument(
+                    "kinds must be up to a thousand strings, such as 'connected'.", field="kinds"
+                )
+            kind_set = frozenset(given)
             unknown = kind_set - EVENT_KINDS
             if unknown:
                 raise InvalidArgument(
-                    f"unknown event kinds: {', '.join(sorted(map(repr, unknown)))}; the kinds "
+                    f"unknown event kinds: {', '.join(sorted(map(shown, unknown)))}; the kinds "
                     f"are {', '.join(sorted(EVENT_KINDS))}",
                     field="kinds",
                 )
@@ -331,9 +346,13 @@ class EventHub:
                 raise InvalidArgument(
                     "kinds must name at least one kind (or be None for all)", field="kinds"
                 )
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        if (
+            isinstance(maxsize, bool)
+            or not isinstance(maxsize, int)
+            or not 1 <= maxsize <= MAXIMUM["maxsize"]
+        ):
             raise InvalidArgument(
-                f"maxsize must be an int of at least 1, got {maxsize!r}", field="maxsize"
+                f"maxsize must be an int of at least 1, got {shown(maxsize)}", field="maxsize"
             )
         subscription = Subscription(
             provider=provider, uuid=uuid, owner=owner, kinds=kind_set, maxsize=maxsize

@@ -7,7 +7,6 @@ import functools
 import ipaddress
 import json as jsonlib
 import logging
-import math
 import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,8 +32,10 @@ from ._errors import (
     RequestFailed,
 )
 from ._input import check_header_value, check_method
+from ._names import shown
 from ._providers import Provider, split_host_entry
 from ._schemes import Request, header_kind
+from ._settings import MAXIMUM
 
 __all__ = [
     "HttpClient",
@@ -313,12 +314,11 @@ def _check_options(opts: Mapping[str, Any]) -> None:
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
+        or not 0 < timeout <= MAXIMUM["timeout"]
     ):
         raise InvalidArgument(
             "timeout must be a positive number of seconds or an aiohttp.ClientTimeout, "
-            f"got {timeout!r}",
+            f"got {shown(timeout)}",
             field="timeout",
         )
 
@@ -511,7 +511,10 @@ class HttpClient:
         """The request a call makes, checked before anything is sent: method, URL (and
         its host against ``provider``'s), options and headers; the body encoded once."""
         method = check_method(method).upper()
-        rest = dict(opts) if opts else {}
+        if not opts:
+            target = self.target(url, provider=provider, allow_any_host=allow_any_host)
+            return Request(method, target, max_attempts=max_attempts)
+        rest = dict(opts)
         target = self.target(
             url, params=rest.pop("params", None), provider=provider, allow_any_host=allow_any_host
         )
@@ -579,9 +582,13 @@ class HttpClient:
 
     def _attempt_count(self, max_attempts: int | None) -> int:
         attempts = self.max_attempts if max_attempts is None else max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        if (
+            isinstance(attempts, bool)
+            or not isinstance(attempts, int)
+            or not 1 <= attempts <= MAXIMUM["max_attempts"]
+        ):
             raise InvalidArgument(
-                f"max_attempts must be an int of at least 1, got {attempts!r}",
+                f"max_attempts must be an int of at least 1, got {shown(attempts)}",
                 field="max_attempts",
             )
         return attempts
@@ -616,7 +623,7 @@ class HttpClient:
         if params:
             try:
                 target = target.extend_query(params)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 raise InvalidArgument(
                     "params must be a mapping or a sequence of (name, value) pairs of str, "
                     "int or float",

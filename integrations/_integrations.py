@@ -25,13 +25,14 @@ from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import Connection, ConnectionList, Page, Validation
+from ._names import shown
 from ._owner import OwnerHandle, Ref
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._rotation import ProgressCallback, RotationProgress
 from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
-from ._settings import Settings, Takeover
+from ._settings import Settings, Takeover, check_at_most
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 
@@ -93,12 +94,19 @@ class Integrations:
         listen_dsn: str | None = None,
     ) -> None:
         if encryption not in ("on", "off"):
-            raise ConfigurationError(f'encryption must be "on" or "off", got {encryption!r}.')
+            raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
         if dsn is not None and pool is not None:
             raise ConfigurationError("Pass either dsn= or pool=, not both.")
-        if not isinstance(pool_max_size, int) or pool_max_size < 2:
+        if (
+            isinstance(pool_max_size, bool)
+            or not isinstance(pool_max_size, int)
+            or pool_max_size < 2
+        ):
             # The event listener holds one pooled connection for as long as it listens.
-            raise ConfigurationError(f"pool_max_size must be at least 2, got {pool_max_size!r}.")
+            raise ConfigurationError(
+                f"pool_max_size must be at least 2, got {shown(pool_max_size)}."
+            )
+        check_at_most("pool_max_size", pool_max_size)
         self._dsn = dsn
         self._pool_arg = pool
         self._keys_arg = keys

@@ -16,6 +16,7 @@ from ._core import Core
 from ._errors import AuthorizationTimeout, IntegrationsError, InvalidInput
 from ._events import OwnerScope
 from ._models import Connection
+from ._settings import MAXIMUM
 
 __all__ = ["connect_interactive"]
 
@@ -51,7 +52,11 @@ async def connect_interactive(
     """Authorize ``uuid`` in a browser, receiving the callback on a temporary loopback server."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
         raise InvalidInput("port must be 0 (any free port) or a port number")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAXIMUM["timeout"]
+    ):
         raise InvalidInput("timeout must be a positive number of seconds")
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[Connection] = loop.create_future()

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import _telemetry as telemetry
-from ._errors import InvalidInput
+from ._errors import InvalidArgument, InvalidInput
 
 log = logging.getLogger("integrations")
 
@@ -25,7 +25,7 @@ class LegacyMigrators:
         if not isinstance(name, str) or not name:
             raise InvalidInput("a legacy migrator needs a non-empty name")
         if not callable(migrator):
-            raise TypeError("a legacy migrator must be an async callable")
+            raise InvalidArgument("a legacy migrator must be an async callable", field="migrator")
         if name in self._migrators:
             raise InvalidInput(f"a legacy migrator named {name!r} is already registered")
         self._migrators[name] = migrator

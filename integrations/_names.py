@@ -35,8 +35,20 @@ _SHOWN = 40
 
 
 def shown(value: object) -> str:
-    """A user-given value for an error message: repr'd and cut to a few dozen characters."""
-    text = value if isinstance(value, str) else str(value)
+    """A user-given value for an error message: repr'd and cut to a few dozen characters.
+
+    Only strings and plain numbers are echoed; anything else is named by its type, since
+    turning it into text may raise or never end (a deeply nested list, a hostile __str__).
+    """
+    if isinstance(value, str):
+        text = value
+    elif value is None or isinstance(value, bool | float):
+        text = str(value)
+    elif isinstance(value, int):
+        # A huge int has no str() (sys.set_int_max_str_digits) and no room in a message.
+        text = str(value) if value.bit_length() <= 128 else f"an int of {value.bit_length()} bits"
+    else:
+        return f"a {type(value).__name__}"
     if len(text) > _SHOWN:
         text = text[:_SHOWN] + "…"
     return repr(text)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from ._errors import InvalidArgument
 from ._events import Subscription
 from ._http import Response
 from ._models import Connection, ConnectionList, Page, Validation
@@ -41,9 +42,16 @@ class OwnerHandle:
     async def add_connection(
         self, provider: str, name: str, *, actor: str | None = None, uuid: str | None = None
     ) -> Connection:
-        return await self._services().connections.add(
-            provider, name, actor=actor, owner=self.owner, uuid=uuid
-        )
+        if uuid is not None:
+            # A chosen uuid would tell whether another owner's connection has it: the
+            # handle picks every uuid itself, and refuses any given one the same way.
+            raise InvalidArgument(
+                "An owner handle picks the uuid of a new connection itself: call "
+                "add_connection without uuid= (a kept uuid is for imports, through "
+                "Integrations.add_connection(..., owner=..., uuid=...)).",
+                field="uuid",
+            )
+        return await self._services().connections.add(provider, name, actor=actor, owner=self.owner)
 
     async def rename_connection(
         self, uuid: str, new_name: str, *, actor: str | None = None

@@ -281,7 +281,7 @@ class Provider(_Frozen):
         scheme: AuthScheme | None = self._scheme
         return scheme if scheme is not None else SCHEMES.find(self.auth_type)
 
-    @property
+    @functools.cached_property
     def scheme(self) -> AuthScheme:
         """The auth scheme named by ``auth_type``: the one this provider was registered
         with, else the module-level registry's (ConfigurationError when none is)."""

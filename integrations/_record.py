@@ -18,7 +18,7 @@ from ._errors import (
     ReauthRequired,
     TokenRequestFailed,
 )
-from ._input import check_text
+from ._input import ENVELOPE_MARKER, check_text
 from ._models import Event, EventKind, Validation
 
 __all__ = [
@@ -377,6 +377,17 @@ def storable(value: Any) -> Any:
     return value
 
 
+def foreign(value: Any) -> Any:
+    """``value`` from outside (a token answer) without any member named like the envelope
+    marker, at any depth: stored as it came, such a member would read as a broken
+    envelope and make the connection unreadable."""
+    if isinstance(value, Mapping):
+        return {k: foreign(v) for k, v in value.items() if str(k) != ENVELOPE_MARKER}
+    if isinstance(value, list | tuple):
+        return [foreign(v) for v in value]
+    return value
+
+
 def store_tokens(
     data: dict[str, Any],
     tokens: oauth.TokenSet,
@@ -422,7 +433,7 @@ def tokens_issued(
     if account is not None:
         data["account"] = dict(account)
     if tokens.extras:
-        data["token_extras"] = storable(dict(tokens.extras))
+        data["token_extras"] = storable(foreign(dict(tokens.extras)))
     previous = row.status
     data["status"] = "connected"
     data["reauth_required"] = False

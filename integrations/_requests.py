@@ -16,8 +16,8 @@ from ._tokens import Refresher
 
 __all__ = ["Requests"]
 
-# The row cache's extra under which a row's built auth headers are kept.
-_HEADERS = "auth_headers"
+# The row cache's extra under which a row's signer (its auth headers, built ahead) is kept.
+_SIGNER = "signer"
 
 
 class Requests:
@@ -97,15 +97,16 @@ class Requests:
         )
         scope = None if traced else row
         cache = core.repo.cache
-        added: dict[str, str] | None = cache.extra(row, _HEADERS)
-        if added is not None:
-            return core.http.send(request, Signer.prepared(provider, added), scope=scope)
+        signer: Signer | None = cache.extra(row, _SIGNER)
+        if signer is not None:
+            return core.http.send(request, signer, scope=scope)
         plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
         added = scheme.prepared_headers(provider, plain)
         if added is not None:
             # Built once per cached row version: no decrypt or rendering on later calls.
-            cache.keep_extra(row, _HEADERS, added)
-            return core.http.send(request, Signer.prepared(provider, added), scope=scope)
+            signer = Signer.prepared(provider, added)
+            cache.keep_extra(row, _SIGNER, signer)
+            return core.http.send(request, signer, scope=scope)
         sending = self._flow(row, provider, plain, request)
         return sending if scope is None else telemetry.in_log_scope(scope, sending)
 

@@ -13,8 +13,10 @@ from typing import Any, TypeAlias
 from . import _telemetry as telemetry
 from ._errors import CryptoError, EncryptionNotConfigured, InvalidArgument
 from ._models import RotationProgress
+from ._names import shown
 from ._record import StoredRow
 from ._repository import Repository, ResealBatch
+from ._settings import MAXIMUM
 from ._vault import CREDENTIALS, SECRET_FIELDS, Vault
 
 __all__ = ["PKCE_FIELD", "ProgressCallback", "RotationProgress", "rotate"]
@@ -82,12 +84,18 @@ async def _rotate(
     batch_size: int,
     progress: ProgressCallback | None,
 ) -> RotationProgress:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= MAXIMUM["batch_size"]
+    ):
         raise InvalidArgument(
-            f"batch_size must be a positive integer, got {batch_size!r}", field="batch_size"
+            f"batch_size must be a positive integer, got {shown(batch_size)}", field="batch_size"
         )
     if progress is not None and not callable(progress):
-        raise TypeError("progress must be a callable taking a RotationProgress")
+        raise InvalidArgument(
+            "progress must be a callable taking a RotationProgress", field="progress"
+        )
     keyring = vault.keyring
     if keyring is None:
         raise EncryptionNotConfigured(

@@ -7,13 +7,59 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ._errors import ConfigurationError
+from ._names import shown
 
-__all__ = ["BUDGET_MARGIN", "Settings", "Takeover", "TokenPolicy"]
+__all__ = ["BUDGET_MARGIN", "MAXIMUM", "Settings", "Takeover", "TokenPolicy", "check_at_most"]
 
 #: What the next refresher does with a lease that expired without a write: its holder may
 #: have spent the refresh token. ``"refresh"`` asks with the stored refresh token anyway;
 #: ``"reauthorize"`` marks the connection for a new authorization instead.
 Takeover = Literal["refresh", "reauthorize"]
+
+_HOUR = 3600.0
+_DAY = 24 * _HOUR
+
+#: The largest value of every numeric setting (seconds for durations). Beyond it a value
+#: is a mistake that would exhaust the host (a pool of 2**31 connections) or overflow a
+#: timer; docs/operating.md lists the same table.
+MAXIMUM: dict[str, float] = {
+    # Integrations(...)
+    "pool_max_size": 1000,
+    "cache_size": 1_000_000,
+    "statement_cache_size": 100_000,
+    "max_attrs_bytes": 16 * 1024 * 1024,
+    "check_timeout": _HOUR,
+    "authorization_ttl": _DAY,
+    "revoke_timeout": _HOUR,
+    "leeway": _DAY,
+    "lock_timeout": _HOUR,
+    "token_timeout": _HOUR,
+    "token_attempts": 20,
+    "token_backoff": _HOUR,
+    "refresh_cooldown": _HOUR,
+    "refresh_lease": _HOUR,
+    "token_write_retry": _DAY,
+    # run_health_sweeps(...)
+    "interval": 7 * _DAY,
+    "stale_after": 366 * _DAY,
+    "per_provider_interval": _DAY,
+    "refresh_ahead": 366 * _DAY,
+    "concurrency": 1000,
+    # per call
+    "maxsize": 1_000_000,
+    "batch_size": 100_000,
+    "timeout": _DAY,
+    "max_attempts": 20,
+}
+
+
+def check_at_most(name: str, value: float, error: type[Exception] = ConfigurationError) -> None:
+    """Raise ``error`` naming the bound when ``value`` exceeds ``MAXIMUM[name]``."""
+    limit = MAXIMUM[name]
+    if value > limit:
+        shown = int(limit) if float(limit).is_integer() else limit
+        raise error(f"{name} must be at most {shown}, got a larger value.")
+
 
 #: Slack beyond the attempts and their waits, for the database round trips of a refresh.
 BUDGET_MARGIN = 5.0
@@ -46,7 +92,7 @@ class TokenPolicy:
             raise ValueError("refresh_lease must be >= 1 and token_write_retry >= 0")
         if self.takeover not in ("refresh", "reauthorize"):
             raise ValueError(
-                f'refresh_takeover must be "refresh" or "reauthorize", got {self.takeover!r}'
+                f'refresh_takeover must be "refresh" or "reauthorize", got {shown(self.takeover)}'
             )
         if (
             self.leeway < 0
@@ -139,12 +185,14 @@ class Settings:
         }
         for name, value in numbers.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigurationError(f"{name} must be a number, got {value!r}.")
-            if not math.isfinite(value):
-                raise ConfigurationError(f"{name} must be a finite number, got {value!r}.")
+                raise ConfigurationError(f"{name} must be a number, got {shown(value)}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigurationError(f"{name} must be a finite number, got {shown(value)}.")
         for name in ("max_attrs_bytes", "token_attempts"):
             if not isinstance(numbers[name], int):
-                raise ConfigurationError(f"{name} must be an int, got {numbers[name]!r}.")
+                raise ConfigurationError(f"{name} must be an int, got {shown(numbers[name])}.")
+        for name, value in numbers.items():
+            check_at_most(name, value)
         try:
             return cls(
                 schema=schema,

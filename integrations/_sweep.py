@@ -22,6 +22,7 @@ from ._record import StoredRow
 from ._repository import Leadership
 from ._schemes import TokenScheme
 from ._services import Services
+from ._settings import MAXIMUM, check_at_most
 
 __all__ = ["SWEEP_ACTOR", "HealthSweep", "SweepCallback", "SweepReport", "check_sweep_options"]
 
@@ -68,11 +69,16 @@ def _seconds(name: str, value: object, *, positive: bool) -> float:
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(f"{name} must be a number of seconds or a timedelta", field=name)
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+    if isinstance(value, int) and not 0 <= value <= MAXIMUM[name]:
+        # Checked as an int: a huge one has no float.
+        seconds = -1.0 if value < 0 else math.inf
+    else:
+        seconds = float(value)
+    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0):
         raise InvalidArgument(
             f"{name} must be {'positive' if positive else 'zero or more'}", field=name
         )
+    check_at_most(name, seconds, InvalidArgument)
     return seconds
 
 
@@ -90,6 +96,7 @@ def check_sweep_options(
         raise InvalidArgument("concurrency must be an int", field="concurrency")
     if concurrency < 1:
         raise InvalidArgument("concurrency must be at least 1", field="concurrency")
+    check_at_most("concurrency", concurrency, InvalidArgument)
     if on_sweep is not None and not callable(on_sweep):
         raise InvalidArgument("on_sweep must be a callable taking a SweepReport", field="on_sweep")
     return (

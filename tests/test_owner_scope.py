@@ -191,3 +191,59 @@ async def test_import_tokens_connects_and_refuses_key_providers(integ: Integrati
     openai = await integ.add_connection("openai", "default")
     with pytest.raises(InvalidProviderKey):
         await integ.import_tokens(openai.uuid, {"access_token": "at"})
+
+
+async def test_an_owner_handle_cannot_probe_uuids_through_add_connection(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    bob = await integ.for_owner("user:bob").add_connection("openai", "default")
+    alice = integ.for_owner("user:alice")
+    mine = await alice.add_connection("openai", "mine")
+    before = await _table(db)
+    outcomes = set()
+    for chosen in (bob.uuid, mine.uuid, str(uuid_mod.uuid4()), "not-a-uuid"):
+        outcomes.add(await _outcome(alice.add_connection("openai", "probe", uuid=chosen), chosen))
+    # Bob's uuid, her own, a free one and a malformed one: one answer, nothing written.
+    assert len(outcomes) == 1
+    kind, (error, code, _message) = outcomes.pop()
+    assert (kind, error, code) == ("error", "InvalidArgument", "invalid")
+    assert await _table(db) == before
+
+
+async def test_legacy_upsert_without_keys_leaves_no_empty_connection(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations import EncryptionNotConfigured
+
+    monkeypatch.delenv("INTEGRATIONS_KEYS", raising=False)
+    async with Integrations(fresh_db) as keyless:
+        db = await asyncpg.connect(fresh_db)
+        try:
+            before = await _table(db)
+            async with keyless.subscribe(owner=ALL_OWNERS) as events:
+                with pytest.raises(EncryptionNotConfigured):
+                    await keyless.legacy_upsert(
+                        "openai", "legacy", {"api_key": "sk-legacy-0123456789"}
+                    )
+                await asyncio.sleep(0.2)
+                assert events.pending == 0
+            assert await _table(db) == before
+        finally:
+            await db.close()
+
+
+async def test_legacy_upsert_creates_with_its_setup_in_one_write(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    async with integ.subscribe(owner=ALL_OWNERS) as events:
+        made = await integ.legacy_upsert(
+            "openai", "legacy", {"api_key": "sk-legacy-0123456789"}, owner="user:old"
+        )
+        kinds = [(await events.get()).kind for _ in range(2)]
+    assert kinds == ["connection_added", "setup_saved"]
+    assert (made.owner, made.status) == ("user:old", "connected")
+    assert (await integ.get_credentials(made.uuid))["api_key"] == "sk-legacy-0123456789"
+    version = await db.fetchval(
+        "SELECT version FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(made.uuid)
+    )
+    assert version == 1

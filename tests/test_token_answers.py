@@ -135,3 +135,25 @@ async def test_an_error_text_echoing_the_connections_secrets_is_masked(
     assert any("invalid_grant" in text for text in shown)
     for secret in ("rt-0", "csecret", "at-0"):
         assert all(secret not in text for text in shown), secret
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        {"$enc": 1, "kid": "deadbeef", "n": "AAAA", "ct": "AAAA"},
+        {"$enc": 1},
+        {"extra": {"$enc": 1, "kid": "deadbeef"}},
+    ],
+)
+async def test_an_envelope_marker_in_an_answer_is_not_taken_as_an_envelope(
+    connected: tuple[Integrations, str], endpoint: TokenEndpoint, members: dict[str, Any]
+) -> None:
+    integ, uuid = connected
+    endpoint.body = answer(access_token="at-1", refresh_token="rt-1", **members)
+    assert await integ.refresh_access_token(uuid) == "at-1"
+    # The connection stays readable: nothing of the answer reads as an envelope.
+    credentials = await integ.get_credentials(uuid)
+    assert (credentials["access_token"], credentials["refresh_token"]) == ("at-1", "rt-1")
+    assert "$enc" not in json.dumps(credentials.get("token_extras", {}))
+    assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+    assert await integ.access_token(uuid) == "at-1"
