@@ -6,7 +6,6 @@ import dataclasses
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
@@ -15,7 +14,7 @@ from ._errors import CryptoError, EncryptionNotConfigured, InvalidArgument
 from ._models import RotationProgress
 from ._names import shown
 from ._record import StoredRow
-from ._repository import Repository, ResealBatch
+from ._repository import RESEAL_START, Repository, ResealBatch
 from ._settings import MAXIMUM
 from ._vault import CREDENTIALS, SECRET_FIELDS, Vault
 
@@ -29,7 +28,6 @@ PKCE_FIELD = "pkce_verifier"
 
 ProgressCallback: TypeAlias = Callable[[RotationProgress], object]
 
-_FIRST_UUID = str(uuid.UUID(int=0))
 _FIRST_STATE_HASH = ""
 
 
@@ -103,6 +101,9 @@ async def _rotate(
             "the old ones) or set INTEGRATIONS_KEYS"
         )
     primary = keyring.primary_id
+    # Data keys first: once wrapped by the primary source, the old one may be retired.
+    custody = keyring.custody
+    rewrapped = 0 if custody is None else await custody.rewrap(repo)
     # Plaintext secrets (stored while encryption was off) are sealed too, but only while
     # encryption is on.
     plaintext_fields = (
@@ -110,7 +111,7 @@ async def _rotate(
     )
     started = time.monotonic()
     total = await repo.count_to_reseal(primary, plaintext_fields, vault.enabled)
-    state = RotationProgress(primary_kid=primary, total=total)
+    state = RotationProgress(primary_kid=primary, total=total, rewrapped=rewrapped)
     # Rows that cannot be decrypted (a key missing from the ring, an edited envelope) are
     # left as they are and reported; one of them must not hold up every other row.
     undecryptable: dict[str, None] = {}
@@ -166,11 +167,12 @@ async def _rotate(
             if inspect.isawaitable(result):
                 await result
 
-    # Keyset pagination: rows already under the primary never match again, so a run
-    # that stopped half way resumes by starting over. The cursor moves past the rows a
-    # batch skipped because another transaction held them; those are retried below.
-    cursor = _FIRST_UUID
-    skipped: list[str] = []
+    # Keyset pagination over indexes of the rows still to do: rows already under the
+    # primary never match again, so a run that stopped half way resumes by starting over.
+    # The cursor moves past the rows a batch skipped because another transaction held
+    # them; those are retried below.
+    cursor = RESEAL_START
+    held_rows: dict[str, None] = {}
     while True:
         batch = await repo.reseal_connections(
             cursor, batch_size, primary, plaintext_fields, reseal_row
@@ -178,8 +180,13 @@ async def _rotate(
         if batch.last is None:
             break
         cursor = batch.last
-        skipped.extend(batch.skipped)
+        # A later pass over what is left (see Repository.reseal_connections) may take a
+        # row an earlier one skipped, or skip it again: each is retried once, if at all.
+        for row_uuid in batch.examined:
+            held_rows.pop(row_uuid, None)
+        held_rows.update(dict.fromkeys(batch.skipped))
         await report(batch)
+    skipped = list(held_rows)
     telemetry.annotate("integrations.rotation.skipped", len(skipped))
     while skipped:
         held: list[str] = []
