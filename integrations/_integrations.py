@@ -203,7 +203,9 @@ class Integrations:
         except BaseException:
             await self.close()
             raise
-        hub = EventHub(self._repo.listen, self._repo.channel, watcher=self._cache)
+        hub = EventHub(
+            self._repo.listen, self._repo.channel, watcher=self._cache, log=self._repo.events_after
+        )
         if self._cache.enabled:
             # The cache serves only while changes are being received: listen from the start.
             try:
@@ -321,6 +323,7 @@ class Integrations:
         owner: OwnerScope | None = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         """Committed changes from every process on this database: ``async with integ.subscribe()``.
 
@@ -329,11 +332,27 @@ class Integrations:
         owner's, ``ALL_OWNERS`` all; with a ``uuid`` and no owner, that connection whoever
         owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+
+        ``after`` resumes from the durable log: the events logged after that position
+        (an earlier ``Event.position``; 0 for the oldest kept) come first, then live ones,
+        with no gap and no repeat between them, and nothing dropped. A position that fell
+        out of retention gets a ``resync`` event with ``detail["reason"] == "expired"``.
         """
         # The administrator's default only: an owner handle's stays its owner's.
         if uuid is not None and owner is None:
             owner = ALL_OWNERS
-        return self._in(owner).subscribe(provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize)
+        return self._in(owner).subscribe(
+            provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize, after=after
+        )
+
+    async def prune_events(
+        self, *, max_age: float | timedelta | None = timedelta(days=7), max_count: int | None = None
+    ) -> int:
+        """Apply the event log's retention: delete events logged more than ``max_age`` ago
+        (seconds or a timedelta; None keeps them whatever their age) and all but the
+        newest ``max_count``; returns how many were deleted. Run it from one worker now
+        and then (``integrations events prune`` does the same)."""
+        return await self._s.prune_events(max_age=max_age, max_count=max_count)
 
     @property
     def cache_stats(self) -> CacheStats:
