@@ -1038,3 +1038,23 @@ def test_connections_of_a_provider_no_longer_registered_are_still_listed_and_sho
     unknown = sh(fresh_db, "list", "acmx")
     assert unknown.returncode == 2
     assert "unknown provider 'acmx'" in unknown.stderr
+
+
+def test_a_check_of_a_provider_this_shell_does_not_know_is_reported_not_recorded(
+    fresh_db: str, providers_file: str
+) -> None:
+    add_acme(fresh_db, providers_file, "good", GOOD)
+    before = json.loads(
+        sh(fresh_db, "--providers", providers_file, "show", "acme:good", "--json").stdout
+    )
+    # A shell without the application's providers file.
+    done = sh(fresh_db, "test", "acme:good")
+    assert done.returncode == 1
+    assert "not registered in this process" in done.stdout + done.stderr
+    for args in (["test", "--all", "--record"], ["test", "acme:good", "--record"]):
+        sh(fresh_db, *args)
+    after = json.loads(
+        sh(fresh_db, "--providers", providers_file, "show", "acme:good", "--json").stdout
+    )
+    for field in ("status", "validation_status", "last_validated_at"):
+        assert after[field] == before[field], field
