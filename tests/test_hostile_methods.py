@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 from integrations import Integrations, IntegrationsError
 
