@@ -317,6 +317,19 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     exercised |= OAUTH_METHODS
     # The sweep's log records and events are checked for markers in tests/test_sweep.py.
     exercised.add("run_health_sweeps")
+    # Webhook secrets are checked for in logs, errors and listings in tests/test_webhooks.py.
+    exercised |= {
+        "add_webhook",
+        "list_webhooks",
+        "remove_webhook",
+        "replay_webhook",
+        "run_webhooks",
+        "test_webhook",
+        "webhook_deliveries",
+    }
+    # A new data key needs a KMS or PKCS#11 source: tests/test_key_sources.py runs it and
+    # checks what it prints and logs.
+    exercised.add("new_data_key")
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 
