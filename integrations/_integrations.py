@@ -796,9 +796,12 @@ class Integrations:
         """Keep the fleet's connections checked, from a worker; runs until this instance
         closes (or the task running it is cancelled).
 
-        Every process may run it: one at a time sweeps, chosen by a PostgreSQL advisory
-        lock held on a pooled connection; the others try every ``interval`` seconds, so
-        when the sweeping process dies another takes over within one interval. Every
+        Every process may run it: one at a time sweeps, the holder of a lease row in
+        the database that lasts ``interval`` seconds (at least one) and that the leader
+        renews three times a lease. The others try to take it as often, so a leader that
+        dies, freezes or is cut off is replaced within two intervals; a leader whose
+        lease ran out by its own clock, or that finds it taken, stops sweeping at once.
+        It holds behind a transaction pooler too (no session lock). Every
         ``interval`` the leader checks each configured connection whose last check is
         older than ``stale_after`` (recorded as ``validate_connection`` does, with actor
         ``"health_sweep"``: an event only when the status changes) and renews OAuth
@@ -817,11 +820,6 @@ class Integrations:
             on_sweep=on_sweep,
         )
         services = self._s
-        if self._repo.pool.get_max_size() < 3:
-            raise ConfigurationError(
-                "run_health_sweeps() holds one pooled connection while it leads and the "
-                "event listener another: use pool_max_size=3 or more."
-            )
         every, stale, jobs, pace, ahead = options
         sweep = HealthSweep(
             services,
