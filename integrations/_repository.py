@@ -1170,9 +1170,7 @@ class Repository:
                 if pool is None
                 else pool.acquire()
             )
-        return await Listener.attach(
-            pool, conn, channel, on_payload, on_lost, self.notify_channel
-        )
+        return await Listener.attach(pool, conn, channel, on_payload, on_lost, self.notify_channel)
 
     # -- one health sweep per fleet ------------------------------------------------------
 
