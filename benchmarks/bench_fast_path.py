@@ -107,7 +107,7 @@ async def credentials(dsn: str, key: str) -> dict[str, float]:
     asyncpg pool, and against a dict lookup plus decrypt (the floor of a cached read)."""
     async with (
         asyncpg.create_pool(dsn, min_size=1, max_size=10) as default_pool,
-        Integrations(dsn, keys=key) as cached,
+        Integrations(dsn, keys=key, audit="admin") as cached,
         Integrations(dsn, keys=key, cache=False) as uncached,
     ):
         conn = await cached.add_connection("openai", "default")
