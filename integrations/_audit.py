@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 
 from . import _telemetry as telemetry
 from ._errors import AuditFailed, ConfigurationError
+from ._settings import check_at_most
 
 __all__ = [
     "ACTIONS",
@@ -206,6 +207,7 @@ class AuditLog:
             raise ConfigurationError(f'audit must be "admin", "reveal" or "use", got {level!r}.')
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise ConfigurationError(f"audit_buffer must be a positive int, got {buffer!r}.")
+        check_at_most("audit_buffer", buffer)
         self._repo = repo
         self.level = level
         self._rank = LEVELS.index(level)
