@@ -323,7 +323,7 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 
-    assert len(errors) == 9
+    assert len(errors) == 10
     assert payloads, "no NOTIFY payload was received"
     for payload in payloads:
         assert leaks(payload) == [], payload
