@@ -128,7 +128,9 @@ def render_audit(a: dict[str, Any] | None) -> list[str]:
         "`bench_audit.py`: throughput with 50 concurrent callers, each level against "
         '`audit="admin"` (which records neither reveals nor requests), slices interleaved, '
         "one run. Reveals are committed before the call returns (callers waiting together "
-        "share a transaction); requests are buffered and written in batches.",
+        "share a transaction); requests are buffered and written in batches. On a loaded "
+        "machine the ratio between two levels that record the same thing (`admin` and "
+        "`reveal` for requests) shows the noise of the run.",
         "",
         "| level | cached `authenticated_request` | ratio | cached `get_credentials` | ratio |",
         "|---|---|---|---|---|",
@@ -144,6 +146,7 @@ def render_audit(a: dict[str, Any] | None) -> list[str]:
         f"{verdict(a['req_use_ratio'] <= 1.2)}. The cached `get_credentials` figures in "
         '"Reads and requests" are taken with `audit="admin"`; at the default level each '
         "read also commits its record, as the second column here shows.",
+        "",
         "",
     ]
     return lines
