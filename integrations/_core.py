@@ -164,8 +164,10 @@ class Core:
         self.settings = settings
 
     def provider_of(self, row: StoredRow) -> Provider | None:
-        """The row's provider, None when it is no longer registered."""
-        return self.providers.find(row.provider)
+        """The row's provider, None when it is no longer registered; per-tenant API hosts
+        rendered from the row's setup values."""
+        provider = self.providers.find(row.provider)
+        return provider.for_data(row.data) if provider is not None else None
 
     def require_provider(self, row: StoredRow) -> Provider:
         provider = self.provider_of(row)

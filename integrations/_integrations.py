@@ -29,7 +29,7 @@ from ._models import Connection, ConnectionList, Page, Validation
 from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
-from ._registry import ProviderRegistry
+from ._registry import ProviderRegistry, load_providers
 from ._rotation import ProgressCallback, RotationProgress
 from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
@@ -69,6 +69,7 @@ class Integrations:
         http: aiohttp.ClientSession | None = None,
         keys: str | Sequence[str] | None = None,
         providers: Iterable[Provider] | None = None,
+        providers_file: str | os.PathLike[str] | None = None,
         auth_schemes: Iterable[AuthScheme] | None = None,
         override_providers: bool = False,
         leeway: float = 60.0,
@@ -138,8 +139,17 @@ class Integrations:
             refresh_takeover=refresh_takeover,
             token_write_retry=token_write_retry,
         )
+        extra = list(providers or ())
+        if providers_file is None and providers is None:
+            # The environment counts only when the code names no providers itself; its
+            # module:attribute form is the command line's.
+            named = os.environ.get("INTEGRATIONS_PROVIDERS", "")
+            if named.endswith((".toml", ".json")):
+                providers_file = named
+        if providers_file is not None:
+            extra += load_providers(providers_file)
         self.providers = ProviderRegistry(
-            providers or (),
+            extra,
             override=override_providers,
             schemes=SchemeRegistry(auth_schemes or (), parent=SCHEMES),
         )
@@ -200,7 +210,9 @@ class Integrations:
         except BaseException:
             await self.close()
             raise
-        hub = EventHub(self._repo.listen, self._repo.channel, watcher=self._cache)
+        hub = EventHub(
+            self._repo.listen, self._repo.channel, watcher=self._cache, log=self._repo.events_after
+        )
         if self._cache.enabled:
             # The cache serves only while changes are being received: listen from the start.
             try:
@@ -319,6 +331,7 @@ class Integrations:
         owner: OwnerScope | None = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         """Committed changes from every process on this database: ``async with integ.subscribe()``.
 
@@ -327,11 +340,27 @@ class Integrations:
         owner's, ``ALL_OWNERS`` all; with a ``uuid`` and no owner, that connection whoever
         owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+
+        ``after`` resumes from the durable log: the events logged after that position
+        (an earlier ``Event.position``; 0 for the oldest kept) come first, then live ones,
+        with no gap and no repeat between them, and nothing dropped. A position that fell
+        out of retention gets a ``resync`` event with ``detail["reason"] == "expired"``.
         """
         # The administrator's default only: an owner handle's stays its owner's.
         if uuid is not None and owner is None:
             owner = ALL_OWNERS
-        return self._in(owner).subscribe(provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize)
+        return self._in(owner).subscribe(
+            provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize, after=after
+        )
+
+    async def prune_events(
+        self, *, max_age: float | timedelta | None = timedelta(days=7), max_count: int | None = None
+    ) -> int:
+        """Apply the event log's retention: delete events logged more than ``max_age`` ago
+        (seconds or a timedelta; None keeps them whatever their age) and all but the
+        newest ``max_count``; returns how many were deleted. Run it from one worker now
+        and then (``integrations events prune`` does the same)."""
+        return await self._s.prune_events(max_age=max_age, max_count=max_count)
 
     @property
     def cache_stats(self) -> CacheStats:

@@ -374,6 +374,7 @@ class Scoped:
         uuid: str | None = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         """Committed changes from every process on this database: ``async with integ.subscribe()``.
 
@@ -382,6 +383,11 @@ class Scoped:
         owner's, ``ALL_OWNERS`` all; with a ``uuid`` and no owner, that connection whoever
         owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+
+        ``after`` resumes from the durable log: the events logged after that position
+        (an earlier ``Event.position``; 0 for the oldest kept) come first, then live ones,
+        with no gap and no repeat between them, and nothing dropped. A position that fell
+        out of retention gets a ``resync`` event with ``detail["reason"] == "expired"``.
         """
         core = self._services().core
         if provider is not None:
@@ -394,6 +400,7 @@ class Scoped:
             owner=check_scope(self._scope),
             kinds=kinds,
             maxsize=maxsize,
+            after=after,
         )
 
 

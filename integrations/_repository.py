@@ -47,6 +47,8 @@ class ResealBatch:
     rewritten: int
     last: str | None
     skipped: tuple[str, ...] = ()
+    #: The rows examined (locked), for a caller that keeps a list of skipped ones.
+    examined: tuple[str, ...] = ()
 
 
 # Delta rows of one scope's counts that a reader sums before it folds them into one a
@@ -599,8 +601,7 @@ class Repository:
             )
             if record is None:
                 return None
-            for event in events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, events)
         return _row(record)
 
     async def modify(self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]) -> T:
@@ -626,8 +627,7 @@ class Repository:
                     )
                 elif change.data is not None:
                     await conn.execute(self.q.update_value, _uuid.UUID(uuid), _dumps(change.data))
-            for event in change.events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, change.events)
         return result
 
     async def modify_clocked(
@@ -655,9 +655,100 @@ class Repository:
             change, result = decide(row, None if record is None else record["now"])
             if row is not None and change.data is not None:
                 await conn.execute(self.q.update_value, key, _dumps(change.data))
-            for event in change.events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, change.events)
         return result
+
+    async def _log(self, conn: Any, events: Iterable[Event]) -> None:
+        """Log ``events`` in the caller's transaction; its commit numbers and notifies them
+        (see the events_number trigger)."""
+        batch = list(events)
+        if not batch:
+            return
+        await conn.execute(
+            self.q.append_events,
+            [e.kind for e in batch],
+            [e.uuid for e in batch],
+            [_owner_to_db(e.owner) for e in batch],
+            [e.provider for e in batch],
+            [event_payload(e) for e in batch],
+        )
+
+    # -- the event log -----------------------------------------------------------------
+
+    async def events_after(
+        self,
+        after: int,
+        *,
+        owner: str | None,
+        any_owner: bool,
+        provider: str | None,
+        uuid: str | None,
+        kinds: Sequence[str] | None,
+        limit: int,
+    ) -> tuple[list[Event], int]:
+        """Up to ``limit`` logged events after position ``after`` that pass the filters,
+        in position order, and the position up to which retention may have deleted."""
+        kind_list = None if kinds is None else sorted(kinds)
+        async with self._acquire() as conn:
+            pruned = await conn.fetchval(self.q.events_pruned_through)
+            if any_owner:
+                records = await conn.fetch(
+                    self.q.events_after_any_owner, after, provider, uuid, kind_list, limit
+                )
+            else:
+                records = await conn.fetch(
+                    self.q.events_after_owner,
+                    after,
+                    _owner_to_db(owner),
+                    provider,
+                    uuid,
+                    kind_list,
+                    limit,
+                )
+        events = []
+        for record in records:
+            event = Event.from_payload(record["body"])
+            events.append(dataclasses.replace(event, position=record["position"]))
+        return events, int(pruned or 0)
+
+    async def last_event_position(self) -> int:
+        """The highest position logged so far; 0 when the log is empty."""
+        async with self._acquire() as conn:
+            return int(await conn.fetchval(self.q.events_last_position) or 0)
+
+    async def prune_events(
+        self, *, older_than: datetime | None, keep: int | None, batch: int = 5000
+    ) -> int:
+        """Delete logged events logged before ``older_than`` or beyond the newest ``keep``,
+        oldest first, ``batch`` at a time (each in its own short transaction); returns how
+        many were deleted."""
+        target = 0
+        async with self._acquire() as conn:
+            if keep is not None:
+                cut = await conn.fetchval(self.q.events_count_cut, keep)
+                target = max(target, int(cut or 0))
+        deleted = 0
+        while True:
+            async with self._acquire() as conn:
+                oldest = await conn.fetch(self.q.events_oldest, batch)
+            if not oldest:
+                return deleted
+            cut = 0
+            for record in oldest:
+                position = int(record["position"])
+                if position <= target or (
+                    older_than is not None and record["logged_at"] < older_than
+                ):
+                    cut = position
+                else:
+                    break
+            if cut == 0:
+                return deleted
+            async with self._acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(self.q.events_prune, cut)
+            deleted += int(record["deleted"])
+            if cut != int(oldest[-1]["position"]):
+                return deleted
 
     async def notify_channel(self, channel: str, payload: str) -> None:
         """Send ``payload`` on another channel than the events' one (a listener probe)."""
@@ -720,6 +811,7 @@ class Repository:
             rewritten=rewritten,
             last=cursor.dump(),
             skipped=tuple(str(u) for u in candidates if u not in locked),
+            examined=tuple(str(u) for u in locked),
         )
 
     async def _reseal_candidates(

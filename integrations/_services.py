@@ -172,6 +172,27 @@ class Services:
                 # Ending the subscriptions first lets every ``async for`` finish cleanly.
                 await self.core.hub.close()
 
+    async def prune_events(
+        self, *, max_age: float | timedelta | None, max_count: int | None
+    ) -> int:
+        if max_age is not None:
+            if isinstance(max_age, int | float) and not isinstance(max_age, bool):
+                max_age = timedelta(seconds=max_age)
+            if not isinstance(max_age, timedelta) or max_age.total_seconds() < 0:
+                raise InvalidArgument(
+                    f"max_age must be a number of seconds or a timedelta >= 0, or None; got "
+                    f"{max_age!r}",
+                    field="max_age",
+                )
+        if max_count is not None and (
+            isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0
+        ):
+            raise InvalidArgument(
+                f"max_count must be an int >= 0 or None, got {max_count!r}", field="max_count"
+            )
+        older_than = None if max_age is None else utcnow() - max_age
+        return await self.core.repo.prune_events(older_than=older_than, keep=max_count)
+
     def authenticated_request(
         self,
         ref: object,

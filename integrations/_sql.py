@@ -103,6 +103,14 @@ class Queries:
     update_key_value: LiteralString
     delete_connection: LiteralString
     notify: LiteralString
+    append_events: LiteralString
+    events_after_any_owner: LiteralString
+    events_after_owner: LiteralString
+    events_pruned_through: LiteralString
+    events_last_position: LiteralString
+    events_oldest: LiteralString
+    events_count_cut: LiteralString
+    events_prune: LiteralString
     connections_to_reseal_below: LiteralString
     connections_to_reseal_above: LiteralString
     connections_plain_to_reseal: LiteralString

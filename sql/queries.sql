@@ -370,6 +370,69 @@ SELECT pg_advisory_unlock($1);
 -- lock lasts as long as its session, so an answer means it is still held.
 SELECT true;
 
+-- name: append_events
+-- $1 text[] kind, $2 text[] uuid, $3 text[] owner ('' = system), $4 text[] provider,
+-- $5 text[] body (the NOTIFY payload, a JSON object without the position), pairwise, in
+-- order. The events_number trigger numbers and notifies them when the transaction commits.
+INSERT INTO {schema}.events (kind, uuid, owner, provider, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]);
+
+-- name: events_after_any_owner
+-- $1 int8 position (exclusive), $2 text provider or NULL, $3 text uuid or NULL,
+-- $4 text[] kinds or NULL, $5 int page size. Every owner's events, in position order.
+SELECT position, body
+FROM {schema}.events
+WHERE position > $1
+  AND ($2::text IS NULL OR provider = $2)
+  AND ($3::text IS NULL OR uuid = $3)
+  AND ($4::text[] IS NULL OR kind = ANY ($4::text[]))
+ORDER BY position
+LIMIT $5;
+
+-- name: events_after_owner
+-- $1 int8 position (exclusive), $2 text owner ('' = system), $3 text provider or NULL,
+-- $4 text uuid or NULL, $5 text[] kinds or NULL, $6 int page size. One owner's events,
+-- in position order (the events_owner_position index).
+SELECT position, body
+FROM {schema}.events
+WHERE owner = $2 AND position > $1
+  AND ($3::text IS NULL OR provider = $3)
+  AND ($4::text IS NULL OR uuid = $4)
+  AND ($5::text[] IS NULL OR kind = ANY ($5::text[]))
+ORDER BY owner, position
+LIMIT $6;
+
+-- name: events_pruned_through
+-- no parameters; positions up to this one may have been deleted by retention (none when
+-- the state row is missing: nothing was pruned since the log was emptied)
+SELECT coalesce((SELECT pruned_through FROM {schema}.event_log_state), 0);
+
+-- name: events_last_position
+-- no parameters; the highest position logged so far (0 when none)
+SELECT coalesce(max(position), 0) FROM {schema}.events;
+
+-- name: events_oldest
+-- $1 int page size; the oldest events' positions and log times, for the age sweep
+SELECT position, logged_at FROM {schema}.events
+WHERE position IS NOT NULL ORDER BY position LIMIT $1;
+
+-- name: events_count_cut
+-- $1 int8 how many of the newest to keep; the highest position older than those
+SELECT position FROM {schema}.events
+WHERE position IS NOT NULL ORDER BY position DESC OFFSET $1 LIMIT 1;
+
+-- name: events_prune
+-- $1 int8 position: events up to it are deleted, and the state remembers how far
+WITH gone AS (
+    DELETE FROM {schema}.events WHERE position <= $1 RETURNING 1
+), moved AS (
+    -- An upsert: the state row may have been emptied away (TRUNCATE) with the log.
+    INSERT INTO {schema}.event_log_state AS s (pruned_through) VALUES ($1)
+    ON CONFLICT (id) DO UPDATE SET pruned_through = greatest(s.pruned_through, $1)
+    RETURNING pruned_through
+)
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT pruned_through FROM moved) AS pruned;
+
 -- name: data_keys_of
 -- $1 text wrapper; newest first: the newest is the primary of its source.
 SELECT kid, wrapped FROM {schema}.data_keys WHERE wrapper = $1 ORDER BY created_at DESC, kid;

@@ -563,8 +563,9 @@ def test_keys_rotate_and_doctor(fresh_db: str) -> None:
     assert rotated.returncode == 0, rotated.stderr
     result = json.loads(rotated.stdout)
     assert result["rotated"] == 1 and result["undecryptable"] == []
+    assert result["rows_per_second"] > 0
     again = sh(fresh_db, "keys", "rotate", env=cli_env(INTEGRATIONS_KEYS=f"{new},{TEST_KEY}"))
-    assert "rotated 0 of 0 row(s)" in again.stdout
+    assert "rotated 0 of 0 row(s)" in again.stdout and "rows a second" in again.stdout
     healthy = sh(fresh_db, "doctor", "--json", env=cli_env(INTEGRATIONS_KEYS=new))
     assert healthy.returncode == 0, healthy.stdout
     checks = {c["check"]: c["ok"] for c in json.loads(healthy.stdout)["checks"]}
@@ -611,6 +612,46 @@ def test_watch_prints_one_line_per_event_until_interrupted(fresh_db: str) -> Non
                 stream.close()
 
 
+def test_watch_after_a_position_prints_the_logged_events_first(fresh_db: str) -> None:
+    first = sh(fresh_db, "add", "openai").stdout.strip()
+    second = sh(fresh_db, "add", "openai", "second").stdout.strip()
+    child = subprocess.Popen(
+        [SCRIPT, "--dsn", fresh_db, "watch", "--json", "--after", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert child.stdout is not None
+        replayed = [json.loads(child.stdout.readline()) for _ in range(2)]
+        assert [e["uuid"] for e in replayed] == [first, second]
+        assert replayed[0]["position"] < replayed[1]["position"]
+        third = sh(fresh_db, "add", "openai", "third").stdout.strip()
+        live = json.loads(child.stdout.readline())
+        assert live["uuid"] == third and live["position"] > replayed[1]["position"]
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=20) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+    after = sh(fresh_db, "watch", "--after", "-1")
+    assert after.returncode == 2 and "--after" in after.stderr
+
+
+def test_events_prune_applies_the_retention(fresh_db: str) -> None:
+    for name in ("a", "b", "c"):
+        sh(fresh_db, "add", "openai", name)
+    done = sh(fresh_db, "events", "prune", "--max-count", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"deleted": 2}
+    assert sh(fresh_db, "events", "prune").stdout.strip() == "deleted 0 logged events"
+
+
 def test_serve_without_the_console_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "integrations.web", None)
     done = CliRunner().invoke(cli, ["serve"])
@@ -646,7 +687,9 @@ def test_providers_json_shape_and_a_bad_providers_file(tmp_path: Path) -> None:
     bad.write_text('[{"key": "Bad Key"}]')
     refused = runner.invoke(cli, ["--providers", str(bad), "providers"])
     assert refused.exit_code == 2
-    assert "cannot load providers" in refused.output
+    # The file, the entry and the field at fault are named.
+    assert str(bad) in refused.output
+    assert "entry 1 ('Bad Key'), field 'key'" in refused.output
 
 
 def test_keys_generate_json() -> None:

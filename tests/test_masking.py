@@ -111,7 +111,8 @@ async def stored_texts(db: asyncpg.Connection) -> list[str]:
     pending = await db.fetch(
         "SELECT code_verifier::text AS t FROM integrations.pending_authorizations"
     )
-    return [r["t"] for r in [*rows, *pending]]
+    logged = await db.fetch("SELECT body AS t FROM integrations.events")
+    return [r["t"] for r in [*rows, *pending, *logged]]
 
 
 async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
@@ -309,6 +310,11 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     delivered = [await subscription.get() for _ in range(subscription.pending)]
     assert delivered, "the subscription received no event"
     shown.extend(delivered)
+    async with integ.subscribe(owner=ALL_OWNERS, after=0) as replay:
+        replayed = [await replay.get() for _ in range(len(delivered))]
+    assert [e.position for e in replayed] == [e.position for e in delivered]
+    shown.extend(replayed)
+    record("prune_events", await integ.prune_events(max_age=None, max_count=1))
     record("event_stats", integ.event_stats)
     record("cache_stats", integ.cache_stats)
     await subscriptions.aclose()
