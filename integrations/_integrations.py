@@ -791,14 +791,8 @@ class Integrations:
         """A page of the audit trail, newest first; pass ``before=page.next_before`` for the
         next one. ``action`` is an action (``"credentials.revealed"``) or a family
         (``"credentials"``). See docs/audit.md."""
-        return await self._s.audit(
-            uuid=uuid,
-            owner=owner,
-            actor=actor,
-            since=since,
-            action=action,
-            limit=limit,
-            before=before,
+        return await self._in(owner).audit(
+            uuid=uuid, actor=actor, since=since, action=action, limit=limit, before=before
         )
 
     async def verify_audit(self) -> list[Breach]:
