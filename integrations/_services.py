@@ -21,6 +21,7 @@ from ._models import utcnow
 from ._requests import Requests
 from ._rotation import ProgressCallback, RotationProgress, rotate
 from ._tokens import Refresher
+from ._webhooks import Webhooks
 
 __all__ = ["Services"]
 
@@ -36,6 +37,7 @@ class Services:
         self.connections = Connections(core, self.authflow)
         self.checks = Checks(core, self.tokens, self.connections)
         self.requests = Requests(core, self.tokens)
+        self.webhooks = Webhooks(core.repo, core.vault, core.hub)
 
     async def rotate_keys(
         self, *, batch_size: int, progress: ProgressCallback | None

@@ -326,6 +326,16 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     exercised |= OAUTH_METHODS
     # The sweep's log records and events are checked for markers in tests/test_sweep.py.
     exercised.add("run_health_sweeps")
+    # Webhook secrets are checked for in logs, errors and listings in tests/test_webhooks.py.
+    exercised |= {
+        "add_webhook",
+        "list_webhooks",
+        "remove_webhook",
+        "replay_webhook",
+        "run_webhooks",
+        "test_webhook",
+        "webhook_deliveries",
+    }
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 
