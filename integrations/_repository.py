@@ -27,6 +27,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from . import _audit as audit
 from . import _telemetry as telemetry
 from ._errors import AlreadyExists, ConfigurationError, IntegrationsError, LockTimeout, StorageError
 from ._models import Event
@@ -1232,6 +1233,126 @@ class Repository:
         async with self._acquire() as conn:
             await conn.execute(self.q.put_data_key, kid, wrapper, wrapped)
 
+    # -- the audit trail ------------------------------------------------------------------
+
+    async def audit_append(self, entries: Sequence[dict[str, Any]]) -> int:
+        """Append records to the chain in one transaction, under the schema's audit lock;
+        returns the last seq written."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
+            tail = await conn.fetchrow(self.q.audit_tail)
+            seq, previous = (0, audit.GENESIS) if tail is None else (tail["seq"], tail["hash"])
+            columns: list[list[Any]] = [[] for _ in range(11)]
+            for entry in entries:
+                seq += 1
+                record = audit.AuditRecord(seq=seq, **entry)
+                link = audit.chain_hash(previous, record)
+                values = (
+                    seq,
+                    record.at,
+                    record.action,
+                    record.actor,
+                    record.owner,
+                    None if record.uuid is None else _uuid.UUID(record.uuid),
+                    record.provider,
+                    record.outcome,
+                    json.dumps(dict(record.detail), separators=(",", ":"), default=str),
+                    previous,
+                    link,
+                )
+                for column, value in zip(columns, values, strict=True):
+                    column.append(value)
+                previous = link
+            await conn.execute(self.q.audit_insert, *columns)
+        return seq
+
+    async def audit_page(
+        self,
+        *,
+        before: int,
+        uuid: str | None,
+        owner: str | None,
+        actor: str | None,
+        since: datetime | None,
+        action: str | None,
+        limit: int,
+        by_owner: bool,
+    ) -> list[audit.AuditRecord]:
+        async with self._acquire() as conn:
+            records = await conn.fetch(
+                self.q.audit_page,
+                before,
+                None if uuid is None else _uuid.UUID(uuid),
+                owner,
+                actor,
+                since,
+                action,
+                limit,
+                by_owner,
+            )
+        return [_audit_record(r) for r in records]
+
+    async def audit_chain(
+        self, after: int, limit: int
+    ) -> list[tuple[audit.AuditRecord, bytes, bytes]]:
+        """Records after ``after`` in seq order, with their stored links."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.audit_chain, after, limit)
+        return [(_audit_record(r), bytes(r["prev_hash"]), bytes(r["hash"])) for r in records]
+
+    async def audit_sweep(self, cutoff: datetime, entry: dict[str, Any]) -> int:
+        """Delete the records older than ``cutoff``, recording the sweep in the chain (with
+        the first kept record and its link, the new anchor); returns how many went."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
+            first = await conn.fetchrow(self.q.audit_first_kept, cutoff)
+            tail = await conn.fetchrow(self.q.audit_tail)
+            if tail is None:
+                return 0
+            if first is None:
+                keep_from, anchor = tail["seq"] + 1, bytes(tail["hash"])
+            else:
+                keep_from, anchor = first["seq"], bytes(first["prev_hash"])
+            gone = await conn.fetchval(self.q.audit_count_before, keep_from)
+            if not gone:
+                return 0
+            seq, previous = tail["seq"] + 1, bytes(tail["hash"])
+            detail = {
+                **entry["detail"],
+                "kept_from": keep_from,
+                "anchor": anchor.hex(),
+                "deleted": gone,
+            }
+            record = audit.AuditRecord(seq=seq, **{**entry, "detail": detail})
+            link = audit.chain_hash(previous, record)
+            await conn.execute(
+                self.q.audit_insert,
+                [seq],
+                [record.at],
+                [record.action],
+                [record.actor],
+                [record.owner],
+                [None],
+                [None],
+                [record.outcome],
+                [json.dumps(detail, separators=(",", ":"))],
+                [previous],
+                [link],
+            )
+            await conn.execute(self.q.audit_sweep)
+            await conn.execute(self.q.audit_delete_before, keep_from)
+        return int(gone)
+
+    async def audit_anchor(self) -> tuple[int, bytes]:
+        """Where verification starts: the newest sweep's first kept record and its link,
+        or record 1 and the genesis link."""
+        async with self._acquire() as conn:
+            detail = await conn.fetchval(self.q.audit_anchor)
+        if detail is None:
+            return 1, audit.GENESIS
+        found = json.loads(detail)
+        return int(found["kept_from"]), bytes.fromhex(found["anchor"])
+
     # -- raw access for tests and benchmarks ---------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -1342,6 +1463,21 @@ def _pending(record: asyncpg.Record) -> PendingAuthorization:
 IDLE_IN_TRANSACTION = 5.0
 #: Seconds beyond the lock timeout a statement may take before the client gives up on it.
 COMMAND_MARGIN = 10.0
+
+
+def _audit_record(record: asyncpg.Record) -> audit.AuditRecord:
+    uuid = record["uuid"]
+    return audit.AuditRecord(
+        seq=record["seq"],
+        at=record["at"],
+        action=record["action"],
+        actor=record["actor"],
+        owner=record["owner"],
+        uuid=None if uuid is None else str(uuid),
+        provider=record["provider"],
+        outcome=record["outcome"],
+        detail=json.loads(record["detail"]),
+    )
 
 
 def _millis(seconds: float) -> str:

@@ -150,6 +150,16 @@ class Queries:
     all_data_keys: LiteralString
     put_data_key: LiteralString
     data_keys_lock: LiteralString
+    audit_lock: LiteralString
+    audit_tail: LiteralString
+    audit_insert: LiteralString
+    audit_page: LiteralString
+    audit_chain: LiteralString
+    audit_sweep: LiteralString
+    audit_first_kept: LiteralString
+    audit_count_before: LiteralString
+    audit_delete_before: LiteralString
+    audit_anchor: LiteralString
     migrations: tuple[Migration, ...]
 
     @classmethod

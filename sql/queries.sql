@@ -576,3 +576,61 @@ SELECT (SELECT position FROM {schema}.webhook_cursor),
 -- no parameters; seconds until the earliest pending delivery is due (NULL: none)
 SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
 FROM {schema}.webhook_deliveries WHERE state = 'pending';
+
+-- name: audit_lock
+-- $1 int8: advisory lock id; one appender at a time per schema keeps the chain linear.
+SELECT pg_advisory_xact_lock($1);
+
+-- name: audit_tail
+SELECT seq, hash FROM {schema}.audit_log ORDER BY seq DESC LIMIT 1;
+
+-- name: audit_insert
+-- parallel arrays, one element per record
+INSERT INTO {schema}.audit_log
+    (seq, at, action, actor, owner, uuid, provider, outcome, detail, prev_hash, hash)
+SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                     $6::uuid[], $7::text[], $8::text[], $9::text[]::jsonb[], $10::bytea[],
+                     $11::bytea[]);
+
+-- name: audit_page
+-- $1 bigint before (exclusive), $2 uuid or null, $3 text owner (null: the system), $4 text
+-- actor or null, $5 timestamptz since or null, $6 text action (or 'prefix.%') or null,
+-- $7 int limit, $8 bool: filter by owner
+SELECT seq, at, action, actor, owner, uuid, provider, outcome, detail::text AS detail
+FROM {schema}.audit_log
+WHERE seq < $1
+  AND ($2::uuid IS NULL OR uuid = $2)
+  AND (NOT $8::bool OR owner IS NOT DISTINCT FROM $3::text)
+  AND ($4::text IS NULL OR actor = $4)
+  AND ($5::timestamptz IS NULL OR at >= $5)
+  AND ($6::text IS NULL OR action LIKE $6)
+ORDER BY seq DESC
+LIMIT $7;
+
+-- name: audit_chain
+-- $1 bigint after (exclusive), $2 int limit; storage order for verification
+SELECT seq, at, action, actor, owner, uuid, provider, outcome, detail::text AS detail,
+       prev_hash, hash
+FROM {schema}.audit_log
+WHERE seq > $1
+ORDER BY seq
+LIMIT $2;
+
+-- name: audit_sweep
+-- $1 bigint: delete records below this seq (the sweep's own record stays)
+SELECT set_config('integrations.audit_sweep', 'on', true);
+
+-- name: audit_first_kept
+-- $1 timestamptz cutoff
+SELECT seq, prev_hash FROM {schema}.audit_log WHERE at >= $1 ORDER BY seq LIMIT 1;
+
+-- name: audit_count_before
+-- $1 bigint seq
+SELECT count(*) FROM {schema}.audit_log WHERE seq < $1;
+
+-- name: audit_delete_before
+-- $1 bigint seq; only after audit_sweep in the same transaction
+DELETE FROM {schema}.audit_log WHERE seq < $1;
+
+-- name: audit_anchor
+SELECT detail::text FROM {schema}.audit_log WHERE action = 'audit.swept' ORDER BY seq DESC LIMIT 1;
