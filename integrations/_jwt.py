@@ -73,9 +73,10 @@ def _parse(text: str, field_name: str, kid: str | None) -> SigningKey:
     algorithm = _ALGORITHMS.get(key.key_type)
     if algorithm is None or not key.is_private:
         raise wrong
-    if key.key_type == "EC" and key.curve_name != "P-256":
+    curve = getattr(key, "curve_name", None)
+    if key.key_type == "EC" and curve != "P-256":
         raise InvalidField(
-            f"Setup field {field_name!r} holds an EC key on {key.curve_name}; ES256 needs P-256.",
+            f"Setup field {field_name!r} holds an EC key on {curve}; ES256 needs P-256.",
             field=field_name,
         )
     return SigningKey(key, algorithm, kid)

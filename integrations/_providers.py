@@ -347,9 +347,10 @@ class Provider(_Frozen):
         given blank is missing whatever the encryption setting. For ``credentials``
         providers every key given flat is moved under ``"credentials"`` (the freeform
         credential map; a nested ``"credentials"`` mapping is accepted too, flat keys
-        win). Errors name the field, never its value.
+        win). The scheme may first expand what it accepts as given (a service account's key
+        file into its fields). Errors name the field, never its value.
         """
-        attrs = check_attrs(attrs, max_bytes=max_bytes)
+        attrs = self.scheme.expand_setup(check_attrs(attrs, max_bytes=max_bytes))
         fields = {field.key: field for field in self.setup_fields}
         secrets = self.secret_keys
 

@@ -21,13 +21,19 @@ __all__ = ["ClientCredentialsScheme", "OAuth2Scheme", "TokenGrant", "TokenScheme
 @dataclass(frozen=True, slots=True)
 class TokenGrant:
     """What renews an access token: the grant type and its parameters for the token
-    endpoint, the refresh token it spends (None when none is spent), and the scopes asked
-    for (what the answer is read against when it names none)."""
+    endpoint, the refresh token it spends (None when none is spent), the scopes asked
+    for (what the answer is read against when it names none), whether the client
+    authenticates, and the endpoint when the connection names its own."""
 
     grant_type: str
     params: Mapping[str, str | Sequence[str] | None] = field(repr=False)
     spends: str | None = field(default=None, repr=False)
     requested_scopes: Sequence[str] = ()
+    #: Whether the client authenticates as the provider's ``token_auth`` says (False: the
+    #: grant itself proves who asks, as a JWT bearer assertion does).
+    client_auth: bool = True
+    #: The token endpoint, when the connection's data names it (a key file's ``token_uri``).
+    token_url: str | None = None
 
 
 def _text(value: Any) -> str | None:
