@@ -26,7 +26,7 @@ from ._events import ALL_OWNERS, OwnerScope
 from ._models import Connection, ConnectionList, Page, utcnow
 from ._providers import Provider, unknown_provider_message
 from ._record import Change, StoredRow
-from ._tokens import imported_token_set
+from .oauth import imported_token_set
 
 __all__ = ["MAX_PAGE", "Connections", "check_scope"]
 

@@ -21,6 +21,7 @@ from ._record import StoredRow
 from ._registry import ProviderRegistry
 from ._repository import Pool, Repository
 from ._settings import Settings, check_at_most
+from ._token_endpoint import TokenEndpoint
 from ._vault import Keyring, Vault, mask_data
 
 log = logging.getLogger("integrations")
@@ -121,7 +122,7 @@ async def connect(
 class Core:
     """What every service stands on; services receive it and never see the facade."""
 
-    __slots__ = ("http", "hub", "providers", "repo", "settings", "vault")
+    __slots__ = ("_endpoints", "http", "hub", "providers", "repo", "settings", "vault")
 
     def __init__(
         self,
@@ -139,6 +140,14 @@ class Core:
         self.http = http
         self.hub = hub
         self.settings = settings
+        self._endpoints: dict[int, TokenEndpoint] = {}
+
+    def token_endpoint(self, provider: Provider) -> TokenEndpoint:
+        """The provider's token endpoint client, built once per provider."""
+        endpoint = self._endpoints.get(id(provider))
+        if endpoint is None or endpoint.provider is not provider:
+            endpoint = self._endpoints[id(provider)] = TokenEndpoint(provider)
+        return endpoint
 
     def provider_of(self, row: StoredRow) -> Provider | None:
         """The row's provider, None when it is no longer registered."""
