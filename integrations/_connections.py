@@ -23,17 +23,24 @@ from ._errors import (
     NotFound,
 )
 from ._events import ALL_OWNERS, OwnerScope
+from ._input import check_text
 from ._models import Connection, ConnectionList, Page, utcnow
 from ._providers import Provider, unknown_provider_message
 from ._record import Change, StoredRow
 from .oauth import imported_token_set
 
-__all__ = ["MAX_PAGE", "Connections", "check_scope"]
+__all__ = ["MAX_PAGE", "SEARCH_EXAMINE", "STATUSES", "Connections", "check_scope"]
 
 #: The largest ``limit`` of one listing page.
 MAX_PAGE = 1000
 # Rows per keyset page when a listing reads everything.
 _SCAN_PAGE = 500
+#: Rows a filtered page examines at most: a page costs the same however rare matches are.
+SEARCH_EXAMINE = 2000
+#: The stored statuses a listing can be filtered by.
+STATUSES = ("connected", "error", "disconnected")
+# Between the key and the owner in a page mark of every owner's listing: never in a key.
+_OWNER_MARK = "\x1f"
 
 
 def check_scope(owner: OwnerScope) -> OwnerScope:
@@ -62,6 +69,29 @@ def _page_mark(after: object, prefix: str) -> TypeGuard[str]:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _check_status(status: object) -> str | None:
+    if status is None or status in STATUSES:
+        return status
+    raise InvalidInput(
+        f"status must be one of {', '.join(STATUSES)} or None, got {names.shown(status)}.",
+        field="status",
+    )
+
+
+def _check_search(search: object) -> str | None:
+    """A part of a name to look for, lowercased; None for no search."""
+    if search is None:
+        return None
+    if not isinstance(search, str) or len(search) > names.MAX_NAME_LENGTH:
+        raise InvalidInput(
+            f"search must be a string of at most {names.MAX_NAME_LENGTH} characters, got "
+            f"{names.shown(search)}.",
+            field="search",
+        )
+    text = check_text(search.strip(), "search").lower()
+    return text or None
 
 
 def _visible(row: StoredRow | None, owner: OwnerScope) -> StoredRow | None:
@@ -253,17 +283,13 @@ class Connections:
         self, owner: str | None, after: str, wanted: int | None
     ) -> list[tuple[str, Connection]]:
         """Connections with saved data after key ``after`` with their keys, in key order
-        (``wanted`` at most)."""
+        (``wanted`` at most), read from the index of rows with saved data."""
         found: list[tuple[str, Connection]] = []
-        # Keyset pages in index order: the database never sorts, whatever the row count.
         while True:
-            rows = await self._core.repo.list_page(owner, names.KEY_PREFIX, after, _SCAN_PAGE)
-            for row in rows:
-                if record.has_saved_data(row.data):
-                    found.append((row.key, self._core.connection(row)))
-                    if wanted is not None and len(found) >= wanted:
-                        return found
-            if len(rows) < _SCAN_PAGE:
+            size = _SCAN_PAGE if wanted is None else wanted - len(found)
+            rows = await self._core.repo.list_saved_page(owner, names.KEY_PREFIX, after, size)
+            found.extend((row.key, self._core.connection(row)) for row in rows)
+            if len(rows) < size or (wanted is not None and len(found) >= wanted):
                 return found
             after = rows[-1].key
 
@@ -283,11 +309,26 @@ class Connections:
         return row.key
 
     async def page(
-        self, *, owner: str | None, provider: str | None, limit: object, after: object
+        self,
+        *,
+        owner: OwnerScope,
+        provider: str | None,
+        limit: object,
+        after: object,
+        status: object = None,
+        search: object = None,
     ) -> Page:
         """Every connection of ``owner`` (of one provider if given) in key order, a page
-        at a time: ``after`` is the ``next_after`` of the page before."""
-        owner = names.check_owner(owner)
+        at a time: ``after`` is the ``next_after`` of the page before.
+
+        ``ALL_OWNERS`` lists every owner's, in (key, owner) order. With ``status`` or
+        ``search`` (a part of the name, any case) a page examines at most
+        ``SEARCH_EXAMINE`` rows and returns those that match: fewer than ``limit``, even
+        none, when matches are rare, with a ``next_after`` that goes on from where it
+        stopped; ``next_after`` is None once the whole range has been read."""
+        every = owner is ALL_OWNERS
+        scope = check_scope(owner)
+        one_owner = None if scope is ALL_OWNERS else scope
         prefix = names.KEY_PREFIX
         if provider is not None:
             prefix = names.storage_key(names.check_provider_key(provider), "")
@@ -295,17 +336,55 @@ class Connections:
             raise InvalidInput(
                 f"limit must be an int from 1 to {MAX_PAGE}, got {names.shown(limit)}."
             )
+        wanted_status = _check_status(status)
+        needle = _check_search(search)
         if after is not None and not _page_mark(after, prefix):
             raise InvalidInput(
                 "after must be the next_after of an earlier page (of the same provider), or None.",
                 field="after",
             )
-        rows = await self._core.repo.list_page(owner, prefix, after or "", limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(
-            items=[self._core.connection(row) for row in rows],
-            next_after=rows[-1].key if more else None,
+        if not every and wanted_status is None and needle is None:
+            rows = await self._core.repo.list_page(one_owner, prefix, after or "", limit + 1)
+            more = len(rows) > limit
+            rows = rows[:limit]
+            return Page(
+                items=[self._core.connection(row) for row in rows],
+                next_after=rows[-1].key if more else None,
+            )
+        start = ("", "")
+        if after is not None:
+            key, mark, after_owner = after.partition(_OWNER_MARK)
+            if bool(mark) != every:
+                raise InvalidInput(
+                    "after must be the next_after of an earlier page of the same listing "
+                    "(every owner's or one owner's), or None.",
+                    field="after",
+                )
+            start = (key, after_owner)
+        found, stop = await self._core.repo.search_page(
+            one_owner,
+            every,
+            prefix,
+            start,
+            examine=max(SEARCH_EXAMINE, limit + 1),
+            limit=limit + 1,
+            status=wanted_status or "",
+            needle=needle or "",
+        )
+        if len(found) > limit:
+            found = found[:limit]
+            stop = (found[-1].key, found[-1].owner or "")
+        next_after = None
+        if stop is not None:
+            next_after = stop[0] + _OWNER_MARK + (stop[1] or "") if every else stop[0]
+        return Page(items=[self._core.connection(row) for row in found], next_after=next_after)
+
+    async def counts(self, owner: OwnerScope) -> dict[str, int]:
+        """Connections per provider key of ``owner`` (every owner's with ``ALL_OWNERS``),
+        from counts kept by the database: the same cost at any table size."""
+        scope = check_scope(owner)
+        return await self._core.repo.connection_counts(
+            None if scope is ALL_OWNERS else scope, every_owner=scope is ALL_OWNERS
         )
 
     # -- writes -----------------------------------------------------------------------

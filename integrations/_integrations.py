@@ -372,17 +372,36 @@ class Integrations:
     async def list_page(
         self,
         *,
-        owner: str | None = None,
+        owner: OwnerScope = None,
         provider: str | None = None,
         limit: int = 50,
         after: str | None = None,
+        status: str | None = None,
+        search: str | None = None,
     ) -> Page:
-        """One page of ``owner``'s connections (of ``provider`` if given), masked, in
-        storage-key order: pass the page's ``next_after`` as ``after`` for the next one.
-        Each page is one index range scan, however many rows the table holds."""
+        """One page of ``owner``'s connections (of ``provider`` if given; every owner's
+        with ``ALL_OWNERS``), masked, in storage-key order: pass the page's ``next_after``
+        as ``after`` for the next one. Each page is one index range scan, however many
+        rows the table holds.
+
+        ``status`` (``connected``, ``error`` or ``disconnected``) and ``search`` (a part
+        of the name, any case) filter a page: it examines a bounded number of rows, so it
+        may hold fewer than ``limit`` connections (even none) and still have a
+        ``next_after``; the listing ends when ``next_after`` is None."""
         return await self._s.connections.page(
-            owner=owner, provider=provider, limit=limit, after=after
+            owner=owner,
+            provider=provider,
+            limit=limit,
+            after=after,
+            status=status,
+            search=search,
         )
+
+    async def count_connections(self, *, owner: OwnerScope = None) -> dict[str, int]:
+        """Connections per provider key of ``owner`` (every owner's with ``ALL_OWNERS``),
+        providers without any left out; kept by the database, so the same cost at any
+        table size."""
+        return await self._s.connections.counts(owner)
 
     def list_providers(self) -> list[Provider]:
         """Every known provider, built-in and registered, by key."""

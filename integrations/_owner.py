@@ -77,11 +77,25 @@ class OwnerHandle:
         )
 
     async def list_page(
-        self, *, provider: str | None = None, limit: int = 50, after: str | None = None
+        self,
+        *,
+        provider: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+        status: str | None = None,
+        search: str | None = None,
     ) -> Page:
         return await self._services().connections.page(
-            owner=self.owner, provider=provider, limit=limit, after=after
+            owner=self.owner,
+            provider=provider,
+            limit=limit,
+            after=after,
+            status=status,
+            search=search,
         )
+
+    async def count_connections(self) -> dict[str, int]:
+        return await self._services().connections.counts(self.owner)
 
     def list_providers(self) -> list[Provider]:
         return self._services().core.providers.all()

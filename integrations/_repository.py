@@ -47,6 +47,55 @@ class ResealBatch:
     skipped: tuple[str, ...] = ()
 
 
+# Delta rows of one scope's counts that a reader sums before it folds them into one a
+# provider.
+_FOLD_COUNTS_AFTER = 64
+
+#: The cursor that starts a rotation pass (see :meth:`Repository.reseal_connections`).
+RESEAL_START = ""
+_NIL_UUID = _uuid.UUID(int=0)
+_MAX_UUID = _uuid.UUID(int=2**128 - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _ResealCursor:
+    """Where a rotation pass is: the index range it reads ("below" and "above" the primary
+    key id's array of envelope key ids, then "plain" for plaintext), the last row read, and
+    whether the pass rewrote a row.
+
+    A writer's save re-seals the fields it writes under the primary and leaves the others'
+    envelopes as they were, which changes the row's array and so may move it behind the
+    cursor: a pass that rewrote anything is followed by another, which reads only what is
+    still left (rows that cannot be decrypted are left as they are, so passes end)."""
+
+    phase: str
+    kids: tuple[str, ...]
+    uuid: _uuid.UUID
+    moved: bool = False
+
+    @classmethod
+    def parse(cls, text: str, primary_kid: str) -> _ResealCursor:
+        if text == RESEAL_START:
+            return cls.start()
+        try:
+            phase, kids, row, moved = json.loads(text)
+            if phase not in ("below", "above", "plain") or not all(
+                isinstance(k, str) for k in kids
+            ):
+                raise ValueError(phase)
+            return cls(phase, tuple(kids), _uuid.UUID(row), bool(moved))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a rotation cursor: {text[:80]!r}") from exc
+
+    @classmethod
+    def start(cls) -> _ResealCursor:
+        # Past every row without an envelope ('{}' sorts before '{""}').
+        return cls("below", ("",), _NIL_UUID)
+
+    def dump(self) -> str:
+        return json.dumps([self.phase, list(self.kids), str(self.uuid), self.moved])
+
+
 #: The asyncpg pool type, for the annotations of other modules (which never import asyncpg).
 Pool: TypeAlias = asyncpg.Pool
 
@@ -452,6 +501,80 @@ class Repository:
             )
         return [_row(r) for r in records]
 
+    async def list_saved_page(
+        self, owner: str | None, prefix: str, after: str, limit: int
+    ) -> list[StoredRow]:
+        """Like :meth:`list_page`, only rows with saved data, read from their own index."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(
+                self.q.list_saved_page,
+                _owner_to_db(owner),
+                prefix,
+                prefix_end(prefix),
+                after,
+                limit,
+            )
+        return [_row(r) for r in records]
+
+    async def search_page(
+        self,
+        owner: str | None,
+        every_owner: bool,
+        prefix: str,
+        after: tuple[str, str],
+        *,
+        examine: int,
+        limit: int,
+        status: str,
+        needle: str,
+    ) -> tuple[list[StoredRow], tuple[str, str] | None]:
+        """The rows among the next ``examine`` (in key order, or (key, owner) order over
+        ``every_owner``) after ``after`` (key, owner) that have ``status`` and
+        ``needle`` in their name (each '' for any), ``limit`` at most; and where reading
+        stopped short of the range's end when it stopped on the ``examine`` limit (the
+        last row read, matching or not), else None."""
+        async with self._acquire() as conn:
+            if every_owner:
+                records = await conn.fetch(
+                    self.q.search_every_owner,
+                    prefix,
+                    prefix_end(prefix),
+                    after[0],
+                    after[1],
+                    examine,
+                    limit,
+                    status,
+                    needle,
+                )
+            else:
+                records = await conn.fetch(
+                    self.q.search_page,
+                    _owner_to_db(owner),
+                    prefix,
+                    prefix_end(prefix),
+                    after[0],
+                    examine,
+                    limit,
+                    status,
+                    needle,
+                )
+        rows = [_row(r) for r in records if r["hit"]]
+        stop = None
+        if records and records[-1]["last_read"]:
+            stop = (records[-1]["key"], records[-1]["owner"])
+        return rows, stop
+
+    async def connection_counts(self, owner: str | None, *, every_owner: bool) -> dict[str, int]:
+        """Connections per provider key of ``owner`` (or of every owner), from the counts
+        the triggers of migration 0004 keep; a scope's deltas are folded into one row per
+        provider once there are many of them."""
+        scope = "all" if every_owner else "o:" + _owner_to_db(owner)
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.connection_counts, scope)
+            if sum(r["deltas"] for r in records) > _FOLD_COUNTS_AFTER + len(records):
+                await conn.execute(self.q.fold_connection_counts, scope)
+        return {r["provider"]: int(r["connections"]) for r in records if r["connections"]}
+
     async def list_every_owner(self, prefix: str) -> list[StoredRow]:
         """Every row whose key starts with ``prefix``, whoever owns it (operator tools)."""
         async with self._acquire() as conn:
@@ -563,36 +686,78 @@ class Repository:
         plaintext_fields: Sequence[str],
         reseal: Callable[[StoredRow], dict[str, Any] | None],
     ) -> ResealBatch:
-        """One rotation batch in its own transaction, keyset-paginated by uuid.
+        """One rotation batch in its own transaction, keyset-paginated.
 
-        Takes up to ``limit`` rows after ``after`` that hold an envelope not under
-        ``primary_kid`` or plaintext in ``plaintext_fields``, locks those no other
-        transaction holds, and writes back what ``reseal`` returns for each (None leaves
-        the row as it is). The rows it could not lock come back in ``skipped``, for
-        :meth:`reseal_listed`. Writers going through :meth:`modify` take the same row
-        lock, so neither side loses the other's update.
+        Takes up to ``limit`` rows after the cursor ``after`` (``RESEAL_START`` to begin,
+        else a batch's ``last``) that hold an envelope not under ``primary_kid`` or
+        plaintext in ``plaintext_fields``, locks those no other transaction holds, and
+        writes back what ``reseal`` returns for each (None leaves the row as it is). The
+        rows are found through indexes of what needs work (migration 0004), so a pass
+        reads only those: one with nothing to do costs the same at any table size. The
+        rows it could not lock come back in ``skipped``, for :meth:`reseal_listed`.
+        Writers going through :meth:`modify` take the same row lock, so neither side
+        loses the other's update.
         """
+        cursor: _ResealCursor | None = _ResealCursor.parse(after, primary_kid)
         async with self._acquire() as conn, conn.transaction():
-            candidates = [
-                r["uuid"]
-                for r in await conn.fetch(
-                    self.q.connections_to_reseal,
-                    _uuid.UUID(after),
-                    limit,
-                    primary_kid,
-                    list(plaintext_fields),
+            while cursor is not None:
+                candidates, cursor = await self._reseal_candidates(
+                    conn, cursor, limit, primary_kid, plaintext_fields
                 )
-            ]
-            if not candidates:
+                if candidates:
+                    break
+            if cursor is None:
                 return ResealBatch(scanned=0, rewritten=0, last=None)
             records = await conn.fetch(self.q.lock_connections_to_reseal, candidates)
             rewritten = await self._reseal_locked(conn, records, reseal)
         locked = {r["uuid"] for r in records}
+        if rewritten:
+            cursor = dataclasses.replace(cursor, moved=True)
         return ResealBatch(
             scanned=len(records),
             rewritten=rewritten,
-            last=str(candidates[-1]),
+            last=cursor.dump(),
             skipped=tuple(str(u) for u in candidates if u not in locked),
+        )
+
+    async def _reseal_candidates(
+        self,
+        conn: Any,
+        cursor: _ResealCursor,
+        limit: int,
+        primary_kid: str,
+        plaintext_fields: Sequence[str],
+    ) -> tuple[list[_uuid.UUID], _ResealCursor | None]:
+        """The next candidates of the cursor's phase and the cursor after them; an empty
+        list with the next phase's start when this phase is done (None after the last)."""
+        if cursor.phase == "plain":
+            records = await conn.fetch(
+                self.q.connections_plain_to_reseal, cursor.uuid, limit, list(plaintext_fields)
+            )
+            if not records:
+                return [], _ResealCursor.start() if cursor.moved else None
+            last = records[-1]["uuid"]
+            return [r["uuid"] for r in records], dataclasses.replace(cursor, uuid=last)
+        if cursor.phase == "below":
+            records = await conn.fetch(
+                self.q.connections_to_reseal_below,
+                list(cursor.kids),
+                cursor.uuid,
+                limit,
+                primary_kid,
+            )
+        else:
+            records = await conn.fetch(
+                self.q.connections_to_reseal_above, list(cursor.kids), cursor.uuid, limit
+            )
+        if not records:
+            if cursor.phase == "below":
+                # Past every row under the primary key alone.
+                return [], _ResealCursor("above", (primary_kid,), _MAX_UUID, cursor.moved)
+            return [], _ResealCursor("plain", (), _NIL_UUID, cursor.moved)
+        last = records[-1]
+        return [r["uuid"] for r in records], _ResealCursor(
+            cursor.phase, tuple(last["kids"]), last["uuid"], cursor.moved
         )
 
     async def reseal_listed(

@@ -6,7 +6,6 @@ import dataclasses
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
@@ -15,7 +14,7 @@ from ._errors import CryptoError, EncryptionNotConfigured, InvalidArgument
 from ._models import RotationProgress
 from ._names import shown
 from ._record import StoredRow
-from ._repository import Repository, ResealBatch
+from ._repository import RESEAL_START, Repository, ResealBatch
 from ._settings import MAXIMUM
 from ._vault import CREDENTIALS, SECRET_FIELDS, Vault
 
@@ -29,7 +28,6 @@ PKCE_FIELD = "pkce_verifier"
 
 ProgressCallback: TypeAlias = Callable[[RotationProgress], object]
 
-_FIRST_UUID = str(uuid.UUID(int=0))
 _FIRST_STATE_HASH = ""
 
 
@@ -166,10 +164,11 @@ async def _rotate(
             if inspect.isawaitable(result):
                 await result
 
-    # Keyset pagination: rows already under the primary never match again, so a run
-    # that stopped half way resumes by starting over. The cursor moves past the rows a
-    # batch skipped because another transaction held them; those are retried below.
-    cursor = _FIRST_UUID
+    # Keyset pagination over indexes of the rows still to do: rows already under the
+    # primary never match again, so a run that stopped half way resumes by starting over.
+    # The cursor moves past the rows a batch skipped because another transaction held
+    # them; those are retried below.
+    cursor = RESEAL_START
     skipped: list[str] = []
     while True:
         batch = await repo.reseal_connections(

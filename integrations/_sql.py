@@ -94,11 +94,18 @@ class Queries:
     list_by_prefixes: LiteralString
     list_every_owner: LiteralString
     list_page: LiteralString
+    list_saved_page: LiteralString
+    search_page: LiteralString
+    search_every_owner: LiteralString
+    connection_counts: LiteralString
+    fold_connection_counts: LiteralString
     update_value: LiteralString
     update_key_value: LiteralString
     delete_connection: LiteralString
     notify: LiteralString
-    connections_to_reseal: LiteralString
+    connections_to_reseal_below: LiteralString
+    connections_to_reseal_above: LiteralString
+    connections_plain_to_reseal: LiteralString
     lock_connections_to_reseal: LiteralString
     lock_connection_to_reseal: LiteralString
     count_connections_to_reseal: LiteralString

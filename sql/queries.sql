@@ -86,6 +86,82 @@ WHERE owner = $1 AND key ~>=~ $2 AND key ~<~ $3 AND key ~>~ $4
 ORDER BY key USING ~<~
 LIMIT $5;
 
+-- name: list_saved_page
+-- $1 text owner, $2 text lower bound, $3 text upper bound (exclusive), $4 text keyset
+-- cursor (exclusive; '' from the start), $5 int page size. Only rows with saved data, read
+-- from the partial index connections_saved: a page costs the same however many unsaved
+-- rows the owner has.
+SELECT uuid, owner, key, value_json::text AS value_json, version
+FROM {schema}.connections
+WHERE owner = $1 AND key ~>=~ $2 AND key ~<~ $3 AND key ~>~ $4
+  AND {schema}.connection_saved(value_json)
+ORDER BY key USING ~<~
+LIMIT $5;
+
+-- name: search_page
+-- $1 text owner, $2 text lower bound, $3 text upper bound (exclusive), $4 text keyset
+-- cursor (exclusive), $5 int rows to examine at most, $6 int matches wanted at most,
+-- $7 text status ('' for any), $8 text lowercase part of the name ('' for any).
+-- Reads at most $5 rows in index order and returns those that match, plus the $5-th row
+-- read (hit false unless it matches too) so that the next page starts after it: a page
+-- costs the same whether one row in ten or one in a million matches.
+SELECT uuid, owner, key, value_json, version, hit, n = $5 AS last_read FROM (
+    SELECT r.*, row_number() OVER () AS n,
+           ($7 = '' OR r.status = $7)
+           AND ($8 = '' OR strpos(lower(split_part(r.key, ':', 3)), $8) > 0) AS hit
+    FROM (
+        SELECT uuid, owner, key, value_json::text AS value_json, version,
+               value_json ->> 'status' AS status
+        FROM {schema}.connections
+        WHERE owner = $1 AND key ~>=~ $2 AND key ~<~ $3 AND key ~>~ $4
+        ORDER BY key USING ~<~
+        LIMIT $5
+    ) AS r
+) AS s
+WHERE hit OR n = $5
+LIMIT $6;
+
+-- name: search_every_owner
+-- Like search_page over every owner's rows in (key, owner) byte order:
+-- $1 text lower bound, $2 text upper bound (exclusive), $3 text key and $4 text owner of
+-- the keyset cursor (exclusive; '' and '' from the start), $5 int rows to examine at
+-- most, $6 int matches wanted at most, $7 text status ('' for any), $8 text lowercase
+-- part of the name ('' for any).
+SELECT uuid, owner, key, value_json, version, hit, n = $5 AS last_read FROM (
+    SELECT r.*, row_number() OVER () AS n,
+           ($7 = '' OR r.status = $7)
+           AND ($8 = '' OR strpos(lower(split_part(r.key, ':', 3)), $8) > 0) AS hit
+    FROM (
+        SELECT uuid, owner, key, value_json::text AS value_json, version,
+               value_json ->> 'status' AS status
+        FROM {schema}.connections
+        WHERE key COLLATE "C" >= $1 AND key COLLATE "C" < $2
+          AND (key COLLATE "C", owner COLLATE "C") > ($3, $4)
+        ORDER BY key COLLATE "C", owner COLLATE "C"
+        LIMIT $5
+    ) AS r
+) AS s
+WHERE hit OR n = $5
+LIMIT $6;
+
+-- name: connection_counts
+-- $1 text scope ('o:' || owner, or 'all'): connections per provider, and how many delta
+-- rows each sum read (the reader folds them when there are many)
+SELECT provider, sum(n)::bigint AS connections, count(*) AS deltas
+FROM {schema}.connection_counts
+WHERE scope = $1
+GROUP BY provider
+ORDER BY provider;
+
+-- name: fold_connection_counts
+-- $1 text scope: its deltas replaced by one row per provider. Deltas appended meanwhile
+-- are not in the DELETE's snapshot and stay; two folds at once delete each delta once.
+WITH gone AS (
+    DELETE FROM {schema}.connection_counts WHERE scope = $1 RETURNING provider, n
+)
+INSERT INTO {schema}.connection_counts (scope, provider, n)
+SELECT $1, provider, sum(n) FROM gone GROUP BY provider HAVING sum(n) <> 0;
+
 -- name: list_every_owner
 -- $1 text key prefix, $2 text the least string above every key with that prefix;
 -- rows of every owner
@@ -117,35 +193,42 @@ RETURNING uuid, owner, key, value_json::text AS value_json, version;
 -- $1 text channel, $2 text payload
 SELECT pg_notify($1, $2);
 
--- name: connections_to_reseal
--- $1 uuid: keyset cursor, only rows after it (the nil uuid to start)
--- $2 int: batch size
--- $3 text: primary key id
--- $4 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
--- The candidates of one batch, not locked: lock_connections_to_reseal takes those it can.
-SELECT uuid
+-- name: connections_to_reseal_below
+-- $1 text[] and $2 uuid: keyset cursor (exclusive; '{""}' and the nil uuid to start, which
+-- sorts after every row without an envelope), $3 int batch size, $4 text primary key id.
+-- Rows with an envelope whose key id sorts before the primary's (see envelope_kids in
+-- migration 0004): one range of the index connections_envelope_kids, starting at the
+-- cursor, so a batch reads only rows that still need work. Not locked:
+-- lock_connections_to_reseal takes those it can.
+SELECT uuid, {schema}.envelope_kids(value_json) AS kids
 FROM {schema}.connections
-WHERE uuid > $1
-  -- The same predicate as count_connections_to_reseal (kept inline so the planner sees
-  -- it): keep the two in step.
-  AND (
-    jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
-                      jsonb_build_object('kid', $3::text))
-    OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
-                         jsonb_build_object('kid', $3::text))
-    OR EXISTS (
-      SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
-      WHERE f.field = ANY ($4::text[])
-        AND f.value <> 'null'::jsonb
-        AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
-        AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
-          SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
-          WHERE c.value <> 'null'::jsonb
-            AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
-    )
-  )
-ORDER BY uuid
-LIMIT $2;
+WHERE ({schema}.envelope_kids(value_json), uuid) > ($1::text[], $2::uuid)
+  AND {schema}.envelope_kids(value_json) < ARRAY[$4::text]
+ORDER BY {schema}.envelope_kids(value_json), uuid
+LIMIT $3;
+
+-- name: connections_to_reseal_above
+-- Like connections_to_reseal_below for the key id arrays that sort after the primary's
+-- alone (other key ids after it, or the primary's beside others).
+-- $1 text[] and $2 uuid: keyset cursor (exclusive; the primary's array and the greatest
+-- uuid to start, past every row under the primary alone), $3 int batch size
+SELECT uuid, {schema}.envelope_kids(value_json) AS kids
+FROM {schema}.connections
+WHERE ({schema}.envelope_kids(value_json), uuid) > ($1::text[], $2::uuid)
+ORDER BY {schema}.envelope_kids(value_json), uuid
+LIMIT $3;
+
+-- name: connections_plain_to_reseal
+-- $1 uuid: keyset cursor (exclusive; the nil uuid to start), $2 int batch size,
+-- $3 text[] secret field names whose plaintext must be sealed ('{}' when encryption is
+-- off). Rows holding one of them in plaintext, found through the GIN index
+-- connections_plain_fields (materialized first: an ordered scan of the primary key that
+-- filters every row would otherwise look cheaper to a generic plan).
+WITH plain AS MATERIALIZED (
+    SELECT uuid FROM {schema}.connections
+    WHERE {schema}.plain_fields(value_json) && $3::text[]
+)
+SELECT uuid FROM plain WHERE uuid > $1 ORDER BY uuid LIMIT $2;
 
 -- name: lock_connections_to_reseal
 -- $1 uuid[]: candidates. Rows another transaction holds (a token request in flight) are
@@ -167,22 +250,13 @@ FOR NO KEY UPDATE;
 -- name: count_connections_to_reseal
 -- $1 text: primary key id
 -- $2 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
+-- What the three queries above will visit, counted from their indexes.
 SELECT count(*)
 FROM {schema}.connections
-WHERE jsonb_path_exists(value_json, '$.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
-                     jsonb_build_object('kid', $1::text))
-   OR jsonb_path_exists(value_json, '$.credentials.* ? (exists (@."$enc") && (!exists(@.kid) || @.kid.type() != "string" || @.kid != $kid))',
-                        jsonb_build_object('kid', $1::text))
-   OR EXISTS (
-     SELECT 1 FROM jsonb_each(value_json) AS f (field, value)
-     WHERE f.field = ANY ($2::text[])
-       AND f.value <> 'null'::jsonb
-       AND NOT (jsonb_typeof(f.value) = 'object' AND f.value ? '$enc')
-       AND (f.field <> 'credentials' OR jsonb_typeof(f.value) <> 'object' OR EXISTS (
-         SELECT 1 FROM jsonb_each(f.value) AS c (field, value)
-         WHERE c.value <> 'null'::jsonb
-           AND NOT (jsonb_typeof(c.value) = 'object' AND c.value ? '$enc')))
-   );
+WHERE ({schema}.envelope_kids(value_json) >= '{""}'::text[]
+       AND {schema}.envelope_kids(value_json) < ARRAY[$1::text])
+   OR {schema}.envelope_kids(value_json) > ARRAY[$1::text]
+   OR {schema}.plain_fields(value_json) && $2::text[];
 
 -- name: reseal_connections
 -- $1 uuid[], $2 text[] value_json, pairwise. The version moves on so that a writer

@@ -444,25 +444,26 @@ def test_export_and_import_into_another_database(
         second_db,
         "import",
         str(bundle),
+        "--keep-owners",
         env=cli_env(INTEGRATIONS_EXPORT_PASSPHRASE="wrong"),
     )
     assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr
 
-    dry = sh(second_db, "import", str(bundle), "--dry-run", "--json", env=env)
+    dry = sh(second_db, "import", str(bundle), "--keep-owners", "--dry-run", "--json", env=env)
     assert [c["ref"] for c in json.loads(dry.stdout)["created"]] == [
         "github:default",
         "openai:default",
     ]
     assert sh(second_db, "list", "--json").stdout.strip() == "[]"
 
-    done = sh(second_db, "import", str(bundle), env=env)
+    done = sh(second_db, "import", str(bundle), "--keep-owners", env=env)
     assert done.returncode == 0, done.stderr
     assert "imported: 2 created, 0 updated, 0 skipped" in done.stdout
     token = sh(second_db, "token", "github", check_secret=False)
     assert token.stdout == MARKER + "-access\n"
-    again = sh(second_db, "import", str(bundle), "--json", env=env)
+    again = sh(second_db, "import", str(bundle), "--keep-owners", "--json", env=env)
     assert len(json.loads(again.stdout)["skipped"]) == 2
-    over = sh(second_db, "import", str(bundle), "--overwrite", env=env)
+    over = sh(second_db, "import", str(bundle), "--keep-owners", "--overwrite", env=env)
     assert "0 created, 2 updated, 0 skipped" in over.stdout
     shown = json.loads(sh(second_db, "show", "openai", "--json").stdout)
     assert shown["status"] == "connected" and shown["data"]["api_key"].startswith("••••")
@@ -494,7 +495,7 @@ def test_an_invalid_bundle_writes_nothing(fresh_db: str, tmp_path: Path) -> None
     }
     path = tmp_path / "plain.json"
     path.write_text(json.dumps(doc))
-    done = sh(fresh_db, "import", str(path))
+    done = sh(fresh_db, "import", str(path), "--keep-owners")
     assert done.returncode == 2 and "openai:bad name!" in done.stderr
     assert sh(fresh_db, "list", "--json").stdout.strip() == "[]"
 
@@ -837,7 +838,7 @@ def test_connections_not_fully_set_up_export_and_import(
     env = cli_env(INTEGRATIONS_EXPORT_PASSPHRASE="correct horse battery")
     assert sh(fresh_db, "export", "--out", str(bundle), env=env).returncode == 0
     assert oct(bundle.stat().st_mode & 0o777) == "0o600"
-    done = sh(second_db, "import", str(bundle), env=env)
+    done = sh(second_db, "import", str(bundle), "--keep-owners", env=env)
     assert done.returncode == 0, done.stderr
     assert "imported: 2 created" in done.stdout
     listed = {
@@ -864,7 +865,7 @@ def test_a_file_that_is_not_text_is_a_usage_error(fresh_db: str, tmp_path: Path)
     done = sh(fresh_db, "set", "openai", f"api_key=@{blob}")
     assert done.returncode == 2 and "not UTF-8 text" in done.stderr
     assert "Traceback" not in done.stderr
-    done = sh(fresh_db, "import", str(blob))
+    done = sh(fresh_db, "import", str(blob), "--keep-owners")
     assert done.returncode == 2 and "not UTF-8 text" in done.stderr
     assert "Traceback" not in done.stderr
 

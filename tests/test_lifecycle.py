@@ -19,6 +19,8 @@ from integrations import Integrations, SchemaOutdated
 from .conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every migration file, by number: what a migrated schema has applied.
+MIGRATIONS = sorted(int(p.name[:4]) for p in (ROOT / "sql" / "migrations").glob("[0-9]*.sql"))
 PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
 
 
@@ -30,7 +32,7 @@ async def test_migrate_is_idempotent(empty_db: str) -> None:
         versions = await conn.fetch("SELECT version FROM integrations.schema_migrations")
     finally:
         await conn.close()
-    assert [r["version"] for r in versions] == [1, 2, 3]
+    assert [r["version"] for r in versions] == MIGRATIONS == list(range(1, len(MIGRATIONS) + 1))
 
 
 async def test_open_refuses_a_schema_behind_without_auto_migrate(empty_db: str) -> None:
@@ -97,7 +99,7 @@ def test_concurrent_migrations_from_several_processes(empty_db: str) -> None:
 
     import asyncio
 
-    assert asyncio.run(applied()) == [1, 2, 3]
+    assert asyncio.run(applied()) == MIGRATIONS
 
 
 def test_the_wheel_carries_the_sql_files(tmp_path: Path) -> None:

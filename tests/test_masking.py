@@ -171,6 +171,8 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     listed = record("list_integrations", await integ.list_integrations())
     assert len(listed) == len(SETUPS)
     page = record("list_page", await integ.list_page(limit=1000))
+    counts = record("count_connections", await integ.count_connections())
+    assert counts == {provider: 1 for provider in SETUPS}
     assert {c.uuid for c in page.items} == {c.uuid for c in listed}
     for connection in [*listed, *page.items, *(c for cs in everything.values() for c in cs)]:
         assert isinstance(connection, Connection)

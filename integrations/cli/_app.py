@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import errno
 import json
 import os
+import stat
 import sys
 from datetime import UTC
 from pathlib import Path
@@ -35,6 +37,7 @@ from ._support import (
     guard,
     interruptible,
     json_option,
+    json_text,
     late_options,
     new_table,
     print_table,
@@ -43,6 +46,7 @@ from ._support import (
     ref_of,
     resolve,
     run,
+    say,
     setup_summary,
     show_warnings,
     stderr,
@@ -210,10 +214,10 @@ def show(ctx: click.Context, ref: str) -> None:
         data = shown.pop("data")
         width = max(len(k) for k in [*shown, *data]) + 4
         for key, value in shown.items():
-            click.echo(f"{key + ':':<{width}}{_plain_value(value)}")
-        click.echo("data:")
+            say(f"{key + ':':<{width}}{_plain_value(value)}")
+        say("data:")
         for key, value in sorted(data.items()):
-            click.echo(f"  {key + ':':<{width - 2}}{_plain_value(value)}")
+            say(f"  {key + ':':<{width - 2}}{_plain_value(value)}")
 
     run(ctx, work)
 
@@ -266,7 +270,7 @@ def rename(ctx: click.Context, ref: str, new_name: str) -> None:
         if env.json:
             emit_json(connection_json(connection))
         else:
-            click.echo(f"renamed {ref_of(before)} to {ref_of(connection)} ({uuid})")
+            say(f"renamed {ref_of(before)} to {ref_of(connection)} ({uuid})")
 
     run(ctx, work)
 
@@ -301,7 +305,7 @@ def remove(ctx: click.Context, ref: str, yes: bool) -> None:
         if env.json:
             emit_json({"removed": uuid, "provider": connection.provider, "name": connection.name})
         else:
-            click.echo(f"removed {ref_of(connection)} ({uuid})")
+            say(f"removed {ref_of(connection)} ({uuid})")
 
     run(ctx, work)
 
@@ -321,7 +325,7 @@ def disconnect(ctx: click.Context, ref: str) -> None:
         if env.json:
             emit_json(connection_json(connection))
         else:
-            click.echo(f"disconnected {ref_of(connection)} ({uuid})")
+            say(f"disconnected {ref_of(connection)} ({uuid})")
 
     run(ctx, work)
 
@@ -339,19 +343,49 @@ def _is_secret(provider: Any, field: str) -> bool:
     return False
 
 
-def _read_value(field: str, source: str, stdin_used: list[bool]) -> str:
+#: The largest value ``FIELD=@PATH`` or ``FIELD=@-`` reads (a setup is at most 64 KiB).
+MAX_VALUE_BYTES = 64 * 1024
+
+
+def _read_limited(source: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of standard input (``-``) or of a regular file; OSError
+    for anything else (a FIFO, a device such as /dev/zero, a directory), ValueError when
+    there is more. The file is opened without blocking, so a FIFO cannot hang."""
+    if source == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        data = stream.read(limit + 1) if stream is not None else sys.stdin.read(limit + 1).encode()
+    else:
+        fd = os.open(
+            Path(source).expanduser(), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+        )
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit // 1024} KiB" if limit < 2**20 else "too large")
+    return data
+
+
+def _read_value(field: str, source: str, stdin_used: list[bool], secret: bool) -> str:
     if source == "-":
         if stdin_used:
             raise Fail("only one field can be read from standard input (=@-)", USAGE)
         stdin_used.append(True)
-        text = sys.stdin.read()
+    where = "standard input" if source == "-" else source
+    try:
+        text = _read_limited(source, MAX_VALUE_BYTES).decode("utf-8")
+    except OSError as exc:
+        raise Fail(f"{field}: cannot read {where}: {exc.strerror or exc}", USAGE) from None
+    except UnicodeDecodeError:
+        raise Fail(f"{field}: {where} is not UTF-8 text", USAGE) from None
+    except ValueError as exc:
+        raise Fail(f"{field}: {where} is {exc}; nothing saved", USAGE) from None
+    # Said before saving: a key file read into a field that is not secret is shown as is.
+    if secret:
+        stderr(f"{field}: read from {where}; secret, stored encrypted and shown masked")
     else:
-        try:
-            text = Path(source).expanduser().read_text("utf-8")
-        except OSError as exc:
-            raise Fail(f"{field}: cannot read {source}: {exc.strerror or exc}", USAGE) from None
-        except UnicodeDecodeError:
-            raise Fail(f"{field}: {source} is not UTF-8 text", USAGE) from None
+        stderr(f"{field}: read from {where}; NOT secret, stored and shown as it is")
     # A trailing newline from `echo` or an editor is not part of the secret.
     return text.rstrip("\r\n")
 
@@ -399,7 +433,7 @@ def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
                 click.echo(file=sys.stderr)
                 raise Fail(f"no value was typed for {field}; nothing saved", FAILED) from None
         elif value.startswith("@"):
-            attrs[field] = _read_value(field, value[1:], stdin_used)
+            attrs[field] = _read_value(field, value[1:], stdin_used, secret)
         elif secret:
             raise Fail(
                 f"refusing {field} on the command line: it would stay in the shell history "
@@ -434,7 +468,7 @@ def set_(ctx: click.Context, ref: str, assignments: tuple[str, ...]) -> None:
         if env.json:
             emit_json(connection_json(connection))
         else:
-            click.echo(
+            say(
                 f"saved {', '.join(sorted(attrs))} on {ref_of(connection)} "
                 f"(status {connection.status})"
             )
@@ -500,7 +534,7 @@ def test(
                     emit_json(item)
                 else:
                     mark = "ok" if result.ok else "FAILED"
-                    click.echo(f"{mark}  {ref_of(connection)}  {result.message}")
+                    say(f"{mark}  {ref_of(connection)}  {result.message}")
                 return result.ok
             key = provider_key(integ, provider) if provider else None
             report = await integ.check_all(
@@ -529,7 +563,7 @@ def test(
                 f"{i.duration:.2f}s",
             )
         print_table(table)
-        click.echo(f"{len(report.items)} checked, {len(report.failed)} failed")
+        say(f"{len(report.items)} checked, {len(report.failed)} failed")
         return report.ok
 
     if not run(ctx, work):
@@ -569,7 +603,7 @@ def connect(
         if env.json:
             emit_json(connection_json(connection))
         else:
-            click.echo(f"connected {ref_of(connection)} ({connection.uuid})")
+            say(f"connected {ref_of(connection)} ({connection.uuid})")
 
     run(ctx, work)
 
@@ -653,7 +687,7 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
             }
         )
     else:
-        click.echo(
+        say(
             f"rotated {result.rotated} of {result.total} row(s) to key {result.primary_kid} "
             f"in {result.elapsed:.2f}s"
         )
@@ -721,7 +755,7 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
             emit_json(summary)
         else:
             how = "plaintext" if decrypted else "encrypted: scrypt + AES-256-GCM"
-            click.echo(f"exported {count} connection(s) to {path} ({how})")
+            say(f"exported {count} connection(s) to {path} ({how})")
     else:
         click.echo(text, nl=False)
         stderr(f"exported {count} connection(s)")
@@ -739,19 +773,40 @@ def _write_private(path: Path, text: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--overwrite", is_flag=True, help="Update connections that already exist.")
 @click.option("--dry-run", is_flag=True, help="Validate and report; write nothing.")
+@click.option(
+    "--keep-owners",
+    is_flag=True,
+    help="Write each connection into the owner the file names (else --owner is required).",
+)
 @json_option
 @click.pass_context
-def import_(ctx: click.Context, file: str, overwrite: bool, dry_run: bool) -> None:
-    """Import a bundle: everything is validated first, then written all or nothing."""
+def import_(
+    ctx: click.Context, file: str, overwrite: bool, dry_run: bool, keep_owners: bool
+) -> None:
+    """Import a bundle: everything is validated first, then written all or nothing.
+
+    Give --owner OWNER to write every connection into that owner, or --keep-owners to
+    write each into the owner the file names (a file decides nothing by itself).
+    """
     env = env_of(ctx)
 
     def read() -> list[_bundle.Entry]:
+        if env.owner is not None and keep_owners:
+            raise Fail("give --owner or --keep-owners, not both", USAGE)
+        if env.owner is None and not keep_owners:
+            raise Fail(
+                "say where the connections go: --owner OWNER writes them all into that "
+                "owner, --keep-owners into the owners the file names",
+                USAGE,
+            )
         try:
-            text = sys.stdin.read() if file == "-" else Path(file).read_text("utf-8")
+            text = _read_limited(file, _bundle.MAX_BUNDLE_BYTES).decode("utf-8")
         except OSError as exc:
             raise Fail(f"cannot read {file}: {exc.strerror or exc}", USAGE) from None
         except UnicodeDecodeError:
             raise Fail(f"{file} is not UTF-8 text (an export bundle is JSON)", USAGE) from None
+        except ValueError as exc:
+            raise Fail(f"{file} is {exc} for an export bundle", USAGE) from None
         try:
             raw = _bundle.load_document(text)
             if _bundle.is_sealed(raw):
@@ -773,9 +828,9 @@ def import_(ctx: click.Context, file: str, overwrite: bool, dry_run: bool) -> No
         emit_json(report.as_json(dry_run))
     else:
         for action, ref, uuid in report.rows:
-            click.echo(f"{action:<8} {ref}  {uuid or ''}".rstrip())
+            say(f"{action:<8} {ref}  {uuid or ''}".rstrip())
         prefix = "would import" if dry_run else "imported"
-        click.echo(
+        say(
             f"{prefix}: {len(report.created)} created, {len(report.updated)} updated, "
             f"{len(report.skipped)} skipped"
         )
@@ -797,9 +852,9 @@ def migrate(ctx: click.Context) -> None:
     if env_of(ctx).json:
         emit_json({"applied": applied})
     elif applied:
-        click.echo("applied migrations: " + ", ".join(str(v) for v in applied))
+        say("applied migrations: " + ", ".join(str(v) for v in applied))
     else:
-        click.echo("schema up to date")
+        say("schema up to date")
 
 
 def _event_line(event: Event) -> str:
@@ -850,11 +905,11 @@ def watch(ctx: click.Context, provider: str | None) -> None:
                 stderr("watching events (Ctrl-C to stop)")
                 async for event in events:
                     line = (
-                        json.dumps(event_json(event), default=str)
+                        json_text(event_json(event), indent=None)
                         if env.json
                         else _event_line(event)
                     )
-                    click.echo(line)
+                    say(line)
                     sys.stdout.flush()
 
     try:
@@ -905,7 +960,7 @@ def doctor(ctx: click.Context) -> None:
             text = f"{mark} {line['check']:<9} {line['detail']}"
             if line["hint"]:
                 text += f"  -> {line['hint']}"
-            click.echo(text)
+            say(text)
     if not healthy:
         ctx.exit(FAILED)
 

@@ -23,6 +23,15 @@ VERSION = 1
 SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
+# What an import accepts: export's parameters with a margin of one doubling of the cost,
+# so a file cannot make the derivation take gigabytes and seconds before the passphrase
+# is even checked (128 * n * r bytes: at most 64 MiB).
+SCRYPT_MAX_N = 2 * SCRYPT_N
+SCRYPT_MAX_R = SCRYPT_R
+SCRYPT_MAX_P = 2
+#: The largest bundle read, and the deepest nesting of its JSON.
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 64
 _AAD = b"integrations-export-sealed-v1"
 
 # Written by the library itself (status, checks, token metadata); an import recomputes them.
@@ -111,8 +120,12 @@ def unseal(raw: Mapping[str, Any], passphrase: str) -> dict[str, Any]:
         if kdf.get("name") != "scrypt" or raw.get("cipher") != "AES-256-GCM":
             raise BundleError("unsupported encryption in the export file")
         n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-        if not (2**10 <= n <= 2**20 and 1 <= r <= 32 and 1 <= p <= 16):
-            raise BundleError("implausible key derivation parameters in the export file")
+        if not (2**10 <= n <= SCRYPT_MAX_N and 1 <= r <= SCRYPT_MAX_R and 1 <= p <= SCRYPT_MAX_P):
+            raise BundleError(
+                "the export file asks for key derivation parameters beyond what export "
+                f"writes (scrypt n <= {SCRYPT_MAX_N}, r <= {SCRYPT_MAX_R}, p <= "
+                f"{SCRYPT_MAX_P}); it was not made by this tool"
+            )
         key = _key(passphrase, base64.b64decode(kdf["salt"]), n, r, p)
         nonce = base64.b64decode(raw["nonce"])
         ciphertext = base64.b64decode(raw["ciphertext"])
@@ -125,10 +138,39 @@ def unseal(raw: Mapping[str, Any], passphrase: str) -> dict[str, Any]:
     return load_document(plaintext.decode("utf-8"))
 
 
+def _too_deep(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays and objects deeper than ``limit`` (strings
+    skipped), found without parsing it, which recurses once per level."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def load_document(text: str) -> dict[str, Any]:
+    """The bundle's JSON object; BundleError when it is too big, too deep or not JSON."""
+    if len(text) > MAX_BUNDLE_BYTES:
+        raise BundleError(f"the export file is larger than {MAX_BUNDLE_BYTES // 2**20} MiB")
+    if _too_deep(text, MAX_DEPTH):
+        raise BundleError(f"the export file nests deeper than {MAX_DEPTH} levels")
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BundleError("the export file is not JSON") from None
     if not isinstance(doc, dict):
         raise BundleError("the export file is not an export bundle")

@@ -8,6 +8,7 @@ import difflib
 import importlib
 import json
 import logging
+import re
 import signal
 import sys
 import traceback
@@ -21,6 +22,7 @@ import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .. import _models
 from .._errors import (
@@ -194,12 +196,50 @@ def late_options() -> list[click.Option]:
     ]
 
 
+# Control characters (C0, DEL, C1) and bidirectional overrides: printed as they are, a
+# stored value could drive the operator's terminal (set its title, clear the screen) or
+# disguise what a line says. They are shown escaped instead.
+_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# What JSON leaves raw among them (DEL, C1, bidi): escaped as \uXXXX, still the same JSON.
+_JSON_RAW_RE = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str, *, keep: str = "") -> str:
+    """``text`` with every control character written as an escape (``\\x1b``), but ``keep``."""
+    return _UNSAFE_RE.sub(lambda m: m.group() if m.group() in keep else _escape(m.group()), text)
+
+
+def say(text: str) -> None:
+    """One line of plain output on stdout, control characters escaped."""
+    click.echo(visible(text))
+
+
 def stderr(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(visible(message, keep="\n"), err=True)
+
+
+def json_text(value: Any, *, indent: int | None = 2) -> str:
+    """``value`` as JSON that no terminal acts on: the same document, with DEL, C1 and
+    bidirectional controls written as ``\\u`` escapes (JSON escapes the rest itself)."""
+    text = json.dumps(value, indent=indent, default=str, ensure_ascii=False)
+    return _JSON_RAW_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+    click.echo(json_text(value))
+
+
+class _Table(Table):
+    """A table whose cells are plain text: control characters escaped, no rich markup."""
+
+    def add_row(self, *renderables: Any, **options: Any) -> None:
+        cells = [Text(visible(c)) if isinstance(c, str) else c for c in renderables]
+        super().add_row(*cells, **options)
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -209,7 +249,7 @@ def console(*, stderr: bool = False) -> Console:
 
 
 def new_table(*columns: str, wrap: str = "") -> Table:
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table = _Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in columns:
         if column == wrap:
             # On a narrow terminal the wrapped column folds: nothing in it is cut off.

@@ -1,0 +1,348 @@
+"""The indexes that keep listings, counts and rotation proportional to what they return or
+have left to do: the plans use them, and the answers are complete at page boundaries."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import pytest
+
+from integrations import ALL_OWNERS, Integrations, InvalidInput, generate_key
+from integrations._connections import SEARCH_EXAMINE
+from integrations._record import _SAVED_EXEMPT, has_saved_data
+from integrations._vault import Keyring, Vault
+
+from .conftest import TEST_KEY
+
+
+async def plan(db: asyncpg.Connection, sql: str, *args: object) -> str:
+    rows = await db.fetch("EXPLAIN (FORMAT JSON) " + sql, *args)
+    return json.dumps(json.loads(rows[0][0]))
+
+
+async def fill(
+    db: asyncpg.Connection,
+    rows: int,
+    *,
+    owner: str = "",
+    providers: int = 20,
+    value: str = '{"status": "connected", "token_type": "x"}',
+    start: int = 0,
+) -> None:
+    await db.execute(
+        """
+        INSERT INTO integrations.connections (uuid, owner, key, value_json)
+        SELECT gen_random_uuid(), $1, 'integration:p' || (i % $3) || ':n' || i, $4::jsonb
+        FROM generate_series($5::int, $5::int + $2 - 1) AS i
+        """,
+        owner,
+        rows,
+        providers,
+        value,
+        start,
+    )
+
+
+async def generic(db: asyncpg.Connection, name: str, types: str, sql: str, call: str) -> str:
+    """The plan of ``sql`` prepared as ``name``, forced generic (blind to the values)."""
+    await db.execute("SET plan_cache_mode = force_generic_plan")
+    try:
+        await db.execute(f"PREPARE {name} ({types}) AS {sql}")
+        return await plan(db, f"EXECUTE {name}{call}")
+    finally:
+        await db.execute("RESET plan_cache_mode")
+
+
+# -- saved data ---------------------------------------------------------------------------
+
+
+async def test_the_sql_test_of_saved_data_matches_the_python_one(db: asyncpg.Connection) -> None:
+    cases: list[dict[str, Any]] = [{}, {"provider": "x", "name": "y", "status": "connected"}]
+    for field in sorted(_SAVED_EXEMPT):
+        cases += [{field: "v"}, {field: {"a": 1}}]
+    for field in ("api_key", "access_token", "refresh_token", "client_id", "credentials"):
+        for value in (None, "", {}, [], "v", 0, False, {"a": 1}):
+            cases.append({"status": "connected", field: value})
+    for case in cases:
+        found = await db.fetchval(
+            "SELECT integrations.connection_saved($1::text::jsonb)", json.dumps(case)
+        )
+        assert found is has_saved_data(case), case
+
+
+async def test_list_integrations_reads_only_saved_rows_through_their_index(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    # An owner whose rows are mostly unsaved: 3 saved among 5,000.
+    await fill(db, 5_000, owner="big")
+    await db.execute(
+        """UPDATE integrations.connections SET value_json = value_json || '{"api_key": "k"}'
+           WHERE owner = 'big' AND key IN ('integration:p1:n1', 'integration:p2:n2',
+                                           'integration:p3:n3')"""
+    )
+    await fill(db, 50, owner="small", value='{"status": "connected", "client_id": "c"}')
+    await db.execute("ANALYZE integrations.connections")
+    q = integ._repo.q
+    for owner in ("big", "small"):
+        found = await generic(
+            db,
+            f"saved_{owner}",
+            "text, text, text, text, int",
+            q.list_saved_page,
+            f"('{owner}', 'integration:', 'integration;', '', 51)",
+        )
+        assert "connections_saved" in found
+        assert "Seq Scan" not in found and '"Sort"' not in found
+    big = integ.for_owner("big")
+    first = await big.list_integrations(limit=2)
+    assert [c.name for c in first] == ["n1", "n2"] and first.next_after is not None
+    rest = await big.list_integrations(limit=2, after=first.next_after)
+    assert [c.name for c in rest] == ["n3"] and rest.next_after is None
+    # A page exactly as long as what is left says there is no more.
+    exact = await big.list_integrations(limit=3)
+    assert len(exact) == 3 and exact.next_after is None
+    small = integ.for_owner("small")
+    walked, after = [], None
+    while True:
+        page = await small.list_integrations(limit=7, after=after)
+        walked.extend(c.uuid for c in page)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    everything = await small.list_integrations()
+    assert len(walked) == len(set(walked)) == len(everything) == 50
+    assert set(walked) == {c.uuid for c in everything}
+    # Other owners' saved rows never show.
+    assert await integ.list_integrations() == []
+
+
+# -- filtered pages -----------------------------------------------------------------------
+
+
+async def collect(handle: Any, **kwargs: Any) -> tuple[list[Any], int]:
+    items: list[Any] = []
+    pages = 0
+    after = None
+    while True:
+        page = await handle.list_page(after=after, **kwargs)
+        items.extend(page.items)
+        pages += 1
+        if page.next_after is None:
+            return items, pages
+        after = page.next_after
+
+
+async def test_filtered_pages_examine_a_bounded_number_of_rows_and_miss_nothing(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    rows = SEARCH_EXAMINE * 2 + 500
+    await fill(db, rows, owner="alice", providers=3)
+    # Rare matches: every 997th row is in error.
+    await db.execute(
+        """UPDATE integrations.connections SET value_json = '{"status": "error"}'
+           WHERE owner = 'alice' AND (split_part(key, ':n', 2))::int % 997 = 0"""
+    )
+    await fill(db, 40, owner="bob", providers=3, value='{"status": "error"}')
+    await db.execute("ANALYZE integrations.connections")
+    alice = integ.for_owner("alice")
+    errors, pages = await collect(alice, status="error", limit=50)
+    expected = await db.fetch(
+        """SELECT key FROM integrations.connections
+           WHERE owner = 'alice' AND value_json->>'status' = 'error' ORDER BY key COLLATE "C" """
+    )
+    assert [f"integration:{c.provider}:{c.name}" for c in errors] == [r["key"] for r in expected]
+    assert all(c.owner == "alice" for c in errors)
+    # Each page read at most SEARCH_EXAMINE rows: the walk took at least rows/examine pages.
+    assert pages >= rows // SEARCH_EXAMINE
+    # A name search, any case, within a provider; pages exactly at the boundary.
+    found, _ = await collect(alice, provider="p1", search="N10", limit=5)
+    names = sorted(c.name for c in found)
+    assert names == sorted(f"n{i}" for i in range(rows) if i % 3 == 1 and "n10" in f"n{i}"), names[
+        :5
+    ]
+    # Bob's rows are all errors but are never on Alice's pages, nor hers on his.
+    bob, _ = await collect(integ.for_owner("bob"), status="error", limit=7)
+    assert len(bob) == 40 and all(c.owner == "bob" for c in bob)
+
+
+async def test_every_owners_pages_in_key_then_owner_order(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    for owner in ("", "a", "b\x1fc", "z"):
+        await fill(db, 30, owner=owner, providers=2)
+    await db.execute("ANALYZE integrations.connections")
+    walked, pages = await collect(integ, owner=ALL_OWNERS, limit=30)
+    assert pages == 4  # 120 rows, 30 a page: the last one says there is no more
+    pairs = [(f"integration:{c.provider}:{c.name}", c.owner or "") for c in walked]
+    assert len(set(pairs)) == 120
+    assert pairs == sorted(pairs, key=lambda p: (p[0].encode(), p[1].encode()))
+    some, _ = await collect(integ, owner=ALL_OWNERS, provider="p1", search="n1", limit=4)
+    assert {c.owner or "" for c in some} == {"", "a", "b\x1fc", "z"}
+    assert all(c.provider == "p1" and "n1" in c.name for c in some)
+    await fill(db, 20_000, owner="many", start=1000)
+    await db.execute("ANALYZE integrations.connections")
+    found = await generic(
+        db,
+        "every",
+        "text, text, text, text, int, int, text, text",
+        integ._repo.q.search_every_owner,
+        "('integration:', 'integration;', 'integration:p1:n1', 'a', 2000, 51, 'error', '')",
+    )
+    assert "connections_key_owner" in found
+    assert "Seq Scan" not in found and '"Sort"' not in found
+    # A mark of one owner's listing is refused by every owner's, and the other way round.
+    one = await integ.list_page(owner="a", status="connected", limit=1)
+    assert one.next_after is not None
+    with pytest.raises(InvalidInput):
+        await integ.list_page(owner=ALL_OWNERS, after=one.next_after)
+    every = await integ.list_page(owner=ALL_OWNERS, limit=1)
+    with pytest.raises(InvalidInput):
+        await integ.list_page(owner="a", status="connected", after=every.next_after)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"status": "nope"},
+        {"status": 1},
+        {"search": 5},
+        {"search": "x" * 101},
+        {"search": "a\x00"},
+    ],
+)
+async def test_bad_filters_are_refused(integ: Integrations, kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidInput):
+        await integ.list_page(**kwargs)  # type: ignore[arg-type]
+
+
+# -- counts -------------------------------------------------------------------------------
+
+
+async def test_counts_follow_every_kind_of_write(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    a = await integ.add_connection("openai", "default")
+    await integ.add_connection("openai", "second")
+    await integ.add_connection("slack", "default", owner="user:1")
+    assert await integ.count_connections() == {"openai": 2}
+    assert await integ.for_owner("user:1").count_connections() == {"slack": 1}
+    assert await integ.count_connections(owner=ALL_OWNERS) == {"openai": 2, "slack": 1}
+    await integ.rename_connection(a.uuid, "first")
+    await integ.save_setup(a.uuid, {"api_key": "sk-0123456789abcdef"})
+    await integ.remove_connection(a.uuid)
+    assert await integ.count_connections() == {"openai": 1}
+    # Writes by hand: a bulk insert, an update that moves rows to another provider.
+    await fill(db, 300, owner="user:1", providers=3)
+    await db.execute(
+        "UPDATE integrations.connections SET key = replace(key, ':p2:', ':p1:') "
+        "WHERE owner = 'user:1' AND key LIKE 'integration:p2:%'"
+    )
+    assert await integ.for_owner("user:1").count_connections() == {
+        "p0": 100,
+        "p1": 200,
+        "slack": 1,
+    }
+    # Many small writes leave many deltas; a reader folds them and the sums stay.
+    for i in range(80):
+        await integ.add_connection("stripe", f"s{i}", owner="user:2")
+    for _ in range(2):
+        assert await integ.count_connections(owner=ALL_OWNERS) == {
+            "openai": 1,
+            "p0": 100,
+            "p1": 200,
+            "slack": 1,
+            "stripe": 80,
+        }
+    assert (
+        await db.fetchval("SELECT count(*) FROM integrations.connection_counts WHERE scope = 'all'")
+        <= 5
+    )
+    await db.execute("TRUNCATE integrations.connections CASCADE")
+    assert await integ.count_connections(owner=ALL_OWNERS) == {}
+
+
+# -- rotation -----------------------------------------------------------------------------
+
+
+async def test_rotation_finds_its_rows_through_indexes(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    old = generate_key()
+    vault = Vault(Keyring.parse(old))
+    await fill(db, 5_000, value='{"status": "connected", "client_id": "c"}')
+    sealed = vault.seal("0190a0b0-0000-7000-8000-000000000001", {"api_key": "sk-x"})
+    await db.execute(
+        """INSERT INTO integrations.connections (uuid, owner, key, value_json)
+           VALUES ('0190a0b0-0000-7000-8000-000000000001', '', 'integration:openai:old',
+                   $1::text::jsonb),
+                  ('0190a0b0-0000-7000-8000-000000000002', '', 'integration:openai:plain',
+                   '{"status": "connected", "api_key": "sk-plain"}')""",
+        json.dumps({"status": "connected", **sealed}),
+    )
+    await db.execute("ANALYZE integrations.connections")
+    async with Integrations(fresh_db, keys=[TEST_KEY, old]) as integ:
+        q = integ._repo.q
+        primary = Keyring.parse(TEST_KEY).primary_id
+        for name, types, sql, call in (
+            ("below", "text[], uuid, int, text", q.connections_to_reseal_below,
+             f"('{{\"\"}}', '00000000-0000-0000-0000-000000000000', 500, '{primary}')"),
+            ("above", "text[], uuid, int", q.connections_to_reseal_above,
+             f"('{{{primary}}}', 'ffffffff-ffff-ffff-ffff-ffffffffffff', 500)"),
+        ):  # fmt: skip
+            found = await generic(db, name, types, sql, call)
+            assert "connections_envelope_kids" in found and "Seq Scan" not in found
+        plain = await generic(
+            db,
+            "plain",
+            "uuid, int, text[]",
+            q.connections_plain_to_reseal,
+            "('00000000-0000-0000-0000-000000000000', 500, '{api_key}')",
+        )
+        assert "connections_plain_fields" in plain and "Seq Scan" not in plain
+        done = await integ.rotate_keys(batch_size=1)
+        # Only the two rows with work were read: the old envelope and the plaintext.
+        assert (done.total, done.scanned, done.rotated) == (2, 2, 2)
+        again = await integ.rotate_keys()
+        assert (again.total, again.scanned, again.rotated) == (0, 0, 0)
+        assert (await integ.get_credentials("openai:old"))["api_key"] == "sk-x"
+        assert (await integ.get_credentials("openai:plain"))["api_key"] == "sk-plain"
+
+
+async def test_rows_a_writer_moves_behind_the_rotation_are_still_rotated(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    # A save re-seals the field it writes under the new key and keeps the other envelopes
+    # under the old one: with the old key id above the new one, the row's array of key ids
+    # sorts lower than before, possibly behind the rotation's cursor.
+    while True:
+        old, new = generate_key(), generate_key()
+        if Keyring.parse(old).primary_id > Keyring.parse(new).primary_id:
+            break
+    async with Integrations(fresh_db, keys=old) as integ:
+        uuids = []
+        for i in range(6):
+            conn = await integ.add_connection("aws", f"r{i}")
+            await integ.save_setup(
+                conn.uuid,
+                {"access_key": "AKIA", "secret_key": f"s{i}", "session_token": f"t{i}"},
+            )
+            uuids.append(conn.uuid)
+    async with Integrations(fresh_db, keys=[new, old]) as integ:
+        writes = 0
+
+        async def write_the_rest(progress: Any) -> None:
+            nonlocal writes
+            if writes == 0:
+                for row_uuid in uuids:
+                    await integ.save_setup(row_uuid, {"secret_key": "moved"})
+                writes += 1
+
+        await integ.rotate_keys(batch_size=1, progress=write_the_rest)
+    old_kid = Keyring.parse(old).primary_id
+    left = await db.fetchval(
+        "SELECT count(*) FROM integrations.connections WHERE value_json::text LIKE $1",
+        f"%{old_kid}%",
+    )
+    assert writes == 1 and left == 0
