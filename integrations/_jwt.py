@@ -60,7 +60,7 @@ def _parse(text: str, field_name: str, kid: str | None) -> SigningKey:
     try:
         if text.startswith("{"):
             data = json.loads(text)
-            if not isinstance(data, dict):
+            if not isinstance(data, dict) or data.get("kty") not in _ALGORITHMS:
                 raise wrong
             key = jwk.import_key(data)
             kid = kid or (data.get("kid") if isinstance(data.get("kid"), str) else None)

@@ -190,7 +190,9 @@ class Provider(_Frozen):
     scopes: tuple[str, ...] = ()
     scope_separator: str = " "
     authorize_params: dict[str, str] = Field(default_factory=dict)
-    token_auth: Literal["client_secret_post", "client_secret_basic", "none"] = "client_secret_post"
+    token_auth: Literal["client_secret_post", "client_secret_basic", "none", "private_key_jwt"] = (
+        "client_secret_post"
+    )
     pkce: bool = True
     setup_fields: tuple[SetupField, ...] = ()
     api_hosts: tuple[str, ...] = ()
@@ -359,7 +361,8 @@ class Provider(_Frozen):
             if key in secrets and isinstance(value, str):
                 if not value.strip():
                     return None
-                check_secret_text(value, key)
+                field = fields.get(key)
+                check_secret_text(value, key, multiline=field is not None and field.type == "text")
             return value
 
         patch: dict[str, Any] = {}

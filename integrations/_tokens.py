@@ -618,8 +618,9 @@ class Refresher:
         self, provider: Provider, plain: Mapping[str, Any], flight: _Flight
     ) -> oauth.TokenSet:
         endpoint = self._core.token_endpoint(provider)
-        endpoint.client(plain)  # NotConfigured before anything else
         grant = _scheme(provider).grant(provider, plain)
+        if grant.client_auth:
+            endpoint.client(plain)  # NotConfigured before anything is sent
         loop = asyncio.get_running_loop()
 
         def sending() -> None:

@@ -90,7 +90,7 @@ async def test_a_key_file_as_issued_signs_in_and_renews(
         assert second_claims["jti"] != claims["jti"]
 
         # Renewal before expiry: a due token gets a new assertion, not a refresh token.
-        past = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
+        past = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
         await db.execute(
             "UPDATE integrations.connections SET value_json = "
             "jsonb_set(value_json, '{expires_at}', to_jsonb($2::text)) WHERE uuid = $1",

@@ -198,7 +198,8 @@ def url_secrets(header: AuthHeader | None, values: Mapping[str, Any]) -> tuple[s
 def _header_auth(
     header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
 ) -> tuple[dict[str, str], URL]:
-    rendered = {k: _header_value(v, k) for k, v in values.items()}
+    # Only the fields the template names: others (a multi-line key) never reach a header.
+    rendered = {k: _header_value(values[k], k) for k in template_fields(header.template)}
     return {header.name: render(header.template, rendered)}, target
 
 
@@ -228,7 +229,8 @@ def _path_auth(
 def _query_auth(
     header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
 ) -> tuple[dict[str, str], URL]:
-    rendered = {k: _header_value(v, k) for k, v in values.items()}
+    # Only the fields the template names: others (a multi-line key) never reach a header.
+    rendered = {k: _header_value(values[k], k) for k in template_fields(header.template)}
     # The parameter replaces one of the same name the caller may have put in the URL.
     return {}, target.update_query({header.name: render(header.template, rendered)})
 

@@ -43,12 +43,17 @@ class JwtBearerScheme(TokenScheme):
             SetupField(
                 key="key_file",
                 label="Key file (JSON, as issued)",
+                type="text",
                 secret=True,
                 help="Paste the whole file; its members fill the fields below.",
             ),
             SetupField(key="client_email", label="Service account (issuer)", required=True),
             SetupField(
-                key="private_key", label="Private key (PEM or JWK)", required=True, secret=True
+                key="private_key",
+                label="Private key (PEM or JWK)",
+                type="text",
+                required=True,
+                secret=True,
             ),
             SetupField(key="private_key_id", label="Key ID"),
             SetupField(key="token_uri", label="Token endpoint", type="url"),

@@ -46,15 +46,31 @@ class TokenScheme(AuthScheme):
     renews it."""
 
     uses_access_token = True
-    secret_fields = frozenset({"client_secret", "access_token", "refresh_token"})
+    secret_fields = frozenset(
+        {"client_secret", "client_private_key", "access_token", "refresh_token", "device_code"}
+    )
     #: Whether obtaining a token is itself the credential check (no other check declared).
     renewal_is_check: bool = False
 
     def setup_fields(self, spec: Mapping[str, Any]) -> tuple[SetupField, ...]:
+        client_id = SetupField(key="client_id", label="Client ID", required=True)
+        if spec.get("token_auth") == "private_key_jwt":
+            # The client proves itself with a signed assertion, not a secret.
+            return (
+                client_id,
+                SetupField(
+                    key="client_private_key",
+                    label="Client private key (PEM or JWK)",
+                    type="text",
+                    required=True,
+                    secret=True,
+                ),
+                SetupField(key="client_key_id", label="Client key ID (kid)"),
+            )
         # A public client (PKCE, token_auth="none") has no secret to require.
         public = spec.get("token_auth") == "none"
         return (
-            SetupField(key="client_id", label="Client ID", required=True),
+            client_id,
             SetupField(
                 key="client_secret", label="Client secret", required=not public, secret=True
             ),
@@ -166,6 +182,8 @@ class ClientCredentialsScheme(TokenScheme):
             raise ValueError("an oauth2_client_credentials provider needs token_url")
 
     def runtime_fields(self, provider: ProviderView) -> tuple[str, ...]:
+        if provider.token_auth == "private_key_jwt":
+            return ("client_id", "client_private_key")
         return ("client_id", "client_secret")
 
     def grant(self, provider: ProviderView, plain: Mapping[str, Any]) -> TokenGrant:
