@@ -198,8 +198,9 @@ class RotationProgress:
     key). ``total`` is the number of rows that needed it when the run started: connections
     plus pending authorizations. ``undecryptable`` holds the uuids of the connections
     (``undecryptable_pending`` the state hashes of the pending authorizations) that could
-    not be decrypted, so were skipped and left as they are. Counts, ids and key ids only,
-    never secrets.
+    not be decrypted, so were skipped and left as they are. ``rewrapped`` counts the data
+    keys (of an ``aws-kms:`` or ``pkcs11:`` source) wrapped anew by the primary source
+    before the rows were moved. Counts, ids and key ids only, never secrets.
     """
 
     primary_kid: str
@@ -211,6 +212,7 @@ class RotationProgress:
     done: bool = False
     undecryptable: tuple[str, ...] = ()
     undecryptable_pending: tuple[str, ...] = ()
+    rewrapped: int = 0
 
     @property
     def remaining(self) -> int:

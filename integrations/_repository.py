@@ -14,6 +14,7 @@ import re
 import uuid as _uuid
 from collections.abc import (
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -880,6 +881,39 @@ class Repository:
             async with self.pool.acquire() as conn:
                 records = await conn.fetch(self.q.sweep_candidates, _uuid.UUID(after), limit)
         return [_row(r) for r in records]
+
+    # -- wrapped data keys (key sources held by a KMS or an HSM) ---------------------------
+
+    async def data_keys(self, wrapper: str) -> list[tuple[str, bytes]]:
+        """The data keys ``wrapper`` wrapped, newest first, as ``(key id, wrapped)``."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.data_keys_of, wrapper)
+        return [(r["kid"], bytes(r["wrapped"])) for r in records]
+
+    async def create_data_key(
+        self, wrapper: str, make: Callable[[], Awaitable[tuple[str, bytes]]]
+    ) -> list[tuple[str, bytes]]:
+        """The data keys of ``wrapper``, making the first with ``make`` when there is none;
+        processes opening together make one between them."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.data_keys_lock, self.advisory_lock_id("data_keys"))
+            records = await conn.fetch(self.q.data_keys_of, wrapper)
+            if not records:
+                kid, wrapped = await make()
+                await conn.execute(self.q.put_data_key, kid, wrapper, wrapped)
+                return [(kid, wrapped)]
+        return [(r["kid"], bytes(r["wrapped"])) for r in records]
+
+    async def all_data_keys(self) -> list[tuple[str, str]]:
+        """Every stored data key as ``(key id, wrapper)``, oldest first."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.all_data_keys)
+        return [(r["kid"], r["wrapper"]) for r in records]
+
+    async def put_data_key(self, kid: str, wrapper: str, wrapped: bytes) -> None:
+        """Store a data key, or wrap a stored one anew (keeping its age)."""
+        async with self._acquire() as conn:
+            await conn.execute(self.q.put_data_key, kid, wrapper, wrapped)
 
     # -- raw access for tests and benchmarks ---------------------------------------------
 

@@ -101,6 +101,9 @@ async def _rotate(
             "the old ones) or set INTEGRATIONS_KEYS"
         )
     primary = keyring.primary_id
+    # Data keys first: once wrapped by the primary source, the old one may be retired.
+    custody = keyring.custody
+    rewrapped = 0 if custody is None else await custody.rewrap(repo)
     # Plaintext secrets (stored while encryption was off) are sealed too, but only while
     # encryption is on.
     plaintext_fields = (
@@ -108,7 +111,7 @@ async def _rotate(
     )
     started = time.monotonic()
     total = await repo.count_to_reseal(primary, plaintext_fields, vault.enabled)
-    state = RotationProgress(primary_kid=primary, total=total)
+    state = RotationProgress(primary_kid=primary, total=total, rewrapped=rewrapped)
     # Rows that cannot be decrypted (a key missing from the ring, an edited envelope) are
     # left as they are and reported; one of them must not hold up every other row.
     undecryptable: dict[str, None] = {}

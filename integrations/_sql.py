@@ -123,6 +123,10 @@ class Queries:
     try_advisory_lock: LiteralString
     advisory_unlock: LiteralString
     advisory_lock_held: LiteralString
+    data_keys_of: LiteralString
+    all_data_keys: LiteralString
+    put_data_key: LiteralString
+    data_keys_lock: LiteralString
     migrations: tuple[Migration, ...]
 
     @classmethod

@@ -369,3 +369,19 @@ SELECT pg_advisory_unlock($1);
 -- no parameters; a round trip on the session holding the lock: a session-level advisory
 -- lock lasts as long as its session, so an answer means it is still held.
 SELECT true;
+
+-- name: data_keys_of
+-- $1 text wrapper; newest first: the newest is the primary of its source.
+SELECT kid, wrapped FROM {schema}.data_keys WHERE wrapper = $1 ORDER BY created_at DESC, kid;
+
+-- name: all_data_keys
+SELECT kid, wrapper FROM {schema}.data_keys ORDER BY created_at, kid;
+
+-- name: put_data_key
+-- $1 text kid, $2 text wrapper, $3 bytea wrapped; re-wrapping keeps the key's age.
+INSERT INTO {schema}.data_keys (kid, wrapper, wrapped) VALUES ($1, $2, $3)
+ON CONFLICT (kid) DO UPDATE SET wrapper = excluded.wrapper, wrapped = excluded.wrapped;
+
+-- name: data_keys_lock
+-- $1 int8: advisory lock id; the first data key of a wrapper is made once per fleet.
+SELECT pg_advisory_xact_lock($1);

@@ -646,7 +646,9 @@ def test_providers_json_shape_and_a_bad_providers_file(tmp_path: Path) -> None:
     bad.write_text('[{"key": "Bad Key"}]')
     refused = runner.invoke(cli, ["--providers", str(bad), "providers"])
     assert refused.exit_code == 2
-    assert "cannot load providers" in refused.output
+    # The file, the entry and the field at fault are named.
+    assert str(bad) in refused.output
+    assert "entry 1 ('Bad Key'), field 'key'" in refused.output
 
 
 def test_keys_generate_json() -> None:
