@@ -214,6 +214,8 @@ class Provider(_Frozen):
     token_url: str | None = None
     userinfo_url: str | None = None
     revoke_url: str | None = None
+    #: Where a device authorization starts (RFC 8628), for providers that offer the flow.
+    device_authorization_url: str | None = None
     scopes: tuple[str, ...] = ()
     scope_separator: str = " "
     authorize_params: dict[str, str] = Field(default_factory=dict)
@@ -292,7 +294,13 @@ class Provider(_Frozen):
         scheme = self._known_scheme()
         if scheme is not None:
             scheme.check_provider(self)
-        for url in (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url):
+        for url in (
+            self.authorize_url,
+            self.token_url,
+            self.userinfo_url,
+            self.revoke_url,
+            self.device_authorization_url,
+        ):
             if url is not None:
                 template_fields(url)
         fields = {field.key: field for field in self.setup_fields}

@@ -126,11 +126,15 @@ async def approve_device(url: str, *, login: str = "alice", deny: bool = False) 
             form, fields = forms[0]
             if "login" in fields:
                 fields.update(login=login, password="any")
-            if "confirm" in fields and deny:
+            aborting = "confirm" in fields and deny
+            if aborting:
                 fields["abort"] = "yes"
             action = form.get("action") or url
             async with session.post(action, data=fields) as response:
                 page = await response.text()
+            if aborting:
+                # The provider forgets the code's approval and offers a code form again.
+                return page
         raise AssertionError("the provider's pages did not end")
 
 

@@ -14,6 +14,7 @@ const provider = new Provider(issuer, {
   features: {
     devInteractions: { enabled: true },
     deviceFlow: { enabled: true },
+    clientCredentials: { enabled: true },
     revocation: { enabled: true },
   },
   scopes: ['openid', 'offline_access', 'email', 'profile'],
@@ -33,5 +34,20 @@ const provider = new Provider(issuer, {
   cookies: { keys: ['test-only-cookie-key-0123456789'] },
 });
 provider.proxy = false;
-server.on('request', provider.callback());
+
+// Token endpoint successes by grant type, for the tests to count requests: GET /__stats.
+const granted = {};
+provider.on('grant.success', (ctx) => {
+  const type = ctx.oidc.params.grant_type;
+  granted[type] = (granted[type] || 0) + 1;
+});
+const callback = provider.callback();
+server.on('request', (req, res) => {
+  if (req.url === '/__stats') {
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify({ granted }));
+    return;
+  }
+  callback(req, res);
+});
 process.stdout.write(`${port}\n`);
