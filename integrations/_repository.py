@@ -46,6 +46,8 @@ class ResealBatch:
     rewritten: int
     last: str | None
     skipped: tuple[str, ...] = ()
+    #: The rows examined (locked), for a caller that keeps a list of skipped ones.
+    examined: tuple[str, ...] = ()
 
 
 # Delta rows of one scope's counts that a reader sums before it folds them into one a
@@ -719,6 +721,7 @@ class Repository:
             rewritten=rewritten,
             last=cursor.dump(),
             skipped=tuple(str(u) for u in candidates if u not in locked),
+            examined=tuple(str(u) for u in locked),
         )
 
     async def _reseal_candidates(

@@ -172,7 +172,7 @@ async def _rotate(
     # The cursor moves past the rows a batch skipped because another transaction held
     # them; those are retried below.
     cursor = RESEAL_START
-    skipped: list[str] = []
+    held_rows: dict[str, None] = {}
     while True:
         batch = await repo.reseal_connections(
             cursor, batch_size, primary, plaintext_fields, reseal_row
@@ -180,8 +180,13 @@ async def _rotate(
         if batch.last is None:
             break
         cursor = batch.last
-        skipped.extend(batch.skipped)
+        # A later pass over what is left (see Repository.reseal_connections) may take a
+        # row an earlier one skipped, or skip it again: each is retried once, if at all.
+        for row_uuid in batch.examined:
+            held_rows.pop(row_uuid, None)
+        held_rows.update(dict.fromkeys(batch.skipped))
         await report(batch)
+    skipped = list(held_rows)
     telemetry.annotate("integrations.rotation.skipped", len(skipped))
     while skipped:
         held: list[str] = []

@@ -705,6 +705,8 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
 
     result = run(ctx, work)
     undecryptable = tuple(getattr(result, "undecryptable", ()))
+    # Rows examined per second: what a pass costs, rewritten or not.
+    rate = result.scanned / result.elapsed if result.elapsed > 0 else 0.0
     if env_of(ctx).json:
         emit_json(
             {
@@ -714,6 +716,7 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
                 "total": result.total,
                 "batches": result.batches,
                 "elapsed": round(result.elapsed, 3),
+                "rows_per_second": round(rate, 1),
                 "undecryptable": list(undecryptable),
                 "rewrapped": result.rewrapped,
             }
@@ -723,7 +726,7 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
             say(f"wrapped {result.rewrapped} data key(s) with the primary key source")
         say(
             f"rotated {result.rotated} of {result.total} row(s) to key {result.primary_kid} "
-            f"in {result.elapsed:.2f}s"
+            f"in {result.elapsed:.2f}s, {rate:,.0f} rows a second"
         )
         if undecryptable:
             stderr(
