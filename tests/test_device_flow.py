@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -331,3 +332,57 @@ async def test_a_provider_without_the_device_flow_is_refused(fresh_db: str) -> N
         conn = await integ.add_connection("openai", "main")
         with pytest.raises(InvalidProviderKey):
             await integ.start_device_authorization(conn.uuid)
+
+
+@pytest.mark.parametrize("scripted", [[PENDING, TOKENS]], indirect=True)
+async def test_the_cli_connects_with_a_device_code(
+    fresh_db: str, scripted: ScriptedDevice, tmp_path: Path
+) -> None:
+    from .test_cli import script
+
+    providers = tmp_path / "providers.json"
+    providers.write_text(scripted_provider(scripted).model_dump_json())
+    spec = str(providers)
+    added = await asyncio.to_thread(script, fresh_db, "--providers", spec, "add", "scripted")
+    assert added.returncode == 0, added.stderr
+    await asyncio.to_thread(
+        script, fresh_db, "--providers", spec, "set", "scripted", "client_id=app"
+    )
+    done = await asyncio.to_thread(
+        script, fresh_db, "--providers", spec, "connect", "scripted", "--device"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "enter the code ABCD-EFGH" in done.stdout
+    assert f"Open {scripted.base_url}/activate" in done.stdout
+    assert "connected scripted:default" in done.stdout
+    assert len(scripted.polls) == 2
+    refused = await asyncio.to_thread(script, fresh_db, "connect", "openai", "--device")
+    assert refused.returncode != 0 and "does not offer the device flow" in refused.stderr
+
+
+@pytest.mark.parametrize("scripted", [[PENDING, TOKENS]], indirect=True)
+async def test_the_console_shows_the_code_and_the_link(
+    fresh_db: str, scripted: ScriptedDevice
+) -> None:
+    from integrations.web import Admin, console
+
+    from .webkit import client, csrf_of
+
+    async with Integrations(
+        fresh_db, keys=TEST_KEY, providers=[scripted_provider(scripted)]
+    ) as integ:
+        conn = await integ.add_connection("scripted", "main")
+        await integ.save_setup(conn.uuid, {"client_id": "app"})
+        http = client(console(integ, authorize=lambda request: Admin()))
+        page = (await http.get(f"/{conn.uuid}")).text
+        assert ">Connect with a code</button>" in page
+        shown = await http.post(f"/{conn.uuid}/device", data={"csrf_token": csrf_of(page)})
+        assert shown.status_code == 200, shown.text
+        assert '<strong class="user-code">ABCD-EFGH</strong>' in shown.text
+        assert f'href="{scripted.base_url}/activate"' in shown.text
+        for _ in range(100):
+            if (await integ.get_integration_by_uuid(conn.uuid)).data["status"] == "connected":
+                break
+            await asyncio.sleep(0.1)
+        assert (await integ.get_integration_by_uuid(conn.uuid)).data["status"] == "connected"
+        await http.aclose()
