@@ -356,6 +356,7 @@ async def test_the_cli_connects_with_a_device_code(
     assert f"Open {scripted.base_url}/activate" in done.stdout
     assert "connected scripted:default" in done.stdout
     assert len(scripted.polls) == 2
+    await asyncio.to_thread(script, fresh_db, "add", "openai")
     refused = await asyncio.to_thread(script, fresh_db, "connect", "openai", "--device")
     assert refused.returncode != 0 and "does not offer the device flow" in refused.stderr
 

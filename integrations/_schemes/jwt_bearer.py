@@ -36,6 +36,8 @@ class JwtBearerScheme(TokenScheme):
 
     name = "jwt_bearer"
     label = "Service account (JWT bearer)"
+    #: Obtaining a token with the key is what proves it works (when no check is declared).
+    renewal_is_check = True
     secret_fields = frozenset({"private_key", "access_token", "key_file"})
 
     def setup_fields(self, spec: Mapping[str, Any]) -> tuple[SetupField, ...]:
