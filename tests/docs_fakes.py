@@ -10,10 +10,10 @@ from typing import Any
 from aioresponses import aioresponses
 
 # Every https URL answers 200 with a small JSON body, the shape most provider APIs list with;
-# a POST to a token endpoint (".../token") answers tokens, one to a device authorization
+# a POST to a token endpoint (".../token", ".../access_token") answers tokens, one to a device authorization
 # endpoint (".../devicecode", ".../device/code") a device code the "user" approved already.
 ANY_HTTPS = re.compile(r"^https://.*$")
-TOKEN_ENDPOINT = re.compile(r"^https://[^?#]*/token(\?.*)?$")
+TOKEN_ENDPOINT = re.compile(r"^https://[^?#]*/(token|access_token)(\?.*)?$")
 DEVICE_ENDPOINT = re.compile(r"^https://[^?#]*/(devicecode|device/code)(\?.*)?$")
 BODY: dict[str, Any] = {"object": "list", "data": [{"id": "example-model"}]}
 TOKENS: dict[str, Any] = {

@@ -334,6 +334,7 @@ async def test_a_provider_without_the_device_flow_is_refused(fresh_db: str) -> N
             await integ.start_device_authorization(conn.uuid)
 
 
+@pytest.mark.timeout(600)  # four runs of the installed script
 @pytest.mark.parametrize("scripted", [[PENDING, TOKENS]], indirect=True)
 async def test_the_cli_connects_with_a_device_code(
     fresh_db: str, scripted: ScriptedDevice, tmp_path: Path
