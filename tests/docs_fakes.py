@@ -10,8 +10,9 @@ from typing import Any
 from aioresponses import aioresponses
 
 # Every https URL answers 200 with a small JSON body, the shape most provider APIs list with;
-# a POST to a token endpoint (".../token", ".../access_token") answers tokens, one to a device authorization
-# endpoint (".../devicecode", ".../device/code") a device code the "user" approved already.
+# a POST to a token endpoint (".../token", ".../access_token") answers tokens, one to a device
+# authorization endpoint (".../devicecode", ".../device/code") a device code the "user"
+# approved already.
 ANY_HTTPS = re.compile(r"^https://.*$")
 TOKEN_ENDPOINT = re.compile(r"^https://[^?#]*/(token|access_token)(\?.*)?$")
 DEVICE_ENDPOINT = re.compile(r"^https://[^?#]*/(devicecode|device/code)(\?.*)?$")
