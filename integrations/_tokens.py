@@ -668,8 +668,9 @@ class Refresher:
         self, provider: Provider, plain: Mapping[str, Any], flight: _Flight, lease: Lease
     ) -> oauth.TokenSet:
         endpoint = self._core.token_endpoint(provider)
-        endpoint.client(plain)  # NotConfigured before anything else
         grant = _scheme(provider).grant(provider, plain)
+        if grant.client_auth:
+            endpoint.client(plain)  # NotConfigured before anything is sent
         loop = asyncio.get_running_loop()
         if grant.spends is not None and not await self._in_row(
             lease.uuid, partial(self._sending, lease)
