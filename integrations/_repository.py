@@ -332,6 +332,12 @@ class Repository:
         self.schema = schema
         self.channel = channel
         self.lock_timeout = float(lock_timeout)
+        # A write transaction's statements go back to back: idle longer than this, its
+        # client has stalled (frozen, cut off), and the server ends it and frees its locks.
+        self.idle_timeout = min(self.lock_timeout, IDLE_IN_TRANSACTION)
+        # The client-side deadline of every statement: a statement may wait for a row lock
+        # up to the lock timeout; past that plus a margin, the link is taken for frozen.
+        self.command_timeout = self.lock_timeout + COMMAND_MARGIN
         # 0 behind a transaction-mode pooler (PgBouncer): no named prepared statements.
         self.statement_cache_size = statement_cache_size
         # LISTEN needs a session of its own; through a transaction pooler it must go direct.
@@ -339,7 +345,12 @@ class Repository:
         self.q = Queries.load(schema)
         # One round trip opens the transaction and bounds its lock waits; the value is
         # a number formatted here, never input.
-        self._begin_write = self.q.begin_write.replace("{lock_timeout}", _millis(self.lock_timeout))
+        self._begin_write = self.q.begin_write.replace(
+            "{lock_timeout}", _millis(self.lock_timeout)
+        ).replace("{idle_timeout}", _millis(self.idle_timeout))
+        self._bound_transaction = self.q.bound_transaction.replace(
+            "{lock_timeout}", _millis(self.lock_timeout)
+        ).replace("{idle_timeout}", _millis(self.idle_timeout))
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
         self._dsn: str | None = None
@@ -360,7 +371,12 @@ class Repository:
             # a connection of its own), and asyncpg still rolls back a transaction left
             # open. That saves a round trip per pooled call.
             self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, reset=_keep_session, **options
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                reset=_keep_session,
+                command_timeout=self.command_timeout,
+                **options,
             )
         self._owns_pool = True
         self._dsn = dsn
@@ -401,7 +417,9 @@ class Repository:
                 yield conn
             succeeded = True
         except BaseException as exc:
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc.__cause__, TimeoutError):
+                # Cancelled, or past the client-side deadline (a frozen link): dropped,
+                # not reset over a link that may not answer.
                 conn.terminate()
             raise
         finally:
@@ -945,6 +963,7 @@ class Repository:
         """
         cursor: _ResealCursor | None = _ResealCursor.parse(after, primary_kid)
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             while cursor is not None:
                 candidates, cursor = await self._reseal_candidates(
                     conn, cursor, limit, primary_kid, plaintext_fields
@@ -1023,6 +1042,7 @@ class Repository:
             raise ValueError("wait for one row at a time")
         keys = [_uuid.UUID(u) for u in uuids]
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             if wait:
                 records = await conn.fetch(self.q.lock_connection_to_reseal, keys[0])
             else:
@@ -1065,6 +1085,7 @@ class Repository:
         returns the value to store, or None to leave the row as it is."""
         written: list[tuple[str, str]] = []
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             records = await conn.fetch(
                 self.q.pending_to_reseal, after, limit, primary_kid, plaintext_verifiers
             )
@@ -1090,7 +1111,11 @@ class Repository:
         dsn = self.listen_dsn or (self._dsn if self._owns_pool else None)
         pool = None if dsn is not None else self.pool
         with _translate():
-            conn = await (asyncpg.connect(dsn) if pool is None else pool.acquire())
+            conn = await (
+                asyncpg.connect(dsn, command_timeout=self.command_timeout)
+                if pool is None
+                else pool.acquire()
+            )
         return await Listener.attach(pool, conn, channel, on_payload, on_lost)
 
     # -- one health sweep per fleet ------------------------------------------------------
@@ -1109,7 +1134,11 @@ class Repository:
         # that others then share: with ``listen_dsn`` it is taken on a direct session.
         pool = None if self.listen_dsn else self.pool
         with _translate():
-            conn = await (asyncpg.connect(self.listen_dsn) if pool is None else pool.acquire())
+            conn = await (
+                asyncpg.connect(self.listen_dsn, command_timeout=self.command_timeout)
+                if pool is None
+                else pool.acquire()
+            )
             try:
                 held = await conn.fetchval(self.q.try_advisory_lock, lock_id)
             except BaseException:
@@ -1264,6 +1293,12 @@ def _pending(record: asyncpg.Record) -> PendingAuthorization:
         actor=record["actor"],
         live=bool(record["live"]),
     )
+
+
+#: The longest a write transaction may sit idle (at most the lock timeout).
+IDLE_IN_TRANSACTION = 5.0
+#: Seconds beyond the lock timeout a statement may take before the client gives up on it.
+COMMAND_MARGIN = 10.0
 
 
 def _millis(seconds: float) -> str:

@@ -137,6 +137,7 @@ class Queries:
     count_pending_to_reseal: LiteralString
     reseal_pending: LiteralString
     begin_write: LiteralString
+    bound_transaction: LiteralString
     set_refresh_timeouts: LiteralString
     insert_pending_authorization: LiteralString
     take_pending_authorization: LiteralString

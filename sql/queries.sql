@@ -302,10 +302,15 @@ FROM unnest($1::text[], $2::text[]) AS v (state_hash, code_verifier)
 WHERE p.state_hash = v.state_hash;
 
 -- name: begin_write
--- Opens an ordinary write transaction whose lock waits give up after {lock_timeout}
--- (filled in by the repository with a number of milliseconds, never with input), in one
--- round trip; transaction-local, so safe behind PgBouncer
-BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'
+-- Opens an ordinary write transaction whose lock waits give up after {lock_timeout} and
+-- which the server ends when left idle for {idle_timeout} (a stalled client must not hold
+-- its row locks); both filled in by the repository with a number of milliseconds, never
+-- with input, in one round trip; transaction-local, so safe behind PgBouncer
+BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'
+
+-- name: bound_transaction
+-- The same bounds for a transaction already open (key rotation batches)
+SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'
 
 -- name: set_refresh_timeouts
 -- $1 text lock_timeout, $2 text idle_in_transaction_session_timeout (e.g. '30000ms');
