@@ -56,7 +56,19 @@ async def export_document(integ: Integrations, owner: OwnerScope) -> dict[str, A
                     "data": data,
                 }
             )
+    if owner is ALL_OWNERS:
+        detail = {"connections": len(connections), "all_owners": True}
+        await _record(integ, "store.exported", detail, None)
+    else:
+        await _record(integ, "store.exported", {"connections": len(connections)}, owner)
     return _bundle.document(connections, datetime.now(UTC).isoformat())
+
+
+async def _record(
+    integ: Integrations, action: str, detail: dict[str, Any], owner: str | None
+) -> None:
+    # The service layer's audit log: the transfer is a door with no facade method of its own.
+    await integ._s.core.audit.record(action, owner=owner, detail=detail)
 
 
 @dataclass
@@ -208,6 +220,12 @@ async def import_entries(
         ) from exc
     report.rows = [(p.action, p.entry.ref, p.uuid) for p in plan]
     report.grants = [p.entry.ref for p in writes if p.entry.tokens]
+    await _record(
+        integ,
+        "store.imported",
+        {"created": len(report.created), "updated": len(report.updated)},
+        owner,
+    )
     return report
 
 
