@@ -25,7 +25,7 @@ from ._errors import ConfigurationError, InvalidArgument, LifecycleError, Schema
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import Connection, ConnectionList, Page, Validation
+from ._models import Connection, ConnectionList, DeviceAuthorization, Page, Validation
 from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
@@ -717,6 +717,38 @@ class Integrations:
             state, code=code, error=error, error_description=error_description
         )
 
+    async def start_device_authorization(
+        self,
+        uuid: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> DeviceAuthorization:
+        """Start a device authorization (RFC 8628) for a provider that offers it: returns the
+        user code and the verification URI to show; no browser or redirect is needed here.
+
+        The device code is kept server-side, sealed, until it is used or expires; then
+        call :meth:`complete_device_authorization`.
+        """
+        return await self._in(owner).start_device_authorization(uuid, scopes=scopes, actor=actor)
+
+    async def complete_device_authorization(
+        self,
+        uuid: str,
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> Connection:
+        """Wait for the user to approve the device code, polling as the provider asks
+        (``interval``, ``slow_down`` adds 5 s, ``authorization_pending`` waits on), then
+        store the tokens as an authorization-code exchange does. ``access_denied`` raises
+        AuthorizationDenied (recorded on the connection); an expired code raises
+        AuthorizationTimeout. To stop waiting sooner, wrap the call in ``asyncio.timeout()``:
+        the code stays pending, and another call goes on polling it.
+        """
+        return await self._in(owner).complete_device_authorization(uuid, actor=actor)
+
     async def authorization_url(
         self,
         uuid: str,
@@ -804,9 +836,12 @@ class Integrations:
         """Keep the fleet's connections checked, from a worker; runs until this instance
         closes (or the task running it is cancelled).
 
-        Every process may run it: one at a time sweeps, chosen by a PostgreSQL advisory
-        lock held on a pooled connection; the others try every ``interval`` seconds, so
-        when the sweeping process dies another takes over within one interval. Every
+        Every process may run it: one at a time sweeps, the holder of a lease row in
+        the database that lasts ``interval`` seconds (at least one) and that the leader
+        renews three times a lease. The others try to take it as often, so a leader that
+        dies, freezes or is cut off is replaced within two intervals; a leader whose
+        lease ran out by its own clock, or that finds it taken, stops sweeping at once.
+        It holds behind a transaction pooler too (no session lock). Every
         ``interval`` the leader checks each configured connection whose last check is
         older than ``stale_after`` (recorded as ``validate_connection`` does, with actor
         ``"health_sweep"``: an event only when the status changes) and renews OAuth
@@ -825,11 +860,6 @@ class Integrations:
             on_sweep=on_sweep,
         )
         services = self._s
-        if self._repo.pool.get_max_size() < 3:
-            raise ConfigurationError(
-                "run_health_sweeps() holds one pooled connection while it leads and the "
-                "event listener another: use pool_max_size=3 or more."
-            )
         every, stale, jobs, pace, ahead = options
         sweep = HealthSweep(
             services,

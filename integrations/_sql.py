@@ -144,9 +144,8 @@ class Queries:
     take_latest_pending_authorization: LiteralString
     delete_expired_pending_authorizations: LiteralString
     sweep_candidates: LiteralString
-    try_advisory_lock: LiteralString
-    advisory_unlock: LiteralString
-    advisory_lock_held: LiteralString
+    take_lease: LiteralString
+    drop_lease: LiteralString
     data_keys_of: LiteralString
     all_data_keys: LiteralString
     put_data_key: LiteralString

@@ -334,7 +334,8 @@ RETURNING state_hash;
 DELETE FROM {schema}.pending_authorizations
 WHERE state_hash = $1 AND ($2 OR owner = $3)
 RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
-          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live,
+          expires_at;
 
 -- name: take_latest_pending_authorization
 -- $1 uuid connection, $2 text redirect_uri; the newest live one, consumed
@@ -347,7 +348,8 @@ WHERE state_hash = (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
-          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live,
+          expires_at;
 
 -- name: delete_expired_pending_authorizations
 -- no parameters
@@ -362,18 +364,23 @@ WHERE uuid > $1 AND value_json ->> 'status' IN ('connected', 'error')
 ORDER BY uuid
 LIMIT $2;
 
--- name: try_advisory_lock
--- $1 bigint lock id; session-level: held until unlocked or the connection ends.
-SELECT pg_try_advisory_lock($1);
+-- name: take_lease
+-- $1 text purpose, $2 uuid holder, $3 float8 seconds. Takes the lease when it is free or
+-- ran out, renews it when $2 holds it; no row when another holder's lease still runs.
+-- The database's clock is the one that counts (clock_timestamp(): a statement's own
+-- time, also inside a pooler's transaction).
+INSERT INTO {schema}.leases AS l (purpose, holder, expires_at)
+VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+ON CONFLICT (purpose) DO UPDATE
+SET holder = EXCLUDED.holder,
+    expires_at = EXCLUDED.expires_at,
+    term = l.term + CASE WHEN l.holder = EXCLUDED.holder THEN 0 ELSE 1 END
+WHERE l.holder = EXCLUDED.holder OR l.expires_at <= clock_timestamp()
+RETURNING term;
 
--- name: advisory_unlock
--- $1 bigint lock id
-SELECT pg_advisory_unlock($1);
-
--- name: advisory_lock_held
--- no parameters; a round trip on the session holding the lock: a session-level advisory
--- lock lasts as long as its session, so an answer means it is still held.
-SELECT true;
+-- name: drop_lease
+-- $1 text purpose, $2 uuid holder: a leader that stops lets the next one in at once.
+DELETE FROM {schema}.leases WHERE purpose = $1 AND holder = $2;
 
 -- name: append_events
 -- $1 text[] kind, $2 text[] uuid, $3 text[] owner ('' = system), $4 text[] provider,
