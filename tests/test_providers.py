@@ -49,6 +49,7 @@ EXPECTED = {
     "key_secret": {"twilio", "aws"},
     "bot_token": {"telegram", "discord"},
     "credentials": {"smtp", "postgres"},
+    "oauth1": {"x-oauth1"},
 }
 
 
@@ -74,6 +75,9 @@ def test_every_builtin_has_setup_fields_a_check_and_an_auth_header(provider: Pro
     assert provider.docs_url and provider.docs_url.startswith("https://")
     if provider.auth_type == "credentials":
         assert provider.validation.hook in ("smtp", "postgres")
+    elif provider.auth_type == "oauth1":
+        # Signed per request by its scheme: no header template.
+        assert provider.api_hosts and provider.request_token_url
     else:
         assert provider.auth_header is not None
         assert provider.api_hosts
@@ -100,6 +104,8 @@ def test_auth_types_constant_lists_the_six_types():
         "key_secret",
         "bot_token",
         "credentials",
+        "oauth1",
+        "mtls",
     )
 
 

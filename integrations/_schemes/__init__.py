@@ -17,10 +17,13 @@ from .bot_token import BotTokenScheme
 from .credentials import CredentialsScheme
 from .headers import HeaderScheme
 from .key_secret import KeySecretScheme
+from .mtls import CERTIFICATE_FIELDS, MtlsScheme
+from .oauth1 import OAuth1Scheme
 from .oauth2 import ClientCredentialsScheme, OAuth2Scheme, TokenGrant, TokenScheme
 
 __all__ = [
     "AUTH_KINDS",
+    "CERTIFICATE_FIELDS",
     "SCHEMES",
     "Answer",
     "AuthContext",
@@ -48,6 +51,8 @@ SCHEMES = SchemeRegistry(
         KeySecretScheme(),
         BotTokenScheme(),
         CredentialsScheme(),
+        OAuth1Scheme(),
+        MtlsScheme(),
     ]
 )
 

@@ -192,7 +192,9 @@ def url_secrets(header: AuthHeader | None, values: Mapping[str, Any]) -> tuple[s
 def _header_auth(
     header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
 ) -> tuple[dict[str, str], URL]:
-    rendered = {k: _header_value(v, k) for k, v in values.items()}
+    # Only the values the header carries: others (a PEM key) may span lines.
+    used = template_fields(header.template)
+    rendered = {k: _header_value(v, k) for k, v in values.items() if k in used}
     return {header.name: render(header.template, rendered)}, target
 
 
