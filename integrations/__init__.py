@@ -7,11 +7,13 @@ import typing as _typing
 
 if _typing.TYPE_CHECKING:
     from . import oauth, webhooks
+    from ._audit import AuditPage, AuditRecord, Breach, acting_as
     from ._cache import CacheStats
     from ._checkall import CheckItem, CheckReport
     from ._doctor import Diagnosis, Finding
     from ._errors import (
         AlreadyExists,
+        AuditFailed,
         AuthorizationDenied,
         AuthorizationTimeout,
         ConfigurationError,
@@ -84,12 +86,16 @@ __all__ = [
     "AUTH_TYPES",
     "AllOwners",
     "AlreadyExists",
+    "AuditFailed",
+    "AuditPage",
+    "AuditRecord",
     "AuthContext",
     "AuthHeader",
     "AuthKind",
     "AuthScheme",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "Breach",
     "CacheStats",
     "CheckItem",
     "CheckReport",
@@ -153,6 +159,7 @@ __all__ = [
     "WebhookAttempt",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "acting_as",
     "bot_url",
     "generate_key",
     "load_providers",
@@ -172,6 +179,11 @@ _HOME = {
     "AUTH_TYPES": "._providers",
     "AllOwners": "._events",
     "AlreadyExists": "._errors",
+    "AuditFailed": "._errors",
+    "AuditPage": "._audit",
+    "AuditRecord": "._audit",
+    "Breach": "._audit",
+    "acting_as": "._audit",
     "AuthContext": "._schemes",
     "AuthHeader": "._providers",
     "AuthKind": "._schemes",

@@ -484,7 +484,15 @@ class AuthFlow:
             )
             return issued.change, issued.row
 
-        return await core.repo.modify(uuid, decide)
+        stored = await core.repo.modify(uuid, decide)
+        await core.audit.record(
+            "token.issued",
+            actor=actor,
+            owner=stored.owner,
+            uuid=stored.uuid,
+            provider=stored.provider,
+        )
+        return stored
 
     # -- revocation -----------------------------------------------------------------------
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from typing import Any, cast
 
 from . import _names as names
 from . import _record as record
+from ._audit import AuditPage
 from ._connections import check_scope
 from ._errors import InvalidArgument
 from ._events import ALL_OWNERS, OwnerScope, Subscription
@@ -171,6 +173,29 @@ class Scoped:
         ``fresh=True`` reads the database.
         """
         return await self._services().connections.get_credentials(ref, self._scope, fresh=fresh)
+
+    async def audit(
+        self,
+        *,
+        uuid: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> AuditPage:
+        """A page of the audit trail, newest first; pass ``before=page.next_before`` for the
+        next one. ``action`` is an action (``"credentials.revealed"``) or a family
+        (``"credentials"``). See docs/audit.md."""
+        return await self._services().audit(
+            uuid=uuid,
+            owner=self._scope,
+            actor=actor,
+            since=since,
+            action=action,
+            limit=limit,
+            before=before,
+        )
 
     async def is_connected(self, uuid: str, *, fresh: bool = False) -> bool:
         """True when the connection is connected and holds runtime credentials."""

@@ -511,10 +511,13 @@ class Refresher:
     ) -> str:
         write = partial(self._written, lease, tokens, previous)
         try:
-            return (await _to_the_end(self._in_row(uuid, write))).token
+            access = (await _to_the_end(self._in_row(uuid, write))).token
         except Exception as exc:
             # Whatever the driver raised: these tokens must not be dropped with it.
             reason = _why(exc)
+        else:
+            await self._core.audit.record("token.refreshed", uuid=uuid)
+            return access
         # The provider issued these (and may have spent ``previous``): they exist nowhere
         # else, so they serve this process while the write is tried again.
         log.warning(
