@@ -39,7 +39,7 @@ from ._rotation import PKCE_FIELD
 from ._schemes import oauth1
 from ._tls import context_for
 
-__all__ = ["AuthFlow"]
+__all__ = ["VERIFIER_FIELD", "AuthFlow", "denial_message", "error_code"]
 
 log = logging.getLogger("integrations.oauth")
 
@@ -59,7 +59,7 @@ class AuthFlow:
         record_failure: Callable[[str, str, str | None], Awaitable[None]],
     ) -> None:
         self._core = core
-        self._record_failure = record_failure
+        self.record_failure = record_failure
         self.ttl = core.settings.authorization_ttl
         self._token_timeout = core.settings.token.timeout
         self._revoke_timeout = core.settings.revoke_timeout
@@ -287,9 +287,9 @@ class AuthFlow:
         if row is None or row.owner != pending.owner:
             raise InvalidState()
         if error:
-            message = _denial_message(error, error_description)
-            await self._record_failure(row.uuid, message, pending.actor)
-            raise AuthorizationDenied(message, error=_error_code(error))
+            message = denial_message(error, error_description)
+            await self.record_failure(row.uuid, message, pending.actor)
+            raise AuthorizationDenied(message, error=error_code(error))
         assert code is not None
         provider = self._core.provider_of(row)
         if provider is not None and provider.scheme.uses_request_token:
@@ -410,6 +410,18 @@ class AuthFlow:
             redact=[client.client_secret, code, verifier],
             plain=plain,
         )
+        return await self.grant_issued(row, provider, plain, tokens, actor)
+
+    async def grant_issued(
+        self,
+        row: StoredRow,
+        provider: Provider,
+        plain: Mapping[str, Any],
+        tokens: oauth.TokenSet,
+        actor: str | None,
+    ) -> StoredRow:
+        """Store a grant a user just gave (a code exchanged, a device code approved): the
+        account from userinfo, the tokens, status events; revoked if the row is gone."""
         account = await self._userinfo(provider, plain, tokens)
         try:
             return await self._store(row.uuid, tokens, account, actor)
@@ -599,12 +611,12 @@ def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
     return [check_text(s, "scope") for s in scopes]
 
 
-def _error_code(error: str) -> str:
+def error_code(error: str) -> str:
     return oauth.error_code(error) or "unknown_error"
 
 
-def _denial_message(error: str, description: str | None) -> str:
-    text = f"Authorization refused by the provider ({_error_code(error)}"
+def denial_message(error: str, description: str | None) -> str:
+    text = f"Authorization refused by the provider ({error_code(error)}"
     if isinstance(description, str) and description.strip():
         clean = scrub_text(_CONTROL_RE.sub(" ", description)).strip()[:200]
         text += f": {clean}"

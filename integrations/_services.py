@@ -14,6 +14,7 @@ from ._authflow import AuthFlow
 from ._checks import Checks
 from ._connections import Connections, check_scope
 from ._core import Core
+from ._device import DeviceFlow
 from ._errors import ConfigurationError, InvalidArgument
 from ._events import AllOwners, OwnerScope
 from ._http import Response
@@ -34,6 +35,7 @@ class Services:
         self.core = core
         self.tokens = Refresher(core)
         self.authflow = AuthFlow(core, record_failure=self._record_failure)
+        self.device = DeviceFlow(core, self.authflow)
         self.connections = Connections(core, self.authflow)
         self.checks = Checks(core, self.tokens, self.connections)
         self.requests = Requests(core, self.tokens)

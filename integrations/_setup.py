@@ -12,6 +12,8 @@ from ._errors import InvalidField
 
 __all__ = ["FieldType", "SetupField"]
 
+#: ``text`` is a string of several lines (a PEM key or certificate): line breaks and tabs
+#: are kept, other control characters refused.
 FieldType = Literal["string", "text", "integer", "boolean", "choice", "url"]
 
 _FIELD_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -16,6 +16,7 @@ from .api_key import ApiKeyScheme
 from .bot_token import BotTokenScheme
 from .credentials import CredentialsScheme
 from .headers import HeaderScheme
+from .jwt_bearer import JwtBearerScheme
 from .key_secret import KeySecretScheme
 from .mtls import CERTIFICATE_FIELDS, MtlsScheme
 from .oauth1 import OAuth1Scheme
@@ -51,6 +52,7 @@ SCHEMES = SchemeRegistry(
         KeySecretScheme(),
         BotTokenScheme(),
         CredentialsScheme(),
+        JwtBearerScheme(),
         OAuth1Scheme(),
         MtlsScheme(),
     ]

@@ -89,7 +89,7 @@ def field_views(provider: Provider, masked: Mapping[str, Any]) -> list[FieldView
 
 def _input_type(field: SetupField) -> str:
     if field.type == "text":
-        # A PEM spans lines; a secret one is never pre-filled all the same.
+        # Several lines (a PEM key): a password input would drop its line breaks.
         return "textarea"
     if field.secret:
         return "password"
