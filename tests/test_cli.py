@@ -1178,3 +1178,40 @@ def test_an_import_keeps_status_and_warns_about_a_grant_in_two_stores(
     github = json.loads(sh(second_db, "show", "github", "--json").stdout)
     assert github["status"] == "disconnected" and "access_token" not in github["data"]
     assert github["data"]["client_id"] == "cid"
+
+
+# -- messages -------------------------------------------------------------------------------
+
+
+def test_a_reference_that_finds_nothing_suggests_the_close_ones(fresh_db: str) -> None:
+    uuid = sh(fresh_db, "add", "openai", "staging").stdout.strip()
+    upper = sh(fresh_db, "show", "OpenAI:staging")
+    assert upper.returncode == 2 and "did you mean 'openai:staging'?" in upper.stderr
+    case = sh(fresh_db, "show", "openai:Staging")
+    assert case.returncode == 1 and "did you mean 'openai:staging'?" in case.stderr
+    cut = sh(fresh_db, "show", uuid[:13])
+    assert cut.returncode == 1 and f"did you mean '{uuid}'?" in cut.stderr
+    nothing = sh(fresh_db, "show", "openai:prod")
+    assert nothing.returncode == 1 and "`integrations list` lists them" in nothing.stderr
+    for done in (upper, case, cut, nothing):
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_setup_column_leaves_out_what_an_oauth_grant_wrote(fresh_db: str) -> None:
+    asyncio.run(_oauth_connection(fresh_db))
+    listed = sh(fresh_db, "list").stdout
+    assert "client_id=cid" in listed and "client_secret=••••" in listed
+    for written_by_the_grant in ("token_type", "expires_at", "granted_scopes", "access_token"):
+        assert written_by_the_grant not in listed
+
+
+def test_a_secret_under_a_key_this_process_lacks_names_the_connection_and_the_fix(
+    fresh_db: str,
+) -> None:
+    uuid = sh(fresh_db, "add", "openai").stdout.strip()
+    sh(fresh_db, "set", "openai", "api_key=@-", stdin=MARKER)
+    other = cli_env(INTEGRATIONS_KEYS=generate_key())
+    done = sh(fresh_db, "export", "--decrypted", env=other)
+    assert done.returncode == 1
+    assert uuid in done.stderr and "add that key to INTEGRATIONS_KEYS" in done.stderr
+    assert "keys=" not in done.stderr
