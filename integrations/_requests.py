@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import _telemetry as telemetry
+from ._audit import AuditLog
 from ._core import Core
+from ._errors import IntegrationsError
 from ._http import Request, Response, Signer
 from ._input import check_method
 from ._providers import Provider
 from ._record import StoredRow
 from ._schemes import Answer
+from ._tls import context_for
 from ._tokens import Refresher
 
 __all__ = ["Requests"]
 
 # The row cache's extra under which a row's signer (its auth headers, built ahead) is kept.
 _SIGNER = "signer"
+_TLS = "tls"
 
 
 class Requests:
@@ -52,8 +58,13 @@ class Requests:
         of ours in between on every resumption while the request is in flight)."""
         method = check_method(method).upper()
         if telemetry.live():
-            return self._traced(row, method, url, allow_any_host, max_attempts, opts)
-        return self._start(row, method, url, allow_any_host, max_attempts, opts)
+            sending = self._traced(row, method, url, allow_any_host, max_attempts, opts)
+        else:
+            sending = self._start(row, method, url, allow_any_host, max_attempts, opts)
+        audit = self._core.audit
+        if audit.records_use:
+            return _audited(audit, row, method, url, sending)
+        return sending
 
     async def _traced(
         self,
@@ -97,6 +108,8 @@ class Requests:
         )
         scope = None if traced else row
         cache = core.repo.cache
+        if provider.presents_certificate or provider.ca_bundle is not None:
+            request = self._with_tls(row, provider, request)
         signer: Signer | None = cache.extra(row, _SIGNER)
         if signer is not None:
             return core.http.send(request, signer, scope=scope)
@@ -109,6 +122,17 @@ class Requests:
             return core.http.send(request, signer, scope=scope)
         sending = self._flow(row, provider, plain, request)
         return sending if scope is None else telemetry.in_log_scope(scope, sending)
+
+    def _with_tls(self, row: StoredRow, provider: Provider, request: Request) -> Request:
+        """``request`` over the connection's TLS context (its client certificate, the
+        provider's CA), built once per cached row version."""
+        core = self._core
+        context = core.repo.cache.extra(row, _TLS)
+        if context is None:
+            plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+            context = context_for(provider, plain)
+            core.repo.cache.keep_extra(row, _TLS, context)
+        return replace(request, options={**request.options, "ssl": context})
 
     async def _flow(
         self, row: StoredRow, provider: Provider, plain: Mapping[str, Any], request: Request
@@ -127,6 +151,31 @@ class Requests:
             return await http.send(again, Signer.of(provider, _signing(again, plain)))
         finally:
             await flow.aclose()
+
+
+async def _audited(
+    audit: AuditLog, row: StoredRow, method: str, url: str, sending: Awaitable[Response]
+) -> Response:
+    """Send, then buffer a use record: method, host and status; never the path or query,
+    which may carry secrets."""
+    status: int | None = None
+    outcome = "error"
+    try:
+        response = await sending
+        status = response.status
+        outcome = "ok" if status < 400 else f"http_{status}"
+        return response
+    except IntegrationsError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        audit.use(
+            owner=row.owner,
+            uuid=row.uuid,
+            provider=row.provider,
+            outcome=outcome,
+            detail={"method": method, "host": urlsplit(url).hostname, "status": status},
+        )
 
 
 def _signing(request: Request, plain: Mapping[str, Any]) -> Mapping[str, Any]:
