@@ -24,10 +24,10 @@ _HOST_PATTERN = (
 # One DNS label, for a field that is part of a host and declares no pattern.
 _LABEL_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PLACEHOLDER = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}")
-_SUPPORTED = ("OAUTH2", "OAUTH2_CC", "API_KEY", "BASIC")
+_SUPPORTED = ("OAUTH2", "OAUTH2_CC", "OAUTH1", "API_KEY", "BASIC")
 _UNSUPPORTED = {
-    "JWT": "JWT mode (a signed assertion) is not an auth scheme here yet",
-    "OAUTH1": "OAuth 1.0a is not an auth scheme here yet",
+    "JWT": "Nango's JWT mode (a token the client signs for the API itself, with the API's own "
+    "claims) has no equivalent here; jwt_bearer is the RFC 7523 grant",
     "TWOSTEP": "two-step token exchanges are not an auth scheme here",
     "SIGNATURE": "request signatures are not an auth scheme here",
 }
@@ -102,6 +102,8 @@ def _convert_one(key: str, raw: dict[str, Any]) -> dict[str, Any]:
         out["docs_url"] = raw["docs"]
     if mode in ("OAUTH2", "OAUTH2_CC"):
         out.update(_oauth(raw, mode, fields))
+    elif mode == "OAUTH1":
+        out.update(_oauth1(raw, fields))
     elif mode == "API_KEY":
         out.update(_api_key(proxy, fields))
     else:
@@ -165,6 +167,21 @@ def _oauth(raw: Mapping[str, Any], mode: str, fields: _Fields) -> dict[str, Any]
     return out
 
 
+def _oauth1(raw: Mapping[str, Any], fields: _Fields) -> dict[str, Any]:
+    method = raw.get("signature_method", "HMAC-SHA1")
+    if method != "HMAC-SHA1":
+        raise _Skip(f"mode unsupported: OAuth 1.0a signature method {method!r} (HMAC-SHA1 only)")
+    urls = {
+        "request_token_url": raw.get("request_url"),
+        "authorize_url": raw.get("authorization_url"),
+        "token_url": raw.get("token_url"),
+    }
+    for name, url in urls.items():
+        if not isinstance(url, str) or not url:
+            raise _Skip(f"OAuth 1.0a needs {name.replace('_', ' ')}")
+    return {"auth_type": "oauth1", **{k: fields.template(str(v)) for k, v in urls.items()}}
+
+
 def _api_key(proxy: Mapping[str, Any], fields: _Fields) -> dict[str, Any]:
     found = proxy.get("headers")
     headers: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
@@ -178,10 +195,15 @@ def _api_key(proxy: Mapping[str, Any], fields: _Fields) -> dict[str, Any]:
                 "auth_header": {"name": header, "template": fields.template(value)},
             }
     query = proxy.get("query")
-    if isinstance(query, Mapping) and query:
-        raise _Skip(
-            "mode unsupported: an API key in the query string is not an auth scheme here yet"
-        )
+    if isinstance(query, Mapping):
+        for name, value in query.items():
+            if isinstance(value, str) and _names_key(value):
+                fields.credential("api_key", "API key", secret=True)
+                template = fields.template(value)
+                return {
+                    "auth_type": "api_key",
+                    "auth_header": {"kind": "query", "name": str(name), "template": template},
+                }
     raise _Skip("no proxy header carries the API key")
 
 
@@ -257,7 +279,7 @@ class _Fields:
 
     def setup_fields(self, out: Mapping[str, Any]) -> list[dict[str, Any]]:
         made: list[dict[str, Any]] = []
-        if out.get("auth_type") in ("oauth2", "oauth2_client_credentials"):
+        if out.get("auth_type") in ("oauth2", "oauth2_client_credentials", "oauth1"):
             made += [
                 {"key": "client_id", "label": "Client ID", "required": True},
                 {

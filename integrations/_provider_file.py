@@ -343,7 +343,9 @@ def lint_provider(provider: Provider, *, builtin: bool = False) -> list[Problem]
         if not provider.docs_url:
             problems.append(Problem("docs_url", "a built-in names the vendor's auth page"))
         has_userinfo = provider.scheme.authorizes_user and bool(provider.userinfo_url)
-        if check is None and not has_userinfo:
+        # A service account's check is obtaining a token with its key.
+        renewal_is_check = bool(getattr(provider.scheme, "renewal_is_check", False))
+        if check is None and not has_userinfo and not renewal_is_check:
             problems.append(Problem("validation", "a built-in has a credential check"))
     return problems
 
@@ -393,7 +395,9 @@ def entry_of(provider: Provider) -> dict[str, Any]:
     header = scheme.auth_header()
     bare["auth_header"] = header.model_dump(mode="json") if header is not None else None
     entry: dict[str, Any] = {}
-    for name in _FIELD_ORDER:
+    # Fields the order above does not name yet come last rather than being lost.
+    names = [*_FIELD_ORDER, *(n for n in Provider.model_fields if n not in _FIELD_ORDER)]
+    for name in names:
         if name in ("key", "name", "auth_type") or full.get(name) != bare.get(name):
             entry[name] = short.get(name, full.get(name))
     return entry

@@ -20,7 +20,7 @@ from integrations.cli import cli
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "nango_providers.yaml"
 # Entries of the fixture in modes this package has no scheme for, or that bind no host.
-NOT_CONVERTIBLE = {"acme-maps", "acme-warehouse", "acme-social", "acme-cloud"}
+NOT_CONVERTIBLE = {"acme-warehouse", "acme-cloud"}
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -85,7 +85,7 @@ def test_the_fixture_covers_each_mode_and_placeholder_form() -> None:
     modes = {entry.get("auth_mode") for entry in doc.values()}
     assert {"OAUTH2", "OAUTH2_CC", "API_KEY", "BASIC", "JWT", "OAUTH1"} <= modes
     text = FIXTURE.read_text()
-    for form in ("${connectionConfig.", "${apiKey}", "${credentials.apiKey}", "alias:"):
+    for form in ("${connectionConfig.", "${apiKey}", "${credentials.apiKey}", "alias:", "query:"):
         assert form in text
 
 
@@ -129,6 +129,14 @@ def test_converted_entries_keep_what_the_source_says() -> None:
     assert metrics["validation"]["method"] == "POST"
     assert metrics["auth_header"]["template"] == "Token token={api_key}"
     assert by_key["acme-billing"]["auth_type"] == "key_secret"
+    assert by_key["acme-maps"]["auth_header"] == {
+        "kind": "query",
+        "name": "api_key",
+        "template": "{api_key}",
+    }
+    social = by_key["acme-social"]
+    assert social["auth_type"] == "oauth1"
+    assert social["request_token_url"] == "https://social.example.test/oauth/request_token"
 
 
 @pytest.mark.parametrize("key", ["acme-desk", "acme-git", "acme-metrics", "acme-helpdesk"])
