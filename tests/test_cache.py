@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
+import time
 import uuid as uuid_mod
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +85,25 @@ def test_nothing_is_kept_or_served_while_the_listener_is_down() -> None:
     # A read from before the gap stays out even once listening again.
     cache.fill(ticket, row("b"))
     assert cache.stats.size == 0
+
+
+def test_served_only_until_the_listeners_proof_runs_out_and_kept_meanwhile() -> None:
+    cache = RowCache(capacity=10)
+    cache.listening(True)
+    cache.proven(-math.inf)  # a probing listener: nothing served before its first proof
+    assert not cache.serving and cache.ticket() is None
+    cache.proven(time.monotonic() + 60)
+    cache.fill(cache.ticket(), row("a"))
+    ticket = cache.ticket()
+    assert cache.serving
+    cache.proven(time.monotonic() - 0.001)  # the proof ran out: a frozen link
+    assert not cache.serving and cache.ticket() is None
+    cache.fill(ticket, row("b"))  # a read that ends meanwhile is not kept
+    # What is held stays: notices arrive in commit order, so the next proof means every
+    # change committed before its probe was heard (and dropped its row).
+    cache.rows_changed(["a"])
+    cache.proven(time.monotonic() + 60)
+    assert cache.serving and cache.get("a") is None and cache.get("b") is None
 
 
 def test_lru_bound_and_refs_follow_their_rows() -> None:
