@@ -315,7 +315,8 @@ async def test_while_the_listener_is_down_reads_go_to_the_database(
     finally:
         await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await admin.close()
-    await until(lambda: hub.listening, "the listener to come back")
+    # Served again once the new connection's first probe was heard.
+    await until(lambda: integ.cache_stats.serving, "the listener to come back")
     assert (await integ.get_integration(saved))["note"] == 4
     assert integ.cache_stats.size == 1
 

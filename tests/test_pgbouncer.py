@@ -169,9 +169,7 @@ async def test_without_listen_dsn_subscribe_raises_and_the_cache_is_off_naming_l
     monkeypatch.setattr(_events, "HEARTBEAT_TIMEOUT", 1.0)
     async with Integrations(pooled_dsn, keys=TEST_KEY, statement_cache_size=0) as integ:
         warned = [r for r in caplog.records if "listen_dsn" in r.getMessage()]
-        assert [getattr(r, "integrations_event_kind", None) for r in warned] == [
-            "cache_disabled"
-        ]
+        assert [getattr(r, "integrations_event_kind", None) for r in warned] == ["cache_disabled"]
         assert integ.cache_stats.serving is False
         with pytest.raises(ConfigurationError) as caught:
             async with integ.subscribe(owner=None):
