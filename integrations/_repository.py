@@ -1445,6 +1445,7 @@ class PendingAuthorization:
     code_verifier: Any = field(repr=False)
     actor: str | None
     live: bool
+    expires_at: datetime | None = None
 
 
 def _pending(record: asyncpg.Record) -> PendingAuthorization:
@@ -1458,6 +1459,7 @@ def _pending(record: asyncpg.Record) -> PendingAuthorization:
         code_verifier=None if raw is None else json.loads(raw),
         actor=record["actor"],
         live=bool(record["live"]),
+        expires_at=record["expires_at"],
     )
 
 

@@ -228,7 +228,7 @@ def test_a_released_lease_leaves_the_row() -> None:
 def test_a_failure_ends_the_lease_and_keeps_a_rotated_refresh_token() -> None:
     taken, stored = held_row()
     exc = TokenRequestFailed("bad answer", transient=False)
-    change = lease.failed(taken, stored, exc, NOW, POLICY, seal)
+    change = lease.failed(taken, stored, plain(), "r1", exc, NOW, POLICY, seal)
     assert "refresh_lease" not in change.data
     assert change.data["refresh_error"]["code"] == "token_request_failed"
     try:
@@ -240,7 +240,7 @@ def test_a_failure_ends_the_lease_and_keeps_a_rotated_refresh_token() -> None:
             previous_refresh_token="r1",
         )
     except TokenRequestFailed as refused:
-        change = lease.failed(taken, stored, refused, NOW, POLICY, seal)
+        change = lease.failed(taken, stored, plain(), "r1", refused, NOW, POLICY, seal)
     assert change.data["refresh_token"] == "sealed:refresh_token:r2"
 
 
@@ -248,7 +248,15 @@ def test_a_failure_after_a_takeover_records_nothing() -> None:
     taken, _ = held_row()
     other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
     exc = TokenRequestFailed("down", transient=True)
-    assert lease.failed(taken, other, exc, NOW, POLICY, seal).data is None
+    assert lease.failed(taken, other, plain(), "r1", exc, NOW, POLICY, seal).data is None
+
+
+def test_a_failure_after_a_new_grant_only_ends_the_lease() -> None:
+    taken, stored = held_row()
+    exc = ReauthRequired("refused")
+    change = lease.failed(taken, stored, plain(refresh_token="g2"), "r1", exc, NOW, POLICY, seal)
+    assert change.data is not None and "refresh_lease" not in change.data
+    assert "refresh_error" not in change.data and change.events == []
 
 
 # -- storing an answer -----------------------------------------------------------------------
@@ -281,6 +289,15 @@ def test_a_fenced_out_answer_newer_than_the_row_serves_its_process() -> None:
     change, done = lease.written(taken, other, plain(), tokens(), "r1", seal)
     assert change.data is None
     assert (done.stored, done.newer, done.token) == (False, False, "new")
+
+
+def test_an_answer_after_a_new_grant_is_not_stored_but_its_lease_ends() -> None:
+    taken, stored = held_row()
+    granted = plain(access_token="g-access", refresh_token="g2")
+    change, done = lease.written(taken, stored, granted, tokens(), "r1", seal)
+    assert change.data is not None and "refresh_lease" not in change.data
+    assert change.data.get("access_token") == stored.data.get("access_token")
+    assert (done.stored, done.newer, done.token) == (False, True, "g-access")
 
 
 def test_lost_tokens_mark_the_connection_only_while_the_spent_token_is_stored() -> None:

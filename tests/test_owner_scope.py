@@ -51,6 +51,8 @@ CALLS: dict[str, Call] = {
     "authorization_url": lambda h, u: h.authorization_url(u, "https://app.example/cb"),
     "exchange_code": lambda h, u: h.exchange_code(u, "code", "https://app.example/cb"),
     "connect_interactive": lambda h, u: h.connect_interactive(u, timeout=5),
+    "start_device_authorization": lambda h, u: h.start_device_authorization(u),
+    "complete_device_authorization": lambda h, u: h.complete_device_authorization(u),
 }
 
 # The administrator's methods that take an owner but are not offered to one.

@@ -600,6 +600,12 @@ def test(
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="Loopback port (0: any).")
 @click.option("--scope", "scopes", multiple=True, help="A scope to ask for (repeatable).")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1))
+@click.option(
+    "--device",
+    is_flag=True,
+    help="Use the device flow: enter a code on another device (the default without a "
+    "browser, for providers that offer it).",
+)
 @json_option
 @click.pass_context
 def connect(
@@ -609,21 +615,41 @@ def connect(
     port: int,
     scopes: tuple[str, ...],
     timeout: float,
+    device: bool,
 ) -> None:
-    """Authorize an OAuth connection in a browser (RFC 8252 loopback redirect)."""
+    """Authorize an OAuth connection in a browser (RFC 8252 loopback redirect), or with a
+    code typed on another device (RFC 8628 device flow)."""
 
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
+            found = await integ.get_integration_by_uuid(uuid)
+            provider = integ.providers.find(found.provider)
+            offers_device = provider is not None and bool(provider.device_authorization_url)
+            if device and not offers_device:
+                raise Fail(
+                    f"{found.provider} does not offer the device flow; connect without --device",
+                    USAGE,
+                )
             # With --json, standard output carries only the JSON: the URL goes to stderr.
             with contextlib.redirect_stdout(sys.stderr if env.json else sys.stdout):
-                connection = await integ.connect_interactive(
-                    uuid,
-                    scopes=list(scopes) or None,
-                    open_browser=not no_browser,
-                    timeout=timeout,
-                    port=port,
-                )
+                if device or (offers_device and not _has_browser()):
+                    code = await integ.start_device_authorization(uuid, scopes=list(scopes) or None)
+                    print(f"Open {code.verification_uri} and enter the code {code.user_code}")
+                    if code.verification_uri_complete:
+                        print(f"(or open {code.verification_uri_complete})")
+                    print(f"Waiting for the approval (the code expires in {code.expires_in} s)...")
+                    sys.stdout.flush()
+                    async with asyncio.timeout(min(timeout, code.expires_in + code.interval)):
+                        connection = await integ.complete_device_authorization(uuid)
+                else:
+                    connection = await integ.connect_interactive(
+                        uuid,
+                        scopes=list(scopes) or None,
+                        open_browser=not no_browser,
+                        timeout=timeout,
+                        port=port,
+                    )
         if env.json:
             emit_json(connection_json(connection))
         else:
@@ -1459,3 +1485,10 @@ _accept_late_options(cli)
 
 # Kept importable for tests that check the catalogue of error classes.
 __all__ = ["cli", "parse_assignments"]
+
+
+def _has_browser() -> bool:
+    """Whether a browser could open here: a desktop session, or a platform that has one."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

@@ -121,6 +121,8 @@ class _Console:
         # loaded (what happened before it opened its stream); fed by one subscription.
         self.recent: deque[Event] = deque(maxlen=_RECENT_EVENTS)
         self._feed: asyncio.Task[None] | None = None
+        # Device authorizations this console waits on (kept so that they are not collected).
+        self._device_waits: set[asyncio.Task[None]] = set()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         page = self._endpoint
         write = self._write
@@ -138,6 +140,7 @@ class _Console:
             Route("/{uuid}/setup", write(self.save), methods=["POST"], name="save"),
             Route("/{uuid}/test", write(self.test), methods=["POST"], name="test"),
             Route("/{uuid}/connect", write(self.connect), methods=["POST"], name="connect"),
+            Route("/{uuid}/device", write(self.connect_device), methods=["POST"], name="device"),
             Route(
                 "/{uuid}/disconnect", write(self.disconnect), methods=["POST"], name="disconnect"
             ),
@@ -467,6 +470,7 @@ class _Console:
             "row": _row(provider, conn),
             "fields": field_views(provider, data) if provider is not None else [],
             "oauth": provider is not None and provider.scheme.authorizes_user,
+            "device": provider is not None and bool(provider.device_authorization_url),
             "has_token": bool(data.get("access_token")),
             "recent": self.recent_for(conn.uuid),
             "scopes": " ".join(
@@ -570,6 +574,36 @@ class _Console:
         except IntegrationsError as exc:
             return await self._connection_page(request, ctx, error=exc.message, status=400)
         return RedirectResponse(url, 303)
+
+    async def connect_device(self, request: Request, ctx: _Context) -> Response:
+        """Start a device authorization: show the code and the link; this process polls for
+        the approval in the background, and the status on the page follows it."""
+        uuid = request.path_params["uuid"]
+        conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+        scopes = parse_scopes(str(self._form(request).get("scopes", "")))
+        try:
+            code = await ctx.handle.start_device_authorization(
+                conn.uuid, scopes=scopes or None, actor=ctx.viewer.actor
+            )
+        except _MISSING:
+            raise
+        except IntegrationsError as exc:
+            return await self._connection_page(request, ctx, error=exc.message, status=400)
+        handle, actor = ctx.handle, ctx.viewer.actor
+
+        async def wait() -> None:
+            try:
+                await handle.complete_device_authorization(conn.uuid, actor=actor)
+            except IntegrationsError as exc:
+                # Recorded on the connection (a refusal) or simply ended (an expired code).
+                log.info("device authorization of %s ended: %s", conn.uuid, exc.code)
+
+        task = asyncio.create_task(wait())
+        self._device_waits.add(task)
+        task.add_done_callback(self._device_waits.discard)
+        context = await self._connection_context(request, ctx)
+        context["device_code"] = code
+        return self.render(request, "connection.html", context, viewer=ctx.viewer)
 
     async def callback(self, request: Request, ctx: _Context) -> Response:
         query = request.query_params
