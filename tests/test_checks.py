@@ -64,6 +64,9 @@ CREDENTIALS: dict[str, dict[str, str]] = {
     "aws": {"access_key": "AKIDEXAMPLE", "secret_key": SECRET},
     "telegram": {"bot_token": TOKEN},
     "discord": {"bot_token": TOKEN},
+    "giphy": {"api_key": SECRET},
+    "tomtom": {"api_key": SECRET},
+    "bigquery-service-account": {"access_token": SECRET},
     "x-oauth1": OAUTH1,
     "trello": OAUTH1,
 }
