@@ -24,6 +24,7 @@ from starlette.requests import Request
 from integrations import Integrations, Provider
 from integrations.web import Admin, Owner, console, serve
 from integrations.web._present import ago, parse_scopes, setup_incomplete, status_text
+from integrations.web._serve import SESSION_COOKIE, LoginLink, standalone_app
 
 from .oauth_server import OAuthTestServer
 from .oauthkit import loopback_provider, new_connection
@@ -617,6 +618,25 @@ async def test_mounted_under_a_path_in_fastapi(integ: Integrations) -> None:
 
 
 # -- standalone server ------------------------------------------------------------------------
+
+
+async def test_only_a_session_the_login_link_made_signs_in(integ: Integrations) -> None:
+    link = LoginLink()
+    token = link.token
+    async with client(standalone_app(integ, link)) as http:
+        for forged in ("forged", "", "0" * 43):
+            page = await http.get("/", headers={"cookie": f"{SESSION_COOKIE}={forged}"})
+            assert page.status_code == 401, forged
+        login = await http.get(f"/login?token={token}")
+        assert login.status_code == 303
+        session = login.cookies[SESSION_COOKIE]
+        assert (await http.get("/")).status_code == 200
+    async with client(standalone_app(integ, link)) as other:
+        near = session[:-1] + ("A" if session[-1] != "A" else "B")
+        page = await other.get("/", headers={"cookie": f"{SESSION_COOKIE}={near}"})
+        assert page.status_code == 401
+        page = await other.get("/", headers={"cookie": f"{SESSION_COOKIE}={session}"})
+        assert page.status_code == 200
 
 
 async def test_serve_prints_a_one_time_login_link(integ: Integrations) -> None:
