@@ -6,12 +6,14 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
-    from . import oauth
+    from . import oauth, webhooks
+    from ._audit import AuditPage, AuditRecord, Breach, acting_as
     from ._cache import CacheStats
     from ._checkall import CheckItem, CheckReport
     from ._doctor import Diagnosis, Finding
     from ._errors import (
         AlreadyExists,
+        AuditFailed,
         AuthorizationDenied,
         AuthorizationTimeout,
         ConfigurationError,
@@ -77,18 +79,23 @@ if _typing.TYPE_CHECKING:
     )
     from ._sweep import SweepReport
     from ._vault import generate_key
+    from ._webhooks import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ALL_OWNERS",
     "AUTH_TYPES",
     "AllOwners",
     "AlreadyExists",
+    "AuditFailed",
+    "AuditPage",
+    "AuditRecord",
     "AuthContext",
     "AuthHeader",
     "AuthKind",
     "AuthScheme",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "Breach",
     "CacheStats",
     "CheckItem",
     "CheckReport",
@@ -149,6 +156,10 @@ __all__ = [
     "UserinfoMap",
     "Validation",
     "ValidationRequest",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "acting_as",
     "bot_url",
     "generate_key",
     "load_providers",
@@ -157,6 +168,7 @@ __all__ = [
     "register_auth_scheme",
     "register_check",
     "settings_key",
+    "webhooks",
 ]
 
 # Each public name is imported from its module on first use, so that `import integrations`
@@ -167,6 +179,11 @@ _HOME = {
     "AUTH_TYPES": "._providers",
     "AllOwners": "._events",
     "AlreadyExists": "._errors",
+    "AuditFailed": "._errors",
+    "AuditPage": "._audit",
+    "AuditRecord": "._audit",
+    "Breach": "._audit",
+    "acting_as": "._audit",
     "AuthContext": "._schemes",
     "AuthHeader": "._providers",
     "AuthKind": "._schemes",
@@ -233,6 +250,9 @@ _HOME = {
     "UserinfoMap": "._providers",
     "Validation": "._models",
     "ValidationRequest": "._providers",
+    "WebhookAttempt": "._webhooks",
+    "WebhookDelivery": "._webhooks",
+    "WebhookEndpoint": "._webhooks",
     "bot_url": "._http",
     "generate_key": "._vault",
     "load_providers": "._registry",
@@ -241,6 +261,7 @@ _HOME = {
     "register_auth_scheme": "._schemes",
     "register_check": "._probes",
     "settings_key": "._names",
+    "webhooks": "",
 }
 
 

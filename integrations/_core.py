@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from . import _names as names
 from . import _telemetry as telemetry
+from ._audit import AuditLog
 from ._cache import CachedRepository, RowCache
 from ._errors import ConfigurationError, InvalidProviderKey
 from ._events import EventHub
@@ -22,6 +23,7 @@ from ._record import StoredRow
 from ._registry import ProviderRegistry
 from ._repository import Pool, Repository
 from ._settings import Settings, check_at_most
+from ._token_endpoint import TokenEndpoint
 from ._vault import ENV_KEYS, Vault, mask_data
 
 log = logging.getLogger("integrations")
@@ -141,7 +143,7 @@ async def unwrap_keys(vault: Vault, repo: Repository) -> None:
 class Core:
     """What every service stands on; services receive it and never see the facade."""
 
-    __slots__ = ("http", "hub", "providers", "repo", "settings", "vault")
+    __slots__ = ("_endpoints", "audit", "http", "hub", "providers", "repo", "settings", "vault")
 
     def __init__(
         self,
@@ -152,13 +154,23 @@ class Core:
         http: HttpClient,
         hub: EventHub,
         settings: Settings,
+        audit: AuditLog,
     ) -> None:
+        self.audit = audit
         self.repo = repo
         self.vault = vault
         self.providers = providers
         self.http = http
         self.hub = hub
         self.settings = settings
+        self._endpoints: dict[int, TokenEndpoint] = {}
+
+    def token_endpoint(self, provider: Provider) -> TokenEndpoint:
+        """The provider's token endpoint client, built once per provider."""
+        endpoint = self._endpoints.get(id(provider))
+        if endpoint is None or endpoint.provider is not provider:
+            endpoint = self._endpoints[id(provider)] = TokenEndpoint(provider)
+        return endpoint
 
     def provider_of(self, row: StoredRow) -> Provider | None:
         """The row's provider, None when it is no longer registered; per-tenant API hosts

@@ -10,17 +10,18 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
+from ._audit import AuditLevel, AuditLog, AuditPage, Breach
 from ._cache import CacheStats
 from ._checkall import CheckReport, check_all
 from ._core import Core, connect, storage, unwrap_keys
 from ._doctor import Diagnosis, diagnose_core
-from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
+from ._errors import ConfigurationError, InvalidArgument, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
@@ -35,6 +36,7 @@ from ._services import Services
 from ._settings import Settings, Takeover, check_at_most
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
+from ._webhooks import RETRY_DELAYS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 if TYPE_CHECKING:
     import aiohttp
@@ -93,6 +95,8 @@ class Integrations:
         token_write_retry: float = 60.0,
         statement_cache_size: int | None = None,
         listen_dsn: str | None = None,
+        audit: AuditLevel = "reveal",
+        audit_buffer: int = 10_000,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
@@ -109,6 +113,10 @@ class Integrations:
             )
         check_at_most("pool_max_size", pool_max_size)
         self._dsn = dsn
+        # Checked now: a bad level is a configuration error before anything connects.
+        AuditLog(None, level=audit, buffer=audit_buffer)
+        self._audit_level: str = audit
+        self._audit_buffer = audit_buffer
         self._pool_arg = pool
         self._keys_arg = keys
         self._encryption = encryption
@@ -203,7 +211,9 @@ class Integrations:
         except BaseException:
             await self.close()
             raise
-        hub = EventHub(self._repo.listen, self._repo.channel, watcher=self._cache)
+        hub = EventHub(
+            self._repo.listen, self._repo.channel, watcher=self._cache, log=self._repo.events_after
+        )
         if self._cache.enabled:
             # The cache serves only while changes are being received: listen from the start.
             try:
@@ -220,6 +230,7 @@ class Integrations:
             http=self._http,
             hub=hub,
             settings=self.settings,
+            audit=AuditLog(self._repo, level=self._audit_level, buffer=self._audit_buffer),
         )
         self._services = Services(core)
 
@@ -321,6 +332,7 @@ class Integrations:
         owner: OwnerScope | None = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         """Committed changes from every process on this database: ``async with integ.subscribe()``.
 
@@ -329,11 +341,119 @@ class Integrations:
         owner's, ``ALL_OWNERS`` all; with a ``uuid`` and no owner, that connection whoever
         owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+
+        ``after`` resumes from the durable log: the events logged after that position
+        (an earlier ``Event.position``; 0 for the oldest kept) come first, then live ones,
+        with no gap and no repeat between them, and nothing dropped. A position that fell
+        out of retention gets a ``resync`` event with ``detail["reason"] == "expired"``.
         """
         # The administrator's default only: an owner handle's stays its owner's.
         if uuid is not None and owner is None:
             owner = ALL_OWNERS
-        return self._in(owner).subscribe(provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize)
+        return self._in(owner).subscribe(
+            provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize, after=after
+        )
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    async def add_webhook(
+        self,
+        url: str,
+        *,
+        kinds: Iterable[str] | None = None,
+        owner: str | None = None,
+        description: str = "",
+        allow_loopback: bool = False,
+    ) -> WebhookEndpoint:
+        """Register a webhook endpoint: ``owner=None`` is system-wide (every owner's events),
+        an owner string that owner's only; ``kinds`` narrows to some event kinds. The
+        signing secret is made here and returned once, in ``.secret``: it is stored
+        encrypted and never shown again. ``url`` must be https; a loopback URL (http too)
+        only with ``allow_loopback=True``, for tests and development."""
+        return await self._in(owner).add_webhook(
+            url, kinds=kinds, description=description, allow_loopback=allow_loopback
+        )
+
+    async def list_webhooks(self, *, owner: OwnerScope = ALL_OWNERS) -> list[WebhookEndpoint]:
+        """The webhook endpoints in scope, without their secrets."""
+        return await self._in(owner).list_webhooks()
+
+    async def remove_webhook(self, endpoint_id: str, *, owner: OwnerScope = ALL_OWNERS) -> None:
+        """Remove a webhook endpoint and its deliveries; NotFound when there is none."""
+        await self._in(owner).remove_webhook(endpoint_id)
+
+    async def webhook_deliveries(
+        self,
+        endpoint_id: str,
+        *,
+        state: str | None = None,
+        limit: int = 50,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> list[WebhookDelivery]:
+        """An endpoint's newest deliveries (``state``: pending, delivered or dead)."""
+        return await self._in(owner).webhook_deliveries(endpoint_id, state=state, limit=limit)
+
+    async def replay_webhook(self, delivery_id: str, *, owner: OwnerScope = ALL_OWNERS) -> None:
+        """Send a delivery again from its first attempt, with the same ``webhook-id``
+        (a dead one, or one the receiver lost)."""
+        await self._in(owner).replay_webhook(delivery_id)
+
+    async def test_webhook(
+        self,
+        endpoint_id: str,
+        *,
+        allow_loopback: bool = False,
+        allow_private: bool = False,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> WebhookAttempt:
+        """Send one signed ``webhook_test`` message to the endpoint now; not retried."""
+        return await self._in(owner).test_webhook(
+            endpoint_id, allow_loopback=allow_loopback, allow_private=allow_private
+        )
+
+    async def run_webhooks(
+        self,
+        *,
+        allow_loopback: bool = False,
+        allow_private: bool = False,
+        concurrency: int = 8,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
+        poll: float = 5.0,
+    ) -> None:
+        """Deliver webhooks from this process until it closes (or the task is cancelled).
+
+        Every process may run it: each turns new logged events into deliveries (one at a
+        time, under a row lock) and sends the due ones it claims, at most ``concurrency``
+        at once; a delivery is claimed by one process at a time, and one connection's
+        deliveries to an endpoint go out in order. Failed attempts are retried after
+        ``retry_delays`` (default: over more than a day, see docs/webhooks.md), then the
+        delivery is dead. Addresses that resolve to loopback or private networks are
+        refused unless allowed here."""
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidArgument("concurrency must be an int >= 1", field="concurrency")
+        delays = tuple(retry_delays)
+        if not delays or any(
+            isinstance(d, bool) or not isinstance(d, int | float) or d < 0 for d in delays
+        ):
+            raise InvalidArgument(
+                "retry_delays must be a non-empty sequence of seconds >= 0", field="retry_delays"
+            )
+        await self._s.webhooks.run(
+            allow_loopback=allow_loopback,
+            allow_private=allow_private,
+            concurrency=concurrency,
+            retry_delays=delays,
+            poll=float(poll),
+        )
+
+    async def prune_events(
+        self, *, max_age: float | timedelta | None = timedelta(days=7), max_count: int | None = None
+    ) -> int:
+        """Apply the event log's retention: delete events logged more than ``max_age`` ago
+        (seconds or a timedelta; None keeps them whatever their age) and all but the
+        newest ``max_count``; returns how many were deleted. Run it from one worker now
+        and then (``integrations events prune`` does the same)."""
+        return await self._s.prune_events(max_age=max_age, max_count=max_count)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -684,9 +804,12 @@ class Integrations:
         """Keep the fleet's connections checked, from a worker; runs until this instance
         closes (or the task running it is cancelled).
 
-        Every process may run it: one at a time sweeps, chosen by a PostgreSQL advisory
-        lock held on a pooled connection; the others try every ``interval`` seconds, so
-        when the sweeping process dies another takes over within one interval. Every
+        Every process may run it: one at a time sweeps, the holder of a lease row in
+        the database that lasts ``interval`` seconds (at least one) and that the leader
+        renews three times a lease. The others try to take it as often, so a leader that
+        dies, freezes or is cut off is replaced within two intervals; a leader whose
+        lease ran out by its own clock, or that finds it taken, stops sweeping at once.
+        It holds behind a transaction pooler too (no session lock). Every
         ``interval`` the leader checks each configured connection whose last check is
         older than ``stale_after`` (recorded as ``validate_connection`` does, with actor
         ``"health_sweep"``: an event only when the status changes) and renews OAuth
@@ -705,11 +828,6 @@ class Integrations:
             on_sweep=on_sweep,
         )
         services = self._s
-        if self._repo.pool.get_max_size() < 3:
-            raise ConfigurationError(
-                "run_health_sweeps() holds one pooled connection while it leads and the "
-                "event listener another: use pool_max_size=3 or more."
-            )
         every, stale, jobs, pace, ahead = options
         sweep = HealthSweep(
             services,
@@ -747,6 +865,36 @@ class Integrations:
     async def diagnose(self) -> Diagnosis:
         """Schema version, keys, connections the keys cannot decrypt, listener round trip."""
         return await diagnose_core(self._s.core)
+
+    # -- audit trail ----------------------------------------------------------------------
+
+    async def audit(
+        self,
+        *,
+        uuid: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+        actor: str | None = None,
+        since: datetime | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> AuditPage:
+        """A page of the audit trail, newest first; pass ``before=page.next_before`` for the
+        next one. ``action`` is an action (``"credentials.revealed"``) or a family
+        (``"credentials"``). See docs/audit.md."""
+        return await self._in(owner).audit(
+            uuid=uuid, actor=actor, since=since, action=action, limit=limit, before=before
+        )
+
+    async def verify_audit(self) -> list[Breach]:
+        """Walk the hash chain; each changed, removed or reordered record is reported (an
+        empty list: the chain holds)."""
+        return await self._s.verify_audit()
+
+    async def sweep_audit(self, *, older_than: timedelta) -> int:
+        """Delete audit records older than ``older_than``, recording the sweep in the chain;
+        returns how many were deleted."""
+        return await self._s.sweep_audit(older_than=older_than)
 
     async def new_data_key(self) -> str:
         """Make a new data key wrapped by the primary key source (``aws-kms:`` or

@@ -137,9 +137,13 @@ class Event:
     actor: str | None = None
     at: datetime = field(default_factory=utcnow)
     detail: Mapping[str, Any] = field(default_factory=dict)
+    #: Where the event stands in the durable log: pass it as ``subscribe(after=...)`` to
+    #: resume after this event. None for ``resync``, which is not logged.
+    position: int | None = None
 
     def to_payload(self) -> str:
-        """The NOTIFY payload: compact JSON, never carrying secrets."""
+        """The NOTIFY payload: compact JSON, never carrying secrets. The position is not
+        part of it: the log draws it as the event is appended, and puts it first."""
         return json.dumps(
             {
                 "kind": self.kind,
@@ -175,6 +179,11 @@ class Event:
                 raise ValueError(f"event field {key!r} must be a string")
             return value
 
+        position = raw.get("position")
+        if position is not None and (
+            isinstance(position, bool) or not isinstance(position, int) or position < 1
+        ):
+            raise ValueError("event position must be a positive integer")
         return cls(
             kind=raw["kind"],
             uuid=opt("uuid"),
@@ -186,6 +195,7 @@ class Event:
             actor=opt("actor"),
             at=datetime.fromisoformat(raw["at"]),
             detail=detail,
+            position=position,
         )
 
 

@@ -229,6 +229,12 @@ class Provider(_Frozen):
     #: Answers that say so in their body (Slack: 200 with ``{"ok": false, "error":
     #: "token_expired"}``), or with a status other than ``refresh_on``.
     rejected_answers: tuple[RejectedAnswer, ...] = ()
+    #: Whether the token endpoint replaces the refresh token at each refresh (and may
+    #: refuse, or revoke the grant, when a replaced one comes back). When a refresh may
+    #: have been received but its answer was lost, a rotating provider's connection is
+    #: marked for a new authorization instead of sending the spent token again. Unknown
+    #: providers are assumed to rotate.
+    rotates_refresh_tokens: bool = True
     description: str = ""
     docs_url: str | None = None
     # An application provider with this set replaces the built-in of the same key.

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import uuid as _uuid
 from collections.abc import (
     AsyncIterator,
@@ -26,6 +27,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from . import _audit as audit
 from . import _telemetry as telemetry
 from ._errors import AlreadyExists, ConfigurationError, IntegrationsError, LockTimeout, StorageError
 from ._models import Event
@@ -215,7 +217,14 @@ class Listener:
     (released on close) or opened for it alone (closed on close)."""
 
     def __init__(
-        self, pool: asyncpg.Pool | None, conn: Any, channel: str, callback: Any, terminated: Any
+        self,
+        pool: asyncpg.Pool | None,
+        conn: Any,
+        channel: str,
+        callback: Any,
+        terminated: Any,
+        probe_channel: str,
+        send: Callable[[str, str], Awaitable[None]] | None,
     ) -> None:
         self._pool = pool
         self._conn = conn
@@ -223,6 +232,9 @@ class Listener:
         self._callback = callback
         self._terminated = terminated
         self.backend_pid: int = conn.get_server_pid()
+        self._probe_channel = probe_channel
+        self._send = send
+        self._probes: dict[str, asyncio.Future[None]] = {}
         # One statement at a time on the connection: a subscriber's sync and the hub's
         # heartbeat may ask together.
         self._busy = asyncio.Lock()
@@ -235,8 +247,11 @@ class Listener:
         channel: str,
         on_payload: Callable[[str], None],
         on_lost: Callable[[], None],
+        send: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> Listener:
-        """Listen on ``conn``; on failure it is released to ``pool`` (or terminated)."""
+        """Listen on ``conn``; on failure it is released to ``pool`` (or terminated).
+
+        ``send(channel, payload)`` NOTIFYs from another session: ``probe()`` uses it."""
 
         def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             on_payload(str(payload))
@@ -244,11 +259,21 @@ class Listener:
         def terminated(_conn: Any) -> None:
             on_lost()
 
+        # Its own channel, so that no other listener of the fleet hears its probes (and
+        # short: a channel name is at most 63 bytes).
+        probe_channel = f"integrations_probe_{secrets.token_hex(8)}"
+        listener: Listener | None = None
+
+        def probed(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            if listener is not None:
+                listener._probed(str(payload))
+
         try:
             with _translate():
                 conn.add_termination_listener(terminated)
                 await conn.add_listener(channel, callback)
                 await conn.add_listener(rows_channel(channel), callback)
+                await conn.add_listener(probe_channel, probed)
         except BaseException:
             if pool is None:
                 conn.terminate()
@@ -256,7 +281,36 @@ class Listener:
                 with contextlib.suppress(Exception):
                     await pool.release(conn)
             raise
-        return cls(pool, conn, channel, callback, terminated)
+        listener = cls(pool, conn, channel, callback, terminated, probe_channel, send)
+        listener._probed_callback = probed
+        return listener
+
+    _probed_callback: Any = None
+
+    def _probed(self, token: str) -> None:
+        waiter = self._probes.pop(token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def can_probe(self) -> bool:
+        return self._send is not None
+
+    async def probe(self) -> None:
+        """NOTIFY this connection's probe channel from another session and return once
+        the notification arrived here: proof that changes committed before the call
+        have been heard. Raises StorageError when the NOTIFY could not be sent; waits
+        for ever when notifications do not arrive (the caller sets the limit)."""
+        if self._send is None or self._conn is None:
+            raise StorageError("this LISTEN connection cannot be probed")
+        token = secrets.token_hex(8)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._probes[token] = waiter
+        try:
+            await self._send(self._probe_channel, token)
+            await waiter
+        finally:
+            self._probes.pop(token, None)
 
     async def sync(self) -> None:
         """Return once the notifications committed before the call have been dispatched:
@@ -290,6 +344,7 @@ class Listener:
             if not conn.is_closed():
                 await conn.remove_listener(self._channel, self._callback)
                 await conn.remove_listener(rows_channel(self._channel), self._callback)
+                await conn.remove_listener(self._probe_channel, self._probed_callback)
         with contextlib.suppress(Exception):
             await self._pool.release(conn)
 
@@ -332,6 +387,12 @@ class Repository:
         self.schema = schema
         self.channel = channel
         self.lock_timeout = float(lock_timeout)
+        # A write transaction's statements go back to back: idle longer than this, its
+        # client has stalled (frozen, cut off), and the server ends it and frees its locks.
+        self.idle_timeout = min(self.lock_timeout, IDLE_IN_TRANSACTION)
+        # The client-side deadline of every statement: a statement may wait for a row lock
+        # up to the lock timeout; past that plus a margin, the link is taken for frozen.
+        self.command_timeout = self.lock_timeout + COMMAND_MARGIN
         # 0 behind a transaction-mode pooler (PgBouncer): no named prepared statements.
         self.statement_cache_size = statement_cache_size
         # LISTEN needs a session of its own; through a transaction pooler it must go direct.
@@ -339,7 +400,12 @@ class Repository:
         self.q = Queries.load(schema)
         # One round trip opens the transaction and bounds its lock waits; the value is
         # a number formatted here, never input.
-        self._begin_write = self.q.begin_write.replace("{lock_timeout}", _millis(self.lock_timeout))
+        self._begin_write = self.q.begin_write.replace(
+            "{lock_timeout}", _millis(self.lock_timeout)
+        ).replace("{idle_timeout}", _millis(self.idle_timeout))
+        self._bound_transaction = self.q.bound_transaction.replace(
+            "{lock_timeout}", _millis(self.lock_timeout)
+        ).replace("{idle_timeout}", _millis(self.idle_timeout))
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
         self._dsn: str | None = None
@@ -360,7 +426,12 @@ class Repository:
             # a connection of its own), and asyncpg still rolls back a transaction left
             # open. That saves a round trip per pooled call.
             self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, reset=_keep_session, **options
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                reset=_keep_session,
+                command_timeout=self.command_timeout,
+                **options,
             )
         self._owns_pool = True
         self._dsn = dsn
@@ -401,7 +472,9 @@ class Repository:
                 yield conn
             succeeded = True
         except BaseException as exc:
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc.__cause__, TimeoutError):
+                # Cancelled, or past the client-side deadline (a frozen link): dropped,
+                # not reset over a link that may not answer.
                 conn.terminate()
             raise
         finally:
@@ -600,8 +673,7 @@ class Repository:
             )
             if record is None:
                 return None
-            for event in events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, events)
         return _row(record)
 
     async def modify(self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]) -> T:
@@ -627,8 +699,7 @@ class Repository:
                     )
                 elif change.data is not None:
                     await conn.execute(self.q.update_value, _uuid.UUID(uuid), _dumps(change.data))
-            for event in change.events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, change.events)
         return result
 
     async def modify_clocked(
@@ -656,9 +727,253 @@ class Repository:
             change, result = decide(row, None if record is None else record["now"])
             if row is not None and change.data is not None:
                 await conn.execute(self.q.update_value, key, _dumps(change.data))
-            for event in change.events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, change.events)
         return result
+
+    async def _log(self, conn: Any, events: Iterable[Event]) -> None:
+        """Log ``events`` in the caller's transaction; its commit numbers and notifies them
+        (see the events_number trigger)."""
+        batch = list(events)
+        if not batch:
+            return
+        await conn.execute(
+            self.q.append_events,
+            [e.kind for e in batch],
+            [e.uuid for e in batch],
+            [_owner_to_db(e.owner) for e in batch],
+            [e.provider for e in batch],
+            [event_payload(e) for e in batch],
+        )
+
+    # -- the event log -----------------------------------------------------------------
+
+    async def events_after(
+        self,
+        after: int,
+        *,
+        owner: str | None,
+        any_owner: bool,
+        provider: str | None,
+        uuid: str | None,
+        kinds: Sequence[str] | None,
+        limit: int,
+    ) -> tuple[list[Event], int]:
+        """Up to ``limit`` logged events after position ``after`` that pass the filters,
+        in position order, and the position up to which retention may have deleted."""
+        kind_list = None if kinds is None else sorted(kinds)
+        async with self._acquire() as conn:
+            pruned = await conn.fetchval(self.q.events_pruned_through)
+            if any_owner:
+                records = await conn.fetch(
+                    self.q.events_after_any_owner, after, provider, uuid, kind_list, limit
+                )
+            else:
+                records = await conn.fetch(
+                    self.q.events_after_owner,
+                    after,
+                    _owner_to_db(owner),
+                    provider,
+                    uuid,
+                    kind_list,
+                    limit,
+                )
+        events = []
+        for record in records:
+            event = Event.from_payload(record["body"])
+            events.append(dataclasses.replace(event, position=record["position"]))
+        return events, int(pruned or 0)
+
+    async def last_event_position(self) -> int:
+        """The highest position logged so far; 0 when the log is empty."""
+        async with self._acquire() as conn:
+            return int(await conn.fetchval(self.q.events_last_position) or 0)
+
+    async def prune_events(
+        self, *, older_than: datetime | None, keep: int | None, batch: int = 5000
+    ) -> int:
+        """Delete logged events logged before ``older_than`` or beyond the newest ``keep``,
+        oldest first, ``batch`` at a time (each in its own short transaction); returns how
+        many were deleted."""
+        target = 0
+        async with self._acquire() as conn:
+            if keep is not None:
+                cut = await conn.fetchval(self.q.events_count_cut, keep)
+                target = max(target, int(cut or 0))
+            # Events not yet turned into webhook deliveries are kept whatever their age.
+            dispatched, endpoints = await conn.fetchrow(self.q.webhook_cursor_position)
+        limit = int(dispatched) if endpoints and dispatched is not None else None
+        deleted = 0
+        while True:
+            async with self._acquire() as conn:
+                oldest = await conn.fetch(self.q.events_oldest, batch)
+            if not oldest:
+                return deleted
+            cut = 0
+            for record in oldest:
+                position = int(record["position"])
+                if limit is not None and position > limit:
+                    break
+                if position <= target or (
+                    older_than is not None and record["logged_at"] < older_than
+                ):
+                    cut = position
+                else:
+                    break
+            if cut == 0:
+                return deleted
+            async with self._acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(self.q.events_prune, cut)
+            deleted += int(record["deleted"])
+            if cut != int(oldest[-1]["position"]):
+                return deleted
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    async def webhook_add(
+        self,
+        endpoint_id: str,
+        owner: str | None,
+        url: str,
+        kinds: Sequence[str] | None,
+        sealed_secret: Any,
+        description: str,
+    ) -> dict[str, Any]:
+        async with self._acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                self.q.webhook_insert_endpoint,
+                _uuid.UUID(endpoint_id),
+                owner,
+                url,
+                None if kinds is None else list(kinds),
+                json.dumps(sealed_secret),
+                description,
+            )
+        return _endpoint(record)
+
+    async def webhook_list(self, *, any_owner: bool, owner: str | None) -> list[dict[str, Any]]:
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.webhook_endpoints, any_owner, owner)
+        return [_endpoint(r) for r in records]
+
+    async def webhook_get(self, endpoint_id: str) -> dict[str, Any] | None:
+        """The endpoint with its sealed secret under ``secret``; None when there is none."""
+        async with self._acquire() as conn:
+            record = await conn.fetchrow(self.q.webhook_endpoint, _uuid.UUID(endpoint_id))
+        if record is None:
+            return None
+        found = _endpoint(record)
+        found["secret"] = json.loads(record["secret"])
+        return found
+
+    async def webhook_remove(self, endpoint_id: str, *, any_owner: bool, owner: str | None) -> bool:
+        async with self._acquire() as conn:
+            gone = await conn.fetchval(
+                self.q.webhook_delete_endpoint, _uuid.UUID(endpoint_id), any_owner, owner
+            )
+        return gone is not None
+
+    async def webhook_dispatch(
+        self,
+        limit: int,
+        plan: Callable[
+            [list[Event], list[dict[str, Any]]], list[tuple[str, str, int, str, str, str]]
+        ],
+    ) -> int | None:
+        """Turn up to ``limit`` logged events after the dispatch cursor into deliveries
+        (``plan(events, endpoints)`` says which: rows of id, endpoint id, position, lane,
+        kind, payload) and move the cursor, in one transaction. None when another process
+        is dispatching (or no endpoint was ever added); else how many events were read."""
+        async with self._acquire() as conn, conn.transaction():
+            cursor = await conn.fetchval(self.q.webhook_lock_cursor)
+            if cursor is None:
+                return None
+            records = await conn.fetch(self.q.webhook_events_after, cursor, limit)
+            if not records:
+                return 0
+            events = [
+                dataclasses.replace(Event.from_payload(r["body"]), position=r["position"])
+                for r in records
+            ]
+            endpoints = [
+                {"id": str(r["id"]), "owner": r["owner"], "kinds": r["kinds"]}
+                for r in await conn.fetch(self.q.webhook_all_endpoints)
+            ]
+            rows = plan(events, endpoints)
+            if rows:
+                ids, endpoint_ids, positions, lanes, kinds, payloads = zip(*rows, strict=True)
+                await conn.execute(
+                    self.q.webhook_insert_deliveries,
+                    list(ids),
+                    [_uuid.UUID(e) for e in endpoint_ids],
+                    list(positions),
+                    list(lanes),
+                    list(kinds),
+                    list(payloads),
+                )
+            await conn.execute(self.q.webhook_move_cursor, records[-1]["position"])
+        return len(records)
+
+    async def webhook_claim(self, token: str, lease: float, limit: int) -> list[dict[str, Any]]:
+        """Due deliveries heading their lanes, leased to ``token`` for ``lease`` seconds;
+        each with its endpoint's url and sealed secret."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.webhook_claim, _uuid.UUID(token), lease, limit)
+        return [
+            {
+                "id": r["id"],
+                "endpoint_id": str(r["endpoint_id"]),
+                "position": r["position"],
+                "lane": r["lane"],
+                "kind": r["kind"],
+                "payload": r["payload"],
+                "attempts": r["attempts"],
+                "url": r["url"],
+                "secret": json.loads(r["secret"]),
+            }
+            for r in records
+        ]
+
+    async def webhook_finish(
+        self,
+        delivery_id: str,
+        token: str,
+        state: str,
+        status: int | None,
+        error: str | None,
+        delay: float,
+    ) -> bool:
+        """Record an attempt; False when the lease was lost (someone else has it now)."""
+        async with self._acquire() as conn:
+            done = await conn.fetchval(
+                self.q.webhook_finish,
+                delivery_id,
+                _uuid.UUID(token),
+                state,
+                status,
+                error,
+                float(delay),
+            )
+        return done is not None
+
+    async def webhook_deliveries(
+        self, endpoint_id: str, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        async with self._acquire() as conn:
+            records = await conn.fetch(
+                self.q.webhook_deliveries_of, _uuid.UUID(endpoint_id), state, limit
+            )
+        return [dict(r.items()) | {"endpoint_id": str(r["endpoint_id"])} for r in records]
+
+    async def webhook_replay(self, delivery_id: str, *, any_owner: bool, owner: str | None) -> bool:
+        async with self._acquire() as conn:
+            found = await conn.fetchval(self.q.webhook_replay, delivery_id, any_owner, owner)
+        return found is not None
+
+    async def webhook_next_due(self) -> float | None:
+        """Seconds until the earliest pending delivery is due (negative: overdue)."""
+        async with self._acquire() as conn:
+            value = await conn.fetchval(self.q.webhook_next_due)
+        return None if value is None else float(value)
 
     async def notify_channel(self, channel: str, payload: str) -> None:
         """Send ``payload`` on another channel than the events' one (a listener probe)."""
@@ -703,6 +1018,7 @@ class Repository:
         """
         cursor: _ResealCursor | None = _ResealCursor.parse(after, primary_kid)
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             while cursor is not None:
                 candidates, cursor = await self._reseal_candidates(
                     conn, cursor, limit, primary_kid, plaintext_fields
@@ -781,6 +1097,7 @@ class Repository:
             raise ValueError("wait for one row at a time")
         keys = [_uuid.UUID(u) for u in uuids]
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             if wait:
                 records = await conn.fetch(self.q.lock_connection_to_reseal, keys[0])
             else:
@@ -823,6 +1140,7 @@ class Repository:
         returns the value to store, or None to leave the row as it is."""
         written: list[tuple[str, str]] = []
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             records = await conn.fetch(
                 self.q.pending_to_reseal, after, limit, primary_kid, plaintext_verifiers
             )
@@ -848,8 +1166,12 @@ class Repository:
         dsn = self.listen_dsn or (self._dsn if self._owns_pool else None)
         pool = None if dsn is not None else self.pool
         with _translate():
-            conn = await (asyncpg.connect(dsn) if pool is None else pool.acquire())
-        return await Listener.attach(pool, conn, channel, on_payload, on_lost)
+            conn = await (
+                asyncpg.connect(dsn, command_timeout=self.command_timeout)
+                if pool is None
+                else pool.acquire()
+            )
+        return await Listener.attach(pool, conn, channel, on_payload, on_lost, self.notify_channel)
 
     # -- one health sweep per fleet ------------------------------------------------------
 
@@ -858,25 +1180,18 @@ class Repository:
         digest = hashlib.sha256(f"integrations:{purpose}:{self.schema}".encode()).digest()
         return int.from_bytes(digest[:8], "big", signed=True)
 
-    async def try_lead(self, purpose: str) -> Leadership | None:
-        """Take the advisory lock of ``purpose`` on a pooled connection kept for it, or
-        None when another session holds it. The lock ends with ``release()`` or with the
-        session: a holder whose process dies lets the next one in at once."""
-        lock_id = self.advisory_lock_id(purpose)
-        # Behind a transaction pooler a session lock would stay on a server connection
-        # that others then share: with ``listen_dsn`` it is taken on a direct session.
-        pool = None if self.listen_dsn else self.pool
-        with _translate():
-            conn = await (asyncpg.connect(self.listen_dsn) if pool is None else pool.acquire())
-            try:
-                held = await conn.fetchval(self.q.try_advisory_lock, lock_id)
-            except BaseException:
-                await _hand_back(pool, conn)
-                raise
-            if not held:
-                await _hand_back(pool, conn)
-                return None
-        return Leadership(pool, conn, lock_id, self.q)
+    async def take_lease(self, purpose: str, holder: str, seconds: float) -> bool:
+        """Take or renew the lease of ``purpose`` for ``holder`` for ``seconds`` (by the
+        database's clock); False while another holder's lease runs. One statement, so it
+        holds behind a transaction pooler too."""
+        async with self._acquire() as conn:
+            term = await conn.fetchval(self.q.take_lease, purpose, _uuid.UUID(holder), seconds)
+        return term is not None
+
+    async def drop_lease(self, purpose: str, holder: str) -> None:
+        """Give up ``holder``'s lease of ``purpose`` (nothing when it no longer holds it)."""
+        async with self._acquire() as conn:
+            await conn.execute(self.q.drop_lease, purpose, _uuid.UUID(holder))
 
     async def sweep_candidates(self, after: str, limit: int) -> list[StoredRow]:
         """A page of configured connections in uuid order, starting after ``after``."""
@@ -917,6 +1232,126 @@ class Repository:
         """Store a data key, or wrap a stored one anew (keeping its age)."""
         async with self._acquire() as conn:
             await conn.execute(self.q.put_data_key, kid, wrapper, wrapped)
+
+    # -- the audit trail ------------------------------------------------------------------
+
+    async def audit_append(self, entries: Sequence[dict[str, Any]]) -> int:
+        """Append records to the chain in one transaction, under the schema's audit lock;
+        returns the last seq written."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
+            tail = await conn.fetchrow(self.q.audit_tail)
+            seq, previous = (0, audit.GENESIS) if tail is None else (tail["seq"], tail["hash"])
+            columns: list[list[Any]] = [[] for _ in range(11)]
+            for entry in entries:
+                seq += 1
+                record = audit.AuditRecord(seq=seq, **entry)
+                link = audit.chain_hash(previous, record)
+                values = (
+                    seq,
+                    record.at,
+                    record.action,
+                    record.actor,
+                    record.owner,
+                    None if record.uuid is None else _uuid.UUID(record.uuid),
+                    record.provider,
+                    record.outcome,
+                    json.dumps(dict(record.detail), separators=(",", ":"), default=str),
+                    previous,
+                    link,
+                )
+                for column, value in zip(columns, values, strict=True):
+                    column.append(value)
+                previous = link
+            await conn.execute(self.q.audit_insert, *columns)
+        return seq
+
+    async def audit_page(
+        self,
+        *,
+        before: int,
+        uuid: str | None,
+        owner: str | None,
+        actor: str | None,
+        since: datetime | None,
+        action: str | None,
+        limit: int,
+        by_owner: bool,
+    ) -> list[audit.AuditRecord]:
+        async with self._acquire() as conn:
+            records = await conn.fetch(
+                self.q.audit_page,
+                before,
+                None if uuid is None else _uuid.UUID(uuid),
+                owner,
+                actor,
+                since,
+                action,
+                limit,
+                by_owner,
+            )
+        return [_audit_record(r) for r in records]
+
+    async def audit_chain(
+        self, after: int, limit: int
+    ) -> list[tuple[audit.AuditRecord, bytes, bytes]]:
+        """Records after ``after`` in seq order, with their stored links."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.audit_chain, after, limit)
+        return [(_audit_record(r), bytes(r["prev_hash"]), bytes(r["hash"])) for r in records]
+
+    async def audit_sweep(self, cutoff: datetime, entry: dict[str, Any]) -> int:
+        """Delete the records older than ``cutoff``, recording the sweep in the chain (with
+        the first kept record and its link, the new anchor); returns how many went."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
+            first = await conn.fetchrow(self.q.audit_first_kept, cutoff)
+            tail = await conn.fetchrow(self.q.audit_tail)
+            if tail is None:
+                return 0
+            if first is None:
+                keep_from, anchor = tail["seq"] + 1, bytes(tail["hash"])
+            else:
+                keep_from, anchor = first["seq"], bytes(first["prev_hash"])
+            gone = await conn.fetchval(self.q.audit_count_before, keep_from)
+            if not gone:
+                return 0
+            seq, previous = tail["seq"] + 1, bytes(tail["hash"])
+            detail = {
+                **entry["detail"],
+                "kept_from": keep_from,
+                "anchor": anchor.hex(),
+                "deleted": gone,
+            }
+            record = audit.AuditRecord(seq=seq, **{**entry, "detail": detail})
+            link = audit.chain_hash(previous, record)
+            await conn.execute(
+                self.q.audit_insert,
+                [seq],
+                [record.at],
+                [record.action],
+                [record.actor],
+                [record.owner],
+                [None],
+                [None],
+                [record.outcome],
+                [json.dumps(detail, separators=(",", ":"))],
+                [previous],
+                [link],
+            )
+            await conn.execute(self.q.audit_sweep)
+            await conn.execute(self.q.audit_delete_before, keep_from)
+        return int(gone)
+
+    async def audit_anchor(self) -> tuple[int, bytes]:
+        """Where verification starts: the newest sweep's first kept record and its link,
+        or record 1 and the genesis link."""
+        async with self._acquire() as conn:
+            detail = await conn.fetchval(self.q.audit_anchor)
+        if detail is None:
+            return 1, audit.GENESIS
+        found = json.loads(detail)
+        return int(found["kept_from"]), bytes.fromhex(found["anchor"])
 
     # -- raw access for tests and benchmarks ---------------------------------------------
 
@@ -985,6 +1420,17 @@ class Repository:
         return int(status.split()[-1]) if status.startswith("DELETE") else 0
 
 
+def _endpoint(record: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": str(record["id"]),
+        "owner": record["owner"],
+        "url": record["url"],
+        "kinds": None if record["kinds"] is None else tuple(record["kinds"]),
+        "description": record["description"],
+        "created_at": record["created_at"],
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class PendingAuthorization:
     """A consumed pending authorization; ``code_verifier`` is as stored (sealed)."""
@@ -1010,6 +1456,27 @@ def _pending(record: asyncpg.Record) -> PendingAuthorization:
         code_verifier=None if raw is None else json.loads(raw),
         actor=record["actor"],
         live=bool(record["live"]),
+    )
+
+
+#: The longest a write transaction may sit idle (at most the lock timeout).
+IDLE_IN_TRANSACTION = 5.0
+#: Seconds beyond the lock timeout a statement may take before the client gives up on it.
+COMMAND_MARGIN = 10.0
+
+
+def _audit_record(record: asyncpg.Record) -> audit.AuditRecord:
+    uuid = record["uuid"]
+    return audit.AuditRecord(
+        seq=record["seq"],
+        at=record["at"],
+        action=record["action"],
+        actor=record["actor"],
+        owner=record["owner"],
+        uuid=None if uuid is None else str(uuid),
+        provider=record["provider"],
+        outcome=record["outcome"],
+        detail=json.loads(record["detail"]),
     )
 
 
@@ -1141,46 +1608,3 @@ async def _hand_back(pool: asyncpg.Pool | None, conn: Any) -> None:
         await conn.close()
     else:
         await pool.release(conn)
-
-
-class Leadership:
-    """A session-level advisory lock held on a connection kept for it (pooled, or of its
-    own with ``listen_dsn``)."""
-
-    def __init__(self, pool: asyncpg.Pool | None, conn: Any, lock_id: int, q: Queries) -> None:
-        self._pool = pool
-        self._conn: Any = conn
-        self._lock_id = lock_id
-        self._q = q
-        self.lost = asyncio.Event()
-        conn.add_termination_listener(self._terminated)
-
-    def _terminated(self, _conn: Any) -> None:
-        self.lost.set()
-
-    async def confirm(self) -> bool:
-        """Whether the lock is still held: a round trip on its session."""
-        conn = self._conn
-        if conn is None or self.lost.is_set():
-            return False
-        try:
-            await conn.fetchval(self._q.advisory_lock_held)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            self.lost.set()
-            return False
-        return True
-
-    async def release(self) -> None:
-        """Unlock and hand the connection back; safe to call twice."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        self.lost.set()
-        with contextlib.suppress(Exception):
-            # A session that ended may already be detached from its pool.
-            conn.remove_termination_listener(self._terminated)
-        with contextlib.suppress(Exception):
-            if not conn.is_closed():
-                await conn.fetchval(self._q.advisory_unlock, self._lock_id)
-        with contextlib.suppress(Exception):
-            await _hand_back(self._pool, conn)

@@ -103,9 +103,32 @@ class Queries:
     update_key_value: LiteralString
     delete_connection: LiteralString
     notify: LiteralString
+    append_events: LiteralString
+    events_after_any_owner: LiteralString
+    events_after_owner: LiteralString
+    events_pruned_through: LiteralString
+    events_last_position: LiteralString
+    events_oldest: LiteralString
+    events_count_cut: LiteralString
+    events_prune: LiteralString
     connections_to_reseal_below: LiteralString
     connections_to_reseal_above: LiteralString
     connections_plain_to_reseal: LiteralString
+    webhook_insert_endpoint: LiteralString
+    webhook_endpoints: LiteralString
+    webhook_endpoint: LiteralString
+    webhook_delete_endpoint: LiteralString
+    webhook_lock_cursor: LiteralString
+    webhook_events_after: LiteralString
+    webhook_all_endpoints: LiteralString
+    webhook_insert_deliveries: LiteralString
+    webhook_move_cursor: LiteralString
+    webhook_claim: LiteralString
+    webhook_finish: LiteralString
+    webhook_deliveries_of: LiteralString
+    webhook_replay: LiteralString
+    webhook_cursor_position: LiteralString
+    webhook_next_due: LiteralString
     lock_connections_to_reseal: LiteralString
     lock_connection_to_reseal: LiteralString
     count_connections_to_reseal: LiteralString
@@ -114,19 +137,29 @@ class Queries:
     count_pending_to_reseal: LiteralString
     reseal_pending: LiteralString
     begin_write: LiteralString
+    bound_transaction: LiteralString
     set_refresh_timeouts: LiteralString
     insert_pending_authorization: LiteralString
     take_pending_authorization: LiteralString
     take_latest_pending_authorization: LiteralString
     delete_expired_pending_authorizations: LiteralString
     sweep_candidates: LiteralString
-    try_advisory_lock: LiteralString
-    advisory_unlock: LiteralString
-    advisory_lock_held: LiteralString
+    take_lease: LiteralString
+    drop_lease: LiteralString
     data_keys_of: LiteralString
     all_data_keys: LiteralString
     put_data_key: LiteralString
     data_keys_lock: LiteralString
+    audit_lock: LiteralString
+    audit_tail: LiteralString
+    audit_insert: LiteralString
+    audit_page: LiteralString
+    audit_chain: LiteralString
+    audit_sweep: LiteralString
+    audit_first_kept: LiteralString
+    audit_count_before: LiteralString
+    audit_delete_before: LiteralString
+    audit_anchor: LiteralString
     migrations: tuple[Migration, ...]
 
     @classmethod

@@ -8,6 +8,7 @@ import traceback
 import uuid as uuid_mod
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from aioresponses import aioresponses
 
 from integrations import (
     ALL_OWNERS,
+    ConfigurationError,
     Connection,
     DecryptionFailed,
     EncryptionNotConfigured,
@@ -109,7 +111,8 @@ async def stored_texts(db: asyncpg.Connection) -> list[str]:
     pending = await db.fetch(
         "SELECT code_verifier::text AS t FROM integrations.pending_authorizations"
     )
-    return [r["t"] for r in [*rows, *pending]]
+    logged = await db.fetch("SELECT body AS t FROM integrations.events")
+    return [r["t"] for r in [*rows, *pending, *logged]]
 
 
 async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
@@ -292,6 +295,13 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         for error in errors:
             logging.getLogger("app").error("call failed", exc_info=error)
 
+        # The audit trail holds names, never values; a data key needs a KMS or HSM source.
+        record("audit", await rotating.audit(limit=1000))
+        record("verify_audit", await rotating.verify_audit())
+        record("sweep_audit", await rotating.sweep_audit(older_than=timedelta(days=1)))
+        await expect(ConfigurationError, rotating.new_data_key())
+        exercised.add("new_data_key")
+
         # Last, the calls that drop data.
         record("disconnect", await rotating.disconnect(uuids["openai"]))
         record("remove_connection", await rotating.remove_connection(uuids["telegram"]))
@@ -300,6 +310,11 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     delivered = [await subscription.get() for _ in range(subscription.pending)]
     assert delivered, "the subscription received no event"
     shown.extend(delivered)
+    async with integ.subscribe(owner=ALL_OWNERS, after=0) as replay:
+        replayed = [await replay.get() for _ in range(len(delivered))]
+    assert [e.position for e in replayed] == [e.position for e in delivered]
+    shown.extend(replayed)
+    record("prune_events", await integ.prune_events(max_age=None, max_count=1))
     record("event_stats", integ.event_stats)
     record("cache_stats", integ.cache_stats)
     await subscriptions.aclose()
@@ -311,10 +326,23 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     exercised |= OAUTH_METHODS
     # The sweep's log records and events are checked for markers in tests/test_sweep.py.
     exercised.add("run_health_sweeps")
+    # Webhook secrets are checked for in logs, errors and listings in tests/test_webhooks.py.
+    exercised |= {
+        "add_webhook",
+        "list_webhooks",
+        "remove_webhook",
+        "replay_webhook",
+        "run_webhooks",
+        "test_webhook",
+        "webhook_deliveries",
+    }
+    # A new data key needs a KMS or PKCS#11 source: tests/test_key_sources.py runs it and
+    # checks what it prints and logs.
+    exercised.add("new_data_key")
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 
-    assert len(errors) == 9
+    assert len(errors) == 10
     assert payloads, "no NOTIFY payload was received"
     for payload in payloads:
         assert leaks(payload) == [], payload

@@ -10,12 +10,13 @@ import json
 import os
 import stat
 import sys
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from .._audit import AuditRecord, Breach
 from .._errors import AlreadyExists, MissingExtra
 from .._events import ALL_OWNERS
 from .._names import PROVIDER_KEY_RE
@@ -69,6 +70,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     envvar="INTEGRATIONS_PROVIDERS",
     help="Application providers: a JSON file or module:attribute (else INTEGRATIONS_PROVIDERS).",
 )
+@click.option(
+    "--actor",
+    envvar="INTEGRATIONS_ACTOR",
+    help="Who the audit trail names for this command (default: the OS user).",
+)
 @click.option("--json", "json_", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.version_option(package_name="integrations", prog_name="integrations")
@@ -78,6 +84,7 @@ def cli(
     dsn: str | None,
     owner: str | None,
     providers: str | None,
+    actor: str | None,
     json_: bool,
     debug: bool,
 ) -> None:
@@ -91,6 +98,7 @@ def cli(
     env.dsn = dsn or None
     env.owner = owner
     env.providers = providers or None
+    env.actor = actor or _os_user()
     env.json = env.json or json_
     env.debug = debug
     if debug:
@@ -99,6 +107,15 @@ def cli(
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     else:
         show_warnings()
+
+
+def _os_user() -> str | None:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
 
 
 # -- catalogue and connections -------------------------------------------------------------
@@ -638,6 +655,215 @@ def token(ctx: click.Context, ref: str) -> None:
 
 
 @cli.group()
+def events() -> None:
+    """The durable event log: apply its retention."""
+
+
+@events.command("prune")
+@click.option(
+    "--max-age-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="Delete events logged longer ago than this.",
+)
+@click.option(
+    "--max-count", type=click.IntRange(min=0), default=None, help="Keep at most this many."
+)
+@json_option
+@click.pass_context
+def events_prune(ctx: click.Context, max_age_days: float, max_count: int | None) -> None:
+    """Delete logged events past their retention (run it now and then, from one place)."""
+
+    async def work(env: Env) -> int:
+        async with env.integrations() as integ:
+            return await integ.prune_events(
+                max_age=timedelta(days=max_age_days), max_count=max_count
+            )
+
+    deleted = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"deleted": deleted})
+    else:
+        click.echo(f"deleted {deleted} logged events")
+
+
+@cli.group()
+def webhooks() -> None:
+    """Webhook endpoints: add, list, remove, test; their deliveries, and replays."""
+
+
+def _endpoint_json(endpoint: Any) -> dict[str, Any]:
+    return {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "owner": endpoint.owner,
+        "kinds": list(endpoint.kinds) if endpoint.kinds is not None else None,
+        "description": endpoint.description,
+        "created_at": endpoint.created_at.isoformat(),
+    }
+
+
+def _scope(env: Env) -> Any:
+    return env.owner if env.owner is not None else ALL_OWNERS
+
+
+@webhooks.command("add")
+@click.argument("url")
+@click.option("--kind", "kinds", multiple=True, help="Only this event kind (repeatable).")
+@click.option("--description", default="", help="A note shown in listings.")
+@click.option(
+    "--allow-loopback", is_flag=True, help="Accept a loopback URL (tests and development)."
+)
+@json_option
+@click.pass_context
+def webhooks_add(
+    ctx: click.Context, url: str, kinds: tuple[str, ...], description: str, allow_loopback: bool
+) -> None:
+    """Register URL for events (the --owner's, else every owner's); prints the signing
+    secret, this once."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.add_webhook(
+                url,
+                kinds=kinds or None,
+                owner=env.owner,
+                description=description,
+                allow_loopback=allow_loopback,
+            )
+
+    endpoint = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json(_endpoint_json(endpoint) | {"secret": endpoint.secret})
+    else:
+        click.echo(f"added {endpoint.id} {endpoint.url}")
+        click.echo(f"signing secret (shown once, keep it in the receiver): {endpoint.secret}")
+
+
+@webhooks.command("list")
+@json_option
+@click.pass_context
+def webhooks_list(ctx: click.Context) -> None:
+    """The endpoints (every one, or the --owner's)."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.list_webhooks(owner=_scope(env))
+
+    found = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json([_endpoint_json(e) for e in found])
+        return
+    for e in found:
+        kinds = ",".join(e.kinds) if e.kinds else "all"
+        click.echo(f"{e.id} {e.url} owner={e.owner or '*'} kinds={kinds} {e.description}")
+
+
+@webhooks.command("remove")
+@click.argument("endpoint_id")
+@json_option
+@click.pass_context
+def webhooks_remove(ctx: click.Context, endpoint_id: str) -> None:
+    """Remove an endpoint and its deliveries."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            await integ.remove_webhook(endpoint_id, owner=_scope(env))
+
+    run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"removed": endpoint_id})
+    else:
+        click.echo(f"removed {endpoint_id}")
+
+
+@webhooks.command("test")
+@click.argument("endpoint_id")
+@click.option("--allow-loopback", is_flag=True, help="Allow a loopback address.")
+@json_option
+@click.pass_context
+def webhooks_test(ctx: click.Context, endpoint_id: str, allow_loopback: bool) -> None:
+    """Send one signed webhook_test message now; exit 1 unless it is answered with 2xx."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.test_webhook(
+                endpoint_id, owner=_scope(env), allow_loopback=allow_loopback
+            )
+
+    attempt = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"ok": attempt.ok, "status": attempt.status, "error": attempt.error})
+    else:
+        click.echo("ok" if attempt.ok else f"failed: {attempt.error or attempt.status}")
+    if not attempt.ok:
+        ctx.exit(FAILED)
+
+
+@webhooks.command("deliveries")
+@click.argument("endpoint_id")
+@click.option("--state", type=click.Choice(["pending", "delivered", "dead"]), default=None)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@json_option
+@click.pass_context
+def webhooks_deliveries(
+    ctx: click.Context, endpoint_id: str, state: str | None, limit: int
+) -> None:
+    """An endpoint's newest deliveries: id, event, state, attempts, next attempt."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.webhook_deliveries(
+                endpoint_id, state=state, limit=limit, owner=_scope(env)
+            )
+
+    found = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json(
+            [
+                {
+                    "id": d.id,
+                    "position": d.position,
+                    "kind": d.kind,
+                    "connection": d.connection,
+                    "state": d.state,
+                    "attempts": d.attempts,
+                    "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+                    "last_status": d.last_status,
+                    "last_error": d.last_error,
+                }
+                for d in found
+            ]
+        )
+        return
+    for d in found:
+        nxt = f" next={d.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}" if d.next_attempt_at else ""
+        last = f" last={d.last_error or d.last_status}" if d.attempts else ""
+        click.echo(
+            f"{d.id} position={d.position} {d.kind} {d.state} attempts={d.attempts}{nxt}{last}"
+        )
+
+
+@webhooks.command("replay")
+@click.argument("delivery_id")
+@json_option
+@click.pass_context
+def webhooks_replay(ctx: click.Context, delivery_id: str) -> None:
+    """Send a delivery again from its first attempt, with the same webhook-id."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            await integ.replay_webhook(delivery_id, owner=_scope(env))
+
+    run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"replayed": delivery_id})
+    else:
+        click.echo(f"replaying {delivery_id}")
+
+
+@cli.group()
 def keys() -> None:
     """Encryption keys: generate one, re-encrypt everything under the primary."""
 
@@ -877,6 +1103,166 @@ def import_(
         )
 
 
+# -- audit trail ------------------------------------------------------------------------------
+
+
+_AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(value: str) -> timedelta | None:
+    """An age such as 30m, 12h, 7d; None when ``value`` is not one."""
+    if value[:-1].isdigit() and value[-1:] in _AGES and int(value[:-1]) > 0:
+        return timedelta(seconds=int(value[:-1]) * _AGES[value[-1]])
+    return None
+
+
+def _since(value: str | None) -> datetime | None:
+    """An ISO time, or an age such as 30m, 12h, 7d."""
+    if value is None:
+        return None
+    age = _age(value)
+    if age is not None:
+        return datetime.now(UTC) - age
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise Fail(
+            f"--since takes an ISO time (2024-05-01T12:00:00+00:00) or an age (30m, 12h, 7d), "
+            f"not {value[:40]!r}",
+            USAGE,
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _audit_line(record: AuditRecord) -> str:
+    parts = [
+        f"{record.seq:>6}",
+        record.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        f"{record.action:<22}",
+        record.outcome,
+        f"actor={record.actor or '-'}",
+    ]
+    if record.owner:
+        parts.append(f"owner={record.owner}")
+    if record.provider:
+        parts.append(f"provider={record.provider}")
+    if record.uuid:
+        parts.append(record.uuid)
+    if record.detail:
+        parts.append(json.dumps(dict(record.detail), separators=(",", ":"), default=str))
+    return "  ".join(parts)
+
+
+@cli.group("audit", invoke_without_command=True)
+@click.option("--ref", help="Only this connection (uuid or provider:name).")
+@click.option("--action", help="An action (credentials.revealed) or a family (credentials).")
+@click.option("--by", "by", help="Only records of this actor.")
+@click.option("--since", help="From this ISO time, or this age back (30m, 12h, 7d).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new records until Ctrl-C.")
+@json_option
+@click.pass_context
+def audit(
+    ctx: click.Context,
+    ref: str | None,
+    action: str | None,
+    by: str | None,
+    since: str | None,
+    limit: int,
+    follow: bool,
+) -> None:
+    """The audit trail, oldest of the page first (--owner limits it to that owner)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    env = env_of(ctx)
+    start = guard(lambda: _since(since))
+    owner = env.owner if env.owner is not None else ALL_OWNERS
+
+    def show(records: list[AuditRecord]) -> None:
+        for record in records:
+            if env.json:
+                click.echo(json.dumps(record.to_json(), separators=(",", ":")))
+            else:
+                click.echo(_audit_line(record))
+        sys.stdout.flush()
+
+    async def work(env: Env) -> None:
+        async with env.integrations(auto_migrate=False) as integ:
+            uuid = None if ref is None else await resolve(integ, env, ref)
+            page = await integ.audit(
+                uuid=uuid, owner=owner, actor=by, action=action, since=start, limit=limit
+            )
+            show(list(reversed(page.records)))
+            last = page.records[0].seq if page.records else 0
+            while follow:
+                await asyncio.sleep(1.0)
+                fresh = await integ.audit(
+                    uuid=uuid, owner=owner, actor=by, action=action, since=start, limit=1000
+                )
+                new = [r for r in reversed(fresh.records) if r.seq > last]
+                show(new)
+                if new:
+                    last = new[-1].seq
+
+    run(ctx, work)
+
+
+@audit.command("verify")
+@json_option
+@click.pass_context
+def audit_verify(ctx: click.Context) -> None:
+    """Walk the hash chain; name each changed, removed or reordered record (exit 1)."""
+
+    async def work(env: Env) -> tuple[list[Breach], int]:
+        async with env.integrations(auto_migrate=False) as integ:
+            breaches = await integ.verify_audit()
+            newest = await integ.audit(limit=1)
+            return breaches, newest.records[0].seq if newest.records else 0
+
+    breaches, head = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json(
+            {
+                "ok": not breaches,
+                "head": head,
+                "breaches": [
+                    {"seq": b.seq, "kind": b.kind, "message": b.message} for b in breaches
+                ],
+            }
+        )
+    elif breaches:
+        for breach in breaches:
+            stderr(f"{breach.kind}: {breach.message}")
+    else:
+        click.echo(f"ok: the chain holds through record {head}")
+    if breaches:
+        ctx.exit(FAILED)
+
+
+@audit.command("sweep")
+@click.option(
+    "--older-than", "older_than", required=True, help="Delete records older than this age (90d)."
+)
+@json_option
+@click.pass_context
+def audit_sweep(ctx: click.Context, older_than: str) -> None:
+    """Retention: delete old records, recording the sweep (and its anchor) in the chain."""
+    age = _age(older_than)
+    if age is None:
+        stderr(f"error: --older-than takes an age such as 90d, 12h or 30m, not {older_than[:40]!r}")
+        raise SystemExit(USAGE)
+
+    async def work(env: Env) -> int:
+        async with env.integrations(auto_migrate=False) as integ:
+            return await integ.sweep_audit(older_than=age)
+
+    gone = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"deleted": gone})
+    else:
+        click.echo(f"deleted {gone} record(s) older than {older_than}")
+
+
 # -- operations -------------------------------------------------------------------------------
 
 
@@ -913,6 +1299,10 @@ def _event_line(event: Event) -> str:
     ]
     if event.actor:
         parts.append(f"actor={event.actor}")
+    if event.position is not None:
+        parts.append(f"position={event.position}")
+    elif event.kind == "resync" and event.detail.get("reason") == "expired":
+        parts.append(f"expired: events before position {event.detail.get('oldest')} are gone")
     return " ".join(parts)
 
 
@@ -928,21 +1318,28 @@ def event_json(event: Event) -> dict[str, Any]:
         "actor": event.actor,
         "at": event.at.isoformat(),
         "detail": dict(event.detail),
+        "position": event.position,
     }
 
 
 @cli.command()
 @click.option("--provider", help="Only this provider's events.")
+@click.option(
+    "--after",
+    type=click.IntRange(min=0),
+    default=None,
+    help="First print the logged events after this position (0: every one kept), then go on.",
+)
 @json_option
 @click.pass_context
-def watch(ctx: click.Context, provider: str | None) -> None:
+def watch(ctx: click.Context, provider: str | None, after: int | None) -> None:
     """Print live events from every process, one line each, until Ctrl-C."""
 
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             key = provider_key(integ, provider) if provider else None
             owner: Any = env.owner if env.owner is not None else ALL_OWNERS
-            async with integ.subscribe(provider=key, owner=owner) as events:
+            async with integ.subscribe(provider=key, owner=owner, after=after) as events:
                 stderr("watching events (Ctrl-C to stop)")
                 async for event in events:
                     line = (

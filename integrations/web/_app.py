@@ -26,6 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from .._audit import acting_as
 from .._errors import (
     AlreadyExists,
     Deleted,
@@ -128,10 +129,12 @@ class _Console:
             Route("/fragments/list", page(self.list_fragment), name="list_fragment"),
             Route("/connections", write(self.add), methods=["POST"], name="add"),
             Route("/events", page(self.events), name="events"),
+            Route("/audit", page(self.audit), name="audit"),
             Route("/callback", self._callback_endpoint(self.callback), name="callback"),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
             Route("/{uuid}", page(self.connection), name="connection"),
             Route("/{uuid}/status", page(self.status_fragment), name="connection_status"),
+            Route("/{uuid}/audit", page(self.connection_audit), name="connection_audit"),
             Route("/{uuid}/setup", write(self.save), methods=["POST"], name="save"),
             Route("/{uuid}/test", write(self.test), methods=["POST"], name="test"),
             Route("/{uuid}/connect", write(self.connect), methods=["POST"], name="connect"),
@@ -245,7 +248,9 @@ class _Console:
                     )
                 request.state.form = form
             self._follow()
-            return await handler(request, _Context(viewer, _scope(self.integ, viewer)))
+            # Reveals and changes made for this request are recorded as the viewer's.
+            with acting_as(viewer.actor):
+                return await handler(request, _Context(viewer, _scope(self.integ, viewer)))
         except _Refused as refused:
             return self.error_page(request, refused.status, refused.message)
         except _MISSING:
@@ -587,6 +592,30 @@ class _Console:
         except IntegrationsError as exc:
             raise _Refused(400, f"The authorization failed: {exc.message}") from None
         return self._redirect(request, "connection", "connected", uuid=conn.uuid)
+
+    # -- audit trail ---------------------------------------------------------------------------
+
+    async def _audit_page(
+        self, request: Request, ctx: _Context, conn: Connection | None
+    ) -> Response:
+        # The administrator sees every owner's records; an owner only that owner's.
+        owner: Any = ALL_OWNERS if isinstance(ctx.viewer, Admin) else ctx.viewer.owner
+        before = request.query_params.get("before", "")
+        page = await self.integ.audit(
+            uuid=None if conn is None else conn.uuid,
+            owner=owner,
+            before=int(before) if before.isdigit() and int(before) > 0 else None,
+            limit=100,
+        )
+        context = {"conn": conn, "records": page.records, "next_before": page.next_before}
+        return self.render(request, "audit.html", context, viewer=ctx.viewer)
+
+    async def audit(self, request: Request, ctx: _Context) -> Response:
+        return await self._audit_page(request, ctx, None)
+
+    async def connection_audit(self, request: Request, ctx: _Context) -> Response:
+        conn: Connection = await ctx.handle.get_integration_by_uuid(request.path_params["uuid"])
+        return await self._audit_page(request, ctx, conn)
 
     # -- live updates ------------------------------------------------------------------------
 
