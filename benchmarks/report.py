@@ -181,7 +181,9 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "",
         f"Figures below: one run of every script, Python {platform.python_version()}, "
         "PostgreSQL on the same host, everything on loopback, on a small shared VM (2 cores):",
-        "absolute times vary from run to run by a third or more; ratios much less.",
+        "absolute times vary from run to run by a third or more; ratios much less. A run",
+        "that shares the machine with other work (tests, builds) inflates every absolute",
+        "figure several times over; compare the ratios, which are interleaved in one run.",
         "",
         "## Reads and requests",
         "",
