@@ -52,7 +52,15 @@ if _typing.TYPE_CHECKING:
     from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
     from ._http import Response, bot_url
     from ._integrations import Integrations
-    from ._models import Connection, ConnectionList, Event, Page, RotationProgress, Validation
+    from ._models import (
+        Connection,
+        ConnectionList,
+        DeviceAuthorization,
+        Event,
+        Page,
+        RotationProgress,
+        Validation,
+    )
     from ._names import settings_key
     from ._owner import OwnerHandle
     from ._probes import register_check
@@ -105,6 +113,7 @@ __all__ = [
     "CryptoError",
     "DecryptionFailed",
     "Deleted",
+    "DeviceAuthorization",
     "Diagnosis",
     "EmptyName",
     "EncryptionNotConfigured",
@@ -199,6 +208,7 @@ _HOME = {
     "CryptoError": "._errors",
     "DecryptionFailed": "._errors",
     "Deleted": "._errors",
+    "DeviceAuthorization": "._models",
     "Diagnosis": "._doctor",
     "EmptyName": "._errors",
     "EncryptionNotConfigured": "._errors",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _events
 from . import _names as names
 from ._audit import AuditLevel, AuditLog, AuditPage, Breach
 from ._cache import CacheStats
@@ -25,7 +27,7 @@ from ._errors import ConfigurationError, InvalidArgument, LifecycleError, Schema
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import Connection, ConnectionList, Page, Validation
+from ._models import Connection, ConnectionList, DeviceAuthorization, Page, Validation
 from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
@@ -97,6 +99,7 @@ class Integrations:
         listen_dsn: str | None = None,
         audit: AuditLevel = "reveal",
         audit_buffer: int = 10_000,
+        listen_heartbeat: float = 1.0,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
@@ -112,6 +115,17 @@ class Integrations:
                 f"pool_max_size must be at least 2, got {shown(pool_max_size)}."
             )
         check_at_most("pool_max_size", pool_max_size)
+        if (
+            isinstance(listen_heartbeat, bool)
+            or not isinstance(listen_heartbeat, int | float)
+            or not 0 < listen_heartbeat < math.inf
+        ):
+            raise ConfigurationError(
+                f"listen_heartbeat must be a positive number of seconds, got "
+                f"{shown(listen_heartbeat)}."
+            )
+        check_at_most("listen_heartbeat", listen_heartbeat)
+        self._listen_heartbeat = float(listen_heartbeat)
         self._dsn = dsn
         # Checked now: a bad level is a configuration error before anything connects.
         AuditLog(None, level=audit, buffer=audit_buffer)
@@ -212,7 +226,11 @@ class Integrations:
             await self.close()
             raise
         hub = EventHub(
-            self._repo.listen, self._repo.channel, watcher=self._cache, log=self._repo.events_after
+            self._repo.listen,
+            self._repo.channel,
+            watcher=self._cache,
+            log=self._repo.events_after,
+            heartbeat=(self._listen_heartbeat, _events.HEARTBEAT_TIMEOUT),
         )
         if self._cache.enabled:
             # The cache serves only while changes are being received: listen from the start.
@@ -628,10 +646,15 @@ class Integrations:
         await self._in(owner).disconnect(uuid, actor=actor)
 
     async def record_validation(
-        self, uuid: str, result: Any, *, owner: OwnerScope = ALL_OWNERS
+        self,
+        uuid: str,
+        result: Any,
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
     ) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""
-        await self._in(owner).record_validation(uuid, result)
+        await self._in(owner).record_validation(uuid, result, actor=actor)
 
     # -- checks -------------------------------------------------------------------------
 
@@ -717,6 +740,38 @@ class Integrations:
             state, code=code, error=error, error_description=error_description
         )
 
+    async def start_device_authorization(
+        self,
+        uuid: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> DeviceAuthorization:
+        """Start a device authorization (RFC 8628) for a provider that offers it: returns the
+        user code and the verification URI to show; no browser or redirect is needed here.
+
+        The device code is kept server-side, sealed, until it is used or expires; then
+        call :meth:`complete_device_authorization`.
+        """
+        return await self._in(owner).start_device_authorization(uuid, scopes=scopes, actor=actor)
+
+    async def complete_device_authorization(
+        self,
+        uuid: str,
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> Connection:
+        """Wait for the user to approve the device code, polling as the provider asks
+        (``interval``, ``slow_down`` adds 5 s, ``authorization_pending`` waits on), then
+        store the tokens as an authorization-code exchange does. ``access_denied`` raises
+        AuthorizationDenied (recorded on the connection); an expired code raises
+        AuthorizationTimeout. To stop waiting sooner, wrap the call in ``asyncio.timeout()``:
+        the code stays pending, and another call goes on polling it.
+        """
+        return await self._in(owner).complete_device_authorization(uuid, actor=actor)
+
     async def authorization_url(
         self,
         uuid: str,
@@ -751,6 +806,7 @@ class Integrations:
         open_browser: bool = False,
         timeout: float = 300.0,  # noqa: ASYNC109 - enforced inside with asyncio.timeout
         port: int = 0,
+        actor: str | None = None,
         owner: OwnerScope = ALL_OWNERS,
     ) -> Connection:
         """Authorize from a script or notebook through a temporary server on 127.0.0.1.
@@ -760,7 +816,12 @@ class Integrations:
         TimeoutError) after ``timeout`` seconds.
         """
         return await self._in(owner).connect_interactive(
-            uuid, scopes=scopes, open_browser=open_browser, timeout=timeout, port=port
+            uuid,
+            scopes=scopes,
+            open_browser=open_browser,
+            timeout=timeout,
+            port=port,
+            actor=actor,
         )
 
     # -- legacy data ----------------------------------------------------------------------
@@ -853,13 +914,21 @@ class Integrations:
         concurrency: int = 8,
         record: bool = False,
         owner: OwnerScope = ALL_OWNERS,
+        actor: str | None = None,
     ) -> CheckReport:
         """Check the credentials of every connection (of ``provider``, in ``owner``'s scope),
         ``concurrency`` at a time. With ``record=True`` each outcome is recorded as
-        ``validate_connection`` does; otherwise nothing about the checks is written."""
+        ``validate_connection`` does (``actor`` names who asked); otherwise nothing about
+        the checks is written."""
         s = self._s
         return await check_all(
-            s.core, s.checks, provider=provider, concurrency=concurrency, record=record, owner=owner
+            s.core,
+            s.checks,
+            provider=provider,
+            concurrency=concurrency,
+            record=record,
+            owner=owner,
+            actor=names.check_actor(actor),
         )
 
     async def diagnose(self) -> Diagnosis:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from ._authflow import AuthFlow
+from ._authflow import AuthFlow, callback_parameters
 from ._core import Core
 from ._errors import AuthorizationTimeout, IntegrationsError, InvalidInput
 from ._events import OwnerScope
@@ -48,6 +48,7 @@ async def connect_interactive(
     open_browser: bool,
     timeout: float,  # noqa: ASYNC109 - the public signature; enforced with asyncio.timeout
     port: int,
+    actor: str | None = None,
 ) -> Connection:
     """Authorize ``uuid`` in a browser, receiving the callback on a temporary loopback server."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
@@ -65,7 +66,8 @@ async def connect_interactive(
 
     async def callback(request: web.Request) -> web.StreamResponse:
         nonlocal claimed
-        state = request.query.get("state", "")
+        given = callback_parameters(request.query)
+        state = given["state"] or ""
         # Only the callback for our own state counts; anything else on the port is ignored.
         if not expected or not hmac.compare_digest(state.encode(), expected[0].encode()):
             return _page(400, "Unknown request", "This address only accepts the callback.")
@@ -77,9 +79,9 @@ async def connect_interactive(
         try:
             row = await authflow.complete(
                 state,
-                code=request.query.get("code"),
-                error=request.query.get("error"),
-                error_description=request.query.get("error_description"),
+                code=given["code"],
+                error=given["error"],
+                error_description=given["error_description"],
                 owner=owner,
             )
             connection = core.connection(row)
@@ -103,7 +105,7 @@ async def connect_interactive(
         bound_port = runner.addresses[0][1]
         redirect_uri = f"http://127.0.0.1:{bound_port}{CALLBACK_PATH}"
         url, state = await authflow.begin(
-            uuid, redirect_uri, scopes=scopes, actor=None, owner=owner
+            uuid, redirect_uri, scopes=scopes, actor=actor, owner=owner
         )
         expected.append(state)
         print(f"Open this URL in a browser to authorize the connection:\n{url}", flush=True)

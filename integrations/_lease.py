@@ -296,15 +296,20 @@ def released(lease: Lease, row: StoredRow | None) -> Change:
 def failed(
     lease: Lease,
     row: StoredRow | None,
+    plain: Mapping[str, Any],
+    previous: str | None,
     exc: OAuthError,
     clock: datetime,
     policy: TokenPolicy,
     seal: Seal,
 ) -> Change:
     """The holder's failed request recorded and its lease ended; nothing when the lease
-    was taken over meanwhile (this failure is not the newest news)."""
+    was taken over meanwhile (this failure is not the newest news). When a new grant
+    replaced the refresh token it sent, the failure is old news too: only the lease goes."""
     if row is None or not lease.held_in(row.data):
         return Change()
+    if text(plain.get("refresh_token")) != previous:
+        return released(lease, row)
     done = record.refresh_failed(row, exc, clock, cooldown=policy.cooldown_after)
     # The message may quote the server's error description.
     data = record.storable(done.change.data or {})
@@ -345,12 +350,16 @@ def written(
         data = record.storable(done.change.data or {})
         data.pop("refresh_lease", None)
         return Change(data, events=done.change.events), Written(True, tokens.access_token)
+    # A new grant landed while the request was out: the lease is still this holder's to
+    # end, or the next refresh would wait it out (and "reauthorize" would then mark the
+    # fresh grant as needing a new authorization).
+    change = released(lease, row)
     current = text(plain.get("access_token"))
     obtained = parse_time(row.data.get("token_obtained_at"))
     newer = stored_refresh != previous or (obtained is not None and obtained > tokens.obtained_at)
     if newer and current is not None:
-        return Change(), Written(False, current, newer=True)
-    return Change(), Written(False, tokens.access_token, newer=newer)
+        return change, Written(False, current, newer=True)
+    return change, Written(False, tokens.access_token, newer=newer)
 
 
 def spent(

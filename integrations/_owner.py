@@ -14,7 +14,7 @@ from ._connections import check_scope
 from ._errors import InvalidArgument
 from ._events import ALL_OWNERS, OwnerScope, Subscription
 from ._http import Response
-from ._models import Connection, ConnectionList, Page, Validation
+from ._models import Connection, ConnectionList, DeviceAuthorization, Page, Validation
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._services import Services
@@ -227,13 +227,13 @@ class Scoped:
         """Drop runtime credentials (tokens, keys); OAuth client id/secret are kept."""
         await self._services().connections.disconnect(uuid, actor=actor, owner=self._scope)
 
-    async def record_validation(self, uuid: str, result: Any) -> None:
+    async def record_validation(self, uuid: str, result: Any, *, actor: str | None = None) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""
         # A uuid that resolves to nothing (or to another owner's row) is quietly left alone.
         target = names.require_uuid(uuid)
         ok, message = record.validation_outcome(result)
         await self._services().connections.record(
-            target, ok, message, actor=None, owner=check_scope(self._scope)
+            target, ok, message, actor=names.check_actor(actor), owner=check_scope(self._scope)
         )
 
     # -- checks -------------------------------------------------------------------------
@@ -336,6 +336,47 @@ class Scoped:
         )
         return services.core.connection(row)
 
+    async def start_device_authorization(
+        self,
+        uuid: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        actor: str | None = None,
+    ) -> DeviceAuthorization:
+        """Start a device authorization (RFC 8628) for a provider that offers it: returns the
+        user code and the verification URI to show; no browser or redirect is needed here.
+
+        The device code is kept server-side, sealed, until it is used or expires; then
+        call :meth:`complete_device_authorization`.
+        """
+        return await self._services().device.start(
+            names.require_uuid(uuid),
+            scopes=_device_scopes(scopes),
+            actor=names.check_actor(actor),
+            owner=check_scope(self._scope),
+        )
+
+    async def complete_device_authorization(
+        self,
+        uuid: str,
+        *,
+        actor: str | None = None,
+    ) -> Connection:
+        """Wait for the user to approve the device code, polling as the provider asks
+        (``interval``, ``slow_down`` adds 5 s, ``authorization_pending`` waits on), then
+        store the tokens as an authorization-code exchange does. ``access_denied`` raises
+        AuthorizationDenied (recorded on the connection); an expired code raises
+        AuthorizationTimeout. To stop waiting sooner, wrap the call in ``asyncio.timeout()``:
+        the code stays pending, and another call goes on polling it.
+        """
+        services = self._services()
+        row = await services.device.complete(
+            names.require_uuid(uuid),
+            actor=names.check_actor(actor),
+            owner=check_scope(self._scope),
+        )
+        return services.core.connection(row)
+
     async def authorization_url(
         self,
         uuid: str,
@@ -370,6 +411,7 @@ class Scoped:
         open_browser: bool = False,
         timeout: float = 300.0,  # noqa: ASYNC109 - enforced inside with asyncio.timeout
         port: int = 0,
+        actor: str | None = None,
     ) -> Connection:
         """Authorize from a script or notebook through a temporary server on 127.0.0.1.
 
@@ -389,6 +431,7 @@ class Scoped:
             open_browser=open_browser,
             timeout=timeout,
             port=port,
+            actor=names.check_actor(actor),
         )
 
     # -- events -------------------------------------------------------------------------
@@ -531,3 +574,14 @@ def request(
         opts=opts,
         fresh=fresh,
     )
+
+
+def _device_scopes(scopes: Sequence[str] | None) -> list[str] | None:
+    if scopes is None:
+        return None
+    if isinstance(scopes, str) or not all(isinstance(s, str) and s for s in scopes):
+        raise InvalidArgument(
+            "scopes must be a sequence of non-empty strings, such as ['openid', 'email']",
+            field="scopes",
+        )
+    return list(scopes)

@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._input import MAX_ATTRS_BYTES, check_attrs, check_secret_text
 from ._names import PROVIDER_KEY_RE
-from ._schemes import SCHEMES, AuthHeader, AuthScheme, SchemeRegistry
+from ._schemes import CERTIFICATE_FIELDS, SCHEMES, AuthHeader, AuthScheme, SchemeRegistry
 from ._setup import SetupField, _Frozen
 from ._templates import render, template_fields
 from ._vault import SECRET_FIELDS
@@ -48,6 +48,8 @@ AUTH_TYPES: tuple[str, ...] = (
     "key_secret",
     "bot_token",
     "credentials",
+    "oauth1",
+    "mtls",
 )
 _AUTH_TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
@@ -212,12 +214,18 @@ class Provider(_Frozen):
     auth_type: str
     authorize_url: str | None = None
     token_url: str | None = None
+    #: OAuth 1.0a: the temporary credentials endpoint (RFC 5849 §2.1).
+    request_token_url: str | None = None
     userinfo_url: str | None = None
     revoke_url: str | None = None
+    #: Where a device authorization starts (RFC 8628), for providers that offer the flow.
+    device_authorization_url: str | None = None
     scopes: tuple[str, ...] = ()
     scope_separator: str = " "
     authorize_params: dict[str, str] = Field(default_factory=dict)
-    token_auth: Literal["client_secret_post", "client_secret_basic", "none"] = "client_secret_post"
+    token_auth: Literal["client_secret_post", "client_secret_basic", "none", "private_key_jwt"] = (
+        "client_secret_post"
+    )
     pkce: bool = True
     setup_fields: tuple[SetupField, ...] = ()
     api_hosts: tuple[str, ...] = ()
@@ -235,6 +243,13 @@ class Provider(_Frozen):
     #: marked for a new authorization instead of sending the spent token again. Unknown
     #: providers are assumed to rotate.
     rotates_refresh_tokens: bool = True
+    #: Mutual TLS: each connection saves a client certificate and its key (PEM; setup fields
+    #: ``client_certificate`` and ``client_key``, added to the scheme's), presented on its API
+    #: calls and token requests (RFC 8705 certificate-bound tokens).
+    mtls: bool = False
+    #: PEM certificates to trust for this provider's hosts instead of the system's (a
+    #: private API's own CA).
+    ca_bundle: str | None = None
     description: str = ""
     docs_url: str | None = None
     # An application provider with this set replaces the built-in of the same key.
@@ -254,6 +269,8 @@ class Provider(_Frozen):
                 data = dict(data)
                 if "setup_fields" not in data:
                     data["setup_fields"] = scheme.setup_fields(data)
+                if data.get("mtls") or scheme.client_certificate:
+                    data["setup_fields"] = _with_certificate_fields(data["setup_fields"])
                 if "auth_header" not in data:
                     header = scheme.auth_header()
                     if header is not None:
@@ -296,7 +313,14 @@ class Provider(_Frozen):
         scheme = self._known_scheme()
         if scheme is not None:
             scheme.check_provider(self)
-        for url in (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url):
+        for url in (
+            self.authorize_url,
+            self.token_url,
+            self.userinfo_url,
+            self.revoke_url,
+            self.device_authorization_url,
+            self.request_token_url,
+        ):
             if url is not None:
                 template_fields(url)
         fields = {field.key: field for field in self.setup_fields}
@@ -321,7 +345,13 @@ class Provider(_Frozen):
         URL (per-tenant hosts such as ``{subdomain}.zendesk.com``)."""
         names: list[str] = []
         templates = list(self.api_hosts)
-        urls = (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url)
+        urls = (
+            self.authorize_url,
+            self.token_url,
+            self.userinfo_url,
+            self.revoke_url,
+            self.request_token_url,
+        )
         templates += [url_authority(url) for url in urls if url]
         if self.validation is not None and self.validation.url:
             templates.append(url_authority(self.validation.url))
@@ -413,6 +443,12 @@ class Provider(_Frozen):
         return any(rule.matches(status, body) for rule in self.rejected_answers)
 
     @property
+    def presents_certificate(self) -> bool:
+        """Whether calls present the connection's client certificate (``mtls``, or a
+        scheme that authenticates by the certificate alone)."""
+        return self.mtls or self.scheme.client_certificate
+
+    @property
     def is_oauth(self) -> bool:
         """Whether calls carry an access token kept by the tokens service (its scheme says)."""
         return self.scheme.uses_access_token
@@ -451,9 +487,10 @@ class Provider(_Frozen):
         given blank is missing whatever the encryption setting. For ``credentials``
         providers every key given flat is moved under ``"credentials"`` (the freeform
         credential map; a nested ``"credentials"`` mapping is accepted too, flat keys
-        win). Errors name the field, never its value.
+        win). The scheme may first expand what it accepts as given (a service account's key
+        file into its fields). Errors name the field, never its value.
         """
-        attrs = check_attrs(attrs, max_bytes=max_bytes)
+        attrs = self.scheme.expand_setup(check_attrs(attrs, max_bytes=max_bytes))
         fields = {field.key: field for field in self.setup_fields}
         secrets = self.secret_keys
 
@@ -462,7 +499,8 @@ class Provider(_Frozen):
             if key in secrets and isinstance(value, str):
                 if not value.strip():
                     return None
-                check_secret_text(value, key)
+                field = fields.get(key)
+                check_secret_text(value, key, multiline=field is not None and field.type == "text")
             return value
 
         patch: dict[str, Any] = {}
@@ -548,6 +586,16 @@ class Provider(_Frozen):
         """The account (email, name, picture, id) read from a userinfo response, as
         ``userinfo_map`` says."""
         return self.userinfo_map.apply(payload)
+
+
+def _with_certificate_fields(fields: Any) -> Any:
+    """``fields`` with the client certificate and key fields added where absent."""
+    given = list(fields or ())
+    keys = {f.key if isinstance(f, SetupField) else f.get("key") for f in given}
+    for field in CERTIFICATE_FIELDS:
+        if field.key not in keys:
+            given.append(field)
+    return tuple(given)
 
 
 def _schemes_of(info: ValidationInfo) -> SchemeRegistry:

@@ -14,16 +14,21 @@ from ._authflow import AuthFlow
 from ._checks import Checks
 from ._connections import Connections, check_scope
 from ._core import Core
+from ._device import DeviceFlow
 from ._errors import ConfigurationError, InvalidArgument
 from ._events import AllOwners, OwnerScope
 from ._http import Response
 from ._models import utcnow
+from ._names import shown
 from ._requests import Requests
 from ._rotation import ProgressCallback, RotationProgress, rotate
 from ._tokens import Refresher
 from ._webhooks import Webhooks
 
 __all__ = ["Services"]
+
+# The longest retention a sweep takes: beyond it the cut-off would fall before year 1.
+_LONGEST = timedelta(days=36_525)
 
 
 class Services:
@@ -34,6 +39,7 @@ class Services:
         self.core = core
         self.tokens = Refresher(core)
         self.authflow = AuthFlow(core, record_failure=self._record_failure)
+        self.device = DeviceFlow(core, self.authflow)
         self.connections = Connections(core, self.authflow)
         self.checks = Checks(core, self.tokens, self.connections)
         self.requests = Requests(core, self.tokens)
@@ -89,11 +95,10 @@ class Services:
     ) -> AuditPage:
         target = None if uuid is None else names.require_uuid(uuid)
         scope = check_scope(owner)
-        if actor is not None and not isinstance(actor, str):
-            raise TypeError(f"actor must be a string, not {type(actor).__name__}")
+        actor = names.check_actor(actor)
         if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
             raise InvalidArgument(
-                f"since must be a timezone-aware datetime, got {since!r}", field="since"
+                f"since must be a timezone-aware datetime, got {shown(since)}", field="since"
             )
         pattern: str | None = None
         if action is not None:
@@ -102,17 +107,18 @@ class Services:
             ):
                 raise InvalidArgument(
                     f"action must be one of {', '.join(sorted(ACTIONS))} or a family such "
-                    f"as 'credentials', got {action!r}",
+                    f"as 'credentials', got {shown(action)}",
                     field="action",
                 )
             pattern = action if action in ACTIONS else action + ".%"
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise InvalidArgument(f"limit must be 1 to 1000, got {limit!r}", field="limit")
+            raise InvalidArgument(f"limit must be 1 to 1000, got {shown(limit)}", field="limit")
         if before is not None and (
-            isinstance(before, bool) or not isinstance(before, int) or before < 1
+            isinstance(before, bool) or not isinstance(before, int) or not 1 <= before < 2**63
         ):
             raise InvalidArgument(
-                f"before must be a positive record number (a page's next_before), got {before!r}",
+                "before must be a positive record number (a page's next_before), "
+                f"got {shown(before)}",
                 field="before",
             )
         # Records written by this process but still buffered are part of what is asked.
@@ -147,9 +153,10 @@ class Services:
         return breaches
 
     async def sweep_audit(self, *, older_than: timedelta) -> int:
-        if not isinstance(older_than, timedelta) or older_than.total_seconds() <= 0:
+        if not isinstance(older_than, timedelta) or not timedelta(0) < older_than <= _LONGEST:
             raise InvalidArgument(
-                f"older_than must be a positive timedelta, got {older_than!r}",
+                f"older_than must be a timedelta above 0 and at most 100 years, "
+                f"got {shown(older_than)}",
                 field="older_than",
             )
         await self.core.audit.flush()

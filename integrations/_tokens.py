@@ -429,7 +429,8 @@ class Refresher:
                 ),
             )
             renewing.cancel()
-            await _to_the_end(self._in_row(uuid, partial(self._failed, lease, exc)))
+            previous = text(plain.get("refresh_token"))
+            await _to_the_end(self._in_row(uuid, partial(self._failed, lease, previous, exc)))
             if step.look.fallback is not None:
                 return step.look.fallback
             raise
@@ -497,12 +498,19 @@ class Refresher:
         return lease_rules.released(lease, row), None
 
     def _failed(
-        self, lease: Lease, exc: OAuthError, row: StoredRow | None, _now: datetime | None
+        self,
+        lease: Lease,
+        previous: str | None,
+        exc: OAuthError,
+        row: StoredRow | None,
+        _now: datetime | None,
     ) -> tuple[Change, None]:
         if row is None:
             return Change(), None
+        plain = self._core.vault.unseal(row.uuid, row.data, self._core.secret_fields(row))
         seal = partial(self._core.vault.seal_value, row.uuid)
-        return lease_rules.failed(lease, row, exc, utcnow(), self.policy, seal), None
+        change = lease_rules.failed(lease, row, plain, previous, exc, utcnow(), self.policy, seal)
+        return change, None
 
     # -- storing what the token endpoint answered ------------------------------------------
 
@@ -660,8 +668,9 @@ class Refresher:
         self, provider: Provider, plain: Mapping[str, Any], flight: _Flight, lease: Lease
     ) -> oauth.TokenSet:
         endpoint = self._core.token_endpoint(provider)
-        endpoint.client(plain)  # NotConfigured before anything else
         grant = _scheme(provider).grant(provider, plain)
+        if grant.client_auth:
+            endpoint.client(plain)  # NotConfigured before anything is sent
         loop = asyncio.get_running_loop()
         if grant.spends is not None and not await self._in_row(
             lease.uuid, partial(self._sending, lease)

@@ -334,7 +334,8 @@ RETURNING state_hash;
 DELETE FROM {schema}.pending_authorizations
 WHERE state_hash = $1 AND ($2 OR owner = $3)
 RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
-          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live,
+          expires_at;
 
 -- name: take_latest_pending_authorization
 -- $1 uuid connection, $2 text redirect_uri; the newest live one, consumed
@@ -347,7 +348,8 @@ WHERE state_hash = (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
-          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live,
+          expires_at;
 
 -- name: delete_expired_pending_authorizations
 -- no parameters

@@ -164,6 +164,7 @@ def _valid(name: str, w: dict[str, str]) -> Any:
         "max_attempts": 1,
         "owner": "user:fuzz",
         "migrator": lambda integ: None,
+        "older_than": timedelta(days=365),
     }
     if name in table:
         return table[name]

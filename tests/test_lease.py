@@ -228,7 +228,7 @@ def test_a_released_lease_leaves_the_row() -> None:
 def test_a_failure_ends_the_lease_and_keeps_a_rotated_refresh_token() -> None:
     taken, stored = held_row()
     exc = TokenRequestFailed("bad answer", transient=False)
-    change = lease.failed(taken, stored, exc, NOW, POLICY, seal)
+    change = lease.failed(taken, stored, plain(), "r1", exc, NOW, POLICY, seal)
     assert "refresh_lease" not in change.data
     assert change.data["refresh_error"]["code"] == "token_request_failed"
     try:
@@ -240,7 +240,7 @@ def test_a_failure_ends_the_lease_and_keeps_a_rotated_refresh_token() -> None:
             previous_refresh_token="r1",
         )
     except TokenRequestFailed as refused:
-        change = lease.failed(taken, stored, refused, NOW, POLICY, seal)
+        change = lease.failed(taken, stored, plain(), "r1", refused, NOW, POLICY, seal)
     assert change.data["refresh_token"] == "sealed:refresh_token:r2"
 
 
@@ -248,7 +248,15 @@ def test_a_failure_after_a_takeover_records_nothing() -> None:
     taken, _ = held_row()
     other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
     exc = TokenRequestFailed("down", transient=True)
-    assert lease.failed(taken, other, exc, NOW, POLICY, seal).data is None
+    assert lease.failed(taken, other, plain(), "r1", exc, NOW, POLICY, seal).data is None
+
+
+def test_a_failure_after_a_new_grant_only_ends_the_lease() -> None:
+    taken, stored = held_row()
+    exc = ReauthRequired("refused")
+    change = lease.failed(taken, stored, plain(refresh_token="g2"), "r1", exc, NOW, POLICY, seal)
+    assert change.data is not None and "refresh_lease" not in change.data
+    assert "refresh_error" not in change.data and change.events == []
 
 
 # -- storing an answer -----------------------------------------------------------------------
@@ -283,6 +291,15 @@ def test_a_fenced_out_answer_newer_than_the_row_serves_its_process() -> None:
     assert (done.stored, done.newer, done.token) == (False, False, "new")
 
 
+def test_an_answer_after_a_new_grant_is_not_stored_but_its_lease_ends() -> None:
+    taken, stored = held_row()
+    granted = plain(access_token="g-access", refresh_token="g2")
+    change, done = lease.written(taken, stored, granted, tokens(), "r1", seal)
+    assert change.data is not None and "refresh_lease" not in change.data
+    assert change.data.get("access_token") == stored.data.get("access_token")
+    assert (done.stored, done.newer, done.token) == (False, True, "g-access")
+
+
 def test_lost_tokens_mark_the_connection_only_while_the_spent_token_is_stored() -> None:
     _, stored = held_row()
     change = lease.spent(stored, plain(), "r1", NOW, POLICY)
@@ -302,9 +319,14 @@ def test_due_keeps_at_most_half_the_lifetime_as_leeway() -> None:
 
 
 def test_each_client_auth_method_is_registered_by_its_name() -> None:
-    assert sorted(CLIENT_AUTH_METHODS) == ["client_secret_basic", "client_secret_post", "none"]
-    with pytest.raises(ValueError, match="private_key_jwt"):
-        client_auth_method("private_key_jwt")
+    assert sorted(CLIENT_AUTH_METHODS) == [
+        "client_secret_basic",
+        "client_secret_post",
+        "none",
+        "private_key_jwt",
+    ]
+    with pytest.raises(ValueError, match="client_secret_jwt"):
+        client_auth_method("client_secret_jwt")
 
 
 def test_a_client_needs_an_id_and_the_secret_its_method_needs() -> None:

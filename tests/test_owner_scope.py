@@ -51,6 +51,8 @@ CALLS: dict[str, Call] = {
     "authorization_url": lambda h, u: h.authorization_url(u, "https://app.example/cb"),
     "exchange_code": lambda h, u: h.exchange_code(u, "code", "https://app.example/cb"),
     "connect_interactive": lambda h, u: h.connect_interactive(u, timeout=5),
+    "start_device_authorization": lambda h, u: h.start_device_authorization(u),
+    "complete_device_authorization": lambda h, u: h.complete_device_authorization(u),
 }
 
 # The administrator's methods that take an owner but are not offered to one.
@@ -161,9 +163,13 @@ async def test_an_owner_handles_subscriptions_stay_in_its_owners_scope(
         assert (await asyncio.wait_for(bobs.get(), 5)).uuid == bob.uuid
         # The administrator watching a uuid sees it whoever owns it; a handle never does.
         assert (await asyncio.wait_for(administrators.get(), 5)).uuid == bob.uuid
-        await asyncio.sleep(0.2)
-        for foreign in (system_by_uuid, system_all, alice_by_uuid, alice_all):
-            assert foreign.pending == 0
+        # Later changes in the foreign scopes: each one's first event must be its own.
+        alices = await alice.add_connection("openai", "default")
+        systems = await system.add_connection("openai", "default")
+        assert (await asyncio.wait_for(alice_all.get(), 5)).uuid == alices.uuid
+        assert (await asyncio.wait_for(system_all.get(), 5)).uuid == systems.uuid
+        # The hub hands each event to every subscription at once: bob's came before these.
+        assert (system_by_uuid.pending, alice_by_uuid.pending) == (0, 0)
 
 
 async def test_the_owner_sees_and_changes_its_own(integ: Integrations) -> None:

@@ -45,10 +45,14 @@ EXPECTED = {
         "stripe",
         "sendgrid",
         "brevo",
+        "giphy",
+        "tomtom",
     },
     "key_secret": {"twilio", "aws"},
+    "jwt_bearer": {"google-service-account", "bigquery-service-account"},
     "bot_token": {"telegram", "discord"},
     "credentials": {"smtp", "postgres"},
+    "oauth1": {"x-oauth1", "trello"},
 }
 
 
@@ -70,10 +74,16 @@ def test_catalogue_holds_every_documented_provider_with_its_auth_type():
 @pytest.mark.parametrize("provider", BUILTIN_PROVIDERS, ids=lambda p: p.key)
 def test_every_builtin_has_setup_fields_a_check_and_an_auth_header(provider: Provider):
     assert provider.setup_fields
-    assert provider.validation is not None
+    # A service account's check is obtaining a token with its key.
+    renewal_is_check = getattr(provider.scheme, "renewal_is_check", False)
+    assert provider.validation is not None or renewal_is_check
     assert provider.docs_url and provider.docs_url.startswith("https://")
-    if provider.auth_type == "credentials":
+    if provider.scheme.freeform:
+        assert provider.validation is not None
         assert provider.validation.hook in ("smtp", "postgres")
+    elif provider.auth_type == "oauth1":
+        # Signed per request by its scheme: no header template.
+        assert provider.api_hosts and provider.request_token_url
     else:
         assert provider.auth_header is not None
         assert provider.api_hosts
@@ -100,6 +110,8 @@ def test_auth_types_constant_lists_the_six_types():
         "key_secret",
         "bot_token",
         "credentials",
+        "oauth1",
+        "mtls",
     )
 
 

@@ -18,7 +18,14 @@ import pytest
 from integrations import ConfigurationError, Integrations, ReauthRequired
 
 from .oauth_server import OAuthTestServer, ServerProcess
-from .oauthkit import connect, eventually, loopback_provider, open_integrations
+from .oauthkit import (
+    REDIRECT_URI,
+    approve,
+    connect,
+    eventually,
+    loopback_provider,
+    open_integrations,
+)
 from .test_refresh_processes import Worker
 
 
@@ -70,6 +77,29 @@ async def test_a_forced_refresh_joins_a_request_not_answered_yet_and_not_a_finis
     assert _refreshes(server) == 2
 
 
+async def test_a_forced_refresh_does_not_share_an_answer_obtained_before_it_began(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    server.config.token_delay, server.config.delay_next = 0.5, 1
+    first = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    flight = integ._s.tokens._inflight[uuid]
+    # The row held: the first answer arrives, but its write waits, and its task goes on.
+    async with db.transaction():
+        await db.execute(
+            "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+            uuid_mod.UUID(uuid),
+        )
+        await eventually(lambda: flight.answered)
+        second = asyncio.create_task(integ.refresh_access_token(uuid))
+        await asyncio.sleep(0.2)
+        assert not first.done()
+    earlier, later = await first, await second
+    assert later != earlier
+    assert _refreshes(server) == 2
+
+
 async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
     fresh_db: str, integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
@@ -104,6 +134,51 @@ async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
         assert woken - (answered[0] if answered else woken) < 0.25
     stored = await integ.get_integration(uuid)
     assert "refresh_lease" not in stored
+
+
+async def _lease_in_row(db: asyncpg.Connection, uuid: str) -> object:
+    return await db.fetchval(
+        "SELECT value_json -> 'refresh_lease' FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+
+
+@pytest.mark.parametrize("takeover", ["refresh", "reauthorize"])
+@pytest.mark.parametrize("answer", ["tokens", "failure"])
+async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_grant(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, takeover: str, answer: str
+) -> None:
+    async with open_integrations(fresh_db, server.base_url, refresh_takeover=takeover) as integ:
+        uuid = await connect(integ)
+        # Only the refresh's request waits: the new grant's code exchange answers at once.
+        server.config.token_delay, server.config.delay_next = 3.0, 1
+        refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        url, _ = await integ.begin_authorization(uuid, REDIRECT_URI)
+        query = await approve(url)
+        await integ.complete_authorization(query["state"], code=query["code"])
+        granted = (await integ.get_integration(uuid))["access_token"]
+        assert not refreshing.done(), "the refresh answered before the new grant landed"
+        if answer == "failure":
+            # Refused for good: were it recorded, the new grant would read as needing one.
+            server.config.force_invalid_client = True
+            with pytest.raises(ReauthRequired) as failure:
+                await refreshing
+            assert failure.value.code == "reauth_required"
+            server.config.force_invalid_client = False
+        else:
+            # The grant is newer than the refresh's answer: the grant's token is handed out.
+            assert await refreshing == granted
+        assert await _lease_in_row(db, uuid) is None
+        stored = await integ.get_integration(uuid)
+        assert stored["access_token"] == granted and "refresh_error" not in stored
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+        # The next refresh asks at once, with the grant's refresh token.
+        server.config.token_delay = 0.0
+        fresh = await integ.refresh_access_token(uuid)
+        assert fresh != granted and _refreshes(server) == 2
+        assert server.stats.refresh_reuse_detected == 0
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
 
 
 @pytest.fixture(scope="module")
