@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
     from ._repository import Pool
 
+# The longest wait a webhook retry schedule may hold: thirty days.
+_LONGEST_WAIT = 30 * 86400
+
 log = logging.getLogger("integrations")
 
 
@@ -431,13 +434,19 @@ class Integrations:
         refused unless allowed here."""
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgument("concurrency must be an int >= 1", field="concurrency")
-        delays = tuple(retry_delays)
+        delays = tuple(retry_delays) if isinstance(retry_delays, list | tuple) else ()
         if not delays or any(
-            isinstance(d, bool) or not isinstance(d, int | float) or d < 0 for d in delays
+            isinstance(d, bool)
+            or not isinstance(d, int | float)
+            or not 0 <= d <= _LONGEST_WAIT  # NaN and infinities fail too
+            for d in delays
         ):
             raise InvalidArgument(
-                "retry_delays must be a non-empty sequence of seconds >= 0", field="retry_delays"
+                "retry_delays must be a non-empty list of seconds from 0 to 30 days",
+                field="retry_delays",
             )
+        if isinstance(poll, bool) or not isinstance(poll, int | float) or not 0 < poll <= 3600:
+            raise InvalidArgument("poll must be seconds above 0 and at most 3600", field="poll")
         await self._s.webhooks.run(
             allow_loopback=allow_loopback,
             allow_private=allow_private,

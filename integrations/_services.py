@@ -27,6 +27,9 @@ from ._webhooks import Webhooks
 
 __all__ = ["Services"]
 
+# The longest retention max_age takes: a hundred years.
+_LONGEST_AGE = 100 * 365 * 86400
+
 # The longest retention a sweep takes: beyond it the cut-off would fall before year 1.
 _LONGEST = timedelta(days=36_525)
 
@@ -185,19 +188,27 @@ class Services:
         self, *, max_age: float | timedelta | None, max_count: int | None
     ) -> int:
         if max_age is not None:
+            wrong = InvalidArgument(
+                "max_age must be a number of seconds or a timedelta from 0 to 100 years, or "
+                f"None; got {shown(max_age)}",
+                field="max_age",
+            )
             if isinstance(max_age, int | float) and not isinstance(max_age, bool):
+                if not 0 <= max_age <= _LONGEST_AGE:  # NaN and infinities fail too
+                    raise wrong
                 max_age = timedelta(seconds=max_age)
-            if not isinstance(max_age, timedelta) or max_age.total_seconds() < 0:
-                raise InvalidArgument(
-                    f"max_age must be a number of seconds or a timedelta >= 0, or None; got "
-                    f"{max_age!r}",
-                    field="max_age",
-                )
+            if not isinstance(max_age, timedelta) or not (
+                0 <= max_age.total_seconds() <= _LONGEST_AGE
+            ):
+                raise wrong
         if max_count is not None and (
-            isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0
+            isinstance(max_count, bool)
+            or not isinstance(max_count, int)
+            or not 0 <= max_count <= 2**53
         ):
             raise InvalidArgument(
-                f"max_count must be an int >= 0 or None, got {max_count!r}", field="max_count"
+                f"max_count must be an int >= 0 or None, got {shown(max_count)}",
+                field="max_count",
             )
         older_than = None if max_age is None else utcnow() - max_age
         return await self.core.repo.prune_events(older_than=older_than, keep=max_count)

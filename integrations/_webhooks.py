@@ -319,7 +319,7 @@ class Webhooks:
     async def replay(self, delivery_id: object, owner: OwnerScope) -> None:
         if not isinstance(delivery_id, str) or not delivery_id.startswith("msg_"):
             raise InvalidArgument(
-                f"a delivery id looks like 'msg_...', got {str(delivery_id)[:40]!r}",
+                f"a delivery id looks like 'msg_...', got {names.shown(delivery_id)}",
                 field="delivery_id",
             )
         any_owner = owner is ALL_OWNERS

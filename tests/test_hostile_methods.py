@@ -165,6 +165,9 @@ def _valid(name: str, w: dict[str, str]) -> Any:
         "owner": "user:fuzz",
         "migrator": lambda integ: None,
         "older_than": timedelta(days=365),
+        # Well-formed ids of a webhook endpoint and a delivery that do not exist.
+        "endpoint_id": str(uuid_mod.uuid4()),
+        "delivery_id": str(uuid_mod.uuid4()),
     }
     if name in table:
         return table[name]
