@@ -1253,3 +1253,14 @@ def test_a_provider_file_error_names_the_entry_the_field_and_the_allowed_values(
         assert f"entry 2 ('acme'), field {field}" in done.stderr
         assert allowed in done.stderr and str(spec) in done.stderr
         assert "Integrations(" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_errors_speak_the_command_lines_terms(fresh_db: str) -> None:
+    for args, option in (
+        (("--actor", "a" * 300, "add", "openai"), "--actor"),
+        (("--owner", "o" * 300, "add", "openai"), "--owner"),
+    ):
+        done = sh(fresh_db, *args)
+        assert done.returncode == 2, done.stderr
+        assert option in done.stderr
+        assert "None" not in done.stderr and "pass " not in done.stderr

@@ -483,6 +483,14 @@ _CLI_ADVICE = (
     ("keys= (or INTEGRATIONS_KEYS)", "INTEGRATIONS_KEYS"),
     ("(keys= or INTEGRATIONS_KEYS)", "(INTEGRATIONS_KEYS)"),
     ("add that key to keys= or INTEGRATIONS_KEYS", "add that key to INTEGRATIONS_KEYS"),
+    (
+        "pass None (the system scope) or a non-blank string of at most 255 characters",
+        "give --owner a non-blank value of at most 255 characters (left out: the system scope)",
+    ),
+    (
+        "pass None or a string of at most 255 characters",
+        "give --actor at most 255 characters (left out: the user running the command)",
+    ),
     ("call save_setup first", "run `integrations set` first"),
     ("save_setup(", "`integrations set` ("),
     ("add it with add_connection()", "add it with `integrations add`"),
