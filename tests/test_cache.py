@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
+import time
 import uuid as uuid_mod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,6 +19,8 @@ from integrations._cache import RowCache
 from integrations._record import StoredRow
 
 from .conftest import TEST_KEY
+from .oauth_server import OAuthTestServer
+from .oauthkit import connect, open_integrations
 
 WRITER = Path(__file__).resolve().parent / "cache_writer.py"
 TIMEOUT = 10.0
@@ -85,6 +90,25 @@ def test_nothing_is_kept_or_served_while_the_listener_is_down() -> None:
     assert cache.stats.size == 0
 
 
+def test_served_only_until_the_listeners_proof_runs_out_and_kept_meanwhile() -> None:
+    cache = RowCache(capacity=10)
+    cache.listening(True)
+    cache.proven(-math.inf)  # a probing listener: nothing served before its first proof
+    assert not cache.serving and cache.ticket() is None
+    cache.proven(time.monotonic() + 60)
+    cache.fill(cache.ticket(), row("a"))
+    ticket = cache.ticket()
+    assert cache.serving
+    cache.proven(time.monotonic() - 0.001)  # the proof ran out: a frozen link
+    assert not cache.serving and cache.ticket() is None
+    cache.fill(ticket, row("b"))  # a read that ends meanwhile is not kept
+    # What is held stays: notices arrive in commit order, so the next proof means every
+    # change committed before its probe was heard (and dropped its row).
+    cache.rows_changed(["a"])
+    cache.proven(time.monotonic() + 60)
+    assert cache.serving and cache.get("a") is None and cache.get("b") is None
+
+
 def test_lru_bound_and_refs_follow_their_rows() -> None:
     cache = RowCache(capacity=2)
     cache.listening(True)
@@ -126,8 +150,35 @@ async def test_repeated_reads_are_served_from_memory(integ: Integrations, saved:
     assert kept is not None and "sk-first" not in repr(kept.data)
 
 
-async def test_own_writes_are_seen_at_once(integ: Integrations, saved: str) -> None:
+class HeldBack:
+    """Stands between the event hub and the row cache: change notices are kept here, so
+    only a process's own invalidation of what it wrote can make a change seen."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.notices: list[Sequence[str] | None] = []
+
+    def rows_changed(self, uuids: Sequence[str] | None) -> None:
+        self.notices.append(uuids)
+
+    def listening(self, up: bool) -> None:
+        self.cache.listening(up)
+
+
+def hold_notifications(integ: Integrations, monkeypatch: pytest.MonkeyPatch) -> HeldBack:
+    hub = integ._s.core.hub
+    held = HeldBack(hub._watcher)
+    monkeypatch.setattr(hub, "_watcher", held)
+    return held
+
+
+async def test_own_writes_are_seen_at_once(
+    integ: Integrations, saved: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert await api_key(integ, saved) == "sk-first"
+    assert await api_key(integ, saved) == "sk-first"
+    assert integ.cache_stats.hits >= 1
+    hold_notifications(integ, monkeypatch)
     await integ.save_setup(saved, {"api_key": "sk-second"})
     assert await api_key(integ, saved) == "sk-second"
     await integ.rename_connection(saved, "renamed")
@@ -137,6 +188,24 @@ async def test_own_writes_are_seen_at_once(integ: Integrations, saved: str) -> N
     await integ.remove_connection(saved)
     with pytest.raises(integrations_errors().Deleted):
         await integ.get_credentials(saved)
+
+
+async def test_a_token_write_is_seen_at_once(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        OAuthTestServer() as server,
+        open_integrations(fresh_db, server.base_url) as integ,
+    ):
+        uuid = await connect(integ)
+        first = await integ.access_token(uuid)
+        assert await integ.access_token(uuid) == first
+        hold_notifications(integ, monkeypatch)
+        renewed = await integ.refresh_access_token(uuid)
+        assert renewed != first
+        # Not due: handed out from the (cached) row, which must be the one just written.
+        assert await integ.access_token(uuid) == renewed
+        assert server.stats.token_calls["refresh_token"] == 1
 
 
 def integrations_errors():  # type: ignore[no-untyped-def]
@@ -294,7 +363,8 @@ async def test_while_the_listener_is_down_reads_go_to_the_database(
     finally:
         await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await admin.close()
-    await until(lambda: hub.listening, "the listener to come back")
+    # Served again once the new connection's first probe was heard.
+    await until(lambda: integ.cache_stats.serving, "the listener to come back")
     assert (await integ.get_integration(saved))["note"] == 4
     assert integ.cache_stats.size == 1
 
