@@ -614,7 +614,12 @@ class _Console:
                 await handle.complete_device_authorization(conn.uuid, actor=actor)
             except IntegrationsError as exc:
                 # Recorded on the connection (a refusal) or simply ended (an expired code).
-                log.info("device authorization of %s ended: %s", conn.uuid, exc.code)
+                log.info(
+                    "device authorization of %s ended: %s",
+                    conn.uuid,
+                    exc.code,
+                    extra=fields("device_authorization_ended", uuid=conn.uuid),
+                )
 
         task = asyncio.create_task(wait())
         self._device_waits.add(task)
