@@ -3,6 +3,7 @@ source of the figures the documentation quotes.
 
     python benchmarks/report.py            # run the scripts, then write the page
     python benchmarks/report.py --from F   # write the page from saved output (F: a file)
+    python benchmarks/report.py --only bench_startup.py   # rerun one, rewrite its section
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ SCRIPTS = [
     "bench_rotation.py",
     "bench_refresh_storm.py",
     "bench_tracing_overhead.py",
+    "bench_startup.py",
 ]
+# Sections that one script fills alone: `--only SCRIPT` reruns it and rewrites its section.
+SECTIONS = {"bench_startup.py": ("startup", "## Start-up")}
 PREFIX = "RESULT "
 
 
@@ -50,6 +54,27 @@ def parse(text: str) -> dict[str, dict[str, float]]:
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
+
+
+def render_startup(s: dict[str, Any]) -> list[str]:
+    return [
+        "## Start-up",
+        "",
+        f"`bench_startup.py`: medians of {s['rounds']:.0f} fresh interpreters each, taken in "
+        "turn; imports are what `python -X importtime` counts (the interpreter's own "
+        "start-up imports included).",
+        "",
+        "| what | wall | imports | against the bare interpreter | target |",
+        "|---|---|---|---|---|",
+        f"| `python -c pass` | {s['bare_ms']:.0f} ms | {s['bare_imports_ms']:.0f} ms | 1x | — |",
+        f"| `import integrations` | {s['import_ms']:.0f} ms | {s['import_imports_ms']:.0f} ms "
+        f"| {s['import_ms'] / s['bare_ms']:.2f}x | < 200 ms: {verdict(s['import_ms'] < 200)} |",
+        f"| `from integrations import Integrations` | {s['facade_ms']:.0f} ms | "
+        f"{s['facade_imports_ms']:.0f} ms | {s['facade_ms'] / s['bare_ms']:.2f}x | — |",
+        f"| `integrations --help` | {s['help_ms']:.0f} ms | {s['help_imports_ms']:.0f} ms | "
+        f"{s['help_ms'] / s['bare_ms']:.2f}x | < 150 ms: {verdict(s['help_ms'] < 150)} |",
+        "",
+    ]
 
 
 def render(r: dict[str, dict[str, Any]]) -> str:
@@ -177,6 +202,7 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         f"{tr['base_us']:,.0f} µs | {tr['absent_us']:,.0f} µs | "
         f"{tr['absent_us'] / tr['base_us']:.2f}x |",
         "",
+        *(render_startup(r["startup"]) if "startup" in r else []),
         "## Notes",
         "",
         "- A cached read costs a dict lookup and the decryption of the row's secrets; the",
@@ -211,7 +237,30 @@ def render(r: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def rewrite_section(script: str) -> None:
+    """Rerun one script and put its section in the page, the rest as it was."""
+    name, heading = SECTIONS[script]
+    done = subprocess.run(
+        [sys.executable, str(HERE / script)], stdout=subprocess.PIPE, text=True, check=True
+    )
+    sys.stderr.write(done.stdout)
+    section = "\n".join(render_startup(parse(done.stdout)[name]))
+    page = PAGE.read_text()
+    if heading in page:
+        start = page.index(heading)
+        end = page.index("\n## ", start + len(heading)) + 1
+        page = page[:start] + section + page[end:]
+    else:
+        at = page.index("## Notes")
+        page = page[:at] + section + page[at:]
+    PAGE.write_text(page)
+    print(f"wrote the {heading[3:]} section of {PAGE}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) == 2 and argv[0] == "--only":
+        rewrite_section(argv[1])
+        return
     saved = len(argv) == 2 and argv[0] == "--from"
     text = Path(argv[1]).read_text() if saved else run_all()
     results = parse(text)

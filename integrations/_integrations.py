@@ -26,7 +26,7 @@ from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
 from ._models import Connection, ConnectionList, Page, Validation
 from ._names import shown
-from ._owner import OwnerHandle, Ref
+from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._rotation import ProgressCallback, RotationProgress
@@ -148,6 +148,9 @@ class Integrations:
         self._http = HttpClient(http)
         self._legacy = LegacyMigrators()
         self._services: Services | None = None
+        # The scopes of the defaults: every owner's (no check) and the system's.
+        self._everyone = Scoped(self._live, self.providers, ALL_OWNERS)
+        self._system = Scoped(self._live, self.providers, None)
         self._state = _State.NEW
         self._teardown: asyncio.Task[None] | None = None
         self._sweeps: set[HealthSweep] = set()
@@ -254,10 +257,14 @@ class Integrations:
         await asyncio.gather(*(sweep.stop() for sweep in list(self._sweeps)))
 
     def _check_open(self) -> None:
-        self._s  # noqa: B018 - raises LifecycleError unless open
+        self._live()
 
     @property
     def _s(self) -> Services:
+        return self._live()
+
+    def _live(self) -> Services:
+        """The services, while open; LifecycleError otherwise."""
         if self._state is not _State.OPEN or self._services is None:
             raise LifecycleError(
                 "Integrations is not open: use 'async with Integrations(...)' or await open()."
@@ -283,7 +290,15 @@ class Integrations:
 
     def for_owner(self, owner: str | None) -> OwnerHandle:
         """A handle on one owner's connections: another owner's look missing through it."""
-        return OwnerHandle(lambda: self._s, names.check_owner(owner))
+        return OwnerHandle(self._live, self.providers, owner)
+
+    def _in(self, owner: OwnerScope) -> Scoped:
+        """The connection API in ``owner``'s scope, which the services check."""
+        if owner is ALL_OWNERS:
+            return self._everyone
+        if owner is None:
+            return self._system
+        return Scoped(self._live, self.providers, owner)
 
     # -- events -------------------------------------------------------------------------
 
@@ -304,9 +319,10 @@ class Integrations:
         owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
         """
+        # The administrator's default only: an owner handle's stays its owner's.
         if uuid is not None and owner is None:
             owner = ALL_OWNERS
-        return self._s.subscribe(provider, uuid, owner, kinds, maxsize)
+        return self._in(owner).subscribe(provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -319,7 +335,7 @@ class Integrations:
         """Counters of this instance's event listener: received, malformed, reconnects."""
         return self._s.core.hub.stats
 
-    # -- connections --------------------------------------------------------------------
+    # -- connections: each is Scoped's method of the same name, in the scope of ``owner`` --
 
     async def add_connection(
         self,
@@ -331,33 +347,34 @@ class Integrations:
         uuid: str | None = None,
     ) -> Connection:
         """Create a named connection; the only place a storage key is built. ``uuid`` keeps
-        an identity from elsewhere (a migration or an import); by default a new UUIDv7."""
-        return await self._s.connections.add(provider, name, actor=actor, owner=owner, uuid=uuid)
+        an identity from elsewhere (a migration or an import); by default a new UUIDv7. An
+        owner handle picks every uuid itself and refuses ``uuid``."""
+        return await self._in(owner).add_connection(provider, name, actor=actor, uuid=uuid)
 
     async def rename_connection(
         self, uuid: str, new_name: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
     ) -> dict[str, Any]:
         """Rename in place: the key's name part is rewritten, the uuid never changes."""
-        return await self._s.connections.rename(uuid, new_name, actor=actor, owner=owner)
+        return await self._in(owner).rename_connection(uuid, new_name, actor=actor)
 
     async def remove_connection(
         self, uuid: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
     ) -> None:
         """Delete a connection (its grant revoked); readers pinned to its uuid get ``deleted``."""
-        await self._s.connections.remove(uuid, actor=actor, owner=owner)
+        await self._in(owner).remove_connection(uuid, actor=actor)
 
     async def list_connections(
         self, provider: str, *, owner: str | None = None
     ) -> list[Connection]:
         """A provider's connections: "default" first, then by name (masked)."""
-        return (await self._s.connections.load_all([provider], owner))[provider]
+        return await self._in(owner).list_connections(provider)
 
     async def load_all_connections(
         self, providers: Iterable[str], *, owner: OwnerScope = None
     ) -> dict[str, list[Connection]]:
         """Connections of several providers in one SQL statement; every asked key is present.
         ``owner=ALL_OWNERS`` gives every owner's (system connections first in each list)."""
-        return await self._s.connections.load_all(providers, owner)
+        return await self._in(owner).load_all_connections(providers)
 
     async def list_integrations(
         self, *, owner: str | None = None, limit: int | None = None, after: str | None = None
@@ -367,7 +384,7 @@ class Integrations:
         With ``limit``, one page of at most that many in storage-key order: pass the
         result's ``next_after`` (or the uuid of its last connection) as ``after`` for the
         next page; ``next_after`` is None on the last one."""
-        return await self._s.connections.list_integrations(owner, limit=limit, after=after)
+        return await self._in(owner).list_integrations(limit=limit, after=after)
 
     async def list_page(
         self,
@@ -388,44 +405,39 @@ class Integrations:
         of the name, any case) filter a page: it examines a bounded number of rows, so it
         may hold fewer than ``limit`` connections (even none) and still have a
         ``next_after``; the listing ends when ``next_after`` is None."""
-        return await self._s.connections.page(
-            owner=owner,
-            provider=provider,
-            limit=limit,
-            after=after,
-            status=status,
-            search=search,
+        return await self._in(owner).list_page(
+            provider=provider, limit=limit, after=after, status=status, search=search
         )
 
     async def count_connections(self, *, owner: OwnerScope = None) -> dict[str, int]:
         """Connections per provider key of ``owner`` (every owner's with ``ALL_OWNERS``),
         providers without any left out; kept by the database, so the same cost at any
         table size."""
-        return await self._s.connections.counts(owner)
+        return await self._in(owner).count_connections()
 
     def list_providers(self) -> list[Provider]:
         """Every known provider, built-in and registered, by key."""
-        return self.providers.all()
+        return self._system.list_providers()
 
     async def get_integration(
         self, ref: Ref, *, owner: OwnerScope = ALL_OWNERS, fresh: bool = False
     ) -> dict[str, Any]:
         """The whole decrypted data of a connection, by uuid or ref (see ``get_credentials``)."""
-        return await self._s.connections.get_integration(ref, owner, fresh=fresh)
+        return await self._in(owner).get_integration(ref, fresh=fresh)
 
     async def get_integration_by_uuid(
         self, uuid: str, *, owner: OwnerScope = ALL_OWNERS, fresh: bool = False
     ) -> Connection:
         """The connection (masked) by its row uuid."""
-        return await self._s.connections.get_integration_by_uuid(uuid, owner, fresh=fresh)
+        return await self._in(owner).get_integration_by_uuid(uuid, fresh=fresh)
 
     async def find_uuid_by_provider_name(self, ref: Ref, *, owner: str | None = None) -> str:
         """``"p:n"``, ``"p"`` (= ``"p:default"``) or ``("p", "n")`` → uuid; never guesses."""
-        return await self._s.connections.find_uuid(ref, owner)
+        return await self._in(owner).find_uuid_by_provider_name(ref)
 
     async def resolve_to_uuid(self, value: Ref, *, owner: OwnerScope = ALL_OWNERS) -> str:
         """A uuid that exists → itself; a provider ref → its uuid (see ``get_credentials``)."""
-        return await self._s.connections.resolve(value, owner)
+        return await self._in(owner).resolve_to_uuid(value)
 
     def settings_key(self, ref: str) -> str:
         """The storage key for ``"google"`` or ``"google:personal"``."""
@@ -436,18 +448,19 @@ class Integrations:
     ) -> dict[str, Any]:
         """Decrypted credentials for API calls, by uuid or ``provider:name``.
 
-        A ref is looked up in ``owner``'s scope (the system's when left out). A uuid names
-        its row whoever owns it, unless ``owner`` is given (``None`` included): then a row
-        of another owner counts as missing. The row comes from this process's cache when
-        it holds it (see docs/cache.md); ``fresh=True`` reads the database.
+        A ref is looked up in the owner's scope (on ``Integrations``, the system's when
+        ``owner`` is left out). A uuid names its row whoever owns it, unless an owner is
+        given (``None`` included): then a row of another owner counts as missing. The row
+        comes from this process's cache when it holds it (see docs/cache.md);
+        ``fresh=True`` reads the database.
         """
-        return await self._s.connections.get_credentials(ref, owner, fresh=fresh)
+        return await self._in(owner).get_credentials(ref, fresh=fresh)
 
     async def is_connected(
         self, uuid: str, *, owner: OwnerScope = ALL_OWNERS, fresh: bool = False
     ) -> bool:
         """True when the connection is connected and holds runtime credentials."""
-        return await self._s.connections.is_connected(uuid, owner, fresh=fresh)
+        return await self._in(owner).is_connected(uuid, fresh=fresh)
 
     async def save_setup(
         self,
@@ -458,7 +471,7 @@ class Integrations:
         owner: OwnerScope = ALL_OWNERS,
     ) -> dict[str, Any]:
         """Merge setup attributes into the connection; tokens already obtained are kept."""
-        return await self._s.connections.save_setup(uuid, attrs, actor=actor, owner=owner)
+        return await self._in(owner).save_setup(uuid, attrs, actor=actor)
 
     async def import_tokens(
         self,
@@ -475,31 +488,31 @@ class Integrations:
         connection becomes ``connected`` as after an authorization; the only way to write
         token fields from outside (``save_setup`` refuses them).
         """
-        return await self._s.connections.import_tokens(uuid, tokens, actor=actor, owner=owner)
+        return await self._in(owner).import_tokens(uuid, tokens, actor=actor)
 
     async def disconnect(
         self, uuid: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
     ) -> None:
         """Drop runtime credentials (tokens, keys); OAuth client id/secret are kept."""
-        await self._s.connections.disconnect(uuid, actor=actor, owner=owner)
+        await self._in(owner).disconnect(uuid, actor=actor)
 
     async def record_validation(
         self, uuid: str, result: Any, *, owner: OwnerScope = ALL_OWNERS
     ) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""
-        await self._s.record_validation(uuid, result, owner)
+        await self._in(owner).record_validation(uuid, result)
 
     # -- checks -------------------------------------------------------------------------
 
     async def validate_credentials(self, provider: str, attrs: Mapping[str, Any]) -> Validation:
         """Probe the provider with in-memory credentials; nothing is stored."""
-        return await self._s.checks.validate_credentials(provider, attrs)
+        return await self._system.validate_credentials(provider, attrs)
 
     async def validate_connection(
         self, uuid: str, *, actor: str | None = None, owner: OwnerScope = ALL_OWNERS
     ) -> Validation:
         """Probe the stored credentials and record the outcome on the connection."""
-        return await self._s.checks.validate_connection(uuid, actor=actor, owner=owner)
+        return await self._in(owner).validate_connection(uuid, actor=actor)
 
     # -- requests and tokens ------------------------------------------------------------
 
@@ -517,29 +530,22 @@ class Integrations:
     ) -> Response:
         """Send a request with the connection's credentials, only to the provider's API hosts.
 
-        ``uuid`` may also be a ref, looked up in ``owner``'s scope (see ``get_credentials``).
+        ``uuid`` may also be a ref, looked up in the owner's scope (see ``get_credentials``).
         ``allow_any_host=True`` sends the credentials wherever ``url`` points: only for URLs
         you fully control. ``opts``: ``headers``, ``params``, ``json``, ``data``,
         ``timeout`` and other aiohttp request options.
         """
-        return await self._s.authenticated_request(
-            uuid,
-            method,
-            url,
-            allow_any_host=allow_any_host,
-            max_attempts=max_attempts,
-            owner=owner,
-            opts=opts,
-            fresh=fresh,
+        return await request(
+            self._in(owner), uuid, method, url, allow_any_host, max_attempts, fresh, opts
         )
 
     async def access_token(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> str:
         """A valid access token, refreshed first when it expires within the leeway."""
-        return await self._s.access_token(uuid, owner)
+        return await self._in(owner).access_token(uuid)
 
     async def refresh_access_token(self, uuid: str, *, owner: OwnerScope = ALL_OWNERS) -> str:
         """Refresh now and return the new access token; concurrent calls share one request."""
-        return await self._s.refresh_access_token(uuid, owner)
+        return await self._in(owner).refresh_access_token(uuid)
 
     # -- OAuth authorization -------------------------------------------------------------
 
@@ -557,8 +563,8 @@ class Integrations:
         A single-use pending authorization (state hash, sealed PKCE verifier, redirect URI,
         scopes) is stored server-side and expires after ``authorization_ttl`` seconds.
         """
-        return await self._s.begin_authorization(
-            uuid, redirect_uri, scopes=scopes, actor=actor, owner=owner
+        return await self._in(owner).begin_authorization(
+            uuid, redirect_uri, scopes=scopes, actor=actor
         )
 
     async def complete_authorization(
@@ -576,8 +582,8 @@ class Integrations:
         InvalidState and changes nothing. A provider ``error`` is recorded on the
         connection and raised as AuthorizationDenied.
         """
-        return await self._s.complete_authorization(
-            state, code=code, error=error, error_description=error_description, owner=owner
+        return await self._in(owner).complete_authorization(
+            state, code=code, error=error, error_description=error_description
         )
 
     async def authorization_url(
@@ -590,10 +596,9 @@ class Integrations:
         owner: OwnerScope = ALL_OWNERS,
     ) -> str:
         """The seed's authorization URL (PKCE included); a pending authorization is stored."""
-        url, _ = await self._s.begin_authorization(
-            uuid, redirect_uri, scopes=scopes, actor=None, state=state, owner=owner
+        return await self._in(owner).authorization_url(
+            uuid, redirect_uri, scopes=scopes, state=state
         )
-        return url
 
     async def exchange_code(
         self,
@@ -605,7 +610,7 @@ class Integrations:
         owner: OwnerScope = ALL_OWNERS,
     ) -> dict[str, Any]:
         """The seed's code exchange: stores the tokens and returns the (masked) data."""
-        return await self._s.exchange_code(uuid, code, redirect_uri, actor=actor, owner=owner)
+        return await self._in(owner).exchange_code(uuid, code, redirect_uri, actor=actor)
 
     async def connect_interactive(
         self,
@@ -623,8 +628,8 @@ class Integrations:
         URI is ``http://127.0.0.1:{port}/callback``. Raises AuthorizationTimeout (a
         TimeoutError) after ``timeout`` seconds.
         """
-        return await self._s.connect_interactive(
-            uuid, scopes=scopes, open_browser=open_browser, timeout=timeout, port=port, owner=owner
+        return await self._in(owner).connect_interactive(
+            uuid, scopes=scopes, open_browser=open_browser, timeout=timeout, port=port
         )
 
     # -- legacy data ----------------------------------------------------------------------

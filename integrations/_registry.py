@@ -11,7 +11,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ._catalogue import BUILTIN_PROVIDERS
 from ._errors import ConfigurationError, InvalidProviderKey, ProviderConflict
 from ._probes import CHECK_HOOKS
 from ._providers import Provider, unknown_provider_message
@@ -74,6 +73,9 @@ class ProviderRegistry:
         override: bool = False,
         schemes: SchemeRegistry = SCHEMES,
     ) -> None:
+        # The catalogue's models are built when a registry is, not at import.
+        from ._catalogue import BUILTIN_PROVIDERS
+
         self.schemes = schemes
         self._providers: dict[str, Provider] = {p.key: p for p in BUILTIN_PROVIDERS}
         seen: set[str] = set()

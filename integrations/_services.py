@@ -1,21 +1,18 @@
-"""The services built at ``open()`` on one core, and the operations the doors share."""
+"""The services built at ``open()`` on one core, and the operations that join several."""
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Coroutine
 from typing import Any
 
-from . import _names as names
-from . import _record as record
 from . import _telemetry as telemetry
 from ._authflow import AuthFlow
 from ._checks import Checks
-from ._connections import Connections, check_scope
+from ._connections import Connections
 from ._core import Core
-from ._events import OwnerScope, Subscription
+from ._events import OwnerScope
 from ._http import Response
-from ._models import Connection, utcnow
+from ._models import utcnow
 from ._requests import Requests
 from ._rotation import ProgressCallback, RotationProgress, rotate
 from ._tokens import Refresher
@@ -24,8 +21,8 @@ __all__ = ["Services"]
 
 
 class Services:
-    """Every service on one core. The facade and the owner handle are doors onto these:
-    each operation takes its owner scope explicitly."""
+    """Every service on one core. ``Scoped`` (``_owner.py``) is the door onto these: each
+    operation takes its owner scope explicitly."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
@@ -62,29 +59,6 @@ class Services:
             finally:
                 # Ending the subscriptions first lets every ``async for`` finish cleanly.
                 await self.core.hub.close()
-
-    def subscribe(
-        self,
-        provider: str | None,
-        uuid: str | None,
-        owner: OwnerScope,
-        kinds: Iterable[str] | None,
-        maxsize: int,
-    ) -> AbstractAsyncContextManager[Subscription]:
-        if provider is not None:
-            provider = self.core.providers.get(provider).key
-        if uuid is not None:
-            uuid = names.require_uuid(uuid)
-        scope = check_scope(owner)
-        return self.core.hub.subscribe(
-            provider=provider, uuid=uuid, owner=scope, kinds=kinds, maxsize=maxsize
-        )
-
-    async def record_validation(self, uuid: object, result: Any, owner: OwnerScope) -> None:
-        # A uuid that resolves to nothing (or to another owner's row) is quietly left alone.
-        target = names.require_uuid(uuid)
-        ok, message = record.validation_outcome(result)
-        await self.connections.record(target, ok, message, actor=None, owner=check_scope(owner))
 
     def authenticated_request(
         self,
@@ -142,75 +116,3 @@ class Services:
         provider = self.core.require_provider(row)
         refreshing = self.tokens.refresh(row, provider, began=began)
         return await telemetry.in_log_scope(row, refreshing)
-
-    async def begin_authorization(
-        self,
-        uuid: object,
-        redirect_uri: str,
-        *,
-        scopes: Sequence[str] | None,
-        actor: str | None,
-        state: str | None = None,
-        owner: OwnerScope,
-    ) -> tuple[str, str]:
-        return await self.authflow.begin(
-            names.require_uuid(uuid),
-            redirect_uri,
-            scopes=scopes,
-            actor=names.check_actor(actor),
-            state=state,
-            owner=check_scope(owner),
-        )
-
-    async def complete_authorization(
-        self,
-        state: str,
-        *,
-        code: str | None,
-        error: str | None,
-        error_description: str | None,
-        owner: OwnerScope,
-    ) -> Connection:
-        row = await self.authflow.complete(
-            state,
-            code=code,
-            error=error,
-            error_description=error_description,
-            owner=check_scope(owner),
-        )
-        return self.core.connection(row)
-
-    async def exchange_code(
-        self, uuid: object, code: str, redirect_uri: str, *, actor: str | None, owner: OwnerScope
-    ) -> dict[str, Any]:
-        row = await self.authflow.exchange(
-            names.require_uuid(uuid),
-            code,
-            redirect_uri,
-            names.check_actor(actor),
-            check_scope(owner),
-        )
-        return self.core.masked(row)
-
-    async def connect_interactive(
-        self,
-        uuid: object,
-        *,
-        scopes: Sequence[str] | None,
-        open_browser: bool,
-        timeout: float,  # noqa: ASYNC109 - enforced inside with asyncio.timeout
-        port: int,
-        owner: OwnerScope,
-    ) -> Connection:
-        from ._interactive import connect_interactive
-
-        return await connect_interactive(
-            self.authflow,
-            self.core,
-            names.require_uuid(uuid),
-            owner=check_scope(owner),
-            scopes=scopes,
-            open_browser=open_browser,
-            timeout=timeout,
-            port=port,
-        )

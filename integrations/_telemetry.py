@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeVar
 from urllib.parse import parse_qs
 
-from . import oauth
-
 __all__ = [
     "ENABLED",
     "LOG_FIELDS",
@@ -486,8 +484,10 @@ def grant_type_of(body: Any) -> str:
         body = body.decode("ascii", "replace")
     if not isinstance(body, str):
         return "unknown"
+    from .oauth import error_code  # loaded by then: only token requests get here
+
     values = parse_qs(body).get("grant_type")
-    return (values and oauth.error_code(values[0])) or "unknown"
+    return (values and error_code(values[0])) or "unknown"
 
 
 @contextlib.contextmanager
@@ -519,8 +519,10 @@ def token_span(provider: str | None, url: str, body: Any) -> Iterator[None]:
                     current.set_attribute("integrations.error_code", code)
                 context = getattr(exc, "context", None)
                 if isinstance(context, Mapping):
+                    from .oauth import error_code
+
                     oauth_error = context.get("error")
-                    if oauth.error_code(oauth_error) is not None:
+                    if error_code(oauth_error) is not None:
                         current.set_attribute("integrations.oauth_error", oauth_error)
                     status = context.get("status")
                     if isinstance(status, int):

@@ -7,7 +7,6 @@ import os
 import secrets
 import socket
 import tempfile
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from integrations import Integrations, generate_key
+from integrations import Integrations, _embedded, generate_key
 
 TEST_KEY = generate_key()
 
@@ -47,14 +46,12 @@ def _admin_dsn() -> str:
     if _local_server_up():
         host, port = _local_server()
         return f"postgresql://postgres@{host}:{port}/postgres"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        server = pgserver.get_server(
-            Path(tempfile.gettempdir()) / "integrations-test-pg", cleanup_mode="stop"
-        )
-    return str(server.get_uri())
+    # The embedded server's loopback port, as a local server's: the fault proxy and
+    # PgBouncer need TCP. It is stopped once the last test process using it ends.
+    server = _embedded.embedded_server(Path(tempfile.gettempdir()) / "integrations-test-embedded")
+    if server.tcp_dsn is None:
+        raise RuntimeError(f"the embedded test server answers on no loopback port: {server}")
+    return server.tcp_dsn
 
 
 async def _admin(dsn: str, *statements: str) -> None:
@@ -80,6 +77,7 @@ def pg_params(admin_dsn: str) -> dict[str, Any]:
         "host": parts.hostname or query.get("host", "127.0.0.1"),
         "port": parts.port or int(query.get("port", 5432)),
         "user": unquote(parts.username or query.get("user", "postgres")),
+        "password": unquote(parts.password or query.get("password", "")),
         "database": parts.path.lstrip("/") or "postgres",
     }
 

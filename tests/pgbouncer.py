@@ -42,6 +42,7 @@ class PgBouncer:
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 5432
         self.user = parts.username or "postgres"
+        self.password = parts.password or ""
         self.pool_size = pool_size
         self.port = 0
         self._dir: str | None = None
@@ -60,7 +61,7 @@ class PgBouncer:
         # be able to read its files.
         os.chmod(self._dir, 0o755)
         directory = Path(self._dir)
-        (directory / "users.txt").write_text(f'"{self.user}" ""\n')
+        (directory / "users.txt").write_text(f'"{self.user}" "{self.password}"\n')
         self.port = _free_port()
         (directory / "pgbouncer.ini").write_text(
             "[databases]\n"

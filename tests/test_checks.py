@@ -410,6 +410,7 @@ def pg_creds(pg_params: dict[str, Any]) -> Callable[..., dict[str, Any]]:
         "host": pg_params["host"],
         "port": pg_params["port"],
         "username": pg_params["user"],
+        "password": pg_params["password"],
         "database": pg_params["database"],
     }
 
@@ -464,7 +465,9 @@ async def test_postgres_check_never_uses_this_process_password(
 
     monkeypatch.setenv("PGPASSWORD", SECRET)
     monkeypatch.setattr(asyncpg, "connect", fake_connect)
-    await check_credentials(REGISTRY.get("postgres"), pg_creds(host="db.example.test"), http=http)
+    creds = pg_creds(host="db.example.test")
+    del creds["credentials"]["password"]
+    await check_credentials(REGISTRY.get("postgres"), creds, http=http)
     assert seen["password"] == ""
     assert URL(f"https://{seen['host']}").host == "db.example.test"
 

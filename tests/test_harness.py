@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
-import types
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+
+from integrations import _embedded
+from integrations._embedded import EmbeddedServer
 
 from . import conftest
 
@@ -19,21 +21,21 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class FakeServer:
-    def get_uri(self) -> str:
-        return "postgresql://postgres:@/postgres?host=/tmp/fake-embedded"
+FAKE = EmbeddedServer(
+    "postgresql://postgres@/postgres?host=/tmp/fake-embedded&port=1",
+    "postgresql://postgres:pw@127.0.0.1:1/postgres",
+)
 
 
 def test_an_unreachable_local_server_falls_back_to_embedded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     started: list[Any] = []
-    fake = types.ModuleType("pgserver")
-    fake.get_server = lambda *args, **kwargs: started.append(args) or FakeServer()  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pgserver", fake)
+    monkeypatch.setattr(_embedded, "embedded_server", lambda *args: started.append(args) or FAKE)
     monkeypatch.delenv("INTEGRATIONS_TEST_DSN", raising=False)
     monkeypatch.setenv("INTEGRATIONS_TEST_LOCAL", f"127.0.0.1:{closed_port()}")
-    assert conftest._admin_dsn() == FakeServer().get_uri()
+    # The loopback port, so that the fault proxy and PgBouncer can stand in front of it.
+    assert conftest._admin_dsn() == FAKE.tcp_dsn
     assert len(started) == 1
 
 
@@ -58,5 +60,7 @@ def test_the_admin_dsn_in_use_honours_the_probe(admin_dsn: str) -> None:
     elif conftest._local_server_up():
         assert admin_dsn == f"postgresql://postgres@{host}:{port}/postgres"
     else:
-        assert f"{host}:{port}" not in admin_dsn
-        assert "host=" in admin_dsn, "expected the embedded server's socket directory"
+        parts = urlsplit(admin_dsn)
+        assert (parts.hostname, parts.port) != (host, port)
+        # The embedded server's private loopback port, with its password.
+        assert parts.hostname == "127.0.0.1" and parts.password

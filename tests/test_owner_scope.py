@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,7 +48,55 @@ CALLS: dict[str, Call] = {
     "begin_authorization": lambda h, u: h.begin_authorization(u, "https://app.example/cb"),
     "authorization_url": lambda h, u: h.authorization_url(u, "https://app.example/cb"),
     "exchange_code": lambda h, u: h.exchange_code(u, "code", "https://app.example/cb"),
+    "connect_interactive": lambda h, u: h.connect_interactive(u, timeout=5),
 }
+
+# The administrator's methods that take an owner but are not offered to one.
+ADMIN_ONLY = {"check_all", "legacy_upsert"}
+
+
+def _methods(cls: type) -> dict[str, Any]:
+    return {
+        name: getattr(cls, name)
+        for name in dir(cls)
+        if not name.startswith("_") and inspect.isfunction(getattr(cls, name))
+    }
+
+
+def test_the_handle_is_the_facade_with_the_owner_fixed() -> None:
+    handle, facade = _methods(OwnerHandle), _methods(Integrations)
+    assert handle.keys() - facade.keys() == set()
+    takes_owner = {
+        name
+        for name, method in facade.items()
+        if (p := inspect.signature(method).parameters.get("owner")) and p.kind is p.KEYWORD_ONLY
+    }
+    assert takes_owner - handle.keys() == ADMIN_ONLY
+    for name, method in handle.items():
+        door = facade[name]
+        signature = inspect.signature(door)
+        fixed = [p for p in signature.parameters.values() if p.name != "owner"]
+        assert signature.replace(parameters=fixed) == inspect.signature(method), name
+        assert inspect.iscoroutinefunction(door) is inspect.iscoroutinefunction(method), name
+        assert inspect.getdoc(method), name
+        assert inspect.getdoc(door) == inspect.getdoc(method), name
+
+
+def test_the_facade_forwards_each_scoped_method_to_its_one_implementation() -> None:
+    for name in _methods(OwnerHandle):
+        source = inspect.getsource(getattr(Integrations, name))
+        body = source[source.index('"""', source.index('"""') + 3) :]
+        forwards = rf"(self\._in\(owner\)|self\._system)\.{name}\(|request\(\s*self\._in\(owner\)"
+        assert re.search(forwards, body), f"Integrations.{name} does not forward to Scoped.{name}"
+
+
+def test_every_uuid_method_of_the_handle_is_tried_on_another_owners_connection() -> None:
+    by_uuid = {
+        name
+        for name, method in _methods(OwnerHandle).items()
+        if list(inspect.signature(method).parameters)[1:2] == ["uuid"]
+    }
+    assert by_uuid - CALLS.keys() == set()
 
 
 async def _outcome(call: Awaitable[Any], uuid: str) -> tuple[str, Any]:
@@ -90,6 +140,28 @@ async def test_another_owners_connection_looks_missing(
     assert crossed == missing
     assert await _table(db) == before
     assert BOB_KEY not in repr(crossed)
+
+
+async def test_an_owner_handles_subscriptions_stay_in_its_owners_scope(
+    integ: Integrations,
+) -> None:
+    bob = await integ.add_connection("openai", "default", owner="user:bob")
+    system, alice = integ.for_owner(None), integ.for_owner("user:alice")
+    async with (
+        system.subscribe(uuid=bob.uuid) as system_by_uuid,
+        system.subscribe() as system_all,
+        alice.subscribe(uuid=bob.uuid) as alice_by_uuid,
+        alice.subscribe() as alice_all,
+        integ.for_owner("user:bob").subscribe(uuid=bob.uuid) as bobs,
+        integ.subscribe(uuid=bob.uuid) as administrators,
+    ):
+        await integ.save_setup(bob.uuid, {"api_key": BOB_KEY})
+        assert (await asyncio.wait_for(bobs.get(), 5)).uuid == bob.uuid
+        # The administrator watching a uuid sees it whoever owns it; a handle never does.
+        assert (await asyncio.wait_for(administrators.get(), 5)).uuid == bob.uuid
+        await asyncio.sleep(0.2)
+        for foreign in (system_by_uuid, system_all, alice_by_uuid, alice_all):
+            assert foreign.pending == 0
 
 
 async def test_the_owner_sees_and_changes_its_own(integ: Integrations) -> None:

@@ -298,25 +298,79 @@ async def test_the_listing_groups_by_provider_with_status_and_pages(
     await integ.record_validation(uuid, (False, "Token expired"))
     async with client(console(integ, authorize=admin, page_size=4)) as http:
         first = (await http.get("/")).text
-        second = (await http.get("/?page=2")).text
-        beyond = (await http.get("/?page=99")).text
-        junk = (await http.get("/?page=x")).text
+        next_url = html.unescape(first.split('rel="next"', 1)[0].rsplit('href="', 1)[1])[:-2]
+        second = (await http.get(next_url)).text
+        fragment = (await http.get("/fragments/list?" + next_url.split("?", 1)[1])).text
+        junk = (await http.get("/?after=junk&size=x&status=nope&provider=Not%20A%20Key")).text
     assert first.count("<tr data-uuid=") == 4
     assert 'id="provider-acme"' in first
-    assert "Page 1 of 2 (6 connections)" in first
-    assert "Next page" in first
+    assert "6 connections" in first
+    assert "Next page" in first and "First page" not in first
     assert "not configured" in first
     assert second.count("<tr data-uuid=") == 2
-    assert 'id="provider-acme"' in second and 'id="provider-loopback"' in second
+    assert 'id="provider-loopback"' in second
     assert ">error<" in second
     assert "Token expired" in second
-    assert "Page 2 of 2" in beyond
-    assert "Page 1 of 2" in junk
+    assert "Next page" not in second and "First page" in second
+    assert fragment.count("<tr data-uuid=") == 2
+    # A link edited by hand falls back to the first page.
+    assert junk.count("<tr data-uuid=") == 4
     # The catalogue's other providers follow the last page, for the add form.
     assert "Providers without connections" not in first
     idle = second.split("Providers without connections", 1)[1]
     assert "<code>openai</code>" in idle
     assert "<code>acme</code>" not in idle and "<code>loopback</code>" not in idle
+
+
+async def test_the_listing_searches_filters_and_counts_in_the_database(
+    integ: Integrations,
+) -> None:
+    for name in ("alpha", "Alpine", "beta", "gamma"):
+        await integ.add_connection("acme", name)
+    await integ.add_connection("openai", "alpha")
+    mine = await integ.add_connection("acme", "alpha", owner="user:1")
+    failing = (await integ.add_connection("acme", "failing")).uuid
+    await integ.record_validation(failing, (False, "Bad key"))
+    async with client(console(integ, authorize=admin, page_size=10)) as http:
+        everything = (await http.get("/")).text
+        named = (await http.get("/?q=ALP")).text
+        acme_named = (await http.get("/?q=alp&provider=acme")).text
+        errors = (await http.get("/?status=error")).text
+        theirs = (await http.get("/?owner=user:1")).text
+        small = (await http.get("/?size=10&q=a")).text
+    # Per-provider counts of every owner's connections, in the provider filter.
+    assert "Acme (6)</option>" in everything and "OpenAI (1)</option>" in everything
+    assert "7 connections" not in everything  # one page: no page links
+    assert named.count("<tr data-uuid=") == 4  # acme alpha twice (two owners), Alpine, openai
+    assert acme_named.count("<tr data-uuid=") == 3
+    assert 'id="provider-openai"' not in acme_named
+    assert errors.count("<tr data-uuid=") == 1 and "Bad key" in errors
+    assert theirs.count("<tr data-uuid=") == 1 and f"/{mine.uuid}" in theirs
+    assert 'value="user:1"' in theirs
+    assert small.count("<tr data-uuid=") == 7 and '<option value="10" selected>' in small
+    # An owner searches only their own connections, and sees only their own counts.
+    async with client(console(integ, authorize=lambda request: Owner("user:1"))) as http:
+        own = (await http.get("/?q=alp")).text
+        other = (await http.get("/?owner=")).text
+    assert own.count("<tr data-uuid=") == 1 and f"/{mine.uuid}" in own
+    assert "Acme (1)</option>" in own and 'id="find-owner"' not in own
+    assert other.count("<tr data-uuid=") == 1
+
+
+async def test_the_next_page_links_walk_every_connection_once(integ: Integrations) -> None:
+    made = set()
+    for owner in (None, "user:1", "user:2"):
+        for i in range(7):
+            made.add((await integ.add_connection("acme", f"c{i}", owner=owner)).uuid)
+    seen: list[str] = []
+    async with client(console(integ, authorize=admin, page_size=4)) as http:
+        path: str | None = "/"
+        while path is not None:
+            page = (await http.get(path)).text
+            seen += re.findall(r'<tr data-uuid="([^"]+)"', page)
+            link = re.search(r'<a href="([^"]+)" rel="next">', page)
+            path = html.unescape(link.group(1)) if link else None
+    assert len(seen) == len(made) == 21 and set(seen) == made
 
 
 async def test_oauth_connect_and_callback(

@@ -12,19 +12,13 @@ import stat
 import sys
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from .._connections import listing_order
 from .._errors import AlreadyExists, MissingExtra
 from .._events import ALL_OWNERS
-from .._integrations import Integrations
-from .._models import Connection, Event, RotationProgress
 from .._names import PROVIDER_KEY_RE
-from .._vault import SECRET_FIELDS, generate_key
-from . import _bundle, _transfer
 from ._support import (
     FAILED,
     USAGE,
@@ -52,6 +46,13 @@ from ._support import (
     stderr,
 )
 from ._support import ago as _ago
+
+# What a command needs is imported when it runs, so that --help and a command's usage
+# errors come at once (the HTTP client, the driver, rich and cryptography take a while).
+if TYPE_CHECKING:
+    from .._integrations import Integrations
+    from .._models import Connection, Event, RotationProgress
+    from . import _bundle, _transfer
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -109,6 +110,8 @@ def cli(
 def providers(ctx: click.Context) -> None:
     """The provider catalogue: key, name, auth type, API hosts."""
     env = env_of(ctx)
+    from .._integrations import Integrations
+
     # No database needed: the catalogue is data.
     found = guard(
         lambda: Integrations(
@@ -193,6 +196,8 @@ async def _all_connections(integ: Integrations, owner: str | None) -> list[Conne
         if page.next_after is None:
             break
         after = page.next_after
+    from .._connections import listing_order
+
     found.sort(key=listing_order)
     return found
 
@@ -334,6 +339,8 @@ def disconnect(ctx: click.Context, ref: str) -> None:
 
 
 def _is_secret(provider: Any, field: str) -> bool:
+    from .._vault import SECRET_FIELDS
+
     if field in SECRET_FIELDS or field in provider.secret_field_keys:
         return True
     if provider.scheme.freeform:
@@ -640,6 +647,8 @@ def keys() -> None:
 @click.pass_context
 def keys_generate(ctx: click.Context) -> None:
     """Print a new key. Put it first in INTEGRATIONS_KEYS, then run `keys rotate`."""
+    from .._vault import generate_key
+
     key = generate_key()
     if env_of(ctx).json:
         emit_json({"key": key})
@@ -658,6 +667,8 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
         async with env.integrations() as integ:
             if env.json or not sys.stderr.isatty():
                 return await integ.rotate_keys(batch_size=batch_size)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
             with Progress(
                 TextColumn("rotating"),
                 BarColumn(),
@@ -732,6 +743,8 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
         # Before any prompt or read: there is nowhere to write the bundle.
         stderr(f"error: no such directory: {Path(out).parent}")
         raise SystemExit(FAILED)
+    from . import _bundle, _transfer
+
     passphrase = None if decrypted else guard(lambda: _passphrase(confirm=True))
 
     async def work(env: Env) -> dict[str, Any]:
@@ -788,6 +801,8 @@ def import_(
     Give --owner OWNER to write every connection into that owner, or --keep-owners to
     write each into the owner the file names (a file decides nothing by itself).
     """
+    from . import _bundle, _transfer
+
     env = env_of(ctx)
 
     def read() -> list[_bundle.Entry]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import functools
 import importlib
 import json
 import logging
@@ -16,15 +17,10 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from .. import _models
 from .._errors import (
     Deleted,
     IntegrationsError,
@@ -35,12 +31,17 @@ from .._errors import (
     SchemaOutdated,
     StorageError,
 )
-from .._integrations import Integrations
-from .._models import Connection
 from .._names import PROVIDER_KEY_RE, parse_uuid
-from .._providers import Provider
-from .._repository import mask_dsn
-from .._schemes import AuthScheme
+
+# Imported where used, so that --help loads none of them (see _app.py).
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .._integrations import Integrations
+    from .._models import Connection
+    from .._providers import Provider
+    from .._schemes import AuthScheme
 
 T = TypeVar("T")
 
@@ -84,6 +85,8 @@ class Env:
         return self._schemes
 
     def integrations(self, *, auto_migrate: bool = True) -> Integrations:
+        from .._integrations import Integrations
+
         return Integrations(
             self.dsn,
             providers=self.provider_list(),
@@ -94,6 +97,8 @@ class Env:
 
 def load_providers(spec: str) -> list[Provider]:
     """Application providers from a JSON file (a list of provider objects) or ``module:attr``."""
+    from .._providers import Provider
+
     path = Path(spec)
     try:
         if spec.endswith(".json") or path.is_file():
@@ -116,6 +121,8 @@ def load_auth_schemes(spec: str) -> list[AuthScheme]:
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():
         return []
+    from .._schemes import AuthScheme
+
     module_name, _, _attr = spec.partition(":")
     try:
         found = list(getattr(importlib.import_module(module_name), "auth_schemes", ()))
@@ -133,6 +140,8 @@ def _first_line(exc: BaseException) -> str:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN without its password (in the URL, its query or a keyword), for messages."""
+    from .._repository import mask_dsn
+
     return mask_dsn(dsn)
 
 
@@ -234,22 +243,33 @@ def emit_json(value: Any) -> None:
     click.echo(json_text(value))
 
 
-class _Table(Table):
-    """A table whose cells are plain text: control characters escaped, no rich markup."""
+@functools.cache
+def _plain_table() -> type[Table]:
+    """A table whose cells are plain text: control characters escaped, no rich markup
+    (made on first use: rich is imported only by the commands that print tables)."""
+    from rich.table import Table
+    from rich.text import Text
 
-    def add_row(self, *renderables: Any, **options: Any) -> None:
-        cells = [Text(visible(c)) if isinstance(c, str) else c for c in renderables]
-        super().add_row(*cells, **options)
+    class PlainTable(Table):
+        def add_row(self, *renderables: Any, **options: Any) -> None:
+            cells = [Text(visible(c)) if isinstance(c, str) else c for c in renderables]
+            super().add_row(*cells, **options)
+
+    return PlainTable
 
 
 def console(*, stderr: bool = False) -> Console:
     # Wide enough off a terminal that uuids are never cut.
+    from rich.console import Console
+
     stream = sys.stderr if stderr else sys.stdout
     return Console(width=None if stream.isatty() else 200, highlight=False, stderr=stderr)
 
 
 def new_table(*columns: str, wrap: str = "") -> Table:
-    table = _Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    from rich import box
+
+    table = _plain_table()(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for column in columns:
         if column == wrap:
             # On a narrow terminal the wrapped column folds: nothing in it is cut off.
@@ -439,7 +459,9 @@ async def resolve(integ: Integrations, env: Env, ref: str) -> str:
 
 def ago(value: object, now: datetime | None = None) -> str:
     """``"3 min ago"`` for a stored ISO time; ``"never"`` when there is none."""
-    return _models.ago(value, now)
+    from .._models import ago as _ago
+
+    return _ago(value, now)
 
 
 # Shown by `list` as the setup summary; the rest is status bookkeeping.

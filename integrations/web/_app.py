@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import secrets
 from asyncio import FIRST_COMPLETED
 from collections import deque
@@ -15,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
@@ -38,7 +38,7 @@ from .._errors import (
 )
 from .._events import ALL_OWNERS, Subscription
 from .._integrations import Integrations
-from .._models import Connection, Event
+from .._models import Connection, Event, Page
 from .._owner import OwnerHandle
 from .._providers import Provider
 from .._telemetry import fields
@@ -65,6 +65,9 @@ _DONE = {
     "removed": "Connection removed.",
 }
 _MISSING = (NotConfigured, Deleted, NotFound, InvalidUUID)
+# The listing's filter by stored status, and the page sizes it offers.
+_STATUS_FILTERS = ("connected", "error", "disconnected")
+_PAGE_SIZES = (10, 25, 50, 100)
 _KEEPALIVE_SECONDS = 15.0
 # Events kept for the panels of pages yet to load, and lines a panel starts with.
 _RECENT_EVENTS = 500
@@ -356,36 +359,98 @@ class _Console:
     # -- the listing -----------------------------------------------------------------------
 
     async def _listing(self, request: Request, ctx: _Context) -> dict[str, Any]:
+        """One keyset page of the viewer's connections, filtered and counted in SQL: the
+        page costs the same at a hundred connections as at a million."""
+        params = request.query_params
+        every = isinstance(ctx.viewer, Admin)
         providers = sorted(self.integ.list_providers(), key=lambda p: (p.name.lower(), p.key))
-        keys = [provider.key for provider in providers]
-        grouped: dict[str, list[Connection]] = (
-            await self.integ.load_all_connections(keys, owner=ALL_OWNERS)
-            if isinstance(ctx.viewer, Admin)
-            else await ctx.handle.load_all_connections(keys)
+        by_key = {provider.key: provider for provider in providers}
+        search = params.get("q", "").strip()[:100]
+        status = params.get("status", "")
+        provider = params.get("provider", "")
+        owner = params.get("owner", "").strip()[:255] if every else ""
+        size = _page_size(params.get("size"), self.page_size)
+        after = params.get("after") or None
+        scope: Any = (owner or ALL_OWNERS) if every else None
+        counts = (
+            await self.integ.count_connections(owner=scope)
+            if every
+            else await ctx.handle.count_connections()
         )
-        flat = [(provider, conn) for provider in providers for conn in grouped[provider.key]]
-        pages = max(1, math.ceil(len(flat) / self.page_size))
+        filters = {
+            "provider": provider or None,
+            "status": status if status in _STATUS_FILTERS else None,
+            "search": search or None,
+            "limit": size,
+        }
         try:
-            page = min(max(int(request.query_params.get("page", "1")), 1), pages)
-        except ValueError:
-            page = 1
+            page = await self._page(ctx, scope, filters, after)
+        except IntegrationsError:
+            # A link edited by hand (a mark of another listing, a provider key that is
+            # not one): the first page of what the filters ask, or of everything.
+            try:
+                page = await self._page(ctx, scope, filters, None)
+            except IntegrationsError:
+                filters.update(provider=None)
+                page = await self._page(ctx, scope, filters, None)
         groups: list[dict[str, Any]] = []
-        for provider, conn in flat[(page - 1) * self.page_size : page * self.page_size]:
-            if not groups or groups[-1]["key"] != provider.key:
-                groups.append({"key": provider.key, "name": provider.name, "rows": []})
-            groups[-1]["rows"].append(_row(provider, conn))
-        # The administrator sees every owner's connections: the listing names the owner.
-        owners = isinstance(ctx.viewer, Admin) and any(conn.owner for _, conn in flat)
+        for conn in page.items:
+            if not groups or groups[-1]["key"] != conn.provider:
+                known = by_key.get(conn.provider)
+                name = known.name if known is not None else conn.provider
+                groups.append({"key": conn.provider, "name": name, "rows": []})
+            groups[-1]["rows"].append(_row(by_key.get(conn.provider), conn))
+        filtered = bool(filters["provider"] or filters["status"] or filters["search"] or owner)
+        query = {
+            key: value
+            for key, value in (
+                ("q", search),
+                ("provider", filters["provider"] or ""),
+                ("status", filters["status"] or ""),
+                ("owner", owner),
+                ("size", str(size) if size != self.page_size else ""),
+            )
+            if value
+        }
+        here = dict(query, after=after) if after else dict(query)
         return {
             "groups": groups,
-            "page": page,
-            "pages": pages,
-            "total": len(flat),
+            "total": sum(counts.values()),
+            "counts": counts,
             "providers": providers,
-            # Shown after the last page: the catalogue's providers with no connection here.
-            "idle": [p for p in providers if not grouped[p.key]] if page == pages else [],
-            "owners": owners,
+            "provider_keys": set(by_key),
+            "search": search,
+            "status": filters["status"] or "",
+            "statuses": _STATUS_FILTERS,
+            "provider": filters["provider"] or "",
+            "owner": owner,
+            "size": size,
+            "sizes": sorted({*_PAGE_SIZES, self.page_size}),
+            "filtered": filtered,
+            "first_url": "?" + urlencode(query) if after else None,
+            "next_url": (
+                "?" + urlencode(dict(query, after=page.next_after))
+                if page.next_after is not None
+                else None
+            ),
+            "here": urlencode(here),
+            # Shown after the last page of an unfiltered listing: the catalogue's
+            # providers with no connection here.
+            "idle": (
+                [p for p in providers if not counts.get(p.key)]
+                if page.next_after is None and not filtered
+                else []
+            ),
+            # The administrator sees every owner's connections: the listing names the owner.
+            "owners": every,
         }
+
+    async def _page(
+        self, ctx: _Context, scope: Any, filters: dict[str, Any], after: str | None
+    ) -> Page:
+        if isinstance(ctx.viewer, Admin):
+            return await self.integ.list_page(owner=scope, after=after, **filters)
+        return await ctx.handle.list_page(after=after, **filters)
 
     async def index(self, request: Request, ctx: _Context) -> Response:
         context = await self._listing(request, ctx)
@@ -585,6 +650,15 @@ class _Console:
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
+
+
+def _page_size(value: str | None, default: int) -> int:
+    """The page size a link asks for when it is one the listing offers, else the default."""
+    try:
+        size = int(value or "")
+    except ValueError:
+        return default
+    return size if size in _PAGE_SIZES or size == default else default
 
 
 def _event_line(event: Event) -> str:
