@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import re
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -190,8 +189,7 @@ async def test_a_session_seen_by_another_port_is_not_a_way_in(
             async with tab.expect_response(lambda r: r.url.endswith("/logout")) as out:
                 await tab.get_by_role("button", name="Sign out").click()
             signed_out = await out.value
-            said = re.findall(r"<p[^>]*>(.*?)</p>", await signed_out.text())
-            assert signed_out.status == 303, said
+            assert signed_out.status == 303
             async with httpx.AsyncClient(base_url=base, cookies=leaked) as replay:
                 assert (await replay.get("/")).status_code == 401
             await context.close()
