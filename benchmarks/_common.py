@@ -65,6 +65,51 @@ async def interleaved_medians(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def library_pool(dsn: str, **options: object) -> asyncpg.Pool:
+    """An asyncpg pool configured as the library configures its own (``Repository.open``):
+    the same sizes, and no reset query on release. Baselines use it, so that a ratio
+    compares the library's work with a bare call on the same footing."""
+    from integrations._repository import _keep_session
+
+    return asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_keep_session, **options)
+
+
+SERVER_CODE = """
+import asyncio, sys
+from aiohttp import web
+async def hello(request):
+    return web.json_response({'ok': request.headers.get('Authorization', '')[:7]})
+async def main():
+    app = web.Application()
+    app.router.add_get('/v1/hello', hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, '127.0.0.1', 0)
+    await site.start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@asynccontextmanager
+async def http_server() -> AsyncIterator[str]:
+    """A loopback aiohttp server in another process (so that it does not share the
+    measuring process's CPU time and event loop); yields its URL."""
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVER_CODE, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        port = int((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
+        yield f"http://127.0.0.1:{port}/v1/hello"
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
 RESULT_PREFIX = "RESULT "
 
 

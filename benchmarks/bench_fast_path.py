@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
 import asyncpg
-from _common import interleaved_medians, result, scratch_database
+from _common import http_server, interleaved_medians, library_pool, result, scratch_database
 
 import integrations
 from integrations import Integrations, Provider, generate_key
@@ -73,40 +73,15 @@ async def interleaved_throughput(
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-async def start_server() -> tuple[asyncio.subprocess.Process, str]:
-    """A loopback aiohttp server in another process; returns it and its URL."""
-    code = (
-        "import asyncio, sys\n"
-        "from aiohttp import web\n"
-        "async def hello(request):\n"
-        "    return web.json_response({'ok': request.headers.get('Authorization', '')[:7]})\n"
-        "async def main():\n"
-        "    app = web.Application()\n"
-        "    app.router.add_get('/v1/hello', hello)\n"
-        "    runner = web.AppRunner(app, access_log=None)\n"
-        "    await runner.setup()\n"
-        "    site = web.TCPSite(runner, '127.0.0.1', 0)\n"
-        "    await site.start()\n"
-        "    print(runner.addresses[0][1], flush=True)\n"
-        "    await asyncio.Event().wait()\n"
-        "asyncio.run(main())\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    port = int((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
-    return proc, f"http://127.0.0.1:{port}/v1/hello"
-
-
 # -- cases ------------------------------------------------------------------------------
 
 
 async def credentials(dsn: str, key: str) -> dict[str, float]:
-    """get_credentials cached and uncached against a bare fetch of the row on a default
-    asyncpg pool, and against a dict lookup plus decrypt (the floor of a cached read)."""
+    """get_credentials cached and uncached against a bare fetch of the row on an asyncpg
+    pool configured as the library's own (no reset query on release), and against a dict
+    lookup plus decrypt (the floor of a cached read)."""
     async with (
-        asyncpg.create_pool(dsn, min_size=1, max_size=10) as default_pool,
+        library_pool(dsn) as default_pool,
         Integrations(dsn, keys=key) as cached,
         Integrations(dsn, keys=key, cache=False) as uncached,
     ):
@@ -149,7 +124,7 @@ async def credentials(dsn: str, key: str) -> dict[str, float]:
         "cred_uncached_ops50": tput["uncached"],
     }
     print("get_credentials(uuid), medians of 3,000 interleaved calls")
-    print(f"  bare pool.fetchrow (default pool)  {out['cred_bare_us']:8.1f} µs")
+    print(f"  bare pool.fetchrow (library's pool settings) {out['cred_bare_us']:8.1f} µs")
     print(f"  dict lookup + decrypt              {out['cred_floor_us']:8.1f} µs")
     print(
         f"  cached                             {out['cred_cached_us']:8.1f} µs  "
@@ -170,29 +145,25 @@ async def credentials(dsn: str, key: str) -> dict[str, float]:
 async def requests(dsn: str, key: str) -> dict[str, float]:
     """authenticated_request (cached) against a bare aiohttp GET with the same header, on
     the same session, to a server in another process."""
-    proc, url = await start_server()
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            Integrations(dsn, keys=key, providers=[PROVIDER], http=session) as integ,
-        ):
-            conn = await integ.add_connection("bench", "default")
-            await integ.save_setup(conn.uuid, {"api_key": API_KEY})
-            headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with (
+        http_server() as url,
+        aiohttp.ClientSession() as session,
+        Integrations(dsn, keys=key, providers=[PROVIDER], http=session) as integ,
+    ):
+        conn = await integ.add_connection("bench", "default")
+        await integ.save_setup(conn.uuid, {"api_key": API_KEY})
+        headers = {"Authorization": f"Bearer {API_KEY}"}
 
-            async def bare() -> object:
-                async with session.get(url, headers=headers) as response:
-                    return await response.read()
+        async def bare() -> object:
+            async with session.get(url, headers=headers) as response:
+                return await response.read()
 
-            async def ours() -> object:
-                return (await integ.authenticated_request(conn.uuid, "GET", url)).body
+        async def ours() -> object:
+            return (await integ.authenticated_request(conn.uuid, "GET", url)).body
 
-            m = await interleaved_medians({"bare": bare, "ours": ours}, rounds=1500)
-            tput = await interleaved_throughput({"bare": bare, "ours": ours}, CALLERS, SECONDS)
-            bare_ops, our_ops = tput["bare"], tput["ours"]
-    finally:
-        proc.kill()
-        await proc.wait()
+        m = await interleaved_medians({"bare": bare, "ours": ours}, rounds=1500)
+        tput = await interleaved_throughput({"bare": bare, "ours": ours}, CALLERS, SECONDS)
+        bare_ops, our_ops = tput["bare"], tput["ours"]
     out = {
         "req_bare_us": m["bare"] * 1e6,
         "req_ours_us": m["ours"] * 1e6,
@@ -223,22 +194,18 @@ async def queries(dsn: str, key: str) -> dict[str, float]:
     async def init(conn: asyncpg.Connection) -> None:
         conn.add_query_logger(logged)
 
-    proc, url = await start_server()
-    try:
-        async with (
-            asyncpg.create_pool(dsn, min_size=1, max_size=10, init=init) as pool,
-            Integrations(pool=pool, keys=key, providers=[PROVIDER]) as integ,
-        ):
-            conn = await integ.add_connection("bench", "default")
-            await integ.save_setup(conn.uuid, {"api_key": API_KEY})
+    async with (
+        http_server() as url,
+        library_pool(dsn, init=init) as pool,
+        Integrations(pool=pool, keys=key, providers=[PROVIDER]) as integ,
+    ):
+        conn = await integ.add_connection("bench", "default")
+        await integ.save_setup(conn.uuid, {"api_key": API_KEY})
+        await integ.authenticated_request(conn.uuid, "GET", url)
+        statements.clear()
+        for _ in range(1000):
             await integ.authenticated_request(conn.uuid, "GET", url)
-            statements.clear()
-            for _ in range(1000):
-                await integ.authenticated_request(conn.uuid, "GET", url)
-            counted = len(statements)
-    finally:
-        proc.kill()
-        await proc.wait()
+        counted = len(statements)
     print(f"statements per 1,000 cached authenticated_request calls, no writes: {counted}")
     return {"queries_per_1000": float(counted)}
 
@@ -259,41 +226,87 @@ async def lag_reader(dsn: str, uuid_: str) -> None:
     print(json.dumps(seen), flush=True)
 
 
+async def notify_reader(dsn: str, channel: str) -> None:
+    """Child process: LISTEN on ``channel`` until ``v-end``; print when each payload came."""
+    seen: dict[str, int] = {}
+    done = asyncio.Event()
+
+    def got(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        seen[payload] = time.time_ns()
+        if payload == "v-end":
+            done.set()
+
+    conn = await asyncpg.connect(dsn)
+    await conn.add_listener(channel, got)
+    print("ready", flush=True)
+    await done.wait()
+    await conn.close()
+    print(json.dumps(seen), flush=True)
+
+
+async def child(*args: str, key: str) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        *args,
+        env={**os.environ, "INTEGRATIONS_KEYS": key, "PYTHONPATH": PACKAGE_PARENT},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    if await asyncio.wait_for(proc.stdout.readline(), 30) != b"ready\n":
+        raise RuntimeError(f"the {args[0]} process did not start")
+    return proc
+
+
+def quantiles(lags: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(lags, n=100, method="inclusive")
+    return statistics.median(lags), cuts[98]
+
+
 async def lag(dsn: str, key: str, count: int = 300) -> dict[str, float]:
     """Cross-process invalidation: from a write's COMMIT acknowledgement in this process to
     the first read in another process (reading in a loop, cached) that returns the new
-    value."""
-    async with Integrations(dsn, keys=key, cache=False) as integ:
+    value; against a bare NOTIFY round trip in the same run (from ``pg_notify`` acknowledged,
+    on a pool configured as the library's, to the payload's arrival at a LISTEN in another
+    process), the two interleaved write by write."""
+    async with library_pool(dsn) as pool, Integrations(dsn, keys=key, cache=False) as integ:
         conn = await integ.add_connection("openai", "lag")
         await integ.save_setup(conn.uuid, {"api_key": "v-start"})
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--lag-reader",
-            dsn,
-            conn.uuid,
-            env={**os.environ, "INTEGRATIONS_KEYS": key, "PYTHONPATH": PACKAGE_PARENT},
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert proc.stdout is not None
-        if await asyncio.wait_for(proc.stdout.readline(), 30) != b"ready\n":
-            raise RuntimeError("the reader process did not start")
+        reader = await child("--lag-reader", dsn, conn.uuid, key=key)
+        listener = await child("--notify-reader", dsn, "bench_bare", key=key)
         committed: dict[str, int] = {}
+        notified: dict[str, int] = {}
         for i in range(count):
             value = f"v-{i}"
             await integ.save_setup(conn.uuid, {"api_key": value})
             committed[value] = time.time_ns()
             await asyncio.sleep(0.005)
+            await pool.execute("SELECT pg_notify('bench_bare', $1)", value)
+            notified[value] = time.time_ns()
+            await asyncio.sleep(0.005)
         await integ.save_setup(conn.uuid, {"api_key": "v-end"})
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        await pool.execute("SELECT pg_notify('bench_bare', 'v-end')")
+        out, _ = await asyncio.wait_for(reader.communicate(), 60)
+        bare_out, _ = await asyncio.wait_for(listener.communicate(), 60)
     seen = json.loads(out.decode().splitlines()[-1])
+    heard = json.loads(bare_out.decode().splitlines()[-1])
     lags = [(seen[v] - committed[v]) / 1e6 for v in committed if v in seen]
-    cuts = statistics.quantiles(lags, n=100, method="inclusive")
-    p50, p99 = statistics.median(lags), cuts[98]
-    print(
-        f"invalidation lag into another process, {count} writes: p50 {p50:.3f} ms, p99 {p99:.3f} ms"
-    )
-    return {"lag_p50_ms": p50, "lag_p99_ms": p99, "lag_missed": float(count - len(lags))}
+    bare = [(heard[v] - notified[v]) / 1e6 for v in notified if v in heard]
+    p50, p99 = quantiles(lags)
+    b50, b99 = quantiles(bare)
+    print(f"invalidation lag into another process, {count} writes interleaved with bare NOTIFYs")
+    print(f"  ours: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    print(f"  bare NOTIFY to LISTEN: p50 {b50:.3f} ms, p99 {b99:.3f} ms")
+    print(f"  ratio: p50 {p50 / b50:.2f}x, p99 {p99 / b99:.2f}x")
+    return {
+        "lag_p50_ms": p50,
+        "lag_p99_ms": p99,
+        "lag_missed": float(count - len(lags)),
+        "notify_p50_ms": b50,
+        "notify_p99_ms": b99,
+        "lag_ratio_p50": p50 / b50,
+        "lag_ratio_p99": p99 / b99,
+    }
 
 
 async def listings(dsn: str, key: str) -> dict[str, float]:
@@ -403,5 +416,7 @@ async def main(names: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--lag-reader":
         asyncio.run(lag_reader(sys.argv[2], sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--notify-reader":
+        asyncio.run(notify_reader(sys.argv[2], sys.argv[3]))
     else:
         asyncio.run(main(sys.argv[1:]))

@@ -25,9 +25,8 @@ SCRIPTS = [
     "bench_refresh_storm.py",
     "bench_tracing_overhead.py",
     "bench_startup.py",
+    "bench_key_sources.py",
 ]
-# Sections that one script fills alone: `--only SCRIPT` reruns it and rewrites its section.
-SECTIONS = {"bench_startup.py": ("startup", "## Start-up")}
 PREFIX = "RESULT "
 
 
@@ -77,8 +76,58 @@ def render_startup(s: dict[str, Any]) -> list[str]:
     ]
 
 
+KEY_SOURCES = {
+    "key": "`ik1:…` key string",
+    "env": "`env:NAME`",
+    "file": "`file:PATH`",
+    "command": "`command:…` (a shell script that prints the key)",
+    "aws-kms": "`aws-kms:…` (moto's KMS server on loopback)",
+    "pkcs11": "`pkcs11:…` (SoftHSM2)",
+}
+
+
+def render_key_sources(k: dict[str, Any] | None) -> list[str]:
+    if k is None:
+        return []
+    base = k["key_open_ms"]
+    lines = [
+        "## Key sources",
+        "",
+        "`bench_key_sources.py`: `open()` with each source against a key string in the same "
+        "run (median of rounds taken in turn over the sources), and the calls made to the key "
+        "holder (a KMS request, an operation in the token, a command run). A first `open()` "
+        "on a schema makes the data key; later ones unwrap it.",
+        "",
+        "| source | `open()` | ratio | calls at `open()` (first one) | calls per 1,000 "
+        "`get_credentials` |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, label in KEY_SOURCES.items():
+        lines.append(
+            f"| {label} | {k[f'{kind}_open_ms']:.0f} ms | {k[f'{kind}_open_ms'] / base:.2f}x | "
+            f"{k[f'{kind}_open_calls']:.0f} ({k[f'{kind}_first_open_calls']:.0f}) | "
+            f"{k[f'{kind}_calls_per_1000']:.0f} |"
+        )
+    lines += [
+        "",
+        "The `aws-kms:` figure includes building botocore's KMS client (loading its service",
+        "model) and moto's own request handling; target for every source: 0 calls per 1,000",
+        f"reads: {verdict(all(k[f'{kind}_calls_per_1000'] == 0 for kind in KEY_SOURCES))}.",
+        "",
+    ]
+    return lines
+
+
+# Sections that one script fills alone: `--only SCRIPT` reruns it and rewrites its section.
+SECTIONS = {
+    "bench_startup.py": ("startup", "## Start-up", render_startup),
+    "bench_key_sources.py": ("key_sources", "## Key sources", render_key_sources),
+}
+
+
 def render(r: dict[str, dict[str, Any]]) -> str:
     f, enc, ev = r["fast_path"], r["encryption"], r["event_latency"]
+    sc = r["scale"]
     rot, storm, tr = r["rotation"], r["refresh_storm"], r["tracing"]
     list_sizes = (1_000, 10_000, 100_000)
     lines = [
@@ -89,7 +138,7 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "The scripts in `benchmarks/` measure the library against a baseline in the same run,",
         "on the same machine, so that the ratio means something even where absolute times do",
         "not. Run them all and rewrite this page with `python benchmarks/report.py` (or",
-        "`nox -s benchmarks`); run one with `python benchmarks/bench_<name>.py`. They use the",
+        "`nox -s bench`); run one with `python benchmarks/bench_<name>.py`. They use the",
         "PostgreSQL at `INTEGRATIONS_BENCH_DSN` (default",
         "`postgresql://postgres@127.0.0.1:5432/postgres`) and create and drop a scratch",
         "database. Timed contenders are interleaved call by call (throughput: in alternating",
@@ -104,7 +153,8 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "| script | what | baseline | ours | ratio | target |",
         "|---|---|---|---|---|---|",
         f"| `bench_fast_path.py` | `get_credentials(uuid)`, cached (the default) | bare "
-        f"`pool.fetchrow` of the row on a default asyncpg pool: {f['cred_bare_us']:.0f} µs | "
+        f"`pool.fetchrow` of the row (prepared) on a pool configured as the library's: "
+        f"{f['cred_bare_us']:.0f} µs | "
         f"{f['cred_cached_us']:.1f} µs | **{f['cred_cached_speedup']:.1f}x faster** | "
         f"≥ 5x faster: {verdict(f['cred_cached_speedup'] >= 5)} |",
         f"| `bench_fast_path.py` | the same, against the floor of a cached read | a dict "
@@ -112,8 +162,8 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         f"**{f['cred_cached_vs_floor']:.2f}x** | — |",
         f"| `bench_fast_path.py` | `get_credentials(uuid)`, uncached (`cache=False`) | the "
         f"same bare fetch: {f['cred_bare_us']:.0f} µs | {f['cred_uncached_us']:.0f} µs | "
-        f"**{f['cred_uncached_ratio']:.2f}x** | ≤ 1.0x: "
-        f"{verdict(f['cred_uncached_ratio'] <= 1.0)} |",
+        f"**{f['cred_uncached_ratio']:.2f}x** | ≤ 1.1x: "
+        f"{verdict(f['cred_uncached_ratio'] <= 1.1)} |",
         f"| `bench_fast_path.py` | `get_credentials`, 50 concurrent callers | bare fetch: "
         f"{f['cred_bare_ops50']:,.0f} ops/s | cached {f['cred_cached_ops50']:,.0f} ops/s, "
         f"uncached {f['cred_uncached_ops50']:,.0f} ops/s | "
@@ -141,9 +191,11 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "|---|---|---|---|",
         f"| `bench_fast_path.py` | invalidation lag: a write's COMMIT acknowledged in one "
         f"process to the first read of the new value in another (reading its cache in a "
-        f"loop; {f['lag_missed']:.0f} of the values were replaced before a read saw them) "
-        f"| p50 {f['lag_p50_ms']:.2f} ms, p99 {f['lag_p99_ms']:.2f} ms | p99 < 20 ms: "
-        f"{verdict(f['lag_p99_ms'] < 20)} |",
+        f"loop; {f['lag_missed']:.0f} of the values were replaced before a read saw them), "
+        f"against a bare `pg_notify` acknowledged to its arrival at a LISTEN in another "
+        f"process, the two interleaved in the same run | ours p50 {f['lag_p50_ms']:.2f} ms, "
+        f"p99 {f['lag_p99_ms']:.2f} ms; bare NOTIFY p50 {f['notify_p50_ms']:.2f} ms, p99 "
+        f"{f['notify_p99_ms']:.2f} ms; p99 **{f['lag_ratio_p99']:.2f}x** the bare one | — |",
         f"| `bench_event_latency.py` | commit → event delivery in another process, "
         f"{ev['events']:.0f} events | p50 {ev['at_p50_ms']:.2f} ms, p99 "
         f"{ev['at_p99_ms']:.2f} ms from the event's timestamp (before the write's UPDATE and "
@@ -194,24 +246,32 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "",
         "| script | what | baseline | ours | ratio |",
         "|---|---|---|---|---|",
-        f"| `bench_tracing_overhead.py` | `authenticated_request` traced by the OpenTelemetry "
-        f"SDK (batch span processor, exporters that discard) | the same call with the API "
-        f"installed and no SDK configured: {tr['base_us']:,.0f} µs | {tr['sdk_us']:,.0f} µs "
-        f"| **{tr['sdk_us'] / tr['base_us']:.2f}x** |",
+        f"| `bench_tracing_overhead.py` | `authenticated_request` (cached) traced by the "
+        f"OpenTelemetry SDK (batch span processor, exporters that discard), HTTP server in "
+        f"another process | the same call with the API installed and no SDK configured: "
+        f"{tr['base_us']:,.0f} µs | {tr['sdk_us']:,.0f} µs "
+        f"| **{tr['sdk_us'] / tr['base_us']:.2f}x** (≤ 1.2x: "
+        f"{verdict(tr['sdk_us'] / tr['base_us'] <= 1.2)}) |",
         f"| `bench_tracing_overhead.py` | the same call without `opentelemetry-api` at all | "
         f"{tr['base_us']:,.0f} µs | {tr['absent_us']:,.0f} µs | "
         f"{tr['absent_us'] / tr['base_us']:.2f}x |",
         "",
         *(render_startup(r["startup"]) if "startup" in r else []),
+        *render_key_sources(r.get("key_sources")),
+        *render_scale(sc),
         "## Notes",
         "",
+        "- **How the baselines are configured.** Every baseline runs the way the library's",
+        "  own path does: bare database calls go through an asyncpg pool with the library's",
+        "  settings (the same sizes, no reset query on release, statements prepared), HTTP",
+        "  baselines use the same `aiohttp` session and header against the same server, and",
+        "  every HTTP server runs in a process of its own, never in the measuring one.",
         "- A cached read costs a dict lookup and the decryption of the row's secrets; the",
         "  plaintext is never kept. `authenticated_request` keeps the auth header it built",
         "  beside the cached row (schemes `header` and `basic`), so a call neither decrypts",
         "  nor renders again until the row changes. See [the row cache](cache.md).",
-        "- An uncached read is one round trip: the library's own pool releases connections",
-        "  without asyncpg's reset query (the library leaves no session state behind), where",
-        "  the default pool of the baseline pays that second round trip on every release.",
+        "- An uncached read is one round trip, as the bare fetch is; what it adds is the",
+        "  pool wrapper's bookkeeping, parsing the row's JSON and decrypting its secrets.",
         "- Throughput with 50 callers is bound by the loopback HTTP exchange on two shared",
         "  cores: the client, the server process and PostgreSQL compete for them, so the",
         "  ratio moves more from run to run than the single-caller one. What is left of the",
@@ -239,12 +299,12 @@ def render(r: dict[str, dict[str, Any]]) -> str:
 
 def rewrite_section(script: str) -> None:
     """Rerun one script and put its section in the page, the rest as it was."""
-    name, heading = SECTIONS[script]
+    name, heading, renderer = SECTIONS[script]
     done = subprocess.run(
         [sys.executable, str(HERE / script)], stdout=subprocess.PIPE, text=True, check=True
     )
     sys.stderr.write(done.stdout)
-    section = "\n".join(render_startup(parse(done.stdout)[name]))
+    section = "\n".join(renderer(parse(done.stdout)[name]))
     page = PAGE.read_text()
     if heading in page:
         start = page.index(heading)
@@ -257,6 +317,91 @@ def rewrite_section(script: str) -> None:
     print(f"wrote the {heading[3:]} section of {PAGE}", file=sys.stderr)
 
 
+def render_scale(sc: dict[str, float]) -> list[str]:
+    """The scale table: each figure at the smaller and larger of the compared sizes."""
+    sizes = [int(sc[f"size_{i}"]) for i in range(int(sc["sizes"]))]
+    small, big = (sizes[1], sizes[-1]) if len(sizes) > 2 else (sizes[0], sizes[-1])
+    tiny, large = sizes[0], sizes[-2] if len(sizes) > 2 else sizes[-1]
+
+    def us(name: str, n: int) -> float:
+        return sc[f"{name}_us_{n}"] if f"{name}_us_{n}" in sc else sc[f"{name}_{n}_us"]
+
+    rows = [
+        ("`open()`", lambda n: sc[f"open_ms_{n}"] * 1e3),
+        ("first `get_credentials` after `open()`", lambda n: sc[f"first_ms_{n}"] * 1e3),
+        ("`get_credentials`, cached", lambda n: us("cached", n)),
+        ("`get_credentials`, uncached", lambda n: us("uncached", n)),
+        ("`list_connections` (one owner, one provider)", lambda n: us("list_connections", n)),
+        (
+            "`list_integrations(limit=50)`, an owner whose rows are mostly unsaved",
+            lambda n: us("list_integrations", n),
+        ),
+        ("`list_page(limit=50)`, one owner", lambda n: us("list_page", n)),
+        ("`list_page(owner=ALL_OWNERS, limit=50)`", lambda n: us("list_page_all", n)),
+        (
+            '`list_page(owner=ALL_OWNERS, status="error")`, one row in a hundred',
+            lambda n: us("list_page_errors", n),
+        ),
+        ("`count_connections(owner=ALL_OWNERS)`", lambda n: us("count_connections", n)),
+        ("console list page, administrator", lambda n: us("console_admin", n)),
+        ("console list page, administrator, next page", lambda n: us("console_admin_next", n)),
+        ("console list page, name search and status", lambda n: us("console_admin_search", n)),
+        ("console list page, one owner", lambda n: us("console_owner", n)),
+        (
+            "rotation pass with nothing left (after VACUUM)",
+            lambda n: sc[f"rotation_noop_ms_{n}"] * 1e3,
+        ),
+    ]
+    lines = [
+        "## A million connections",
+        "",
+        f"`bench_scale.py` seeds schemas of {', '.join(f'{n:,}' for n in sizes)} connections "
+        f"(one owner per hundred rows, 50 providers, a secret sealed in every row, one row in "
+        f"a hundred in error, and one owner holding a tenth of the rows, one in a hundred of "
+        f"them saved) and measures each figure at every size, interleaved call by call "
+        f"(medians). Seeding took "
+        + ", ".join(f"{sc[f'seed_s_{n}']:,.0f} s for {n:,}" for n in sizes)
+        + " rows (COPY, then VACUUM ANALYZE).",
+        "",
+        f"| what | {small:,} rows | {big:,} rows | ratio |",
+        "|---|---|---|---|",
+    ]
+
+    def fmt(value_us: float) -> str:
+        return f"{value_us / 1e3:,.1f} ms" if value_us >= 1e4 else f"{value_us:,.0f} µs"
+
+    for label, get in rows:
+        a, b = get(small), get(big)
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | **{b / a:.2f}x** |")
+    lines += [
+        f"| peak resident memory of a process that opens, reads, lists and renders the "
+        f"console | {sc[f'rss_mib_{small}']:,.0f} MiB | {sc[f'rss_mib_{big}']:,.0f} MiB | "
+        f"**{sc[f'rss_mib_{big}'] / sc[f'rss_mib_{small}']:.2f}x** |",
+        f"| `rotate_keys()` of the whole table, {4} writers saving meanwhile | "
+        f"{sc[f'rotation_rows_per_s_{small}']:,.0f} rows/s | "
+        f"{sc[f'rotation_rows_per_s_{big}']:,.0f} rows/s | "
+        f"**{sc[f'rotation_rows_per_s_{big}'] / sc[f'rotation_rows_per_s_{small}']:.2f}x** |",
+        "",
+        f"The console's list page at {large:,} connections against the same page at "
+        f"{tiny:,}: **{us('console_admin', large) / us('console_admin', tiny):.2f}x** "
+        f"(target ≤ 1.5x: "
+        f"{verdict(us('console_admin', large) / us('console_admin', tiny) <= 1.5)}); a "
+        f"trivial Starlette route in the same process and run takes "
+        f"{sc['trivial_route_us']:,.0f} µs. `list_integrations` pages from {small:,} to "
+        f"{big:,} rows: **{us('list_integrations', big) / us('list_integrations', small):.2f}x** "
+        f"(target within 20%: "
+        f"{verdict(0.8 <= us('list_integrations', big) / us('list_integrations', small) <= 1.2)}).",
+        "",
+        f"Right after a rotation, before VACUUM, a pass with nothing left took "
+        f"{sc[f'rotation_noop_unvacuumed_ms_{big}']:,.0f} ms at {big:,} rows: the indexes "
+        f"still hold the entries of the row versions the rotation replaced until VACUUM "
+        f"(autovacuum, in time) removes them. While the rotation of {big:,} rows ran, the "
+        f"writers saved {sc[f'rotation_writes_per_s_{big}']:,.0f} setups a second.",
+        "",
+    ]
+    return lines
+
+
 def main(argv: list[str]) -> None:
     if len(argv) == 2 and argv[0] == "--only":
         rewrite_section(argv[1])
@@ -264,9 +409,15 @@ def main(argv: list[str]) -> None:
     saved = len(argv) == 2 and argv[0] == "--from"
     text = Path(argv[1]).read_text() if saved else run_all()
     results = parse(text)
-    missing = {"fast_path", "encryption", "event_latency", "rotation", "refresh_storm"} - set(
-        results
-    )
+    missing = {
+        "fast_path",
+        "encryption",
+        "event_latency",
+        "rotation",
+        "refresh_storm",
+        "tracing",
+        "scale",
+    } - set(results)
     if missing:
         raise SystemExit(f"no RESULT line from: {', '.join(sorted(missing))}")
     PAGE.write_text(render(results))

@@ -6,7 +6,7 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
-    from . import oauth
+    from . import oauth, webhooks
     from ._cache import CacheStats
     from ._checkall import CheckItem, CheckReport
     from ._doctor import Diagnosis, Finding
@@ -77,6 +77,7 @@ if _typing.TYPE_CHECKING:
     )
     from ._sweep import SweepReport
     from ._vault import generate_key
+    from ._webhooks import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ALL_OWNERS",
@@ -149,6 +150,9 @@ __all__ = [
     "UserinfoMap",
     "Validation",
     "ValidationRequest",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "bot_url",
     "generate_key",
     "load_providers",
@@ -157,6 +161,7 @@ __all__ = [
     "register_auth_scheme",
     "register_check",
     "settings_key",
+    "webhooks",
 ]
 
 # Each public name is imported from its module on first use, so that `import integrations`
@@ -233,6 +238,9 @@ _HOME = {
     "UserinfoMap": "._providers",
     "Validation": "._models",
     "ValidationRequest": "._providers",
+    "WebhookAttempt": "._webhooks",
+    "WebhookDelivery": "._webhooks",
+    "WebhookEndpoint": "._webhooks",
     "bot_url": "._http",
     "generate_key": "._vault",
     "load_providers": "._registry",
@@ -241,6 +249,7 @@ _HOME = {
     "register_auth_scheme": "._schemes",
     "register_check": "._probes",
     "settings_key": "._names",
+    "webhooks": "",
 }
 
 

@@ -32,7 +32,6 @@ from ._providers import Provider
 from ._record import Change, StoredRow
 from ._repository import PendingAuthorization
 from ._rotation import PKCE_FIELD
-from ._tokens import post_token_request
 
 __all__ = ["AuthFlow"]
 
@@ -252,35 +251,29 @@ class AuthFlow:
         if provider is None or provider.token_url is None:
             raise InvalidProviderKey("the connection's provider is not registered")
         plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
-        client_id = plain.get("client_id")
-        if not isinstance(client_id, str) or not client_id:
-            raise NotConfigured("The connection has no 'client_id' saved.", field="client_id")
-        secret = plain.get("client_secret") or None
+        endpoint = core.token_endpoint(provider)
+        client = endpoint.client(plain)
         verifier = None
         if pending is not None and pending.code_verifier is not None:
             verifier = core.vault.unseal_value(
                 pending.state_hash, VERIFIER_FIELD, pending.code_verifier
             )
         requested = list(pending.scopes) if pending is not None else list(provider.scopes)
-        request = oauth.token_request(
+        request = endpoint.request(
             "authorization_code",
-            token_url=provider.render_url(provider.token_url, plain),
-            client_id=client_id,
-            client_secret=secret,
-            auth_method=provider.token_auth if secret else "none",
+            plain,
             code=code,
             redirect_uri=redirect_uri,
             code_verifier=verifier,
         )
         # One attempt: a code is single-use, so a retry after a lost answer would fail anyway.
-        tokens = await post_token_request(
+        tokens = await endpoint.post(
             core.http,
             request,
             request_timeout=self._token_timeout,
             requested_scopes=requested,
             previous_refresh_token=None,
-            redact=[secret, code, verifier],
-            provider=provider.key,
+            redact=[client.client_secret, code, verifier],
         )
         account = await self._userinfo(provider, plain, tokens)
         try:
@@ -389,16 +382,8 @@ class AuthFlow:
         client_id = plain.get("client_id")
         if not isinstance(token, str) or not token or not isinstance(client_id, str):
             return
-        secret = plain.get("client_secret") or None
         try:
-            request = oauth.revoke_request(
-                provider.render_url(provider.revoke_url, plain),
-                token=token,
-                token_type_hint=hint,  # type: ignore[arg-type]
-                client_id=client_id,
-                client_secret=secret,
-                auth_method=provider.token_auth if secret else "none",
-            )
+            request = self._core.token_endpoint(provider).revoke_request(plain, token, hint)
         except (IntegrationsError, ValueError) as exc:
             log.info(
                 "connection %s: revocation not possible (%s)",

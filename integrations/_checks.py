@@ -24,6 +24,18 @@ __all__ = ["Checks"]
 log = logging.getLogger("integrations")
 
 
+NOT_CONNECTED_YET = (
+    "Not connected yet: there is no token to check; connect it first (nothing was recorded)"
+)
+
+
+def unregistered_message(provider: str) -> str:
+    return (
+        f"Provider {provider!r} is not registered in this process, so its connection was not "
+        "checked and nothing was recorded; register the provider where the check runs"
+    )
+
+
 class Checks:
     """Checks service: probe stored or in-memory credentials and record the outcome."""
 
@@ -49,6 +61,19 @@ class Checks:
 
     async def probe(self, row: StoredRow) -> Validation:
         """Check a stored connection without recording anything (tokens may be renewed)."""
+        return (await self._probe_recordable(row))[0]
+
+    async def _probe_recordable(self, row: StoredRow) -> tuple[Validation, bool]:
+        """The check's outcome, and whether it says anything about the connection itself.
+        An outcome caused by this process (a provider it does not know) or by a connection
+        that was never connected (nothing to check yet) is reported, never recorded: it
+        would overwrite, for everyone, what the connection's status truly is."""
+        provider = self._core.provider_of(row)
+        if provider is None:
+            return Validation(False, unregistered_message(row.provider)), False
+        scheme = provider.scheme
+        if isinstance(scheme, TokenScheme) and scheme.not_connected(self._core.plain(row)):
+            return Validation(False, NOT_CONNECTED_YET), False
         with telemetry.check_span(row) as outcome:
             result = await self._probe(row)
             outcome.ok = result.ok
@@ -60,7 +85,7 @@ class Checks:
                 "check_finished", uuid=row.uuid, provider=row.provider, owner=row.owner
             ),
         )
-        return result
+        return result, True
 
     async def _probe(self, row: StoredRow) -> Validation:
         provider = self._core.provider_of(row)
@@ -94,7 +119,9 @@ class Checks:
         if row is None:
             return Validation(False, "Not configured")
         checked = self._connections.fingerprint(row)
-        result = await self.probe(row)
+        result, recordable = await self._probe_recordable(row)
+        if not recordable:
+            return result
         await self._connections.record(
             uuid, result.ok, result.message, actor=actor, checked=checked
         )

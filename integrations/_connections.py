@@ -27,7 +27,7 @@ from ._input import check_text
 from ._models import Connection, ConnectionList, Page, utcnow
 from ._providers import Provider, unknown_provider_message
 from ._record import Change, StoredRow
-from ._tokens import imported_token_set
+from .oauth import imported_token_set
 
 __all__ = ["MAX_PAGE", "SEARCH_EXAMINE", "STATUSES", "Connections", "check_scope"]
 

@@ -14,6 +14,7 @@ from ._cache import CachedRepository, RowCache
 from ._errors import ConfigurationError, InvalidProviderKey
 from ._events import EventHub
 from ._http import HttpClient
+from ._keysource import Custody, load_keyring, parse_sources
 from ._models import Connection
 from ._names import shown
 from ._providers import Provider
@@ -21,11 +22,12 @@ from ._record import StoredRow
 from ._registry import ProviderRegistry
 from ._repository import Pool, Repository
 from ._settings import Settings, check_at_most
-from ._vault import Keyring, Vault, mask_data
+from ._token_endpoint import TokenEndpoint
+from ._vault import ENV_KEYS, Vault, mask_data
 
 log = logging.getLogger("integrations")
 
-__all__ = ["Core", "connect", "storage"]
+__all__ = ["Core", "connect", "storage", "unwrap_keys"]
 
 
 def storage(
@@ -107,21 +109,40 @@ async def connect(
             dsn = embedded = await start_embedded(directory)
             if keys is None and not os.environ.get("INTEGRATIONS_KEYS"):
                 keys = ensure_key_file(directory)
-    keyring = Keyring.parse(keys) if keys is not None else Keyring.from_env()
-    if keyring is None and encryption == "on":
+    if keys is None:
+        value = os.environ.get(ENV_KEYS, "")
+        keys = value if value.strip(" \t\r\n,") else None
+    sources = parse_sources(keys) if keys is not None else None
+    if sources is None and encryption == "on":
         log.warning(
             "No encryption keys are configured (keys= or INTEGRATIONS_KEYS), so saving a "
             "secret will fail; generate one with integrations.generate_key().",
             extra=telemetry.fields("encryption_keys_missing"),
         )
+    vault = Vault(None, encryption=encryption)
+    if sources is not None:
+        custody = Custody(sources)
+        if custody.needs_store:
+            # Data keys live in the schema: unwrapped once the schema is up to date.
+            vault.pending = sources
+        else:
+            vault.install(await load_keyring(sources, None))
     await repo.open(dsn=dsn, pool=pool, max_size=pool_max_size)
-    return Vault(keyring, encryption=encryption), embedded
+    return vault, embedded
+
+
+async def unwrap_keys(vault: Vault, repo: Repository) -> None:
+    """Load the keys of sources that keep wrapped data keys in the database (a KMS, an
+    HSM): one call to the key holder per data key, here and never again in this process."""
+    sources, vault.pending = vault.pending, None
+    if sources:
+        vault.install(await load_keyring(sources, repo))
 
 
 class Core:
     """What every service stands on; services receive it and never see the facade."""
 
-    __slots__ = ("http", "hub", "providers", "repo", "settings", "vault")
+    __slots__ = ("_endpoints", "http", "hub", "providers", "repo", "settings", "vault")
 
     def __init__(
         self,
@@ -139,10 +160,20 @@ class Core:
         self.http = http
         self.hub = hub
         self.settings = settings
+        self._endpoints: dict[int, TokenEndpoint] = {}
+
+    def token_endpoint(self, provider: Provider) -> TokenEndpoint:
+        """The provider's token endpoint client, built once per provider."""
+        endpoint = self._endpoints.get(id(provider))
+        if endpoint is None or endpoint.provider is not provider:
+            endpoint = self._endpoints[id(provider)] = TokenEndpoint(provider)
+        return endpoint
 
     def provider_of(self, row: StoredRow) -> Provider | None:
-        """The row's provider, None when it is no longer registered."""
-        return self.providers.find(row.provider)
+        """The row's provider, None when it is no longer registered; per-tenant API hosts
+        rendered from the row's setup values."""
+        provider = self.providers.find(row.provider)
+        return provider.for_data(row.data) if provider is not None else None
 
     def require_provider(self, row: StoredRow) -> Provider:
         provider = self.provider_of(row)

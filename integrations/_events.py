@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import json
@@ -16,7 +17,7 @@ from typing import Final, Literal, Protocol, TypeAlias
 
 from . import _telemetry as telemetry
 from ._backoff import equal_jitter
-from ._errors import InvalidArgument, LifecycleError
+from ._errors import IntegrationsError, InvalidArgument, LifecycleError
 from ._models import EVENT_KINDS, Event
 from ._names import shown
 from ._settings import MAXIMUM
@@ -27,6 +28,7 @@ __all__ = [
     "HubStats",
     "ListenFn",
     "Listener",
+    "LogReader",
     "OwnerScope",
     "RowWatcher",
     "Subscription",
@@ -71,6 +73,22 @@ hub ignores calls from listeners it no longer holds.
 """
 
 
+class LogReader(Protocol):
+    """Reads the durable event log (the repository's ``events_after``)."""
+
+    async def __call__(
+        self,
+        after: int,
+        *,
+        owner: str | None,
+        any_owner: bool,
+        provider: str | None,
+        uuid: str | None,
+        kinds: Sequence[str] | None,
+        limit: int,
+    ) -> tuple[list[Event], int]: ...
+
+
 class AllOwners(enum.Enum):
     """The type of ``ALL_OWNERS``: a scope that spans every owner."""
 
@@ -87,6 +105,11 @@ OwnerScope: TypeAlias = str | Literal[AllOwners.ALL_OWNERS] | None
 
 RESYNC: Final = "resync"
 
+#: Events read from the log per query while a resuming subscription catches up.
+REPLAY_PAGE: Final = 500
+#: The longest wait between tries to read the log while the database cannot be reached.
+REPLAY_RETRY_MAX: Final = 5.0
+
 
 class _Closed:
     """Wakes getters of a closed subscription; never queued."""
@@ -102,16 +125,28 @@ class Subscription:
     it, so a slow reader loses history rather than holding up anyone else.
     ``resync`` events pass every filter: they mean "re-read what you care
     about", because notifications sent while the listener was down are gone.
+
+    A subscription that resumes (``after=`` a position) reads the durable log
+    instead of losing anything: it first replays what was logged after its
+    cursor, and whenever live events may have been missed (the listener was
+    lost, or the queue overflowed) it reads the log again from the last event
+    it handed out. Live events at or below that cursor are skipped, so nothing
+    arrives twice. Its only ``resync`` is the one that says the cursor fell out
+    of retention (``detail["reason"] == "expired"``).
     """
 
     __slots__ = (
+        "_catch_up",
         "_closed",
         "_dropped",
         "_kinds",
+        "_last",
+        "_log",
         "_owner",
         "_provider",
         "_queue",
         "_ready",
+        "_replayed",
         "_uuid",
         "maxsize",
     )
@@ -124,7 +159,11 @@ class Subscription:
         owner: OwnerScope,
         kinds: frozenset[str] | None,
         maxsize: int,
+        after: int | None = None,
+        log: LogReader | None = None,
     ) -> None:
+        if after is not None and log is None:
+            raise ValueError("a subscription that resumes needs the log")
         self._provider = provider
         self._uuid = uuid
         self._owner = owner
@@ -134,6 +173,10 @@ class Subscription:
         self._queue: deque[Event] = deque()
         self._ready = asyncio.Event()
         self._closed = False
+        self._log = log if after is not None else None
+        self._last = after or 0
+        self._catch_up = after is not None
+        self._replayed: deque[Event] = deque()
 
     def __repr__(self) -> str:
         return (
@@ -154,7 +197,13 @@ class Subscription:
     @property
     def pending(self) -> int:
         """Events queued and not yet read."""
-        return len(self._queue)
+        return len(self._queue) + len(self._replayed)
+
+    @property
+    def position(self) -> int | None:
+        """The position of the last logged event handed out (or the ``after=`` it started
+        from); None for a live-only subscription."""
+        return self._last if self._log is not None else None
 
     def matches(self, event: Event) -> bool:
         """Whether this subscription's filters let ``event`` through."""
@@ -188,15 +237,82 @@ class Subscription:
         while True:
             if self._closed:
                 return _CLOSED
+            if self._replayed:
+                event = self._replayed.popleft()
+                if event.position is not None:
+                    self._last = event.position
+                return event
+            if self._catch_up:
+                await self._read_log()
+                continue
             if self._queue:
-                return self._queue.popleft()
+                event = self._queue.popleft()
+                if self._log is not None and event.position is not None:
+                    if event.position <= self._last:
+                        continue  # replayed already
+                    self._last = event.position
+                return event
             self._ready.clear()
             await self._ready.wait()
+
+    async def _read_log(self) -> None:
+        """One page of the log after the cursor into ``_replayed``; another is asked
+        for while pages come back full. A database that cannot be reached is waited
+        for (with backoff), not raised to the reader: the events are still there."""
+        assert self._log is not None
+        delay = 0.1
+        while not self._closed:
+            try:
+                events, pruned = await self._log(
+                    self._last,
+                    owner=None if self._owner is ALL_OWNERS else self._owner,
+                    any_owner=self._owner is ALL_OWNERS,
+                    provider=self._provider,
+                    uuid=self._uuid,
+                    kinds=None if self._kinds is None else sorted(self._kinds),
+                    limit=REPLAY_PAGE,
+                )
+            except IntegrationsError as exc:
+                logger.warning(
+                    "reading the event log after position %d failed (%s); retrying in about %.2fs",
+                    self._last,
+                    exc.code,
+                    delay,
+                    extra=telemetry.fields("event_log_read_failed"),
+                )
+                self._ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), equal_jitter(delay))
+                delay = min(delay * 2, REPLAY_RETRY_MAX)
+                continue
+            if pruned > self._last:
+                # Retention deleted events this cursor had not reached: say so, then
+                # go on from the oldest event still kept.
+                self._replayed.append(
+                    Event(
+                        kind=RESYNC,
+                        uuid=None,
+                        detail={"reason": "expired", "after": self._last, "oldest": pruned + 1},
+                    )
+                )
+                self._last = pruned
+                return
+            self._replayed.extend(events)
+            self._catch_up = len(events) >= REPLAY_PAGE
+            return
 
     def _put(self, event: Event) -> None:
         if self._closed:
             return
-        if len(self._queue) >= self.maxsize:
+        if self._log is not None:
+            # The log has everything a resuming subscription could miss here: a lost
+            # listener or an overflow means reading it again, never a gap.
+            if event.kind == RESYNC or len(self._queue) >= self.maxsize:
+                self._queue.clear()
+                self._catch_up = True
+                self._ready.set()
+                return
+        elif len(self._queue) >= self.maxsize:
             self._queue.popleft()
             self._dropped += 1
             telemetry.count_event_dropped("queue_full")
@@ -208,6 +324,7 @@ class Subscription:
         # should stop promptly rather than drain a backlog nobody will act on.
         self._closed = True
         self._queue.clear()
+        self._replayed.clear()
         self._ready.set()
 
 
@@ -240,6 +357,7 @@ class EventHub:
         reconnect_max: float = 5.0,
         watcher: RowWatcher | None = None,
         heartbeat: tuple[float, float] | None = None,
+        log: LogReader | None = None,
     ) -> None:
         if not isinstance(channel, str) or not channel:
             raise ValueError("channel must be a non-empty string")
@@ -265,6 +383,7 @@ class EventHub:
         self._watcher = watcher
         self._heartbeat = heartbeat or (HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT)
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._log = log
 
     def __repr__(self) -> str:
         return (
@@ -303,12 +422,23 @@ class EventHub:
         owner: OwnerScope = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         """A subscription for the ``async with`` block; arguments are checked now.
 
         ``owner=None`` sees system connections only, a string sees that owner's,
-        ``ALL_OWNERS`` sees everything.
+        ``ALL_OWNERS`` sees everything. ``after`` (a position, 0 for the oldest kept)
+        replays the log after it first, then goes on live.
         """
+        if after is not None:
+            if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+                raise InvalidArgument(
+                    f"after must be an event position (an int >= 0, such as an earlier "
+                    f"Event.position), got {after!r}",
+                    field="after",
+                )
+            if self._log is None:
+                raise InvalidArgument("this event hub has no log to resume from", field="after")
         for label, value in (("provider", provider), ("uuid", uuid)):
             if value is not None and not isinstance(value, str):
                 raise InvalidArgument(f"{label} must be a str or None", field=label)
@@ -355,7 +485,13 @@ class EventHub:
                 f"maxsize must be an int of at least 1, got {shown(maxsize)}", field="maxsize"
             )
         subscription = Subscription(
-            provider=provider, uuid=uuid, owner=owner, kinds=kind_set, maxsize=maxsize
+            provider=provider,
+            uuid=uuid,
+            owner=owner,
+            kinds=kind_set,
+            maxsize=maxsize,
+            after=after,
+            log=self._log,
         )
         return self._subscribed(subscription)
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import _names as names
 from ._cache import CacheStats
 from ._checkall import CheckReport, check_all
-from ._core import Core, connect, storage
+from ._core import Core, connect, storage, unwrap_keys
 from ._doctor import Diagnosis, diagnose_core
-from ._errors import ConfigurationError, LifecycleError, SchemaOutdated
+from ._errors import ConfigurationError, InvalidArgument, LifecycleError, SchemaOutdated
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
@@ -28,13 +28,14 @@ from ._models import Connection, ConnectionList, Page, Validation
 from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
-from ._registry import ProviderRegistry
+from ._registry import ProviderRegistry, load_providers
 from ._rotation import ProgressCallback, RotationProgress
 from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
 from ._settings import Settings, Takeover, check_at_most
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
+from ._webhooks import RETRY_DELAYS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 if TYPE_CHECKING:
     import aiohttp
@@ -68,6 +69,7 @@ class Integrations:
         http: aiohttp.ClientSession | None = None,
         keys: str | Sequence[str] | None = None,
         providers: Iterable[Provider] | None = None,
+        providers_file: str | os.PathLike[str] | None = None,
         auth_schemes: Iterable[AuthScheme] | None = None,
         override_providers: bool = False,
         leeway: float = 60.0,
@@ -131,8 +133,17 @@ class Integrations:
             refresh_takeover=refresh_takeover,
             token_write_retry=token_write_retry,
         )
+        extra = list(providers or ())
+        if providers_file is None and providers is None:
+            # The environment counts only when the code names no providers itself; its
+            # module:attribute form is the command line's.
+            named = os.environ.get("INTEGRATIONS_PROVIDERS", "")
+            if named.endswith((".toml", ".json")):
+                providers_file = named
+        if providers_file is not None:
+            extra += load_providers(providers_file)
         self.providers = ProviderRegistry(
-            providers or (),
+            extra,
             override=override_providers,
             schemes=SchemeRegistry(auth_schemes or (), parent=SCHEMES),
         )
@@ -184,6 +195,7 @@ class Integrations:
                 if not self._auto_migrate:
                     raise SchemaOutdated()
                 await self._repo.migrate()
+            await unwrap_keys(vault, self._repo)
         except SchemaOutdated:
             # Left unopened so that ``await integ.migrate()`` then ``open()`` works.
             await self._repo.close()
@@ -192,7 +204,9 @@ class Integrations:
         except BaseException:
             await self.close()
             raise
-        hub = EventHub(self._repo.listen, self._repo.channel, watcher=self._cache)
+        hub = EventHub(
+            self._repo.listen, self._repo.channel, watcher=self._cache, log=self._repo.events_after
+        )
         if self._cache.enabled:
             # The cache serves only while changes are being received: listen from the start.
             try:
@@ -310,6 +324,7 @@ class Integrations:
         owner: OwnerScope | None = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         """Committed changes from every process on this database: ``async with integ.subscribe()``.
 
@@ -318,11 +333,119 @@ class Integrations:
         owner's, ``ALL_OWNERS`` all; with a ``uuid`` and no owner, that connection whoever
         owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+
+        ``after`` resumes from the durable log: the events logged after that position
+        (an earlier ``Event.position``; 0 for the oldest kept) come first, then live ones,
+        with no gap and no repeat between them, and nothing dropped. A position that fell
+        out of retention gets a ``resync`` event with ``detail["reason"] == "expired"``.
         """
         # The administrator's default only: an owner handle's stays its owner's.
         if uuid is not None and owner is None:
             owner = ALL_OWNERS
-        return self._in(owner).subscribe(provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize)
+        return self._in(owner).subscribe(
+            provider=provider, uuid=uuid, kinds=kinds, maxsize=maxsize, after=after
+        )
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    async def add_webhook(
+        self,
+        url: str,
+        *,
+        kinds: Iterable[str] | None = None,
+        owner: str | None = None,
+        description: str = "",
+        allow_loopback: bool = False,
+    ) -> WebhookEndpoint:
+        """Register a webhook endpoint: ``owner=None`` is system-wide (every owner's events),
+        an owner string that owner's only; ``kinds`` narrows to some event kinds. The
+        signing secret is made here and returned once, in ``.secret``: it is stored
+        encrypted and never shown again. ``url`` must be https; a loopback URL (http too)
+        only with ``allow_loopback=True``, for tests and development."""
+        return await self._in(owner).add_webhook(
+            url, kinds=kinds, description=description, allow_loopback=allow_loopback
+        )
+
+    async def list_webhooks(self, *, owner: OwnerScope = ALL_OWNERS) -> list[WebhookEndpoint]:
+        """The webhook endpoints in scope, without their secrets."""
+        return await self._in(owner).list_webhooks()
+
+    async def remove_webhook(self, endpoint_id: str, *, owner: OwnerScope = ALL_OWNERS) -> None:
+        """Remove a webhook endpoint and its deliveries; NotFound when there is none."""
+        await self._in(owner).remove_webhook(endpoint_id)
+
+    async def webhook_deliveries(
+        self,
+        endpoint_id: str,
+        *,
+        state: str | None = None,
+        limit: int = 50,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> list[WebhookDelivery]:
+        """An endpoint's newest deliveries (``state``: pending, delivered or dead)."""
+        return await self._in(owner).webhook_deliveries(endpoint_id, state=state, limit=limit)
+
+    async def replay_webhook(self, delivery_id: str, *, owner: OwnerScope = ALL_OWNERS) -> None:
+        """Send a delivery again from its first attempt, with the same ``webhook-id``
+        (a dead one, or one the receiver lost)."""
+        await self._in(owner).replay_webhook(delivery_id)
+
+    async def test_webhook(
+        self,
+        endpoint_id: str,
+        *,
+        allow_loopback: bool = False,
+        allow_private: bool = False,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> WebhookAttempt:
+        """Send one signed ``webhook_test`` message to the endpoint now; not retried."""
+        return await self._in(owner).test_webhook(
+            endpoint_id, allow_loopback=allow_loopback, allow_private=allow_private
+        )
+
+    async def run_webhooks(
+        self,
+        *,
+        allow_loopback: bool = False,
+        allow_private: bool = False,
+        concurrency: int = 8,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
+        poll: float = 5.0,
+    ) -> None:
+        """Deliver webhooks from this process until it closes (or the task is cancelled).
+
+        Every process may run it: each turns new logged events into deliveries (one at a
+        time, under a row lock) and sends the due ones it claims, at most ``concurrency``
+        at once; a delivery is claimed by one process at a time, and one connection's
+        deliveries to an endpoint go out in order. Failed attempts are retried after
+        ``retry_delays`` (default: over more than a day, see docs/webhooks.md), then the
+        delivery is dead. Addresses that resolve to loopback or private networks are
+        refused unless allowed here."""
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidArgument("concurrency must be an int >= 1", field="concurrency")
+        delays = tuple(retry_delays)
+        if not delays or any(
+            isinstance(d, bool) or not isinstance(d, int | float) or d < 0 for d in delays
+        ):
+            raise InvalidArgument(
+                "retry_delays must be a non-empty sequence of seconds >= 0", field="retry_delays"
+            )
+        await self._s.webhooks.run(
+            allow_loopback=allow_loopback,
+            allow_private=allow_private,
+            concurrency=concurrency,
+            retry_delays=delays,
+            poll=float(poll),
+        )
+
+    async def prune_events(
+        self, *, max_age: float | timedelta | None = timedelta(days=7), max_count: int | None = None
+    ) -> int:
+        """Apply the event log's retention: delete events logged more than ``max_age`` ago
+        (seconds or a timedelta; None keeps them whatever their age) and all but the
+        newest ``max_count``; returns how many were deleted. Run it from one worker now
+        and then (``integrations events prune`` does the same)."""
+        return await self._s.prune_events(max_age=max_age, max_count=max_count)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -736,6 +859,12 @@ class Integrations:
     async def diagnose(self) -> Diagnosis:
         """Schema version, keys, connections the keys cannot decrypt, listener round trip."""
         return await diagnose_core(self._s.core)
+
+    async def new_data_key(self) -> str:
+        """Make a new data key wrapped by the primary key source (``aws-kms:`` or
+        ``pkcs11:``) and return its key id. Processes opened from then on encrypt with it;
+        ``rotate_keys()`` moves stored secrets to it once every process has reopened."""
+        return await self._s.new_data_key()
 
     async def rotate_keys(
         self, *, batch_size: int = 500, progress: ProgressCallback | None = None

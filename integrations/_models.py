@@ -137,9 +137,13 @@ class Event:
     actor: str | None = None
     at: datetime = field(default_factory=utcnow)
     detail: Mapping[str, Any] = field(default_factory=dict)
+    #: Where the event stands in the durable log: pass it as ``subscribe(after=...)`` to
+    #: resume after this event. None for ``resync``, which is not logged.
+    position: int | None = None
 
     def to_payload(self) -> str:
-        """The NOTIFY payload: compact JSON, never carrying secrets."""
+        """The NOTIFY payload: compact JSON, never carrying secrets. The position is not
+        part of it: the log draws it as the event is appended, and puts it first."""
         return json.dumps(
             {
                 "kind": self.kind,
@@ -175,6 +179,11 @@ class Event:
                 raise ValueError(f"event field {key!r} must be a string")
             return value
 
+        position = raw.get("position")
+        if position is not None and (
+            isinstance(position, bool) or not isinstance(position, int) or position < 1
+        ):
+            raise ValueError("event position must be a positive integer")
         return cls(
             kind=raw["kind"],
             uuid=opt("uuid"),
@@ -186,6 +195,7 @@ class Event:
             actor=opt("actor"),
             at=datetime.fromisoformat(raw["at"]),
             detail=detail,
+            position=position,
         )
 
 
@@ -198,8 +208,9 @@ class RotationProgress:
     key). ``total`` is the number of rows that needed it when the run started: connections
     plus pending authorizations. ``undecryptable`` holds the uuids of the connections
     (``undecryptable_pending`` the state hashes of the pending authorizations) that could
-    not be decrypted, so were skipped and left as they are. Counts, ids and key ids only,
-    never secrets.
+    not be decrypted, so were skipped and left as they are. ``rewrapped`` counts the data
+    keys (of an ``aws-kms:`` or ``pkcs11:`` source) wrapped anew by the primary source
+    before the rows were moved. Counts, ids and key ids only, never secrets.
     """
 
     primary_kid: str
@@ -211,6 +222,7 @@ class RotationProgress:
     done: bool = False
     undecryptable: tuple[str, ...] = ()
     undecryptable_pending: tuple[str, ...] = ()
+    rewrapped: int = 0
 
     @property
     def remaining(self) -> int:

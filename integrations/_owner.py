@@ -10,12 +10,13 @@ from . import _names as names
 from . import _record as record
 from ._connections import check_scope
 from ._errors import InvalidArgument
-from ._events import OwnerScope, Subscription
+from ._events import ALL_OWNERS, OwnerScope, Subscription
 from ._http import Response
 from ._models import Connection, ConnectionList, Page, Validation
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._services import Services
+from ._webhooks import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 __all__ = ["OwnerHandle", "Ref", "Scoped", "request"]
 
@@ -374,6 +375,7 @@ class Scoped:
         uuid: str | None = None,
         kinds: Iterable[str] | None = None,
         maxsize: int = 1000,
+        after: int | None = None,
     ) -> AbstractAsyncContextManager[Subscription]:
         """Committed changes from every process on this database: ``async with integ.subscribe()``.
 
@@ -382,6 +384,11 @@ class Scoped:
         owner's, ``ALL_OWNERS`` all; with a ``uuid`` and no owner, that connection whoever
         owns it. Beyond ``maxsize`` unread events the oldest are dropped and counted in
         ``Subscription.dropped``. Arguments are checked here, before ``async with``.
+
+        ``after`` resumes from the durable log: the events logged after that position
+        (an earlier ``Event.position``; 0 for the oldest kept) come first, then live ones,
+        with no gap and no repeat between them, and nothing dropped. A position that fell
+        out of retention gets a ``resync`` event with ``detail["reason"] == "expired"``.
         """
         core = self._services().core
         if provider is not None:
@@ -394,6 +401,59 @@ class Scoped:
             owner=check_scope(self._scope),
             kinds=kinds,
             maxsize=maxsize,
+            after=after,
+        )
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    async def add_webhook(
+        self,
+        url: str,
+        *,
+        kinds: Iterable[str] | None = None,
+        description: str = "",
+        allow_loopback: bool = False,
+    ) -> WebhookEndpoint:
+        """Register a webhook endpoint: ``owner=None`` is system-wide (every owner's events),
+        an owner string that owner's only; ``kinds`` narrows to some event kinds. The
+        signing secret is made here and returned once, in ``.secret``: it is stored
+        encrypted and never shown again. ``url`` must be https; a loopback URL (http too)
+        only with ``allow_loopback=True``, for tests and development."""
+        return await self._services().webhooks.add(
+            url,
+            owner=None if self._scope is ALL_OWNERS else self._scope,
+            kinds=kinds,
+            description=description,
+            allow_loopback=allow_loopback,
+        )
+
+    async def list_webhooks(self) -> list[WebhookEndpoint]:
+        """The webhook endpoints in scope, without their secrets."""
+        return await self._services().webhooks.endpoints(self._scope)
+
+    async def remove_webhook(self, endpoint_id: str) -> None:
+        """Remove a webhook endpoint and its deliveries; NotFound when there is none."""
+        await self._services().webhooks.remove(endpoint_id, self._scope)
+
+    async def webhook_deliveries(
+        self, endpoint_id: str, *, state: str | None = None, limit: int = 50
+    ) -> list[WebhookDelivery]:
+        """An endpoint's newest deliveries (``state``: pending, delivered or dead)."""
+        return await self._services().webhooks.deliveries(
+            endpoint_id, self._scope, state=state, limit=limit
+        )
+
+    async def replay_webhook(self, delivery_id: str) -> None:
+        """Send a delivery again from its first attempt, with the same ``webhook-id``
+        (a dead one, or one the receiver lost)."""
+        await self._services().webhooks.replay(delivery_id, self._scope)
+
+    async def test_webhook(
+        self, endpoint_id: str, *, allow_loopback: bool = False, allow_private: bool = False
+    ) -> WebhookAttempt:
+        """Send one signed ``webhook_test`` message to the endpoint now; not retried."""
+        return await self._services().webhooks.test(
+            endpoint_id, self._scope, allow_loopback=allow_loopback, allow_private=allow_private
         )
 
 

@@ -115,6 +115,7 @@ async def _check_http(
 ) -> Validation:
     try:
         url = provider.render_url(check.url, values)
+        provider = provider.for_data(values)
         response = await http.request(
             check.method,
             url,

@@ -76,7 +76,31 @@ def split_host_entry(entry: str) -> tuple[str, int | None]:
     pattern = host[2:] if host.startswith("*.") else host
     if not pattern or any(c in pattern for c in "*/@?#[] "):
         raise ValueError(f"api hosts are 'host', 'host:port' or '*.domain', not {entry!r}")
+    if "{" in host and host.startswith("*."):
+        raise ValueError(f"a templated api host cannot also be a wildcard: {entry!r}")
     return host, port
+
+
+#: A host name (labels of letters, digits and inner hyphens), optionally with a port.
+_HOST_NAME_RE = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*(?::[0-9]{1,5})?"
+)
+#: What a setup field may hold when it is put into a host: host name characters only, so
+#: that no value can end the host early ("evil.com#", "a.evil.com/", "x@evil.com").
+_HOST_VALUE_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+
+
+def url_authority(template: str) -> str:
+    """The authority part of a URL template (what sits between ``//`` and the path)."""
+    _, sep, rest = template.partition("//")
+    if not sep:
+        return ""
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
+
+
+def host_value_ok(value: str) -> bool:
+    """Whether ``value`` may be put into a host: host name characters, no empty label."""
+    return bool(_HOST_VALUE_RE.fullmatch(value)) and ".." not in value
 
 
 class ValidationRequest(_Frozen):
@@ -163,6 +187,9 @@ class RejectedAnswer(_Frozen):
         return isinstance(payload, str) and payload in self.values
 
 
+# Per-tenant copies kept per provider (one per distinct set of host values).
+_TENANTS_KEPT = 256
+
 # Bodies longer than this are not parsed to look for a rejection.
 _REJECTED_BODY_LIMIT = 64 * 1024
 
@@ -209,6 +236,8 @@ class Provider(_Frozen):
 
     # The scheme this provider was bound to by a registry with application schemes.
     _scheme: Any = PrivateAttr(default=None)
+    # Copies with per-tenant api_hosts rendered, by the host fields' values.
+    _tenants: dict[tuple[str, ...], Provider] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -264,11 +293,80 @@ class Provider(_Frozen):
         for url in (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url):
             if url is not None:
                 template_fields(url)
+        fields = {field.key: field for field in self.setup_fields}
+        for name in self.host_fields:
+            field = fields.get(name)
+            if field is None:
+                raise ValueError(f"a host uses {{{name}}}, which is not a setup field")
+            if field.secret or field.pattern is None or field.type != "string":
+                raise ValueError(
+                    f"setup field {name!r} goes into a host: it must be a string field with a "
+                    "pattern (such as '[a-z0-9][a-z0-9-]*') and not a secret"
+                )
         if self.auth_header is not None and scheme is not None and not scheme.freeform:
             known = set(keys) | {"access_token"}
             unknown = [name for name in self.auth_header.fields if name not in known]
             if unknown:
                 raise ValueError(f"auth header uses {unknown[0]!r}, which is not a setup field")
+
+    @functools.cached_property
+    def host_fields(self) -> tuple[str, ...]:
+        """Setup fields templated into a host: into ``api_hosts`` or the authority of a
+        URL (per-tenant hosts such as ``{subdomain}.zendesk.com``)."""
+        names: list[str] = []
+        templates = list(self.api_hosts)
+        urls = (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url)
+        templates += [url_authority(url) for url in urls if url]
+        if self.validation is not None and self.validation.url:
+            templates.append(url_authority(self.validation.url))
+        for template in templates:
+            for name in template_fields(template):
+                if name not in names:
+                    names.append(name)
+        return tuple(names)
+
+    def for_data(self, data: Mapping[str, Any]) -> Provider:
+        """This provider with its per-tenant ``api_hosts`` rendered from a connection's
+        (non-secret) setup values. A host whose value is missing or not a well-formed part
+        of a host name is left out, so calls to it are refused rather than sent elsewhere."""
+        if not any("{" in host for host in self.api_hosts):
+            return self
+        values = self.template_values(data)
+        key = tuple(str(values.get(name, "")) for name in self.host_fields)
+        bound = self._tenants.get(key)
+        if bound is not None:
+            return bound
+        hosts: list[str] = []
+        for template in self.api_hosts:
+            host = self._render_host(template, values)
+            if host is not None and host not in hosts:
+                hosts.append(host)
+        bound = self.model_copy(update={"api_hosts": tuple(hosts)})
+        bound._tenants = {}
+        if len(self._tenants) >= _TENANTS_KEPT:
+            self._tenants.clear()
+        self._tenants[key] = bound
+        return bound
+
+    def _render_host(self, template: str, values: Mapping[str, Any]) -> str | None:
+        names = template_fields(template)
+        if not names:
+            return template
+        fields = {field.key: field for field in self.setup_fields}
+        rendered: dict[str, str] = {}
+        for name in names:
+            value = values.get(name)
+            if not isinstance(value, str) or not self._host_value_fits(fields.get(name), value):
+                return None
+            rendered[name] = value.lower()
+        host = render(template, rendered)
+        return host if _HOST_NAME_RE.fullmatch(host) else None
+
+    @staticmethod
+    def _host_value_fits(field: SetupField | None, value: str) -> bool:
+        if field is None or field.pattern is None or not host_value_ok(value):
+            return False
+        return re.fullmatch(field.pattern, value) is not None
 
     @field_validator("refresh_on")
     @classmethod
@@ -414,6 +512,17 @@ class Provider(_Frozen):
         missing = [name for name in template_fields(template) if name not in values]
         if missing:
             raise MissingField(f"Setup field {missing[0]!r} is required.", field=missing[0])
+        fields = {field.key: field for field in self.setup_fields}
+        for name in template_fields(url_authority(template)):
+            # Checked again here, not only when saved: a row may have been written by an
+            # older release or by hand, and a host is where the credentials go.
+            value = str(values[name])
+            if not self._host_value_fits(fields.get(name), value):
+                raise InvalidField(
+                    f"Setup field {name!r} does not hold a valid host name part; "
+                    "set it again with save_setup.",
+                    field=name,
+                )
         return render(template, {k: quote(str(v), safe="-._~") for k, v in values.items()})
 
     def missing_required(self, data: Mapping[str, Any]) -> list[str]:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tomllib
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -20,41 +16,14 @@ __all__ = ["ProviderRegistry", "load_providers"]
 
 
 def load_providers(path: str | os.PathLike[str]) -> list[Provider]:
-    """Providers declared in a TOML or JSON file: a list of tables under ``providers``.
+    """Providers declared in a TOML or JSON provider file: a list of tables under
+    ``providers`` (see docs/provider-files.md). An entry may ``extends`` an earlier entry
+    or a built-in. Each entry is validated by the ``Provider`` model; a mistake names the
+    file, the entry and the field (ConfigurationError)."""
+    from ._catalogue import builtin_raw
+    from ._provider_file import read_provider_file
 
-    Each entry is validated by the ``Provider`` model; a mistake names the file, the
-    entry and the field.
-    """
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigurationError(
-            f"Cannot read provider file {str(file)!r}: {exc.strerror}."
-        ) from exc
-    try:
-        doc: Any = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigurationError(f"Provider file {str(file)!r} is not valid: {exc}.") from exc
-    entries = doc.get("providers") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        raise ConfigurationError(
-            f"Provider file {str(file)!r} must hold a list named 'providers' "
-            "(in TOML: one [[providers]] table per provider)."
-        )
-    found = []
-    for index, entry in enumerate(entries):
-        label = entry.get("key") if isinstance(entry, dict) else None
-        where = f"entry {index + 1}" + (f" ({label!r})" if isinstance(label, str) else "")
-        try:
-            found.append(Provider.model_validate(entry))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "(entry)"
-            raise ConfigurationError(
-                f"Provider file {str(file)!r}, {where}, field {field!r}: {first['msg']}."
-            ) from None
-    return found
+    return read_provider_file(path, builtin_raw)
 
 
 class ProviderRegistry:
@@ -73,11 +42,13 @@ class ProviderRegistry:
         override: bool = False,
         schemes: SchemeRegistry = SCHEMES,
     ) -> None:
-        # The catalogue's models are built when a registry is, not at import.
-        from ._catalogue import BUILTIN_PROVIDERS
+        # The catalogue is read when a registry is built: its directory listing only.
+        from ._catalogue import builtin_keys
 
         self.schemes = schemes
-        self._providers: dict[str, Provider] = {p.key: p for p in BUILTIN_PROVIDERS}
+        self._builtin_keys = builtin_keys()
+        self._providers: dict[str, Provider] = {}
+        self._sorted: list[Provider] | None = None
         seen: set[str] = set()
         for provider in extra:
             if not isinstance(provider, Provider):
@@ -86,7 +57,7 @@ class ProviderRegistry:
                 raise ProviderConflict(
                     f"Provider {provider.key!r} is given twice.", provider=provider.key
                 )
-            if provider.key in self._providers and not (override or provider.override):
+            if provider.key in self._builtin_keys and not (override or provider.override):
                 raise ProviderConflict(
                     f"Provider {provider.key!r} is a built-in; pass override=True to replace it.",
                     provider=provider.key,
@@ -127,7 +98,6 @@ class ProviderRegistry:
                 )
             seen.add(provider.key)
             self._providers[provider.key] = provider
-        self._sorted = sorted(self._providers.values(), key=lambda p: p.key)
 
     def get(self, key: object) -> Provider:
         if not isinstance(key, str):
@@ -135,29 +105,43 @@ class ProviderRegistry:
                 f"The provider key must be a string, not {type(key).__name__}; "
                 "pass a key like 'openai'."
             )
-        try:
-            return self._providers[key]
-        except KeyError:
-            raise InvalidProviderKey(
-                unknown_provider_message(key, self._providers), provider=key
-            ) from None
+        found = self.find(key)
+        if found is None:
+            raise InvalidProviderKey(unknown_provider_message(key, self.keys()), provider=key)
+        return found
 
     def find(self, key: str) -> Provider | None:
         """The provider of ``key``, None when it is not registered (rows may outlive it)."""
-        return self._providers.get(key)
+        own = self._providers.get(key)
+        if own is not None:
+            return own
+        if key not in self._builtin_keys:
+            return None
+        from ._catalogue import builtin
+
+        return builtin(key)
+
+    def keys(self) -> list[str]:
+        """Every registered key, sorted (no catalogue file is read)."""
+        return sorted(self._builtin_keys | self._providers.keys())
 
     def all(self) -> list[Provider]:
-        """Every provider, sorted by key."""
+        """Every provider, sorted by key (reads the whole catalogue once)."""
+        if self._sorted is None:
+            from ._catalogue import builtin_providers
+
+            merged = {p.key: p for p in builtin_providers()} | self._providers
+            self._sorted = sorted(merged.values(), key=lambda p: p.key)
         return list(self._sorted)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._providers
+        return isinstance(key, str) and (key in self._providers or key in self._builtin_keys)
 
     def __iter__(self) -> Iterator[Provider]:
-        return iter(self._sorted)
+        return iter(self.all())
 
     def __len__(self) -> int:
-        return len(self._providers)
+        return len(self._builtin_keys | self._providers.keys())
 
     def __repr__(self) -> str:
         return f"<ProviderRegistry {len(self)} providers>"

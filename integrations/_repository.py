@@ -14,6 +14,7 @@ import re
 import uuid as _uuid
 from collections.abc import (
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -45,6 +46,8 @@ class ResealBatch:
     rewritten: int
     last: str | None
     skipped: tuple[str, ...] = ()
+    #: The rows examined (locked), for a caller that keeps a list of skipped ones.
+    examined: tuple[str, ...] = ()
 
 
 # Delta rows of one scope's counts that a reader sums before it folds them into one a
@@ -597,8 +600,7 @@ class Repository:
             )
             if record is None:
                 return None
-            for event in events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, events)
         return _row(record)
 
     async def modify(self, uuid: str, decide: Callable[[StoredRow | None], tuple[Change, T]]) -> T:
@@ -624,8 +626,7 @@ class Repository:
                     )
                 elif change.data is not None:
                     await conn.execute(self.q.update_value, _uuid.UUID(uuid), _dumps(change.data))
-            for event in change.events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, change.events)
         return result
 
     async def modify_clocked(
@@ -653,9 +654,253 @@ class Repository:
             change, result = decide(row, None if record is None else record["now"])
             if row is not None and change.data is not None:
                 await conn.execute(self.q.update_value, key, _dumps(change.data))
-            for event in change.events:
-                await conn.execute(self.q.notify, self.channel, event_payload(event))
+            await self._log(conn, change.events)
         return result
+
+    async def _log(self, conn: Any, events: Iterable[Event]) -> None:
+        """Log ``events`` in the caller's transaction; its commit numbers and notifies them
+        (see the events_number trigger)."""
+        batch = list(events)
+        if not batch:
+            return
+        await conn.execute(
+            self.q.append_events,
+            [e.kind for e in batch],
+            [e.uuid for e in batch],
+            [_owner_to_db(e.owner) for e in batch],
+            [e.provider for e in batch],
+            [event_payload(e) for e in batch],
+        )
+
+    # -- the event log -----------------------------------------------------------------
+
+    async def events_after(
+        self,
+        after: int,
+        *,
+        owner: str | None,
+        any_owner: bool,
+        provider: str | None,
+        uuid: str | None,
+        kinds: Sequence[str] | None,
+        limit: int,
+    ) -> tuple[list[Event], int]:
+        """Up to ``limit`` logged events after position ``after`` that pass the filters,
+        in position order, and the position up to which retention may have deleted."""
+        kind_list = None if kinds is None else sorted(kinds)
+        async with self._acquire() as conn:
+            pruned = await conn.fetchval(self.q.events_pruned_through)
+            if any_owner:
+                records = await conn.fetch(
+                    self.q.events_after_any_owner, after, provider, uuid, kind_list, limit
+                )
+            else:
+                records = await conn.fetch(
+                    self.q.events_after_owner,
+                    after,
+                    _owner_to_db(owner),
+                    provider,
+                    uuid,
+                    kind_list,
+                    limit,
+                )
+        events = []
+        for record in records:
+            event = Event.from_payload(record["body"])
+            events.append(dataclasses.replace(event, position=record["position"]))
+        return events, int(pruned or 0)
+
+    async def last_event_position(self) -> int:
+        """The highest position logged so far; 0 when the log is empty."""
+        async with self._acquire() as conn:
+            return int(await conn.fetchval(self.q.events_last_position) or 0)
+
+    async def prune_events(
+        self, *, older_than: datetime | None, keep: int | None, batch: int = 5000
+    ) -> int:
+        """Delete logged events logged before ``older_than`` or beyond the newest ``keep``,
+        oldest first, ``batch`` at a time (each in its own short transaction); returns how
+        many were deleted."""
+        target = 0
+        async with self._acquire() as conn:
+            if keep is not None:
+                cut = await conn.fetchval(self.q.events_count_cut, keep)
+                target = max(target, int(cut or 0))
+            # Events not yet turned into webhook deliveries are kept whatever their age.
+            dispatched, endpoints = await conn.fetchrow(self.q.webhook_cursor_position)
+        limit = int(dispatched) if endpoints and dispatched is not None else None
+        deleted = 0
+        while True:
+            async with self._acquire() as conn:
+                oldest = await conn.fetch(self.q.events_oldest, batch)
+            if not oldest:
+                return deleted
+            cut = 0
+            for record in oldest:
+                position = int(record["position"])
+                if limit is not None and position > limit:
+                    break
+                if position <= target or (
+                    older_than is not None and record["logged_at"] < older_than
+                ):
+                    cut = position
+                else:
+                    break
+            if cut == 0:
+                return deleted
+            async with self._acquire() as conn, conn.transaction():
+                record = await conn.fetchrow(self.q.events_prune, cut)
+            deleted += int(record["deleted"])
+            if cut != int(oldest[-1]["position"]):
+                return deleted
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    async def webhook_add(
+        self,
+        endpoint_id: str,
+        owner: str | None,
+        url: str,
+        kinds: Sequence[str] | None,
+        sealed_secret: Any,
+        description: str,
+    ) -> dict[str, Any]:
+        async with self._acquire() as conn, conn.transaction():
+            record = await conn.fetchrow(
+                self.q.webhook_insert_endpoint,
+                _uuid.UUID(endpoint_id),
+                owner,
+                url,
+                None if kinds is None else list(kinds),
+                json.dumps(sealed_secret),
+                description,
+            )
+        return _endpoint(record)
+
+    async def webhook_list(self, *, any_owner: bool, owner: str | None) -> list[dict[str, Any]]:
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.webhook_endpoints, any_owner, owner)
+        return [_endpoint(r) for r in records]
+
+    async def webhook_get(self, endpoint_id: str) -> dict[str, Any] | None:
+        """The endpoint with its sealed secret under ``secret``; None when there is none."""
+        async with self._acquire() as conn:
+            record = await conn.fetchrow(self.q.webhook_endpoint, _uuid.UUID(endpoint_id))
+        if record is None:
+            return None
+        found = _endpoint(record)
+        found["secret"] = json.loads(record["secret"])
+        return found
+
+    async def webhook_remove(self, endpoint_id: str, *, any_owner: bool, owner: str | None) -> bool:
+        async with self._acquire() as conn:
+            gone = await conn.fetchval(
+                self.q.webhook_delete_endpoint, _uuid.UUID(endpoint_id), any_owner, owner
+            )
+        return gone is not None
+
+    async def webhook_dispatch(
+        self,
+        limit: int,
+        plan: Callable[
+            [list[Event], list[dict[str, Any]]], list[tuple[str, str, int, str, str, str]]
+        ],
+    ) -> int | None:
+        """Turn up to ``limit`` logged events after the dispatch cursor into deliveries
+        (``plan(events, endpoints)`` says which: rows of id, endpoint id, position, lane,
+        kind, payload) and move the cursor, in one transaction. None when another process
+        is dispatching (or no endpoint was ever added); else how many events were read."""
+        async with self._acquire() as conn, conn.transaction():
+            cursor = await conn.fetchval(self.q.webhook_lock_cursor)
+            if cursor is None:
+                return None
+            records = await conn.fetch(self.q.webhook_events_after, cursor, limit)
+            if not records:
+                return 0
+            events = [
+                dataclasses.replace(Event.from_payload(r["body"]), position=r["position"])
+                for r in records
+            ]
+            endpoints = [
+                {"id": str(r["id"]), "owner": r["owner"], "kinds": r["kinds"]}
+                for r in await conn.fetch(self.q.webhook_all_endpoints)
+            ]
+            rows = plan(events, endpoints)
+            if rows:
+                ids, endpoint_ids, positions, lanes, kinds, payloads = zip(*rows, strict=True)
+                await conn.execute(
+                    self.q.webhook_insert_deliveries,
+                    list(ids),
+                    [_uuid.UUID(e) for e in endpoint_ids],
+                    list(positions),
+                    list(lanes),
+                    list(kinds),
+                    list(payloads),
+                )
+            await conn.execute(self.q.webhook_move_cursor, records[-1]["position"])
+        return len(records)
+
+    async def webhook_claim(self, token: str, lease: float, limit: int) -> list[dict[str, Any]]:
+        """Due deliveries heading their lanes, leased to ``token`` for ``lease`` seconds;
+        each with its endpoint's url and sealed secret."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.webhook_claim, _uuid.UUID(token), lease, limit)
+        return [
+            {
+                "id": r["id"],
+                "endpoint_id": str(r["endpoint_id"]),
+                "position": r["position"],
+                "lane": r["lane"],
+                "kind": r["kind"],
+                "payload": r["payload"],
+                "attempts": r["attempts"],
+                "url": r["url"],
+                "secret": json.loads(r["secret"]),
+            }
+            for r in records
+        ]
+
+    async def webhook_finish(
+        self,
+        delivery_id: str,
+        token: str,
+        state: str,
+        status: int | None,
+        error: str | None,
+        delay: float,
+    ) -> bool:
+        """Record an attempt; False when the lease was lost (someone else has it now)."""
+        async with self._acquire() as conn:
+            done = await conn.fetchval(
+                self.q.webhook_finish,
+                delivery_id,
+                _uuid.UUID(token),
+                state,
+                status,
+                error,
+                float(delay),
+            )
+        return done is not None
+
+    async def webhook_deliveries(
+        self, endpoint_id: str, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        async with self._acquire() as conn:
+            records = await conn.fetch(
+                self.q.webhook_deliveries_of, _uuid.UUID(endpoint_id), state, limit
+            )
+        return [dict(r.items()) | {"endpoint_id": str(r["endpoint_id"])} for r in records]
+
+    async def webhook_replay(self, delivery_id: str, *, any_owner: bool, owner: str | None) -> bool:
+        async with self._acquire() as conn:
+            found = await conn.fetchval(self.q.webhook_replay, delivery_id, any_owner, owner)
+        return found is not None
+
+    async def webhook_next_due(self) -> float | None:
+        """Seconds until the earliest pending delivery is due (negative: overdue)."""
+        async with self._acquire() as conn:
+            value = await conn.fetchval(self.q.webhook_next_due)
+        return None if value is None else float(value)
 
     async def notify_channel(self, channel: str, payload: str) -> None:
         """Send ``payload`` on another channel than the events' one (a listener probe)."""
@@ -718,6 +963,7 @@ class Repository:
             rewritten=rewritten,
             last=cursor.dump(),
             skipped=tuple(str(u) for u in candidates if u not in locked),
+            examined=tuple(str(u) for u in locked),
         )
 
     async def _reseal_candidates(
@@ -881,6 +1127,39 @@ class Repository:
                 records = await conn.fetch(self.q.sweep_candidates, _uuid.UUID(after), limit)
         return [_row(r) for r in records]
 
+    # -- wrapped data keys (key sources held by a KMS or an HSM) ---------------------------
+
+    async def data_keys(self, wrapper: str) -> list[tuple[str, bytes]]:
+        """The data keys ``wrapper`` wrapped, newest first, as ``(key id, wrapped)``."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.data_keys_of, wrapper)
+        return [(r["kid"], bytes(r["wrapped"])) for r in records]
+
+    async def create_data_key(
+        self, wrapper: str, make: Callable[[], Awaitable[tuple[str, bytes]]]
+    ) -> list[tuple[str, bytes]]:
+        """The data keys of ``wrapper``, making the first with ``make`` when there is none;
+        processes opening together make one between them."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.data_keys_lock, self.advisory_lock_id("data_keys"))
+            records = await conn.fetch(self.q.data_keys_of, wrapper)
+            if not records:
+                kid, wrapped = await make()
+                await conn.execute(self.q.put_data_key, kid, wrapper, wrapped)
+                return [(kid, wrapped)]
+        return [(r["kid"], bytes(r["wrapped"])) for r in records]
+
+    async def all_data_keys(self) -> list[tuple[str, str]]:
+        """Every stored data key as ``(key id, wrapper)``, oldest first."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.all_data_keys)
+        return [(r["kid"], r["wrapper"]) for r in records]
+
+    async def put_data_key(self, kid: str, wrapper: str, wrapped: bytes) -> None:
+        """Store a data key, or wrap a stored one anew (keeping its age)."""
+        async with self._acquire() as conn:
+            await conn.execute(self.q.put_data_key, kid, wrapper, wrapped)
+
     # -- raw access for tests and benchmarks ---------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -946,6 +1225,17 @@ class Repository:
         async with self._acquire() as conn:
             status = await conn.execute(self.q.delete_expired_pending_authorizations)
         return int(status.split()[-1]) if status.startswith("DELETE") else 0
+
+
+def _endpoint(record: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": str(record["id"]),
+        "owner": record["owner"],
+        "url": record["url"],
+        "kinds": None if record["kinds"] is None else tuple(record["kinds"]),
+        "description": record["description"],
+        "created_at": record["created_at"],
+    }
 
 
 @dataclass(frozen=True, slots=True)

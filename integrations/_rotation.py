@@ -101,6 +101,9 @@ async def _rotate(
             "the old ones) or set INTEGRATIONS_KEYS"
         )
     primary = keyring.primary_id
+    # Data keys first: once wrapped by the primary source, the old one may be retired.
+    custody = keyring.custody
+    rewrapped = 0 if custody is None else await custody.rewrap(repo)
     # Plaintext secrets (stored while encryption was off) are sealed too, but only while
     # encryption is on.
     plaintext_fields = (
@@ -108,7 +111,7 @@ async def _rotate(
     )
     started = time.monotonic()
     total = await repo.count_to_reseal(primary, plaintext_fields, vault.enabled)
-    state = RotationProgress(primary_kid=primary, total=total)
+    state = RotationProgress(primary_kid=primary, total=total, rewrapped=rewrapped)
     # Rows that cannot be decrypted (a key missing from the ring, an edited envelope) are
     # left as they are and reported; one of them must not hold up every other row.
     undecryptable: dict[str, None] = {}
@@ -169,7 +172,7 @@ async def _rotate(
     # The cursor moves past the rows a batch skipped because another transaction held
     # them; those are retried below.
     cursor = RESEAL_START
-    skipped: list[str] = []
+    held_rows: dict[str, None] = {}
     while True:
         batch = await repo.reseal_connections(
             cursor, batch_size, primary, plaintext_fields, reseal_row
@@ -177,8 +180,13 @@ async def _rotate(
         if batch.last is None:
             break
         cursor = batch.last
-        skipped.extend(batch.skipped)
+        # A later pass over what is left (see Repository.reseal_connections) may take a
+        # row an earlier one skipped, or skip it again: each is retried once, if at all.
+        for row_uuid in batch.examined:
+            held_rows.pop(row_uuid, None)
+        held_rows.update(dict.fromkeys(batch.skipped))
         await report(batch)
+    skipped = list(held_rows)
     telemetry.annotate("integrations.rotation.skipped", len(skipped))
     while skipped:
         held: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from datetime import timedelta
 from typing import Any
 
 from . import _telemetry as telemetry
@@ -10,12 +11,14 @@ from ._authflow import AuthFlow
 from ._checks import Checks
 from ._connections import Connections
 from ._core import Core
+from ._errors import ConfigurationError, InvalidArgument
 from ._events import OwnerScope
 from ._http import Response
 from ._models import utcnow
 from ._requests import Requests
 from ._rotation import ProgressCallback, RotationProgress, rotate
 from ._tokens import Refresher
+from ._webhooks import Webhooks
 
 __all__ = ["Services"]
 
@@ -31,6 +34,7 @@ class Services:
         self.connections = Connections(core, self.authflow)
         self.checks = Checks(core, self.tokens, self.connections)
         self.requests = Requests(core, self.tokens)
+        self.webhooks = Webhooks(core.repo, core.vault, core.hub)
 
     async def rotate_keys(
         self, *, batch_size: int, progress: ProgressCallback | None
@@ -44,6 +48,17 @@ class Services:
             batch_size=batch_size,
             progress=progress,
         )
+
+    async def new_data_key(self) -> str:
+        keyring = self.core.vault.keyring
+        custody = None if keyring is None else keyring.custody
+        if custody is None:
+            raise ConfigurationError(
+                "a new data key needs an aws-kms: or pkcs11: source first in the keys "
+                "(keys= or INTEGRATIONS_KEYS); plain keys come from integrations.generate_key()"
+            )
+        kid: str = await custody.new_data_key(self.core.repo)
+        return kid
 
     async def _record_failure(self, uuid: str, message: str, actor: str | None) -> None:
         await self.connections.record(uuid, False, message, actor=actor)
@@ -59,6 +74,27 @@ class Services:
             finally:
                 # Ending the subscriptions first lets every ``async for`` finish cleanly.
                 await self.core.hub.close()
+
+    async def prune_events(
+        self, *, max_age: float | timedelta | None, max_count: int | None
+    ) -> int:
+        if max_age is not None:
+            if isinstance(max_age, int | float) and not isinstance(max_age, bool):
+                max_age = timedelta(seconds=max_age)
+            if not isinstance(max_age, timedelta) or max_age.total_seconds() < 0:
+                raise InvalidArgument(
+                    f"max_age must be a number of seconds or a timedelta >= 0, or None; got "
+                    f"{max_age!r}",
+                    field="max_age",
+                )
+        if max_count is not None and (
+            isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0
+        ):
+            raise InvalidArgument(
+                f"max_count must be an int >= 0 or None, got {max_count!r}", field="max_count"
+            )
+        older_than = None if max_age is None else utcnow() - max_age
+        return await self.core.repo.prune_events(older_than=older_than, keep=max_count)
 
     def authenticated_request(
         self,

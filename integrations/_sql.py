@@ -103,9 +103,32 @@ class Queries:
     update_key_value: LiteralString
     delete_connection: LiteralString
     notify: LiteralString
+    append_events: LiteralString
+    events_after_any_owner: LiteralString
+    events_after_owner: LiteralString
+    events_pruned_through: LiteralString
+    events_last_position: LiteralString
+    events_oldest: LiteralString
+    events_count_cut: LiteralString
+    events_prune: LiteralString
     connections_to_reseal_below: LiteralString
     connections_to_reseal_above: LiteralString
     connections_plain_to_reseal: LiteralString
+    webhook_insert_endpoint: LiteralString
+    webhook_endpoints: LiteralString
+    webhook_endpoint: LiteralString
+    webhook_delete_endpoint: LiteralString
+    webhook_lock_cursor: LiteralString
+    webhook_events_after: LiteralString
+    webhook_all_endpoints: LiteralString
+    webhook_insert_deliveries: LiteralString
+    webhook_move_cursor: LiteralString
+    webhook_claim: LiteralString
+    webhook_finish: LiteralString
+    webhook_deliveries_of: LiteralString
+    webhook_replay: LiteralString
+    webhook_cursor_position: LiteralString
+    webhook_next_due: LiteralString
     lock_connections_to_reseal: LiteralString
     lock_connection_to_reseal: LiteralString
     count_connections_to_reseal: LiteralString
@@ -123,6 +146,10 @@ class Queries:
     try_advisory_lock: LiteralString
     advisory_unlock: LiteralString
     advisory_lock_held: LiteralString
+    data_keys_of: LiteralString
+    all_data_keys: LiteralString
+    put_data_key: LiteralString
+    data_keys_lock: LiteralString
     migrations: tuple[Migration, ...]
 
     @classmethod

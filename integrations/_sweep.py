@@ -16,13 +16,13 @@ from . import _telemetry as telemetry
 from ._checkall import CheckItem, CheckReport, CheckTarget, run_checks
 from ._errors import IntegrationsError, InvalidArgument, LifecycleError, StorageError
 from ._events import ALL_OWNERS
+from ._lease import parse_time
 from ._models import Validation, utcnow
 from ._record import StoredRow
 from ._repository import Leadership
 from ._schemes import TokenScheme
 from ._services import Services
 from ._settings import MAXIMUM, check_at_most
-from ._tokens import parse_time
 
 __all__ = ["SWEEP_ACTOR", "HealthSweep", "SweepCallback", "SweepReport", "check_sweep_options"]
 

@@ -9,42 +9,35 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
-from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
-from . import _record as record
+from . import _lease as lease_rules
 from . import _telemetry as telemetry
 from . import oauth
 from ._core import Core
 from ._errors import (
     Deleted,
     IntegrationsError,
-    InvalidAttrs,
-    InvalidInput,
     InvalidProviderKey,
     LifecycleError,
     LockTimeout,
-    NotConfigured,
     NotConnected,
     OAuthError,
     ReauthRequired,
-    RequestFailed,
     TokenRequestFailed,
 )
 from ._events import ALL_OWNERS, Subscription
-from ._http import HttpClient, retry_after_seconds
-from ._input import check_timestamp, parse_timestamp
+from ._lease import Lease, Look, Mode, Need, Seen, failure_id, held_back, text
 from ._models import utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
 from ._schemes import TokenScheme
-from ._settings import BUDGET_MARGIN
 
-__all__ = ["Refresher", "imported_token_set", "parse_time", "post_token_request"]
+__all__ = ["Mode", "Refresher"]
 
 log = logging.getLogger("integrations.oauth")
 
@@ -57,24 +50,6 @@ _POLL = 0.5
 #: First and longest wait between two tries to store tokens whose write failed.
 _FIRST_RETRY, _LAST_RETRY = 0.1, 2.0
 
-#: Statuses whose Retry-After the token endpoint means: wait that long before asking again.
-_RETRY_AFTER_STATUSES = frozenset({429, 503})
-
-#: Why a refresh is asked for: the token is due, a caller insists, or the API rejected it.
-Mode = Literal["expiring", "force", "rejected"]
-
-
-@dataclass(frozen=True, slots=True)
-class _Seen:
-    """What a caller saw before asking: the access token and the last recorded failure."""
-
-    token: str | None
-    failure: str | None
-
-    @classmethod
-    def of(cls, token: str | None, row: StoredRow) -> _Seen:
-        return cls(token, _failure_id(row.data))
-
 
 @dataclass(slots=True, eq=False)
 class _Flight:
@@ -84,7 +59,7 @@ class _Flight:
     ``sent_at`` when it first asked the token endpoint (None until then: only such a task
     may be cancelled without loss)."""
 
-    seen: _Seen
+    seen: Seen
     mode: Mode
     since: datetime
     task: asyncio.Task[str] = field(init=False, repr=False)
@@ -96,36 +71,12 @@ class _Flight:
 
 
 @dataclass(frozen=True, slots=True)
-class _Lease:
-    """The refresh lease this process holds on a row: who, the fencing value (the row
-    version that taking it wrote), and when its token request was decided on."""
-
-    uuid: str
-    holder: str
-    fence: int
-    requested_at: datetime
-
-    def held_in(self, data: Mapping[str, Any]) -> bool:
-        lease = data.get("refresh_lease")
-        return (
-            isinstance(lease, Mapping)
-            and lease.get("holder") == self.holder
-            and lease.get("fence") == self.fence
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class _Step:
-    """What one look at the row decided: done (a token or an error), wait for another
-    holder's lease (until the server time ``until``), or ask under a lease just taken."""
+    """A look's decision, with what asking under a lease just taken needs."""
 
-    outcome: str | OAuthError | None = None
-    wait: float | None = None
-    lease: _Lease | None = None
+    look: Look
     plain: Mapping[str, Any] = field(default_factory=dict, repr=False)
     provider: Provider | None = None
-    fallback: str | None = None
-    taken_from: str | None = None
     owner: str | None = None
 
 
@@ -135,95 +86,6 @@ class _Unstored:
 
     tokens: oauth.TokenSet
     task: asyncio.Task[None] = field(init=False, repr=False)
-
-
-def _failure_id(data: Mapping[str, Any]) -> str | None:
-    failure = data.get("refresh_error")
-    if isinstance(failure, Mapping) and isinstance(failure.get("id"), str):
-        return str(failure["id"])
-    return None
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def parse_time(value: Any) -> datetime | None:
-    """A stored ISO timestamp as an aware UTC datetime; anything unreadable is None.
-
-    Far-past and far-future values are clamped (``_input.parse_timestamp``), so year 1
-    reads as long expired and no later arithmetic can overflow.
-    """
-    return parse_timestamp(value) if isinstance(value, str) else None
-
-
-async def post_token_request(
-    http: HttpClient,
-    request: tuple[str, dict[str, str], str],
-    *,
-    request_timeout: float,
-    requested_scopes: Sequence[str],
-    previous_refresh_token: str | None,
-    redact: Sequence[str | None] = (),
-    provider: str | None = None,
-) -> oauth.TokenSet:
-    """One token endpoint call, parsed: ReauthRequired or TokenRequestFailed on failure."""
-    with telemetry.token_span(provider, request[0], request[2]):
-        return await _post_token_request(
-            http,
-            request,
-            request_timeout=request_timeout,
-            requested_scopes=requested_scopes,
-            previous_refresh_token=previous_refresh_token,
-            redact=redact,
-        )
-
-
-async def _post_token_request(
-    http: HttpClient,
-    request: tuple[str, dict[str, str], str],
-    *,
-    request_timeout: float,
-    requested_scopes: Sequence[str],
-    previous_refresh_token: str | None,
-    redact: Sequence[str | None],
-) -> oauth.TokenSet:
-    url, headers, body = request
-    try:
-        response = await http.request(
-            "POST",
-            url,
-            headers=headers,
-            data=body,
-            max_attempts=1,
-            timeout=request_timeout,
-            allow_redirects=False,
-        )
-    except RequestFailed as exc:
-        # Refused before a connection was made, the request surely did not arrive; after
-        # that (a timeout, a dropped connection) the server may have acted on it.
-        raise TokenRequestFailed(
-            f"Could not reach the token endpoint at {urlsplit(url).hostname}: "
-            f"{exc.context.get('reason') or exc.message}",
-            transient=True,
-            maybe_received=exc.context.get("maybe_sent", True),
-        ) from exc
-    try:
-        return oauth.parse_token_response(
-            response.status,
-            response.body,
-            now=utcnow(),
-            requested_scopes=requested_scopes,
-            previous_refresh_token=previous_refresh_token,
-            redact=[s for s in redact if s],
-        )
-    except TokenRequestFailed as exc:
-        header = response.headers.get("Retry-After")
-        if exc.transient and response.status in _RETRY_AFTER_STATUSES and header:
-            wait = retry_after_seconds(header)
-            if wait is not None:
-                exc.context["retry_after"] = wait
-        raise
 
 
 class Refresher:
@@ -259,12 +121,7 @@ class Refresher:
         return self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
 
     def _due(self, plain: Mapping[str, Any], now: datetime) -> bool:
-        return oauth.refresh_due(
-            parse_time(plain.get("expires_at")),
-            parse_time(plain.get("token_obtained_at")),
-            self.policy.leeway,
-            now,
-        )
+        return lease_rules.due(plain, now, self.policy.leeway)
 
     async def access_token(
         self, row: StoredRow, provider: Provider, plain: Mapping[str, Any] | None = None
@@ -277,17 +134,17 @@ class Refresher:
         _check_oauth(provider)
         if plain is None:
             plain = self._plain(row, provider)
-        token = _text(plain.get("access_token"))
+        token = text(plain.get("access_token"))
         now = utcnow()
         usable = _scheme(provider).usable_token(plain, due=self._due(plain, now))
         if usable is not None:
             return usable
-        held = _held_back(row.data, now)
+        held = held_back(row.data, now)
         if held is not None:
-            if token is not None and _usable(token, plain, now):
+            if token is not None and lease_rules.usable(token, plain, now):
                 return token
             raise held
-        return await self._coalesced(row.uuid, _Seen.of(token, row), "expiring")
+        return await self._coalesced(row.uuid, Seen.of(token, row), "expiring")
 
     async def refresh(
         self, row: StoredRow, provider: Provider, *, began: datetime | None = None
@@ -297,22 +154,22 @@ class Refresher:
         now by default), so that calls overlapping a token request share it."""
         _check_oauth(provider)
         plain = self._plain(row, provider)
-        token = _text(plain.get("access_token"))
+        token = text(plain.get("access_token"))
         if _nothing_to_refresh(provider, plain):
             raise NotConnected()
-        return await self._coalesced(row.uuid, _Seen.of(token, row), "force", began)
+        return await self._coalesced(row.uuid, Seen.of(token, row), "force", began)
 
     async def after_rejection(self, row: StoredRow, rejected: str) -> str:
         """The token to retry with after the API answered 401 to ``rejected``."""
-        held = _held_back(row.data, utcnow())
+        held = held_back(row.data, utcnow())
         if held is not None:
             raise held
-        return await self._coalesced(row.uuid, _Seen(rejected, _failure_id(row.data)), "rejected")
+        return await self._coalesced(row.uuid, Seen(rejected, failure_id(row.data)), "rejected")
 
     # -- single flight --------------------------------------------------------------------
 
     async def _coalesced(
-        self, uuid: str, seen: _Seen, mode: Mode, since: datetime | None = None
+        self, uuid: str, seen: Seen, mode: Mode, since: datetime | None = None
     ) -> str:
         if since is None:
             since = utcnow()
@@ -343,7 +200,7 @@ class Refresher:
             token = await self._outcome(flight)
         return token
 
-    def _join(self, uuid: str, seen: _Seen, mode: Mode, since: datetime) -> _Flight:
+    def _join(self, uuid: str, seen: Seen, mode: Mode, since: datetime) -> _Flight:
         if self._closed:
             raise LifecycleError("Integrations is closed")
         flight = self._inflight.get(uuid)
@@ -430,23 +287,24 @@ class Refresher:
             listen = True
             while True:
                 step = await self._in_row(uuid, partial(self._look, flight, holder))
-                if step.lease is not None:
+                look = step.look
+                if look.lease is not None:
                     break
-                if step.wait is None:
-                    if step.taken_from is not None:
+                if look.wait is None:
+                    if look.taken_from is not None:
                         log.warning(
                             "the refresh lease of connection %s ran out without a write from "
                             "its holder (%s); with refresh_takeover='reauthorize' the "
                             "connection must be authorized again",
                             uuid,
-                            step.taken_from,
+                            look.taken_from,
                             extra=telemetry.fields("refresh_lease_taken_over", uuid=uuid),
                         )
                     # A failure is raised only now, after it was committed.
-                    if isinstance(step.outcome, OAuthError):
-                        raise step.outcome
-                    assert isinstance(step.outcome, str)
-                    return step.outcome
+                    if isinstance(look.outcome, OAuthError):
+                        raise look.outcome
+                    assert isinstance(look.outcome, str)
+                    return look.outcome
                 if subscription is None and listen:
                     try:
                         subscription = await stack.enter_async_context(
@@ -464,7 +322,7 @@ class Refresher:
                     # Subscribed after that look: look again before waiting, lest the
                     # holder's notification fell in between.
                     continue
-                wait = min(max(step.wait, 0.02), _POLL)
+                wait = min(max(look.wait, 0.02), _POLL)
                 if subscription is not None:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(subscription.get(), wait)
@@ -475,8 +333,7 @@ class Refresher:
     def _look(
         self, flight: _Flight, holder: str, row: StoredRow | None, now: datetime | None
     ) -> tuple[Change, _Step]:
-        """Under the row lock: use what is stored, wait for another holder's lease, or take
-        the lease (written with the same commit)."""
+        """Under the row lock: the checks that need the provider, then the lease rules."""
         flight.decided = True
         if row is None or now is None:
             raise Deleted()
@@ -485,77 +342,24 @@ class Refresher:
             raise InvalidProviderKey("the connection's provider is not registered")
         _check_oauth(provider)
         plain = self._plain(row, provider)
-        current = _text(plain.get("access_token"))
         if _nothing_to_refresh(provider, plain):
             # Disconnected while this caller waited: nothing to refresh, nothing to record.
             raise NotConnected()
-        seen, mode = flight.seen, flight.mode
-        if mode == "force":
-            # A token obtained after the call began (here or in another process) will do.
-            obtained = parse_time(row.data.get("token_obtained_at"))
-            if current is not None and obtained is not None and obtained >= flight.since:
-                return Change(), _Step(outcome=current)
-        elif current is not None and current != seen.token:
-            # Another process refreshed, or failed, while this caller waited.
-            return Change(), _Step(outcome=current)
+        need = Need(flight.seen, flight.mode, flight.since)
         clock = utcnow()
-        if mode == "expiring" and current is not None and not self._due(plain, clock):
-            return Change(), _Step(outcome=current)
-        # Ahead of expiry, a failure does not take away a token that still works.
-        fallback = current if mode == "expiring" and _usable(current, plain, clock) else None
-        failure = row.data.get("refresh_error")
-        if isinstance(failure, Mapping):
-            recorded = _recorded_error(failure, row.data)
-            fresh = _failure_id(row.data) != seen.failure
-            if fresh or (mode != "force" and _held_back(row.data, clock) is not None):
-                return Change(), _Step(outcome=fallback or recorded)
-        lease = row.data.get("refresh_lease")
-        taken_from: str | None = None
-        if isinstance(lease, Mapping):
-            until = parse_time(lease.get("until"))
-            if until is not None and until > now and not lease.get("abandoned"):
-                flight.decided = False
-                return Change(), _Step(wait=(until - now).total_seconds())
-            if not lease.get("abandoned"):
-                taken_from = str(lease.get("holder"))
-                if self.policy.takeover == "reauthorize":
-                    exc = ReauthRequired(
-                        "A token refresh by another process did not finish within its lease; "
-                        "the refresh token it sent may be spent, so the connection must be "
-                        "authorized again"
-                    )
-                    failed = record.refresh_failed(
-                        row, exc, clock, cooldown=self.policy.cooldown_after
-                    )
-                    data = dict(failed.change.data or {})
-                    # Kept, marked: a holder that comes back may still store its answer.
-                    data["refresh_lease"] = {**lease, "abandoned": True}
-                    return Change(data, events=failed.change.events), _Step(
-                        outcome=fallback or exc, taken_from=taken_from
-                    )
-        taken = _Lease(row.uuid, holder, row.version + 1, clock)
-        data = {
-            **row.data,
-            "refresh_lease": {
-                "holder": holder,
-                "fence": taken.fence,
-                "until": (now + timedelta(seconds=self.policy.lease)).isoformat(),
-                "requested_at": clock.isoformat(),
-            },
-        }
-        flight.requested_at = clock
-        return Change(data), _Step(
-            lease=taken,
-            plain=plain,
-            provider=provider,
-            fallback=fallback,
-            taken_from=taken_from,
-            owner=row.owner,
+        change, look = lease_rules.look(
+            row, plain, need, holder=holder, now=now, clock=clock, policy=self.policy
         )
+        if look.wait is not None:
+            flight.decided = False
+        if look.lease is None:
+            return change, _Step(look)
+        flight.requested_at = clock
+        return change, _Step(look, plain=plain, provider=provider, owner=row.owner)
 
     async def _ask(self, uuid: str, flight: _Flight, step: _Step) -> str:
         """Under the lease, with no database connection held: ask, then store the answer."""
-        lease, provider, plain = step.lease, step.provider, step.plain
+        lease, provider, plain = step.look.lease, step.provider, step.plain
         assert lease is not None and provider is not None
         # Still ours (renewed by the same look)? A process that stopped between taking the
         # lease and sending may have been taken over: the refresh token it holds may be
@@ -575,12 +379,12 @@ class Refresher:
                 break
             # The process stalled (frozen, paused) while confirming: the answer may be
             # stale by now, and the request would go out right after it. Look again.
-        if step.taken_from is not None:
+        if step.look.taken_from is not None:
             log.warning(
                 "took over the refresh lease of connection %s: its holder (%s) did not write "
                 "within %gs, and the refresh token it sent may be spent",
                 uuid,
-                step.taken_from,
+                step.look.taken_from,
                 self.policy.lease,
                 extra=telemetry.fields(
                     "refresh_lease_taken_over", uuid=uuid, provider=provider.key, owner=step.owner
@@ -605,8 +409,8 @@ class Refresher:
             )
             renewing.cancel()
             await _to_the_end(self._in_row(uuid, partial(self._failed, lease, exc)))
-            if step.fallback is not None:
-                return step.fallback
+            if step.look.fallback is not None:
+                return step.look.fallback
             raise
         except BaseException:
             renewing.cancel()
@@ -615,13 +419,13 @@ class Refresher:
                 # out. Once a request went out its refresh token may be spent: the lease
                 # is left to run out, and the takeover policy decides what comes next.
                 with contextlib.suppress(Exception):
-                    await _to_the_end(self._in_row(uuid, partial(_released, lease)))
+                    await _to_the_end(self._in_row(uuid, partial(self._released, lease)))
             raise
         finally:
             renewing.cancel()
-        return await self._store(uuid, lease, tokens, _text(plain.get("refresh_token")))
+        return await self._store(uuid, lease, tokens, text(plain.get("refresh_token")))
 
-    async def _renew(self, lease: _Lease) -> None:
+    async def _renew(self, lease: Lease) -> None:
         """Keep the lease while the token request is pending: a holder that freezes or dies
         stops renewing, and the lease runs out within ``policy.lease``."""
         every = self.policy.lease / 3
@@ -655,34 +459,28 @@ class Refresher:
         )
 
     def _renewed(
-        self, lease: _Lease, row: StoredRow | None, now: datetime | None
+        self, lease: Lease, row: StoredRow | None, now: datetime | None
     ) -> tuple[Change, bool]:
-        if row is None or now is None or not lease.held_in(row.data):
-            return Change(), False
-        held = dict(row.data["refresh_lease"])
-        held["until"] = (now + timedelta(seconds=self.policy.lease)).isoformat()
-        return Change({**row.data, "refresh_lease": held}), True
+        return lease_rules.renewed(lease, row, now, self.policy.lease)
+
+    @staticmethod
+    def _released(
+        lease: Lease, row: StoredRow | None, _now: datetime | None
+    ) -> tuple[Change, None]:
+        return lease_rules.released(lease, row), None
 
     def _failed(
-        self, lease: _Lease, exc: OAuthError, row: StoredRow | None, _now: datetime | None
+        self, lease: Lease, exc: OAuthError, row: StoredRow | None, _now: datetime | None
     ) -> tuple[Change, None]:
-        if row is None or not lease.held_in(row.data):
-            # Taken over meanwhile: this failure is not the newest news.
+        if row is None:
             return Change(), None
-        failed = record.refresh_failed(row, exc, utcnow(), cooldown=self.policy.cooldown_after)
-        # The message may quote the server's error description.
-        data = record.storable(failed.change.data or {})
-        data.pop("refresh_lease", None)
-        rotated = oauth.rotated_refresh_token(exc)
-        if rotated:
-            # The old one may be spent: the next refresh must send this one.
-            data["refresh_token"] = self._core.vault.seal_value(row.uuid, "refresh_token", rotated)
-        return Change(data, events=failed.change.events), None
+        seal = partial(self._core.vault.seal_value, row.uuid)
+        return lease_rules.failed(lease, row, exc, utcnow(), self.policy, seal), None
 
     # -- storing what the token endpoint answered ------------------------------------------
 
     async def _store(
-        self, uuid: str, lease: _Lease, tokens: oauth.TokenSet, previous: str | None
+        self, uuid: str, lease: Lease, tokens: oauth.TokenSet, previous: str | None
     ) -> str:
         write = partial(self._written, lease, tokens, previous)
         try:
@@ -709,47 +507,34 @@ class Refresher:
 
     def _written(
         self,
-        lease: _Lease,
+        lease: Lease,
         tokens: oauth.TokenSet,
         previous: str | None,
         row: StoredRow | None,
         _now: datetime | None,
     ) -> tuple[Change, str]:
-        """Compare and set: write while the lease is still ours and the refresh token it
-        was asked with is still the stored one; else keep the row, and hand out ours only
-        if it is still the newest."""
+        """Compare and set (see ``lease_rules.written``); a fenced-out write says so."""
         if row is None:
             return Change(), tokens.access_token
-        provider = self._core.provider_of(row)
-        secret_fields = provider.secret_field_keys if provider is not None else frozenset()
-        plain = self._core.vault.unseal(row.uuid, row.data, secret_fields)
-        stored_refresh = _text(plain.get("refresh_token"))
-        if lease.held_in(row.data) and stored_refresh == previous:
-            done = record.refreshed(
-                row,
-                tokens,
-                seal=partial(self._core.vault.seal_value, row.uuid),
-                previous_refresh_token=previous,
+        plain = self._core.vault.unseal(row.uuid, row.data, self._core.secret_fields(row))
+        seal = partial(self._core.vault.seal_value, row.uuid)
+        change, done = lease_rules.written(lease, row, plain, tokens, previous, seal)
+        if not done.stored:
+            log.info(
+                "the refresh lease of connection %s was taken over before its answer was "
+                "stored; %s",
+                row.uuid,
+                "the stored tokens are newer"
+                if done.newer
+                else "its answer serves this process only",
+                extra=telemetry.fields(
+                    "refresh_lease_fenced_out",
+                    uuid=row.uuid,
+                    provider=row.provider,
+                    owner=row.owner,
+                ),
             )
-            data = record.storable(done.change.data or {})
-            data.pop("refresh_lease", None)
-            return Change(data, events=done.change.events), tokens.access_token
-        current = _text(plain.get("access_token"))
-        obtained = parse_time(row.data.get("token_obtained_at"))
-        newer = stored_refresh != previous or (
-            obtained is not None and obtained > tokens.obtained_at
-        )
-        log.info(
-            "the refresh lease of connection %s was taken over before its answer was stored; %s",
-            row.uuid,
-            "the stored tokens are newer" if newer else "its answer serves this process only",
-            extra=telemetry.fields(
-                "refresh_lease_fenced_out", uuid=row.uuid, provider=row.provider, owner=row.owner
-            ),
-        )
-        if newer and current is not None:
-            return Change(), current
-        return Change(), tokens.access_token
+        return change, done.token
 
     async def _persist(
         self,
@@ -826,108 +611,31 @@ class Refresher:
         """After new tokens were lost: the stored refresh token was rotated away."""
         if row is None:
             return Change(), None
-        provider = self._core.provider_of(row)
-        secret_fields = provider.secret_field_keys if provider is not None else frozenset()
-        plain = self._core.vault.unseal(row.uuid, row.data, secret_fields)
-        if _text(plain.get("refresh_token")) != previous:
-            return Change(), None
-        exc = ReauthRequired(
-            "The tokens of a refresh could not be stored, and the refresh token they replaced "
-            "may no longer be accepted; the connection must be authorized again"
-        )
-        failed = record.refresh_failed(row, exc, utcnow(), cooldown=self.policy.cooldown_after)
-        data = dict(failed.change.data or {})
-        data.pop("refresh_lease", None)
-        return Change(data, events=failed.change.events), None
+        plain = self._core.vault.unseal(row.uuid, row.data, self._core.secret_fields(row))
+        return lease_rules.spent(row, plain, previous, utcnow(), self.policy), None
 
     async def _token_call(
         self, provider: Provider, plain: Mapping[str, Any], flight: _Flight
     ) -> oauth.TokenSet:
-        client_id = _text(plain.get("client_id"))
-        if client_id is None:
-            raise NotConfigured("The connection has no 'client_id' saved.", field="client_id")
-        secret = _text(plain.get("client_secret"))
-        auth_method: oauth.AuthMethod = provider.token_auth if secret else "none"
-        assert provider.token_url is not None
-        url = provider.render_url(provider.token_url, plain)
+        endpoint = self._core.token_endpoint(provider)
+        endpoint.client(plain)  # NotConfigured before anything else
         grant = _scheme(provider).grant(provider, plain)
-        refresh_token = grant.spends
-        request = oauth.token_request(
-            grant.grant_type,
-            token_url=url,
-            client_id=client_id,
-            client_secret=secret,
-            auth_method=auth_method,
-            scope_separator=provider.scope_separator,
-            **grant.params,
-        )
-        requested = grant.requested_scopes
-        policy = self.policy
         loop = asyncio.get_running_loop()
-        delays = oauth.backoff_delays(policy.attempts - 1, policy.backoff, policy.backoff_cap)
-        flight.sent_at = loop.time()
-        # Every attempt and wait must fit in the budget: it is the lock's idle timeout too.
-        deadline = flight.sent_at + policy.budget - BUDGET_MARGIN
-        # One span and one count for the refresh, however many attempts it took.
-        with telemetry.token_span(provider.key, request[0], request[2]):
-            for attempt in range(1, policy.attempts + 1):
-                try:
-                    return await _post_token_request(
-                        self._core.http,
-                        request,
-                        request_timeout=policy.timeout,
-                        requested_scopes=requested,
-                        previous_refresh_token=refresh_token,
-                        # A provider's error text may echo any of them back.
-                        redact=[secret, *_secret_values(provider, plain)],
-                    )
-                except TokenRequestFailed as exc:
-                    if not exc.transient:
-                        raise
-                    if (
-                        refresh_token is not None
-                        and policy.takeover == "reauthorize"
-                        and exc.context.get("maybe_received")
-                    ):
-                        raise self._maybe_spent(exc, attempt) from exc
-                    retry_after = exc.context.get("retry_after")
-                    wait = delays[attempt - 1] if attempt < policy.attempts else None
-                    if wait is not None and retry_after is not None:
-                        room = (
-                            deadline
-                            - loop.time()
-                            - (policy.attempts - attempt) * policy.timeout
-                            - sum(delays[attempt:])
-                        )
-                        # Asking again before the server's Retry-After only earns another 429.
-                        wait = max(wait, retry_after) if retry_after <= room else None
-                    if wait is None:
-                        why = f"gave up after {attempt} attempt(s)"
-                        if retry_after is not None and attempt < policy.attempts:
-                            why += f": the server asked to wait {retry_after:g}s"
-                        raise TokenRequestFailed(
-                            f"{exc.message}; {why}",
-                            transient=True,
-                            status=exc.context.get("status"),
-                            error=exc.context.get("error"),
-                            attempts=attempt,
-                            retry_after=retry_after,
-                        ) from exc
-                    log.debug(
-                        "token request failed transiently (attempt %d of %d); retrying in %.2fs",
-                        attempt,
-                        policy.attempts,
-                        wait,
-                        extra=telemetry.fields("token_request_retry", provider=provider.key),
-                    )
-                    await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
 
+        def sending() -> None:
+            flight.sent_at = loop.time()
 
-def _secret_values(provider: Provider, plain: Mapping[str, Any]) -> list[str]:
-    """Every secret the connection holds, as text (for masking what a server echoes)."""
-    secret = provider.secret_keys
-    return [v for k, v in plain.items() if k in secret and isinstance(v, str) and v]
+        async def resend(exc: TokenRequestFailed, attempt: int) -> None:
+            if (
+                grant.spends is not None
+                and self.policy.takeover == "reauthorize"
+                and exc.context.get("maybe_received")
+            ):
+                raise self._maybe_spent(exc, attempt) from exc
+
+        return await endpoint.renew(
+            self._core.http, grant, plain, self.policy, on_sending=sending, resend=resend
+        )
 
 
 def _spent_message(exc: TokenRequestFailed, attempt: int) -> str:
@@ -948,14 +656,6 @@ def _serves(flight: _Flight) -> bool:
     if not flight.decided:
         return True
     return flight.requested_at is not None and not flight.answered
-
-
-def _released(lease: _Lease, row: StoredRow | None, _now: datetime | None) -> tuple[Change, None]:
-    if row is None or not lease.held_in(row.data):
-        return Change(), None
-    data = dict(row.data)
-    data.pop("refresh_lease", None)
-    return Change(data), None
 
 
 async def _to_the_end(coro: Coroutine[Any, Any, T]) -> T:
@@ -997,113 +697,3 @@ def _check_oauth(provider: Provider) -> None:
             "with get_credentials(), or call its API with authenticated_request().",
             provider=provider.key,
         )
-
-
-def _recorded_error(failure: Mapping[str, Any], data: Mapping[str, Any]) -> OAuthError:
-    message = failure.get("message")
-    if not isinstance(message, str) or not message:
-        message = data.get("validation_status")
-    text = message if isinstance(message, str) and message else "The token refresh failed"
-    if failure.get("code") == ReauthRequired.code:
-        return ReauthRequired(text, error=failure.get("error"))
-    return TokenRequestFailed(
-        text, transient=bool(failure.get("transient")), error=failure.get("error")
-    )
-
-
-def _held_back(data: Mapping[str, Any], now: datetime) -> OAuthError | None:
-    """The recorded failure that keeps automatic refreshes from asking the token endpoint:
-    a terminal one until something changes, any other until its ``retry_at``."""
-    failure = data.get("refresh_error")
-    if not isinstance(failure, Mapping):
-        return None
-    if failure.get("code") != ReauthRequired.code:
-        retry_at = parse_time(failure.get("retry_at"))
-        if retry_at is None or retry_at <= now:
-            return None
-    return _recorded_error(failure, data)
-
-
-def _usable(token: str | None, plain: Mapping[str, Any], now: datetime) -> bool:
-    """Whether ``token`` has not expired yet (a token of unknown lifetime counts as usable)."""
-    if token is None:
-        return False
-    expires_at = parse_time(plain.get("expires_at"))
-    return expires_at is None or expires_at > now
-
-
-_IMPORT_FIELDS = frozenset(
-    {"access_token", "refresh_token", "token_type", "expires_at", "expires_in", "scope"}
-)
-
-
-def imported_token_set(tokens: Mapping[str, Any], now: datetime) -> oauth.TokenSet:
-    """Tokens brought in from another system, checked: InvalidAttrs names the bad field.
-
-    ``access_token`` is required; ``refresh_token``, ``token_type`` (default Bearer),
-    ``scope`` (a space-separated string or a list) and one of ``expires_at`` (ISO 8601
-    with a timezone, or a datetime) or ``expires_in`` (seconds from now) are optional.
-    """
-    if not isinstance(tokens, Mapping):
-        raise InvalidAttrs(f"tokens must be a mapping, got {type(tokens).__name__}.")
-    unknown = sorted(str(k) for k in tokens if k not in _IMPORT_FIELDS)
-    if unknown:
-        raise InvalidAttrs(
-            f"Unknown token fields: {', '.join(unknown)[:200]}; expected some of "
-            f"{', '.join(sorted(_IMPORT_FIELDS))}.",
-            fields=unknown,
-        )
-
-    def text(name: str, required: bool = False) -> str | None:
-        value = tokens.get(name)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidAttrs(f"Token field {name!r} must be a non-empty string.", field=name)
-        if not value.isprintable() or not value.isascii():
-            raise InvalidAttrs(
-                f"Token field {name!r} holds characters a token cannot have "
-                "(control or non-ASCII characters).",
-                field=name,
-            )
-        return value.strip()
-
-    access = text("access_token", required=True)
-    assert access is not None
-    expires_at: datetime | None = None
-    if tokens.get("expires_at") is not None and tokens.get("expires_in") is not None:
-        raise InvalidAttrs("Give expires_at or expires_in, not both.", field="expires_at")
-    raw_at, raw_in = tokens.get("expires_at"), tokens.get("expires_in")
-    if raw_at is not None:
-        try:
-            # Unlike a stored value read back, an out-of-range one is refused, not clamped.
-            expires_at = check_timestamp(raw_at, "expires_at")
-        except InvalidInput as exc:
-            raise InvalidAttrs(
-                f"{exc.message}, such as '2030-01-01T00:00:00+00:00'.", field="expires_at"
-            ) from None
-    elif raw_in is not None:
-        if isinstance(raw_in, bool) or not isinstance(raw_in, int | float) or raw_in != raw_in:
-            raise InvalidAttrs("expires_in must be a number of seconds.", field="expires_in")
-        if not 0 <= raw_in <= 10 * 365 * 86400:
-            raise InvalidAttrs("expires_in must be between 0 and ten years.", field="expires_in")
-        expires_at = now + timedelta(seconds=float(raw_in))
-    scope = tokens.get("scope")
-    if isinstance(scope, str):
-        scopes = tuple(scope.split())
-    elif scope is None:
-        scopes = ()
-    elif isinstance(scope, list | tuple) and all(isinstance(s, str) and s for s in scope):
-        scopes = tuple(scope)
-    else:
-        raise InvalidAttrs("scope must be a string or a list of strings.", field="scope")
-    if any(not s.isprintable() or any(c.isspace() for c in s) for s in scopes):
-        raise InvalidAttrs("Each scope must be printable and have no spaces.", field="scope")
-    return oauth.TokenSet(
-        access_token=access,
-        refresh_token=text("refresh_token"),
-        token_type=text("token_type") or "Bearer",
-        expires_at=expires_at,
-        scope=scopes,
-        obtained_at=now,
-    )

@@ -148,9 +148,11 @@ class Keyring:
     Build one with :meth:`parse` or :meth:`from_env`. The repr shows key ids only.
     """
 
-    __slots__ = ("_ciphers", "_ids")
+    __slots__ = ("_ciphers", "_ids", "custody")
 
     def __init__(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        #: Where the keys came from (set by the key sources; None for plain key strings).
+        self.custody: Any = None
         if not keys:
             raise ConfigurationError("the keyring needs at least one encryption key")
         ciphers: dict[str, AESGCM] = {}
@@ -344,7 +346,7 @@ class Vault:
     decrypting existing envelopes when a keyring is given.
     """
 
-    __slots__ = ("_encryption", "_keyring", "_warned")
+    __slots__ = ("_encryption", "_keyring", "_warned", "pending")
 
     def __init__(self, keyring: Keyring | None, *, encryption: str = "on") -> None:
         if encryption not in ("on", "off"):
@@ -354,6 +356,12 @@ class Vault:
         self._keyring = keyring
         self._encryption = encryption
         self._warned = False
+        #: Key sources still to be loaded once the database is open (see ``install``).
+        self.pending: Any = None
+
+    def install(self, keyring: Keyring) -> None:
+        """Set the keyring once its sources are loaded (at ``open()``)."""
+        self._keyring = keyring
 
     def __repr__(self) -> str:
         return f"Vault(keyring={self._keyring!r}, encryption={self._encryption!r})"

@@ -18,14 +18,22 @@ from typing import Any, Final, Literal
 import aiohttp
 from authlib.common.security import generate_token
 from authlib.common.urls import url_decode
-from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from . import _backoff
-from ._errors import InvalidURL, OAuthError, ReauthRequired, RequestFailed, TokenRequestFailed
-from ._input import check_text
+from ._client_auth import Client, client_auth_method
+from ._errors import (
+    InvalidAttrs,
+    InvalidInput,
+    InvalidURL,
+    OAuthError,
+    ReauthRequired,
+    RequestFailed,
+    TokenRequestFailed,
+)
+from ._input import check_text, check_timestamp
 
 __all__ = [
     "TERMINAL_ERROR_CODES",
@@ -41,6 +49,7 @@ __all__ = [
     "generate_code_verifier",
     "generate_state",
     "hash_state",
+    "imported_token_set",
     "is_terminal_error",
     "is_transient_error",
     "map_userinfo",
@@ -53,7 +62,6 @@ __all__ = [
 AuthMethod = Literal["client_secret_post", "client_secret_basic", "none"]
 GrantType = Literal["authorization_code", "refresh_token", "client_credentials"]
 
-_AUTH_METHODS: Final = frozenset({"client_secret_post", "client_secret_basic", "none"})
 _GRANT_REQUIRED: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
         "authorization_code": ("code", "redirect_uri"),
@@ -73,13 +81,6 @@ _RESERVED_AUTHORIZE_PARAMS: Final = frozenset(
     }
 )
 _NO_PARAMS: Final[Mapping[str, str]] = MappingProxyType({})
-_FORM_HEADERS: Final[Mapping[str, str]] = MappingProxyType(
-    {
-        # GitHub answers form-encoded unless JSON is asked for.
-        "Accept": "application/json",
-        "Content-Type": "application/x-www-form-urlencoded",
-    }
-)
 
 _VERIFIER_RE: Final = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
 _ERROR_CODE_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -239,15 +240,8 @@ def revoke_request(
 def _authenticate(
     url: str, body: str, client_id: str, client_secret: str | None, auth_method: str
 ) -> tuple[str, dict[str, str], str]:
-    if auth_method not in _AUTH_METHODS:
-        raise ValueError(f"unsupported token endpoint auth method {auth_method!r}")
-    if not client_id:
-        raise ValueError("client_id is required")
-    if auth_method != "none" and not client_secret:
-        raise ValueError(f"{auth_method} needs a client_secret")
-    auth = ClientAuth(client_id, client_secret, auth_method)
-    url, headers, body = auth.prepare("POST", url, dict(_FORM_HEADERS), body)
-    return str(url), {str(k): str(v) for k, v in headers.items()}, str(body)
+    client = Client(client_id, client_secret, client_auth_method(auth_method))
+    return client.prepare(url, body)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -707,3 +701,80 @@ def _aware(value: datetime, name: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware")
     return value
+
+
+_IMPORT_FIELDS = frozenset(
+    {"access_token", "refresh_token", "token_type", "expires_at", "expires_in", "scope"}
+)
+
+
+def imported_token_set(tokens: Mapping[str, Any], now: datetime) -> TokenSet:
+    """Tokens brought in from another system, checked: InvalidAttrs names the bad field.
+
+    ``access_token`` is required; ``refresh_token``, ``token_type`` (default Bearer),
+    ``scope`` (a space-separated string or a list) and one of ``expires_at`` (ISO 8601
+    with a timezone, or a datetime) or ``expires_in`` (seconds from now) are optional.
+    """
+    if not isinstance(tokens, Mapping):
+        raise InvalidAttrs(f"tokens must be a mapping, got {type(tokens).__name__}.")
+    unknown = sorted(str(k) for k in tokens if k not in _IMPORT_FIELDS)
+    if unknown:
+        raise InvalidAttrs(
+            f"Unknown token fields: {', '.join(unknown)[:200]}; expected some of "
+            f"{', '.join(sorted(_IMPORT_FIELDS))}.",
+            fields=unknown,
+        )
+
+    def text(name: str, required: bool = False) -> str | None:
+        value = tokens.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidAttrs(f"Token field {name!r} must be a non-empty string.", field=name)
+        if not value.isprintable() or not value.isascii():
+            raise InvalidAttrs(
+                f"Token field {name!r} holds characters a token cannot have "
+                "(control or non-ASCII characters).",
+                field=name,
+            )
+        return value.strip()
+
+    access = text("access_token", required=True)
+    assert access is not None
+    expires_at: datetime | None = None
+    if tokens.get("expires_at") is not None and tokens.get("expires_in") is not None:
+        raise InvalidAttrs("Give expires_at or expires_in, not both.", field="expires_at")
+    raw_at, raw_in = tokens.get("expires_at"), tokens.get("expires_in")
+    if raw_at is not None:
+        try:
+            # Unlike a stored value read back, an out-of-range one is refused, not clamped.
+            expires_at = check_timestamp(raw_at, "expires_at")
+        except InvalidInput as exc:
+            raise InvalidAttrs(
+                f"{exc.message}, such as '2030-01-01T00:00:00+00:00'.", field="expires_at"
+            ) from None
+    elif raw_in is not None:
+        if isinstance(raw_in, bool) or not isinstance(raw_in, int | float) or raw_in != raw_in:
+            raise InvalidAttrs("expires_in must be a number of seconds.", field="expires_in")
+        if not 0 <= raw_in <= 10 * 365 * 86400:
+            raise InvalidAttrs("expires_in must be between 0 and ten years.", field="expires_in")
+        expires_at = now + timedelta(seconds=float(raw_in))
+    scope = tokens.get("scope")
+    if isinstance(scope, str):
+        scopes = tuple(scope.split())
+    elif scope is None:
+        scopes = ()
+    elif isinstance(scope, list | tuple) and all(isinstance(s, str) and s for s in scope):
+        scopes = tuple(scope)
+    else:
+        raise InvalidAttrs("scope must be a string or a list of strings.", field="scope")
+    if any(not s.isprintable() or any(c.isspace() for c in s) for s in scopes):
+        raise InvalidAttrs("Each scope must be printable and have no spaces.", field="scope")
+    return TokenSet(
+        access_token=access,
+        refresh_token=text("refresh_token"),
+        token_type=text("token_type") or "Bearer",
+        expires_at=expires_at,
+        scope=scopes,
+        obtained_at=now,
+    )

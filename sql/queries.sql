@@ -369,3 +369,200 @@ SELECT pg_advisory_unlock($1);
 -- no parameters; a round trip on the session holding the lock: a session-level advisory
 -- lock lasts as long as its session, so an answer means it is still held.
 SELECT true;
+
+-- name: append_events
+-- $1 text[] kind, $2 text[] uuid, $3 text[] owner ('' = system), $4 text[] provider,
+-- $5 text[] body (the NOTIFY payload, a JSON object without the position), pairwise, in
+-- order. The events_number trigger numbers and notifies them when the transaction commits.
+INSERT INTO {schema}.events (kind, uuid, owner, provider, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]);
+
+-- name: events_after_any_owner
+-- $1 int8 position (exclusive), $2 text provider or NULL, $3 text uuid or NULL,
+-- $4 text[] kinds or NULL, $5 int page size. Every owner's events, in position order.
+SELECT position, body
+FROM {schema}.events
+WHERE position > $1
+  AND ($2::text IS NULL OR provider = $2)
+  AND ($3::text IS NULL OR uuid = $3)
+  AND ($4::text[] IS NULL OR kind = ANY ($4::text[]))
+ORDER BY position
+LIMIT $5;
+
+-- name: events_after_owner
+-- $1 int8 position (exclusive), $2 text owner ('' = system), $3 text provider or NULL,
+-- $4 text uuid or NULL, $5 text[] kinds or NULL, $6 int page size. One owner's events,
+-- in position order (the events_owner_position index).
+SELECT position, body
+FROM {schema}.events
+WHERE owner = $2 AND position > $1
+  AND ($3::text IS NULL OR provider = $3)
+  AND ($4::text IS NULL OR uuid = $4)
+  AND ($5::text[] IS NULL OR kind = ANY ($5::text[]))
+ORDER BY owner, position
+LIMIT $6;
+
+-- name: events_pruned_through
+-- no parameters; positions up to this one may have been deleted by retention (none when
+-- the state row is missing: nothing was pruned since the log was emptied)
+SELECT coalesce((SELECT pruned_through FROM {schema}.event_log_state), 0);
+
+-- name: events_last_position
+-- no parameters; the highest position logged so far (0 when none)
+SELECT coalesce(max(position), 0) FROM {schema}.events;
+
+-- name: events_oldest
+-- $1 int page size; the oldest events' positions and log times, for the age sweep
+SELECT position, logged_at FROM {schema}.events
+WHERE position IS NOT NULL ORDER BY position LIMIT $1;
+
+-- name: events_count_cut
+-- $1 int8 how many of the newest to keep; the highest position older than those
+SELECT position FROM {schema}.events
+WHERE position IS NOT NULL ORDER BY position DESC OFFSET $1 LIMIT 1;
+
+-- name: events_prune
+-- $1 int8 position: events up to it are deleted, and the state remembers how far
+WITH gone AS (
+    DELETE FROM {schema}.events WHERE position <= $1 RETURNING 1
+), moved AS (
+    -- An upsert: the state row may have been emptied away (TRUNCATE) with the log.
+    INSERT INTO {schema}.event_log_state AS s (pruned_through) VALUES ($1)
+    ON CONFLICT (id) DO UPDATE SET pruned_through = greatest(s.pruned_through, $1)
+    RETURNING pruned_through
+)
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT pruned_through FROM moved) AS pruned;
+
+-- name: data_keys_of
+-- $1 text wrapper; newest first: the newest is the primary of its source.
+SELECT kid, wrapped FROM {schema}.data_keys WHERE wrapper = $1 ORDER BY created_at DESC, kid;
+
+-- name: all_data_keys
+SELECT kid, wrapper FROM {schema}.data_keys ORDER BY created_at, kid;
+
+-- name: put_data_key
+-- $1 text kid, $2 text wrapper, $3 bytea wrapped; re-wrapping keeps the key's age.
+INSERT INTO {schema}.data_keys (kid, wrapper, wrapped) VALUES ($1, $2, $3)
+ON CONFLICT (kid) DO UPDATE SET wrapper = excluded.wrapper, wrapped = excluded.wrapped;
+
+-- name: data_keys_lock
+-- $1 int8: advisory lock id; the first data key of a wrapper is made once per fleet.
+SELECT pg_advisory_xact_lock($1);
+
+-- name: webhook_insert_endpoint
+-- $1 uuid, $2 text owner (NULL: system-wide), $3 text url, $4 text[] kinds (NULL: all),
+-- $5 text sealed secret (JSON), $6 text description. The first endpoint starts the
+-- dispatch cursor at the end of the log: endpoints hear what happens from now on.
+WITH start AS (
+    INSERT INTO {schema}.webhook_cursor (position)
+    SELECT coalesce(max(position), 0) FROM {schema}.events
+    ON CONFLICT (id) DO NOTHING
+)
+INSERT INTO {schema}.webhook_endpoints (id, owner, url, kinds, secret, description)
+VALUES ($1, $2, $3, $4, $5::text::jsonb, $6)
+RETURNING id, owner, url, kinds, description, created_at;
+
+-- name: webhook_endpoints
+-- $1 bool any owner, $2 text owner (NULL: the system-wide ones) unless $1
+SELECT id, owner, url, kinds, description, created_at
+FROM {schema}.webhook_endpoints
+WHERE $1 OR owner IS NOT DISTINCT FROM $2
+ORDER BY created_at, id;
+
+-- name: webhook_endpoint
+-- $1 uuid; with the sealed secret
+SELECT id, owner, url, kinds, description, created_at, secret::text AS secret
+FROM {schema}.webhook_endpoints WHERE id = $1;
+
+-- name: webhook_delete_endpoint
+-- $1 uuid, $2 bool any owner, $3 text owner unless $2
+DELETE FROM {schema}.webhook_endpoints
+WHERE id = $1 AND ($2 OR owner IS NOT DISTINCT FROM $3)
+RETURNING id;
+
+-- name: webhook_lock_cursor
+-- no parameters; one dispatcher at a time, the others skip (held until the transaction ends)
+SELECT position FROM {schema}.webhook_cursor FOR UPDATE SKIP LOCKED;
+
+-- name: webhook_events_after
+-- $1 int8 position (exclusive), $2 int page size; every owner's events, in position order
+SELECT position, body FROM {schema}.events
+WHERE position > $1 ORDER BY position LIMIT $2;
+
+-- name: webhook_all_endpoints
+-- no parameters; what the dispatcher matches events against
+SELECT id, owner, kinds FROM {schema}.webhook_endpoints;
+
+-- name: webhook_insert_deliveries
+-- $1 text[] id, $2 uuid[] endpoint, $3 int8[] position, $4 text[] lane, $5 text[] kind,
+-- $6 text[] payload, pairwise
+INSERT INTO {schema}.webhook_deliveries (id, endpoint_id, position, lane, kind, payload)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::text[], $5::text[], $6::text[])
+ON CONFLICT DO NOTHING;
+
+-- name: webhook_move_cursor
+-- $1 int8 position
+UPDATE {schema}.webhook_cursor SET position = $1;
+
+-- name: webhook_claim
+-- $1 uuid lease token, $2 float8 lease seconds, $3 int how many. Takes due deliveries that
+-- head their lane (no earlier pending one on the same endpoint and connection) and that
+-- nobody holds; rows another process is claiming right now are skipped, not waited for.
+UPDATE {schema}.webhook_deliveries AS d
+SET lease_token = $1, lease_until = now() + make_interval(secs => $2)
+FROM {schema}.webhook_endpoints AS e
+WHERE e.id = d.endpoint_id AND d.id IN (
+    SELECT h.id FROM {schema}.webhook_deliveries AS h
+    WHERE h.state = 'pending' AND h.next_attempt_at <= now()
+      AND (h.lease_until IS NULL OR h.lease_until < now())
+      AND NOT EXISTS (
+          SELECT 1 FROM {schema}.webhook_deliveries AS p
+          WHERE p.endpoint_id = h.endpoint_id AND p.lane = h.lane
+            AND p.state = 'pending' AND p.position < h.position)
+    ORDER BY h.next_attempt_at, h.position
+    LIMIT $3
+    FOR UPDATE OF h SKIP LOCKED
+)
+RETURNING d.id, d.endpoint_id, d.position, d.lane, d.kind, d.payload, d.attempts,
+          e.url, e.secret::text AS secret;
+
+-- name: webhook_finish
+-- $1 text id, $2 uuid lease token, $3 text state, $4 int status or NULL, $5 text error or
+-- NULL, $6 float8 seconds until the next attempt (pending only). Fenced by the lease: a
+-- holder whose lease was taken over changes nothing.
+UPDATE {schema}.webhook_deliveries
+SET state = $3, attempts = attempts + 1, last_status = $4, last_error = $5,
+    next_attempt_at = now() + make_interval(secs => $6),
+    finished_at = CASE WHEN $3 = 'pending' THEN NULL ELSE now() END,
+    lease_until = NULL, lease_token = NULL
+WHERE id = $1 AND lease_token = $2
+RETURNING id;
+
+-- name: webhook_deliveries_of
+-- $1 uuid endpoint, $2 text state or NULL, $3 int how many; newest first
+SELECT id, endpoint_id, position, lane, kind, state, attempts, next_attempt_at,
+       last_status, last_error, created_at, finished_at
+FROM {schema}.webhook_deliveries
+WHERE endpoint_id = $1 AND ($2::text IS NULL OR state = $2)
+ORDER BY created_at DESC, position DESC
+LIMIT $3;
+
+-- name: webhook_replay
+-- $1 text delivery id, $2 bool any owner, $3 text owner unless $2; sent again from the first
+-- attempt (same id, so a receiver can tell it from a new event)
+UPDATE {schema}.webhook_deliveries AS d
+SET state = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL,
+    lease_until = NULL, lease_token = NULL
+FROM {schema}.webhook_endpoints AS e
+WHERE d.id = $1 AND e.id = d.endpoint_id AND ($2 OR e.owner IS NOT DISTINCT FROM $3)
+RETURNING d.id;
+
+-- name: webhook_cursor_position
+-- no parameters; NULL when no endpoint was ever added
+SELECT (SELECT position FROM {schema}.webhook_cursor),
+       EXISTS (SELECT 1 FROM {schema}.webhook_endpoints);
+
+-- name: webhook_next_due
+-- no parameters; seconds until the earliest pending delivery is due (NULL: none)
+SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+FROM {schema}.webhook_deliveries WHERE state = 'pending';

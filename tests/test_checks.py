@@ -18,6 +18,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from yarl import URL
 
+from integrations import Integrations
 from integrations._catalogue import BUILTIN_PROVIDERS
 from integrations._errors import InvalidField
 from integrations._http import HttpClient, auth_for
@@ -493,3 +494,46 @@ async def test_an_oauth_provider_without_a_check_is_checked_at_its_userinfo_endp
         result = await check_credentials(provider, creds, http=http)
         assert (result.ok, result.message) == (False, INVALID_CREDENTIALS)
         assert sent_headers(mock)["Authorization"] == "Bearer tok-0123456789abc"
+
+
+# --- outcomes this process or a never-connected connection caused are not recorded -------------
+
+
+async def test_a_check_of_an_unregistered_provider_is_reported_not_recorded(
+    fresh_db: str,
+) -> None:
+    from .conftest import TEST_KEY
+
+    acme = Provider(key="acme", name="Acme", auth_type="api_key", api_hosts=("api.acme.test",))
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[acme]) as app:
+        conn = await app.add_connection("acme", "default")
+        await app.save_setup(conn.uuid, {"api_key": "k-0123456789"})
+        await app.record_validation(conn.uuid, Validation(True, "Connected"))
+        before = (await app.get_integration_by_uuid(conn.uuid)).data
+    async with Integrations(fresh_db, keys=TEST_KEY) as shell:
+        async with shell.subscribe(uuid=conn.uuid) as events:
+            result = await shell.validate_connection(conn.uuid)
+            assert not result.ok and "not registered in this process" in result.message
+            report = await shell.check_all(record=True)
+            assert [i.ok for i in report.items] == [False]
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await anext(aiter(events))
+        after = (await shell.get_integration_by_uuid(conn.uuid)).data
+    for field in ("status", "validation_status", "last_validated_at"):
+        assert after.get(field) == before.get(field), field
+
+
+async def test_testing_an_oauth_connection_never_connected_records_nothing(
+    integ: Integrations,
+) -> None:
+    conn = await integ.add_connection("github", "default")
+    await integ.save_setup(conn.uuid, {"client_id": "cid", "client_secret": "cs-0123456789"})
+    before = (await integ.get_integration_by_uuid(conn.uuid)).data
+    assert before["status"] == "disconnected"
+    result = await integ.validate_connection(conn.uuid)
+    assert not result.ok and result.message.startswith("Not connected yet")
+    after = (await integ.get_integration_by_uuid(conn.uuid)).data
+    assert after["status"] == "disconnected"
+    assert after.get("validation_status") == before.get("validation_status")
+    assert after.get("last_validated_at") == before.get("last_validated_at")

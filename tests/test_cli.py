@@ -563,8 +563,9 @@ def test_keys_rotate_and_doctor(fresh_db: str) -> None:
     assert rotated.returncode == 0, rotated.stderr
     result = json.loads(rotated.stdout)
     assert result["rotated"] == 1 and result["undecryptable"] == []
+    assert result["rows_per_second"] > 0
     again = sh(fresh_db, "keys", "rotate", env=cli_env(INTEGRATIONS_KEYS=f"{new},{TEST_KEY}"))
-    assert "rotated 0 of 0 row(s)" in again.stdout
+    assert "rotated 0 of 0 row(s)" in again.stdout and "rows a second" in again.stdout
     healthy = sh(fresh_db, "doctor", "--json", env=cli_env(INTEGRATIONS_KEYS=new))
     assert healthy.returncode == 0, healthy.stdout
     checks = {c["check"]: c["ok"] for c in json.loads(healthy.stdout)["checks"]}
@@ -611,6 +612,72 @@ def test_watch_prints_one_line_per_event_until_interrupted(fresh_db: str) -> Non
                 stream.close()
 
 
+def test_watch_after_a_position_prints_the_logged_events_first(fresh_db: str) -> None:
+    first = sh(fresh_db, "add", "openai").stdout.strip()
+    second = sh(fresh_db, "add", "openai", "second").stdout.strip()
+    child = subprocess.Popen(
+        [SCRIPT, "--dsn", fresh_db, "watch", "--json", "--after", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert child.stdout is not None
+        replayed = [json.loads(child.stdout.readline()) for _ in range(2)]
+        assert [e["uuid"] for e in replayed] == [first, second]
+        assert replayed[0]["position"] < replayed[1]["position"]
+        third = sh(fresh_db, "add", "openai", "third").stdout.strip()
+        live = json.loads(child.stdout.readline())
+        assert live["uuid"] == third and live["position"] > replayed[1]["position"]
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=20) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+    after = sh(fresh_db, "watch", "--after", "-1")
+    assert after.returncode == 2 and "--after" in after.stderr
+
+
+def test_events_prune_applies_the_retention(fresh_db: str) -> None:
+    for name in ("a", "b", "c"):
+        sh(fresh_db, "add", "openai", name)
+    done = sh(fresh_db, "events", "prune", "--max-count", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"deleted": 2}
+    assert sh(fresh_db, "events", "prune").stdout.strip() == "deleted 0 logged events"
+
+
+def test_webhooks_add_list_test_deliveries_replay_remove(fresh_db: str) -> None:
+    refused = sh(fresh_db, "webhooks", "add", "http://hooks.example.com/in")
+    assert refused.returncode != 0 and "https" in refused.stderr
+    added = sh(fresh_db, "webhooks", "add", "https://hooks.example.com/in", "--kind", "connected")
+    assert added.returncode == 0, added.stderr
+    assert "whsec_" in added.stdout and "shown once" in added.stdout
+    endpoint = added.stdout.split()[1]
+    listed = sh(fresh_db, "webhooks", "list", "--json")
+    [shown] = json.loads(listed.stdout)
+    assert shown["id"] == endpoint and shown["kinds"] == ["connected"]
+    assert "whsec_" not in listed.stdout
+    assert json.loads(sh(fresh_db, "webhooks", "deliveries", endpoint, "--json").stdout) == []
+    # An address this process may not send to: refused before any connection is made.
+    tried = sh(fresh_db, "webhooks", "add", "https://127.0.0.1:9/in", "--allow-loopback")
+    loopback = tried.stdout.split()[1]
+    test = sh(fresh_db, "webhooks", "test", loopback)
+    assert test.returncode == 1 and "loopback" in test.stdout
+    replay = sh(fresh_db, "webhooks", "replay", "msg_" + "0" * 32)
+    assert replay.returncode != 0
+    assert sh(fresh_db, "webhooks", "remove", endpoint).returncode == 0
+    assert sh(fresh_db, "webhooks", "remove", endpoint).returncode != 0
+    assert [e["id"] for e in json.loads(sh(fresh_db, "webhooks", "list", "--json").stdout)] == [
+        loopback
+    ]
+
+
 def test_serve_without_the_console_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "integrations.web", None)
     done = CliRunner().invoke(cli, ["serve"])
@@ -646,7 +713,9 @@ def test_providers_json_shape_and_a_bad_providers_file(tmp_path: Path) -> None:
     bad.write_text('[{"key": "Bad Key"}]')
     refused = runner.invoke(cli, ["--providers", str(bad), "providers"])
     assert refused.exit_code == 2
-    assert "cannot load providers" in refused.output
+    # The file, the entry and the field at fault are named.
+    assert str(bad) in refused.output
+    assert "entry 1 ('Bad Key'), field 'key'" in refused.output
 
 
 def test_keys_generate_json() -> None:
@@ -969,3 +1038,23 @@ def test_connections_of_a_provider_no_longer_registered_are_still_listed_and_sho
     unknown = sh(fresh_db, "list", "acmx")
     assert unknown.returncode == 2
     assert "unknown provider 'acmx'" in unknown.stderr
+
+
+def test_a_check_of_a_provider_this_shell_does_not_know_is_reported_not_recorded(
+    fresh_db: str, providers_file: str
+) -> None:
+    add_acme(fresh_db, providers_file, "good", GOOD)
+    before = json.loads(
+        sh(fresh_db, "--providers", providers_file, "show", "acme:good", "--json").stdout
+    )
+    # A shell without the application's providers file.
+    done = sh(fresh_db, "test", "acme:good")
+    assert done.returncode == 1
+    assert "not registered in this process" in done.stdout + done.stderr
+    for args in (["test", "--all", "--record"], ["test", "acme:good", "--record"]):
+        sh(fresh_db, *args)
+    after = json.loads(
+        sh(fresh_db, "--providers", providers_file, "show", "acme:good", "--json").stdout
+    )
+    for field in ("status", "validation_status", "last_validated_at"):
+        assert after[field] == before[field], field

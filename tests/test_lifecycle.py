@@ -191,3 +191,53 @@ async def test_the_embedded_default_works_without_a_server(
 def test_a_pool_too_small_for_the_listener_is_refused() -> None:
     with pytest.raises(integrations.ConfigurationError):
         Integrations("postgresql://unused", pool_max_size=1)
+
+
+@pytest.mark.slow
+def test_a_built_wheel_installed_in_a_fresh_venv_migrates(tmp_path: Path, empty_db: str) -> None:
+    # The wheel, not the checkout: built, installed alone in a new venv, run from elsewhere.
+    subprocess.run([*PIP_WHEEL, "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("integrations-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    # The dependencies come from this environment's site-packages, added as a plain path:
+    # its .pth files (this checkout's editable install among them) are not run.
+    deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (site / "deps.pth").write_text(deps + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), wheel],
+        check=True,
+        timeout=300,
+    )
+    python = venv / "bin" / "python"
+    where = subprocess.run(
+        [python, "-c", "import integrations, sys; print(integrations.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(site), where
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTEGRATIONS_")}
+    done = subprocess.run(
+        [python, "-m", "integrations", "--dsn", empty_db, "migrate"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+    async def applied() -> list[int]:
+        conn = await asyncpg.connect(empty_db)
+        try:
+            rows = await conn.fetch("SELECT version FROM integrations.schema_migrations")
+        finally:
+            await conn.close()
+        return sorted(r["version"] for r in rows)
+
+    import asyncio
+
+    assert asyncio.run(applied()) == MIGRATIONS

@@ -109,7 +109,8 @@ async def stored_texts(db: asyncpg.Connection) -> list[str]:
     pending = await db.fetch(
         "SELECT code_verifier::text AS t FROM integrations.pending_authorizations"
     )
-    return [r["t"] for r in [*rows, *pending]]
+    logged = await db.fetch("SELECT body AS t FROM integrations.events")
+    return [r["t"] for r in [*rows, *pending, *logged]]
 
 
 async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
@@ -300,6 +301,11 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     delivered = [await subscription.get() for _ in range(subscription.pending)]
     assert delivered, "the subscription received no event"
     shown.extend(delivered)
+    async with integ.subscribe(owner=ALL_OWNERS, after=0) as replay:
+        replayed = [await replay.get() for _ in range(len(delivered))]
+    assert [e.position for e in replayed] == [e.position for e in delivered]
+    shown.extend(replayed)
+    record("prune_events", await integ.prune_events(max_age=None, max_count=1))
     record("event_stats", integ.event_stats)
     record("cache_stats", integ.cache_stats)
     await subscriptions.aclose()
@@ -311,6 +317,16 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
     exercised |= OAUTH_METHODS
     # The sweep's log records and events are checked for markers in tests/test_sweep.py.
     exercised.add("run_health_sweeps")
+    # Webhook secrets are checked for in logs, errors and listings in tests/test_webhooks.py.
+    exercised |= {
+        "add_webhook",
+        "list_webhooks",
+        "remove_webhook",
+        "replay_webhook",
+        "run_webhooks",
+        "test_webhook",
+        "webhook_deliveries",
+    }
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 

@@ -10,7 +10,7 @@ import json
 import os
 import stat
 import sys
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -638,6 +638,215 @@ def token(ctx: click.Context, ref: str) -> None:
 
 
 @cli.group()
+def events() -> None:
+    """The durable event log: apply its retention."""
+
+
+@events.command("prune")
+@click.option(
+    "--max-age-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="Delete events logged longer ago than this.",
+)
+@click.option(
+    "--max-count", type=click.IntRange(min=0), default=None, help="Keep at most this many."
+)
+@json_option
+@click.pass_context
+def events_prune(ctx: click.Context, max_age_days: float, max_count: int | None) -> None:
+    """Delete logged events past their retention (run it now and then, from one place)."""
+
+    async def work(env: Env) -> int:
+        async with env.integrations() as integ:
+            return await integ.prune_events(
+                max_age=timedelta(days=max_age_days), max_count=max_count
+            )
+
+    deleted = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"deleted": deleted})
+    else:
+        click.echo(f"deleted {deleted} logged events")
+
+
+@cli.group()
+def webhooks() -> None:
+    """Webhook endpoints: add, list, remove, test; their deliveries, and replays."""
+
+
+def _endpoint_json(endpoint: Any) -> dict[str, Any]:
+    return {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "owner": endpoint.owner,
+        "kinds": list(endpoint.kinds) if endpoint.kinds is not None else None,
+        "description": endpoint.description,
+        "created_at": endpoint.created_at.isoformat(),
+    }
+
+
+def _scope(env: Env) -> Any:
+    return env.owner if env.owner is not None else ALL_OWNERS
+
+
+@webhooks.command("add")
+@click.argument("url")
+@click.option("--kind", "kinds", multiple=True, help="Only this event kind (repeatable).")
+@click.option("--description", default="", help="A note shown in listings.")
+@click.option(
+    "--allow-loopback", is_flag=True, help="Accept a loopback URL (tests and development)."
+)
+@json_option
+@click.pass_context
+def webhooks_add(
+    ctx: click.Context, url: str, kinds: tuple[str, ...], description: str, allow_loopback: bool
+) -> None:
+    """Register URL for events (the --owner's, else every owner's); prints the signing
+    secret, this once."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.add_webhook(
+                url,
+                kinds=kinds or None,
+                owner=env.owner,
+                description=description,
+                allow_loopback=allow_loopback,
+            )
+
+    endpoint = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json(_endpoint_json(endpoint) | {"secret": endpoint.secret})
+    else:
+        click.echo(f"added {endpoint.id} {endpoint.url}")
+        click.echo(f"signing secret (shown once, keep it in the receiver): {endpoint.secret}")
+
+
+@webhooks.command("list")
+@json_option
+@click.pass_context
+def webhooks_list(ctx: click.Context) -> None:
+    """The endpoints (every one, or the --owner's)."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.list_webhooks(owner=_scope(env))
+
+    found = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json([_endpoint_json(e) for e in found])
+        return
+    for e in found:
+        kinds = ",".join(e.kinds) if e.kinds else "all"
+        click.echo(f"{e.id} {e.url} owner={e.owner or '*'} kinds={kinds} {e.description}")
+
+
+@webhooks.command("remove")
+@click.argument("endpoint_id")
+@json_option
+@click.pass_context
+def webhooks_remove(ctx: click.Context, endpoint_id: str) -> None:
+    """Remove an endpoint and its deliveries."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            await integ.remove_webhook(endpoint_id, owner=_scope(env))
+
+    run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"removed": endpoint_id})
+    else:
+        click.echo(f"removed {endpoint_id}")
+
+
+@webhooks.command("test")
+@click.argument("endpoint_id")
+@click.option("--allow-loopback", is_flag=True, help="Allow a loopback address.")
+@json_option
+@click.pass_context
+def webhooks_test(ctx: click.Context, endpoint_id: str, allow_loopback: bool) -> None:
+    """Send one signed webhook_test message now; exit 1 unless it is answered with 2xx."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.test_webhook(
+                endpoint_id, owner=_scope(env), allow_loopback=allow_loopback
+            )
+
+    attempt = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"ok": attempt.ok, "status": attempt.status, "error": attempt.error})
+    else:
+        click.echo("ok" if attempt.ok else f"failed: {attempt.error or attempt.status}")
+    if not attempt.ok:
+        ctx.exit(FAILED)
+
+
+@webhooks.command("deliveries")
+@click.argument("endpoint_id")
+@click.option("--state", type=click.Choice(["pending", "delivered", "dead"]), default=None)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@json_option
+@click.pass_context
+def webhooks_deliveries(
+    ctx: click.Context, endpoint_id: str, state: str | None, limit: int
+) -> None:
+    """An endpoint's newest deliveries: id, event, state, attempts, next attempt."""
+
+    async def work(env: Env) -> Any:
+        async with env.integrations() as integ:
+            return await integ.webhook_deliveries(
+                endpoint_id, state=state, limit=limit, owner=_scope(env)
+            )
+
+    found = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json(
+            [
+                {
+                    "id": d.id,
+                    "position": d.position,
+                    "kind": d.kind,
+                    "connection": d.connection,
+                    "state": d.state,
+                    "attempts": d.attempts,
+                    "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+                    "last_status": d.last_status,
+                    "last_error": d.last_error,
+                }
+                for d in found
+            ]
+        )
+        return
+    for d in found:
+        nxt = f" next={d.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}" if d.next_attempt_at else ""
+        last = f" last={d.last_error or d.last_status}" if d.attempts else ""
+        click.echo(
+            f"{d.id} position={d.position} {d.kind} {d.state} attempts={d.attempts}{nxt}{last}"
+        )
+
+
+@webhooks.command("replay")
+@click.argument("delivery_id")
+@json_option
+@click.pass_context
+def webhooks_replay(ctx: click.Context, delivery_id: str) -> None:
+    """Send a delivery again from its first attempt, with the same webhook-id."""
+
+    async def work(env: Env) -> None:
+        async with env.integrations() as integ:
+            await integ.replay_webhook(delivery_id, owner=_scope(env))
+
+    run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"replayed": delivery_id})
+    else:
+        click.echo(f"replaying {delivery_id}")
+
+
+@cli.group()
 def keys() -> None:
     """Encryption keys: generate one, re-encrypt everything under the primary."""
 
@@ -654,6 +863,26 @@ def keys_generate(ctx: click.Context) -> None:
         emit_json({"key": key})
     else:
         click.echo(key)
+
+
+@keys.command("new-data-key")
+@json_option
+@click.pass_context
+def keys_new_data_key(ctx: click.Context) -> None:
+    """Make a data key wrapped by the primary aws-kms:/pkcs11: source; print its key id.
+
+    Restart the application's processes so they encrypt with it, then run `keys rotate`.
+    """
+
+    async def work(env: Env) -> str:
+        async with env.integrations() as integ:
+            return await integ.new_data_key()
+
+    kid = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"kid": kid})
+    else:
+        click.echo(kid)
 
 
 @keys.command("rotate")
@@ -685,6 +914,8 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
 
     result = run(ctx, work)
     undecryptable = tuple(getattr(result, "undecryptable", ()))
+    # Rows examined per second: what a pass costs, rewritten or not.
+    rate = result.scanned / result.elapsed if result.elapsed > 0 else 0.0
     if env_of(ctx).json:
         emit_json(
             {
@@ -694,13 +925,17 @@ def keys_rotate(ctx: click.Context, batch_size: int) -> None:
                 "total": result.total,
                 "batches": result.batches,
                 "elapsed": round(result.elapsed, 3),
+                "rows_per_second": round(rate, 1),
                 "undecryptable": list(undecryptable),
+                "rewrapped": result.rewrapped,
             }
         )
     else:
+        if result.rewrapped:
+            say(f"wrapped {result.rewrapped} data key(s) with the primary key source")
         say(
             f"rotated {result.rotated} of {result.total} row(s) to key {result.primary_kid} "
-            f"in {result.elapsed:.2f}s"
+            f"in {result.elapsed:.2f}s, {rate:,.0f} rows a second"
         )
         if undecryptable:
             stderr(
@@ -887,6 +1122,10 @@ def _event_line(event: Event) -> str:
     ]
     if event.actor:
         parts.append(f"actor={event.actor}")
+    if event.position is not None:
+        parts.append(f"position={event.position}")
+    elif event.kind == "resync" and event.detail.get("reason") == "expired":
+        parts.append(f"expired: events before position {event.detail.get('oldest')} are gone")
     return " ".join(parts)
 
 
@@ -902,21 +1141,28 @@ def event_json(event: Event) -> dict[str, Any]:
         "actor": event.actor,
         "at": event.at.isoformat(),
         "detail": dict(event.detail),
+        "position": event.position,
     }
 
 
 @cli.command()
 @click.option("--provider", help="Only this provider's events.")
+@click.option(
+    "--after",
+    type=click.IntRange(min=0),
+    default=None,
+    help="First print the logged events after this position (0: every one kept), then go on.",
+)
 @json_option
 @click.pass_context
-def watch(ctx: click.Context, provider: str | None) -> None:
+def watch(ctx: click.Context, provider: str | None, after: int | None) -> None:
     """Print live events from every process, one line each, until Ctrl-C."""
 
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             key = provider_key(integ, provider) if provider else None
             owner: Any = env.owner if env.owner is not None else ALL_OWNERS
-            async with integ.subscribe(provider=key, owner=owner) as events:
+            async with integ.subscribe(provider=key, owner=owner, after=after) as events:
                 stderr("watching events (Ctrl-C to stop)")
                 async for event in events:
                     line = (

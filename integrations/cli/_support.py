@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from .._errors import (
+    ConfigurationError,
     Deleted,
     IntegrationsError,
     InvalidInput,
@@ -96,15 +97,17 @@ class Env:
 
 
 def load_providers(spec: str) -> list[Provider]:
-    """Application providers from a JSON file (a list of provider objects) or ``module:attr``."""
+    """Application providers from a provider file (TOML or JSON) or ``module:attr``."""
     from .._providers import Provider
+    from .._registry import load_providers as load_provider_file
 
     path = Path(spec)
+    if spec.endswith((".json", ".toml")) or path.is_file():
+        try:
+            return load_provider_file(path)
+        except ConfigurationError as exc:
+            raise Fail(exc.message, USAGE) from exc
     try:
-        if spec.endswith(".json") or path.is_file():
-            raw = json.loads(path.read_text("utf-8"))
-            items = raw if isinstance(raw, list) else [raw]
-            return [Provider.model_validate(item) for item in items]
         module_name, _, attr = spec.partition(":")
         value = getattr(importlib.import_module(module_name), attr or "providers")
         found = list(value) if not isinstance(value, Provider) else [value]
@@ -119,7 +122,7 @@ def load_auth_schemes(spec: str) -> list[AuthScheme]:
     """The ``auth_schemes`` a ``module:attr`` provider spec's module declares, if any: an
     application's own schemes, registered for this command only."""
     path = Path(spec)
-    if spec.endswith(".json") or path.is_file():
+    if spec.endswith((".json", ".toml")) or path.is_file():
         return []
     from .._schemes import AuthScheme
 

@@ -12,7 +12,7 @@ from .._integrations import Integrations
 from .._models import Connection, utcnow
 from .._names import check_owner, normalize_name, parse_uuid
 from .._telemetry import fields
-from .._tokens import imported_token_set
+from ..oauth import imported_token_set
 from . import _bundle
 from ._support import USAGE, Fail
 

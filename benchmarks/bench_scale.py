@@ -1,0 +1,340 @@
+"""The library at a million connections against the same figures at a thousand: seeding,
+open(), the first call, cached and uncached reads, each listing, the console's list page,
+key rotation with writers going on, a rotation pass with nothing left, and memory.
+
+Each size is a schema of its own in one scratch database, seeded with COPY: rows spread
+over one owner per hundred rows (10,000 owners at 1M), 50 providers, every row holding a
+sealed secret under an old key, one row in a hundred in error, plus one owner whose rows
+are mostly unsaved (a tenth of the table, one row in a hundred saved). Timed calls are
+interleaved size by size so that drift on the machine hits every size alike.
+
+    python benchmarks/bench_scale.py                 # 100, 1k, 100k and 1M rows
+    python benchmarks/bench_scale.py 100 1000 20000  # other sizes (the first two and the
+                                                     # last two are compared)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx
+from _common import interleaved_medians, result, scratch_database
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import integrations
+from integrations import ALL_OWNERS, Integrations, generate_key
+from integrations._names import storage_key, uuid7
+from integrations._vault import Keyring, Vault
+from integrations.web import Admin, Owner, console
+
+PACKAGE_PARENT = str(Path(integrations.__file__).resolve().parent.parent)
+PROVIDERS = 50
+ROWS_PER_OWNER = 100
+UNSAVED_OWNER = "tenant:mostly-unsaved"
+WRITERS = 4
+COPY_BATCH = 20_000
+
+
+def schema_of(size: int) -> str:
+    return f"scale_{size}"
+
+
+def rows_of(size: int, old_key: str) -> Any:
+    """The seeded rows, in batches of COPY records."""
+    vault = Vault(Keyring.parse(old_key))
+    owners = max(1, size // ROWS_PER_OWNER)
+    unsaved = size // 10
+    batch: list[tuple[uuid.UUID, str, str, str]] = []
+    for i in range(size):
+        row_uuid = uuid7()
+        provider = "openai" if i % PROVIDERS == 0 else f"p{i % PROVIDERS}"
+        data: dict[str, Any] = {
+            "provider": provider,
+            "name": f"n{i}",
+            "auth_type": "api_key",
+            "status": "error" if i % 100 == 7 else "connected",
+        }
+        if i < unsaved:
+            owner = UNSAVED_OWNER
+            if i % 100:
+                data["status"] = "disconnected"
+            else:
+                data.update(vault.seal(row_uuid, {"api_key": f"sk-{i:08d}-0123456789"}))
+        else:
+            owner = f"user:{i % owners}"
+            data.update(vault.seal(row_uuid, {"api_key": f"sk-{i:08d}-0123456789"}))
+        batch.append((uuid.UUID(row_uuid), owner, storage_key(provider, f"n{i}"), json.dumps(data)))
+        if len(batch) == COPY_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def seed(dsn: str, size: int, old_key: str) -> tuple[float, str]:
+    """Create and fill the schema of ``size`` rows; seconds taken and a system row's uuid."""
+    started = time.perf_counter()
+    schema = schema_of(size)
+    async with Integrations(dsn, keys=old_key, schema=schema) as integ:
+        target = await integ.add_connection("openai", "target")
+        await integ.save_setup(target.uuid, {"api_key": "sk-target-0123456789"})
+        async with integ._repo.connection() as conn:
+            for records in rows_of(size, old_key):
+                await conn.copy_records_to_table(
+                    "connections",
+                    schema_name=schema,
+                    columns=["uuid", "owner", "key", "value_json"],
+                    records=records,
+                )
+            await conn.execute(f"VACUUM ANALYZE {schema}.connections")
+    return time.perf_counter() - started, target.uuid
+
+
+async def timed(call: Callable[[], Awaitable[object]], times: int = 5) -> float:
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+async def open_and_first_call(
+    dsn: str, keys: list[str], size: int, target: str
+) -> dict[str, float]:
+    """open() of an instance on the schema, and its first get_credentials (cold cache,
+    statements not yet prepared), medians of five."""
+    opens, firsts = [], []
+    for _ in range(5):
+        integ = Integrations(dsn, keys=keys, schema=schema_of(size))
+        start = time.perf_counter()
+        await integ.open()
+        opened = time.perf_counter()
+        await integ.get_credentials(target)
+        firsts.append(time.perf_counter() - opened)
+        opens.append(opened - start)
+        await integ.close()
+    return {"open": statistics.median(opens), "first": statistics.median(firsts)}
+
+
+def trivial_app() -> Starlette:
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/", hello)])
+
+
+async def reads(
+    dsn: str, keys: list[str], sizes: list[int], targets: dict[int, str]
+) -> dict[str, float]:
+    """Every read and listing at every size, interleaved call by call."""
+    calls: dict[str, Callable[[], Awaitable[object]]] = {}
+    stack: list[Any] = []
+    trivial = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=trivial_app()), base_url="http://c"
+    )
+    stack.append(trivial)
+
+    async def baseline() -> object:
+        return (await trivial.get("/")).text
+
+    calls["trivial_route"] = baseline
+    for size in sizes:
+        schema = schema_of(size)
+        cached = Integrations(dsn, keys=keys, schema=schema)
+        uncached = Integrations(dsn, keys=keys, schema=schema, cache=False)
+        await cached.open()
+        await uncached.open()
+        stack += [cached, uncached]
+        target = targets[size]
+        owner = f"user:{max(1, size // ROWS_PER_OWNER) // 2}"
+        admin = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=console(cached, authorize=lambda r: Admin())),
+            base_url="http://c",
+        )
+        tenant = httpx.AsyncClient(
+            transport=httpx.ASGITransport(
+                app=console(cached, authorize=lambda r, o=owner: Owner(o))
+            ),
+            base_url="http://c",
+        )
+        stack += [admin, tenant]
+        # The console's second page: after the first page's last key.
+        first = await cached.list_page(owner=ALL_OWNERS, limit=25)
+        second_path = "/?" + httpx.QueryParams({"after": first.next_after or ""}).__str__()
+
+        def page(client: httpx.AsyncClient, path: str) -> Callable[[], Awaitable[object]]:
+            async def get() -> object:
+                response = await client.get(path)
+                assert response.status_code == 200, response.status_code
+                return response.text
+
+            return get
+
+        ops: dict[str, Callable[[], Awaitable[object]]] = {
+            "cached": lambda c=cached, t=target: c.get_credentials(t),
+            "uncached": lambda c=uncached, t=target: c.get_credentials(t),
+            "list_connections": lambda c=cached, o=owner: c.list_connections("p7", owner=o),
+            "list_integrations": lambda c=cached: c.list_integrations(
+                owner=UNSAVED_OWNER, limit=50
+            ),
+            "list_page": lambda c=cached, o=owner: c.list_page(owner=o, limit=50),
+            "list_page_all": lambda c=cached: c.list_page(owner=ALL_OWNERS, limit=50),
+            "list_page_errors": lambda c=cached: c.list_page(
+                owner=ALL_OWNERS, status="error", limit=50
+            ),
+            "count_connections": lambda c=cached: c.count_connections(owner=ALL_OWNERS),
+            "console_admin": page(admin, "/"),
+            "console_admin_next": page(admin, second_path),
+            "console_admin_search": page(admin, "/?q=n12&status=connected"),
+            "console_owner": page(tenant, "/"),
+        }
+        for name, call in ops.items():
+            calls[f"{name}_{size}"] = call
+    try:
+        medians = await interleaved_medians(calls, rounds=60, warmup=5)
+    finally:
+        for item in reversed(stack):
+            await (item.aclose() if isinstance(item, httpx.AsyncClient) else item.close())
+    return medians
+
+
+async def rotation(dsn: str, keys: list[str], size: int) -> dict[str, float]:
+    """rotate_keys() of the whole schema with WRITERS tasks saving setups meanwhile, then a
+    pass with nothing left to do."""
+    async with Integrations(
+        dsn, keys=keys, schema=schema_of(size), pool_max_size=WRITERS + 2
+    ) as integ:
+        async with integ._repo.connection() as conn:
+            sample = [
+                str(r["uuid"])
+                for r in await conn.fetch(
+                    f"SELECT uuid FROM {schema_of(size)}.connections "
+                    "WHERE owner <> $1 AND key LIKE 'integration:openai:%' "
+                    "ORDER BY random() LIMIT 2000",
+                    UNSAVED_OWNER,
+                )
+            ]
+        stop = asyncio.Event()
+        writes = 0
+
+        async def writer(k: int) -> None:
+            nonlocal writes
+            rng = random.Random(k)
+            while not stop.is_set():
+                await integ.save_setup(rng.choice(sample), {"api_key": f"sk-w{k}-{writes:08d}xx"})
+                writes += 1
+
+        tasks = [asyncio.create_task(writer(k)) for k in range(WRITERS)]
+        start = time.perf_counter()
+        done = await integ.rotate_keys(batch_size=500)
+        seconds = time.perf_counter() - start
+        stop.set()
+        await asyncio.gather(*tasks)
+        # Right after the rotation the indexes still hold the entries of the row versions
+        # it replaced, until VACUUM (autovacuum, in time) removes them; a store at rest
+        # is what a later pass meets.
+        noop_dirty = await timed(lambda: integ.rotate_keys(batch_size=500), times=1)
+        async with integ._repo.connection() as conn:
+            await conn.execute(f"VACUUM ANALYZE {schema_of(size)}.connections")
+        noop = await timed(lambda: integ.rotate_keys(batch_size=500), times=5)
+    return {
+        "rotated": float(done.rotated),
+        "rotation_s": seconds,
+        "rotation_rows_per_s": done.scanned / seconds,
+        "rotation_writes_per_s": writes / seconds,
+        "rotation_noop_ms": noop * 1e3,
+        "rotation_noop_unvacuumed_ms": noop_dirty * 1e3,
+    }
+
+
+async def memory_child(dsn: str, schema: str, target: str, keys: str) -> None:
+    """Child process: open on ``schema``, read and list as the benchmark does, and print
+    the peak resident memory."""
+    async with Integrations(dsn, keys=keys.split(","), schema=schema) as integ:
+        for _ in range(20):
+            await integ.get_credentials(target)
+        await integ.list_integrations(owner=UNSAVED_OWNER, limit=50)
+        await integ.list_page(owner=ALL_OWNERS, limit=50)
+        await integ.count_connections(owner=ALL_OWNERS)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=console(integ, authorize=lambda r: Admin())),
+            base_url="http://c",
+        ) as http:
+            await http.get("/")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
+
+
+async def memory(dsn: str, keys: list[str], size: int, target: str) -> float:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--memory",
+        dsn,
+        schema_of(size),
+        target,
+        ",".join(keys),
+        env={**os.environ, "PYTHONPATH": PACKAGE_PARENT},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    return float(out.decode().split()[-1])
+
+
+async def main(sizes: list[int]) -> None:
+    old, new = generate_key(), generate_key()
+    keys = [new, old]
+    figures: dict[str, float] = {"sizes": float(len(sizes))}
+    for i, size in enumerate(sizes):
+        figures[f"size_{i}"] = float(size)
+    async with scratch_database() as dsn:
+        targets: dict[int, str] = {}
+        for size in sizes:
+            seconds, targets[size] = await seed(dsn, size, old)
+            figures[f"seed_s_{size}"] = seconds
+            print(f"seeded {size:>9,} rows in {seconds:7.1f} s", flush=True)
+        for size in sizes:
+            got = await open_and_first_call(dsn, keys, size, targets[size])
+            figures[f"open_ms_{size}"] = got["open"] * 1e3
+            figures[f"first_ms_{size}"] = got["first"] * 1e3
+        medians = await reads(dsn, keys, sizes, targets)
+        figures["trivial_route_us"] = medians.pop("trivial_route") * 1e6
+        for name, value in medians.items():
+            figures[f"{name}_us"] = value * 1e6
+        for size in sizes:
+            figures[f"rss_mib_{size}"] = await memory(dsn, keys, size, targets[size]) / 2**20
+        for size in sizes:
+            for name, value in (await rotation(dsn, keys, size)).items():
+                figures[f"{name}_{size}"] = value
+            print(
+                f"rotation of {size:,} rows: {figures[f'rotation_rows_per_s_{size}']:,.0f} rows/s, "
+                f"no-op pass {figures[f'rotation_noop_ms_{size}']:.1f} ms",
+                flush=True,
+            )
+    for key in sorted(figures):
+        print(f"  {key:<40} {figures[key]:14,.1f}")
+    result("scale", figures)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--memory":
+        asyncio.run(memory_child(*sys.argv[2:6]))
+    else:
+        given = [int(a) for a in sys.argv[1:]] or [100, 1_000, 100_000, 1_000_000]
+        asyncio.run(main(given))

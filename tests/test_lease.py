@@ -1,0 +1,266 @@
+"""Refresh lease decisions as pure functions: no database, no network."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from integrations import ReauthRequired, TokenRequestFailed, oauth
+from integrations import _lease as lease
+from integrations._client_auth import CLIENT_AUTH_METHODS, Client, client_auth_method
+from integrations._record import StoredRow
+from integrations._settings import TokenPolicy
+
+NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+UUID = "01900000-0000-7000-8000-000000000001"
+POLICY = TokenPolicy()
+
+
+def at(seconds: float) -> str:
+    return (NOW + timedelta(seconds=seconds)).isoformat()
+
+
+def row(version: int = 7, **data: Any) -> StoredRow:
+    base = {"provider": "acme", "name": "default", "auth_type": "oauth2", "status": "connected"}
+    return StoredRow(UUID, "user:1", "integration:acme:default", {**base, **data}, version)
+
+
+def plain(**data: Any) -> dict[str, Any]:
+    return {"access_token": "old", "refresh_token": "r1", "expires_at": at(30), **data}
+
+
+def need(mode: lease.Mode = "expiring", token: str | None = "old", since: datetime = NOW) -> Any:
+    return lease.Need(lease.Seen(token, None), mode, since)
+
+
+def look(stored: StoredRow, secrets: dict[str, Any], wanted: Any, **policy: Any) -> Any:
+    return lease.look(
+        stored,
+        secrets,
+        wanted,
+        holder="me",
+        now=NOW,
+        clock=NOW,
+        policy=TokenPolicy(**policy) if policy else POLICY,
+    )
+
+
+def seal(field: str, value: Any) -> Any:
+    return f"sealed:{field}:{value}"
+
+
+# -- look ----------------------------------------------------------------------------------
+
+
+def test_a_token_that_is_not_due_is_handed_out_and_nothing_is_written() -> None:
+    change, decided = look(row(), plain(expires_at=at(3600)), need())
+    assert decided.outcome == "old"
+    assert change.data is None and decided.lease is None
+
+
+def test_a_token_another_process_stored_meanwhile_is_handed_out() -> None:
+    _, decided = look(row(), plain(access_token="new"), need(mode="rejected"))
+    assert decided.outcome == "new"
+
+
+def test_a_forced_refresh_takes_a_token_obtained_after_its_call_began() -> None:
+    stored = row(token_obtained_at=at(1))
+    _, decided = look(stored, plain(), need(mode="force"))
+    assert decided.outcome == "old"
+    _, decided = look(row(token_obtained_at=at(-1)), plain(), need(mode="force"))
+    assert decided.lease is not None
+
+
+def test_a_due_token_takes_the_lease_fenced_by_the_next_version() -> None:
+    change, decided = look(row(version=7), plain(), need())
+    taken = decided.lease
+    assert taken is not None and taken.fence == 8 and taken.holder == "me"
+    written = change.data["refresh_lease"]
+    assert written["holder"] == "me" and written["fence"] == 8
+    assert written["until"] == at(POLICY.lease)
+    assert taken.held_in(change.data)
+    # The token still works for 30 s: it is the fallback if the request fails.
+    assert decided.fallback == "old" and decided.taken_from is None
+
+
+def test_an_expired_token_has_no_fallback() -> None:
+    _, decided = look(row(), plain(expires_at=at(-1)), need())
+    assert decided.lease is not None and decided.fallback is None
+
+
+def test_a_live_lease_of_another_holder_is_waited_for_until_it_ends() -> None:
+    held = {"holder": "other", "fence": 3, "until": at(4)}
+    change, decided = look(row(refresh_lease=held), plain(), need())
+    assert decided.wait == pytest.approx(4.0)
+    assert change.data is None and decided.lease is None
+
+
+def test_an_expired_lease_is_taken_over_and_its_holder_named() -> None:
+    held = {"holder": "other", "fence": 3, "until": at(-1)}
+    _, decided = look(row(refresh_lease=held), plain(), need())
+    assert decided.lease is not None and decided.taken_from == "other"
+
+
+def test_with_reauthorize_an_expired_lease_marks_the_connection_and_keeps_the_lease() -> None:
+    held = {"holder": "other", "fence": 3, "until": at(-1)}
+    change, decided = look(
+        row(refresh_lease=held), plain(expires_at=at(-1)), need(), takeover="reauthorize"
+    )
+    assert isinstance(decided.outcome, ReauthRequired)
+    assert decided.lease is None and decided.taken_from == "other"
+    assert change.data["refresh_lease"] == {**held, "abandoned": True}
+    assert change.data["refresh_error"]["code"] == "reauth_required"
+
+
+def test_an_abandoned_lease_is_taken_without_a_takeover() -> None:
+    held = {"holder": "other", "fence": 3, "until": at(60), "abandoned": True}
+    _, decided = look(row(refresh_lease=held), plain(), need(mode="force"))
+    assert decided.lease is not None and decided.taken_from is None
+
+
+def test_a_recorded_failure_holds_automatic_refreshes_back_until_retry_at() -> None:
+    failure = {"id": "f1", "code": "token_request_failed", "message": "down", "retry_at": at(5)}
+    stored = row(refresh_error=failure)
+    wanted = lease.Need(lease.Seen("old", "f1"), "rejected", NOW)
+    _, decided = look(stored, plain(expires_at=at(-1)), wanted)
+    assert isinstance(decided.outcome, TokenRequestFailed)
+    # A forced refresh asks anyway.
+    forced = lease.Need(lease.Seen("old", "f1"), "force", NOW)
+    _, decided = look(stored, plain(), forced)
+    assert decided.lease is not None
+
+
+def test_a_failure_recorded_while_a_caller_waited_is_its_answer() -> None:
+    failure = {"id": "f2", "code": "reauth_required", "message": "dead"}
+    _, decided = look(row(refresh_error=failure), plain(), need(mode="force"))
+    assert isinstance(decided.outcome, ReauthRequired)
+    assert decided.outcome.message == "dead"
+
+
+# -- renew, release, fail --------------------------------------------------------------------
+
+
+def held_row(**data: Any) -> tuple[lease.Lease, StoredRow]:
+    taken = lease.Lease(UUID, "me", 8, NOW)
+    return taken, row(8, refresh_lease={"holder": "me", "fence": 8, "until": at(1)}, **data)
+
+
+def test_a_held_lease_is_renewed_from_the_database_clock() -> None:
+    taken, stored = held_row()
+    change, kept = lease.renewed(taken, stored, NOW, 15)
+    assert kept and change.data["refresh_lease"]["until"] == at(15)
+
+
+def test_a_lease_taken_over_is_neither_renewed_nor_released() -> None:
+    taken, _ = held_row()
+    other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
+    assert lease.renewed(taken, other, NOW, 15) == (lease.Change(), False)
+    assert lease.released(taken, other).data is None
+    assert lease.released(taken, None).data is None
+
+
+def test_a_released_lease_leaves_the_row() -> None:
+    taken, stored = held_row()
+    assert "refresh_lease" not in lease.released(taken, stored).data
+
+
+def test_a_failure_ends_the_lease_and_keeps_a_rotated_refresh_token() -> None:
+    taken, stored = held_row()
+    exc = TokenRequestFailed("bad answer", transient=False)
+    change = lease.failed(taken, stored, exc, NOW, POLICY, seal)
+    assert "refresh_lease" not in change.data
+    assert change.data["refresh_error"]["code"] == "token_request_failed"
+    try:
+        oauth.parse_token_response(
+            200,
+            {"access_token": "bad\nvalue", "refresh_token": "r2"},
+            now=NOW,
+            requested_scopes=(),
+            previous_refresh_token="r1",
+        )
+    except TokenRequestFailed as refused:
+        change = lease.failed(taken, stored, refused, NOW, POLICY, seal)
+    assert change.data["refresh_token"] == "sealed:refresh_token:r2"
+
+
+def test_a_failure_after_a_takeover_records_nothing() -> None:
+    taken, _ = held_row()
+    other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
+    exc = TokenRequestFailed("down", transient=True)
+    assert lease.failed(taken, other, exc, NOW, POLICY, seal).data is None
+
+
+# -- storing an answer -----------------------------------------------------------------------
+
+
+def tokens(access: str = "new", refresh: str | None = "r2", obtained: datetime = NOW) -> Any:
+    return oauth.TokenSet(access_token=access, refresh_token=refresh, obtained_at=obtained)
+
+
+def test_an_answer_is_stored_while_the_lease_and_refresh_token_are_unchanged() -> None:
+    taken, stored = held_row()
+    change, done = lease.written(taken, stored, plain(), tokens(), "r1", seal)
+    assert done.stored and done.token == "new"
+    assert change.data["access_token"] == "sealed:access_token:new"
+    assert change.data["refresh_token"] == "sealed:refresh_token:r2"
+    assert "refresh_lease" not in change.data
+
+
+def test_a_fenced_out_answer_is_not_stored_and_newer_tokens_win() -> None:
+    taken, _ = held_row()
+    other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
+    change, done = lease.written(taken, other, plain(refresh_token="r9"), tokens(), "r1", seal)
+    assert change.data is None
+    assert (done.stored, done.newer, done.token) == (False, True, "old")
+
+
+def test_a_fenced_out_answer_newer_than_the_row_serves_its_process() -> None:
+    taken, _ = held_row()
+    other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
+    change, done = lease.written(taken, other, plain(), tokens(), "r1", seal)
+    assert change.data is None
+    assert (done.stored, done.newer, done.token) == (False, False, "new")
+
+
+def test_lost_tokens_mark_the_connection_only_while_the_spent_token_is_stored() -> None:
+    _, stored = held_row()
+    change = lease.spent(stored, plain(), "r1", NOW, POLICY)
+    assert change.data["refresh_error"]["code"] == "reauth_required"
+    assert "refresh_lease" not in change.data
+    assert lease.spent(stored, plain(refresh_token="r9"), "r1", NOW, POLICY).data is None
+
+
+def test_due_keeps_at_most_half_the_lifetime_as_leeway() -> None:
+    short = {"expires_at": at(40), "token_obtained_at": at(-20)}
+    assert not lease.due(short, NOW, 60)  # 60 s lifetime: due only in its last 30 s
+    assert lease.due({"expires_at": at(30)}, NOW, 60)
+    assert not lease.due({}, NOW, 60)
+
+
+# -- client authentication ------------------------------------------------------------------
+
+
+def test_each_client_auth_method_is_registered_by_its_name() -> None:
+    assert sorted(CLIENT_AUTH_METHODS) == ["client_secret_basic", "client_secret_post", "none"]
+    with pytest.raises(ValueError, match="private_key_jwt"):
+        client_auth_method("private_key_jwt")
+
+
+def test_a_client_needs_an_id_and_the_secret_its_method_needs() -> None:
+    with pytest.raises(ValueError, match="client_id"):
+        Client("", "s", client_auth_method("none"))
+    with pytest.raises(ValueError, match="needs a client_secret"):
+        Client("id", None, client_auth_method("client_secret_basic"))
+    public = Client("id", None, client_auth_method("none"))
+    _, headers, body = public.prepare("https://idp.example/token", "grant_type=x")
+    assert "client_id=id" in body and "Authorization" not in headers
+    assert "s3cret" not in repr(Client("id", "s3cret", client_auth_method("client_secret_post")))
+
+
+def test_basic_client_auth_puts_the_secret_in_the_header_not_the_body() -> None:
+    client = Client("id", "s3cret", client_auth_method("client_secret_basic"))
+    _, headers, body = client.prepare("https://idp.example/token", "grant_type=x")
+    assert headers["Authorization"].startswith("Basic ")
+    assert "s3cret" not in body
