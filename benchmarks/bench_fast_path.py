@@ -82,7 +82,7 @@ async def credentials(dsn: str, key: str) -> dict[str, float]:
     lookup plus decrypt (the floor of a cached read)."""
     async with (
         library_pool(dsn) as default_pool,
-        Integrations(dsn, keys=key) as cached,
+        Integrations(dsn, keys=key, audit="admin") as cached,
         Integrations(dsn, keys=key, cache=False) as uncached,
     ):
         conn = await cached.add_connection("openai", "default")

@@ -7,11 +7,13 @@ import typing as _typing
 
 if _typing.TYPE_CHECKING:
     from . import oauth, webhooks
+    from ._audit import AuditPage, AuditRecord, Breach, acting_as
     from ._cache import CacheStats
     from ._checkall import CheckItem, CheckReport
     from ._doctor import Diagnosis, Finding
     from ._errors import (
         AlreadyExists,
+        AuditFailed,
         AuthorizationDenied,
         AuthorizationTimeout,
         ConfigurationError,
@@ -50,7 +52,15 @@ if _typing.TYPE_CHECKING:
     from ._events import ALL_OWNERS, AllOwners, HubStats, OwnerScope, Subscription
     from ._http import Response, bot_url
     from ._integrations import Integrations
-    from ._models import Connection, ConnectionList, Event, Page, RotationProgress, Validation
+    from ._models import (
+        Connection,
+        ConnectionList,
+        DeviceAuthorization,
+        Event,
+        Page,
+        RotationProgress,
+        Validation,
+    )
     from ._names import settings_key
     from ._owner import OwnerHandle
     from ._probes import register_check
@@ -84,12 +94,16 @@ __all__ = [
     "AUTH_TYPES",
     "AllOwners",
     "AlreadyExists",
+    "AuditFailed",
+    "AuditPage",
+    "AuditRecord",
     "AuthContext",
     "AuthHeader",
     "AuthKind",
     "AuthScheme",
     "AuthorizationDenied",
     "AuthorizationTimeout",
+    "Breach",
     "CacheStats",
     "CheckItem",
     "CheckReport",
@@ -99,6 +113,7 @@ __all__ = [
     "CryptoError",
     "DecryptionFailed",
     "Deleted",
+    "DeviceAuthorization",
     "Diagnosis",
     "EmptyName",
     "EncryptionNotConfigured",
@@ -153,6 +168,7 @@ __all__ = [
     "WebhookAttempt",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "acting_as",
     "bot_url",
     "generate_key",
     "load_providers",
@@ -172,6 +188,11 @@ _HOME = {
     "AUTH_TYPES": "._providers",
     "AllOwners": "._events",
     "AlreadyExists": "._errors",
+    "AuditFailed": "._errors",
+    "AuditPage": "._audit",
+    "AuditRecord": "._audit",
+    "Breach": "._audit",
+    "acting_as": "._audit",
     "AuthContext": "._schemes",
     "AuthHeader": "._providers",
     "AuthKind": "._schemes",
@@ -187,6 +208,7 @@ _HOME = {
     "CryptoError": "._errors",
     "DecryptionFailed": "._errors",
     "Deleted": "._errors",
+    "DeviceAuthorization": "._models",
     "Diagnosis": "._doctor",
     "EmptyName": "._errors",
     "EncryptionNotConfigured": "._errors",

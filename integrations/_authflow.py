@@ -33,7 +33,7 @@ from ._record import Change, StoredRow
 from ._repository import PendingAuthorization
 from ._rotation import PKCE_FIELD
 
-__all__ = ["AuthFlow"]
+__all__ = ["VERIFIER_FIELD", "AuthFlow", "denial_message", "error_code"]
 
 log = logging.getLogger("integrations.oauth")
 
@@ -53,7 +53,7 @@ class AuthFlow:
         record_failure: Callable[[str, str, str | None], Awaitable[None]],
     ) -> None:
         self._core = core
-        self._record_failure = record_failure
+        self.record_failure = record_failure
         self.ttl = core.settings.authorization_ttl
         self._token_timeout = core.settings.token.timeout
         self._revoke_timeout = core.settings.revoke_timeout
@@ -207,9 +207,9 @@ class AuthFlow:
         if row is None or row.owner != pending.owner:
             raise InvalidState()
         if error:
-            message = _denial_message(error, error_description)
-            await self._record_failure(row.uuid, message, pending.actor)
-            raise AuthorizationDenied(message, error=_error_code(error))
+            message = denial_message(error, error_description)
+            await self.record_failure(row.uuid, message, pending.actor)
+            raise AuthorizationDenied(message, error=error_code(error))
         assert code is not None
         return await self._exchange(row, pending, code, pending.redirect_uri, pending.actor)
 
@@ -275,6 +275,18 @@ class AuthFlow:
             previous_refresh_token=None,
             redact=[client.client_secret, code, verifier],
         )
+        return await self.grant_issued(row, provider, plain, tokens, actor)
+
+    async def grant_issued(
+        self,
+        row: StoredRow,
+        provider: Provider,
+        plain: Mapping[str, Any],
+        tokens: oauth.TokenSet,
+        actor: str | None,
+    ) -> StoredRow:
+        """Store a grant a user just gave (a code exchanged, a device code approved): the
+        account from userinfo, the tokens, status events; revoked if the row is gone."""
         account = await self._userinfo(provider, plain, tokens)
         try:
             return await self._store(row.uuid, tokens, account, actor)
@@ -349,7 +361,15 @@ class AuthFlow:
             )
             return issued.change, issued.row
 
-        return await core.repo.modify(uuid, decide)
+        stored = await core.repo.modify(uuid, decide)
+        await core.audit.record(
+            "token.issued",
+            actor=actor,
+            owner=stored.owner,
+            uuid=stored.uuid,
+            provider=stored.provider,
+        )
+        return stored
 
     # -- revocation -----------------------------------------------------------------------
 
@@ -456,12 +476,12 @@ def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
     return [check_text(s, "scope") for s in scopes]
 
 
-def _error_code(error: str) -> str:
+def error_code(error: str) -> str:
     return oauth.error_code(error) or "unknown_error"
 
 
-def _denial_message(error: str, description: str | None) -> str:
-    text = f"Authorization refused by the provider ({_error_code(error)}"
+def denial_message(error: str, description: str | None) -> str:
+    text = f"Authorization refused by the provider ({error_code(error)}"
     if isinstance(description, str) and description.strip():
         clean = scrub_text(_CONTROL_RE.sub(" ", description)).strip()[:200]
         text += f": {clean}"

@@ -188,7 +188,19 @@ class Connections:
     async def get_integration(
         self, ref: object, owner: OwnerScope, *, fresh: bool = False
     ) -> dict[str, Any]:
-        return self._core.plain(await self.require_ref(ref, owner, fresh=fresh))
+        row = await self.require_ref(ref, owner, fresh=fresh)
+        plain = self._core.plain(row)
+        await self._revealed(row, "get_integration")
+        return plain
+
+    async def _revealed(self, row: StoredRow, call: str) -> None:
+        await self._core.audit.record(
+            "credentials.revealed",
+            owner=row.owner,
+            uuid=row.uuid,
+            provider=row.provider,
+            detail={"call": call},
+        )
 
     async def get_credentials(
         self, ref: object, owner: OwnerScope, *, fresh: bool = False
@@ -199,7 +211,9 @@ class Connections:
                 f"The connection {row.provider}:{row.name} has no saved credentials; "
                 "save them with save_setup first."
             )
-        return self._core.plain(row)
+        plain = self._core.plain(row)
+        await self._revealed(row, "get_credentials")
+        return plain
 
     async def is_connected(self, uuid: object, owner: OwnerScope, *, fresh: bool = False) -> bool:
         row = await self.row(names.require_uuid(uuid), check_scope(owner), fresh=fresh)
@@ -419,7 +433,20 @@ class Connections:
                 f"named {clean!r} already exists; "
                 "choose another name or use the existing one."
             )
+        await self._changed("connection.added", row, actor, {"name": clean})
         return self._core.connection(row)
+
+    async def _changed(
+        self, action: str, row: StoredRow, actor: str | None, detail: Mapping[str, Any]
+    ) -> None:
+        await self._core.audit.record(
+            action,
+            actor=actor,
+            owner=row.owner,
+            uuid=row.uuid,
+            provider=row.provider,
+            detail=detail,
+        )
 
     async def rename(
         self, uuid: object, new_name: str, *, actor: str | None, owner: OwnerScope
@@ -436,7 +463,9 @@ class Connections:
             done = record.renamed(row, clean, actor)
             return done.change, done.row
 
-        return self._core.masked(await self._core.repo.modify(uuid, decide))
+        renamed = await self._core.repo.modify(uuid, decide)
+        await self._changed("connection.renamed", renamed, actor, {"name": clean})
+        return self._core.masked(renamed)
 
     async def remove(self, uuid: object, *, actor: str | None, owner: OwnerScope) -> None:
         uuid = names.require_uuid(uuid)
@@ -454,6 +483,7 @@ class Connections:
         with self._authflow.operation():
             removed = await self._core.repo.modify(uuid, decide)
             self._authflow.revoke_later(self._core.provider_of(removed), removed)
+        await self._changed("connection.removed", removed, actor, {})
 
     async def save_setup(
         self, uuid: object, attrs: Mapping[str, Any], *, actor: str | None, owner: OwnerScope
@@ -483,7 +513,10 @@ class Connections:
             done = self._setup_transition(provider, row, sealed, patch, actor)
             return done.change, done.row
 
-        return self._core.masked(await self._core.repo.modify(uuid, decide))
+        saved = await self._core.repo.modify(uuid, decide)
+        # Field names only: the values, secret or not, stay out of the trail.
+        await self._changed("setup.saved", saved, actor, {"fields": sorted(patch)})
+        return self._core.masked(saved)
 
     @staticmethod
     def _setup_transition(
@@ -548,7 +581,9 @@ class Connections:
             )
             return done.change, done.row
 
-        return self._core.connection(await self._core.repo.modify(uuid, decide))
+        imported = await self._core.repo.modify(uuid, decide)
+        await self._changed("tokens.imported", imported, actor, {})
+        return self._core.connection(imported)
 
     async def legacy_upsert(
         self, provider: str, name: str, data: Mapping[str, Any], *, owner: str | None
@@ -616,6 +651,8 @@ class Connections:
             dropped = await self._core.repo.modify(uuid, decide)
             if dropped is not None:
                 self._authflow.revoke_later(self._core.provider_of(dropped), dropped)
+        if dropped is not None:
+            await self._changed("connection.disconnected", dropped, actor, {})
 
     async def record(
         self,

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from . import _names as names
 from . import _telemetry as telemetry
+from ._audit import AuditLog
 from ._cache import CachedRepository, RowCache
 from ._errors import ConfigurationError, InvalidProviderKey
 from ._events import EventHub
@@ -142,7 +143,7 @@ async def unwrap_keys(vault: Vault, repo: Repository) -> None:
 class Core:
     """What every service stands on; services receive it and never see the facade."""
 
-    __slots__ = ("_endpoints", "http", "hub", "providers", "repo", "settings", "vault")
+    __slots__ = ("_endpoints", "audit", "http", "hub", "providers", "repo", "settings", "vault")
 
     def __init__(
         self,
@@ -153,7 +154,9 @@ class Core:
         http: HttpClient,
         hub: EventHub,
         settings: Settings,
+        audit: AuditLog,
     ) -> None:
+        self.audit = audit
         self.repo = repo
         self.vault = vault
         self.providers = providers

@@ -9,7 +9,8 @@
      │   └─ MissingExtra                missing_extra
      ├─ LifecycleError                  lifecycle
      ├─ StorageError                    storage
-     │   └─ LockTimeout                 lock_timeout
+     │   ├─ LockTimeout                 lock_timeout
+     │   └─ AuditFailed                 audit_failed
      ├─ InvalidInput (also ValueError)  invalid
      │   ├─ EmptyName                   empty_name
      │   ├─ InvalidName                 invalid_name
@@ -96,6 +97,12 @@ class StorageError(IntegrationsError):
     """The database operation failed; check that PostgreSQL is reachable with the configured DSN."""
 
     code = "storage"
+
+
+class AuditFailed(StorageError):
+    """The audit record could not be written, so the secret was not revealed; check the database."""
+
+    code = "audit_failed"
 
 
 class InvalidInput(IntegrationsError, ValueError):

@@ -45,6 +45,7 @@ ENVELOPE_MARKER: Final = "$enc"
 _BAD_CHARS_RE = re.compile("[\x00\ud800-\udfff]")
 # C0 controls and DEL: a secret ends up in a header, where these split or break it.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_MULTILINE_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # RFC 9110 field-value: visible characters, space and tab (obs-text allowed).
 _HEADER_BAD_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 # RFC 9110 token, ASCII only.
@@ -81,9 +82,12 @@ def check_text(value: object, field: str, *, error: type[InvalidInput] = Invalid
     return value
 
 
-def check_secret_text(value: str, field: str) -> str:
-    """A secret string without control characters, which would break a header at send time."""
-    if has_bad_chars(value) or _CONTROL_RE.search(value) is not None:
+def check_secret_text(value: str, field: str, *, multiline: bool = False) -> str:
+    """A secret string without control characters, which would break a header at send time
+    (``multiline``: a key or certificate of several lines, which never goes in a header,
+    keeps its line breaks and tabs)."""
+    pattern = _CONTROL_MULTILINE_RE if multiline else _CONTROL_RE
+    if has_bad_chars(value) or pattern.search(value) is not None:
         raise InvalidField(
             f"Setup field {field!r} must not contain control characters.", field=field
         )

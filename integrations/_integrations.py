@@ -10,12 +10,13 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _names as names
+from ._audit import AuditLevel, AuditLog, AuditPage, Breach
 from ._cache import CacheStats
 from ._checkall import CheckReport, check_all
 from ._core import Core, connect, storage, unwrap_keys
@@ -24,7 +25,7 @@ from ._errors import ConfigurationError, InvalidArgument, LifecycleError, Schema
 from ._events import ALL_OWNERS, EventHub, HubStats, OwnerScope, Subscription
 from ._http import HttpClient, Response
 from ._legacy import LegacyMigrator, LegacyMigrators
-from ._models import Connection, ConnectionList, Page, Validation
+from ._models import Connection, ConnectionList, DeviceAuthorization, Page, Validation
 from ._names import shown
 from ._owner import OwnerHandle, Ref, Scoped, request
 from ._providers import Provider
@@ -94,6 +95,8 @@ class Integrations:
         token_write_retry: float = 60.0,
         statement_cache_size: int | None = None,
         listen_dsn: str | None = None,
+        audit: AuditLevel = "reveal",
+        audit_buffer: int = 10_000,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
@@ -110,6 +113,10 @@ class Integrations:
             )
         check_at_most("pool_max_size", pool_max_size)
         self._dsn = dsn
+        # Checked now: a bad level is a configuration error before anything connects.
+        AuditLog(None, level=audit, buffer=audit_buffer)
+        self._audit_level: str = audit
+        self._audit_buffer = audit_buffer
         self._pool_arg = pool
         self._keys_arg = keys
         self._encryption = encryption
@@ -223,6 +230,7 @@ class Integrations:
             http=self._http,
             hub=hub,
             settings=self.settings,
+            audit=AuditLog(self._repo, level=self._audit_level, buffer=self._audit_buffer),
         )
         self._services = Services(core)
 
@@ -727,6 +735,38 @@ class Integrations:
             state, code=code, error=error, error_description=error_description
         )
 
+    async def start_device_authorization(
+        self,
+        uuid: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> DeviceAuthorization:
+        """Start a device authorization (RFC 8628) for a provider that offers it: returns the
+        user code and the verification URI to show; no browser or redirect is needed here.
+
+        The device code is kept server-side, sealed, until it is used or expires; then
+        call :meth:`complete_device_authorization`.
+        """
+        return await self._in(owner).start_device_authorization(uuid, scopes=scopes, actor=actor)
+
+    async def complete_device_authorization(
+        self,
+        uuid: str,
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+    ) -> Connection:
+        """Wait for the user to approve the device code, polling as the provider asks
+        (``interval``, ``slow_down`` adds 5 s, ``authorization_pending`` waits on), then
+        store the tokens as an authorization-code exchange does. ``access_denied`` raises
+        AuthorizationDenied (recorded on the connection); an expired code raises
+        AuthorizationTimeout. To stop waiting sooner, wrap the call in ``asyncio.timeout()``:
+        the code stays pending, and another call goes on polling it.
+        """
+        return await self._in(owner).complete_device_authorization(uuid, actor=actor)
+
     async def authorization_url(
         self,
         uuid: str,
@@ -814,9 +854,12 @@ class Integrations:
         """Keep the fleet's connections checked, from a worker; runs until this instance
         closes (or the task running it is cancelled).
 
-        Every process may run it: one at a time sweeps, chosen by a PostgreSQL advisory
-        lock held on a pooled connection; the others try every ``interval`` seconds, so
-        when the sweeping process dies another takes over within one interval. Every
+        Every process may run it: one at a time sweeps, the holder of a lease row in
+        the database that lasts ``interval`` seconds (at least one) and that the leader
+        renews three times a lease. The others try to take it as often, so a leader that
+        dies, freezes or is cut off is replaced within two intervals; a leader whose
+        lease ran out by its own clock, or that finds it taken, stops sweeping at once.
+        It holds behind a transaction pooler too (no session lock). Every
         ``interval`` the leader checks each configured connection whose last check is
         older than ``stale_after`` (recorded as ``validate_connection`` does, with actor
         ``"health_sweep"``: an event only when the status changes) and renews OAuth
@@ -835,11 +878,6 @@ class Integrations:
             on_sweep=on_sweep,
         )
         services = self._s
-        if self._repo.pool.get_max_size() < 3:
-            raise ConfigurationError(
-                "run_health_sweeps() holds one pooled connection while it leads and the "
-                "event listener another: use pool_max_size=3 or more."
-            )
         every, stale, jobs, pace, ahead = options
         sweep = HealthSweep(
             services,
@@ -877,6 +915,36 @@ class Integrations:
     async def diagnose(self) -> Diagnosis:
         """Schema version, keys, connections the keys cannot decrypt, listener round trip."""
         return await diagnose_core(self._s.core)
+
+    # -- audit trail ----------------------------------------------------------------------
+
+    async def audit(
+        self,
+        *,
+        uuid: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
+        actor: str | None = None,
+        since: datetime | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> AuditPage:
+        """A page of the audit trail, newest first; pass ``before=page.next_before`` for the
+        next one. ``action`` is an action (``"credentials.revealed"``) or a family
+        (``"credentials"``). See docs/audit.md."""
+        return await self._in(owner).audit(
+            uuid=uuid, actor=actor, since=since, action=action, limit=limit, before=before
+        )
+
+    async def verify_audit(self) -> list[Breach]:
+        """Walk the hash chain; each changed, removed or reordered record is reported (an
+        empty list: the chain holds)."""
+        return await self._s.verify_audit()
+
+    async def sweep_audit(self, *, older_than: timedelta) -> int:
+        """Delete audit records older than ``older_than``, recording the sweep in the chain;
+        returns how many were deleted."""
+        return await self._s.sweep_audit(older_than=older_than)
 
     async def new_data_key(self) -> str:
         """Make a new data key wrapped by the primary key source (``aws-kms:`` or

@@ -35,6 +35,7 @@ __all__ = [
     "recorded_error",
     "released",
     "renewed",
+    "sending",
     "spent",
     "text",
     "usable",
@@ -176,12 +177,21 @@ def look(
     now: datetime,
     clock: datetime,
     policy: TokenPolicy,
+    rotates: bool = True,
 ) -> tuple[Change, Look]:
     """Under the row lock: use what is stored, wait for another holder's lease, or take
     the lease (the change writes it with the same commit).
 
     ``now`` is the database's clock (leases are compared with it, so that processes
     with skewed clocks agree), ``clock`` this process's (tokens' expiry, failures).
+
+    A lease that ran out is taken over by what its holder recorded: without a sending
+    mark nothing was sent, and asking is safe. With one, the refresh token may be spent
+    and the holder may still hold the answer, retrying its write: the lease is waited
+    for ``token_write_retry`` more. After that a provider that does not rotate refresh
+    tokens (``rotates``) is asked again; one that does is marked for a new
+    authorization, never sent the spent token (so is every provider under
+    ``refresh_takeover="reauthorize"``).
     """
     current = text(plain.get("access_token"))
     seen, mode = need.seen, need.mode
@@ -211,11 +221,22 @@ def look(
             return Change(), Look(wait=(until - now).total_seconds())
         if not lease.get("abandoned"):
             taken_from = str(lease.get("holder"))
-            if policy.takeover == "reauthorize":
+            sent = parse_time(lease.get("sending"))
+            if sent is not None:
+                # Its holder may still store what it obtained: wait for the write.
+                ended = until if until is not None else sent
+                waited = ended + timedelta(seconds=policy.write_retry)
+                if waited > now:
+                    if fallback is not None:
+                        return Change(), Look(outcome=fallback)
+                    return Change(), Look(wait=(waited - now).total_seconds())
+            if sent is not None and (rotates or policy.takeover == "reauthorize"):
                 exc = ReauthRequired(
-                    "A token refresh by another process did not finish within its lease; "
-                    "the refresh token it sent may be spent, so the connection must be "
-                    "authorized again"
+                    f"A token refresh by another process ({taken_from}) sent the refresh "
+                    f"token at {sent.isoformat()} and stored no answer within its lease and "
+                    f"{policy.write_retry:g}s more; the provider may have replaced that "
+                    "refresh token, and sending it again could revoke the grant, so the "
+                    "connection must be authorized again"
                 )
                 failed = record.refresh_failed(row, exc, clock, cooldown=policy.cooldown_after)
                 data = dict(failed.change.data or {})
@@ -235,6 +256,20 @@ def look(
         },
     }
     return Change(data), Look(lease=taken, fallback=fallback, taken_from=taken_from)
+
+
+def sending(
+    lease: Lease, row: StoredRow | None, now: datetime | None, seconds: float
+) -> tuple[Change, bool]:
+    """The lease renewed and marked as sending, in its own commit before the token request
+    leaves: whoever takes the lease over then knows the refresh token may be spent.
+    False when the lease is no longer held (nothing was sent: look again)."""
+    if row is None or now is None or not lease.held_in(row.data):
+        return Change(), False
+    held = dict(row.data["refresh_lease"])
+    held["until"] = (now + timedelta(seconds=seconds)).isoformat()
+    held["sending"] = now.isoformat()
+    return Change({**row.data, "refresh_lease": held}), True
 
 
 def renewed(
@@ -261,15 +296,20 @@ def released(lease: Lease, row: StoredRow | None) -> Change:
 def failed(
     lease: Lease,
     row: StoredRow | None,
+    plain: Mapping[str, Any],
+    previous: str | None,
     exc: OAuthError,
     clock: datetime,
     policy: TokenPolicy,
     seal: Seal,
 ) -> Change:
     """The holder's failed request recorded and its lease ended; nothing when the lease
-    was taken over meanwhile (this failure is not the newest news)."""
+    was taken over meanwhile (this failure is not the newest news). When a new grant
+    replaced the refresh token it sent, the failure is old news too: only the lease goes."""
     if row is None or not lease.held_in(row.data):
         return Change()
+    if text(plain.get("refresh_token")) != previous:
+        return released(lease, row)
     done = record.refresh_failed(row, exc, clock, cooldown=policy.cooldown_after)
     # The message may quote the server's error description.
     data = record.storable(done.change.data or {})
@@ -310,12 +350,16 @@ def written(
         data = record.storable(done.change.data or {})
         data.pop("refresh_lease", None)
         return Change(data, events=done.change.events), Written(True, tokens.access_token)
+    # A new grant landed while the request was out: the lease is still this holder's to
+    # end, or the next refresh would wait it out (and "reauthorize" would then mark the
+    # fresh grant as needing a new authorization).
+    change = released(lease, row)
     current = text(plain.get("access_token"))
     obtained = parse_time(row.data.get("token_obtained_at"))
     newer = stored_refresh != previous or (obtained is not None and obtained > tokens.obtained_at)
     if newer and current is not None:
-        return Change(), Written(False, current, newer=True)
-    return Change(), Written(False, tokens.access_token, newer=newer)
+        return change, Written(False, current, newer=True)
+    return change, Written(False, tokens.access_token, newer=newer)
 
 
 def spent(

@@ -1,4 +1,4 @@
-"""Immutable values that cross the public API: Connection, Page, Validation, Event."""
+"""Immutable values that cross the public API: Connection, Page, Validation, Event, ..."""
 
 from __future__ import annotations
 
@@ -109,6 +109,21 @@ def ago(value: object, now: datetime | None = None, *, seconds: bool = False) ->
         if elapsed >= size:
             return f"{elapsed // size} {unit} ago"
     return "just now"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAuthorization:
+    """A device authorization under way (RFC 8628): show the user ``user_code`` and
+    ``verification_uri`` (or ``verification_uri_complete``, which carries the code, as a link
+    or a QR code), then call ``complete_device_authorization``. The code expires at
+    ``expires_at``; the provider wants at least ``interval`` seconds between polls."""
+
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_in: int
+    interval: int
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

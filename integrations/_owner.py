@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from typing import Any, cast
 
 from . import _names as names
 from . import _record as record
+from ._audit import AuditPage
 from ._connections import check_scope
 from ._errors import InvalidArgument
 from ._events import ALL_OWNERS, OwnerScope, Subscription
 from ._http import Response
-from ._models import Connection, ConnectionList, Page, Validation
+from ._models import Connection, ConnectionList, DeviceAuthorization, Page, Validation
 from ._providers import Provider
 from ._registry import ProviderRegistry
 from ._services import Services
@@ -172,6 +174,29 @@ class Scoped:
         """
         return await self._services().connections.get_credentials(ref, self._scope, fresh=fresh)
 
+    async def audit(
+        self,
+        *,
+        uuid: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> AuditPage:
+        """A page of the audit trail, newest first; pass ``before=page.next_before`` for the
+        next one. ``action`` is an action (``"credentials.revealed"``) or a family
+        (``"credentials"``). See docs/audit.md."""
+        return await self._services().audit(
+            uuid=uuid,
+            owner=self._scope,
+            actor=actor,
+            since=since,
+            action=action,
+            limit=limit,
+            before=before,
+        )
+
     async def is_connected(self, uuid: str, *, fresh: bool = False) -> bool:
         """True when the connection is connected and holds runtime credentials."""
         return await self._services().connections.is_connected(uuid, self._scope, fresh=fresh)
@@ -307,6 +332,47 @@ class Scoped:
             code=code,
             error=error,
             error_description=error_description,
+            owner=check_scope(self._scope),
+        )
+        return services.core.connection(row)
+
+    async def start_device_authorization(
+        self,
+        uuid: str,
+        *,
+        scopes: Sequence[str] | None = None,
+        actor: str | None = None,
+    ) -> DeviceAuthorization:
+        """Start a device authorization (RFC 8628) for a provider that offers it: returns the
+        user code and the verification URI to show; no browser or redirect is needed here.
+
+        The device code is kept server-side, sealed, until it is used or expires; then
+        call :meth:`complete_device_authorization`.
+        """
+        return await self._services().device.start(
+            names.require_uuid(uuid),
+            scopes=_device_scopes(scopes),
+            actor=names.check_actor(actor),
+            owner=check_scope(self._scope),
+        )
+
+    async def complete_device_authorization(
+        self,
+        uuid: str,
+        *,
+        actor: str | None = None,
+    ) -> Connection:
+        """Wait for the user to approve the device code, polling as the provider asks
+        (``interval``, ``slow_down`` adds 5 s, ``authorization_pending`` waits on), then
+        store the tokens as an authorization-code exchange does. ``access_denied`` raises
+        AuthorizationDenied (recorded on the connection); an expired code raises
+        AuthorizationTimeout. To stop waiting sooner, wrap the call in ``asyncio.timeout()``:
+        the code stays pending, and another call goes on polling it.
+        """
+        services = self._services()
+        row = await services.device.complete(
+            names.require_uuid(uuid),
+            actor=names.check_actor(actor),
             owner=check_scope(self._scope),
         )
         return services.core.connection(row)
@@ -506,3 +572,14 @@ def request(
         opts=opts,
         fresh=fresh,
     )
+
+
+def _device_scopes(scopes: Sequence[str] | None) -> list[str] | None:
+    if scopes is None:
+        return None
+    if isinstance(scopes, str) or not all(isinstance(s, str) and s for s in scopes):
+        raise InvalidArgument(
+            "scopes must be a sequence of non-empty strings, such as ['openid', 'email']",
+            field="scopes",
+        )
+    return list(scopes)

@@ -214,10 +214,14 @@ class Provider(_Frozen):
     token_url: str | None = None
     userinfo_url: str | None = None
     revoke_url: str | None = None
+    #: Where a device authorization starts (RFC 8628), for providers that offer the flow.
+    device_authorization_url: str | None = None
     scopes: tuple[str, ...] = ()
     scope_separator: str = " "
     authorize_params: dict[str, str] = Field(default_factory=dict)
-    token_auth: Literal["client_secret_post", "client_secret_basic", "none"] = "client_secret_post"
+    token_auth: Literal["client_secret_post", "client_secret_basic", "none", "private_key_jwt"] = (
+        "client_secret_post"
+    )
     pkce: bool = True
     setup_fields: tuple[SetupField, ...] = ()
     api_hosts: tuple[str, ...] = ()
@@ -229,6 +233,12 @@ class Provider(_Frozen):
     #: Answers that say so in their body (Slack: 200 with ``{"ok": false, "error":
     #: "token_expired"}``), or with a status other than ``refresh_on``.
     rejected_answers: tuple[RejectedAnswer, ...] = ()
+    #: Whether the token endpoint replaces the refresh token at each refresh (and may
+    #: refuse, or revoke the grant, when a replaced one comes back). When a refresh may
+    #: have been received but its answer was lost, a rotating provider's connection is
+    #: marked for a new authorization instead of sending the spent token again. Unknown
+    #: providers are assumed to rotate.
+    rotates_refresh_tokens: bool = True
     description: str = ""
     docs_url: str | None = None
     # An application provider with this set replaces the built-in of the same key.
@@ -290,7 +300,13 @@ class Provider(_Frozen):
         scheme = self._known_scheme()
         if scheme is not None:
             scheme.check_provider(self)
-        for url in (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url):
+        for url in (
+            self.authorize_url,
+            self.token_url,
+            self.userinfo_url,
+            self.revoke_url,
+            self.device_authorization_url,
+        ):
             if url is not None:
                 template_fields(url)
         fields = {field.key: field for field in self.setup_fields}
@@ -445,9 +461,10 @@ class Provider(_Frozen):
         given blank is missing whatever the encryption setting. For ``credentials``
         providers every key given flat is moved under ``"credentials"`` (the freeform
         credential map; a nested ``"credentials"`` mapping is accepted too, flat keys
-        win). Errors name the field, never its value.
+        win). The scheme may first expand what it accepts as given (a service account's key
+        file into its fields). Errors name the field, never its value.
         """
-        attrs = check_attrs(attrs, max_bytes=max_bytes)
+        attrs = self.scheme.expand_setup(check_attrs(attrs, max_bytes=max_bytes))
         fields = {field.key: field for field in self.setup_fields}
         secrets = self.secret_keys
 
@@ -456,7 +473,8 @@ class Provider(_Frozen):
             if key in secrets and isinstance(value, str):
                 if not value.strip():
                     return None
-                check_secret_text(value, key)
+                field = fields.get(key)
+                check_secret_text(value, key, multiline=field is not None and field.type == "text")
             return value
 
         patch: dict[str, Any] = {}

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import uuid as _uuid
 from collections.abc import (
     AsyncIterator,
@@ -26,6 +27,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from . import _audit as audit
 from . import _telemetry as telemetry
 from ._errors import AlreadyExists, ConfigurationError, IntegrationsError, LockTimeout, StorageError
 from ._models import Event
@@ -215,7 +217,14 @@ class Listener:
     (released on close) or opened for it alone (closed on close)."""
 
     def __init__(
-        self, pool: asyncpg.Pool | None, conn: Any, channel: str, callback: Any, terminated: Any
+        self,
+        pool: asyncpg.Pool | None,
+        conn: Any,
+        channel: str,
+        callback: Any,
+        terminated: Any,
+        probe_channel: str,
+        send: Callable[[str, str], Awaitable[None]] | None,
     ) -> None:
         self._pool = pool
         self._conn = conn
@@ -223,6 +232,9 @@ class Listener:
         self._callback = callback
         self._terminated = terminated
         self.backend_pid: int = conn.get_server_pid()
+        self._probe_channel = probe_channel
+        self._send = send
+        self._probes: dict[str, asyncio.Future[None]] = {}
         # One statement at a time on the connection: a subscriber's sync and the hub's
         # heartbeat may ask together.
         self._busy = asyncio.Lock()
@@ -235,8 +247,11 @@ class Listener:
         channel: str,
         on_payload: Callable[[str], None],
         on_lost: Callable[[], None],
+        send: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> Listener:
-        """Listen on ``conn``; on failure it is released to ``pool`` (or terminated)."""
+        """Listen on ``conn``; on failure it is released to ``pool`` (or terminated).
+
+        ``send(channel, payload)`` NOTIFYs from another session: ``probe()`` uses it."""
 
         def callback(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             on_payload(str(payload))
@@ -244,11 +259,21 @@ class Listener:
         def terminated(_conn: Any) -> None:
             on_lost()
 
+        # Its own channel, so that no other listener of the fleet hears its probes (and
+        # short: a channel name is at most 63 bytes).
+        probe_channel = f"integrations_probe_{secrets.token_hex(8)}"
+        listener: Listener | None = None
+
+        def probed(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            if listener is not None:
+                listener._probed(str(payload))
+
         try:
             with _translate():
                 conn.add_termination_listener(terminated)
                 await conn.add_listener(channel, callback)
                 await conn.add_listener(rows_channel(channel), callback)
+                await conn.add_listener(probe_channel, probed)
         except BaseException:
             if pool is None:
                 conn.terminate()
@@ -256,7 +281,36 @@ class Listener:
                 with contextlib.suppress(Exception):
                     await pool.release(conn)
             raise
-        return cls(pool, conn, channel, callback, terminated)
+        listener = cls(pool, conn, channel, callback, terminated, probe_channel, send)
+        listener._probed_callback = probed
+        return listener
+
+    _probed_callback: Any = None
+
+    def _probed(self, token: str) -> None:
+        waiter = self._probes.pop(token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def can_probe(self) -> bool:
+        return self._send is not None
+
+    async def probe(self) -> None:
+        """NOTIFY this connection's probe channel from another session and return once
+        the notification arrived here: proof that changes committed before the call
+        have been heard. Raises StorageError when the NOTIFY could not be sent; waits
+        for ever when notifications do not arrive (the caller sets the limit)."""
+        if self._send is None or self._conn is None:
+            raise StorageError("this LISTEN connection cannot be probed")
+        token = secrets.token_hex(8)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._probes[token] = waiter
+        try:
+            await self._send(self._probe_channel, token)
+            await waiter
+        finally:
+            self._probes.pop(token, None)
 
     async def sync(self) -> None:
         """Return once the notifications committed before the call have been dispatched:
@@ -290,6 +344,7 @@ class Listener:
             if not conn.is_closed():
                 await conn.remove_listener(self._channel, self._callback)
                 await conn.remove_listener(rows_channel(self._channel), self._callback)
+                await conn.remove_listener(self._probe_channel, self._probed_callback)
         with contextlib.suppress(Exception):
             await self._pool.release(conn)
 
@@ -332,6 +387,12 @@ class Repository:
         self.schema = schema
         self.channel = channel
         self.lock_timeout = float(lock_timeout)
+        # A write transaction's statements go back to back: idle longer than this, its
+        # client has stalled (frozen, cut off), and the server ends it and frees its locks.
+        self.idle_timeout = min(self.lock_timeout, IDLE_IN_TRANSACTION)
+        # The client-side deadline of every statement: a statement may wait for a row lock
+        # up to the lock timeout; past that plus a margin, the link is taken for frozen.
+        self.command_timeout = self.lock_timeout + COMMAND_MARGIN
         # 0 behind a transaction-mode pooler (PgBouncer): no named prepared statements.
         self.statement_cache_size = statement_cache_size
         # LISTEN needs a session of its own; through a transaction pooler it must go direct.
@@ -339,7 +400,12 @@ class Repository:
         self.q = Queries.load(schema)
         # One round trip opens the transaction and bounds its lock waits; the value is
         # a number formatted here, never input.
-        self._begin_write = self.q.begin_write.replace("{lock_timeout}", _millis(self.lock_timeout))
+        self._begin_write = self.q.begin_write.replace(
+            "{lock_timeout}", _millis(self.lock_timeout)
+        ).replace("{idle_timeout}", _millis(self.idle_timeout))
+        self._bound_transaction = self.q.bound_transaction.replace(
+            "{lock_timeout}", _millis(self.lock_timeout)
+        ).replace("{idle_timeout}", _millis(self.idle_timeout))
         self._pool: asyncpg.Pool | None = None
         self._owns_pool = False
         self._dsn: str | None = None
@@ -360,7 +426,12 @@ class Repository:
             # a connection of its own), and asyncpg still rolls back a transaction left
             # open. That saves a round trip per pooled call.
             self._pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, reset=_keep_session, **options
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                reset=_keep_session,
+                command_timeout=self.command_timeout,
+                **options,
             )
         self._owns_pool = True
         self._dsn = dsn
@@ -401,7 +472,9 @@ class Repository:
                 yield conn
             succeeded = True
         except BaseException as exc:
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc.__cause__, TimeoutError):
+                # Cancelled, or past the client-side deadline (a frozen link): dropped,
+                # not reset over a link that may not answer.
                 conn.terminate()
             raise
         finally:
@@ -945,6 +1018,7 @@ class Repository:
         """
         cursor: _ResealCursor | None = _ResealCursor.parse(after, primary_kid)
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             while cursor is not None:
                 candidates, cursor = await self._reseal_candidates(
                     conn, cursor, limit, primary_kid, plaintext_fields
@@ -1023,6 +1097,7 @@ class Repository:
             raise ValueError("wait for one row at a time")
         keys = [_uuid.UUID(u) for u in uuids]
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             if wait:
                 records = await conn.fetch(self.q.lock_connection_to_reseal, keys[0])
             else:
@@ -1065,6 +1140,7 @@ class Repository:
         returns the value to store, or None to leave the row as it is."""
         written: list[tuple[str, str]] = []
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self._bound_transaction)
             records = await conn.fetch(
                 self.q.pending_to_reseal, after, limit, primary_kid, plaintext_verifiers
             )
@@ -1090,8 +1166,12 @@ class Repository:
         dsn = self.listen_dsn or (self._dsn if self._owns_pool else None)
         pool = None if dsn is not None else self.pool
         with _translate():
-            conn = await (asyncpg.connect(dsn) if pool is None else pool.acquire())
-        return await Listener.attach(pool, conn, channel, on_payload, on_lost)
+            conn = await (
+                asyncpg.connect(dsn, command_timeout=self.command_timeout)
+                if pool is None
+                else pool.acquire()
+            )
+        return await Listener.attach(pool, conn, channel, on_payload, on_lost, self.notify_channel)
 
     # -- one health sweep per fleet ------------------------------------------------------
 
@@ -1100,25 +1180,18 @@ class Repository:
         digest = hashlib.sha256(f"integrations:{purpose}:{self.schema}".encode()).digest()
         return int.from_bytes(digest[:8], "big", signed=True)
 
-    async def try_lead(self, purpose: str) -> Leadership | None:
-        """Take the advisory lock of ``purpose`` on a pooled connection kept for it, or
-        None when another session holds it. The lock ends with ``release()`` or with the
-        session: a holder whose process dies lets the next one in at once."""
-        lock_id = self.advisory_lock_id(purpose)
-        # Behind a transaction pooler a session lock would stay on a server connection
-        # that others then share: with ``listen_dsn`` it is taken on a direct session.
-        pool = None if self.listen_dsn else self.pool
-        with _translate():
-            conn = await (asyncpg.connect(self.listen_dsn) if pool is None else pool.acquire())
-            try:
-                held = await conn.fetchval(self.q.try_advisory_lock, lock_id)
-            except BaseException:
-                await _hand_back(pool, conn)
-                raise
-            if not held:
-                await _hand_back(pool, conn)
-                return None
-        return Leadership(pool, conn, lock_id, self.q)
+    async def take_lease(self, purpose: str, holder: str, seconds: float) -> bool:
+        """Take or renew the lease of ``purpose`` for ``holder`` for ``seconds`` (by the
+        database's clock); False while another holder's lease runs. One statement, so it
+        holds behind a transaction pooler too."""
+        async with self._acquire() as conn:
+            term = await conn.fetchval(self.q.take_lease, purpose, _uuid.UUID(holder), seconds)
+        return term is not None
+
+    async def drop_lease(self, purpose: str, holder: str) -> None:
+        """Give up ``holder``'s lease of ``purpose`` (nothing when it no longer holds it)."""
+        async with self._acquire() as conn:
+            await conn.execute(self.q.drop_lease, purpose, _uuid.UUID(holder))
 
     async def sweep_candidates(self, after: str, limit: int) -> list[StoredRow]:
         """A page of configured connections in uuid order, starting after ``after``."""
@@ -1159,6 +1232,126 @@ class Repository:
         """Store a data key, or wrap a stored one anew (keeping its age)."""
         async with self._acquire() as conn:
             await conn.execute(self.q.put_data_key, kid, wrapper, wrapped)
+
+    # -- the audit trail ------------------------------------------------------------------
+
+    async def audit_append(self, entries: Sequence[dict[str, Any]]) -> int:
+        """Append records to the chain in one transaction, under the schema's audit lock;
+        returns the last seq written."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
+            tail = await conn.fetchrow(self.q.audit_tail)
+            seq, previous = (0, audit.GENESIS) if tail is None else (tail["seq"], tail["hash"])
+            columns: list[list[Any]] = [[] for _ in range(11)]
+            for entry in entries:
+                seq += 1
+                record = audit.AuditRecord(seq=seq, **entry)
+                link = audit.chain_hash(previous, record)
+                values = (
+                    seq,
+                    record.at,
+                    record.action,
+                    record.actor,
+                    record.owner,
+                    None if record.uuid is None else _uuid.UUID(record.uuid),
+                    record.provider,
+                    record.outcome,
+                    json.dumps(dict(record.detail), separators=(",", ":"), default=str),
+                    previous,
+                    link,
+                )
+                for column, value in zip(columns, values, strict=True):
+                    column.append(value)
+                previous = link
+            await conn.execute(self.q.audit_insert, *columns)
+        return seq
+
+    async def audit_page(
+        self,
+        *,
+        before: int,
+        uuid: str | None,
+        owner: str | None,
+        actor: str | None,
+        since: datetime | None,
+        action: str | None,
+        limit: int,
+        by_owner: bool,
+    ) -> list[audit.AuditRecord]:
+        async with self._acquire() as conn:
+            records = await conn.fetch(
+                self.q.audit_page,
+                before,
+                None if uuid is None else _uuid.UUID(uuid),
+                owner,
+                actor,
+                since,
+                action,
+                limit,
+                by_owner,
+            )
+        return [_audit_record(r) for r in records]
+
+    async def audit_chain(
+        self, after: int, limit: int
+    ) -> list[tuple[audit.AuditRecord, bytes, bytes]]:
+        """Records after ``after`` in seq order, with their stored links."""
+        async with self._acquire() as conn:
+            records = await conn.fetch(self.q.audit_chain, after, limit)
+        return [(_audit_record(r), bytes(r["prev_hash"]), bytes(r["hash"])) for r in records]
+
+    async def audit_sweep(self, cutoff: datetime, entry: dict[str, Any]) -> int:
+        """Delete the records older than ``cutoff``, recording the sweep in the chain (with
+        the first kept record and its link, the new anchor); returns how many went."""
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
+            first = await conn.fetchrow(self.q.audit_first_kept, cutoff)
+            tail = await conn.fetchrow(self.q.audit_tail)
+            if tail is None:
+                return 0
+            if first is None:
+                keep_from, anchor = tail["seq"] + 1, bytes(tail["hash"])
+            else:
+                keep_from, anchor = first["seq"], bytes(first["prev_hash"])
+            gone = await conn.fetchval(self.q.audit_count_before, keep_from)
+            if not gone:
+                return 0
+            seq, previous = tail["seq"] + 1, bytes(tail["hash"])
+            detail = {
+                **entry["detail"],
+                "kept_from": keep_from,
+                "anchor": anchor.hex(),
+                "deleted": gone,
+            }
+            record = audit.AuditRecord(seq=seq, **{**entry, "detail": detail})
+            link = audit.chain_hash(previous, record)
+            await conn.execute(
+                self.q.audit_insert,
+                [seq],
+                [record.at],
+                [record.action],
+                [record.actor],
+                [record.owner],
+                [None],
+                [None],
+                [record.outcome],
+                [json.dumps(detail, separators=(",", ":"))],
+                [previous],
+                [link],
+            )
+            await conn.execute(self.q.audit_sweep)
+            await conn.execute(self.q.audit_delete_before, keep_from)
+        return int(gone)
+
+    async def audit_anchor(self) -> tuple[int, bytes]:
+        """Where verification starts: the newest sweep's first kept record and its link,
+        or record 1 and the genesis link."""
+        async with self._acquire() as conn:
+            detail = await conn.fetchval(self.q.audit_anchor)
+        if detail is None:
+            return 1, audit.GENESIS
+        found = json.loads(detail)
+        return int(found["kept_from"]), bytes.fromhex(found["anchor"])
 
     # -- raw access for tests and benchmarks ---------------------------------------------
 
@@ -1250,6 +1443,7 @@ class PendingAuthorization:
     code_verifier: Any = field(repr=False)
     actor: str | None
     live: bool
+    expires_at: datetime | None = None
 
 
 def _pending(record: asyncpg.Record) -> PendingAuthorization:
@@ -1263,6 +1457,28 @@ def _pending(record: asyncpg.Record) -> PendingAuthorization:
         code_verifier=None if raw is None else json.loads(raw),
         actor=record["actor"],
         live=bool(record["live"]),
+        expires_at=record["expires_at"],
+    )
+
+
+#: The longest a write transaction may sit idle (at most the lock timeout).
+IDLE_IN_TRANSACTION = 5.0
+#: Seconds beyond the lock timeout a statement may take before the client gives up on it.
+COMMAND_MARGIN = 10.0
+
+
+def _audit_record(record: asyncpg.Record) -> audit.AuditRecord:
+    uuid = record["uuid"]
+    return audit.AuditRecord(
+        seq=record["seq"],
+        at=record["at"],
+        action=record["action"],
+        actor=record["actor"],
+        owner=record["owner"],
+        uuid=None if uuid is None else str(uuid),
+        provider=record["provider"],
+        outcome=record["outcome"],
+        detail=json.loads(record["detail"]),
     )
 
 
@@ -1394,46 +1610,3 @@ async def _hand_back(pool: asyncpg.Pool | None, conn: Any) -> None:
         await conn.close()
     else:
         await pool.release(conn)
-
-
-class Leadership:
-    """A session-level advisory lock held on a connection kept for it (pooled, or of its
-    own with ``listen_dsn``)."""
-
-    def __init__(self, pool: asyncpg.Pool | None, conn: Any, lock_id: int, q: Queries) -> None:
-        self._pool = pool
-        self._conn: Any = conn
-        self._lock_id = lock_id
-        self._q = q
-        self.lost = asyncio.Event()
-        conn.add_termination_listener(self._terminated)
-
-    def _terminated(self, _conn: Any) -> None:
-        self.lost.set()
-
-    async def confirm(self) -> bool:
-        """Whether the lock is still held: a round trip on its session."""
-        conn = self._conn
-        if conn is None or self.lost.is_set():
-            return False
-        try:
-            await conn.fetchval(self._q.advisory_lock_held)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            self.lost.set()
-            return False
-        return True
-
-    async def release(self) -> None:
-        """Unlock and hand the connection back; safe to call twice."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        self.lost.set()
-        with contextlib.suppress(Exception):
-            # A session that ended may already be detached from its pool.
-            conn.remove_termination_listener(self._terminated)
-        with contextlib.suppress(Exception):
-            if not conn.is_closed():
-                await conn.fetchval(self._q.advisory_unlock, self._lock_id)
-        with contextlib.suppress(Exception):
-            await _hand_back(self._pool, conn)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import _telemetry as telemetry
+from ._audit import AuditLog
 from ._core import Core
+from ._errors import IntegrationsError
 from ._http import Request, Response, Signer
 from ._input import check_method
 from ._providers import Provider
@@ -52,8 +55,13 @@ class Requests:
         of ours in between on every resumption while the request is in flight)."""
         method = check_method(method).upper()
         if telemetry.live():
-            return self._traced(row, method, url, allow_any_host, max_attempts, opts)
-        return self._start(row, method, url, allow_any_host, max_attempts, opts)
+            sending = self._traced(row, method, url, allow_any_host, max_attempts, opts)
+        else:
+            sending = self._start(row, method, url, allow_any_host, max_attempts, opts)
+        audit = self._core.audit
+        if audit.records_use:
+            return _audited(audit, row, method, url, sending)
+        return sending
 
     async def _traced(
         self,
@@ -127,6 +135,31 @@ class Requests:
             return await http.send(again, Signer.of(provider, _signing(again, plain)))
         finally:
             await flow.aclose()
+
+
+async def _audited(
+    audit: AuditLog, row: StoredRow, method: str, url: str, sending: Awaitable[Response]
+) -> Response:
+    """Send, then buffer a use record: method, host and status; never the path or query,
+    which may carry secrets."""
+    status: int | None = None
+    outcome = "error"
+    try:
+        response = await sending
+        status = response.status
+        outcome = "ok" if status < 400 else f"http_{status}"
+        return response
+    except IntegrationsError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        audit.use(
+            owner=row.owner,
+            uuid=row.uuid,
+            provider=row.provider,
+            outcome=outcome,
+            detail={"method": method, "host": urlsplit(url).hostname, "status": status},
+        )
 
 
 def _signing(request: Request, plain: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Coroutine
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from . import _names as names
 from . import _telemetry as telemetry
+from ._audit import ACTIONS, AuditLog, AuditPage, Breach, verify_records
 from ._authflow import AuthFlow
 from ._checks import Checks
-from ._connections import Connections
+from ._connections import Connections, check_scope
 from ._core import Core
+from ._device import DeviceFlow
 from ._errors import ConfigurationError, InvalidArgument
-from ._events import OwnerScope
+from ._events import AllOwners, OwnerScope
 from ._http import Response
 from ._models import utcnow
 from ._names import shown
@@ -34,6 +38,7 @@ class Services:
         self.core = core
         self.tokens = Refresher(core)
         self.authflow = AuthFlow(core, record_failure=self._record_failure)
+        self.device = DeviceFlow(core, self.authflow)
         self.connections = Connections(core, self.authflow)
         self.checks = Checks(core, self.tokens, self.connections)
         self.requests = Requests(core, self.tokens)
@@ -43,7 +48,7 @@ class Services:
         self, *, batch_size: int, progress: ProgressCallback | None
     ) -> RotationProgress:
         core = self.core
-        return await rotate(
+        done = await rotate(
             core.repo,
             core.vault,
             secret_fields_of=core.secret_fields,
@@ -51,6 +56,16 @@ class Services:
             batch_size=batch_size,
             progress=progress,
         )
+        await core.audit.record(
+            "keys.rotated",
+            detail={
+                "primary_kid": done.primary_kid,
+                "rotated": done.rotated,
+                "rewrapped": done.rewrapped,
+                "undecryptable": len(done.undecryptable) + len(done.undecryptable_pending),
+            },
+        )
+        return done
 
     async def new_data_key(self) -> str:
         keyring = self.core.vault.keyring
@@ -61,13 +76,99 @@ class Services:
                 "(keys= or INTEGRATIONS_KEYS); plain keys come from integrations.generate_key()"
             )
         kid: str = await custody.new_data_key(self.core.repo)
+        await self.core.audit.record("keys.data_key_added", detail={"kid": kid})
         return kid
+
+    # -- the audit trail ------------------------------------------------------------------
+
+    async def audit(
+        self,
+        *,
+        uuid: object,
+        owner: OwnerScope,
+        actor: object,
+        since: object,
+        action: object,
+        limit: object,
+        before: object,
+    ) -> AuditPage:
+        target = None if uuid is None else names.require_uuid(uuid)
+        scope = check_scope(owner)
+        if actor is not None and not isinstance(actor, str):
+            raise TypeError(f"actor must be a string, not {type(actor).__name__}")
+        if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
+            raise InvalidArgument(
+                f"since must be a timezone-aware datetime, got {since!r}", field="since"
+            )
+        pattern: str | None = None
+        if action is not None:
+            if not isinstance(action, str) or not (
+                action in ACTIONS or any(a.startswith(action + ".") for a in ACTIONS)
+            ):
+                raise InvalidArgument(
+                    f"action must be one of {', '.join(sorted(ACTIONS))} or a family such "
+                    f"as 'credentials', got {action!r}",
+                    field="action",
+                )
+            pattern = action if action in ACTIONS else action + ".%"
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidArgument(f"limit must be 1 to 1000, got {limit!r}", field="limit")
+        if before is not None and (
+            isinstance(before, bool) or not isinstance(before, int) or before < 1
+        ):
+            raise InvalidArgument(
+                f"before must be a positive record number (a page's next_before), got {before!r}",
+                field="before",
+            )
+        # Records written by this process but still buffered are part of what is asked.
+        await self.core.audit.flush()
+        records = await self.core.repo.audit_page(
+            before=2**63 - 1 if before is None else before,
+            uuid=target,
+            owner=None if isinstance(scope, AllOwners) else scope,
+            by_owner=not isinstance(scope, AllOwners),
+            actor=actor,
+            since=since,
+            action=pattern,
+            limit=limit + 1,
+        )
+        more = len(records) > limit
+        records = records[:limit]
+        return AuditPage(records=records, next_before=records[-1].seq if more else None)
+
+    async def verify_audit(self) -> list[Breach]:
+        await self.core.audit.flush()
+        repo = self.core.repo
+        start, anchor = await repo.audit_anchor()
+        breaches: list[Breach] = []
+        after, previous, expected = start - 1, anchor, start
+        while True:
+            rows = await repo.audit_chain(after, 5000)
+            if not rows:
+                break
+            breaches.extend(verify_records(rows, start_seq=expected, start_hash=previous))
+            last, _, link = rows[-1]
+            after, previous, expected = last.seq, link, last.seq + 1
+        return breaches
+
+    async def sweep_audit(self, *, older_than: timedelta) -> int:
+        if not isinstance(older_than, timedelta) or older_than.total_seconds() <= 0:
+            raise InvalidArgument(
+                f"older_than must be a positive timedelta, got {older_than!r}",
+                field="older_than",
+            )
+        await self.core.audit.flush()
+        entry = AuditLog.entry_for("audit.swept", {"older_than_s": older_than.total_seconds()})
+        return await self.core.repo.audit_sweep(utcnow() - older_than, entry)
 
     async def _record_failure(self, uuid: str, message: str, actor: str | None) -> None:
         await self.connections.record(uuid, False, message, actor=actor)
 
     async def close(self) -> None:
         """Stop in reverse order of dependence; the core's parts are the facade's to close."""
+        with contextlib.suppress(Exception):
+            # Buffered audit records are written while the pool is still open.
+            await self.core.audit.close()
         try:
             # Before the HTTP client closes: a disconnect in flight still revokes its grant.
             await self.authflow.close()
@@ -153,7 +254,11 @@ class Services:
     async def access_token(self, uuid: object, owner: OwnerScope) -> str:
         row = await self.connections.require(uuid, owner)
         provider = self.core.require_provider(row)
-        return await telemetry.in_log_scope(row, self.tokens.access_token(row, provider))
+        token = await telemetry.in_log_scope(row, self.tokens.access_token(row, provider))
+        await self.core.audit.record(
+            "token.revealed", owner=row.owner, uuid=row.uuid, provider=row.provider
+        )
+        return token
 
     async def refresh_access_token(self, uuid: object, owner: OwnerScope) -> str:
         # Before the read: a token obtained while the row was being read is new enough.

@@ -26,6 +26,7 @@ MAXIMUM: dict[str, float] = {
     # Integrations(...)
     "pool_max_size": 1000,
     "cache_size": 1_000_000,
+    "audit_buffer": 1_000_000,
     "statement_cache_size": 100_000,
     "max_attrs_bytes": 16 * 1024 * 1024,
     "check_timeout": _HOUR,

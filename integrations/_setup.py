@@ -12,7 +12,9 @@ from ._errors import InvalidField
 
 __all__ = ["FieldType", "SetupField"]
 
-FieldType = Literal["string", "integer", "boolean", "choice", "url"]
+#: ``text`` is a string of several lines (a PEM key or certificate): line breaks and tabs
+#: are kept, other control characters refused.
+FieldType = Literal["string", "text", "integer", "boolean", "choice", "url"]
 
 _FIELD_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -68,7 +70,7 @@ class SetupField(_Frozen):
             value = value.strip()
             if value == "" and self.type != "string":
                 return None
-        if self.type == "string":
+        if self.type in ("string", "text"):
             if not isinstance(value, str):
                 raise self._invalid("must be a string")
             if "\x00" in value:

@@ -137,19 +137,29 @@ class Queries:
     count_pending_to_reseal: LiteralString
     reseal_pending: LiteralString
     begin_write: LiteralString
+    bound_transaction: LiteralString
     set_refresh_timeouts: LiteralString
     insert_pending_authorization: LiteralString
     take_pending_authorization: LiteralString
     take_latest_pending_authorization: LiteralString
     delete_expired_pending_authorizations: LiteralString
     sweep_candidates: LiteralString
-    try_advisory_lock: LiteralString
-    advisory_unlock: LiteralString
-    advisory_lock_held: LiteralString
+    take_lease: LiteralString
+    drop_lease: LiteralString
     data_keys_of: LiteralString
     all_data_keys: LiteralString
     put_data_key: LiteralString
     data_keys_lock: LiteralString
+    audit_lock: LiteralString
+    audit_tail: LiteralString
+    audit_insert: LiteralString
+    audit_page: LiteralString
+    audit_chain: LiteralString
+    audit_sweep: LiteralString
+    audit_first_kept: LiteralString
+    audit_count_before: LiteralString
+    audit_delete_before: LiteralString
+    audit_anchor: LiteralString
     migrations: tuple[Migration, ...]
 
     @classmethod

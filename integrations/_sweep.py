@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -19,7 +20,6 @@ from ._events import ALL_OWNERS
 from ._lease import parse_time
 from ._models import Validation, utcnow
 from ._record import StoredRow
-from ._repository import Leadership
 from ._schemes import TokenScheme
 from ._services import Services
 from ._settings import MAXIMUM, check_at_most
@@ -30,8 +30,10 @@ log = logging.getLogger("integrations")
 
 #: The ``actor`` of the checks a sweep records (it shows in their ``validated`` events).
 SWEEP_ACTOR = "health_sweep"
-#: What the advisory lock is taken for (its id also depends on the schema).
-LOCK_PURPOSE = "health-sweep"
+#: The sweep's row in the ``leases`` table.
+LEASE_PURPOSE = "health-sweep"
+#: The shortest sweep lease, in seconds: a shorter one would be lost to a busy moment.
+MIN_LEASE = 1.0
 _PAGE = 200
 _FIRST_UUID = str(uuid_mod.UUID(int=0))
 
@@ -109,11 +111,15 @@ def check_sweep_options(
 
 
 class HealthSweep:
-    """Runs a sweep every ``interval`` seconds while this process holds the fleet's lock.
+    """Runs a sweep every ``interval`` seconds while it holds the fleet's sweep lease.
 
-    The lock is a session-level PostgreSQL advisory lock on a pooled connection kept for
-    it: processes that do not hold it try again every ``interval``, and a leader that
-    dies (its session ends) lets the next one in at its next try.
+    The lease is a row (``leases``) that lasts ``interval`` seconds (at least
+    ``MIN_LEASE``) by the database's clock. The leader renews it three times a lease,
+    and the others try to take it as often, so a leader that dies, freezes or loses
+    the database is replaced within about one lease and a third. The leader also keeps
+    the lease's end by its own clock, from before it asked: once that passes without a
+    renewal (frozen, cut off), or a renewal finds the lease taken, it stops sweeping at
+    once and starts no further job, so two leaders never sweep together.
     """
 
     def __init__(
@@ -141,6 +147,11 @@ class HealthSweep:
         self._done = asyncio.Event()
         self._pace: dict[str, float] = {}
         self._pace_locks: dict[str, asyncio.Lock] = {}
+        self._holder = str(uuid_mod.uuid4())
+        self.lease = max(interval, MIN_LEASE)
+        # The local end of the lease (event loop clock); jobs start only before it.
+        self._lease_ends = -math.inf
+        self._sweeping: asyncio.Future[SweepReport] | None = None
 
     # -- leadership -----------------------------------------------------------------------
 
@@ -152,86 +163,147 @@ class HealthSweep:
             self._done.set()
 
     async def _run(self) -> None:
-        while not self._stop.is_set():
-            lead = await self._try_lead()
-            if lead is None:
-                await self._pause(self.interval)
-                continue
-            try:
+        try:
+            while not self._stop.is_set():
+                if not await self._take():
+                    await self._pause(self.lease / 3)
+                    continue
                 log.info(
                     "health sweep: this process leads the fleet's sweeps",
                     extra=telemetry.fields("sweep_leading"),
                 )
-                await self._lead(lead)
-            finally:
-                await lead.release()
-            if not self._stop.is_set():
-                log.warning(
-                    "health sweep: the lock's database session ended; trying to lead again",
-                    extra=telemetry.fields("sweep_lead_lost"),
-                )
+                reason = await self._lead()
+                if reason is not None:
+                    log.warning(
+                        "health sweep: %s; stopped sweeping, trying to lead again",
+                        reason,
+                        extra=telemetry.fields("sweep_lead_lost"),
+                    )
+        finally:
+            if self._lease_ends > -math.inf:
+                self._lease_ends = -math.inf
+                with contextlib.suppress(IntegrationsError):
+                    # The next leader need not wait for the lease to run out.
+                    await self._core.repo.drop_lease(LEASE_PURPOSE, self._holder)
 
     async def stop(self) -> None:
         """Make ``run()`` return, and wait for it: a sweep in progress is cancelled and
-        the lock's connection handed back to the pool."""
+        the lease given up."""
         self._stop.set()
         await self._done.wait()
 
-    async def _try_lead(self) -> Leadership | None:
+    def _check_lease(self) -> None:
+        """Refuse to start a job once the lease ran out by this process's clock (a frozen
+        process resuming): the sweep ends, and its jobs not yet started never start."""
+        if self._sweeping is not None and not self.leading():
+            self._sweeping.cancel()
+            raise LifecycleError("the sweep lease ran out")
+
+    def leading(self) -> bool:
+        """Whether the lease still runs by this process's clock: no job starts otherwise."""
+        return asyncio.get_running_loop().time() < self._lease_ends
+
+    async def _take(self) -> bool:
+        """Take or renew the lease; on success its local end moves on."""
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
         try:
-            return await self._core.repo.try_lead(LOCK_PURPOSE)
+            taken = await self._core.repo.take_lease(LEASE_PURPOSE, self._holder, self.lease)
         except StorageError as exc:
             log.warning(
                 "health sweep: could not reach the database (%s); trying again in %gs",
                 exc.code,
-                self.interval,
+                self.lease / 3,
                 extra=telemetry.fields("sweep_database_unreachable"),
             )
-            return None
+            return False
+        if taken:
+            # Counted from before the request: the database's end is never earlier.
+            self._lease_ends = asked + self.lease
+        return taken
 
-    async def _pause(self, seconds: float, lead: Leadership | None = None) -> None:
-        """Wait ``seconds``, less when stopped or when the lock's session ends."""
-        waits = [asyncio.ensure_future(self._stop.wait())]
-        if lead is not None:
-            waits.append(asyncio.ensure_future(lead.lost.wait()))
-        try:
-            await asyncio.wait(waits, timeout=max(seconds, 0.0))
-        finally:
-            for waiter in waits:
-                waiter.cancel()
-
-    async def _lead(self, lead: Leadership) -> None:
+    async def _keep(self) -> str:
+        """Renew the lease until it is lost; returns why."""
         loop = asyncio.get_running_loop()
-        while not self._stop.is_set() and await lead.confirm():
-            started = loop.time()
-            sweep = asyncio.ensure_future(self.sweep_once())
-            stopping = asyncio.ensure_future(self._stop.wait())
-            lost = asyncio.ensure_future(lead.lost.wait())
+        while True:
+            await asyncio.sleep(max(0.0, min(self.lease / 3, self._lease_ends - loop.time())))
+            if not self.leading():
+                return "the sweep lease ran out before it could be renewed"
+            asked = loop.time()
             try:
-                await asyncio.wait({sweep, stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopping.cancel()
-                lost.cancel()
-                if not sweep.done():
-                    # Stopped, or no longer the leader: another process may sweep now.
-                    sweep.cancel()
-                    await asyncio.wait({sweep})
-            if sweep.cancelled():
-                return
-            try:
-                report = sweep.result()
-            except LifecycleError:
-                return
-            except IntegrationsError as exc:
-                log.warning(
-                    "health sweep failed (%s); trying again in %gs",
-                    exc.code,
-                    self.interval,
-                    extra=telemetry.fields("sweep_failed"),
-                )
-            else:
-                await self._report(report)
-            await self._pause(self.interval - (loop.time() - started), lead)
+                async with asyncio.timeout_at(self._lease_ends):
+                    taken = await self._core.repo.take_lease(
+                        LEASE_PURPOSE, self._holder, self.lease
+                    )
+            except (StorageError, TimeoutError):
+                continue  # tried again until the lease runs out
+            if not taken:
+                self._lease_ends = -math.inf
+                return "another process took the sweep lease"
+            self._lease_ends = asked + self.lease
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, less when stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), max(seconds, 0.0))
+
+    async def _lead(self) -> str | None:
+        """Sweep every ``interval`` while the lease is kept; returns why it was lost, or
+        None when stopped."""
+        loop = asyncio.get_running_loop()
+        keeper = asyncio.ensure_future(self._keep())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                started = loop.time()
+                sweep = self._sweeping = asyncio.ensure_future(self.sweep_once())
+                try:
+                    await asyncio.wait(
+                        {sweep, stopping, keeper}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    if not sweep.done():
+                        # Stopped, or no longer the leader: another process may sweep now.
+                        sweep.cancel()
+                        await asyncio.wait({sweep})
+                    self._sweeping = None
+                if keeper.done():
+                    self._lease_ends = -math.inf
+                    return keeper.result()
+                if not self.leading():
+                    return "the sweep lease ran out by this process's clock"
+                if stopping.done() or sweep.cancelled():
+                    return None
+                try:
+                    report = sweep.result()
+                except LifecycleError:
+                    return None
+                except IntegrationsError as exc:
+                    log.warning(
+                        "health sweep failed (%s); trying again in %gs",
+                        exc.code,
+                        self.interval,
+                        extra=telemetry.fields("sweep_failed"),
+                    )
+                else:
+                    await self._report(report)
+                wait = self.interval - (loop.time() - started)
+                rest = asyncio.ensure_future(asyncio.sleep(max(wait, 0.0)))
+                try:
+                    await asyncio.wait(
+                        {rest, stopping, keeper}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    rest.cancel()
+                if keeper.done():
+                    self._lease_ends = -math.inf
+                    return keeper.result()
+                if stopping.done():
+                    return None
+        finally:
+            stopping.cancel()
+            keeper.cancel()
+            await asyncio.wait({keeper, stopping})
 
     async def _report(self, report: SweepReport) -> None:
         log.info(
@@ -325,6 +397,7 @@ class HealthSweep:
         async def validate(target: CheckTarget) -> Validation:
             await self._paced(target.provider)
             async with slots:
+                self._check_lease()
                 if target.uuid in renew_first:
                     await self._renew_logged(by_uuid[target.uuid], counts)
                 try:
@@ -391,6 +464,7 @@ class HealthSweep:
     ) -> None:
         await self._paced(row.provider)
         async with slots:
+            self._check_lease()
             await self._renew_logged(row, counts)
 
     async def _renew_logged(self, row: StoredRow, counts: dict[str, int]) -> None:

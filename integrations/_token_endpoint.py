@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from . import _telemetry as telemetry
 from . import oauth
-from ._client_auth import Client, client_auth_method
+from ._client_auth import PRIVATE_KEY_JWT, Client, client_auth_method
 from ._errors import NotConfigured, RequestFailed, TokenRequestFailed
 from ._http import HttpClient, retry_after_seconds
 from ._models import utcnow
@@ -51,41 +51,55 @@ class TokenEndpoint:
         client_id = plain.get("client_id")
         if not isinstance(client_id, str) or not client_id:
             raise NotConfigured("The connection has no 'client_id' saved.", field="client_id")
-        secret = plain.get("client_secret")
-        secret = secret if isinstance(secret, str) and secret else None
+        if self.provider.token_auth == PRIVATE_KEY_JWT:
+            key = _text(plain.get("client_private_key"))
+            if key is None:
+                raise NotConfigured(
+                    "The connection has no 'client_private_key' saved: private_key_jwt signs "
+                    "with it.",
+                    field="client_private_key",
+                )
+            method = client_auth_method(PRIVATE_KEY_JWT)
+            return Client(
+                client_id, None, method, private_key=key, key_id=_text(plain.get("client_key_id"))
+            )
+        secret = _text(plain.get("client_secret"))
         return Client(client_id, secret, client_auth_method(self._method_name(secret)))
 
     def _method_name(self, secret: str | None) -> str:
         return str(self.provider.token_auth) if secret else "none"
 
     def request(
-        self, grant_type: str, plain: Mapping[str, Any], **params: str | Sequence[str] | None
+        self,
+        grant_type: str,
+        plain: Mapping[str, Any],
+        *,
+        token_url: str | None = None,
+        client_auth: bool = True,
+        **params: str | Sequence[str] | None,
     ) -> TokenRequest:
-        """A token request for ``grant_type`` with ``params``, from the connection's client."""
-        client = self.client(plain)
-        assert self.provider.token_url is not None
-        return oauth.token_request(
+        """A token request for ``grant_type`` with ``params``, from the connection's client
+        (none when ``client_auth`` is False: the grant proves who asks), to ``token_url``
+        or the provider's."""
+        if token_url is None:
+            assert self.provider.token_url is not None
+            token_url = self.provider.render_url(self.provider.token_url, plain)
+        if not client_auth:
+            return oauth.unauthenticated_token_request(grant_type, token_url=token_url, **params)
+        body = oauth.grant_body(
             grant_type,
-            token_url=self.provider.render_url(self.provider.token_url, plain),
-            client_id=client.client_id,
-            client_secret=client.client_secret,
-            auth_method=client.method.name,  # type: ignore[arg-type]
+            token_url=token_url,
+            params=params,
             scope_separator=self.provider.scope_separator,
-            **params,
         )
+        return self.client(plain).prepare(token_url, body)
 
     def revoke_request(self, plain: Mapping[str, Any], token: str, hint: str) -> TokenRequest:
         """An RFC 7009 revocation of ``token`` (``hint`` says which kind it is)."""
-        client = self.client(plain)
         assert self.provider.revoke_url is not None
-        return oauth.revoke_request(
-            self.provider.render_url(self.provider.revoke_url, plain),
-            token=token,
-            token_type_hint=hint,  # type: ignore[arg-type]
-            client_id=client.client_id,
-            client_secret=client.client_secret,
-            auth_method=client.method.name,  # type: ignore[arg-type]
-        )
+        url = self.provider.render_url(self.provider.revoke_url, plain)
+        body = oauth.revoke_body(url, token=token, token_type_hint=hint)  # type: ignore[arg-type]
+        return self.client(plain).prepare(url, body)
 
     async def post(
         self,
@@ -125,8 +139,14 @@ class TokenEndpoint:
         retried, ``resend(failure, attempt)`` may raise instead (the request may have
         spent the grant's refresh token).
         """
-        request = self.request(grant.grant_type, plain, **grant.params)
-        client = self.client(plain)
+        request = self.request(
+            grant.grant_type,
+            plain,
+            token_url=grant.token_url,
+            client_auth=grant.client_auth,
+            **grant.params,
+        )
+        secret = _text(plain.get("client_secret"))
         loop = asyncio.get_running_loop()
         delays = oauth.backoff_delays(policy.attempts - 1, policy.backoff, policy.backoff_cap)
         on_sending()
@@ -134,7 +154,7 @@ class TokenEndpoint:
         # Every attempt and wait must fit in the budget: it is the lock's idle timeout too.
         deadline = started + policy.budget - BUDGET_MARGIN
         # A provider's error text may echo any secret of the connection back.
-        redact = [client.client_secret, *_secret_values(self.provider, plain)]
+        redact = [secret, *_secret_values(self.provider, plain)]
         with telemetry.token_span(self.key, request[0], request[2]):
             for attempt in range(1, policy.attempts + 1):
                 try:
@@ -182,6 +202,10 @@ class TokenEndpoint:
                     )
                     await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _secret_values(provider: Provider, plain: Mapping[str, Any]) -> list[str]:

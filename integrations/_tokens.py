@@ -31,7 +31,7 @@ from ._errors import (
     TokenRequestFailed,
 )
 from ._events import ALL_OWNERS, Subscription
-from ._lease import Lease, Look, Mode, Need, Seen, failure_id, held_back, text
+from ._lease import Lease, Look, Mode, Need, Seen, Written, failure_id, held_back, text
 from ._models import utcnow
 from ._providers import Provider
 from ._record import Change, StoredRow
@@ -86,6 +86,10 @@ class _Unstored:
 
     tokens: oauth.TokenSet
     task: asyncio.Task[None] = field(init=False, repr=False)
+
+
+class _FencedOut(Exception):
+    """The lease was taken over before the token request went out: nothing was sent."""
 
 
 class Refresher:
@@ -348,7 +352,14 @@ class Refresher:
         need = Need(flight.seen, flight.mode, flight.since)
         clock = utcnow()
         change, look = lease_rules.look(
-            row, plain, need, holder=holder, now=now, clock=clock, policy=self.policy
+            row,
+            plain,
+            need,
+            holder=holder,
+            now=now,
+            clock=clock,
+            policy=self.policy,
+            rotates=provider.rotates_refresh_tokens,
         )
         if look.wait is not None:
             flight.decided = False
@@ -382,7 +393,8 @@ class Refresher:
         if step.look.taken_from is not None:
             log.warning(
                 "took over the refresh lease of connection %s: its holder (%s) did not write "
-                "within %gs, and the refresh token it sent may be spent",
+                "within %gs; it had sent nothing, or the provider does not rotate refresh "
+                "tokens, so asking again is safe",
                 uuid,
                 step.look.taken_from,
                 self.policy.lease,
@@ -394,8 +406,17 @@ class Refresher:
             self._renew(lease), name=f"integrations-lease-{uuid}"
         )
         try:
-            tokens = await self._token_call(provider, plain, flight)
+            tokens = await self._token_call(provider, plain, flight, lease)
             flight.answered = True
+        except _FencedOut:
+            renewing.cancel()
+            log.info(
+                "the refresh lease of connection %s was taken over before its request "
+                "went out; using what the process that took it stores",
+                uuid,
+                extra=telemetry.fields("refresh_lease_fenced_out", uuid=uuid),
+            )
+            return await self._run(uuid, flight)
         except (ReauthRequired, TokenRequestFailed) as exc:
             flight.answered = True
             log.info(
@@ -408,7 +429,8 @@ class Refresher:
                 ),
             )
             renewing.cancel()
-            await _to_the_end(self._in_row(uuid, partial(self._failed, lease, exc)))
+            previous = text(plain.get("refresh_token"))
+            await _to_the_end(self._in_row(uuid, partial(self._failed, lease, previous, exc)))
             if step.look.fallback is not None:
                 return step.look.fallback
             raise
@@ -450,10 +472,11 @@ class Refresher:
                 return
 
     def _maybe_spent(self, exc: TokenRequestFailed, attempt: int) -> OAuthError:
-        """With ``refresh_takeover="reauthorize"``, a refresh request that may have arrived
-        (it timed out, or the connection dropped after it was sent) is not sent again: the
-        connection must be authorized again. (The default policy retries it, as any other
-        transient failure.)"""
+        """A refresh request that may have arrived (it timed out, or the connection dropped
+        after it was sent) at a provider that rotates refresh tokens (or under
+        ``refresh_takeover="reauthorize"``) is not sent again: the connection must be
+        authorized again. A provider that does not rotate is asked again, as after any
+        other transient failure."""
         return ReauthRequired(
             _spent_message(exc, attempt) + "; the connection must be authorized again"
         )
@@ -463,6 +486,11 @@ class Refresher:
     ) -> tuple[Change, bool]:
         return lease_rules.renewed(lease, row, now, self.policy.lease)
 
+    def _sending(
+        self, lease: Lease, row: StoredRow | None, now: datetime | None
+    ) -> tuple[Change, bool]:
+        return lease_rules.sending(lease, row, now, self.policy.lease)
+
     @staticmethod
     def _released(
         lease: Lease, row: StoredRow | None, _now: datetime | None
@@ -470,12 +498,19 @@ class Refresher:
         return lease_rules.released(lease, row), None
 
     def _failed(
-        self, lease: Lease, exc: OAuthError, row: StoredRow | None, _now: datetime | None
+        self,
+        lease: Lease,
+        previous: str | None,
+        exc: OAuthError,
+        row: StoredRow | None,
+        _now: datetime | None,
     ) -> tuple[Change, None]:
         if row is None:
             return Change(), None
+        plain = self._core.vault.unseal(row.uuid, row.data, self._core.secret_fields(row))
         seal = partial(self._core.vault.seal_value, row.uuid)
-        return lease_rules.failed(lease, row, exc, utcnow(), self.policy, seal), None
+        change = lease_rules.failed(lease, row, plain, previous, exc, utcnow(), self.policy, seal)
+        return change, None
 
     # -- storing what the token endpoint answered ------------------------------------------
 
@@ -484,10 +519,13 @@ class Refresher:
     ) -> str:
         write = partial(self._written, lease, tokens, previous)
         try:
-            return await _to_the_end(self._in_row(uuid, write))
+            access = (await _to_the_end(self._in_row(uuid, write))).token
         except Exception as exc:
             # Whatever the driver raised: these tokens must not be dropped with it.
             reason = _why(exc)
+        else:
+            await self._core.audit.record("token.refreshed", uuid=uuid)
+            return access
         # The provider issued these (and may have spent ``previous``): they exist nowhere
         # else, so they serve this process while the write is tried again.
         log.warning(
@@ -512,10 +550,10 @@ class Refresher:
         previous: str | None,
         row: StoredRow | None,
         _now: datetime | None,
-    ) -> tuple[Change, str]:
+    ) -> tuple[Change, Written]:
         """Compare and set (see ``lease_rules.written``); a fenced-out write says so."""
         if row is None:
-            return Change(), tokens.access_token
+            return Change(), Written(False, tokens.access_token)
         plain = self._core.vault.unseal(row.uuid, row.data, self._core.secret_fields(row))
         seal = partial(self._core.vault.seal_value, row.uuid)
         change, done = lease_rules.written(lease, row, plain, tokens, previous, seal)
@@ -534,13 +572,13 @@ class Refresher:
                     owner=row.owner,
                 ),
             )
-        return change, done.token
+        return change, done
 
     async def _persist(
         self,
         uuid: str,
         unstored: _Unstored,
-        write: Callable[[StoredRow | None, datetime | None], tuple[Change, str]],
+        write: Callable[[StoredRow | None, datetime | None], tuple[Change, Written]],
         previous: str | None,
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -552,17 +590,29 @@ class Refresher:
                 await asyncio.sleep(delay)
                 attempts += 1
                 try:
-                    await self._in_row(uuid, write)
+                    done = await self._in_row(uuid, write)
                 except Exception as exc:
                     reason = _why(exc)
                     delay = min(delay * 2, _LAST_RETRY)
                     continue
-                log.info(
-                    "stored the tokens of connection %s's refresh at attempt %d",
-                    uuid,
-                    attempts,
-                    extra=telemetry.fields("token_write_recovered", uuid=uuid),
-                )
+                if done.stored:
+                    log.info(
+                        "stored the tokens of connection %s's refresh at attempt %d",
+                        uuid,
+                        attempts,
+                        extra=telemetry.fields("token_write_recovered", uuid=uuid),
+                    )
+                else:
+                    log.warning(
+                        "the tokens of connection %s's refresh were not stored (attempt %d): "
+                        "its lease was taken over meanwhile, and %s",
+                        uuid,
+                        attempts,
+                        "the stored tokens are newer"
+                        if done.newer
+                        else "the process that took it decides what is stored",
+                        extra=telemetry.fields("token_write_fenced_out", uuid=uuid),
+                    )
                 return
             self._lost(uuid, unstored.tokens, previous, attempts, reason)
             rotated = unstored.tokens.refresh_token not in (None, previous)
@@ -615,22 +665,26 @@ class Refresher:
         return lease_rules.spent(row, plain, previous, utcnow(), self.policy), None
 
     async def _token_call(
-        self, provider: Provider, plain: Mapping[str, Any], flight: _Flight
+        self, provider: Provider, plain: Mapping[str, Any], flight: _Flight, lease: Lease
     ) -> oauth.TokenSet:
         endpoint = self._core.token_endpoint(provider)
-        endpoint.client(plain)  # NotConfigured before anything else
         grant = _scheme(provider).grant(provider, plain)
+        if grant.client_auth:
+            endpoint.client(plain)  # NotConfigured before anything is sent
         loop = asyncio.get_running_loop()
+        if grant.spends is not None and not await self._in_row(
+            lease.uuid, partial(self._sending, lease)
+        ):
+            raise _FencedOut
+        # Another process that finds the lease run out now knows the refresh token may
+        # be spent; one whose answer is lost must not be sent again to a rotating provider.
+        rotates = provider.rotates_refresh_tokens or self.policy.takeover == "reauthorize"
 
         def sending() -> None:
             flight.sent_at = loop.time()
 
         async def resend(exc: TokenRequestFailed, attempt: int) -> None:
-            if (
-                grant.spends is not None
-                and self.policy.takeover == "reauthorize"
-                and exc.context.get("maybe_received")
-            ):
+            if grant.spends is not None and rotates and exc.context.get("maybe_received"):
                 raise self._maybe_spent(exc, attempt) from exc
 
         return await endpoint.renew(

@@ -23,6 +23,7 @@ from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from . import _backoff
+from ._client_auth import FORM_HEADERS as _FORM_HEADERS
 from ._client_auth import Client, client_auth_method
 from ._errors import (
     InvalidAttrs,
@@ -187,7 +188,7 @@ def token_request(
     token_url: str,
     client_id: str,
     client_secret: str | None,
-    auth_method: AuthMethod,
+    auth_method: AuthMethod | str,
     scope_separator: str = " ",
     **params: str | Sequence[str] | None,
 ) -> tuple[str, dict[str, str], str]:
@@ -195,9 +196,34 @@ def token_request(
 
     ``authorization_code`` takes ``code``, ``redirect_uri`` and ``code_verifier``;
     ``refresh_token`` takes ``refresh_token`` and an optional ``scope``;
-    ``client_credentials`` takes an optional ``scope``. ``None`` values are left out,
-    a ``scope`` sequence is joined with ``scope_separator``.
+    ``client_credentials`` takes an optional ``scope``; extension grants (an absolute URI,
+    such as RFC 7523's JWT bearer or RFC 8628's device code) take what they define. ``None``
+    values are left out, a ``scope`` sequence is joined with ``scope_separator``.
     """
+    body = grant_body(
+        grant_type, token_url=token_url, params=params, scope_separator=scope_separator
+    )
+    client = Client(client_id, client_secret, client_auth_method(auth_method))
+    return client.prepare(token_url, body)
+
+
+def unauthenticated_token_request(
+    grant_type: str, *, token_url: str, **params: str | Sequence[str] | None
+) -> tuple[str, dict[str, str], str]:
+    """A token request whose grant proves who asks (a JWT bearer assertion): no client
+    authentication, no client id."""
+    body = grant_body(grant_type, token_url=token_url, params=params)
+    return token_url, dict(_FORM_HEADERS), body
+
+
+def grant_body(
+    grant_type: GrantType | str,
+    *,
+    token_url: str,
+    params: Mapping[str, str | Sequence[str] | None],
+    scope_separator: str = " ",
+) -> str:
+    """The form body of a token request for ``grant_type``, checked."""
     _check_url(token_url)
     if grant_type not in _GRANT_REQUIRED and ":" not in grant_type:
         # Extension grants (RFC 6749 §4.5) are absolute URIs, such as RFC 7523's JWT bearer.
@@ -216,8 +242,7 @@ def token_request(
             fields[name] = check_text(value, name)
         else:
             raise TypeError(f"parameter {name!r} must be a str")
-    body = str(prepare_token_request(grant_type, **fields))
-    return _authenticate(token_url, body, client_id, client_secret, auth_method)
+    return str(prepare_token_request(grant_type, **fields))
 
 
 def revoke_request(
@@ -230,11 +255,22 @@ def revoke_request(
     auth_method: AuthMethod,
 ) -> tuple[str, dict[str, str], str]:
     """Build an RFC 7009 revocation request as ``(url, headers, form body)``."""
+    body = revoke_body(revoke_url, token=token, token_type_hint=token_type_hint)
+    return _authenticate(revoke_url, body, client_id, client_secret, auth_method)
+
+
+def revoke_body(
+    revoke_url: str,
+    *,
+    token: str,
+    token_type_hint: Literal["access_token", "refresh_token"] | None = None,
+) -> str:
+    """The form body of an RFC 7009 revocation request, checked."""
     _check_url(revoke_url)
     if not token:
         raise ValueError("token is required")
     body, _ = prepare_revoke_token_request(token, token_type_hint)
-    return _authenticate(revoke_url, str(body), client_id, client_secret, auth_method)
+    return str(body)
 
 
 def _authenticate(

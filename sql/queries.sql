@@ -302,10 +302,15 @@ FROM unnest($1::text[], $2::text[]) AS v (state_hash, code_verifier)
 WHERE p.state_hash = v.state_hash;
 
 -- name: begin_write
--- Opens an ordinary write transaction whose lock waits give up after {lock_timeout}
--- (filled in by the repository with a number of milliseconds, never with input), in one
--- round trip; transaction-local, so safe behind PgBouncer
-BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'
+-- Opens an ordinary write transaction whose lock waits give up after {lock_timeout} and
+-- which the server ends when left idle for {idle_timeout} (a stalled client must not hold
+-- its row locks); both filled in by the repository with a number of milliseconds, never
+-- with input, in one round trip; transaction-local, so safe behind PgBouncer
+BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'
+
+-- name: bound_transaction
+-- The same bounds for a transaction already open (key rotation batches)
+SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'
 
 -- name: set_refresh_timeouts
 -- $1 text lock_timeout, $2 text idle_in_transaction_session_timeout (e.g. '30000ms');
@@ -329,7 +334,8 @@ RETURNING state_hash;
 DELETE FROM {schema}.pending_authorizations
 WHERE state_hash = $1 AND ($2 OR owner = $3)
 RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
-          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live,
+          expires_at;
 
 -- name: take_latest_pending_authorization
 -- $1 uuid connection, $2 text redirect_uri; the newest live one, consumed
@@ -342,7 +348,8 @@ WHERE state_hash = (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING state_hash, connection_uuid, owner, redirect_uri, scopes,
-          code_verifier::text AS code_verifier, actor, expires_at > now() AS live;
+          code_verifier::text AS code_verifier, actor, expires_at > now() AS live,
+          expires_at;
 
 -- name: delete_expired_pending_authorizations
 -- no parameters
@@ -357,18 +364,23 @@ WHERE uuid > $1 AND value_json ->> 'status' IN ('connected', 'error')
 ORDER BY uuid
 LIMIT $2;
 
--- name: try_advisory_lock
--- $1 bigint lock id; session-level: held until unlocked or the connection ends.
-SELECT pg_try_advisory_lock($1);
+-- name: take_lease
+-- $1 text purpose, $2 uuid holder, $3 float8 seconds. Takes the lease when it is free or
+-- ran out, renews it when $2 holds it; no row when another holder's lease still runs.
+-- The database's clock is the one that counts (clock_timestamp(): a statement's own
+-- time, also inside a pooler's transaction).
+INSERT INTO {schema}.leases AS l (purpose, holder, expires_at)
+VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+ON CONFLICT (purpose) DO UPDATE
+SET holder = EXCLUDED.holder,
+    expires_at = EXCLUDED.expires_at,
+    term = l.term + CASE WHEN l.holder = EXCLUDED.holder THEN 0 ELSE 1 END
+WHERE l.holder = EXCLUDED.holder OR l.expires_at <= clock_timestamp()
+RETURNING term;
 
--- name: advisory_unlock
--- $1 bigint lock id
-SELECT pg_advisory_unlock($1);
-
--- name: advisory_lock_held
--- no parameters; a round trip on the session holding the lock: a session-level advisory
--- lock lasts as long as its session, so an answer means it is still held.
-SELECT true;
+-- name: drop_lease
+-- $1 text purpose, $2 uuid holder: a leader that stops lets the next one in at once.
+DELETE FROM {schema}.leases WHERE purpose = $1 AND holder = $2;
 
 -- name: append_events
 -- $1 text[] kind, $2 text[] uuid, $3 text[] owner ('' = system), $4 text[] provider,
@@ -566,3 +578,61 @@ SELECT (SELECT position FROM {schema}.webhook_cursor),
 -- no parameters; seconds until the earliest pending delivery is due (NULL: none)
 SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
 FROM {schema}.webhook_deliveries WHERE state = 'pending';
+
+-- name: audit_lock
+-- $1 int8: advisory lock id; one appender at a time per schema keeps the chain linear.
+SELECT pg_advisory_xact_lock($1);
+
+-- name: audit_tail
+SELECT seq, hash FROM {schema}.audit_log ORDER BY seq DESC LIMIT 1;
+
+-- name: audit_insert
+-- parallel arrays, one element per record
+INSERT INTO {schema}.audit_log
+    (seq, at, action, actor, owner, uuid, provider, outcome, detail, prev_hash, hash)
+SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                     $6::uuid[], $7::text[], $8::text[], $9::text[]::jsonb[], $10::bytea[],
+                     $11::bytea[]);
+
+-- name: audit_page
+-- $1 bigint before (exclusive), $2 uuid or null, $3 text owner (null: the system), $4 text
+-- actor or null, $5 timestamptz since or null, $6 text action (or 'prefix.%') or null,
+-- $7 int limit, $8 bool: filter by owner
+SELECT seq, at, action, actor, owner, uuid, provider, outcome, detail::text AS detail
+FROM {schema}.audit_log
+WHERE seq < $1
+  AND ($2::uuid IS NULL OR uuid = $2)
+  AND (NOT $8::bool OR owner IS NOT DISTINCT FROM $3::text)
+  AND ($4::text IS NULL OR actor = $4)
+  AND ($5::timestamptz IS NULL OR at >= $5)
+  AND ($6::text IS NULL OR action LIKE $6)
+ORDER BY seq DESC
+LIMIT $7;
+
+-- name: audit_chain
+-- $1 bigint after (exclusive), $2 int limit; storage order for verification
+SELECT seq, at, action, actor, owner, uuid, provider, outcome, detail::text AS detail,
+       prev_hash, hash
+FROM {schema}.audit_log
+WHERE seq > $1
+ORDER BY seq
+LIMIT $2;
+
+-- name: audit_sweep
+-- $1 bigint: delete records below this seq (the sweep's own record stays)
+SELECT set_config('integrations.audit_sweep', 'on', true);
+
+-- name: audit_first_kept
+-- $1 timestamptz cutoff
+SELECT seq, prev_hash FROM {schema}.audit_log WHERE at >= $1 ORDER BY seq LIMIT 1;
+
+-- name: audit_count_before
+-- $1 bigint seq
+SELECT count(*) FROM {schema}.audit_log WHERE seq < $1;
+
+-- name: audit_delete_before
+-- $1 bigint seq; only after audit_sweep in the same transaction
+DELETE FROM {schema}.audit_log WHERE seq < $1;
+
+-- name: audit_anchor
+SELECT detail::text FROM {schema}.audit_log WHERE action = 'audit.swept' ORDER BY seq DESC LIMIT 1;

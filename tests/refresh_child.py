@@ -21,7 +21,7 @@ from tests.oauthkit import loopback_provider
 
 
 async def main(args: argparse.Namespace) -> None:
-    provider = loopback_provider(args.base_url)
+    provider = loopback_provider(args.base_url, rotates_refresh_tokens=not args.no_rotate)
     async with Integrations(
         args.dsn,
         keys=args.key,
@@ -29,6 +29,7 @@ async def main(args: argparse.Namespace) -> None:
         lock_timeout=args.lock_timeout,
         token_backoff=0.01,
         refresh_lease=args.lease,
+        token_write_retry=args.write_retry,
         statement_cache_size=args.statement_cache_size,
         listen_dsn=args.listen_dsn,
     ) as integ:
@@ -67,6 +68,8 @@ if __name__ == "__main__":
     parser.add_argument("--key", required=True)
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--uuid", required=True)
+    parser.add_argument("--write-retry", type=float, default=60.0)
+    parser.add_argument("--no-rotate", action="store_true")
     parser.add_argument("--mode", choices=["request", "access_token", "refresh"], default="request")
     parser.add_argument("--count", type=int, default=25)
     parser.add_argument("--lock-timeout", type=float, default=30.0)

@@ -1,7 +1,8 @@
 """A worker process for the multi-process sweep test: runs the health sweeps on a shared DSN.
 
 Prints one JSON line per sweep it makes (its pid, when the sweep started and finished,
-what it checked) until it is killed.
+what it checked), and one per check it starts (``check``: the api key, ``at``: when),
+until it is killed.
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ import asyncio
 import json
 import os
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from integrations import Integrations, SweepReport
-from tests.sweepkit import probe_provider, register_probe
+from integrations import Integrations, SweepReport, Validation
+from integrations._probes import CHECK_HOOKS
+from tests.sweepkit import HOOK, probe_provider, register_probe
 
 
 async def main(args: argparse.Namespace) -> None:
     register_probe()
+    probe = CHECK_HOOKS[HOOK]
+
+    async def reported(credentials: Mapping[str, Any], deadline: float) -> Validation:
+        line = {"pid": os.getpid(), "check": credentials.get("api_key"), "at": time.time()}
+        print(json.dumps(line), flush=True)
+        return await probe(credentials, deadline)
+
+    CHECK_HOOKS[HOOK] = reported
 
     def report(sweep: SweepReport) -> None:
         line = {

@@ -17,6 +17,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 CONSTRUCTOR = [
     "pool_max_size",
     "cache_size",
+    "audit_buffer",
     "statement_cache_size",
     "max_attrs_bytes",
     "check_timeout",
@@ -31,7 +32,14 @@ CONSTRUCTOR = [
     "refresh_lease",
     "token_write_retry",
 ]
-INTS = {"pool_max_size", "cache_size", "statement_cache_size", "max_attrs_bytes", "token_attempts"}
+INTS = {
+    "pool_max_size",
+    "cache_size",
+    "audit_buffer",
+    "statement_cache_size",
+    "max_attrs_bytes",
+    "token_attempts",
+}
 
 
 def _at(name: str, extra: float) -> Any:

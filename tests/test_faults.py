@@ -558,3 +558,56 @@ async def test_a_listener_cut_without_a_close_stops_the_cache_within_the_heartbe
             assert asyncio.get_running_loop().time() < deadline, "the listener never came back"
             await asyncio.sleep(0.05)
         assert reader.event_stats.reconnects >= 1
+
+
+# -- every transaction bounded ----------------------------------------------------------------
+
+
+async def test_a_writer_frozen_mid_transaction_frees_its_row_locks_within_the_idle_limit(
+    impatient: Integrations, fresh_db: str, db: asyncpg.Connection
+) -> None:
+    """A write transaction left idle (its process frozen between statements) is ended by
+    the server after min(lock_timeout, 5 s): the row lock goes with it."""
+    conn = await impatient.add_connection("openai", "frozen-writer")
+    async with Integrations(fresh_db, keys=TEST_KEY, lock_timeout=1.0) as frozen:
+        repo = frozen._s.core.repo
+        assert repo.idle_timeout == 1.0
+        with pytest.raises(StorageError):
+            async with repo._write() as held:
+                await held.execute(
+                    "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+                    uuid_mod.UUID(conn.uuid),
+                )
+                started = asyncio.get_running_loop().time()
+                # Frozen while holding the lock: idle in transaction.
+                await asyncio.sleep(2.5)
+                await held.execute("SELECT 1")
+        # The server had ended it well before the freeze was over.
+        ended = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+            "AND datname = current_database()"
+        )
+        assert ended == 0
+    # Meanwhile others were not held up past the idle limit plus their own lock timeout.
+    await impatient.save_setup(conn.uuid, {"api_key": "sk-after-freeze-0123456789"})
+    assert asyncio.get_running_loop().time() - started < 10
+
+
+async def test_a_call_over_a_frozen_link_fails_typed_within_its_client_side_deadline(
+    fresh_db: str, proxy: FaultProxy
+) -> None:
+    async with Integrations(proxy.dsn(fresh_db), keys=TEST_KEY, lock_timeout=0.5) as integ:
+        repo = integ._s.core.repo
+        assert repo.command_timeout == 0.5 + 10.0
+        conn = await integ.add_connection("openai", "frozen-link")
+        proxy.pause()
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(StorageError):
+                await integ.save_setup(conn.uuid, {"api_key": "sk-frozen-link-0123456789"})
+            waited = asyncio.get_running_loop().time() - started
+            assert waited < repo.command_timeout + 3
+        finally:
+            proxy.resume()
+        await integ.save_setup(conn.uuid, {"api_key": "sk-link-back-0123456789"})
+        assert (await integ.get_integration(conn.uuid))["api_key"] == "sk-link-back-0123456789"

@@ -260,6 +260,7 @@ async def _fuzz(integ: Integrations, db: asyncpg.Connection, w: dict[str, str]) 
     return tally
 
 
+# Thousands of calls: on a loaded 2-core machine this takes minutes, not the suite's default.
 @pytest.mark.timeout(900)
 async def test_every_public_method_answers_hostile_values_typed(fresh_db: str) -> None:
     async with (

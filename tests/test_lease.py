@@ -35,7 +35,10 @@ def need(mode: lease.Mode = "expiring", token: str | None = "old", since: dateti
     return lease.Need(lease.Seen(token, None), mode, since)
 
 
-def look(stored: StoredRow, secrets: dict[str, Any], wanted: Any, **policy: Any) -> Any:
+def look(
+    stored: StoredRow, secrets: dict[str, Any], wanted: Any, rotates: bool = True, **policy: Any
+) -> Any:
+    settings = {"write_retry" if k == "token_write_retry" else k: v for k, v in policy.items()}
     return lease.look(
         stored,
         secrets,
@@ -43,7 +46,8 @@ def look(stored: StoredRow, secrets: dict[str, Any], wanted: Any, **policy: Any)
         holder="me",
         now=NOW,
         clock=NOW,
-        policy=TokenPolicy(**policy) if policy else POLICY,
+        policy=TokenPolicy(**settings) if settings else POLICY,
+        rotates=rotates,
     )
 
 
@@ -103,15 +107,70 @@ def test_an_expired_lease_is_taken_over_and_its_holder_named() -> None:
     assert decided.lease is not None and decided.taken_from == "other"
 
 
-def test_with_reauthorize_an_expired_lease_marks_the_connection_and_keeps_the_lease() -> None:
+def test_an_expired_lease_that_sent_nothing_is_taken_over_under_either_policy() -> None:
     held = {"holder": "other", "fence": 3, "until": at(-1)}
+    for takeover in ("refresh", "reauthorize"):
+        _, decided = look(row(refresh_lease=held), plain(), need(), takeover=takeover)
+        assert decided.lease is not None and decided.taken_from == "other"
+
+
+MARKED = {"holder": "other", "fence": 3, "until": at(-1), "sending": at(-2)}
+
+
+def test_a_marked_lease_is_waited_for_while_its_holder_may_still_write() -> None:
     change, decided = look(
-        row(refresh_lease=held), plain(expires_at=at(-1)), need(), takeover="reauthorize"
+        row(refresh_lease=MARKED), plain(expires_at=at(-1)), need(), token_write_retry=10
+    )
+    assert decided.wait == pytest.approx(9.0) and change.data is None
+    # A caller whose token still works gets it meanwhile.
+    _, decided = look(row(refresh_lease=MARKED), plain(), need(), token_write_retry=10)
+    assert decided.outcome == "old"
+
+
+def test_after_the_wait_a_rotating_provider_is_marked_never_sent_the_spent_token() -> None:
+    change, decided = look(
+        row(refresh_lease=MARKED), plain(expires_at=at(-1)), need(), token_write_retry=0.5
     )
     assert isinstance(decided.outcome, ReauthRequired)
+    assert "other" in decided.outcome.message and "authorized again" in decided.outcome.message
     assert decided.lease is None and decided.taken_from == "other"
-    assert change.data["refresh_lease"] == {**held, "abandoned": True}
+    # Kept, marked abandoned: the holder that comes back may still store its answer.
+    assert change.data["refresh_lease"] == {**MARKED, "abandoned": True}
     assert change.data["refresh_error"]["code"] == "reauth_required"
+
+
+def test_after_the_wait_a_provider_that_does_not_rotate_is_asked_again() -> None:
+    _, decided = look(
+        row(refresh_lease=MARKED),
+        plain(expires_at=at(-1)),
+        need(),
+        rotates=False,
+        token_write_retry=0.5,
+    )
+    assert decided.lease is not None and decided.taken_from == "other"
+    # ... unless every provider is treated as rotating.
+    _, decided = look(
+        row(refresh_lease=MARKED),
+        plain(expires_at=at(-1)),
+        need(),
+        rotates=False,
+        token_write_retry=0.5,
+        takeover="reauthorize",
+    )
+    assert isinstance(decided.outcome, ReauthRequired)
+
+
+def test_the_sending_mark_is_written_only_under_a_held_lease() -> None:
+    taken, stored = held_row()
+    change, kept = lease.sending(taken, stored, NOW, 15)
+    assert kept
+    assert change.data["refresh_lease"]["sending"] == NOW.isoformat()
+    assert change.data["refresh_lease"]["until"] == at(15)
+    # Renewals keep the mark.
+    renewed, _ = lease.renewed(taken, StoredRow(UUID, "u", "k", change.data, 9), NOW, 15)
+    assert renewed.data["refresh_lease"]["sending"] == NOW.isoformat()
+    other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
+    assert lease.sending(taken, other, NOW, 15) == (lease.Change(), False)
 
 
 def test_an_abandoned_lease_is_taken_without_a_takeover() -> None:
@@ -169,7 +228,7 @@ def test_a_released_lease_leaves_the_row() -> None:
 def test_a_failure_ends_the_lease_and_keeps_a_rotated_refresh_token() -> None:
     taken, stored = held_row()
     exc = TokenRequestFailed("bad answer", transient=False)
-    change = lease.failed(taken, stored, exc, NOW, POLICY, seal)
+    change = lease.failed(taken, stored, plain(), "r1", exc, NOW, POLICY, seal)
     assert "refresh_lease" not in change.data
     assert change.data["refresh_error"]["code"] == "token_request_failed"
     try:
@@ -181,7 +240,7 @@ def test_a_failure_ends_the_lease_and_keeps_a_rotated_refresh_token() -> None:
             previous_refresh_token="r1",
         )
     except TokenRequestFailed as refused:
-        change = lease.failed(taken, stored, refused, NOW, POLICY, seal)
+        change = lease.failed(taken, stored, plain(), "r1", refused, NOW, POLICY, seal)
     assert change.data["refresh_token"] == "sealed:refresh_token:r2"
 
 
@@ -189,7 +248,15 @@ def test_a_failure_after_a_takeover_records_nothing() -> None:
     taken, _ = held_row()
     other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
     exc = TokenRequestFailed("down", transient=True)
-    assert lease.failed(taken, other, exc, NOW, POLICY, seal).data is None
+    assert lease.failed(taken, other, plain(), "r1", exc, NOW, POLICY, seal).data is None
+
+
+def test_a_failure_after_a_new_grant_only_ends_the_lease() -> None:
+    taken, stored = held_row()
+    exc = ReauthRequired("refused")
+    change = lease.failed(taken, stored, plain(refresh_token="g2"), "r1", exc, NOW, POLICY, seal)
+    assert change.data is not None and "refresh_lease" not in change.data
+    assert "refresh_error" not in change.data and change.events == []
 
 
 # -- storing an answer -----------------------------------------------------------------------
@@ -222,6 +289,15 @@ def test_a_fenced_out_answer_newer_than_the_row_serves_its_process() -> None:
     change, done = lease.written(taken, other, plain(), tokens(), "r1", seal)
     assert change.data is None
     assert (done.stored, done.newer, done.token) == (False, False, "new")
+
+
+def test_an_answer_after_a_new_grant_is_not_stored_but_its_lease_ends() -> None:
+    taken, stored = held_row()
+    granted = plain(access_token="g-access", refresh_token="g2")
+    change, done = lease.written(taken, stored, granted, tokens(), "r1", seal)
+    assert change.data is not None and "refresh_lease" not in change.data
+    assert change.data.get("access_token") == stored.data.get("access_token")
+    assert (done.stored, done.newer, done.token) == (False, True, "g-access")
 
 
 def test_lost_tokens_mark_the_connection_only_while_the_spent_token_is_stored() -> None:

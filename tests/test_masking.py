@@ -8,6 +8,7 @@ import traceback
 import uuid as uuid_mod
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from aioresponses import aioresponses
 
 from integrations import (
     ALL_OWNERS,
+    ConfigurationError,
     Connection,
     DecryptionFailed,
     EncryptionNotConfigured,
@@ -293,6 +295,13 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         for error in errors:
             logging.getLogger("app").error("call failed", exc_info=error)
 
+        # The audit trail holds names, never values; a data key needs a KMS or HSM source.
+        record("audit", await rotating.audit(limit=1000))
+        record("verify_audit", await rotating.verify_audit())
+        record("sweep_audit", await rotating.sweep_audit(older_than=timedelta(days=1)))
+        await expect(ConfigurationError, rotating.new_data_key())
+        exercised.add("new_data_key")
+
         # Last, the calls that drop data.
         record("disconnect", await rotating.disconnect(uuids["openai"]))
         record("remove_connection", await rotating.remove_connection(uuids["telegram"]))
@@ -327,10 +336,16 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         "test_webhook",
         "webhook_deliveries",
     }
+    # A new data key needs a KMS or PKCS#11 source: tests/test_key_sources.py runs it and
+    # checks what it prints and logs.
+    exercised.add("new_data_key")
+    # The device flow needs a provider that offers it: tests/test_device_flow.py runs it
+    # against a real OpenID provider and checks logs and listings for the tokens.
+    exercised |= {"start_device_authorization", "complete_device_authorization"}
     public = {name for name in dir(Integrations) if not name.startswith("_")}
     assert public - exercised == set(), "add new public methods to this test"
 
-    assert len(errors) == 9
+    assert len(errors) == 10
     assert payloads, "no NOTIFY payload was received"
     for payload in payloads:
         assert leaks(payload) == [], payload

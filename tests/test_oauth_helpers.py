@@ -380,7 +380,15 @@ def test_token_request_refuses_unknown_grant_and_auth_method() -> None:
             token_url=TOKEN_URL,
             client_id="c",
             client_secret="s",
-            auth_method="private_key_jwt",  # type: ignore[arg-type]
+            auth_method="client_secret_jwt",  # type: ignore[arg-type]
+        )
+    with pytest.raises(ValueError, match="needs a private key"):
+        oauth.token_request(
+            "client_credentials",
+            token_url=TOKEN_URL,
+            client_id="c",
+            client_secret=None,
+            auth_method="private_key_jwt",
         )
 
 

@@ -34,6 +34,8 @@ CALLS: dict[str, Call] = {
     "get_integration_by_uuid": lambda h, u: h.get_integration_by_uuid(u),
     "resolve_to_uuid": lambda h, u: h.resolve_to_uuid(u),
     "get_credentials": lambda h, u: h.get_credentials(u),
+    # Another owner's connection has no records in this scope, as a missing one has none.
+    "audit": lambda h, u: h.audit(uuid=u),
     "is_connected": lambda h, u: h.is_connected(u),
     "save_setup": lambda h, u: h.save_setup(u, {"api_key": "sk-alice-overwrite-0123"}),
     "import_tokens": lambda h, u: h.import_tokens(u, {"access_token": "x"}),
@@ -49,6 +51,8 @@ CALLS: dict[str, Call] = {
     "authorization_url": lambda h, u: h.authorization_url(u, "https://app.example/cb"),
     "exchange_code": lambda h, u: h.exchange_code(u, "code", "https://app.example/cb"),
     "connect_interactive": lambda h, u: h.connect_interactive(u, timeout=5),
+    "start_device_authorization": lambda h, u: h.start_device_authorization(u),
+    "complete_device_authorization": lambda h, u: h.complete_device_authorization(u),
 }
 
 # The administrator's methods that take an owner but are not offered to one.

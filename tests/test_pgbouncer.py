@@ -129,7 +129,7 @@ def narrow_bouncer() -> Iterator[PgBouncer]:
         yield running
 
 
-async def test_one_instance_leads_the_health_sweeps_behind_pgbouncer(
+async def test_one_instance_leads_the_health_sweeps_behind_pgbouncer_without_listen_dsn(
     narrow_bouncer: PgBouncer, fresh_db: str
 ) -> None:
     from .conftest import TEST_KEY
@@ -138,9 +138,7 @@ async def test_one_instance_leads_the_health_sweeps_behind_pgbouncer(
     reports: dict[str, list[object]] = {"a": [], "b": []}
 
     async def sweeping(name: str) -> None:
-        async with Integrations(
-            pooled, keys=TEST_KEY, statement_cache_size=0, listen_dsn=fresh_db
-        ) as integ:
+        async with Integrations(pooled, keys=TEST_KEY, statement_cache_size=0) as integ:
             await integ.run_health_sweeps(
                 interval=0.1, stale_after=3600, on_sweep=reports[name].append
             )
@@ -153,7 +151,7 @@ async def test_one_instance_leads_the_health_sweeps_behind_pgbouncer(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     # A session lock taken through the pooler would sit on the shared server connection,
-    # where the other instance's try-lock succeeds too: two leaders.
+    # where the other instance's try-lock succeeds too: two leaders. The lease is a row.
     leaders = [name for name, got in reports.items() if got]
     assert len(leaders) == 1, {name: len(got) for name, got in reports.items()}
     assert len(reports[leaders[0]]) >= 5

@@ -45,8 +45,11 @@ EXPECTED = {
         "stripe",
         "sendgrid",
         "brevo",
+        "giphy",
+        "tomtom",
     },
     "key_secret": {"twilio", "aws"},
+    "jwt_bearer": {"google-service-account", "bigquery-service-account"},
     "bot_token": {"telegram", "discord"},
     "credentials": {"smtp", "postgres"},
 }
@@ -70,9 +73,12 @@ def test_catalogue_holds_every_documented_provider_with_its_auth_type():
 @pytest.mark.parametrize("provider", BUILTIN_PROVIDERS, ids=lambda p: p.key)
 def test_every_builtin_has_setup_fields_a_check_and_an_auth_header(provider: Provider):
     assert provider.setup_fields
-    assert provider.validation is not None
+    # A service account's check is obtaining a token with its key.
+    renewal_is_check = getattr(provider.scheme, "renewal_is_check", False)
+    assert provider.validation is not None or renewal_is_check
     assert provider.docs_url and provider.docs_url.startswith("https://")
-    if provider.auth_type == "credentials":
+    if provider.scheme.freeform:
+        assert provider.validation is not None
         assert provider.validation.hook in ("smtp", "postgres")
     else:
         assert provider.auth_header is not None

@@ -18,7 +18,14 @@ import pytest
 from integrations import ConfigurationError, Integrations, ReauthRequired
 
 from .oauth_server import OAuthTestServer, ServerProcess
-from .oauthkit import connect, eventually, open_integrations
+from .oauthkit import (
+    REDIRECT_URI,
+    approve,
+    connect,
+    eventually,
+    loopback_provider,
+    open_integrations,
+)
 from .test_refresh_processes import Worker
 
 
@@ -85,7 +92,8 @@ async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
                 uuid_mod.UUID(uuid),
             )
         )
-        assert set(lease) == {"holder", "fence", "until", "requested_at"}
+        # Marked as sending before the request left, in its own commit.
+        assert set(lease) == {"holder", "fence", "until", "requested_at", "sending"}
         version = await db.fetchval(
             "SELECT version FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(uuid)
         )
@@ -103,6 +111,51 @@ async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
         assert woken - (answered[0] if answered else woken) < 0.25
     stored = await integ.get_integration(uuid)
     assert "refresh_lease" not in stored
+
+
+async def _lease_in_row(db: asyncpg.Connection, uuid: str) -> object:
+    return await db.fetchval(
+        "SELECT value_json -> 'refresh_lease' FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+
+
+@pytest.mark.parametrize("takeover", ["refresh", "reauthorize"])
+@pytest.mark.parametrize("answer", ["tokens", "failure"])
+async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_grant(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, takeover: str, answer: str
+) -> None:
+    async with open_integrations(fresh_db, server.base_url, refresh_takeover=takeover) as integ:
+        uuid = await connect(integ)
+        # Only the refresh's request waits: the new grant's code exchange answers at once.
+        server.config.token_delay, server.config.delay_next = 3.0, 1
+        refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        url, _ = await integ.begin_authorization(uuid, REDIRECT_URI)
+        query = await approve(url)
+        await integ.complete_authorization(query["state"], code=query["code"])
+        granted = (await integ.get_integration(uuid))["access_token"]
+        assert not refreshing.done(), "the refresh answered before the new grant landed"
+        if answer == "failure":
+            # Refused for good: were it recorded, the new grant would read as needing one.
+            server.config.force_invalid_client = True
+            with pytest.raises(ReauthRequired) as failure:
+                await refreshing
+            assert failure.value.code == "reauth_required"
+            server.config.force_invalid_client = False
+        else:
+            # The grant is newer than the refresh's answer: the grant's token is handed out.
+            assert await refreshing == granted
+        assert await _lease_in_row(db, uuid) is None
+        stored = await integ.get_integration(uuid)
+        assert stored["access_token"] == granted and "refresh_error" not in stored
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+        # The next refresh asks at once, with the grant's refresh token.
+        server.config.token_delay = 0.0
+        fresh = await integ.refresh_access_token(uuid)
+        assert fresh != granted and _refreshes(server) == 2
+        assert server.stats.refresh_reuse_detected == 0
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +192,13 @@ async def _frozen_holder(
 async def test_a_frozen_holder_is_taken_over_and_its_late_answer_does_not_overwrite(
     fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
 ) -> None:
-    async with open_integrations(fresh_db, strict.base_url) as integ:
+    # A provider that does not rotate (so declared): the refresh token the frozen holder
+    # sent is good, and is sent again once the holder had its time to write.
+    provider = loopback_provider(strict.base_url, rotates_refresh_tokens=False)
+    async with open_integrations(
+        fresh_db, strict.base_url, providers=[provider], token_write_retry=0.5
+    ) as integ:
         uuid = await connect(integ)
-        # A provider that does not rotate: the refresh token the frozen holder sent is good.
         strict.configure(rotate_refresh_tokens=False)
         victim = await _frozen_holder(fresh_db, strict, uuid, db)
         strict.configure(token_delay=0.0)
@@ -159,7 +216,7 @@ async def test_with_reauthorize_a_frozen_holder_is_not_taken_over_and_its_answer
     fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
 ) -> None:
     async with open_integrations(
-        fresh_db, strict.base_url, refresh_takeover="reauthorize"
+        fresh_db, strict.base_url, refresh_takeover="reauthorize", token_write_retry=0.5
     ) as integ:
         uuid = await connect(integ)
         victim = await _frozen_holder(fresh_db, strict, uuid, db)
@@ -180,20 +237,23 @@ async def test_with_reauthorize_a_frozen_holder_is_not_taken_over_and_its_answer
         assert stats["refresh_reuse_detected"] == 0 and stats["grants_revoked"] == 0
 
 
-async def test_with_refresh_takeover_a_spent_refresh_token_costs_the_grant_at_a_strict_provider(
+async def test_by_default_a_rotating_providers_spent_refresh_token_is_never_sent_again(
     fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
 ) -> None:
-    """The documented cost of the default: the frozen holder spent the refresh token."""
-    async with open_integrations(fresh_db, strict.base_url) as integ:
+    """The frozen holder sent the refresh token (its lease says so): once it had its time
+    to store the answer, the connection is marked, and the grant survives the holder."""
+    async with open_integrations(fresh_db, strict.base_url, token_write_retry=0.5) as integ:
         uuid = await connect(integ)
         victim = await _frozen_holder(fresh_db, strict, uuid, db)
         strict.configure(token_delay=0.0)
-        with pytest.raises(ReauthRequired):
+        with pytest.raises(ReauthRequired, match="authorized again"):
             await integ.refresh_access_token(uuid)
-        assert strict.stats()["refresh_reuse_detected"] == 1
+        assert strict.stats()["token_calls"]["refresh_token"] == 1
         victim.proc.send_signal(signal.SIGCONT)
-        await victim.result()
-        assert (await integ.get_integration_by_uuid(uuid)).status == "error"
+        assert (await victim.result())["results"] == [{"status": 200}]
+        assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+        stats = strict.stats()
+        assert stats["refresh_reuse_detected"] == 0 and stats["grants_revoked"] == 0
 
 
 @pytest.mark.parametrize(
@@ -273,9 +333,12 @@ async def test_with_reauthorize_a_token_request_that_timed_out_is_not_sent_again
 async def test_by_default_a_token_request_that_timed_out_is_retried(
     fresh_db: str, server: OAuthTestServer
 ) -> None:
-    # A provider that keeps its refresh tokens valid (most do): the retry simply works.
+    # A provider that keeps its refresh tokens valid (and says so): the retry simply works.
     server.config.rotate_refresh_tokens = False
-    async with open_integrations(fresh_db, server.base_url, token_timeout=0.3) as integ:
+    provider = loopback_provider(server.base_url, rotates_refresh_tokens=False)
+    async with open_integrations(
+        fresh_db, server.base_url, token_timeout=0.3, providers=[provider]
+    ) as integ:
         uuid = await connect(integ)
         before = await integ.get_credentials(uuid)
         server.config.update({"token_delay": 1.0, "delay_next": 1})

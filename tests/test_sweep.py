@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from integrations import ALL_OWNERS, ConfigurationError, Integrations, SweepReport
+from integrations import ALL_OWNERS, Integrations, SweepReport
 from integrations._telemetry import LOG_FIELDS
 
 from . import sweepkit
@@ -227,12 +227,9 @@ async def test_bad_options_are_refused(fresh_db: str) -> None:
         for options, kind in bad:
             with pytest.raises(kind):
                 await integ.run_health_sweeps(**options)
-    async with Integrations(fresh_db, keys=TEST_KEY, pool_max_size=2) as small:
-        with pytest.raises(ConfigurationError):
-            await small.run_health_sweeps(interval=1, stale_after=1)
 
 
-async def test_close_ends_the_sweeps_and_releases_the_lock(fresh_db: str) -> None:
+async def test_close_ends_the_sweeps_and_gives_up_the_lease(fresh_db: str) -> None:
     integ = Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()])
     await integ.open()
     reports: list[SweepReport] = []
@@ -243,7 +240,7 @@ async def test_close_ends_the_sweeps_and_releases_the_lock(fresh_db: str) -> Non
     await asyncio.wait_for(integ.close(), 10)
     await asyncio.wait_for(task, 5)
     assert task.result() is None
-    # The lock went with it: another instance leads at once.
+    # The lease went with it: another instance leads at once.
     async with (
         Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()]) as other,
         sweeping(other) as (later, _),
@@ -280,6 +277,21 @@ async def _read_lines(proc: asyncio.subprocess.Process, into: list[dict[str, Any
     assert proc.stdout is not None
     async for line in proc.stdout:
         into.append(json.loads(line))
+
+
+async def _start_child(dsn: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(CHILD),
+        "--dsn",
+        dsn,
+        "--key",
+        TEST_KEY,
+        "--interval",
+        str(INTERVAL),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(CHILD.parent.parent)},
+    )
 
 
 async def test_one_process_of_three_sweeps_and_another_takes_over_after_sigkill(
@@ -328,7 +340,8 @@ async def test_one_process_of_three_sweeps_and_another_takes_over_after_sigkill(
         await victim.wait()
         await eventually(lambda: pids_after(killed_at), within=10)
         takeover = min(s["start"] for s in sweeps() if s["start"] >= killed_at)
-        assert takeover - killed_at <= INTERVAL + SLACK
+        # The dead leader's lease runs out (one interval), then the next try takes it.
+        assert takeover - killed_at <= 2 * INTERVAL + SLACK
         [successor] = pids_after(killed_at)
         assert successor != leader
 
@@ -347,19 +360,73 @@ async def test_one_process_of_three_sweeps_and_another_takes_over_after_sigkill(
             await asyncio.wait({reader}, timeout=5)
 
 
-async def test_a_leader_whose_session_ends_leads_again(
-    fresh_db: str, db: asyncpg.Connection
+async def test_a_leader_that_finds_its_lease_taken_stops_at_once(
+    fresh_db: str, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()]) as integ:
         await add_probe(integ, "one", SECRET)
         async with sweeping(integ, interval=0.1) as (reports, task):
-            await until(reports, 1)
-            holders = await db.fetch(
-                "SELECT pid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            await until(reports, 2)
+            # Another holder takes the lease for 4 s (as one whose clock ran ahead would).
+            await db.execute(
+                "UPDATE integrations.leases SET holder = gen_random_uuid(), "
+                "expires_at = clock_timestamp() + interval '4 seconds'"
             )
-            assert len({h["pid"] for h in holders}) == 1, [dict(h) for h in holders]
-            await db.execute("SELECT pg_terminate_backend($1)", holders[0]["pid"])
+            taken_at = datetime.now(UTC)
+            await asyncio.sleep(3.5)
+            during = [r for r in reports if r.started_at >= taken_at]
+            # The lease lasts one second (the shortest) and is renewed three times in
+            # it: the leader learns of the takeover within a third of a second and by its
+            # own clock can lead no longer than the lease it last renewed.
+            assert all(r.started_at - taken_at < timedelta(seconds=1) for r in during)
             seen = len(reports)
-            await until(reports, seen + 2)
+            await until(reports, seen + 2)  # the foreign lease ran out: it leads again
             assert not task.done()
+    kinds = [getattr(r, "integrations_event_kind", None) for r in caplog.records]
+    assert "sweep_lead_lost" in kinds
+
+
+async def test_a_sigstopped_leader_is_replaced_and_does_not_sweep_once_resumed(
+    fresh_db: str,
+) -> None:
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()]) as integ:
+        for i in range(3):
+            await add_probe(integ, f"c{i}", f"key-{i}")
+    lines: list[dict[str, Any]] = []
+    procs = [await _start_child(fresh_db) for _ in range(3)]
+    readers = [asyncio.create_task(_read_lines(p, lines)) for p in procs]
+
+    def checks(pid: int | None = None) -> list[dict[str, Any]]:
+        return [x for x in lines if "check" in x and (pid is None or x["pid"] == pid)]
+
+    try:
+        await eventually(lambda: sum("ready" in line for line in lines) == 3, within=60)
+        await eventually(lambda: len([x for x in lines if "start" in x]) >= 2, within=30)
+        [leader] = {x["pid"] for x in lines if "start" in x}
+        victim = next(p for p in procs if p.pid == leader)
+        victim.send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        await eventually(
+            lambda: any(x["pid"] != leader and x["at"] >= stopped_at for x in checks()),
+            within=15,
+        )
+        takeover = min(x["at"] for x in checks() if x["pid"] != leader and x["at"] >= stopped_at)
+        assert takeover - stopped_at <= 2 * INTERVAL + SLACK
+        successors = {x["pid"] for x in checks() if x["at"] >= stopped_at}
+        assert len(successors) == 1 and leader not in successors
+
+        victim.send_signal(signal.SIGCONT)
+        resumed_at = time.time()
+        await asyncio.sleep(3 * INTERVAL)
+        # Resumed, the old leader sees by its own clock that its lease ran out: it starts
+        # no check, while the new leader goes on.
+        assert [x for x in checks(leader) if x["at"] >= stopped_at] == []
+        assert any(x["at"] >= resumed_at + INTERVAL for x in checks(successors.pop()))
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGKILL)
+        for proc in procs:
+            await proc.wait()
+        for reader in readers:
+            await asyncio.wait({reader}, timeout=5)

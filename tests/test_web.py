@@ -727,3 +727,26 @@ def test_status_text() -> None:
 def test_parse_scopes() -> None:
     assert parse_scopes(" read, write  admin,,") == ["read", "write", "admin"]
     assert parse_scopes("") == []
+
+
+# -- audit trail ----------------------------------------------------------------------------
+
+
+async def test_audit_pages_store_wide_per_connection_and_owner_scoped(
+    integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    mine = await integ.add_connection("acme", "mine", owner="user:1")
+    theirs = await integ.add_connection("acme", "theirs", owner="user:2")
+    uuid = await add(http, "acme", "console")
+    page = await http.get(f"/{uuid}")
+    assert f'href="/{uuid}/audit"' in page.text
+    own = (await http.get(f"/{uuid}/audit")).text
+    assert "connection.added" in own and "<td>admin</td>" in own
+    assert mine.uuid not in own
+    every = (await http.get("/audit")).text
+    assert mine.uuid in every and theirs.uuid in every and uuid in every
+    async with client(console(integ, authorize=lambda request: Owner("user:1"))) as owner:
+        scoped = (await owner.get("/audit")).text
+        assert mine.uuid in scoped
+        assert theirs.uuid not in scoped and uuid not in scoped
+        assert (await owner.get(f"/{theirs.uuid}/audit")).status_code == 404

@@ -16,6 +16,7 @@ from .api_key import ApiKeyScheme
 from .bot_token import BotTokenScheme
 from .credentials import CredentialsScheme
 from .headers import HeaderScheme
+from .jwt_bearer import JwtBearerScheme
 from .key_secret import KeySecretScheme
 from .oauth2 import ClientCredentialsScheme, OAuth2Scheme, TokenGrant, TokenScheme
 
@@ -48,6 +49,7 @@ SCHEMES = SchemeRegistry(
         KeySecretScheme(),
         BotTokenScheme(),
         CredentialsScheme(),
+        JwtBearerScheme(),
     ]
 )
 

@@ -78,6 +78,8 @@ class ProviderView(Protocol):
     @property
     def scope_separator(self) -> str: ...
     @property
+    def token_auth(self) -> str: ...
+    @property
     def setup_fields(self) -> tuple[SetupField, ...]: ...
     @property
     def auth_header(self) -> AuthHeader | None: ...
@@ -168,6 +170,12 @@ class AuthScheme:
     def auth_header(self) -> AuthHeader | None:
         """The auth header of a provider that declares none."""
         return None
+
+    def expand_setup(self, attrs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Setup attributes as given, before their fields are checked: a scheme may accept
+        a whole file as issued and expand it into its fields (InvalidField naming the
+        field when it can't, never echoing the value)."""
+        return attrs
 
     def check_provider(self, provider: ProviderView) -> None:
         """Refuse (ValueError, naming the field) a provider this scheme cannot serve."""

@@ -46,6 +46,10 @@ class AuthHeader(_Frozen):
     - ``kind="path"``: ``template`` (e.g. ``"/bot{bot_token}"``) is put in front
       of the URL path; Telegram's ``https://api.telegram.org/getMe`` becomes
       ``https://api.telegram.org/bot<token>/getMe``.
+    - ``kind="query"``: the query parameter ``name`` set to ``template`` rendered with the
+      credentials (``AuthHeader(kind="query", name="key", template="{api_key}")`` sends
+      ``?key=...``); like a path token, it is hidden in logs, errors and redacted URLs and
+      never follows a redirect to another host.
     - ``kind="sigv4"``: AWS Signature Version 4 from ``access_key``,
       ``secret_key`` and optional ``session_token`` (needs the ``aws`` extra).
     - any kind registered with ``integrations.register_auth_kind``.
@@ -182,7 +186,9 @@ def url_secrets(header: AuthHeader | None, values: Mapping[str, Any]) -> tuple[s
         value = values.get(key)
         if value is not None and str(value):
             text = str(value)
-            out.update({text, quote(text, safe=":"), quote(text, safe="")})
+            # As a path segment and as a query value (yarl's own encoding of one).
+            query = URL.build(query={"k": text}).raw_query_string[2:]
+            out.update({text, quote(text, safe=":"), quote(text, safe=""), query})
     return tuple(sorted(out, key=len, reverse=True))
 
 
@@ -192,7 +198,8 @@ def url_secrets(header: AuthHeader | None, values: Mapping[str, Any]) -> tuple[s
 def _header_auth(
     header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
 ) -> tuple[dict[str, str], URL]:
-    rendered = {k: _header_value(v, k) for k, v in values.items()}
+    # Only the fields the template names: others (a multi-line key) never reach a header.
+    rendered = {k: _header_value(values[k], k) for k in template_fields(header.template)}
     return {header.name: render(header.template, rendered)}, target
 
 
@@ -217,6 +224,15 @@ def _path_auth(
     if path != prefix and not path.startswith(prefix + "/"):
         target = target.with_path(prefix + path, encoded=True, keep_query=True)
     return {}, target
+
+
+def _query_auth(
+    header: AuthHeader, values: Mapping[str, Any], target: URL, method: str, body: bytes | None
+) -> tuple[dict[str, str], URL]:
+    # Only the fields the template names: others (a multi-line key) never reach a header.
+    rendered = {k: _header_value(values[k], k) for k in template_fields(header.template)}
+    # The parameter replaces one of the same name the caller may have put in the URL.
+    return {}, target.update_query({header.name: render(header.template, rendered)})
 
 
 def _check_path(header: AuthHeader) -> None:
@@ -248,6 +264,12 @@ register_auth_kind(
     in_path=True,
     describe=lambda header: f"URL path `{header.template}`",
     check=_check_path,
+)
+register_auth_kind(
+    "query",
+    _query_auth,
+    in_path=True,
+    describe=lambda header: f"query parameter `{header.name}={header.template}`",
 )
 register_auth_kind(
     "sigv4",

@@ -21,13 +21,19 @@ __all__ = ["ClientCredentialsScheme", "OAuth2Scheme", "TokenGrant", "TokenScheme
 @dataclass(frozen=True, slots=True)
 class TokenGrant:
     """What renews an access token: the grant type and its parameters for the token
-    endpoint, the refresh token it spends (None when none is spent), and the scopes asked
-    for (what the answer is read against when it names none)."""
+    endpoint, the refresh token it spends (None when none is spent), the scopes asked
+    for (what the answer is read against when it names none), whether the client
+    authenticates, and the endpoint when the connection names its own."""
 
     grant_type: str
     params: Mapping[str, str | Sequence[str] | None] = field(repr=False)
     spends: str | None = field(default=None, repr=False)
     requested_scopes: Sequence[str] = ()
+    #: Whether the client authenticates as the provider's ``token_auth`` says (False: the
+    #: grant itself proves who asks, as a JWT bearer assertion does).
+    client_auth: bool = True
+    #: The token endpoint, when the connection's data names it (a key file's ``token_uri``).
+    token_url: str | None = None
 
 
 def _text(value: Any) -> str | None:
@@ -40,15 +46,31 @@ class TokenScheme(AuthScheme):
     renews it."""
 
     uses_access_token = True
-    secret_fields = frozenset({"client_secret", "access_token", "refresh_token"})
+    secret_fields = frozenset(
+        {"client_secret", "client_private_key", "access_token", "refresh_token", "device_code"}
+    )
     #: Whether obtaining a token is itself the credential check (no other check declared).
     renewal_is_check: bool = False
 
     def setup_fields(self, spec: Mapping[str, Any]) -> tuple[SetupField, ...]:
+        client_id = SetupField(key="client_id", label="Client ID", required=True)
+        if spec.get("token_auth") == "private_key_jwt":
+            # The client proves itself with a signed assertion, not a secret.
+            return (
+                client_id,
+                SetupField(
+                    key="client_private_key",
+                    label="Client private key (PEM or JWK)",
+                    type="text",
+                    required=True,
+                    secret=True,
+                ),
+                SetupField(key="client_key_id", label="Client key ID (kid)"),
+            )
         # A public client (PKCE, token_auth="none") has no secret to require.
         public = spec.get("token_auth") == "none"
         return (
-            SetupField(key="client_id", label="Client ID", required=True),
+            client_id,
             SetupField(
                 key="client_secret", label="Client secret", required=not public, secret=True
             ),
@@ -160,6 +182,8 @@ class ClientCredentialsScheme(TokenScheme):
             raise ValueError("an oauth2_client_credentials provider needs token_url")
 
     def runtime_fields(self, provider: ProviderView) -> tuple[str, ...]:
+        if provider.token_auth == "private_key_jwt":
+            return ("client_id", "client_private_key")
         return ("client_id", "client_secret")
 
     def grant(self, provider: ProviderView, plain: Mapping[str, Any]) -> TokenGrant:

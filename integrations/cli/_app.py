@@ -10,12 +10,13 @@ import json
 import os
 import stat
 import sys
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from .._audit import AuditRecord, Breach
 from .._errors import AlreadyExists, MissingExtra
 from .._events import ALL_OWNERS
 from .._names import PROVIDER_KEY_RE
@@ -69,6 +70,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     envvar="INTEGRATIONS_PROVIDERS",
     help="Application providers: a JSON file or module:attribute (else INTEGRATIONS_PROVIDERS).",
 )
+@click.option(
+    "--actor",
+    envvar="INTEGRATIONS_ACTOR",
+    help="Who the audit trail names for this command (default: the OS user).",
+)
 @click.option("--json", "json_", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.version_option(package_name="integrations", prog_name="integrations")
@@ -78,6 +84,7 @@ def cli(
     dsn: str | None,
     owner: str | None,
     providers: str | None,
+    actor: str | None,
     json_: bool,
     debug: bool,
 ) -> None:
@@ -91,6 +98,7 @@ def cli(
     env.dsn = dsn or None
     env.owner = owner
     env.providers = providers or None
+    env.actor = actor or _os_user()
     env.json = env.json or json_
     env.debug = debug
     if debug:
@@ -99,6 +107,15 @@ def cli(
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     else:
         show_warnings()
+
+
+def _os_user() -> str | None:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
 
 
 # -- catalogue and connections -------------------------------------------------------------
@@ -583,6 +600,12 @@ def test(
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="Loopback port (0: any).")
 @click.option("--scope", "scopes", multiple=True, help="A scope to ask for (repeatable).")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1))
+@click.option(
+    "--device",
+    is_flag=True,
+    help="Use the device flow: enter a code on another device (the default without a "
+    "browser, for providers that offer it).",
+)
 @json_option
 @click.pass_context
 def connect(
@@ -592,21 +615,41 @@ def connect(
     port: int,
     scopes: tuple[str, ...],
     timeout: float,
+    device: bool,
 ) -> None:
-    """Authorize an OAuth connection in a browser (RFC 8252 loopback redirect)."""
+    """Authorize an OAuth connection in a browser (RFC 8252 loopback redirect), or with a
+    code typed on another device (RFC 8628 device flow)."""
 
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
+            found = await integ.get_integration_by_uuid(uuid)
+            provider = integ.providers.find(found.provider)
+            offers_device = provider is not None and bool(provider.device_authorization_url)
+            if device and not offers_device:
+                raise Fail(
+                    f"{found.provider} does not offer the device flow; connect without --device",
+                    USAGE,
+                )
             # With --json, standard output carries only the JSON: the URL goes to stderr.
             with contextlib.redirect_stdout(sys.stderr if env.json else sys.stdout):
-                connection = await integ.connect_interactive(
-                    uuid,
-                    scopes=list(scopes) or None,
-                    open_browser=not no_browser,
-                    timeout=timeout,
-                    port=port,
-                )
+                if device or (offers_device and not _has_browser()):
+                    code = await integ.start_device_authorization(uuid, scopes=list(scopes) or None)
+                    print(f"Open {code.verification_uri} and enter the code {code.user_code}")
+                    if code.verification_uri_complete:
+                        print(f"(or open {code.verification_uri_complete})")
+                    print(f"Waiting for the approval (the code expires in {code.expires_in} s)...")
+                    sys.stdout.flush()
+                    async with asyncio.timeout(min(timeout, code.expires_in + code.interval)):
+                        connection = await integ.complete_device_authorization(uuid)
+                else:
+                    connection = await integ.connect_interactive(
+                        uuid,
+                        scopes=list(scopes) or None,
+                        open_browser=not no_browser,
+                        timeout=timeout,
+                        port=port,
+                    )
         if env.json:
             emit_json(connection_json(connection))
         else:
@@ -1086,6 +1129,166 @@ def import_(
         )
 
 
+# -- audit trail ------------------------------------------------------------------------------
+
+
+_AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(value: str) -> timedelta | None:
+    """An age such as 30m, 12h, 7d; None when ``value`` is not one."""
+    if value[:-1].isdigit() and value[-1:] in _AGES and int(value[:-1]) > 0:
+        return timedelta(seconds=int(value[:-1]) * _AGES[value[-1]])
+    return None
+
+
+def _since(value: str | None) -> datetime | None:
+    """An ISO time, or an age such as 30m, 12h, 7d."""
+    if value is None:
+        return None
+    age = _age(value)
+    if age is not None:
+        return datetime.now(UTC) - age
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise Fail(
+            f"--since takes an ISO time (2024-05-01T12:00:00+00:00) or an age (30m, 12h, 7d), "
+            f"not {value[:40]!r}",
+            USAGE,
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _audit_line(record: AuditRecord) -> str:
+    parts = [
+        f"{record.seq:>6}",
+        record.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        f"{record.action:<22}",
+        record.outcome,
+        f"actor={record.actor or '-'}",
+    ]
+    if record.owner:
+        parts.append(f"owner={record.owner}")
+    if record.provider:
+        parts.append(f"provider={record.provider}")
+    if record.uuid:
+        parts.append(record.uuid)
+    if record.detail:
+        parts.append(json.dumps(dict(record.detail), separators=(",", ":"), default=str))
+    return "  ".join(parts)
+
+
+@cli.group("audit", invoke_without_command=True)
+@click.option("--ref", help="Only this connection (uuid or provider:name).")
+@click.option("--action", help="An action (credentials.revealed) or a family (credentials).")
+@click.option("--by", "by", help="Only records of this actor.")
+@click.option("--since", help="From this ISO time, or this age back (30m, 12h, 7d).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new records until Ctrl-C.")
+@json_option
+@click.pass_context
+def audit(
+    ctx: click.Context,
+    ref: str | None,
+    action: str | None,
+    by: str | None,
+    since: str | None,
+    limit: int,
+    follow: bool,
+) -> None:
+    """The audit trail, oldest of the page first (--owner limits it to that owner)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    env = env_of(ctx)
+    start = guard(lambda: _since(since))
+    owner = env.owner if env.owner is not None else ALL_OWNERS
+
+    def show(records: list[AuditRecord]) -> None:
+        for record in records:
+            if env.json:
+                click.echo(json.dumps(record.to_json(), separators=(",", ":")))
+            else:
+                click.echo(_audit_line(record))
+        sys.stdout.flush()
+
+    async def work(env: Env) -> None:
+        async with env.integrations(auto_migrate=False) as integ:
+            uuid = None if ref is None else await resolve(integ, env, ref)
+            page = await integ.audit(
+                uuid=uuid, owner=owner, actor=by, action=action, since=start, limit=limit
+            )
+            show(list(reversed(page.records)))
+            last = page.records[0].seq if page.records else 0
+            while follow:
+                await asyncio.sleep(1.0)
+                fresh = await integ.audit(
+                    uuid=uuid, owner=owner, actor=by, action=action, since=start, limit=1000
+                )
+                new = [r for r in reversed(fresh.records) if r.seq > last]
+                show(new)
+                if new:
+                    last = new[-1].seq
+
+    run(ctx, work)
+
+
+@audit.command("verify")
+@json_option
+@click.pass_context
+def audit_verify(ctx: click.Context) -> None:
+    """Walk the hash chain; name each changed, removed or reordered record (exit 1)."""
+
+    async def work(env: Env) -> tuple[list[Breach], int]:
+        async with env.integrations(auto_migrate=False) as integ:
+            breaches = await integ.verify_audit()
+            newest = await integ.audit(limit=1)
+            return breaches, newest.records[0].seq if newest.records else 0
+
+    breaches, head = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json(
+            {
+                "ok": not breaches,
+                "head": head,
+                "breaches": [
+                    {"seq": b.seq, "kind": b.kind, "message": b.message} for b in breaches
+                ],
+            }
+        )
+    elif breaches:
+        for breach in breaches:
+            stderr(f"{breach.kind}: {breach.message}")
+    else:
+        click.echo(f"ok: the chain holds through record {head}")
+    if breaches:
+        ctx.exit(FAILED)
+
+
+@audit.command("sweep")
+@click.option(
+    "--older-than", "older_than", required=True, help="Delete records older than this age (90d)."
+)
+@json_option
+@click.pass_context
+def audit_sweep(ctx: click.Context, older_than: str) -> None:
+    """Retention: delete old records, recording the sweep (and its anchor) in the chain."""
+    age = _age(older_than)
+    if age is None:
+        stderr(f"error: --older-than takes an age such as 90d, 12h or 30m, not {older_than[:40]!r}")
+        raise SystemExit(USAGE)
+
+    async def work(env: Env) -> int:
+        async with env.integrations(auto_migrate=False) as integ:
+            return await integ.sweep_audit(older_than=age)
+
+    gone = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json({"deleted": gone})
+    else:
+        click.echo(f"deleted {gone} record(s) older than {older_than}")
+
+
 # -- operations -------------------------------------------------------------------------------
 
 
@@ -1318,3 +1521,10 @@ _accept_late_options(cli)
 
 # Kept importable for tests that check the catalogue of error classes.
 __all__ = ["cli", "parse_assignments"]
+
+
+def _has_browser() -> bool:
+    """Whether a browser could open here: a desktop session, or a platform that has one."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from .._audit import ACTOR
 from .._errors import (
     ConfigurationError,
     Deleted,
@@ -70,6 +71,8 @@ class Env:
     json: bool = False
     debug: bool = False
     providers: str | None = None
+    #: Who the audit trail names for what this command does (``--actor``).
+    actor: str | None = None
     _loaded: list[Provider] | None = field(default=None, repr=False)
     _schemes: list[AuthScheme] = field(default_factory=list, repr=False)
 
@@ -318,11 +321,17 @@ def interruptible() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+async def _acting(env: Env, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
+    # Set inside the run's own task: the actor stays with this command.
+    ACTOR.set(env.actor)
+    return await work(env)
+
+
 def run(ctx: click.Context, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
     """Run a command's coroutine; library errors become one line on stderr and an exit code."""
     env = env_of(ctx)
     try:
-        return asyncio.run(work(env))
+        return asyncio.run(_acting(env, work))
     except Fail as exc:
         _fail(env, exc, exc.message, exc.code)
     except SchemaOutdated as exc:

@@ -36,7 +36,15 @@ async def export_document(integ: Integrations, owner: str | None) -> dict[str, A
                     "data": data,
                 }
             )
+    await _record(integ, "store.exported", {"connections": len(connections)}, owner)
     return _bundle.document(connections, datetime.now(UTC).isoformat())
+
+
+async def _record(
+    integ: Integrations, action: str, detail: dict[str, Any], owner: str | None
+) -> None:
+    # The service layer's audit log: the transfer is a door with no facade method of its own.
+    await integ._s.core.audit.record(action, owner=owner, detail=detail)
 
 
 @dataclass
@@ -173,6 +181,12 @@ async def import_entries(
             f"import failed, nothing kept ({len(undo)} change(s) undone): {exc.message}"
         ) from exc
     report.rows = [(p.action, p.entry.ref, p.uuid) for p in plan]
+    await _record(
+        integ,
+        "store.imported",
+        {"created": len(report.created), "updated": len(report.updated)},
+        owner,
+    )
     return report
 
 

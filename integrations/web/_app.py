@@ -26,6 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from .._audit import acting_as
 from .._errors import (
     AlreadyExists,
     Deleted,
@@ -126,6 +127,8 @@ class _Console:
         # loaded (what happened before it opened its stream); fed by one subscription.
         self.recent: deque[Event] = deque(maxlen=_RECENT_EVENTS)
         self._feed: asyncio.Task[None] | None = None
+        # Device authorizations this console waits on (kept so that they are not collected).
+        self._device_waits: set[asyncio.Task[None]] = set()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         page = self._endpoint
         write = self._write
@@ -135,13 +138,16 @@ class _Console:
             Route("/connections", write(self.add), methods=["POST"], name="add"),
             Route("/events", page(self.events), name="events"),
             Route("/logout", write(self.logout), methods=["POST"], name="logout"),
+            Route("/audit", page(self.audit), name="audit"),
             Route("/callback", self._callback_endpoint(self.callback), name="callback"),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
             Route("/{uuid}", page(self.connection), name="connection"),
             Route("/{uuid}/status", page(self.status_fragment), name="connection_status"),
+            Route("/{uuid}/audit", page(self.connection_audit), name="connection_audit"),
             Route("/{uuid}/setup", write(self.save), methods=["POST"], name="save"),
             Route("/{uuid}/test", write(self.test), methods=["POST"], name="test"),
             Route("/{uuid}/connect", write(self.connect), methods=["POST"], name="connect"),
+            Route("/{uuid}/device", write(self.connect_device), methods=["POST"], name="device"),
             Route(
                 "/{uuid}/disconnect", write(self.disconnect), methods=["POST"], name="disconnect"
             ),
@@ -256,7 +262,9 @@ class _Console:
                     )
                 request.state.form = form
             self._follow()
-            return await handler(request, _Context(viewer, _scope(self.integ, viewer)))
+            # Reveals and changes made for this request are recorded as the viewer's.
+            with acting_as(viewer.actor):
+                return await handler(request, _Context(viewer, _scope(self.integ, viewer)))
         except _Refused as refused:
             return self.error_page(request, refused.status, refused.message)
         except _MISSING:
@@ -488,6 +496,7 @@ class _Console:
             "row": _row(provider, conn),
             "fields": field_views(provider, data) if provider is not None else [],
             "oauth": provider is not None and provider.scheme.authorizes_user,
+            "device": provider is not None and bool(provider.device_authorization_url),
             "has_token": bool(data.get("access_token")),
             "recent": self.recent_for(conn.uuid),
             "scopes": " ".join(
@@ -592,6 +601,36 @@ class _Console:
             return await self._connection_page(request, ctx, error=exc.message, status=400)
         return RedirectResponse(url, 303)
 
+    async def connect_device(self, request: Request, ctx: _Context) -> Response:
+        """Start a device authorization: show the code and the link; this process polls for
+        the approval in the background, and the status on the page follows it."""
+        uuid = request.path_params["uuid"]
+        conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+        scopes = parse_scopes(str(self._form(request).get("scopes", "")))
+        try:
+            code = await ctx.handle.start_device_authorization(
+                conn.uuid, scopes=scopes or None, actor=ctx.viewer.actor
+            )
+        except _MISSING:
+            raise
+        except IntegrationsError as exc:
+            return await self._connection_page(request, ctx, error=exc.message, status=400)
+        handle, actor = ctx.handle, ctx.viewer.actor
+
+        async def wait() -> None:
+            try:
+                await handle.complete_device_authorization(conn.uuid, actor=actor)
+            except IntegrationsError as exc:
+                # Recorded on the connection (a refusal) or simply ended (an expired code).
+                log.info("device authorization of %s ended: %s", conn.uuid, exc.code)
+
+        task = asyncio.create_task(wait())
+        self._device_waits.add(task)
+        task.add_done_callback(self._device_waits.discard)
+        context = await self._connection_context(request, ctx)
+        context["device_code"] = code
+        return self.render(request, "connection.html", context, viewer=ctx.viewer)
+
     async def callback(self, request: Request, ctx: _Context) -> Response:
         query = request.query_params
         state = query.get("state")
@@ -613,6 +652,30 @@ class _Console:
         except IntegrationsError as exc:
             raise _Refused(400, f"The authorization failed: {exc.message}") from None
         return self._redirect(request, "connection", "connected", uuid=conn.uuid)
+
+    # -- audit trail ---------------------------------------------------------------------------
+
+    async def _audit_page(
+        self, request: Request, ctx: _Context, conn: Connection | None
+    ) -> Response:
+        # The administrator sees every owner's records; an owner only that owner's.
+        owner: Any = ALL_OWNERS if isinstance(ctx.viewer, Admin) else ctx.viewer.owner
+        before = request.query_params.get("before", "")
+        page = await self.integ.audit(
+            uuid=None if conn is None else conn.uuid,
+            owner=owner,
+            before=int(before) if before.isdigit() and int(before) > 0 else None,
+            limit=100,
+        )
+        context = {"conn": conn, "records": page.records, "next_before": page.next_before}
+        return self.render(request, "audit.html", context, viewer=ctx.viewer)
+
+    async def audit(self, request: Request, ctx: _Context) -> Response:
+        return await self._audit_page(request, ctx, None)
+
+    async def connection_audit(self, request: Request, ctx: _Context) -> Response:
+        conn: Connection = await ctx.handle.get_integration_by_uuid(request.path_params["uuid"])
+        return await self._audit_page(request, ctx, conn)
 
     # -- live updates ------------------------------------------------------------------------
 

@@ -88,6 +88,9 @@ def field_views(provider: Provider, masked: Mapping[str, Any]) -> list[FieldView
 
 
 def _input_type(field: SetupField) -> str:
+    if field.type == "text":
+        # Several lines (a PEM key): a password input would drop its line breaks.
+        return "textarea"
     if field.secret:
         return "password"
     return _INPUT_TYPES.get(field.type, "text")
