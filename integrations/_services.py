@@ -95,10 +95,12 @@ class Services:
         target = None if uuid is None else names.require_uuid(uuid)
         scope = check_scope(owner)
         if actor is not None and not isinstance(actor, str):
-            raise TypeError(f"actor must be a string, not {type(actor).__name__}")
+            raise InvalidArgument(
+                f"actor must be a string, not {type(actor).__name__}", field="actor"
+            )
         if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
             raise InvalidArgument(
-                f"since must be a timezone-aware datetime, got {since!r}", field="since"
+                f"since must be a timezone-aware datetime, got {shown(since)}", field="since"
             )
         pattern: str | None = None
         if action is not None:
@@ -107,17 +109,18 @@ class Services:
             ):
                 raise InvalidArgument(
                     f"action must be one of {', '.join(sorted(ACTIONS))} or a family such "
-                    f"as 'credentials', got {action!r}",
+                    f"as 'credentials', got {shown(action)}",
                     field="action",
                 )
             pattern = action if action in ACTIONS else action + ".%"
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise InvalidArgument(f"limit must be 1 to 1000, got {limit!r}", field="limit")
+            raise InvalidArgument(f"limit must be 1 to 1000, got {shown(limit)}", field="limit")
         if before is not None and (
             isinstance(before, bool) or not isinstance(before, int) or before < 1
         ):
             raise InvalidArgument(
-                f"before must be a positive record number (a page's next_before), got {before!r}",
+                "before must be a positive record number (a page's next_before), got "
+                f"{shown(before)}",
                 field="before",
             )
         # Records written by this process but still buffered are part of what is asked.
@@ -152,9 +155,12 @@ class Services:
         return breaches
 
     async def sweep_audit(self, *, older_than: timedelta) -> int:
-        if not isinstance(older_than, timedelta) or older_than.total_seconds() <= 0:
+        if (
+            not isinstance(older_than, timedelta)
+            or not 0 < older_than.total_seconds() <= MAXIMUM["max_age"]
+        ):
             raise InvalidArgument(
-                f"older_than must be a positive timedelta, got {older_than!r}",
+                f"older_than must be a positive timedelta, got {shown(older_than)}",
                 field="older_than",
             )
         await self.core.audit.flush()
