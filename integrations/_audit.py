@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 
 from . import _telemetry as telemetry
 from ._errors import AuditFailed, ConfigurationError
+from ._names import shown
 from ._settings import check_at_most
 
 __all__ = [
@@ -204,9 +205,11 @@ class AuditLog:
 
     def __init__(self, repo: Any, *, level: str, buffer: int = 10_000) -> None:
         if level not in LEVELS:
-            raise ConfigurationError(f'audit must be "admin", "reveal" or "use", got {level!r}.')
+            raise ConfigurationError(
+                f'audit must be "admin", "reveal" or "use", got {shown(level)}.'
+            )
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            raise ConfigurationError(f"audit_buffer must be a positive int, got {buffer!r}.")
+            raise ConfigurationError(f"audit_buffer must be a positive int, got {shown(buffer)}.")
         check_at_most("audit_buffer", buffer)
         self._repo = repo
         self.level = level

@@ -7,8 +7,11 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
+
+from yarl import URL
 
 from . import _record as record
 from . import _telemetry as telemetry
@@ -23,6 +26,7 @@ from ._errors import (
     InvalidProviderKey,
     InvalidState,
     NotConfigured,
+    TokenRequestFailed,
 )
 from ._events import ALL_OWNERS, OwnerScope
 from ._input import check_text, scrub_text
@@ -32,6 +36,8 @@ from ._providers import Provider
 from ._record import Change, StoredRow
 from ._repository import PendingAuthorization
 from ._rotation import PKCE_FIELD
+from ._schemes import oauth1
+from ._tls import context_for
 
 __all__ = ["VERIFIER_FIELD", "AuthFlow", "denial_message", "error_code"]
 
@@ -94,6 +100,9 @@ class AuthFlow:
                 "token connection takes its credentials through save_setup."
             )
         plain = self._core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        if provider.scheme.uses_request_token:
+            # OAuth 1.0a signs with the consumer's credentials: checked when signing.
+            return row, provider, plain
         if not isinstance(plain.get("client_id"), str) or not plain["client_id"]:
             raise NotConfigured(
                 "The connection has no 'client_id' saved; call save_setup first.",
@@ -124,6 +133,8 @@ class AuthFlow:
         if state is not None:
             check_text(state, "state")
         row, provider, plain = await self._oauth_row(uuid, owner)
+        if provider.scheme.uses_request_token:
+            return await self._begin_oauth1(row, provider, plain, redirect_uri, actor)
         requested = list(provider.scopes if wanted is None else wanted)
         state = state or oauth.generate_state()
         verifier = oauth.generate_code_verifier() if provider.pkce else None
@@ -153,6 +164,75 @@ class AuthFlow:
         if not stored:
             raise InvalidState("This state is already pending; use a fresh one.")
         return url, state
+
+    async def _begin_oauth1(
+        self,
+        row: StoredRow,
+        provider: Provider,
+        plain: Mapping[str, Any],
+        redirect_uri: str,
+        actor: str | None,
+    ) -> tuple[str, str]:
+        """OAuth 1.0a: temporary credentials first (RFC 5849 §2.1); their token is the
+        state, their secret is sealed in the pending authorization."""
+        assert provider.request_token_url is not None and provider.authorize_url is not None
+        values = provider.template_values(plain)
+        url = provider.render_url(provider.request_token_url, plain)
+        headers = oauth1.signed_headers(values, "POST", url, None, callback=redirect_uri)
+        answer = await self._credentials_request(provider, plain, url, headers, "request_token_url")
+        if answer.get("oauth_callback_confirmed") != "true":
+            raise TokenRequestFailed(
+                "The provider's temporary credentials do not confirm the callback "
+                "(oauth_callback_confirmed); it does not speak OAuth 1.0a.",
+                provider=provider.key,
+            )
+        state = answer["oauth_token"]
+        check_text(state, "oauth_token")
+        authorize = URL(provider.render_url(provider.authorize_url, plain)).update_query(
+            oauth_token=state
+        )
+        state_hash = oauth.hash_state(state)
+        sealed = self._core.vault.seal_value(
+            state_hash, VERIFIER_FIELD, answer["oauth_token_secret"]
+        )
+        repo = self._core.repo
+        await repo.delete_expired_pending()
+        stored = await repo.insert_pending(
+            state_hash, row.uuid, row.owner, redirect_uri, [], sealed, actor, self.ttl
+        )
+        if not stored:
+            raise InvalidState("This state is already pending; use a fresh one.")
+        return str(authorize), state
+
+    async def _credentials_request(
+        self,
+        provider: Provider,
+        plain: Mapping[str, Any],
+        url: str,
+        headers: Mapping[str, str],
+        name: str,
+    ) -> dict[str, str]:
+        """POST to an OAuth 1.0a credentials endpoint; its form-encoded answer."""
+        context = context_for(provider, plain)
+        response = await self._core.http.request(
+            "POST",
+            url,
+            headers=dict(headers),
+            timeout=self._token_timeout,
+            max_attempts=1,
+            allow_redirects=False,
+            ssl=True if context is None else context,
+        )
+        answer = oauth1.parse_credentials(response.body) if response.ok else None
+        if answer is None:
+            raise TokenRequestFailed(
+                f"The provider's {name} answered HTTP {response.status} without OAuth 1.0a "
+                "credentials.",
+                transient=response.status >= 500 or response.status == 429,
+                provider=provider.key,
+                status=response.status,
+            )
+        return answer
 
     async def discard(self, state: str) -> None:
         """Drop a pending authorization that will never complete."""
@@ -211,7 +291,61 @@ class AuthFlow:
             await self.record_failure(row.uuid, message, pending.actor)
             raise AuthorizationDenied(message, error=error_code(error))
         assert code is not None
+        provider = self._core.provider_of(row)
+        if provider is not None and provider.scheme.uses_request_token:
+            return await self._exchange_oauth1(row, provider, pending, state, code)
         return await self._exchange(row, pending, code, pending.redirect_uri, pending.actor)
+
+    async def _exchange_oauth1(
+        self,
+        row: StoredRow,
+        provider: Provider,
+        pending: PendingAuthorization,
+        temporary: str,
+        verifier: str,
+    ) -> StoredRow:
+        """OAuth 1.0a: the verifier and temporary credentials exchanged for the token
+        and token secret (RFC 5849 §2.3), stored sealed."""
+        core = self._core
+        if provider.token_url is None or pending.code_verifier is None:
+            raise InvalidState()
+        plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+        temporary_secret = core.vault.unseal_value(
+            pending.state_hash, VERIFIER_FIELD, pending.code_verifier
+        )
+        url = provider.render_url(provider.token_url, plain)
+        headers = oauth1.signed_headers(
+            provider.template_values(plain),
+            "POST",
+            url,
+            None,
+            token=temporary,
+            token_secret=temporary_secret,
+            verifier=verifier,
+        )
+        answer = await self._credentials_request(provider, plain, url, headers, "token_url")
+        tokens = oauth.TokenSet(
+            access_token=answer["oauth_token"], token_type="OAuth", obtained_at=utcnow()
+        )
+        secret = answer["oauth_token_secret"]
+        now = utcnow()
+
+        def decide(current: StoredRow | None) -> tuple[Change, StoredRow]:
+            if current is None:
+                raise Deleted()
+            seal = partial(core.vault.seal_value, current.uuid)
+            data = {**current.data, "token_secret": seal("token_secret", secret)}
+            issued = record.tokens_issued(
+                replace(current, data=data),
+                tokens,
+                seal=seal,
+                account=None,
+                now=now,
+                actor=pending.actor,
+            )
+            return issued.change, issued.row
+
+        return await core.repo.modify(row.uuid, decide)
 
     async def exchange(
         self,
@@ -274,6 +408,7 @@ class AuthFlow:
             requested_scopes=requested,
             previous_refresh_token=None,
             redact=[client.client_secret, code, verifier],
+            plain=plain,
         )
         return await self.grant_issued(row, provider, plain, tokens, actor)
 

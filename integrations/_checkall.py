@@ -128,6 +128,7 @@ async def check_all(
     concurrency: int,
     record: bool,
     owner: OwnerScope,
+    actor: str | None = None,
 ) -> CheckReport:
     """Every connection of ``provider`` (all when None) in ``owner``'s scope, checked.
 
@@ -147,7 +148,7 @@ async def check_all(
 
     async def validate(target: CheckTarget) -> Validation:
         if record:
-            return await checks.validate_connection(target.uuid, actor=None, owner=ALL_OWNERS)
+            return await checks.validate_connection(target.uuid, actor=actor, owner=ALL_OWNERS)
         return await checks.probe(by_uuid[target.uuid])
 
     targets = [CheckTarget.of(row) for row in rows]

@@ -646,10 +646,15 @@ class Integrations:
         await self._in(owner).disconnect(uuid, actor=actor)
 
     async def record_validation(
-        self, uuid: str, result: Any, *, owner: OwnerScope = ALL_OWNERS
+        self,
+        uuid: str,
+        result: Any,
+        *,
+        actor: str | None = None,
+        owner: OwnerScope = ALL_OWNERS,
     ) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""
-        await self._in(owner).record_validation(uuid, result)
+        await self._in(owner).record_validation(uuid, result, actor=actor)
 
     # -- checks -------------------------------------------------------------------------
 
@@ -801,6 +806,7 @@ class Integrations:
         open_browser: bool = False,
         timeout: float = 300.0,  # noqa: ASYNC109 - enforced inside with asyncio.timeout
         port: int = 0,
+        actor: str | None = None,
         owner: OwnerScope = ALL_OWNERS,
     ) -> Connection:
         """Authorize from a script or notebook through a temporary server on 127.0.0.1.
@@ -810,7 +816,12 @@ class Integrations:
         TimeoutError) after ``timeout`` seconds.
         """
         return await self._in(owner).connect_interactive(
-            uuid, scopes=scopes, open_browser=open_browser, timeout=timeout, port=port
+            uuid,
+            scopes=scopes,
+            open_browser=open_browser,
+            timeout=timeout,
+            port=port,
+            actor=actor,
         )
 
     # -- legacy data ----------------------------------------------------------------------
@@ -903,13 +914,21 @@ class Integrations:
         concurrency: int = 8,
         record: bool = False,
         owner: OwnerScope = ALL_OWNERS,
+        actor: str | None = None,
     ) -> CheckReport:
         """Check the credentials of every connection (of ``provider``, in ``owner``'s scope),
         ``concurrency`` at a time. With ``record=True`` each outcome is recorded as
-        ``validate_connection`` does; otherwise nothing about the checks is written."""
+        ``validate_connection`` does (``actor`` names who asked); otherwise nothing about
+        the checks is written."""
         s = self._s
         return await check_all(
-            s.core, s.checks, provider=provider, concurrency=concurrency, record=record, owner=owner
+            s.core,
+            s.checks,
+            provider=provider,
+            concurrency=concurrency,
+            record=record,
+            owner=owner,
+            actor=names.check_actor(actor),
         )
 
     async def diagnose(self) -> Diagnosis:

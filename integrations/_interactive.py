@@ -48,6 +48,7 @@ async def connect_interactive(
     open_browser: bool,
     timeout: float,  # noqa: ASYNC109 - the public signature; enforced with asyncio.timeout
     port: int,
+    actor: str | None = None,
 ) -> Connection:
     """Authorize ``uuid`` in a browser, receiving the callback on a temporary loopback server."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
@@ -103,7 +104,7 @@ async def connect_interactive(
         bound_port = runner.addresses[0][1]
         redirect_uri = f"http://127.0.0.1:{bound_port}{CALLBACK_PATH}"
         url, state = await authflow.begin(
-            uuid, redirect_uri, scopes=scopes, actor=None, owner=owner
+            uuid, redirect_uri, scopes=scopes, actor=actor, owner=owner
         )
         expected.append(state)
         print(f"Open this URL in a browser to authorize the connection:\n{url}", flush=True)

@@ -227,13 +227,13 @@ class Scoped:
         """Drop runtime credentials (tokens, keys); OAuth client id/secret are kept."""
         await self._services().connections.disconnect(uuid, actor=actor, owner=self._scope)
 
-    async def record_validation(self, uuid: str, result: Any) -> None:
+    async def record_validation(self, uuid: str, result: Any, *, actor: str | None = None) -> None:
         """Store a check's outcome; an event only when status or validation_status changed."""
         # A uuid that resolves to nothing (or to another owner's row) is quietly left alone.
         target = names.require_uuid(uuid)
         ok, message = record.validation_outcome(result)
         await self._services().connections.record(
-            target, ok, message, actor=None, owner=check_scope(self._scope)
+            target, ok, message, actor=names.check_actor(actor), owner=check_scope(self._scope)
         )
 
     # -- checks -------------------------------------------------------------------------
@@ -411,6 +411,7 @@ class Scoped:
         open_browser: bool = False,
         timeout: float = 300.0,  # noqa: ASYNC109 - enforced inside with asyncio.timeout
         port: int = 0,
+        actor: str | None = None,
     ) -> Connection:
         """Authorize from a script or notebook through a temporary server on 127.0.0.1.
 
@@ -430,6 +431,7 @@ class Scoped:
             open_browser=open_browser,
             timeout=timeout,
             port=port,
+            actor=names.check_actor(actor),
         )
 
     # -- events -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from ._http import HttpClient, Response
 from ._models import Validation
 from ._providers import Provider, ValidationRequest
 from ._repository import probe_postgres
+from ._tls import context_for
 
 __all__ = [
     "ACCESS_DENIED",
@@ -116,6 +117,7 @@ async def _check_http(
     try:
         url = provider.render_url(check.url, values)
         provider = provider.for_data(values)
+        context = context_for(provider, values)
         response = await http.request(
             check.method,
             url,
@@ -123,6 +125,7 @@ async def _check_http(
             credentials=values,
             headers=check.headers,
             allow_any_host=any_host,
+            ssl=True if context is None else context,
         )
     except MissingField as exc:
         return _not_configured([str(exc.context.get("field"))])

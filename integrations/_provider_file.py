@@ -286,6 +286,7 @@ def lint_provider(provider: Provider, *, builtin: bool = False) -> list[Problem]
     urls = {
         "authorize_url": provider.authorize_url,
         "token_url": provider.token_url,
+        "request_token_url": provider.request_token_url,
         "userinfo_url": provider.userinfo_url,
         "revoke_url": provider.revoke_url,
         "docs_url": provider.docs_url,
@@ -345,6 +346,7 @@ _FIELD_ORDER = (
     "description",
     "docs_url",
     "auth_type",
+    "request_token_url",
     "authorize_url",
     "token_url",
     "userinfo_url",

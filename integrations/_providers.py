@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._input import MAX_ATTRS_BYTES, check_attrs, check_secret_text
 from ._names import PROVIDER_KEY_RE
-from ._schemes import SCHEMES, AuthHeader, AuthScheme, SchemeRegistry
+from ._schemes import CERTIFICATE_FIELDS, SCHEMES, AuthHeader, AuthScheme, SchemeRegistry
 from ._setup import SetupField, _Frozen
 from ._templates import render, template_fields
 from ._vault import SECRET_FIELDS
@@ -48,6 +48,8 @@ AUTH_TYPES: tuple[str, ...] = (
     "key_secret",
     "bot_token",
     "credentials",
+    "oauth1",
+    "mtls",
 )
 _AUTH_TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
@@ -212,6 +214,8 @@ class Provider(_Frozen):
     auth_type: str
     authorize_url: str | None = None
     token_url: str | None = None
+    #: OAuth 1.0a: the temporary credentials endpoint (RFC 5849 §2.1).
+    request_token_url: str | None = None
     userinfo_url: str | None = None
     revoke_url: str | None = None
     #: Where a device authorization starts (RFC 8628), for providers that offer the flow.
@@ -239,6 +243,13 @@ class Provider(_Frozen):
     #: marked for a new authorization instead of sending the spent token again. Unknown
     #: providers are assumed to rotate.
     rotates_refresh_tokens: bool = True
+    #: Mutual TLS: each connection saves a client certificate and its key (PEM; setup fields
+    #: ``client_certificate`` and ``client_key``, added to the scheme's), presented on its API
+    #: calls and token requests (RFC 8705 certificate-bound tokens).
+    mtls: bool = False
+    #: PEM certificates to trust for this provider's hosts instead of the system's (a
+    #: private API's own CA).
+    ca_bundle: str | None = None
     description: str = ""
     docs_url: str | None = None
     # An application provider with this set replaces the built-in of the same key.
@@ -258,6 +269,8 @@ class Provider(_Frozen):
                 data = dict(data)
                 if "setup_fields" not in data:
                     data["setup_fields"] = scheme.setup_fields(data)
+                if data.get("mtls") or scheme.client_certificate:
+                    data["setup_fields"] = _with_certificate_fields(data["setup_fields"])
                 if "auth_header" not in data:
                     header = scheme.auth_header()
                     if header is not None:
@@ -306,6 +319,7 @@ class Provider(_Frozen):
             self.userinfo_url,
             self.revoke_url,
             self.device_authorization_url,
+            self.request_token_url,
         ):
             if url is not None:
                 template_fields(url)
@@ -331,7 +345,13 @@ class Provider(_Frozen):
         URL (per-tenant hosts such as ``{subdomain}.zendesk.com``)."""
         names: list[str] = []
         templates = list(self.api_hosts)
-        urls = (self.authorize_url, self.token_url, self.userinfo_url, self.revoke_url)
+        urls = (
+            self.authorize_url,
+            self.token_url,
+            self.userinfo_url,
+            self.revoke_url,
+            self.request_token_url,
+        )
         templates += [url_authority(url) for url in urls if url]
         if self.validation is not None and self.validation.url:
             templates.append(url_authority(self.validation.url))
@@ -421,6 +441,12 @@ class Provider(_Frozen):
         if status in self.refresh_on:
             return True
         return any(rule.matches(status, body) for rule in self.rejected_answers)
+
+    @property
+    def presents_certificate(self) -> bool:
+        """Whether calls present the connection's client certificate (``mtls``, or a
+        scheme that authenticates by the certificate alone)."""
+        return self.mtls or self.scheme.client_certificate
 
     @property
     def is_oauth(self) -> bool:
@@ -560,6 +586,16 @@ class Provider(_Frozen):
         """The account (email, name, picture, id) read from a userinfo response, as
         ``userinfo_map`` says."""
         return self.userinfo_map.apply(payload)
+
+
+def _with_certificate_fields(fields: Any) -> Any:
+    """``fields`` with the client certificate and key fields added where absent."""
+    given = list(fields or ())
+    keys = {f.key if isinstance(f, SetupField) else f.get("key") for f in given}
+    for field in CERTIFICATE_FIELDS:
+        if field.key not in keys:
+            given.append(field)
+    return tuple(given)
 
 
 def _schemes_of(info: ValidationInfo) -> SchemeRegistry:

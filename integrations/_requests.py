@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,12 +16,14 @@ from ._input import check_method
 from ._providers import Provider
 from ._record import StoredRow
 from ._schemes import Answer
+from ._tls import context_for
 from ._tokens import Refresher
 
 __all__ = ["Requests"]
 
 # The row cache's extra under which a row's signer (its auth headers, built ahead) is kept.
 _SIGNER = "signer"
+_TLS = "tls"
 
 
 class Requests:
@@ -105,6 +108,8 @@ class Requests:
         )
         scope = None if traced else row
         cache = core.repo.cache
+        if provider.presents_certificate or provider.ca_bundle is not None:
+            request = self._with_tls(row, provider, request)
         signer: Signer | None = cache.extra(row, _SIGNER)
         if signer is not None:
             return core.http.send(request, signer, scope=scope)
@@ -117,6 +122,17 @@ class Requests:
             return core.http.send(request, signer, scope=scope)
         sending = self._flow(row, provider, plain, request)
         return sending if scope is None else telemetry.in_log_scope(scope, sending)
+
+    def _with_tls(self, row: StoredRow, provider: Provider, request: Request) -> Request:
+        """``request`` over the connection's TLS context (its client certificate, the
+        provider's CA), built once per cached row version."""
+        core = self._core
+        context = core.repo.cache.extra(row, _TLS)
+        if context is None:
+            plain = core.vault.unseal(row.uuid, row.data, provider.secret_field_keys)
+            context = context_for(provider, plain)
+            core.repo.cache.keep_extra(row, _TLS, context)
+        return replace(request, options={**request.options, "ssl": context})
 
     async def _flow(
         self, row: StoredRow, provider: Provider, plain: Mapping[str, Any], request: Request

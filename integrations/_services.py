@@ -29,6 +29,9 @@ from ._webhooks import Webhooks
 
 __all__ = ["Services"]
 
+# The longest retention a sweep takes: beyond it the cut-off would fall before year 1.
+_LONGEST = timedelta(days=36_525)
+
 
 class Services:
     """Every service on one core. ``Scoped`` (``_owner.py``) is the door onto these: each
@@ -94,10 +97,7 @@ class Services:
     ) -> AuditPage:
         target = None if uuid is None else names.require_uuid(uuid)
         scope = check_scope(owner)
-        if actor is not None and not isinstance(actor, str):
-            raise InvalidArgument(
-                f"actor must be a string, not {type(actor).__name__}", field="actor"
-            )
+        actor = names.check_actor(actor)
         if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
             raise InvalidArgument(
                 f"since must be a timezone-aware datetime, got {shown(since)}", field="since"
@@ -116,11 +116,11 @@ class Services:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidArgument(f"limit must be 1 to 1000, got {shown(limit)}", field="limit")
         if before is not None and (
-            isinstance(before, bool) or not isinstance(before, int) or before < 1
+            isinstance(before, bool) or not isinstance(before, int) or not 1 <= before < 2**63
         ):
             raise InvalidArgument(
-                "before must be a positive record number (a page's next_before), got "
-                f"{shown(before)}",
+                "before must be a positive record number (a page's next_before), "
+                f"got {shown(before)}",
                 field="before",
             )
         # Records written by this process but still buffered are part of what is asked.
@@ -155,12 +155,10 @@ class Services:
         return breaches
 
     async def sweep_audit(self, *, older_than: timedelta) -> int:
-        if (
-            not isinstance(older_than, timedelta)
-            or not 0 < older_than.total_seconds() <= MAXIMUM["max_age"]
-        ):
+        if not isinstance(older_than, timedelta) or not timedelta(0) < older_than <= _LONGEST:
             raise InvalidArgument(
-                f"older_than must be a positive timedelta, got {shown(older_than)}",
+                f"older_than must be a timedelta above 0 and at most 100 years, "
+                f"got {shown(older_than)}",
                 field="older_than",
             )
         await self.core.audit.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from ._models import utcnow
 from ._providers import Provider
 from ._schemes import TokenGrant
 from ._settings import BUDGET_MARGIN, TokenPolicy
+from ._tls import context_for
 
 __all__ = ["TokenEndpoint", "TokenRequest"]
 
@@ -110,8 +112,11 @@ class TokenEndpoint:
         requested_scopes: Sequence[str],
         previous_refresh_token: str | None,
         redact: Sequence[str | None] = (),
+        plain: Mapping[str, Any] | None = None,
     ) -> oauth.TokenSet:
-        """One call, in its own span: ReauthRequired or TokenRequestFailed on failure."""
+        """One call, in its own span: ReauthRequired or TokenRequestFailed on failure.
+        ``plain``: the connection's data, for its client certificate (mutual TLS)."""
+        context = None if plain is None else context_for(self.provider, plain)
         with telemetry.token_span(self.key, request[0], request[2]):
             return await post_once(
                 http,
@@ -120,6 +125,7 @@ class TokenEndpoint:
                 requested_scopes=requested_scopes,
                 previous_refresh_token=previous_refresh_token,
                 redact=redact,
+                tls=context,
             )
 
     async def renew(
@@ -147,6 +153,7 @@ class TokenEndpoint:
             **grant.params,
         )
         secret = _text(plain.get("client_secret"))
+        context = context_for(self.provider, plain)
         loop = asyncio.get_running_loop()
         delays = oauth.backoff_delays(policy.attempts - 1, policy.backoff, policy.backoff_cap)
         on_sending()
@@ -165,6 +172,7 @@ class TokenEndpoint:
                         requested_scopes=grant.requested_scopes,
                         previous_refresh_token=grant.spends,
                         redact=redact,
+                        tls=context,
                     )
                 except TokenRequestFailed as exc:
                     if not exc.transient:
@@ -222,9 +230,12 @@ async def post_once(
     requested_scopes: Sequence[str],
     previous_refresh_token: str | None,
     redact: Sequence[str | None],
+    tls: ssl.SSLContext | None = None,
 ) -> oauth.TokenSet:
-    """One token endpoint call, parsed: ReauthRequired or TokenRequestFailed on failure."""
+    """One token endpoint call, parsed: ReauthRequired or TokenRequestFailed on failure.
+    ``tls``: the SSL context that presents the connection's client certificate."""
     url, headers, body = request
+    options: dict[str, Any] = {} if tls is None else {"ssl": tls}
     try:
         response = await http.request(
             "POST",
@@ -234,6 +245,7 @@ async def post_once(
             max_attempts=1,
             timeout=request_timeout,
             allow_redirects=False,
+            **options,
         )
     except RequestFailed as exc:
         # Refused before a connection was made, the request surely did not arrive; after

@@ -526,7 +526,9 @@ class Vault:
         if cipher is None:
             ring = "no keys are configured" if self._keyring is None else "it is not in the keyring"
             raise UnknownKey(
-                f"secret field {field!r} was encrypted with key {kid!r}, but {ring}",
+                f"secret field {field!r} of connection {row} was encrypted with key {kid!r}, "
+                f"but {ring}: add that key to keys= or INTEGRATIONS_KEYS (after the primary), "
+                "or save the secret again",
                 kid=kid,
                 field=field,
             )

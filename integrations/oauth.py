@@ -109,6 +109,11 @@ TERMINAL_ERROR_CODES: Final = frozenset(
     }
 )
 
+#: The terminal codes that blame the client credentials, not the user's grant.
+_CLIENT_ERROR_CODES: Final = frozenset(
+    {"invalid_client", "incorrect_client_credentials", "bad_client_secret", "invalid_client_id"}
+)
+
 #: Error codes that describe a provider-side hiccup, worth retrying with backoff.
 TRANSIENT_ERROR_CODES: Final = frozenset(
     {"temporarily_unavailable", "server_error", "internal_error", "ratelimited"}
@@ -346,6 +351,17 @@ def parse_token_response(
             description=description,
         )
     if error is not None or not 200 <= status < 300:
+        if error in _CLIENT_ERROR_CODES:
+            # The application's client id or secret is wrong: authorizing again with the
+            # same ones fails the same way.
+            raise ReauthRequired(
+                _message("rejected the client credentials", status, error, description)
+                + "; the client id or client secret is wrong: correct them in the "
+                "connection's setup (as the provider's console shows them)",
+                status=status,
+                error=error,
+                description=description,
+            )
         if error in TERMINAL_ERROR_CODES:
             raise ReauthRequired(
                 _message("rejected the grant", status, error, description)

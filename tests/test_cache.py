@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid as uuid_mod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,6 +17,8 @@ from integrations._cache import RowCache
 from integrations._record import StoredRow
 
 from .conftest import TEST_KEY
+from .oauth_server import OAuthTestServer
+from .oauthkit import connect, open_integrations
 
 WRITER = Path(__file__).resolve().parent / "cache_writer.py"
 TIMEOUT = 10.0
@@ -126,8 +129,35 @@ async def test_repeated_reads_are_served_from_memory(integ: Integrations, saved:
     assert kept is not None and "sk-first" not in repr(kept.data)
 
 
-async def test_own_writes_are_seen_at_once(integ: Integrations, saved: str) -> None:
+class HeldBack:
+    """Stands between the event hub and the row cache: change notices are kept here, so
+    only a process's own invalidation of what it wrote can make a change seen."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.notices: list[Sequence[str] | None] = []
+
+    def rows_changed(self, uuids: Sequence[str] | None) -> None:
+        self.notices.append(uuids)
+
+    def listening(self, up: bool) -> None:
+        self.cache.listening(up)
+
+
+def hold_notifications(integ: Integrations, monkeypatch: pytest.MonkeyPatch) -> HeldBack:
+    hub = integ._s.core.hub
+    held = HeldBack(hub._watcher)
+    monkeypatch.setattr(hub, "_watcher", held)
+    return held
+
+
+async def test_own_writes_are_seen_at_once(
+    integ: Integrations, saved: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert await api_key(integ, saved) == "sk-first"
+    assert await api_key(integ, saved) == "sk-first"
+    assert integ.cache_stats.hits >= 1
+    hold_notifications(integ, monkeypatch)
     await integ.save_setup(saved, {"api_key": "sk-second"})
     assert await api_key(integ, saved) == "sk-second"
     await integ.rename_connection(saved, "renamed")
@@ -137,6 +167,24 @@ async def test_own_writes_are_seen_at_once(integ: Integrations, saved: str) -> N
     await integ.remove_connection(saved)
     with pytest.raises(integrations_errors().Deleted):
         await integ.get_credentials(saved)
+
+
+async def test_a_token_write_is_seen_at_once(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        OAuthTestServer() as server,
+        open_integrations(fresh_db, server.base_url) as integ,
+    ):
+        uuid = await connect(integ)
+        first = await integ.access_token(uuid)
+        assert await integ.access_token(uuid) == first
+        hold_notifications(integ, monkeypatch)
+        renewed = await integ.refresh_access_token(uuid)
+        assert renewed != first
+        # Not due: handed out from the (cached) row, which must be the one just written.
+        assert await integ.access_token(uuid) == renewed
+        assert server.stats.token_calls["refresh_token"] == 1
 
 
 def integrations_errors():  # type: ignore[no-untyped-def]

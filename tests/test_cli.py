@@ -1058,3 +1058,160 @@ def test_a_check_of_a_provider_this_shell_does_not_know_is_reported_not_recorded
     )
     for field in ("status", "validation_status", "last_validated_at"):
         assert after[field] == before[field], field
+
+
+# -- the whole store: actors, every owner, reads that never migrate, faithful imports -------
+
+
+async def _logged_events(dsn: str, count: int) -> list[Any]:
+    from integrations import ALL_OWNERS
+
+    async with (
+        Integrations(dsn, keys=TEST_KEY) as integ,
+        integ.subscribe(owner=ALL_OWNERS, after=0) as events,
+    ):
+        return [await asyncio.wait_for(events.__anext__(), 10) for _ in range(count)]
+
+
+def test_every_change_the_cli_makes_records_who_made_it(fresh_db: str) -> None:
+    as_alice = cli_env(USER="alice", LOGNAME="alice")
+    uuid = sh(fresh_db, "add", "openai", "work", env=as_alice).stdout.strip()
+    sh(fresh_db, "set", "openai:work", "api_key=@-", stdin=MARKER, env=as_alice)
+    sh(fresh_db, "rename", uuid, "main", env=as_alice)
+    sh(fresh_db, "--actor", "deploy-bot", "disconnect", uuid, env=as_alice)
+    done = sh(fresh_db, "remove", uuid, "--yes", "--actor", "ops:carol", env=as_alice)
+    assert done.returncode == 0, done.stderr
+    events = asyncio.run(_logged_events(fresh_db, 5))
+    assert [(e.kind, e.actor) for e in events] == [
+        ("connection_added", "alice"),
+        ("setup_saved", "alice"),
+        ("connection_renamed", "alice"),
+        ("disconnected", "deploy-bot"),
+        ("connection_removed", "ops:carol"),
+    ]
+    empty = sh(fresh_db, "--actor", " ", "add", "openai")
+    assert empty.returncode == 2 and "--actor" in empty.stderr
+
+
+def test_all_owners_lists_shows_exports_and_counts_every_owner(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    system = sh(fresh_db, "add", "openai").stdout.strip()
+    theirs = sh(fresh_db, "--owner", "user:1", "add", "slack", "team").stdout.strip()
+    sh(fresh_db, "--owner", "user:2", "add", "openai")
+    # Without it, one scope: the system's.
+    assert [c["uuid"] for c in json.loads(sh(fresh_db, "list", "--json").stdout)] == [system]
+    every = json.loads(sh(fresh_db, "list", "--all-owners", "--json").stdout)
+    assert sorted((c["owner"] or "", c["provider"]) for c in every) == [
+        ("", "openai"),
+        ("user:1", "slack"),
+        ("user:2", "openai"),
+    ]
+    table = sh(fresh_db, "list", "--all-owners").stdout
+    assert "owner" in table and "user:1" in table and "(system)" in table
+    assert len(json.loads(sh(fresh_db, "list", "openai", "--all-owners", "--json").stdout)) == 2
+    shown = json.loads(sh(fresh_db, "show", "slack:team", "--all-owners", "--json").stdout)
+    assert shown["uuid"] == theirs and shown["owner"] == "user:1"
+    twice = sh(fresh_db, "show", "openai", "--all-owners")
+    assert twice.returncode == 2 and "user:2" in twice.stderr and "uuid" in twice.stderr
+    both = sh(fresh_db, "--owner", "user:1", "list", "--all-owners")
+    assert both.returncode == 2 and "not both" in both.stderr
+    counted = json.loads(sh(fresh_db, "owners", "--json").stdout)
+    assert [(o["owner"], o["connections"], o["disconnected"]) for o in counted] == [
+        (None, 1, 1),
+        ("user:1", 1, 1),
+        ("user:2", 1, 1),
+    ]
+    assert "(system)" in sh(fresh_db, "owners").stdout
+    bundle = tmp_path / "all.json"
+    done = sh(fresh_db, "export", "--all-owners", "--decrypted", "--out", str(bundle))
+    assert done.returncode == 0, done.stderr
+    exported = json.loads(bundle.read_text())["connections"]
+    assert sorted(c["owner"] or "" for c in exported) == ["", "user:1", "user:2"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("list",), ("show", "openai"), ("owners",), ("export", "--decrypted"), ("token", "x")],
+)
+def test_a_read_command_never_migrates(empty_db: str, args: tuple[str, ...]) -> None:
+    done = sh(empty_db, *args)
+    assert done.returncode == 1
+    assert "schema is behind" in done.stderr and "integrations migrate" in done.stderr
+    # Nothing was created: migrate still has every migration to apply.
+    assert sh(empty_db, "doctor").returncode == 1
+    assert json.loads(sh(empty_db, "migrate", "--json").stdout)["applied"][0] == 1
+
+
+async def _failing_connection(dsn: str) -> str:
+    async with Integrations(dsn, keys=TEST_KEY) as integ:
+        c = await integ.add_connection("openai", "broken")
+        await integ.save_setup(c.uuid, {"api_key": MARKER + "-revoked"})
+        await integ.record_validation(c.uuid, (False, "HTTP 401: invalid api key"))
+        return c.uuid
+
+
+def test_an_import_keeps_status_and_warns_about_a_grant_in_two_stores(
+    fresh_db: str, second_db: str, tmp_path: Path
+) -> None:
+    asyncio.run(_oauth_connection(fresh_db))
+    asyncio.run(_failing_connection(fresh_db))
+    bundle = tmp_path / "b.json"
+    sh(fresh_db, "export", "--decrypted", "--out", str(bundle))
+    dry = sh(second_db, "import", str(bundle), "--keep-owners", "--dry-run")
+    assert "github:default" in dry.stderr and "--without-tokens" in dry.stderr
+    done = sh(second_db, "import", str(bundle), "--keep-owners", "--actor", "migration")
+    assert done.returncode == 0, done.stderr
+    assert "two stores" in done.stderr and "github:default" in done.stderr
+    broken = json.loads(sh(second_db, "show", "openai:broken", "--json").stdout)
+    assert broken["status"] == "error"
+    assert broken["validation_status"] == "HTTP 401: invalid api key"
+    github = json.loads(sh(second_db, "show", "github", "--json").stdout)
+    assert github["status"] == "connected" and github["validation_status"] == "ok"
+    actors = {e.actor for e in asyncio.run(_logged_events(second_db, 3))}
+    assert actors == {"migration"}
+
+    sh(second_db, "remove", "github", "--yes")
+    bare = sh(second_db, "import", str(bundle), "--keep-owners", "--without-tokens")
+    assert bare.returncode == 0, bare.stderr
+    assert "two stores" not in bare.stderr
+    github = json.loads(sh(second_db, "show", "github", "--json").stdout)
+    assert github["status"] == "disconnected" and "access_token" not in github["data"]
+    assert github["data"]["client_id"] == "cid"
+
+
+# -- messages -------------------------------------------------------------------------------
+
+
+def test_a_reference_that_finds_nothing_suggests_the_close_ones(fresh_db: str) -> None:
+    uuid = sh(fresh_db, "add", "openai", "staging").stdout.strip()
+    upper = sh(fresh_db, "show", "OpenAI:staging")
+    assert upper.returncode == 2 and "did you mean 'openai:staging'?" in upper.stderr
+    case = sh(fresh_db, "show", "openai:Staging")
+    assert case.returncode == 1 and "did you mean 'openai:staging'?" in case.stderr
+    cut = sh(fresh_db, "show", uuid[:13])
+    assert cut.returncode == 1 and f"did you mean '{uuid}'?" in cut.stderr
+    nothing = sh(fresh_db, "show", "openai:prod")
+    assert nothing.returncode == 1 and "`integrations list` lists them" in nothing.stderr
+    for done in (upper, case, cut, nothing):
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_setup_column_leaves_out_what_an_oauth_grant_wrote(fresh_db: str) -> None:
+    asyncio.run(_oauth_connection(fresh_db))
+    listed = sh(fresh_db, "list").stdout
+    assert "client_id=cid" in listed and "client_secret=••••" in listed
+    for written_by_the_grant in ("token_type", "expires_at", "granted_scopes", "access_token"):
+        assert written_by_the_grant not in listed
+
+
+def test_a_secret_under_a_key_this_process_lacks_names_the_connection_and_the_fix(
+    fresh_db: str,
+) -> None:
+    uuid = sh(fresh_db, "add", "openai").stdout.strip()
+    sh(fresh_db, "set", "openai", "api_key=@-", stdin=MARKER)
+    other = cli_env(INTEGRATIONS_KEYS=generate_key())
+    done = sh(fresh_db, "export", "--decrypted", env=other)
+    assert done.returncode == 1
+    assert uuid in done.stderr and "add that key to INTEGRATIONS_KEYS" in done.stderr
+    assert "keys=" not in done.stderr

@@ -119,6 +119,31 @@ def test_a_bundle_asking_for_costly_key_derivation_is_refused_at_once(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("n", "r", "p"),
+    [
+        (2**9, 1, 1),
+        (2**10, 0, 1),
+        (2**10, 1, 0),
+        (2 * _bundle.SCRYPT_MAX_N, 1, 1),
+        (2**10, _bundle.SCRYPT_MAX_R + 1, 1),
+        (2**10, 1, _bundle.SCRYPT_MAX_P + 1),
+    ],
+)
+def test_key_derivation_parameters_out_of_bounds_are_named_as_such(n: int, r: int, p: int) -> None:
+    # Cheap to derive (when the bound is lifted the passphrase check answers instead).
+    with pytest.raises(_bundle.BundleError, match="key derivation parameters"):
+        _bundle.unseal(json.loads(_sealed_with(n, r, p)), "pass")
+
+
+@pytest.mark.parametrize(("n", "r", "p"), [(2**10, 1, 1), (2**10, 1, _bundle.SCRYPT_MAX_P)])
+def test_key_derivation_parameters_at_the_bounds_reach_the_passphrase_check(
+    n: int, r: int, p: int
+) -> None:
+    with pytest.raises(_bundle.BundleError, match="wrong passphrase"):
+        _bundle.unseal(json.loads(_sealed_with(n, r, p)), "pass")
+
+
 def test_export_parameters_are_within_what_import_accepts() -> None:
     sealed = _bundle.seal(_bundle.document([], "2026-01-01T00:00:00+00:00"), "pass")
     assert _bundle.unseal(sealed, "pass")["connections"] == []

@@ -728,6 +728,41 @@ async def test_seed_authorization_url_and_exchange_code(
     assert await ointeg.is_connected(uuid)
 
 
+async def test_the_same_state_again_while_pending_is_refused_and_the_first_still_completes(
+    ointeg: Integrations, oauth_server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A deliberate deviation (docs/api.md): a state is single use, bound to one verifier."""
+    uuid = await new_connection(ointeg)
+    state = integrations.oauth.generate_state()
+    url = await ointeg.authorization_url(uuid, REDIRECT_URI, state=state)
+    pending = await db.fetchval("SELECT count(*) FROM integrations.pending_authorizations")
+    with pytest.raises(integrations.InvalidState) as reloaded:
+        await ointeg.authorization_url(uuid, REDIRECT_URI, state=state)
+    assert reloaded.value.code == "invalid_state"
+    assert await db.fetchval("SELECT count(*) FROM integrations.pending_authorizations") == pending
+    query = await approve(url)
+    data = await ointeg.exchange_code(uuid, query["code"], REDIRECT_URI)
+    assert data["status"] == "connected"
+
+
+@pytest.mark.parametrize("value", ["not-a-uuid", "019b669c-3c9d-7256-8ed1"])
+async def test_disconnect_of_a_value_that_is_not_a_uuid_is_refused(
+    integ: Integrations, db: asyncpg.Connection, value: str
+) -> None:
+    """A deliberate deviation (docs/api.md): the seed returns ``:ok``; a malformed argument
+    is a programming mistake, and is loud."""
+    conn = await integ.add_connection("openai", "default")
+    await integ.save_setup(conn.uuid, {"api_key": "sk-0123456789abcdef"})
+    before = await db.fetch("SELECT uuid, version FROM integrations.connections ORDER BY uuid")
+    with pytest.raises(integrations.InvalidUUID) as refused:
+        await integ.disconnect(value)
+    assert refused.value.code == "invalid_uuid"
+    assert await db.fetch("SELECT uuid, version FROM integrations.connections ORDER BY uuid") == (
+        before
+    )
+    assert await integ.is_connected(conn.uuid)
+
+
 async def test_disconnect_oauth_keeps_client_and_revokes(
     ointeg: Integrations, oauth_server: OAuthTestServer
 ) -> None:

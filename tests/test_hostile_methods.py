@@ -168,6 +168,7 @@ def _valid(name: str, w: dict[str, str]) -> Any:
         "migrator": lambda integ: None,
         "endpoint_id": str(uuid_mod.uuid4()),
         "delivery_id": str(uuid_mod.uuid4()),
+        "older_than": timedelta(days=365),
     }
     if name in table:
         return table[name]

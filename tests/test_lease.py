@@ -319,9 +319,14 @@ def test_due_keeps_at_most_half_the_lifetime_as_leeway() -> None:
 
 
 def test_each_client_auth_method_is_registered_by_its_name() -> None:
-    assert sorted(CLIENT_AUTH_METHODS) == ["client_secret_basic", "client_secret_post", "none"]
-    with pytest.raises(ValueError, match="private_key_jwt"):
-        client_auth_method("private_key_jwt")
+    assert sorted(CLIENT_AUTH_METHODS) == [
+        "client_secret_basic",
+        "client_secret_post",
+        "none",
+        "private_key_jwt",
+    ]
+    with pytest.raises(ValueError, match="client_secret_jwt"):
+        client_auth_method("client_secret_jwt")
 
 
 def test_a_client_needs_an_id_and_the_secret_its_method_needs() -> None:

@@ -263,5 +263,6 @@ async def test_callback_with_a_rejected_client_is_400(
         back = await _consent(authorize)
         server.config.force_invalid_client = True
         status, _, body = await get(back)
-        assert 400 <= status < 500
-        assert _error(body)[1]
+        assert status == 400
+        code, message = _error(body)
+        assert code == "reauth_required" and message

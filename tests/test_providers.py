@@ -52,6 +52,7 @@ EXPECTED = {
     "jwt_bearer": {"google-service-account", "bigquery-service-account"},
     "bot_token": {"telegram", "discord"},
     "credentials": {"smtp", "postgres"},
+    "oauth1": {"x-oauth1"},
 }
 
 
@@ -80,6 +81,9 @@ def test_every_builtin_has_setup_fields_a_check_and_an_auth_header(provider: Pro
     if provider.scheme.freeform:
         assert provider.validation is not None
         assert provider.validation.hook in ("smtp", "postgres")
+    elif provider.auth_type == "oauth1":
+        # Signed per request by its scheme: no header template.
+        assert provider.api_hosts and provider.request_token_url
     else:
         assert provider.auth_header is not None
         assert provider.api_hosts
@@ -106,6 +110,8 @@ def test_auth_types_constant_lists_the_six_types():
         "key_secret",
         "bot_token",
         "credentials",
+        "oauth1",
+        "mtls",
     )
 
 

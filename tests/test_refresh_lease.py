@@ -77,6 +77,29 @@ async def test_a_forced_refresh_joins_a_request_not_answered_yet_and_not_a_finis
     assert _refreshes(server) == 2
 
 
+async def test_a_forced_refresh_does_not_share_an_answer_obtained_before_it_began(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    server.config.token_delay, server.config.delay_next = 0.5, 1
+    first = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    flight = integ._s.tokens._inflight[uuid]
+    # The row held: the first answer arrives, but its write waits, and its task goes on.
+    async with db.transaction():
+        await db.execute(
+            "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+            uuid_mod.UUID(uuid),
+        )
+        await eventually(lambda: flight.answered)
+        second = asyncio.create_task(integ.refresh_access_token(uuid))
+        await asyncio.sleep(0.2)
+        assert not first.done()
+    earlier, later = await first, await second
+    assert later != earlier
+    assert _refreshes(server) == 2
+
+
 async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
     fresh_db: str, integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:

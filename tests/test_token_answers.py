@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from integrations import Integrations, TokenRequestFailed
+from integrations import Integrations, ReauthRequired, TokenRequestFailed
 
 from .conftest import TEST_KEY
 from .oauthkit import loopback_provider
@@ -157,3 +158,19 @@ async def test_an_envelope_marker_in_an_answer_is_not_taken_as_an_envelope(
     assert "$enc" not in json.dumps(credentials.get("token_extras", {}))
     assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
     assert await integ.access_token(uuid) == "at-1"
+
+
+def test_invalid_client_blames_the_client_credentials_not_the_grant() -> None:
+    from integrations.oauth import parse_token_response
+
+    for code in ("invalid_client", "incorrect_client_credentials"):
+        with pytest.raises(ReauthRequired) as caught:
+            parse_token_response(
+                401,
+                {"error": code},
+                now=datetime.now(UTC),
+                requested_scopes=[],
+                previous_refresh_token=None,
+            )
+        assert "client id or client secret is wrong" in caught.value.message
+        assert "authorized again" not in caught.value.message

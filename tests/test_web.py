@@ -23,7 +23,8 @@ from starlette.requests import Request
 
 from integrations import Integrations, Provider
 from integrations.web import Admin, Owner, console, serve
-from integrations.web._present import ago, parse_scopes, status_text
+from integrations.web._present import ago, parse_scopes, setup_incomplete, status_text
+from integrations.web._serve import SESSION_COOKIE, LoginLink, standalone_app
 
 from .oauth_server import OAuthTestServer
 from .oauthkit import loopback_provider, new_connection
@@ -196,7 +197,8 @@ async def test_add_then_the_connection_page_has_its_setup_fields(
     assert 'type="password"' in html
     assert "Where the account lives, e.g. eu-1." in html
     assert re.search(r'id="field-api_key"[^>]*required', html)
-    assert "not configured" in html
+    assert "setup incomplete" in html and "not configured" not in html
+    assert re.search(r"data-status>disconnected<", html)
     for name in ("Save", "Test connection", "Disconnect", "Rename"):
         assert f">{name}</button>" in html
     assert ">Remove</a>" in html
@@ -264,19 +266,21 @@ async def test_the_events_panel_opens_with_what_happened_before_the_page(
     await form_post(http, page, f"{page}/test", {})
     other = (await integ.add_connection("acme", "other")).uuid
     await integ.disconnect(other)
-    panel = ""
-    for _ in range(100):  # the events come back from the database as notifications
-        html = (await http.get(page)).text
-        panel = html.split("data-events-log", 1)[1].split("</ol>", 1)[0]
-        if "validated" in panel:
-            break
-        await asyncio.sleep(0.02)
+    # Read from the durable event log: a console started afterwards (a restart) shows
+    # everything that happened, whoever did it.
+    async with client(console(integ, authorize=admin)) as restarted:
+        html = (await restarted.get(page)).text
+    panel = html.split("data-events-log", 1)[1].split("</ol>", 1)[0]
     lines = re.findall(r"<time[^>]*>([^<]*)</time>", panel)
-    shown = [line.split(" ", 2)[2] for line in lines]
-    # Newest first; only this connection's. (The feed starts with the console's first
-    # request, which here is the one that added the connection.)
-    assert shown[:2] == ["validated → connected (Connected)", "setup saved → connected"]
-    assert shown[2:] in ([], ["connection added → disconnected"])
+    # One time format for every line of the console.
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC ", line) for line in lines)
+    shown = [line.split(" ", 3)[3] for line in lines]
+    # Newest first; only this connection's; the transition from → to and who made it.
+    assert shown == [
+        "validated → connected (Connected) by admin",
+        "setup saved disconnected → connected by admin",
+        "connection added → disconnected by admin",
+    ]
     assert GOOD_KEY not in html
 
 
@@ -306,7 +310,7 @@ async def test_the_listing_groups_by_provider_with_status_and_pages(
     assert 'id="provider-acme"' in first
     assert "6 connections" in first
     assert "Next page" in first and "First page" not in first
-    assert "not configured" in first
+    assert "setup incomplete" in first and "not configured" not in first
     assert second.count("<tr data-uuid=") == 2
     assert 'id="provider-loopback"' in second
     assert ">error<" in second
@@ -616,6 +620,25 @@ async def test_mounted_under_a_path_in_fastapi(integ: Integrations) -> None:
 # -- standalone server ------------------------------------------------------------------------
 
 
+async def test_only_a_session_the_login_link_made_signs_in(integ: Integrations) -> None:
+    link = LoginLink()
+    token = link.token
+    async with client(standalone_app(integ, link)) as http:
+        for forged in ("forged", "", "0" * 43):
+            page = await http.get("/", headers={"cookie": f"{SESSION_COOKIE}={forged}"})
+            assert page.status_code == 401, forged
+        login = await http.get(f"/login?token={token}")
+        assert login.status_code == 303
+        session = login.cookies[SESSION_COOKIE]
+        assert (await http.get("/")).status_code == 200
+    async with client(standalone_app(integ, link)) as other:
+        near = session[:-1] + ("A" if session[-1] != "A" else "B")
+        page = await other.get("/", headers={"cookie": f"{SESSION_COOKIE}={near}"})
+        assert page.status_code == 401
+        page = await other.get("/", headers={"cookie": f"{SESSION_COOKIE}={session}"})
+        assert page.status_code == 200
+
+
 async def test_serve_prints_a_one_time_login_link(integ: Integrations) -> None:
     out = io.StringIO()
     links: list[str] = []
@@ -712,11 +735,14 @@ def test_status_text() -> None:
     acme = acme_provider("http://127.0.0.1:9")
     assert status_text(acme, {"status": "connected", "api_key": "x"}) == "connected"
     assert status_text(acme, {"status": "error"}) == "error"
-    assert status_text(acme, {"status": "disconnected"}) == "not configured"
+    # One word for one state: the stored one; a missing required field is said beside it.
+    assert status_text(acme, {"status": "disconnected"}) == "disconnected"
+    assert setup_incomplete(acme, {"status": "disconnected"})
     assert status_text(acme, {"status": "disconnected", "api_key": "••••"}) == "disconnected"
-    # Disconnected by someone (the API key is dropped with it): not "not configured".
+    assert not setup_incomplete(acme, {"status": "disconnected", "api_key": "••••"})
+    # Disconnected by someone (the API key is dropped with it): the setup was complete.
     gone = {"status": "disconnected", "disconnected_at": "2026-01-01T00:00:00+00:00"}
-    assert status_text(acme, gone) == "disconnected"
+    assert status_text(acme, gone) == "disconnected" and not setup_incomplete(acme, gone)
     assert status_text(None, {}) == "disconnected"
     oauth = Provider(
         key="o", name="O", auth_type="oauth2", authorize_url="http://a/", token_url="http://t/"
@@ -727,6 +753,117 @@ def test_status_text() -> None:
 def test_parse_scopes() -> None:
     assert parse_scopes(" read, write  admin,,") == ["read", "write", "admin"]
     assert parse_scopes("") == []
+
+
+# -- the whole truth --------------------------------------------------------------------------
+
+
+async def test_rows_of_providers_this_application_does_not_register_are_listed(
+    fresh_db: str, integ: Integrations
+) -> None:
+    await integ.add_connection("acme", "main")
+    await integ.add_connection("openai", "main")
+    # Another application on the same database, without the acme provider.
+    async with (
+        open_integrations(fresh_db) as other,
+        client(console(other, authorize=admin)) as http,
+    ):
+        page = (await http.get("/")).text
+    assert page.count("<tr data-uuid=") == 2
+    acme = page.split('id="provider-acme"', 1)[1].split("</section>", 1)[0]
+    assert "is not registered in this application" in acme
+    openai = page.split('id="provider-openai"', 1)[1].split("</section>", 1)[0]
+    assert "not registered" not in openai
+
+
+async def test_an_error_page_carries_no_outcome_note(http: httpx.AsyncClient) -> None:
+    missing = await http.get("/0190a4c6-0000-7000-8000-000000000000?done=added")
+    assert missing.status_code == 404
+    assert "Connection added." not in missing.text
+
+
+async def test_the_destructive_buttons_look_destructive(http: httpx.AsyncClient) -> None:
+    uuid = await add(http, "acme", "main")
+    page = (await http.get(f"/{uuid}")).text
+    assert '<button type="submit" class="danger">Disconnect</button>' in page
+    assert re.search(r'<a class="button danger" href="[^"]*/remove">Remove</a>', page)
+    confirm = (await http.get(f"/{uuid}/remove")).text
+    assert '<button type="submit" class="danger">Remove</button>' in confirm
+
+
+async def test_the_oauth_setup_shows_the_redirect_uri_and_the_providers_docs(
+    fresh_db: str, oauth_server: OAuthTestServer
+) -> None:
+    documented = loopback_provider(
+        oauth_server.base_url, docs_url="https://docs.example.com/oauth-apps"
+    )
+    async with open_integrations(fresh_db, documented) as integ:
+        uuid = (await integ.add_connection("loopback", "web")).uuid
+        async with client(console(integ, authorize=admin)) as http:
+            page = (await http.get(f"/{uuid}")).text
+        async with client(
+            console(integ, authorize=admin, callback_url="https://app.example.com/cb")
+        ) as http:
+            behind_proxy = (await http.get(f"/{uuid}")).text
+    assert "<code data-redirect-uri>http://console.test/callback</code>" in page
+    assert 'href="https://docs.example.com/oauth-apps"' in page
+    assert "<code data-redirect-uri>https://app.example.com/cb</code>" in behind_proxy
+
+
+# -- webhook endpoints --------------------------------------------------------------------------
+
+
+async def _dead_delivery(integ: Integrations, endpoint: str) -> str:
+    """Run the delivery worker until the endpoint's one delivery is dead (nothing listens)."""
+    worker = asyncio.create_task(
+        integ.run_webhooks(allow_loopback=True, retry_delays=(0.05, 0.05), poll=0.1)
+    )
+    try:
+        await integ.add_connection("openai", "main")
+        deadline = time.monotonic() + 30
+        while not (dead := await integ.webhook_deliveries(endpoint, state="dead")):
+            assert time.monotonic() < deadline, "no dead delivery"
+            await asyncio.sleep(0.05)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    return dead[0].id
+
+
+async def test_the_webhooks_page_shows_each_endpoints_deliveries_and_replays_one(
+    integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    nobody = "http://127.0.0.1:9/hook"
+    endpoint = await integ.add_webhook(
+        nobody, allow_loopback=True, kinds=["connection_added"], description="ops pager"
+    )
+    theirs = await integ.for_owner("user:9").add_webhook(
+        "http://127.0.0.1:9/theirs", allow_loopback=True
+    )
+    delivery = await _dead_delivery(integ, endpoint.id)
+    page = (await http.get("/webhooks")).text
+    assert f"<code>{nobody}</code>" in page and "http://127.0.0.1:9/theirs" in page
+    mine = page.split(f'data-endpoint="{endpoint.id}"', 1)[1].split("</section>", 1)[0]
+    assert "data-health>failing<" in mine and "ops pager" in mine
+    assert f'data-delivery="{delivery}"' in mine and ">dead<" in mine
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", mine)
+    # A POST without the page's CSRF token changes nothing.
+    refused = await http.post(f"/webhooks/deliveries/{delivery}/replay", data={"csrf_token": "x"})
+    assert refused.status_code == 403
+    assert (await integ.webhook_deliveries(endpoint.id))[0].state == "dead"
+    replayed = await form_post(http, "/webhooks", f"/webhooks/deliveries/{delivery}/replay", {})
+    assert replayed.status_code == 303
+    assert replayed.headers["location"].endswith("/webhooks?done=replayed")
+    [again] = await integ.webhook_deliveries(endpoint.id)
+    assert again.id == delivery and again.state == "pending"
+    shown = (await http.get("/webhooks?done=replayed")).text
+    assert "Delivery queued again." in shown and "Next attempt" in shown
+    # An owner sees their own endpoints only, and cannot replay another's delivery.
+    async with client(console(integ, authorize=lambda request: Owner("user:9"))) as owner:
+        own = (await owner.get("/webhooks")).text
+        assert f'data-endpoint="{theirs.id}"' in own and nobody not in own
+        other = await form_post(owner, "/", f"/webhooks/deliveries/{delivery}/replay", {})
+        assert other.status_code == 404
 
 
 # -- audit trail ----------------------------------------------------------------------------

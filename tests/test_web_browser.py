@@ -132,7 +132,8 @@ async def test_add_set_a_key_test_rename_remove(
 ) -> None:
     url = await add_in_browser(page, base_url, "acme", "main")
     await expect(page.get_by_role("status")).to_have_text("Connection added.")
-    await expect(page.locator("[data-status]")).to_have_text("not configured")
+    await expect(page.locator("[data-status]")).to_have_text("disconnected")
+    await expect(page.locator("[data-incomplete]")).to_be_visible()
 
     await page.get_by_label("API key").fill(GOOD_KEY)
     await page.get_by_label("Region").fill("eu-1")
@@ -319,7 +320,7 @@ async def test_screenshots_of_the_listing_and_a_connection(
     await page.goto(base_url + "/")
     await expect(page.locator("[data-live]")).to_have_attribute("data-stream", "open")
     statuses = await page.locator("tbody .status").all_inner_texts()
-    assert sorted(statuses) == ["connected", "disconnected", "error", "not configured"]
+    assert sorted(statuses) == ["connected", "disconnected", "disconnected", "error"]
     await page.screenshot(path=str(target / "console-list.png"), full_page=True)
 
     await page.goto(f"{base_url}/{main}")

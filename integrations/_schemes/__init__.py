@@ -18,10 +18,13 @@ from .credentials import CredentialsScheme
 from .headers import HeaderScheme
 from .jwt_bearer import JwtBearerScheme
 from .key_secret import KeySecretScheme
+from .mtls import CERTIFICATE_FIELDS, MtlsScheme
+from .oauth1 import OAuth1Scheme
 from .oauth2 import ClientCredentialsScheme, OAuth2Scheme, TokenGrant, TokenScheme
 
 __all__ = [
     "AUTH_KINDS",
+    "CERTIFICATE_FIELDS",
     "SCHEMES",
     "Answer",
     "AuthContext",
@@ -50,6 +53,8 @@ SCHEMES = SchemeRegistry(
         BotTokenScheme(),
         CredentialsScheme(),
         JwtBearerScheme(),
+        OAuth1Scheme(),
+        MtlsScheme(),
     ]
 )
 

@@ -74,6 +74,8 @@ class ProviderView(Protocol):
     @property
     def token_url(self) -> str | None: ...
     @property
+    def request_token_url(self) -> str | None: ...
+    @property
     def scopes(self) -> tuple[str, ...]: ...
     @property
     def scope_separator(self) -> str: ...
@@ -147,6 +149,7 @@ class AuthScheme:
     Flags say what the rest of the library may do with a connection of this kind:
     ``uses_access_token`` (OAuth-style access tokens kept by the tokens service),
     ``authorizes_user`` (a user grants access through an authorization redirect),
+    ``uses_request_token`` (that redirect is OAuth 1.0a's, after temporary credentials),
     ``freeform`` (the stored ``credentials`` map holds any keys, every value secret).
     """
 
@@ -156,6 +159,11 @@ class AuthScheme:
     label: str = ""
     uses_access_token: bool = False
     authorizes_user: bool = False
+    #: The authorization starts with temporary credentials from the provider's
+    #: ``request_token_url`` (OAuth 1.0a), not with an OAuth 2.0 authorization request.
+    uses_request_token: bool = False
+    #: Calls present the connection's client certificate whatever the provider says.
+    client_certificate: bool = False
     freeform: bool = False
     #: Stored fields that are always secrets under this scheme, declared or not.
     secret_fields: frozenset[str] = frozenset()

@@ -25,6 +25,7 @@ from ._support import (
     USAGE,
     Env,
     Fail,
+    all_owners_option,
     connection_json,
     console,
     emit_json,
@@ -98,6 +99,10 @@ def cli(
     env.dsn = dsn or None
     env.owner = owner
     env.providers = providers or None
+    if actor is not None and not actor.strip():
+        raise click.BadParameter(
+            "must not be empty (left out: the user running the command)", param_hint="--actor"
+        )
     env.actor = actor or _os_user()
     env.json = env.json or json_
     env.debug = debug
@@ -158,57 +163,106 @@ def providers(ctx: click.Context) -> None:
 
 @cli.command("list")
 @click.argument("provider", required=False)
+@all_owners_option
 @json_option
 @click.pass_context
 def list_(ctx: click.Context, provider: str | None) -> None:
     """Connections (of PROVIDER) with status, last check and masked setup."""
 
     async def work(env: Env) -> None:
-        async with env.integrations() as integ:
+        scope = env.scope()
+        async with env.integrations(auto_migrate=False) as integ:
             if provider:
-                connections = await _provider_connections(integ, provider, env.owner)
+                connections = await _provider_connections(integ, provider, scope)
             else:
-                connections = await _all_connections(integ, env.owner)
+                connections = await _all_connections(integ, scope)
         if env.json:
             emit_json([connection_json(c) for c in connections])
             return
         if not connections:
             stderr("no connections")
             return
-        table = new_table("ref", "uuid", "status", "checked", "setup", wrap="setup")
+        columns = ["ref", "uuid", "status", "checked", "setup"]
+        if env.all_owners:
+            columns.insert(1, "owner")
+        table = new_table(*columns, wrap="setup")
         for c in connections:
-            table.add_row(
+            cells = [
                 ref_of(c),
                 c.uuid,
                 c.status,
                 _ago(c.data.get("last_validated_at")),
                 setup_summary(c.data),
-            )
+            ]
+            if env.all_owners:
+                cells.insert(1, c.owner or "(system)")
+            table.add_row(*cells)
         print_table(table)
 
     run(ctx, work)
 
 
-async def _provider_connections(
-    integ: Integrations, provider: str, owner: str | None
-) -> list[Connection]:
+@cli.command()
+@json_option
+@click.pass_context
+def owners(ctx: click.Context) -> None:
+    """Every owner that has connections, with how many of each status."""
+
+    async def work(env: Env) -> list[dict[str, Any]]:
+        async with env.integrations(auto_migrate=False) as integ:
+            connections = await _all_connections(integ, ALL_OWNERS)
+        counts: dict[str | None, dict[str, int]] = {}
+        for c in connections:
+            row = counts.setdefault(
+                c.owner, {"connections": 0, "connected": 0, "error": 0, "disconnected": 0}
+            )
+            row["connections"] += 1
+            row[c.status] = row.get(c.status, 0) + 1
+        # The system scope first, then owners by name.
+        order = sorted(counts, key=lambda o: (o is not None, o or ""))
+        return [{"owner": o, **counts[o]} for o in order]
+
+    found = run(ctx, work)
+    if env_of(ctx).json:
+        emit_json(found)
+        return
+    if not found:
+        stderr("no connections")
+        return
+    table = new_table("owner", "connections", "connected", "error", "disconnected")
+    for row in found:
+        table.add_row(
+            row["owner"] if row["owner"] is not None else "(system)",
+            *(str(row[k]) for k in ("connections", "connected", "error", "disconnected")),
+        )
+    print_table(table)
+
+
+async def _provider_connections(integ: Integrations, provider: str, owner: Any) -> list[Connection]:
     """A provider's connections; one that is not registered (any more) lists what is
     stored, and is an unknown provider only when nothing is."""
-    if provider in integ.providers or not PROVIDER_KEY_RE.fullmatch(provider):
+    if owner is ALL_OWNERS:
+        if provider in integ.providers or not PROVIDER_KEY_RE.fullmatch(provider):
+            provider = provider_key(integ, provider)
+        stored = await _all_connections(integ, owner, provider)
+    elif provider in integ.providers or not PROVIDER_KEY_RE.fullmatch(provider):
         return await integ.list_connections(provider_key(integ, provider), owner=owner)
-    stored = await integ.list_connections(provider, owner=owner)
+    else:
+        stored = await integ.list_connections(provider, owner=owner)
     if not stored:
         provider_key(integ, provider)  # raises: unknown provider, with suggestions
     return stored
 
 
-async def _all_connections(integ: Integrations, owner: str | None) -> list[Connection]:
-    """Every connection of ``owner``'s scope, registered provider or not: by provider,
-    then "default" first and by name."""
+async def _all_connections(
+    integ: Integrations, owner: Any, provider: str | None = None
+) -> list[Connection]:
+    """Every connection of ``owner``'s scope (of ``provider``), registered provider or
+    not: by provider, then "default" first and by name."""
     found: list[Connection] = []
     after = None
     while True:
-        page = await integ.list_page(owner=owner, limit=500, after=after)
+        page = await integ.list_page(owner=owner, provider=provider, limit=500, after=after)
         found.extend(page.items)
         if page.next_after is None:
             break
@@ -221,13 +275,14 @@ async def _all_connections(integ: Integrations, owner: str | None) -> list[Conne
 
 @cli.command()
 @click.argument("ref")
+@all_owners_option
 @json_option
 @click.pass_context
 def show(ctx: click.Context, ref: str) -> None:
     """One connection, masked. REF is a uuid or provider:name (provider = provider:default)."""
 
     async def work(env: Env) -> None:
-        async with env.integrations() as integ:
+        async with env.integrations(auto_migrate=False) as integ:
             connection = await integ.get_integration_by_uuid(await resolve(integ, env, ref))
         if env.json:
             emit_json(connection_json(connection))
@@ -264,7 +319,7 @@ def add(ctx: click.Context, provider: str, name: str) -> None:
         async with env.integrations() as integ:
             key = provider_key(integ, provider)
             try:
-                connection = await integ.add_connection(key, name, owner=env.owner)
+                connection = await integ.add_connection(key, name, owner=env.owner, actor=env.who())
             except AlreadyExists as exc:
                 raise Fail(f"{exc.message}", FAILED) from None
         if env.json:
@@ -287,7 +342,7 @@ def rename(ctx: click.Context, ref: str, new_name: str) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
             before = await integ.get_integration_by_uuid(uuid)
-            await integ.rename_connection(uuid, new_name)
+            await integ.rename_connection(uuid, new_name, actor=env.who())
             connection = await integ.get_integration_by_uuid(uuid)
         if env.json:
             emit_json(connection_json(connection))
@@ -323,7 +378,7 @@ def remove(ctx: click.Context, ref: str, yes: bool) -> None:
             connection = await integ.get_integration_by_uuid(uuid)
             if not yes and not _confirmed(f"Remove {ref_of(connection)} ({uuid})?"):
                 raise Fail("not removed", FAILED)
-            await integ.remove_connection(uuid)
+            await integ.remove_connection(uuid, actor=env.who())
         if env.json:
             emit_json({"removed": uuid, "provider": connection.provider, "name": connection.name})
         else:
@@ -342,7 +397,7 @@ def disconnect(ctx: click.Context, ref: str) -> None:
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
-            await integ.disconnect(uuid)
+            await integ.disconnect(uuid, actor=env.who())
             connection = await integ.get_integration_by_uuid(uuid)
         if env.json:
             emit_json(connection_json(connection))
@@ -487,7 +542,7 @@ def set_(ctx: click.Context, ref: str, assignments: tuple[str, ...]) -> None:
             uuid = await resolve(integ, env, ref)
             connection = await integ.get_integration_by_uuid(uuid)
             attrs = parse_assignments(integ.providers.get(connection.provider), assignments)
-            await integ.save_setup(uuid, attrs)
+            await integ.save_setup(uuid, attrs, actor=env.who())
             connection = await integ.get_integration_by_uuid(uuid)
         if env.json:
             emit_json(connection_json(connection))
@@ -543,7 +598,7 @@ def test(
                 uuid = await resolve(integ, env, ref)
                 connection = await integ.get_integration_by_uuid(uuid)
                 started = asyncio.get_running_loop().time()
-                result = await integ.validate_connection(uuid)
+                result = await integ.validate_connection(uuid, actor=env.who())
                 duration = round(asyncio.get_running_loop().time() - started, 3)
                 item: dict[str, Any] = {
                     "uuid": uuid,
@@ -566,6 +621,7 @@ def test(
                 concurrency=concurrency,
                 record=record,
                 owner=env.owner if env.owner is not None else ALL_OWNERS,
+                actor=env.who(),
             )
         if env.json:
             emit_json(
@@ -634,14 +690,18 @@ def connect(
             # With --json, standard output carries only the JSON: the URL goes to stderr.
             with contextlib.redirect_stdout(sys.stderr if env.json else sys.stdout):
                 if device or (offers_device and not _has_browser()):
-                    code = await integ.start_device_authorization(uuid, scopes=list(scopes) or None)
+                    code = await integ.start_device_authorization(
+                        uuid, scopes=list(scopes) or None, actor=env.who()
+                    )
                     print(f"Open {code.verification_uri} and enter the code {code.user_code}")
                     if code.verification_uri_complete:
                         print(f"(or open {code.verification_uri_complete})")
                     print(f"Waiting for the approval (the code expires in {code.expires_in} s)...")
                     sys.stdout.flush()
                     async with asyncio.timeout(min(timeout, code.expires_in + code.interval)):
-                        connection = await integ.complete_device_authorization(uuid)
+                        connection = await integ.complete_device_authorization(
+                            uuid, actor=env.who()
+                        )
                 else:
                     connection = await integ.connect_interactive(
                         uuid,
@@ -649,6 +709,7 @@ def connect(
                         open_browser=not no_browser,
                         timeout=timeout,
                         port=port,
+                        actor=env.who(),
                     )
         if env.json:
             emit_json(connection_json(connection))
@@ -666,7 +727,7 @@ def token(ctx: click.Context, ref: str) -> None:
     """Print a valid access token (refreshed first if needed), for scripts."""
 
     async def work(env: Env) -> tuple[str, str]:
-        async with env.integrations() as integ:
+        async with env.integrations(auto_migrate=False) as integ:
             uuid = await resolve(integ, env, ref)
             return uuid, await integ.access_token(uuid)
 
@@ -774,7 +835,7 @@ def webhooks_list(ctx: click.Context) -> None:
     """The endpoints (every one, or the --owner's)."""
 
     async def work(env: Env) -> Any:
-        async with env.integrations() as integ:
+        async with env.integrations(auto_migrate=False) as integ:
             return await integ.list_webhooks(owner=_scope(env))
 
     found = run(ctx, work)
@@ -839,7 +900,7 @@ def webhooks_deliveries(
     """An endpoint's newest deliveries: id, event, state, attempts, next attempt."""
 
     async def work(env: Env) -> Any:
-        async with env.integrations() as integ:
+        async with env.integrations(auto_migrate=False) as integ:
             return await integ.webhook_deliveries(
                 endpoint_id, state=state, limit=limit, owner=_scope(env)
             )
@@ -1012,11 +1073,14 @@ def _passphrase(confirm: bool) -> str:
 @cli.command("export")
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Write here (default: stdout).")
 @click.option("--decrypted", is_flag=True, help="Plaintext JSON: every secret readable.")
+@all_owners_option
 @json_option
 @click.pass_context
 def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
-    """Export connections (of --owner's scope) as a passphrase-encrypted bundle."""
+    """Export connections (of --owner's scope, or --all-owners) as a passphrase-encrypted
+    bundle."""
     env = env_of(ctx)
+    scope = guard(env.scope)
     if out and not Path(out).parent.is_dir():
         # Before any prompt or read: there is nowhere to write the bundle.
         stderr(f"error: no such directory: {Path(out).parent}")
@@ -1026,8 +1090,8 @@ def export_(ctx: click.Context, out: str | None, decrypted: bool) -> None:
     passphrase = None if decrypted else guard(lambda: _passphrase(confirm=True))
 
     async def work(env: Env) -> dict[str, Any]:
-        async with env.integrations() as integ:
-            return await _transfer.export_document(integ, env.owner)
+        async with env.integrations(auto_migrate=False) as integ:
+            return await _transfer.export_document(integ, scope)
 
     doc = run(ctx, work)
     count = len(doc["connections"])
@@ -1069,15 +1133,26 @@ def _write_private(path: Path, text: str) -> None:
     is_flag=True,
     help="Write each connection into the owner the file names (else --owner is required).",
 )
+@click.option(
+    "--without-tokens",
+    is_flag=True,
+    help="Leave OAuth grants behind: those connections arrive disconnected, to authorize again.",
+)
 @json_option
 @click.pass_context
 def import_(
-    ctx: click.Context, file: str, overwrite: bool, dry_run: bool, keep_owners: bool
+    ctx: click.Context,
+    file: str,
+    overwrite: bool,
+    dry_run: bool,
+    keep_owners: bool,
+    without_tokens: bool,
 ) -> None:
     """Import a bundle: everything is validated first, then written all or nothing.
 
     Give --owner OWNER to write every connection into that owner, or --keep-owners to
-    write each into the owner the file names (a file decides nothing by itself).
+    write each into the owner the file names (a file decides nothing by itself). Each
+    connection keeps the status and check message it was exported with.
     """
     from . import _bundle, _transfer
 
@@ -1113,10 +1188,25 @@ def import_(
     async def work(env: Env) -> _transfer.ImportReport:
         async with env.integrations() as integ:
             return await _transfer.import_entries(
-                integ, entries, owner=env.owner, overwrite=overwrite, dry_run=dry_run
+                integ,
+                entries,
+                owner=env.owner,
+                overwrite=overwrite,
+                dry_run=dry_run,
+                actor=env.who(),
+                without_tokens=without_tokens,
             )
 
     report = run(ctx, work)
+    if report.grants:
+        # One grant in two stores: each renews with the same refresh token, and a provider
+        # that rotates refresh tokens then revokes the other store's (or the whole grant).
+        stderr(
+            f"warning: {'this import would make' if dry_run else 'this import made'} "
+            f"{len(report.grants)} OAuth grant(s) live in two stores ({', '.join(report.grants)}): "
+            "disconnect them where they came from, or import with --without-tokens and "
+            "authorize again here"
+        )
     if env.json:
         emit_json(report.as_json(dry_run))
     else:
@@ -1356,15 +1446,18 @@ def event_json(event: Event) -> dict[str, Any]:
     default=None,
     help="First print the logged events after this position (0: every one kept), then go on.",
 )
+@all_owners_option
 @json_option
 @click.pass_context
 def watch(ctx: click.Context, provider: str | None, after: int | None) -> None:
-    """Print live events from every process, one line each, until Ctrl-C."""
+    """Print live events from every process, one line each, until Ctrl-C (every owner's,
+    as with --all-owners, unless --owner)."""
 
     async def work(env: Env) -> None:
-        async with env.integrations() as integ:
+        scope = env.scope()
+        async with env.integrations(auto_migrate=False) as integ:
             key = provider_key(integ, provider) if provider else None
-            owner: Any = env.owner if env.owner is not None else ALL_OWNERS
+            owner: Any = scope if scope is not None else ALL_OWNERS
             async with integ.subscribe(provider=key, owner=owner, after=after) as events:
                 stderr("watching events (Ctrl-C to stop)")
                 async for event in events:

@@ -54,6 +54,10 @@ class Entry:
     setup: dict[str, Any]
     tokens: dict[str, Any]
     uuid: str | None = None
+    #: The status and the last check's message where the connection was exported: an
+    #: import keeps them (a failing connection does not arrive ``connected``).
+    status: str | None = None
+    validation: str | None = None
 
     @property
     def ref(self) -> str:
@@ -199,5 +203,18 @@ def entries(doc: Mapping[str, Any]) -> list[Entry]:
             raise BundleError(f"{where}: data must be an object")
         setup, tokens = split_data(data)
         uuid = item.get("uuid") if isinstance(item.get("uuid"), str) else None
-        found.append(Entry(provider, name, owner, setup, tokens, uuid))
+        status = data.get("status") if isinstance(data.get("status"), str) else None
+        validation = data.get("validation_status")
+        found.append(
+            Entry(
+                provider,
+                name,
+                owner,
+                setup,
+                tokens,
+                uuid,
+                status,
+                validation if isinstance(validation, str) else None,
+            )
+        )
     return found

@@ -9,6 +9,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -33,7 +34,8 @@ from .._errors import (
     SchemaOutdated,
     StorageError,
 )
-from .._names import PROVIDER_KEY_RE, parse_uuid
+from .._events import ALL_OWNERS
+from .._names import PROVIDER_KEY_RE, normalize_name, parse_uuid
 
 # Imported where used, so that --help loads none of them (see _app.py).
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ class Env:
     providers: str | None = None
     #: Who the audit trail names for what this command does (``--actor``).
     actor: str | None = None
+    all_owners: bool = False
     _loaded: list[Provider] | None = field(default=None, repr=False)
     _schemes: list[AuthScheme] = field(default_factory=list, repr=False)
 
@@ -88,7 +91,23 @@ class Env:
         self.provider_list()
         return self._schemes
 
+    def who(self) -> str:
+        """The actor every change this command makes is recorded with: ``--actor``, else
+        the user the command runs as."""
+        return self.actor if self.actor is not None else os_user()
+
+    def scope(self) -> Any:
+        """The owner scope a reading command looks at: ``--all-owners`` every owner's,
+        else ``--owner``'s (the system scope when left out)."""
+        if self.all_owners:
+            if self.owner is not None:
+                raise Fail("give --owner or --all-owners, not both", USAGE)
+            return ALL_OWNERS
+        return self.owner
+
     def integrations(self, *, auto_migrate: bool = True) -> Integrations:
+        """The library on the command's database; ``auto_migrate=False`` for a command
+        that only reads (it says the schema is behind rather than changing it)."""
         from .._integrations import Integrations
 
         return Integrations(
@@ -97,6 +116,16 @@ class Env:
             auth_schemes=self.auth_schemes(),
             auto_migrate=auto_migrate,
         )
+
+
+def os_user() -> str:
+    """The name of the user this process runs as (``uid N`` when it has none)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError, ImportError):
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown user"
 
 
 def load_providers(spec: str) -> list[Provider]:
@@ -160,6 +189,20 @@ def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         env_of(ctx).json = True
 
 
+def set_all_owners(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        env_of(ctx).all_owners = True
+
+
+all_owners_option = click.option(
+    "--all-owners",
+    is_flag=True,
+    expose_value=False,
+    callback=set_all_owners,
+    help="Every owner's connections, not one scope's (not with --owner).",
+)
+
+
 json_option = click.option(
     "--json",
     "json_flag",
@@ -173,6 +216,14 @@ json_option = click.option(
 def _late_owner(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is not None:
         env_of(ctx).owner = value
+
+
+def set_actor(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is None:
+        return
+    if not value.strip():
+        raise click.BadParameter("must not be empty (left out: the user running the command)")
+    env_of(ctx).actor = value
 
 
 def _late_dsn(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -200,6 +251,12 @@ def late_options() -> list[click.Option]:
         ),
         click.Option(
             ["--dsn"], expose_value=False, callback=_late_dsn, help="PostgreSQL DSN (as before)."
+        ),
+        click.Option(
+            ["--actor"],
+            expose_value=False,
+            callback=set_actor,
+            help="Who makes the change, recorded on its events (as before).",
         ),
         click.Option(
             ["--debug"],
@@ -379,6 +436,7 @@ _CLI_ADVICE = (
     ("Pass keys=", "Set INTEGRATIONS_KEYS"),
     ("keys= (or INTEGRATIONS_KEYS)", "INTEGRATIONS_KEYS"),
     ("(keys= or INTEGRATIONS_KEYS)", "(INTEGRATIONS_KEYS)"),
+    ("add that key to keys= or INTEGRATIONS_KEYS", "add that key to INTEGRATIONS_KEYS"),
     ("call save_setup first", "run `integrations set` first"),
     ("save_setup(", "`integrations set` ("),
     ("add it with add_connection()", "add it with `integrations add`"),
@@ -455,18 +513,83 @@ async def resolve(integ: Integrations, env: Env, ref: str) -> str:
     if parse_uuid(ref) is None:
         provider = ref.partition(":")[0].strip()
         if not PROVIDER_KEY_RE.fullmatch(provider):
+            if PROVIDER_KEY_RE.fullmatch(provider.lower()):
+                fixed = provider.lower() + ref[len(ref.partition(":")[0]) :]
+                raise Fail(
+                    f"bad reference {ref!r}: provider keys are lowercase (did you mean {fixed!r}?)",
+                    USAGE,
+                )
             raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE)
     try:
+        if env.scope() is ALL_OWNERS:
+            return await _resolve_any_owner(integ, ref, provider)
         if env.owner is None:
             return await integ.resolve_to_uuid(ref)
         return await integ.resolve_to_uuid(ref, owner=env.owner)
     except (InvalidInput, InvalidProviderKey):
         raise Fail(f"bad reference {ref!r}: expected a uuid or provider:name", USAGE) from None
     except (NotFound, NotConfigured, Deleted):
-        if provider is not None:
+        if provider is not None and not _UUID_START_RE.fullmatch(ref):
             provider_key(integ, provider)  # an unknown provider raises, with suggestions
         scope = f" for owner {env.owner!r}" if env.owner else ""
-        raise Fail(f"no connection {ref}{scope}", FAILED) from None
+        hint = await _closest_refs(integ, env, ref, provider)
+        raise Fail(f"no connection {ref}{scope}{hint}", FAILED) from None
+
+
+# A uuid cut short: hexadecimal digits and dashes, at least one group long.
+_UUID_START_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{0,12})*")
+
+
+async def _closest_refs(integ: Integrations, env: Env, ref: str, provider: str | None) -> str:
+    """``" (did you mean ...?)"``: the connections a mistyped REF may have meant (a name
+    in another case, a uuid cut short), or a pointer to ``list``."""
+    scope = env.owner if not env.all_owners else ALL_OWNERS
+    candidates: list[str] = []
+    try:
+        if provider is None or _UUID_START_RE.fullmatch(ref):
+            start = ref.lower()
+            page = await integ.list_page(owner=scope, limit=500)
+            candidates = [c.uuid for c in page.items if c.uuid.startswith(start)][:3]
+        else:
+            wanted = (ref.partition(":")[2] or "default").strip()
+            found = await integ.list_page(owner=scope, provider=provider, limit=500)
+            names = [c.name for c in found.items]
+            close = [n for n in names if n.lower() == wanted.lower()] or difflib.get_close_matches(
+                wanted, names, n=3, cutoff=0.6
+            )
+            candidates = [f"{provider}:{n}" for n in close]
+    except IntegrationsError:
+        candidates = []
+    if candidates:
+        return f" (did you mean {' or '.join(repr(c) for c in candidates)}?)"
+    where = " --owner " + env.owner if env.owner else ""
+    return f" (`integrations list{where}` lists them)"
+
+
+async def _resolve_any_owner(integ: Integrations, ref: str, provider: str | None) -> str:
+    """With ``--all-owners``: a uuid of any owner, or the one ``provider:name`` of all
+    owners (several are a failure that names them)."""
+    if provider is None:
+        return await integ.resolve_to_uuid(ref, owner=ALL_OWNERS)
+    name = normalize_name(ref.partition(":")[2] or "default")
+    found: list[Connection] = []
+    after = None
+    while True:
+        page = await integ.list_page(owner=ALL_OWNERS, provider=provider, limit=500, after=after)
+        found.extend(c for c in page.items if c.name == name)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    if not found:
+        raise NotFound(f"no connection {ref}")
+    if len(found) > 1:
+        owners = ", ".join(c.owner or "(system)" for c in found)
+        raise Fail(
+            f"{provider}:{name} exists for {len(found)} owners ({owners}): give its uuid, "
+            "or --owner OWNER instead of --all-owners",
+            USAGE,
+        )
+    return found[0].uuid
 
 
 def ago(value: object, now: datetime | None = None) -> str:
@@ -500,9 +623,13 @@ _HIDDEN = frozenset(
 
 
 def setup_summary(data: Mapping[str, Any]) -> str:
+    """What was set up: the fields given, not the bookkeeping nor what an OAuth grant
+    wrote (tokens, their type, expiry and scopes belong to the status, not the setup)."""
+    from .._record import TOKEN_FIELDS
+
     parts = []
     for key, value in data.items():
-        if key in _HIDDEN or value in (None, "", {}, []):
+        if key in _HIDDEN or key in TOKEN_FIELDS or value in (None, "", {}, []):
             continue
         if isinstance(value, Mapping):
             value = "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"

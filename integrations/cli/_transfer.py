@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from .._errors import AlreadyExists, IntegrationsError, NotFound
+from .._events import ALL_OWNERS, OwnerScope
 from .._integrations import Integrations
 from .._models import Connection, utcnow
 from .._names import check_owner, normalize_name, parse_uuid
@@ -19,10 +21,28 @@ from ._support import USAGE, Fail
 log = logging.getLogger("integrations.cli")
 
 
-async def export_document(integ: Integrations, owner: str | None) -> dict[str, Any]:
-    """Every connection of ``owner``'s scope with its decrypted data."""
+async def _every_owner(integ: Integrations, keys: list[str]) -> dict[str, list[Connection]]:
+    """Every owner's connections of the registered providers ``keys``, by provider."""
+    found: dict[str, list[Connection]] = {key: [] for key in keys}
+    after = None
+    while True:
+        page = await integ.list_page(owner=ALL_OWNERS, limit=500, after=after)
+        for connection in page.items:
+            if connection.provider in found:
+                found[connection.provider].append(connection)
+        if page.next_after is None:
+            return found
+        after = page.next_after
+
+
+async def export_document(integ: Integrations, owner: OwnerScope) -> dict[str, Any]:
+    """Every connection of ``owner``'s scope (every owner's with ``ALL_OWNERS``) with its
+    decrypted data."""
     keys = [p.key for p in integ.list_providers()]
-    found = await integ.load_all_connections(keys, owner=owner)
+    if owner is ALL_OWNERS:
+        found = await _every_owner(integ, keys)
+    else:
+        found = await integ.load_all_connections(keys, owner=owner)
     connections = []
     for key in keys:
         for connection in found[key]:
@@ -36,7 +56,11 @@ async def export_document(integ: Integrations, owner: str | None) -> dict[str, A
                     "data": data,
                 }
             )
-    await _record(integ, "store.exported", {"connections": len(connections)}, owner)
+    if owner is ALL_OWNERS:
+        detail = {"connections": len(connections), "all_owners": True}
+        await _record(integ, "store.exported", detail, None)
+    else:
+        await _record(integ, "store.exported", {"connections": len(connections)}, owner)
     return _bundle.document(connections, datetime.now(UTC).isoformat())
 
 
@@ -50,6 +74,8 @@ async def _record(
 @dataclass
 class ImportReport:
     rows: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: Refs whose OAuth grant (refresh token) the import writes (would write).
+    grants: list[str] = field(default_factory=list)
 
     def _of(self, action: str) -> list[tuple[str, str, str | None]]:
         return [row for row in self.rows if row[0] == action]
@@ -75,20 +101,23 @@ class ImportReport:
             "created": refs(self.created),
             "updated": refs(self.updated),
             "skipped": refs(self.skipped),
+            "oauth_grants": list(self.grants),
         }
 
 
-async def _add_keeping_uuid(integ: Integrations, p: _Planned) -> Connection:
+async def _add_keeping_uuid(integ: Integrations, p: _Planned, actor: str | None) -> Connection:
     """Create the connection under its exported uuid (references to it stay true); a new
     one when this database already uses that uuid (the name was checked free)."""
     entry = p.entry
     kept = entry.uuid if entry.uuid is not None and parse_uuid(entry.uuid) else None
     if kept is not None:
         try:
-            return await integ.add_connection(entry.provider, entry.name, owner=p.owner, uuid=kept)
+            return await integ.add_connection(
+                entry.provider, entry.name, owner=p.owner, uuid=kept, actor=actor
+            )
         except AlreadyExists:
             pass
-    return await integ.add_connection(entry.provider, entry.name, owner=p.owner)
+    return await integ.add_connection(entry.provider, entry.name, owner=p.owner, actor=actor)
 
 
 @dataclass
@@ -134,12 +163,18 @@ async def import_entries(
     owner: str | None,
     overwrite: bool,
     dry_run: bool,
+    actor: str | None = None,
+    without_tokens: bool = False,
 ) -> ImportReport:
     """Validate every entry, then create/update; on a failed write undo what was written.
 
     ``owner`` (the --owner option) places every connection in that scope; left out,
-    each keeps the owner it was exported with.
+    each keeps the owner it was exported with. ``without_tokens`` leaves OAuth grants
+    behind (the connections arrive disconnected, to be authorized again). Each keeps the
+    status and check message it was exported with.
     """
+    if without_tokens:
+        entries = [dataclasses.replace(e, tokens={}) for e in entries]
     plan: list[_Planned] = []
     seen: set[tuple[str | None, str, str]] = set()
     for entry in entries:
@@ -157,30 +192,34 @@ async def import_entries(
     report = ImportReport()
     if dry_run:
         report.rows = [(p.action, p.entry.ref, p.uuid) for p in plan]
+        report.grants = [p.entry.ref for p in plan if p.action != "skipped" and p.entry.tokens]
         return report
     undo: list[tuple[str, str, dict[str, Any] | None]] = []
     writes = [p for p in plan if p.action != "skipped"]
     try:
         for p in writes:
             if p.action == "created":
-                connection = await _add_keeping_uuid(integ, p)
+                connection = await _add_keeping_uuid(integ, p, actor)
                 p.uuid = connection.uuid
                 undo.append(("created", connection.uuid, None))
             else:
                 assert p.uuid is not None
                 undo.append(("updated", p.uuid, await integ.get_integration(p.uuid)))
             if p.entry.setup:
-                await integ.save_setup(p.uuid, p.entry.setup, actor="import")
+                await integ.save_setup(p.uuid, p.entry.setup, actor=actor)
         # Tokens last: a failure before this point undoes rows that never held a token.
         for p in writes:
             if p.entry.tokens and p.uuid is not None:
-                await integ.import_tokens(p.uuid, p.entry.tokens, actor="import")
+                await integ.import_tokens(p.uuid, p.entry.tokens, actor=actor)
+        for p in writes:
+            await _keep_outcome(integ, p, actor)
     except IntegrationsError as exc:
-        await _undo(integ, undo)
+        await _undo(integ, undo, actor)
         raise Fail(
             f"import failed, nothing kept ({len(undo)} change(s) undone): {exc.message}"
         ) from exc
     report.rows = [(p.action, p.entry.ref, p.uuid) for p in plan]
+    report.grants = [p.entry.ref for p in writes if p.entry.tokens]
     await _record(
         integ,
         "store.imported",
@@ -190,11 +229,31 @@ async def import_entries(
     return report
 
 
-async def _undo(integ: Integrations, undo: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+async def _keep_outcome(integ: Integrations, p: _Planned, actor: str | None) -> None:
+    """The exported status and check message again: an ``error`` row stays ``error``. A
+    connection left without credentials (``disconnected``) has no outcome to keep."""
+    entry = p.entry
+    if p.uuid is None or entry.status not in ("connected", "error"):
+        return
+    if entry.status == "connected" and entry.validation is None:
+        return
+    current = await integ.get_integration_by_uuid(p.uuid)
+    if current.status == "disconnected":
+        return
+    ok = entry.status == "connected"
+    message = entry.validation or ("ok" if ok else "Failed")
+    await integ.record_validation(p.uuid, (ok, message), actor=actor)
+
+
+async def _undo(
+    integ: Integrations,
+    undo: list[tuple[str, str, dict[str, Any] | None]],
+    actor: str | None,
+) -> None:
     for action, uuid, before in reversed(undo):
         try:
             if action == "created":
-                await integ.remove_connection(uuid, actor="import")
+                await integ.remove_connection(uuid, actor=actor)
             elif before is not None:
                 setup, tokens = _bundle.split_data(before)
                 current = await integ.get_integration(uuid)
@@ -204,9 +263,9 @@ async def _undo(integ: Integrations, undo: list[tuple[str, str, dict[str, Any] |
                     for k in _bundle.split_data(current)[0]
                     if k not in setup and k != "credentials"
                 }
-                await integ.save_setup(uuid, {**cleared, **setup}, actor="import")
+                await integ.save_setup(uuid, {**cleared, **setup}, actor=actor)
                 if tokens:
-                    await integ.import_tokens(uuid, tokens, actor="import")
+                    await integ.import_tokens(uuid, tokens, actor=actor)
         except IntegrationsError as exc:
             log.error(
                 "could not undo the import of %s: %s",

@@ -12,6 +12,7 @@ from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -43,7 +44,16 @@ from .._models import Connection, Event, Page
 from .._owner import OwnerHandle
 from .._providers import Provider
 from .._telemetry import fields
-from ._present import account_text, ago, field_views, parse_scopes, setup_patch, status_text
+from .._webhooks import WebhookDelivery
+from ._present import (
+    account_text,
+    ago,
+    field_views,
+    parse_scopes,
+    setup_incomplete,
+    setup_patch,
+    status_text,
+)
 from ._security import CSRF_FIELD, Csrf, SecurityHeaders, cross_origin, set_cookie
 from ._viewer import Admin, Owner, Viewer
 
@@ -64,15 +74,16 @@ _DONE = {
     "disconnected": "Disconnected.",
     "renamed": "Renamed.",
     "removed": "Connection removed.",
+    "replayed": "Delivery queued again.",
 }
 _MISSING = (NotConfigured, Deleted, NotFound, InvalidUUID)
 # The listing's filter by stored status, and the page sizes it offers.
 _STATUS_FILTERS = ("connected", "error", "disconnected")
 _PAGE_SIZES = (10, 25, 50, 100)
 _KEEPALIVE_SECONDS = 15.0
-# Events kept for the panels of pages yet to load, and lines a panel starts with.
-_RECENT_EVENTS = 500
+# Lines an events panel starts with, and the page of the log it reads them in.
 _PANEL_LINES = 20
+_LOG_PAGE = 500
 
 
 class _Refused(Exception):
@@ -123,10 +134,6 @@ class _Console:
         self.stream_lifetime = stream_lifetime
         # Set by close(): live streams end so that the server can stop.
         self.closing = asyncio.Event()
-        # The latest events of every connection, for the events panel of a page just
-        # loaded (what happened before it opened its stream); fed by one subscription.
-        self.recent: deque[Event] = deque(maxlen=_RECENT_EVENTS)
-        self._feed: asyncio.Task[None] | None = None
         # Device authorizations this console waits on (kept so that they are not collected).
         self._device_waits: set[asyncio.Task[None]] = set()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -140,6 +147,13 @@ class _Console:
             Route("/logout", write(self.logout), methods=["POST"], name="logout"),
             Route("/audit", page(self.audit), name="audit"),
             Route("/callback", self._callback_endpoint(self.callback), name="callback"),
+            Route("/webhooks", page(self.webhooks), name="webhooks"),
+            Route(
+                "/webhooks/deliveries/{delivery}/replay",
+                write(self.replay),
+                methods=["POST"],
+                name="replay",
+            ),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
             Route("/{uuid}", page(self.connection), name="connection"),
             Route("/{uuid}/status", page(self.status_fragment), name="connection_status"),
@@ -164,41 +178,28 @@ class _Console:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _follow(self) -> None:
-        """Start (or restart, after the instance's event stream ended) the feed of recent
-        events; it runs while requests come and the console is not closing."""
-        if self.closing.is_set() or (self._feed is not None and not self._feed.done()):
-            return
-        self._feed = asyncio.get_running_loop().create_task(
-            self._collect(), name="integrations-console-events"
-        )
-
-    async def _collect(self) -> None:
-        try:
-            async with self.integ.subscribe(owner=ALL_OWNERS, maxsize=1000) as events:
-                stop = asyncio.ensure_future(self.closing.wait())
-                try:
-                    while not stop.done():
-                        event = await _next_event(events, stop, None)
-                        if event is None:
-                            break
-                        if event.kind != "resync":
-                            self.recent.append(event)
-                finally:
-                    stop.cancel()
-        except IntegrationsError:
-            pass  # closed or unreachable: the next request starts it again
-
-    def recent_for(self, uuid: str) -> list[dict[str, str]]:
-        """The events panel's first lines for ``uuid``: newest first, as the page's script
-        writes the ones that arrive later."""
-        lines = []
-        for event in reversed(self.recent):
-            if event.uuid == uuid:
-                lines.append({"at": event.at.isoformat(), "text": _event_line(event)})
-                if len(lines) == _PANEL_LINES:
-                    break
-        return lines
+    async def recent_for(self, uuid: str) -> list[dict[str, str]]:
+        """The events panel's first lines for ``uuid``, newest first (as the page's script
+        writes the ones that arrive later): read from the durable event log, so they hold
+        what every process did, before this one started too. The caller has checked that
+        the viewer may see the connection."""
+        kept: deque[Event] = deque(maxlen=_PANEL_LINES)
+        after = 0
+        while True:
+            events, _pruned = await self.integ._repo.events_after(
+                after,
+                owner=None,
+                any_owner=True,
+                provider=None,
+                uuid=uuid,
+                kinds=None,
+                limit=_LOG_PAGE,
+            )
+            kept.extend(e for e in events if e.kind != "resync")
+            if len(events) < _LOG_PAGE or events[-1].position is None:
+                break
+            after = events[-1].position
+        return [{"at": e.at.isoformat(), "text": _event_line(e)} for e in reversed(kept)]
 
     def url(self, request: Request, name: str, **params: Any) -> str:
         """A path that works wherever the console is mounted."""
@@ -261,7 +262,6 @@ class _Console:
                         403, "The form expired or came from elsewhere. Reload the page and retry."
                     )
                 request.state.form = form
-            self._follow()
             # Reveals and changes made for this request are recorded as the viewer's.
             with acting_as(viewer.actor):
                 return await handler(request, _Context(viewer, _scope(self.integ, viewer)))
@@ -341,7 +341,14 @@ class _Console:
             405: "Method not allowed",
             500: "Error",
         }
-        context = {"status": status, "heading": titles.get(status, "Error"), "message": message}
+        # No outcome note on an error page: a "?done=added" link to a missing connection
+        # did not add anything.
+        context = {
+            "status": status,
+            "heading": titles.get(status, "Error"),
+            "message": message,
+            "flash": None,
+        }
         response = self.render(request, "error.html", context, status=status)
         if status == 401:
             response.headers["www-authenticate"] = 'Cookie realm="integrations"'
@@ -406,7 +413,14 @@ class _Console:
             if not groups or groups[-1]["key"] != conn.provider:
                 known = by_key.get(conn.provider)
                 name = known.name if known is not None else conn.provider
-                groups.append({"key": conn.provider, "name": name, "rows": []})
+                groups.append(
+                    {
+                        "key": conn.provider,
+                        "name": name,
+                        "registered": known is not None,
+                        "rows": [],
+                    }
+                )
             groups[-1]["rows"].append(_row(by_key.get(conn.provider), conn))
         filtered = bool(filters["provider"] or filters["status"] or filters["search"] or owner)
         query = {
@@ -498,7 +512,10 @@ class _Console:
             "oauth": provider is not None and provider.scheme.authorizes_user,
             "device": provider is not None and bool(provider.device_authorization_url),
             "has_token": bool(data.get("access_token")),
-            "recent": self.recent_for(conn.uuid),
+            # What to register with the provider before the first Connect.
+            "redirect_uri": self._callback(request),
+            "docs_url": provider.docs_url if provider is not None else None,
+            "recent": await self.recent_for(conn.uuid),
             "scopes": " ".join(
                 _stored_scopes(data) or (provider.scopes if provider is not None else ())
             ),
@@ -653,6 +670,38 @@ class _Console:
             raise _Refused(400, f"The authorization failed: {exc.message}") from None
         return self._redirect(request, "connection", "connected", uuid=conn.uuid)
 
+    # -- webhooks ----------------------------------------------------------------------------
+
+    async def webhooks(self, request: Request, ctx: _Context) -> Response:
+        """The viewer's webhook endpoints (every one for the administrator), each with its
+        newest deliveries: state, attempts, the next attempt and a Replay button."""
+        endpoints = []
+        for endpoint in await ctx.handle.list_webhooks():
+            deliveries = await ctx.handle.webhook_deliveries(endpoint.id, limit=_DELIVERIES)
+            endpoints.append(
+                {
+                    "endpoint": endpoint,
+                    "health": _endpoint_health(deliveries),
+                    "deliveries": [_delivery_row(d) for d in deliveries],
+                }
+            )
+        return self.render(
+            request,
+            "webhooks.html",
+            {"endpoints": endpoints, "owners": isinstance(ctx.viewer, Admin)},
+            viewer=ctx.viewer,
+        )
+
+    async def replay(self, request: Request, ctx: _Context) -> Response:
+        delivery = request.path_params["delivery"]
+        try:
+            await ctx.handle.replay_webhook(delivery)
+        except _MISSING:
+            raise _Refused(404, "There is no such delivery.") from None
+        except IntegrationsError as exc:
+            raise _Refused(400, exc.message) from None
+        return RedirectResponse(self.url(request, "webhooks") + "?done=replayed", 303)
+
     # -- audit trail ---------------------------------------------------------------------------
 
     async def _audit_page(
@@ -715,6 +764,45 @@ class _Console:
         )
 
 
+#: Deliveries the webhooks page shows per endpoint, newest first.
+_DELIVERIES = 20
+
+
+def _when(value: datetime | None) -> str:
+    """The console's one time format: ``2026-12-04 17:31:05 UTC``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else ""
+
+
+def _endpoint_health(deliveries: list[WebhookDelivery]) -> str:
+    """What the newest deliveries say of an endpoint: ``failing`` while the newest
+    finished one is dead or a pending one has failed attempts, ``ok`` when the newest
+    finished one was delivered, else ``no deliveries yet`` / ``pending``."""
+    if not deliveries:
+        return "no deliveries yet"
+    if any(d.state == "pending" and d.attempts > 0 for d in deliveries):
+        return "failing"
+    finished = [d for d in deliveries if d.state != "pending"]
+    if not finished:
+        return "pending"
+    return "ok" if finished[0].state == "delivered" else "failing"
+
+
+def _delivery_row(d: WebhookDelivery) -> dict[str, Any]:
+    last = d.last_error or (f"HTTP {d.last_status}" if d.last_status is not None else "")
+    return {
+        "id": d.id,
+        "kind": d.kind,
+        "connection": d.connection,
+        "state": d.state,
+        "attempts": d.attempts,
+        "created": _when(d.created_at),
+        "created_at": d.created_at.isoformat(),
+        "next": _when(d.next_attempt_at) if d.state == "pending" else "",
+        "next_at": d.next_attempt_at.isoformat() if d.next_attempt_at is not None else "",
+        "last": last,
+    }
+
+
 def _page_size(value: str | None, default: int) -> int:
     """The page size a link asks for when it is one the listing offers, else the default."""
     try:
@@ -725,13 +813,18 @@ def _page_size(value: str | None, default: int) -> int:
 
 
 def _event_line(event: Event) -> str:
-    """``"12:04:05 validated → error (Invalid key)"``: what the panel shows of an event."""
-    words = [event.at.strftime("%H:%M:%S UTC"), event.kind.replace("_", " ")]
-    if event.status:
+    """``"2026-12-04 12:04:05 UTC validated connected → error (Invalid key) by alice"``:
+    what the panel shows of an event, in the page's one time format."""
+    words = [_when(event.at), event.kind.replace("_", " ")]
+    if event.previous_status and event.status and event.previous_status != event.status:
+        words.append(f"{event.previous_status} → {event.status}")
+    elif event.status:
         words.append(f"→ {event.status}")
     message = event.detail.get("validation_status") if event.kind == "validated" else None
     if isinstance(message, str) and message:
         words.append(f"({message})")
+    if event.actor:
+        words.append(f"by {event.actor}")
     return " ".join(words)
 
 
@@ -766,6 +859,7 @@ def _row(provider: Provider | None, conn: Connection) -> dict[str, Any]:
         "uuid": conn.uuid,
         "name": conn.name,
         "status": status_text(provider, data),
+        "incomplete": setup_incomplete(provider, data),
         "account": account_text(data),
         "checked": ago(checked_at),
         "checked_at": checked_at if isinstance(checked_at, str) else None,
@@ -797,6 +891,7 @@ def _sse(event: Event) -> str:
         "previous_status": event.previous_status,
         "message": message if isinstance(message, str) else None,
         "at": event.at.isoformat(),
+        "line": _event_line(event),
     }
     return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 

@@ -10,19 +10,23 @@ from typing import Any
 from .. import _models
 from .._providers import Provider, SetupField
 
-STATUSES = ("connected", "error", "not configured", "disconnected")
+#: The stored statuses, the words the library, the CLI and the console all use.
+STATUSES = ("connected", "error", "disconnected")
 
 
 def status_text(provider: Provider | None, data: Mapping[str, Any]) -> str:
-    """One of STATUSES: what an operator needs to know about a connection at a glance."""
+    """One of STATUSES: the stored status, the same word everywhere (a connection whose
+    setup lacks a required field is ``disconnected``; :func:`setup_incomplete` says why)."""
     status = data.get("status")
-    if status in ("connected", "error"):
-        return str(status)
-    if status == "disconnected" and data.get("disconnected_at"):
-        return "disconnected"  # someone disconnected it (an API key is dropped too)
-    if provider is not None and provider.missing_required(data):
-        return "not configured"
-    return "disconnected"
+    return str(status) if status in STATUSES else "disconnected"
+
+
+def setup_incomplete(provider: Provider | None, data: Mapping[str, Any]) -> bool:
+    """Whether a required setup field is missing (never after a disconnect, which drops
+    the key itself: the setup was complete)."""
+    if data.get("status") in ("connected", "error") or data.get("disconnected_at"):
+        return False
+    return provider is not None and bool(provider.missing_required(data))
 
 
 def ago(value: object, now: datetime | None = None) -> str:

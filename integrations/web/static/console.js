@@ -56,6 +56,10 @@
   }
 
   function describe(data) {
+    // The server writes the line, in the page's one time format.
+    if (data.line) {
+      return data.line;
+    }
     var when = data.at ? new Date(data.at).toLocaleTimeString() : "";
     var words = [when, data.kind ? data.kind.replace(/_/g, " ") : "change"];
     if (data.status) {
