@@ -596,6 +596,22 @@ class AuthFlow:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def callback_parameters(query: Mapping[str, str]) -> dict[str, str | None]:
+    """The state, code and error of an authorization callback's query: OAuth 2.0's
+    ``state`` and ``code``, or OAuth 1.0a's ``oauth_token`` and ``oauth_verifier`` (and
+    ``denied``, which some providers send with the temporary token when the user refuses)."""
+    state = query.get("state") or query.get("oauth_token")
+    error = query.get("error")
+    if not state and query.get("denied"):
+        state, error = query.get("denied"), error or "access_denied"
+    return {
+        "state": state or None,
+        "code": query.get("code") or query.get("oauth_verifier"),
+        "error": error,
+        "error_description": query.get("error_description"),
+    }
+
+
 def _scopes(scopes: Sequence[str] | None) -> list[str] | None:
     if scopes is None:
         return None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _events
 from . import _names as names
 from ._audit import AuditLevel, AuditLog, AuditPage, Breach
 from ._cache import CacheStats
@@ -97,6 +99,7 @@ class Integrations:
         listen_dsn: str | None = None,
         audit: AuditLevel = "reveal",
         audit_buffer: int = 10_000,
+        listen_heartbeat: float = 1.0,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
@@ -112,6 +115,17 @@ class Integrations:
                 f"pool_max_size must be at least 2, got {shown(pool_max_size)}."
             )
         check_at_most("pool_max_size", pool_max_size)
+        if (
+            isinstance(listen_heartbeat, bool)
+            or not isinstance(listen_heartbeat, int | float)
+            or not 0 < listen_heartbeat < math.inf
+        ):
+            raise ConfigurationError(
+                f"listen_heartbeat must be a positive number of seconds, got "
+                f"{shown(listen_heartbeat)}."
+            )
+        check_at_most("listen_heartbeat", listen_heartbeat)
+        self._listen_heartbeat = float(listen_heartbeat)
         self._dsn = dsn
         # Checked now: a bad level is a configuration error before anything connects.
         AuditLog(None, level=audit, buffer=audit_buffer)
@@ -212,7 +226,11 @@ class Integrations:
             await self.close()
             raise
         hub = EventHub(
-            self._repo.listen, self._repo.channel, watcher=self._cache, log=self._repo.events_after
+            self._repo.listen,
+            self._repo.channel,
+            watcher=self._cache,
+            log=self._repo.events_after,
+            heartbeat=(self._listen_heartbeat, _events.HEARTBEAT_TIMEOUT),
         )
         if self._cache.enabled:
             # The cache serves only while changes are being received: listen from the start.

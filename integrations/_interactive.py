@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from ._authflow import AuthFlow
+from ._authflow import AuthFlow, callback_parameters
 from ._core import Core
 from ._errors import AuthorizationTimeout, IntegrationsError, InvalidInput
 from ._events import OwnerScope
@@ -66,7 +66,8 @@ async def connect_interactive(
 
     async def callback(request: web.Request) -> web.StreamResponse:
         nonlocal claimed
-        state = request.query.get("state", "")
+        given = callback_parameters(request.query)
+        state = given["state"] or ""
         # Only the callback for our own state counts; anything else on the port is ignored.
         if not expected or not hmac.compare_digest(state.encode(), expected[0].encode()):
             return _page(400, "Unknown request", "This address only accepts the callback.")
@@ -78,9 +79,9 @@ async def connect_interactive(
         try:
             row = await authflow.complete(
                 state,
-                code=request.query.get("code"),
-                error=request.query.get("error"),
-                error_description=request.query.get("error_description"),
+                code=given["code"],
+                error=given["error"],
+                error_description=given["error_description"],
                 owner=owner,
             )
             connection = core.connection(row)

@@ -40,6 +40,7 @@ MAXIMUM: dict[str, float] = {
     "refresh_cooldown": _HOUR,
     "refresh_lease": _HOUR,
     "token_write_retry": _DAY,
+    "listen_heartbeat": _HOUR,
     # run_health_sweeps(...)
     "interval": 7 * _DAY,
     "stale_after": 366 * _DAY,

@@ -1215,3 +1215,22 @@ def test_a_secret_under_a_key_this_process_lacks_names_the_connection_and_the_fi
     assert done.returncode == 1
     assert uuid in done.stderr and "add that key to INTEGRATIONS_KEYS" in done.stderr
     assert "keys=" not in done.stderr
+
+
+def test_set_without_keys_says_so_before_prompting_for_a_secret(fresh_db: str) -> None:
+    sh(fresh_db, "add", "openai")
+    env = cli_env()
+    del env["INTEGRATIONS_KEYS"]
+    child = pexpect.spawn(
+        SCRIPT, ["--dsn", fresh_db, "set", "openai", "api_key"], env=env, encoding="utf-8"
+    )
+    found = child.expect(["api_key: ", pexpect.EOF], timeout=30)
+    output = (child.before or "") + (child.after if isinstance(child.after, str) else "")
+    if found == 0:
+        child.sendline(MARKER)
+        child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    # No secret is asked for when it could not be stored: the keys come first.
+    assert found == 1, output
+    assert child.exitstatus == 1
+    assert "INTEGRATIONS_KEYS" in output and "integrations keys generate" in output

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,6 +34,7 @@ from integrations import (
     Provider,
     TokenRequestFailed,
 )
+from integrations._authflow import callback_parameters
 from integrations._catalogue import builtin
 
 from .conftest import TEST_KEY
@@ -90,7 +93,8 @@ class Validator(RequestValidator):
         return True
 
     def validate_redirect_uri(self, client_key: str, redirect_uri: str, request: Any) -> bool:
-        return redirect_uri == CALLBACK
+        # The app's callback, or connect_interactive's temporary one on loopback.
+        return redirect_uri == CALLBACK or redirect_uri.startswith("http://127.0.0.1:")
 
     def validate_requested_realms(self, client_key: str, realms: Any, request: Any) -> bool:
         return True
@@ -378,6 +382,45 @@ async def test_rsa_sha1_signatures(fresh_db: str) -> None:
             )
             assert posted.status == 200, posted.text
             assert server.seen[-1]["valid"] is True
+
+
+async def test_connect_interactive_takes_the_oauth1_callback(
+    fresh_db: str, hmac_api: tuple[OAuth1Server, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, base = hmac_api
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[_provider(base)]) as integ:
+        conn = await integ.add_connection("tweets", "main")
+        await integ.save_setup(
+            conn.uuid, {"consumer_key": CONSUMER_KEY, "consumer_secret": CONSUMER_SECRET}
+        )
+        task = asyncio.create_task(integ.connect_interactive(conn.uuid, timeout=30))
+        printed = ""
+        for _ in range(500):
+            printed += capsys.readouterr().out
+            if match := re.search(r"(http://\S+/oauth/authorize\?\S+)", printed):
+                break
+            await asyncio.sleep(0.02)
+        assert match, printed
+        # The provider's page sends the browser to the loopback callback with
+        # oauth_token and oauth_verifier.
+        async with aiohttp.ClientSession() as browser, browser.get(match.group(1)) as page:
+            assert page.status == 200 and "Connected" in await page.text()
+        assert (await task).status == "connected"
+        got = await integ.authenticated_request(conn.uuid, "GET", f"{base}/api/me")
+        assert got.status == 200 and got.json()["token"] in server.validator.access_tokens
+
+
+def test_callback_parameters_of_both_protocols() -> None:
+    assert callback_parameters({"state": "s", "code": "c"}) == {
+        "state": "s",
+        "code": "c",
+        "error": None,
+        "error_description": None,
+    }
+    assert callback_parameters({"oauth_token": "t", "oauth_verifier": "v"})["code"] == "v"
+    refused = callback_parameters({"denied": "t"})
+    assert refused["state"] == "t" and refused["error"] == "access_denied"
+    assert callback_parameters({})["state"] is None
 
 
 def test_the_builtin_x_provider() -> None:

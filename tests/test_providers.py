@@ -52,7 +52,7 @@ EXPECTED = {
     "jwt_bearer": {"google-service-account", "bigquery-service-account"},
     "bot_token": {"telegram", "discord"},
     "credentials": {"smtp", "postgres"},
-    "oauth1": {"x-oauth1"},
+    "oauth1": {"x-oauth1", "trello"},
 }
 
 

@@ -887,3 +887,29 @@ async def test_audit_pages_store_wide_per_connection_and_owner_scoped(
         assert mine.uuid in scoped
         assert theirs.uuid not in scoped and uuid not in scoped
         assert (await owner.get(f"/{theirs.uuid}/audit")).status_code == 404
+
+
+async def test_the_mount_snippet_of_the_docs_works_as_written(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from .conftest import TEST_KEY
+
+    text = (Path(__file__).parent.parent / "docs" / "console.md").read_text()
+    snippet = text.split("## Mounting it in FastAPI or Starlette", 1)[1]
+    code = snippet.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("INTEGRATIONS_DSN", fresh_db)
+    monkeypatch.setenv("INTEGRATIONS_KEYS", TEST_KEY)
+    scope: dict[str, Any] = {}
+    exec(compile(code, "docs/console.md", "exec"), scope)
+    scope["SESSIONS"]["staff"] = scope["User"](1, "ops@example.com", True)
+    scope["SESSIONS"]["member"] = scope["User"](42, "ann@example.com", False)
+    async with scope["integ"], client(scope["app"]) as http:
+        assert (await http.get("/admin/integrations/")).status_code == 401
+        http.cookies.set("session", "staff")
+        staff = await http.get("/admin/integrations/")
+        assert staff.status_code == 200 and "Administrator" in staff.text
+        http.cookies.set("session", "member")
+        member = await http.get("/admin/integrations/")
+        assert member.status_code == 200 and "Owner user:42" in member.text

@@ -525,6 +525,22 @@ def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
     return attrs
 
 
+def _keys_before_secrets(integ: Integrations, provider: Any, pairs: tuple[str, ...]) -> None:
+    """Refuse at once, before any prompt or read, a secret that could not be stored: no
+    encryption key is configured (typing a secret only to be told so is a waste)."""
+    from .._errors import EncryptionNotConfigured
+
+    vault = integ._s.core.vault
+    if provider is None or vault.keyring is not None or not vault.enabled:
+        return
+    if any(_is_secret(provider, pair.partition("=")[0].strip()) for pair in pairs):
+        raise EncryptionNotConfigured(
+            "No encryption key is configured, so a secret cannot be stored: "
+            "pass keys= (a key from integrations.generate_key()) or set INTEGRATIONS_KEYS, "
+            'or pass encryption="off" to store secrets in plain text'
+        )
+
+
 @cli.command("set")
 @click.argument("ref")
 @click.argument("assignments", nargs=-1, required=True, metavar="FIELD=VALUE...")
@@ -541,7 +557,9 @@ def set_(ctx: click.Context, ref: str, assignments: tuple[str, ...]) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
             connection = await integ.get_integration_by_uuid(uuid)
-            attrs = parse_assignments(integ.providers.get(connection.provider), assignments)
+            provider = integ.providers.get(connection.provider)
+            _keys_before_secrets(integ, provider, assignments)
+            attrs = parse_assignments(provider, assignments)
             await integ.save_setup(uuid, attrs, actor=env.who())
             connection = await integ.get_integration_by_uuid(uuid)
         if env.json:

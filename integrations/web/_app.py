@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from .._audit import acting_as
+from .._authflow import callback_parameters
 from .._errors import (
     AlreadyExists,
     Deleted,
@@ -649,16 +650,16 @@ class _Console:
         return self.render(request, "connection.html", context, viewer=ctx.viewer)
 
     async def callback(self, request: Request, ctx: _Context) -> Response:
-        query = request.query_params
-        state = query.get("state")
+        given = callback_parameters(request.query_params)
+        state = given["state"]
         if not state:
             raise _Refused(400, "The authorization answer carries no state.")
         try:
             conn: Connection = await ctx.handle.complete_authorization(
                 state,
-                code=query.get("code"),
-                error=query.get("error"),
-                error_description=query.get("error_description"),
+                code=given["code"],
+                error=given["error"],
+                error_description=given["error_description"],
             )
         except InvalidState:
             raise _Refused(
