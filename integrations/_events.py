@@ -454,7 +454,7 @@ class EventHub:
             if isinstance(after, bool) or not isinstance(after, int) or after < 0:
                 raise InvalidArgument(
                     f"after must be an event position (an int >= 0, such as an earlier "
-                    f"Event.position), got {after!r}",
+                    f"Event.position), got {shown(after)}",
                     field="after",
                 )
             if self._log is None:
