@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,13 +23,11 @@ from ._models import utcnow
 from ._names import shown
 from ._requests import Requests
 from ._rotation import ProgressCallback, RotationProgress, rotate
+from ._settings import MAXIMUM
 from ._tokens import Refresher
 from ._webhooks import Webhooks
 
 __all__ = ["Services"]
-
-# The longest retention max_age takes: a hundred years.
-_LONGEST_AGE = 100 * 365 * 86400
 
 # The longest retention a sweep takes: beyond it the cut-off would fall before year 1.
 _LONGEST = timedelta(days=36_525)
@@ -188,23 +187,22 @@ class Services:
         self, *, max_age: float | timedelta | None, max_count: int | None
     ) -> int:
         if max_age is not None:
-            wrong = InvalidArgument(
-                "max_age must be a number of seconds or a timedelta from 0 to 100 years, or "
-                f"None; got {shown(max_age)}",
-                field="max_age",
-            )
-            if isinstance(max_age, int | float) and not isinstance(max_age, bool):
-                if not 0 <= max_age <= _LONGEST_AGE:  # NaN and infinities fail too
-                    raise wrong
-                max_age = timedelta(seconds=max_age)
-            if not isinstance(max_age, timedelta) or not (
-                0 <= max_age.total_seconds() <= _LONGEST_AGE
-            ):
-                raise wrong
+            if isinstance(max_age, timedelta):
+                seconds: float = max_age.total_seconds()
+            elif isinstance(max_age, int | float) and not isinstance(max_age, bool):
+                seconds = max_age if max_age <= MAXIMUM["max_age"] else math.inf
+            else:
+                seconds = math.nan
+            # Past the bound, a timedelta or a date overflows.
+            if not 0 <= seconds <= MAXIMUM["max_age"]:
+                raise InvalidArgument(
+                    "max_age must be a number of seconds or a timedelta from 0 to "
+                    f"{int(MAXIMUM['max_age'])}, or None; got {shown(max_age)}",
+                    field="max_age",
+                )
+            max_age = timedelta(seconds=seconds)
         if max_count is not None and (
-            isinstance(max_count, bool)
-            or not isinstance(max_count, int)
-            or not 0 <= max_count <= 2**53
+            isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0
         ):
             raise InvalidArgument(
                 f"max_count must be an int >= 0 or None, got {shown(max_count)}",
