@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class RowCache:
         "_epoch",
         "_extras",
         "_live",
+        "_proven_until",
         "_refs",
         "_rows",
         "capacity",
@@ -65,6 +68,9 @@ class RowCache:
         self._extras: dict[str, dict[str, Any]] = {}
         self._epoch = 0
         self._live = False
+        # Monotonic time until which the listener is known to hear changes (its last
+        # probe's proof); infinite when nobody probes it.
+        self._proven_until = math.inf
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
@@ -74,7 +80,7 @@ class RowCache:
 
     @property
     def serving(self) -> bool:
-        return self.enabled and self._live
+        return self.enabled and self._live and time.monotonic() < self._proven_until
 
     @property
     def stats(self) -> CacheStats:
@@ -117,7 +123,7 @@ class RowCache:
 
     def ticket(self) -> int | None:
         """Taken before a database read: the epoch to fill at, None when not serving."""
-        if not (self.enabled and self._live):
+        if not self.serving:
             return None
         self.misses += 1
         telemetry.record_cache(False)
@@ -125,7 +131,7 @@ class RowCache:
 
     def fill(self, ticket: int | None, row: StoredRow) -> None:
         """Keep ``row`` unless something changed since ``ticket`` was taken."""
-        if ticket is None or ticket != self._epoch or not self._live:
+        if ticket is None or ticket != self._epoch or not self.serving:
             return
         self._drop(row.uuid)
         self._rows[row.uuid] = row
@@ -150,7 +156,14 @@ class RowCache:
         # Either way what is held may have missed a change: start again from empty.
         self._epoch += 1
         self._live = up
+        self._proven_until = math.inf
         self._clear()
+
+    def proven(self, until: float) -> None:
+        # What is held stays: notifications arrive in commit order, so once a probe sent
+        # after a change arrives, that change's notice has too; until then nothing is
+        # served or filled.
+        self._proven_until = until
 
     def _drop(self, uuid: str) -> None:
         row = self._rows.pop(uuid, None)

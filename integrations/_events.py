@@ -8,6 +8,7 @@ import enum
 import itertools
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -17,7 +18,7 @@ from typing import Final, Literal, Protocol, TypeAlias
 
 from . import _telemetry as telemetry
 from ._backoff import equal_jitter
-from ._errors import IntegrationsError, InvalidArgument, LifecycleError
+from ._errors import ConfigurationError, IntegrationsError, InvalidArgument, LifecycleError
 from ._models import EVENT_KINDS, Event
 from ._names import shown
 from ._settings import MAXIMUM
@@ -34,16 +35,27 @@ __all__ = [
     "Subscription",
 ]
 
+# Positions are PostgreSQL bigints.
+_MAX_POSITION = 2**63 - 1
+
 logger = logging.getLogger("integrations.events")
 
-#: Seconds between checks that the LISTEN connection still answers, and how long an
-#: answer may take: a connection silently cut (no close ever arrives) is found within
-#: their sum, and treated as lost.
-HEARTBEAT_EVERY: Final = 5.0
-HEARTBEAT_TIMEOUT: Final = 5.0
-# The heartbeat's own clock, bound once: the reconnect's backoff is the only waiting
-# that tests replace.
-_beat_sleep = asyncio.sleep
+#: Seconds between the LISTEN connection's probes (``listen_heartbeat=``): each NOTIFYs
+#: the connection from another session and waits for the notification to arrive. A
+#: probe heard proves the changes committed before it were heard too, and lets the row
+#: cache serve for two heartbeats from when it was sent: a frozen link stops the cache
+#: within two heartbeats.
+HEARTBEAT_EVERY = 1.0
+#: How long a probe may take before the connection is treated as lost (and reopened).
+HEARTBEAT_TIMEOUT = 5.0
+#: What to do about notifications that do not arrive: the message names the remedy.
+UNHEARD = (
+    "the LISTEN connection on channel {channel!r} did not receive its own notification "
+    "within {timeout:g}s: notifications do not arrive over this link, so events are not "
+    "delivered and the row cache stays off. Behind a transaction-mode pooler (PgBouncer "
+    "pool_mode=transaction) pass listen_dsn= a DSN that reaches PostgreSQL directly (or "
+    "a session-mode pool)."
+)
 
 
 class Listener(Protocol):
@@ -60,6 +72,10 @@ class RowWatcher(Protocol):
 
     def listening(self, up: bool) -> None:
         """The LISTEN connection is up (changes are being received) or lost."""
+
+    def proven(self, until: float) -> None:
+        """Changes are known to be heard until ``until`` (monotonic clock): the
+        listener's last probe arrived."""
 
 
 ListenFn: TypeAlias = Callable[
@@ -384,6 +400,13 @@ class EventHub:
         self._heartbeat = heartbeat or (HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._log = log
+        # Probes: the generation whose listener was last heard, how many probes sent in a
+        # row went unheard, and news of either (replaced once set).
+        self._heard_generation = -1
+        self._unheard = 0
+        self._news = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._unheard_logged_generation = -1
 
     def __repr__(self) -> str:
         return (
@@ -431,10 +454,14 @@ class EventHub:
         replays the log after it first, then goes on live.
         """
         if after is not None:
-            if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            if (
+                isinstance(after, bool)
+                or not isinstance(after, int)
+                or not 0 <= after <= _MAX_POSITION
+            ):
                 raise InvalidArgument(
                     f"after must be an event position (an int >= 0, such as an earlier "
-                    f"Event.position), got {after!r}",
+                    f"Event.position), got {shown(after)}",
                     field="after",
                 )
             if self._log is None:
@@ -500,6 +527,9 @@ class EventHub:
         self._check_open()
         if not await self._ensure_listening():
             await self._sync()
+        if await self._proof() is False:
+            # A subscription that would never receive anything says so now.
+            raise ConfigurationError(self._unheard_message())
         self._subscriptions.add(subscription)
         try:
             yield subscription
@@ -508,9 +538,57 @@ class EventHub:
             subscription._close()
 
     async def start(self) -> None:
-        """Open the LISTEN connection now rather than at the first ``subscribe()``."""
+        """Open the LISTEN connection now rather than at the first ``subscribe()``, and
+        wait for its first probe: when notifications do not arrive, an error is logged
+        (naming ``listen_dsn``) and the row cache stays off."""
         self._check_open()
         await self._ensure_listening()
+        if await self._proof() is False:
+            self._log_unheard(self._generation)
+
+    def _unheard_message(self) -> str:
+        return UNHEARD.format(channel=self._channel, timeout=self._heartbeat[1])
+
+    def _log_unheard(self, generation: int) -> None:
+        # Once per connection; an error the first time, a warning for each reopened one.
+        if self._unheard_logged_generation == generation:
+            return
+        level = logging.WARNING if self._unheard_logged_generation >= 0 else logging.ERROR
+        self._unheard_logged_generation = generation
+        logger.log(level, self._unheard_message(), extra=telemetry.fields("listen_unheard"))
+
+    @property
+    def _proven(self) -> bool:
+        return self._listener is not None and self._heard_generation == self._generation
+
+    def _probe_news(self, heard: bool) -> None:
+        if heard:
+            self._heard_generation = self._generation
+            self._unheard = 0
+        else:
+            self._unheard += 1
+        news, self._news = self._news, asyncio.Event()
+        news.set()
+
+    async def _proof(self) -> bool | None:
+        """Whether the listener is heard: True once a probe arrived on it, False when a
+        probe sent went unheard, None when that cannot be told (a listener that cannot
+        be probed, a database that cannot be reached)."""
+        if not getattr(self._listener, "can_probe", False):
+            return None
+        every, timeout = self._heartbeat
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * timeout + every
+        while True:
+            if self._proven:
+                return True
+            if self._unheard:
+                return False
+            news = self._news
+            try:
+                await asyncio.wait_for(news.wait(), deadline - loop.time())
+            except TimeoutError:
+                return None
 
     def publish_local(self, event: Event) -> None:
         """Deliver an already-parsed event to the matching subscriptions of this hub."""
@@ -553,38 +631,88 @@ class EventHub:
     def _set_listening(self, up: bool) -> None:
         if self._watcher is not None:
             self._watcher.listening(up)
+            if up and getattr(self._listener, "can_probe", False):
+                # Served only once a probe proves the new connection hears changes.
+                self._watcher.proven(-math.inf)
+        if up:
+            self._kick.set()  # probe the new connection at once
         if up and self._heartbeat_task is None and not self._closed:
             self._heartbeat_task = asyncio.get_running_loop().create_task(
                 self._beat(), name=f"integrations-events-heartbeat:{self._channel}"
             )
 
     async def _beat(self) -> None:
-        """Check every so often that the listener still answers. A connection cut without
-        a close (a dead peer, a frozen network) would otherwise look alive for ever, and
-        the row cache would go on serving what it can no longer hear changes to."""
+        """Probe the listener every so often (see ``HEARTBEAT_EVERY``). A connection cut
+        without a close (a dead peer, a frozen network) would otherwise look alive for
+        ever, and one behind a transaction pooler would never hear a thing: the row
+        cache would go on serving what it can no longer hear changes to."""
         every, timeout = self._heartbeat
+        loop = asyncio.get_running_loop()
         while not self._closed:
-            await _beat_sleep(every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), every)
+            self._kick.clear()
             listener, generation = self._listener, self._generation
-            sync = getattr(listener, "sync", None)
-            if listener is None or sync is None:
+            if listener is None:
                 continue
-            try:
-                await asyncio.wait_for(sync(), timeout)
-            except Exception as exc:
-                if generation != self._generation or listener is not self._listener:
-                    continue  # lost and replaced meanwhile
+            started = loop.time()
+            heard = await self._probe_once(listener, timeout)
+            if generation != self._generation or listener is not self._listener:
+                continue  # lost and replaced meanwhile
+            if heard is None:
+                continue
+            probed = getattr(listener, "can_probe", False)
+            if probed:
+                self._probe_news(heard)
+            if heard:
+                if self._watcher is not None:
+                    self._watcher.proven(started + 2 * every)
+                continue
+            if probed and self._heard_generation != generation:
+                self._log_unheard(generation)  # never heard on this connection
+            else:
                 logger.warning(
-                    "the LISTEN connection on channel %r did not answer within %gs (%s)",
+                    "the LISTEN connection on channel %r did not answer within %gs",
                     self._channel,
                     timeout,
-                    type(exc).__name__,
                     extra=telemetry.fields("listen_unresponsive"),
                 )
-                abort = getattr(listener, "abort", None)
-                if abort is not None:
-                    abort()
-                self._on_lost(generation)
+            abort = getattr(listener, "abort", None)
+            if abort is not None:
+                abort()
+            self._on_lost(generation)
+
+    async def _probe_once(self, listener: Listener, limit: float) -> bool | None:
+        """True: the probe arrived; False: it was sent and did not arrive (or, without
+        probes, the connection did not answer); None: it could not be sent."""
+        probe = getattr(listener, "probe", None)
+        if probe is None or not getattr(listener, "can_probe", False):
+            sync = getattr(listener, "sync", None)
+            if sync is None:
+                return None
+            try:
+                await asyncio.wait_for(sync(), limit)
+            except Exception:
+                return False
+            return None  # alive, but not a proof of hearing
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        try:
+            arrival = await asyncio.wait_for(probe(), limit)
+        except Exception as exc:
+            # The NOTIFY did not go out (the pool cannot reach the database): no news
+            # of the listener; its own session's end tells of its loss.
+            logger.debug(
+                "sending the LISTEN connection's probe failed: %s",
+                type(exc).__name__,
+                extra=telemetry.fields("listen_probe_failed"),
+            )
+            return None
+        try:
+            await asyncio.wait_for(arrival, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return False
+        return True
 
     def _rows_changed(self, payload: str) -> bool:
         """Feed a row-change notice to the watcher; False when ``payload`` is not one."""

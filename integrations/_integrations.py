@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _events
 from . import _names as names
 from ._audit import AuditLevel, AuditLog, AuditPage, Breach
 from ._cache import CacheStats
@@ -33,7 +35,7 @@ from ._registry import ProviderRegistry, load_providers
 from ._rotation import ProgressCallback, RotationProgress
 from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
-from ._settings import Settings, Takeover, check_at_most
+from ._settings import MAXIMUM, Settings, Takeover, check_at_most
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 from ._webhooks import RETRY_DELAYS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -97,6 +99,7 @@ class Integrations:
         listen_dsn: str | None = None,
         audit: AuditLevel = "reveal",
         audit_buffer: int = 10_000,
+        listen_heartbeat: float = 1.0,
     ) -> None:
         if encryption not in ("on", "off"):
             raise ConfigurationError(f'encryption must be "on" or "off", got {shown(encryption)}.')
@@ -112,6 +115,17 @@ class Integrations:
                 f"pool_max_size must be at least 2, got {shown(pool_max_size)}."
             )
         check_at_most("pool_max_size", pool_max_size)
+        if (
+            isinstance(listen_heartbeat, bool)
+            or not isinstance(listen_heartbeat, int | float)
+            or not 0 < listen_heartbeat < math.inf
+        ):
+            raise ConfigurationError(
+                f"listen_heartbeat must be a positive number of seconds, got "
+                f"{shown(listen_heartbeat)}."
+            )
+        check_at_most("listen_heartbeat", listen_heartbeat)
+        self._listen_heartbeat = float(listen_heartbeat)
         self._dsn = dsn
         # Checked now: a bad level is a configuration error before anything connects.
         AuditLog(None, level=audit, buffer=audit_buffer)
@@ -212,7 +226,11 @@ class Integrations:
             await self.close()
             raise
         hub = EventHub(
-            self._repo.listen, self._repo.channel, watcher=self._cache, log=self._repo.events_after
+            self._repo.listen,
+            self._repo.channel,
+            watcher=self._cache,
+            log=self._repo.events_after,
+            heartbeat=(self._listen_heartbeat, _events.HEARTBEAT_TIMEOUT),
         )
         if self._cache.enabled:
             # The cache serves only while changes are being received: listen from the start.
@@ -431,12 +449,30 @@ class Integrations:
         refused unless allowed here."""
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgument("concurrency must be an int >= 1", field="concurrency")
-        delays = tuple(retry_delays)
-        if not delays or any(
-            isinstance(d, bool) or not isinstance(d, int | float) or d < 0 for d in delays
+        bad_delays = InvalidArgument(
+            "retry_delays must be a non-empty sequence of at most 100 numbers of seconds from "
+            f"0 to {int(MAXIMUM['interval'])}",
+            field="retry_delays",
+        )
+        if not isinstance(retry_delays, Sequence) or isinstance(retry_delays, str | bytes):
+            raise bad_delays
+        delays = tuple(retry_delays[:101])
+        if not 0 < len(delays) <= 100 or any(
+            isinstance(d, bool)
+            or not isinstance(d, int | float)
+            or not 0 <= d <= MAXIMUM["interval"]
+            for d in delays
+        ):
+            raise bad_delays
+        if (
+            isinstance(poll, bool)
+            or not isinstance(poll, int | float)
+            or not 0 < poll <= MAXIMUM["per_provider_interval"]
         ):
             raise InvalidArgument(
-                "retry_delays must be a non-empty sequence of seconds >= 0", field="retry_delays"
+                f"poll must be a number of seconds more than 0 and at most "
+                f"{int(MAXIMUM['per_provider_interval'])}",
+                field="poll",
             )
         await self._s.webhooks.run(
             allow_loopback=allow_loopback,

@@ -296,21 +296,23 @@ class Listener:
     def can_probe(self) -> bool:
         return self._send is not None
 
-    async def probe(self) -> None:
-        """NOTIFY this connection's probe channel from another session and return once
-        the notification arrived here: proof that changes committed before the call
-        have been heard. Raises StorageError when the NOTIFY could not be sent; waits
-        for ever when notifications do not arrive (the caller sets the limit)."""
+    async def probe(self) -> asyncio.Future[None]:
+        """NOTIFY this connection's probe channel from another session; the future is
+        done once the notification arrived here, proof that changes committed before
+        the call have been heard (it never is where notifications do not arrive).
+        Raises StorageError when the NOTIFY could not be sent."""
         if self._send is None or self._conn is None:
             raise StorageError("this LISTEN connection cannot be probed")
         token = secrets.token_hex(8)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._probes[token] = waiter
+        waiter.add_done_callback(lambda _: self._probes.pop(token, None))
         try:
             await self._send(self._probe_channel, token)
-            await waiter
-        finally:
-            self._probes.pop(token, None)
+        except BaseException:
+            waiter.cancel()
+            raise
+        return waiter
 
     async def sync(self) -> None:
         """Return once the notifications committed before the call have been dispatched:

@@ -40,6 +40,7 @@ MAXIMUM: dict[str, float] = {
     "refresh_cooldown": _HOUR,
     "refresh_lease": _HOUR,
     "token_write_retry": _DAY,
+    "listen_heartbeat": _HOUR,
     # run_health_sweeps(...)
     "interval": 7 * _DAY,
     "stale_after": 366 * _DAY,
@@ -51,6 +52,7 @@ MAXIMUM: dict[str, float] = {
     "batch_size": 100_000,
     "timeout": _DAY,
     "max_attempts": 20,
+    "max_age": 100 * 366 * _DAY,
 }
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
+import time
 import uuid as uuid_mod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,6 +88,25 @@ def test_nothing_is_kept_or_served_while_the_listener_is_down() -> None:
     # A read from before the gap stays out even once listening again.
     cache.fill(ticket, row("b"))
     assert cache.stats.size == 0
+
+
+def test_served_only_until_the_listeners_proof_runs_out_and_kept_meanwhile() -> None:
+    cache = RowCache(capacity=10)
+    cache.listening(True)
+    cache.proven(-math.inf)  # a probing listener: nothing served before its first proof
+    assert not cache.serving and cache.ticket() is None
+    cache.proven(time.monotonic() + 60)
+    cache.fill(cache.ticket(), row("a"))
+    ticket = cache.ticket()
+    assert cache.serving
+    cache.proven(time.monotonic() - 0.001)  # the proof ran out: a frozen link
+    assert not cache.serving and cache.ticket() is None
+    cache.fill(ticket, row("b"))  # a read that ends meanwhile is not kept
+    # What is held stays: notices arrive in commit order, so the next proof means every
+    # change committed before its probe was heard (and dropped its row).
+    cache.rows_changed(["a"])
+    cache.proven(time.monotonic() + 60)
+    assert cache.serving and cache.get("a") is None and cache.get("b") is None
 
 
 def test_lru_bound_and_refs_follow_their_rows() -> None:
@@ -342,7 +363,8 @@ async def test_while_the_listener_is_down_reads_go_to_the_database(
     finally:
         await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await admin.close()
-    await until(lambda: hub.listening, "the listener to come back")
+    # Served again once the new connection's first probe was heard.
+    await until(lambda: integ.cache_stats.serving, "the listener to come back")
     assert (await integ.get_integration(saved))["note"] == 4
     assert integ.cache_stats.size == 1
 

@@ -155,3 +155,25 @@ async def test_one_instance_leads_the_health_sweeps_behind_pgbouncer_without_lis
     leaders = [name for name, got in reports.items() if got]
     assert len(leaders) == 1, {name: len(got) for name, got in reports.items()}
     assert len(reports[leaders[0]]) >= 5
+
+
+async def test_without_listen_dsn_subscribe_raises_and_the_cache_is_off_naming_listen_dsn(
+    pooled_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through a transaction-mode pooler LISTEN runs but nothing arrives: open() logs
+    (the cache is off), and subscribe() raises rather than deliver nothing."""
+    from integrations import ConfigurationError, _events
+
+    from .conftest import TEST_KEY
+
+    monkeypatch.setattr(_events, "HEARTBEAT_TIMEOUT", 1.0)
+    async with Integrations(pooled_dsn, keys=TEST_KEY, statement_cache_size=0) as integ:
+        warned = [r for r in caplog.records if "listen_dsn" in r.getMessage()]
+        assert [getattr(r, "integrations_event_kind", None) for r in warned] == ["cache_disabled"]
+        assert integ.cache_stats.serving is False
+        with pytest.raises(ConfigurationError) as caught:
+            async with integ.subscribe(owner=None):
+                pass
+        assert "listen_dsn" in caught.value.message
+        assert "did not receive its own notification" in caught.value.message
+        assert integ.cache_stats.serving is False
