@@ -181,7 +181,9 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "",
         f"Figures below: one run of every script, Python {platform.python_version()}, "
         "PostgreSQL on the same host, everything on loopback, on a small shared VM (2 cores):",
-        "absolute times vary from run to run by a third or more; ratios much less.",
+        "absolute times vary from run to run by a third or more; ratios much less. A run",
+        "that shares the machine with other work (tests, builds) inflates every absolute",
+        "figure several times over; compare the ratios, which are interleaved in one run.",
         "",
         "## Reads and requests",
         "",
@@ -267,8 +269,9 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "|---|---|---|---|",
         f"| `bench_rotation.py` | `rotate_keys()` of {rot['rows']:,.0f} rows | — | "
         f"{rot['quiet_rows_per_s']:,.0f} rows/s ({rot['busy_rows_per_s']:,.0f} with "
-        f"{rot['writers']:.0f} concurrent writers); a pass with nothing to do "
-        f"{rot['quiet_noop_ms']:.0f} ms |",
+        f"{rot['writers']:.0f} concurrent writers); a pass with nothing left to do run "
+        f"right after it, before VACUUM has removed the index entries of the replaced row "
+        f"versions, {rot['quiet_noop_ms']:.0f} ms (after VACUUM: see the million-row table) |",
         f"| `bench_refresh_storm.py` | token-endpoint calls, {storm['ours_requests']:.0f} "
         f"requests from several processes with an expired token | authlib "
         f"`AsyncOAuth2Client` per process: {storm['authlib_token_calls']:.0f} calls, "
@@ -321,9 +324,10 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         f"  throughput drops from about {rot['writes_before']:,.0f}/s to "
         f"{rot['writes_during']:,.0f}/s while it",
         "  runs; running `rotate_keys()` from a separate process avoids that.",
-        "- `rotate_keys()` selects rows with a JSONB predicate on the envelopes' `kid`,",
-        "  written out in both of its queries rather than kept in a SQL function, which",
-        "  PostgreSQL does not inline when its body has a sub-select.",
+        "- `rotate_keys()` finds its rows through an index of the envelopes' key ids and a",
+        "  GIN index of plaintext fields (see [storage](storage.md)), so a pass reads only",
+        "  the rows still to do, plus, until VACUUM runs, the index entries of row versions",
+        "  an earlier pass replaced.",
         "- The refresh storm uses a strict loopback authorization server that rotates refresh",
         "  tokens and revokes the whole grant when a spent one is reused. authlib coalesces",
         "  refreshes inside a process but not across processes, so processes replay a spent",

@@ -525,6 +525,22 @@ def parse_assignments(provider: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
     return attrs
 
 
+def _keys_before_secrets(integ: Integrations, provider: Any, pairs: tuple[str, ...]) -> None:
+    """Refuse at once, before any prompt or read, a secret that could not be stored: no
+    encryption key is configured (typing a secret only to be told so is a waste)."""
+    from .._errors import EncryptionNotConfigured
+
+    vault = integ._s.core.vault
+    if provider is None or vault.keyring is not None or not vault.enabled:
+        return
+    if any(_is_secret(provider, pair.partition("=")[0].strip()) for pair in pairs):
+        raise EncryptionNotConfigured(
+            "No encryption key is configured, so a secret cannot be stored: "
+            "pass keys= (a key from integrations.generate_key()) or set INTEGRATIONS_KEYS, "
+            'or pass encryption="off" to store secrets in plain text'
+        )
+
+
 @cli.command("set")
 @click.argument("ref")
 @click.argument("assignments", nargs=-1, required=True, metavar="FIELD=VALUE...")
@@ -541,7 +557,9 @@ def set_(ctx: click.Context, ref: str, assignments: tuple[str, ...]) -> None:
         async with env.integrations() as integ:
             uuid = await resolve(integ, env, ref)
             connection = await integ.get_integration_by_uuid(uuid)
-            attrs = parse_assignments(integ.providers.get(connection.provider), assignments)
+            provider = integ.providers.get(connection.provider)
+            _keys_before_secrets(integ, provider, assignments)
+            attrs = parse_assignments(provider, assignments)
             await integ.save_setup(uuid, attrs, actor=env.who())
             connection = await integ.get_integration_by_uuid(uuid)
         if env.json:
@@ -1535,8 +1553,36 @@ def _line(check: str, ok: bool, detail: str, hint: str = "") -> dict[str, Any]:
     type=click.IntRange(0, 65535),
     help="0 picks a free port.",
 )
+@click.option(
+    "--login-ttl",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, 604800, min_open=True),
+    help="Seconds the login link works (once).",
+)
+@click.option(
+    "--session-idle",
+    default=1800.0,
+    show_default=True,
+    type=click.FloatRange(0, 604800, min_open=True),
+    help="Seconds without a request after which a session ends.",
+)
+@click.option(
+    "--session-lifetime",
+    default=43200.0,
+    show_default=True,
+    type=click.FloatRange(0, 604800, min_open=True),
+    help="Seconds after the login at which a session ends.",
+)
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int) -> None:
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    login_ttl: float,
+    session_idle: float,
+    session_lifetime: float,
+) -> None:
     """Run the web console; prints a one-time login link (the administrator's, or with
     --owner that owner's: the console then shows and changes only its connections)."""
     try:
@@ -1555,7 +1601,15 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             # With --owner the console works through that owner's handle only.
-            await web.serve(integ, host=host, port=port, owner=env.owner)
+            await web.serve(
+                integ,
+                host=host,
+                port=port,
+                owner=env.owner,
+                login_ttl=login_ttl,
+                session_idle=session_idle,
+                session_lifetime=session_lifetime,
+            )
 
     try:
         run(ctx, work)
