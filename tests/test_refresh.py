@@ -806,16 +806,18 @@ async def test_revocation_never_blocks_or_fails_the_local_change(
     provider = loopback_provider(server.base_url, revoke_url=f"http://127.0.0.1:{port}/revoke")
     try:
         async with open_integrations(
-            fresh_db, server.base_url, providers=[provider], revoke_timeout=0.3
+            fresh_db, server.base_url, providers=[provider], revoke_timeout=5.0
         ) as integ:
             first = await connect(integ, "first")
             second = await connect(integ, "second")
             started = time.monotonic()
             await integ.disconnect(first)
             await integ.remove_connection(second)
-            assert time.monotonic() - started < 0.25
+            # Waiting for either revocation would take its whole timeout (the server never
+            # answers); both changes are back well before one would end.
+            assert time.monotonic() - started < 4.0
             assert (await integ.get_integration_by_uuid(first)).status == "disconnected"
-        assert time.monotonic() - started < 3, "close() bounds the revocations too"
+        assert time.monotonic() - started < 20, "close() bounds the revocations too"
     finally:
         release.set()
         await runner.cleanup()
