@@ -88,6 +88,7 @@ if _typing.TYPE_CHECKING:
     from ._sweep import SweepReport
     from ._vault import generate_key
     from ._webhooks import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+    from .webhooks import WebhookVerificationFailed
 
 __all__ = [
     "ALL_OWNERS",
@@ -168,6 +169,7 @@ __all__ = [
     "WebhookAttempt",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "WebhookVerificationFailed",
     "acting_as",
     "bot_url",
     "generate_key",
@@ -263,6 +265,7 @@ _HOME = {
     "WebhookAttempt": "._webhooks",
     "WebhookDelivery": "._webhooks",
     "WebhookEndpoint": "._webhooks",
+    "WebhookVerificationFailed": ".webhooks",
     "bot_url": "._http",
     "generate_key": "._vault",
     "load_providers": "._registry",

@@ -366,7 +366,13 @@ class AuthFlow:
         check_text(code, "code")
         check_text(redirect_uri, "redirect_uri")
         with self.operation():
-            row, _, _ = await self._oauth_row(uuid, owner)
+            row, provider, _ = await self._oauth_row(uuid, owner)
+            if provider.scheme.uses_request_token:
+                raise InvalidProviderKey(
+                    "An OAuth 1.0a connection completes with "
+                    "complete_authorization(oauth_token, code=oauth_verifier): the exchange "
+                    "needs the temporary token the callback carries."
+                )
             pending = await self._core.repo.take_latest_pending(row.uuid, redirect_uri)
             return await self._exchange(
                 row, pending, code, redirect_uri, actor or (pending.actor if pending else None)

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 from . import _telemetry as telemetry
 from . import oauth
-from ._authflow import VERIFIER_FIELD, AuthFlow, denial_message, error_code
+from ._authflow import VERIFIER_FIELD, AuthFlow, _scopes, denial_message, error_code
 from ._core import Core
 from ._errors import (
     AuthorizationDenied,
@@ -85,7 +85,7 @@ class DeviceFlow:
         """Ask the provider for a device code; keep it, sealed, for :meth:`complete`."""
         core = self._core
         row, provider, plain = await self._device_row(uuid, owner)
-        requested = list(provider.scopes if scopes is None else scopes)
+        requested = list(provider.scopes if scopes is None else _scopes(scopes) or [])
         endpoint = core.token_endpoint(provider)
         client = endpoint.client(plain)
         assert provider.device_authorization_url is not None

@@ -35,6 +35,9 @@ __all__ = [
     "Subscription",
 ]
 
+# Positions are PostgreSQL bigints.
+_MAX_POSITION = 2**63 - 1
+
 logger = logging.getLogger("integrations.events")
 
 #: Seconds between the LISTEN connection's probes (``listen_heartbeat=``): each NOTIFYs
@@ -451,10 +454,14 @@ class EventHub:
         replays the log after it first, then goes on live.
         """
         if after is not None:
-            if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            if (
+                isinstance(after, bool)
+                or not isinstance(after, int)
+                or not 0 <= after <= _MAX_POSITION
+            ):
                 raise InvalidArgument(
                     f"after must be an event position (an int >= 0, such as an earlier "
-                    f"Event.position), got {after!r}",
+                    f"Event.position), got {shown(after)}",
                     field="after",
                 )
             if self._log is None:

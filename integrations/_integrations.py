@@ -35,7 +35,7 @@ from ._registry import ProviderRegistry, load_providers
 from ._rotation import ProgressCallback, RotationProgress
 from ._schemes import SCHEMES, AuthScheme, SchemeRegistry
 from ._services import Services
-from ._settings import Settings, Takeover, check_at_most
+from ._settings import MAXIMUM, Settings, Takeover, check_at_most
 from ._sweep import HealthSweep, SweepCallback, check_sweep_options
 from ._vault import Vault
 from ._webhooks import RETRY_DELAYS, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -449,12 +449,30 @@ class Integrations:
         refused unless allowed here."""
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgument("concurrency must be an int >= 1", field="concurrency")
-        delays = tuple(retry_delays)
-        if not delays or any(
-            isinstance(d, bool) or not isinstance(d, int | float) or d < 0 for d in delays
+        bad_delays = InvalidArgument(
+            "retry_delays must be a non-empty sequence of at most 100 numbers of seconds from "
+            f"0 to {int(MAXIMUM['interval'])}",
+            field="retry_delays",
+        )
+        if not isinstance(retry_delays, Sequence) or isinstance(retry_delays, str | bytes):
+            raise bad_delays
+        delays = tuple(retry_delays[:101])
+        if not 0 < len(delays) <= 100 or any(
+            isinstance(d, bool)
+            or not isinstance(d, int | float)
+            or not 0 <= d <= MAXIMUM["interval"]
+            for d in delays
+        ):
+            raise bad_delays
+        if (
+            isinstance(poll, bool)
+            or not isinstance(poll, int | float)
+            or not 0 < poll <= MAXIMUM["per_provider_interval"]
         ):
             raise InvalidArgument(
-                "retry_delays must be a non-empty sequence of seconds >= 0", field="retry_delays"
+                f"poll must be a number of seconds more than 0 and at most "
+                f"{int(MAXIMUM['per_provider_interval'])}",
+                field="poll",
             )
         await self._s.webhooks.run(
             allow_loopback=allow_loopback,

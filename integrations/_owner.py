@@ -579,7 +579,11 @@ def request(
 def _device_scopes(scopes: Sequence[str] | None) -> list[str] | None:
     if scopes is None:
         return None
-    if isinstance(scopes, str) or not all(isinstance(s, str) and s for s in scopes):
+    if (
+        isinstance(scopes, str | bytes)
+        or not isinstance(scopes, Sequence)
+        or not all(isinstance(s, str) and s for s in scopes)
+    ):
         raise InvalidArgument(
             "scopes must be a sequence of non-empty strings, such as ['openid', 'email']",
             field="scopes",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from ._models import utcnow
 from ._names import shown
 from ._requests import Requests
 from ._rotation import ProgressCallback, RotationProgress, rotate
+from ._settings import MAXIMUM
 from ._tokens import Refresher
 from ._webhooks import Webhooks
 
@@ -185,19 +187,26 @@ class Services:
         self, *, max_age: float | timedelta | None, max_count: int | None
     ) -> int:
         if max_age is not None:
-            if isinstance(max_age, int | float) and not isinstance(max_age, bool):
-                max_age = timedelta(seconds=max_age)
-            if not isinstance(max_age, timedelta) or max_age.total_seconds() < 0:
+            if isinstance(max_age, timedelta):
+                seconds: float = max_age.total_seconds()
+            elif isinstance(max_age, int | float) and not isinstance(max_age, bool):
+                seconds = max_age if max_age <= MAXIMUM["max_age"] else math.inf
+            else:
+                seconds = math.nan
+            # Past the bound, a timedelta or a date overflows.
+            if not 0 <= seconds <= MAXIMUM["max_age"]:
                 raise InvalidArgument(
-                    f"max_age must be a number of seconds or a timedelta >= 0, or None; got "
-                    f"{max_age!r}",
+                    "max_age must be a number of seconds or a timedelta from 0 to "
+                    f"{int(MAXIMUM['max_age'])}, or None; got {shown(max_age)}",
                     field="max_age",
                 )
+            max_age = timedelta(seconds=seconds)
         if max_count is not None and (
             isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0
         ):
             raise InvalidArgument(
-                f"max_count must be an int >= 0 or None, got {max_count!r}", field="max_count"
+                f"max_count must be an int >= 0 or None, got {shown(max_count)}",
+                field="max_count",
             )
         older_than = None if max_age is None else utcnow() - max_age
         return await self.core.repo.prune_events(older_than=older_than, keep=max_count)

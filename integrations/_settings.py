@@ -52,6 +52,7 @@ MAXIMUM: dict[str, float] = {
     "batch_size": 100_000,
     "timeout": _DAY,
     "max_attempts": 20,
+    "max_age": 100 * 366 * _DAY,
 }
 
 

@@ -255,6 +255,9 @@ class HealthSweep:
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
             while True:
+                if not self.leading():
+                    # Woken late (a frozen process resuming) before the keeper saw it.
+                    return "the sweep lease ran out by this process's clock"
                 started = loop.time()
                 sweep = self._sweeping = asyncio.ensure_future(self.sweep_once())
                 try:

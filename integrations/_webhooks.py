@@ -25,6 +25,7 @@ from . import _telemetry as telemetry
 from ._errors import InvalidArgument, InvalidURL, NotFound
 from ._events import ALL_OWNERS, EventHub, OwnerScope
 from ._models import EVENT_KINDS, Event
+from ._names import shown
 from ._repository import Repository
 from ._vault import Vault
 from .webhooks import generate_secret, sign
@@ -319,7 +320,7 @@ class Webhooks:
     async def replay(self, delivery_id: object, owner: OwnerScope) -> None:
         if not isinstance(delivery_id, str) or not delivery_id.startswith("msg_"):
             raise InvalidArgument(
-                f"a delivery id looks like 'msg_...', got {str(delivery_id)[:40]!r}",
+                f"a delivery id looks like 'msg_...', got {shown(delivery_id)}",
                 field="delivery_id",
             )
         any_owner = owner is ALL_OWNERS

@@ -1235,3 +1235,33 @@ def test_set_without_keys_says_so_before_prompting_for_a_secret(fresh_db: str) -
     assert found == 1, output
     assert child.exitstatus == 1
     assert "INTEGRATIONS_KEYS" in output and "integrations keys generate" in output
+
+
+def test_a_provider_file_error_names_the_entry_the_field_and_the_allowed_values(
+    tmp_path: Path,
+) -> None:
+    spec = tmp_path / "providers.json"
+    entry = {"key": "acme", "name": "Acme", "auth_type": "api_key", "api_hosts": ["x"]}
+    for bad, field, allowed in (
+        ({"auth_type": "api_kee"}, "'auth_type'", "api_key, bot_token"),
+        ({"auth_header": {"kind": "bearr"}}, "'auth_header.kind'", "basic, header"),
+    ):
+        spec.write_text(
+            json.dumps([{"key": "first", "name": "F", "auth_type": "api_key"}, {**entry, **bad}])
+        )
+        done = sh("postgresql://unused", "--providers", str(spec), "providers")
+        assert done.returncode == 2, done.stderr
+        assert f"entry 2 ('acme'), field {field}" in done.stderr
+        assert allowed in done.stderr and str(spec) in done.stderr
+        assert "Integrations(" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_errors_speak_the_command_lines_terms(fresh_db: str) -> None:
+    for args, option in (
+        (("--actor", "a" * 300, "add", "openai"), "--actor"),
+        (("--owner", "o" * 300, "add", "openai"), "--owner"),
+    ):
+        done = sh(fresh_db, *args)
+        assert done.returncode == 2, done.stderr
+        assert option in done.stderr
+        assert "None" not in done.stderr and "pass " not in done.stderr

@@ -80,9 +80,17 @@ async def test_taken_name_is_already_exists(integ: Integrations) -> None:
 
 
 async def test_same_name_is_free_for_another_provider_or_owner(integ: Integrations) -> None:
-    await integ.add_connection("openai", "work")
-    await integ.add_connection("mistral", "work")
-    await integ.add_connection("openai", "work", owner="user:42")
+    added = [
+        await integ.add_connection("openai", "work"),
+        await integ.add_connection("mistral", "work"),
+        await integ.add_connection("openai", "work", owner="user:42"),
+    ]
+    assert len({c.uuid for c in added}) == 3
+    assert [(c.provider, c.name, c.owner) for c in added] == [
+        ("openai", "work", None),
+        ("mistral", "work", None),
+        ("openai", "work", "user:42"),
+    ]
 
 
 async def test_unknown_provider_is_refused(integ: Integrations, db: asyncpg.Connection) -> None:
@@ -438,8 +446,16 @@ async def test_disconnect_bot_token_drops_the_token(integ: Integrations) -> None
     assert "bot_token" not in await integ.get_integration(conn.uuid)
 
 
-async def test_disconnect_of_an_unknown_uuid_is_a_no_op(integ: Integrations) -> None:
-    await integ.disconnect(str(uuid_mod.uuid4()))
+async def test_disconnect_of_an_unknown_uuid_is_a_no_op(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    conn = await integ.add_connection("openai", "default")
+    await integ.save_setup(conn.uuid, {"api_key": "sk-0123456789abcdef"})
+    rows = "SELECT uuid, version, value_json::text FROM integrations.connections ORDER BY uuid"
+    before = await db.fetch(rows)
+    assert await integ.disconnect(str(uuid_mod.uuid4())) is None
+    assert await db.fetch(rows) == before
+    assert await integ.is_connected(conn.uuid)
 
 
 async def test_record_validation_always_rewrites_last_validated_at(integ: Integrations) -> None:

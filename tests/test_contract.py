@@ -7,8 +7,9 @@ loopback OAuth server. Each test names the contract line it checks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +35,14 @@ from .oauthkit import (
 )
 
 # ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def raises_code(code: str) -> Iterator[None]:
+    """The block raises the IntegrationsError of exactly ``code``."""
+    with pytest.raises(IntegrationsError) as info:
+        yield
+    assert info.value.code == code, info.value
 
 
 def code_of(exc_info: pytest.ExceptionInfo[BaseException]) -> str:
@@ -237,7 +246,7 @@ def test_provider_keyword_construction_and_clash_refusal() -> None:
     )
     assert p.key == "acme" and tuple(p.scopes) == ("read", "write")
     clash = Provider(key="google", name="Mine", auth_type="api_key", api_hosts=["x.example"])
-    with pytest.raises(IntegrationsError):
+    with raises_code("provider_conflict"):
         Integrations("postgresql://nowhere/db", keys=TEST_KEY, providers=[clash])
     Integrations(
         "postgresql://nowhere/db",
@@ -258,13 +267,13 @@ async def test_list_providers_sync_and_settings_key_instance(integ: Integrations
 
 async def test_lifecycle_errors(fresh_db: str) -> None:
     inst = Integrations(fresh_db, keys=TEST_KEY)
-    with pytest.raises(IntegrationsError):
+    with raises_code("lifecycle"):
         await inst.list_integrations()
     await inst.open()
-    with pytest.raises(IntegrationsError):
+    with raises_code("lifecycle"):
         await inst.open()
     await inst.close()
-    with pytest.raises(IntegrationsError):
+    with raises_code("lifecycle"):
         await inst.list_integrations()
 
 
@@ -323,7 +332,7 @@ async def test_dsn_without_keys_refuses_secrets_unless_encryption_off(
             await inst.save_setup(conn.uuid, {"api_key": "sk-plain-0123456789"})
         assert "key" in str(info.value).lower()
         # nothing was written
-        with pytest.raises(IntegrationsError):
+        with raises_code("not_configured"):
             await inst.get_credentials(conn.uuid)
     async with Integrations(fresh_db, encryption="off") as inst:
         await inst.save_setup(conn.uuid, {"api_key": "sk-plain-0123456789"})
@@ -488,11 +497,11 @@ async def test_owner_isolation_on_listing_and_ref_reads(integ: Integrations) -> 
     assert await integ.list_integrations() == []
     assert (await integ.load_all_connections(["openai"], owner="user:2"))["openai"] == []
     assert [c.uuid for c in await integ.list_connections("openai", owner="user:1")] == [mine.uuid]
-    with pytest.raises(IntegrationsError):
+    with raises_code("not_found"):
         await integ.find_uuid_by_provider_name("openai")
-    with pytest.raises(IntegrationsError):
+    with raises_code("not_configured"):
         await integ.get_credentials("openai:default")
-    with pytest.raises(IntegrationsError):
+    with raises_code("not_configured"):
         await integ.get_credentials("openai:default", owner="user:2")  # type: ignore[call-arg]
 
 
@@ -505,7 +514,7 @@ async def test_owner_isolation_get_credentials_by_uuid_with_another_owner(
     """
     mine = await integ.add_connection("openai", "default", owner="user:1")
     await integ.save_setup(mine.uuid, {"api_key": "sk-owner1-0123456789"})
-    with pytest.raises(IntegrationsError):
+    with raises_code("deleted"):
         await integ.get_credentials(mine.uuid, owner="user:2")  # type: ignore[call-arg]
 
 
@@ -514,7 +523,7 @@ async def test_owner_isolation_get_integration_by_uuid_with_another_owner(
 ) -> None:
     mine = await integ.add_connection("openai", "default", owner="user:1")
     await integ.save_setup(mine.uuid, {"api_key": "sk-owner1-0123456789"})
-    with pytest.raises(IntegrationsError):
+    with raises_code("deleted"):
         await integ.get_integration(mine.uuid, owner="user:2")  # type: ignore[call-arg]
 
 
@@ -684,9 +693,9 @@ async def test_begin_complete_and_state_single_use(
     assert isinstance(conn, integrations.Connection) and conn.uuid == uuid
     assert conn.data["status"] == "connected"
     assert await ointeg.is_connected(uuid)
-    with pytest.raises(IntegrationsError):
+    with raises_code("invalid_state"):
         await ointeg.complete_authorization(state, code=query["code"])
-    with pytest.raises(IntegrationsError):
+    with raises_code("invalid_state"):
         await ointeg.complete_authorization("forged-state", code="x")
     data = (await ointeg.get_integration_by_uuid(uuid)).data
     for key in ("access_token", "refresh_token", "token_type", "expires_at", "connected_at"):
@@ -697,7 +706,7 @@ async def test_begin_complete_and_state_single_use(
 async def test_complete_with_provider_error(ointeg: Integrations) -> None:
     uuid = await new_connection(ointeg)
     _url, state = await ointeg.begin_authorization(uuid, REDIRECT_URI)
-    with pytest.raises(IntegrationsError):
+    with raises_code("authorization_denied"):
         await ointeg.complete_authorization(state, error="access_denied")
     data = (await ointeg.get_integration_by_uuid(uuid)).data
     assert data["status"] == "error"
@@ -709,7 +718,7 @@ async def test_expired_state_refused(fresh_db: str, oauth_server: OAuthTestServe
         url, state = await inst.begin_authorization(uuid, REDIRECT_URI)
         query = await approve(url)
         await asyncio.sleep(0.5)
-        with pytest.raises(IntegrationsError):
+        with raises_code("invalid_state"):
             await inst.complete_authorization(state, code=query["code"])
         assert not await inst.is_connected(uuid)
 
@@ -813,7 +822,7 @@ async def test_invalid_grant_marks_reauth_and_recovery(
     uuid = await connect(ointeg)
     async with ointeg.subscribe(uuid=uuid) as sub:
         oauth_server.config.force_invalid_client = True
-        with pytest.raises(IntegrationsError):
+        with raises_code("reauth_required"):
             await ointeg.refresh_access_token(uuid)
         data = (await ointeg.get_integration_by_uuid(uuid)).data
         assert data["status"] == "error" and data["reauth_required"] is True
@@ -898,7 +907,7 @@ async def test_migrate_is_idempotent(integ: Integrations) -> None:
 async def test_relative_url_is_a_typed_error(pinteg: Integrations, echo: Echo) -> None:
     conn = await pinteg.add_connection("echoapi", "default")
     await pinteg.save_setup(conn.uuid, {"api_key": "k-0123456789abcdef"})
-    with pytest.raises(IntegrationsError):
+    with raises_code("invalid_url"):
         await pinteg.authenticated_request(conn.uuid, "GET", "/v1/me")
     assert echo.seen == []
 
@@ -1008,18 +1017,18 @@ async def test_is_connected_after_saving_an_api_key(integ: Integrations) -> None
 
 async def test_wrong_shapes_are_typed_and_write_nothing(integ: Integrations) -> None:
     conn = await integ.add_connection("openai", "default")
-    for call in (
-        lambda: integ.add_connection(123, "x"),  # type: ignore[arg-type]
-        lambda: integ.add_connection("openai", None),  # type: ignore[arg-type]
-        lambda: integ.rename_connection(conn.uuid, 5),  # type: ignore[arg-type]
-        lambda: integ.save_setup(conn.uuid, "api_key=x"),  # type: ignore[arg-type]
-        lambda: integ.save_setup(conn.uuid, {"api_key": 123}),
-        lambda: integ.save_setup(conn.uuid, {1: "x"}),  # type: ignore[dict-item]
-        lambda: integ.get_integration_by_uuid("nope"),
-        lambda: integ.list_connections(None),  # type: ignore[arg-type]
-        lambda: integ.load_all_connections("openai"),
+    for call, code in (
+        (lambda: integ.add_connection(123, "x"), "invalid_provider_key"),  # type: ignore[arg-type]
+        (lambda: integ.add_connection("openai", None), "invalid_name"),  # type: ignore[arg-type]
+        (lambda: integ.rename_connection(conn.uuid, 5), "invalid_name"),  # type: ignore[arg-type]
+        (lambda: integ.save_setup(conn.uuid, "api_key=x"), "invalid_attrs"),  # type: ignore[arg-type]
+        (lambda: integ.save_setup(conn.uuid, {"api_key": 123}), "invalid_field"),
+        (lambda: integ.save_setup(conn.uuid, {1: "x"}), "invalid_attrs"),  # type: ignore[dict-item]
+        (lambda: integ.get_integration_by_uuid("nope"), "invalid_uuid"),
+        (lambda: integ.list_connections(None), "invalid_provider_key"),  # type: ignore[arg-type]
+        (lambda: integ.load_all_connections("openai"), "invalid"),
     ):
-        with pytest.raises(IntegrationsError):
+        with raises_code(code):
             await call()
     assert await integ.list_integrations() == []
 

@@ -28,6 +28,7 @@ from oauthlib.oauth1 import (
 
 from integrations import (
     Integrations,
+    InvalidProviderKey,
     InvalidState,
     NotConfigured,
     NotConnected,
@@ -350,6 +351,9 @@ async def test_refusals_change_nothing(fresh_db: str, hmac_api: tuple[OAuth1Serv
         with pytest.raises(TokenRequestFailed):
             await integ.complete_authorization(state, code="not-the-verifier-0123456")
         assert not (await integ.get_integration_by_uuid(conn.uuid)).data.get("access_token")
+        # The seed's exchange_code has no temporary token to sign with: refused, clearly.
+        with pytest.raises(InvalidProviderKey, match="complete_authorization"):
+            await integ.exchange_code(conn.uuid, "verifier", CALLBACK)
         with pytest.raises(InvalidState):
             await integ.complete_authorization(state, code="x")
 

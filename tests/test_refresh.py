@@ -506,7 +506,9 @@ async def test_invalid_grant_marks_the_connection_for_reauthorization(
     for _ in range(3):
         with pytest.raises(ReauthRequired):
             await integ.refresh_access_token(uuid)
-    await asyncio.sleep(0.2)
+    # A later change is the sentinel: notifications arrive in commit order.
+    await integ.rename_connection(uuid, "sentinel")
+    await eventually(lambda: any(e["kind"] == "connection_renamed" for e in events))
     # The second failure reads differently (the grant is now revoked); later ones repeat it.
     assert [e["kind"] for e in events].count("refresh_failed") == 2, "no event flood"
 
@@ -804,16 +806,18 @@ async def test_revocation_never_blocks_or_fails_the_local_change(
     provider = loopback_provider(server.base_url, revoke_url=f"http://127.0.0.1:{port}/revoke")
     try:
         async with open_integrations(
-            fresh_db, server.base_url, providers=[provider], revoke_timeout=0.3
+            fresh_db, server.base_url, providers=[provider], revoke_timeout=5.0
         ) as integ:
             first = await connect(integ, "first")
             second = await connect(integ, "second")
             started = time.monotonic()
             await integ.disconnect(first)
             await integ.remove_connection(second)
-            assert time.monotonic() - started < 0.25
+            # Waiting for either revocation would take its whole timeout (the server never
+            # answers); both changes are back well before one would end.
+            assert time.monotonic() - started < 4.0
             assert (await integ.get_integration_by_uuid(first)).status == "disconnected"
-        assert time.monotonic() - started < 3, "close() bounds the revocations too"
+        assert time.monotonic() - started < 20, "close() bounds the revocations too"
     finally:
         release.set()
         await runner.cleanup()
@@ -836,7 +840,7 @@ async def test_a_disconnect_committing_during_close_still_revokes_the_grant(
         await tx.commit()
         await closing
         await asyncio.gather(disconnecting, return_exceptions=True)
-    await asyncio.sleep(0.3)
+    # close() returned after the revocation, which the server counts before answering.
     assert disconnecting.exception() is None
     assert server.stats.revocations == 1, "the disconnected grant was never revoked"
 

@@ -240,7 +240,9 @@ async def test_a_change_from_another_process_appears_without_reload(
     await expect(listing.locator(".status").first).to_have_text("error", timeout=2000)
     assert time.monotonic() - written < 2.0
     await expect(page.locator("#live")).to_contain_text("Key revoked")
-    await expect(page.locator("[data-events-log]")).to_contain_text("validated → error")
+    await expect(page.locator("[data-events-log]")).to_contain_text(
+        "validated connected → error (Key revoked)"
+    )
     for tab in (page, listing):
         assert await tab.evaluate("window.notReloaded") is True
 

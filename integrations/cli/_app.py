@@ -1665,8 +1665,36 @@ def _line(check: str, ok: bool, detail: str, hint: str = "") -> dict[str, Any]:
     type=click.IntRange(0, 65535),
     help="0 picks a free port.",
 )
+@click.option(
+    "--login-ttl",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, 604800, min_open=True),
+    help="Seconds the login link works (once).",
+)
+@click.option(
+    "--session-idle",
+    default=1800.0,
+    show_default=True,
+    type=click.FloatRange(0, 604800, min_open=True),
+    help="Seconds without a request after which a session ends.",
+)
+@click.option(
+    "--session-lifetime",
+    default=43200.0,
+    show_default=True,
+    type=click.FloatRange(0, 604800, min_open=True),
+    help="Seconds after the login at which a session ends.",
+)
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int) -> None:
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    login_ttl: float,
+    session_idle: float,
+    session_lifetime: float,
+) -> None:
     """Run the web console; prints a one-time login link (the administrator's, or with
     --owner that owner's: the console then shows and changes only its connections)."""
     try:
@@ -1685,7 +1713,15 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
     async def work(env: Env) -> None:
         async with env.integrations() as integ:
             # With --owner the console works through that owner's handle only.
-            await web.serve(integ, host=host, port=port, owner=env.owner)
+            await web.serve(
+                integ,
+                host=host,
+                port=port,
+                owner=env.owner,
+                login_ttl=login_ttl,
+                session_idle=session_idle,
+                session_lifetime=session_lifetime,
+            )
 
     try:
         run(ctx, work)

@@ -136,9 +136,11 @@ def load_providers(spec: str) -> list[Provider]:
     path = Path(spec)
     if spec.endswith((".json", ".toml")) or path.is_file():
         try:
-            return load_provider_file(path)
+            found = load_provider_file(path)
         except ConfigurationError as exc:
             raise Fail(exc.message, USAGE) from exc
+        _check_registrable(spec, found)
+        return found
     try:
         module_name, _, attr = spec.partition(":")
         value = getattr(importlib.import_module(module_name), attr or "providers")
@@ -148,6 +150,50 @@ def load_providers(spec: str) -> list[Provider]:
     if not all(isinstance(p, Provider) for p in found):
         raise Fail(f"{spec} must be a list of integrations.Provider", USAGE)
     return found
+
+
+# What registering a provider refuses, the field it is about, and the advice for a terminal.
+_REGISTRY_FIELDS = (
+    (
+        "auth type",
+        "auth_type",
+        "register it with Integrations(auth_schemes=[...]) or "
+        "integrations.register_auth_scheme() first.",
+        "an application's own is declared in the auth_schemes of a --providers module.",
+    ),
+    (
+        "auth header kind",
+        "auth_header.kind",
+        "register it with integrations.register_auth_kind() first.",
+        "an application's own is registered by its --providers module.",
+    ),
+    ("check hook", "validation.hook", "", ""),
+)
+
+
+def _check_registrable(spec: str, found: list[Provider]) -> None:
+    """What registering the file's providers would refuse (an auth type, header kind or
+    check hook nobody registered), said as a provider file's other errors are: the file,
+    the entry, the field and the allowed values; a usage error."""
+    from .._registry import ProviderRegistry
+
+    for index, provider in enumerate(found):
+        try:
+            ProviderRegistry([provider], override=True)
+        except ConfigurationError as exc:
+            message = exc.message
+            field = "(entry)"
+            for words, name, python, terminal in _REGISTRY_FIELDS:
+                if words in message:
+                    field = name
+                    if python:
+                        message = message.replace(python, terminal)
+                    break
+            raise Fail(
+                f"provider file {spec!r}, entry {index + 1} ({provider.key!r}), field "
+                f"{field!r}: {message}",
+                USAGE,
+            ) from exc
 
 
 def load_auth_schemes(spec: str) -> list[AuthScheme]:
@@ -437,6 +483,14 @@ _CLI_ADVICE = (
     ("keys= (or INTEGRATIONS_KEYS)", "INTEGRATIONS_KEYS"),
     ("(keys= or INTEGRATIONS_KEYS)", "(INTEGRATIONS_KEYS)"),
     ("add that key to keys= or INTEGRATIONS_KEYS", "add that key to INTEGRATIONS_KEYS"),
+    (
+        "pass None (the system scope) or a non-blank string of at most 255 characters",
+        "give --owner a non-blank value of at most 255 characters (left out: the system scope)",
+    ),
+    (
+        "pass None or a string of at most 255 characters",
+        "give --actor at most 255 characters (left out: the user running the command)",
+    ),
     ("call save_setup first", "run `integrations set` first"),
     ("save_setup(", "`integrations set` ("),
     ("add it with add_connection()", "add it with `integrations add`"),

@@ -55,13 +55,15 @@ from ._present import (
     setup_patch,
     status_text,
 )
-from ._security import CSRF_FIELD, Csrf, SecurityHeaders, set_cookie
+from ._security import CSRF_FIELD, Csrf, SecurityHeaders, cross_origin, set_cookie
 from ._viewer import Admin, Owner, Viewer
 
 log = logging.getLogger("integrations.web")
 
 HERE = Path(__file__).parent
 Authorize = Callable[[Request], "Viewer | Awaitable[Viewer | None] | None"]
+# The id of the request's sign-in session, when the console is told how to find it.
+SessionOf = Callable[[Request], "str | None"]
 Handler = Callable[[Request, "_Context"], Awaitable[Response]]
 
 # Outcome notes after a redirect: fixed texts chosen by code, so a link cannot inject words.
@@ -119,9 +121,13 @@ class _Console:
         callback_url: str | None,
         title: str,
         stream_lifetime: float = 60.0,
+        session_of: SessionOf | None = None,
+        logout: Callable[[Request], Response] | None = None,
     ) -> None:
         self.integ = integ
         self.authorize = authorize
+        self.session_of = session_of
+        self.logout_action = logout
         self.csrf = Csrf(secret)
         self.page_size = page_size
         self.callback_url = callback_url
@@ -139,6 +145,7 @@ class _Console:
             Route("/fragments/list", page(self.list_fragment), name="list_fragment"),
             Route("/connections", write(self.add), methods=["POST"], name="add"),
             Route("/events", page(self.events), name="events"),
+            Route("/logout", write(self.logout), methods=["POST"], name="logout"),
             Route("/audit", page(self.audit), name="audit"),
             Route("/callback", self._callback_endpoint(self.callback), name="callback"),
             Route("/webhooks", page(self.webhooks), name="webhooks"),
@@ -246,8 +253,12 @@ class _Console:
                     return self._bounce(request)
                 raise
             if write:
+                if cross_origin(request):
+                    raise _Refused(403, "This form came from another site. Reload the page.")
                 form = await request.form(max_files=0, max_fields=200)
-                if not self.csrf.verify(request, form.get(CSRF_FIELD)):
+                if not self.csrf.verify(
+                    request, form.get(CSRF_FIELD), self._binding(request, viewer)
+                ):
                     raise _Refused(
                         403, "The form expired or came from elsewhere. Reload the page and retry."
                     )
@@ -270,6 +281,20 @@ class _Console:
             )
             return self.error_page(request, 500, "Something went wrong. The error was logged.")
 
+    def _binding(self, request: Request, viewer: Viewer | None) -> str:
+        """What a CSRF token is bound to besides its cookie: the principal and the
+        sign-in session, so that one user's token is worthless to another."""
+        if viewer is None:
+            return ""
+        who = f"owner:{viewer.owner}" if isinstance(viewer, Owner) else f"admin:{viewer.name}"
+        session = self.session_of(request) if self.session_of is not None else None
+        return f"{who}\0{session or ''}"
+
+    async def logout(self, request: Request, ctx: _Context) -> Response:
+        if self.logout_action is None:
+            raise HTTPException(404)
+        return self.logout_action(request)
+
     def _bounce(self, request: Request) -> Response:
         """Reload a provider's redirect from our own page, so SameSite=Strict cookies come along.
 
@@ -289,11 +314,12 @@ class _Console:
         status: int = 200,
         viewer: Viewer | None = None,
     ) -> Response:
-        token, fresh_cookie = self.csrf.token_for(request)
+        token, fresh_cookie = self.csrf.token_for(request, self._binding(request, viewer))
         full = {
             "title": self.title,
             "csrf_field": CSRF_FIELD,
             "csrf_token": token,
+            "can_logout": viewer is not None and self.logout_action is not None,
             "url": lambda name, **params: self.url(request, name, **params),
             "viewer": viewer,
             "flash": _DONE.get(request.query_params.get("done", "")),
@@ -614,7 +640,12 @@ class _Console:
                 await handle.complete_device_authorization(conn.uuid, actor=actor)
             except IntegrationsError as exc:
                 # Recorded on the connection (a refusal) or simply ended (an expired code).
-                log.info("device authorization of %s ended: %s", conn.uuid, exc.code)
+                log.info(
+                    "device authorization of %s ended: %s",
+                    conn.uuid,
+                    exc.code,
+                    extra=fields("device_authorization_ended", uuid=conn.uuid),
+                )
 
         task = asyncio.create_task(wait())
         self._device_waits.add(task)
@@ -880,6 +911,8 @@ def console(
     callback_url: str | None = None,
     title: str = "Integrations",
     stream_lifetime: float = 60.0,
+    session_of: SessionOf | None = None,
+    logout: Callable[[Request], Response] | None = None,
 ) -> Starlette:
     """The admin console as an ASGI app, to mount anywhere or run with ``serve``.
 
@@ -890,6 +923,11 @@ def console(
     behind a proxy that rewrites the host). A live-update stream ends after
     ``stream_lifetime`` seconds and the browser reconnects, so a server shutting down waits
     for open pages at most that long.
+
+    Form tokens are bound to the signed-in principal and, with ``session_of(request)``
+    (the id of the request's sign-in session), to that session; a form posted from
+    another origin (``Sec-Fetch-Site``, ``Origin``) is refused. With ``logout(request)``
+    (returning the response that ends the session) pages show a "Sign out" button.
     """
     if not callable(authorize):
         raise TypeError("authorize must be a callable taking the request")
@@ -913,4 +951,6 @@ def console(
         callback_url=callback_url,
         title=title,
         stream_lifetime=float(stream_lifetime),
+        session_of=session_of,
+        logout=logout,
     ).app
