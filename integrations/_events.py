@@ -262,11 +262,18 @@ class Subscription:
                 await self._read_log()
                 continue
             if self._queue:
-                event = self._queue.popleft()
+                event = self._queue[0]
                 if self._log is not None and event.position is not None:
                     if event.position <= self._last:
+                        self._queue.popleft()
                         continue  # replayed already
+                    if event.position > self._last + 1:
+                        # A hole before this event: other subscribers' events, or ones
+                        # whose notification was lost with a listener. The log tells.
+                        self._catch_up = True
+                        continue
                     self._last = event.position
+                self._queue.popleft()
                 return event
             self._ready.clear()
             await self._ready.wait()
@@ -315,6 +322,11 @@ class Subscription:
                 return
             self._replayed.extend(events)
             self._catch_up = len(events) >= REPLAY_PAGE
+            top = events[-1].position if events else None
+            if top is not None:
+                # Live events the log has just handed over are not pending twice.
+                while self._queue and (self._queue[0].position or 0) <= top:
+                    self._queue.popleft()
             return
 
     def _put(self, event: Event) -> None:
