@@ -323,10 +323,10 @@ async def test_the_database_away_during_a_refresh_costs_no_grant(
     out but marked as sending, and wait for the holder's write rather than send the spent
     refresh token."""
     stop_at = ("--stop-at", "answer") if when == "answered" else ()
-    if when == "in-flight":
-        strict.configure(token_delay=2.0, delay_next=1)
     run = await Run.start(dsn, strict, holder=stop_at)
     runs.append(run)
+    if when == "in-flight":
+        strict.configure(token_delay=2.0, delay_next=1)
     run.go()
     if when == "answered":
         await run.holder.until_stopped()
@@ -369,10 +369,10 @@ async def test_a_holder_frozen_keeps_the_grant_and_its_waiters_are_served(
     """SIGSTOP for 8 s, with the default lease (15 s) and write retry (60 s): before the
     sending mark, with the request out, or between the answer and its write. The others
     wait for it; when it resumes it sends (or stores) and they all get its token."""
-    if at == "in-flight":
-        strict.configure(token_delay=1.0, delay_next=1)
     run = await Run.start(dsn, strict, holder=_stop_args(at))
     runs.append(run)
+    if at == "in-flight":
+        strict.configure(token_delay=1.0, delay_next=1)
     await _holder_meets(run, at)
     run.holder.signal(signal.SIGSTOP)  # (already stopped at the other points)
     run.release_takers()
@@ -398,13 +398,13 @@ async def test_a_holder_killed_never_gets_its_spent_refresh_token_sent_again(
     next process asks, under either takeover policy. Once the request went out, the holder
     died with the only copy of the new tokens: the rotating provider is never sent the
     spent refresh token again, and the connection is marked for a new authorization."""
-    if at == "in-flight":
-        strict.configure(token_delay=2.0, delay_next=1)
     policy = ("--takeover", takeover)
     run = await Run.start(
         dsn, strict, holder=(*SHORT, *policy, *_stop_args(at)), takers=(*SHORT, *policy)
     )
     runs.append(run)
+    if at == "in-flight":
+        strict.configure(token_delay=2.0, delay_next=1)
     await _holder_meets(run, at)
     run.holder.signal(signal.SIGKILL)
     run.release_takers()
@@ -426,10 +426,10 @@ async def test_a_token_request_that_timed_out_is_recorded_as_maybe_spent_and_not
     request may have been received and its refresh token spent. It is not sent again by
     the holder nor by the processes waiting on its lease, and the recorded failure says
     the connection must be authorized again, not that it was a transient error."""
-    strict.configure(token_delay=2.5)
     slow = ("--token-timeout", "1")
     run = await Run.start(dsn, strict, holder=slow, takers=slow)
     runs.append(run)
+    strict.configure(token_delay=2.5)
     run.go()
     await run.until_sent()
     run.release_takers()
