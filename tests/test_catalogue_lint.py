@@ -89,7 +89,7 @@ COMMON: dict[str, str | None] = {
     "Affinity": "affinity",
     "AWS": "aws",
     "BambooHR": "bamboohr",
-    "Baserow": None,
+    "Baserow": "baserow",
     "BigQuery": "bigquery",
     "Bitly": "bitly",
     "Brevo": "brevo",
@@ -125,7 +125,7 @@ COMMON: dict[str, str | None] = {
     "Pinterest": "pinterest",
     "Pipedrive": "pipedrive",
     "PostHog": "posthog",
-    "Segment": None,
+    "Segment": "segment",
 }
 COVERED_ENOUGH = 90
 # Values for patterned fields whose ``expected`` text quotes no whole example.
