@@ -210,6 +210,21 @@ async def test_oauth_connect_through_the_loopback_authorization_server(
         await page.close()
 
 
+async def write_elsewhere(dsn: str, uuid: str, *args: str) -> None:
+    """Change the connection from another OS process (tests/console_writer.py)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).parent / "console_writer.py"),
+        dsn,
+        uuid,
+        *args,
+        env={**os.environ, "INTEGRATIONS_KEYS": TEST_KEY},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await child.communicate()
+    assert child.returncode == 0 and out.strip() == b"written"
+
+
 async def test_a_change_from_another_process_appears_without_reload(
     page: Page, browser: Browser, base_url: str, integ: Integrations, fresh_db: str
 ) -> None:
@@ -224,17 +239,7 @@ async def test_a_change_from_another_process_appears_without_reload(
         await expect(tab.locator(".status").first).to_have_text("connected")
         await tab.evaluate("window.notReloaded = true")
 
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(Path(__file__).parent / "console_writer.py"),
-        fresh_db,
-        uuid,
-        "Key revoked",
-        env={**os.environ, "INTEGRATIONS_KEYS": TEST_KEY},
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await child.communicate()
-    assert child.returncode == 0 and out.strip() == b"written"
+    await write_elsewhere(fresh_db, uuid, "Key revoked")
     written = time.monotonic()
     await expect(status_of(page)).to_have_text("error", timeout=2000)
     await expect(listing.locator(".status").first).to_have_text("error", timeout=2000)
@@ -245,6 +250,46 @@ async def test_a_change_from_another_process_appears_without_reload(
     )
     for tab in (page, listing):
         assert await tab.evaluate("window.notReloaded") is True
+
+
+async def test_the_setup_form_follows_a_change_from_another_process(
+    page: Page, base_url: str, integ: Integrations, fresh_db: str
+) -> None:
+    uuid = (await integ.add_connection("acme", "main")).uuid
+    await integ.save_setup(uuid, {"api_key": GOOD_KEY, "region": "eu-1"})
+    (acme,) = [p for p in integ.list_providers() if p.key == "acme"]
+    assert acme.validation is not None
+    api_url = acme.validation.url.removesuffix("/check")
+    await page.goto(f"{base_url}/{uuid}")
+    await expect(page.locator("[data-live]")).to_have_attribute("data-stream", "open")
+    await expect(page.locator("#hint-api_key")).to_have_text(
+        "Stored: ••••6789; leave blank to keep it."
+    )
+    await expect(page.get_by_label("Region")).to_have_value("eu-1")
+    await page.evaluate("window.notReloaded = true")
+
+    await write_elsewhere(
+        fresh_db, uuid, "--setup", api_url, "api_key=other-key-000004242", "region=eu-2"
+    )
+    await expect(page.locator("#hint-api_key")).to_have_text(
+        "Stored: ••••4242; leave blank to keep it.", timeout=5000
+    )
+    await expect(page.get_by_label("Region")).to_have_value("eu-2")  # not edited: follows
+    await expect(page.get_by_label("API key")).to_have_value("")
+    assert await page.evaluate("window.notReloaded") is True
+
+    # What the operator is typing is left alone; the stored value's hint still follows.
+    await page.get_by_label("Region").fill("us-3")
+    await page.get_by_label("API key").fill("typed-but-not-saved")
+    await write_elsewhere(
+        fresh_db, uuid, "--setup", api_url, "api_key=third-key-00001111", "region=eu-4"
+    )
+    await expect(page.locator("#hint-api_key")).to_have_text(
+        "Stored: ••••1111; leave blank to keep it.", timeout=5000
+    )
+    await expect(page.get_by_label("Region")).to_have_value("us-3")
+    await expect(page.get_by_label("API key")).to_have_value("typed-but-not-saved")
+    assert await page.evaluate("window.notReloaded") is True
 
 
 async def tab_to(page: Page, name: str, limit: int = 40) -> list[str]:

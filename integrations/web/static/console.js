@@ -31,6 +31,7 @@
         if (html !== null) {
           // Server-rendered and escaped by the console's templates.
           live.innerHTML = html;
+          followStored();
         }
       })
       .catch(function () {})
@@ -41,6 +42,48 @@
           refresh();
         }
       });
+  }
+
+  // The setup form follows the stored values the fragment carries: the notes under secret
+  // fields, and the value of every field the operator has not edited since it was shown.
+  function followStored() {
+    var stored = live.querySelector("[data-stored]");
+    if (!stored) {
+      return;
+    }
+    Array.prototype.forEach.call(stored.querySelectorAll("[data-field]"), function (entry) {
+      var key = entry.dataset.field;
+      var value = entry.dataset.value || "";
+      var hint = document.getElementById("hint-" + key);
+      var input = document.getElementById("field-" + key);
+      if (hint) {
+        hint.textContent = entry.dataset.note || "";
+        hint.hidden = !entry.dataset.note;
+      }
+      if (!input) {
+        return;
+      }
+      if ("required" in input.dataset) {
+        input.required = !entry.dataset.note;
+      }
+      if (input.tagName === "SELECT") {
+        var untouched = Array.prototype.every.call(input.options, function (option) {
+          return option.selected === option.defaultSelected;
+        });
+        Array.prototype.forEach.call(input.options, function (option) {
+          option.defaultSelected = option.value === value;
+          if (untouched) {
+            option.selected = option.value === value;
+          }
+        });
+      } else {
+        var unedited = input.value === input.defaultValue;
+        input.defaultValue = value;
+        if (unedited) {
+          input.value = value;
+        }
+      }
+    });
   }
 
   function note(text) {
