@@ -292,6 +292,41 @@ async def test_the_setup_form_follows_a_change_from_another_process(
     assert await page.evaluate("window.notReloaded") is True
 
 
+async def note_is_focused(page: Page, selector: str, role: str) -> None:
+    note = page.locator(f"main > {selector}")
+    await expect(note).to_be_focused()
+    await expect(note).to_have_attribute("role", role)
+    await expect(note).to_have_attribute("tabindex", "-1")
+
+
+async def test_focus_moves_to_the_outcome_after_a_form_is_sent(
+    page: Page, base_url: str, integ: Integrations
+) -> None:
+    """A screen reader user hears what a POST did: the note it leaves is focused."""
+    await add_in_browser(page, base_url, "acme", "main")
+    await expect(page.get_by_role("status")).to_have_text("Connection added.")
+    await note_is_focused(page, ".flash", "status")
+
+    await page.get_by_label("API key").fill(GOOD_KEY)
+    await page.get_by_role("button", name="Save").click()
+    await expect(page.get_by_role("status")).to_have_text("Saved.")
+    await note_is_focused(page, ".flash", "status")
+
+    await page.get_by_label("Name", exact=True).fill("")
+    await page.get_by_role("button", name="Rename").click()
+    await expect(page.get_by_role("alert")).to_be_visible()
+    await note_is_focused(page, ".error", "alert")
+
+    # The next Tab goes on from the note, not from the top of the page.
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "All connections"
+
+    # A page opened without sending a form keeps the browser's own start.
+    await page.goto(base_url + "/")
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Connections")
+    assert await page.evaluate("document.activeElement === document.body") is True
+
+
 async def tab_to(page: Page, name: str, limit: int = 40) -> list[str]:
     """Press Tab until the focused element's label or text is ``name``; the names passed."""
     passed: list[str] = []

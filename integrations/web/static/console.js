@@ -1,5 +1,14 @@
-// Live updates: each server-sent event refetches the server-rendered fragment it concerns.
+// After a form is sent, focus goes to the note saying what it did ("Saved.", or the error):
+// read out at once, and the next Tab goes on from there rather than from the page's top.
 "use strict";
+(function () {
+  var outcome = document.querySelector("[data-outcome]");
+  if (outcome) {
+    outcome.focus();
+  }
+})();
+
+// Live updates: each server-sent event refetches the server-rendered fragment it concerns.
 (function () {
   var live = document.querySelector("[data-live]");
   if (!live || !("EventSource" in window)) {
