@@ -378,3 +378,44 @@ async def test_screenshots_of_the_listing_and_a_connection(
     for name in ("console-list.png", "console-connection.png"):
         data = (target / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+async def test_every_page_fits_a_390_px_wide_phone(
+    browser: Browser, base_url: str, integ: Integrations
+) -> None:
+    """No page scrolls sideways at 390 × 844: tables, forms and the header fit the width."""
+    await integ.add_webhook(
+        "http://127.0.0.1:9/a-rather-long-webhook-receiver-path/for-the-operations-team",
+        allow_loopback=True,
+        kinds=["connection_added"],
+        description="ops pager",
+    )
+    main = (await integ.add_connection("acme", "production-eu-west-primary")).uuid
+    await integ.save_setup(main, {"api_key": "revoked-key-0000000", "region": "eu-1"})
+    await integ.validate_connection(main)
+    await integ.add_connection("acme", "staging", owner="team:platform-engineering")
+    await integ.add_connection("loopback", "web")
+    context = await browser.new_context(viewport={"width": 390, "height": 844})
+    phone = await context.new_page()
+    too_wide: dict[str, list[object]] = {}
+    try:
+        for path in ("/", f"/{main}", f"/{main}/audit", "/audit", "/webhooks", f"/{main}/remove"):
+            response = await phone.goto(base_url + path)
+            assert response is not None and response.status == 200, path
+            await expect(phone.locator("h1")).to_be_visible()
+            width, viewport, widest = await phone.evaluate(
+                """() => [
+                    document.documentElement.scrollWidth,
+                    window.innerWidth,
+                    [...document.querySelectorAll("body *")]
+                        .filter((el) => el.getBoundingClientRect().right > window.innerWidth)
+                        .slice(0, 5)
+                        .map((el) => el.tagName + "." + el.className),
+                ]"""
+            )
+            assert viewport == 390
+            if width > viewport:
+                too_wide[path] = [width, *widest]
+    finally:
+        await context.close()
+    assert too_wide == {}  # page: [its width, the first elements past the edge]
