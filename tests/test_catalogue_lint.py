@@ -117,7 +117,7 @@ COMMON: dict[str, str | None] = {
     "Harvest": "harvest",
     "HighLevel": "highlevel-private-integration",
     "Instagram": "instagram-access-token",
-    "Keap": None,
+    "Keap": "keap",
     "LINE": "line",
     "monday.com": "monday",
     "OneDrive": "onedrive",
