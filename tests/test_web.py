@@ -776,6 +776,33 @@ async def test_rows_of_providers_this_application_does_not_register_are_listed(
     assert "not registered" not in openai
 
 
+async def test_a_check_that_records_nothing_says_so_instead_of_checked(
+    fresh_db: str, integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    # "Test" on an OAuth connection never connected: no token to check.
+    oauth = await add(http, "loopback", "web")
+    await form_post(
+        http, f"/{oauth}", f"/{oauth}/setup", {"client_id": "cid", "client_secret": "cs-01234567"}
+    )
+    before = (await integ.get_integration_by_uuid(oauth)).data
+    tested = await form_post(http, f"/{oauth}", f"/{oauth}/test", {})
+    assert tested.status_code == 409 and "Checked." not in tested.text
+    assert re.search(r'role="alert"[^>]*>Not connected yet: [^<]*nothing was recorded', tested.text)
+    assert (await integ.get_integration_by_uuid(oauth)).data == before
+    # "Test" in an application that does not register the connection's provider.
+    acme = (await integ.add_connection("acme", "main")).uuid
+    await integ.save_setup(acme, {"api_key": GOOD_KEY})
+    before = (await integ.get_integration_by_uuid(acme)).data
+    async with (
+        open_integrations(fresh_db) as other,
+        client(console(other, authorize=admin)) as elsewhere,
+    ):
+        tested = await form_post(elsewhere, f"/{acme}", f"/{acme}/test", {})
+    assert tested.status_code == 409 and "Checked." not in tested.text
+    assert "is not registered in this process" in tested.text
+    assert (await integ.get_integration_by_uuid(acme)).data == before
+
+
 async def test_an_error_page_carries_no_outcome_note(http: httpx.AsyncClient) -> None:
     missing = await http.get("/0190a4c6-0000-7000-8000-000000000000?done=added")
     assert missing.status_code == 404
