@@ -54,5 +54,5 @@ def mutants(session: nox.Session) -> None:
     """Mutation testing of the security and concurrency modules (mutants/modules.toml);
     a survivor that is not listed there as equivalent fails. Slow: not part of CI.
     ``nox -s mutants -- integrations/_lease.py`` runs one module."""
-    session.install("-e", ".[dev,web]", "cosmic-ray==8.7.0")
+    session.install("-e", ".[dev,web]", "cosmic-ray==8.7.0", "coverage>=7.10")
     session.run("python", "scripts/mutants.py", *session.posargs)
