@@ -16,6 +16,7 @@ from integrations import (
     ALL_OWNERS,
     Integrations,
     IntegrationsError,
+    InvalidArgument,
     InvalidState,
     OwnerHandle,
     Validation,
@@ -327,3 +328,27 @@ async def test_legacy_upsert_creates_with_its_setup_in_one_write(
         "SELECT version FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(made.uuid)
     )
     assert version == 1
+
+
+async def test_an_owner_handles_webhook_is_that_owners_and_the_administrators_system_wide(
+    integ: Integrations,
+) -> None:
+    url = "http://127.0.0.1:9/hook"
+    alices = await integ.for_owner("user:alice").add_webhook(url, allow_loopback=True)
+    # An owner whose name reads like the sentinel is still only an owner.
+    lookalike = await integ.for_owner("ALL_OWNERS").add_webhook(url, allow_loopback=True)
+    systems = await integ.add_webhook(url, allow_loopback=True)
+    assert (alices.owner, lookalike.owner, systems.owner) == ("user:alice", "ALL_OWNERS", None)
+    assert [e.id for e in await integ.for_owner("user:alice").list_webhooks()] == [alices.id]
+
+
+@pytest.mark.parametrize("scopes", ["openid", b"openid", 42, ["openid", ""], ["openid", 7]])
+async def test_device_authorization_refuses_scopes_that_are_not_a_list_of_strings(
+    integ: Integrations, scopes: Any
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await integ.for_owner("user:alice").start_device_authorization(
+            str(uuid_mod.uuid4()), scopes=scopes
+        )
+    assert caught.value.code == "invalid"
+    assert str(caught.value).startswith("scopes must be a sequence of non-empty strings")
