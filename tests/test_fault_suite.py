@@ -1,6 +1,7 @@
 """The refresh fault suite: a private PostgreSQL this module starts (stopped and restarted
 at will), a strict provider in its own process that revokes a grant when a spent refresh
-token comes back, and several worker processes refreshing one connection at once.
+token comes back, and several worker processes refreshing one connection at once (and a
+writer process frozen with row locks held).
 
 Each scenario counts the token requests the provider saw, the grants it revoked, the
 callers that got a token (and the errors of the others) and how long they waited. Waits
@@ -26,6 +27,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from integrations import Integrations, IntegrationsError
+
 from .conftest import TEST_KEY
 from .oauth_server import ServerProcess
 from .oauthkit import connect, open_integrations
@@ -35,6 +38,7 @@ from .test_refresh_processes import _expire_locally
 pytestmark = pytest.mark.slow
 
 CHILD = Path(__file__).resolve().parent / "refresh_child.py"
+WRITER = Path(__file__).resolve().parent / "writer_child.py"
 TAKERS = 2
 PER_TAKER = 5
 #: How long a holder stays frozen (SIGSTOP), and the database stays away.
@@ -85,6 +89,11 @@ def strict(server_process: ServerProcess) -> ServerProcess:
     return server_process
 
 
+def _state(pid: int) -> str:
+    """A process's state letter (``T``: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
 class Child:
     """A ``refresh_child.py`` process: its own Integrations, waiting for the start signal."""
 
@@ -124,8 +133,7 @@ class Child:
 
     def stopped(self) -> bool:
         """Whether the process is stopped (it stops itself with ``--stop-at``)."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[0] == "T"
+        return _state(self.proc.pid) == "T"
 
     async def until_stopped(self) -> None:
         deadline = time.monotonic() + 30
@@ -267,11 +275,15 @@ class Figures:
         error = self.refresh_error
         if isinstance(error, dict):
             line["recorded"] = {k: error.get(k) for k in ("code", "transient")}
-        print(f"\n[fault] {json.dumps(line)}")
-        target = os.environ.get("INTEGRATIONS_FAULT_RESULTS")
-        if target:
-            with open(target, "a", encoding="utf-8") as out:
-                out.write(json.dumps(line) + "\n")
+        _record(line)
+
+
+def _record(line: dict[str, Any]) -> None:
+    print(f"\n[fault] {json.dumps(line)}")
+    target = os.environ.get("INTEGRATIONS_FAULT_RESULTS")
+    if target:
+        with open(target, "a", encoding="utf-8") as out:
+            out.write(json.dumps(line) + "\n")
 
 
 @pytest.fixture
@@ -441,3 +453,72 @@ async def test_a_token_request_that_timed_out_is_recorded_as_maybe_spent_and_not
     recorded = figures.refresh_error
     assert recorded["code"] == "reauth_required" and not recorded.get("transient"), recorded
     assert "may have received" in recorded["message"], recorded
+
+
+# -- a writer frozen mid-transaction ---------------------------------------------------------
+
+
+async def test_a_frozen_writer_process_holds_its_row_locks_no_longer_than_the_idle_limit(
+    dsn: str,
+) -> None:
+    """A process holding four write transactions open (row locks taken) is stopped. With
+    the default lock timeout (30 s) the server ends each after the idle limit (5 s): the
+    writes of two other instances to those rows go through while it is still frozen."""
+    async with (
+        Integrations(dsn, keys=TEST_KEY) as first,
+        Integrations(dsn, keys=TEST_KEY) as second,
+    ):
+        uuids = [(await first.add_connection("openai", f"held-{i}")).uuid for i in range(4)]
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WRITER),
+            "--dsn",
+            dsn,
+            "--key",
+            TEST_KEY,
+            *(arg for uuid in uuids for arg in ("--uuid", uuid)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert writer.stdout is not None
+            line = await asyncio.wait_for(writer.stdout.readline(), 60)
+            assert line.strip() == b"holding", line
+            writer.send_signal(signal.SIGSTOP)
+            outcomes: list[tuple[str | None, float]] = []
+
+            async def save(integ: Integrations, uuid: str, n: int) -> None:
+                began = time.monotonic()
+                try:
+                    await integ.save_setup(uuid, {"api_key": f"sk-after-freeze-{n}-0123456789"})
+                    outcomes.append((None, time.monotonic() - began))
+                except IntegrationsError as exc:
+                    outcomes.append((exc.code, time.monotonic() - began))
+
+            await asyncio.gather(
+                *(save(integ, uuid, n) for n, integ in enumerate((first, second)) for uuid in uuids)
+            )
+            db = await asyncpg.connect(dsn)
+            try:
+                idle = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' "
+                    "AND datname = current_database()"
+                )
+            finally:
+                await db.close()
+            still_frozen = _state(writer.pid)
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            await writer.wait()
+    failed = Counter(code for code, _ in outcomes if code is not None)
+    _record(
+        {
+            "scenario": "writer process frozen holding 4 row locks (lock_timeout 30s)",
+            "callers_ok": sum(1 for code, _ in outcomes if code is None),
+            "callers_failed": dict(failed),
+            "max_wait": round(max(w for _, w in outcomes), 2),
+            "idle_in_transaction_after": idle,
+        }
+    )
+    assert still_frozen == "T", "the writes went through while the writer was frozen"
+    assert [code for code, _ in outcomes] == [None] * 8
+    assert idle == 0
