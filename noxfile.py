@@ -37,8 +37,9 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run every benchmark (the million-row one included) and rewrite docs/benchmarks.md
-    from their output."""
-    session.install("-e", ".[dev,web]")
+    from their output. The ``bench`` extra brings pgqueuer, which one of them compares
+    the webhook delivery table with."""
+    session.install("-e", ".[dev,web,bench]")
     session.run("python", "benchmarks/report.py", *session.posargs)
 
 
@@ -53,5 +54,5 @@ def mutants(session: nox.Session) -> None:
     """Mutation testing of the security and concurrency modules (mutants/modules.toml);
     a survivor that is not listed there as equivalent fails. Slow: not part of CI.
     ``nox -s mutants -- integrations/_lease.py`` runs one module."""
-    session.install("-e", ".[dev,web]", "cosmic-ray==8.7.0")
+    session.install("-e", ".[dev,web]", "cosmic-ray==8.7.0", "coverage>=7.10")
     session.run("python", "scripts/mutants.py", *session.posargs)

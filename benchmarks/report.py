@@ -27,6 +27,8 @@ SCRIPTS = [
     "bench_startup.py",
     "bench_key_sources.py",
     "bench_audit.py",
+    "bench_event_log.py",
+    "bench_webhook_queue.py",
 ]
 PREFIX = "RESULT "
 
@@ -152,11 +154,89 @@ def render_audit(a: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def render_event_log(e: dict[str, Any] | None) -> list[str]:
+    if e is None:
+        return []
+    return [
+        "## Event log",
+        "",
+        "`bench_event_log.py`: `save_setup` with the durable event log (the event inserted in "
+        "the write's transaction, numbered and notified at its commit) against the same write "
+        "that only notifies, as the library did before the log; one caller interleaved call "
+        "by call, then concurrent callers in alternating slices, one run.",
+        "",
+        "| what | without the log | with the log | ratio |",
+        "|---|---|---|---|",
+        f"| `save_setup`, one caller | {e['base_us']:,.0f} µs | {e['ours_us']:,.0f} µs | "
+        f"**{e['ours_us'] / e['base_us']:.2f}x** |",
+        f"| `save_setup`, {e['writers']:.0f} concurrent callers on as many connections | "
+        f"{e['base_rate']:,.0f} writes/s | {e['ours_rate']:,.0f} writes/s | "
+        f"**{e['ours_rate'] / e['base_rate']:.2f}x** |",
+        "",
+        f"`prune_events` then deleted the {e['pruned']:,.0f} events the run had logged in "
+        f"{e['prune_s'] * 1e3:,.0f} ms.",
+        "",
+        "",
+    ]
+
+
+def render_webhook_queue(w: dict[str, Any] | None) -> list[str]:
+    if w is None:
+        return []
+    ours = w["drain_ours"]
+    return [
+        "## Webhook deliveries: the library's table against pgqueuer",
+        "",
+        "`bench_webhook_queue.py` (needs the `bench` extra: `pip install -e '.[bench]'`) "
+        "compares the delivery table of [webhooks](webhooks.md) with pgqueuer, a PostgreSQL "
+        "job queue on asyncpg, installed in a schema of its own in the same database, on "
+        "what webhook delivery needs; one run.",
+        "",
+        "| what | ours | pgqueuer | ratio (pgqueuer / ours) |",
+        "|---|---|---|---|",
+        f"| `save_setup`, one caller: ours logs the event (deliveries are made from the log "
+        f"later); pgqueuer also enqueues a job in the same transaction, on the library's "
+        f"connection | {w['ours_us']:,.0f} µs | {w['pgq_us']:,.0f} µs | "
+        f"**{w['pgq_us'] / w['ours_us']:.2f}x** |",
+        f"| the same, {w['writers']:.0f} concurrent callers | {w['ours_rate']:,.0f} "
+        f"writes/s | {w['pgq_rate']:,.0f} writes/s | **{w['pgq_rate'] / w['ours_rate']:.2f}x** |",
+        f"| ours' dispatch (log to deliveries, 500 events a transaction, one process), per "
+        f"event | {w['dispatch_us']:,.0f} µs | — (none) | — |",
+        f"| claim and complete, {w['items']:,.0f} items over {w['lanes']:.0f} connections, "
+        f"2 workers: pgqueuer with one entrypoint | {ours:,.0f} items/s | "
+        f"{w['drain_pgq_one']:,.0f} items/s | **{w['drain_pgq_one'] / ours:.2f}x** |",
+        f"| the same, pgqueuer with an entrypoint per connection at a concurrency limit of 1 "
+        f"| {ours:,.0f} items/s | {w['drain_pgq_lanes']:,.0f} items/s | "
+        f"**{w['drain_pgq_lanes'] / ours:.2f}x** |",
+        f"| connections delivered out of order, of {w['order_lanes']:.0f} with "
+        f"{w['order_depth']:.0f} deliveries each whose first fails once (pgqueuer: one "
+        f"entrypoint; an entrypoint per connection) | {w['disorder_ours']:.0f} | "
+        f"{w['disorder_pgq_one']:.0f}; {w['disorder_pgq_lanes']:.0f} | — |",
+        f"| schema added for the queue: tables, indexes, triggers, functions, enum types | "
+        f"{w['schema_ours_tables']:.0f}, {w['schema_ours_indexes']:.0f}, "
+        f"{w['schema_ours_triggers']:.0f}, {w['schema_ours_functions']:.0f}, "
+        f"{w['schema_ours_types']:.0f} | {w['schema_pgq_tables']:.0f}, "
+        f"{w['schema_pgq_indexes']:.0f}, {w['schema_pgq_triggers']:.0f}, "
+        f"{w['schema_pgq_functions']:.0f}, {w['schema_pgq_types']:.0f} | — |",
+        "",
+        "What the figures mean for the choice: "
+        "[webhooks](webhooks.md#why-not-a-job-queue-library).",
+        "",
+        "",
+    ]
+
+
 # Sections that one script fills alone: `--only SCRIPT` reruns it and rewrites its section.
 SECTIONS = {
     "bench_startup.py": ("startup", "## Start-up", render_startup),
     "bench_key_sources.py": ("key_sources", "## Key sources", render_key_sources),
     "bench_audit.py": ("audit", "## Audit trail", render_audit),
+    "bench_event_log.py": ("event_log", "## Event log", render_event_log),
+    "bench_webhook_queue.py": (
+        "webhook_queue",
+        "## Webhook deliveries: the library's table against pgqueuer",
+        render_webhook_queue,
+    ),
 }
 
 
@@ -297,6 +377,8 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         *(render_startup(r["startup"]) if "startup" in r else []),
         *render_key_sources(r.get("key_sources")),
         *render_audit(r.get("audit")),
+        *render_event_log(r.get("event_log")),
+        *render_webhook_queue(r.get("webhook_queue")),
         *render_scale(sc),
         "## Notes",
         "",

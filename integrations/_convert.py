@@ -24,10 +24,10 @@ _HOST_PATTERN = (
 # One DNS label, for a field that is part of a host and declares no pattern.
 _LABEL_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PLACEHOLDER = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}")
-_SUPPORTED = ("OAUTH2", "OAUTH2_CC", "OAUTH1", "API_KEY", "BASIC")
+_SUPPORTED = ("OAUTH2", "OAUTH2_CC", "OAUTH1", "API_KEY", "BASIC", "JWT")
+# Signing algorithms the jwt_bearer scheme uses (by the key's type): RSA and EC keys.
+_JWT_ALGORITHMS = re.compile(r"(RS|ES|PS)(256|384|512)")
 _UNSUPPORTED = {
-    "JWT": "Nango's JWT mode (a token the client signs for the API itself, with the API's own "
-    "claims) has no equivalent here; jwt_bearer is the RFC 7523 grant",
     "TWOSTEP": "two-step token exchanges are not an auth scheme here",
     "SIGNATURE": "request signatures are not an auth scheme here",
 }
@@ -104,6 +104,8 @@ def _convert_one(key: str, raw: dict[str, Any]) -> dict[str, Any]:
         out.update(_oauth(raw, mode, fields))
     elif mode == "OAUTH1":
         out.update(_oauth1(raw, fields))
+    elif mode == "JWT":
+        out.update(_jwt(raw, fields))
     elif mode == "API_KEY":
         out.update(_api_key(proxy, fields))
     else:
@@ -151,6 +153,14 @@ def _oauth(raw: Mapping[str, Any], mode: str, fields: _Fields) -> dict[str, Any]
                 out["authorize_params"] = {k: fields.template(v) for k, v in kept.items()}
         if raw.get("disable_pkce") is True:
             out["pkce"] = False
+    out.update(_scopes(raw))
+    if raw.get("token_request_auth_method") == "basic":
+        out["token_auth"] = "client_secret_basic"
+    return out
+
+
+def _scopes(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     separator = raw.get("scope_separator")
     if isinstance(separator, str) and separator:
         out["scope_separator"] = separator
@@ -162,9 +172,31 @@ def _oauth(raw: Mapping[str, Any], mode: str, fields: _Fields) -> dict[str, Any]
         for scope in scopes:
             split += [s for s in re.split(r"[\s,]+", str(scope)) if s]
         out["scopes"] = split
-    if raw.get("token_request_auth_method") == "basic":
-        out["token_auth"] = "client_secret_basic"
     return out
+
+
+def _jwt(raw: Mapping[str, Any], fields: _Fields) -> dict[str, Any]:
+    """A JWT entry whose signed token is exchanged at a token endpoint is the RFC 7523 grant
+    (``jwt_bearer``); one whose token goes to the API itself has no equivalent here."""
+    token_url = raw.get("token_url")
+    if isinstance(token_url, Mapping):
+        token_url = token_url.get("JWT")
+    if not isinstance(token_url, str) or not token_url:
+        raise _Skip(
+            "mode unsupported: a JWT entry without a token_url is a token the client signs "
+            "and sends to the API itself; here JWTs are only exchanged at a token endpoint "
+            "(jwt_bearer, RFC 7523)"
+        )
+    found = raw.get("token")
+    token: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    headers = token.get("headers")
+    algorithm = headers.get("alg") if isinstance(headers, Mapping) else None
+    if algorithm is not None and not _JWT_ALGORITHMS.fullmatch(str(algorithm)):
+        raise _Skip(
+            f"mode unsupported: the JWT is signed with {algorithm!s}; jwt_bearer signs with "
+            "an RSA or EC private key"
+        )
+    return {"auth_type": "jwt_bearer", "token_url": fields.template(token_url), **_scopes(raw)}
 
 
 def _oauth1(raw: Mapping[str, Any], fields: _Fields) -> dict[str, Any]:
@@ -279,6 +311,11 @@ class _Fields:
 
     def setup_fields(self, out: Mapping[str, Any]) -> list[dict[str, Any]]:
         made: list[dict[str, Any]] = []
+        if out.get("auth_type") == "jwt_bearer":
+            # The scheme's own fields (key file, issuer, private key...), which an explicit
+            # list would otherwise replace.
+            base = Provider.model_validate({"key": "x", "name": "x", "auth_type": "jwt_bearer"})
+            made += [f.model_dump(mode="json", exclude_defaults=True) for f in base.setup_fields]
         if out.get("auth_type") in ("oauth2", "oauth2_client_credentials", "oauth1"):
             made += [
                 {"key": "client_id", "label": "Client ID", "required": True},

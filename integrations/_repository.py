@@ -810,7 +810,19 @@ class Repository:
         kind_list = None if kinds is None else sorted(kinds)
         async with self._acquire() as conn:
             pruned = await conn.fetchval(self.q.events_pruned_through)
-            if any_owner:
+            if uuid is not None:
+                # One connection's events: through its own index, whatever the log holds.
+                records = await conn.fetch(
+                    self.q.events_after_uuid,
+                    uuid,
+                    after,
+                    any_owner,
+                    None if any_owner else _owner_to_db(owner),
+                    provider,
+                    kind_list,
+                    limit,
+                )
+            elif any_owner:
                 records = await conn.fetch(
                     self.q.events_after_any_owner, after, provider, uuid, kind_list, limit
                 )

@@ -106,6 +106,7 @@ class Queries:
     append_events: LiteralString
     events_after_any_owner: LiteralString
     events_after_owner: LiteralString
+    events_after_uuid: LiteralString
     events_pruned_through: LiteralString
     events_last_position: LiteralString
     events_oldest: LiteralString

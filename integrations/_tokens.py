@@ -298,10 +298,13 @@ class Refresher:
                     if look.taken_from is not None:
                         log.warning(
                             "the refresh lease of connection %s ran out without a write from "
-                            "its holder (%s); with refresh_takeover='reauthorize' the "
-                            "connection must be authorized again",
+                            "its holder (%s), which had sent the refresh token; %s, so it is "
+                            "not sent again: the connection must be authorized again",
                             uuid,
                             look.taken_from,
+                            "refresh_takeover is 'reauthorize'"
+                            if self.policy.takeover == "reauthorize"
+                            else "the provider rotates refresh tokens",
                             extra=telemetry.fields("refresh_lease_taken_over", uuid=uuid),
                         )
                     # A failure is raised only now, after it was committed.

@@ -414,6 +414,19 @@ WHERE owner = $2 AND position > $1
 ORDER BY owner, position
 LIMIT $6;
 
+-- name: events_after_uuid
+-- $1 text uuid, $2 int8 position (exclusive), $3 bool any owner, $4 text owner ('' =
+-- system) unless $3, $5 text provider or NULL, $6 text[] kinds or NULL, $7 int page size.
+-- One connection's events, in position order (the events_uuid_position index).
+SELECT position, body
+FROM {schema}.events
+WHERE uuid = $1 AND position > $2
+  AND ($3 OR owner = $4)
+  AND ($5::text IS NULL OR provider = $5)
+  AND ($6::text[] IS NULL OR kind = ANY ($6::text[]))
+ORDER BY uuid, position
+LIMIT $7;
+
 -- name: events_pruned_through
 -- no parameters; positions up to this one may have been deleted by retention (none when
 -- the state row is missing: nothing was pruned since the log was emptied)

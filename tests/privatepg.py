@@ -64,6 +64,14 @@ class PrivateServer:
             "start",
         )
 
+    def running(self) -> bool:
+        status = subprocess.run(
+            [*self._as, _bin("pg_ctl"), "-D", str(self.data), "status"],
+            capture_output=True,
+            timeout=30,
+        )
+        return status.returncode == 0
+
     def kill(self) -> None:
         """Stop at once, as a crash would: no checkpoint, sessions cut."""
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")

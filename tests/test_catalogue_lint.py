@@ -23,6 +23,111 @@ HOSTILE = ["evil.com#", "a.evil.com/", "x@evil.com", "evil.com/x", "a b", "a..b"
 # The list of the most common services that the catalogue covers, and those it
 # leaves out (the closing note says why).
 ENOUGH = 150
+# The 100 most common services (most common first) and the built-in that covers
+# each; None where the catalogue leaves the service out.
+COMMON: dict[str, str | None] = {
+    "GitHub": "github",
+    "Jira": "jira",
+    "Salesforce": "salesforce",
+    "Slack": "slack",
+    "Asana": "asana",
+    "Discord": "discord",
+    "Facebook": "facebook",
+    "HubSpot": "hubspot",
+    "Shopify": "shopify",
+    "Stripe": "stripe",
+    "Auth0": "auth0",
+    "Bitbucket": "bitbucket",
+    "Box": "box",
+    "Dropbox": "dropbox",
+    "Eventbrite": "eventbrite",
+    "Google": "google",
+    "LinkedIn": "linkedin",
+    "Mailchimp": "mailchimp",
+    "Reddit": "reddit",
+    "Telegram": "telegram",
+    "Trello": "trello",
+    "X (Twitter)": "x",
+    "Yandex": "yandex",
+    "Zoom": "zoom",
+    "Anthropic": "anthropic",
+    "Notion": "notion",
+    "Zendesk": "zendesk",
+    "Login with Amazon": "amazon",
+    "Battle.net": "battlenet",
+    "Datadog": "datadog",
+    "Figma": "figma",
+    "GitLab": "gitlab",
+    "Gumroad": "gumroad",
+    "Microsoft (Entra/Graph)": "microsoft",
+    "Miro": "miro",
+    "Okta": "okta",
+    "PagerDuty": "pagerduty",
+    "PayPal": "paypal",
+    "SendGrid": "sendgrid",
+    "Snowflake": "snowflake",
+    "Spotify": "spotify",
+    "Strava": "strava",
+    "SurveyMonkey": "surveymonkey",
+    "Twitch": "twitch",
+    "Zoho": "zoho",
+    "Airtable": "airtable",
+    "Confluence": "confluence",
+    "Gmail": "gmail",
+    "Gong": "gong",
+    "Google Calendar": "google-calendar",
+    "Google Drive": "google-drive",
+    "Intercom": "intercom",
+    "Linear": "linear",
+    "Microsoft Teams": "microsoft-teams",
+    "OpenAI": "openai",
+    "Outlook": "outlook",
+    "QuickBooks": "quickbooks",
+    "ServiceNow": "servicenow",
+    "Xero": "xero",
+    "ActiveCampaign": "activecampaign",
+    "Affinity": "affinity",
+    "AWS": "aws",
+    "BambooHR": "bamboohr",
+    "Baserow": "baserow",
+    "BigQuery": "bigquery",
+    "Bitly": "bitly",
+    "Brevo": "brevo",
+    "Cal.com": "cal-com",
+    "Calendly": "calendly",
+    "ClickUp": "clickup",
+    "Cloudflare": "cloudflare",
+    "Coda": "coda",
+    "Coinbase": "coinbase",
+    "Contentful": "contentful",
+    "Customer.io": "customer-io",
+    "DigitalOcean": "digitalocean",
+    "Discourse": None,
+    "Disqus": None,
+    "Exist": "exist",
+    "Fitbit": "fitbit",
+    "Foursquare": None,
+    "Freshdesk": "freshdesk",
+    "Google Ads": "google-ads",
+    "Google Analytics": "google-analytics",
+    "Google Docs": "google-docs",
+    "Google Sheets": "google-sheets",
+    "Google Tasks": "google-tasks",
+    "Grafana": "grafana",
+    "Harvest": "harvest",
+    "HighLevel": "highlevel-private-integration",
+    "Instagram": "instagram-access-token",
+    "Keap": "keap",
+    "LINE": "line",
+    "monday.com": "monday",
+    "OneDrive": "onedrive",
+    "Perplexity": "perplexity",
+    "Pinterest": "pinterest",
+    "Pipedrive": "pipedrive",
+    "PostHog": "posthog",
+    "Segment": "segment",
+}
+COVERED_ENOUGH = 90
 # Values for patterned fields whose ``expected`` text quotes no whole example.
 OTHER_SAMPLES = ["AC" + "0123456789abcdef" * 2]
 
@@ -38,6 +143,14 @@ def test_the_catalogue_is_big_enough_and_each_file_holds_its_key() -> None:
     for key in KEYS:
         entries = parse_entries(CATALOGUE_DIR / f"{key}.toml")
         assert len(entries) == 1 and entries[0]["key"] == key
+
+
+def test_the_common_services_are_covered() -> None:
+    assert len(COMMON) == 100
+    covered = {name: key for name, key in COMMON.items() if key is not None}
+    assert len(covered) >= COVERED_ENOUGH
+    for key in covered.values():
+        assert key in KEYS
 
 
 def test_no_two_entries_share_a_name_or_a_key_up_to_punctuation() -> None:

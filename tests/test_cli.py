@@ -613,6 +613,41 @@ def test_watch_prints_one_line_per_event_until_interrupted(fresh_db: str) -> Non
                 stream.close()
 
 
+def test_watch_with_all_owners_or_one_owner(fresh_db: str) -> None:
+    """``watch --all-owners`` prints every owner's events, ``--owner`` that owner's only."""
+    for name, scope, expected in (
+        ("every", ["watch", "--all-owners"], "user:2"),
+        ("own", ["--owner", "user:1", "watch"], "user:1"),
+    ):
+        child = subprocess.Popen(
+            [SCRIPT, "--dsn", fresh_db, *scope],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+        try:
+            assert child.stderr is not None and child.stdout is not None
+            assert "watching" in child.stderr.readline()
+            theirs = sh(fresh_db, "--owner", "user:2", "add", "openai", name).stdout.strip()
+            mine = sh(fresh_db, "--owner", "user:1", "add", "openai", name).stdout.strip()
+            line = child.stdout.readline()
+            uuid = theirs if expected == "user:2" else mine
+            assert f" connection_added openai:{name} {uuid}" in line
+            assert f"owner={expected}" in line
+            child.send_signal(signal.SIGINT)
+            assert child.wait(timeout=20) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            for stream in (child.stdout, child.stderr):
+                if stream is not None:
+                    stream.close()
+    both = sh(fresh_db, "--owner", "user:1", "watch", "--all-owners")
+    assert both.returncode == 2 and "--all-owners" in both.stderr
+
+
 def test_watch_after_a_position_prints_the_logged_events_first(fresh_db: str) -> None:
     first = sh(fresh_db, "add", "openai").stdout.strip()
     second = sh(fresh_db, "add", "openai", "second").stdout.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import timedelta
 
@@ -142,6 +143,53 @@ async def test_filters_apply_to_the_replay_as_to_live_events(integ: Integrations
     async with integ.subscribe(uuid=a.uuid, after=0) as sub:
         kinds = [(await next_event(sub)).kind for _ in range(2)]
     assert kinds == ["connection_added", "setup_saved"]
+
+
+async def test_one_connections_events_are_read_through_their_index(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    a = await integ.add_connection("openai", "a")
+    b = await integ.for_owner("user:1").add_connection("openai", "b")
+    await integ.save_setup(a.uuid, {"api_key": "sk-index-0123456789"})
+    body = await db.fetchval("SELECT body FROM integrations.events ORDER BY position LIMIT 1")
+    # A large log of other connections' events, numbered directly (no commit trigger).
+    async with db.transaction():
+        await db.execute("SET LOCAL session_replication_role = replica")
+        await db.execute(
+            "INSERT INTO integrations.events (position, kind, uuid, owner, provider, body) "
+            "SELECT 1000 + i, 'setup_saved', 'other-' || (i % 500), '', 'openai', $1 "
+            "FROM generate_series(1, 50000) AS i",
+            body,
+        )
+    await db.execute("ANALYZE integrations.events")
+    # Prepared statements settle on a generic plan: it must use the index all the same.
+    await db.execute("SET plan_cache_mode = force_generic_plan")
+    await db.execute(
+        "PREPARE one_uuid (text, int8, bool, text, text, text[], int) AS "
+        + integ._repo.q.events_after_uuid
+    )
+    rows = await db.fetch(
+        "EXPLAIN (FORMAT JSON) EXECUTE one_uuid('x', 0, true, '', NULL, NULL, 500)"
+    )
+    found = json.dumps(json.loads(rows[0][0]))
+    assert "events_uuid_position" in found
+    assert "Seq Scan" not in found and '"Sort"' not in found
+    events, _ = await integ._repo.events_after(
+        0, owner=None, any_owner=True, provider=None, uuid=a.uuid, kinds=None, limit=500
+    )
+    assert [(e.kind, e.uuid) for e in events] == [
+        ("connection_added", a.uuid),
+        ("setup_saved", a.uuid),
+    ]
+    # An owner's reading sees its own connection's events, not another owner's.
+    mine, _ = await integ._repo.events_after(
+        0, owner="user:1", any_owner=False, provider=None, uuid=b.uuid, kinds=None, limit=500
+    )
+    theirs, _ = await integ._repo.events_after(
+        0, owner="user:1", any_owner=False, provider=None, uuid=a.uuid, kinds=None, limit=500
+    )
+    assert [(e.kind, e.uuid) for e in mine] == [("connection_added", b.uuid)]
+    assert theirs == []
 
 
 async def test_a_full_queue_is_read_again_from_the_log_not_dropped(integ: Integrations) -> None:

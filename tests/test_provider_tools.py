@@ -20,7 +20,7 @@ from integrations.cli import cli
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "nango_providers.yaml"
 # Entries of the fixture in modes this package has no scheme for, or that bind no host.
-NOT_CONVERTIBLE = {"acme-warehouse", "acme-cloud"}
+NOT_CONVERTIBLE = {"acme-warehouse", "acme-ledger", "acme-cloud"}
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -134,12 +134,24 @@ def test_converted_entries_keep_what_the_source_says() -> None:
         "name": "api_key",
         "template": "{api_key}",
     }
+    docs = by_key["acme-docs"]
+    assert docs["auth_type"] == "jwt_bearer"
+    assert docs["token_url"] == "https://auth.acmedocs.example.test/oauth2/token"
+    assert docs["scopes"] == ["docs.read", "docs.write"]
+    assert docs["api_hosts"] == ["{region}.api.acmedocs.example.test"]
+    fields = {field["key"] for field in docs["setup_fields"]}
+    assert {"client_email", "private_key", "region"} <= fields
+    skipped = dict(result.skipped)
+    assert "token_url" in skipped["acme-warehouse"]
+    assert "HS256" in skipped["acme-ledger"]
     social = by_key["acme-social"]
     assert social["auth_type"] == "oauth1"
     assert social["request_token_url"] == "https://social.example.test/oauth/request_token"
 
 
-@pytest.mark.parametrize("key", ["acme-desk", "acme-git", "acme-metrics", "acme-helpdesk"])
+@pytest.mark.parametrize(
+    "key", ["acme-desk", "acme-git", "acme-metrics", "acme-helpdesk", "acme-docs"]
+)
 def test_converted_tenant_hosts_refuse_hostile_values(tmp_path: Path, key: str) -> None:
     out = tmp_path / "converted.toml"
     run("providers", "convert", "--from", "nango", str(FIXTURE), "--out", str(out))

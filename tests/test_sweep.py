@@ -176,6 +176,38 @@ async def test_connections_awaiting_reauthorization_are_left_alone(
         assert sweepkit.CALLS == []
 
 
+async def test_a_sweep_never_records_a_check_of_a_provider_this_process_does_not_know(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    """A sweeping process started without the application's providers leaves their
+    connections as they are: no verdict, no event."""
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()]) as app:
+        uuid = await add_probe(app, "main", SECRET)
+        assert (await app.validate_connection(uuid)).ok
+        before = (await app.get_integration_by_uuid(uuid)).data
+    await set_last_validated(db, uuid, timedelta(days=2))
+    stale = await db.fetchval(
+        "SELECT value_json->>'last_validated_at' FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+    sweepkit.CALLS.clear()
+    async with Integrations(fresh_db, keys=TEST_KEY) as bare:
+        async with (
+            bare.subscribe(owner=ALL_OWNERS) as events,
+            sweeping(bare, stale_after=0) as (reports, _),
+        ):
+            await until(reports, 2)
+            assert events.pending == 0
+        after = (await bare.get_integration_by_uuid(uuid)).data
+    assert [(r.checked, r.check_failures, r.errors) for r in reports[:2]] == [(0, 0, 0)] * 2
+    assert sweepkit.CALLS == []
+    assert (after["status"], after.get("validation_status")) == (
+        before["status"],
+        before.get("validation_status"),
+    )
+    assert after.get("last_validated_at") == stale
+
+
 async def test_concurrency_and_per_provider_pacing_are_honoured(fresh_db: str) -> None:
     other = probe_provider("probe2")
     async with Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider(), other]) as integ:

@@ -551,7 +551,7 @@ async def test_the_administrator_sees_every_owners_connections(integ: Integratio
     async with client(console(integ, authorize=admin)) as http:
         listing = (await http.get("/")).text
         assert f"/{site}" in listing and f"/{theirs}" in listing
-        assert "<td>user:2</td>" in listing and "<td>system</td>" in listing
+        assert ">user:2</td>" in listing and ">system</td>" in listing
         assert (await http.get(f"/{theirs}")).status_code == 200
         renamed = await http.post(
             f"/{theirs}/rename", data={"csrf_token": csrf_of(listing), "new_name": "renamed"}
@@ -776,6 +776,33 @@ async def test_rows_of_providers_this_application_does_not_register_are_listed(
     assert "not registered" not in openai
 
 
+async def test_a_check_that_records_nothing_says_so_instead_of_checked(
+    fresh_db: str, integ: Integrations, http: httpx.AsyncClient
+) -> None:
+    # "Test" on an OAuth connection never connected: no token to check.
+    oauth = await add(http, "loopback", "web")
+    await form_post(
+        http, f"/{oauth}", f"/{oauth}/setup", {"client_id": "cid", "client_secret": "cs-01234567"}
+    )
+    before = (await integ.get_integration_by_uuid(oauth)).data
+    tested = await form_post(http, f"/{oauth}", f"/{oauth}/test", {})
+    assert tested.status_code == 409 and "Checked." not in tested.text
+    assert re.search(r'role="alert"[^>]*>Not connected yet: [^<]*nothing was recorded', tested.text)
+    assert (await integ.get_integration_by_uuid(oauth)).data == before
+    # "Test" in an application that does not register the connection's provider.
+    acme = (await integ.add_connection("acme", "main")).uuid
+    await integ.save_setup(acme, {"api_key": GOOD_KEY})
+    before = (await integ.get_integration_by_uuid(acme)).data
+    async with (
+        open_integrations(fresh_db) as other,
+        client(console(other, authorize=admin)) as elsewhere,
+    ):
+        tested = await form_post(elsewhere, f"/{acme}", f"/{acme}/test", {})
+    assert tested.status_code == 409 and "Checked." not in tested.text
+    assert "is not registered in this process" in tested.text
+    assert (await integ.get_integration_by_uuid(acme)).data == before
+
+
 async def test_an_error_page_carries_no_outcome_note(http: httpx.AsyncClient) -> None:
     missing = await http.get("/0190a4c6-0000-7000-8000-000000000000?done=added")
     assert missing.status_code == 404
@@ -878,7 +905,7 @@ async def test_audit_pages_store_wide_per_connection_and_owner_scoped(
     page = await http.get(f"/{uuid}")
     assert f'href="/{uuid}/audit"' in page.text
     own = (await http.get(f"/{uuid}/audit")).text
-    assert "connection.added" in own and "<td>admin</td>" in own
+    assert "connection.added" in own and '<td data-label="actor">admin</td>' in own
     assert mine.uuid not in own
     every = (await http.get("/audit")).text
     assert mine.uuid in every and theirs.uuid in every and uuid in every

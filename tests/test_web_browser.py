@@ -210,6 +210,21 @@ async def test_oauth_connect_through_the_loopback_authorization_server(
         await page.close()
 
 
+async def write_elsewhere(dsn: str, uuid: str, *args: str) -> None:
+    """Change the connection from another OS process (tests/console_writer.py)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).parent / "console_writer.py"),
+        dsn,
+        uuid,
+        *args,
+        env={**os.environ, "INTEGRATIONS_KEYS": TEST_KEY},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await child.communicate()
+    assert child.returncode == 0 and out.strip() == b"written"
+
+
 async def test_a_change_from_another_process_appears_without_reload(
     page: Page, browser: Browser, base_url: str, integ: Integrations, fresh_db: str
 ) -> None:
@@ -224,17 +239,7 @@ async def test_a_change_from_another_process_appears_without_reload(
         await expect(tab.locator(".status").first).to_have_text("connected")
         await tab.evaluate("window.notReloaded = true")
 
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(Path(__file__).parent / "console_writer.py"),
-        fresh_db,
-        uuid,
-        "Key revoked",
-        env={**os.environ, "INTEGRATIONS_KEYS": TEST_KEY},
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await child.communicate()
-    assert child.returncode == 0 and out.strip() == b"written"
+    await write_elsewhere(fresh_db, uuid, "Key revoked")
     written = time.monotonic()
     await expect(status_of(page)).to_have_text("error", timeout=2000)
     await expect(listing.locator(".status").first).to_have_text("error", timeout=2000)
@@ -245,6 +250,81 @@ async def test_a_change_from_another_process_appears_without_reload(
     )
     for tab in (page, listing):
         assert await tab.evaluate("window.notReloaded") is True
+
+
+async def test_the_setup_form_follows_a_change_from_another_process(
+    page: Page, base_url: str, integ: Integrations, fresh_db: str
+) -> None:
+    uuid = (await integ.add_connection("acme", "main")).uuid
+    await integ.save_setup(uuid, {"api_key": GOOD_KEY, "region": "eu-1"})
+    (acme,) = [p for p in integ.list_providers() if p.key == "acme"]
+    assert acme.validation is not None
+    api_url = acme.validation.url.removesuffix("/check")
+    await page.goto(f"{base_url}/{uuid}")
+    await expect(page.locator("[data-live]")).to_have_attribute("data-stream", "open")
+    await expect(page.locator("#hint-api_key")).to_have_text(
+        "Stored: ••••6789; leave blank to keep it."
+    )
+    await expect(page.get_by_label("Region")).to_have_value("eu-1")
+    await page.evaluate("window.notReloaded = true")
+
+    await write_elsewhere(
+        fresh_db, uuid, "--setup", api_url, "api_key=other-key-000004242", "region=eu-2"
+    )
+    await expect(page.locator("#hint-api_key")).to_have_text(
+        "Stored: ••••4242; leave blank to keep it.", timeout=5000
+    )
+    await expect(page.get_by_label("Region")).to_have_value("eu-2")  # not edited: follows
+    await expect(page.get_by_label("API key")).to_have_value("")
+    assert await page.evaluate("window.notReloaded") is True
+
+    # What the operator is typing is left alone; the stored value's hint still follows.
+    await page.get_by_label("Region").fill("us-3")
+    await page.get_by_label("API key").fill("typed-but-not-saved")
+    await write_elsewhere(
+        fresh_db, uuid, "--setup", api_url, "api_key=third-key-00001111", "region=eu-4"
+    )
+    await expect(page.locator("#hint-api_key")).to_have_text(
+        "Stored: ••••1111; leave blank to keep it.", timeout=5000
+    )
+    await expect(page.get_by_label("Region")).to_have_value("us-3")
+    await expect(page.get_by_label("API key")).to_have_value("typed-but-not-saved")
+    assert await page.evaluate("window.notReloaded") is True
+
+
+async def note_is_focused(page: Page, selector: str, role: str) -> None:
+    note = page.locator(f"main > {selector}")
+    await expect(note).to_be_focused()
+    await expect(note).to_have_attribute("role", role)
+    await expect(note).to_have_attribute("tabindex", "-1")
+
+
+async def test_focus_moves_to_the_outcome_after_a_form_is_sent(
+    page: Page, base_url: str, integ: Integrations
+) -> None:
+    """A screen reader user hears what a POST did: the note it leaves is focused."""
+    await add_in_browser(page, base_url, "acme", "main")
+    await expect(page.get_by_role("status")).to_have_text("Connection added.")
+    await note_is_focused(page, ".flash", "status")
+
+    await page.get_by_label("API key").fill(GOOD_KEY)
+    await page.get_by_role("button", name="Save").click()
+    await expect(page.get_by_role("status")).to_have_text("Saved.")
+    await note_is_focused(page, ".flash", "status")
+
+    await page.get_by_label("Name", exact=True).fill("")
+    await page.get_by_role("button", name="Rename").click()
+    await expect(page.get_by_role("alert")).to_be_visible()
+    await note_is_focused(page, ".error", "alert")
+
+    # The next Tab goes on from the note, not from the top of the page.
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "All connections"
+
+    # A page opened without sending a form keeps the browser's own start.
+    await page.goto(base_url + "/")
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Connections")
+    assert await page.evaluate("document.activeElement === document.body") is True
 
 
 async def tab_to(page: Page, name: str, limit: int = 40) -> list[str]:
@@ -333,3 +413,44 @@ async def test_screenshots_of_the_listing_and_a_connection(
     for name in ("console-list.png", "console-connection.png"):
         data = (target / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+async def test_every_page_fits_a_390_px_wide_phone(
+    browser: Browser, base_url: str, integ: Integrations
+) -> None:
+    """No page scrolls sideways at 390 × 844: tables, forms and the header fit the width."""
+    await integ.add_webhook(
+        "http://127.0.0.1:9/a-rather-long-webhook-receiver-path/for-the-operations-team",
+        allow_loopback=True,
+        kinds=["connection_added"],
+        description="ops pager",
+    )
+    main = (await integ.add_connection("acme", "production-eu-west-primary")).uuid
+    await integ.save_setup(main, {"api_key": "revoked-key-0000000", "region": "eu-1"})
+    await integ.validate_connection(main)
+    await integ.add_connection("acme", "staging", owner="team:platform-engineering")
+    await integ.add_connection("loopback", "web")
+    context = await browser.new_context(viewport={"width": 390, "height": 844})
+    phone = await context.new_page()
+    too_wide: dict[str, list[object]] = {}
+    try:
+        for path in ("/", f"/{main}", f"/{main}/audit", "/audit", "/webhooks", f"/{main}/remove"):
+            response = await phone.goto(base_url + path)
+            assert response is not None and response.status == 200, path
+            await expect(phone.locator("h1")).to_be_visible()
+            width, viewport, widest = await phone.evaluate(
+                """() => [
+                    document.documentElement.scrollWidth,
+                    window.innerWidth,
+                    [...document.querySelectorAll("body *")]
+                        .filter((el) => el.getBoundingClientRect().right > window.innerWidth)
+                        .slice(0, 5)
+                        .map((el) => el.tagName + "." + el.className),
+                ]"""
+            )
+            assert viewport == 390
+            if width > viewport:
+                too_wide[path] = [width, *widest]
+    finally:
+        await context.close()
+    assert too_wide == {}  # page: [its width, the first elements past the edge]

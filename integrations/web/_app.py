@@ -29,6 +29,7 @@ from starlette.templating import Jinja2Templates
 
 from .._audit import acting_as
 from .._authflow import callback_parameters
+from .._checks import NOT_CONNECTED_YET, unregistered_message
 from .._errors import (
     AlreadyExists,
     Deleted,
@@ -569,10 +570,21 @@ class _Console:
         return await self._act(request, ctx, action, "saved")
 
     async def test(self, request: Request, ctx: _Context) -> Response:
-        async def action(uuid: str, conn: Connection) -> None:
-            await ctx.handle.validate_connection(uuid, actor=ctx.viewer.actor)
-
-        return await self._act(request, ctx, action, "tested")
+        uuid = request.path_params["uuid"]
+        conn: Connection = await ctx.handle.get_integration_by_uuid(uuid)
+        try:
+            result = await ctx.handle.validate_connection(conn.uuid, actor=ctx.viewer.actor)
+        except _MISSING:
+            raise
+        except IntegrationsError as exc:
+            return await self._connection_page(request, ctx, error=exc.message, status=400)
+        if not result.ok and result.message in (
+            NOT_CONNECTED_YET,
+            unregistered_message(conn.provider),
+        ):
+            # Nothing was checked nor recorded: the page says why rather than "Checked.".
+            return await self._connection_page(request, ctx, error=result.message, status=409)
+        return self._redirect(request, "connection", "tested", uuid=conn.uuid)
 
     async def disconnect(self, request: Request, ctx: _Context) -> Response:
         async def action(uuid: str, conn: Connection) -> None:

@@ -61,6 +61,11 @@ class FieldView:
     keeps_blank: bool
     hint: str
 
+    @property
+    def note(self) -> str:
+        """What the form says under a secret field holding a stored value (else empty)."""
+        return f"Stored: {self.hint}; leave blank to keep it." if self.hint else ""
+
 
 _INPUT_TYPES = {"integer": "number", "url": "url", "boolean": "select", "choice": "select"}
 

@@ -1,5 +1,14 @@
-// Live updates: each server-sent event refetches the server-rendered fragment it concerns.
+// After a form is sent, focus goes to the note saying what it did ("Saved.", or the error):
+// read out at once, and the next Tab goes on from there rather than from the page's top.
 "use strict";
+(function () {
+  var outcome = document.querySelector("[data-outcome]");
+  if (outcome) {
+    outcome.focus();
+  }
+})();
+
+// Live updates: each server-sent event refetches the server-rendered fragment it concerns.
 (function () {
   var live = document.querySelector("[data-live]");
   if (!live || !("EventSource" in window)) {
@@ -31,6 +40,7 @@
         if (html !== null) {
           // Server-rendered and escaped by the console's templates.
           live.innerHTML = html;
+          followStored();
         }
       })
       .catch(function () {})
@@ -41,6 +51,48 @@
           refresh();
         }
       });
+  }
+
+  // The setup form follows the stored values the fragment carries: the notes under secret
+  // fields, and the value of every field the operator has not edited since it was shown.
+  function followStored() {
+    var stored = live.querySelector("[data-stored]");
+    if (!stored) {
+      return;
+    }
+    Array.prototype.forEach.call(stored.querySelectorAll("[data-field]"), function (entry) {
+      var key = entry.dataset.field;
+      var value = entry.dataset.value || "";
+      var hint = document.getElementById("hint-" + key);
+      var input = document.getElementById("field-" + key);
+      if (hint) {
+        hint.textContent = entry.dataset.note || "";
+        hint.hidden = !entry.dataset.note;
+      }
+      if (!input) {
+        return;
+      }
+      if ("required" in input.dataset) {
+        input.required = !entry.dataset.note;
+      }
+      if (input.tagName === "SELECT") {
+        var untouched = Array.prototype.every.call(input.options, function (option) {
+          return option.selected === option.defaultSelected;
+        });
+        Array.prototype.forEach.call(input.options, function (option) {
+          option.defaultSelected = option.value === value;
+          if (untouched) {
+            option.selected = option.value === value;
+          }
+        });
+      } else {
+        var unedited = input.value === input.defaultValue;
+        input.defaultValue = value;
+        if (unedited) {
+          input.value = value;
+        }
+      }
+    });
   }
 
   function note(text) {
