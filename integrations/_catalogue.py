@@ -88,6 +88,8 @@ def _modes(provider: Provider) -> str:
     scheme = provider.scheme
     label = scheme.label
     header = provider.auth_header
+    if scheme.uses_access_token and provider.token_auth == "private_key_jwt":
+        return f"{label}, client proven by `private_key_jwt`"
     if header is None or scheme.uses_access_token:
         return label
     from ._schemes import header_kind

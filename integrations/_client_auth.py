@@ -80,7 +80,10 @@ class _PrivateKeyJwt(ClientAuthMethod):
 
         assert client.private_key is not None
         key = signing_key(client.private_key, field_name="client_private_key", kid=client.key_id)
-        signed = assertion(key, issuer=client.client_id, subject=client.client_id, audience=url)
+        audience = client.audience or url
+        signed = assertion(
+            key, issuer=client.client_id, subject=client.client_id, audience=audience
+        )
         proof = urlencode(
             {
                 "client_id": client.client_id,
@@ -122,6 +125,8 @@ class Client:
     #: The private key (PEM or JWK) that signs a ``private_key_jwt`` assertion, and its id.
     private_key: str | None = field(default=None, repr=False)
     key_id: str | None = None
+    #: The assertion's ``aud`` when the server wants another than the endpoint's URL.
+    audience: str | None = None
 
     def __post_init__(self) -> None:
         if not self.client_id:

@@ -297,6 +297,7 @@ def lint_provider(provider: Provider, *, builtin: bool = False) -> list[Problem]
         "request_token_url": provider.request_token_url,
         "userinfo_url": provider.userinfo_url,
         "revoke_url": provider.revoke_url,
+        "client_assertion_audience": provider.client_assertion_audience,
         "docs_url": provider.docs_url,
     }
     check = provider.validation
@@ -365,6 +366,7 @@ _FIELD_ORDER = (
     "scope_separator",
     "authorize_params",
     "token_auth",
+    "client_assertion_audience",
     "pkce",
     "api_hosts",
     "auth_header",

@@ -237,6 +237,10 @@ class Provider(_Frozen):
     token_auth: Literal["client_secret_post", "client_secret_basic", "none", "private_key_jwt"] = (
         "client_secret_post"
     )
+    #: private_key_jwt: the ``aud`` of the client's assertions, a URL template filled from the
+    #: connection's data (Auth0 wants its tenant's URL, ``https://{domain}/``). Unset: the URL
+    #: of the endpoint the assertion is sent to (RFC 7523 §3).
+    client_assertion_audience: str | None = None
     pkce: bool = True
     setup_fields: tuple[SetupField, ...] = ()
     api_hosts: tuple[str, ...] = ()

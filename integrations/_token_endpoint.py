@@ -62,8 +62,14 @@ class TokenEndpoint:
                     field="client_private_key",
                 )
             method = client_auth_method(PRIVATE_KEY_JWT)
+            audience = self.provider.client_assertion_audience
             return Client(
-                client_id, None, method, private_key=key, key_id=_text(plain.get("client_key_id"))
+                client_id,
+                None,
+                method,
+                private_key=key,
+                key_id=_text(plain.get("client_key_id")),
+                audience=None if audience is None else self.provider.render_url(audience, plain),
             )
         secret = _text(plain.get("client_secret"))
         return Client(client_id, secret, client_auth_method(self._method_name(secret)))

@@ -148,3 +148,34 @@ def device_client(client_id: str = "device-app", **extra: Any) -> dict[str, Any]
         "redirect_uris": [],
         **extra,
     }
+
+
+async def approve_code(url: str, redirect_uri: str, *, login: str = "alice") -> dict[str, str]:
+    """Open the authorization ``url`` as a user would, sign in as ``login`` and consent through
+    the provider's own pages; the query of the redirect back to ``redirect_uri`` (``code``,
+    ``state``)."""
+    from urllib.parse import parse_qsl, urljoin, urlsplit
+
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as session:
+        method, target, data = "GET", url, None
+        for _ in range(20):
+            async with session.request(
+                method, target, data=data, allow_redirects=False
+            ) as response:
+                location = response.headers.get("Location")
+                page = await response.text()
+            if location is not None:
+                target = urljoin(target, location)
+                if target.startswith(redirect_uri):
+                    return dict(parse_qsl(urlsplit(target).query))
+                method, data = "GET", None
+                continue
+            forms = _forms(page)
+            if not forms:
+                raise AssertionError(f"the provider's page has no form: {page[:200]}")
+            form, fields = forms[0]
+            if "login" in fields:
+                fields.update(login=login, password="any")
+            method, target, data = "POST", urljoin(target, form.get("action") or target), fields
+        raise AssertionError("the provider's pages did not end")

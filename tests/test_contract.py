@@ -288,6 +288,7 @@ async def test_auto_migrate_false_error_says_migrate_and_migrate_is_callable(
     inst = Integrations(empty_db, keys=TEST_KEY, auto_migrate=False)
     with pytest.raises(IntegrationsError) as info:
         await inst.open()
+    assert code_of(info) == "schema_outdated"
     assert "migrate" in str(info.value)
     migrated = False
     for candidate in (inst, Integrations(empty_db, keys=TEST_KEY, auto_migrate=False)):
@@ -330,6 +331,7 @@ async def test_dsn_without_keys_refuses_secrets_unless_encryption_off(
         conn = await inst.add_connection("openai", "default")
         with pytest.raises(IntegrationsError) as info:
             await inst.save_setup(conn.uuid, {"api_key": "sk-plain-0123456789"})
+        assert code_of(info) == "encryption_not_configured"
         assert "key" in str(info.value).lower()
         # nothing was written
         with raises_code("not_configured"):
@@ -921,6 +923,7 @@ async def test_unknown_key_is_typed_names_kid_and_survives_other_writes(fresh_db
     async with Integrations(fresh_db, keys=TEST_KEY) as inst:
         with pytest.raises(IntegrationsError) as info:
             await inst.get_credentials(conn.uuid)
+        assert code_of(info) == "unknown_key"
         assert kid in str(info.value) and "sk-old" not in str(info.value)
         await inst.save_setup(conn.uuid, {"organization": "org-2"})
     async with Integrations(fresh_db, keys=[TEST_KEY, old]) as inst:
