@@ -67,11 +67,19 @@ async def interleaved_medians(
 
 def library_pool(dsn: str, **options: object) -> asyncpg.Pool:
     """An asyncpg pool configured as the library configures its own (``Repository.open``):
-    the same sizes, and no reset query on release. Baselines use it, so that a ratio
-    compares the library's work with a bare call on the same footing."""
-    from integrations._repository import _keep_session
+    the same sizes, no reset query on release, and the same client-side statement deadline
+    (``command_timeout``, from the default ``lock_timeout``). Baselines use it, so that a
+    ratio compares the library's work with a bare call on the same footing."""
+    from integrations._repository import COMMAND_MARGIN, _keep_session
 
-    return asyncpg.create_pool(dsn, min_size=1, max_size=10, reset=_keep_session, **options)
+    return asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=10,
+        reset=_keep_session,
+        command_timeout=30.0 + COMMAND_MARGIN,
+        **options,
+    )
 
 
 SERVER_CODE = """

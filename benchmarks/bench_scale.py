@@ -5,12 +5,16 @@ key rotation with writers going on, a rotation pass with nothing left, and memor
 Each size is a schema of its own in one scratch database, seeded with COPY: rows spread
 over one owner per hundred rows (10,000 owners at 1M), 50 providers, every row holding a
 sealed secret under an old key, one row in a hundred in error, plus one owner whose rows
-are mostly unsaved (a tenth of the table, one row in a hundred saved). Timed calls are
-interleaved size by size so that drift on the machine hits every size alike.
+are mostly unsaved (a tenth of the table unsaved, and SAVED_AMONG_UNSAVED saved rows spread
+among them, so that its first page of list_integrations is full at every size). Listings
+are measured with pages that are full at every size, so that each size returns the same
+number of rows. Timed calls are interleaved size by size so that drift on the machine
+hits every size alike.
 
     python benchmarks/bench_scale.py                 # 100, 1k, 100k and 1M rows
     python benchmarks/bench_scale.py 100 1000 20000  # other sizes (the first two and the
                                                      # last two are compared)
+    python benchmarks/bench_scale.py --no-rotation   # without the rotation figures
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ PACKAGE_PARENT = str(Path(integrations.__file__).resolve().parent.parent)
 PROVIDERS = 50
 ROWS_PER_OWNER = 100
 UNSAVED_OWNER = "tenant:mostly-unsaved"
+#: Saved rows of UNSAVED_OWNER, spread evenly through its unsaved ones: more than a page.
+SAVED_AMONG_UNSAVED = 60
+#: The page size of the status-filtered listing: full at every compared size (one row in
+#: a hundred is in error, so 1,000 rows hold 9 outside the mostly unsaved owner's).
+ERROR_PAGE = 5
 WRITERS = 4
 COPY_BATCH = 20_000
 
@@ -72,10 +81,7 @@ def rows_of(size: int, old_key: str) -> Any:
         }
         if i < unsaved:
             owner = UNSAVED_OWNER
-            if i % 100:
-                data["status"] = "disconnected"
-            else:
-                data.update(vault.seal(row_uuid, {"api_key": f"sk-{i:08d}-0123456789"}))
+            data["status"] = "disconnected"
         else:
             owner = f"user:{i % owners}"
             data.update(vault.seal(row_uuid, {"api_key": f"sk-{i:08d}-0123456789"}))
@@ -83,6 +89,16 @@ def rows_of(size: int, old_key: str) -> Any:
         if len(batch) == COPY_BATCH:
             yield batch
             batch = []
+    for k in range(SAVED_AMONG_UNSAVED):
+        # Next to the unsaved row j in key order (same provider, the name just after).
+        j = k * unsaved // SAVED_AMONG_UNSAVED
+        row_uuid = uuid7()
+        provider = "openai" if j % PROVIDERS == 0 else f"p{j % PROVIDERS}"
+        data = {"provider": provider, "name": f"n{j}s{k}", "auth_type": "api_key"}
+        data["status"] = "connected"
+        data.update(vault.seal(row_uuid, {"api_key": f"sk-s{k:07d}-0123456789"}))
+        key = storage_key(provider, f"n{j}s{k}")
+        batch.append((uuid.UUID(row_uuid), UNSAVED_OWNER, key, json.dumps(data)))
     if batch:
         yield batch
 
@@ -122,7 +138,7 @@ async def open_and_first_call(
     statements not yet prepared), medians of five."""
     opens, firsts = [], []
     for _ in range(5):
-        integ = Integrations(dsn, keys=keys, schema=schema_of(size))
+        integ = Integrations(dsn, keys=keys, schema=schema_of(size), audit="admin")
         start = time.perf_counter()
         await integ.open()
         opened = time.perf_counter()
@@ -157,8 +173,10 @@ async def reads(
     calls["trivial_route"] = baseline
     for size in sizes:
         schema = schema_of(size)
-        cached = Integrations(dsn, keys=keys, schema=schema)
-        uncached = Integrations(dsn, keys=keys, schema=schema, cache=False)
+        # Reads are measured without reveal records (audit="admin"): a reveal's audit write
+        # is the same at every size and bench_audit.py measures it.
+        cached = Integrations(dsn, keys=keys, schema=schema, audit="admin")
+        uncached = Integrations(dsn, keys=keys, schema=schema, cache=False, audit="admin")
         await cached.open()
         await uncached.open()
         stack += [cached, uncached]
@@ -197,7 +215,7 @@ async def reads(
             "list_page": lambda c=cached, o=owner: c.list_page(owner=o, limit=50),
             "list_page_all": lambda c=cached: c.list_page(owner=ALL_OWNERS, limit=50),
             "list_page_errors": lambda c=cached: c.list_page(
-                owner=ALL_OWNERS, status="error", limit=50
+                owner=ALL_OWNERS, status="error", limit=ERROR_PAGE
             ),
             "count_connections": lambda c=cached: c.count_connections(owner=ALL_OWNERS),
             "console_admin": page(admin, "/"),
@@ -297,10 +315,15 @@ async def memory(dsn: str, keys: list[str], size: int, target: str) -> float:
     return float(out.decode().split()[-1])
 
 
-async def main(sizes: list[int]) -> None:
+async def main(sizes: list[int], *, rotate: bool = True) -> None:
     old, new = generate_key(), generate_key()
     keys = [new, old]
-    figures: dict[str, float] = {"sizes": float(len(sizes))}
+    figures: dict[str, float] = {
+        "sizes": float(len(sizes)),
+        "saved_among_unsaved": float(SAVED_AMONG_UNSAVED),
+        "error_page": float(ERROR_PAGE),
+        "load_start": os.getloadavg()[0],
+    }
     for i, size in enumerate(sizes):
         figures[f"size_{i}"] = float(size)
     async with scratch_database() as dsn:
@@ -319,7 +342,7 @@ async def main(sizes: list[int]) -> None:
             figures[f"{name}_us"] = value * 1e6
         for size in sizes:
             figures[f"rss_mib_{size}"] = await memory(dsn, keys, size, targets[size]) / 2**20
-        for size in sizes:
+        for size in sizes if rotate else []:
             for name, value in (await rotation(dsn, keys, size)).items():
                 figures[f"{name}_{size}"] = value
             print(
@@ -327,6 +350,7 @@ async def main(sizes: list[int]) -> None:
                 f"no-op pass {figures[f'rotation_noop_ms_{size}']:.1f} ms",
                 flush=True,
             )
+    figures["load_end"] = os.getloadavg()[0]
     for key in sorted(figures):
         print(f"  {key:<40} {figures[key]:14,.1f}")
     result("scale", figures)
@@ -336,5 +360,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--memory":
         asyncio.run(memory_child(*sys.argv[2:6]))
     else:
-        given = [int(a) for a in sys.argv[1:]] or [100, 1_000, 100_000, 1_000_000]
-        asyncio.run(main(given))
+        args = sys.argv[1:]
+        rotate = "--no-rotation" not in args
+        given = [int(a) for a in args if a != "--no-rotation"] or [100, 1_000, 100_000, 1_000_000]
+        asyncio.run(main(given, rotate=rotate))

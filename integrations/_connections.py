@@ -171,9 +171,9 @@ class Connections:
     def _runtime(self, provider: Provider | None, data: Mapping[str, Any]) -> bool:
         return provider is not None and provider.has_runtime_credentials(data)
 
-    def has_credentials(self, row: StoredRow) -> bool:
-        """Whether the row holds anything to call the provider with, or any saved setup."""
-        provider = self._core.provider_of(row)
+    def has_credentials(self, row: StoredRow, provider: Provider | None) -> bool:
+        """Whether the row holds anything to call the provider with, or any saved setup;
+        ``provider`` is the row's (``provider_of``)."""
         if provider is not None and (
             provider.has_runtime_credentials(row.data) or provider.is_configured(row.data)
         ):
@@ -206,12 +206,14 @@ class Connections:
         self, ref: object, owner: OwnerScope, *, fresh: bool = False
     ) -> dict[str, Any]:
         row = await self.require_ref(ref, owner, fresh=fresh)
-        if not self.has_credentials(row):
+        provider = self._core.provider_of(row)
+        if not self.has_credentials(row, provider):
             raise NotConfigured(
                 f"The connection {row.provider}:{row.name} has no saved credentials; "
                 "save them with save_setup first."
             )
-        plain = self._core.plain(row)
+        secret_fields = provider.secret_field_keys if provider is not None else frozenset()
+        plain = self._core.vault.unseal(row.uuid, row.data, secret_fields)
         await self._revealed(row, "get_credentials")
         return plain
 

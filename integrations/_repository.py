@@ -199,17 +199,25 @@ def _translate(lock_timeout: float | None = None) -> Iterator[None]:
     """
     try:
         yield
-    except IntegrationsError:
-        raise
-    except asyncpg.UniqueViolationError as exc:
-        raise AlreadyExists() from exc
-    except asyncpg.LockNotAvailableError as exc:
-        within = "" if lock_timeout is None else f" within {lock_timeout:g}s"
-        raise LockTimeout(f"the connection's row lock was not granted{within}") from exc
     except Exception as exc:
-        if not _from_driver(exc):
+        error = _library_error(exc, lock_timeout)
+        if error is None:
             raise
-        raise StorageError(describe(exc)) from exc
+        raise error from exc
+
+
+def _library_error(exc: Exception, lock_timeout: float | None = None) -> Exception | None:
+    """The library error a driver fault becomes; None for what passes through unchanged."""
+    if isinstance(exc, IntegrationsError):
+        return None
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return AlreadyExists()
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        within = "" if lock_timeout is None else f" within {lock_timeout:g}s"
+        return LockTimeout(f"the connection's row lock was not granted{within}")
+    if not _from_driver(exc):
+        return None
+    return StorageError(describe(exc))
 
 
 class Listener:
@@ -492,6 +500,45 @@ class Repository:
                     )
                 # Otherwise the body's own error is what the caller needs to see.
 
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        """One ``fetchrow`` on a pooled connection, handled as :meth:`_acquire` handles its
+        body, without a context manager per layer: the uncached read's path."""
+        pool = self.pool
+        try:
+            with telemetry.pool_wait():
+                conn = await pool.acquire()
+        except Exception as exc:
+            error = _library_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+        succeeded = False
+        try:
+            record = await conn.fetchrow(query, *args)
+            succeeded = True
+        except BaseException as exc:
+            error = _library_error(exc) if isinstance(exc, Exception) else None
+            if not isinstance(exc, Exception) or (
+                error is not None and isinstance(exc, TimeoutError)
+            ):
+                # Cancelled, or past the client-side deadline: dropped, as in _acquire.
+                conn.terminate()
+            if error is None:
+                raise
+            raise error from exc
+        finally:
+            try:
+                await pool.release(conn)
+            except Exception as exc:
+                if succeeded:
+                    log.debug(
+                        "a database connection failed on its way back to the pool and was "
+                        "discarded: %s",
+                        describe(exc),
+                        extra=telemetry.fields("pool_release_failed"),
+                    )
+        return record
+
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[Any]:
         """A transaction whose row-lock waits end after ``lock_timeout`` (LockTimeout),
@@ -544,13 +591,11 @@ class Repository:
         return None
 
     async def get(self, uuid: str) -> StoredRow | None:
-        async with self._acquire() as conn:
-            record = await conn.fetchrow(self.q.get_by_uuid, _uuid.UUID(uuid))
+        record = await self._fetchrow(self.q.get_by_uuid, _uuid.UUID(uuid))
         return None if record is None else _row(record)
 
     async def get_by_key(self, owner: str | None, key: str) -> StoredRow | None:
-        async with self._acquire() as conn:
-            record = await conn.fetchrow(self.q.get_by_key, _owner_to_db(owner), key)
+        record = await self._fetchrow(self.q.get_by_key, _owner_to_db(owner), key)
         return None if record is None else _row(record)
 
     async def uuid_by_key(self, owner: str | None, key: str) -> str | None:

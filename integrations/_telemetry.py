@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar, Token
@@ -262,8 +263,9 @@ def instruments(tracer_provider: Any = None, meter_provider: Any = None) -> _Ins
             description="Time to acquire a connection from the pool.",
             explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
         ),
-        cache=meter.create_counter(
+        cache=meter.create_observable_counter(
             "integrations.cache.lookups",
+            callbacks=[_observe_cache],
             unit="{lookup}",
             description="Cache lookups by result (hit or miss).",
         ),
@@ -375,9 +377,50 @@ def annotate(key: str, value: Any) -> None:
         trace.get_current_span().set_attribute(key, value)
 
 
+#: ``_url_attributes`` of the origins seen last (scheme, host and port only: never a path,
+#: query or userinfo), bounded.
+_ORIGINS: dict[str, dict[str, Any]] = {}
+_ORIGINS_KEPT: Final = 256
+
+
 def _url_attributes(url: Any) -> dict[str, Any]:
     """``server.*``/``url.scheme`` of a URL; its path, query and userinfo are left out
-    (they can carry credentials: a bot token in a path, a key in a query)."""
+    (they can carry credentials: a bot token in a path, a key in a query). A copy."""
+    origin = _origin(url)
+    if origin is None:
+        return _parse_url_attributes(url)
+    known = _ORIGINS.get(origin)
+    if known is None:
+        if len(_ORIGINS) >= _ORIGINS_KEPT:
+            _ORIGINS.clear()
+        known = _ORIGINS[origin] = _parse_url_attributes(origin)
+    return dict(known)
+
+
+def _origin(url: Any) -> str | None:
+    """``scheme://host[:port]`` of a URL string without userinfo; None otherwise (then
+    the URL is parsed whole, and nothing of it is kept)."""
+    if type(url) is not str:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.isalpha():
+        return None
+    end = len(rest)
+    for mark in "/?#":
+        at = rest.find(mark)
+        if at != -1 and at < end:
+            end = at
+    authority = rest[:end]
+    if _AUTHORITY_RE.fullmatch(authority) is None:
+        return None
+    return f"{scheme}://{authority}"
+
+
+# A host (name, IPv4 or bracketed IPv6) and port: nothing that would parse otherwise.
+_AUTHORITY_RE: Final = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _parse_url_attributes(url: Any) -> dict[str, Any]:
     from yarl import URL
 
     try:
@@ -406,18 +449,26 @@ def _error_type(exc: BaseException) -> str:
 def request_span(row: Row, method: str, url: Any) -> Iterator[_RequestOutcome]:
     """An HTTP client span for one authenticated request (semantic conventions: the span
     is named after the method), with the connection it was made for and its attempts.
-    The block sets ``status`` on what it yields once it has a response."""
+    The block sets ``status`` on what it yields once it has a response.
+
+    This runs on every request, so it does the least the SDK allows: the span is started
+    and made current directly (no context manager per layer), its closing attributes go
+    in one call, and a URL's attributes are parsed once per URL."""
     token = enter_log_scope(row)
     try:
         if not _live():
             yield _RequestOutcome()
             return
+        from opentelemetry import context, trace
+
+        otel = _otel()
         outcome = _RequestOutcome()
         # Semantic conventions: a method outside the known set is named _OTHER.
         known = method if method in _HTTP_METHODS else "_OTHER"
+        server = _url_attributes(url)
         attributes: dict[str, Any] = {
             "http.request.method": known,
-            **_url_attributes(url),
+            **server,
             "integrations.provider": row.provider,
             "integrations.connection.uuid": row.uuid,
         }
@@ -427,36 +478,42 @@ def request_span(row: Row, method: str, url: Any) -> Iterator[_RequestOutcome]:
         attempts = _ATTEMPTS.set(cell)
         started = time.perf_counter()
         error: str | None = None
+        current = otel.tracer.start_span(
+            known if known != "_OTHER" else "HTTP",
+            kind=otel.client_kind,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        attached = context.attach(trace.set_span_in_context(current))
         try:
-            with span(known if known != "_OTHER" else "HTTP", attributes, kind="client") as current:
-                try:
-                    yield outcome
-                except BaseException as exc:
-                    error = _error_type(exc)
-                    raise
-                finally:
-                    if outcome.status is not None:
-                        current.set_attribute("http.response.status_code", outcome.status)
-                        if outcome.status >= 400 and error is None:
-                            error = str(outcome.status)
-                    if error is not None:
-                        failed(current, error)
-                    current.set_attribute("integrations.attempts", cell[0])
-                    if cell[0] > 1:
-                        current.set_attribute("http.request.resend_count", cell[0] - 1)
+            yield outcome
+        except BaseException as exc:
+            error = _error_type(exc)
+            raise
         finally:
-            _ATTEMPTS.reset(attempts)
-            metric = {
-                k: v
-                for k, v in attributes.items()
-                if k in ("http.request.method", "server.address", "server.port", "url.scheme")
-            }
-            metric["integrations.provider"] = row.provider
-            if outcome.status is not None:
-                metric["http.response.status_code"] = outcome.status
-            if error is not None:
-                metric["error.type"] = error
-            _otel().http_duration.record(time.perf_counter() - started, metric)
+            try:
+                closing: dict[str, Any] = {"integrations.attempts": cell[0]}
+                if outcome.status is not None:
+                    closing["http.response.status_code"] = outcome.status
+                    if outcome.status >= 400 and error is None:
+                        error = str(outcome.status)
+                if cell[0] > 1:
+                    closing["http.request.resend_count"] = cell[0] - 1
+                current.set_attributes(closing)
+                if error is not None:
+                    failed(current, error)
+            finally:
+                context.detach(attached)
+                current.end()
+                _ATTEMPTS.reset(attempts)
+                metric = {"http.request.method": known, **server}
+                metric["integrations.provider"] = row.provider
+                if outcome.status is not None:
+                    metric["http.response.status_code"] = outcome.status
+                if error is not None:
+                    metric["error.type"] = error
+                otel.http_duration.record(time.perf_counter() - started, metric)
     finally:
         _LOG_SCOPE.reset(token)
 
@@ -634,4 +691,18 @@ def record_sweep(counts: Mapping[str, int]) -> None:
 def record_cache(hit: bool) -> None:
     """One cache lookup: a hit or a miss."""
     if _live():
-        _otel().cache.add(1, {"integrations.cache.result": "hit" if hit else "miss"})
+        _CACHE_LOOKUPS["hit" if hit else "miss"] += 1
+
+
+#: Cache lookups counted while telemetry is live, read by the observable counter
+#: ``integrations.cache.lookups`` when metrics are collected: a lookup costs an increment.
+_CACHE_LOOKUPS: dict[str, int] = {"hit": 0, "miss": 0}
+
+
+def _observe_cache(_options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    return [
+        Observation(count, {"integrations.cache.result": result})
+        for result, count in _CACHE_LOOKUPS.items()
+    ]

@@ -79,6 +79,10 @@ _CIPHERTEXT_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z
 _CIPHERTEXT_MIN = 24
 # Strings json.dumps writes as they are: printable ASCII other than the quote and backslash.
 _PLAIN_JSON_RE = re.compile(r"[ !#-\[\]-~]*")
+# A uuid already in canonical form (lowercase, hyphenated): used as it is.
+_CANONICAL_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Values that can be neither an envelope nor mistaken for one.
+_SCALARS: Final = frozenset({str, int, float, bool})
 
 
 def _key_id(material: bytes) -> str:
@@ -301,6 +305,8 @@ def _row_id(row_uuid: object) -> str:
         return str(row_uuid)
     if not isinstance(row_uuid, str):
         raise TypeError(f"row_uuid must be a string, not {type(row_uuid).__name__}")
+    if type(row_uuid) is str and _CANONICAL_UUID_RE.fullmatch(row_uuid) is not None:
+        return row_uuid
     if not row_uuid:
         raise ValueError("row_uuid must not be empty")
     try:
@@ -391,6 +397,8 @@ class Vault:
         def one(field: str, value: Any, is_secret: bool) -> Any:
             if value is None:
                 return None
+            if type(value) in _SCALARS:
+                return secret(field, value) if is_secret else value
             if is_envelope(value):
                 return envelope(field, value)
             if looks_like_envelope(value):

@@ -150,3 +150,25 @@ def test_unseal_round_trips_every_position(vault: Vault) -> None:
         "note": "plain",
     }
     assert vault.unseal(ROW, vault.seal(ROW, data, ["token"]), ["token"]) == data
+
+
+def test_every_form_of_a_row_uuid_binds_the_same_row(vault: Vault) -> None:
+    import uuid as uuid_module
+
+    canonical = "0192a3b4-c5d6-7e8f-9a0b-1c2d3e4f5a6b"
+    sealed = vault.seal(canonical, {"api_key": "sk-0123456789abcdef"})
+    for form in (canonical, canonical.upper(), canonical.replace("-", ""), f"{{{canonical}}}"):
+        assert vault.unseal(form, sealed)["api_key"] == "sk-0123456789abcdef"
+    assert vault.unseal(uuid_module.UUID(canonical), sealed)["api_key"] == "sk-0123456789abcdef"  # type: ignore[arg-type]
+    other = "0192a3b4-c5d6-7e8f-9a0b-1c2d3e4f5a6c"
+    with pytest.raises(DecryptionFailed):
+        vault.unseal(other, sealed)
+
+
+def test_scalars_in_secret_fields_are_still_refused_and_plain_fields_kept(vault: Vault) -> None:
+    row = "0192a3b4-c5d6-7e8f-9a0b-1c2d3e4f5a6b"
+    for value in ("sk-plain-0123456789", 12, 1.5, True):
+        with pytest.raises(DecryptionFailed):
+            vault.unseal(row, {"api_key": value})
+    kept = {"name": "n", "count": 3, "ratio": 0.5, "flag": False, "none": None}
+    assert vault.unseal(row, kept) == kept

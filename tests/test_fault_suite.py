@@ -30,6 +30,7 @@ import pytest
 from integrations import Integrations, IntegrationsError
 
 from .conftest import TEST_KEY
+from .faultproxy import FaultProxy
 from .oauth_server import ServerProcess
 from .oauthkit import connect, open_integrations
 from .privatepg import PrivateServer
@@ -183,6 +184,7 @@ class Run:
         *,
         holder: tuple[str, ...] = (),
         takers: tuple[str, ...] = (),
+        holder_dsn: str | None = None,
     ) -> Run:
         async with open_integrations(dsn, strict.base_url) as setup:
             uuid = await connect(setup)
@@ -192,7 +194,7 @@ class Run:
         finally:
             await db.close()
         children = await asyncio.gather(
-            Child.start(dsn, strict.base_url, uuid, 1, *holder),
+            Child.start(holder_dsn or dsn, strict.base_url, uuid, 1, *holder),
             *(Child.start(dsn, strict.base_url, uuid, PER_TAKER, *takers) for _ in range(TAKERS)),
         )
         return cls(dsn, strict, uuid, children[0], list(children[1:]))
@@ -391,6 +393,27 @@ async def test_a_holder_frozen_keeps_the_grant_and_its_waiters_are_served(
     await asyncio.sleep(FREEZE)
     run.holder.signal(signal.SIGCONT)
     figures = await run.finish(f"holder SIGSTOP {FREEZE:g}s {at}")
+    _kept(figures, 1 + TAKERS * PER_TAKER)
+
+
+async def test_a_holder_whose_database_link_freezes_keeps_the_grant(
+    dsn: str, strict: ServerProcess, pg: PrivateServer, runs: list[Run]
+) -> None:
+    """The holder reaches the database through a proxy that stops forwarding (and closes
+    nothing) for 8 s while its token request is out: the answer comes, its write waits on
+    the frozen link, and goes through once the link flows again. The others, on their
+    own links, wait for it (default lease and write retry) and get its token."""
+    async with FaultProxy("127.0.0.1", pg.port) as proxy:
+        run = await Run.start(dsn, strict, holder_dsn=proxy.dsn(dsn))
+        runs.append(run)
+        strict.configure(token_delay=1.0, delay_next=1)
+        run.go()
+        await run.until_sent()
+        proxy.pause()
+        run.release_takers()
+        await asyncio.sleep(FREEZE)
+        proxy.resume()
+        figures = await run.finish(f"holder's database link frozen {FREEZE:g}s in-flight")
     _kept(figures, 1 + TAKERS * PER_TAKER)
 
 

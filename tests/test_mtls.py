@@ -3,6 +3,7 @@ own CA trusted, against an https server on loopback that requires a certificate.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import ipaddress
@@ -27,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from integrations import Integrations, InvalidField, Provider, RequestFailed
 
 from .conftest import TEST_KEY
+from .modekit import storm
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -113,6 +115,8 @@ class Server:
     #: Access tokens and the thumbprint of the certificate each is bound to (RFC 8705).
     bound: dict[str, str] = field(default_factory=dict)
     seen: list[tuple[str, str | None]] = field(default_factory=list)
+    #: Seconds the token endpoint takes to answer.
+    delay: float = 0.0
 
 
 @pytest.fixture
@@ -128,6 +132,8 @@ async def server(pki: Pki, tmp_path: Path) -> AsyncIterator[Server]:
         thumb = _thumbprint(request)
         state.seen.append(("token", thumb))
         assert thumb is not None
+        if state.delay:
+            await asyncio.sleep(state.delay)
         access = secrets.token_urlsafe(16)
         state.bound[access] = thumb
         return web.json_response(
@@ -281,3 +287,27 @@ async def test_a_key_that_does_not_fit_is_a_typed_error(
             await integ.authenticated_request(ledger.uuid, "GET", f"{server.base}/api/ping")
         assert "PRIVATE" not in str(info.value) and info.value.context["field"] == "client_key"
         assert server.seen == [] and _tls_files() == []
+
+
+@pytest.mark.slow
+async def test_a_renewal_storm_over_mutual_tls_makes_one_token_request(
+    fresh_db: str, pki: Pki, server: Server
+) -> None:
+    bank = _providers(pki, server.base)[0]
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[bank]) as integ:
+        conn = await integ.add_connection("bank", "main")
+        await integ.save_setup(
+            conn.uuid,
+            {
+                "client_id": "bank-client",
+                "client_secret": "s3cret-bank-client",
+                "client_certificate": pki.client_cert,
+                "client_key": pki.client_key,
+            },
+        )
+    # No token yet: every caller wants one, and the first answer comes while all wait.
+    server.delay = 0.3
+    results = await storm(fresh_db, bank, conn.uuid, f"{server.base}/api/accounts")
+    assert len(results) == 100 and {r["status"] for r in results} == {200}
+    assert [kind for kind, _ in server.seen].count("token") == 1
+    assert len({thumb for _, thumb in server.seen}) == 1

@@ -56,6 +56,16 @@ EXPECTED = {
 }
 
 
+def test_catalogue_keeps_two_builtins_for_each_way_of_authenticating():
+    by_key = {provider.key: provider for provider in BUILTIN_PROVIDERS}
+    signed = {k for k, p in by_key.items() if p.token_auth == "private_key_jwt"}
+    assert {"okta-service-app", "auth0-private-key-jwt"} <= signed
+    device = {k for k, p in by_key.items() if p.device_authorization_url}
+    assert {"github", "microsoft"} <= device
+    query = {k for k, p in by_key.items() if p.auth_header and p.auth_header.kind == "query"}
+    assert {"giphy", "tomtom"} <= query
+
+
 def custom(**fields: Any) -> Provider:
     base: dict[str, Any] = {"key": "acme", "name": "Acme", "auth_type": "api_key"}
     return Provider(**{**base, **fields})

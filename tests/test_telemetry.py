@@ -524,3 +524,20 @@ async def test_a_health_sweep_is_a_span_with_its_checks_as_children_and_is_count
         == 1
     )
     assert_no_secret(otel, [API_KEY])
+
+
+def test_url_attributes_are_the_origin_alone_and_the_same_cached_or_parsed() -> None:
+    urls = [
+        "https://api.example.com/v1/bot123:SECRET/send?key=SECRET",
+        "HTTPS://Api.Example.com:8443/x",
+        "https://user:SECRET@api.example.com/x",
+        "http://h.example\\@evil.example/",
+        "http://[::1]:9/x#frag",
+        "not a url",
+    ]
+    for _ in range(2):  # the second round is served from the origins kept
+        for url in urls:
+            got = telemetry._url_attributes(url)
+            assert got == telemetry._parse_url_attributes(url)
+            assert "SECRET" not in repr(got)
+    assert not any("SECRET" in key or "/v1" in key for key in telemetry._ORIGINS)
