@@ -14,7 +14,7 @@ each mutant runs only what can kill it, found from one measured run of those fil
 - a mutant on a line that no test executes survives without a run (nothing can see it);
 - otherwise the tests that executed the mutated statement run first, fail-fast; when they
   pass, the module's whole test files run before the mutant is called a survivor. A line
-  executed outside any test (import time, a subprocess) runs the whole files at once.
+  executed only outside any test (import time, fixtures, a subprocess) runs the whole files.
 
 So a killed mutant was killed by a failing test, and a survivor passed every test file of
 its module.
@@ -86,12 +86,8 @@ def _statement_lines(source: str) -> dict[int, tuple[int, int]]:
 
 
 def _nodeid(context: str, test_files: list[str]) -> str | None:
-    """``tests.test_x.TestY.test_z`` (coverage's test_function context) as a pytest node id."""
-    for file in test_files:
-        dotted = file.removesuffix(".py").replace("/", ".") + "."
-        if context.startswith(dotted):
-            return file + "::" + context[len(dotted) :].replace(".", "::")
-    return None
+    """The test a coverage context names, if it is one of these files'."""
+    return context if context.split("::")[0] in test_files else None
 
 
 def _coverage_map(module: dict[str, object], workdir: Path) -> Path:
@@ -103,7 +99,6 @@ def _coverage_map(module: dict[str, object], workdir: Path) -> Path:
     rc.write_text(
         "[run]\n"
         f"data_file = {data}\n"
-        "dynamic_context = test_function\n"
         f"include = {ROOT / path}\n"
         "parallel = true\n"
         "patch = subprocess\n",
@@ -111,18 +106,10 @@ def _coverage_map(module: dict[str, object], workdir: Path) -> Path:
     )
     for old in workdir.glob("coverage.data*"):
         old.unlink()
-    env = dict(os.environ, COVERAGE_RCFILE=str(rc))
-    cmd = [
-        sys.executable,
-        "-m",
-        "coverage",
-        "run",
-        f"--rcfile={rc}",
-        "-m",
-        "pytest",
-        *PYTEST[3:],
-        *tests,
-    ]
+    # Each test's lines under its node id: the plugin scripts/mutants_contexts.py.
+    env = dict(os.environ, COVERAGE_RCFILE=str(rc), PYTHONPATH=str(Path(__file__).parent))
+    cmd = [sys.executable, "-m", "coverage", "run", f"--rcfile={rc}", "-m", "pytest"]
+    cmd += [*PYTEST[3:], "-p", "mutants_contexts", *tests]
     done = subprocess.run(cmd, cwd=ROOT, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{path}: its tests fail without a mutant; fix them first")
@@ -178,7 +165,7 @@ def _test_one(map_file: Path) -> int:
         print(f"lines {sorted(changed)}: executed by no test")
         return 0
     nodeids = sorted({n for c in contexts if c and (n := _nodeid(c, files))})
-    if "" not in contexts and nodeids:
+    if nodeids:
         print("selected:", " ".join(nodeids), flush=True)
         if subprocess.run([*PYTEST, *nodeids], cwd=ROOT, check=False).returncode != 0:
             return 1

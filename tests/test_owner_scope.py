@@ -358,3 +358,10 @@ async def test_device_authorization_refuses_scopes_that_are_not_a_list_of_string
         )
     assert caught.value.code == "invalid"
     assert str(caught.value).startswith("scopes must be a sequence of non-empty strings")
+
+
+async def test_the_administrator_may_give_a_new_connection_its_uuid(integ: Integrations) -> None:
+    chosen = str(uuid_mod.uuid4())
+    made = await integ.add_connection("openai", "imported", uuid=chosen, owner="user:bob")
+    assert made.uuid == chosen
+    assert (await integ.for_owner("user:bob").get_integration_by_uuid(chosen)).name == "imported"
