@@ -9,6 +9,7 @@ source of the figures the documentation quotes.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -29,19 +30,29 @@ SCRIPTS = [
     "bench_audit.py",
     "bench_event_log.py",
     "bench_webhook_queue.py",
+    "bench_scale.py",
 ]
+NICE = {"bench_scale.py"}
 PREFIX = "RESULT "
 
 
 def run_all() -> str:
+    start = os.getloadavg()[0]
     out = []
     for script in SCRIPTS:
         print(f"running {script} ...", file=sys.stderr, flush=True)
+        # The million-row run is long and heavy: it yields the CPU to everything else.
+        nice = ["nice", "-n", "19"] if script in NICE else []
         done = subprocess.run(
-            [sys.executable, str(HERE / script)], stdout=subprocess.PIPE, text=True, check=True
+            [*nice, sys.executable, str(HERE / script)],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
         )
         sys.stderr.write(done.stdout)
         out.append(done.stdout)
+    load = {"start": start, "end": os.getloadavg()[0]}
+    out.append(PREFIX + json.dumps({"name": "load", "figures": load}) + "\n")
     return "".join(out)
 
 
@@ -245,6 +256,19 @@ def render(r: dict[str, dict[str, Any]]) -> str:
     sc = r["scale"]
     rot, storm, tr = r["rotation"], r["refresh_storm"], r["tracing"]
     list_sizes = (1_000, 10_000, 100_000)
+    # Ratios: the median of the interleaved repeats' ratios where a script reports them.
+    sdk_ratio = tr.get("sdk_ratio", tr["sdk_us"] / tr["base_us"])
+    absent_ratio = tr.get("absent_ratio", tr["absent_us"] / tr["base_us"])
+    load = r.get("load")
+    load_line = (
+        []
+        if load is None
+        else [
+            f"Machine load while this run went on (`uptime`, 1-minute load average on 2 "
+            f"cores): {load['start']:.2f} at the start, {load['end']:.2f} at the end.",
+            "",
+        ]
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -264,20 +288,26 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "absolute times vary from run to run by a third or more; ratios much less. A run",
         "that shares the machine with other work (tests, builds) inflates every absolute",
         "figure several times over; compare the ratios, which are interleaved in one run.",
+        "Where a script repeats its interleaved runs, the ratio given is the median of the",
+        "repeats' ratios.",
         "",
+        *load_line,
         "## Reads and requests",
         "",
         "| script | what | baseline | ours | ratio | target |",
         "|---|---|---|---|---|---|",
         f"| `bench_fast_path.py` | `get_credentials(uuid)`, cached (the default) | bare "
-        f"`pool.fetchrow` of the row (prepared) on a pool configured as the library's: "
+        f"`pool.fetchrow` of the same row and columns (prepared) on a pool configured as the "
+        f"library's (no reset query, the same statement deadline), median of "
+        f"{f.get('cred_repeats', 1):.0f} interleaved repeats: "
         f"{f['cred_bare_us']:.0f} µs | "
         f"{f['cred_cached_us']:.1f} µs | **{f['cred_cached_speedup']:.1f}x faster** | "
         f"≥ 5x faster: {verdict(f['cred_cached_speedup'] >= 5)} |",
         f"| `bench_fast_path.py` | the same, against the floor of a cached read | a dict "
         f"lookup plus decrypt: {f['cred_floor_us']:.1f} µs | {f['cred_cached_us']:.1f} µs | "
         f"**{f['cred_cached_vs_floor']:.2f}x** | — |",
-        f"| `bench_fast_path.py` | `get_credentials(uuid)`, uncached (`cache=False`) | the "
+        f"| `bench_fast_path.py` | `get_credentials(uuid)`, uncached (`cache=False`; both "
+        f'instances with `audit="admin"`, so no reveal record is written) | the '
         f"same bare fetch: {f['cred_bare_us']:.0f} µs | {f['cred_uncached_us']:.0f} µs | "
         f"**{f['cred_uncached_ratio']:.2f}x** | ≤ 1.1x: "
         f"{verdict(f['cred_uncached_ratio'] <= 1.1)} |",
@@ -368,11 +398,10 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         f"OpenTelemetry SDK (batch span processor, exporters that discard), HTTP server in "
         f"another process | the same call with the API installed and no SDK configured: "
         f"{tr['base_us']:,.0f} µs | {tr['sdk_us']:,.0f} µs "
-        f"| **{tr['sdk_us'] / tr['base_us']:.2f}x** (≤ 1.2x: "
-        f"{verdict(tr['sdk_us'] / tr['base_us'] <= 1.2)}) |",
+        f"| **{sdk_ratio:.2f}x** (≤ 1.2x: {verdict(sdk_ratio <= 1.2)}) |",
         f"| `bench_tracing_overhead.py` | the same call without `opentelemetry-api` at all | "
         f"{tr['base_us']:,.0f} µs | {tr['absent_us']:,.0f} µs | "
-        f"{tr['absent_us'] / tr['base_us']:.2f}x |",
+        f"{absent_ratio:.2f}x |",
         "",
         *(render_startup(r["startup"]) if "startup" in r else []),
         *render_key_sources(r.get("key_sources")),
@@ -384,7 +413,8 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "",
         "- **How the baselines are configured.** Every baseline runs the way the library's",
         "  own path does: bare database calls go through an asyncpg pool with the library's",
-        "  settings (the same sizes, no reset query on release, statements prepared), HTTP",
+        "  settings (the same sizes, no reset query on release, the same client-side",
+        "  statement deadline, statements prepared) and fetch the same row and columns, HTTP",
         "  baselines use the same `aiohttp` session and header against the same server, and",
         "  every HTTP server runs in a process of its own, never in the measuring one.",
         "- A cached read costs a dict lookup and the decryption of the row's secrets; the",
@@ -393,6 +423,9 @@ def render(r: dict[str, dict[str, Any]]) -> str:
         "  nor renders again until the row changes. See [the row cache](cache.md).",
         "- An uncached read is one round trip, as the bare fetch is; what it adds is the",
         "  pool wrapper's bookkeeping, parsing the row's JSON and decrypting its secrets.",
+        '  Reads are measured with `audit="admin"`: at the default level (`"reveal"`)',
+        "  every `get_credentials` also commits an audit record, which `bench_audit.py`",
+        "  measures (see the audit trail section).",
         "- Throughput with 50 callers is bound by the loopback HTTP exchange on two shared",
         "  cores: the client, the server process and PostgreSQL compete for them, so the",
         "  ratio moves more from run to run than the single-caller one. What is left of the",
@@ -461,7 +494,8 @@ def render_scale(sc: dict[str, float]) -> list[str]:
         ("`list_page(limit=50)`, one owner", lambda n: us("list_page", n)),
         ("`list_page(owner=ALL_OWNERS, limit=50)`", lambda n: us("list_page_all", n)),
         (
-            '`list_page(owner=ALL_OWNERS, status="error")`, one row in a hundred',
+            f'`list_page(owner=ALL_OWNERS, status="error", limit={sc.get("error_page", 50):.0f})`'
+            ", one row in a hundred",
             lambda n: us("list_page_errors", n),
         ),
         ("`count_connections(owner=ALL_OWNERS)`", lambda n: us("count_connections", n)),
@@ -479,9 +513,11 @@ def render_scale(sc: dict[str, float]) -> list[str]:
         "",
         f"`bench_scale.py` seeds schemas of {', '.join(f'{n:,}' for n in sizes)} connections "
         f"(one owner per hundred rows, 50 providers, a secret sealed in every row, one row in "
-        f"a hundred in error, and one owner holding a tenth of the rows, one in a hundred of "
-        f"them saved) and measures each figure at every size, interleaved call by call "
-        f"(medians). Seeding took "
+        f"a hundred in error, and one owner holding a tenth of the rows unsaved with "
+        f"{sc.get('saved_among_unsaved', 60):.0f} saved rows spread among them) and measures "
+        f"each figure at every size, interleaved call by call (medians), reads with "
+        f'`audit="admin"`. Every listing\'s page is full at every compared size, so each '
+        f"size returns the same rows' worth of work. Seeding took "
         + ", ".join(f"{sc[f'seed_s_{n}']:,.0f} s for {n:,}" for n in sizes)
         + " rows (COPY, then VACUUM ANALYZE).",
         "",

@@ -55,6 +55,8 @@ class ResealBatch:
 # Delta rows of one scope's counts that a reader sums before it folds them into one a
 # provider.
 _FOLD_COUNTS_AFTER = 64
+#: Scopes folded at most by one pass of ``fold_every_connection_count``.
+_FOLD_SCOPES = 10_000
 
 #: The cursor that starts a rotation pass (see :meth:`Repository.reseal_connections`).
 RESEAL_START = ""
@@ -697,6 +699,13 @@ class Repository:
             if sum(r["deltas"] for r in records) > _FOLD_COUNTS_AFTER + len(records):
                 await conn.execute(self.q.fold_connection_counts, scope)
         return {r["provider"]: int(r["connections"]) for r in records if r["connections"]}
+
+    async def fold_every_connection_count(self, scopes: int = _FOLD_SCOPES) -> None:
+        """Fold the per-provider count deltas of up to ``scopes`` scopes that hold more
+        than one row per provider (those no reader has folded: an owner whose counts
+        nobody asks for, rows added by bulk inserts). The health sweep runs it."""
+        async with self._acquire() as conn:
+            await conn.execute(self.q.fold_every_connection_count, scopes)
 
     async def list_every_owner(self, prefix: str) -> list[StoredRow]:
         """Every row whose key starts with ``prefix``, whoever owns it (operator tools)."""

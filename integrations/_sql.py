@@ -99,6 +99,7 @@ class Queries:
     search_every_owner: LiteralString
     connection_counts: LiteralString
     fold_connection_counts: LiteralString
+    fold_every_connection_count: LiteralString
     update_value: LiteralString
     update_key_value: LiteralString
     delete_connection: LiteralString

@@ -376,6 +376,9 @@ class HealthSweep:
                     break
             for name, value in counts.items():
                 span.set_attribute(f"integrations.sweep.{name}", value)
+            self._check_lease()
+            # Upkeep: the count deltas of the scopes that no reader folds.
+            await self._core.repo.fold_every_connection_count()
         telemetry.record_sweep(counts)
         return SweepReport(
             started_at=started,

@@ -162,6 +162,24 @@ WITH gone AS (
 INSERT INTO {schema}.connection_counts (scope, provider, n)
 SELECT $1, provider, sum(n) FROM gone GROUP BY provider HAVING sum(n) <> 0;
 
+-- name: fold_every_connection_count
+-- $1 int: at most this many scopes. The scopes holding more delta rows than providers,
+-- each replaced by one row per provider, as fold_connection_counts does for one scope
+-- (the periodic fold of the scopes no reader folds). Deltas appended meanwhile stay.
+WITH scopes AS (
+    SELECT scope FROM {schema}.connection_counts
+    GROUP BY scope
+    HAVING count(*) > count(DISTINCT provider)
+    LIMIT $1
+), gone AS (
+    DELETE FROM {schema}.connection_counts AS c
+    USING scopes AS s
+    WHERE c.scope = s.scope
+    RETURNING c.scope, c.provider, c.n
+)
+INSERT INTO {schema}.connection_counts (scope, provider, n)
+SELECT scope, provider, sum(n) FROM gone GROUP BY scope, provider HAVING sum(n) <> 0;
+
 -- name: list_every_owner
 -- $1 text key prefix, $2 text the least string above every key with that prefix;
 -- rows of every owner

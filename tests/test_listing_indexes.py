@@ -263,6 +263,38 @@ async def test_counts_follow_every_kind_of_write(
     assert await integ.count_connections(owner=ALL_OWNERS) == {}
 
 
+async def test_every_scope_s_deltas_fold_and_the_counts_stay(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    # Deltas no reader folds: bulk inserts in many statements, over several owners.
+    for i in range(6):
+        await fill(db, 30, owner=f"user:{i % 3}", providers=3, start=i * 1000)
+    added = [await integ.add_connection("stripe", f"s{i}", owner="user:9") for i in range(5)]
+    await integ.add_connection("openai", "default")
+    await integ.remove_connection(added[0].uuid)
+    owners = [None, "user:0", "user:1", "user:2", "user:9"]
+    before = {o: await integ.for_owner(o).count_connections() for o in owners}
+    everyone = await integ.count_connections(owner=ALL_OWNERS)
+    rows = "SELECT count(*) FROM integrations.connection_counts"
+    distinct = (
+        "SELECT count(*) FROM "
+        "(SELECT DISTINCT scope, provider FROM integrations.connection_counts) AS d"
+    )
+    assert await db.fetchval(rows) > await db.fetchval(distinct)
+    await integ._repo.fold_every_connection_count()
+    # One row per scope and provider; none for a provider whose rows are all gone.
+    assert await db.fetchval(rows) == await db.fetchval(distinct)
+    assert not await db.fetchval("SELECT count(*) FROM integrations.connection_counts WHERE n = 0")
+    assert {o: await integ.for_owner(o).count_connections() for o in owners} == before
+    assert await integ.count_connections(owner=ALL_OWNERS) == everyone
+    assert before["user:9"] == {"stripe": 4}
+    assert before["user:0"] == {"p0": 20, "p1": 20, "p2": 20}
+    # Folding again changes nothing; later writes still count.
+    await integ._repo.fold_every_connection_count()
+    await integ.add_connection("stripe", "later", owner="user:9")
+    assert await integ.for_owner("user:9").count_connections() == {"stripe": 5}
+
+
 # -- rotation -----------------------------------------------------------------------------
 
 

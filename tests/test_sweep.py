@@ -462,3 +462,17 @@ async def test_a_sigstopped_leader_is_replaced_and_does_not_sweep_once_resumed(
             await proc.wait()
         for reader in readers:
             await asyncio.wait({reader}, timeout=5)
+
+
+async def test_a_sweep_folds_the_count_deltas_no_reader_folded(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    async with Integrations(fresh_db, keys=TEST_KEY, providers=[probe_provider()]) as integ:
+        for i in range(6):
+            await integ.add_connection("probe", f"p{i}", owner="carol")
+        deltas = "SELECT count(*) FROM integrations.connection_counts WHERE scope = 'o:carol'"
+        assert await db.fetchval(deltas) == 6
+        async with sweeping(integ) as (reports, _):
+            await until(reports, 1)
+        assert await db.fetchval(deltas) == 1
+        assert await integ.for_owner("carol").count_connections() == {"probe": 6}
