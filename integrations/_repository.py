@@ -1148,6 +1148,19 @@ class Repository:
             cursor.phase, tuple(last["kids"]), last["uuid"], cursor.moved
         )
 
+    async def analyze_connections(self) -> None:
+        """Refresh the planner's statistics of the connections table (best effort: a role
+        that may not analyze it leaves them to autovacuum)."""
+        try:
+            async with self._acquire() as conn:
+                await conn.execute(self.q.analyze_connections)
+        except StorageError as exc:
+            log.debug(
+                "the connections table's statistics were not refreshed: %s",
+                exc,
+                extra=telemetry.fields("analyze_skipped"),
+            )
+
     async def reseal_listed(
         self,
         uuids: Sequence[str],

@@ -29,6 +29,8 @@ PKCE_FIELD = "pkce_verifier"
 ProgressCallback: TypeAlias = Callable[[RotationProgress], object]
 
 _FIRST_STATE_HASH = ""
+#: Connections re-encrypted by one pass past which the table's statistics are refreshed.
+ANALYZE_AFTER = 1000
 
 
 def _skip(found: dict[str, None], exc: CryptoError, kind: str, ident: str) -> None:
@@ -205,6 +207,10 @@ async def _rotate(
                     await report(batch)
             break
         skipped = held
+    if state.rotated >= ANALYZE_AFTER:
+        # The statistics still say the rows are under the old key: refreshed now, the
+        # next pass reads its (empty) index ranges rather than every row.
+        await repo.analyze_connections()
     cursor = _FIRST_STATE_HASH
     while True:
         batch = await repo.reseal_pending(

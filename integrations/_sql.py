@@ -100,6 +100,7 @@ class Queries:
     connection_counts: LiteralString
     fold_connection_counts: LiteralString
     fold_every_connection_count: LiteralString
+    analyze_connections: LiteralString
     update_value: LiteralString
     update_key_value: LiteralString
     delete_connection: LiteralString

@@ -276,6 +276,12 @@ WHERE ({schema}.envelope_kids(value_json) >= '{""}'::text[]
    OR {schema}.envelope_kids(value_json) > ARRAY[$1::text]
    OR {schema}.plain_fields(value_json) && $2::text[];
 
+-- name: analyze_connections
+-- The planner's statistics of the table, after a rotation rewrote many rows: until then
+-- they describe the rows as under the old key, and the plans of the rotation's own
+-- queries read every row instead of the (now empty) index ranges.
+ANALYZE {schema}.connections;
+
 -- name: reseal_connections
 -- $1 uuid[], $2 text[] value_json, pairwise. The version moves on so that a writer
 -- comparing versions re-reads instead of writing back envelopes under the old key;

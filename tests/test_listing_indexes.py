@@ -378,3 +378,38 @@ async def test_rows_a_writer_moves_behind_the_rotation_are_still_rotated(
         f"%{old_kid}%",
     )
     assert writes == 1 and left == 0
+
+
+async def test_after_a_big_rotation_the_next_pass_reads_the_indexes(
+    fresh_db: str, db: asyncpg.Connection
+) -> None:
+    old = generate_key()
+    vault = Vault(Keyring.parse(old))
+    rows = []
+    for i in range(3_000):
+        row_uuid = f"0190a0b0-0000-7000-8000-{i:012d}"
+        data = {"status": "connected", **vault.seal(row_uuid, {"api_key": f"sk-{i:08d}-x"})}
+        rows.append((row_uuid, f"integration:openai:n{i}", json.dumps(data)))
+    await db.executemany(
+        "INSERT INTO integrations.connections (uuid, owner, key, value_json) "
+        "VALUES ($1::uuid, '', $2, $3::jsonb)",
+        rows,
+    )
+    # The statistics describe every row as under the old key.
+    await db.execute("ANALYZE integrations.connections")
+    async with Integrations(fresh_db, keys=[TEST_KEY, old]) as integ:
+        done = await integ.rotate_keys()
+        assert done.rotated == 3_000
+        primary = Keyring.parse(TEST_KEY).primary_id
+        count = await plan(
+            db, integ._repo.q.count_connections_to_reseal, primary, ["api_key", "access_token"]
+        )
+        assert "Seq Scan" not in count and "connections_envelope_kids" in count
+        again = await integ.rotate_keys()
+        assert (again.rotated, again.scanned) == (0, 0)
+    assert (await integ_reads(fresh_db, old))["api_key"] == "sk-00002999-x"
+
+
+async def integ_reads(dsn: str, old: str) -> dict[str, object]:
+    async with Integrations(dsn, keys=[TEST_KEY]) as integ:
+        return await integ.get_credentials("0190a0b0-0000-7000-8000-000000002999")
