@@ -63,7 +63,8 @@ def test_a_constructor_setting_at_its_bound_is_accepted(name: str) -> None:
     options: dict[str, Any] = {name: _at(name, 0)}
     if name == "statement_cache_size":
         options["listen_dsn"] = "postgresql://unused"
-    Integrations("postgresql://unused", keys=TEST_KEY, **options)
+    inst = Integrations("postgresql://unused", keys=TEST_KEY, **options)
+    assert repr(inst) == "<Integrations schema='integrations' state=new>"
 
 
 def test_the_documented_bounds_are_the_enforced_ones() -> None:

@@ -69,7 +69,8 @@ def test_a_system_schema_is_refused_at_configuration(schema: str) -> None:
 
 @pytest.mark.parametrize("schema", ["integrations", "pgx", "my_pg_schema", "information"])
 def test_ordinary_schema_names_are_accepted(schema: str) -> None:
-    Integrations("postgresql://unused", schema=schema)
+    inst = Integrations("postgresql://unused", schema=schema)
+    assert repr(inst) == f"<Integrations schema={schema!r} state=new>"
 
 
 def test_concurrent_migrations_from_several_processes(empty_db: str) -> None:
