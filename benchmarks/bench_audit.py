@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
-from _common import result, scratch_database
-from bench_fast_path import API_KEY, CALLERS, PROVIDER, interleaved_throughput, start_server
+from _common import http_server, result, scratch_database
+from bench_fast_path import API_KEY, CALLERS, PROVIDER, interleaved_throughput
 
 from integrations import Integrations, generate_key
 
@@ -24,35 +24,34 @@ LEVELS = ("admin", "reveal", "use")
 async def main() -> None:
     logging.getLogger("integrations").setLevel(logging.ERROR)
     key = generate_key()
-    proc, url = await start_server()
-    try:
-        async with scratch_database() as dsn, aiohttp.ClientSession() as session:
-            async with Integrations(dsn, keys=key, providers=[PROVIDER]) as setup:
-                conn = await setup.add_connection("bench", "default")
-                await setup.save_setup(conn.uuid, {"api_key": API_KEY})
-            instances = {
-                level: Integrations(dsn, keys=key, providers=[PROVIDER], http=session, audit=level)
-                for level in LEVELS
+    async with (
+        http_server() as url,
+        scratch_database() as dsn,
+        aiohttp.ClientSession() as session,
+    ):
+        async with Integrations(dsn, keys=key, providers=[PROVIDER]) as setup:
+            conn = await setup.add_connection("bench", "default")
+            await setup.save_setup(conn.uuid, {"api_key": API_KEY})
+        instances = {
+            level: Integrations(dsn, keys=key, providers=[PROVIDER], http=session, audit=level)
+            for level in LEVELS
+        }
+        for integ in instances.values():
+            await integ.open()
+        try:
+            requests = {
+                level: (lambda i=integ: i.authenticated_request(conn.uuid, "GET", url))
+                for level, integ in instances.items()
             }
+            reads = {
+                level: (lambda i=integ: i.get_credentials(conn.uuid))
+                for level, integ in instances.items()
+            }
+            req = await interleaved_throughput(requests, CALLERS, SECONDS)
+            cred = await interleaved_throughput(reads, CALLERS, SECONDS)
+        finally:
             for integ in instances.values():
-                await integ.open()
-            try:
-                requests = {
-                    level: (lambda i=integ: i.authenticated_request(conn.uuid, "GET", url))
-                    for level, integ in instances.items()
-                }
-                reads = {
-                    level: (lambda i=integ: i.get_credentials(conn.uuid))
-                    for level, integ in instances.items()
-                }
-                req = await interleaved_throughput(requests, CALLERS, SECONDS)
-                cred = await interleaved_throughput(reads, CALLERS, SECONDS)
-            finally:
-                for integ in instances.values():
-                    await integ.close()
-    finally:
-        proc.kill()
-        await proc.wait()
+                await integ.close()
     figures: dict[str, float] = {}
     print(f"audit overhead, {CALLERS} callers, throughput against audit='admin'")
     for level in LEVELS:

@@ -319,13 +319,9 @@ def _associated_data(kid: str, row: str, field: str, hint: str | None) -> bytes:
     # JSON array: unambiguous whatever characters the row id or field name hold. The
     # bytes are those of json.dumps (default separators, ASCII escapes); the common case
     # of strings it leaves alone is formatted directly.
-    plain = _PLAIN_JSON_RE.fullmatch
-    if (
-        plain(kid) is not None
-        and plain(row) is not None
-        and plain(field) is not None
-        and (hint is None or plain(hint) is not None)
-    ):
+    # The pattern is a repeated character class: the parts are all plain exactly when
+    # their concatenation is, so one match checks them all.
+    if _PLAIN_JSON_RE.fullmatch(f"{kid}{row}{field}{hint or ''}") is not None:
         last = "null" if hint is None else f'"{hint}"'
         return f'[{ENVELOPE_VERSION}, "{kid}", "{row}", "{field}", {last}]'.encode("ascii")
     return json.dumps([ENVELOPE_VERSION, kid, row, field, hint]).encode()
@@ -544,7 +540,8 @@ class Vault:
             nonce = base64.b64decode(value["n"])
             ciphertext = base64.b64decode(value["ct"])
             ad = _associated_data(kid, row, field, value.get("hint"))
-            return json.loads(cipher.decrypt(nonce, ciphertext, ad))
+            # Authenticated, so the bytes are the UTF-8 that _encrypt wrote.
+            return json.loads(cipher.decrypt(nonce, ciphertext, ad).decode())
         except (InvalidTag, binascii.Error, ValueError):
             pass
         raise DecryptionFailed(
