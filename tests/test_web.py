@@ -987,3 +987,10 @@ def test_a_csrf_token_without_its_cookie_or_not_a_string_is_refused_without_an_e
     assert csrf.verify(_bare_request({}), token) is False
     for bad in (None, 123, b"bytes", ""):
         assert csrf.verify(with_cookie, bad) is False
+
+
+def test_a_csrf_cookie_longer_than_128_characters_is_ignored() -> None:
+    csrf = Csrf(b"k" * 32)
+    longest, too_long = "c" * 128, "c" * 129
+    assert csrf.cookie_of(_bare_request({"cookie": f"{CSRF_COOKIE}={longest}"})) == longest
+    assert csrf.cookie_of(_bare_request({"cookie": f"{CSRF_COOKIE}={too_long}"})) is None
