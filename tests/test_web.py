@@ -24,6 +24,7 @@ from starlette.requests import Request
 from integrations import Integrations, Provider
 from integrations.web import Admin, Owner, console, serve
 from integrations.web._present import ago, parse_scopes, setup_incomplete, status_text
+from integrations.web._security import CSRF_COOKIE, Csrf, cross_origin
 from integrations.web._serve import LoginLink, standalone_app
 
 from .oauth_server import OAuthTestServer
@@ -940,3 +941,49 @@ async def test_the_mount_snippet_of_the_docs_works_as_written(
         http.cookies.set("session", "member")
         member = await http.get("/admin/integrations/")
         assert member.status_code == 200 and "Owner user:42" in member.text
+
+
+def _bare_request(headers: dict[str, str]) -> Request:
+    return Request(
+        {
+            "type": "http",
+            "scheme": "http",
+            "method": "POST",
+            "path": "/",
+            "query_string": b"",
+            "server": ("console.test", 80),
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "refused"),
+    [
+        ({"sec-fetch-site": "same-origin", "origin": "http://evil.test"}, False),
+        ({"sec-fetch-site": "none"}, False),
+        ({"sec-fetch-site": "same-site"}, True),
+        ({"sec-fetch-site": "cross-site", "origin": "http://console.test"}, True),
+        ({}, False),
+        ({"origin": "null", "host": "console.test"}, False),
+        ({"origin": "http://console.test", "host": "console.test"}, False),
+        # Without Sec-Fetch-Site: a sibling port, another scheme, or no Host to compare with.
+        ({"origin": "http://console.test:8001", "host": "console.test"}, True),
+        ({"origin": "https://console.test", "host": "console.test"}, True),
+        ({"origin": "http://console.test"}, True),
+    ],
+)
+def test_cross_origin_trusts_sec_fetch_site_else_compares_origin_with_host(
+    headers: dict[str, str], refused: bool
+) -> None:
+    assert cross_origin(_bare_request(headers)) is refused
+
+
+def test_a_csrf_token_without_its_cookie_or_not_a_string_is_refused_without_an_error() -> None:
+    csrf = Csrf(b"k" * 32)
+    with_cookie = _bare_request({"cookie": f"{CSRF_COOKIE}=c-0123456789"})
+    token, _ = csrf.token_for(with_cookie)
+    assert csrf.verify(with_cookie, token) is True
+    assert csrf.verify(_bare_request({}), token) is False
+    for bad in (None, 123, b"bytes", ""):
+        assert csrf.verify(with_cookie, bad) is False
