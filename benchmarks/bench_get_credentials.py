@@ -24,8 +24,8 @@ async def main() -> None:
     logging.getLogger("integrations").setLevel(logging.ERROR)
     async with (
         scratch_database() as dsn,
-        Integrations(dsn, keys=generate_key()) as integ,
-        Integrations(dsn, encryption="off") as plain,
+        Integrations(dsn, keys=generate_key(), audit="admin") as integ,
+        Integrations(dsn, encryption="off", audit="admin") as plain,
     ):
         conn = await integ.add_connection("openai", "default")
         await integ.save_setup(conn.uuid, {"api_key": API_KEY})

@@ -557,6 +557,16 @@ def render_scale(sc: dict[str, float]) -> list[str]:
         f"writers saved {sc[f'rotation_writes_per_s_{big}']:,.0f} setups a second.",
         "",
     ]
+    if not sc.get("analyzes_after_rotation"):
+        lines += [
+            "This run predates `rotate_keys()` refreshing the table's planner statistics "
+            "after a pass that re-encrypted 1,000 rows or more: the pass right after the "
+            "rotation planned with statistics that still put every row under the old key "
+            "and evaluated the key-id function on every row instead of reading the empty "
+            "index ranges. With the refresh, at 50,000 rows, that pass went from 2.7 s to "
+            "0.03 s.",
+            "",
+        ]
     return lines
 
 
