@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import html
 import io
@@ -20,11 +21,12 @@ pytest.importorskip("starlette")
 pytest.importorskip("jinja2")
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from integrations import Integrations, Provider
 from integrations.web import Admin, Owner, console, serve
 from integrations.web._present import ago, parse_scopes, setup_incomplete, status_text
-from integrations.web._security import CSRF_COOKIE, Csrf, cross_origin
+from integrations.web._security import CSRF_COOKIE, Csrf, cross_origin, set_cookie
 from integrations.web._serve import LoginLink, standalone_app
 
 from .oauth_server import OAuthTestServer
@@ -164,6 +166,18 @@ async def test_cookies_are_httponly_and_samesite_strict(http: httpx.AsyncClient)
     assert "HttpOnly" in cookie
     assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
     assert "Path=/" in cookie
+    # Over plain http the cookie cannot be Secure; pages not saying otherwise are not cached.
+    assert "Secure" not in cookie
+    assert response.headers["cache-control"] == "no-store"
+    # The CSRF cookie is 32 random bytes.
+    value = cookie.split(";")[0].removeprefix("integrations_csrf=")
+    assert len(base64.urlsafe_b64decode(value + "=")) == 32
+
+
+def test_cookies_set_over_https_are_secure() -> None:
+    response = Response()
+    set_cookie(response, _bare_request({}, scheme="https"), "n", "v")
+    assert "secure" in response.headers["set-cookie"].lower()
 
 
 async def test_pages_carry_a_csp_without_inline_scripts(
@@ -943,11 +957,11 @@ async def test_the_mount_snippet_of_the_docs_works_as_written(
         assert member.status_code == 200 and "Owner user:42" in member.text
 
 
-def _bare_request(headers: dict[str, str]) -> Request:
+def _bare_request(headers: dict[str, str], scheme: str = "http") -> Request:
     return Request(
         {
             "type": "http",
-            "scheme": "http",
+            "scheme": scheme,
             "method": "POST",
             "path": "/",
             "query_string": b"",
@@ -971,6 +985,7 @@ def _bare_request(headers: dict[str, str]) -> Request:
         ({"origin": "http://console.test:8001", "host": "console.test"}, True),
         ({"origin": "https://console.test", "host": "console.test"}, True),
         ({"origin": "http://console.test"}, True),
+        ({"origin": "safari-web-extension://abc", "host": "console.test"}, True),
     ],
 )
 def test_cross_origin_trusts_sec_fetch_site_else_compares_origin_with_host(
