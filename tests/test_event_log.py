@@ -114,7 +114,7 @@ async def test_an_owner_handle_resumes_with_its_own_events_only(
     async with mine.subscribe(after=0) as replay:
         events = [await next_event(replay) for _ in range(2)]
         await theirs.add_connection("slack", "other")
-        await integ.add_connection("slack", "other")
+        systems_other = await integ.add_connection("slack", "other")
         await mine.add_connection("slack", "other")
         events.append(await next_event(replay))
         assert replay.pending == 0
@@ -127,8 +127,10 @@ async def test_an_owner_handle_resumes_with_its_own_events_only(
     async with integ.subscribe(after=0) as system:
         event = await next_event(system)
         assert event.owner is None
-        await asyncio.sleep(0.2)
-        assert system.pending == 1  # "slack:other", the system's own
+        # Then "slack:other", the system's own, and nothing else before a sentinel made now.
+        other = await next_event(system)
+        sentinel = await integ.add_connection("slack", "sentinel")
+        assert [other.uuid, (await next_event(system)).uuid] == [systems_other.uuid, sentinel.uuid]
 
 
 async def test_filters_apply_to_the_replay_as_to_live_events(integ: Integrations) -> None:
@@ -138,8 +140,12 @@ async def test_filters_apply_to_the_replay_as_to_live_events(integ: Integrations
     async with integ.subscribe(provider="openai", kinds=["setup_saved"], after=0) as sub:
         event = await next_event(sub)
         assert (event.kind, event.uuid) == ("setup_saved", a.uuid)
-        await asyncio.sleep(0.2)
-        assert sub.pending == 0
+        # Nothing else passed the filters: the next to arrive is a sentinel made now.
+        await integ.save_setup(a.uuid, {"api_key": "sk-filter-sentinel-0123"})
+        sentinel = await next_event(sub)
+        assert (sentinel.kind, sentinel.uuid) == ("setup_saved", a.uuid)
+        assert sentinel.position is not None and event.position is not None
+        assert sentinel.position > event.position
     async with integ.subscribe(uuid=a.uuid, after=0) as sub:
         kinds = [(await next_event(sub)).kind for _ in range(2)]
     assert kinds == ["connection_added", "setup_saved"]
