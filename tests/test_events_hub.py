@@ -482,14 +482,19 @@ async def test_rolled_back_notify_delivers_nothing(
 
 
 async def test_notify_in_a_transaction_arrives_only_after_commit(
-    hub: EventHub, pg: asyncpg.Connection, channel: str
+    hub: EventHub, pg: asyncpg.Connection, channel: str, admin_dsn: str
 ) -> None:
-    async with hub.subscribe() as sub:
-        async with pg.transaction():
-            await notify(pg, channel, sent := event("setup_saved"))
-            await asyncio.sleep(0.3)
-            assert sub.pending == 0
-        assert await next_event(sub) == sent
+    other = await asyncpg.connect(admin_dsn)
+    try:
+        async with hub.subscribe() as sub:
+            async with pg.transaction():
+                await notify(pg, channel, sent := event("setup_saved"))
+                # A sentinel sent and committed after it arrives, and arrives first.
+                await notify(other, channel, sentinel := event("validated"))
+                assert await next_event(sub) == sentinel
+            assert await next_event(sub) == sent
+    finally:
+        await other.close()
 
 
 # Self-healing
