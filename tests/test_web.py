@@ -986,6 +986,7 @@ def _bare_request(headers: dict[str, str], scheme: str = "http") -> Request:
         ({"origin": "https://console.test", "host": "console.test"}, True),
         ({"origin": "http://console.test"}, True),
         ({"origin": "safari-web-extension://abc", "host": "console.test"}, True),
+        ({"origin": "http://attacker.test", "host": "console.test"}, True),
     ],
 )
 def test_cross_origin_trusts_sec_fetch_site_else_compares_origin_with_host(
