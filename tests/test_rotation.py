@@ -195,10 +195,19 @@ async def test_rotate_keys_sends_no_events(
 ) -> None:
     await add_all(old)
     received: list[str] = []
-    await db.add_listener("integrations_events", lambda *args: received.append(args[3]))
+    arrived = asyncio.Event()
+
+    def on_notification(*args: Any) -> None:
+        received.append(args[3])
+        arrived.set()
+
+    await db.add_listener("integrations_events", on_notification)
     await both.rotate_keys()
-    await asyncio.sleep(0.2)
-    assert received == []
+    # Notifications arrive in commit order: a sentinel's, sent after, is the first to come.
+    sentinel = await both.add_connection("openai", "sentinel")
+    await asyncio.wait_for(arrived.wait(), 10)
+    assert len(received) == 1
+    assert sentinel.uuid in received[0]
 
 
 # -- progress and resuming ----------------------------------------------------------------
