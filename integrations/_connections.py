@@ -337,7 +337,8 @@ class Connections:
         """Every connection of ``owner`` (of one provider if given) in key order, a page
         at a time: ``after`` is the ``next_after`` of the page before.
 
-        ``ALL_OWNERS`` lists every owner's, in (key, owner) order. With ``status`` or
+        ``ALL_OWNERS`` lists every owner's, in (key, owner) order. With ``status`` alone a
+        page reads only matching rows, from an index of status then order. With
         ``search`` (a part of the name, any case) a page examines at most
         ``SEARCH_EXAMINE`` rows and returns those that match: fewer than ``limit``, even
         none, when matches are rare, with a ``next_after`` that goes on from where it

@@ -568,10 +568,11 @@ class Integrations:
         as ``after`` for the next one. Each page is one index range scan, however many
         rows the table holds.
 
-        ``status`` (``connected``, ``error`` or ``disconnected``) and ``search`` (a part
-        of the name, any case) filter a page: it examines a bounded number of rows, so it
-        may hold fewer than ``limit`` connections (even none) and still have a
-        ``next_after``; the listing ends when ``next_after`` is None."""
+        ``status`` (``connected``, ``error`` or ``disconnected``) alone reads only the
+        matching rows, from an index: its pages are full. ``search`` (a part of the name,
+        any case), with or without ``status``, filters a page that examines a bounded
+        number of rows, so it may hold fewer than ``limit`` connections (even none) and
+        still have a ``next_after``; the listing ends when ``next_after`` is None."""
         return await self._in(owner).list_page(
             provider=provider, limit=limit, after=after, status=status, search=search
         )

@@ -657,9 +657,32 @@ class Repository:
         ``every_owner``) after ``after`` (key, owner) that have ``status`` and
         ``needle`` in their name (each '' for any), ``limit`` at most; and where reading
         stopped short of the range's end when it stopped on the ``examine`` limit (the
-        last row read, matching or not), else None."""
+        last row read, matching or not), else None. A filter by ``status`` alone reads
+        only matching rows, from an index of status then order: ``limit`` of them at most
+        and no stop (``examine`` is not needed)."""
         async with self._acquire() as conn:
-            if every_owner:
+            if status and not needle:
+                if every_owner:
+                    records = await conn.fetch(
+                        self.q.status_every_owner,
+                        prefix,
+                        prefix_end(prefix),
+                        after[0],
+                        after[1],
+                        status,
+                        limit,
+                    )
+                else:
+                    records = await conn.fetch(
+                        self.q.status_page,
+                        _owner_to_db(owner),
+                        prefix,
+                        prefix_end(prefix),
+                        after[0],
+                        status,
+                        limit,
+                    )
+            elif every_owner:
                 records = await conn.fetch(
                     self.q.search_every_owner,
                     prefix,

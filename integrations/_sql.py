@@ -97,6 +97,8 @@ class Queries:
     list_saved_page: LiteralString
     search_page: LiteralString
     search_every_owner: LiteralString
+    status_page: LiteralString
+    status_every_owner: LiteralString
     connection_counts: LiteralString
     fold_connection_counts: LiteralString
     fold_every_connection_count: LiteralString

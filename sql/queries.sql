@@ -144,6 +144,33 @@ SELECT uuid, owner, key, value_json, version, hit, n = $5 AS last_read FROM (
 WHERE hit OR n = $5
 LIMIT $6;
 
+-- name: status_page
+-- $1 text owner, $2 text lower bound, $3 text upper bound (exclusive), $4 text keyset
+-- cursor (exclusive), $5 text status, $6 int rows wanted at most. search_page's columns,
+-- for a page filtered by status alone: read from connections_owner_status_key, so only
+-- the rows returned are read.
+SELECT uuid, owner, key, value_json::text AS value_json, version, true AS hit,
+       false AS last_read
+FROM {schema}.connections
+WHERE owner = $1 AND value_json ->> 'status' = $5
+  AND key ~>=~ $2 AND key ~<~ $3 AND key ~>~ $4
+ORDER BY key USING ~<~
+LIMIT $6;
+
+-- name: status_every_owner
+-- Like status_page over every owner's rows in (key, owner) byte order, read from
+-- connections_status_key_owner: $1 text lower bound, $2 text upper bound (exclusive), $3
+-- text key and $4 text owner of the keyset cursor (exclusive), $5 text status, $6 int rows
+-- wanted at most.
+SELECT uuid, owner, key, value_json::text AS value_json, version, true AS hit,
+       false AS last_read
+FROM {schema}.connections
+WHERE value_json ->> 'status' = $5
+  AND key COLLATE "C" >= $1 AND key COLLATE "C" < $2
+  AND (key COLLATE "C", owner COLLATE "C") > ($3, $4)
+ORDER BY key COLLATE "C", owner COLLATE "C"
+LIMIT $6;
+
 -- name: connection_counts
 -- $1 text scope ('o:' || owner, or 'all'): connections per provider, and how many delta
 -- rows each sum read (the reader folds them when there are many)

@@ -154,7 +154,12 @@ async def test_filtered_pages_examine_a_bounded_number_of_rows_and_miss_nothing(
     )
     assert [f"integration:{c.provider}:{c.name}" for c in errors] == [r["key"] for r in expected]
     assert all(c.owner == "alice" for c in errors)
-    # Each page read at most SEARCH_EXAMINE rows: the walk took at least rows/examine pages.
+    # A filter by status alone reads matching rows only: one full page holds them all.
+    assert pages == 1
+    # With a name search too, each page reads at most SEARCH_EXAMINE rows: the walk takes
+    # at least rows/examine pages.
+    both, pages = await collect(alice, status="error", search="n", limit=50)
+    assert [c.uuid for c in both] == [c.uuid for c in errors]
     assert pages >= rows // SEARCH_EXAMINE
     # A name search, any case, within a provider; pages exactly at the boundary.
     found, _ = await collect(alice, provider="p1", search="N10", limit=5)
@@ -200,6 +205,49 @@ async def test_every_owners_pages_in_key_then_owner_order(
     every = await integ.list_page(owner=ALL_OWNERS, limit=1)
     with pytest.raises(InvalidInput):
         await integ.list_page(owner="a", status="connected", after=every.next_after)
+
+
+async def test_status_pages_read_only_their_rows_through_an_index(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    for owner in ("", "a", "b"):
+        await fill(db, 3000, owner=owner, providers=4)
+    await db.execute(
+        """UPDATE integrations.connections SET value_json = '{"status": "error"}'
+           WHERE (split_part(key, ':n', 2))::int % 101 = 7"""
+    )
+    await db.execute("ANALYZE integrations.connections")
+    one = await generic(
+        db,
+        "status_one",
+        "text, text, text, text, text, int",
+        integ._repo.q.status_page,
+        "('a', 'integration:', 'integration;', '', 'error', 6)",
+    )
+    assert "connections_owner_status_key" in one
+    every = await generic(
+        db,
+        "status_every",
+        "text, text, text, text, text, int",
+        integ._repo.q.status_every_owner,
+        "('integration:', 'integration;', '', '', 'error', 6)",
+    )
+    assert "connections_status_key_owner" in every
+    for found in (one, every):
+        assert "Seq Scan" not in found and '"Sort"' not in found and "Filter" not in found
+    # Every page full, and the walk is exact at page boundaries.
+    expected = await db.fetch(
+        """SELECT key, owner FROM integrations.connections WHERE value_json->>'status' = 'error'
+           ORDER BY key COLLATE "C", owner COLLATE "C" """
+    )
+    walked, pages = await collect(integ, owner=ALL_OWNERS, status="error", limit=5)
+    pairs = [(f"integration:{c.provider}:{c.name}", c.owner or "") for c in walked]
+    assert pairs == [(r["key"], r["owner"]) for r in expected]
+    assert pages == -(-len(expected) // 5)  # full pages, none empty
+    mine, _ = await collect(integ.for_owner("a"), status="error", provider="p3", limit=4)
+    assert [f"integration:{c.provider}:{c.name}" for c in mine] == [
+        r["key"] for r in expected if r["owner"] == "a" and r["key"].startswith("integration:p3:")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -261,6 +309,11 @@ async def test_counts_follow_every_kind_of_write(
     )
     await db.execute("TRUNCATE integrations.connections CASCADE")
     assert await integ.count_connections(owner=ALL_OWNERS) == {}
+    # The folds' dead rows are vacuumed after a fixed number, not a fraction of the table.
+    options = await db.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = 'integrations.connection_counts'::regclass"
+    )
+    assert set(options) >= {"autovacuum_vacuum_scale_factor=0", "autovacuum_vacuum_threshold=200"}
 
 
 async def test_every_scope_s_deltas_fold_and_the_counts_stay(
