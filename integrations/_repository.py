@@ -726,9 +726,22 @@ class Repository:
     async def fold_every_connection_count(self, scopes: int = _FOLD_SCOPES) -> None:
         """Fold the per-provider count deltas of up to ``scopes`` scopes that hold more
         than one row per provider (those no reader has folded: an owner whose counts
-        nobody asks for, rows added by bulk inserts). The health sweep runs it."""
+        nobody asks for, rows added by bulk inserts), then vacuum the table if that
+        deleted any (best effort: a role that may not vacuum it leaves it to autovacuum).
+        The health sweep runs it."""
         async with self._acquire() as conn:
-            await conn.execute(self.q.fold_every_connection_count, scopes)
+            deleted = await conn.fetchval(self.q.fold_every_connection_count, scopes)
+        if not deleted:
+            return
+        try:
+            async with self._acquire() as conn:
+                await conn.execute(self.q.vacuum_connection_counts)
+        except StorageError as exc:
+            log.debug(
+                "the connection counts were not vacuumed: %s",
+                exc,
+                extra=telemetry.fields("vacuum_skipped"),
+            )
 
     async def list_every_owner(self, prefix: str) -> list[StoredRow]:
         """Every row whose key starts with ``prefix``, whoever owns it (operator tools)."""

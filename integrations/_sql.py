@@ -102,6 +102,7 @@ class Queries:
     connection_counts: LiteralString
     fold_connection_counts: LiteralString
     fold_every_connection_count: LiteralString
+    vacuum_connection_counts: LiteralString
     analyze_connections: LiteralString
     update_value: LiteralString
     update_key_value: LiteralString

@@ -193,6 +193,7 @@ SELECT $1, provider, sum(n) FROM gone GROUP BY provider HAVING sum(n) <> 0;
 -- $1 int: at most this many scopes. The scopes holding more delta rows than providers,
 -- each replaced by one row per provider, as fold_connection_counts does for one scope
 -- (the periodic fold of the scopes no reader folds). Deltas appended meanwhile stay.
+-- Returns how many delta rows were deleted.
 WITH scopes AS (
     SELECT scope FROM {schema}.connection_counts
     GROUP BY scope
@@ -203,9 +204,16 @@ WITH scopes AS (
     USING scopes AS s
     WHERE c.scope = s.scope
     RETURNING c.scope, c.provider, c.n
+), folded AS (
+    INSERT INTO {schema}.connection_counts (scope, provider, n)
+    SELECT scope, provider, sum(n) FROM gone GROUP BY scope, provider HAVING sum(n) <> 0
 )
-INSERT INTO {schema}.connection_counts (scope, provider, n)
-SELECT scope, provider, sum(n) FROM gone GROUP BY scope, provider HAVING sum(n) <> 0;
+SELECT count(*) AS deleted FROM gone;
+
+-- name: vacuum_connection_counts
+-- The rows folds deleted, whose index entries a count would otherwise visit until
+-- autovacuum comes by (or never, where it is off).
+VACUUM {schema}.connection_counts;
 
 -- name: list_every_owner
 -- $1 text key prefix, $2 text the least string above every key with that prefix;

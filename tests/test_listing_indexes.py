@@ -334,7 +334,15 @@ async def test_every_scope_s_deltas_fold_and_the_counts_stay(
         "(SELECT DISTINCT scope, provider FROM integrations.connection_counts) AS d"
     )
     assert await db.fetchval(rows) > await db.fetchval(distinct)
+    vacuums = (
+        "SELECT vacuum_count FROM pg_stat_user_tables "
+        "WHERE relid = 'integrations.connection_counts'::regclass"
+    )
+    vacuumed = await db.fetchval(vacuums)
     await integ._repo.fold_every_connection_count()
+    # The deleted deltas are vacuumed away at once, whether autovacuum runs or not.
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    assert await db.fetchval(vacuums) == vacuumed + 1
     # One row per scope and provider; none for a provider whose rows are all gone.
     assert await db.fetchval(rows) == await db.fetchval(distinct)
     assert not await db.fetchval("SELECT count(*) FROM integrations.connection_counts WHERE n = 0")
@@ -342,8 +350,10 @@ async def test_every_scope_s_deltas_fold_and_the_counts_stay(
     assert await integ.count_connections(owner=ALL_OWNERS) == everyone
     assert before["user:9"] == {"stripe": 4}
     assert before["user:0"] == {"p0": 20, "p1": 20, "p2": 20}
-    # Folding again changes nothing; later writes still count.
+    # Folding again changes nothing (and vacuums nothing); later writes still count.
     await integ._repo.fold_every_connection_count()
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    assert await db.fetchval(vacuums) == vacuumed + 1
     await integ.add_connection("stripe", "later", owner="user:9")
     assert await integ.for_owner("user:9").count_connections() == {"stripe": 5}
 
