@@ -121,10 +121,15 @@ class Connections:
     ) -> tuple[StoredRow | None, bool]:
         """Resolve a uuid or provider ref; the flag says whether the input was a uuid."""
         owner = check_scope(owner)
+        if not fresh and type(ref) is str:
+            # The cache is keyed by canonical uuid text: a hit needs no parsing of ``ref``.
+            hit = self._core.repo.peek(ref)
+            if hit is not None:  # a cache hit, without a coroutine per layer
+                return _visible(hit, owner), True
         as_uuid = names.parse_uuid(ref)
         if as_uuid is not None:
             hit = None if fresh else self._core.repo.peek(as_uuid)
-            if hit is not None:  # a cache hit, without a coroutine per layer
+            if hit is not None:
                 return _visible(hit, owner), True
             return await self.row(as_uuid, owner, fresh=fresh), True
         provider, name = names.parse_ref(ref)

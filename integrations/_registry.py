@@ -48,6 +48,8 @@ class ProviderRegistry:
         self.schemes = schemes
         self._builtin_keys = builtin_keys()
         self._providers: dict[str, Provider] = {}
+        # Built-in providers once looked up: ``find`` runs on every call that reads a row.
+        self._builtins: dict[str, Provider] = {}
         self._sorted: list[Provider] | None = None
         seen: set[str] = set()
         for provider in extra:
@@ -115,11 +117,15 @@ class ProviderRegistry:
         own = self._providers.get(key)
         if own is not None:
             return own
-        if key not in self._builtin_keys:
-            return None
+        found = self._builtins.get(key)
+        if found is not None or key not in self._builtin_keys:
+            return found
         from ._catalogue import builtin
 
-        return builtin(key)
+        found = builtin(key)
+        if found is not None:
+            self._builtins[key] = found
+        return found
 
     def keys(self) -> list[str]:
         """Every registered key, sorted (no catalogue file is read)."""

@@ -405,6 +405,7 @@ class Repository:
         # The client-side deadline of every statement: a statement may wait for a row lock
         # up to the lock timeout; past that plus a margin, the link is taken for frozen.
         self.command_timeout = self.lock_timeout + COMMAND_MARGIN
+        self._idle_millis = _millis(self.idle_timeout)
         # 0 behind a transaction-mode pooler (PgBouncer): no named prepared statements.
         self.statement_cache_size = statement_cache_size
         # LISTEN needs a session of its own; through a transaction pooler it must go direct.
@@ -575,6 +576,9 @@ class Repository:
         """Apply pending migrations in one transaction under an advisory lock."""
         applied_now: list[int] = []
         async with self._acquire() as conn, conn.transaction():
+            # Idle-bounded like every write; its lock waits keep the session's setting (a
+            # migration may wait behind long readers and another process's migration).
+            await conn.execute(self.q.set_idle_timeout, self._idle_millis)
             await conn.execute(self.q.migrate_lock, self._lock_id())
             await conn.execute(self.q.migrations_table)
             done = {r["version"] for r in await conn.fetch(self.q.applied_migrations)}
@@ -926,6 +930,7 @@ class Repository:
             if cut == 0:
                 return deleted
             async with self._acquire() as conn, conn.transaction():
+                await conn.execute(self.q.set_idle_timeout, self._idle_millis)
                 record = await conn.fetchrow(self.q.events_prune, cut)
             deleted += int(record["deleted"])
             if cut != int(oldest[-1]["position"]):
@@ -943,6 +948,7 @@ class Repository:
         description: str,
     ) -> dict[str, Any]:
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.set_idle_timeout, self._idle_millis)
             record = await conn.fetchrow(
                 self.q.webhook_insert_endpoint,
                 _uuid.UUID(endpoint_id),
@@ -988,6 +994,7 @@ class Repository:
         kind, payload) and move the cursor, in one transaction. None when another process
         is dispatching (or no endpoint was ever added); else how many events were read."""
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.set_idle_timeout, self._idle_millis)
             cursor = await conn.fetchval(self.q.webhook_lock_cursor)
             if cursor is None:
                 return None
@@ -1331,6 +1338,9 @@ class Repository:
         """The data keys of ``wrapper``, making the first with ``make`` when there is none;
         processes opening together make one between them."""
         async with self._acquire() as conn, conn.transaction():
+            # ``make`` may ask a key service while the transaction waits: idle up to the
+            # lock timeout (not the usual 5 s), still bounded.
+            await conn.execute(self.q.set_idle_timeout, _millis(self.lock_timeout))
             await conn.execute(self.q.data_keys_lock, self.advisory_lock_id("data_keys"))
             records = await conn.fetch(self.q.data_keys_of, wrapper)
             if not records:
@@ -1356,6 +1366,7 @@ class Repository:
         """Append records to the chain in one transaction, under the schema's audit lock;
         returns the last seq written."""
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.set_idle_timeout, self._idle_millis)
             await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
             tail = await conn.fetchrow(self.q.audit_tail)
             seq, previous = (0, audit.GENESIS) if tail is None else (tail["seq"], tail["hash"])
@@ -1421,6 +1432,7 @@ class Repository:
         """Delete the records older than ``cutoff``, recording the sweep in the chain (with
         the first kept record and its link, the new anchor); returns how many went."""
         async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.q.set_idle_timeout, self._idle_millis)
             await conn.execute(self.q.audit_lock, self.advisory_lock_id("audit"))
             first = await conn.fetchrow(self.q.audit_first_kept, cutoff)
             tail = await conn.fetchrow(self.q.audit_tail)

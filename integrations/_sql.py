@@ -144,6 +144,7 @@ class Queries:
     reseal_pending: LiteralString
     begin_write: LiteralString
     bound_transaction: LiteralString
+    set_idle_timeout: LiteralString
     set_refresh_timeouts: LiteralString
     insert_pending_authorization: LiteralString
     take_pending_authorization: LiteralString

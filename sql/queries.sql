@@ -371,6 +371,11 @@ BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_
 -- The same bounds for a transaction already open (key rotation batches)
 SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'
 
+-- name: set_idle_timeout
+-- $1 text idle_in_transaction_session_timeout (e.g. '5000ms'), for a transaction whose lock
+-- waits keep the session's setting (migrations); ends with the surrounding transaction
+SELECT set_config('idle_in_transaction_session_timeout', $1, true);
+
 -- name: set_refresh_timeouts
 -- $1 text lock_timeout, $2 text idle_in_transaction_session_timeout (e.g. '30000ms');
 -- both end with the surrounding transaction, so they are safe behind PgBouncer

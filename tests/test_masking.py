@@ -30,6 +30,7 @@ from integrations import (
     NotConfigured,
     RequestFailed,
     StorageError,
+    Subscription,
     UnknownKey,
     generate_key,
 )
@@ -104,6 +105,22 @@ def assert_masked_values(values: Iterable[Any]) -> None:
     for value in values:
         assert isinstance(value, str) and value.startswith(MASK), value
         assert len(value) - len(MASK) in (0, 4), value
+
+
+async def events_through(
+    subscription: Subscription, payloads: list[str], sentinel: str
+) -> list[Event]:
+    """Every event up to the sentinel's, which was written last: notifications arrive in
+    commit order, so once the sentinel's has come (to the subscription and to the raw
+    listener collecting ``payloads``) every earlier one has too."""
+    events: list[Event] = []
+    while not events or events[-1].uuid != sentinel:
+        events.append(await asyncio.wait_for(subscription.get(), 15))
+    for _ in range(1500):
+        if any(sentinel in payload for payload in payloads):
+            return events
+        await asyncio.sleep(0.01)
+    raise AssertionError("the sentinel's notification did not reach the raw listener")
 
 
 async def stored_texts(db: asyncpg.Connection) -> list[str]:
@@ -306,9 +323,9 @@ async def test_marker_secrets_never_show_outside_the_plaintext_accessors(
         record("disconnect", await rotating.disconnect(uuids["openai"]))
         record("remove_connection", await rotating.remove_connection(uuids["telegram"]))
     stored += await stored_texts(db)
-    await asyncio.sleep(0.3)
-    delivered = [await subscription.get() for _ in range(subscription.pending)]
-    assert delivered, "the subscription received no event"
+    sentinel = await integ.add_connection("openai", "sentinel")
+    delivered = await events_through(subscription, payloads, sentinel.uuid)
+    assert {"connection_added", "setup_saved", "connection_removed"} <= {e.kind for e in delivered}
     shown.extend(delivered)
     async with integ.subscribe(owner=ALL_OWNERS, after=0) as replay:
         replayed = [await replay.get() for _ in range(len(delivered))]
@@ -468,8 +485,10 @@ async def test_oauth_secrets_never_show_outside_the_token_accessors(
         server.config.force_invalid_client = False
         stored += await stored_texts(db)
         await integ.disconnect(conn.uuid)
-        await asyncio.sleep(0.3)
-        shown += [await subscription.get() for _ in range(subscription.pending)]
+        sentinel = await integ.add_connection("loopback", "sentinel")
+        delivered = await events_through(subscription, payloads, sentinel.uuid)
+        assert {"connection_added", "connected", "disconnected"} <= {e.kind for e in delivered}
+        shown += delivered
 
     assert OAUTH_METHODS - exercised == set()
     assert len(secrets) > 6

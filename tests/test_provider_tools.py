@@ -176,3 +176,16 @@ def test_convert_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     )
     assert code == 1 and "not converted" in err
     assert not (tmp_path / "o.toml").exists()
+
+
+def test_the_global_providers_option_takes_a_toml_file_and_says_so(tmp_path: Path) -> None:
+    file = tmp_path / "acme.toml"
+    file.write_text(
+        '[[providers]]\nkey = "acme-tools"\nname = "Acme"\nauth_type = "api_key"\n'
+        'docs_url = "https://acme.example/docs/auth"\napi_hosts = ["api.acme.example"]\n'
+    )
+    helped = CliRunner().invoke(cli, ["--help"])
+    assert helped.exit_code == 0 and "TOML or JSON" in " ".join(helped.output.split())
+    listed = CliRunner().invoke(cli, ["--providers", str(file), "--json", "providers"])
+    assert listed.exit_code == 0, listed.output
+    assert "acme-tools" in [entry["key"] for entry in json.loads(listed.output)]

@@ -188,14 +188,19 @@ async def test_an_owner_endpoint_gets_that_owners_events_and_a_system_one_everyo
     mine = integ.for_owner("user:1")
     own = await mine.add_webhook(receiver.url, allow_loopback=True)
     everyone = await integ.add_webhook(receiver.url, allow_loopback=True)
-    await mine.add_connection("openai", "main")
+    first = await mine.add_connection("openai", "main")
     await integ.for_owner("user:2").add_connection("openai", "main")
     await integ.add_connection("openai", "main")
     assert [d.kind for d in await settled(integ, everyone.id, 3)] == ["connection_added"] * 3
-    [only] = await settled(integ, own.id, 1)
-    await asyncio.sleep(0.3)
-    assert len(await mine.webhook_deliveries(own.id)) == 1
-    assert only.kind == "connection_added"
+    # Events are dispatched in log order: once a later event of this owner's (a sentinel)
+    # has its delivery, the other owners' events before it were passed over, not pending.
+    sentinel = await mine.add_connection("openai", "sentinel")
+    await settled(integ, own.id, 2)
+    deliveries = sorted(await mine.webhook_deliveries(own.id), key=lambda d: d.position)
+    assert [(d.kind, d.connection) for d in deliveries] == [
+        ("connection_added", first.uuid),
+        ("connection_added", sentinel.uuid),
+    ]
     assert [e.id for e in await mine.list_webhooks()] == [own.id]
     # Another owner's endpoint is not there for this owner.
     with pytest.raises(NotFound):

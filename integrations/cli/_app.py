@@ -70,7 +70,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option(
     "--providers",
     envvar="INTEGRATIONS_PROVIDERS",
-    help="Application providers: a JSON file or module:attribute (else INTEGRATIONS_PROVIDERS).",
+    help=(
+        "Application providers: a provider file (TOML or JSON) or module:attribute "
+        "(else INTEGRATIONS_PROVIDERS)."
+    ),
 )
 @click.option(
     "--actor",

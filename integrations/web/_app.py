@@ -150,6 +150,7 @@ class _Console:
             Route("/audit", page(self.audit), name="audit"),
             Route("/callback", self._callback_endpoint(self.callback), name="callback"),
             Route("/webhooks", page(self.webhooks), name="webhooks"),
+            Route("/webhooks/{endpoint}", page(self.webhook), name="webhook"),
             Route(
                 "/webhooks/deliveries/{delivery}/replay",
                 write(self.replay),
@@ -693,8 +694,20 @@ class _Console:
     async def webhooks(self, request: Request, ctx: _Context) -> Response:
         """The viewer's webhook endpoints (every one for the administrator), each with its
         newest deliveries: state, attempts, the next attempt and a Replay button."""
+        return await self._webhooks_page(request, ctx, await ctx.handle.list_webhooks())
+
+    async def webhook(self, request: Request, ctx: _Context) -> Response:
+        """One endpoint's page: the same facts and deliveries; 404 for an endpoint the
+        viewer may not see."""
+        wanted = request.path_params["endpoint"]
+        found = [e for e in await ctx.handle.list_webhooks() if e.id == wanted]
+        if not found:
+            raise _Refused(404, "There is no such webhook endpoint.")
+        return await self._webhooks_page(request, ctx, found)
+
+    async def _webhooks_page(self, request: Request, ctx: _Context, shown: list[Any]) -> Response:
         endpoints = []
-        for endpoint in await ctx.handle.list_webhooks():
+        for endpoint in shown:
             deliveries = await ctx.handle.webhook_deliveries(endpoint.id, limit=_DELIVERIES)
             endpoints.append(
                 {
