@@ -256,3 +256,214 @@ def test_at_path_says_whether_the_field_is_secret_before_saving(
     said = done.stderr.splitlines()
     assert said[0].startswith("access_key: read from") and "NOT secret" in said[0]
     assert said[1].startswith("secret_key: read from") and "secret, stored encrypted" in said[1]
+
+
+# -- the bundle format, stated in the numbers a reader of the file sees ------------------------
+
+
+def test_a_sealed_bundle_names_scrypt_at_its_cost_a_16_byte_salt_and_a_96_bit_nonce() -> None:
+    import base64
+
+    sealed = _bundle.seal(_bundle.document([], "2026-01-01T00:00:00+00:00"), "pass")
+    kdf = sealed["kdf"]
+    assert (kdf["name"], kdf["n"], kdf["r"], kdf["p"]) == ("scrypt", 32768, 8, 1)
+    assert len(base64.b64decode(kdf["salt"])) == 16
+    assert len(base64.b64decode(sealed["nonce"])) == 12
+    assert (sealed["format"], sealed["version"], sealed["cipher"]) == (
+        "integrations-export-sealed",
+        1,
+        "AES-256-GCM",
+    )
+    assert _bundle.is_sealed(sealed)
+    assert not _bundle.is_sealed(_bundle.document([], "2026-01-01T00:00:00+00:00"))
+
+
+@pytest.mark.parametrize(
+    ("n", "r", "p"), [(2**16, 2, 1), (2**10, 8, 1), (2**10, 1, 2), (2**10, 1, 1)]
+)
+def test_import_accepts_key_derivation_up_to_twice_the_export_cost(n: int, r: int, p: int) -> None:
+    with pytest.raises(_bundle.BundleError, match="wrong passphrase"):
+        _bundle.unseal(json.loads(_sealed_with(n, r, p)), "other")
+
+
+@pytest.mark.parametrize(
+    ("n", "r", "p"), [(2**17, 1, 1), (2**10, 9, 1), (2**10, 1, 3), (2**9, 1, 1), (2**10, 0, 1)]
+)
+def test_import_refuses_key_derivation_beyond_the_bounds_in_numbers(n: int, r: int, p: int) -> None:
+    with pytest.raises(_bundle.BundleError, match="key derivation parameters"):
+        _bundle.unseal(json.loads(_sealed_with(n, r, p)), "pass")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"kdf": {"name": "argon2"}},
+        {"cipher": "ChaCha20-Poly1305"},
+    ],
+)
+def test_another_kdf_or_cipher_is_unsupported(change: dict[str, object]) -> None:
+    sealed = _bundle.seal(_bundle.document([], "2026-01-01T00:00:00+00:00"), "pass")
+    if "kdf" in change:
+        changed = {**sealed, "kdf": {**sealed["kdf"], **change["kdf"]}}  # type: ignore[dict-item]
+    else:
+        changed = {**sealed, **change}
+    with pytest.raises(_bundle.BundleError, match="unsupported encryption"):
+        _bundle.unseal(changed, "pass")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"kdf": 5},  # AttributeError
+        {"nonce": None},  # TypeError
+        {"ciphertext": "not base64!"},  # ValueError
+        {"kdf": {"name": "scrypt", "n": 1024, "r": 1}},  # KeyError
+    ],
+)
+def test_each_kind_of_damaged_field_is_named_damaged(damage: dict[str, object]) -> None:
+    sealed = _bundle.seal(_bundle.document([], "2026-01-01T00:00:00+00:00"), "pass")
+    if isinstance(damage.get("kdf"), dict):
+        damage = {"kdf": {**damage["kdf"], "salt": sealed["kdf"]["salt"]}}  # type: ignore[dict-item]
+    with pytest.raises(_bundle.BundleError, match="damaged"):
+        _bundle.unseal({**sealed, **damage}, "pass")
+
+
+def test_parameters_within_bounds_that_scrypt_cannot_use_are_refused_as_damage() -> None:
+    # scrypt needs n < 2**(16 * r): n=2**16 with r=1 is within the bounds but not usable.
+    with pytest.raises(_bundle.BundleError, match="damaged"):
+        _bundle.unseal(json.loads(_sealed_with(2**16, 1, 1)), "pass")
+
+
+def test_a_nonce_of_the_wrong_length_reads_as_altered() -> None:
+    sealed = _bundle.seal(_bundle.document([], "2026-01-01T00:00:00+00:00"), "pass")
+    with pytest.raises(_bundle.BundleError, match="altered"):
+        _bundle.unseal({**sealed, "nonce": ""}, "pass")
+
+
+def test_the_size_limit_is_64_mib_exactly() -> None:
+    limit = 64 * 2**20
+    # Both texts open 65 arrays, so a text under the limit is refused for its depth instead.
+    at_limit = "[" * 65 + " " * (limit - 65)
+    with pytest.raises(_bundle.BundleError, match="nests deeper than 64 levels"):
+        _bundle.load_document(at_limit)
+    del at_limit
+    with pytest.raises(_bundle.BundleError, match="larger than 64 MiB"):
+        _bundle.load_document("[" * 65 + " " * (limit - 64))
+
+
+@pytest.mark.parametrize("open_, close", [("[", "]"), ('{"a":', "}")])
+def test_64_levels_of_nesting_are_read_and_65_refused(open_: str, close: str) -> None:
+    assert _bundle.load_document("{" + '"a":' + open_ * 63 + "1" + close * 63 + "}") == (
+        _bundle.load_document("{" + '"a":' + open_ * 63 + "1" + close * 63 + "}")
+    )
+    with pytest.raises(_bundle.BundleError, match="nests deeper than 64 levels"):
+        _bundle.load_document("{" + '"a":' + open_ * 64 + "1" + close * 64 + "}")
+
+
+def test_depth_counts_closed_siblings_down_and_skips_strings_with_escapes() -> None:
+    siblings = '{"a": [' + ",".join(["[[]]"] * 100) + "]}"
+    assert len(_bundle.load_document(siblings)["a"]) == 100
+    # Brackets inside a string, after an escaped quote, are text.
+    quoted = '{"a": "\\"' + "[" * 100 + '"}'
+    assert _bundle.load_document(quoted) == {"a": '"' + "[" * 100}
+    # An escaped backslash ends the escape: the quote after it closes the string.
+    after = '{"a": "\\\\", "b": ' + "[" * 64 + "]" * 64 + "}"
+    with pytest.raises(_bundle.BundleError, match="nests deeper"):
+        _bundle.load_document(after)
+
+
+@pytest.mark.parametrize("text", ["[]", "1", '"x"', "not json"])
+def test_a_bundle_that_is_not_a_json_object_is_refused(text: str) -> None:
+    with pytest.raises(_bundle.BundleError, match=r"not an export bundle|not JSON"):
+        _bundle.load_document(text)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "version"),
+    [
+        ("integrations-export-sealed", 1),
+        ("a", 1),
+        ("integrations-export", 0),
+        ("integrations-export", 2),
+    ],
+)
+def test_entries_need_the_plain_format_at_version_1(fmt: str, version: int) -> None:
+    with pytest.raises(_bundle.BundleError, match="not an integrations-export version 1 file"):
+        _bundle.entries({"format": fmt, "version": version, "connections": []})
+
+
+def _doc(*items: object) -> dict[str, object]:
+    return {"format": "integrations-export", "version": 1, "connections": list(items)}
+
+
+def test_document_is_the_plain_format_at_version_1() -> None:
+    doc = _bundle.document([], "2026-01-01T00:00:00+00:00")
+    assert doc == _doc() | {"exported_at": "2026-01-01T00:00:00+00:00"}
+    assert _bundle.entries(doc) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("x", "connection #2 is not an object"),
+        ({"provider": 1, "name": "n", "data": {}}, "connection #2: provider and name"),
+        ({"provider": "p", "name": None, "data": {}}, "connection #2: provider and name"),
+        ({"provider": "p", "name": "n", "owner": 5, "data": {}}, "connection #2: owner"),
+        ({"provider": "p", "name": "n", "data": []}, "connection #2: data must be an object"),
+    ],
+)
+def test_entries_name_the_first_bad_connection(bad: object, message: str) -> None:
+    good = {"provider": "p", "name": "n", "owner": "user:1", "data": {}}
+    with pytest.raises(_bundle.BundleError, match=message):
+        _bundle.entries(_doc(good, bad))
+    with pytest.raises(_bundle.BundleError, match="no connections list"):
+        _bundle.entries({**_doc(), "connections": {}})
+
+
+def test_an_entry_splits_setup_tokens_and_bookkeeping() -> None:
+    data = {
+        "api_key": "k",
+        "region": None,
+        "access_token": "a",
+        "refresh_token": "r",
+        "expires_at": None,
+        "granted_scopes": ["read"],
+        "status": "failing",
+        "validation_status": "401 from the provider",
+    }
+    item = {"provider": "p", "name": "n", "owner": None, "uuid": "u-1", "data": data}
+    (entry,) = _bundle.entries(_doc(item))
+    assert entry == _bundle.Entry(
+        "p",
+        "n",
+        None,
+        {"api_key": "k"},
+        {"access_token": "a", "refresh_token": "r", "scope": ["read"]},
+        "u-1",
+        "failing",
+        "401 from the provider",
+    )
+    assert entry.ref == "p:n"
+    odd = {**item, "uuid": 7, "data": {"status": 1, "validation_status": 2}}
+    (entry,) = _bundle.entries(_doc(odd))
+    assert (entry.uuid, entry.status, entry.validation, entry.tokens) == (None, None, None, {})
+
+
+def test_a_grant_without_scopes_or_without_an_access_token() -> None:
+    assert _bundle.split_data({"access_token": "a", "granted_scopes": None}) == (
+        {},
+        {"access_token": "a"},
+    )
+    # A refresh token alone is not importable as a grant; the scopes go with it.
+    assert _bundle.split_data({"refresh_token": "r", "granted_scopes": ["x"], "k": "v"}) == (
+        {"k": "v"},
+        {},
+    )
+
+
+def test_an_entry_cannot_be_changed_after_reading() -> None:
+    import dataclasses
+
+    entry = _bundle.Entry("p", "n", None, {}, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.name = "other"  # type: ignore[misc]

@@ -92,8 +92,13 @@ async def test_stale_connections_are_checked_and_events_fire_only_on_change(
             sweeping(integ, stale_after=0.0) as (reports, _),
         ):
             await until(reports, 3)
-            await asyncio.sleep(0.3)
-            seen = [await events.get() for _ in range(events.pending)]
+            # Events arrive in commit order: a sentinel's, written after three sweeps, ends
+            # the ones the sweeps sent.
+            await integ.record_validation(recent.uuid, (True, "sentinel"))
+            seen = []
+            while not seen or seen[-1].uuid != recent.uuid:
+                seen.append(await asyncio.wait_for(events.get(), 15))
+            seen.pop()
         first = reports[0]
         # Three configured connections, all due with stale_after=0; the unconfigured one
         # is not a candidate at all.

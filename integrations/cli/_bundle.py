@@ -133,7 +133,8 @@ def unseal(raw: Mapping[str, Any], passphrase: str) -> dict[str, Any]:
         key = _key(passphrase, base64.b64decode(kdf["salt"]), n, r, p)
         nonce = base64.b64decode(raw["nonce"])
         ciphertext = base64.b64decode(raw["ciphertext"])
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, MemoryError):
+        # MemoryError: parameters within the bounds that scrypt refuses (n >= 2**(16 * r)).
         raise BundleError("the export file is damaged (missing or malformed fields)") from None
     try:
         plaintext = AESGCM(key).decrypt(nonce, ciphertext, _AAD)
