@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
 import json
 import logging
@@ -17,6 +16,7 @@ from typing import Any, Final, Literal
 from . import _telemetry as telemetry
 from ._errors import AuditFailed, ConfigurationError
 from ._names import shown
+from ._scope import ACTOR as ACTOR
 from ._settings import check_at_most
 
 __all__ = [
@@ -60,11 +60,6 @@ ACTIONS: Final[dict[str, str]] = {
     "request.sent": "use",
 }
 
-#: The actor of the calls made in this context when they take no ``actor=`` (the CLI's
-#: ``--actor``, the console's signed-in user).
-ACTOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "integrations_audit_actor", default=None
-)
 
 GENESIS: Final = bytes(32)
 FLUSH_EVERY: Final = 0.25

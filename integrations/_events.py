@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import json
 import logging
@@ -21,6 +20,8 @@ from ._backoff import equal_jitter
 from ._errors import ConfigurationError, IntegrationsError, InvalidArgument, LifecycleError
 from ._models import EVENT_KINDS, Event
 from ._names import shown
+from ._scope import ALL_OWNERS as ALL_OWNERS
+from ._scope import AllOwners as AllOwners
 from ._settings import MAXIMUM
 
 __all__ = [
@@ -104,18 +105,6 @@ class LogReader(Protocol):
         limit: int,
     ) -> tuple[list[Event], int]: ...
 
-
-class AllOwners(enum.Enum):
-    """The type of ``ALL_OWNERS``: a scope that spans every owner."""
-
-    ALL_OWNERS = "ALL_OWNERS"
-
-    def __repr__(self) -> str:
-        return "ALL_OWNERS"
-
-
-ALL_OWNERS: Final = AllOwners.ALL_OWNERS
-"""Pass as ``owner=`` to see every owner's connections, system ones included."""
 
 OwnerScope: TypeAlias = str | Literal[AllOwners.ALL_OWNERS] | None
 

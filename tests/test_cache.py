@@ -433,3 +433,38 @@ async def test_an_uncached_read_is_one_statement_with_no_reset_after_it(
     [query] = [r["query"] for r in last]
     assert "FROM integrations.connections WHERE uuid = $1" in query
     assert "RESET" not in query and "UNLISTEN" not in query
+
+
+def test_counters_count_each_hit_miss_and_invalidation_once() -> None:
+    cache = RowCache()
+    assert (cache.capacity, cache.hits, cache.misses, cache.invalidations) == (10_000, 0, 0, 0)
+    cache.listening(True)
+    cache.fill(cache.ticket(), row("a"))
+    cache.get("a")
+    cache.get("b")
+    cache.rows_changed(["a"])
+    stats = cache.stats
+    assert (stats.hits, stats.misses, stats.invalidations) == (1, 1, 1)
+
+
+def test_a_cache_of_one_row_is_allowed() -> None:
+    cache = RowCache(capacity=1)
+    cache.listening(True)
+    cache.fill(cache.ticket(), row("a"))
+    assert cache.get("a") is not None
+
+
+def test_extras_are_kept_and_served_only_beside_the_very_row_held() -> None:
+    cache = RowCache()
+    cache.listening(True)
+    held = row("a")
+    cache.fill(cache.ticket(), held)
+    equal = row("a")  # the same data, another read: not the row the value was built from
+    cache.keep_extra(equal, "auth", "no")
+    assert cache.extra(held, "auth") is None
+    cache.keep_extra(held, "auth", "yes")
+    assert cache.extra(held, "auth") == "yes"
+    assert cache.extra(equal, "auth") is None
+    assert cache.extra(held, "other") is None
+    cache.rows_changed(["a"])
+    assert cache.extra(held, "auth") is None

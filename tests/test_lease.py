@@ -345,3 +345,188 @@ def test_basic_client_auth_puts_the_secret_in_the_header_not_the_body() -> None:
     _, headers, body = client.prepare("https://idp.example/token", "grant_type=x")
     assert headers["Authorization"].startswith("Basic ")
     assert "s3cret" not in body
+
+
+# -- exact comparisons -----------------------------------------------------------------------
+
+
+def fresh(value: str) -> str:
+    """An equal string that is not the same object (as values read from storage are)."""
+    return "".join(list(value))
+
+
+def test_text_is_a_non_empty_string_or_none() -> None:
+    assert lease.text("a") == "a"
+    assert lease.text("") is None and lease.text(5) is None and lease.text(None) is None
+
+
+def test_a_token_is_usable_until_the_instant_it_expires() -> None:
+    assert lease.usable("t", {"expires_at": at(1)}, NOW)
+    assert not lease.usable("t", {"expires_at": at(0)}, NOW)
+    assert lease.usable("t", {}, NOW)
+    assert not lease.usable(None, {}, NOW)
+
+
+def test_a_recorded_failure_stands_for_its_own_kind_of_error() -> None:
+    auth = lease.recorded_error({"code": fresh("reauth_required"), "message": "m"}, {})
+    assert isinstance(auth, ReauthRequired)
+    # A code that sorts before reauth_required is no reauthorization.
+    other = lease.recorded_error({"code": "invalid_grant", "message": "m"}, {})
+    assert isinstance(other, TokenRequestFailed) and not isinstance(other, ReauthRequired)
+
+
+def test_a_recorded_failure_without_a_message_takes_the_status_or_a_default() -> None:
+    status = {"validation_status": "Key revoked"}
+    assert lease.recorded_error({"message": ""}, status).message == "Key revoked"
+    assert lease.recorded_error({}, status).message == "Key revoked"
+    default = "The token refresh failed"
+    assert lease.recorded_error({}, {"validation_status": 5}).message == default
+    assert lease.recorded_error({"message": ""}, {}).message == default
+
+
+def test_only_a_pending_retry_at_holds_refreshes_back_and_a_terminal_failure_always() -> None:
+    def failure(**fields: Any) -> dict[str, Any]:
+        return {"refresh_error": {"id": "f", "code": "token_request_failed", **fields}}
+
+    assert lease.held_back({}, NOW) is None
+    assert lease.held_back(failure(), NOW) is None
+    assert lease.held_back(failure(code="invalid_grant"), NOW) is None
+    assert lease.held_back(failure(retry_at=at(-1)), NOW) is None
+    assert lease.held_back(failure(retry_at=at(0)), NOW) is None
+    assert isinstance(lease.held_back(failure(retry_at=at(1)), NOW), TokenRequestFailed)
+    terminal = {"refresh_error": {"id": "f", "code": fresh("reauth_required")}}
+    assert isinstance(lease.held_back(terminal, NOW), ReauthRequired)
+    terminal["refresh_error"]["retry_at"] = at(-1)
+    assert isinstance(lease.held_back(terminal, NOW), ReauthRequired)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"holder": "me", "fence": 9},
+        {"holder": "me", "fence": 7},
+        {"holder": "zz", "fence": 8},
+        {"holder": "aa", "fence": 8},
+        {"fence": 8},
+        None,
+    ],
+)
+def test_a_lease_is_held_only_by_its_exact_holder_and_fence(stored: Any) -> None:
+    taken = lease.Lease(UUID, "me", 8, NOW)
+    assert not taken.held_in({"refresh_lease": stored})
+
+
+def test_a_lease_is_held_by_an_equal_fence_read_back_from_storage() -> None:
+    fence = int("1000001")
+    taken = lease.Lease(UUID, "me", fence, NOW)
+    assert taken.held_in({"refresh_lease": {"holder": fresh("me"), "fence": int("1000001")}})
+
+
+def test_an_expiring_refresh_hands_out_a_token_stored_meanwhile_though_due() -> None:
+    # Not a forced refresh: any token other than the one the caller saw will do.
+    for stored in ("new", "aaa", "zzz"):
+        change, decided = look(row(), plain(access_token=stored), need())
+        assert decided.outcome == stored and change.data is None
+
+
+def test_the_token_a_caller_saw_read_back_from_storage_is_refreshed() -> None:
+    _, decided = look(row(), plain(access_token=fresh("old")), need(mode="rejected"))
+    assert decided.lease is not None
+
+
+def test_a_forced_refresh_takes_a_token_obtained_at_the_instant_its_call_began() -> None:
+    _, decided = look(row(token_obtained_at=at(0)), plain(), need(mode="force"))
+    assert decided.outcome == "old"
+
+
+def test_a_failure_the_caller_saw_read_back_from_storage_is_not_news() -> None:
+    failure = {"id": fresh("f1"), "code": "token_request_failed", "message": "down"}
+    forced = lease.Need(lease.Seen("old", "f1"), "force", NOW)
+    _, decided = look(row(refresh_error=failure), plain(), forced)
+    assert decided.lease is not None
+
+
+def test_a_due_token_is_held_back_by_a_pending_retry_at() -> None:
+    failure = {"id": "f1", "code": "token_request_failed", "message": "down", "retry_at": at(5)}
+    wanted = lease.Need(lease.Seen("old", "f1"), "expiring", NOW)
+    _, decided = look(row(refresh_error=failure), plain(expires_at=at(-1)), wanted)
+    assert isinstance(decided.outcome, TokenRequestFailed)
+
+
+def test_a_lease_ending_now_is_taken_over() -> None:
+    held = {"holder": "other", "fence": 3, "until": at(0)}
+    _, decided = look(row(refresh_lease=held), plain(), need())
+    assert decided.lease is not None and decided.taken_from == "other"
+
+
+def test_the_wait_for_a_marked_lease_ends_at_its_instant() -> None:
+    _, decided = look(
+        row(refresh_lease=MARKED), plain(expires_at=at(-1)), need(), token_write_retry=1
+    )
+    assert isinstance(decided.outcome, ReauthRequired)
+
+
+def test_providers_rotate_refresh_tokens_unless_told_otherwise() -> None:
+    _, decided = lease.look(
+        row(refresh_lease=MARKED),
+        plain(expires_at=at(-1)),
+        need(),
+        holder="me",
+        now=NOW,
+        clock=NOW,
+        policy=TokenPolicy(write_retry=0.5),
+    )
+    assert isinstance(decided.outcome, ReauthRequired)
+
+
+def test_no_lease_is_marked_or_renewed_without_a_row_or_a_clock() -> None:
+    taken, stored = held_row()
+    for change in (lease.sending, lease.renewed):
+        assert change(taken, None, NOW, 15) == (lease.Change(), False)
+        assert change(taken, stored, None, 15) == (lease.Change(), False)
+
+
+def test_an_answer_for_a_deleted_row_is_not_stored_and_not_newer() -> None:
+    taken, _ = held_row()
+    change, done = lease.written(taken, None, plain(), tokens(), "r1", seal)
+    assert change.data is None
+    assert (done.stored, done.newer, done.token) == (False, False, "new")
+
+
+@pytest.mark.parametrize(("obtained", "newer"), [(-1, False), (0, False), (1, True)])
+def test_a_fenced_out_answer_is_newer_only_than_tokens_obtained_before_it(
+    obtained: float, newer: bool
+) -> None:
+    taken, _ = held_row()
+    other = row(9, refresh_lease={"holder": "o", "fence": 9}, token_obtained_at=at(obtained))
+    _, done = lease.written(taken, other, plain(refresh_token=fresh("r1")), tokens(), "r1", seal)
+    assert (done.stored, done.newer, done.token) == (False, newer, "old" if newer else "new")
+
+
+def test_lost_tokens_mark_only_the_exact_spent_refresh_token() -> None:
+    _, stored = held_row()
+    assert lease.spent(stored, plain(refresh_token="r0"), "r1", NOW, POLICY).data is None
+    change = lease.spent(stored, plain(refresh_token=fresh("r1")), "r1", NOW, POLICY)
+    assert change.data["refresh_error"]["code"] == "reauth_required"
+
+
+def test_tokens_stay_out_of_reprs() -> None:
+    assert "s3cret" not in repr(lease.Look(fallback="s3cret"))
+    assert "s3cret" not in repr(lease.Written(True, "s3cret"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        lease.Seen("t", None),
+        lease.Need(lease.Seen("t", None), "force", NOW),
+        lease.Lease(UUID, "me", 1, NOW),
+        lease.Look(),
+        lease.Written(False, "t"),
+    ],
+)
+def test_lease_values_are_immutable_and_slotted(value: Any) -> None:
+    assert not hasattr(value, "__dict__")
+    name = next(iter(type(value).__slots__))
+    with pytest.raises(AttributeError):
+        setattr(value, name, None)

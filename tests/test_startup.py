@@ -23,7 +23,7 @@ NEVER_AT_IMPORT = (
     "integrations.web",
 )
 # What `import integrations` and `--help` need none of either: the HTTP client, the
-# driver, the models, the crypto, the library's services.
+# driver, the models, the crypto, the library's services, the event loop.
 NOT_FOR_HELP = (
     *NEVER_AT_IMPORT,
     "aiohttp",
@@ -33,6 +33,9 @@ NOT_FOR_HELP = (
     "cryptography",
     "integrations._integrations",
     "integrations._repository",
+    "integrations._events",
+    "integrations._audit",
+    "asyncio",
 )
 
 

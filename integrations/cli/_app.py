@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import difflib
 import errno
@@ -17,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .._audit import AuditRecord, Breach
 from .._errors import AlreadyExists, MissingExtra
-from .._events import ALL_OWNERS
 from .._names import PROVIDER_KEY_RE
+from .._scope import ALL_OWNERS
 from ._support import (
     FAILED,
     USAGE,
@@ -53,6 +51,7 @@ from ._support import ago as _ago
 # What a command needs is imported when it runs, so that --help and a command's usage
 # errors come at once (the HTTP client, the driver, rich and cryptography take a while).
 if TYPE_CHECKING:
+    from .._audit import AuditRecord, Breach
     from .._integrations import Integrations
     from .._models import Connection, Event, RotationProgress
     from . import _bundle, _transfer
@@ -730,6 +729,8 @@ def test(
             if ref:
                 uuid = await resolve(integ, env, ref)
                 connection = await integ.get_integration_by_uuid(uuid)
+                import asyncio
+
                 started = asyncio.get_running_loop().time()
                 result = await integ.validate_connection(uuid, actor=env.who())
                 duration = round(asyncio.get_running_loop().time() - started, 3)
@@ -831,6 +832,8 @@ def connect(
                         print(f"(or open {code.verification_uri_complete})")
                     print(f"Waiting for the approval (the code expires in {code.expires_in} s)...")
                     sys.stdout.flush()
+                    import asyncio
+
                     async with asyncio.timeout(min(timeout, code.expires_in + code.interval)):
                         connection = await integ.complete_device_authorization(
                             uuid, actor=env.who()
@@ -1443,6 +1446,8 @@ def audit(
             )
             show(list(reversed(page.records)))
             last = page.records[0].seq if page.records else 0
+            import asyncio
+
             while follow:
                 await asyncio.sleep(1.0)
                 fresh = await integ.audit(

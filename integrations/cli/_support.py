@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import difflib
 import functools
@@ -22,7 +21,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from .._audit import ACTOR
 from .._errors import (
     ConfigurationError,
     Deleted,
@@ -34,8 +32,8 @@ from .._errors import (
     SchemaOutdated,
     StorageError,
 )
-from .._events import ALL_OWNERS
 from .._names import PROVIDER_KEY_RE, normalize_name, parse_uuid
+from .._scope import ACTOR, ALL_OWNERS
 
 # Imported where used, so that --help loads none of them (see _app.py).
 if TYPE_CHECKING:
@@ -434,6 +432,8 @@ def run(ctx: click.Context, work: Callable[[Env], Coroutine[Any, Any, T]]) -> T:
     """Run a command's coroutine; library errors become one line on stderr and an exit code."""
     env = env_of(ctx)
     try:
+        import asyncio
+
         return asyncio.run(_acting(env, work))
     except Fail as exc:
         _fail(env, exc, exc.message, exc.code)
