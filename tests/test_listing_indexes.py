@@ -200,11 +200,13 @@ async def test_every_owners_pages_in_key_then_owner_order(
     # A mark of one owner's listing is refused by every owner's, and the other way round.
     one = await integ.list_page(owner="a", status="connected", limit=1)
     assert one.next_after is not None
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.list_page(owner=ALL_OWNERS, after=one.next_after)
+    assert info.value.code == "invalid", info.value
     every = await integ.list_page(owner=ALL_OWNERS, limit=1)
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.list_page(owner="a", status="connected", after=every.next_after)
+    assert info.value.code == "invalid", info.value
 
 
 async def test_every_owners_pages_are_planned_once_whatever_the_values(
@@ -310,8 +312,9 @@ async def test_status_pages_read_only_their_rows_through_an_index(
     ],
 )
 async def test_bad_filters_are_refused(integ: Integrations, kwargs: dict[str, object]) -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.list_page(**kwargs)  # type: ignore[arg-type]
+    assert info.value.code == "invalid", info.value
 
 
 # -- counts -------------------------------------------------------------------------------
