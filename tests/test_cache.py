@@ -130,8 +130,9 @@ def test_lru_bound_and_refs_follow_their_rows() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"cache_size": 0}, {"cache_size": "big"}, {"cache": "yes"}])
 def test_bad_cache_settings_are_refused(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         Integrations("postgresql://localhost/x", **kwargs)  # type: ignore[arg-type]
+    assert info.value.code == "configuration", info.value
 
 
 # -- in one process -----------------------------------------------------------------------

@@ -595,13 +595,13 @@ async def test_processes_sharing_a_secret_accept_each_others_forms(integ: Integr
 
 
 def test_console_refuses_bad_arguments(integ: Integrations) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="authorize must be a callable"):
         console(integ, authorize="admin")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="page_size must be a positive integer"):
         console(integ, authorize=admin, page_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="secret must be at least 16 bytes"):
         console(integ, authorize=admin, secret="short")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="owner must be a non-empty string"):
         Owner("  ")
 
 
