@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,12 @@ from integrations import Integrations, _embedded, generate_key
 # A run that shares a template database across test processes (INTEGRATIONS_TEST_TEMPLATE,
 # below) shares the key its data keys are wrapped with too.
 TEST_KEY = os.environ.get("INTEGRATIONS_TEST_KEY") or generate_key()
+
+# Tests stop the commands they start with Ctrl-C (SIGINT), as at a terminal. A suite run as
+# a background job of a script starts with SIGINT ignored, which its commands would inherit
+# (and then never stop): a handler of our own is what a command sees as the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _local_server() -> tuple[str, int]:
