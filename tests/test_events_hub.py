@@ -586,6 +586,33 @@ async def test_jitter_keeps_each_delay_between_half_and_full(
     await hub.close()
 
 
+class UnprobedListener(FakeListener):
+    """A listener that can be probed, but whose probes cannot be sent (the pool that
+    sends the NOTIFY cannot reach the database): no news of it either way."""
+
+    can_probe = True
+
+    async def probe(self) -> asyncio.Future[None]:
+        raise OSError("connection refused")
+
+
+async def test_a_subscribe_whose_probe_cannot_be_sent_goes_on_after_the_probe_bound(
+    channel: str,
+) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UnprobedListener:
+        return UnprobedListener(on_payload, on_lost)
+
+    # Probes every 0.05 s, each allowed 0.1 s: subscribe() waits at most 0.25 s for news.
+    hub = EventHub(listen, channel, heartbeat=(0.05, 0.1))
+    async with asyncio.timeout(TIMEOUT), hub.subscribe() as sub:
+        sent = event()
+        hub.publish_local(sent)
+        assert await next_event(sub) == sent
+    await hub.close()
+
+
 async def test_listener_lost_while_opening_is_replaced(channel: str) -> None:
     listen = FakeListen()
     listen.lose_on_open = 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -113,6 +115,30 @@ async def test_close_waits_for_a_write_being_retried(
     await asyncio.wait_for(closing, 10)
     assert await _stored_token(fresh_db, server, uuid) == token
     assert server.stats.refresh_reuse_detected == 0
+
+
+async def test_a_failed_write_is_tried_again_after_waits_that_double(
+    fresh_db: str, server: OAuthTestServer, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded(delay: float, *args: Any) -> Any:
+        if sys._getframe(1).f_code.co_name == "_persist":
+            waits.append(delay)
+        return await real_sleep(delay, *args)
+
+    async with open_integrations(
+        proxy.dsn(fresh_db), server.base_url, token_write_retry=30
+    ) as integ:
+        uuid = await connect(integ)
+        monkeypatch.setattr(asyncio, "sleep", recorded)
+        token = await _cut_during_refresh(integ, server, proxy, uuid)
+        await eventually(lambda: len(waits) >= 6, within=30)
+        proxy.restore()
+        await eventually(partial(_stored_is, fresh_db, server, uuid, token), within=30)
+        monkeypatch.undo()
+    assert waits[:6] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0])
 
 
 async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
