@@ -203,9 +203,16 @@ async def test_a_full_queue_is_read_again_from_the_log_not_dropped(integ: Integr
     added = await integ.add_connection("openai", "main")
     async with integ.subscribe(owner=ALL_OWNERS, after=0, maxsize=2) as sub:
         assert (await next_event(sub)).uuid == added.uuid
+        received = integ.event_stats.received
         for i in range(12):
             await integ.save_setup(added.uuid, {"api_key": f"sk-burst-{i:02d}-0123456789"})
-        await asyncio.sleep(0.3)
+        # All twelve reach the listener before one is read: the queue of two overflows.
+        for _ in range(1000):
+            if integ.event_stats.received >= received + 12:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the burst's notifications did not arrive")
         events = [await next_event(sub) for _ in range(12)]
         assert sub.dropped == 0
     positions = [e.position for e in events]
@@ -286,7 +293,15 @@ async def test_a_commit_waits_while_an_earlier_one_holds_the_numbering_lock(
     await db.execute("SET CONSTRAINTS integrations.events_number IMMEDIATE")
     early = await db.fetchval("SELECT max(position) FROM integrations.events")
     saving = asyncio.create_task(integ.save_setup(added.uuid, {"api_key": "sk-wait-0123456789"}))
-    await asyncio.sleep(0.5)
+    # The save's commit is seen waiting for the lock this transaction holds.
+    me = await db.fetchval("SELECT pg_backend_pid()")
+    blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+    for _ in range(1000):
+        if await db.fetchval(blocked, me):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the save never waited for the held lock")
     # The later commit cannot draw a position while the earlier one is not visible, so a
     # reader that sees the later position sees the earlier one too.
     assert not saving.done()
