@@ -237,6 +237,31 @@ async def test_a_lost_listener_is_caught_up_from_the_log_without_a_resync(
     assert integ.event_stats.reconnects >= 1
 
 
+async def test_a_live_event_after_one_whose_notification_was_lost_brings_the_lost_one_first(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    added = await integ.add_connection("openai", "main")
+    async with integ.subscribe(owner=ALL_OWNERS, after=0) as sub:
+        first = await next_event(sub)
+        assert first.kind == "connection_added"
+        # The same event logged once more, numbered but never notified (as when its NOTIFY
+        # is lost): the subscription can learn of it only from the log.
+        async with db.transaction():
+            await db.execute("SET LOCAL session_replication_role = replica")
+            lost = await db.fetchval(
+                "INSERT INTO integrations.events (position, kind, uuid, owner, provider, body) "
+                "SELECT nextval('integrations.events_position'), kind, uuid, owner, provider, "
+                "body FROM integrations.events WHERE position = $1 RETURNING position",
+                first.position,
+            )
+        await integ.save_setup(added.uuid, {"api_key": "sk-after-the-hole-0123456789"})
+        events = [await next_event(sub) for _ in range(2)]
+    assert [(e.position, e.kind) for e in events] == [
+        (lost, "connection_added"),
+        (lost + 1, "setup_saved"),
+    ]
+
+
 async def test_positions_follow_commit_order_not_the_order_of_the_writes(
     integ: Integrations, db: asyncpg.Connection
 ) -> None:
@@ -332,6 +357,14 @@ async def test_a_bad_after_is_refused_before_subscribing(
     with pytest.raises(InvalidArgument) as info:
         integ.subscribe(after=after)  # type: ignore[arg-type]
     assert info.value.context["field"] == "after"
+
+
+async def test_the_largest_position_is_a_cursor_to_resume_from(integ: Integrations) -> None:
+    # Positions are PostgreSQL bigints: the largest one is accepted, one more is not.
+    async with integ.subscribe(owner=ALL_OWNERS, after=2**63 - 1) as sub:
+        assert sub.position == 2**63 - 1
+    with pytest.raises(InvalidArgument):
+        integ.subscribe(owner=ALL_OWNERS, after=2**63)
 
 
 @pytest.mark.parametrize(

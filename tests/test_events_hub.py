@@ -586,6 +586,96 @@ async def test_jitter_keeps_each_delay_between_half_and_full(
     await hub.close()
 
 
+class UnprobedListener(FakeListener):
+    """A listener that can be probed, but whose probes cannot be sent (the pool that
+    sends the NOTIFY cannot reach the database): no news of it either way."""
+
+    can_probe = True
+
+    async def probe(self) -> asyncio.Future[None]:
+        raise OSError("connection refused")
+
+
+async def test_a_subscribe_whose_probe_cannot_be_sent_goes_on_after_the_probe_bound(
+    channel: str,
+) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UnprobedListener:
+        return UnprobedListener(on_payload, on_lost)
+
+    # Probes every 0.05 s, each allowed 0.1 s: subscribe() waits at most 0.25 s for news.
+    hub = EventHub(listen, channel, heartbeat=(0.05, 0.1))
+    async with asyncio.timeout(TIMEOUT), hub.subscribe() as sub:
+        sent = event()
+        hub.publish_local(sent)
+        assert await next_event(sub) == sent
+    await hub.close()
+
+
+class UnheardListener(FakeListener):
+    """A listener whose probes go out and never arrive (as behind a transaction pooler)."""
+
+    can_probe = True
+
+    async def probe(self) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
+    channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    opened: list[UnheardListener] = []
+    third = asyncio.Event()
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UnheardListener:
+        opened.append(UnheardListener(on_payload, on_lost))
+        if len(opened) == 3:
+            third.set()
+        return opened[-1]
+
+    caplog.set_level(logging.INFO, logger="integrations.events")
+    hub = EventHub(
+        listen, channel, heartbeat=(0.05, 0.1), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    await hub.start()
+    # Each connection is found unheard, dropped and opened anew.
+    await asyncio.wait_for(third.wait(), TIMEOUT)
+    await hub.close()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    unheard = [level for level, text in messages if "did not receive its own" in text]
+    assert unheard[:2] == [logging.ERROR, logging.WARNING]
+    assert not [text for _, text in messages if "did not answer" in text]
+
+
+async def test_a_listener_lost_again_after_a_reconnect_is_reconnected_again(
+    channel: str,
+) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.01)
+    async with hub.subscribe() as sub:
+        for _ in range(2):
+            listen.listeners[-1].on_lost()
+            assert (await next_event(sub)).kind == "resync"
+            assert hub.listening
+    assert listen.calls == 3
+    await hub.close()
+
+
+async def test_received_counts_the_event_notifications(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe() as sub:
+        before = hub.stats.received
+        for _ in range(3):
+            await notify(pg, channel, event())
+        for _ in range(3):
+            await next_event(sub)
+        assert hub.stats.received == before + 3
+
+
 async def test_listener_lost_while_opening_is_replaced(channel: str) -> None:
     listen = FakeListen()
     listen.lose_on_open = 1

@@ -460,6 +460,36 @@ async def test_a_401_that_joins_a_refresh_started_for_an_older_token_still_gets_
     assert _refreshes(server) == 2
 
 
+async def test_a_401_that_joins_a_refresh_ahead_of_expiry_handing_back_that_token_refreshes(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A caller that read an expired token starts a refresh ahead of expiry, which finds a
+    newer token stored and hands it back without asking; a 401 for that very token that
+    joined it gets a new one (one more token request), not the token just rejected."""
+    uuid = await connect(integ)
+    await _expire_locally(db, uuid)
+    stale_row = await integ._s.core.repo.get(uuid)
+    assert stale_row is not None
+    await integ.refresh_access_token(uuid)  # another caller refreshed meanwhile
+    assert _refreshes(server) == 1
+    provider = integ._s.core.provider_of(stale_row)
+    assert provider is not None
+    async with db.transaction():
+        await _lock_row(db, uuid)  # a save_setup, rotation batch or other process holds it
+        early = asyncio.create_task(integ._s.tokens.access_token(stale_row, provider))
+        await eventually(lambda: bool(integ._s.tokens._inflight))
+        assert integ._s.tokens._inflight[uuid].mode == "expiring"
+        server.expire_access_tokens()  # the provider now rejects the stored token
+        request = asyncio.create_task(integ.authenticated_request(uuid, "GET", server.api_url))
+        await eventually(lambda: server.stats.api_rejected == 1)
+        await eventually(lambda: integ._s.tokens._inflight[uuid].callers == 2)
+    response = await request
+    stored = await early
+    assert response.status == 200
+    assert _refreshes(server) == 2
+    assert stored != (await integ.get_integration(uuid))["access_token"]
+
+
 async def test_tokens_are_never_sent_to_a_host_outside_api_hosts(
     integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
