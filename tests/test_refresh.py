@@ -351,7 +351,7 @@ async def test_a_cancelled_close_is_completed_by_closing_again(
     refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
     await eventually(lambda: _refreshes(server) == 1)
     closing = asyncio.create_task(integ.close())
-    await asyncio.sleep(0.2)
+    await eventually(lambda: "state=closing" in repr(integ))
     closing.cancel()
     await asyncio.gather(closing, return_exceptions=True)
     await integ.close()
@@ -889,9 +889,11 @@ async def test_a_disconnect_committing_during_close_still_revokes_the_grant(
         await tx.start()
         await _lock_row(db, uuid)
         disconnecting = asyncio.create_task(integ.disconnect(uuid))
-        await asyncio.sleep(0.2)
+        me = await db.fetchval("SELECT pg_backend_pid()")
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+        await eventually(lambda: db.fetchval(blocked, me))  # the disconnect waits on the lock
         closing = asyncio.create_task(integ.close())
-        await asyncio.sleep(0.2)
+        await eventually(lambda: "state=closing" in repr(integ))
         await tx.commit()
         await closing
         await asyncio.gather(disconnecting, return_exceptions=True)

@@ -93,7 +93,7 @@ async def test_a_forced_refresh_does_not_share_an_answer_obtained_before_it_bega
         )
         await eventually(lambda: flight.answered)
         second = asyncio.create_task(integ.refresh_access_token(uuid))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: flight.callers == 2)  # the forced caller met the flight
         assert not first.done()
     earlier, later = await first, await second
     assert later != earlier
@@ -326,14 +326,17 @@ async def test_a_holder_that_stopped_before_sending_is_fenced_out_and_sends_noth
         ask = Refresher._ask
         stopped = holder._s.tokens
 
+        leased = asyncio.Event()
+
         async def ask_late(self: Refresher, *args: object) -> str:
             if self is stopped:
+                leased.set()
                 await asyncio.sleep(2.0)  # stopped between taking the lease and sending
             return await ask(self, *args)  # type: ignore[arg-type]
 
         monkeypatch.setattr(Refresher, "_ask", ask_late)
         late = asyncio.create_task(holder.refresh_access_token(uuid))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(leased.wait(), 10)
         # The lease runs out; the taker refreshes, and the holder, once it runs again,
         # takes the taker's tokens instead of sending its now spent refresh token.
         fresh = await taker.refresh_access_token(uuid)
