@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -693,13 +694,22 @@ class UnprobedListener(FakeListener):
 
 
 async def test_a_subscribe_whose_probe_cannot_be_sent_goes_on_after_the_probe_bound(
-    channel: str,
+    channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def listen(
         _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> UnprobedListener:
         return UnprobedListener(on_payload, on_lost)
 
+    bounds: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def recorded(awaitable: Any, bound: float | None) -> Any:
+        if sys._getframe(1).f_code.co_name == "_proof":
+            bounds.append(cast(float, bound))
+        return await real_wait_for(awaitable, bound)
+
+    monkeypatch.setattr(asyncio, "wait_for", recorded)
     # Probes every 0.05 s, each allowed 0.1 s: subscribe() waits at most 0.25 s for news.
     hub = EventHub(listen, channel, heartbeat=(0.05, 0.1))
     async with asyncio.timeout(TIMEOUT), hub.subscribe() as sub:
@@ -707,6 +717,61 @@ async def test_a_subscribe_whose_probe_cannot_be_sent_goes_on_after_the_probe_bo
         hub.publish_local(sent)
         assert await next_event(sub) == sent
     await hub.close()
+    assert bounds and bounds[0] == pytest.approx(0.25, abs=0.01)
+
+
+class HeardListener(FakeListener):
+    """A listener whose probes arrive at once; it notes when each was sent."""
+
+    can_probe = True
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.sent: list[float] = []
+
+    async def probe(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        self.sent.append(loop.time())
+        arrived = loop.create_future()
+        arrived.set_result(None)
+        return arrived
+
+
+class ProofWatcher:
+    """A row cache's side of the hub: notes until when changes are proven heard."""
+
+    def __init__(self) -> None:
+        self.until: list[float] = []
+
+    def rows_changed(self, uuids: Any) -> None:
+        pass
+
+    def listening(self, up: bool) -> None:
+        pass
+
+    def proven(self, until: float) -> None:
+        self.until.append(until)
+
+
+async def test_a_heard_probe_lets_the_cache_serve_for_two_heartbeats_from_its_sending(
+    channel: str,
+) -> None:
+    opened: list[HeardListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> HeardListener:
+        opened.append(HeardListener(on_payload, on_lost))
+        return opened[-1]
+
+    watcher = ProofWatcher()
+    hub = EventHub(listen, channel, heartbeat=(0.5, 1.0), watcher=watcher)
+    await hub.start()
+    await hub.close()
+    # The first proof: until -inf when the connection opens, then two heartbeats (1.0 s)
+    # from when the probe was sent (a few milliseconds after the heartbeat noted it).
+    assert watcher.until[0] == -math.inf
+    assert 0.8 <= watcher.until[1] - opened[0].sent[0] <= 1.0
 
 
 class UnheardListener(FakeListener):
