@@ -199,6 +199,20 @@ async def test_one_connections_events_are_read_through_their_index(
     assert theirs == []
 
 
+async def test_pending_counts_replayed_and_live_events_not_read_yet(integ: Integrations) -> None:
+    for name in ("a", "b", "c", "d"):
+        await integ.add_connection("openai", name)
+    async with integ.subscribe(owner=ALL_OWNERS, after=0) as sub:
+        await next_event(sub)  # one page of four read from the log, one handed out
+        assert sub.pending == 3
+        await integ.add_connection("openai", "e")  # live, queued behind the replay
+        for _ in range(int(TIMEOUT / 0.01)):
+            if sub.pending != 3:
+                break
+            await asyncio.sleep(0.01)
+        assert sub.pending == 4
+
+
 async def test_a_full_queue_is_read_again_from_the_log_not_dropped(integ: Integrations) -> None:
     added = await integ.add_connection("openai", "main")
     async with integ.subscribe(owner=ALL_OWNERS, after=0, maxsize=2) as sub:

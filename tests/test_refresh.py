@@ -268,6 +268,31 @@ async def test_close_waits_for_a_refresh_in_flight(fresh_db: str, server: OAuthT
         assert server.token_status(new["refresh_token"]) == "active"
 
 
+async def test_a_refresh_asked_for_while_closing_is_refused(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    """Once close() began, a refresh asked for by a call that was under way before it (a
+    401 coming back, say) is refused rather than started or joined."""
+    uuid = await connect(integ)
+    tokens = integ._s.tokens
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+    provider = integ._s.core.provider_of(row)
+    assert provider is not None
+    server.config.token_delay = 0.5
+    first = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    closing = asyncio.create_task(integ.close())
+    await eventually(lambda: tokens._closed)
+    with pytest.raises(LifecycleError):
+        await tokens.refresh(row, provider)
+    with pytest.raises(LifecycleError):
+        await tokens.after_rejection(row, "at_rejected")
+    await closing
+    await first  # the refresh that was out finished and was stored
+    assert _refreshes(server) == 1
+
+
 async def test_close_waits_for_a_refresh_whose_token_request_was_sent(
     fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:

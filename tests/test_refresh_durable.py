@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import uuid as uuid_mod
 from collections.abc import AsyncIterator
@@ -158,6 +159,10 @@ async def _refuse_new_expiry(db: asyncpg.Connection, uuid: str) -> None:
     )
 
 
+def provider_of(integ: Integrations, row: Any) -> Any:
+    return integ._s.core.provider_of(row)
+
+
 async def test_a_401_while_new_tokens_wait_for_their_write_gets_them_at_once(
     fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
@@ -174,6 +179,16 @@ async def test_a_401_while_new_tokens_wait_for_their_write_gets_them_at_once(
         for rejected in (stored, "at_!", "at_~"):
             retry_with = integ._s.tokens.after_rejection(row, rejected)
             assert await asyncio.wait_for(retry_with, 5) == unstored
+        # So is a caller whose stored token is due.
+        await db.execute(
+            "UPDATE integrations.connections SET value_json = jsonb_set(value_json, "
+            "'{expires_at}', to_jsonb('2000-01-01T00:00:00+00:00'::text)) WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+        )
+        expired = await integ._s.core.repo.get(uuid)
+        assert expired is not None and provider_of(integ, expired) is not None
+        fetched = integ._s.tokens.access_token(expired, provider_of(integ, expired))
+        assert await asyncio.wait_for(fetched, 5) == unstored
         await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")
 
 
@@ -213,6 +228,9 @@ async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
         assert record.levelno == logging.ERROR
         message = record.getMessage()
         assert uuid in message and "rotated refresh token" in message
+        # Tried again within the bound (after 0.1 s, then 0.2 s more) and not after it.
+        attempts = re.search(r"after (\d+) attempts", message)
+        assert attempts is not None and 2 <= int(attempts.group(1)) <= 3
         assert token not in caplog.text
         proxy.restore()
         # The instance goes on working once the database is back.

@@ -363,6 +363,29 @@ async def test_with_reauthorize_a_token_request_that_timed_out_is_not_sent_again
         assert stored.reauth_required is True
 
 
+@pytest.mark.parametrize(("rotates", "takeover"), [(True, "refresh"), (False, "reauthorize")])
+async def test_a_timed_out_token_request_that_may_have_spent_the_grant_is_not_sent_again(
+    fresh_db: str, server: OAuthTestServer, rotates: bool, takeover: str
+) -> None:
+    """Either the provider rotates refresh tokens, or the takeover policy treats every
+    refresh token as spent once sent: a request that may have arrived is not repeated."""
+    server.config.rotate_refresh_tokens = rotates
+    provider = loopback_provider(server.base_url, rotates_refresh_tokens=rotates)
+    async with open_integrations(
+        fresh_db,
+        server.base_url,
+        token_timeout=0.3,
+        refresh_takeover=takeover,
+        providers=[provider],
+    ) as integ:
+        uuid = await connect(integ)
+        server.config.update({"token_delay": 1.0, "delay_next": 1})
+        with pytest.raises(ReauthRequired) as info:
+            await integ.refresh_access_token(uuid)
+        assert "not sent again" in info.value.message
+        assert _refreshes(server) == 1
+
+
 async def test_by_default_a_token_request_that_timed_out_is_retried(
     fresh_db: str, server: OAuthTestServer
 ) -> None:
