@@ -365,6 +365,10 @@ def test_64_levels_of_nesting_are_read_and_65_refused(open_: str, close: str) ->
 def test_depth_counts_closed_siblings_down_and_skips_strings_with_escapes() -> None:
     siblings = '{"a": [' + ",".join(["[[]]"] * 100) + "]}"
     assert len(_bundle.load_document(siblings)["a"]) == 100
+    # A closed array counts one level down, no more: its sibling one deeper is level 65.
+    assert _bundle.load_document('{"a": ' + "[" * 62 + "[], []" + "]" * 62 + "}")
+    with pytest.raises(_bundle.BundleError, match="nests deeper than 64 levels"):
+        _bundle.load_document('{"a": ' + "[" * 62 + "[], [[]]" + "]" * 62 + "}")
     # Brackets inside a string, after an escaped quote, are text.
     quoted = '{"a": "\\"' + "[" * 100 + '"}'
     assert _bundle.load_document(quoted) == {"a": '"' + "[" * 100}
