@@ -14,9 +14,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from integrations import ConfigurationError, Deleted, Integrations, generate_key
-from integrations._cache import RowCache
+from integrations import ConfigurationError, Deleted, Integrations, _cache, generate_key
+from integrations._cache import CachedRepository, RowCache
 from integrations._record import StoredRow
+from integrations._repository import Repository
 
 from .conftest import TEST_KEY
 from .oauth_server import OAuthTestServer
@@ -468,3 +469,28 @@ def test_extras_are_kept_and_served_only_beside_the_very_row_held() -> None:
     assert cache.extra(held, "other") is None
     cache.rows_changed(["a"])
     assert cache.extra(held, "auth") is None
+
+
+def test_cache_stats_are_immutable_and_slotted() -> None:
+    stats = RowCache().stats
+    assert not hasattr(stats, "__dict__")
+    with pytest.raises(AttributeError):
+        stats.hits = 5  # type: ignore[misc]
+
+
+def test_each_lookup_is_reported_to_telemetry_as_a_hit_or_a_miss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reported: list[bool] = []
+    monkeypatch.setattr(_cache.telemetry, "record_cache", reported.append)
+    cache = RowCache()
+    cache.listening(True)
+    cache.fill(cache.ticket(), row("a"))
+    assert cache.get("a") is not None
+    assert cache.get("b") is None  # not held: its miss is the database read's ticket
+    assert reported == [False, True]
+
+
+def test_a_cached_repository_waits_for_locks_as_long_as_the_repository() -> None:
+    cached = CachedRepository("integrations", channel="c", cache=RowCache())
+    assert cached.lock_timeout == Repository("integrations", channel="c").lock_timeout == 30.0

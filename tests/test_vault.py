@@ -118,6 +118,7 @@ def _malformed_keys() -> list[str]:
         f"ik1:{other_kid}:{body}",
         f"ik1::{body}",
         f"ik1:{kid}:{base64.urlsafe_b64encode(b'x' * 31).decode()}",
+        f"ik1:{kid}",
     ]
 
 
@@ -748,3 +749,56 @@ def test_secret_fields_are_the_documented_set() -> None:
 def test_keyring_constructor_refuses_raw_material_that_is_not_a_key() -> None:
     with pytest.raises(ValueError):
         Keyring([("abcd1234", b"too short")])
+
+
+# Values read back from storage
+
+
+def fresh(value: str) -> str:
+    """An equal string that is not the same object (as values read from storage are)."""
+    return "".join(list(value))
+
+
+def test_a_credentials_value_that_is_not_a_map_is_masked_under_a_key_read_from_storage() -> None:
+    assert mask_data({fresh("credentials"): MARKER}) == {"credentials": "••••" + MARKER[-4:]}
+
+
+def test_only_credentials_is_a_map_of_secrets_other_maps_are_one_value(vault: Vault) -> None:
+    # Fields that sort before "credentials": a secret map is sealed whole, another kept.
+    sealed = vault.seal(ROW, {"access_token": {"a": MARKER}, "account": {"region": "eu"}})
+    assert is_envelope(sealed["access_token"])
+    assert sealed["account"] == {"region": "eu"}
+    assert vault.unseal(ROW, sealed) == {"access_token": {"a": MARKER}, "account": {"region": "eu"}}
+
+
+def test_an_envelope_under_the_primary_read_back_from_storage_is_not_resealed(
+    vault: Vault,
+) -> None:
+    stored = json.loads(json.dumps(vault.seal(ROW, {"api_key": MARKER})))
+    assert vault.reseal(ROW, stored) == stored
+
+
+@pytest.mark.parametrize("shape", ["list", "map", "deeper"])
+def test_reseal_refuses_an_envelope_put_inside_a_plaintext_secret(vault: Vault, shape: str) -> None:
+    envelope = vault.seal_value(ROW, "api_key", MARKER)
+    value: Any = {
+        "list": ["x", envelope],
+        "map": {"k": envelope},
+        "deeper": [{"k": [1, envelope]}],
+    }[shape]
+    with pytest.raises(DecryptionFailed) as info:
+        vault.reseal(ROW, {"api_key": value})
+    assert info.value.context == {"field": "api_key"}
+    # Without an envelope inside, the same shapes are sealed as one value.
+    plain: Any = {"list": ["x", "y"], "map": {"k": "y"}, "deeper": [{"k": [1, "y"]}]}[shape]
+    assert vault.unseal(ROW, vault.reseal(ROW, {"api_key": plain})) == {"api_key": plain}
+
+
+@pytest.mark.parametrize("field", ["api_key", "note"])
+def test_a_lookalike_envelope_needs_rotation_which_then_refuses_it(
+    vault: Vault, field: str
+) -> None:
+    lookalike = {field: {"$enc": 1, "kid": kid_of(NEW_KEY)}}
+    assert vault.needs_rotation(lookalike)
+    with pytest.raises(DecryptionFailed):
+        vault.reseal(ROW, lookalike)
