@@ -127,22 +127,29 @@ LIMIT $6;
 -- the keyset cursor (exclusive; '' and '' from the start), $5 int rows to examine at
 -- most, $6 int matches wanted at most, $7 text status ('' for any), $8 text lowercase
 -- part of the name ('' for any).
-SELECT uuid, owner, key, value_json, version, hit, n = $5 AS last_read FROM (
+-- Every parameter is read through a scalar subquery, which the planner cannot see into:
+-- a plan made for the values of a call (a custom plan) is then the generic plan, and the
+-- server keeps that one instead of planning every call. Seeing the values, it would: on a
+-- large table the generic plan's guess at the rows a key range holds makes it look
+-- dearer than a plan for the whole range with a known LIMIT, and planning then costs
+-- more than running. The one plan is the index scan in (key, owner) order.
+SELECT uuid, owner, key, value_json, version, hit, n = (SELECT $5::int) AS last_read FROM (
     SELECT r.*, row_number() OVER () AS n,
-           ($7 = '' OR r.status = $7)
-           AND ($8 = '' OR strpos(lower(split_part(r.key, ':', 3)), $8) > 0) AS hit
+           ((SELECT $7::text) = '' OR r.status = (SELECT $7::text))
+           AND ((SELECT $8::text) = ''
+                OR strpos(lower(split_part(r.key, ':', 3)), (SELECT $8::text)) > 0) AS hit
     FROM (
         SELECT uuid, owner, key, value_json::text AS value_json, version,
                value_json ->> 'status' AS status
         FROM {schema}.connections
-        WHERE key COLLATE "C" >= $1 AND key COLLATE "C" < $2
-          AND (key COLLATE "C", owner COLLATE "C") > ($3, $4)
+        WHERE key COLLATE "C" >= (SELECT $1::text) AND key COLLATE "C" < (SELECT $2::text)
+          AND (key COLLATE "C", owner COLLATE "C") > ((SELECT $3::text), (SELECT $4::text))
         ORDER BY key COLLATE "C", owner COLLATE "C"
-        LIMIT $5
+        LIMIT (SELECT $5::int)
     ) AS r
 ) AS s
-WHERE hit OR n = $5
-LIMIT $6;
+WHERE hit OR n = (SELECT $5::int)
+LIMIT (SELECT $6::int);
 
 -- name: status_page
 -- $1 text owner, $2 text lower bound, $3 text upper bound (exclusive), $4 text keyset
@@ -161,15 +168,16 @@ LIMIT $6;
 -- Like status_page over every owner's rows in (key, owner) byte order, read from
 -- connections_status_key_owner: $1 text lower bound, $2 text upper bound (exclusive), $3
 -- text key and $4 text owner of the keyset cursor (exclusive), $5 text status, $6 int rows
--- wanted at most.
+-- wanted at most. The parameters are read through scalar subqueries, as in
+-- search_every_owner and for the same reason: one plan, never planned again per call.
 SELECT uuid, owner, key, value_json::text AS value_json, version, true AS hit,
        false AS last_read
 FROM {schema}.connections
-WHERE value_json ->> 'status' = $5
-  AND key COLLATE "C" >= $1 AND key COLLATE "C" < $2
-  AND (key COLLATE "C", owner COLLATE "C") > ($3, $4)
+WHERE value_json ->> 'status' = (SELECT $5::text)
+  AND key COLLATE "C" >= (SELECT $1::text) AND key COLLATE "C" < (SELECT $2::text)
+  AND (key COLLATE "C", owner COLLATE "C") > ((SELECT $3::text), (SELECT $4::text))
 ORDER BY key COLLATE "C", owner COLLATE "C"
-LIMIT $6;
+LIMIT (SELECT $6::int);
 
 -- name: connection_counts
 -- $1 text scope ('o:' || owner, or 'all'): connections per provider, and how many delta

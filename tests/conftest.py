@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +18,15 @@ import pytest
 
 from integrations import Integrations, _embedded, generate_key
 
-TEST_KEY = generate_key()
+# A run that shares a template database across test processes (INTEGRATIONS_TEST_TEMPLATE,
+# below) shares the key its data keys are wrapped with too.
+TEST_KEY = os.environ.get("INTEGRATIONS_TEST_KEY") or generate_key()
+
+# Tests stop the commands they start with Ctrl-C (SIGINT), as at a terminal. A suite run as
+# a background job of a script starts with SIGINT ignored, which its commands would inherit
+# (and then never stop): a handler of our own is what a command sees as the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _local_server() -> tuple[str, int]:
@@ -128,9 +137,10 @@ SELECT NOT EXISTS (SELECT 1 FROM testkit.ddl_seen)
 class _Databases:
     """The template and the emptied databases this test process can hand on."""
 
-    def __init__(self, admin_dsn: str, template: str) -> None:
+    def __init__(self, admin_dsn: str, template: str, *, shared: bool = False) -> None:
         self.admin_dsn = admin_dsn
         self.template = template
+        self.shared = shared
         self.reuse = False
         self.migrations: str | None = None
         self.spare: list[str] = []
@@ -150,12 +160,43 @@ class _Databases:
         finally:
             await conn.close()
 
+    async def adopt(self) -> None:
+        """Use a template made by an earlier process, as that process's setup left it."""
+        conn = await asyncpg.connect(_with_database(self.admin_dsn, self.template))
+        try:
+            self.migrations = await conn.fetchval(_MIGRATIONS.format("integrations"))
+            self.reuse = bool(
+                await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = 'testkit'")
+            )
+        finally:
+            await conn.close()
+
     async def take(self) -> str:
         if self.spare:
             return self.spare.pop()
         name = f"integrations_t_{secrets.token_hex(6)}"
+        if self.shared and await self._claim_parked(name):
+            return name
         await clone_database(self.admin_dsn, self.template, name)
         return name
+
+    async def _claim_parked(self, name: str) -> bool:
+        """Take a database that an earlier process emptied and parked, renamed to ``name``."""
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            parked = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, $1)",
+                f"{self.template}_p",
+            )
+            for row in parked:
+                try:
+                    await conn.execute(f'ALTER DATABASE "{row[0]}" RENAME TO "{name}"')
+                except asyncpg.PostgresError:
+                    continue  # another process took it first
+                return True
+            return False
+        finally:
+            await conn.close()
 
     async def give_back(self, name: str) -> None:
         if self.reuse and await self._empty(name):
@@ -193,6 +234,18 @@ class _Databases:
             await conn.close()
 
     async def drop_all(self) -> None:
+        """Drop this process's databases; a shared template is kept, and the emptied
+        databases are parked beside it (``<template>_p<hex>``) for the next process."""
+        if self.shared:
+            await _admin(
+                self.admin_dsn,
+                *(
+                    f'ALTER DATABASE "{n}" RENAME TO "{self.template}_p{secrets.token_hex(6)}"'
+                    for n in self.spare
+                ),
+            )
+            self.spare.clear()
+            return
         names = [*self.spare, self.template]
         self.spare.clear()
         await _admin(
@@ -200,12 +253,28 @@ class _Databases:
         )
 
 
+async def _database_exists(admin_dsn: str, name: str) -> bool:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def databases(admin_dsn: str) -> Iterator[_Databases]:
-    name = f"integrations_tpl_{os.getpid()}_{secrets.token_hex(3)}"
-    asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}"'))
-    found = _Databases(admin_dsn, name)
-    asyncio.run(found.setup())
+    """The migrated template this process clones. INTEGRATIONS_TEST_TEMPLATE names one to
+    keep across processes run one after another (with INTEGRATIONS_TEST_KEY): made by the
+    first process that finds it missing, used as it is by the next, and dropped by none
+    (scripts/mutants.py drops it and the databases parked beside it)."""
+    shared = os.environ.get("INTEGRATIONS_TEST_TEMPLATE")
+    name = shared or f"integrations_tpl_{os.getpid()}_{secrets.token_hex(3)}"
+    found = _Databases(admin_dsn, name, shared=bool(shared))
+    if shared and asyncio.run(_database_exists(admin_dsn, shared)):
+        asyncio.run(found.adopt())
+    else:
+        asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}"'))
+        asyncio.run(found.setup())
     yield found
     asyncio.run(found.drop_all())
 

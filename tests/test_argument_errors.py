@@ -88,9 +88,10 @@ async def test_bad_constructor_options_are_configuration_errors(
     fresh_db: str, options: dict[str, Any]
 ) -> None:
     options.setdefault("keys", TEST_KEY)
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         async with Integrations(fresh_db, **options):
             pass
+    assert info.value.code == "configuration", info.value
 
 
 def test_the_owner_scope_marker_is_exported() -> None:

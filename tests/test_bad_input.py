@@ -77,11 +77,12 @@ async def _snapshot(db: asyncpg.Connection) -> list[tuple[str, str, int]]:
     return [(r["key"], r["v"], r["version"]) for r in rows]
 
 
-async def _refused(db: asyncpg.Connection, call: Callable[[], Awaitable[Any]]) -> None:
+async def _refused(db: asyncpg.Connection, call: Callable[[], Awaitable[Any]], *codes: str) -> None:
+    """The call raises an error whose code is one of ``codes`` and writes nothing."""
     before = await _snapshot(db)
     with pytest.raises(IntegrationsError) as info:
         await call()
-    assert isinstance(info.value.code, str) and info.value.code
+    assert info.value.code in codes, info.value
     assert await _snapshot(db) == before
 
 
@@ -97,8 +98,9 @@ async def seeded(integ: Integrations) -> str:
 async def test_add_and_rename_refuse_bad_names(
     integ: Integrations, db: asyncpg.Connection, seeded: str, name: Any
 ) -> None:
-    await _refused(db, lambda: integ.add_connection("openai", name))
-    await _refused(db, lambda: integ.rename_connection(seeded, name))
+    code = "empty_name" if isinstance(name, str) and not name.strip() else "invalid_name"
+    await _refused(db, lambda: integ.add_connection("openai", name), code)
+    await _refused(db, lambda: integ.rename_connection(seeded, name), code)
 
 
 PROVIDER_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -111,15 +113,15 @@ async def test_unknown_or_malformed_providers_are_refused(
 ) -> None:
     if isinstance(provider, str) and provider in integ.providers:
         return
-    await _refused(db, lambda: integ.add_connection(provider, "x"))
-    await _refused(db, lambda: integ.validate_credentials(provider, {}))
+    await _refused(db, lambda: integ.add_connection(provider, "x"), "invalid_provider_key")
+    await _refused(db, lambda: integ.validate_credentials(provider, {}), "invalid_provider_key")
     if isinstance(provider, str) and PROVIDER_KEY.fullmatch(provider):
         # A well-formed key that is not registered: reads answer what is stored (nothing).
         assert await integ.list_connections(provider) == []
         assert await integ.load_all_connections([provider]) == {provider: []}
     else:
-        await _refused(db, lambda: integ.list_connections(provider))
-        await _refused(db, lambda: integ.load_all_connections([provider]))
+        await _refused(db, lambda: integ.list_connections(provider), "invalid_provider_key")
+        await _refused(db, lambda: integ.load_all_connections([provider]), "invalid_provider_key")
 
 
 @SETTINGS
@@ -127,14 +129,14 @@ async def test_unknown_or_malformed_providers_are_refused(
 async def test_uuid_methods_refuse_bad_uuids(
     integ: Integrations, db: asyncpg.Connection, seeded: str, value: Any
 ) -> None:
-    await _refused(db, lambda: integ.rename_connection(value, "x"))
-    await _refused(db, lambda: integ.remove_connection(value))
-    await _refused(db, lambda: integ.get_integration_by_uuid(value))
-    await _refused(db, lambda: integ.is_connected(value))
-    await _refused(db, lambda: integ.save_setup(value, {"api_key": "k"}))
-    await _refused(db, lambda: integ.disconnect(value))
-    await _refused(db, lambda: integ.record_validation(value, True))
-    await _refused(db, lambda: integ.validate_connection(value))
+    await _refused(db, lambda: integ.rename_connection(value, "x"), "invalid_uuid")
+    await _refused(db, lambda: integ.remove_connection(value), "invalid_uuid")
+    await _refused(db, lambda: integ.get_integration_by_uuid(value), "invalid_uuid")
+    await _refused(db, lambda: integ.is_connected(value), "invalid_uuid")
+    await _refused(db, lambda: integ.save_setup(value, {"api_key": "k"}), "invalid_uuid")
+    await _refused(db, lambda: integ.disconnect(value), "invalid_uuid")
+    await _refused(db, lambda: integ.record_validation(value, True), "invalid_uuid")
+    await _refused(db, lambda: integ.validate_connection(value), "invalid_uuid")
 
 
 @SETTINGS
@@ -142,10 +144,10 @@ async def test_uuid_methods_refuse_bad_uuids(
 async def test_ref_methods_refuse_bad_refs(
     integ: Integrations, db: asyncpg.Connection, seeded: str, ref: Any
 ) -> None:
-    await _refused(db, lambda: integ.find_uuid_by_provider_name(ref))
-    await _refused(db, lambda: integ.get_integration(ref))
-    await _refused(db, lambda: integ.get_credentials(ref))
-    await _refused(db, lambda: integ.resolve_to_uuid(ref))
+    await _refused(db, lambda: integ.find_uuid_by_provider_name(ref), "invalid")
+    await _refused(db, lambda: integ.get_integration(ref), "invalid")
+    await _refused(db, lambda: integ.get_credentials(ref), "invalid")
+    await _refused(db, lambda: integ.resolve_to_uuid(ref), "invalid")
 
 
 @SETTINGS
@@ -153,9 +155,9 @@ async def test_ref_methods_refuse_bad_refs(
 async def test_bad_owners_are_refused(
     integ: Integrations, db: asyncpg.Connection, seeded: str, owner: Any
 ) -> None:
-    await _refused(db, lambda: integ.add_connection("openai", "x", owner=owner))
-    await _refused(db, lambda: integ.list_connections("openai", owner=owner))
-    await _refused(db, lambda: integ.list_integrations(owner=owner))
+    await _refused(db, lambda: integ.add_connection("openai", "x", owner=owner), "invalid")
+    await _refused(db, lambda: integ.list_connections("openai", owner=owner), "invalid")
+    await _refused(db, lambda: integ.list_integrations(owner=owner), "invalid")
 
 
 @SETTINGS
@@ -163,8 +165,10 @@ async def test_bad_owners_are_refused(
 async def test_save_setup_refuses_bad_attrs(
     integ: Integrations, db: asyncpg.Connection, seeded: str, attrs: Any
 ) -> None:
-    await _refused(db, lambda: integ.save_setup(seeded, attrs))
-    await _refused(db, lambda: integ.validate_credentials("openai", attrs))
+    await _refused(db, lambda: integ.save_setup(seeded, attrs), "invalid_attrs", "invalid_field")
+    await _refused(
+        db, lambda: integ.validate_credentials("openai", attrs), "invalid_attrs", "invalid_field"
+    )
 
 
 @SETTINGS
@@ -172,4 +176,4 @@ async def test_save_setup_refuses_bad_attrs(
 async def test_record_validation_refuses_unknown_result_shapes(
     integ: Integrations, db: asyncpg.Connection, seeded: str, result: Any
 ) -> None:
-    await _refused(db, lambda: integ.record_validation(seeded, result))
+    await _refused(db, lambda: integ.record_validation(seeded, result), "invalid")

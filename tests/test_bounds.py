@@ -103,8 +103,10 @@ async def test_call_options_beyond_their_bound_are_typed(integ: Integrations) ->
         lambda: integ.rotate_keys(batch_size=10**9),
     ]
     for call in calls:
-        with pytest.raises(IntegrationsError):
+        with pytest.raises(IntegrationsError) as info:
             await call()
-    with pytest.raises(IntegrationsError):
+        assert info.value.code == "invalid", info.value
+    with pytest.raises(IntegrationsError) as info:
         async with integ.subscribe(maxsize=2**40):
             pass
+    assert info.value.code == "invalid", info.value

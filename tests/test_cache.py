@@ -131,8 +131,9 @@ def test_lru_bound_and_refs_follow_their_rows() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"cache_size": 0}, {"cache_size": "big"}, {"cache": "yes"}])
 def test_bad_cache_settings_are_refused(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         Integrations("postgresql://localhost/x", **kwargs)  # type: ignore[arg-type]
+    assert info.value.code == "configuration", info.value
 
 
 # -- in one process -----------------------------------------------------------------------
@@ -189,6 +190,27 @@ async def test_own_writes_are_seen_at_once(
     await integ.remove_connection(saved)
     with pytest.raises(integrations_errors().Deleted):
         await integ.get_credentials(saved)
+
+
+async def test_whether_a_cached_row_holds_credentials_follows_its_writes(
+    integ: Integrations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = await integ.add_connection("openai", "default")
+    for _ in range(2):  # the second read is served from the cache
+        with pytest.raises(integrations_errors().NotConfigured):
+            await integ.get_credentials(conn.uuid)
+    hold_notifications(integ, monkeypatch)
+    await integ.save_setup(conn.uuid, {"api_key": "sk-first"})
+    assert await api_key(integ, conn.uuid) == "sk-first"
+    hits = integ.cache_stats.hits
+    assert await api_key(integ, conn.uuid) == "sk-first"
+    assert integ.cache_stats.hits == hits + 1
+    await integ.disconnect(conn.uuid)
+    for _ in range(2):
+        with pytest.raises(integrations_errors().NotConfigured):
+            await integ.get_credentials(conn.uuid)
+    await integ.save_setup(conn.uuid, {"api_key": "sk-second"})
+    assert await api_key(integ, conn.uuid) == "sk-second"
 
 
 async def test_a_token_write_is_seen_at_once(

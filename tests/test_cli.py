@@ -325,8 +325,9 @@ async def test_check_all_reports_each_connection(fresh_db: str, acme_port: int) 
         assert [(i.name, i.ok) for i in report.items] == [("a", True), ("b", False)]
         assert not report.ok and [i.name for i in report.failed] == ["b"]
         assert [i.name for i in (await integ.check_all(owner=None)).items] == ["a"]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError) as info:
             await integ.check_all(concurrency=0)
+        assert info.value.code == "invalid", info.value
         assert MARKER not in repr(report)
 
 

@@ -214,8 +214,9 @@ async def test_owners_do_not_see_each_other(integ: Integrations) -> None:
     assert [c.uuid for c in await integ.list_connections("openai", owner="user:1")] == [mine.uuid]
     assert [c.owner for c in await integ.list_connections("openai")] == [None]
     assert await integ.find_uuid_by_provider_name("openai:work", owner="user:1") == mine.uuid
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as info:
         await integ.find_uuid_by_provider_name("openai:work", owner="user:3")
+    assert info.value.code == "not_found", info.value
 
 
 async def test_load_all_connections_has_every_asked_key(integ: Integrations) -> None:
@@ -283,8 +284,9 @@ async def test_get_integration_misses(integ: Integrations) -> None:
         await integ.get_integration(str(uuid_mod.uuid4()))
     with pytest.raises(NotConfigured):
         await integ.get_integration("openai:nothing")
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.get_integration("not a ref!")
+    assert info.value.code == "invalid", info.value
 
 
 async def test_get_integration_by_uuid_errors(integ: Integrations) -> None:
@@ -323,10 +325,12 @@ async def test_resolve_to_uuid(integ: Integrations) -> None:
     assert await integ.resolve_to_uuid(conn.uuid) == conn.uuid
     assert await integ.resolve_to_uuid("openai:default") == conn.uuid
     assert await integ.resolve_to_uuid("openai") == conn.uuid
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as raised:
         await integ.resolve_to_uuid(str(uuid_mod.uuid4()))
-    with pytest.raises(NotFound):
+    assert raised.value.code == "not_found", raised.value
+    with pytest.raises(NotFound) as raised:
         await integ.resolve_to_uuid("openai:other")
+    assert raised.value.code == "not_found", raised.value
     for bad in ["", None, 7, b"x"]:
         with pytest.raises(InvalidInput) as info:
             await integ.resolve_to_uuid(bad)

@@ -84,6 +84,7 @@ def test_a_key_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
 def test_a_dangling_symlink_is_refused_and_not_followed_to_create_a_file(tmp_path: Path) -> None:
     target = tmp_path / "target"
     (tmp_path / "keys").symlink_to(target)
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         ensure_key_file(tmp_path)
+    assert info.value.code == "configuration", info.value
     assert not target.exists()

@@ -58,8 +58,9 @@ async def test_a_change_that_rolls_back_logs_nothing(
         "ALTER TABLE integrations.connections ADD CONSTRAINT no_trip "
         "CHECK (NOT value_json ? 'trip') NOT VALID"
     )
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError) as info:
         await integ.save_setup(added.uuid, {"api_key": "sk-x-0123456789", "trip": 1})
+    assert info.value.code == "storage", info.value
     assert await logged(db) == before
 
 

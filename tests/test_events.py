@@ -308,20 +308,25 @@ async def test_subscribe_checks_its_arguments_before_async_with(other: Integrati
         integ.subscribe(uuid="not-a-uuid")
     with pytest.raises(InvalidProviderKey):
         integ.subscribe(provider="no-such-provider")
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         integ.subscribe(owner="  ")
-    with pytest.raises(ValueError):
+    assert info.value.code == "invalid", info.value
+    with pytest.raises(ValueError) as info:
         integ.subscribe(kinds=["exploded"])
-    with pytest.raises(TypeError):
+    assert info.value.code == "invalid", info.value
+    with pytest.raises(TypeError) as info:
         integ.subscribe(kinds="validated")
-    with pytest.raises(ValueError):
+    assert info.value.code == "invalid", info.value
+    with pytest.raises(ValueError) as info:
         integ.subscribe(maxsize=0)
+    assert info.value.code == "invalid", info.value
     for bad_uuid in (123, "", "0" * 35):
         with pytest.raises(InvalidUUID):
             integ.subscribe(uuid=bad_uuid)  # type: ignore[arg-type]
     for bad_owner in (7, "", "x" * 256):
-        with pytest.raises(InvalidInput):
+        with pytest.raises(InvalidInput) as info:
             integ.subscribe(owner=bad_owner)  # type: ignore[arg-type]
+        assert info.value.code == "invalid", info.value
     with pytest.raises(InvalidProviderKey):
         integ.subscribe(provider=7)  # type: ignore[arg-type]
     assert integ.event_stats.subscriptions == 0
@@ -511,8 +516,9 @@ async def test_a_write_rolled_back_at_commit_sends_nothing(
     )
     conn = await integ.add_connection("openai", "default")
     async with integ.subscribe() as sub:
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError) as info:
             await integ.rename_connection(conn.uuid, "forbidden")
+        assert info.value.code == "storage", info.value
         end = await marker(integ)
         assert await until_marker(sub, end) == []
     assert (await integ.get_integration_by_uuid(conn.uuid)).name == "default"

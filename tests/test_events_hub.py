@@ -472,7 +472,7 @@ async def test_rolled_back_notify_delivers_nothing(
     hub: EventHub, pg: asyncpg.Connection, channel: str
 ) -> None:
     async with hub.subscribe() as sub:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="roll back"):
             async with pg.transaction():
                 await notify(pg, channel, event("connection_added"))
                 raise RuntimeError("roll back")
@@ -625,7 +625,7 @@ async def test_first_listen_failure_propagates_and_the_next_subscribe_retries(
     listen = FakeListen()
     listen.fail_next = 1
     hub = EventHub(listen, channel)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="connection refused"):
         async with hub.subscribe():
             pass
     assert not hub.listening

@@ -397,8 +397,9 @@ def test_lock_timeout_must_be_a_positive_number() -> None:
     from integrations import ConfigurationError
 
     for bad in (0, -1, float("nan"), float("inf"), True):
-        with pytest.raises(ConfigurationError):
+        with pytest.raises(ConfigurationError) as info:
             Integrations("postgresql://127.0.0.1/x", lock_timeout=bad)
+        assert info.value.code == "configuration", info.value
 
 
 # -- faults around the pool: acquire and release -----------------------------------------------
@@ -512,7 +513,7 @@ def test_lock_not_available_becomes_lock_timeout() -> None:
 def test_library_errors_and_bugs_outside_the_driver_pass_through() -> None:
     with pytest.raises(LockTimeout), _translate():
         raise LockTimeout()
-    with pytest.raises(KeyError), _translate():
+    with pytest.raises(KeyError, match="a bug of ours stays a bug"), _translate():
         raise KeyError("a bug of ours stays a bug")
 
 
@@ -569,7 +570,7 @@ async def test_a_writer_frozen_mid_transaction_frees_its_row_locks_within_the_id
     async with Integrations(fresh_db, keys=TEST_KEY, lock_timeout=1.0) as frozen:
         repo = frozen._s.core.repo
         assert repo.idle_timeout == 1.0
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError) as info:
             async with repo._write() as held:
                 await held.execute(
                     "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
@@ -579,6 +580,7 @@ async def test_a_writer_frozen_mid_transaction_frees_its_row_locks_within_the_id
                 # Frozen while holding the lock: idle in transaction.
                 await asyncio.sleep(2.5)
                 await held.execute("SELECT 1")
+        assert info.value.code == "storage", info.value
         # The server had ended it well before the freeze was over.
         ended = await db.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
@@ -600,8 +602,9 @@ async def test_a_call_over_a_frozen_link_fails_typed_within_its_client_side_dead
         proxy.pause()
         try:
             started = asyncio.get_running_loop().time()
-            with pytest.raises(StorageError):
+            with pytest.raises(StorageError) as info:
                 await integ.save_setup(conn.uuid, {"api_key": "sk-frozen-link-0123456789"})
+            assert info.value.code == "storage", info.value
             waited = asyncio.get_running_loop().time() - started
             assert waited < repo.command_timeout + 3
         finally:

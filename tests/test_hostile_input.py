@@ -432,8 +432,10 @@ async def test_control_characters_in_a_secret_are_refused_at_save_and_at_check(
     hostile: World, api_key: str
 ) -> None:
     before = await hostile.db.fetch(SNAPSHOT)
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         await hostile.integ.save_setup(hostile.api, {"api_key": api_key})
-    with pytest.raises(InvalidAttrs):
+    assert info.value.code == "invalid_field", info.value
+    with pytest.raises(InvalidAttrs) as info:
         await hostile.integ.validate_credentials("hapi", {"api_key": api_key})
+    assert info.value.code == "invalid_field", info.value
     assert await hostile.db.fetch(SNAPSHOT) == before

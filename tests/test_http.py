@@ -215,8 +215,9 @@ def test_check_url_refuses_relative_non_http_and_plain_http_off_loopback(url: st
 
 
 def test_check_url_refuses_non_strings_with_type_error():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError) as info:
         check_url(42)  # type: ignore[arg-type]
+    assert info.value.code == "invalid", info.value
 
 
 def test_retry_after_reads_seconds_and_http_dates():
@@ -272,7 +273,7 @@ def test_bot_url_builds_the_telegram_method_url():
         bot_url(telegram, {"bot_token": TOKEN}, "sendMessage")
         == f"https://api.telegram.org/bot{TOKEN}/sendMessage"
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not carry its token in the URL path"):
         bot_url(REGISTRY.get("discord"), {"bot_token": TOKEN}, "sendMessage")
 
 
@@ -400,7 +401,7 @@ def test_response_json_and_ok():
 
 
 async def test_auth_keyword_is_refused(server: Server, http: HttpClient):
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError) as info:
         await http.request(
             "GET",
             server.url("/echo"),
@@ -408,6 +409,7 @@ async def test_auth_keyword_is_refused(server: Server, http: HttpClient):
             credentials=CREDS,
             auth=("a", "b"),
         )
+    assert info.value.code == "invalid", info.value
     assert server.rec.hits == []
 
 
@@ -695,13 +697,14 @@ async def test_an_injected_session_closed_by_its_owner_raises_lifecycle_error(se
 
 
 def test_invalid_client_settings_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_attempts must be at least 1"):
         HttpClient(max_attempts=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="backoff and max_backoff must be >= 0"):
         HttpClient(timeout=0)
 
 
 async def test_method_must_be_a_name(server: Server, http: HttpClient):
     bad: Any = "GET /x"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as info:
         await http.request(bad, server.url("/echo"))
+    assert info.value.code == "invalid", info.value

@@ -56,8 +56,9 @@ def test_ordinary_text_passes(text: str) -> None:
 
 
 def test_check_text_refuses_non_strings_with_the_chosen_error() -> None:
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         check_text(5, "state", error=InvalidAttrs)
+    assert info.value.code == "invalid_attrs", info.value
 
 
 def test_attrs_at_the_depth_bound_pass_and_one_deeper_is_refused() -> None:
@@ -73,8 +74,9 @@ def test_very_deep_attrs_are_refused_without_recursion_error() -> None:
     deep: Any = []
     for _ in range(100_000):
         deep = [deep]
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         check_attrs({"a": deep})
+    assert info.value.code == "invalid_field", info.value
 
 
 @pytest.mark.parametrize(
@@ -95,8 +97,9 @@ def test_integers_at_the_json_safe_bound_pass() -> None:
 
 @pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
 def test_nan_and_infinity_are_refused(number: float) -> None:
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         check_attrs({"f": {"g": number}})
+    assert info.value.code == "invalid_field", info.value
 
 
 def test_attrs_larger_than_the_bound_are_refused_and_the_bound_is_configurable() -> None:
@@ -105,33 +108,37 @@ def test_attrs_larger_than_the_bound_are_refused_and_the_bound_is_configurable()
         check_attrs(attrs)
     assert str(MAX_ATTRS_BYTES) in info.value.message
     assert check_attrs(attrs, max_bytes=2 * MAX_ATTRS_BYTES) == attrs
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as raised:
         check_attrs({"a": "é" * 60}, max_bytes=100)
+    assert raised.value.code == "invalid_attrs", raised.value
 
 
 @pytest.mark.parametrize(
-    "attrs",
+    ("attrs", "code"),
     [
-        {"k\x00": 1},
-        {"\ud800": 1},
-        {"a": {"k\x00": 1}},
-        {"a": ["x", {"\udc00": 1}]},
-        {"a": "v\x00"},
-        {"a": ["\ud83d"]},
-        {5: 1},
-        {"a": {5: 1}},
-        {"a": {1, 2}},
-        {"a": object()},
+        # A bad key is a fault of the mapping; a bad value is the fault of its field.
+        ({"k\x00": 1}, "invalid_attrs"),
+        ({"\ud800": 1}, "invalid_attrs"),
+        ({"a": {"k\x00": 1}}, "invalid_attrs"),
+        ({"a": ["x", {"\udc00": 1}]}, "invalid_attrs"),
+        ({"a": "v\x00"}, "invalid_field"),
+        ({"a": ["\ud83d"]}, "invalid_field"),
+        ({5: 1}, "invalid_attrs"),
+        ({"a": {5: 1}}, "invalid_attrs"),
+        ({"a": {1, 2}}, "invalid_field"),
+        ({"a": object()}, "invalid_field"),
     ],
 )
-def test_bad_keys_and_values_are_refused_at_any_depth(attrs: dict[Any, Any]) -> None:
-    with pytest.raises(InvalidAttrs):
+def test_bad_keys_and_values_are_refused_at_any_depth(attrs: dict[Any, Any], code: str) -> None:
+    with pytest.raises(InvalidAttrs) as info:
         check_attrs(attrs)
+    assert info.value.code == code, info.value
 
 
 def test_check_attrs_refuses_a_non_mapping() -> None:
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         check_attrs(["a"])
+    assert info.value.code == "invalid_attrs", info.value
 
 
 @pytest.mark.parametrize(
@@ -180,8 +187,9 @@ def test_token_methods_pass(method: str) -> None:
 
 @pytest.mark.parametrize("method", ["", "GÉT", "GET ", "G\x00T", "\ud800", "GE(T", "GET\r\n", 5])
 def test_non_token_methods_are_refused(method: object) -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         check_method(method)
+    assert info.value.code == "invalid", info.value
 
 
 @pytest.mark.parametrize("value", ["a\rb", "a\nb", "\x00", "\x0b", "\ud800", "\x7f"])

@@ -223,5 +223,6 @@ def test_embedded_key_file_keeps_keys_added_by_the_operator(tmp_path: Path) -> N
 
 def test_an_empty_embedded_key_file_is_a_configuration_error(tmp_path: Path) -> None:
     (tmp_path / "keys").write_text("\n", encoding="utf-8")
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         ensure_key_file(tmp_path)
+    assert info.value.code == "configuration", info.value

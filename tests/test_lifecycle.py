@@ -54,8 +54,9 @@ async def test_a_custom_schema_name_is_used(empty_db: str) -> None:
 
 
 def test_a_bad_schema_name_is_refused_at_configuration() -> None:
-    with pytest.raises(integrations.InvalidInput):
+    with pytest.raises(integrations.InvalidInput) as info:
         Integrations("postgresql://unused", schema="x; DROP TABLE y")
+    assert info.value.code == "invalid", info.value
 
 
 @pytest.mark.parametrize("schema", ["information_schema", "pg_catalog", "pg_toast", "pg_x"])
@@ -163,8 +164,9 @@ async def test_run_legacy_migrations_is_deprecated_and_best_effort(integ: Integr
 
     integ.register_legacy_migrator("broken", broken)
     integ.register_legacy_migrator("openai", move_old_key)
-    with pytest.raises(integrations.InvalidInput):
+    with pytest.raises(integrations.InvalidInput) as info:
         integ.register_legacy_migrator("openai", move_old_key)
+    assert info.value.code == "invalid", info.value
     with pytest.warns(DeprecationWarning):
         await integ.run_legacy_migrations()
     assert seen == ["ran"]
@@ -190,8 +192,9 @@ async def test_the_embedded_default_works_without_a_server(
 
 
 def test_a_pool_too_small_for_the_listener_is_refused() -> None:
-    with pytest.raises(integrations.ConfigurationError):
+    with pytest.raises(integrations.ConfigurationError) as info:
         Integrations("postgresql://unused", pool_max_size=1)
+    assert info.value.code == "configuration", info.value
 
 
 @pytest.mark.slow

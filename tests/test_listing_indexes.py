@@ -200,11 +200,62 @@ async def test_every_owners_pages_in_key_then_owner_order(
     # A mark of one owner's listing is refused by every owner's, and the other way round.
     one = await integ.list_page(owner="a", status="connected", limit=1)
     assert one.next_after is not None
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.list_page(owner=ALL_OWNERS, after=one.next_after)
+    assert info.value.code == "invalid", info.value
     every = await integ.list_page(owner=ALL_OWNERS, limit=1)
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.list_page(owner="a", status="connected", after=every.next_after)
+    assert info.value.code == "invalid", info.value
+
+
+async def test_every_owners_pages_are_planned_once_whatever_the_values(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    # The server plans a prepared statement for each call's values while such a plan looks
+    # cheaper than the generic one; on a large table the every-owner pages' did (the
+    # generic plan's guess at a key range's rows grows with the table), so they were planned
+    # on every call, which cost more than running them. The values are hidden from the
+    # planner: a plan for the values is the generic plan, which the server then keeps.
+    for owner in ("", "a", "b"):
+        await fill(db, 2000, owner=owner, providers=4)
+    await db.execute(
+        """UPDATE integrations.connections SET value_json = '{"status": "error"}'
+           WHERE (split_part(key, ':n', 2))::int % 101 = 7"""
+    )
+    await db.execute("ANALYZE integrations.connections")
+    q = integ._repo.q
+    every = "text, text, text, text, int, int, text, text"
+    for name, types, sql, calls in (
+        ("every", every, q.search_every_owner, [
+            "('integration:', 'integration;', '', '', 2000, 51, '', '')",
+            "('integration:p1:', 'integration:p1;', 'integration:p1:n5', 'a', 2000, 26, "
+            "'connected', 'n1')",
+        ]),
+        ("every_status", "text, text, text, text, text, int", q.status_every_owner, [
+            "('integration:', 'integration;', '', '', 'error', 6)",
+            "('integration:p2:', 'integration:p2;', 'integration:p2:n9', '', 'error', 51)",
+        ]),
+    ):  # fmt: skip
+        await db.execute(f"PREPARE {name} ({types}) AS {sql}")
+        for call in calls:
+            made: dict[str, Any] = {}
+            for mode in ("force_custom_plan", "force_generic_plan"):
+                await db.execute(f"SET plan_cache_mode = {mode}")
+                made[mode] = json.loads(
+                    await db.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE {name}{call}")
+                )
+            await db.execute("RESET plan_cache_mode")
+            assert made["force_custom_plan"] == made["force_generic_plan"], call
+            found = json.dumps(made["force_generic_plan"])
+            assert "Seq Scan" not in found and '"Sort"' not in found
+        # Left to choose, the server settles on the generic plan after its first few calls.
+        for _ in range(8):
+            await db.execute(f"EXECUTE {name}{calls[0]}")
+        generic_plans = await db.fetchval(
+            "SELECT generic_plans FROM pg_prepared_statements WHERE name = $1", name
+        )
+        assert generic_plans >= 3
 
 
 async def test_status_pages_read_only_their_rows_through_an_index(
@@ -261,8 +312,9 @@ async def test_status_pages_read_only_their_rows_through_an_index(
     ],
 )
 async def test_bad_filters_are_refused(integ: Integrations, kwargs: dict[str, object]) -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.list_page(**kwargs)  # type: ignore[arg-type]
+    assert info.value.code == "invalid", info.value
 
 
 # -- counts -------------------------------------------------------------------------------

@@ -153,8 +153,9 @@ async def test_a_page_mark_that_no_page_gave_is_refused(integ: Integrations, aft
 async def test_checks_of_a_provider_no_longer_registered(integ: Integrations) -> None:
     # Rows may outlive their provider: a well-formed key is a filter, registered or not.
     assert len(await integ.check_all(provider="retired", owner=ALL_OWNERS)) == 0
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.check_all(provider="Not A Key")
+    assert info.value.code == "invalid_provider_key", info.value
 
 
 async def test_list_integrations_pages_by_keyset(integ: Integrations) -> None:
@@ -174,7 +175,8 @@ async def test_list_integrations_pages_by_keyset(integ: Integrations) -> None:
     by_uuid = await integ.list_integrations(limit=2, after=second[-1].uuid)
     assert [c.uuid for c in by_uuid] == saved[4:] and by_uuid.next_after is None
     for bad in ({"limit": 0}, {"limit": True}, {"after": "x"}, {"limit": 2, "after": "x"}):
-        with pytest.raises(InvalidInput):
+        with pytest.raises(InvalidInput) as info:
             await integ.list_integrations(**bad)  # type: ignore[arg-type]
+        assert info.value.code == "invalid", info.value
     handle = integ.for_owner("user:1")
     assert await handle.list_integrations(limit=2) == []

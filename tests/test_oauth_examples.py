@@ -22,7 +22,7 @@ from .conftest import TEST_KEY
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, OAuthTestServer
 from .oauthkit import loopback_provider
 
-Get = Callable[[str], Awaitable[tuple[int, str, str]]]
+Get = Callable[..., Awaitable[tuple[int, str, str]]]
 
 
 @pytest.fixture
@@ -163,8 +163,11 @@ async def example_client(
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
 
-                async def get_fastapi(url: str) -> tuple[int, str, str]:
-                    resp = await c.get(url)
+                async def get_fastapi(url: str, cookie: str = "") -> tuple[int, str, str]:
+                    headers = (
+                        {"Cookie": f"{oauth_fastapi.STATE_COOKIE}={cookie}"} if cookie else None
+                    )
+                    resp = await c.get(url, headers=headers)
                     return resp.status_code, resp.headers.get("location", ""), resp.text
 
                 yield app.state.integrations, get_fastapi
@@ -172,9 +175,10 @@ async def example_client(
     aio_app = oauth_aiohttp.create_app(_factory(dsn, server))
     async with TestClient(TestServer(aio_app, host="127.0.0.1")) as client:
 
-        async def get_aiohttp(url: str) -> tuple[int, str, str]:
+        async def get_aiohttp(url: str, cookie: str = "") -> tuple[int, str, str]:
             target = url if url.startswith("http") else str(client.make_url(url))
-            async with client.session.get(target, allow_redirects=False) as resp:
+            headers = {"Cookie": f"{oauth_aiohttp.STATE_COOKIE}={cookie}"} if cookie else None
+            async with client.session.get(target, allow_redirects=False, headers=headers) as resp:
                 return resp.status, resp.headers.get("Location", ""), await resp.text()
 
         yield aio_app[oauth_aiohttp.INTEGRATIONS], get_aiohttp
@@ -226,15 +230,27 @@ async def test_connect_of_a_non_oauth_connection_is_400(
 
 @pytest.mark.parametrize("kind", EXAMPLES)
 @pytest.mark.parametrize(
-    "query", ["", "?state=", "?state=forged&code=x", "?error=access_denied", "?state=%00"]
+    ("query", "cookie", "code"),
+    [
+        # Not started in this browser (no state cookie, or one that differs).
+        ("", "", "state_mismatch"),
+        ("?state=", "", "state_mismatch"),
+        ("?state=forged&code=x", "", "state_mismatch"),
+        ("?error=access_denied", "", "state_mismatch"),
+        ("?state=%00", "", "state_mismatch"),
+        ("?state=forged&code=x", "other", "state_mismatch"),
+        # The browser's cookie matches, but the library knows no such pending authorization.
+        ("?state=forged&code=x", "forged", "invalid_state"),
+        ("?state=forged&error=access_denied", "forged", "invalid_state"),
+    ],
 )
 async def test_callback_without_a_valid_state_is_400(
-    kind: str, query: str, fresh_db: str, server: OAuthTestServer
+    kind: str, query: str, cookie: str, code: str, fresh_db: str, server: OAuthTestServer
 ) -> None:
     async with example_client(kind, fresh_db, server) as (_integ, get):
-        status, _, body = await get(f"/oauth/callback{query}")
+        status, _, body = await get(f"/oauth/callback{query}", cookie)
     assert status == 400
-    assert body
+    assert _error(body)[0] == code
 
 
 @pytest.mark.parametrize("kind", EXAMPLES)

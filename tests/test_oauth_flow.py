@@ -123,10 +123,12 @@ async def test_begin_authorization_refuses_what_cannot_start_a_flow(
     with pytest.raises(NotConfigured):
         await integ.begin_authorization(bare.uuid, REDIRECT_URI)
     uuid = await new_connection(integ)
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.begin_authorization(uuid, "not a url")
-    with pytest.raises(InvalidInput):
+    assert info.value.code == "invalid_url", info.value
+    with pytest.raises(InvalidInput) as info:
         await integ.begin_authorization(uuid, REDIRECT_URI, scopes="read")  # type: ignore[arg-type]
+    assert info.value.code == "invalid", info.value
     with pytest.raises(NotConfigured):
         await integ.begin_authorization(str(uuid_mod.uuid4()), REDIRECT_URI)
 
@@ -312,8 +314,9 @@ async def test_a_callback_without_code_or_error_is_refused_before_the_state_is_u
 ) -> None:
     uuid = await new_connection(integ)
     _, state = await integ.begin_authorization(uuid, REDIRECT_URI)
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         await integ.complete_authorization(state)
+    assert info.value.code == "invalid", info.value
     assert len(await _pending(db)) == 1
 
 
@@ -360,8 +363,9 @@ async def test_removing_a_connection_during_the_code_exchange_revokes_the_new_gr
     )
     await eventually(lambda: server.stats.token_calls["authorization_code"] == 1)
     await integ.remove_connection(uuid)
-    with pytest.raises(IntegrationsError):
+    with pytest.raises(IntegrationsError) as info:
         await completing
+    assert info.value.code == "deleted", info.value
     # The revocation runs in the background: wait for it to reach the provider.
     await eventually(lambda: server.stats.grants_revoked == 1)
     live = [g for g in server._grants.values() if not g.revoked]
@@ -550,8 +554,9 @@ async def test_oauth_methods_refuse_bad_uuids(
         lambda: integ.refresh_access_token(bad),
         lambda: integ.connect_interactive(bad, timeout=1),
     ):
-        with pytest.raises(InvalidInput):
+        with pytest.raises(InvalidInput) as info:
             await call()
+        assert info.value.code == "invalid_uuid", info.value
     assert await _rows(db) == before
 
 

@@ -239,7 +239,7 @@ def test_authorization_url_refuses_non_http_urls(bad: str) -> None:
 
 
 def test_authorization_url_refuses_a_bare_string_as_scopes() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="scopes must be a sequence of str"):
         oauth.authorization_url(
             "https://example.com/authorize",
             client_id="c",
@@ -750,7 +750,7 @@ def test_expires_within_compares_across_timezones() -> None:
 
 
 def test_expires_within_refuses_naive_datetimes() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expires_at must be timezone-aware"):
         oauth.expires_within(datetime(2025, 1, 1), 60, NOW)
 
 
@@ -922,9 +922,9 @@ def test_backoff_delays_are_jittered() -> None:
 
 def test_backoff_delays_refuse_negative_input_and_allow_zero_attempts() -> None:
     assert oauth.backoff_delays(0, 1, 1) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attempts must be >= 0"):
         oauth.backoff_delays(-1, 1, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="base and cap must be >= 0"):
         oauth.backoff_delays(1, -1, 1)
 
 

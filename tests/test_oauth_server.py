@@ -767,7 +767,7 @@ async def test_reset_restores_the_initial_config_in_place() -> None:
 
 
 async def test_server_refuses_a_second_start(server: OAuthTestServer) -> None:
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="already running"):
         await server.start()
 
 

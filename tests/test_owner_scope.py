@@ -228,8 +228,9 @@ async def test_legacy_upsert_with_invalid_data_leaves_nothing_behind(
     async with integ.subscribe(owner=ALL_OWNERS) as events:
         with pytest.raises(MissingField):
             await integ.legacy_upsert("openai", "legacy", {"organization": "org-1"})
-        with pytest.raises(IntegrationsError):
+        with pytest.raises(IntegrationsError) as info:
             await integ.legacy_upsert("openai", "legacy", {"api_key": "k", "access_token": "t"})
+        assert info.value.code == "invalid_attrs", info.value
         assert await _table(db) == before
         await _no_event_so_far(integ, events)
     made = await integ.legacy_upsert("openai", "legacy", {"api_key": "sk-legacy-0123456789"})
@@ -259,8 +260,9 @@ async def test_import_tokens_refuses_what_a_token_cannot_be_and_writes_nothing(
     google = await integ.add_connection("google", "default")
     await integ.save_setup(google.uuid, {"client_id": "cid", "client_secret": "cs-0123456789"})
     before = await _table(db)
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         await integ.import_tokens(google.uuid, tokens)
+    assert info.value.code == "invalid_attrs", info.value
     assert await _table(db) == before
 
 

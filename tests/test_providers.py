@@ -322,26 +322,28 @@ def test_wrong_field_types_raise_invalid_field_naming_the_field(
 
 
 @pytest.mark.parametrize(
-    "attrs",
+    ("attrs", "code"),
     [
-        {1: "x"},
-        {"note": {2: "x"}},
-        {"credentials": {3: "x"}},
-        {"note": object()},
-        {"note": float("nan")},
-        {"note": {"deep": ["a\x00b"]}},
-        {"note": {"a", "b"}},
+        ({1: "x"}, "invalid_attrs"),
+        ({"note": {2: "x"}}, "invalid_attrs"),
+        ({"credentials": {3: "x"}}, "invalid_attrs"),
+        ({"note": object()}, "invalid_field"),
+        ({"note": float("nan")}, "invalid_field"),
+        ({"note": {"deep": ["a\x00b"]}}, "invalid_field"),
+        ({"note": {"a", "b"}}, "invalid_field"),
     ],
 )
-def test_unusable_attrs_raise_invalid_attrs(attrs: dict[Any, Any]):
+def test_unusable_attrs_raise_invalid_attrs(attrs: dict[Any, Any], code: str):
     provider = REGISTRY.get("smtp") if "credentials" in attrs else REGISTRY.get("openai")
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         provider.normalize_attrs(attrs)
+    assert info.value.code == code, info.value
 
 
 def test_normalize_refuses_a_non_mapping():
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         REGISTRY.get("openai").normalize_attrs(["api_key"])  # type: ignore[arg-type]
+    assert info.value.code == "invalid_attrs", info.value
 
 
 @given(st.text(min_size=1, max_size=40))
@@ -465,7 +467,7 @@ def test_duplicate_application_providers_always_conflict():
 
 
 def test_registry_refuses_non_providers():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expected a Provider"):
         ProviderRegistry([{"key": "acme"}])  # type: ignore[list-item]
 
 

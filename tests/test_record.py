@@ -147,8 +147,9 @@ def test_validation_outcome_accepts_the_seed_shapes(result: Any, expected: Any) 
 
 
 def test_validation_outcome_refuses_nul() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as info:
         record.validation_outcome((False, "bad\x00message"))
+    assert info.value.code == "invalid", info.value
 
 
 def tokens(**kw: Any) -> oauth.TokenSet:

@@ -297,8 +297,9 @@ async def test_by_default_a_rotating_providers_spent_refresh_token_is_never_sent
     ],
 )
 def test_lease_and_pooler_settings_are_checked(options: dict[str, object]) -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         Integrations("postgresql://localhost/x", **options)  # type: ignore[arg-type]
+    assert info.value.code == "configuration", info.value
 
 
 async def test_statement_cache_size_goes_with_the_pool_the_library_creates(
@@ -461,7 +462,8 @@ async def test_a_lease_transaction_left_idle_is_ended_by_the_server(
             time.sleep(1.6)  # the whole process stalls inside the transaction
             return Change({**row.data, "note": "written"}), None
 
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError) as info:
             await tokens._in_row(uuid, frozen)
+        assert info.value.code == "storage", info.value
         stored = await integ.get_integration(uuid, fresh=True)
         assert "note" not in stored

@@ -278,8 +278,9 @@ async def test_rotate_keys_resumes_after_a_crash(
 async def test_rotate_keys_batch_size_must_be_a_positive_integer(
     both: Integrations, batch_size: Any
 ) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as info:
         await both.rotate_keys(batch_size=batch_size)
+    assert info.value.code == "invalid", info.value
 
 
 # -- rows held by other transactions ---------------------------------------------------------

@@ -162,7 +162,7 @@ async def test_a_scheme_name_is_registered_once(fresh_db: str) -> None:
 
     with pytest.raises(ConfigurationError, match="name must match"):
         Integrations(fresh_db, keys=TEST_KEY, auth_schemes=[Nameless()])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expected an AuthScheme instance"):
         Integrations(fresh_db, keys=TEST_KEY, auth_schemes=[object()])  # type: ignore[list-item]
 
 
@@ -237,7 +237,7 @@ def test_rejected_answers_read_the_body() -> None:
     nested = RejectedAnswer(statuses=(403,), key="error.code", values=("expired",))
     assert nested.matches(403, b'{"error": {"code": "expired"}}')
     assert not nested.matches(403, b'{"error": "expired"}')
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a rejected answer names a key"):
         RejectedAnswer(values=())
 
 

@@ -139,14 +139,16 @@ def test_malformed_key_raises_configuration_error_without_echoing_it(key: str) -
 
 @pytest.mark.parametrize("keys", ["", " , ", []])
 def test_parse_without_any_key_is_a_configuration_error(keys: Any) -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         Keyring.parse(keys)
+    assert info.value.code == "configuration", info.value
 
 
 @pytest.mark.parametrize("keys", [None, 42, [NEW_KEY, b"bytes"]])
 def test_parse_rejects_non_strings_with_a_configuration_error(keys: Any) -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         Keyring.parse(keys)
+    assert info.value.code == "configuration", info.value
 
 
 def test_from_env_reads_comma_separated_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,8 +381,9 @@ def test_is_envelope_is_strict_about_shape(value: object) -> None:
 
 def test_a_credential_map_value_shaped_almost_like_an_envelope_is_refused(vault: Vault) -> None:
     data = {"credentials": {"blob": {"$enc": "user data", "kid": "abcd1234"}}}
-    with pytest.raises(InvalidAttrs):
+    with pytest.raises(InvalidAttrs) as info:
         vault.seal(ROW, data)
+    assert info.value.code == "invalid_attrs", info.value
 
 
 def test_a_credential_map_value_nesting_a_lookalike_deeper_round_trips(vault: Vault) -> None:
@@ -636,7 +639,7 @@ def test_encryption_off_with_a_keyring_still_decrypts_existing_envelopes() -> No
 
 
 def test_encryption_mode_must_be_on_or_off() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="encryption must be"):
         Vault(None, encryption="maybe")
 
 
@@ -747,7 +750,7 @@ def test_secret_fields_are_the_documented_set() -> None:
 
 
 def test_keyring_constructor_refuses_raw_material_that_is_not_a_key() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"use Keyring\.parse\(\)"):
         Keyring([("abcd1234", b"too short")])
 
 

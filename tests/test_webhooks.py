@@ -176,8 +176,9 @@ async def test_the_last_failed_attempt_makes_a_delivery_dead_and_replay_sends_it
     [again] = await settled(integ, endpoint.id, 1)
     assert again.id == dead.id
     assert receiver.got[-1][0]["webhook-id"] == dead.id
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as info:
         await integ.replay_webhook("msg_" + "0" * 32)
+    assert info.value.code == "not_found", info.value
     with pytest.raises(InvalidArgument):
         await integ.replay_webhook("nope")
 
@@ -203,10 +204,12 @@ async def test_an_owner_endpoint_gets_that_owners_events_and_a_system_one_everyo
     ]
     assert [e.id for e in await mine.list_webhooks()] == [own.id]
     # Another owner's endpoint is not there for this owner.
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as info:
         await mine.webhook_deliveries(everyone.id)
-    with pytest.raises(NotFound):
+    assert info.value.code == "not_found", info.value
+    with pytest.raises(NotFound) as info:
         await mine.remove_webhook(everyone.id)
+    assert info.value.code == "not_found", info.value
     await mine.remove_webhook(own.id)
     assert [e.id for e in await integ.list_webhooks()] == [everyone.id]
 
@@ -308,8 +311,9 @@ async def test_bad_webhook_arguments_are_refused(integ: Integrations) -> None:
         await integ.webhook_deliveries(endpoint.id, state="lost")
     with pytest.raises(InvalidArgument):
         await integ.run_webhooks(retry_delays=())
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as info:
         await integ.remove_webhook("0190f2a4-0000-7000-8000-000000000000")
+    assert info.value.code == "not_found", info.value
 
 
 def test_the_retry_schedule_spans_more_than_a_day_and_ends() -> None:
