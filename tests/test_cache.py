@@ -516,3 +516,33 @@ def test_each_lookup_is_reported_to_telemetry_as_a_hit_or_a_miss(
 def test_a_cached_repository_waits_for_locks_as_long_as_the_repository() -> None:
     cached = CachedRepository("integrations", channel="c", cache=RowCache())
     assert cached.lock_timeout == Repository("integrations", channel="c").lock_timeout == 30.0
+
+
+async def test_reads_by_key_are_served_from_memory_unless_fresh(
+    integ: Integrations, saved: str, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = integ._repo
+    held = await repo.get(saved)
+    assert held is not None
+    assert await repo.get_by_key(held.owner, held.key) is held
+    # A write behind the cache's back whose notice never arrives: only a fresh read sees it.
+    hold_notifications(integ, monkeypatch)
+    await db.execute(
+        "UPDATE integrations.connections SET value_json = value_json || '{\"note\": 5}' "
+        "WHERE uuid = $1",
+        uuid_mod.UUID(saved),
+    )
+    assert "note" not in (await integ.get_integration("openai:default"))
+    assert (await integ.get_integration("openai:default", fresh=True))["note"] == 5
+
+
+def test_a_peek_sees_a_held_row_only_while_the_cache_serves() -> None:
+    cache = RowCache()
+    repo = CachedRepository("integrations", channel="c", cache=cache)
+    cache.listening(True)
+    held = row("a")
+    cache.fill(cache.ticket(), held)
+    assert repo.peek("a") is held
+    assert repo.peek("b") is None
+    cache.proven(time.monotonic() - 0.001)  # the listener's proof ran out: the row stays
+    assert cache.stats.size == 1 and repo.peek("a") is None
