@@ -805,3 +805,12 @@ def test_a_lookalike_envelope_needs_rotation_which_then_refuses_it(
     assert vault.needs_rotation(lookalike)
     with pytest.raises(DecryptionFailed):
         vault.reseal(ROW, lookalike)
+
+
+def test_a_credentials_map_under_a_key_read_from_storage_is_sealed_value_by_value(
+    vault: Vault,
+) -> None:
+    sealed = vault.seal(ROW, {fresh("credentials"): {"user": "me", "pass": MARKER}})
+    assert set(sealed["credentials"]) == {"user", "pass"}
+    assert all(is_envelope(v) for v in sealed["credentials"].values())
+    assert vault.unseal(ROW, sealed) == {"credentials": {"user": "me", "pass": MARKER}}
