@@ -546,3 +546,16 @@ def test_a_peek_sees_a_held_row_only_while_the_cache_serves() -> None:
     assert repo.peek("b") is None
     cache.proven(time.monotonic() - 0.001)  # the listener's proof ran out: the row stays
     assert cache.stats.size == 1 and repo.peek("a") is None
+
+
+def test_nothing_is_served_from_the_instant_the_listeners_proof_runs_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = RowCache()
+    cache.listening(True)
+    cache.proven(100.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(_cache.time, "monotonic", lambda: 99.999)
+        assert cache.serving
+        patch.setattr(_cache.time, "monotonic", lambda: 100.0)
+        assert not cache.serving and cache.ticket() is None

@@ -474,12 +474,13 @@ def test_decryption_failure_message_names_the_field_but_no_secret(vault: Vault) 
     assert sealed["access_token"]["ct"] not in message
 
 
-def test_unsupported_envelope_version_is_refused(vault: Vault) -> None:
-    envelope = {**vault.seal_value(ROW, "api_key", MARKER), "$enc": 2}
+@pytest.mark.parametrize("version", [2, 0])
+def test_unsupported_envelope_version_is_refused(vault: Vault, version: int) -> None:
+    envelope = {**vault.seal_value(ROW, "api_key", MARKER), "$enc": version}
     assert is_envelope(envelope)
     with pytest.raises(DecryptionFailed) as info:
         vault.unseal_value(ROW, "api_key", envelope)
-    assert "version" in str(info.value)
+    assert f"envelope version {version}" in str(info.value)
 
 
 # Unknown keys
@@ -814,3 +815,14 @@ def test_a_credentials_map_under_a_key_read_from_storage_is_sealed_value_by_valu
     assert set(sealed["credentials"]) == {"user", "pass"}
     assert all(is_envelope(v) for v in sealed["credentials"].values())
     assert vault.unseal(ROW, sealed) == {"credentials": {"user": "me", "pass": MARKER}}
+
+
+def test_unseal_refuses_credentials_that_are_a_plaintext_list_and_keeps_other_lists(
+    vault: Vault,
+) -> None:
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {"credentials": ["plain", MARKER]})
+    assert info.value.context == {"field": "credentials"}
+    # A field that sorts before "credentials" is no secret for it.
+    kept = {"account": {"region": "eu"}, "accounts": ["a", "b"]}
+    assert vault.unseal(ROW, kept) == kept
