@@ -25,6 +25,7 @@ from integrations._vault import (
     SECRET_FIELDS,
     Keyring,
     Vault,
+    _key_id,
     generate_key,
     is_envelope,
     mask_data,
@@ -371,6 +372,7 @@ def test_a_string_shaped_like_an_envelope_is_not_an_envelope(vault: Vault) -> No
         {"$enc": 1, "kid": "abcd1234", "n": "AA==", "ct": "AA==", "extra": 1},
         {"$enc": 1, "kid": 5, "n": "AA==", "ct": "AA=="},
         {"$enc": 1, "kid": "abcd1234", "n": "AA==", "ct": "AA==", "hint": 1234},
+        {"$enc": 1, "kid": "abcd1234", "n": "A" * 16, "ct": "A" * 24, "hint": ""},
         ["$enc", "kid", "n", "ct"],
         None,
     ],
@@ -498,6 +500,7 @@ def test_unknown_key_id_raises_unknown_key_naming_the_kid_and_field() -> None:
     assert info.value.code == "unknown_key"
     assert isinstance(info.value, CryptoError)
     assert info.value.context == {"kid": kid_of(OLD_KEY), "field": "credentials.token"}
+    assert "it is not in the keyring" in message
 
 
 def test_envelope_without_any_keyring_raises_unknown_key() -> None:
@@ -505,6 +508,7 @@ def test_envelope_without_any_keyring_raises_unknown_key() -> None:
     with pytest.raises(UnknownKey) as info:
         Vault(None).unseal(ROW, sealed)
     assert kid_of(OLD_KEY) in str(info.value)
+    assert "no keys are configured" in str(info.value)
 
 
 # Keyring with several keys and rotation
@@ -826,3 +830,16 @@ def test_unseal_refuses_credentials_that_are_a_plaintext_list_and_keeps_other_li
     # A field that sorts before "credentials" is no secret for it.
     kept = {"account": {"region": "eu"}, "accounts": ["a", "b"]}
     assert vault.unseal(ROW, kept) == kept
+
+
+def test_keyring_constructor_refuses_short_material_even_under_its_own_id() -> None:
+    short = b"k" * 31
+    with pytest.raises(ValueError, match=r"use Keyring\.parse\(\)"):
+        Keyring([(_key_id(short), short)])
+
+
+def test_a_row_id_that_is_not_a_uuid_binds_envelopes_as_it_is(vault: Vault) -> None:
+    sealed = vault.seal("row-1", {"api_key": MARKER})
+    assert vault.unseal("row-1", sealed) == {"api_key": MARKER}
+    with pytest.raises(DecryptionFailed):
+        vault.unseal("ROW-1", sealed)
