@@ -518,12 +518,13 @@ def test_a_cached_repository_waits_for_locks_as_long_as_the_repository() -> None
     assert cached.lock_timeout == Repository("integrations", channel="c").lock_timeout == 30.0
 
 
-async def test_reads_by_key_are_served_from_memory_unless_fresh(
+async def test_reads_by_uuid_and_by_key_are_served_from_memory_unless_fresh(
     integ: Integrations, saved: str, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = integ._repo
     held = await repo.get(saved)
     assert held is not None
+    assert await repo.get(saved) is held
     assert await repo.get_by_key(held.owner, held.key) is held
     # A write behind the cache's back whose notice never arrives: only a fresh read sees it.
     hold_notifications(integ, monkeypatch)
