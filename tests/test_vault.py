@@ -843,3 +843,20 @@ def test_a_row_id_that_is_not_a_uuid_binds_envelopes_as_it_is(vault: Vault) -> N
     assert vault.unseal("row-1", sealed) == {"api_key": MARKER}
     with pytest.raises(DecryptionFailed):
         vault.unseal("ROW-1", sealed)
+
+
+@pytest.mark.parametrize("kid", ["00000000", "ffffffff"])
+def test_keyring_constructor_refuses_material_under_another_id(kid: str) -> None:
+    material = b"m" * 32
+    assert _key_id(material) != kid
+    with pytest.raises(ValueError, match=r"use Keyring\.parse\(\)"):
+        Keyring([(kid, material)])
+
+
+def test_unseal_takes_secret_fields_as_a_one_shot_iterable(vault: Vault) -> None:
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {"note": "n", "x": "plain", "y": ["plain"]}, iter(["x", "y"]))
+    assert info.value.context == {"field": "x"}
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {"note": ["n"], "y": ["plain"]}, iter(["y"]))
+    assert info.value.context == {"field": "y"}
