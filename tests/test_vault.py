@@ -120,6 +120,7 @@ def _malformed_keys() -> list[str]:
         f"ik1::{body}",
         f"ik1:{kid}:{base64.urlsafe_b64encode(b'x' * 31).decode()}",
         f"ik1:{kid}",
+        f"ik0:{kid}:{body}",
     ]
 
 
