@@ -25,6 +25,7 @@ from integrations._vault import (
     SECRET_FIELDS,
     Keyring,
     Vault,
+    _associated_data,
     _key_id,
     generate_key,
     is_envelope,
@@ -374,6 +375,7 @@ def test_a_string_shaped_like_an_envelope_is_not_an_envelope(vault: Vault) -> No
         {"$enc": 1, "kid": 5, "n": "AA==", "ct": "AA=="},
         {"$enc": 1, "kid": "abcd1234", "n": "AA==", "ct": "AA==", "hint": 1234},
         {"$enc": 1, "kid": "abcd1234", "n": "A" * 16, "ct": "A" * 24, "hint": ""},
+        {"$enc": 1, "kid": "abcd1234", "n": "A" * 16, "ct": "A" * 24, "hint": "abc"},
         ["$enc", "kid", "n", "ct"],
         None,
     ],
@@ -833,10 +835,13 @@ def test_unseal_refuses_credentials_that_are_a_plaintext_list_and_keeps_other_li
     assert vault.unseal(ROW, kept) == kept
 
 
-def test_keyring_constructor_refuses_short_material_even_under_its_own_id() -> None:
-    short = b"k" * 31
+@pytest.mark.parametrize("size", [31, 33])
+def test_keyring_constructor_refuses_material_of_another_size_even_under_its_own_id(
+    size: int,
+) -> None:
+    material = b"k" * size
     with pytest.raises(ValueError, match=r"use Keyring\.parse\(\)"):
-        Keyring([(_key_id(short), short)])
+        Keyring([(_key_id(material), material)])
 
 
 def test_a_row_id_that_is_not_a_uuid_binds_envelopes_as_it_is(vault: Vault) -> None:
@@ -861,3 +866,22 @@ def test_unseal_takes_secret_fields_as_a_one_shot_iterable(vault: Vault) -> None
     with pytest.raises(DecryptionFailed) as info:
         vault.unseal(ROW, {"note": ["n"], "y": ["plain"]}, iter(["y"]))
     assert info.value.context == {"field": "y"}
+
+
+def test_plaintext_in_a_credentials_field_read_from_storage_is_refused(vault: Vault) -> None:
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {fresh("credentials"): "plain"})
+    assert info.value.context == {"field": "credentials"}
+
+
+@pytest.mark.parametrize("hint", [None, "abcd", 'a"b\\', "é€ü\n"])
+def test_associated_data_is_the_json_of_its_parts(hint: str | None) -> None:
+    expected = json.dumps([1, "abcd1234", ROW, "api_key", hint]).encode()
+    assert _associated_data("abcd1234", ROW, "api_key", hint) == expected
+
+
+def test_a_secret_ending_in_non_ascii_characters_round_trips(vault: Vault) -> None:
+    secret = 'sk-live-value-é€ü"'
+    sealed = vault.seal(ROW, {"api_key": secret})
+    assert sealed["api_key"]["hint"] == secret[-4:]
+    assert vault.unseal(ROW, sealed) == {"api_key": secret}
