@@ -268,6 +268,15 @@ async def test_close_waits_for_a_refresh_in_flight(fresh_db: str, server: OAuthT
         assert server.token_status(new["refresh_token"]) == "active"
 
 
+def test_a_refresh_step_never_shows_the_credentials_it_carries() -> None:
+    from integrations._lease import Look
+    from integrations._tokens import _Step
+
+    step = _Step(Look(wait=0.5), plain={"refresh_token": "rt_never_shown"}, owner="user:1")
+    assert "rt_never_shown" not in repr(step)
+    assert "user:1" in repr(step)
+
+
 async def test_a_refresh_asked_for_while_closing_is_refused(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
