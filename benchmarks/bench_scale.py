@@ -58,6 +58,10 @@ SAVED_AMONG_UNSAVED = 60
 #: a hundred is in error, so 1,000 rows hold 9 outside the mostly unsaved owner's).
 ERROR_PAGE = 5
 WRITERS = 4
+#: The rotating instance's lock timeout, which sets its statement deadline too: counting
+#: the rows left at the start of a pass over 1M rows under an old key reads every row
+#: (about a minute on a loaded 2-core machine), past the default 30 s.
+ROTATION_LOCK_TIMEOUT = 300.0
 COPY_BATCH = 20_000
 
 
@@ -241,7 +245,11 @@ async def rotation(dsn: str, keys: list[str], size: int) -> dict[str, float]:
     """rotate_keys() of the whole schema with WRITERS tasks saving setups meanwhile, then a
     pass with nothing left to do."""
     async with Integrations(
-        dsn, keys=keys, schema=schema_of(size), pool_max_size=WRITERS + 2
+        dsn,
+        keys=keys,
+        schema=schema_of(size),
+        pool_max_size=WRITERS + 2,
+        lock_timeout=ROTATION_LOCK_TIMEOUT,
     ) as integ:
         async with integ._repo.connection() as conn:
             sample = [
@@ -329,6 +337,7 @@ async def main(sizes: list[int], *, rotate: bool = True) -> None:
         "load_start": os.getloadavg()[0],
         # rotate_keys() refreshes the statistics after a big pass (the report says so).
         "analyzes_after_rotation": 1.0,
+        "rotation_lock_timeout_s": ROTATION_LOCK_TIMEOUT,
     }
     for i, size in enumerate(sizes):
         figures[f"size_{i}"] = float(size)
