@@ -116,7 +116,12 @@ async def seed(dsn: str, size: int, old_key: str) -> tuple[float, str]:
         target = await integ.add_connection("openai", "target")
         await integ.save_setup(target.uuid, {"api_key": "sk-target-0123456789"})
         async with integ._repo.connection() as conn:
-            for records in rows_of(size, old_key):
+            # The next batch is sealed in a thread while the server copies this one.
+            batches = rows_of(size, old_key)
+            loop = asyncio.get_running_loop()
+            ahead = loop.run_in_executor(None, next, batches, None)
+            while (records := await ahead) is not None:
+                ahead = loop.run_in_executor(None, next, batches, None)
                 await conn.copy_records_to_table(
                     "connections",
                     schema_name=schema,
