@@ -39,6 +39,9 @@ _SCAN_PAGE = 500
 SEARCH_EXAMINE = 2000
 #: The stored statuses a listing can be filtered by.
 STATUSES = ("connected", "error", "disconnected")
+# The row cache's extra under which a row's "holds credentials" answer is kept.
+_CHECKED = "has_credentials"
+_REVEALED = "credentials.revealed"
 # Between the key and the owner in a page mark of every owner's listing: never in a key.
 _OWNER_MARK = "\x1f"
 
@@ -210,16 +213,39 @@ class Connections:
     async def get_credentials(
         self, ref: object, owner: OwnerScope, *, fresh: bool = False
     ) -> dict[str, Any]:
-        row = await self.require_ref(ref, owner, fresh=fresh)
-        provider = self._core.provider_of(row)
-        if not self.has_credentials(row, provider):
+        core = self._core
+        # A cached row needs no coroutine per layer; a miss or an error takes the long way.
+        row = None if fresh else self.peek_ref(ref, owner)
+        if row is None:
+            as_uuid = names.parse_uuid(ref) if type(ref) is str else None
+            if as_uuid is None:
+                row = await self.require_ref(ref, owner, fresh=fresh)
+            else:
+                # require_ref's read of a uuid, without its layers.
+                owner = check_scope(owner)
+                row = _visible(await core.repo.get(as_uuid, fresh=fresh), owner)
+                if row is None:
+                    raise Deleted()
+        cache = core.repo.cache
+        # The row's provider (as provider_of gives it) and whether the row holds
+        # credentials depend on the row and the registered provider alone: kept beside
+        # the cached row, for the registered provider object they were decided for.
+        registered = core.providers.find(row.provider)
+        checked = cache.extra(row, _CHECKED)
+        if checked is None or checked[0] is not registered:
+            bound = None if registered is None else registered.for_data(row.data)
+            checked = (registered, bound, self.has_credentials(row, bound))
+            cache.keep_extra(row, _CHECKED, checked)
+        provider = checked[1]
+        if not checked[2]:
             raise NotConfigured(
                 f"The connection {row.provider}:{row.name} has no saved credentials; "
                 "save them with save_setup first."
             )
         secret_fields = provider.secret_field_keys if provider is not None else frozenset()
-        plain = self._core.vault.unseal(row.uuid, row.data, secret_fields)
-        await self._revealed(row, "get_credentials")
+        plain = core.vault.unseal(row.uuid, row.data, secret_fields)
+        if core.audit.records(_REVEALED):
+            await self._revealed(row, "get_credentials")
         return plain
 
     async def is_connected(self, uuid: object, owner: OwnerScope, *, fresh: bool = False) -> bool:

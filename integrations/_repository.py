@@ -107,12 +107,21 @@ class _ResealCursor:
 Pool: TypeAlias = asyncpg.Pool
 
 
+# Lowercase, hyphenated uuid text: the form every row uuid is read and cached in.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _owner_to_db(owner: str | None) -> str:
     return owner or ""
 
 
+# json.loads without its per-call argument checks: a stored document is jsonb's text
+# output, which never starts with a byte order mark.
+_decode_json = json.JSONDecoder().decode
+
+
 def _row(record: asyncpg.Record) -> StoredRow:
-    data = json.loads(record["value_json"])
+    data = _decode_json(record["value_json"])
     if not isinstance(data, dict):
         data = {}
     return StoredRow(
@@ -597,7 +606,9 @@ class Repository:
         return None
 
     async def get(self, uuid: str) -> StoredRow | None:
-        record = await self._fetchrow(self.q.get_by_uuid, _uuid.UUID(uuid))
+        # The driver encodes canonical uuid text itself; anything else is parsed here.
+        key = uuid if _CANONICAL_UUID.fullmatch(uuid) is not None else _uuid.UUID(uuid)
+        record = await self._fetchrow(self.q.get_by_uuid, key)
         return None if record is None else _row(record)
 
     async def get_by_key(self, owner: str | None, key: str) -> StoredRow | None:

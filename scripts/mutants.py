@@ -13,23 +13,40 @@ each mutant runs only what can kill it, found from one measured run of those fil
   ``from __future__ import annotations``, so annotations are never evaluated;
 - a mutant on a line that no test executes survives without a run (nothing can see it);
 - otherwise the tests that executed the mutated statement run first, fail-fast; when they
-  pass, the module's whole test files run before the mutant is called a survivor. A line
+  pass, the rest of the module's test files runs before the mutant is called a survivor. A line
   executed only outside any test (import time, fixtures, a subprocess) runs the whole files.
 
 So a killed mutant was killed by a failing test, and a survivor passed every test file of
 its module.
+
+Two things make one mutant's pytest runs cheap without changing what they run:
+
+- a fork-server (``--serve``) imports pytest, its plugins and the third-party libraries the
+  module's tests import, once; each pytest run is a child forked from it that imports this
+  project (``integrations``, the tests, conftest) fresh from disk, with the caller's
+  environment, working directory, stdout and stderr;
+- the migrated template database the tests clone is made once, by the measured run with the
+  unmutated code, and kept (``INTEGRATIONS_TEST_TEMPLATE``, ``INTEGRATIONS_TEST_KEY``: see
+  tests/conftest.py). A mutant of a line that runs while the template is made (a session
+  fixture's setup) or outside any test (import time) makes its own, as a plain run would.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import json
 import os
+import re
 import shlex
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
 from pathlib import Path
 
@@ -42,6 +59,12 @@ TIMEOUT = 600
 TEST_TIMEOUT = 60
 PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0"]
 PYTEST += [f"--timeout={TEST_TIMEOUT}"]
+#: pytest's exit status when no test is left to run (every one was selected and passed).
+NO_TESTS_LEFT = 5
+#: The environment that makes the tests clone a template made once (tests/conftest.py).
+SHARED_TEMPLATE = ("INTEGRATIONS_TEST_TEMPLATE", "INTEGRATIONS_TEST_KEY")
+#: Top-level names the fork-server never imports: this project's own code.
+OWN = {"integrations", "tests", "conftest", "mutants", "mutants_contexts", "__main__"}
 
 
 def _key(path: Path, operator: str, line: int) -> tuple[str, str]:
@@ -90,8 +113,9 @@ def _nodeid(context: str, test_files: list[str]) -> str | None:
     return context if context.split("::")[0] in test_files else None
 
 
-def _coverage_map(module: dict[str, object], workdir: Path) -> Path:
-    """Run the module's tests once under coverage; write which tests execute which line."""
+def _coverage_map(module: dict[str, object], workdir: Path, shared: dict[str, str]) -> Path:
+    """Run the module's tests once under coverage; write which tests execute which line.
+    This run makes the shared template (``shared``) with the unmutated code."""
     path = str(module["path"])
     tests = [str(t) for t in module["tests"]]  # type: ignore[attr-defined]
     data = workdir / "coverage.data"
@@ -108,6 +132,7 @@ def _coverage_map(module: dict[str, object], workdir: Path) -> Path:
         old.unlink()
     # Each test's lines under its node id: the plugin scripts/mutants_contexts.py.
     env = dict(os.environ, COVERAGE_RCFILE=str(rc), PYTHONPATH=str(Path(__file__).parent))
+    env.update(shared)
     cmd = [sys.executable, "-m", "coverage", "run", f"--rcfile={rc}", "-m", "pytest"]
     cmd += [*PYTEST[3:], "-p", "mutants_contexts", *tests]
     done = subprocess.run(cmd, cwd=ROOT, env=env, check=False)
@@ -137,6 +162,16 @@ def _coverage_map(module: dict[str, object], workdir: Path) -> Path:
                 "tests": tests,
                 "source": source,
                 "by_line": {str(k): v for k, v in by_line.items()},
+                # Lines run outside any test (import time) or while a session fixture is set
+                # up (the template database is made then): a mutant of one of them does not
+                # use the template made by the unmutated code.
+                "template_lines": sorted(
+                    line
+                    for line, contexts in by_line.items()
+                    if any(not c or c.startswith("session:") for c in contexts)
+                ),
+                "shared": shared,
+                "server": str(workdir / "server.sock"),
                 "statements": {str(k): v for k, v in _statement_lines(source).items()},
             }
         ),
@@ -164,35 +199,240 @@ def _test_one(map_file: Path) -> int:
     if not contexts:
         print(f"lines {sorted(changed)}: executed by no test")
         return 0
+    env = {k: v for k, v in os.environ.items() if k not in SHARED_TEMPLATE}
+    if lines.isdisjoint(cmap["template_lines"]):
+        env.update(cmap["shared"])
+    else:
+        print("the template database is made anew: the mutant runs while it is made")
     nodeids = sorted({n for c in contexts if c and (n := _nodeid(c, files))})
     if nodeids:
         print("selected:", " ".join(nodeids), flush=True)
-        if subprocess.run([*PYTEST, *nodeids], cwd=ROOT, check=False).returncode != 0:
+        if _pytest([*PYTEST[3:], *nodeids], env, cmap["server"]) != 0:
             return 1
-    print("whole files:", " ".join(files), flush=True)
-    return subprocess.run([*PYTEST, *files], cwd=ROOT, check=False).returncode
+    # The selected tests passed under this mutant already: not run twice.
+    print("whole files:", " ".join(files), "less the tests above", flush=True)
+    deselect = [arg for n in nodeids for arg in ("--deselect", n)]
+    code = _pytest([*PYTEST[3:], *files, *deselect], env, cmap["server"])
+    return 0 if code == NO_TESTS_LEFT and deselect else code
 
 
-def _skip_annotations(session: Path, path: str) -> int:
+def _pytest(args: list[str], env: dict[str, str], server: str) -> int:
+    """``python -m pytest *args`` in ``env``: a child of the fork-server, or a new process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(server)
+    except OSError:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", *args], env=env, check=False
+        ).returncode
+    with conn:
+        body = json.dumps({"args": args, "env": env, "cwd": os.getcwd()}).encode()
+        socket.send_fds(conn, [struct.pack("!I", len(body))], [1, 2])
+        conn.sendall(body)
+        answer = b""
+        while chunk := conn.recv(16):
+            answer += chunk
+    # No answer: the child died without one (killed, or crashed): a failed run.
+    return int(answer) if answer else 1
+
+
+def _third_party(files: list[str]) -> list[str]:
+    """The modules, in import order, that collecting ``files`` imports from outside this
+    project: found in a separate process, so that the server imports none of the project."""
+    probe = (
+        "import json, os, sys, pytest\n"
+        "root, prefix = sys.argv[1], os.path.realpath(sys.prefix)\n"
+        "sys.argv[:2] = ['pytest']\n"
+        "pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', '-n', '0',\n"
+        "             *sys.argv[1:]])\n"
+        "names = []\n"
+        "for name, mod in list(sys.modules.items()):\n"
+        "    file = getattr(mod, '__file__', None)\n"
+        f"    if not file or name.split('.')[0] in {sorted(OWN)!r}:\n"
+        "        continue\n"
+        "    real = os.path.realpath(file)\n"
+        "    if real.startswith(root + os.sep) and not real.startswith(prefix + os.sep):\n"
+        "        continue\n"
+        "    names.append(name)\n"
+        "print('\\n' + json.dumps(names))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(ROOT), *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return [str(n) for n in json.loads(done.stdout.strip().splitlines()[-1])]
+    except (ValueError, IndexError):
+        return []
+
+
+def _serve(server: str, files: list[str]) -> int:
+    """The fork-server: import what the tests import from outside the project, then fork a
+    child per request that runs pytest as ``python -m pytest`` would, in the caller's
+    environment, working directory, stdout and stderr, and answers its exit status."""
+    import importlib
+
+    sys.path[0] = str(ROOT)  # as python -m pytest from ROOT has it
+    for name in _third_party(files):
+        with contextlib.suppress(Exception):  # what fails here, the child imports itself
+            importlib.import_module(name)
+    own = [n for n in sys.modules if n.split(".")[0] in OWN - {"__main__"}]
+    if own or threading.active_count() != 1:
+        print(f"fork-server not started (imported {own}, threads)", file=sys.stderr)
+        return 1
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(server)
+    listener.listen(8)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reaped by the kernel
+    print("ready", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    while True:
+        conn, _ = listener.accept()
+        if os.fork() == 0:
+            listener.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                code = _child(conn)
+            except BaseException:  # the caller counts a failed run
+                code = 3
+            os._exit(code)
+        conn.close()
+
+
+def _child(conn: socket.socket) -> int:
+    header, fds, _, _ = socket.recv_fds(conn, 4, 2)
+    (size,) = struct.unpack("!I", header)
+    body = b""
+    while len(body) < size:
+        body += conn.recv(size - len(body))
+    request = json.loads(body)
+    os.dup2(fds[0], 1)
+    os.dup2(fds[1], 2)
+    for fd in fds:
+        os.close(fd)
+    os.setpgid(0, 0)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.dont_write_bytecode = True  # as cosmic-ray's PYTHONDONTWRITEBYTECODE=1
+    sys.path[0] = os.getcwd()
+
+    def watch() -> None:
+        # The caller gone (cosmic-ray's timeout kills it): end this run and its children.
+        if not conn.recv(1):
+            os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+    import pytest
+
+    # The libraries imported before pytest started are not rewritten for assertions (only
+    # their own asserts' messages differ); pytest's warning about that is not a failure here.
+    args = ["-W", "ignore::pytest.PytestAssertRewriteWarning", *request["args"]]
+    sys.argv = ["pytest", *args]
+    code = int(pytest.main(args))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    conn.sendall(str(code).encode())
+    return code
+
+
+def _listed(report: Path) -> set[tuple[str, str, int]]:
+    """(operator, path, line) of each mutant a report (``mutants/last-run/``) lists as
+    surviving or accepted."""
+    found = set()
+    for text in report.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\s+(?:SURVIVED|accepted) (\S+) at (\S+):(\d+):", text)
+        if match:
+            found.add((match.group(1), match.group(2), int(match.group(3))))
+    return found
+
+
+def _skip(session: Path, path: str, again: set[tuple[str, str, int]] | None) -> tuple[int, int]:
+    """Mark as skipped the mutants inside annotations and, when ``again`` is given, those
+    it does not list; how many of each."""
     from cosmic_ray.work_db import use_db  # installed by the nox session only
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     spans = _annotation_spans((ROOT / path).read_text(encoding="utf-8"))
-    skipped = 0
+    annotations = unlisted = 0
     with use_db(str(session)) as db:
         for item in db.work_items:
             if all(
                 any(s <= tuple(m.start_pos) and tuple(m.end_pos) <= e for s, e in spans)
                 for m in item.mutations
             ):
-                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
-                skipped += 1
-    return skipped
+                annotations += 1
+            elif again is not None and not all(
+                (m.operator_name, str(m.module_path), m.start_pos[0]) in again
+                for m in item.mutations
+            ):
+                unlisted += 1
+            else:
+                continue
+            db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+    return annotations, unlisted
 
 
-def _run(module: dict[str, object], workdir: Path) -> tuple[int, int, list[tuple[str, str, int]]]:
+Survivor = tuple[str, str, int]
+
+
+def _run(
+    module: dict[str, object], workdir: Path, again: set[tuple[str, str, int]] | None = None
+) -> tuple[int, int, list[Survivor]]:
     path = str(module["path"])
-    map_file = _coverage_map(module, workdir)
+    from integrations import generate_key  # unmutated: no mutant is applied yet
+
+    shared = {
+        "INTEGRATIONS_TEST_TEMPLATE": f"integrations_tpl_mutants_{os.getpid()}",
+        "INTEGRATIONS_TEST_KEY": generate_key(),
+    }
+    server = None
+    try:
+        map_file = _coverage_map(module, workdir, shared)
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(workdir / "server.sock"), *module["tests"]],  # type: ignore[misc]
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if server.stdout is None or server.stdout.readline().strip() != "ready":
+            print(f"{path}: no fork-server; each pytest run is a new process", flush=True)
+        return _cosmic(path, workdir, map_file, again)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        _drop_database(shared["INTEGRATIONS_TEST_TEMPLATE"])
+
+
+def _drop_database(name: str) -> None:
+    """Drop the shared template, and the emptied databases parked beside it."""
+    snippet = (
+        "import asyncio, sys, asyncpg\n"
+        "from tests.conftest import _admin, _admin_dsn\n"
+        "async def main(name):\n"
+        "    conn = await asyncpg.connect(_admin_dsn())\n"
+        "    try:\n"
+        "        rows = await conn.fetch('SELECT datname FROM pg_database'\n"
+        "                                ' WHERE starts_with(datname, $1)', name + '_p')\n"
+        "    finally:\n"
+        "        await conn.close()\n"
+        "    for n in [name, *(r[0] for r in rows)]:\n"
+        "        await _admin(_admin_dsn(), f'DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)')\n"
+        "asyncio.run(main(sys.argv[1]))\n"
+    )
+    subprocess.run([sys.executable, "-c", snippet, name], cwd=ROOT, check=False)
+
+
+def _cosmic(
+    path: str, workdir: Path, map_file: Path, again: set[tuple[str, str, int]] | None
+) -> tuple[int, int, list[Survivor]]:
     command = shlex.join([sys.executable, str(Path(__file__).resolve()), "--test", str(map_file)])
     config = workdir / "config.toml"
     config.write_text(
@@ -209,14 +449,16 @@ def _run(module: dict[str, object], workdir: Path) -> tuple[int, int, list[tuple
     session.unlink(missing_ok=True)
     cosmic = [sys.executable, "-m", "cosmic_ray.cli"]
     subprocess.run([*cosmic, "init", str(config), str(session)], check=True, cwd=ROOT)
-    skipped = _skip_annotations(session, path)
-    print(f"{path}: {skipped} mutants inside annotations not run", flush=True)
+    annotations, unlisted = _skip(session, path, again)
+    print(f"{path}: {annotations} mutants inside annotations not run", flush=True)
+    if again is not None:
+        print(f"{path}: {unlisted} mutants not listed in the report not run", flush=True)
     subprocess.run([*cosmic, "exec", str(config), str(session)], check=True, cwd=ROOT)
     dump = subprocess.run(
         [*cosmic, "dump", str(session)], check=True, cwd=ROOT, capture_output=True, text=True
     )
     ran = killed = 0
-    survivors: list[tuple[str, str, int]] = []
+    survivors: list[Survivor] = []
     for line in dump.stdout.splitlines():
         item, result = json.loads(line)
         if result is None or result.get("test_outcome") not in ("killed", "survived"):
@@ -235,6 +477,13 @@ def _run(module: dict[str, object], workdir: Path) -> tuple[int, int, list[tuple
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--test"]:
         return _test_one(Path(argv[1]))
+    if argv[:1] == ["--serve"]:
+        return _serve(argv[1], argv[2:])
+    again = None
+    if argv[:1] == ["--again"]:
+        # Only the mutants an earlier report lists: its survivors, with the tests since.
+        again = _listed(Path(argv[1]))
+        argv = argv[2:]
     modules = tomllib.loads(MODULES.read_text(encoding="utf-8"))["module"]
     if argv:
         modules = [m for m in modules if m["path"] in argv]
@@ -246,7 +495,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         for module in modules:
             accepted = {(a["operator"], a["line"]): a["reason"] for a in module["accepted"]}
-            ran, killed, survivors = _run(module, Path(tmp))
+            ran, killed, survivors = _run(module, Path(tmp), again)
             score = 100.0 * killed / ran if ran else 100.0
             report = [f"{module['path']}: {killed}/{ran} killed ({score:.1f}%)"]
             seen = set()
@@ -259,6 +508,8 @@ def main(argv: list[str]) -> int:
                     failed = True
                     report.append(f"  SURVIVED {operator} at {path}:{line}: {key[1]}")
             for key in accepted.keys() - seen:
+                if again is not None and not any(_key(ROOT / p, o, n) == key for o, p, n in again):
+                    continue  # not run again
                 report.append(f"  no longer survives (remove from the list): {key[0]}: {key[1]}")
             print("\n".join(report), flush=True)
             name = str(module["path"]).replace("/", ".").removesuffix(".py")

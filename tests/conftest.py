@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import os
 import secrets
+import signal
 import socket
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +20,17 @@ import asyncpg
 import pytest
 
 from integrations import Integrations, _embedded, generate_key
+from integrations._repository import rows_channel
 
-TEST_KEY = generate_key()
+# A run that shares a template database across test processes (INTEGRATIONS_TEST_TEMPLATE,
+# below) shares the key its data keys are wrapped with too.
+TEST_KEY = os.environ.get("INTEGRATIONS_TEST_KEY") or generate_key()
+
+# Tests stop the commands they start with Ctrl-C (SIGINT), as at a terminal. A suite run as
+# a background job of a script starts with SIGINT ignored, which its commands would inherit
+# (and then never stop): a handler of our own is what a command sees as the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _local_server() -> tuple[str, int]:
@@ -128,9 +141,10 @@ SELECT NOT EXISTS (SELECT 1 FROM testkit.ddl_seen)
 class _Databases:
     """The template and the emptied databases this test process can hand on."""
 
-    def __init__(self, admin_dsn: str, template: str) -> None:
+    def __init__(self, admin_dsn: str, template: str, *, shared: bool = False) -> None:
         self.admin_dsn = admin_dsn
         self.template = template
+        self.shared = shared
         self.reuse = False
         self.migrations: str | None = None
         self.spare: list[str] = []
@@ -150,12 +164,43 @@ class _Databases:
         finally:
             await conn.close()
 
+    async def adopt(self) -> None:
+        """Use a template made by an earlier process, as that process's setup left it."""
+        conn = await asyncpg.connect(_with_database(self.admin_dsn, self.template))
+        try:
+            self.migrations = await conn.fetchval(_MIGRATIONS.format("integrations"))
+            self.reuse = bool(
+                await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = 'testkit'")
+            )
+        finally:
+            await conn.close()
+
     async def take(self) -> str:
         if self.spare:
             return self.spare.pop()
         name = f"integrations_t_{secrets.token_hex(6)}"
+        if self.shared and await self._claim_parked(name):
+            return name
         await clone_database(self.admin_dsn, self.template, name)
         return name
+
+    async def _claim_parked(self, name: str) -> bool:
+        """Take a database that an earlier process emptied and parked, renamed to ``name``."""
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            parked = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, $1)",
+                f"{self.template}_p",
+            )
+            for row in parked:
+                try:
+                    await conn.execute(f'ALTER DATABASE "{row[0]}" RENAME TO "{name}"')
+                except asyncpg.PostgresError:
+                    continue  # another process took it first
+                return True
+            return False
+        finally:
+            await conn.close()
 
     async def give_back(self, name: str) -> None:
         if self.reuse and await self._empty(name):
@@ -193,6 +238,18 @@ class _Databases:
             await conn.close()
 
     async def drop_all(self) -> None:
+        """Drop this process's databases; a shared template is kept, and the emptied
+        databases are parked beside it (``<template>_p<hex>``) for the next process."""
+        if self.shared:
+            await _admin(
+                self.admin_dsn,
+                *(
+                    f'ALTER DATABASE "{n}" RENAME TO "{self.template}_p{secrets.token_hex(6)}"'
+                    for n in self.spare
+                ),
+            )
+            self.spare.clear()
+            return
         names = [*self.spare, self.template]
         self.spare.clear()
         await _admin(
@@ -200,12 +257,28 @@ class _Databases:
         )
 
 
+async def _database_exists(admin_dsn: str, name: str) -> bool:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def databases(admin_dsn: str) -> Iterator[_Databases]:
-    name = f"integrations_tpl_{os.getpid()}_{secrets.token_hex(3)}"
-    asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}"'))
-    found = _Databases(admin_dsn, name)
-    asyncio.run(found.setup())
+    """The migrated template this process clones. INTEGRATIONS_TEST_TEMPLATE names one to
+    keep across processes run one after another (with INTEGRATIONS_TEST_KEY): made by the
+    first process that finds it missing, used as it is by the next, and dropped by none
+    (scripts/mutants.py drops it and the databases parked beside it)."""
+    shared = os.environ.get("INTEGRATIONS_TEST_TEMPLATE")
+    name = shared or f"integrations_tpl_{os.getpid()}_{secrets.token_hex(3)}"
+    found = _Databases(admin_dsn, name, shared=bool(shared))
+    if shared and asyncio.run(_database_exists(admin_dsn, shared)):
+        asyncio.run(found.adopt())
+    else:
+        asyncio.run(_admin(admin_dsn, f'CREATE DATABASE "{name}"'))
+        asyncio.run(found.setup())
     yield found
     asyncio.run(found.drop_all())
 
@@ -265,42 +338,60 @@ async def db(fresh_db: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-# A write made with raw SQL reaches an instance's row cache as a notification, which
-# arrives within a millisecond or so; tests that read right after such a write wait this.
-SETTLE = 0.2
-
-
 async def settle() -> None:
-    """Let the row-change notice of a raw SQL write reach the instances' row caches."""
-    await asyncio.sleep(SETTLE)
+    """Wait until every open instance of this process whose row cache serves has received
+    the row-change notices of the writes committed so far (raw SQL ones included).
+
+    Each gets a sentinel notice for a uuid no row has, sent now: a listener receives
+    notifications in commit order, so once its cache has seen the sentinel, every earlier
+    notice has reached it too."""
+    loop = asyncio.get_running_loop()
+    for instance in [o for o in gc.get_objects() if isinstance(o, Integrations)]:
+        if instance._state.value != "open" or not instance._cache.serving:
+            continue  # nothing served from a cache that is not serving
+        if instance._repo.pool._loop is loop:  # (not one left open by an earlier test)
+            await _sentinel_notice(instance)
+
+
+async def _sentinel_notice(instance: Integrations) -> None:
+    hub = instance._s.core.hub
+    watcher = _SentinelWatcher(hub._watcher, str(uuid.uuid4()))
+    hub._watcher = watcher
+    try:
+        await instance._repo.pool.execute(
+            "SELECT pg_notify($1, $2)",
+            rows_channel(hub.channel),
+            json.dumps({"rows": [watcher.sentinel]}),
+        )
+        await asyncio.wait_for(watcher.arrived.wait(), 30)
+    finally:
+        hub._watcher = watcher.cache
+
+
+class _SentinelWatcher:
+    """The row cache as the event hub sees it, noting when the sentinel's notice comes."""
+
+    def __init__(self, cache: Any, sentinel: str) -> None:
+        self.cache, self.sentinel, self.arrived = cache, sentinel, asyncio.Event()
+
+    def rows_changed(self, uuids: Any) -> None:
+        self.cache.rows_changed(uuids)
+        if uuids is not None and self.sentinel in uuids:
+            self.arrived.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
 
 
 async def save_and_settle(integ: Any, uuid: str, attrs: dict[str, Any]) -> None:
-    """``save_setup``, then wait for the write's own row notice: the write drops the row
-    from the cache at once, and the database's notice of it drops it once more when it
-    arrives. Counting cache behaviour from after both keeps a test exact."""
+    """``save_setup``, then wait for the write's own notices: the write drops the row from
+    the cache at once, and the database's notices of it drop it once more when they
+    arrive. Counting cache behaviour from after them all keeps a test exact."""
     # Notices of earlier writes (the connection's insert) may still be on their way:
-    # let them arrive first, so that the count below is this write's alone.
-    await _quiet(integ)
-    before = integ.cache_stats.invalidations
+    # a sentinel notice sent after them has come once they have.
+    await _sentinel_notice(integ)
     await integ.save_setup(uuid, attrs)
-    for _ in range(200):
-        if integ.cache_stats.invalidations >= before + 2:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("the write's row notice did not arrive")
-    await _quiet(integ)
-
-
-async def _quiet(integ: Any) -> None:
-    """Wait until no cache invalidation has come for a while."""
-    seen = integ.cache_stats.invalidations
-    while True:
-        await asyncio.sleep(0.15)
-        if integ.cache_stats.invalidations == seen:
-            return
-        seen = integ.cache_stats.invalidations
+    await _sentinel_notice(integ)
 
 
 _TOKEN_FIELDS = ("access_token", "refresh_token", "token_type", "expires_at", "scope")

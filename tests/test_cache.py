@@ -191,6 +191,27 @@ async def test_own_writes_are_seen_at_once(
         await integ.get_credentials(saved)
 
 
+async def test_whether_a_cached_row_holds_credentials_follows_its_writes(
+    integ: Integrations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = await integ.add_connection("openai", "default")
+    for _ in range(2):  # the second read is served from the cache
+        with pytest.raises(integrations_errors().NotConfigured):
+            await integ.get_credentials(conn.uuid)
+    hold_notifications(integ, monkeypatch)
+    await integ.save_setup(conn.uuid, {"api_key": "sk-first"})
+    assert await api_key(integ, conn.uuid) == "sk-first"
+    hits = integ.cache_stats.hits
+    assert await api_key(integ, conn.uuid) == "sk-first"
+    assert integ.cache_stats.hits == hits + 1
+    await integ.disconnect(conn.uuid)
+    for _ in range(2):
+        with pytest.raises(integrations_errors().NotConfigured):
+            await integ.get_credentials(conn.uuid)
+    await integ.save_setup(conn.uuid, {"api_key": "sk-second"})
+    assert await api_key(integ, conn.uuid) == "sk-second"
+
+
 async def test_a_token_write_is_seen_at_once(
     fresh_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
