@@ -115,8 +115,13 @@ def _owner_to_db(owner: str | None) -> str:
     return owner or ""
 
 
+# json.loads without its per-call argument checks: a stored document is jsonb's text
+# output, which never starts with a byte order mark.
+_decode_json = json.JSONDecoder().decode
+
+
 def _row(record: asyncpg.Record) -> StoredRow:
-    data = json.loads(record["value_json"])
+    data = _decode_json(record["value_json"])
     if not isinstance(data, dict):
         data = {}
     return StoredRow(

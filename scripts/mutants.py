@@ -38,6 +38,7 @@ import contextlib
 import difflib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -341,27 +342,49 @@ def _child(conn: socket.socket) -> int:
     return code
 
 
-def _skip_annotations(session: Path, path: str) -> int:
+def _listed(report: Path) -> set[tuple[str, str, int]]:
+    """(operator, path, line) of each mutant a report (``mutants/last-run/``) lists as
+    surviving or accepted."""
+    found = set()
+    for text in report.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\s+(?:SURVIVED|accepted) (\S+) at (\S+):(\d+):", text)
+        if match:
+            found.add((match.group(1), match.group(2), int(match.group(3))))
+    return found
+
+
+def _skip(session: Path, path: str, again: set[tuple[str, str, int]] | None) -> tuple[int, int]:
+    """Mark as skipped the mutants inside annotations and, when ``again`` is given, those
+    it does not list; how many of each."""
     from cosmic_ray.work_db import use_db  # installed by the nox session only
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     spans = _annotation_spans((ROOT / path).read_text(encoding="utf-8"))
-    skipped = 0
+    annotations = unlisted = 0
     with use_db(str(session)) as db:
         for item in db.work_items:
             if all(
                 any(s <= tuple(m.start_pos) and tuple(m.end_pos) <= e for s, e in spans)
                 for m in item.mutations
             ):
-                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
-                skipped += 1
-    return skipped
+                annotations += 1
+            elif again is not None and not all(
+                (m.operator_name, str(m.module_path), m.start_pos[0]) in again
+                for m in item.mutations
+            ):
+                unlisted += 1
+            else:
+                continue
+            db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+    return annotations, unlisted
 
 
 Survivor = tuple[str, str, int]
 
 
-def _run(module: dict[str, object], workdir: Path) -> tuple[int, int, list[Survivor]]:
+def _run(
+    module: dict[str, object], workdir: Path, again: set[tuple[str, str, int]] | None = None
+) -> tuple[int, int, list[Survivor]]:
     path = str(module["path"])
     from integrations import generate_key  # unmutated: no mutant is applied yet
 
@@ -380,7 +403,7 @@ def _run(module: dict[str, object], workdir: Path) -> tuple[int, int, list[Survi
         )
         if server.stdout is None or server.stdout.readline().strip() != "ready":
             print(f"{path}: no fork-server; each pytest run is a new process", flush=True)
-        return _cosmic(path, workdir, map_file)
+        return _cosmic(path, workdir, map_file, again)
     finally:
         if server is not None:
             server.kill()
@@ -408,8 +431,8 @@ def _drop_database(name: str) -> None:
 
 
 def _cosmic(
-    path: str, workdir: Path, map_file: Path
-) -> tuple[int, int, list[tuple[str, str, int]]]:
+    path: str, workdir: Path, map_file: Path, again: set[tuple[str, str, int]] | None
+) -> tuple[int, int, list[Survivor]]:
     command = shlex.join([sys.executable, str(Path(__file__).resolve()), "--test", str(map_file)])
     config = workdir / "config.toml"
     config.write_text(
@@ -426,8 +449,10 @@ def _cosmic(
     session.unlink(missing_ok=True)
     cosmic = [sys.executable, "-m", "cosmic_ray.cli"]
     subprocess.run([*cosmic, "init", str(config), str(session)], check=True, cwd=ROOT)
-    skipped = _skip_annotations(session, path)
-    print(f"{path}: {skipped} mutants inside annotations not run", flush=True)
+    annotations, unlisted = _skip(session, path, again)
+    print(f"{path}: {annotations} mutants inside annotations not run", flush=True)
+    if again is not None:
+        print(f"{path}: {unlisted} mutants not listed in the report not run", flush=True)
     subprocess.run([*cosmic, "exec", str(config), str(session)], check=True, cwd=ROOT)
     dump = subprocess.run(
         [*cosmic, "dump", str(session)], check=True, cwd=ROOT, capture_output=True, text=True
@@ -454,6 +479,11 @@ def main(argv: list[str]) -> int:
         return _test_one(Path(argv[1]))
     if argv[:1] == ["--serve"]:
         return _serve(argv[1], argv[2:])
+    again = None
+    if argv[:1] == ["--again"]:
+        # Only the mutants an earlier report lists: its survivors, with the tests since.
+        again = _listed(Path(argv[1]))
+        argv = argv[2:]
     modules = tomllib.loads(MODULES.read_text(encoding="utf-8"))["module"]
     if argv:
         modules = [m for m in modules if m["path"] in argv]
@@ -465,7 +495,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         for module in modules:
             accepted = {(a["operator"], a["line"]): a["reason"] for a in module["accepted"]}
-            ran, killed, survivors = _run(module, Path(tmp))
+            ran, killed, survivors = _run(module, Path(tmp), again)
             score = 100.0 * killed / ran if ran else 100.0
             report = [f"{module['path']}: {killed}/{ran} killed ({score:.1f}%)"]
             seen = set()
@@ -478,6 +508,8 @@ def main(argv: list[str]) -> int:
                     failed = True
                     report.append(f"  SURVIVED {operator} at {path}:{line}: {key[1]}")
             for key in accepted.keys() - seen:
+                if again is not None and not any(_key(ROOT / p, o, n) == key for o, p, n in again):
+                    continue  # not run again
                 report.append(f"  no longer survives (remove from the list): {key[0]}: {key[1]}")
             print("\n".join(report), flush=True)
             name = str(module["path"]).replace("/", ".").removesuffix(".py")

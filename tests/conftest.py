@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import os
 import secrets
 import signal
 import socket
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import asyncpg
 import pytest
 
 from integrations import Integrations, _embedded, generate_key
+from integrations._repository import rows_channel
 
 # A run that shares a template database across test processes (INTEGRATIONS_TEST_TEMPLATE,
 # below) shares the key its data keys are wrapped with too.
@@ -334,42 +338,60 @@ async def db(fresh_db: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-# A write made with raw SQL reaches an instance's row cache as a notification, which
-# arrives within a millisecond or so; tests that read right after such a write wait this.
-SETTLE = 0.2
-
-
 async def settle() -> None:
-    """Let the row-change notice of a raw SQL write reach the instances' row caches."""
-    await asyncio.sleep(SETTLE)
+    """Wait until every open instance of this process whose row cache serves has received
+    the row-change notices of the writes committed so far (raw SQL ones included).
+
+    Each gets a sentinel notice for a uuid no row has, sent now: a listener receives
+    notifications in commit order, so once its cache has seen the sentinel, every earlier
+    notice has reached it too."""
+    loop = asyncio.get_running_loop()
+    for instance in [o for o in gc.get_objects() if isinstance(o, Integrations)]:
+        if instance._state.value != "open" or not instance._cache.serving:
+            continue  # nothing served from a cache that is not serving
+        if instance._repo.pool._loop is loop:  # (not one left open by an earlier test)
+            await _sentinel_notice(instance)
+
+
+async def _sentinel_notice(instance: Integrations) -> None:
+    hub = instance._s.core.hub
+    watcher = _SentinelWatcher(hub._watcher, str(uuid.uuid4()))
+    hub._watcher = watcher
+    try:
+        await instance._repo.pool.execute(
+            "SELECT pg_notify($1, $2)",
+            rows_channel(hub.channel),
+            json.dumps({"rows": [watcher.sentinel]}),
+        )
+        await asyncio.wait_for(watcher.arrived.wait(), 30)
+    finally:
+        hub._watcher = watcher.cache
+
+
+class _SentinelWatcher:
+    """The row cache as the event hub sees it, noting when the sentinel's notice comes."""
+
+    def __init__(self, cache: Any, sentinel: str) -> None:
+        self.cache, self.sentinel, self.arrived = cache, sentinel, asyncio.Event()
+
+    def rows_changed(self, uuids: Any) -> None:
+        self.cache.rows_changed(uuids)
+        if uuids is not None and self.sentinel in uuids:
+            self.arrived.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
 
 
 async def save_and_settle(integ: Any, uuid: str, attrs: dict[str, Any]) -> None:
-    """``save_setup``, then wait for the write's own row notice: the write drops the row
-    from the cache at once, and the database's notice of it drops it once more when it
-    arrives. Counting cache behaviour from after both keeps a test exact."""
+    """``save_setup``, then wait for the write's own notices: the write drops the row from
+    the cache at once, and the database's notices of it drop it once more when they
+    arrive. Counting cache behaviour from after them all keeps a test exact."""
     # Notices of earlier writes (the connection's insert) may still be on their way:
-    # let them arrive first, so that the count below is this write's alone.
-    await _quiet(integ)
-    before = integ.cache_stats.invalidations
+    # a sentinel notice sent after them has come once they have.
+    await _sentinel_notice(integ)
     await integ.save_setup(uuid, attrs)
-    for _ in range(200):
-        if integ.cache_stats.invalidations >= before + 2:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("the write's row notice did not arrive")
-    await _quiet(integ)
-
-
-async def _quiet(integ: Any) -> None:
-    """Wait until no cache invalidation has come for a while."""
-    seen = integ.cache_stats.invalidations
-    while True:
-        await asyncio.sleep(0.15)
-        if integ.cache_stats.invalidations == seen:
-            return
-        seen = integ.cache_stats.invalidations
+    await _sentinel_notice(integ)
 
 
 _TOKEN_FIELDS = ("access_token", "refresh_token", "token_type", "expires_at", "scope")

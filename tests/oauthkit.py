@@ -15,6 +15,7 @@ import asyncpg
 
 from integrations import Integrations, Provider
 
+from .conftest import settle
 from .oauth_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 REDIRECT_URI = "http://127.0.0.1:9/callback"
@@ -119,4 +120,4 @@ async def set_stored_expiry(db: asyncpg.Connection, uuid: str, seconds: float) -
         (now + timedelta(seconds=seconds)).isoformat(),
         (now - timedelta(hours=1)).isoformat(),
     )
-    await asyncio.sleep(0.2)  # the row-change notice reaches the instances' row caches
+    await settle()  # the row-change notice reaches the instances' row caches

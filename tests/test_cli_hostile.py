@@ -275,6 +275,8 @@ def test_a_sealed_bundle_names_scrypt_at_its_cost_a_16_byte_salt_and_a_96_bit_no
         "AES-256-GCM",
     )
     assert _bundle.is_sealed(sealed)
+    # As read back from its file: the format is compared by value.
+    assert _bundle.is_sealed(json.loads(json.dumps(sealed)))
     assert not _bundle.is_sealed(_bundle.document([], "2026-01-01T00:00:00+00:00"))
 
 

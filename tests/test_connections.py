@@ -490,9 +490,17 @@ async def test_record_validation_notifies_only_on_change(
     for _ in range(3):
         await integ.record_validation(conn.uuid, (False, "Service error 500"))
     await integ.record_validation(conn.uuid, (False, "Invalid credentials"))
-    await asyncio.sleep(0.2)
-    kinds = [integrations.Event.from_payload(p).kind for p in received]
-    assert kinds == ["connection_added", "validated", "validated"]
+    # A sentinel written last: notifications arrive in commit order, so once its has come,
+    # any the unchanged validations had sent would have come before it.
+    await integ.rename_connection(conn.uuid, "sentinel")
+    for _ in range(1500):
+        kinds = [integrations.Event.from_payload(p).kind for p in received]
+        if "connection_renamed" in kinds:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the sentinel's notification did not arrive")
+    assert kinds == ["connection_added", "validated", "validated", "connection_renamed"]
 
 
 # -- concurrency -----------------------------------------------------------------------

@@ -667,14 +667,16 @@ async def test_subscription_async_for_and_close(fresh_db: str) -> None:
     inst = Integrations(fresh_db, keys=TEST_KEY)
     await inst.open()
     got: list[str] = []
+    subscribed = asyncio.Event()
 
     async def reader() -> None:
         async with inst.subscribe(provider="openai") as sub:
+            subscribed.set()
             async for ev in sub:
                 got.append(ev.kind)
 
     task = asyncio.create_task(reader())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(subscribed.wait(), 10)
     await inst.add_connection("openai", "default")
     await eventually(lambda: got == ["connection_added"])
     await inst.close()
@@ -952,14 +954,19 @@ async def test_cancelled_caller_does_not_abandon_refresh(
     ointeg: Integrations, oauth_server: OAuthTestServer
 ) -> None:
     uuid = await connect(ointeg)
+    spent = (await ointeg.get_credentials(uuid))["refresh_token"]
     oauth_server.config.token_delay = 0.5
     task = asyncio.create_task(ointeg.refresh_access_token(uuid))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: oauth_server.stats.token_calls["refresh_token"] == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually(lambda: oauth_server.stats.token_calls["refresh_token"] == 1)
-    await asyncio.sleep(0.8)
+
+    async def stored() -> bool:
+        return (await ointeg.get_credentials(uuid))["refresh_token"] != spent
+
+    # The abandoned caller's refresh goes on: its rotated refresh token gets stored.
+    await eventually(stored)
     oauth_server.config.token_delay = 0.0
     # the rotated refresh token must have been stored: a second refresh works
     await ointeg.refresh_access_token(uuid)

@@ -88,8 +88,9 @@ async def test_a_device_code_approved_on_the_providers_pages_connects(
             assert started.verification_uri_complete is not None
             assert started.interval == 5 and 0 < started.expires_in <= 600
             waiting = asyncio.create_task(integ.complete_device_authorization(conn.uuid))
-            await asyncio.sleep(0.5)
-            assert not waiting.done()  # authorization_pending: still waiting
+            # (Its first poll comes after the 5 s interval, by when the user has approved:
+            # answers of authorization_pending are polled through with the scripted
+            # provider below.)
             page = await approve_device(started.verification_uri_complete, login="ada")
             assert "Success" in page
             connected = await asyncio.wait_for(waiting, 30)

@@ -46,6 +46,57 @@ def test_every_error_class_is_exported_and_walked() -> None:
     assert len(classes) >= 30
 
 
+# Every error class: its parent and its code. A class with no subclass here stays one, so
+# a test that expects such a class by name expects exactly its code.
+ERROR_TREE = {
+    "IntegrationsError": (None, "error"),
+    "ConfigurationError": ("IntegrationsError", "configuration"),
+    "EncryptionNotConfigured": ("ConfigurationError", "encryption_not_configured"),
+    "SchemaOutdated": ("ConfigurationError", "schema_outdated"),
+    "MissingExtra": ("ConfigurationError", "missing_extra"),
+    "LifecycleError": ("IntegrationsError", "lifecycle"),
+    "StorageError": ("IntegrationsError", "storage"),
+    "LockTimeout": ("StorageError", "lock_timeout"),
+    "AuditFailed": ("StorageError", "audit_failed"),
+    "InvalidInput": ("IntegrationsError", "invalid"),
+    "InvalidArgument": ("InvalidInput", "invalid"),
+    "EmptyName": ("InvalidInput", "empty_name"),
+    "InvalidName": ("InvalidInput", "invalid_name"),
+    "InvalidUUID": ("InvalidInput", "invalid_uuid"),
+    "InvalidProviderKey": ("InvalidInput", "invalid_provider_key"),
+    "InvalidAttrs": ("InvalidInput", "invalid_attrs"),
+    "MissingField": ("InvalidAttrs", "missing_field"),
+    "InvalidField": ("InvalidAttrs", "invalid_field"),
+    "InvalidURL": ("InvalidInput", "invalid_url"),
+    "ProviderConflict": ("InvalidInput", "provider_conflict"),
+    "AlreadyExists": ("IntegrationsError", "already_exists"),
+    "NotFound": ("IntegrationsError", "not_found"),
+    "NotConfigured": ("NotFound", "not_configured"),
+    "Deleted": ("NotFound", "deleted"),
+    "CryptoError": ("IntegrationsError", "crypto"),
+    "UnknownKey": ("CryptoError", "unknown_key"),
+    "DecryptionFailed": ("CryptoError", "decryption_failed"),
+    "HostNotAllowed": ("IntegrationsError", "host_not_allowed"),
+    "RequestFailed": ("IntegrationsError", "request_failed"),
+    "OAuthError": ("IntegrationsError", "oauth"),
+    "InvalidState": ("OAuthError", "invalid_state"),
+    "AuthorizationDenied": ("OAuthError", "authorization_denied"),
+    "NotConnected": ("OAuthError", "not_connected"),
+    "ReauthRequired": ("OAuthError", "reauth_required"),
+    "TokenRequestFailed": ("OAuthError", "token_request_failed"),
+    "AuthorizationTimeout": ("OAuthError", "authorization_timeout"),
+    "WebhookVerificationFailed": ("IntegrationsError", "webhook_verification_failed"),
+}
+
+
+def test_the_error_tree_is_exactly_the_documented_one() -> None:
+    tree = {}
+    for cls in every_error_class():
+        parents = [b.__name__ for b in cls.__bases__ if issubclass(b, IntegrationsError)]
+        tree[cls.__name__] = (parents[0] if parents else None, cls.code)
+    assert tree == ERROR_TREE
+
+
 @pytest.mark.parametrize("cls", every_error_class(), ids=lambda cls: cls.__name__)
 def test_default_message_is_one_plain_sentence(cls: type[IntegrationsError]) -> None:
     message = cls().message

@@ -199,13 +199,34 @@ async def test_one_connections_events_are_read_through_their_index(
     assert theirs == []
 
 
+async def test_pending_counts_replayed_and_live_events_not_read_yet(integ: Integrations) -> None:
+    for name in ("a", "b", "c", "d"):
+        await integ.add_connection("openai", name)
+    async with integ.subscribe(owner=ALL_OWNERS, after=0) as sub:
+        await next_event(sub)  # one page of four read from the log, one handed out
+        assert sub.pending == 3
+        await integ.add_connection("openai", "e")  # live, queued behind the replay
+        for _ in range(int(TIMEOUT / 0.01)):
+            if sub.pending != 3:
+                break
+            await asyncio.sleep(0.01)
+        assert sub.pending == 4
+
+
 async def test_a_full_queue_is_read_again_from_the_log_not_dropped(integ: Integrations) -> None:
     added = await integ.add_connection("openai", "main")
     async with integ.subscribe(owner=ALL_OWNERS, after=0, maxsize=2) as sub:
         assert (await next_event(sub)).uuid == added.uuid
+        received = integ.event_stats.received
         for i in range(12):
             await integ.save_setup(added.uuid, {"api_key": f"sk-burst-{i:02d}-0123456789"})
-        await asyncio.sleep(0.3)
+        # All twelve reach the listener before one is read: the queue of two overflows.
+        for _ in range(1000):
+            if integ.event_stats.received >= received + 12:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the burst's notifications did not arrive")
         events = [await next_event(sub) for _ in range(12)]
         assert sub.dropped == 0
     positions = [e.position for e in events]
@@ -228,6 +249,31 @@ async def test_a_lost_listener_is_caught_up_from_the_log_without_a_resync(
         events = [await next_event(sub) for _ in range(5)]
     assert [e.kind for e in events] == ["setup_saved"] * 5
     assert integ.event_stats.reconnects >= 1
+
+
+async def test_a_live_event_after_one_whose_notification_was_lost_brings_the_lost_one_first(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    added = await integ.add_connection("openai", "main")
+    async with integ.subscribe(owner=ALL_OWNERS, after=0) as sub:
+        first = await next_event(sub)
+        assert first.kind == "connection_added"
+        # The same event logged once more, numbered but never notified (as when its NOTIFY
+        # is lost): the subscription can learn of it only from the log.
+        async with db.transaction():
+            await db.execute("SET LOCAL session_replication_role = replica")
+            lost = await db.fetchval(
+                "INSERT INTO integrations.events (position, kind, uuid, owner, provider, body) "
+                "SELECT nextval('integrations.events_position'), kind, uuid, owner, provider, "
+                "body FROM integrations.events WHERE position = $1 RETURNING position",
+                first.position,
+            )
+        await integ.save_setup(added.uuid, {"api_key": "sk-after-the-hole-0123456789"})
+        events = [await next_event(sub) for _ in range(2)]
+    assert [(e.position, e.kind) for e in events] == [
+        (lost, "connection_added"),
+        (lost + 1, "setup_saved"),
+    ]
 
 
 async def test_positions_follow_commit_order_not_the_order_of_the_writes(
@@ -261,7 +307,15 @@ async def test_a_commit_waits_while_an_earlier_one_holds_the_numbering_lock(
     await db.execute("SET CONSTRAINTS integrations.events_number IMMEDIATE")
     early = await db.fetchval("SELECT max(position) FROM integrations.events")
     saving = asyncio.create_task(integ.save_setup(added.uuid, {"api_key": "sk-wait-0123456789"}))
-    await asyncio.sleep(0.5)
+    # The save's commit is seen waiting for the lock this transaction holds.
+    me = await db.fetchval("SELECT pg_backend_pid()")
+    blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+    for _ in range(1000):
+        if await db.fetchval(blocked, me):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the save never waited for the held lock")
     # The later commit cannot draw a position while the earlier one is not visible, so a
     # reader that sees the later position sees the earlier one too.
     assert not saving.done()
@@ -317,6 +371,14 @@ async def test_a_bad_after_is_refused_before_subscribing(
     with pytest.raises(InvalidArgument) as info:
         integ.subscribe(after=after)  # type: ignore[arg-type]
     assert info.value.context["field"] == "after"
+
+
+async def test_the_largest_position_is_a_cursor_to_resume_from(integ: Integrations) -> None:
+    # Positions are PostgreSQL bigints: the largest one is accepted, one more is not.
+    async with integ.subscribe(owner=ALL_OWNERS, after=2**63 - 1) as sub:
+        assert sub.position == 2**63 - 1
+    with pytest.raises(InvalidArgument):
+        integ.subscribe(owner=ALL_OWNERS, after=2**63)
 
 
 @pytest.mark.parametrize(

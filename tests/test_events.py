@@ -129,12 +129,13 @@ async def test_a_second_instance_receives_every_kind_with_the_connection_fields(
         assert (event.uuid, event.provider, event.owner) == (conn.uuid, "openai", "alice")
         assert isinstance(event.at, datetime)
         assert event.at.tzinfo is not None
-    # The raw listener is another connection: its copies may still be on the way.
+    # The raw listener is another connection: its copies may still be on the way. A
+    # sentinel written last comes after them all (commit order): then none is missing or extra.
+    await integ.add_connection("openai", "sentinel")
     async with asyncio.timeout(TIMEOUT):
-        while len(raw_payloads) < 6:  # noqa: ASYNC110
+        while not any('"sentinel"' in p for p in raw_payloads):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
-    assert len(raw_payloads) == 6
+    assert len(raw_payloads) == 7 and '"sentinel"' in raw_payloads[-1]
     assert all(len(p.encode()) < 1000 for p in raw_payloads)
     assert not any(API_KEY in p or API_KEY[-12:] in p for p in raw_payloads)
 

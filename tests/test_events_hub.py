@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -16,7 +17,12 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from integrations._errors import LifecycleError
+from integrations._errors import (
+    ConfigurationError,
+    InvalidArgument,
+    LifecycleError,
+    StorageError,
+)
 from integrations._events import ALL_OWNERS, EventHub, Subscription
 from integrations._models import Event
 
@@ -370,6 +376,13 @@ async def test_resync_passes_every_filter(hub: EventHub) -> None:
         ({"maxsize": 1.5}, TypeError),
         ({"owner": 7}, TypeError),
         ({"provider": 7}, TypeError),
+        ({"uuid": 7}, TypeError),
+        ({"kinds": b"connected"}, TypeError),
+        ({"kinds": {"connected": 1}}, TypeError),
+        ({"kinds": 5}, TypeError),
+        ({"kinds": ["connected", 5]}, TypeError),
+        ({"kinds": ["connected"] * 1001}, ValueError),
+        ({"after": 0}, InvalidArgument),  # this hub has no log to resume from
     ],
 )
 def test_subscribe_rejects_bad_arguments_at_call_time(
@@ -378,6 +391,112 @@ def test_subscribe_rejects_bad_arguments_at_call_time(
     hub = EventHub(FakeListen(), channel)
     with pytest.raises(error):
         hub.subscribe(**kwargs)
+
+
+async def test_subscribe_takes_up_to_a_thousand_kind_names(channel: str) -> None:
+    hub = EventHub(FakeListen(), channel)
+    async with hub.subscribe(kinds=["connected"] * 1000) as sub:
+        assert "kinds=['connected']" in repr(sub)
+    await hub.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (("",), {}),
+        ((7,), {}),
+        (("c",), {"reconnect_initial": 0}),
+        (("c",), {"reconnect_initial": 0.2, "reconnect_max": 0.1}),
+    ],
+)
+def test_a_hub_refuses_a_bad_channel_or_backoff(args: tuple[Any, ...], kwargs: Any) -> None:
+    with pytest.raises(ValueError, match=r"channel must be|reconnect_initial <= reconnect_max"):
+        EventHub(FakeListen(), *args, **kwargs)
+
+
+async def test_a_hub_says_its_channel_and_whether_it_is_closed(channel: str) -> None:
+    hub = EventHub(FakeListen(), channel, reconnect_initial=0.1, reconnect_max=0.1)
+    assert (hub.channel, hub.closed) == (channel, False)
+    await hub.close()
+    assert hub.closed
+
+
+def test_a_subscription_shows_its_filters_and_counts() -> None:
+    sub = Subscription(
+        provider="github", uuid=None, owner="user:1", kinds=frozenset({"connected"}), maxsize=5
+    )
+    assert repr(sub) == (
+        "Subscription(provider='github', uuid=None, owner='user:1', kinds=['connected'], "
+        "pending=0, dropped=0, closed=False)"
+    )
+
+
+async def test_publish_local_takes_only_events(hub: EventHub) -> None:
+    with pytest.raises(TypeError, match=r"publish_local\(\) takes an Event"):
+        hub.publish_local("connected")  # type: ignore[arg-type]
+
+
+async def test_a_subscribe_whose_probe_never_arrives_is_refused_naming_the_remedy(
+    channel: str,
+) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UnheardListener:
+        return UnheardListener(on_payload, on_lost)
+
+    hub = EventHub(listen, channel, heartbeat=(0.05, 0.1))
+    with pytest.raises(ConfigurationError) as info:
+        async with hub.subscribe():
+            pass
+    assert "listen_dsn" in info.value.message and channel in info.value.message
+    await hub.close()
+
+
+async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_log(
+    channel: str,
+) -> None:
+    reads: list[int] = []
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        reads.append(after)
+        await asyncio.sleep(0)
+        return [], 0
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        live = [event(position=n) for n in (1, 2, 3)]
+        for sent in live:
+            hub.publish_local(sent)
+        assert [await next_event(sub) for _ in live] == live
+    assert reads == [0]
+    await hub.close()
+
+
+async def test_a_log_that_cannot_be_read_is_read_again_after_waits_that_double(
+    channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged = event(position=1)
+    calls: list[int] = []
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        calls.append(after)
+        if len(calls) <= 7:
+            raise StorageError("the database cannot be reached")
+        return [logged], 0
+
+    waits: list[float] = []
+
+    def no_jitter(ceiling: float) -> float:
+        waits.append(ceiling)
+        return 0.001
+
+    monkeypatch.setattr("integrations._events.equal_jitter", no_jitter)
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        assert await next_event(sub) == logged
+    assert calls == [0] * 8
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0])
+    await hub.close()
 
 
 # Ordering and back-pressure
@@ -584,6 +703,160 @@ async def test_jitter_keeps_each_delay_between_half_and_full(
     assert all(0.05 <= d <= 0.1 for d in delays)
     assert len(set(delays)) > 1
     await hub.close()
+
+
+class UnprobedListener(FakeListener):
+    """A listener that can be probed, but whose probes cannot be sent (the pool that
+    sends the NOTIFY cannot reach the database): no news of it either way."""
+
+    can_probe = True
+
+    async def probe(self) -> asyncio.Future[None]:
+        raise OSError("connection refused")
+
+
+async def test_a_subscribe_whose_probe_cannot_be_sent_goes_on_after_the_probe_bound(
+    channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UnprobedListener:
+        return UnprobedListener(on_payload, on_lost)
+
+    bounds: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def recorded(awaitable: Any, bound: float | None) -> Any:
+        if sys._getframe(1).f_code.co_name == "_proof":
+            bounds.append(cast(float, bound))
+        return await real_wait_for(awaitable, bound)
+
+    monkeypatch.setattr(asyncio, "wait_for", recorded)
+    # Probes every 0.05 s, each allowed 0.1 s: subscribe() waits at most 0.25 s for news.
+    hub = EventHub(listen, channel, heartbeat=(0.05, 0.1))
+    async with asyncio.timeout(TIMEOUT), hub.subscribe() as sub:
+        sent = event()
+        hub.publish_local(sent)
+        assert await next_event(sub) == sent
+    await hub.close()
+    assert bounds and bounds[0] == pytest.approx(0.25, abs=0.01)
+
+
+class HeardListener(FakeListener):
+    """A listener whose probes arrive at once; it notes when each was sent."""
+
+    can_probe = True
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.sent: list[float] = []
+
+    async def probe(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        self.sent.append(loop.time())
+        arrived = loop.create_future()
+        arrived.set_result(None)
+        return arrived
+
+
+class ProofWatcher:
+    """A row cache's side of the hub: notes until when changes are proven heard."""
+
+    def __init__(self) -> None:
+        self.until: list[float] = []
+
+    def rows_changed(self, uuids: Any) -> None:
+        pass
+
+    def listening(self, up: bool) -> None:
+        pass
+
+    def proven(self, until: float) -> None:
+        self.until.append(until)
+
+
+async def test_a_heard_probe_lets_the_cache_serve_for_two_heartbeats_from_its_sending(
+    channel: str,
+) -> None:
+    opened: list[HeardListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> HeardListener:
+        opened.append(HeardListener(on_payload, on_lost))
+        return opened[-1]
+
+    watcher = ProofWatcher()
+    hub = EventHub(listen, channel, heartbeat=(0.5, 1.0), watcher=watcher)
+    await hub.start()
+    await hub.close()
+    # The first proof: until -inf when the connection opens, then two heartbeats (1.0 s)
+    # from when the probe was sent (a few milliseconds after the heartbeat noted it).
+    assert watcher.until[0] == -math.inf
+    assert 0.8 <= watcher.until[1] - opened[0].sent[0] <= 1.0
+
+
+class UnheardListener(FakeListener):
+    """A listener whose probes go out and never arrive (as behind a transaction pooler)."""
+
+    can_probe = True
+
+    async def probe(self) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
+    channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    opened: list[UnheardListener] = []
+    third = asyncio.Event()
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UnheardListener:
+        opened.append(UnheardListener(on_payload, on_lost))
+        if len(opened) == 3:
+            third.set()
+        return opened[-1]
+
+    caplog.set_level(logging.INFO, logger="integrations.events")
+    hub = EventHub(
+        listen, channel, heartbeat=(0.05, 0.1), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    await hub.start()
+    # Each connection is found unheard, dropped and opened anew.
+    await asyncio.wait_for(third.wait(), TIMEOUT)
+    await hub.close()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    unheard = [level for level, text in messages if "did not receive its own" in text]
+    assert unheard[:2] == [logging.ERROR, logging.WARNING]
+    assert not [text for _, text in messages if "did not answer" in text]
+
+
+async def test_a_listener_lost_again_after_a_reconnect_is_reconnected_again(
+    channel: str,
+) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.01)
+    async with hub.subscribe() as sub:
+        for _ in range(2):
+            listen.listeners[-1].on_lost()
+            assert (await next_event(sub)).kind == "resync"
+            assert hub.listening
+    assert listen.calls == 3
+    await hub.close()
+
+
+async def test_received_counts_the_event_notifications(
+    hub: EventHub, pg: asyncpg.Connection, channel: str
+) -> None:
+    async with hub.subscribe() as sub:
+        before = hub.stats.received
+        for _ in range(3):
+            await notify(pg, channel, event())
+        for _ in range(3):
+            await next_event(sub)
+        assert hub.stats.received == before + 3
 
 
 async def test_listener_lost_while_opening_is_replaced(channel: str) -> None:

@@ -605,7 +605,8 @@ async def test_retry_after_is_capped_by_max_backoff(server: Server):
         started = time.monotonic()
         response = await http.request("GET", server.url("/flaky"), provider=LOOP, credentials=CREDS)
     assert response.status == 200
-    assert time.monotonic() - started < 2
+    # Waited max_backoff (0.05 s) twice, not the hour the server asked for.
+    assert time.monotonic() - started < 60
 
 
 async def test_connection_errors_are_retried_then_fail_without_secrets(http: HttpClient):
@@ -626,13 +627,13 @@ async def test_path_token_never_appears_in_a_failure(http: HttpClient):
 
 async def test_each_attempt_is_bounded_by_the_timeout(server: Server):
     async with HttpClient(timeout=0.2, backoff=0) as http:
-        started = time.monotonic()
         with pytest.raises(RequestFailed, match="timed out"):
             await http.request(
                 "GET", server.url("/slow"), provider=LOOP, credentials=CREDS, max_attempts=2
             )
+    # Both attempts were cut off by the timeout: unbounded, the first would have been
+    # answered (after 5 s) and none would have failed.
     assert server.rec.count("/slow") == 2
-    assert time.monotonic() - started < 3
 
 
 async def test_a_body_that_cannot_be_replayed_is_sent_once(server: Server, http: HttpClient):

@@ -268,6 +268,40 @@ async def test_close_waits_for_a_refresh_in_flight(fresh_db: str, server: OAuthT
         assert server.token_status(new["refresh_token"]) == "active"
 
 
+def test_a_refresh_step_never_shows_the_credentials_it_carries() -> None:
+    from integrations._lease import Look
+    from integrations._tokens import _Step
+
+    step = _Step(Look(wait=0.5), plain={"refresh_token": "rt_never_shown"}, owner="user:1")
+    assert "rt_never_shown" not in repr(step)
+    assert "user:1" in repr(step)
+
+
+async def test_a_refresh_asked_for_while_closing_is_refused(
+    integ: Integrations, server: OAuthTestServer
+) -> None:
+    """Once close() began, a refresh asked for by a call that was under way before it (a
+    401 coming back, say) is refused rather than started or joined."""
+    uuid = await connect(integ)
+    tokens = integ._s.tokens
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+    provider = integ._s.core.provider_of(row)
+    assert provider is not None
+    server.config.token_delay = 0.5
+    first = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    closing = asyncio.create_task(integ.close())
+    await eventually(lambda: tokens._closed)
+    with pytest.raises(LifecycleError):
+        await tokens.refresh(row, provider)
+    with pytest.raises(LifecycleError):
+        await tokens.after_rejection(row, "at_rejected")
+    await closing
+    await first  # the refresh that was out finished and was stored
+    assert _refreshes(server) == 1
+
+
 async def test_close_waits_for_a_refresh_whose_token_request_was_sent(
     fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
@@ -326,7 +360,7 @@ async def test_a_cancelled_close_is_completed_by_closing_again(
     refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
     await eventually(lambda: _refreshes(server) == 1)
     closing = asyncio.create_task(integ.close())
-    await asyncio.sleep(0.2)
+    await eventually(lambda: "state=closing" in repr(integ))
     closing.cancel()
     await asyncio.gather(closing, return_exceptions=True)
     await integ.close()
@@ -458,6 +492,36 @@ async def test_a_401_that_joins_a_refresh_started_for_an_older_token_still_gets_
         "token was handed back by a task started for an older token"
     )
     assert _refreshes(server) == 2
+
+
+async def test_a_401_that_joins_a_refresh_ahead_of_expiry_handing_back_that_token_refreshes(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A caller that read an expired token starts a refresh ahead of expiry, which finds a
+    newer token stored and hands it back without asking; a 401 for that very token that
+    joined it gets a new one (one more token request), not the token just rejected."""
+    uuid = await connect(integ)
+    await _expire_locally(db, uuid)
+    stale_row = await integ._s.core.repo.get(uuid)
+    assert stale_row is not None
+    await integ.refresh_access_token(uuid)  # another caller refreshed meanwhile
+    assert _refreshes(server) == 1
+    provider = integ._s.core.provider_of(stale_row)
+    assert provider is not None
+    async with db.transaction():
+        await _lock_row(db, uuid)  # a save_setup, rotation batch or other process holds it
+        early = asyncio.create_task(integ._s.tokens.access_token(stale_row, provider))
+        await eventually(lambda: bool(integ._s.tokens._inflight))
+        assert integ._s.tokens._inflight[uuid].mode == "expiring"
+        server.expire_access_tokens()  # the provider now rejects the stored token
+        request = asyncio.create_task(integ.authenticated_request(uuid, "GET", server.api_url))
+        await eventually(lambda: server.stats.api_rejected == 1)
+        await eventually(lambda: integ._s.tokens._inflight[uuid].callers == 2)
+    response = await request
+    stored = await early
+    assert response.status == 200
+    assert _refreshes(server) == 2
+    assert stored != (await integ.get_integration(uuid))["access_token"]
 
 
 async def test_tokens_are_never_sent_to_a_host_outside_api_hosts(
@@ -834,9 +898,11 @@ async def test_a_disconnect_committing_during_close_still_revokes_the_grant(
         await tx.start()
         await _lock_row(db, uuid)
         disconnecting = asyncio.create_task(integ.disconnect(uuid))
-        await asyncio.sleep(0.2)
+        me = await db.fetchval("SELECT pg_backend_pid()")
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+        await eventually(lambda: db.fetchval(blocked, me))  # the disconnect waits on the lock
         closing = asyncio.create_task(integ.close())
-        await asyncio.sleep(0.2)
+        await eventually(lambda: "state=closing" in repr(integ))
         await tx.commit()
         await closing
         await asyncio.gather(disconnecting, return_exceptions=True)

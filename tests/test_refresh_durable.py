@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import sys
+import uuid as uuid_mod
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from integrations import Integrations
@@ -115,6 +120,93 @@ async def test_close_waits_for_a_write_being_retried(
     assert server.stats.refresh_reuse_detected == 0
 
 
+async def test_a_failed_write_is_tried_again_after_waits_that_double(
+    fresh_db: str, server: OAuthTestServer, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded(delay: float, *args: Any) -> Any:
+        if sys._getframe(1).f_code.co_name == "_persist":
+            waits.append(delay)
+        return await real_sleep(delay, *args)
+
+    async with open_integrations(
+        proxy.dsn(fresh_db), server.base_url, token_write_retry=30
+    ) as integ:
+        uuid = await connect(integ)
+        monkeypatch.setattr(asyncio, "sleep", recorded)
+        token = await _cut_during_refresh(integ, server, proxy, uuid)
+        await eventually(lambda: len(waits) >= 6, within=30)
+        proxy.restore()
+        await eventually(partial(_stored_is, fresh_db, server, uuid, token), within=30)
+        monkeypatch.undo()
+    assert waits[:6] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0])
+
+
+async def _refuse_new_expiry(db: asyncpg.Connection, uuid: str) -> None:
+    """Make PostgreSQL refuse any write of new tokens to the row (a later expiry than the
+    stored one), while writes that leave the tokens alone still succeed."""
+    stored = await db.fetchval(
+        "SELECT value_json->>'expires_at' FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+    assert isinstance(stored, str) and "'" not in stored
+    await db.execute(
+        "ALTER TABLE integrations.connections ADD CONSTRAINT no_new_tokens CHECK "
+        f"(value_json->>'expires_at' IS NULL OR value_json->>'expires_at' <= '{stored}') "
+        "NOT VALID"
+    )
+
+
+def provider_of(integ: Integrations, row: Any) -> Any:
+    return integ._s.core.provider_of(row)
+
+
+async def test_a_401_while_new_tokens_wait_for_their_write_gets_them_at_once(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    async with open_integrations(fresh_db, server.base_url, token_write_retry=30) as integ:
+        uuid = await connect(integ)
+        row = await integ._s.core.repo.get(uuid)
+        assert row is not None
+        stored = (await integ.get_integration(uuid))["access_token"]
+        await _refuse_new_expiry(db, uuid)
+        unstored = await integ.refresh_access_token(uuid)
+        assert integ._s.tokens._unstored  # its write is being tried again
+        # A 401 for any other token (the one stored, or older ones) is answered with the
+        # tokens not stored yet, without waiting for their write.
+        for rejected in (stored, "at_!", "at_~"):
+            retry_with = integ._s.tokens.after_rejection(row, rejected)
+            assert await asyncio.wait_for(retry_with, 5) == unstored
+        # So is a caller whose stored token is due.
+        await db.execute(
+            "UPDATE integrations.connections SET value_json = jsonb_set(value_json, "
+            "'{expires_at}', to_jsonb('2000-01-01T00:00:00+00:00'::text)) WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+        )
+        expired = await integ._s.core.repo.get(uuid)
+        assert expired is not None and provider_of(integ, expired) is not None
+        fetched = integ._s.tokens.access_token(expired, provider_of(integ, expired))
+        assert await asyncio.wait_for(fetched, 5) == unstored
+        await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")
+
+
+async def test_tokens_lost_after_a_rotation_mark_the_connection_for_a_new_authorization(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    async with open_integrations(fresh_db, server.base_url, token_write_retry=0.3) as integ:
+        uuid = await connect(integ)
+        await _refuse_new_expiry(db, uuid)
+        await integ.refresh_access_token(uuid)  # rotates the refresh token at the provider
+
+        async def marked() -> bool:
+            error = (await integ.get_integration(uuid)).get("refresh_error")
+            return isinstance(error, dict) and error.get("code") == "reauth_required"
+
+        await eventually(marked)
+
+
 async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
     fresh_db: str,
     server: OAuthTestServer,
@@ -136,6 +228,9 @@ async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
         assert record.levelno == logging.ERROR
         message = record.getMessage()
         assert uuid in message and "rotated refresh token" in message
+        # Tried again within the bound (after 0.1 s, then 0.2 s more) and not after it.
+        attempts = re.search(r"after (\d+) attempts", message)
+        assert attempts is not None and 2 <= int(attempts.group(1)) <= 3
         assert token not in caplog.text
         proxy.restore()
         # The instance goes on working once the database is back.

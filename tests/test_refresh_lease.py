@@ -93,7 +93,7 @@ async def test_a_forced_refresh_does_not_share_an_answer_obtained_before_it_bega
         )
         await eventually(lambda: flight.answered)
         second = asyncio.create_task(integ.refresh_access_token(uuid))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: flight.callers == 2)  # the forced caller met the flight
         assert not first.done()
     earlier, later = await first, await second
     assert later != earlier
@@ -326,14 +326,17 @@ async def test_a_holder_that_stopped_before_sending_is_fenced_out_and_sends_noth
         ask = Refresher._ask
         stopped = holder._s.tokens
 
+        leased = asyncio.Event()
+
         async def ask_late(self: Refresher, *args: object) -> str:
             if self is stopped:
+                leased.set()
                 await asyncio.sleep(2.0)  # stopped between taking the lease and sending
             return await ask(self, *args)  # type: ignore[arg-type]
 
         monkeypatch.setattr(Refresher, "_ask", ask_late)
         late = asyncio.create_task(holder.refresh_access_token(uuid))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(leased.wait(), 10)
         # The lease runs out; the taker refreshes, and the holder, once it runs again,
         # takes the taker's tokens instead of sending its now spent refresh token.
         fresh = await taker.refresh_access_token(uuid)
@@ -358,6 +361,29 @@ async def test_with_reauthorize_a_token_request_that_timed_out_is_not_sent_again
         assert _refreshes(server) == 1
         stored = await integ.get_integration_by_uuid(uuid)
         assert stored.reauth_required is True
+
+
+@pytest.mark.parametrize(("rotates", "takeover"), [(True, "refresh"), (False, "reauthorize")])
+async def test_a_timed_out_token_request_that_may_have_spent_the_grant_is_not_sent_again(
+    fresh_db: str, server: OAuthTestServer, rotates: bool, takeover: str
+) -> None:
+    """Either the provider rotates refresh tokens, or the takeover policy treats every
+    refresh token as spent once sent: a request that may have arrived is not repeated."""
+    server.config.rotate_refresh_tokens = rotates
+    provider = loopback_provider(server.base_url, rotates_refresh_tokens=rotates)
+    async with open_integrations(
+        fresh_db,
+        server.base_url,
+        token_timeout=0.3,
+        refresh_takeover=takeover,
+        providers=[provider],
+    ) as integ:
+        uuid = await connect(integ)
+        server.config.update({"token_delay": 1.0, "delay_next": 1})
+        with pytest.raises(ReauthRequired) as info:
+            await integ.refresh_access_token(uuid)
+        assert "not sent again" in info.value.message
+        assert _refreshes(server) == 1
 
 
 async def test_by_default_a_token_request_that_timed_out_is_retried(

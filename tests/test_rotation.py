@@ -336,7 +336,16 @@ async def test_a_slow_refresh_does_not_make_key_rotation_cause_lock_timeouts(
             slow = asyncio.create_task(integ.refresh_access_token(second))
             await eventually(lambda: server.stats.token_calls["refresh_token"] == 1)
             rotating = asyncio.create_task(integ.rotate_keys())
-            await asyncio.sleep(0.3)
+            # The rotation has gone through its batch, or waits on a row lock in it.
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND cardinality(pg_blocking_pids(pid)) > 0"
+            )
+            watcher = await asyncpg.connect(fresh_db)
+            try:
+                await eventually(lambda: rotating.done() or watcher.fetchval(waiting))
+            finally:
+                await watcher.close()
             server.config.token_delay = 0.0
             try:
                 await integ.refresh_access_token(first)

