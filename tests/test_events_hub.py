@@ -472,6 +472,24 @@ async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_
     await hub.close()
 
 
+async def test_a_live_event_the_log_already_handed_over_is_skipped(channel: str) -> None:
+    first, second, third = (event(position=n) for n in (1, 2, 3))
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return ([first, second], 0) if after == 0 else ([], 0)
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        assert await next_event(sub) == first  # a page of two read from the log
+        hub.publish_local(second)  # its notification arrives after the log had it
+        assert await next_event(sub) == second
+        hub.publish_local(third)
+        assert await next_event(sub) == third
+        assert sub.pending == 0
+    await hub.close()
+
+
 async def test_a_log_that_cannot_be_read_is_read_again_after_waits_that_double(
     channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

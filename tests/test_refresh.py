@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from integrations import (
+    Deleted,
     HostNotAllowed,
     Integrations,
     InvalidProviderKey,
@@ -275,6 +276,22 @@ def test_a_refresh_step_never_shows_the_credentials_it_carries() -> None:
     step = _Step(Look(wait=0.5), plain={"refresh_token": "rt_never_shown"}, owner="user:1")
     assert "rt_never_shown" not in repr(step)
     assert "user:1" in repr(step)
+
+
+async def test_a_refresh_waiting_for_a_connection_removed_meanwhile_says_it_was_removed(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    async with db.transaction():
+        await _lock_row(db, uuid)  # another process's refresh or a long write holds it
+        waiting = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: uuid in integ._s.tokens._inflight)
+        await db.execute(
+            "DELETE FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(uuid)
+        )
+    with pytest.raises(Deleted):
+        await waiting
+    assert _refreshes(server) == 0
 
 
 async def test_a_refresh_asked_for_while_closing_is_refused(
