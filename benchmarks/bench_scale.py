@@ -58,6 +58,12 @@ SAVED_AMONG_UNSAVED = 60
 #: a hundred is in error, so 1,000 rows hold 9 outside the mostly unsaved owner's).
 ERROR_PAGE = 5
 WRITERS = 4
+#: Calls of each every-owner page whose plans are counted.
+PLAN_CALLS = 12
+#: The rotating instance's lock timeout, which sets its statement deadline too: counting
+#: the rows left at the start of a pass over 1M rows under an old key reads every row
+#: (about a minute on a loaded 2-core machine), past the default 30 s.
+ROTATION_LOCK_TIMEOUT = 300.0
 COPY_BATCH = 20_000
 
 
@@ -112,7 +118,12 @@ async def seed(dsn: str, size: int, old_key: str) -> tuple[float, str]:
         target = await integ.add_connection("openai", "target")
         await integ.save_setup(target.uuid, {"api_key": "sk-target-0123456789"})
         async with integ._repo.connection() as conn:
-            for records in rows_of(size, old_key):
+            # The next batch is sealed in a thread while the server copies this one.
+            batches = rows_of(size, old_key)
+            loop = asyncio.get_running_loop()
+            ahead = loop.run_in_executor(None, next, batches, None)
+            while (records := await ahead) is not None:
+                ahead = loop.run_in_executor(None, next, batches, None)
                 await conn.copy_records_to_table(
                     "connections",
                     schema_name=schema,
@@ -237,11 +248,42 @@ async def reads(
     return medians
 
 
+async def plan_reuse(dsn: str, keys: list[str], size: int) -> dict[str, float]:
+    """How often the server planned the every-owner pages' statements for the call's
+    values (a custom plan) and how often it reused its generic plan, over PLAN_CALLS calls
+    each on one connection (the pool hands the connection just released back)."""
+    statements = {"every": "search_every_owner", "every_status": "status_every_owner"}
+    found: dict[str, float] = {}
+    async with Integrations(
+        dsn, keys=keys, schema=schema_of(size), audit="admin", pool_max_size=2
+    ) as integ:
+        for _ in range(PLAN_CALLS):
+            await integ.list_page(owner=ALL_OWNERS, limit=50)
+            await integ.list_page(owner=ALL_OWNERS, status="error", limit=ERROR_PAGE)
+        async with integ._repo.connection() as conn:
+            records = await conn.fetch(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+            )
+        for name, field in statements.items():
+            sql = getattr(integ._repo.q, field)
+            counts = [
+                (r["generic_plans"], r["custom_plans"]) for r in records if r["statement"] == sql
+            ]
+            generic, custom = counts[0] if counts else (-1, -1)
+            found[f"plans_generic_{name}_{size}"] = float(generic)
+            found[f"plans_custom_{name}_{size}"] = float(custom)
+    return found
+
+
 async def rotation(dsn: str, keys: list[str], size: int) -> dict[str, float]:
     """rotate_keys() of the whole schema with WRITERS tasks saving setups meanwhile, then a
     pass with nothing left to do."""
     async with Integrations(
-        dsn, keys=keys, schema=schema_of(size), pool_max_size=WRITERS + 2
+        dsn,
+        keys=keys,
+        schema=schema_of(size),
+        pool_max_size=WRITERS + 2,
+        lock_timeout=ROTATION_LOCK_TIMEOUT,
     ) as integ:
         async with integ._repo.connection() as conn:
             sample = [
@@ -329,6 +371,7 @@ async def main(sizes: list[int], *, rotate: bool = True) -> None:
         "load_start": os.getloadavg()[0],
         # rotate_keys() refreshes the statistics after a big pass (the report says so).
         "analyzes_after_rotation": 1.0,
+        "rotation_lock_timeout_s": ROTATION_LOCK_TIMEOUT,
     }
     for i, size in enumerate(sizes):
         figures[f"size_{i}"] = float(size)
@@ -348,6 +391,8 @@ async def main(sizes: list[int], *, rotate: bool = True) -> None:
             figures[f"{name}_us"] = value * 1e6
         for size in sizes:
             figures[f"rss_mib_{size}"] = await memory(dsn, keys, size, targets[size]) / 2**20
+            figures.update(await plan_reuse(dsn, keys, size))
+        figures["plan_calls"] = float(PLAN_CALLS)
         for size in sizes if rotate else []:
             for name, value in (await rotation(dsn, keys, size)).items():
                 figures[f"{name}_{size}"] = value

@@ -452,6 +452,44 @@ async def test_a_subscribe_whose_probe_never_arrives_is_refused_naming_the_remed
     await hub.close()
 
 
+async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_log(
+    channel: str,
+) -> None:
+    reads: list[int] = []
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        reads.append(after)
+        await asyncio.sleep(0)
+        return [], 0
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        live = [event(position=n) for n in (1, 2, 3)]
+        for sent in live:
+            hub.publish_local(sent)
+        assert [await next_event(sub) for _ in live] == live
+    assert reads == [0]
+    await hub.close()
+
+
+async def test_a_live_event_the_log_already_handed_over_is_skipped(channel: str) -> None:
+    first, second, third = (event(position=n) for n in (1, 2, 3))
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return ([first, second], 0) if after == 0 else ([], 0)
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        assert await next_event(sub) == first  # a page of two read from the log
+        hub.publish_local(second)  # its notification arrives after the log had it
+        assert await next_event(sub) == second
+        hub.publish_local(third)
+        assert await next_event(sub) == third
+        assert sub.pending == 0
+    await hub.close()
+
+
 async def test_a_log_that_cannot_be_read_is_read_again_after_waits_that_double(
     channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
