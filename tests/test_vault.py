@@ -885,3 +885,15 @@ def test_a_secret_ending_in_non_ascii_characters_round_trips(vault: Vault) -> No
     sealed = vault.seal(ROW, {"api_key": secret})
     assert sealed["api_key"]["hint"] == secret[-4:]
     assert vault.unseal(ROW, sealed) == {"api_key": secret}
+
+
+def test_reseal_moves_envelopes_whose_key_id_sorts_either_side_of_the_primary() -> None:
+    keys = sorted((generate_key() for _ in range(9)), key=kid_of)
+    primary, below, above = keys[4], keys[0], keys[8]
+    assert kid_of(below) < kid_of(primary) < kid_of(above)
+    ring = Vault(Keyring.parse([primary, below, above]))
+    for old in (below, above):
+        sealed = Vault(Keyring.parse(old)).seal(ROW, {"api_key": MARKER})
+        resealed = ring.reseal(ROW, sealed)
+        assert resealed["api_key"]["kid"] == kid_of(primary)
+        assert Vault(Keyring.parse(primary)).unseal(ROW, resealed) == {"api_key": MARKER}
