@@ -775,11 +775,17 @@ def test_a_credentials_value_that_is_not_a_map_is_masked_under_a_key_read_from_s
 
 
 def test_only_credentials_is_a_map_of_secrets_other_maps_are_one_value(vault: Vault) -> None:
-    # Fields that sort before "credentials": a secret map is sealed whole, another kept.
-    sealed = vault.seal(ROW, {"access_token": {"a": MARKER}, "account": {"region": "eu"}})
-    assert is_envelope(sealed["access_token"])
-    assert sealed["account"] == {"region": "eu"}
-    assert vault.unseal(ROW, sealed) == {"access_token": {"a": MARKER}, "account": {"region": "eu"}}
+    # Fields that sort either side of "credentials": a secret map is sealed whole, another kept.
+    data = {
+        "access_token": {"a": MARKER},
+        "account": {"region": "eu"},
+        "password": {"p": MARKER},
+        "zone": {"name": "z"},
+    }
+    sealed = vault.seal(ROW, data)
+    assert is_envelope(sealed["access_token"]) and is_envelope(sealed["password"])
+    assert sealed["account"] == {"region": "eu"} and sealed["zone"] == {"name": "z"}
+    assert vault.unseal(ROW, sealed) == data
 
 
 def test_an_envelope_under_the_primary_read_back_from_storage_is_not_resealed(
@@ -871,6 +877,9 @@ def test_unseal_takes_secret_fields_as_a_one_shot_iterable(vault: Vault) -> None
 def test_plaintext_in_a_credentials_field_read_from_storage_is_refused(vault: Vault) -> None:
     with pytest.raises(DecryptionFailed) as info:
         vault.unseal(ROW, {fresh("credentials"): "plain"})
+    assert info.value.context == {"field": "credentials"}
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {fresh("credentials"): ["plain"]})
     assert info.value.context == {"field": "credentials"}
 
 
