@@ -906,3 +906,19 @@ def test_reseal_moves_envelopes_whose_key_id_sorts_either_side_of_the_primary() 
         resealed = ring.reseal(ROW, sealed)
         assert resealed["api_key"]["kid"] == kid_of(primary)
         assert Vault(Keyring.parse(primary)).unseal(ROW, resealed) == {"api_key": MARKER}
+
+
+def test_mask_data_masks_the_values_of_credentials_alone_among_maps() -> None:
+    data = {"account": {"region": "eu"}, "zone": {"name": "z"}, "access_token": {"a": MARKER}}
+    assert mask_data(data) == {
+        "account": {"region": "eu"},
+        "zone": {"name": "z"},
+        "access_token": "••••",
+    }
+
+
+def test_envelopes_under_the_primary_read_back_from_storage_need_no_rotation(
+    vault: Vault,
+) -> None:
+    stored = json.loads(json.dumps(vault.seal(ROW, {"api_key": MARKER, "credentials": {"k": "v"}})))
+    assert not vault.needs_rotation(stored)
