@@ -772,6 +772,8 @@ def fresh(value: str) -> str:
 
 def test_a_credentials_value_that_is_not_a_map_is_masked_under_a_key_read_from_storage() -> None:
     assert mask_data({fresh("credentials"): MARKER}) == {"credentials": "••••" + MARKER[-4:]}
+    masked = mask_data({fresh("credentials"): {"user": "me", "pass": "0123456789abcdef"}})
+    assert masked == {"credentials": {"user": "••••", "pass": "••••cdef"}}
 
 
 def test_only_credentials_is_a_map_of_secrets_other_maps_are_one_value(vault: Vault) -> None:
