@@ -924,3 +924,9 @@ def test_envelopes_under_the_primary_read_back_from_storage_need_no_rotation(
 ) -> None:
     stored = json.loads(json.dumps(vault.seal(ROW, {"api_key": MARKER, "credentials": {"k": "v"}})))
     assert not vault.needs_rotation(stored)
+
+
+def test_plaintext_credentials_under_a_key_read_from_storage_are_sealed(vault: Vault) -> None:
+    sealed = vault.seal(ROW, {fresh("credentials"): MARKER})
+    assert is_envelope(sealed["credentials"])
+    assert vault.unseal(ROW, sealed) == {"credentials": MARKER}
