@@ -14,9 +14,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from integrations import ConfigurationError, Deleted, Integrations, generate_key
-from integrations._cache import RowCache
+from integrations import ConfigurationError, Deleted, Integrations, _cache, generate_key
+from integrations._cache import CachedRepository, RowCache
 from integrations._record import StoredRow
+from integrations._repository import Repository
 
 from .conftest import TEST_KEY
 from .oauth_server import OAuthTestServer
@@ -490,3 +491,72 @@ def test_extras_are_kept_and_served_only_beside_the_very_row_held() -> None:
     assert cache.extra(held, "other") is None
     cache.rows_changed(["a"])
     assert cache.extra(held, "auth") is None
+
+
+def test_cache_stats_are_immutable_and_slotted() -> None:
+    stats = RowCache().stats
+    assert not hasattr(stats, "__dict__")
+    with pytest.raises(AttributeError):
+        stats.hits = 5  # type: ignore[misc]
+
+
+def test_each_lookup_is_reported_to_telemetry_as_a_hit_or_a_miss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reported: list[bool] = []
+    monkeypatch.setattr(_cache.telemetry, "record_cache", reported.append)
+    cache = RowCache()
+    cache.listening(True)
+    cache.fill(cache.ticket(), row("a"))
+    assert cache.get("a") is not None
+    assert cache.get("b") is None  # not held: its miss is the database read's ticket
+    assert reported == [False, True]
+
+
+def test_a_cached_repository_waits_for_locks_as_long_as_the_repository() -> None:
+    cached = CachedRepository("integrations", channel="c", cache=RowCache())
+    assert cached.lock_timeout == Repository("integrations", channel="c").lock_timeout == 30.0
+
+
+async def test_reads_by_uuid_and_by_key_are_served_from_memory_unless_fresh(
+    integ: Integrations, saved: str, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = integ._repo
+    held = await repo.get(saved)
+    assert held is not None
+    assert await repo.get(saved) is held
+    assert await repo.get_by_key(held.owner, held.key) is held
+    # A write behind the cache's back whose notice never arrives: only a fresh read sees it.
+    hold_notifications(integ, monkeypatch)
+    await db.execute(
+        "UPDATE integrations.connections SET value_json = value_json || '{\"note\": 5}' "
+        "WHERE uuid = $1",
+        uuid_mod.UUID(saved),
+    )
+    assert "note" not in (await integ.get_integration("openai:default"))
+    assert (await integ.get_integration("openai:default", fresh=True))["note"] == 5
+
+
+def test_a_peek_sees_a_held_row_only_while_the_cache_serves() -> None:
+    cache = RowCache()
+    repo = CachedRepository("integrations", channel="c", cache=cache)
+    cache.listening(True)
+    held = row("a")
+    cache.fill(cache.ticket(), held)
+    assert repo.peek("a") is held
+    assert repo.peek("b") is None
+    cache.proven(time.monotonic() - 0.001)  # the listener's proof ran out: the row stays
+    assert cache.stats.size == 1 and repo.peek("a") is None
+
+
+def test_nothing_is_served_from_the_instant_the_listeners_proof_runs_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = RowCache()
+    cache.listening(True)
+    cache.proven(100.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(_cache.time, "monotonic", lambda: 99.999)
+        assert cache.serving
+        patch.setattr(_cache.time, "monotonic", lambda: 100.0)
+        assert not cache.serving and cache.ticket() is None

@@ -174,6 +174,9 @@ def test_a_deeply_nested_bundle_is_a_typed_error(fresh_db: str, tmp_path: Path, 
 def test_a_nested_string_is_not_counted_as_nesting() -> None:
     doc = {"format": "integrations-export", "version": 1, "connections": [], "x": "[{" * 500}
     assert _bundle.load_document(json.dumps(doc))["x"] == "[{" * 500
+    # Spaces and the characters before the quote do not end a string.
+    spaced = {**doc, "x": " ![\x01" * 100}
+    assert _bundle.load_document(json.dumps(spaced))["x"] == " ![\x01" * 100
 
 
 def test_an_import_names_its_owners_explicitly(fresh_db: str, tmp_path: Path) -> None:
@@ -360,11 +363,18 @@ def test_64_levels_of_nesting_are_read_and_65_refused(open_: str, close: str) ->
     )
     with pytest.raises(_bundle.BundleError, match="nests deeper than 64 levels"):
         _bundle.load_document("{" + '"a":' + open_ * 64 + "1" + close * 64 + "}")
+    # Whitespace between the brackets is not text: it hides no level.
+    with pytest.raises(_bundle.BundleError, match="nests deeper than 64 levels"):
+        _bundle.load_document('{ "a": ' + (open_ + " \n\t") * 64 + "1" + close * 64 + "}")
 
 
 def test_depth_counts_closed_siblings_down_and_skips_strings_with_escapes() -> None:
     siblings = '{"a": [' + ",".join(["[[]]"] * 100) + "]}"
     assert len(_bundle.load_document(siblings)["a"]) == 100
+    # A closed array counts one level down, no more: its sibling one deeper is level 65.
+    assert _bundle.load_document('{"a": ' + "[" * 62 + "[], []" + "]" * 62 + "}")
+    with pytest.raises(_bundle.BundleError, match="nests deeper than 64 levels"):
+        _bundle.load_document('{"a": ' + "[" * 62 + "[], [[]]" + "]" * 62 + "}")
     # Brackets inside a string, after an escaped quote, are text.
     quoted = '{"a": "\\"' + "[" * 100 + '"}'
     assert _bundle.load_document(quoted) == {"a": '"' + "[" * 100}
@@ -418,6 +428,11 @@ def test_entries_name_the_first_bad_connection(bad: object, message: str) -> Non
     good = {"provider": "p", "name": "n", "owner": "user:1", "data": {}}
     with pytest.raises(_bundle.BundleError, match=message):
         _bundle.entries(_doc(good, bad))
+    # Counted from 1, whatever the position.
+    with pytest.raises(_bundle.BundleError, match=message.replace("#2", "#1")):
+        _bundle.entries(_doc(bad, good))
+    with pytest.raises(_bundle.BundleError, match=message.replace("#2", "#3")):
+        _bundle.entries(_doc(good, good, bad))
     with pytest.raises(_bundle.BundleError, match="no connections list"):
         _bundle.entries({**_doc(), "connections": {}})
 

@@ -393,6 +393,14 @@ def test_subscribe_rejects_bad_arguments_at_call_time(
         hub.subscribe(**kwargs)
 
 
+async def test_a_provider_filter_lets_through_that_provider_alone(hub: EventHub) -> None:
+    async with hub.subscribe(provider="github") as sub:
+        for provider in ("aardvark", "zebra", "github"):
+            hub.publish_local(event(provider=provider))
+        assert (await next_event(sub)).provider == "github"
+        assert sub.pending == 0
+
+
 async def test_subscribe_takes_up_to_a_thousand_kind_names(channel: str) -> None:
     hub = EventHub(FakeListen(), channel)
     async with hub.subscribe(kinds=["connected"] * 1000) as sub:
@@ -449,6 +457,44 @@ async def test_a_subscribe_whose_probe_never_arrives_is_refused_naming_the_remed
         async with hub.subscribe():
             pass
     assert "listen_dsn" in info.value.message and channel in info.value.message
+    await hub.close()
+
+
+async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_log(
+    channel: str,
+) -> None:
+    reads: list[int] = []
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        reads.append(after)
+        await asyncio.sleep(0)
+        return [], 0
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        live = [event(position=n) for n in (1, 2, 3)]
+        for sent in live:
+            hub.publish_local(sent)
+        assert [await next_event(sub) for _ in live] == live
+    assert reads == [0]
+    await hub.close()
+
+
+async def test_a_live_event_the_log_already_handed_over_is_skipped(channel: str) -> None:
+    first, second, third = (event(position=n) for n in (1, 2, 3))
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return ([first, second], 0) if after == 0 else ([], 0)
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        assert await next_event(sub) == first  # a page of two read from the log
+        hub.publish_local(second)  # its notification arrives after the log had it
+        assert await next_event(sub) == second
+        hub.publish_local(third)
+        assert await next_event(sub) == third
+        assert sub.pending == 0
     await hub.close()
 
 

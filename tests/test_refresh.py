@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from integrations import (
+    Deleted,
     HostNotAllowed,
     Integrations,
     InvalidProviderKey,
@@ -266,6 +267,31 @@ async def test_close_waits_for_a_refresh_in_flight(fresh_db: str, server: OAuthT
         new = await integ.get_integration(uuid)
         assert new["refresh_token"] != old["refresh_token"]
         assert server.token_status(new["refresh_token"]) == "active"
+
+
+def test_a_refresh_step_never_shows_the_credentials_it_carries() -> None:
+    from integrations._lease import Look
+    from integrations._tokens import _Step
+
+    step = _Step(Look(wait=0.5), plain={"refresh_token": "rt_never_shown"}, owner="user:1")
+    assert "rt_never_shown" not in repr(step)
+    assert "user:1" in repr(step)
+
+
+async def test_a_refresh_waiting_for_a_connection_removed_meanwhile_says_it_was_removed(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    uuid = await connect(integ)
+    async with db.transaction():
+        await _lock_row(db, uuid)  # another process's refresh or a long write holds it
+        waiting = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: uuid in integ._s.tokens._inflight)
+        await db.execute(
+            "DELETE FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(uuid)
+        )
+    with pytest.raises(Deleted):
+        await waiting
+    assert _refreshes(server) == 0
 
 
 async def test_a_refresh_asked_for_while_closing_is_refused(

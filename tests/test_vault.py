@@ -25,6 +25,8 @@ from integrations._vault import (
     SECRET_FIELDS,
     Keyring,
     Vault,
+    _associated_data,
+    _key_id,
     generate_key,
     is_envelope,
     mask_data,
@@ -118,6 +120,8 @@ def _malformed_keys() -> list[str]:
         f"ik1:{other_kid}:{body}",
         f"ik1::{body}",
         f"ik1:{kid}:{base64.urlsafe_b64encode(b'x' * 31).decode()}",
+        f"ik1:{kid}",
+        f"ik0:{kid}:{body}",
     ]
 
 
@@ -370,6 +374,8 @@ def test_a_string_shaped_like_an_envelope_is_not_an_envelope(vault: Vault) -> No
         {"$enc": 1, "kid": "abcd1234", "n": "AA==", "ct": "AA==", "extra": 1},
         {"$enc": 1, "kid": 5, "n": "AA==", "ct": "AA=="},
         {"$enc": 1, "kid": "abcd1234", "n": "AA==", "ct": "AA==", "hint": 1234},
+        {"$enc": 1, "kid": "abcd1234", "n": "A" * 16, "ct": "A" * 24, "hint": ""},
+        {"$enc": 1, "kid": "abcd1234", "n": "A" * 16, "ct": "A" * 24, "hint": "abc"},
         ["$enc", "kid", "n", "ct"],
         None,
     ],
@@ -473,12 +479,13 @@ def test_decryption_failure_message_names_the_field_but_no_secret(vault: Vault) 
     assert sealed["access_token"]["ct"] not in message
 
 
-def test_unsupported_envelope_version_is_refused(vault: Vault) -> None:
-    envelope = {**vault.seal_value(ROW, "api_key", MARKER), "$enc": 2}
+@pytest.mark.parametrize("version", [2, 0])
+def test_unsupported_envelope_version_is_refused(vault: Vault, version: int) -> None:
+    envelope = {**vault.seal_value(ROW, "api_key", MARKER), "$enc": version}
     assert is_envelope(envelope)
     with pytest.raises(DecryptionFailed) as info:
         vault.unseal_value(ROW, "api_key", envelope)
-    assert "version" in str(info.value)
+    assert f"envelope version {version}" in str(info.value)
 
 
 # Unknown keys
@@ -496,6 +503,7 @@ def test_unknown_key_id_raises_unknown_key_naming_the_kid_and_field() -> None:
     assert info.value.code == "unknown_key"
     assert isinstance(info.value, CryptoError)
     assert info.value.context == {"kid": kid_of(OLD_KEY), "field": "credentials.token"}
+    assert "it is not in the keyring" in message
 
 
 def test_envelope_without_any_keyring_raises_unknown_key() -> None:
@@ -503,6 +511,7 @@ def test_envelope_without_any_keyring_raises_unknown_key() -> None:
     with pytest.raises(UnknownKey) as info:
         Vault(None).unseal(ROW, sealed)
     assert kid_of(OLD_KEY) in str(info.value)
+    assert "no keys are configured" in str(info.value)
 
 
 # Keyring with several keys and rotation
@@ -751,3 +760,173 @@ def test_secret_fields_are_the_documented_set() -> None:
 def test_keyring_constructor_refuses_raw_material_that_is_not_a_key() -> None:
     with pytest.raises(ValueError, match=r"use Keyring\.parse\(\)"):
         Keyring([("abcd1234", b"too short")])
+
+
+# Values read back from storage
+
+
+def fresh(value: str) -> str:
+    """An equal string that is not the same object (as values read from storage are)."""
+    return "".join(list(value))
+
+
+def test_a_credentials_value_that_is_not_a_map_is_masked_under_a_key_read_from_storage() -> None:
+    assert mask_data({fresh("credentials"): MARKER}) == {"credentials": "••••" + MARKER[-4:]}
+    masked = mask_data({fresh("credentials"): {"user": "me", "pass": "0123456789abcdef"}})
+    assert masked == {"credentials": {"user": "••••", "pass": "••••cdef"}}
+
+
+def test_only_credentials_is_a_map_of_secrets_other_maps_are_one_value(vault: Vault) -> None:
+    # Fields that sort either side of "credentials": a secret map is sealed whole, another kept.
+    data = {
+        "access_token": {"a": MARKER},
+        "account": {"region": "eu"},
+        "password": {"p": MARKER},
+        "zone": {"name": "z"},
+    }
+    sealed = vault.seal(ROW, data)
+    assert is_envelope(sealed["access_token"]) and is_envelope(sealed["password"])
+    assert sealed["account"] == {"region": "eu"} and sealed["zone"] == {"name": "z"}
+    assert vault.unseal(ROW, sealed) == data
+
+
+def test_an_envelope_under_the_primary_read_back_from_storage_is_not_resealed(
+    vault: Vault,
+) -> None:
+    stored = json.loads(json.dumps(vault.seal(ROW, {"api_key": MARKER})))
+    assert vault.reseal(ROW, stored) == stored
+
+
+@pytest.mark.parametrize("shape", ["list", "map", "deeper"])
+def test_reseal_refuses_an_envelope_put_inside_a_plaintext_secret(vault: Vault, shape: str) -> None:
+    envelope = vault.seal_value(ROW, "api_key", MARKER)
+    value: Any = {
+        "list": ["x", envelope],
+        "map": {"k": envelope},
+        "deeper": [{"k": [1, envelope]}],
+    }[shape]
+    with pytest.raises(DecryptionFailed) as info:
+        vault.reseal(ROW, {"api_key": value})
+    assert info.value.context == {"field": "api_key"}
+    # Without an envelope inside, the same shapes are sealed as one value.
+    plain: Any = {"list": ["x", "y"], "map": {"k": "y"}, "deeper": [{"k": [1, "y"]}]}[shape]
+    assert vault.unseal(ROW, vault.reseal(ROW, {"api_key": plain})) == {"api_key": plain}
+
+
+@pytest.mark.parametrize("field", ["api_key", "note"])
+def test_a_lookalike_envelope_needs_rotation_which_then_refuses_it(
+    vault: Vault, field: str
+) -> None:
+    lookalike = {field: {"$enc": 1, "kid": kid_of(NEW_KEY)}}
+    assert vault.needs_rotation(lookalike)
+    with pytest.raises(DecryptionFailed):
+        vault.reseal(ROW, lookalike)
+
+
+def test_a_credentials_map_under_a_key_read_from_storage_is_sealed_value_by_value(
+    vault: Vault,
+) -> None:
+    sealed = vault.seal(ROW, {fresh("credentials"): {"user": "me", "pass": MARKER}})
+    assert set(sealed["credentials"]) == {"user", "pass"}
+    assert all(is_envelope(v) for v in sealed["credentials"].values())
+    assert vault.unseal(ROW, sealed) == {"credentials": {"user": "me", "pass": MARKER}}
+
+
+def test_unseal_refuses_credentials_that_are_a_plaintext_list_and_keeps_other_lists(
+    vault: Vault,
+) -> None:
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {"credentials": ["plain", MARKER]})
+    assert info.value.context == {"field": "credentials"}
+    # A field that sorts before "credentials" is no secret for it.
+    kept = {"account": {"region": "eu"}, "accounts": ["a", "b"]}
+    assert vault.unseal(ROW, kept) == kept
+
+
+@pytest.mark.parametrize("size", [31, 33])
+def test_keyring_constructor_refuses_material_of_another_size_even_under_its_own_id(
+    size: int,
+) -> None:
+    material = b"k" * size
+    with pytest.raises(ValueError, match=r"use Keyring\.parse\(\)"):
+        Keyring([(_key_id(material), material)])
+
+
+def test_a_row_id_that_is_not_a_uuid_binds_envelopes_as_it_is(vault: Vault) -> None:
+    sealed = vault.seal("row-1", {"api_key": MARKER})
+    assert vault.unseal("row-1", sealed) == {"api_key": MARKER}
+    with pytest.raises(DecryptionFailed):
+        vault.unseal("ROW-1", sealed)
+
+
+@pytest.mark.parametrize("kid", ["00000000", "ffffffff"])
+def test_keyring_constructor_refuses_material_under_another_id(kid: str) -> None:
+    material = b"m" * 32
+    assert _key_id(material) != kid
+    with pytest.raises(ValueError, match=r"use Keyring\.parse\(\)"):
+        Keyring([(kid, material)])
+
+
+def test_unseal_takes_secret_fields_as_a_one_shot_iterable(vault: Vault) -> None:
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {"note": "n", "x": "plain", "y": ["plain"]}, iter(["x", "y"]))
+    assert info.value.context == {"field": "x"}
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {"note": ["n"], "y": ["plain"]}, iter(["y"]))
+    assert info.value.context == {"field": "y"}
+
+
+def test_plaintext_in_a_credentials_field_read_from_storage_is_refused(vault: Vault) -> None:
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {fresh("credentials"): "plain"})
+    assert info.value.context == {"field": "credentials"}
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {fresh("credentials"): ["plain"]})
+    assert info.value.context == {"field": "credentials"}
+
+
+@pytest.mark.parametrize("hint", [None, "abcd", 'a"b\\', "é€ü\n"])
+def test_associated_data_is_the_json_of_its_parts(hint: str | None) -> None:
+    expected = json.dumps([1, "abcd1234", ROW, "api_key", hint]).encode()
+    assert _associated_data("abcd1234", ROW, "api_key", hint) == expected
+
+
+def test_a_secret_ending_in_non_ascii_characters_round_trips(vault: Vault) -> None:
+    secret = 'sk-live-value-é€ü"'
+    sealed = vault.seal(ROW, {"api_key": secret})
+    assert sealed["api_key"]["hint"] == secret[-4:]
+    assert vault.unseal(ROW, sealed) == {"api_key": secret}
+
+
+def test_reseal_moves_envelopes_whose_key_id_sorts_either_side_of_the_primary() -> None:
+    keys = sorted((generate_key() for _ in range(9)), key=kid_of)
+    primary, below, above = keys[4], keys[0], keys[8]
+    assert kid_of(below) < kid_of(primary) < kid_of(above)
+    ring = Vault(Keyring.parse([primary, below, above]))
+    for old in (below, above):
+        sealed = Vault(Keyring.parse(old)).seal(ROW, {"api_key": MARKER})
+        resealed = ring.reseal(ROW, sealed)
+        assert resealed["api_key"]["kid"] == kid_of(primary)
+        assert Vault(Keyring.parse(primary)).unseal(ROW, resealed) == {"api_key": MARKER}
+
+
+def test_mask_data_masks_the_values_of_credentials_alone_among_maps() -> None:
+    data = {"account": {"region": "eu"}, "zone": {"name": "z"}, "access_token": {"a": MARKER}}
+    assert mask_data(data) == {
+        "account": {"region": "eu"},
+        "zone": {"name": "z"},
+        "access_token": "••••",
+    }
+
+
+def test_envelopes_under_the_primary_read_back_from_storage_need_no_rotation(
+    vault: Vault,
+) -> None:
+    stored = json.loads(json.dumps(vault.seal(ROW, {"api_key": MARKER, "credentials": {"k": "v"}})))
+    assert not vault.needs_rotation(stored)
+
+
+def test_plaintext_credentials_under_a_key_read_from_storage_are_sealed(vault: Vault) -> None:
+    sealed = vault.seal(ROW, {fresh("credentials"): MARKER})
+    assert is_envelope(sealed["credentials"])
+    assert vault.unseal(ROW, sealed) == {"credentials": MARKER}

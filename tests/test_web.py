@@ -809,6 +809,13 @@ def test_a_login_link_works_up_to_login_ttl_after_it_was_made() -> None:
     assert late.token is None  # used up: turning the clock back does not revive it
     clock.now = 1000.0
     assert late.exchange(token) is None
+    # Counted from when the link was made, whatever the clock read then.
+    for now, works in ((61.0, True), (61.5, False)):
+        clock = Clock(1.0)
+        early = LoginLink(login_ttl=60, clock=clock)
+        assert early.token is not None
+        clock.now = now
+        assert (early.exchange(early.token) is not None) is works, now
 
 
 def test_a_session_ends_after_session_idle_seconds_unused() -> None:
@@ -823,6 +830,13 @@ def test_a_session_ends_after_session_idle_seconds_unused() -> None:
     assert link.session_of(to_port(link, session)) is None
     clock.now = 31.0  # ended for good, not merely out of time
     assert link.session_of(to_port(link, session)) is None
+    # Counted from the login when the session was not used since.
+    clock = Clock(1.0)
+    unused = LoginLink(session_idle=10, session_lifetime=1000, clock=clock)
+    assert unused.token is not None
+    session = unused.exchange(unused.token)
+    clock.now = 11.5
+    assert unused.session_of(to_port(unused, session)) is None
 
 
 def test_a_session_ends_session_lifetime_seconds_after_its_login_however_used() -> None:
