@@ -393,6 +393,14 @@ def test_subscribe_rejects_bad_arguments_at_call_time(
         hub.subscribe(**kwargs)
 
 
+async def test_a_provider_filter_lets_through_that_provider_alone(hub: EventHub) -> None:
+    async with hub.subscribe(provider="github") as sub:
+        for provider in ("aardvark", "zebra", "github"):
+            hub.publish_local(event(provider=provider))
+        assert (await next_event(sub)).provider == "github"
+        assert sub.pending == 0
+
+
 async def test_subscribe_takes_up_to_a_thousand_kind_names(channel: str) -> None:
     hub = EventHub(FakeListen(), channel)
     async with hub.subscribe(kinds=["connected"] * 1000) as sub:
