@@ -281,6 +281,8 @@ def test_a_sealed_bundle_names_scrypt_at_its_cost_a_16_byte_salt_and_a_96_bit_no
     # As read back from its file: the format is compared by value.
     assert _bundle.is_sealed(json.loads(json.dumps(sealed)))
     assert not _bundle.is_sealed(_bundle.document([], "2026-01-01T00:00:00+00:00"))
+    assert not _bundle.is_sealed({"format": "integrations-export-sealed-v2"})
+    assert not _bundle.is_sealed({})
 
 
 @pytest.mark.parametrize(
@@ -416,6 +418,8 @@ def test_document_is_the_plain_format_at_version_1() -> None:
     doc = _bundle.document([], "2026-01-01T00:00:00+00:00")
     assert doc == _doc() | {"exported_at": "2026-01-01T00:00:00+00:00"}
     assert _bundle.entries(doc) == []
+    # JSON has one kind of number: version 1 written 1.0 is version 1.
+    assert _bundle.entries({**doc, "version": 1.0}) == []
 
 
 @pytest.mark.parametrize(
