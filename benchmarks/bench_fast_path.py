@@ -218,9 +218,15 @@ async def queries(dsn: str, key: str) -> dict[str, float]:
         statements.clear()
         for _ in range(1000):
             await integ.authenticated_request(conn.uuid, "GET", url)
-        counted = len(statements)
-    print(f"statements per 1,000 cached authenticated_request calls, no writes: {counted}")
-    return {"queries_per_1000": float(counted)}
+        # The listener's heartbeat (a NOTIFY to itself every `listen_heartbeat` seconds)
+        # goes on whatever the calls do: counted apart, not as the calls' statements.
+        probes = sum(1 for text in statements if "pg_notify" in text)
+        counted = len(statements) - probes
+    print(
+        f"statements per 1,000 cached authenticated_request calls, no writes: {counted} "
+        f"(and {probes} listener heartbeat probes meanwhile)"
+    )
+    return {"queries_per_1000": float(counted), "heartbeat_probes": float(probes)}
 
 
 async def lag_reader(dsn: str, uuid_: str) -> None:

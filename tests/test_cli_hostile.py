@@ -303,7 +303,11 @@ def test_import_refuses_key_derivation_beyond_the_bounds_in_numbers(n: int, r: i
     "change",
     [
         {"kdf": {"name": "argon2"}},
+        {"kdf": {"name": "yescrypt"}},
         {"cipher": "ChaCha20-Poly1305"},
+        # Names sorting before and after the one supported, and one AES-GCM of another size.
+        {"cipher": "AES-128-GCM"},
+        {"cipher": "XChaCha20-Poly1305"},
     ],
 )
 def test_another_kdf_or_cipher_is_unsupported(change: dict[str, object]) -> None:

@@ -772,14 +772,22 @@ def fresh(value: str) -> str:
 
 def test_a_credentials_value_that_is_not_a_map_is_masked_under_a_key_read_from_storage() -> None:
     assert mask_data({fresh("credentials"): MARKER}) == {"credentials": "••••" + MARKER[-4:]}
+    masked = mask_data({fresh("credentials"): {"user": "me", "pass": "0123456789abcdef"}})
+    assert masked == {"credentials": {"user": "••••", "pass": "••••cdef"}}
 
 
 def test_only_credentials_is_a_map_of_secrets_other_maps_are_one_value(vault: Vault) -> None:
-    # Fields that sort before "credentials": a secret map is sealed whole, another kept.
-    sealed = vault.seal(ROW, {"access_token": {"a": MARKER}, "account": {"region": "eu"}})
-    assert is_envelope(sealed["access_token"])
-    assert sealed["account"] == {"region": "eu"}
-    assert vault.unseal(ROW, sealed) == {"access_token": {"a": MARKER}, "account": {"region": "eu"}}
+    # Fields that sort either side of "credentials": a secret map is sealed whole, another kept.
+    data = {
+        "access_token": {"a": MARKER},
+        "account": {"region": "eu"},
+        "password": {"p": MARKER},
+        "zone": {"name": "z"},
+    }
+    sealed = vault.seal(ROW, data)
+    assert is_envelope(sealed["access_token"]) and is_envelope(sealed["password"])
+    assert sealed["account"] == {"region": "eu"} and sealed["zone"] == {"name": "z"}
+    assert vault.unseal(ROW, sealed) == data
 
 
 def test_an_envelope_under_the_primary_read_back_from_storage_is_not_resealed(
@@ -872,6 +880,9 @@ def test_plaintext_in_a_credentials_field_read_from_storage_is_refused(vault: Va
     with pytest.raises(DecryptionFailed) as info:
         vault.unseal(ROW, {fresh("credentials"): "plain"})
     assert info.value.context == {"field": "credentials"}
+    with pytest.raises(DecryptionFailed) as info:
+        vault.unseal(ROW, {fresh("credentials"): ["plain"]})
+    assert info.value.context == {"field": "credentials"}
 
 
 @pytest.mark.parametrize("hint", [None, "abcd", 'a"b\\', "é€ü\n"])
@@ -885,3 +896,37 @@ def test_a_secret_ending_in_non_ascii_characters_round_trips(vault: Vault) -> No
     sealed = vault.seal(ROW, {"api_key": secret})
     assert sealed["api_key"]["hint"] == secret[-4:]
     assert vault.unseal(ROW, sealed) == {"api_key": secret}
+
+
+def test_reseal_moves_envelopes_whose_key_id_sorts_either_side_of_the_primary() -> None:
+    keys = sorted((generate_key() for _ in range(9)), key=kid_of)
+    primary, below, above = keys[4], keys[0], keys[8]
+    assert kid_of(below) < kid_of(primary) < kid_of(above)
+    ring = Vault(Keyring.parse([primary, below, above]))
+    for old in (below, above):
+        sealed = Vault(Keyring.parse(old)).seal(ROW, {"api_key": MARKER})
+        resealed = ring.reseal(ROW, sealed)
+        assert resealed["api_key"]["kid"] == kid_of(primary)
+        assert Vault(Keyring.parse(primary)).unseal(ROW, resealed) == {"api_key": MARKER}
+
+
+def test_mask_data_masks_the_values_of_credentials_alone_among_maps() -> None:
+    data = {"account": {"region": "eu"}, "zone": {"name": "z"}, "access_token": {"a": MARKER}}
+    assert mask_data(data) == {
+        "account": {"region": "eu"},
+        "zone": {"name": "z"},
+        "access_token": "••••",
+    }
+
+
+def test_envelopes_under_the_primary_read_back_from_storage_need_no_rotation(
+    vault: Vault,
+) -> None:
+    stored = json.loads(json.dumps(vault.seal(ROW, {"api_key": MARKER, "credentials": {"k": "v"}})))
+    assert not vault.needs_rotation(stored)
+
+
+def test_plaintext_credentials_under_a_key_read_from_storage_are_sealed(vault: Vault) -> None:
+    sealed = vault.seal(ROW, {fresh("credentials"): MARKER})
+    assert is_envelope(sealed["credentials"])
+    assert vault.unseal(ROW, sealed) == {"credentials": MARKER}
