@@ -353,16 +353,33 @@ def _listed(report: Path) -> set[tuple[str, str, int]]:
     return found
 
 
-def _skip(session: Path, path: str, again: set[tuple[str, str, int]] | None) -> tuple[int, int]:
+def _skip(
+    session: Path,
+    path: str,
+    again: set[tuple[str, str, int]] | None,
+    part: tuple[int, int] = (1, 1),
+) -> tuple[int, int]:
     """Mark as skipped the mutants inside annotations and, when ``again`` is given, those
-    it does not list; how many of each."""
+    it does not list; how many of each. With ``part`` (K, N), only every Nth mutant from
+    the Kth on, in source order, is left to run (the other parts run elsewhere)."""
     from cosmic_ray.work_db import use_db  # installed by the nox session only
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     spans = _annotation_spans((ROOT / path).read_text(encoding="utf-8"))
     annotations = unlisted = 0
     with use_db(str(session)) as db:
-        for item in db.work_items:
+        items = sorted(
+            db.work_items,
+            key=lambda i: [
+                (str(m.module_path), *m.start_pos, *m.end_pos, m.operator_name, m.occurrence)
+                for m in i.mutations
+            ],
+        )
+        index, count = part
+        for number, item in enumerate(items):
+            if number % count != index - 1:
+                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+                continue
             if all(
                 any(s <= tuple(m.start_pos) and tuple(m.end_pos) <= e for s, e in spans)
                 for m in item.mutations
@@ -383,7 +400,10 @@ Survivor = tuple[str, str, int]
 
 
 def _run(
-    module: dict[str, object], workdir: Path, again: set[tuple[str, str, int]] | None = None
+    module: dict[str, object],
+    workdir: Path,
+    again: set[tuple[str, str, int]] | None = None,
+    part: tuple[int, int] = (1, 1),
 ) -> tuple[int, int, list[Survivor]]:
     path = str(module["path"])
     from integrations import generate_key  # unmutated: no mutant is applied yet
@@ -403,7 +423,7 @@ def _run(
         )
         if server.stdout is None or server.stdout.readline().strip() != "ready":
             print(f"{path}: no fork-server; each pytest run is a new process", flush=True)
-        return _cosmic(path, workdir, map_file, again)
+        return _cosmic(path, workdir, map_file, again, part)
     finally:
         if server is not None:
             server.kill()
@@ -431,7 +451,11 @@ def _drop_database(name: str) -> None:
 
 
 def _cosmic(
-    path: str, workdir: Path, map_file: Path, again: set[tuple[str, str, int]] | None
+    path: str,
+    workdir: Path,
+    map_file: Path,
+    again: set[tuple[str, str, int]] | None,
+    part: tuple[int, int],
 ) -> tuple[int, int, list[Survivor]]:
     command = shlex.join([sys.executable, str(Path(__file__).resolve()), "--test", str(map_file)])
     config = workdir / "config.toml"
@@ -449,7 +473,7 @@ def _cosmic(
     session.unlink(missing_ok=True)
     cosmic = [sys.executable, "-m", "cosmic_ray.cli"]
     subprocess.run([*cosmic, "init", str(config), str(session)], check=True, cwd=ROOT)
-    annotations, unlisted = _skip(session, path, again)
+    annotations, unlisted = _skip(session, path, again, part)
     print(f"{path}: {annotations} mutants inside annotations not run", flush=True)
     if again is not None:
         print(f"{path}: {unlisted} mutants not listed in the report not run", flush=True)
@@ -479,6 +503,16 @@ def main(argv: list[str]) -> int:
         return _test_one(Path(argv[1]))
     if argv[:1] == ["--serve"]:
         return _serve(argv[1], argv[2:])
+    part = (1, 1)
+    if argv[:1] == ["--part"]:
+        # One of N parts of each module's mutants, for runs side by side (in separate
+        # checkouts: a mutant is applied to the files on disk).
+        match = re.fullmatch(r"([1-9][0-9]*)/([1-9][0-9]*)", argv[1] if argv[1:] else "")
+        if match is None or int(match.group(1)) > int(match.group(2)):
+            print("--part takes K/N, 1 <= K <= N", file=sys.stderr)
+            return 2
+        part = (int(match.group(1)), int(match.group(2)))
+        argv = argv[2:]
     again = None
     if argv[:1] == ["--again"]:
         # Only the mutants an earlier report lists: its survivors, with the tests since.
@@ -495,7 +529,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         for module in modules:
             accepted = {(a["operator"], a["line"]): a["reason"] for a in module["accepted"]}
-            ran, killed, survivors = _run(module, Path(tmp), again)
+            ran, killed, survivors = _run(module, Path(tmp), again, part)
             score = 100.0 * killed / ran if ran else 100.0
             report = [f"{module['path']}: {killed}/{ran} killed ({score:.1f}%)"]
             seen = set()
@@ -513,6 +547,8 @@ def main(argv: list[str]) -> int:
                 report.append(f"  no longer survives (remove from the list): {key[0]}: {key[1]}")
             print("\n".join(report), flush=True)
             name = str(module["path"]).replace("/", ".").removesuffix(".py")
+            if part != (1, 1):
+                name += f".part-{part[0]}-of-{part[1]}"
             (LAST_RUN / f"{name}.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
     return 1 if failed else 0
 
