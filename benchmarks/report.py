@@ -638,6 +638,14 @@ def render_scale(sc: dict[str, float]) -> list[str]:
             "than the default 30 s on a loaded machine; the rows/s include that count."
             if "rotation_lock_timeout_s" in sc
             else ""
+        )
+        + (
+            " The rotating instance runs with the default `lock_timeout` (30 s), which its "
+            "statement deadline follows: a pass starts by counting the rows left from the "
+            f"index in steps of {sc['rotation_count_step']:,.0f} entries, so no statement "
+            f"reads all {big:,}; the rows/s include that count."
+            if "rotation_count_step" in sc
+            else ""
         ),
         "",
     ]

@@ -62,6 +62,8 @@ _FOLD_SCOPES = 10_000
 RESEAL_START = ""
 _NIL_UUID = _uuid.UUID(int=0)
 _MAX_UUID = _uuid.UUID(int=2**128 - 1)
+#: Index entries one statement of :meth:`Repository.count_to_reseal` reads at most.
+RESEAL_COUNT_STEP = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -1108,15 +1110,41 @@ class Repository:
         self, primary_kid: str, plaintext_fields: Sequence[str], plaintext_verifiers: bool
     ) -> int:
         """Connections plus pending authorizations that :meth:`reseal_connections` and
-        :meth:`reseal_pending` would examine now."""
-        async with self._acquire() as conn:
-            connections = await conn.fetchval(
-                self.q.count_connections_to_reseal, primary_kid, list(plaintext_fields)
+        :meth:`reseal_pending` would examine now.
+
+        Counted from the indexes of what needs work, in one snapshot, by statements that
+        each read at most ``RESEAL_COUNT_STEP`` index entries: counting a million rows
+        under an old key takes as long as reading their index entries, and no statement
+        of it runs into the client-side statement deadline."""
+        step = RESEAL_COUNT_STEP
+        q = self.q
+        # Each range: the query of the row a step on, the query of the rest, its start
+        # (as reseal_connections starts it) and the arguments after the cursor.
+        ranges: tuple[tuple[str, str, list[str], _uuid.UUID, tuple[str, ...]], ...] = (
+            (q.count_reseal_below_end, q.count_reseal_below_rest, [""], _NIL_UUID, (primary_kid,)),
+            (q.count_reseal_above_end, q.count_reseal_above_rest, [primary_kid], _MAX_UUID, ()),
+        )
+        async with (
+            self._acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            await conn.execute(self._bound_transaction)
+            total = 0
+            for end_query, rest_query, kids, row, bound in ranges:
+                while True:
+                    end = await conn.fetchrow(end_query, kids, row, step - 1, *bound)
+                    if end is None:
+                        total += await conn.fetchval(rest_query, kids, row, *bound)
+                        break
+                    total += step
+                    kids, row = end["kids"], end["uuid"]
+            total += await conn.fetchval(
+                q.count_plain_to_reseal, primary_kid, list(plaintext_fields)
             )
             pending = await conn.fetchval(
-                self.q.count_pending_to_reseal, primary_kid, plaintext_verifiers
+                q.count_pending_to_reseal, primary_kid, plaintext_verifiers
             )
-        return int(connections or 0) + int(pending or 0)
+        return int(total) + int(pending or 0)
 
     async def reseal_connections(
         self,

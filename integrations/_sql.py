@@ -137,7 +137,11 @@ class Queries:
     webhook_next_due: LiteralString
     lock_connections_to_reseal: LiteralString
     lock_connection_to_reseal: LiteralString
-    count_connections_to_reseal: LiteralString
+    count_reseal_below_end: LiteralString
+    count_reseal_below_rest: LiteralString
+    count_reseal_above_end: LiteralString
+    count_reseal_above_rest: LiteralString
+    count_plain_to_reseal: LiteralString
     reseal_connections: LiteralString
     pending_to_reseal: LiteralString
     count_pending_to_reseal: LiteralString

@@ -308,16 +308,52 @@ FROM {schema}.connections
 WHERE uuid = $1
 FOR NO KEY UPDATE;
 
--- name: count_connections_to_reseal
--- $1 text: primary key id
--- $2 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
--- What the three queries above will visit, counted from their indexes.
+-- name: count_reseal_below_end
+-- $1 text[] and $2 uuid: keyset cursor (exclusive, as connections_to_reseal_below's),
+-- $3 int rows to step over, $4 text primary key id. The (kids, uuid) of the row $3 rows
+-- past the cursor in connections_to_reseal_below's range; none when fewer are left. A
+-- count of that range takes steps of these, so no one statement reads the whole range.
+SELECT {schema}.envelope_kids(value_json) AS kids, uuid
+FROM {schema}.connections
+WHERE ({schema}.envelope_kids(value_json), uuid) > ($1::text[], $2::uuid)
+  AND {schema}.envelope_kids(value_json) < ARRAY[$4::text]
+ORDER BY {schema}.envelope_kids(value_json), uuid
+OFFSET $3 LIMIT 1;
+
+-- name: count_reseal_below_rest
+-- $1 text[] and $2 uuid: keyset cursor (exclusive), $3 text primary key id. The rows of
+-- connections_to_reseal_below's range after the cursor (fewer than a step).
 SELECT count(*)
 FROM {schema}.connections
-WHERE ({schema}.envelope_kids(value_json) >= '{""}'::text[]
-       AND {schema}.envelope_kids(value_json) < ARRAY[$1::text])
-   OR {schema}.envelope_kids(value_json) > ARRAY[$1::text]
-   OR {schema}.plain_fields(value_json) && $2::text[];
+WHERE ({schema}.envelope_kids(value_json), uuid) > ($1::text[], $2::uuid)
+  AND {schema}.envelope_kids(value_json) < ARRAY[$3::text];
+
+-- name: count_reseal_above_end
+-- As count_reseal_below_end, in connections_to_reseal_above's range.
+-- $1 text[] and $2 uuid: keyset cursor (exclusive), $3 int rows to step over
+SELECT {schema}.envelope_kids(value_json) AS kids, uuid
+FROM {schema}.connections
+WHERE ({schema}.envelope_kids(value_json), uuid) > ($1::text[], $2::uuid)
+ORDER BY {schema}.envelope_kids(value_json), uuid
+OFFSET $3 LIMIT 1;
+
+-- name: count_reseal_above_rest
+-- $1 text[] and $2 uuid: keyset cursor (exclusive)
+SELECT count(*)
+FROM {schema}.connections
+WHERE ({schema}.envelope_kids(value_json), uuid) > ($1::text[], $2::uuid);
+
+-- name: count_plain_to_reseal
+-- $1 text: primary key id
+-- $2 text[]: secret field names whose plaintext must be sealed ('{}' when encryption is off)
+-- Rows connections_plain_to_reseal visits that the two ranges above do not hold (a row
+-- in both is counted once): found through the GIN index connections_plain_fields.
+SELECT count(*)
+FROM {schema}.connections
+WHERE {schema}.plain_fields(value_json) && $2::text[]
+  AND NOT (({schema}.envelope_kids(value_json) >= '{""}'::text[]
+            AND {schema}.envelope_kids(value_json) < ARRAY[$1::text])
+           OR {schema}.envelope_kids(value_json) > ARRAY[$1::text]);
 
 -- name: analyze_connections
 -- The planner's statistics of the table, after a rotation rewrote many rows: until then

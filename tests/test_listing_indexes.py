@@ -4,6 +4,7 @@ have left to do: the plans use them, and the answers are complete at page bounda
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import asyncpg
@@ -516,10 +517,17 @@ async def test_after_a_big_rotation_the_next_pass_reads_the_indexes(
         done = await integ.rotate_keys()
         assert done.rotated == 3_000
         primary = Keyring.parse(TEST_KEY).primary_id
-        count = await plan(
-            db, integ._repo.q.count_connections_to_reseal, primary, ["api_key", "access_token"]
-        )
-        assert "Seq Scan" not in count and "connections_envelope_kids" in count
+        q = integ._repo.q
+        for query, args in (
+            (q.count_reseal_below_end, ([""], uuid.UUID(int=0), 49_999, primary)),
+            (q.count_reseal_below_rest, ([""], uuid.UUID(int=0), primary)),
+            (q.count_reseal_above_end, ([primary], uuid.UUID(int=2**128 - 1), 49_999)),
+            (q.count_reseal_above_rest, ([primary], uuid.UUID(int=2**128 - 1))),
+        ):
+            shown = await plan(db, query, *args)
+            assert "Seq Scan" not in shown and "connections_envelope_kids" in shown, shown
+        shown = await plan(db, q.count_plain_to_reseal, primary, ["api_key", "access_token"])
+        assert "Seq Scan" not in shown and "connections_plain_fields" in shown, shown
         again = await integ.rotate_keys()
         assert (again.rotated, again.scanned) == (0, 0)
     assert (await integ_reads(fresh_db, old))["api_key"] == "sk-00002999-x"

@@ -647,3 +647,63 @@ async def test_rotate_keys_reports_an_envelope_edited_by_hand_and_leaves_it(
     assert after == before
     with pytest.raises(DecryptionFailed):
         await both.get_credentials(conn.uuid)
+
+
+# -- counting what is left, a step at a time -----------------------------------------------
+
+
+def key_sorting(kid_test: Any) -> str:
+    while True:
+        key = generate_key()
+        if kid_test(key.split(":")[1]):
+            return key
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 50_000])
+async def test_the_count_of_rows_left_is_exact_whatever_its_step(
+    fresh_db: str,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    step: int,
+) -> None:
+    """Rows under a key id sorting before the primary's, after it, plaintext, and one both
+    under an old key and holding plaintext: counted once each, read in steps of ``step``."""
+    from integrations import _repository
+
+    monkeypatch.delenv("INTEGRATIONS_KEYS", raising=False)
+    primary = generate_key()
+    pkid = primary.split(":")[1]
+    below = key_sorting(lambda kid: kid < pkid)
+    above = key_sorting(lambda kid: kid > pkid)
+    async with Integrations(fresh_db, keys=below) as integ:
+        under_below = [await integ.add_connection("openai", f"b{i}") for i in range(7)]
+        for conn in under_below:
+            await integ.save_setup(conn.uuid, {"api_key": f"sk-below-{conn.name}-0123456789"})
+    async with Integrations(fresh_db, keys=above) as integ:
+        for i in range(5):
+            conn = await integ.add_connection("openai", f"a{i}")
+            await integ.save_setup(conn.uuid, {"api_key": f"sk-above-a{i}-0123456789"})
+    async with Integrations(fresh_db, encryption="off") as integ:
+        for i in range(4):
+            conn = await integ.add_connection("telegram", f"p{i}")
+            await integ.save_setup(conn.uuid, {"bot_token": f"123:plain-bot-token-{i}"})
+    # A row under the older key that also holds a plaintext secret is one row to visit.
+    await db.execute(
+        """UPDATE integrations.connections
+           SET value_json = value_json || '{"bot_token": "123:plain-beside-an-envelope"}'
+           WHERE uuid = $1""",
+        uuid_mod.UUID(under_below[0].uuid),
+    )
+    monkeypatch.setattr(_repository, "RESEAL_COUNT_STEP", step)
+    async with Integrations(fresh_db, keys=[primary, below, above]) as integ:
+        count = await integ._repo.count_to_reseal(pkid, ["api_key", "bot_token"], True)
+        assert count == 7 + 5 + 4
+        reports: list[RotationProgress] = []
+        done = await integ.rotate_keys(batch_size=4, progress=reports.append)
+        assert (done.total, done.rotated, done.undecryptable) == (16, 16, ())
+        assert {r.total for r in reports} == {16}
+        assert (await integ.rotate_keys()).total == 0
+        assert (await integ.get_credentials(under_below[0].uuid))["bot_token"] == (
+            "123:plain-beside-an-envelope"
+        )
+    assert all("123:plain" not in t for t in await stored_texts(db))
