@@ -744,7 +744,7 @@ class EventHub:
             logger.warning(
                 "dropped a malformed event payload on channel %r (%d chars): %s",
                 self._channel,
-                len(payload) if isinstance(payload, str) else -1,
+                len(payload),
                 type(exc).__name__,
                 extra=telemetry.fields("event_payload_malformed"),
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -608,6 +609,48 @@ def test_payload_callback_never_raises(channel: str) -> None:
     for payload in ["", "{", "null", '{"kind": "connected", "at": []}', "\x00"]:
         hub._on_payload(payload)
     assert hub.stats.malformed == 5
+    # Row-change notices, well formed or not, with no row cache to tell: not events.
+    for payload in ['{"rows": ["0190a0b0-0000-7000-8000-000000000001"]}', '{"rows": 5}']:
+        hub._on_payload(payload)
+    assert (hub.stats.received, hub.stats.malformed) == (5, 5)
+
+
+class RecordingWatcher:
+    """A row cache stand-in: what the hub tells it."""
+
+    def __init__(self) -> None:
+        self.changed: list[tuple[str, ...] | None] = []
+
+    def rows_changed(self, uuids: Any) -> None:
+        self.changed.append(None if uuids is None else tuple(uuids))
+
+    def listening(self, up: bool) -> None:
+        pass
+
+    def proven(self, until: float) -> None:
+        pass
+
+
+def test_the_row_cache_is_told_of_every_notice_that_may_change_a_row(
+    channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = RecordingWatcher()
+    hub = EventHub(FakeListen(), channel, watcher=watcher)
+    row = "0190a0b0-0000-7000-8000-000000000001"
+    caplog.set_level(logging.WARNING, logger="integrations.events")
+    hub._on_payload(json.dumps({"rows": [row]}))
+    # A row notice whose rows cannot be read, or an event that cannot be: any row may
+    # have changed.
+    hub._on_payload('{"rows": [5]}')
+    hub._on_payload('{"kind": "connected", "at": []}')
+    hub._on_payload((added := event("connection_added", uuid=row)).to_payload())
+    assert watcher.changed == [(row,), None, None, (row,)]
+    assert (hub.stats.received, hub.stats.malformed) == (2, 1)
+    [record] = [r for r in caplog.records if r.name == "integrations.events"]
+    assert record.getMessage() == (
+        f"dropped a malformed event payload on channel {channel!r} (31 chars): ValueError"
+    ), record.getMessage()
+    assert added.uuid == row
 
 
 # Transactions

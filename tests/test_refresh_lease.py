@@ -493,3 +493,57 @@ async def test_a_lease_transaction_left_idle_is_ended_by_the_server(
         assert info.value.code == "storage", info.value
         stored = await integ.get_integration(uuid, fresh=True)
         assert "note" not in stored
+
+
+async def test_a_renewal_that_fails_is_tried_again_and_the_lease_is_kept(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One renewal of the lease fails (the database did not answer in time): the holder
+    renews again at its next turn, so another instance asking meanwhile still finds the
+    lease held and waits for the holder's answer instead of sending a second request."""
+    from integrations import StorageError
+    from integrations._cache import CachedRepository
+
+    # A provider that keeps refresh tokens valid (and says so): a lease that ran out would
+    # be taken over and the refresh sent again.
+    server.config.rotate_refresh_tokens = False
+    provider = loopback_provider(server.base_url, rotates_refresh_tokens=False)
+    # A holder's lease that ran out after its request went out is waited for 0.5 s more.
+    options: dict[str, Any] = {
+        "refresh_lease": 1,
+        "token_write_retry": 0.5,
+        "providers": [provider],
+    }
+    async with (
+        open_integrations(fresh_db, server.base_url, **options) as holder,
+        open_integrations(fresh_db, server.base_url, **options) as taker,
+    ):
+        uuid = await connect(holder)
+        before = await holder.access_token(uuid)
+        modify_clocked = CachedRepository.modify_clocked
+        holder_repo = holder._repo
+        renewals: list[str] = []
+        failed: list[str] = []
+
+        async def first_renewal_fails(self: Any, row: str, decide: Any, **kw: Any) -> Any:
+            # The first call renewing (its lease confirmed before the request) goes
+            # through; the next, the first of the renewals while the request is pending,
+            # fails.
+            renewal = getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
+            if self is holder_repo and renewal:
+                renewals.append(row)
+                if len(renewals) == 2:
+                    failed.append(row)
+                    raise StorageError("the database did not answer in time")
+            return await modify_clocked(self, row, decide, **kw)
+
+        monkeypatch.setattr(CachedRepository, "modify_clocked", first_renewal_fails)
+        server.config.update({"token_delay": 4.0, "delay_next": 1})
+        held = asyncio.create_task(holder.refresh_access_token(uuid))
+        # Past the lease (1 s) that the failed renewal would have extended, and the 0.5 s
+        # after it.
+        await asyncio.sleep(2.0)
+        assert failed == [uuid]
+        fresh = await taker.refresh_access_token(uuid)
+        assert await held == fresh != before
+        assert _refreshes(server) == 1
