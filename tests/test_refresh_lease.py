@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import time
 import uuid as uuid_mod
@@ -43,6 +44,16 @@ async def integ(fresh_db: str, server: OAuthTestServer) -> AsyncIterator[Integra
 
 def _refreshes(server: OAuthTestServer) -> int:
     return server.stats.token_calls["refresh_token"]
+
+
+def _takeover_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Why each lease taken over was not sent again, as its warning says."""
+    found = []
+    for record in caplog.records:
+        message = record.getMessage()
+        if "ran out without a write from its holder" in message:
+            found.append(message.split("the refresh token; ")[1].split(", so it is not")[0])
+    return found
 
 
 async def test_five_simultaneous_forced_refreshes_make_one_token_request(
@@ -242,8 +253,9 @@ async def test_a_frozen_holder_is_taken_over_and_its_late_answer_does_not_overwr
 
 
 async def test_with_reauthorize_a_frozen_holder_is_not_taken_over_and_its_answer_is_stored(
-    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
+    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="integrations")
     async with open_integrations(
         fresh_db, strict.base_url, refresh_takeover="reauthorize", token_write_retry=0.5
     ) as integ:
@@ -254,6 +266,7 @@ async def test_with_reauthorize_a_frozen_holder_is_not_taken_over_and_its_answer
         # not sent again: a strict provider would revoke the whole grant on its reuse.
         with pytest.raises(ReauthRequired):
             await integ.refresh_access_token(uuid)
+        assert _takeover_reasons(caplog) == ["refresh_takeover is 'reauthorize'"]
         assert (await integ.get_integration_by_uuid(uuid)).status == "error"
         assert strict.stats()["token_calls"]["refresh_token"] == 1
         victim.proc.send_signal(signal.SIGCONT)
@@ -267,16 +280,18 @@ async def test_with_reauthorize_a_frozen_holder_is_not_taken_over_and_its_answer
 
 
 async def test_by_default_a_rotating_providers_spent_refresh_token_is_never_sent_again(
-    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
+    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The frozen holder sent the refresh token (its lease says so): once it had its time
     to store the answer, the connection is marked, and the grant survives the holder."""
+    caplog.set_level(logging.WARNING, logger="integrations")
     async with open_integrations(fresh_db, strict.base_url, token_write_retry=0.5) as integ:
         uuid = await connect(integ)
         victim = await _frozen_holder(fresh_db, strict, uuid, db)
         strict.configure(token_delay=0.0)
         with pytest.raises(ReauthRequired, match="authorized again"):
             await integ.refresh_access_token(uuid)
+        assert _takeover_reasons(caplog) == ["the provider rotates refresh tokens"]
         assert strict.stats()["token_calls"]["refresh_token"] == 1
         victim.proc.send_signal(signal.SIGCONT)
         assert (await victim.result())["results"] == [{"status": 200}]
