@@ -562,3 +562,67 @@ async def test_a_renewal_that_fails_is_tried_again_and_the_lease_is_kept(
         fresh = await taker.refresh_access_token(uuid)
         assert await held == fresh != before
         assert _refreshes(server) == 1
+
+
+async def test_a_refresh_cancelled_before_it_asks_frees_its_lease_at_once(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() cancels a refresh that holds the lease but has sent nothing: nothing can be
+    spent, so the lease is given back rather than left for others to wait out."""
+    from integrations import LifecycleError
+    from integrations._tokens import Refresher
+
+    reached = asyncio.Event()
+
+    async def never_sends(self: Refresher, *args: Any) -> Any:
+        reached.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Refresher, "_token_call", never_sends)
+    async with open_integrations(fresh_db, server.base_url, refresh_lease=30) as integ:
+        uuid = await connect(integ)
+        refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+        await reached.wait()
+        held = await db.fetchval(
+            "SELECT value_json ? 'refresh_lease' FROM integrations.connections WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+        )
+        assert held is True
+    with pytest.raises(LifecycleError):
+        await refreshing
+    lease = await db.fetchval(
+        "SELECT value_json -> 'refresh_lease' FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+    assert lease is None
+    assert _refreshes(server) == 0
+
+
+async def test_a_caller_waiting_for_another_processs_lease_does_not_spin(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the holder's answer (1.5 s here), a caller looks at the row when told
+    of a change or every half second at most often: a handful of looks, not a loop."""
+    from integrations._tokens import Refresher
+
+    async with (
+        open_integrations(fresh_db, server.base_url) as holder,
+        open_integrations(fresh_db, server.base_url) as waiter,
+    ):
+        uuid = await connect(holder)
+        in_row = Refresher._in_row
+        waiting = waiter._s.tokens
+        looks: list[str] = []
+
+        async def counted(self: Refresher, row: str, decide: Any) -> Any:
+            if self is waiting:
+                looks.append(row)
+            return await in_row(self, row, decide)
+
+        monkeypatch.setattr(Refresher, "_in_row", counted)
+        server.config.update({"token_delay": 1.5, "delay_next": 1})
+        first = asyncio.create_task(holder.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        assert await waiter.refresh_access_token(uuid) == await first
+        assert _refreshes(server) == 1
+        assert 1 <= len(looks) <= 12, looks
