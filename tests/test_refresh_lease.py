@@ -562,6 +562,9 @@ async def test_a_renewal_that_fails_is_tried_again_and_the_lease_is_kept(
         fresh = await taker.refresh_access_token(uuid)
         assert await held == fresh != before
         assert _refreshes(server) == 1
+        # A renewal a third of the lease apart while the request (4 s) was out: about a
+        # dozen, not a loop.
+        assert 4 <= len(renewals) <= 30, len(renewals)
 
 
 async def test_a_refresh_cancelled_before_it_asks_frees_its_lease_at_once(
@@ -626,3 +629,49 @@ async def test_a_caller_waiting_for_another_processs_lease_does_not_spin(
         assert await waiter.refresh_access_token(uuid) == await first
         assert _refreshes(server) == 1
         assert 1 <= len(looks) <= 12, looks
+
+
+async def test_a_client_credentials_holder_that_stalls_while_confirming_asks_nothing(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client-credentials fetch spends nothing, so no sending mark fences it: frozen
+    right after its lease was confirmed, past the lease's end, the holder looks again on
+    resuming, finds the lease taken over, and takes that token instead of asking for a
+    second one."""
+    from integrations._tokens import Refresher
+
+    from .oauthkit import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, client_credentials_provider
+
+    provider = client_credentials_provider(server.base_url)
+    async with (
+        open_integrations(
+            fresh_db, server.base_url, refresh_lease=2, providers=[provider]
+        ) as holder,
+        open_integrations(
+            fresh_db, server.base_url, refresh_lease=2, providers=[provider]
+        ) as taker,
+    ):
+        conn = await holder.add_connection("machine", "default")
+        await holder.save_setup(
+            conn.uuid, {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
+        )
+        uuid = conn.uuid
+        in_row = Refresher._in_row
+        stalled = holder._s.tokens
+        stalls: list[float] = []
+
+        async def in_row_then_stall(self: Refresher, uuid: str, decide: Any) -> Any:
+            result = await in_row(self, uuid, decide)
+            renewal = getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
+            if self is stalled and renewal and not stalls:
+                stalls.append(3.0)
+                await asyncio.sleep(3.0)  # the lease (2 s) runs out meanwhile
+            return result
+
+        monkeypatch.setattr(Refresher, "_in_row", in_row_then_stall)
+        late = asyncio.create_task(holder.refresh_access_token(uuid))
+        await asyncio.sleep(2.5)
+        fresh = await taker.refresh_access_token(uuid)
+        assert await late == fresh
+        assert stalls == [3.0]
+        assert server.stats.token_calls["client_credentials"] == 1
