@@ -230,8 +230,9 @@ async def _frozen_holder(
 
 
 async def test_a_frozen_holder_is_taken_over_and_its_late_answer_does_not_overwrite(
-    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
+    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="integrations")
     # A provider that does not rotate (so declared): the refresh token the frozen holder
     # sent is good, and is sent again once the holder had its time to write.
     provider = loopback_provider(strict.base_url, rotates_refresh_tokens=False)
@@ -244,6 +245,12 @@ async def test_a_frozen_holder_is_taken_over_and_its_late_answer_does_not_overwr
         strict.configure(token_delay=0.0)
         taken = await integ.refresh_access_token(uuid)
         assert strict.stats()["token_calls"]["refresh_token"] == 2
+        took = [
+            r.getMessage()
+            for r in caplog.records
+            if "took over the refresh lease" in r.getMessage()
+        ]
+        assert len(took) == 1 and f"connection {uuid}: its holder (" in took[0], took
         victim.proc.send_signal(signal.SIGCONT)
         outcome = await victim.result()
         assert outcome["results"] == [{"status": 200}]
