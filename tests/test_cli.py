@@ -513,7 +513,9 @@ async def test_a_failed_write_midway_undoes_the_import(
         existing = await integ.add_connection("openai", "kept")
         await integ.save_setup(existing.uuid, {"api_key": "before-0123456789", "org": "a"})
         entries = [
-            _bundle.Entry("openai", "kept", None, {"api_key": "after-0123456789"}, {}),
+            _bundle.Entry(
+                "openai", "kept", None, {"api_key": "after-0123456789", "project": "p"}, {}
+            ),
             _bundle.Entry("openai", "new", None, {"api_key": "new-0123456789"}, {}),
             _bundle.Entry("mistral", "x", None, {"api_key": "x-0123456789"}, {}),
         ]
@@ -538,6 +540,8 @@ async def test_a_failed_write_midway_undoes_the_import(
         assert await integ.list_connections("mistral") == []
         creds = await integ.get_credentials(existing.uuid)
         assert creds["api_key"] == "before-0123456789" and creds["org"] == "a"
+        # A field the import added is unset again.
+        assert creds.get("project") is None
 
 
 # -- keys, migrate, doctor, watch, serve -------------------------------------------------------
@@ -1215,6 +1219,72 @@ def test_an_import_keeps_status_and_warns_about_a_grant_in_two_stores(
     github = json.loads(sh(second_db, "show", "github", "--json").stdout)
     assert github["status"] == "disconnected" and "access_token" not in github["data"]
     assert github["data"]["client_id"] == "cid"
+
+
+def test_a_dry_run_names_the_grants_an_overwrite_would_replace(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    asyncio.run(_oauth_connection(fresh_db))
+    bundle = tmp_path / "b.json"
+    assert sh(fresh_db, "export", "--decrypted", "--out", str(bundle)).returncode == 0
+    over = sh(
+        fresh_db, "import", str(bundle), "--keep-owners", "--overwrite", "--dry-run", "--json"
+    )
+    plan = json.loads(over.stdout)
+    assert [c["ref"] for c in plan["updated"]] == ["github:default"]
+    assert plan["oauth_grants"] == ["github:default"]
+    # Left as it is, the connection's grant is not written: none to warn about.
+    kept = json.loads(
+        sh(fresh_db, "import", str(bundle), "--keep-owners", "--dry-run", "--json").stdout
+    )
+    assert [c["ref"] for c in kept["skipped"]] == ["github:default"]
+    assert kept["oauth_grants"] == []
+
+
+def test_an_import_takes_the_status_a_bundle_states_and_makes_up_no_check(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    def entry(name: str, **data: str) -> dict[str, Any]:
+        key = f"{name}-0123456789"
+        return {"provider": "openai", "name": name, "owner": None, "data": {"api_key": key, **data}}
+
+    doc = {
+        "format": "integrations-export",
+        "version": 1,
+        "connections": [
+            entry("failing", status="error"),
+            entry("unchecked", status="connected"),
+            entry("unstated"),
+        ],
+    }
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(doc))
+    done = sh(fresh_db, "import", str(path), "--keep-owners")
+    assert done.returncode == 0, done.stderr
+
+    def shown(name: str) -> tuple[str, str | None]:
+        data = json.loads(sh(fresh_db, "show", f"openai:{name}", "--json").stdout)
+        return data["status"], data["data"].get("validation_status")
+
+    # In error where it was exported, though the bundle holds no check message.
+    assert shown("failing") == ("error", "Failed")
+    # Never checked: it arrives connected and still never checked.
+    assert shown("unchecked") == ("connected", None)
+    # No status given: the setup alone decides it.
+    assert shown("unstated") == ("connected", None)
+
+
+def test_an_export_is_audited_in_its_owners_scope_or_as_every_owners(fresh_db: str) -> None:
+    sh(fresh_db, "--owner", "user:1", "add", "openai")
+    sh(fresh_db, "add", "slack")
+    assert sh(fresh_db, "--owner", "user:1", "export", "--decrypted").returncode == 0
+    assert sh(fresh_db, "export", "--all-owners", "--decrypted").returncode == 0
+    done = sh(fresh_db, "audit", "--action", "store.exported", "--json")
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["owner"], r["detail"]) for r in records] == [
+        ("user:1", {"connections": 1}),
+        (None, {"connections": 2, "all_owners": True}),
+    ]
 
 
 # -- messages -------------------------------------------------------------------------------

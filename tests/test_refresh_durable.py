@@ -121,8 +121,13 @@ async def test_close_waits_for_a_write_being_retried(
 
 
 async def test_a_failed_write_is_tried_again_after_waits_that_double(
-    fresh_db: str, server: OAuthTestServer, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+    fresh_db: str,
+    server: OAuthTestServer,
+    proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="integrations")
     waits: list[float] = []
     real_sleep = asyncio.sleep
 
@@ -142,6 +147,11 @@ async def test_a_failed_write_is_tried_again_after_waits_that_double(
         await eventually(partial(_stored_is, fresh_db, server, uuid, token), within=30)
         monkeypatch.undo()
     assert waits[:6] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0])
+    # The write in the refresh itself was the first attempt; each wait came before another.
+    stored = [r.getMessage() for r in caplog.records if "stored the tokens of" in r.getMessage()]
+    assert stored == [
+        f"stored the tokens of connection {uuid}'s refresh at attempt {len(waits) + 1}"
+    ]
 
 
 async def _refuse_new_expiry(db: asyncpg.Connection, uuid: str) -> None:

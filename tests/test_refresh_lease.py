@@ -230,8 +230,9 @@ async def _frozen_holder(
 
 
 async def test_a_frozen_holder_is_taken_over_and_its_late_answer_does_not_overwrite(
-    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection
+    fresh_db: str, strict: ServerProcess, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="integrations")
     # A provider that does not rotate (so declared): the refresh token the frozen holder
     # sent is good, and is sent again once the holder had its time to write.
     provider = loopback_provider(strict.base_url, rotates_refresh_tokens=False)
@@ -244,6 +245,12 @@ async def test_a_frozen_holder_is_taken_over_and_its_late_answer_does_not_overwr
         strict.configure(token_delay=0.0)
         taken = await integ.refresh_access_token(uuid)
         assert strict.stats()["token_calls"]["refresh_token"] == 2
+        took = [
+            r.getMessage()
+            for r in caplog.records
+            if "took over the refresh lease" in r.getMessage()
+        ]
+        assert len(took) == 1 and f"connection {uuid}: its holder (" in took[0], took
         victim.proc.send_signal(signal.SIGCONT)
         outcome = await victim.result()
         assert outcome["results"] == [{"status": 200}]
@@ -562,3 +569,116 @@ async def test_a_renewal_that_fails_is_tried_again_and_the_lease_is_kept(
         fresh = await taker.refresh_access_token(uuid)
         assert await held == fresh != before
         assert _refreshes(server) == 1
+        # A renewal a third of the lease apart while the request (4 s) was out: about a
+        # dozen, not a loop.
+        assert 4 <= len(renewals) <= 30, len(renewals)
+
+
+async def test_a_refresh_cancelled_before_it_asks_frees_its_lease_at_once(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() cancels a refresh that holds the lease but has sent nothing: nothing can be
+    spent, so the lease is given back rather than left for others to wait out."""
+    from integrations import LifecycleError
+    from integrations._tokens import Refresher
+
+    reached = asyncio.Event()
+
+    async def never_sends(self: Refresher, *args: Any) -> Any:
+        reached.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Refresher, "_token_call", never_sends)
+    async with open_integrations(fresh_db, server.base_url, refresh_lease=30) as integ:
+        uuid = await connect(integ)
+        refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+        await reached.wait()
+        held = await db.fetchval(
+            "SELECT value_json ? 'refresh_lease' FROM integrations.connections WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+        )
+        assert held is True
+    with pytest.raises(LifecycleError):
+        await refreshing
+    lease = await db.fetchval(
+        "SELECT value_json -> 'refresh_lease' FROM integrations.connections WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+    assert lease is None
+    assert _refreshes(server) == 0
+
+
+async def test_a_caller_waiting_for_another_processs_lease_does_not_spin(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the holder's answer (1.5 s here), a caller looks at the row when told
+    of a change or every half second at most often: a handful of looks, not a loop."""
+    from integrations._tokens import Refresher
+
+    async with (
+        open_integrations(fresh_db, server.base_url) as holder,
+        open_integrations(fresh_db, server.base_url) as waiter,
+    ):
+        uuid = await connect(holder)
+        in_row = Refresher._in_row
+        waiting = waiter._s.tokens
+        looks: list[str] = []
+
+        async def counted(self: Refresher, row: str, decide: Any) -> Any:
+            if self is waiting:
+                looks.append(row)
+            return await in_row(self, row, decide)
+
+        monkeypatch.setattr(Refresher, "_in_row", counted)
+        server.config.update({"token_delay": 1.5, "delay_next": 1})
+        first = asyncio.create_task(holder.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        assert await waiter.refresh_access_token(uuid) == await first
+        assert _refreshes(server) == 1
+        assert 1 <= len(looks) <= 12, looks
+
+
+async def test_a_client_credentials_holder_that_stalls_while_confirming_asks_nothing(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client-credentials fetch spends nothing, so no sending mark fences it: frozen
+    right after its lease was confirmed, past the lease's end, the holder looks again on
+    resuming, finds the lease taken over, and takes that token instead of asking for a
+    second one."""
+    from integrations._tokens import Refresher
+
+    from .oauthkit import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, client_credentials_provider
+
+    provider = client_credentials_provider(server.base_url)
+    async with (
+        open_integrations(
+            fresh_db, server.base_url, refresh_lease=2, providers=[provider]
+        ) as holder,
+        open_integrations(
+            fresh_db, server.base_url, refresh_lease=2, providers=[provider]
+        ) as taker,
+    ):
+        conn = await holder.add_connection("machine", "default")
+        await holder.save_setup(
+            conn.uuid, {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
+        )
+        uuid = conn.uuid
+        in_row = Refresher._in_row
+        stalled = holder._s.tokens
+        stalls: list[float] = []
+
+        async def in_row_then_stall(self: Refresher, uuid: str, decide: Any) -> Any:
+            result = await in_row(self, uuid, decide)
+            renewal = getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
+            if self is stalled and renewal and not stalls:
+                stalls.append(3.0)
+                await asyncio.sleep(3.0)  # the lease (2 s) runs out meanwhile
+            return result
+
+        monkeypatch.setattr(Refresher, "_in_row", in_row_then_stall)
+        late = asyncio.create_task(holder.refresh_access_token(uuid))
+        await asyncio.sleep(2.5)
+        fresh = await taker.refresh_access_token(uuid)
+        assert await late == fresh
+        assert stalls == [3.0]
+        assert server.stats.token_calls["client_credentials"] == 1
