@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -394,6 +395,24 @@ def test_subscribe_rejects_bad_arguments_at_call_time(
         hub.subscribe(**kwargs)
 
 
+def test_subscribe_takes_its_filters_by_keyword_only(channel: str) -> None:
+    hub = EventHub(FakeListen(), channel)
+    with pytest.raises(TypeError):
+        hub.subscribe("github")  # type: ignore[call-arg]
+
+
+def test_hub_stats_are_a_snapshot_that_compares_and_hashes_and_cannot_be_changed(
+    channel: str,
+) -> None:
+    hub = EventHub(FakeListen(), channel)
+    stats = hub.stats
+    assert stats == hub.stats
+    assert len({stats, hub.stats}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.received = 1  # type: ignore[misc]
+    assert hub.stats.received == 0
+
+
 async def test_a_provider_filter_lets_through_that_provider_alone(hub: EventHub) -> None:
     async with hub.subscribe(provider="github") as sub:
         for provider in ("aardvark", "zebra", "github"):
@@ -656,6 +675,9 @@ def test_payload_callback_never_raises(channel: str) -> None:
     for payload in ['{"rows": ["0190a0b0-0000-7000-8000-000000000001"]}', '{"rows": 5}']:
         hub._on_payload(payload)
     assert (hub.stats.received, hub.stats.malformed) == (5, 5)
+    # One cut short is not JSON: malformed, like any payload that cannot be read.
+    hub._on_payload('{"rows": ["0190a0b0-0000-7000-8000-0000000')
+    assert (hub.stats.received, hub.stats.malformed) == (6, 6)
 
 
 class RecordingWatcher:
@@ -694,6 +716,21 @@ def test_the_row_cache_is_told_of_every_notice_that_may_change_a_row(
         f"dropped a malformed event payload on channel {channel!r} (31 chars): ValueError"
     ), record.getMessage()
     assert added.uuid == row
+
+
+async def test_an_event_that_carries_a_rows_field_is_still_an_event(channel: str) -> None:
+    # Only a payload written as a row notice (it begins '{"rows":') is one; an event may
+    # carry fields this version does not know.
+    watcher = RecordingWatcher()
+    hub = EventHub(FakeListen(), channel, watcher=watcher)
+    row = "0190a0b0-0000-7000-8000-000000000001"
+    sent = event("connection_added", uuid=row)
+    async with hub.subscribe() as sub:
+        hub._on_payload(json.dumps({**json.loads(sent.to_payload()), "rows": ["other"]}))
+        assert await next_event(sub) == sent
+    assert watcher.changed == [(row,)]
+    assert hub.stats.received == 1
+    await hub.close()
 
 
 # Transactions
@@ -827,9 +864,23 @@ class UnprobedListener(FakeListener):
         raise OSError("connection refused")
 
 
+def clock_reads(monkeypatch: pytest.MonkeyPatch, start: float | None) -> None:
+    """Make the running loop's clock read ``start`` from now on, as on a machine just
+    booted (its monotonic clock counts from boot); None leaves it as it is."""
+    if start is None:
+        return
+    loop = asyncio.get_running_loop()
+    real = loop.time
+    offset = real() - start
+    monkeypatch.setattr(loop, "time", lambda: real() - offset)
+
+
+@pytest.mark.parametrize("clock", [None, 0.001], ids=["clock_as_is", "just_booted"])
 async def test_a_subscribe_whose_probe_cannot_be_sent_goes_on_after_the_probe_bound(
-    channel: str, monkeypatch: pytest.MonkeyPatch
+    channel: str, monkeypatch: pytest.MonkeyPatch, clock: float | None
 ) -> None:
+    clock_reads(monkeypatch, clock)
+
     async def listen(
         _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> UnprobedListener:
@@ -906,6 +957,76 @@ async def test_a_heard_probe_lets_the_cache_serve_for_two_heartbeats_from_its_se
     # from when the probe was sent (a few milliseconds after the heartbeat noted it).
     assert watcher.until[0] == -math.inf
     assert 0.8 <= watcher.until[1] - opened[0].sent[0] <= 1.0
+
+
+class SlowlyHeardListener(FakeListener):
+    """A listener whose probes arrive a moment after they are sent."""
+
+    can_probe = True
+
+    async def probe(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+        loop.call_later(0.1, arrived.set_result, None)
+        return arrived
+
+
+@pytest.mark.parametrize("clock", [None, 0.001], ids=["clock_as_is", "just_booted"])
+async def test_a_probe_that_arrives_within_its_time_is_heard(
+    channel: str, monkeypatch: pytest.MonkeyPatch, clock: float | None
+) -> None:
+    clock_reads(monkeypatch, clock)
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> SlowlyHeardListener:
+        return SlowlyHeardListener(on_payload, on_lost)
+
+    watcher = ProofWatcher()
+    hub = EventHub(listen, channel, heartbeat=(0.05, 0.5), watcher=watcher)
+    try:
+        async with hub.subscribe() as sub:
+            hub.publish_local(sent := event())
+            assert await next_event(sub) == sent
+    finally:
+        await hub.close()
+    assert watcher.until[0] == -math.inf
+    assert watcher.until[1] > -math.inf
+
+
+class UndeclaredProbeListener(FakeListener):
+    """A listener with a ``probe`` that does not say it can be probed (no ``can_probe``)."""
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.probes = 0
+        self.synced = asyncio.Event()
+
+    async def probe(self) -> asyncio.Future[None]:
+        self.probes += 1
+        return asyncio.get_running_loop().create_future()
+
+    async def sync(self) -> None:
+        self.synced.set()
+
+
+async def test_a_listener_that_does_not_say_it_can_be_probed_is_synced_instead(
+    channel: str,
+) -> None:
+    opened: list[UndeclaredProbeListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UndeclaredProbeListener:
+        opened.append(UndeclaredProbeListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 0.05))
+    await hub.start()
+    await asyncio.wait_for(opened[0].synced.wait(), TIMEOUT)  # the first heartbeat
+    assert opened[0].probes == 0
+    assert hub.listening and len(opened) == 1
+    await hub.close()
 
 
 class UnheardListener(FakeListener):
