@@ -499,6 +499,49 @@ async def test_a_live_event_the_log_already_handed_over_is_skipped(channel: str)
     await hub.close()
 
 
+async def test_a_notification_arriving_after_the_log_handed_its_event_over_is_not_repeated(
+    channel: str,
+) -> None:
+    logged = [event(position=n) for n in (1, 2, 3)]
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return (logged, 0) if after == 0 else ([], 0)
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        assert await next_event(sub) == logged[0]  # a page of three read from the log
+        # The first event's notification comes in late: the reader is past it by the
+        # time it reaches the head of the queue.
+        hub.publish_local(logged[0])
+        assert await next_event(sub) == logged[1]
+        assert await next_event(sub) == logged[2]
+        hub.publish_local(later := event(position=4))
+        assert await next_event(sub) == later
+        assert sub.pending == 0
+    await hub.close()
+
+
+async def test_an_unlogged_local_event_queued_behind_a_logged_one_survives_the_log_read(
+    channel: str,
+) -> None:
+    logged = [event(position=n) for n in (1, 2, 3)]
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return (logged, 0) if after == 0 else ([], 0)
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        # Queued before the log is read: one logged after the page, one published here
+        # and never logged (no position).
+        hub.publish_local(live := event(position=4))
+        hub.publish_local(local := event())
+        got = [await next_event(sub) for _ in range(5)]
+        assert got == [*logged, live, local]
+    await hub.close()
+
+
 async def test_a_log_that_cannot_be_read_is_read_again_after_waits_that_double(
     channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -902,6 +945,107 @@ async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
     assert not [text for _, text in messages if "did not answer" in text]
 
 
+async def test_probes_go_on_on_the_connection_that_replaces_a_lost_one(
+    channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[HeardListener] = []
+    gate = asyncio.Event()
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> HeardListener:
+        if opened:
+            await gate.wait()
+        opened.append(HeardListener(on_payload, on_lost))
+        return opened[-1]
+
+    beats: list[float | None] = []
+    real_wait_for = asyncio.wait_for
+
+    async def recorded(awaitable: Any, bound: float | None) -> Any:
+        if sys._getframe(1).f_code.co_name == "_beat":
+            beats.append(bound)
+        return await real_wait_for(awaitable, bound)
+
+    monkeypatch.setattr(asyncio, "wait_for", recorded)
+    hub = EventHub(
+        listen, channel, heartbeat=(0.01, 1.0), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    await hub.start()
+    assert opened[0].sent
+    opened[0].on_lost()
+    # Heartbeats come round while no connection is open (the reconnect waits at the gate).
+    seen = len(beats)
+    await eventually(lambda: len(beats) >= seen + 2)
+    assert not hub.listening
+    gate.set()
+    await eventually(lambda: len(opened) == 2 and bool(opened[1].sent))
+    await hub.close()
+
+
+class SilentListener(FakeListener):
+    """A listener that cannot be probed, whose connection stopped answering: a statement
+    sent on it (``sync``) never returns."""
+
+    async def sync(self) -> None:
+        await asyncio.get_running_loop().create_future()
+
+
+async def test_a_connection_that_stops_answering_is_replaced_though_it_cannot_be_probed(
+    channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    opened: list[FakeListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FakeListener:
+        kind = SilentListener if not opened else FakeListener
+        opened.append(kind(on_payload, on_lost))
+        return opened[-1]
+
+    caplog.set_level(logging.WARNING, logger="integrations.events")
+    hub = EventHub(listen, channel, heartbeat=(0.05, 0.05), reconnect_initial=0.01)
+    async with hub.subscribe() as sub:
+        assert (await next_event(sub)).kind == "resync"
+        assert opened[0].closed and len(opened) == 2
+        assert hub.listening
+    await hub.close()
+    assert "did not answer within 0.05s" in caplog.text
+
+
+class FlakyListener(FakeListener):
+    """A listener that cannot be probed, whose ``sync`` fails once ``broken`` is set."""
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.synced = asyncio.Event()
+        self.broken = False
+
+    async def sync(self) -> None:
+        if self.broken:
+            raise OSError("connection reset by peer")
+        self.synced.set()
+
+
+async def test_a_subscribe_goes_on_when_syncing_the_listener_fails(channel: str) -> None:
+    opened: list[FlakyListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FlakyListener:
+        opened.append(FlakyListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 1.0))
+    await hub.start()
+    await asyncio.wait_for(opened[0].synced.wait(), TIMEOUT)  # the first heartbeat
+    opened[0].broken = True
+    async with hub.subscribe() as sub:
+        hub.publish_local(sent := event())
+        assert await next_event(sub) == sent
+    await hub.close()
+
+
 async def test_a_listener_lost_again_after_a_reconnect_is_reconnected_again(
     channel: str,
 ) -> None:
@@ -1051,6 +1195,24 @@ async def test_leaving_the_block_closes_only_that_subscription(hub: EventHub) ->
         hub.publish_local(sent := event())
         assert await next_event(kept) == sent
         assert hub.stats.subscriptions == 1
+
+
+async def test_close_does_not_wait_for_the_next_heartbeat(channel: str) -> None:
+    opened: list[FlakyListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FlakyListener:
+        opened.append(FlakyListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 1.0))
+    await hub.start()
+    # The first heartbeat is done; the next is an hour away.
+    await asyncio.wait_for(opened[0].synced.wait(), TIMEOUT)
+    async with asyncio.timeout(TIMEOUT):
+        await hub.close()
+    assert opened[0].closed
 
 
 async def test_close_during_reconnect_stops_retrying(channel: str) -> None:
