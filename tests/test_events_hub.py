@@ -959,6 +959,23 @@ async def test_a_heard_probe_lets_the_cache_serve_for_two_heartbeats_from_its_se
     assert 0.8 <= watcher.until[1] - opened[0].sent[0] <= 1.0
 
 
+@pytest.mark.parametrize("kind", [HeardListener, FakeListener], ids=["heard", "unprobed"])
+async def test_start_logs_nothing_when_the_connection_is_heard_or_cannot_be_probed(
+    channel: str, kind: type[FakeListener], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FakeListener:
+        return kind(on_payload, on_lost)
+
+    caplog.set_level(logging.WARNING, logger="integrations.events")
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 1.0))
+    await hub.start()
+    assert hub.listening
+    await hub.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "integrations.events"] == []
+
+
 class SlowlyHeardListener(FakeListener):
     """A listener whose probes arrive a moment after they are sent."""
 
