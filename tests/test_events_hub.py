@@ -1210,6 +1210,72 @@ async def test_received_counts_the_event_notifications(
         assert hub.stats.received == before + 3
 
 
+async def test_a_listener_lost_while_reconnecting_is_replaced_again(channel: str) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.01)
+    async with hub.subscribe() as sub:
+        listen.lose_on_open = 1  # the first reconnect's connection is lost as it opens
+        listen.listeners[0].on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        assert hub.listening
+        assert len(listen.listeners) == 3
+        assert listen.listeners[0].closed and listen.listeners[1].closed
+        assert not listen.listeners[2].closed
+        assert hub.stats.reconnects == 1
+        hub.publish_local(sent := event())
+        assert await next_event(sub) == sent
+    await hub.close()
+
+
+class FirstProbeUnsentListener(HeardListener):
+    """A listener whose first probe cannot be sent (the database was out of reach for a
+    moment); later ones arrive."""
+
+    async def probe(self) -> asyncio.Future[None]:
+        if not self.sent:
+            self.sent.append(-math.inf)
+            raise OSError("connection refused")
+        return await super().probe()
+
+
+async def test_heartbeats_go_on_after_a_probe_that_could_not_be_sent(channel: str) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FirstProbeUnsentListener:
+        return FirstProbeUnsentListener(on_payload, on_lost)
+
+    watcher = ProofWatcher()
+    hub = EventHub(listen, channel, heartbeat=(0.01, 1.0), watcher=watcher)
+    await hub.start()
+    await eventually(lambda: any(until > -math.inf for until in watcher.until))
+    await hub.close()
+
+
+async def test_close_leaves_no_task_of_the_hub_running_after_reconnects(channel: str) -> None:
+    opened: list[HeardListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> HeardListener:
+        opened.append(HeardListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(
+        listen, channel, heartbeat=(3600.0, 1.0), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    async with hub.subscribe() as sub:
+        for _ in range(2):
+            opened[-1].on_lost()
+            assert (await next_event(sub)).kind == "resync"
+    await hub.close()
+    left = [
+        task.get_name()
+        for task in asyncio.all_tasks()
+        if channel in task.get_name() and not task.done()
+    ]
+    assert left == []
+
+
 async def test_listener_lost_while_opening_is_replaced(channel: str) -> None:
     listen = FakeListen()
     listen.lose_on_open = 1
