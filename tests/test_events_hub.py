@@ -976,6 +976,37 @@ async def test_start_logs_nothing_when_the_connection_is_heard_or_cannot_be_prob
     assert [r.getMessage() for r in caplog.records if r.name == "integrations.events"] == []
 
 
+class SyncCountingListener(HeardListener):
+    """A heard listener that counts the times it is synced."""
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.syncs = 0
+
+    async def sync(self) -> None:
+        self.syncs += 1
+
+
+async def test_a_subscribe_syncs_the_listener_only_when_it_was_open_already(
+    channel: str,
+) -> None:
+    opened: list[SyncCountingListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> SyncCountingListener:
+        opened.append(SyncCountingListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 1.0))
+    async with hub.subscribe():
+        # Just opened: no notification can be pending on it, so no round trip for one.
+        assert opened[0].syncs == 0
+        async with hub.subscribe():
+            assert opened[0].syncs == 1
+    await hub.close()
+
+
 class SlowlyHeardListener(FakeListener):
     """A listener whose probes arrive a moment after they are sent."""
 
@@ -1059,14 +1090,14 @@ async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
     channel: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     opened: list[UnheardListener] = []
-    third = asyncio.Event()
+    fourth = asyncio.Event()
 
     async def listen(
         _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> UnheardListener:
         opened.append(UnheardListener(on_payload, on_lost))
-        if len(opened) == 3:
-            third.set()
+        if len(opened) == 4:
+            fourth.set()
         return opened[-1]
 
     caplog.set_level(logging.INFO, logger="integrations.events")
@@ -1075,11 +1106,12 @@ async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
     )
     await hub.start()
     # Each connection is found unheard, dropped and opened anew.
-    await asyncio.wait_for(third.wait(), TIMEOUT)
+    await asyncio.wait_for(fourth.wait(), TIMEOUT)
     await hub.close()
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
     unheard = [level for level, text in messages if "did not receive its own" in text]
-    assert unheard[:2] == [logging.ERROR, logging.WARNING]
+    # An error for the first, a warning for each reopened one.
+    assert unheard[:3] == [logging.ERROR, logging.WARNING, logging.WARNING]
     assert not [text for _, text in messages if "did not answer" in text]
 
 
