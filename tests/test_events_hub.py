@@ -561,6 +561,29 @@ async def test_an_unlogged_local_event_queued_behind_a_logged_one_survives_the_l
     await hub.close()
 
 
+async def test_a_resuming_subscription_keeps_at_most_maxsize_live_events_then_reads_the_log(
+    channel: str,
+) -> None:
+    logged: list[Event] = []
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return [e for e in logged if (e.position or 0) > after], 0
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0, maxsize=2) as sub:
+        logged.append(first := event(position=1))
+        hub.publish_local(first)
+        assert await next_event(sub) == first
+        for n in (2, 3, 4):
+            logged.append(sent := event(position=n))
+            hub.publish_local(sent)
+            assert sub.pending <= 2
+        assert [await next_event(sub) for _ in range(3)] == logged[1:]
+        assert sub.dropped == 0
+    await hub.close()
+
+
 async def test_a_log_that_cannot_be_read_is_read_again_after_waits_that_double(
     channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1306,6 +1329,34 @@ async def test_close_leaves_no_task_of_the_hub_running_after_reconnects(channel:
         if channel in task.get_name() and not task.done()
     ]
     assert left == []
+
+
+class FailingCloseListener(FakeListener):
+    """A listener whose close fails (its connection had already gone)."""
+
+    async def close(self) -> None:
+        await super().close()
+        raise OSError("connection already closed")
+
+
+async def test_a_listener_whose_close_fails_is_still_replaced_and_the_hub_still_closes(
+    channel: str,
+) -> None:
+    opened: list[FailingCloseListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FailingCloseListener:
+        opened.append(FailingCloseListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.01)
+    async with hub.subscribe() as sub:
+        opened[0].on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        assert opened[0].closed and len(opened) == 2
+    await hub.close()
+    assert opened[1].closed and hub.closed
 
 
 async def test_listener_lost_while_opening_is_replaced(channel: str) -> None:
