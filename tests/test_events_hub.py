@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -426,6 +426,23 @@ async def test_subscribe_takes_up_to_a_thousand_kind_names(channel: str) -> None
     async with hub.subscribe(kinds=["connected"] * 1000) as sub:
         assert "kinds=['connected']" in repr(sub)
     await hub.close()
+
+
+def test_kinds_from_an_endless_iterator_are_refused_after_one_past_the_limit(
+    channel: str,
+) -> None:
+    read = 0
+
+    def endless() -> Iterator[str]:
+        nonlocal read
+        while True:
+            read += 1
+            yield "connected"
+
+    hub = EventHub(FakeListen(), channel)
+    with pytest.raises(InvalidArgument, match="up to a thousand"):
+        hub.subscribe(kinds=endless())
+    assert read == 1001
 
 
 @pytest.mark.parametrize(
