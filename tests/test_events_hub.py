@@ -999,6 +999,16 @@ async def test_start_logs_nothing_when_the_connection_is_heard_or_cannot_be_prob
     assert [r.getMessage() for r in caplog.records if r.name == "integrations.events"] == []
 
 
+async def test_a_subscribe_on_a_listener_that_cannot_be_probed_waits_for_no_probe(
+    channel: str,
+) -> None:
+    hub = EventHub(FakeListen(), channel, heartbeat=(3600.0, 3600.0))
+    async with asyncio.timeout(TIMEOUT), hub.subscribe() as sub:
+        hub.publish_local(sent := event())
+        assert await next_event(sub) == sent
+    await hub.close()
+
+
 class SyncCountingListener(HeardListener):
     """A heard listener that counts the times it is synced."""
 
@@ -1092,11 +1102,14 @@ async def test_a_listener_that_does_not_say_it_can_be_probed_is_synced_instead(
         opened.append(UndeclaredProbeListener(on_payload, on_lost))
         return opened[-1]
 
-    hub = EventHub(listen, channel, heartbeat=(3600.0, 0.05))
+    watcher = ProofWatcher()
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 0.05), watcher=watcher)
     await hub.start()
     await asyncio.wait_for(opened[0].synced.wait(), TIMEOUT)  # the first heartbeat
     assert opened[0].probes == 0
     assert hub.listening and len(opened) == 1
+    # Nor does the row cache wait for a proof that would never come.
+    assert watcher.until == []
     await hub.close()
 
 
