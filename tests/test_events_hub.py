@@ -561,6 +561,29 @@ async def test_an_unlogged_local_event_queued_behind_a_logged_one_survives_the_l
     await hub.close()
 
 
+async def test_a_resuming_subscription_keeps_at_most_maxsize_live_events_then_reads_the_log(
+    channel: str,
+) -> None:
+    logged: list[Event] = []
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return [e for e in logged if (e.position or 0) > after], 0
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0, maxsize=2) as sub:
+        logged.append(first := event(position=1))
+        hub.publish_local(first)
+        assert await next_event(sub) == first
+        for n in (2, 3, 4):
+            logged.append(sent := event(position=n))
+            hub.publish_local(sent)
+            assert sub.pending <= 2
+        assert [await next_event(sub) for _ in range(3)] == logged[1:]
+        assert sub.dropped == 0
+    await hub.close()
+
+
 async def test_a_log_that_cannot_be_read_is_read_again_after_waits_that_double(
     channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -959,6 +982,64 @@ async def test_a_heard_probe_lets_the_cache_serve_for_two_heartbeats_from_its_se
     assert 0.8 <= watcher.until[1] - opened[0].sent[0] <= 1.0
 
 
+@pytest.mark.parametrize("kind", [HeardListener, FakeListener], ids=["heard", "unprobed"])
+async def test_start_logs_nothing_when_the_connection_is_heard_or_cannot_be_probed(
+    channel: str, kind: type[FakeListener], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FakeListener:
+        return kind(on_payload, on_lost)
+
+    caplog.set_level(logging.WARNING, logger="integrations.events")
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 1.0))
+    await hub.start()
+    assert hub.listening
+    await hub.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "integrations.events"] == []
+
+
+async def test_a_subscribe_on_a_listener_that_cannot_be_probed_waits_for_no_probe(
+    channel: str,
+) -> None:
+    hub = EventHub(FakeListen(), channel, heartbeat=(3600.0, 3600.0))
+    async with asyncio.timeout(TIMEOUT), hub.subscribe() as sub:
+        hub.publish_local(sent := event())
+        assert await next_event(sub) == sent
+    await hub.close()
+
+
+class SyncCountingListener(HeardListener):
+    """A heard listener that counts the times it is synced."""
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.syncs = 0
+
+    async def sync(self) -> None:
+        self.syncs += 1
+
+
+async def test_a_subscribe_syncs_the_listener_only_when_it_was_open_already(
+    channel: str,
+) -> None:
+    opened: list[SyncCountingListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> SyncCountingListener:
+        opened.append(SyncCountingListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 1.0))
+    async with hub.subscribe():
+        # Just opened: no notification can be pending on it, so no round trip for one.
+        assert opened[0].syncs == 0
+        async with hub.subscribe():
+            assert opened[0].syncs == 1
+    await hub.close()
+
+
 class SlowlyHeardListener(FakeListener):
     """A listener whose probes arrive a moment after they are sent."""
 
@@ -1021,11 +1102,14 @@ async def test_a_listener_that_does_not_say_it_can_be_probed_is_synced_instead(
         opened.append(UndeclaredProbeListener(on_payload, on_lost))
         return opened[-1]
 
-    hub = EventHub(listen, channel, heartbeat=(3600.0, 0.05))
+    watcher = ProofWatcher()
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 0.05), watcher=watcher)
     await hub.start()
     await asyncio.wait_for(opened[0].synced.wait(), TIMEOUT)  # the first heartbeat
     assert opened[0].probes == 0
     assert hub.listening and len(opened) == 1
+    # Nor does the row cache wait for a proof that would never come.
+    assert watcher.until == []
     await hub.close()
 
 
@@ -1042,14 +1126,14 @@ async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
     channel: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     opened: list[UnheardListener] = []
-    third = asyncio.Event()
+    fourth = asyncio.Event()
 
     async def listen(
         _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
     ) -> UnheardListener:
         opened.append(UnheardListener(on_payload, on_lost))
-        if len(opened) == 3:
-            third.set()
+        if len(opened) == 4:
+            fourth.set()
         return opened[-1]
 
     caplog.set_level(logging.INFO, logger="integrations.events")
@@ -1058,11 +1142,12 @@ async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
     )
     await hub.start()
     # Each connection is found unheard, dropped and opened anew.
-    await asyncio.wait_for(third.wait(), TIMEOUT)
+    await asyncio.wait_for(fourth.wait(), TIMEOUT)
     await hub.close()
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
     unheard = [level for level, text in messages if "did not receive its own" in text]
-    assert unheard[:2] == [logging.ERROR, logging.WARNING]
+    # An error for the first, a warning for each reopened one.
+    assert unheard[:3] == [logging.ERROR, logging.WARNING, logging.WARNING]
     assert not [text for _, text in messages if "did not answer" in text]
 
 
@@ -1191,6 +1276,100 @@ async def test_received_counts_the_event_notifications(
         for _ in range(3):
             await next_event(sub)
         assert hub.stats.received == before + 3
+
+
+async def test_a_listener_lost_while_reconnecting_is_replaced_again(channel: str) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.01)
+    async with hub.subscribe() as sub:
+        listen.lose_on_open = 1  # the first reconnect's connection is lost as it opens
+        listen.listeners[0].on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        assert hub.listening
+        assert len(listen.listeners) == 3
+        assert listen.listeners[0].closed and listen.listeners[1].closed
+        assert not listen.listeners[2].closed
+        assert hub.stats.reconnects == 1
+        hub.publish_local(sent := event())
+        assert await next_event(sub) == sent
+    await hub.close()
+
+
+class FirstProbeUnsentListener(HeardListener):
+    """A listener whose first probe cannot be sent (the database was out of reach for a
+    moment); later ones arrive."""
+
+    async def probe(self) -> asyncio.Future[None]:
+        if not self.sent:
+            self.sent.append(-math.inf)
+            raise OSError("connection refused")
+        return await super().probe()
+
+
+async def test_heartbeats_go_on_after_a_probe_that_could_not_be_sent(channel: str) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FirstProbeUnsentListener:
+        return FirstProbeUnsentListener(on_payload, on_lost)
+
+    watcher = ProofWatcher()
+    hub = EventHub(listen, channel, heartbeat=(0.01, 1.0), watcher=watcher)
+    await hub.start()
+    await eventually(lambda: any(until > -math.inf for until in watcher.until))
+    await hub.close()
+
+
+async def test_close_leaves_no_task_of_the_hub_running_after_reconnects(channel: str) -> None:
+    opened: list[HeardListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> HeardListener:
+        opened.append(HeardListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(
+        listen, channel, heartbeat=(3600.0, 1.0), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    async with hub.subscribe() as sub:
+        for _ in range(2):
+            opened[-1].on_lost()
+            assert (await next_event(sub)).kind == "resync"
+    await hub.close()
+    left = [
+        task.get_name()
+        for task in asyncio.all_tasks()
+        if channel in task.get_name() and not task.done()
+    ]
+    assert left == []
+
+
+class FailingCloseListener(FakeListener):
+    """A listener whose close fails (its connection had already gone)."""
+
+    async def close(self) -> None:
+        await super().close()
+        raise OSError("connection already closed")
+
+
+async def test_a_listener_whose_close_fails_is_still_replaced_and_the_hub_still_closes(
+    channel: str,
+) -> None:
+    opened: list[FailingCloseListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FailingCloseListener:
+        opened.append(FailingCloseListener(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(listen, channel, reconnect_initial=0.01, reconnect_max=0.01)
+    async with hub.subscribe() as sub:
+        opened[0].on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        assert opened[0].closed and len(opened) == 2
+    await hub.close()
+    assert opened[1].closed and hub.closed
 
 
 async def test_listener_lost_while_opening_is_replaced(channel: str) -> None:
