@@ -514,7 +514,11 @@ async def test_a_failed_write_midway_undoes_the_import(
         await integ.save_setup(existing.uuid, {"api_key": "before-0123456789", "org": "a"})
         entries = [
             _bundle.Entry(
-                "openai", "kept", None, {"api_key": "after-0123456789", "project": "p"}, {}
+                "openai",
+                "kept",
+                None,
+                {"api_key": "after-0123456789", "color": "blue", "project": "p"},
+                {},
             ),
             _bundle.Entry("openai", "new", None, {"api_key": "new-0123456789"}, {}),
             _bundle.Entry("mistral", "x", None, {"api_key": "x-0123456789"}, {}),
@@ -540,8 +544,8 @@ async def test_a_failed_write_midway_undoes_the_import(
         assert await integ.list_connections("mistral") == []
         creds = await integ.get_credentials(existing.uuid)
         assert creds["api_key"] == "before-0123456789" and creds["org"] == "a"
-        # A field the import added is unset again.
-        assert creds.get("project") is None
+        # The fields the import added are unset again.
+        assert creds.get("color") is None and creds.get("project") is None
 
 
 # -- keys, migrate, doctor, watch, serve -------------------------------------------------------

@@ -277,3 +277,33 @@ def _loopback(server: OAuthTestServer) -> object:
     from .oauthkit import loopback_provider
 
     return loopback_provider(server.base_url)
+
+
+@pytest.mark.parametrize("asked", ["forced", "rejected"])
+async def test_tokens_waiting_for_their_write_are_not_handed_to_a_caller_they_do_not_serve(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, asked: str
+) -> None:
+    """New tokens whose write is still being tried serve callers that need any token newer
+    than theirs, not a forced refresh (it wants a token obtained after it began) nor a
+    401 for those very tokens: those wait for the write, then refresh once more."""
+    async with open_integrations(fresh_db, server.base_url, token_write_retry=30) as integ:
+        uuid = await connect(integ)
+        row = await integ._s.core.repo.get(uuid)
+        assert row is not None
+        await _refuse_new_expiry(db, uuid)
+        unstored = await integ.refresh_access_token(uuid)
+        assert integ._s.tokens._unstored  # its write is being tried again
+        calls = server.stats.token_calls["refresh_token"]
+        if asked == "forced":
+            call = asyncio.create_task(integ.refresh_access_token(uuid))
+        else:
+            # The rejected token as a caller holds it: equal, not the same object.
+            rejected = "".join([unstored[:1], unstored[1:]])
+            assert rejected == unstored and rejected is not unstored
+            call = asyncio.create_task(integ._s.tokens.after_rejection(row, rejected))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")
+        token = await asyncio.wait_for(call, 20)
+        assert token != unstored
+        assert server.stats.token_calls["refresh_token"] == calls + 1
