@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -535,16 +535,23 @@ async def test_a_live_event_the_log_already_handed_over_is_skipped(channel: str)
     await hub.close()
 
 
+def log_of(logged: list[Event]) -> Callable[..., Awaitable[tuple[list[Event], int]]]:
+    """An event log holding ``logged`` (positions 1, 2, ...) and nothing pruned: each
+    read yields to the loop once, then answers the events after its cursor."""
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return [e for e in logged if (e.position or 0) > after], 0
+
+    return log
+
+
 async def test_a_notification_arriving_after_the_log_handed_its_event_over_is_not_repeated(
     channel: str,
 ) -> None:
     logged = [event(position=n) for n in (1, 2, 3)]
 
-    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
-        await asyncio.sleep(0)
-        return (logged, 0) if after == 0 else ([], 0)
-
-    hub = EventHub(FakeListen(), channel, log=log)
+    hub = EventHub(FakeListen(), channel, log=log_of(logged))
     async with hub.subscribe(after=0) as sub:
         assert await next_event(sub) == logged[0]  # a page of three read from the log
         # The first event's notification comes in late: the reader is past it by the
@@ -563,11 +570,7 @@ async def test_an_unlogged_local_event_queued_behind_a_logged_one_survives_the_l
 ) -> None:
     logged = [event(position=n) for n in (1, 2, 3)]
 
-    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
-        await asyncio.sleep(0)
-        return (logged, 0) if after == 0 else ([], 0)
-
-    hub = EventHub(FakeListen(), channel, log=log)
+    hub = EventHub(FakeListen(), channel, log=log_of(logged))
     async with hub.subscribe(after=0) as sub:
         # Queued before the log is read: one logged after the page, one published here
         # and never logged (no position).
@@ -583,11 +586,7 @@ async def test_a_resuming_subscription_keeps_at_most_maxsize_live_events_then_re
 ) -> None:
     logged: list[Event] = []
 
-    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
-        await asyncio.sleep(0)
-        return [e for e in logged if (e.position or 0) > after], 0
-
-    hub = EventHub(FakeListen(), channel, log=log)
+    hub = EventHub(FakeListen(), channel, log=log_of(logged))
     async with hub.subscribe(after=0, maxsize=2) as sub:
         logged.append(first := event(position=1))
         hub.publish_local(first)
