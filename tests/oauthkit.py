@@ -83,6 +83,16 @@ async def new_connection(integ: Integrations, name: str = "default", **setup: An
     return conn.uuid
 
 
+async def machine_connection(integ: Integrations, name: str = "default") -> str:
+    """A client-credentials connection (``client_credentials_provider``) with its client
+    saved."""
+    conn = await integ.add_connection("machine", name)
+    await integ.save_setup(
+        conn.uuid, {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
+    )
+    return conn.uuid
+
+
 async def connect(integ: Integrations, name: str = "default") -> str:
     """A connected loopback connection, through begin/complete."""
     uuid = await new_connection(integ, name)

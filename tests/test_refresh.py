@@ -36,6 +36,7 @@ from .oauthkit import (
     connect,
     eventually,
     loopback_provider,
+    machine_connection,
     open_integrations,
     set_stored_expiry,
 )
@@ -953,18 +954,10 @@ async def test_no_revocation_without_a_revoke_url(fresh_db: str, server: OAuthTe
 # -- client credentials ---------------------------------------------------------------
 
 
-async def _machine(integ: Integrations) -> str:
-    conn = await integ.add_connection("machine", "default")
-    await integ.save_setup(
-        conn.uuid, {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
-    )
-    return conn.uuid
-
-
 async def test_client_credentials_tokens_are_fetched_on_demand_and_cached(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
-    uuid = await _machine(integ)
+    uuid = await machine_connection(integ)
     token = await integ.access_token(uuid)
     assert server.token_status(token) == "active"
     assert await integ.access_token(uuid) == token
@@ -981,7 +974,7 @@ async def test_client_credentials_tokens_are_fetched_on_demand_and_cached(
 async def test_validating_a_client_credentials_connection_fetches_a_token(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
-    uuid = await _machine(integ)
+    uuid = await machine_connection(integ)
     result = await integ.validate_connection(uuid)
     assert (result.ok, result.message) == (True, "Connected")
     assert server.stats.token_calls["client_credentials"] == 1
@@ -995,7 +988,7 @@ async def test_validating_a_client_credentials_connection_fetches_a_token(
 async def test_client_credentials_fetches_coalesce(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
-    uuid = await _machine(integ)
+    uuid = await machine_connection(integ)
     server.config.token_delay = 0.1
     tokens = await asyncio.gather(*(integ.access_token(uuid) for _ in range(50)))
     assert len(set(tokens)) == 1
@@ -1006,7 +999,7 @@ async def test_client_credentials_refetch_when_expiring_or_rejected(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
     server.config.expires_in = 0
-    uuid = await _machine(integ)
+    uuid = await machine_connection(integ)
     first = await integ.access_token(uuid)
     second = await integ.access_token(uuid)
     assert first != second
@@ -1022,7 +1015,7 @@ async def test_client_credentials_refetch_when_expiring_or_rejected(
 async def test_client_credentials_failures_are_recorded(
     integ: Integrations, server: OAuthTestServer
 ) -> None:
-    uuid = await _machine(integ)
+    uuid = await machine_connection(integ)
     server.config.force_invalid_client = True
     with pytest.raises(ReauthRequired):
         await integ.access_token(uuid)

@@ -46,6 +46,33 @@ def _refreshes(server: OAuthTestServer) -> int:
     return server.stats.token_calls["refresh_token"]
 
 
+def _renews(decide: Any) -> bool:
+    """Whether a decision handed to ``Refresher._in_row`` renews (or confirms) a lease."""
+    return getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
+
+
+def _stall_after_confirming(
+    monkeypatch: pytest.MonkeyPatch, integ: Integrations, seconds: float
+) -> list[float]:
+    """Make ``integ``'s refresher freeze for ``seconds`` right after the database
+    confirmed its lease, once; the returned list records the stall."""
+    from integrations._tokens import Refresher
+
+    in_row = Refresher._in_row
+    stalled = integ._s.tokens
+    stalls: list[float] = []
+
+    async def in_row_then_stall(self: Refresher, uuid: str, decide: Any) -> Any:
+        result = await in_row(self, uuid, decide)
+        if self is stalled and _renews(decide) and not stalls:
+            stalls.append(seconds)
+            await asyncio.sleep(seconds)  # the lease runs out meanwhile
+        return result
+
+    monkeypatch.setattr(Refresher, "_in_row", in_row_then_stall)
+    return stalls
+
+
 def _takeover_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Why each lease taken over was not sent again, as its warning says."""
     found = []
@@ -464,26 +491,13 @@ async def test_a_holder_that_stalls_while_confirming_its_lease_looks_again_befor
 ) -> None:
     """Frozen right after the database confirmed the lease, before the request went out:
     on resuming, the long pause makes it look again, and it finds itself taken over."""
-    from integrations._tokens import Refresher
 
     async with (
         open_integrations(fresh_db, server.base_url, refresh_lease=1) as holder,
         open_integrations(fresh_db, server.base_url, refresh_lease=1) as taker,
     ):
         uuid = await connect(holder)
-        in_row = Refresher._in_row
-        stalled = holder._s.tokens
-        stalls: list[float] = []
-
-        async def in_row_then_stall(self: Refresher, uuid: str, decide: Any) -> Any:
-            result = await in_row(self, uuid, decide)
-            renewal = getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
-            if self is stalled and renewal and not stalls:
-                stalls.append(2.0)
-                await asyncio.sleep(2.0)  # the lease runs out meanwhile
-            return result
-
-        monkeypatch.setattr(Refresher, "_in_row", in_row_then_stall)
+        stalls = _stall_after_confirming(monkeypatch, holder, 2.0)
         late = asyncio.create_task(holder.refresh_access_token(uuid))
         await asyncio.sleep(1.3)
         fresh = await taker.refresh_access_token(uuid)
@@ -551,7 +565,7 @@ async def test_a_renewal_that_fails_is_tried_again_and_the_lease_is_kept(
             # The first call renewing (its lease confirmed before the request) goes
             # through; the next, the first of the renewals while the request is pending,
             # fails.
-            renewal = getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
+            renewal = _renews(decide)
             if self is holder_repo and renewal:
                 renewals.append(row)
                 if len(renewals) == 2:
@@ -645,9 +659,8 @@ async def test_a_client_credentials_holder_that_stalls_while_confirming_asks_not
     right after its lease was confirmed, past the lease's end, the holder looks again on
     resuming, finds the lease taken over, and takes that token instead of asking for a
     second one."""
-    from integrations._tokens import Refresher
 
-    from .oauthkit import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, client_credentials_provider
+    from .oauthkit import client_credentials_provider, machine_connection
 
     provider = client_credentials_provider(server.base_url)
     async with (
@@ -658,24 +671,8 @@ async def test_a_client_credentials_holder_that_stalls_while_confirming_asks_not
             fresh_db, server.base_url, refresh_lease=2, providers=[provider]
         ) as taker,
     ):
-        conn = await holder.add_connection("machine", "default")
-        await holder.save_setup(
-            conn.uuid, {"client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET}
-        )
-        uuid = conn.uuid
-        in_row = Refresher._in_row
-        stalled = holder._s.tokens
-        stalls: list[float] = []
-
-        async def in_row_then_stall(self: Refresher, uuid: str, decide: Any) -> Any:
-            result = await in_row(self, uuid, decide)
-            renewal = getattr(getattr(decide, "func", None), "__name__", "") == "_renewed"
-            if self is stalled and renewal and not stalls:
-                stalls.append(3.0)
-                await asyncio.sleep(3.0)  # the lease (2 s) runs out meanwhile
-            return result
-
-        monkeypatch.setattr(Refresher, "_in_row", in_row_then_stall)
+        uuid = await machine_connection(holder)
+        stalls = _stall_after_confirming(monkeypatch, holder, 3.0)  # past the lease (2 s)
         late = asyncio.create_task(holder.refresh_access_token(uuid))
         await asyncio.sleep(2.5)
         fresh = await taker.refresh_access_token(uuid)
