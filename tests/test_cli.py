@@ -548,6 +548,40 @@ async def test_a_failed_write_midway_undoes_the_import(
         assert creds.get("color") is None and creds.get("project") is None
 
 
+async def test_an_undone_import_unsets_the_credential_keys_it_added(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations import StorageError
+    from integrations.cli import _bundle, _transfer
+    from integrations.cli._support import Fail
+
+    async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+        # A credentials provider keeps every field in one map, which a save merges key by key.
+        mail = await integ.add_connection("smtp", "mail")
+        await integ.save_setup(mail.uuid, {"host": "a.example", "password": "p-0123456789"})
+        entries = [
+            _bundle.Entry(
+                "smtp", "mail", None, {"credentials": {"host": "b.example", "username": "u"}}, {}
+            ),
+            _bundle.Entry("openai", "new", None, {"api_key": "new-0123456789"}, {}),
+        ]
+        real = integ.save_setup
+
+        async def failing_second(uuid: str, attrs: Any, **kw: Any) -> Any:
+            if uuid != mail.uuid:
+                raise StorageError("database error: ConnectionResetError")
+            return await real(uuid, attrs, **kw)
+
+        monkeypatch.setattr(integ, "save_setup", failing_second)
+        with pytest.raises(Fail, match="nothing kept"):
+            await _transfer.import_entries(
+                integ, entries, owner=None, overwrite=True, dry_run=False
+            )
+        creds = (await integ.get_integration(mail.uuid))["credentials"]
+        assert creds["host"] == "a.example" and creds["password"] == "p-0123456789"
+        assert creds.get("username") is None
+
+
 # -- keys, migrate, doctor, watch, serve -------------------------------------------------------
 
 
