@@ -582,6 +582,18 @@ async def test_an_undone_import_unsets_the_credential_keys_it_added(
         assert creds.get("username") is None
 
 
+def test_a_report_sorts_its_rows_by_the_actions_text() -> None:
+    from integrations.cli._transfer import ImportReport
+
+    # Rows as a caller may build them, each action read back from text (a string object of
+    # its own, not the literal the import writes).
+    actions = json.loads('["created", "updated", "skipped", "created"]')
+    report = ImportReport(rows=[(a, f"openai:{i}", None) for i, a in enumerate(actions)])
+    assert [ref for _a, ref, _u in report.created] == ["openai:0", "openai:3"]
+    assert [ref for _a, ref, _u in report.updated] == ["openai:1"]
+    assert [ref for _a, ref, _u in report.skipped] == ["openai:2"]
+
+
 # -- keys, migrate, doctor, watch, serve -------------------------------------------------------
 
 
