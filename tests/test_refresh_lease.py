@@ -10,7 +10,7 @@ import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -26,6 +26,7 @@ from .oauthkit import (
     eventually,
     loopback_provider,
     open_integrations,
+    set_stored_expiry,
 )
 from .test_refresh_processes import Worker
 
@@ -136,6 +137,72 @@ async def test_a_forced_refresh_does_not_share_an_answer_obtained_before_it_bega
     earlier, later = await first, await second
     assert later != earlier
     assert _refreshes(server) == 2
+
+
+async def _join_a_refresh_ahead_of_expiry(
+    integ: Integrations, db: asyncpg.Connection, uuid: str, join: Any
+) -> tuple[asyncio.Task[str], asyncio.Task[str]]:
+    """Start a refresh ahead of expiry that waits for the row's lock, let ``join()`` join
+    it, then (as if another process had refreshed before ``join()`` was called) make the
+    stored token one that is good for an hour; the two callers' tasks."""
+    await set_stored_expiry(db, uuid, 30)  # within the leeway: due, still valid
+    async with db.transaction():
+        await db.execute(
+            "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+            uuid_mod.UUID(uuid),
+        )
+        expiring = asyncio.create_task(integ.access_token(uuid))
+        await eventually(lambda: uuid in integ._s.tokens._inflight)
+        flight = integ._s.tokens._inflight[uuid]
+        joined = asyncio.create_task(join())
+        await eventually(lambda: flight.callers == 2)
+        await db.execute(
+            "UPDATE integrations.connections SET value_json = value_json || "
+            "jsonb_build_object('expires_at', $2::text) WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+            (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        )
+    return expiring, joined
+
+
+async def test_a_forced_refresh_joining_a_refresh_ahead_of_expiry_still_gets_a_new_token(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A forced caller joins a refresh ahead of expiry that has not looked at the row yet;
+    meanwhile the stored token becomes one that is not due, obtained before the forced
+    call began. The shared refresh asks for the forced caller all the same."""
+    uuid = await connect(integ)
+    before = (await integ.get_credentials(uuid))["access_token"]
+    expiring, forced = await _join_a_refresh_ahead_of_expiry(
+        integ, db, uuid, lambda: integ.refresh_access_token(uuid)
+    )
+    new = await forced
+    assert new != before
+    assert await expiring == new
+    assert _refreshes(server) == 1
+
+
+@pytest.mark.parametrize("joiner", ["expiring", "rejected"])
+async def test_an_automatic_refresh_joining_one_ahead_of_expiry_takes_a_token_stored_meanwhile(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection, joiner: str
+) -> None:
+    """A caller whose token is due, or whose older token the API rejected, joins a refresh
+    ahead of expiry that has not looked at the row yet; meanwhile the stored token becomes
+    one that is not due. Neither caller forced a refresh: both take that token, and
+    nothing is asked."""
+    uuid = await connect(integ)
+    before = (await integ.get_credentials(uuid))["access_token"]
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+
+    def join() -> Any:
+        if joiner == "expiring":
+            return integ.access_token(uuid)
+        return integ._s.tokens.after_rejection(row, "at_an_older_token")
+
+    expiring, joined = await _join_a_refresh_ahead_of_expiry(integ, db, uuid, join)
+    assert await expiring == await joined == before
+    assert _refreshes(server) == 0
 
 
 async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
