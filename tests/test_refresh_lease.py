@@ -74,6 +74,13 @@ def _stall_after_confirming(
     return stalls
 
 
+def _fenced_out(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages of refresh answers whose write found the lease taken over."""
+    return [
+        r.getMessage() for r in caplog.records if "before its answer was stored" in r.getMessage()
+    ]
+
+
 def _takeover_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Why each lease taken over was not sent again, as its warning says."""
     found = []
@@ -257,8 +264,14 @@ async def _lease_in_row(db: asyncpg.Connection, uuid: str) -> object:
 @pytest.mark.parametrize("takeover", ["refresh", "reauthorize"])
 @pytest.mark.parametrize("answer", ["tokens", "failure"])
 async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_grant(
-    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, takeover: str, answer: str
+    fresh_db: str,
+    server: OAuthTestServer,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    takeover: str,
+    answer: str,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="integrations")
     async with open_integrations(fresh_db, server.base_url, refresh_takeover=takeover) as integ:
         uuid = await connect(integ)
         # Only the refresh's request waits: the new grant's code exchange answers at once.
@@ -280,6 +293,10 @@ async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_g
         else:
             # The grant is newer than the refresh's answer: the grant's token is handed out.
             assert await refreshing == granted
+            assert _fenced_out(caplog) == [
+                f"the refresh lease of connection {uuid} was taken over before its answer "
+                "was stored; the stored tokens are newer"
+            ]
         assert await _lease_in_row(db, uuid) is None
         stored = await integ.get_integration(uuid)
         assert stored["access_token"] == granted and "refresh_error" not in stored
@@ -290,6 +307,35 @@ async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_g
         assert fresh != granted and _refreshes(server) == 2
         assert server.stats.refresh_reuse_detected == 0
         assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+async def test_an_answer_whose_lease_was_ended_meanwhile_serves_this_process_only(
+    integ: Integrations,
+    server: OAuthTestServer,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lease of a refresh whose request is out ends without a newer grant (as a lease
+    taken over by a process that then sent nothing): the answer is not stored, the caller
+    gets it, and the log says which connection and why."""
+    caplog.set_level(logging.INFO, logger="integrations")
+    uuid = await connect(integ)
+    before = await integ.get_integration(uuid)
+    server.config.token_delay = 0.5
+    refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    await db.execute(
+        "UPDATE integrations.connections SET value_json = value_json - 'refresh_lease' "
+        "WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+    new = await refreshing
+    assert new != before["access_token"]
+    assert (await integ.get_integration(uuid))["access_token"] == before["access_token"]
+    assert _fenced_out(caplog) == [
+        f"the refresh lease of connection {uuid} was taken over before its answer was "
+        "stored; its answer serves this process only"
+    ]
 
 
 @pytest.fixture(scope="module")
