@@ -1459,6 +1459,44 @@ def test_an_import_takes_the_status_a_bundle_states_and_makes_up_no_check(
     assert shown("unstated") == ("connected", None)
 
 
+def test_an_overwrite_states_the_bundles_status_over_a_connection_already_failing(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    async def failing() -> None:
+        async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+            for name in ("broken", "mended"):
+                c = await integ.add_connection("openai", name)
+                await integ.save_setup(c.uuid, {"api_key": f"{name}-0123456789"})
+                await integ.record_validation(c.uuid, (False, "HTTP 401: invalid api key"))
+
+    asyncio.run(failing())
+
+    def entry(name: str, status: str, check: str) -> dict[str, Any]:
+        # No credential in the setup: the connection keeps its key, and its error with it.
+        data = {"org": "o", "status": status, "validation_status": check}
+        return {"provider": "openai", "name": name, "owner": None, "data": data}
+
+    doc = {
+        "format": "integrations-export",
+        "version": 1,
+        "connections": [
+            entry("broken", "error", "HTTP 403: forbidden"),
+            entry("mended", "connected", "ok"),
+        ],
+    }
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(doc))
+    done = sh(fresh_db, "import", str(path), "--keep-owners", "--overwrite")
+    assert done.returncode == 0, done.stderr
+
+    def shown(name: str) -> tuple[str, str | None]:
+        data = json.loads(sh(fresh_db, "show", f"openai:{name}", "--json").stdout)
+        return data["status"], data["data"].get("validation_status")
+
+    assert shown("broken") == ("error", "HTTP 403: forbidden")
+    assert shown("mended") == ("connected", "ok")
+
+
 def test_an_export_is_audited_in_its_owners_scope_or_as_every_owners(fresh_db: str) -> None:
     sh(fresh_db, "--owner", "user:1", "add", "openai")
     sh(fresh_db, "add", "slack")
