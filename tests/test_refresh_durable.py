@@ -353,3 +353,24 @@ async def test_a_write_tried_again_that_stores_nothing_says_why(
             "newer": "the stored tokens are newer",
         }[meanwhile]
         assert message.endswith(f"its lease was taken over meanwhile, and {why}")
+
+
+async def test_an_expired_token_whose_refresh_could_not_be_stored_is_replaced_at_once(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A caller whose stored token has expired gets the new tokens of its refresh at once,
+    although their write failed and is being tried again under the refresh's lease."""
+    async with open_integrations(fresh_db, server.base_url, token_write_retry=30) as integ:
+        uuid = await connect(integ)
+        before = (await integ.get_integration(uuid))["access_token"]
+        await db.execute(
+            "UPDATE integrations.connections SET value_json = jsonb_set(value_json, "
+            "'{expires_at}', to_jsonb('2000-01-01T00:00:00+00:00'::text)) WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+        )
+        await _refuse_new_expiry(db, uuid)
+        token = await asyncio.wait_for(integ.access_token(uuid), 15)
+        assert token != before
+        assert integ._s.tokens._unstored  # its write is being tried again
+        assert server.stats.token_calls["refresh_token"] == 1
+        await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")
