@@ -365,6 +365,28 @@ async def test_close_waits_for_a_refresh_whose_token_request_was_sent(
     assert server.token_status(unsent) == "active"
 
 
+async def test_a_caller_cancelled_as_close_cancels_its_refresh_ends_cancelled(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    """close() cancels a refresh that asked nothing yet; a caller that is cancelled itself
+    at that moment ends with its own cancellation, not the error that says the library
+    closed (that one is for callers that were not cancelled)."""
+    uuid = await connect(integ)
+    tokens = integ._s.tokens
+    async with db.transaction():
+        await _lock_row(db, uuid)  # the refresh waits for the row: it asked nothing
+        cancelled = asyncio.create_task(integ.refresh_access_token(uuid))
+        waiting = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: uuid in tokens._inflight and tokens._inflight[uuid].callers == 2)
+        # Cancel the first caller as the refresh ends cancelled, before the caller runs.
+        tokens._inflight[uuid].task.add_done_callback(lambda _: cancelled.cancel())
+        await integ.close()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    with pytest.raises(LifecycleError):
+        await waiting
+
+
 async def test_close_waits_out_the_last_second_of_a_refresh_budget(
     fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
