@@ -8,6 +8,7 @@ import re
 import sys
 import uuid as uuid_mod
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -241,6 +242,14 @@ async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
         # Tried again within the bound (after 0.1 s, then 0.2 s more) and not after it.
         attempts = re.search(r"after (\d+) attempts", message)
         assert attempts is not None and 2 <= int(attempts.group(1)) <= 3
+        # Why the last try failed, and until when the lost access token was good.
+        lost = re.search(
+            r" in 0\.5s \((.+)\): lost are its access token \(expiring (.+?)\)", message
+        )
+        assert lost is not None, message
+        assert lost.group(1) != "no reason given" and "Database" in lost.group(1)
+        expiry = datetime.fromisoformat(lost.group(2))
+        assert timedelta(minutes=50) < expiry - datetime.now(UTC) <= timedelta(hours=1)
         assert token not in caplog.text
         proxy.restore()
         # The instance goes on working once the database is back.
