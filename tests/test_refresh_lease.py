@@ -771,11 +771,13 @@ async def test_a_refresh_cancelled_before_it_asks_frees_its_lease_at_once(
     assert _refreshes(server) == 0
 
 
+@pytest.mark.parametrize("notified", [True, False])
 async def test_a_caller_waiting_for_another_processs_lease_does_not_spin(
-    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch, notified: bool
 ) -> None:
     """Waiting for the holder's answer (1.5 s here), a caller looks at the row when told
-    of a change or every half second at most often: a handful of looks, not a loop."""
+    of a change or every half second at most often: a handful of looks, not a loop. So
+    does one that cannot listen for changes (the database refused): it polls."""
     from integrations._tokens import Refresher
 
     async with (
@@ -783,6 +785,12 @@ async def test_a_caller_waiting_for_another_processs_lease_does_not_spin(
         open_integrations(fresh_db, server.base_url) as waiter,
     ):
         uuid = await connect(holder)
+        if not notified:
+
+            def refused(*_args: Any, **_kwargs: Any) -> Any:
+                raise ConnectionError("LISTEN refused")
+
+            monkeypatch.setattr(waiter._s.core.hub, "subscribe", refused)
         in_row = Refresher._in_row
         waiting = waiter._s.tokens
         looks: list[str] = []
