@@ -574,6 +574,29 @@ async def test_a_401_that_joins_a_refresh_started_for_an_older_token_still_gets_
     assert _refreshes(server) == 2
 
 
+@pytest.mark.parametrize("older", ["at_!sorts_first", "at_~sorts_last"])
+async def test_a_401_that_joins_a_refresh_for_another_401_handing_back_that_token_refreshes(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection, older: str
+) -> None:
+    """A refresh in flight for a 401 to an older token hands back the stored token; a 401
+    for that very token that joined it gets a new one, whichever way the two tokens sort."""
+    uuid = await connect(integ)
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+    stored = (await integ.get_integration(uuid))["access_token"]
+    tokens = integ._s.tokens
+    async with db.transaction():
+        await _lock_row(db, uuid)  # a save_setup, rotation batch or other process holds it
+        first = asyncio.create_task(tokens.after_rejection(row, older))
+        await eventually(lambda: uuid in tokens._inflight)
+        second = asyncio.create_task(tokens.after_rejection(row, stored))
+        await eventually(lambda: tokens._inflight[uuid].callers == 2)
+    assert await first == stored
+    new = await second
+    assert new != stored
+    assert _refreshes(server) == 1
+
+
 async def test_a_401_that_joins_a_refresh_ahead_of_expiry_handing_back_that_token_refreshes(
     integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
