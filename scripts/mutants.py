@@ -180,8 +180,10 @@ def _coverage_map(module: dict[str, object], workdir: Path, shared: dict[str, st
     return out
 
 
-def _test_one(map_file: Path) -> int:
-    """Cosmic-ray's test command: run what can kill the mutant now in the module's file."""
+def _test_one(map_file: Path, quick: bool = False) -> int:
+    """Cosmic-ray's test command: run what can kill the mutant now in the module's file.
+    ``quick``: a mutant that its selected tests do not kill is reported as surviving
+    without running the rest of the files."""
     cmap = json.loads(map_file.read_text(encoding="utf-8"))
     before = cmap["source"].splitlines()
     after = (ROOT / cmap["path"]).read_text(encoding="utf-8").splitlines()
@@ -209,6 +211,9 @@ def _test_one(map_file: Path) -> int:
         print("selected:", " ".join(nodeids), flush=True)
         if _pytest([*PYTEST[3:], *nodeids], env, cmap["server"]) != 0:
             return 1
+    if quick and nodeids:
+        print("quick: the rest of the files is not run", flush=True)
+        return 0
     # The selected tests passed under this mutant already: not run twice.
     print("whole files:", " ".join(files), "less the tests above", flush=True)
     deselect = [arg for n in nodeids for arg in ("--deselect", n)]
@@ -404,6 +409,7 @@ def _run(
     workdir: Path,
     again: set[tuple[str, str, int]] | None = None,
     part: tuple[int, int] = (1, 1),
+    quick: bool = False,
 ) -> tuple[int, int, list[Survivor]]:
     path = str(module["path"])
     from integrations import generate_key  # unmutated: no mutant is applied yet
@@ -423,7 +429,7 @@ def _run(
         )
         if server.stdout is None or server.stdout.readline().strip() != "ready":
             print(f"{path}: no fork-server; each pytest run is a new process", flush=True)
-        return _cosmic(path, workdir, map_file, again, part)
+        return _cosmic(path, workdir, map_file, again, part, quick)
     finally:
         if server is not None:
             server.kill()
@@ -456,8 +462,10 @@ def _cosmic(
     map_file: Path,
     again: set[tuple[str, str, int]] | None,
     part: tuple[int, int],
+    quick: bool = False,
 ) -> tuple[int, int, list[Survivor]]:
-    command = shlex.join([sys.executable, str(Path(__file__).resolve()), "--test", str(map_file)])
+    test = [sys.executable, str(Path(__file__).resolve()), "--test", str(map_file)]
+    command = shlex.join([*test, "--quick"] if quick else test)
     config = workdir / "config.toml"
     config.write_text(
         "[cosmic-ray]\n"
@@ -500,24 +508,34 @@ def _cosmic(
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--test"]:
-        return _test_one(Path(argv[1]))
+        return _test_one(Path(argv[1]), quick=argv[2:3] == ["--quick"])
     if argv[:1] == ["--serve"]:
         return _serve(argv[1], argv[2:])
+    quick = False
     part = (1, 1)
-    if argv[:1] == ["--part"]:
-        # One of N parts of each module's mutants, for runs side by side (in separate
-        # checkouts: a mutant is applied to the files on disk).
-        match = re.fullmatch(r"([1-9][0-9]*)/([1-9][0-9]*)", argv[1] if argv[1:] else "")
-        if match is None or int(match.group(1)) > int(match.group(2)):
-            print("--part takes K/N, 1 <= K <= N", file=sys.stderr)
-            return 2
-        part = (int(match.group(1)), int(match.group(2)))
-        argv = argv[2:]
     again = None
-    if argv[:1] == ["--again"]:
-        # Only the mutants an earlier report lists: its survivors, with the tests since.
-        again = _listed(Path(argv[1]))
-        argv = argv[2:]
+    while argv[:1] in (["--quick"], ["--part"], ["--again"]):
+        if argv[0] == "--quick":
+            # A first pass: the survivors of the tests that run each mutated line, found
+            # fast; the rest of the files is not run.
+            quick = True
+            argv = argv[1:]
+        elif argv[0] == "--part":
+            # One of N parts of each module's mutants, for runs side by side (in separate
+            # checkouts: a mutant is applied to the files on disk).
+            match = re.fullmatch(r"([1-9][0-9]*)/([1-9][0-9]*)", argv[1] if argv[1:] else "")
+            if match is None or int(match.group(1)) > int(match.group(2)):
+                print("--part takes K/N, 1 <= K <= N", file=sys.stderr)
+                return 2
+            part = (int(match.group(1)), int(match.group(2)))
+            argv = argv[2:]
+        else:
+            # Only the mutants an earlier report lists: its survivors, with the tests since.
+            if not argv[1:]:
+                print("--again takes a report of an earlier run", file=sys.stderr)
+                return 2
+            again = _listed(Path(argv[1]))
+            argv = argv[2:]
     modules = tomllib.loads(MODULES.read_text(encoding="utf-8"))["module"]
     if argv:
         modules = [m for m in modules if m["path"] in argv]
@@ -529,9 +547,11 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         for module in modules:
             accepted = {(a["operator"], a["line"]): a["reason"] for a in module["accepted"]}
-            ran, killed, survivors = _run(module, Path(tmp), again, part)
+            ran, killed, survivors = _run(module, Path(tmp), again, part, quick)
             score = 100.0 * killed / ran if ran else 100.0
             report = [f"{module['path']}: {killed}/{ran} killed ({score:.1f}%)"]
+            if quick:
+                report[0] += " (--quick: survivors of the selected tests only)"
             seen = set()
             for operator, path, line in survivors:
                 key = _key(ROOT / path, operator, line)

@@ -548,6 +548,136 @@ async def test_a_failed_write_midway_undoes_the_import(
         assert creds.get("color") is None and creds.get("project") is None
 
 
+async def test_an_undone_import_unsets_the_credential_keys_it_added(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations import StorageError
+    from integrations.cli import _bundle, _transfer
+    from integrations.cli._support import Fail
+
+    async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+        # A credentials provider keeps every field in one map, which a save merges key by key.
+        mail = await integ.add_connection("smtp", "mail")
+        await integ.save_setup(mail.uuid, {"host": "a.example", "password": "p-0123456789"})
+        entries = [
+            _bundle.Entry(
+                "smtp", "mail", None, {"credentials": {"host": "b.example", "username": "u"}}, {}
+            ),
+            _bundle.Entry("openai", "new", None, {"api_key": "new-0123456789"}, {}),
+        ]
+        real = integ.save_setup
+
+        async def failing_second(uuid: str, attrs: Any, **kw: Any) -> Any:
+            if uuid != mail.uuid:
+                raise StorageError("database error: ConnectionResetError")
+            return await real(uuid, attrs, **kw)
+
+        monkeypatch.setattr(integ, "save_setup", failing_second)
+        with pytest.raises(Fail, match="nothing kept"):
+            await _transfer.import_entries(
+                integ, entries, owner=None, overwrite=True, dry_run=False
+            )
+        creds = (await integ.get_integration(mail.uuid))["credentials"]
+        assert creds["host"] == "a.example" and creds["password"] == "p-0123456789"
+        assert creds.get("username") is None
+
+
+async def test_an_undone_overwrite_brings_back_the_earlier_grant(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integrations import StorageError
+    from integrations.cli import _bundle, _transfer
+    from integrations.cli._support import Fail
+
+    uuid = await _oauth_connection(fresh_db)
+    async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+        tokens = {"access_token": "imported-access", "token_type": "bearer", "scope": "repo"}
+        entries = [
+            _bundle.Entry(
+                "github",
+                "default",
+                None,
+                {"client_id": "cid"},
+                tokens,
+                status="connected",
+                validation="ok",
+            )
+        ]
+
+        # The last step fails: the grant was already written over.
+        async def failing(*args: Any, **kw: Any) -> Any:
+            raise StorageError("database error: ConnectionResetError")
+
+        monkeypatch.setattr(integ, "record_validation", failing)
+        with pytest.raises(Fail, match="nothing kept"):
+            await _transfer.import_entries(
+                integ, entries, owner=None, overwrite=True, dry_run=False
+            )
+        data = await integ.get_integration(uuid)
+        assert data["access_token"] == MARKER + "-access"
+        assert data["status"] == "connected"
+
+
+async def test_an_undo_step_that_fails_is_logged_and_the_others_still_run(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from integrations import StorageError
+    from integrations.cli import _bundle, _transfer
+    from integrations.cli._support import Fail
+
+    caplog.set_level(logging.ERROR, logger="integrations.cli")
+    async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+        existing = await integ.add_connection("openai", "kept")
+        await integ.save_setup(existing.uuid, {"api_key": "before-0123456789"})
+        entries = [
+            _bundle.Entry("openai", "kept", None, {"api_key": "after-0123456789"}, {}),
+            _bundle.Entry("openai", "new", None, {"api_key": "new-0123456789"}, {}),
+            _bundle.Entry("mistral", "x", None, {"api_key": "x-0123456789"}, {}),
+        ]
+        real = integ.save_setup
+
+        async def failing_third(uuid: str, attrs: Any, **kw: Any) -> Any:
+            if (await integ.get_integration_by_uuid(uuid)).provider == "mistral":
+                raise StorageError("database error: ConnectionResetError")
+            return await real(uuid, attrs, **kw)
+
+        async def cannot_remove(uuid: str, **kw: Any) -> None:
+            raise StorageError("database error: ConnectionRefusedError")
+
+        monkeypatch.setattr(integ, "save_setup", failing_third)
+        monkeypatch.setattr(integ, "remove_connection", cannot_remove)
+        # The import's own failure is reported, with every step it tried to undo.
+        with pytest.raises(Fail, match=r"3 change\(s\) undone\): .*ConnectionResetError"):
+            await _transfer.import_entries(
+                integ, entries, owner=None, overwrite=True, dry_run=False
+            )
+        monkeypatch.setattr(integ, "save_setup", real)
+        # The two connections the import created are left, and each is named in the log.
+        listed = [*await integ.list_connections("openai"), *await integ.list_connections("mistral")]
+        left = {c.uuid for c in listed if c.name != "kept"}
+        assert len(left) == 2
+        logged = [r for r in caplog.records if r.getMessage().startswith("could not undo")]
+        assert {getattr(r, "integrations_uuid", None) for r in logged} == left
+        assert all("ConnectionRefusedError" in r.getMessage() for r in logged)
+        # The step before them still ran: the connection overwritten has its key back.
+        creds = await integ.get_credentials(existing.uuid)
+        assert creds["api_key"] == "before-0123456789"
+
+
+def test_a_report_sorts_its_rows_by_the_actions_text() -> None:
+    from integrations.cli._transfer import ImportReport
+
+    # Rows as a caller may build them, each action read back from text (a string object of
+    # its own, not the literal the import writes).
+    actions = json.loads('["created", "updated", "skipped", "created"]')
+    report = ImportReport(rows=[(a, f"openai:{i}", None) for i, a in enumerate(actions)])
+    assert [ref for _a, ref, _u in report.created] == ["openai:0", "openai:3"]
+    assert [ref for _a, ref, _u in report.updated] == ["openai:1"]
+    assert [ref for _a, ref, _u in report.skipped] == ["openai:2"]
+
+
 # -- keys, migrate, doctor, watch, serve -------------------------------------------------------
 
 
@@ -1042,6 +1172,57 @@ def test_an_import_where_the_uuid_is_taken_gets_a_new_one(fresh_db: str, tmp_pat
     assert json.loads(sh(fresh_db, "show", "openai", "--json").stdout)["uuid"] == uuid
 
 
+def test_an_import_without_overwrite_leaves_an_existing_connection_as_it_is(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    sh(fresh_db, "add", "openai")
+    sh(fresh_db, "set", "openai", "api_key=@-", stdin="sk-here-0123456789")
+    doc = {
+        "format": "integrations-export",
+        "version": 1,
+        "connections": [
+            {
+                "provider": "openai",
+                "name": n,
+                "owner": None,
+                "data": {"api_key": f"sk-{n}-0123456789"},
+            }
+            for n in ("default", "other")
+        ],
+    }
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(doc))
+    done = sh(fresh_db, "import", str(path), "--keep-owners")
+    assert done.returncode == 0, done.stderr
+    assert "imported: 1 created, 0 updated, 1 skipped" in done.stdout
+    exported = json.loads(sh(fresh_db, "export", "--decrypted", check_secret=False).stdout)
+    keys = {c["name"]: c["data"]["api_key"] for c in exported["connections"]}
+    assert keys == {"default": "sk-here-0123456789", "other": "sk-other-0123456789"}
+
+
+def test_a_bundle_uuid_that_is_no_uuid_gets_a_new_one(fresh_db: str, tmp_path: Path) -> None:
+    doc = {
+        "format": "integrations-export",
+        "version": 1,
+        "connections": [
+            {
+                "uuid": "not-a-uuid",
+                "provider": "openai",
+                "name": "default",
+                "owner": None,
+                "data": {"api_key": "sk-0123456789"},
+            }
+        ],
+    }
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(doc))
+    done = sh(fresh_db, "import", str(path), "--keep-owners", "--json")
+    assert done.returncode == 0, done.stderr
+    [created] = json.loads(done.stdout)["created"]
+    shown = json.loads(sh(fresh_db, "show", "openai", "--json").stdout)
+    assert created["uuid"] == shown["uuid"] != "not-a-uuid"
+
+
 def test_a_narrow_terminal_folds_the_setup_column_instead_of_cutting_it() -> None:
     from rich.console import Console
 
@@ -1276,6 +1457,44 @@ def test_an_import_takes_the_status_a_bundle_states_and_makes_up_no_check(
     assert shown("unchecked") == ("connected", None)
     # No status given: the setup alone decides it.
     assert shown("unstated") == ("connected", None)
+
+
+def test_an_overwrite_states_the_bundles_status_over_a_connection_already_failing(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    async def failing() -> None:
+        async with Integrations(fresh_db, keys=TEST_KEY) as integ:
+            for name in ("broken", "mended"):
+                c = await integ.add_connection("openai", name)
+                await integ.save_setup(c.uuid, {"api_key": f"{name}-0123456789"})
+                await integ.record_validation(c.uuid, (False, "HTTP 401: invalid api key"))
+
+    asyncio.run(failing())
+
+    def entry(name: str, status: str, check: str) -> dict[str, Any]:
+        # No credential in the setup: the connection keeps its key, and its error with it.
+        data = {"org": "o", "status": status, "validation_status": check}
+        return {"provider": "openai", "name": name, "owner": None, "data": data}
+
+    doc = {
+        "format": "integrations-export",
+        "version": 1,
+        "connections": [
+            entry("broken", "error", "HTTP 403: forbidden"),
+            entry("mended", "connected", "ok"),
+        ],
+    }
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(doc))
+    done = sh(fresh_db, "import", str(path), "--keep-owners", "--overwrite")
+    assert done.returncode == 0, done.stderr
+
+    def shown(name: str) -> tuple[str, str | None]:
+        data = json.loads(sh(fresh_db, "show", f"openai:{name}", "--json").stdout)
+        return data["status"], data["data"].get("validation_status")
+
+    assert shown("broken") == ("error", "HTTP 403: forbidden")
+    assert shown("mended") == ("connected", "ok")
 
 
 def test_an_export_is_audited_in_its_owners_scope_or_as_every_owners(fresh_db: str) -> None:

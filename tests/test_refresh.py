@@ -24,6 +24,7 @@ from integrations import (
     NotConnected,
     ReauthRequired,
     TokenRequestFailed,
+    _settings,
     oauth,
 )
 
@@ -364,6 +365,63 @@ async def test_close_waits_for_a_refresh_whose_token_request_was_sent(
     assert server.token_status(unsent) == "active"
 
 
+async def test_close_waits_out_the_last_second_of_a_refresh_budget(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However little of a refresh's budget is left when close() comes, close() waits it
+    out: an answer that arrives within it is stored."""
+    monkeypatch.setattr(_settings, "BUDGET_MARGIN", 0.0)  # the budget is the one attempt
+    async with open_integrations(
+        fresh_db, server.base_url, token_timeout=1.0, token_attempts=1
+    ) as integ:
+        assert integ._s.tokens.policy.budget == pytest.approx(1.0)
+        uuid = await connect(integ)
+        old = (await integ.get_integration(uuid))["refresh_token"]
+        server.config.token_delay = 0.5
+        caller = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        await integ.close()
+        refreshed = (await asyncio.gather(caller, return_exceptions=True))[0]
+    assert isinstance(refreshed, str), f"close() cut the refresh short: {refreshed!r}"
+    async with open_integrations(fresh_db, server.base_url) as integ:
+        stored = (await integ.get_integration(uuid))["refresh_token"]
+    assert stored != old
+    assert server.token_status(stored) == "active"
+
+
+async def test_close_gives_up_on_a_token_request_that_outlives_its_budget(
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token request that does not end when its timeouts say it should (a transport that
+    hangs) holds close() up no longer than the refresh's budget: then it is cancelled, and
+    its caller is told that the library closed."""
+    from integrations._token_endpoint import TokenEndpoint
+
+    monkeypatch.setattr(_settings, "BUDGET_MARGIN", 0.0)  # the budget is the one attempt
+    sent = asyncio.Event()
+    released = asyncio.Event()
+
+    async def hangs(*_args: Any, on_sending: Any, **_kwargs: Any) -> oauth.TokenSet:
+        on_sending()
+        sent.set()
+        await released.wait()
+        raise AssertionError("the request was let run past its budget")
+
+    async with open_integrations(
+        fresh_db, server.base_url, token_timeout=0.5, token_attempts=1
+    ) as integ:
+        uuid = await connect(integ)
+        monkeypatch.setattr(TokenEndpoint, "renew", hangs)
+        caller = asyncio.create_task(integ.refresh_access_token(uuid))
+        await sent.wait()
+        try:
+            await asyncio.wait_for(integ.close(), 15)
+        finally:
+            released.set()
+        with pytest.raises(LifecycleError):
+            await caller
+
+
 async def test_a_cancelled_close_is_completed_by_closing_again(
     fresh_db: str, server: OAuthTestServer
 ) -> None:
@@ -514,6 +572,29 @@ async def test_a_401_that_joins_a_refresh_started_for_an_older_token_still_gets_
         "token was handed back by a task started for an older token"
     )
     assert _refreshes(server) == 2
+
+
+@pytest.mark.parametrize("older", ["at_!sorts_first", "at_~sorts_last"])
+async def test_a_401_that_joins_a_refresh_for_another_401_handing_back_that_token_refreshes(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection, older: str
+) -> None:
+    """A refresh in flight for a 401 to an older token hands back the stored token; a 401
+    for that very token that joined it gets a new one, whichever way the two tokens sort."""
+    uuid = await connect(integ)
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+    stored = (await integ.get_integration(uuid))["access_token"]
+    tokens = integ._s.tokens
+    async with db.transaction():
+        await _lock_row(db, uuid)  # a save_setup, rotation batch or other process holds it
+        first = asyncio.create_task(tokens.after_rejection(row, older))
+        await eventually(lambda: uuid in tokens._inflight)
+        second = asyncio.create_task(tokens.after_rejection(row, stored))
+        await eventually(lambda: tokens._inflight[uuid].callers == 2)
+    assert await first == stored
+    new = await second
+    assert new != stored
+    assert _refreshes(server) == 1
 
 
 async def test_a_401_that_joins_a_refresh_ahead_of_expiry_handing_back_that_token_refreshes(

@@ -307,3 +307,49 @@ async def test_tokens_waiting_for_their_write_are_not_handed_to_a_caller_they_do
         token = await asyncio.wait_for(call, 20)
         assert token != unstored
         assert server.stats.token_calls["refresh_token"] == calls + 1
+
+
+@pytest.mark.parametrize("meanwhile", ["ended", "newer", "deleted"])
+async def test_a_write_tried_again_that_stores_nothing_says_why(
+    fresh_db: str,
+    server: OAuthTestServer,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    meanwhile: str,
+) -> None:
+    """While new tokens wait for their write, the refresh's lease ends (taken over by a
+    process that sent nothing), the row gets newer tokens, or the connection is removed:
+    the write tried again stores nothing, and the warning names the connection and why."""
+    caplog.set_level(logging.INFO, logger="integrations")
+    async with open_integrations(fresh_db, server.base_url, token_write_retry=30) as integ:
+        uuid = await connect(integ)
+        await _refuse_new_expiry(db, uuid)
+        await integ.refresh_access_token(uuid)
+        [unstored] = integ._s.tokens._unstored.values()
+        async with db.transaction():
+            await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")
+            if meanwhile == "deleted":
+                await db.execute(
+                    "DELETE FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(uuid)
+                )
+            else:
+                later = "2999-01-01T00:00:00+00:00" if meanwhile == "newer" else None
+                await db.execute(
+                    "UPDATE integrations.connections SET value_json = (value_json - "
+                    "'refresh_lease') || jsonb_strip_nulls(jsonb_build_object("
+                    "'token_obtained_at', $2::text)) WHERE uuid = $1",
+                    uuid_mod.UUID(uuid),
+                    later,
+                )
+        await asyncio.wait_for(asyncio.wait({unstored.task}), 20)
+    assert not [r for r in caplog.records if "stored the tokens of" in r.getMessage()]
+    [record] = [r for r in caplog.records if "were not stored" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert message.startswith(f"the tokens of connection {uuid}'s refresh were not stored")
+    if meanwhile != "deleted":
+        why = {
+            "ended": "the process that took it decides what is stored",
+            "newer": "the stored tokens are newer",
+        }[meanwhile]
+        assert message.endswith(f"its lease was taken over meanwhile, and {why}")

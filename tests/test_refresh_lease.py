@@ -10,7 +10,7 @@ import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -26,6 +26,7 @@ from .oauthkit import (
     eventually,
     loopback_provider,
     open_integrations,
+    set_stored_expiry,
 )
 from .test_refresh_processes import Worker
 
@@ -71,6 +72,13 @@ def _stall_after_confirming(
 
     monkeypatch.setattr(Refresher, "_in_row", in_row_then_stall)
     return stalls
+
+
+def _fenced_out(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages of refresh answers whose write found the lease taken over."""
+    return [
+        r.getMessage() for r in caplog.records if "before its answer was stored" in r.getMessage()
+    ]
 
 
 def _takeover_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -138,6 +146,72 @@ async def test_a_forced_refresh_does_not_share_an_answer_obtained_before_it_bega
     assert _refreshes(server) == 2
 
 
+async def _join_a_refresh_ahead_of_expiry(
+    integ: Integrations, db: asyncpg.Connection, uuid: str, join: Any
+) -> tuple[asyncio.Task[str], asyncio.Task[str]]:
+    """Start a refresh ahead of expiry that waits for the row's lock, let ``join()`` join
+    it, then (as if another process had refreshed before ``join()`` was called) make the
+    stored token one that is good for an hour; the two callers' tasks."""
+    await set_stored_expiry(db, uuid, 30)  # within the leeway: due, still valid
+    async with db.transaction():
+        await db.execute(
+            "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+            uuid_mod.UUID(uuid),
+        )
+        expiring = asyncio.create_task(integ.access_token(uuid))
+        await eventually(lambda: uuid in integ._s.tokens._inflight)
+        flight = integ._s.tokens._inflight[uuid]
+        joined = asyncio.create_task(join())
+        await eventually(lambda: flight.callers == 2)
+        await db.execute(
+            "UPDATE integrations.connections SET value_json = value_json || "
+            "jsonb_build_object('expires_at', $2::text) WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+            (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        )
+    return expiring, joined
+
+
+async def test_a_forced_refresh_joining_a_refresh_ahead_of_expiry_still_gets_a_new_token(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A forced caller joins a refresh ahead of expiry that has not looked at the row yet;
+    meanwhile the stored token becomes one that is not due, obtained before the forced
+    call began. The shared refresh asks for the forced caller all the same."""
+    uuid = await connect(integ)
+    before = (await integ.get_credentials(uuid))["access_token"]
+    expiring, forced = await _join_a_refresh_ahead_of_expiry(
+        integ, db, uuid, lambda: integ.refresh_access_token(uuid)
+    )
+    new = await forced
+    assert new != before
+    assert await expiring == new
+    assert _refreshes(server) == 1
+
+
+@pytest.mark.parametrize("joiner", ["expiring", "rejected"])
+async def test_an_automatic_refresh_joining_one_ahead_of_expiry_takes_a_token_stored_meanwhile(
+    integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection, joiner: str
+) -> None:
+    """A caller whose token is due, or whose older token the API rejected, joins a refresh
+    ahead of expiry that has not looked at the row yet; meanwhile the stored token becomes
+    one that is not due. Neither caller forced a refresh: both take that token, and
+    nothing is asked."""
+    uuid = await connect(integ)
+    before = (await integ.get_credentials(uuid))["access_token"]
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+
+    def join() -> Any:
+        if joiner == "expiring":
+            return integ.access_token(uuid)
+        return integ._s.tokens.after_rejection(row, "at_an_older_token")
+
+    expiring, joined = await _join_a_refresh_ahead_of_expiry(integ, db, uuid, join)
+    assert await expiring == await joined == before
+    assert _refreshes(server) == 0
+
+
 async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
     fresh_db: str,
     integ: Integrations,
@@ -190,8 +264,14 @@ async def _lease_in_row(db: asyncpg.Connection, uuid: str) -> object:
 @pytest.mark.parametrize("takeover", ["refresh", "reauthorize"])
 @pytest.mark.parametrize("answer", ["tokens", "failure"])
 async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_grant(
-    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, takeover: str, answer: str
+    fresh_db: str,
+    server: OAuthTestServer,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    takeover: str,
+    answer: str,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="integrations")
     async with open_integrations(fresh_db, server.base_url, refresh_takeover=takeover) as integ:
         uuid = await connect(integ)
         # Only the refresh's request waits: the new grant's code exchange answers at once.
@@ -213,6 +293,10 @@ async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_g
         else:
             # The grant is newer than the refresh's answer: the grant's token is handed out.
             assert await refreshing == granted
+            assert _fenced_out(caplog) == [
+                f"the refresh lease of connection {uuid} was taken over before its answer "
+                "was stored; the stored tokens are newer"
+            ]
         assert await _lease_in_row(db, uuid) is None
         stored = await integ.get_integration(uuid)
         assert stored["access_token"] == granted and "refresh_error" not in stored
@@ -223,6 +307,35 @@ async def test_a_new_grant_while_a_refresh_is_out_ends_its_lease_and_keeps_the_g
         assert fresh != granted and _refreshes(server) == 2
         assert server.stats.refresh_reuse_detected == 0
         assert (await integ.get_integration_by_uuid(uuid)).status == "connected"
+
+
+async def test_an_answer_whose_lease_was_ended_meanwhile_serves_this_process_only(
+    integ: Integrations,
+    server: OAuthTestServer,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lease of a refresh whose request is out ends without a newer grant (as a lease
+    taken over by a process that then sent nothing): the answer is not stored, the caller
+    gets it, and the log says which connection and why."""
+    caplog.set_level(logging.INFO, logger="integrations")
+    uuid = await connect(integ)
+    before = await integ.get_integration(uuid)
+    server.config.token_delay = 0.5
+    refreshing = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: _refreshes(server) == 1)
+    await db.execute(
+        "UPDATE integrations.connections SET value_json = value_json - 'refresh_lease' "
+        "WHERE uuid = $1",
+        uuid_mod.UUID(uuid),
+    )
+    new = await refreshing
+    assert new != before["access_token"]
+    assert (await integ.get_integration(uuid))["access_token"] == before["access_token"]
+    assert _fenced_out(caplog) == [
+        f"the refresh lease of connection {uuid} was taken over before its answer was "
+        "stored; its answer serves this process only"
+    ]
 
 
 @pytest.fixture(scope="module")

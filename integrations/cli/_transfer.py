@@ -256,14 +256,18 @@ async def _undo(
                 await integ.remove_connection(uuid, actor=actor)
             elif before is not None:
                 setup, tokens = _bundle.split_data(before)
-                current = await integ.get_integration(uuid)
+                current = _bundle.split_data(await integ.get_integration(uuid))[0]
                 # Fields the import added are unset again; the earlier values come back.
-                cleared = {
-                    k: None
-                    for k in _bundle.split_data(current)[0]
-                    if k not in setup and k != "credentials"
-                }
-                await integ.save_setup(uuid, {**cleared, **setup}, actor=actor)
+                restore: dict[str, Any] = {k: None for k in current if k not in setup}
+                restore.update(setup)
+                # A save merges the credentials map key by key (a credentials provider's
+                # fields are its keys): the keys the import added are unset the same way.
+                added = current.get("credentials")
+                if isinstance(added, dict):
+                    earlier = setup.get("credentials")
+                    kept = earlier if isinstance(earlier, dict) else {}
+                    restore["credentials"] = {**dict.fromkeys(added), **kept}
+                await integ.save_setup(uuid, restore, actor=actor)
                 if tokens:
                     await integ.import_tokens(uuid, tokens, actor=actor)
         except IntegrationsError as exc:
