@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 import textwrap
@@ -549,6 +550,25 @@ async def test_terminated_listener_reconnects_and_subscribers_get_resync(
         assert (await next_event(narrow)).uuid == conn.uuid
         end = await marker(other)
         assert await until_marker(system, end) == []
+
+
+async def test_an_instance_gives_each_probe_of_its_listener_five_seconds(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bounds: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def recorded(awaitable: Any, bound: float | None) -> Any:
+        if sys._getframe(1).f_code.co_name == "_probe_once":
+            bounds.append(bound if bound is not None else math.inf)
+        return await real_wait_for(awaitable, bound)
+
+    monkeypatch.setattr(asyncio, "wait_for", recorded)
+    # open() waits for the listener's first probe: a probe unheard for 5 seconds has the
+    # connection treated as lost.
+    async with Integrations(fresh_db, keys=TEST_KEY) as instance:
+        assert instance.event_stats.listening
+    assert bounds and bounds[0] == 5.0
 
 
 async def test_closing_the_instance_ends_every_subscription(fresh_db: str) -> None:

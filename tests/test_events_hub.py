@@ -25,8 +25,8 @@ from integrations._errors import (
     LifecycleError,
     StorageError,
 )
-from integrations._events import ALL_OWNERS, EventHub, Subscription
-from integrations._models import Event
+from integrations._events import ALL_OWNERS, REPLAY_PAGE, EventHub, HubStats, Subscription
+from integrations._models import EVENT_KINDS, Event
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
@@ -411,6 +411,14 @@ def test_hub_stats_are_a_snapshot_that_compares_and_hashes_and_cannot_be_changed
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.received = 1  # type: ignore[misc]
     assert hub.stats.received == 0
+    assert stats == HubStats(
+        received=0,
+        malformed=0,
+        reconnects=0,
+        reconnect_attempts=0,
+        subscriptions=0,
+        listening=False,
+    )
 
 
 async def test_a_provider_filter_lets_through_that_provider_alone(hub: EventHub) -> None:
@@ -419,6 +427,18 @@ async def test_a_provider_filter_lets_through_that_provider_alone(hub: EventHub)
             hub.publish_local(event(provider=provider))
         assert (await next_event(sub)).provider == "github"
         assert sub.pending == 0
+
+
+async def test_a_kind_filter_lets_through_that_kind_alone(channel: str) -> None:
+    hub = EventHub(FakeListen(), channel)
+    async with hub.subscribe(kinds=["connected"]) as sub:
+        # Every other kind, whichever way it sorts against "resync", then the one wanted.
+        for kind in sorted(EVENT_KINDS - {"connected", "resync"}):
+            hub.publish_local(event(kind))
+        hub.publish_local(wanted := event("connected"))
+        assert await next_event(sub) == wanted
+        assert sub.pending == 0
+    await hub.close()
 
 
 async def test_subscribe_takes_up_to_a_thousand_kind_names(channel: str) -> None:
@@ -451,6 +471,7 @@ def test_kinds_from_an_endless_iterator_are_refused_after_one_past_the_limit(
         (("",), {}),
         ((7,), {}),
         (("c",), {"reconnect_initial": 0}),
+        (("c",), {"reconnect_initial": -0.1}),
         (("c",), {"reconnect_initial": 0.2, "reconnect_max": 0.1}),
     ],
 )
@@ -493,8 +514,9 @@ async def test_a_subscribe_whose_probe_never_arrives_is_refused_naming_the_remed
     with pytest.raises(ConfigurationError) as info:
         async with hub.subscribe():
             pass
-    assert "listen_dsn" in info.value.message and channel in info.value.message
     await hub.close()
+    assert "listen_dsn" in info.value.message and channel in info.value.message
+    assert "within 0.1s" in info.value.message
 
 
 async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_log(
@@ -509,7 +531,9 @@ async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_
 
     hub = EventHub(FakeListen(), channel, log=log)
     async with hub.subscribe(after=0) as sub:
-        live = [event(position=n) for n in (1, 2, 3)]
+        # Events of every kind, whichever way they sort against "resync".
+        kinds = sorted(EVENT_KINDS - {"resync"})
+        live = [event(kind, position=n) for n, kind in enumerate(kinds, 1)]
         for sent in live:
             hub.publish_local(sent)
         assert [await next_event(sub) for _ in live] == live
@@ -581,6 +605,40 @@ async def test_an_unlogged_local_event_queued_behind_a_logged_one_survives_the_l
     await hub.close()
 
 
+async def test_a_log_longer_than_a_page_is_read_page_by_page(channel: str) -> None:
+    logged = [event(position=n) for n in range(1, REPLAY_PAGE + 2)]
+    reads: list[int] = []
+
+    async def log(after: int, *, limit: int, **_filters: Any) -> tuple[list[Event], int]:
+        reads.append(after)
+        await asyncio.sleep(0)
+        return [e for e in logged if (e.position or 0) > after][:limit], 0
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=0) as sub:
+        got = [await next_event(sub) for _ in logged]
+        assert got == logged
+        assert sub.pending == 0
+    # A full page, then the one event after it (a page that is not full ends the reading).
+    assert reads == [0, REPLAY_PAGE]
+    await hub.close()
+
+
+async def test_pending_counts_once_the_live_events_a_log_read_handed_over(channel: str) -> None:
+    logged = [event(position=n) for n in (1, 2, 3)]
+
+    hub = EventHub(FakeListen(), channel, log=log_of(logged))
+    async with hub.subscribe(after=0) as sub:
+        # Their notifications are queued before the log is read, which hands them over.
+        for sent in logged:
+            hub.publish_local(sent)
+        assert await next_event(sub) == logged[0]
+        assert sub.pending == 2
+        assert [await next_event(sub) for _ in range(2)] == logged[1:]
+        assert sub.pending == 0
+    await hub.close()
+
+
 async def test_a_resuming_subscription_keeps_at_most_maxsize_live_events_then_reads_the_log(
     channel: str,
 ) -> None:
@@ -597,6 +655,20 @@ async def test_a_resuming_subscription_keeps_at_most_maxsize_live_events_then_re
             assert sub.pending <= 2
         assert [await next_event(sub) for _ in range(3)] == logged[1:]
         assert sub.dropped == 0
+    await hub.close()
+
+
+async def test_a_large_queue_is_bounded_by_its_maxsize_too(channel: str) -> None:
+    # A maxsize beyond the small ints CPython keeps one object for.
+    logged = [event(position=n) for n in range(1, 302)]
+    hub = EventHub(FakeListen(), channel, log=log_of(logged))
+    async with hub.subscribe(maxsize=300) as live, hub.subscribe(after=0, maxsize=300) as resuming:
+        for sent in logged:
+            hub.publish_local(sent)
+        assert (live.pending, live.dropped) == (300, 1)
+        assert resuming.pending <= 300
+        assert [await next_event(resuming) for _ in logged] == logged
+        assert [await next_event(live) for _ in range(300)] == logged[1:]
     await hub.close()
 
 
@@ -869,6 +941,29 @@ async def test_backoff_doubles_with_jitter_up_to_the_cap(
     await hub.close()
 
 
+async def test_a_hub_made_without_backoff_options_waits_a_tenth_of_a_second_doubling_to_five(
+    channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listen = FakeListen()
+    hub = EventHub(listen, channel)
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float) -> None:
+        delays.append(delay)
+        await real_sleep(0)
+
+    async with hub.subscribe() as sub:
+        monkeypatch.setattr(asyncio, "sleep", record)
+        monkeypatch.setattr("integrations._events.equal_jitter", lambda ceiling: ceiling)
+        listen.fail_next = 8
+        listen.listeners[0].on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        monkeypatch.undo()
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
+    await hub.close()
+
+
 async def test_jitter_keeps_each_delay_between_half_and_full(
     channel: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1056,6 +1151,55 @@ async def test_a_subscribe_syncs_the_listener_only_when_it_was_open_already(
     await hub.close()
 
 
+class YieldingCloseListener(SyncCountingListener):
+    """A counting listener whose close takes a turn of the loop, as a connection's does."""
+
+    async def close(self) -> None:
+        await asyncio.sleep(0)
+        await super().close()
+
+
+async def test_a_subscribe_whose_listener_was_lost_while_opening_does_not_sync_its_replacement(
+    channel: str,
+) -> None:
+    opened: list[YieldingCloseListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> YieldingCloseListener:
+        opened.append(YieldingCloseListener(on_payload, on_lost))
+        if len(opened) == 1:
+            on_lost()  # lost as it opens
+        return opened[-1]
+
+    hub = EventHub(listen, channel, heartbeat=(3600.0, 1.0), reconnect_initial=0.01)
+    async with hub.subscribe():
+        # The reconnect opened the replacement while the lost one was being closed.
+        assert len(opened) == 2 and opened[0].closed
+        # It was opened for this subscribe, not open already: nothing to sync.
+        assert opened[1].syncs == 0
+    await hub.close()
+
+
+class ListeningWatcher(ProofWatcher):
+    """A row cache's side of the hub that also notes each up and down of the listener."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ups: list[bool] = []
+
+    def listening(self, up: bool) -> None:
+        self.ups.append(up)
+
+
+async def test_close_tells_the_row_cache_the_listener_is_down(channel: str) -> None:
+    watcher = ListeningWatcher()
+    hub = EventHub(FakeListen(), channel, watcher=watcher)
+    await hub.start()
+    await hub.close()
+    assert watcher.ups == [True, False]
+
+
 class SlowlyHeardListener(FakeListener):
     """A listener whose probes arrive a moment after they are sent."""
 
@@ -1089,6 +1233,86 @@ async def test_a_probe_that_arrives_within_its_time_is_heard(
         await hub.close()
     assert watcher.until[0] == -math.inf
     assert watcher.until[1] > -math.inf
+
+
+class LateListener(FakeListener):
+    """A listener whose probes arrive, but half a second after they are sent."""
+
+    can_probe = True
+
+    async def probe(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+        loop.call_later(0.5, lambda: arrived.done() or arrived.set_result(None))
+        return arrived
+
+
+async def test_a_probe_that_arrives_after_its_time_is_not_heard(channel: str) -> None:
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> LateListener:
+        return LateListener(on_payload, on_lost)
+
+    # Each probe is allowed 0.1 s: one arriving 0.5 s after it was sent is not heard.
+    hub = EventHub(listen, channel, heartbeat=(0.05, 0.1))
+    try:
+        with pytest.raises(ConfigurationError):
+            async with hub.subscribe():
+                pass
+    finally:
+        await hub.close()
+
+
+class GatedProbeListener(FakeListener):
+    """A listener whose probes arrive when the test resolves them (``arrivals``)."""
+
+    can_probe = True
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.arrivals: list[asyncio.Future[None]] = []
+
+    async def probe(self) -> asyncio.Future[None]:
+        self.arrivals.append(asyncio.get_running_loop().create_future())
+        return self.arrivals[-1]
+
+
+async def test_a_subscribe_on_a_replacing_connection_waits_for_that_connections_probe(
+    channel: str,
+) -> None:
+    opened: list[FakeListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FakeListener:
+        kind = GatedProbeListener if opened else HeardListener
+        opened.append(kind(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(
+        listen, channel, heartbeat=(3600.0, 5.0), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    await hub.start()  # the first connection is heard
+    opened[0].on_lost()
+    await eventually(
+        lambda: len(opened) == 2 and bool(cast(GatedProbeListener, opened[1]).arrivals)
+    )
+    # The replacing connection's probe is out and has not arrived: the subscribe waits
+    # for it (the first connection's probes say nothing of this one), then goes on.
+    sent = event()
+
+    async def enter() -> Event:
+        async with hub.subscribe() as sub:
+            hub.publish_local(sent)
+            return await next_event(sub)
+
+    entering = asyncio.create_task(enter())
+    # Runs after the subscribe's first step, which waits for the probe's news.
+    asyncio.get_running_loop().call_soon(
+        cast(GatedProbeListener, opened[1]).arrivals[0].set_result, None
+    )
+    assert await asyncio.wait_for(entering, TIMEOUT) == sent
+    await hub.close()
 
 
 class UndeclaredProbeListener(FakeListener):
@@ -1165,6 +1389,76 @@ async def test_a_connection_never_heard_is_named_as_such_not_as_unresponsive(
     # An error for the first, a warning for each reopened one.
     assert unheard[:3] == [logging.ERROR, logging.WARNING, logging.WARNING]
     assert not [text for _, text in messages if "did not answer" in text]
+
+
+async def test_each_connection_never_heard_is_logged_once(
+    channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    opened: list[UnheardListener] = []
+    third, gate = asyncio.Event(), asyncio.Event()
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> UnheardListener:
+        if len(opened) == 2:
+            third.set()
+            await gate.wait()  # never set: the third connection is not opened
+        opened.append(UnheardListener(on_payload, on_lost))
+        return opened[-1]
+
+    caplog.set_level(logging.INFO, logger="integrations.events")
+    hub = EventHub(
+        listen, channel, heartbeat=(3600.0, 0.1), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    await hub.start()
+    # Two connections found unheard and dropped; the third waits to open.
+    await asyncio.wait_for(third.wait(), TIMEOUT)
+    await hub.close()
+    unheard = [r.levelno for r in caplog.records if "did not receive its own" in r.getMessage()]
+    assert unheard == [logging.ERROR, logging.WARNING]
+
+
+class FadingListener(FakeListener):
+    """A listener whose first probe arrives and whose later ones never do."""
+
+    can_probe = True
+
+    def __init__(self, on_payload: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+        super().__init__(on_payload, on_lost)
+        self.probes = 0
+
+    async def probe(self) -> asyncio.Future[None]:
+        self.probes += 1
+        arrived = asyncio.get_running_loop().create_future()
+        if self.probes == 1:
+            arrived.set_result(None)
+        return arrived
+
+
+async def test_a_connection_heard_before_that_stops_hearing_is_named_unresponsive(
+    channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    opened: list[FadingListener] = []
+    second = asyncio.Event()
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FadingListener:
+        opened.append(FadingListener(on_payload, on_lost))
+        if len(opened) == 2:
+            second.set()
+        return opened[-1]
+
+    caplog.set_level(logging.INFO, logger="integrations.events")
+    hub = EventHub(
+        listen, channel, heartbeat=(0.05, 0.1), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    await hub.start()
+    await asyncio.wait_for(second.wait(), TIMEOUT)
+    await hub.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "integrations.events"]
+    assert [m for m in messages if "did not answer within 0.1s" in m]
+    assert not [m for m in messages if "did not receive its own" in m]
 
 
 async def test_probes_go_on_on_the_connection_that_replaces_a_lost_one(
