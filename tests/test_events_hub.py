@@ -27,6 +27,7 @@ from integrations._errors import (
 )
 from integrations._events import ALL_OWNERS, REPLAY_PAGE, EventHub, HubStats, Subscription
 from integrations._models import EVENT_KINDS, Event
+from integrations._settings import MAXIMUM
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
@@ -446,6 +447,15 @@ async def test_subscribe_takes_up_to_a_thousand_kind_names(channel: str) -> None
     async with hub.subscribe(kinds=["connected"] * 1000) as sub:
         assert "kinds=['connected']" in repr(sub)
     await hub.close()
+
+
+def test_subscribe_takes_a_maxsize_from_one_up_to_the_settings_maximum(channel: str) -> None:
+    hub = EventHub(FakeListen(), channel)
+    for maxsize in (1, MAXIMUM["maxsize"]):
+        hub.subscribe(maxsize=maxsize)
+    with pytest.raises(InvalidArgument) as info:
+        hub.subscribe(maxsize=MAXIMUM["maxsize"] + 1)
+    assert info.value.context["field"] == "maxsize"
 
 
 def test_kinds_from_an_endless_iterator_are_refused_after_one_past_the_limit(
