@@ -660,6 +660,33 @@ async def test_a_401_that_joins_a_refresh_for_another_401_handing_back_that_toke
     assert _refreshes(server) == 1
 
 
+async def test_a_401_refresh_answered_with_the_rejected_token_asks_once(
+    integ: Integrations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider may answer a refresh with the very access token the API rejected (some
+    hand out the current token until it expires): the 401's caller gets that answer, and
+    the token endpoint is asked once, not again for the same caller."""
+    from integrations._token_endpoint import TokenEndpoint
+
+    uuid = await connect(integ)
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+    stored = (await integ.get_integration(uuid))["access_token"]
+    asked: list[str] = []
+
+    async def same_token(*_args: Any, on_sending: Any, **_kwargs: Any) -> oauth.TokenSet:
+        on_sending()
+        asked.append(stored)
+        now = datetime.now(UTC)
+        return oauth.TokenSet(
+            access_token=stored, expires_at=now + timedelta(hours=1), obtained_at=now
+        )
+
+    monkeypatch.setattr(TokenEndpoint, "renew", same_token)
+    assert await integ._s.tokens.after_rejection(row, stored) == stored
+    assert len(asked) == 1
+
+
 async def test_a_401_that_joins_a_refresh_ahead_of_expiry_handing_back_that_token_refreshes(
     integ: Integrations, server: OAuthTestServer, db: asyncpg.Connection
 ) -> None:
