@@ -8,6 +8,7 @@ import re
 import sys
 import uuid as uuid_mod
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -241,7 +242,28 @@ async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
         # Tried again within the bound (after 0.1 s, then 0.2 s more) and not after it.
         attempts = re.search(r"after (\d+) attempts", message)
         assert attempts is not None and 2 <= int(attempts.group(1)) <= 3
+        # Why the last try failed, and until when the lost access token was good.
+        lost = re.search(
+            r" in 0\.5s \((.+)\): lost are its access token \(expiring (.+?)\)", message
+        )
+        assert lost is not None, message
+        assert lost.group(1) != "no reason given" and "Database" in lost.group(1)
+        expiry = datetime.fromisoformat(lost.group(2))
+        assert timedelta(minutes=50) < expiry - datetime.now(UTC) <= timedelta(hours=1)
         assert token not in caplog.text
+
+        def unmarked() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.ERROR and "could not mark" in r.getMessage()
+            ]
+
+        # The database is still cut: marking the connection for a new authorization fails
+        # too, and says so.
+        await eventually(unmarked)
+        [why] = unmarked()
+        assert why.startswith(f"could not mark connection {uuid} for a new authorization either (")
         proxy.restore()
         # The instance goes on working once the database is back.
         assert (await integ.get_integration_by_uuid(uuid)).uuid == uuid
@@ -353,3 +375,24 @@ async def test_a_write_tried_again_that_stores_nothing_says_why(
             "newer": "the stored tokens are newer",
         }[meanwhile]
         assert message.endswith(f"its lease was taken over meanwhile, and {why}")
+
+
+async def test_an_expired_token_whose_refresh_could_not_be_stored_is_replaced_at_once(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection
+) -> None:
+    """A caller whose stored token has expired gets the new tokens of its refresh at once,
+    although their write failed and is being tried again under the refresh's lease."""
+    async with open_integrations(fresh_db, server.base_url, token_write_retry=30) as integ:
+        uuid = await connect(integ)
+        before = (await integ.get_integration(uuid))["access_token"]
+        await db.execute(
+            "UPDATE integrations.connections SET value_json = jsonb_set(value_json, "
+            "'{expires_at}', to_jsonb('2000-01-01T00:00:00+00:00'::text)) WHERE uuid = $1",
+            uuid_mod.UUID(uuid),
+        )
+        await _refuse_new_expiry(db, uuid)
+        token = await asyncio.wait_for(integ.access_token(uuid), 15)
+        assert token != before
+        assert integ._s.tokens._unstored  # its write is being tried again
+        assert server.stats.token_calls["refresh_token"] == 1
+        await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")

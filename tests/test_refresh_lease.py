@@ -212,6 +212,42 @@ async def test_an_automatic_refresh_joining_one_ahead_of_expiry_takes_a_token_st
     assert _refreshes(server) == 0
 
 
+async def test_a_forced_refresh_does_not_share_a_flight_that_decided_to_ask_nothing(
+    integ: Integrations, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh for a 401 to an older token decides to hand back the stored token; a
+    forced caller that comes before that refresh ended does not take the stored token
+    (obtained before it began): it waits, then asks."""
+    from integrations._tokens import Refresher
+
+    uuid = await connect(integ)
+    stored = (await integ.get_credentials(uuid))["access_token"]
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+    in_row = Refresher._in_row
+    decided, release = asyncio.Event(), asyncio.Event()
+
+    async def in_row_then_pause(self: Refresher, uuid: str, decide: Any) -> Any:
+        result = await in_row(self, uuid, decide)
+        if (
+            getattr(getattr(decide, "func", None), "__name__", "") == "_look"
+            and not decided.is_set()
+        ):
+            decided.set()
+            await release.wait()
+        return result
+
+    monkeypatch.setattr(Refresher, "_in_row", in_row_then_pause)
+    rejected = asyncio.create_task(integ._s.tokens.after_rejection(row, "at_an_older_token"))
+    await decided.wait()
+    forced = asyncio.create_task(integ.refresh_access_token(uuid))
+    await eventually(lambda: integ._s.tokens._inflight[uuid].callers == 2)
+    release.set()
+    assert await rejected == stored
+    assert await forced != stored
+    assert _refreshes(server) == 1
+
+
 async def test_another_instance_waits_for_the_lease_and_reuses_the_new_token(
     fresh_db: str,
     integ: Integrations,
@@ -735,11 +771,13 @@ async def test_a_refresh_cancelled_before_it_asks_frees_its_lease_at_once(
     assert _refreshes(server) == 0
 
 
+@pytest.mark.parametrize("notified", [True, False])
 async def test_a_caller_waiting_for_another_processs_lease_does_not_spin(
-    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
+    fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch, notified: bool
 ) -> None:
     """Waiting for the holder's answer (1.5 s here), a caller looks at the row when told
-    of a change or every half second at most often: a handful of looks, not a loop."""
+    of a change or every half second at most often: a handful of looks, not a loop. So
+    does one that cannot listen for changes (the database refused): it polls."""
     from integrations._tokens import Refresher
 
     async with (
@@ -747,6 +785,12 @@ async def test_a_caller_waiting_for_another_processs_lease_does_not_spin(
         open_integrations(fresh_db, server.base_url) as waiter,
     ):
         uuid = await connect(holder)
+        if not notified:
+
+            def refused(*_args: Any, **_kwargs: Any) -> Any:
+                raise ConnectionError("LISTEN refused")
+
+            monkeypatch.setattr(waiter._s.core.hub, "subscribe", refused)
         in_row = Refresher._in_row
         waiting = waiter._s.tokens
         looks: list[str] = []
