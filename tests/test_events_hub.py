@@ -529,8 +529,10 @@ async def test_a_subscribe_whose_probe_never_arrives_is_refused_naming_the_remed
     assert "within 0.1s" in info.value.message
 
 
+# Positions beyond the small ints CPython keeps one object for, too.
+@pytest.mark.parametrize("cursor", [0, 100_000])
 async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_log(
-    channel: str,
+    channel: str, cursor: int
 ) -> None:
     reads: list[int] = []
 
@@ -540,14 +542,33 @@ async def test_live_events_that_follow_on_from_the_cursor_are_not_read_from_the_
         return [], 0
 
     hub = EventHub(FakeListen(), channel, log=log)
-    async with hub.subscribe(after=0) as sub:
+    async with hub.subscribe(after=cursor) as sub:
         # Events of every kind, whichever way they sort against "resync".
         kinds = sorted(EVENT_KINDS - {"resync"})
-        live = [event(kind, position=n) for n, kind in enumerate(kinds, 1)]
+        live = [event(kind, position=cursor + n) for n, kind in enumerate(kinds, 1)]
         for sent in live:
             hub.publish_local(sent)
         assert [await next_event(sub) for _ in live] == live
-    assert reads == [0]
+    assert reads == [cursor]
+    await hub.close()
+
+
+@pytest.mark.parametrize("cursor", [0, 100_000])
+async def test_a_live_event_after_a_hole_brings_the_missing_ones_from_the_log_first(
+    channel: str, cursor: int
+) -> None:
+    first, second, third = (event(position=cursor + n) for n in (1, 2, 3))
+    logged = [first]
+
+    hub = EventHub(FakeListen(), channel, log=log_of(logged))
+    async with hub.subscribe(after=cursor) as sub:
+        hub.publish_local(first)
+        assert await next_event(sub) == first
+        logged += [second, third]
+        # The second one's notification never came: the third's shows the hole.
+        hub.publish_local(third)
+        assert [await next_event(sub) for _ in range(2)] == [second, third]
+        assert sub.pending == 0
     await hub.close()
 
 
@@ -1210,6 +1231,17 @@ async def test_close_tells_the_row_cache_the_listener_is_down(channel: str) -> N
     assert watcher.ups == [True, False]
 
 
+async def test_a_reconnect_tells_the_row_cache_the_listener_is_up_again(channel: str) -> None:
+    watcher = ListeningWatcher()
+    listen = FakeListen()
+    hub = EventHub(listen, channel, watcher=watcher, reconnect_initial=0.01)
+    async with hub.subscribe() as sub:
+        listen.listeners[0].on_lost()
+        assert (await next_event(sub)).kind == "resync"
+        assert watcher.ups == [True, False, True]
+    await hub.close()
+
+
 class SlowlyHeardListener(FakeListener):
     """A listener whose probes arrive a moment after they are sent."""
 
@@ -1323,6 +1355,38 @@ async def test_a_subscribe_on_a_replacing_connection_waits_for_that_connections_
     )
     assert await asyncio.wait_for(entering, TIMEOUT) == sent
     await hub.close()
+
+
+async def test_a_connection_lost_while_its_probe_is_out_is_replaced_and_the_new_one_probed(
+    channel: str,
+) -> None:
+    opened: list[FakeListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> FakeListener:
+        kind = HeardListener if opened else GatedProbeListener
+        opened.append(kind(on_payload, on_lost))
+        return opened[-1]
+
+    hub = EventHub(
+        listen, channel, heartbeat=(3600.0, 30.0), reconnect_initial=0.01, reconnect_max=0.01
+    )
+    try:
+        # start() waits for a probe to be heard.
+        starting = asyncio.create_task(hub.start())
+        await eventually(
+            lambda: bool(opened) and bool(cast(GatedProbeListener, opened[0]).arrivals)
+        )
+        first = cast(GatedProbeListener, opened[0])
+        first.on_lost()
+        await eventually(lambda: hub.listening and len(opened) == 2)
+        # The lost connection's probe arrives late; the new connection is probed all the same.
+        first.arrivals[0].set_result(None)
+        await asyncio.wait_for(starting, TIMEOUT)
+        assert cast(HeardListener, opened[1]).sent
+    finally:
+        await hub.close()
 
 
 class UndeclaredProbeListener(FakeListener):
@@ -1655,6 +1719,13 @@ async def test_close_leaves_no_task_of_the_hub_running_after_reconnects(channel:
         for _ in range(2):
             opened[-1].on_lost()
             assert (await next_event(sub)).kind == "resync"
+        # One heartbeat, however many times the connection was replaced.
+        beating = [
+            task
+            for task in asyncio.all_tasks()
+            if task.get_name() == f"integrations-events-heartbeat:{channel}" and not task.done()
+        ]
+        assert len(beating) == 1
     await hub.close()
     left = [
         task.get_name()
@@ -1808,7 +1879,9 @@ async def test_leaving_the_block_closes_only_that_subscription(hub: EventHub) ->
     async with hub.subscribe() as kept:
         async with hub.subscribe() as left:
             pass
-        assert left.closed
+        assert left.closed is True
+        assert kept.closed is False
+        assert kept.position is None  # a live-only subscription has no cursor
         with pytest.raises(LifecycleError):
             await left.get()
         assert [ev async for ev in left] == []

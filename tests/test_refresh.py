@@ -411,6 +411,47 @@ async def test_close_waits_out_the_last_second_of_a_refresh_budget(
     assert server.token_status(stored) == "active"
 
 
+@pytest.mark.parametrize("write", ["stored", "failed"])
+async def test_close_past_a_refreshs_budget_lets_the_write_of_its_answer_end(
+    fresh_db: str,
+    server: OAuthTestServer,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    write: str,
+) -> None:
+    """The answer came within the budget, but its write waits for the row (locked
+    elsewhere) when the budget runs out and close() cancels the refresh: the write goes
+    on. Stored, the cancellation follows (its caller is told the library closed); failed,
+    the tokens are kept and written again, and close() waits for that."""
+    monkeypatch.setattr(_settings, "BUDGET_MARGIN", 0.0)  # the budget is the one attempt
+    async with open_integrations(
+        fresh_db, server.base_url, token_timeout=1.0, token_attempts=1, lock_timeout=2.0
+    ) as integ:
+        uuid = await connect(integ)
+        old = (await integ.get_integration(uuid))["refresh_token"]
+        tokens = integ._s.tokens
+        server.config.token_delay = 0.3
+        caller = asyncio.create_task(integ.refresh_access_token(uuid))
+        await eventually(lambda: _refreshes(server) == 1)
+        flight = tokens._inflight[uuid]
+        async with db.transaction():
+            await _lock_row(db, uuid)
+            closing = asyncio.create_task(integ.close())
+            await eventually(lambda: flight.task.cancelling() > 0)  # the budget ran out
+            if write == "failed":
+                await eventually(lambda: uuid in tokens._unstored)  # after the lock timeout
+        await asyncio.wait_for(closing, 20)
+        outcome = (await asyncio.gather(caller, return_exceptions=True))[0]
+    if write == "stored":
+        assert isinstance(outcome, LifecycleError)
+    else:
+        assert isinstance(outcome, str)
+    async with open_integrations(fresh_db, server.base_url) as integ:
+        stored = (await integ.get_integration(uuid))["refresh_token"]
+    assert stored != old
+    assert server.token_status(stored) == "active"
+
+
 async def test_close_gives_up_on_a_token_request_that_outlives_its_budget(
     fresh_db: str, server: OAuthTestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -617,6 +658,33 @@ async def test_a_401_that_joins_a_refresh_for_another_401_handing_back_that_toke
     new = await second
     assert new != stored
     assert _refreshes(server) == 1
+
+
+async def test_a_401_refresh_answered_with_the_rejected_token_asks_once(
+    integ: Integrations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider may answer a refresh with the very access token the API rejected (some
+    hand out the current token until it expires): the 401's caller gets that answer, and
+    the token endpoint is asked once, not again for the same caller."""
+    from integrations._token_endpoint import TokenEndpoint
+
+    uuid = await connect(integ)
+    row = await integ._s.core.repo.get(uuid)
+    assert row is not None
+    stored = (await integ.get_integration(uuid))["access_token"]
+    asked: list[str] = []
+
+    async def same_token(*_args: Any, on_sending: Any, **_kwargs: Any) -> oauth.TokenSet:
+        on_sending()
+        asked.append(stored)
+        now = datetime.now(UTC)
+        return oauth.TokenSet(
+            access_token=stored, expires_at=now + timedelta(hours=1), obtained_at=now
+        )
+
+    monkeypatch.setattr(TokenEndpoint, "renew", same_token)
+    assert await integ._s.tokens.after_rejection(row, stored) == stored
+    assert len(asked) == 1
 
 
 async def test_a_401_that_joins_a_refresh_ahead_of_expiry_handing_back_that_token_refreshes(

@@ -251,6 +251,19 @@ async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
         expiry = datetime.fromisoformat(lost.group(2))
         assert timedelta(minutes=50) < expiry - datetime.now(UTC) <= timedelta(hours=1)
         assert token not in caplog.text
+
+        def unmarked() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.ERROR and "could not mark" in r.getMessage()
+            ]
+
+        # The database is still cut: marking the connection for a new authorization fails
+        # too, and says so.
+        await eventually(unmarked)
+        [why] = unmarked()
+        assert why.startswith(f"could not mark connection {uuid} for a new authorization either (")
         proxy.restore()
         # The instance goes on working once the database is back.
         assert (await integ.get_integration_by_uuid(uuid)).uuid == uuid
