@@ -7,6 +7,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from integrations._errors import ConfigurationError
 from integrations._events import EventHub
 
 TIMEOUT = 10.0
@@ -97,3 +100,34 @@ async def test_a_restored_connection_turns_the_row_cache_on_again_once_probed() 
         ("listening", False),
     ]
     assert len(opened) == 2 and len(opened[1].sent) == 1
+
+
+class LateProbeListener(ProbedListener):
+    """A listener whose probe takes 0.1 s to send and arrives 0.45 s after that."""
+
+    async def probe(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.1)
+        self.sent.append(loop.time())
+        arrived = loop.create_future()
+        loop.call_later(0.45, arrived.set_result, None)
+        return arrived
+
+
+async def test_a_probe_must_arrive_within_the_timeout_counted_from_before_its_sending() -> None:
+    opened: list[LateProbeListener] = []
+
+    async def listen(
+        _channel: str, on_payload: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> LateProbeListener:
+        opened.append(LateProbeListener(on_payload, on_lost))
+        return opened[-1]
+
+    # 0.55 s from the sending's start to the arrival, against a timeout of 0.5 s: unheard,
+    # and a subscription that would never receive anything says so.
+    hub = EventHub(listen, "integrations_test_late", heartbeat=(3600.0, 0.5))
+    with pytest.raises(ConfigurationError):
+        async with hub.subscribe():
+            pass
+    await hub.close()
+    assert opened[0].sent
