@@ -108,6 +108,19 @@ def _statement_lines(source: str) -> dict[int, tuple[int, int]]:
     return best
 
 
+def _function_bodies(source: str) -> set[int]:
+    """The lines inside a function's body. Any other line (a decorator, a class or def
+    header, a module or class level statement) runs when the module is imported, which
+    coverage puts down to whichever test imported it first: only the whole files can
+    tell whether such a mutant is seen."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            end = node.body[-1].end_lineno or node.body[-1].lineno
+            lines.update(range(node.body[0].lineno, end + 1))
+    return lines
+
+
 def _nodeid(context: str, test_files: list[str]) -> str | None:
     """The test a coverage context names, if it is one of these files'."""
     return context if context.split("::")[0] in test_files else None
@@ -182,8 +195,8 @@ def _coverage_map(module: dict[str, object], workdir: Path, shared: dict[str, st
 
 def _test_one(map_file: Path, quick: bool = False) -> int:
     """Cosmic-ray's test command: run what can kill the mutant now in the module's file.
-    ``quick``: a mutant that its selected tests do not kill is reported as surviving
-    without running the rest of the files."""
+    ``quick``: a mutant inside a function body that its selected tests do not kill is
+    reported as surviving without running the rest of the files."""
     cmap = json.loads(map_file.read_text(encoding="utf-8"))
     before = cmap["source"].splitlines()
     after = (ROOT / cmap["path"]).read_text(encoding="utf-8").splitlines()
@@ -211,7 +224,7 @@ def _test_one(map_file: Path, quick: bool = False) -> int:
         print("selected:", " ".join(nodeids), flush=True)
         if _pytest([*PYTEST[3:], *nodeids], env, cmap["server"]) != 0:
             return 1
-    if quick and nodeids:
+    if quick and nodeids and lines <= _function_bodies(cmap["source"]):
         print("quick: the rest of the files is not run", flush=True)
         return 0
     # The selected tests passed under this mutant already: not run twice.

@@ -20,7 +20,13 @@ from integrations import Integrations
 
 from .faultproxy import FaultProxy
 from .oauth_server import OAuthTestServer
-from .oauthkit import client_credentials_provider, connect, eventually, open_integrations
+from .oauthkit import (
+    client_credentials_provider,
+    connect,
+    eventually,
+    open_integrations,
+    set_stored_expiry,
+)
 
 RUNS = 5
 
@@ -394,5 +400,45 @@ async def test_an_expired_token_whose_refresh_could_not_be_stored_is_replaced_at
         token = await asyncio.wait_for(integ.access_token(uuid), 15)
         assert token != before
         assert integ._s.tokens._unstored  # its write is being tried again
+        assert server.stats.token_calls["refresh_token"] == 1
+        await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")
+
+
+@pytest.mark.parametrize("joiner", ["expired", "rejected", "at_!sorts_first", "at_~sorts_last"])
+async def test_a_caller_joining_a_refresh_whose_answer_is_being_written_shares_it(
+    fresh_db: str, server: OAuthTestServer, db: asyncpg.Connection, joiner: str
+) -> None:
+    """A caller whose stored token has expired, or whose token (the stored one, or an
+    older one, whichever way it sorts) was rejected by the API, joins a refresh whose
+    answer came and waits for its write (the row is locked elsewhere); the write then
+    fails. Both callers get the new tokens at once, kept while their write is tried
+    again."""
+    async with open_integrations(fresh_db, server.base_url, token_write_retry=30) as integ:
+        uuid = await connect(integ)
+        before = (await integ.get_integration(uuid))["access_token"]
+        row = await integ._s.core.repo.get(uuid)
+        assert row is not None
+        await set_stored_expiry(db, uuid, -60)
+        await _refuse_new_expiry(db, uuid)
+        tokens = integ._s.tokens
+        server.config.token_delay = 0.3
+        first = asyncio.create_task(integ.access_token(uuid))
+        await eventually(lambda: server.stats.token_calls["refresh_token"] == 1)
+        flight = tokens._inflight[uuid]
+        async with db.transaction():
+            await db.execute(
+                "SELECT 1 FROM integrations.connections WHERE uuid = $1 FOR UPDATE",
+                uuid_mod.UUID(uuid),
+            )
+            await eventually(lambda: flight.answered)
+            if joiner == "expired":
+                second = asyncio.create_task(integ.access_token(uuid))
+            else:
+                rejected = before if joiner == "rejected" else joiner
+                second = asyncio.create_task(tokens.after_rejection(row, rejected))
+            await eventually(lambda: flight.callers == 2)
+        new = await asyncio.wait_for(first, 10)
+        assert new != before
+        assert await asyncio.wait_for(second, 10) == new
         assert server.stats.token_calls["refresh_token"] == 1
         await db.execute("ALTER TABLE integrations.connections DROP CONSTRAINT no_new_tokens")
