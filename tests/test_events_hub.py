@@ -636,6 +636,44 @@ async def test_an_unlogged_local_event_queued_behind_a_logged_one_survives_the_l
     await hub.close()
 
 
+async def test_a_cursor_behind_the_pruned_events_gets_a_resync_naming_the_oldest_kept(
+    channel: str,
+) -> None:
+    kept = [event(position=n) for n in (4, 5)]
+
+    async def log(after: int, **_filters: Any) -> tuple[list[Event], int]:
+        await asyncio.sleep(0)
+        return [e for e in kept if (e.position or 0) > after], 3  # 1 to 3 pruned
+
+    hub = EventHub(FakeListen(), channel, log=log)
+    async with hub.subscribe(after=1) as sub:
+        signal = await next_event(sub)
+        assert (signal.kind, signal.detail) == (
+            "resync",
+            {"reason": "expired", "after": 1, "oldest": 4},
+        )
+        assert [await next_event(sub) for _ in kept] == kept
+        assert sub.position == 5
+    await hub.close()
+
+
+async def test_a_resync_notification_is_passed_on_live_and_read_as_a_gap_when_resuming(
+    channel: str,
+) -> None:
+    logged = [first := event(position=1)]
+    hub = EventHub(FakeListen(), channel, log=log_of(logged))
+    async with hub.subscribe(kinds=["connected"]) as live, hub.subscribe(after=0) as resuming:
+        hub.publish_local(first)
+        assert await next_event(resuming) == first
+        assert await next_event(live) == first
+        # A resync that came as a notification, parsed like any payload.
+        hub._on_payload(Event(kind="resync", uuid=None).to_payload())
+        logged.append(second := event(position=2))
+        assert (await next_event(live)).kind == "resync"
+        assert await next_event(resuming) == second
+    await hub.close()
+
+
 async def test_a_log_longer_than_a_page_is_read_page_by_page(channel: str) -> None:
     logged = [event(position=n) for n in range(1, REPLAY_PAGE + 2)]
     reads: list[int] = []
