@@ -412,8 +412,13 @@ WHERE p.state_hash = v.state_hash;
 BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'
 
 -- name: bound_transaction
--- The same bounds for a transaction already open (key rotation batches)
-SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'
+-- The same bounds for a transaction already open (key rotation batches), without JIT
+-- compilation or parallel workers: the rotation's statements read index ranges of what
+-- is left, whose size the planner guesses from statistics taken before the rows moved
+-- (at a million rows, a guess of 80,000 for an empty range). On such a guess the server
+-- would start workers and compile the statement, which costs milliseconds more than the
+-- read, so a pass with nothing left would grow with the table.
+SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL idle_in_transaction_session_timeout = '{idle_timeout}'; SET LOCAL jit = off; SET LOCAL max_parallel_workers_per_gather = 0
 
 -- name: set_idle_timeout
 -- $1 text idle_in_transaction_session_timeout (e.g. '5000ms'), for a transaction whose lock

@@ -707,3 +707,50 @@ async def test_the_count_of_rows_left_is_exact_whatever_its_step(
             "123:plain-beside-an-envelope"
         )
     assert all("123:plain" not in t for t in await stored_texts(db))
+
+
+async def test_a_rotation_plans_no_parallel_workers_and_no_compilation(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotation's statements read index ranges of what is left. A planner that
+    misjudges those ranges (stale statistics after a big rotation; here, costs that make
+    workers and JIT compilation look free) must not start workers or compile: at a million
+    rows that cost a pass with nothing left ten times the pass at a thousand. Every
+    statement of two passes (one with work, one with none) is explained where it runs,
+    inside the rotation's own transaction."""
+    from asyncpg.connection import Connection
+
+    monkeypatch.delenv("INTEGRATIONS_KEYS", raising=False)
+    async with Integrations(fresh_db, keys=OLD_KEY) as integ:
+        for i in range(6):
+            conn = await integ.add_connection("openai", f"r{i}")
+            await integ.save_setup(conn.uuid, {"api_key": f"sk-rotate-{i}-0123456789"})
+    plans: list[str] = []
+    favour_workers_and_jit = (
+        "SET LOCAL jit_above_cost = 0; SET LOCAL parallel_setup_cost = 0; "
+        "SET LOCAL parallel_tuple_cost = 0; SET LOCAL min_parallel_table_scan_size = 0; "
+        "SET LOCAL min_parallel_index_scan_size = 0"
+    )
+
+    original_fetch = Connection.fetch
+
+    def explaining(name: str) -> Any:
+        run = getattr(Connection, name)
+
+        async def call(self: Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+            if self.is_in_transaction() and ("envelope_kids(" in query or "plain_fields(" in query):
+                await self.execute(favour_workers_and_jit)
+                plan = await original_fetch(self, "EXPLAIN " + query, *args)
+                plans.append("\n".join(r[0] for r in plan))
+            return await run(self, query, *args, **kwargs)
+
+        return call
+
+    for name in ("fetch", "fetchrow", "fetchval"):
+        monkeypatch.setattr(Connection, name, explaining(name))
+    async with Integrations(fresh_db, keys=[NEW_KEY, OLD_KEY]) as integ:
+        assert (await integ.rotate_keys(batch_size=4)).rotated == 6
+        assert (await integ.rotate_keys()).total == 0
+    # Counts, batches and the plaintext look-up, in both passes.
+    assert len(plans) >= 10
+    assert [p for p in plans if "Gather" in p or "JIT" in p] == []
