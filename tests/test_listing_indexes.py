@@ -411,6 +411,43 @@ async def test_every_scope_s_deltas_fold_and_the_counts_stay(
     assert await integ.for_owner("user:9").count_connections() == {"stripe": 5}
 
 
+async def test_a_scope_s_counts_are_read_from_the_index_alone(
+    integ: Integrations, db: asyncpg.Connection
+) -> None:
+    # The rows of one scope lie on as many heap pages as folds and inserts put them on (at
+    # a million connections, fifty rows on thirty-five pages): a count reads the index,
+    # which holds the deltas, and no heap page once the sweep's fold has vacuumed.
+    # Two statements: two deltas per scope and provider, which the sweep's fold then
+    # replaces by one (and vacuums).
+    for start in (0, 4000):
+        await db.execute(
+            """
+            INSERT INTO integrations.connections (uuid, owner, key, value_json)
+            SELECT gen_random_uuid(), 'user:' || (i / 10 % 400),
+                   'integration:p' || (i % 20) || ':n' || i, '{"status": "connected"}'::jsonb
+            FROM generate_series($1::int, $1::int + 3999) AS i
+            """,
+            start,
+        )
+    await integ._repo.fold_every_connection_count()
+    await db.execute("ANALYZE integrations.connection_counts")
+    assert await db.fetchval("SELECT count(*) FROM integrations.connection_counts") > 4000
+    sql = integ._repo.q.connection_counts
+    for scope in ("all", "o:user:7"):
+        found = await generic(db, "counts", "text", sql, f"('{scope}')")
+        await db.execute("DEALLOCATE counts")
+        assert "Index Only Scan" in found and "Seq Scan" not in found, scope
+        analyzed = await db.fetchval(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql.replace("$1", f"'{scope}'")
+        )
+        scan = json.loads(analyzed)[0]["Plan"]
+        while "Plans" in scan:
+            scan = scan["Plans"][0]
+        assert scan["Node Type"] == "Index Only Scan" and scan["Heap Fetches"] == 0, scope
+    assert await integ.count_connections(owner=ALL_OWNERS) == {f"p{i}": 400 for i in range(20)}
+    assert await integ.for_owner("user:7").count_connections() == {f"p{i}": 2 for i in range(10, 20)}
+
+
 # -- rotation -----------------------------------------------------------------------------
 
 
