@@ -445,7 +445,9 @@ async def test_a_scope_s_counts_are_read_from_the_index_alone(
             scan = scan["Plans"][0]
         assert scan["Node Type"] == "Index Only Scan" and scan["Heap Fetches"] == 0, scope
     assert await integ.count_connections(owner=ALL_OWNERS) == {f"p{i}": 400 for i in range(20)}
-    assert await integ.for_owner("user:7").count_connections() == {f"p{i}": 2 for i in range(10, 20)}
+    assert await integ.for_owner("user:7").count_connections() == {
+        f"p{i}": 2 for i in range(10, 20)
+    }
 
 
 # -- rotation -----------------------------------------------------------------------------
