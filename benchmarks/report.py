@@ -577,6 +577,7 @@ def render_scale(sc: dict[str, float]) -> list[str]:
         (
             "rotation pass with nothing left (after VACUUM)",
             lambda n: sc[f"rotation_noop_ms_{n}"] * 1e3,
+            listing,
         ),
     ]
     lines = [
