@@ -575,7 +575,8 @@ def render_scale(sc: dict[str, float]) -> list[str]:
         ("console list page, name search and status", lambda n: us("console_admin_search", n)),
         ("console list page, one owner", lambda n: us("console_owner", n)),
         (
-            "rotation pass with nothing left (after VACUUM)",
+            "rotation pass with nothing left (after VACUUM; the sizes in turn, once all are "
+            "rotated)",
             lambda n: sc[f"rotation_noop_ms_{n}"] * 1e3,
             listing,
         ),
