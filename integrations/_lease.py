@@ -324,11 +324,13 @@ def failed(
 @dataclass(frozen=True, slots=True)
 class Written:
     """What storing an answer did: ``stored`` when the row now holds it; else whether
-    the row holds ``newer`` tokens; ``token`` is the access token to hand out."""
+    the row holds ``newer`` tokens, or is ``gone`` (the connection was deleted); ``token``
+    is the access token to hand out."""
 
     stored: bool
     token: str = field(repr=False)
     newer: bool = False
+    gone: bool = False
 
 
 def written(
@@ -343,7 +345,7 @@ def written(
     was asked with (``previous``) is still the stored one; else keep the row, and hand out
     the answer only if it is still the newest."""
     if row is None:
-        return Change(), Written(False, tokens.access_token)
+        return Change(), Written(False, tokens.access_token, gone=True)
     stored_refresh = text(plain.get("refresh_token"))
     if lease.held_in(row.data) and stored_refresh == previous:
         done = record.refreshed(row, tokens, seal=seal, previous_refresh_token=previous)

@@ -541,7 +541,8 @@ class Refresher:
         )
         unstored = _Unstored(tokens)
         unstored.task = asyncio.get_running_loop().create_task(
-            self._persist(uuid, unstored, write, previous), name=f"integrations-store-{uuid}"
+            self._persist(uuid, unstored, write, previous, reason),
+            name=f"integrations-store-{uuid}",
         )
         self._unstored[uuid] = unstored
         return tokens.access_token
@@ -556,7 +557,7 @@ class Refresher:
     ) -> tuple[Change, Written]:
         """Compare and set (see ``lease_rules.written``); a fenced-out write says so."""
         if row is None:
-            return Change(), Written(False, tokens.access_token)
+            return Change(), Written(False, tokens.access_token, gone=True)
         plain = self._core.vault.unseal(row.uuid, row.data, self._core.secret_fields(row))
         seal = partial(self._core.vault.seal_value, row.uuid)
         change, done = lease_rules.written(lease, row, plain, tokens, previous, seal)
@@ -583,11 +584,13 @@ class Refresher:
         unstored: _Unstored,
         write: Callable[[StoredRow | None, datetime | None], tuple[Change, Written]],
         previous: str | None,
+        reason: str,
     ) -> None:
+        """Try ``write`` again until it is done or ``write_retry`` runs out; ``reason`` is
+        why the first try failed (what the log gives if no later try is made)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.policy.write_retry
         delay, attempts = _FIRST_RETRY, 1
-        reason = ""
         try:
             while loop.time() + delay <= deadline:
                 await asyncio.sleep(delay)
@@ -604,6 +607,14 @@ class Refresher:
                         uuid,
                         attempts,
                         extra=telemetry.fields("token_write_recovered", uuid=uuid),
+                    )
+                elif done.gone:
+                    log.info(
+                        "connection %s was deleted before the tokens of its refresh were "
+                        "stored (attempt %d): they are dropped",
+                        uuid,
+                        attempts,
+                        extra=telemetry.fields("token_write_deleted", uuid=uuid),
                     )
                 else:
                     log.warning(
@@ -649,7 +660,7 @@ class Refresher:
             tokens.obtained_at.isoformat(),
             attempts,
             self.policy.write_retry,
-            reason or "no reason given",
+            reason,
             tokens.expires_at.isoformat() if tokens.expires_at else "at an unknown time",
             " and the rotated refresh token that replaced the stored one, which the "
             "provider may now refuse: marking the connection for a new authorization"

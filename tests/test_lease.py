@@ -269,7 +269,7 @@ def tokens(access: str = "new", refresh: str | None = "r2", obtained: datetime =
 def test_an_answer_is_stored_while_the_lease_and_refresh_token_are_unchanged() -> None:
     taken, stored = held_row()
     change, done = lease.written(taken, stored, plain(), tokens(), "r1", seal)
-    assert done.stored and done.token == "new"
+    assert done.stored and not done.gone and done.token == "new"
     assert change.data["access_token"] == "sealed:access_token:new"
     assert change.data["refresh_token"] == "sealed:refresh_token:r2"
     assert "refresh_lease" not in change.data
@@ -288,7 +288,7 @@ def test_a_fenced_out_answer_newer_than_the_row_serves_its_process() -> None:
     other = row(9, refresh_lease={"holder": "other", "fence": 9, "until": at(5)})
     change, done = lease.written(taken, other, plain(), tokens(), "r1", seal)
     assert change.data is None
-    assert (done.stored, done.newer, done.token) == (False, False, "new")
+    assert (done.stored, done.newer, done.gone, done.token) == (False, False, False, "new")
 
 
 def test_an_answer_after_a_new_grant_is_not_stored_but_its_lease_ends() -> None:
@@ -490,7 +490,7 @@ def test_an_answer_for_a_deleted_row_is_not_stored_and_not_newer() -> None:
     taken, _ = held_row()
     change, done = lease.written(taken, None, plain(), tokens(), "r1", seal)
     assert change.data is None
-    assert (done.stored, done.newer, done.token) == (False, False, "new")
+    assert (done.stored, done.newer, done.gone, done.token) == (False, False, True, "new")
 
 
 @pytest.mark.parametrize(("obtained", "newer"), [(-1, False), (0, False), (1, True)])

@@ -275,6 +275,69 @@ async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
         assert (await integ.get_integration_by_uuid(uuid)).uuid == uuid
 
 
+async def test_a_bound_too_short_for_a_retry_still_says_why_the_write_failed(
+    fresh_db: str,
+    server: OAuthTestServer,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="integrations")
+    # The first retry would come 0.1 s after the failed write: past this bound.
+    async with open_integrations(
+        proxy.dsn(fresh_db), server.base_url, token_write_retry=0.05
+    ) as integ:
+        uuid = await connect(integ)
+        await _cut_during_refresh(integ, server, proxy, uuid)
+
+        def lost() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "gave up storing" in r.getMessage()]
+
+        await eventually(lost, within=10)
+        [message] = lost()
+        found = re.search(r"after (\d+) attempts in 0\.05s \((.+)\): lost are", message)
+        assert found is not None, message
+        assert found.group(1) == "1" and "Database" in found.group(2), message
+        proxy.restore()
+
+
+async def test_tokens_waiting_to_be_stored_for_a_deleted_connection_are_dropped_and_said_so(
+    fresh_db: str,
+    server: OAuthTestServer,
+    proxy: FaultProxy,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="integrations")
+    async with open_integrations(
+        proxy.dsn(fresh_db), server.base_url, token_write_retry=30
+    ) as integ:
+        uuid = await connect(integ)
+        await _cut_during_refresh(integ, server, proxy, uuid)
+        # Deleted while the write waits for the database (on a connection the cut spares).
+        await db.execute(
+            "DELETE FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(uuid)
+        )
+        proxy.restore()
+
+        def dropped() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "was deleted before" in r.getMessage()]
+
+        await eventually(dropped, within=10)
+        [record] = dropped()
+        assert record.levelno == logging.INFO
+        assert record.getMessage().startswith(
+            f"connection {uuid} was deleted before the tokens of its refresh were stored (attempt "
+        ), record.getMessage()
+        assert getattr(record, "integrations_event_kind", None) == "token_write_deleted"
+        # Neither a lease taken over nor a loss: nothing is left to store.
+        assert not [
+            r
+            for r in caplog.records
+            if "taken over" in r.getMessage() or "gave up" in r.getMessage()
+        ]
+        assert uuid not in integ._s.tokens._unstored
+
+
 async def test_a_token_response_postgresql_cannot_store_is_cleaned_before_the_write(
     fresh_db: str, server: OAuthTestServer
 ) -> None:
