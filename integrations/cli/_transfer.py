@@ -214,9 +214,14 @@ async def import_entries(
         for p in writes:
             await _keep_outcome(integ, p, actor)
     except IntegrationsError as exc:
-        await _undo(integ, undo, actor)
+        left = await _undo(integ, undo, actor)
+        if not left:
+            raise Fail(
+                f"import failed, nothing kept ({len(undo)} change(s) undone): {exc.message}"
+            ) from exc
         raise Fail(
-            f"import failed, nothing kept ({len(undo)} change(s) undone): {exc.message}"
+            f"import failed, and {len(left)} of its {len(undo)} change(s) could not be "
+            f"undone (connections {', '.join(left)}; the log says why): {exc.message}"
         ) from exc
     report.rows = [(p.action, p.entry.ref, p.uuid) for p in plan]
     report.grants = [p.entry.ref for p in writes if p.entry.tokens]
@@ -249,7 +254,9 @@ async def _undo(
     integ: Integrations,
     undo: list[tuple[str, str, dict[str, Any] | None]],
     actor: str | None,
-) -> None:
+) -> list[str]:
+    """Undo ``undo``'s steps, last first; the uuids of those that failed (each logged)."""
+    left: list[str] = []
     for action, uuid, before in reversed(undo):
         try:
             if action == "created":
@@ -271,9 +278,11 @@ async def _undo(
                 if tokens:
                     await integ.import_tokens(uuid, tokens, actor=actor)
         except IntegrationsError as exc:
+            left.append(uuid)
             log.error(
                 "could not undo the import of %s: %s",
                 uuid,
                 exc.message,
                 extra=fields("import_undo_failed", uuid=uuid),
             )
+    return left
