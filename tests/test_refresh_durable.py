@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -69,6 +70,29 @@ async def _cut_during_refresh(
     assert server.stats.token_calls["refresh_token"] == calls + 1
     server.config.token_delay = 0.0
     return tokens[0]
+
+
+@contextlib.asynccontextmanager
+async def _refresh_cut_with_bound(
+    fresh_db: str,
+    server: OAuthTestServer,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    bound: float,
+) -> AsyncIterator[tuple[Integrations, str, str]]:
+    """An instance that tries a token write again for ``bound`` seconds, its connection,
+    and the token of a refresh answered while the database was cut (still cut); the
+    library's records captured from INFO up."""
+    caplog.set_level(logging.INFO, logger="integrations")
+    async with open_integrations(
+        proxy.dsn(fresh_db), server.base_url, token_write_retry=bound
+    ) as integ:
+        uuid = await connect(integ)
+        yield integ, uuid, await _cut_during_refresh(integ, server, proxy, uuid)
+
+
+def _gave_up(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "gave up storing" in r.getMessage()]
 
 
 async def test_a_refresh_cut_between_answer_and_commit_keeps_the_grant(
@@ -230,18 +254,10 @@ async def test_when_the_bound_runs_out_the_log_says_what_was_lost(
     proxy: FaultProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="integrations")
-    async with open_integrations(
-        proxy.dsn(fresh_db), server.base_url, token_write_retry=0.5
-    ) as integ:
-        uuid = await connect(integ)
-        token = await _cut_during_refresh(integ, server, proxy, uuid)
-
-        def gave_up() -> bool:
-            return any("gave up storing" in r.getMessage() for r in caplog.records)
-
-        await eventually(gave_up, within=10)
-        [record] = [r for r in caplog.records if "gave up storing" in r.getMessage()]
+    cut = _refresh_cut_with_bound(fresh_db, server, proxy, caplog, 0.5)
+    async with cut as (integ, uuid, token):
+        await eventually(partial(_gave_up, caplog), within=10)
+        [record] = _gave_up(caplog)
         assert record.levelno == logging.ERROR
         message = record.getMessage()
         assert uuid in message and "rotated refresh token" in message
@@ -281,61 +297,16 @@ async def test_a_bound_too_short_for_a_retry_still_says_why_the_write_failed(
     proxy: FaultProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="integrations")
     # The first retry would come 0.1 s after the failed write: past this bound.
-    async with open_integrations(
-        proxy.dsn(fresh_db), server.base_url, token_write_retry=0.05
-    ) as integ:
-        uuid = await connect(integ)
-        await _cut_during_refresh(integ, server, proxy, uuid)
-
-        def lost() -> list[str]:
-            return [r.getMessage() for r in caplog.records if "gave up storing" in r.getMessage()]
-
-        await eventually(lost, within=10)
-        [message] = lost()
+    async with _refresh_cut_with_bound(fresh_db, server, proxy, caplog, 0.05) as (_, uuid, _):
+        await eventually(partial(_gave_up, caplog), within=10)
+        [record] = _gave_up(caplog)
+        message = record.getMessage()
         found = re.search(r"after (\d+) attempts in 0\.05s \((.+)\): lost are", message)
         assert found is not None, message
         assert found.group(1) == "1" and "Database" in found.group(2), message
+        assert uuid in message
         proxy.restore()
-
-
-async def test_tokens_waiting_to_be_stored_for_a_deleted_connection_are_dropped_and_said_so(
-    fresh_db: str,
-    server: OAuthTestServer,
-    proxy: FaultProxy,
-    db: asyncpg.Connection,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.INFO, logger="integrations")
-    async with open_integrations(
-        proxy.dsn(fresh_db), server.base_url, token_write_retry=30
-    ) as integ:
-        uuid = await connect(integ)
-        await _cut_during_refresh(integ, server, proxy, uuid)
-        # Deleted while the write waits for the database (on a connection the cut spares).
-        await db.execute(
-            "DELETE FROM integrations.connections WHERE uuid = $1", uuid_mod.UUID(uuid)
-        )
-        proxy.restore()
-
-        def dropped() -> list[logging.LogRecord]:
-            return [r for r in caplog.records if "was deleted before" in r.getMessage()]
-
-        await eventually(dropped, within=10)
-        [record] = dropped()
-        assert record.levelno == logging.INFO
-        assert record.getMessage().startswith(
-            f"connection {uuid} was deleted before the tokens of its refresh were stored (attempt "
-        ), record.getMessage()
-        assert getattr(record, "integrations_event_kind", None) == "token_write_deleted"
-        # Neither a lease taken over nor a loss: nothing is left to store.
-        assert not [
-            r
-            for r in caplog.records
-            if "taken over" in r.getMessage() or "gave up" in r.getMessage()
-        ]
-        assert uuid not in integ._s.tokens._unstored
 
 
 async def test_a_token_response_postgresql_cannot_store_is_cleaned_before_the_write(
@@ -410,7 +381,8 @@ async def test_a_write_tried_again_that_stores_nothing_says_why(
 ) -> None:
     """While new tokens wait for their write, the refresh's lease ends (taken over by a
     process that sent nothing), the row gets newer tokens, or the connection is removed:
-    the write tried again stores nothing, and the warning names the connection and why."""
+    the write tried again stores nothing, and the record names the connection and why (a
+    warning for a lease taken over, an INFO record for a deleted connection)."""
     caplog.set_level(logging.INFO, logger="integrations")
     async with open_integrations(fresh_db, server.base_url, token_write_retry=30) as integ:
         uuid = await connect(integ)
@@ -434,16 +406,29 @@ async def test_a_write_tried_again_that_stores_nothing_says_why(
                 )
         await asyncio.wait_for(asyncio.wait({unstored.task}), 20)
     assert not [r for r in caplog.records if "stored the tokens of" in r.getMessage()]
-    [record] = [r for r in caplog.records if "were not stored" in r.getMessage()]
+    not_stored = [r for r in caplog.records if "were not stored" in r.getMessage()]
+    deleted = [r for r in caplog.records if "was deleted before" in r.getMessage()]
+    if meanwhile == "deleted":
+        # Not a lease taken over: the connection is gone, and so is the need to store.
+        assert not not_stored
+        [record] = deleted
+        assert record.levelno == logging.INFO
+        assert getattr(record, "integrations_event_kind", None) == "token_write_deleted"
+        assert record.getMessage() == (
+            f"connection {uuid} was deleted before the tokens of its refresh were stored "
+            "(attempt 2): they are dropped"
+        )
+        return
+    assert not deleted
+    [record] = not_stored
     assert record.levelno == logging.WARNING
     message = record.getMessage()
     assert message.startswith(f"the tokens of connection {uuid}'s refresh were not stored")
-    if meanwhile != "deleted":
-        why = {
-            "ended": "the process that took it decides what is stored",
-            "newer": "the stored tokens are newer",
-        }[meanwhile]
-        assert message.endswith(f"its lease was taken over meanwhile, and {why}")
+    why = {
+        "ended": "the process that took it decides what is stored",
+        "newer": "the stored tokens are newer",
+    }[meanwhile]
+    assert message.endswith(f"its lease was taken over meanwhile, and {why}")
 
 
 async def test_an_expired_token_whose_refresh_could_not_be_stored_is_replaced_at_once(
