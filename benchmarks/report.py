@@ -545,7 +545,8 @@ def render_scale(sc: dict[str, float]) -> list[str]:
     def us(name: str, n: int) -> float:
         return sc[f"{name}_us_{n}"] if f"{name}_us_{n}" in sc else sc[f"{name}_{n}_us"]
 
-    listing = True
+    # Rows marked so are judged: within 20% from the smaller size to the larger.
+    flat = True
     rows: list[tuple[Any, ...]] = [
         ("`open()`", lambda n: sc[f"open_ms_{n}"] * 1e3),
         ("first `get_credentials` after `open()`", lambda n: sc[f"first_ms_{n}"] * 1e3),
@@ -554,22 +555,22 @@ def render_scale(sc: dict[str, float]) -> list[str]:
         (
             "`list_connections` (one owner, one provider)",
             lambda n: us("list_connections", n),
-            listing,
+            flat,
         ),
         (
             "`list_integrations(limit=50)`, an owner whose rows are mostly unsaved",
             lambda n: us("list_integrations", n),
-            listing,
+            flat,
         ),
-        ("`list_page(limit=50)`, one owner", lambda n: us("list_page", n), listing),
-        ("`list_page(owner=ALL_OWNERS, limit=50)`", lambda n: us("list_page_all", n), listing),
+        ("`list_page(limit=50)`, one owner", lambda n: us("list_page", n), flat),
+        ("`list_page(owner=ALL_OWNERS, limit=50)`", lambda n: us("list_page_all", n), flat),
         (
             f'`list_page(owner=ALL_OWNERS, status="error", limit={sc.get("error_page", 50):.0f})`'
             ", one row in a hundred",
             lambda n: us("list_page_errors", n),
-            listing,
+            flat,
         ),
-        ("`count_connections(owner=ALL_OWNERS)`", lambda n: us("count_connections", n), listing),
+        ("`count_connections(owner=ALL_OWNERS)`", lambda n: us("count_connections", n), flat),
         ("console list page, administrator", lambda n: us("console_admin", n)),
         ("console list page, administrator, next page", lambda n: us("console_admin_next", n)),
         ("console list page, name search and status", lambda n: us("console_admin_search", n)),
@@ -578,7 +579,7 @@ def render_scale(sc: dict[str, float]) -> list[str]:
             "rotation pass with nothing left (after VACUUM; the sizes in turn, once all are "
             "rotated)",
             lambda n: sc[f"rotation_noop_ms_{n}"] * 1e3,
-            listing,
+            flat,
         ),
     ]
     lines = [
@@ -601,10 +602,10 @@ def render_scale(sc: dict[str, float]) -> list[str]:
     def fmt(value_us: float) -> str:
         return f"{value_us / 1e3:,.1f} ms" if value_us >= 1e4 else f"{value_us:,.0f} µs"
 
-    for label, get, *flat in rows:
+    for label, get, *judged in rows:
         a, b = get(small), get(big)
         target = "—"
-        if flat:
+        if judged:
             target = f"within ±20%: {verdict(0.8 <= b / a <= 1.2)}"
             target += " (faster at the larger size)" if b / a < 0.8 else ""
         lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | **{b / a:.2f}x** | {target} |")
